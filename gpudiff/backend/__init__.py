@@ -1,0 +1,26 @@
+"""Array backends (NumPy/SciPy on the CPU, CuPy on CUDA GPUs) and the CUDA kernel registry.
+
+This is the only package of gpudiff that imports CuPy, and it does so lazily.
+"""
+
+from .core import (
+    BACKEND_NAMES,
+    ENV_VAR,
+    Backend,
+    available_backends,
+    cupy_status,
+    get_backend,
+    resolve_backend,
+    use_backend,
+)
+
+__all__ = [
+    "BACKEND_NAMES",
+    "ENV_VAR",
+    "Backend",
+    "available_backends",
+    "cupy_status",
+    "get_backend",
+    "resolve_backend",
+    "use_backend",
+]

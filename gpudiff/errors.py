@@ -1,0 +1,72 @@
+"""The gpudiff exception hierarchy.
+
+Every error that gpudiff raises on purpose derives from :class:`GpudiffError`, so a
+pipeline can catch one type.  Each subclass also derives from the closest built-in
+exception (``ValueError``, ``OSError``, ``RuntimeError``) so that generic handlers keep
+working.  Messages name the input and the problem.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "GpudiffError",
+    "BackendUnavailableError",
+    "KernelRegistryError",
+    "InvalidInputError",
+    "ShapeMismatchError",
+    "NonFiniteDataError",
+    "InvalidVarianceError",
+    "AllMaskedError",
+    "MaskPlaneError",
+    "PsfError",
+    "FitsReadError",
+    "FitsWriteError",
+]
+
+
+class GpudiffError(Exception):
+    """Base class of every error raised by gpudiff."""
+
+
+class BackendUnavailableError(GpudiffError, RuntimeError):
+    """The requested array backend cannot run here (e.g. CuPy without a CUDA device)."""
+
+
+class KernelRegistryError(GpudiffError, RuntimeError):
+    """A registered kernel is unknown, or its CUDA source cannot be found or compiled."""
+
+
+class InvalidInputError(GpudiffError, ValueError):
+    """An argument is malformed (wrong type, dimension, dtype or value)."""
+
+
+class ShapeMismatchError(InvalidInputError):
+    """Arrays that must share a shape (image, variance, mask; science, template) do not."""
+
+
+class NonFiniteDataError(InvalidInputError):
+    """NaN or infinite values where the algorithm cannot mask them."""
+
+
+class InvalidVarianceError(InvalidInputError):
+    """Zero, negative or non-finite variance on pixels that are not masked NO_DATA."""
+
+
+class AllMaskedError(InvalidInputError):
+    """Every pixel is excluded by the mask, so no statistic can be computed."""
+
+
+class MaskPlaneError(InvalidInputError):
+    """An unknown mask plane name, a bit collision or an inconsistent plane definition."""
+
+
+class PsfError(GpudiffError, ValueError):
+    """A PSF is missing, malformed or cannot be estimated."""
+
+
+class FitsReadError(GpudiffError, OSError):
+    """A FITS file is unreadable, truncated, or its layout is inconsistent."""
+
+
+class FitsWriteError(GpudiffError, OSError):
+    """A FITS file could not be written."""

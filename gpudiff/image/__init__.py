@@ -1,0 +1,34 @@
+"""The data model: mask planes, masked images, exposures, PSF models and FITS I/O."""
+
+from .exposure import Exposure, PhotoCalib
+from .masked_image import Box, MaskedImage
+from .maskplanes import DEFAULT_MASK_PLANES, MaskPlanes
+from .psf import (
+    FWHM_PER_SIGMA,
+    DoubleGaussianPsf,
+    GaussianPsf,
+    GridPsf,
+    ImagePsf,
+    MoffatPsf,
+    Psf,
+    adaptive_moments,
+    evaluate_mean_fwhm,
+)
+
+__all__ = [
+    "Box",
+    "DEFAULT_MASK_PLANES",
+    "DoubleGaussianPsf",
+    "Exposure",
+    "FWHM_PER_SIGMA",
+    "GaussianPsf",
+    "GridPsf",
+    "ImagePsf",
+    "MaskPlanes",
+    "MaskedImage",
+    "MoffatPsf",
+    "PhotoCalib",
+    "Psf",
+    "adaptive_moments",
+    "evaluate_mean_fwhm",
+]

@@ -1,0 +1,206 @@
+"""MaskedImage: a float32 image, its float32 variance and an int32 mask, with an origin."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..backend import Backend, resolve_backend
+from ..errors import AllMaskedError, InvalidInputError, InvalidVarianceError, ShapeMismatchError
+from .maskplanes import MaskPlanes
+
+__all__ = ["MaskedImage", "Box"]
+
+
+@dataclass(frozen=True)
+class Box:
+    """An integer pixel box in parent coordinates: columns x0..x1-1, rows y0..y1-1."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    @property
+    def width(self) -> int:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> int:
+        return self.y1 - self.y0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+    def intersection(self, other: "Box") -> "Box | None":
+        """The overlap of two boxes, or ``None`` when they do not overlap."""
+        x0, y0 = max(self.x0, other.x0), max(self.y0, other.y0)
+        x1, y1 = min(self.x1, other.x1), min(self.y1, other.y1)
+        if x1 <= x0 or y1 <= y0:
+            return None
+        return Box(x0, y0, x1, y1)
+
+    def contains(self, other: "Box") -> bool:
+        return self.x0 <= other.x0 and self.y0 <= other.y0 and self.x1 >= other.x1 and self.y1 >= other.y1
+
+
+def _as_2d(name: str, a: Any, dtype: Any, be: Backend) -> Any:
+    if a is None:
+        raise InvalidInputError(f"MaskedImage {name} is None")
+    arr = be.asarray(a)
+    if arr.ndim != 2:
+        raise InvalidInputError(f"MaskedImage {name} must be 2-D, got shape {tuple(arr.shape)}")
+    kind = np.dtype(arr.dtype).kind
+    if kind not in "fiub":
+        raise InvalidInputError(f"MaskedImage {name} has non-numeric dtype {arr.dtype}")
+    if name == "mask" and kind == "f":
+        raise InvalidInputError(f"MaskedImage mask must be integer, got dtype {arr.dtype}")
+    # Always copy: gpudiff never shares (and so never modifies) a caller's buffer.
+    return arr.astype(dtype, copy=True)
+
+
+class MaskedImage:
+    """An image with variance and mask planes, all on one array backend.
+
+    Parameters
+    ----------
+    image : 2-D array
+        Pixel values; stored as float32.
+    variance : 2-D array, optional
+        Per-pixel variance; stored as float32.  Defaults to ones.
+    mask : 2-D integer array, optional
+        Bit mask; stored as int32.  Defaults to zeros.
+    xy0 : (int, int)
+        Parent coordinates ``(x0, y0)`` of pixel ``[0, 0]`` (column, row), as in LSST.
+    mask_planes : MaskPlanes, optional
+        Name ↔ bit definition of ``mask``; LSST's defaults if omitted.  Copied.
+    backend : Backend or str, optional
+        Where the arrays live (``None``: the default backend).
+
+    Notes
+    -----
+    Inputs are copied (and converted to native byte order), never modified.
+    """
+
+    __slots__ = ("image", "variance", "mask", "xy0", "mask_planes", "backend")
+
+    def __init__(
+        self,
+        image: Any,
+        variance: Any = None,
+        mask: Any = None,
+        xy0: tuple[int, int] = (0, 0),
+        mask_planes: MaskPlanes | None = None,
+        backend: Backend | str | None = None,
+    ):
+        be = resolve_backend(backend)
+        img = _as_2d("image", image, np.float32, be)
+        var = be.xp.ones_like(img) if variance is None else _as_2d("variance", variance, np.float32, be)
+        msk = be.xp.zeros(img.shape, dtype=np.int32) if mask is None else _as_2d("mask", mask, np.int32, be)
+        for name, arr in (("variance", var), ("mask", msk)):
+            if tuple(arr.shape) != tuple(img.shape):
+                raise ShapeMismatchError(
+                    f"MaskedImage {name} has shape {tuple(arr.shape)} but image has shape {tuple(img.shape)}"
+                )
+        self.image = img
+        self.variance = var
+        self.mask = msk
+        self.xy0 = (int(xy0[0]), int(xy0[1]))
+        self.mask_planes = MaskPlanes() if mask_planes is None else mask_planes.copy()
+        self.backend = be
+
+    # --- geometry ---------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, columns)."""
+        return tuple(self.image.shape)  # type: ignore[return-value]
+
+    @property
+    def bbox(self) -> Box:
+        """The parent-coordinate box covered by this image."""
+        x0, y0 = self.xy0
+        return Box(x0, y0, x0 + self.shape[1], y0 + self.shape[0])
+
+    # --- copies and transfers ---------------------------------------------------------
+    def _new(self, image, variance, mask, xy0=None, mask_planes=None, backend=None) -> "MaskedImage":
+        return MaskedImage(
+            image,
+            variance,
+            mask,
+            xy0=self.xy0 if xy0 is None else xy0,
+            mask_planes=self.mask_planes if mask_planes is None else mask_planes,
+            backend=self.backend if backend is None else backend,
+        )
+
+    def copy(self) -> "MaskedImage":
+        """A deep copy."""
+        return self._new(self.image, self.variance, self.mask)
+
+    def to_backend(self, backend: Backend | str | None) -> "MaskedImage":
+        """A copy of this image with its arrays on ``backend``."""
+        be = resolve_backend(backend)
+        if be.name == self.backend.name:
+            return self.copy()
+        host = self.backend.asnumpy
+        return self._new(host(self.image), host(self.variance), host(self.mask), backend=be)
+
+    def to_numpy(self) -> "MaskedImage":
+        """A copy on the NumPy backend."""
+        return self.to_backend("numpy")
+
+    def subimage(self, box: Box) -> "MaskedImage":
+        """A copy of the part of this image inside ``box`` (parent coordinates)."""
+        if not self.bbox.contains(box):
+            raise InvalidInputError(f"subimage box {box} is not inside the image box {self.bbox}")
+        x0, y0 = self.xy0
+        sl = (slice(box.y0 - y0, box.y1 - y0), slice(box.x0 - x0, box.x1 - x0))
+        return self._new(self.image[sl], self.variance[sl], self.mask[sl], xy0=(box.x0, box.y0))
+
+    # --- masks ------------------------------------------------------------------------
+    def bitmask(self, names) -> int:
+        """Bit mask of the named planes in this image's definition."""
+        return self.mask_planes.bitmask(names)
+
+    def good_pixels(self, bad_planes=("NO_DATA",)) -> Any:
+        """Boolean array: finite image and variance, and none of ``bad_planes`` set."""
+        xp = self.backend.xp
+        bm = self.mask_planes.bitmask_if_present(bad_planes)
+        return (
+            ((self.mask & bm) == 0)
+            & xp.isfinite(self.image)
+            & xp.isfinite(self.variance)
+        )
+
+    def validate(self, name: str = "image", bad_planes=("NO_DATA",)) -> None:
+        """Check that this image can be used as an algorithm input.
+
+        Raises
+        ------
+        AllMaskedError
+            No pixel is usable.
+        InvalidVarianceError
+            Some usable pixel (not in ``bad_planes``, finite image) has zero, negative or
+            non-finite variance.
+        """
+        xp = self.backend.xp
+        bm = self.mask_planes.bitmask_if_present(bad_planes)
+        unmasked = ((self.mask & bm) == 0) & xp.isfinite(self.image)
+        n_ok = int(unmasked.sum())
+        if n_ok == 0:
+            raise AllMaskedError(
+                f"{name}: every pixel is masked ({', '.join(bad_planes)}) or non-finite; nothing to work with"
+            )
+        bad_var = unmasked & ~(xp.isfinite(self.variance) & (self.variance > 0))
+        n_bad = int(bad_var.sum())
+        if n_bad:
+            raise InvalidVarianceError(
+                f"{name}: {n_bad} unmasked pixel(s) have zero, negative or non-finite variance "
+                f"(min variance {float(xp.nanmin(xp.where(unmasked, self.variance, xp.inf))):.3g}); "
+                "variance must be > 0 wherever the pixel is not masked NO_DATA"
+            )
+
+    def __repr__(self) -> str:
+        return f"MaskedImage(shape={self.shape}, xy0={self.xy0}, backend={self.backend.name!r})"
