@@ -149,16 +149,19 @@ class MaskPlanes(Mapping[str, int]):
         bit in ``other`` when it is free, else the lowest free one).
         """
         out = self.copy()
+        new = [(out._norm(n), int(b)) for n, b in other.items() if n not in out]
         used = set(out._bits.values())
-        for name, bit in other.items():
-            key = out._norm(name)
-            if key in out._bits:
-                continue
-            if int(bit) not in used and 0 <= int(bit) < MAX_MASK_PLANES:
-                out._insert(key, int(bit))
+        # Two passes so that a name whose bit is free keeps it even when an earlier name
+        # had to move.
+        moved = []
+        for name, bit in new:
+            if bit not in used and 0 <= bit < MAX_MASK_PLANES:
+                out._insert(name, bit)
+                used.add(bit)
             else:
-                out.add(key)
-            used.add(out._bits[key])
+                moved.append(name)
+        for name in moved:
+            out.add(name)
         return out
 
     def conform(self, mask: Any, source: Mapping[str, int], xp: Any = np) -> Any:
