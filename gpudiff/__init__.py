@@ -22,6 +22,7 @@ from .image import (
     MoffatPsf,
     PhotoCalib,
     Psf,
+    estimate_psf,
 )
 
 try:
@@ -43,6 +44,7 @@ __all__ = [
     "MoffatPsf",
     "PhotoCalib",
     "Psf",
+    "estimate_psf",
     "get_backend",
     "use_backend",
     *_errors_all,

@@ -3,6 +3,7 @@
 from .exposure import Exposure, PhotoCalib
 from .masked_image import Box, MaskedImage
 from .maskplanes import DEFAULT_MASK_PLANES, MaskPlanes
+from .psf_estimate import estimate_psf
 from .psf import (
     FWHM_PER_SIGMA,
     DoubleGaussianPsf,
@@ -30,5 +31,6 @@ __all__ = [
     "PhotoCalib",
     "Psf",
     "adaptive_moments",
+    "estimate_psf",
     "evaluate_mean_fwhm",
 ]

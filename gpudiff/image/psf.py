@@ -93,6 +93,8 @@ def adaptive_moments(image: np.ndarray, max_iter: int = 100, tol: float = 1e-7) 
         w_xx, w_yy, w_xy, xc, yc = n_xx, n_yy, n_xy, xc_new, yc_new
         if change < tol * (w_xx + w_yy):
             break
+    else:
+        raise PsfError(f"adaptive moments did not converge in {max_iter} iterations")
     return float(xc), float(yc), float(w_xx), float(w_yy), float(w_xy)
 
 
@@ -286,7 +288,7 @@ class MoffatPsf(_AnalyticPsf):
 
 
 def _shift_image(img: np.ndarray, fx: float, fy: float) -> np.ndarray:
-    """Shift a small image by a sub-pixel amount with a cubic spline (flux renormalized)."""
+    """Shift a small image by a sub-pixel amount with a cubic spline (callers renormalize)."""
     if fx == 0.0 and fy == 0.0:
         return img.copy()
     from scipy import ndimage
@@ -316,7 +318,8 @@ class ImagePsf(Psf):
     ----------
     image : 2-D array
         PSF image; normalized to unit sum.  Even-sized or non-square images are
-        zero-padded to an odd square with the peak-centred convention preserved.
+        zero-padded to an odd square; input pixel ((H-1)//2, (W-1)//2) (afw's centre,
+        spec §0.1) becomes the central pixel.
     average_position : (float, float)
         Position reported as the PSF's average position.
     """
@@ -331,7 +334,10 @@ class ImagePsf(Psf):
         side = _odd(max(ny, nx))
         if (ny, nx) != (side, side):
             padded = np.zeros((side, side))
-            padded[(side - ny) // 2:(side - ny) // 2 + ny, (side - nx) // 2:(side - nx) // 2 + nx] = img
+            # Keep afw's centre convention: pixel (W-1)//2 of the input lands on the
+            # central pixel of the odd output.
+            oy, ox = (side - 1) // 2 - (ny - 1) // 2, (side - 1) // 2 - (nx - 1) // 2
+            padded[oy:oy + ny, ox:ox + nx] = img
             img = padded
         s = img.sum()
         if not s > 0:
@@ -368,7 +374,9 @@ class GridPsf(Psf):
 
     Notes
     -----
-    Outside the grid the nearest edge images are used (no extrapolation).
+    Outside the grid the nearest edge images are used (no extrapolation).  Interpolating
+    images is not interpolating widths: between nodes the narrower image dominates the
+    core, so the FWHM midway is slightly below the mean of the nodes' FWHMs.
     """
 
     def __init__(self, images, xs: Sequence[float], ys: Sequence[float]):
@@ -400,7 +408,7 @@ class GridPsf(Psf):
         imgs = np.empty((ys.size, xs.size, size, size))
         for i, yv in enumerate(ys):
             for j, xv in enumerate(xs):
-                imgs[i, j] = make_psf(float(xv), float(yv)).kernel_image(size=size)
+                imgs[i, j] = make_psf(float(xv), float(yv)).kernel_image(float(xv), float(yv), size=size)
         return cls(imgs, xs, ys)
 
     @property
@@ -426,7 +434,10 @@ class GridPsf(Psf):
         x, y = self._pos(x, y)
         img = _shift_image(self._interp(x, y), x - round(x), y - round(y))
         img = _resize_centred(img, self.size if size is None else int(size))
-        return img / img.sum()
+        s = img.sum()
+        if not s > 0:
+            raise PsfError("GridPsf: interpolated/shifted image has non-positive sum")
+        return img / s
 
     def __repr__(self):
         return f"GridPsf(grid={self.ys.size}x{self.xs.size}, size={self.size})"
