@@ -13,8 +13,24 @@ from .core import (
     resolve_backend,
     use_backend,
 )
+from .kernels import (
+    KernelSpec,
+    clipped_stack,
+    cuda_source_dir,
+    get_kernel,
+    list_kernels,
+    mask_dilate_or,
+    register_kernel,
+)
 
 __all__ = [
+    "KernelSpec",
+    "clipped_stack",
+    "cuda_source_dir",
+    "get_kernel",
+    "list_kernels",
+    "mask_dilate_or",
+    "register_kernel",
     "BACKEND_NAMES",
     "ENV_VAR",
     "Backend",

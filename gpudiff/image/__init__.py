@@ -3,6 +3,7 @@
 from .exposure import Exposure, PhotoCalib
 from .masked_image import Box, MaskedImage
 from .maskplanes import DEFAULT_MASK_PLANES, MaskPlanes
+from .fitsio import read_exposure, read_psf, write_exposure, write_psf
 from .psf_estimate import estimate_psf
 from .psf import (
     FWHM_PER_SIGMA,
@@ -33,4 +34,8 @@ __all__ = [
     "adaptive_moments",
     "estimate_psf",
     "evaluate_mean_fwhm",
+    "read_exposure",
+    "read_psf",
+    "write_exposure",
+    "write_psf",
 ]

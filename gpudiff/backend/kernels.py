@@ -1,0 +1,601 @@
+"""The CUDA kernel registry: every hand-written kernel paired with its NumPy twin.
+
+A kernel is registered as a :class:`KernelSpec`: a name, the NumPy reference (in
+:mod:`gpudiff.backend.reference`), a CuPy launcher with the **same Python signature**, and
+the ``cuda/*.cu`` file and ``extern "C"`` symbols it launches.  Algorithm code asks for a
+kernel by name::
+
+    f = get_kernel("clipped_stack", be)      # be: a Backend, "numpy" or "cupy"
+    mean, var, n = f(data, bad, weights, nsigma=3.0, niter=3)
+
+and gets the NumPy twin on the CPU and the launcher on a GPU.  The public wrappers at the
+bottom of this module (:func:`clipped_stack`, :func:`mask_dilate_or`) do that and also
+move the inputs to the backend.
+
+CUDA sources are found by :func:`cuda_source_dir`, compiled lazily with
+``cupy.RawModule`` (NVRTC) the first time a launcher runs, and cached per (file, device).
+CuPy is imported only inside functions: importing this module never imports CuPy.
+
+Command line (used by CI; needs ``nvcc``, no GPU)::
+
+    python -m gpudiff.backend --check [--arch sm_90]   # compile every cuda/*.cu
+    python -m gpudiff.backend --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import InvalidInputError, KernelRegistryError
+from . import reference
+from .core import Backend, resolve_backend
+
+__all__ = [
+    "CUDA_DIR_ENV",
+    "NVRTC_OPTIONS",
+    "NVCC_OPTIONS",
+    "CLIPPED_STACK_MAX_N",
+    "KernelSpec",
+    "NvccResult",
+    "register_kernel",
+    "get_kernel",
+    "get_spec",
+    "list_kernels",
+    "cuda_source_dir",
+    "cuda_sources",
+    "read_cuda_source",
+    "load_module",
+    "get_function",
+    "clear_module_cache",
+    "compile_all_with_nvcc",
+    "clipped_stack",
+    "mask_dilate_or",
+    "main",
+]
+
+log = logging.getLogger("gpudiff.backend.kernels")
+
+#: Environment variable naming a folder of ``.cu`` files that overrides the packaged ones.
+CUDA_DIR_ENV = "GPUDIFF_CUDA_DIR"
+
+#: Options for ``cupy.RawModule`` (NVRTC).  ``--fmad=false`` keeps the device arithmetic
+#: identical to the NumPy twins (the sources also use explicit ``__dmul_rn``/``__dadd_rn``).
+NVRTC_OPTIONS: tuple[str, ...] = ("-std=c++17", "--fmad=false")
+
+#: Options for the standalone ``nvcc`` check (besides ``-arch`` and the output).
+NVCC_OPTIONS: tuple[str, ...] = ("-std=c++17", "--fmad=false", "-Werror", "all-warnings")
+
+#: Stack depths of the ``clipped_stack_f32_n*`` variants; deeper stacks use the
+#: vectorized twin on the device.
+_CLIPPED_STACK_VARIANTS: tuple[int, ...] = (32, 64, 128, 256)
+CLIPPED_STACK_MAX_N = _CLIPPED_STACK_VARIANTS[-1]
+
+_CLIP_BLOCK = 128  # threads per block of clipped_stack (one thread per pixel)
+_MASK_BLOCK = (32, 8)  # (x = columns, y = rows) of mask_dilate_or
+
+
+# ----------------------------------------------------------------------------------------
+# the CUDA source folder
+# ----------------------------------------------------------------------------------------
+
+
+def _has_cu(path: Path) -> bool:
+    try:
+        return path.is_dir() and any(p.suffix == ".cu" for p in path.iterdir())
+    except OSError:
+        return False
+
+
+def cuda_source_dir() -> Path:
+    """The folder holding the ``.cu`` files.
+
+    Looked up in this order:
+
+    1. the environment variable ``GPUDIFF_CUDA_DIR`` (an error if it is set but holds no
+       ``.cu`` file: a typo should not silently fall back);
+    2. ``gpudiff/_cuda`` inside the installed package (wheels: hatchling force-includes the
+       repository's ``cuda/`` there);
+    3. ``<repository>/cuda`` next to the package (source checkout, editable install,
+       ``PYTHONPATH``).
+
+    Raises
+    ------
+    KernelRegistryError
+        None of these folders holds a ``.cu`` file; the message lists the places tried.
+    """
+    tried: list[str] = []
+    env = os.environ.get(CUDA_DIR_ENV, "").strip()
+    if env:
+        p = Path(env).expanduser()
+        if _has_cu(p):
+            return p.resolve()
+        raise KernelRegistryError(
+            f"{CUDA_DIR_ENV}={env!r} does not name a folder with .cu files"
+        )
+    try:
+        from importlib.resources import files
+
+        res = files("gpudiff") / "_cuda"
+        p = Path(str(res))
+        tried.append(str(p))
+        if _has_cu(p):
+            return p.resolve()
+    except Exception as exc:  # not a file-system package (zip import) etc.
+        tried.append(f"importlib.resources gpudiff/_cuda ({type(exc).__name__}: {exc})")
+    p = Path(__file__).resolve().parents[2] / "cuda"
+    tried.append(str(p))
+    if _has_cu(p):
+        return p
+    raise KernelRegistryError(
+        "cannot find the gpudiff CUDA sources (*.cu); tried: "
+        + "; ".join(tried)
+        + f". Set {CUDA_DIR_ENV} to the folder holding them."
+    )
+
+
+def cuda_sources() -> list[Path]:
+    """Every ``.cu`` file of :func:`cuda_source_dir`, sorted by name."""
+    return sorted(p for p in cuda_source_dir().iterdir() if p.suffix == ".cu")
+
+
+def read_cuda_source(filename: str) -> str:
+    """Text of one ``.cu`` file of :func:`cuda_source_dir`."""
+    path = cuda_source_dir() / filename
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise KernelRegistryError(f"cannot read CUDA source {path}: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------------------
+# the registry
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One hand-written kernel and its NumPy twin.
+
+    Attributes
+    ----------
+    name : str
+        Registry name (``get_kernel(name, ...)``).
+    numpy_impl : callable
+        The NumPy reference; also the CPU path and the test oracle.
+    cuda_launcher : callable or None
+        Same signature as ``numpy_impl``; takes and returns CuPy arrays.  None for a
+        kernel that has only a CPU implementation so far.
+    source : str or None
+        The ``.cu`` file (relative to :func:`cuda_source_dir`).
+    symbols : tuple of str
+        The ``extern "C" __global__`` functions the launcher uses.
+    doc : str
+        One line for :func:`list_kernels` and ``--list``.
+    """
+
+    name: str
+    numpy_impl: Callable[..., Any]
+    cuda_launcher: Callable[..., Any] | None = None
+    source: str | None = None
+    symbols: tuple[str, ...] = ()
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        if self.cuda_launcher is not None and (not self.source or not self.symbols):
+            raise KernelRegistryError(
+                f"kernel {self.name!r}: a CUDA launcher needs a source file and its symbols"
+            )
+
+
+_REGISTRY: dict[str, KernelSpec] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def register_kernel(spec: KernelSpec, *, replace: bool = False) -> KernelSpec:
+    """Add ``spec`` to the registry (``replace=True`` to overwrite an entry)."""
+    with _REGISTRY_LOCK:
+        if spec.name in _REGISTRY and not replace:
+            raise KernelRegistryError(f"kernel {spec.name!r} is already registered")
+        _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_spec(name: str) -> KernelSpec:
+    """The :class:`KernelSpec` registered as ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KernelRegistryError(
+            f"unknown kernel {name!r}; registered: {sorted(_REGISTRY)}"
+        ) from None
+
+
+def list_kernels() -> list[str]:
+    """Names of the registered kernels, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_kernel(name: str, backend: Backend | str | None = None) -> Callable[..., Any]:
+    """The implementation of kernel ``name`` for ``backend``.
+
+    Parameters
+    ----------
+    name : str
+        A registered kernel (:func:`list_kernels`).
+    backend : Backend, "numpy", "cupy", "auto" or None
+        As for :func:`gpudiff.backend.resolve_backend`.
+
+    Returns
+    -------
+    callable
+        The NumPy twin on the numpy backend, the CuPy launcher on cupy (same signature).
+        Inputs are not moved between host and device: pass arrays of that backend (or use
+        the module-level wrappers such as :func:`clipped_stack`).
+
+    Raises
+    ------
+    KernelRegistryError
+        Unknown name, or the kernel has no CUDA launcher and the backend is cupy.
+    """
+    spec = get_spec(name)
+    be = resolve_backend(backend)
+    if be.name == "numpy":
+        return spec.numpy_impl
+    if spec.cuda_launcher is None:
+        raise KernelRegistryError(f"kernel {name!r} has no CUDA implementation")
+    return spec.cuda_launcher
+
+
+# ----------------------------------------------------------------------------------------
+# module loading (CuPy, lazily)
+# ----------------------------------------------------------------------------------------
+
+_MODULES: dict[tuple[str, int], Any] = {}
+_FUNCTIONS: dict[tuple[str, int, str], Any] = {}
+_MODULE_LOCK = threading.Lock()
+
+
+def _symbols_of(filename: str) -> tuple[str, ...]:
+    syms: list[str] = []
+    for spec in _REGISTRY.values():
+        if spec.source == filename:
+            syms.extend(s for s in spec.symbols if s not in syms)
+    return tuple(syms)
+
+
+def load_module(filename: str, device: int | None = None):
+    """The ``cupy.RawModule`` of ``filename`` on ``device`` (default: the current one).
+
+    Compiled with NVRTC (:data:`NVRTC_OPTIONS`) on first use and cached per
+    (file, device).  Every registered symbol of the file is fetched once, so a
+    compilation error surfaces here.
+
+    Raises
+    ------
+    KernelRegistryError
+        The source cannot be found, read or compiled (the message names the file and holds
+        the compiler log).
+    """
+    import cupy  # lazy: only the backend package imports CuPy
+
+    dev = cupy.cuda.Device().id if device is None else int(device)
+    key = (filename, dev)
+    mod = _MODULES.get(key)
+    if mod is not None:
+        return mod
+    with _MODULE_LOCK:
+        mod = _MODULES.get(key)
+        if mod is not None:
+            return mod
+        source = read_cuda_source(filename)
+        with cupy.cuda.Device(dev):
+            try:
+                mod = cupy.RawModule(code=source, options=NVRTC_OPTIONS)
+                for sym in _symbols_of(filename):
+                    _FUNCTIONS[(filename, dev, sym)] = mod.get_function(sym)
+            except Exception as exc:  # cupy.cuda.compiler.CompileException, CUDADriverError
+                raise KernelRegistryError(
+                    f"compiling CUDA source {filename!r} for device {dev} failed: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+        _MODULES[key] = mod
+        return mod
+
+
+def get_function(filename: str, symbol: str, device: int | None = None):
+    """The ``cupy.RawKernel`` ``symbol`` of ``filename`` (compiling it if needed)."""
+    import cupy
+
+    dev = cupy.cuda.Device().id if device is None else int(device)
+    fn = _FUNCTIONS.get((filename, dev, symbol))
+    if fn is not None:
+        return fn
+    mod = load_module(filename, dev)
+    try:
+        with cupy.cuda.Device(dev):
+            fn = mod.get_function(symbol)
+    except Exception as exc:
+        raise KernelRegistryError(
+            f"CUDA source {filename!r} has no kernel {symbol!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    _FUNCTIONS[(filename, dev, symbol)] = fn
+    return fn
+
+
+def clear_module_cache() -> None:
+    """Forget every compiled module (e.g. after editing a ``.cu`` file in a session)."""
+    with _MODULE_LOCK:
+        _MODULES.clear()
+        _FUNCTIONS.clear()
+
+
+# ----------------------------------------------------------------------------------------
+# nvcc check (CI; no GPU needed)
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class NvccResult:
+    """Outcome of compiling one ``.cu`` file with nvcc."""
+
+    path: Path
+    ok: bool
+    command: list[str]
+    output: str = ""
+    missing_symbols: list[str] = field(default_factory=list)
+
+
+def compile_all_with_nvcc(
+    arch: str = "sm_90",
+    *,
+    nvcc: str | None = None,
+    werror: bool = True,
+    out_dir: str | os.PathLike | None = None,
+    sources: list[Path] | None = None,
+    timeout: float = 300.0,
+) -> list[NvccResult]:
+    """Compile every ``cuda/*.cu`` standalone with ``nvcc -arch=ARCH -cubin``.
+
+    Warnings are errors when ``werror`` (``-Werror all-warnings``).  A file also fails when a
+    registered ``extern "C"`` symbol of it is missing from the cubin.  Nothing is loaded on
+    a device, so this runs on a machine without a GPU.
+
+    Returns
+    -------
+    list of NvccResult
+        One per file, in name order; ``ok`` tells success.
+
+    Raises
+    ------
+    KernelRegistryError
+        ``nvcc`` is not found.
+    """
+    exe = nvcc or shutil.which("nvcc")
+    if not exe:
+        raise KernelRegistryError("nvcc not found on PATH (install the CUDA toolkit)")
+    files = sorted(sources) if sources is not None else cuda_sources()
+    opts = list(NVCC_OPTIONS) if werror else [o for o in NVCC_OPTIONS if o not in ("-Werror", "all-warnings")]
+    results: list[NvccResult] = []
+    with tempfile.TemporaryDirectory(prefix="gpudiff-nvcc-") as tmp:
+        outdir = Path(out_dir) if out_dir is not None else Path(tmp)
+        outdir.mkdir(parents=True, exist_ok=True)
+        for src in files:
+            cubin = outdir / (src.stem + f".{arch}.cubin")
+            cmd = [exe, f"-arch={arch}", "-cubin", *opts, "-o", str(cubin), str(src)]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+                ok = proc.returncode == 0
+                out = (proc.stdout + proc.stderr).strip()
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                ok, out = False, f"{type(exc).__name__}: {exc}"
+            missing: list[str] = []
+            if ok:
+                blob = cubin.read_bytes()
+                missing = [s for s in _symbols_of(src.name) if s.encode() not in blob]
+                if missing:
+                    ok = False
+                    out = (out + "\n" if out else "") + f"missing kernels: {missing}"
+            results.append(NvccResult(src, ok, cmd, out, missing))
+    return results
+
+
+# ----------------------------------------------------------------------------------------
+# kernel: clipped_stack
+# ----------------------------------------------------------------------------------------
+
+
+def _dev(cupy, a):
+    """``cupy.asarray(a)``, letting None through to the validators' error messages."""
+    return None if a is None else cupy.asarray(a)
+
+
+def _clipped_stack_cupy(data, bad, weights=None, nsigma=3.0, niter=3, *, return_used=False):
+    """CuPy launcher of ``clipped_stack_f32_n*``; same signature and semantics as
+    :func:`gpudiff.backend.reference.clipped_stack`.  Stacks deeper than
+    :data:`CLIPPED_STACK_MAX_N` run the vectorized twin on the device instead."""
+    import cupy
+
+    a = reference.validate_clipped_stack(_dev(cupy, data), _dev(cupy, bad), weights, nsigma, niter)
+    nep, npix = a.data.shape
+    if nep > CLIPPED_STACK_MAX_N:
+        log.debug("clipped_stack: N=%d > %d, using the vectorized CuPy path", nep, CLIPPED_STACK_MAX_N)
+        return reference.clipped_stack(a.data.reshape((nep,) + a.spatial_shape),
+                                       a.bad.reshape((nep,) + a.spatial_shape),
+                                       a.weights, a.nsigma, a.niter, return_used=return_used)
+    variant = next(v for v in _CLIPPED_STACK_VARIANTS if v >= nep)
+    fn = get_function("clipped_stack.cu", f"clipped_stack_f32_n{variant}")
+    w = cupy.ones(nep, dtype=cupy.float32) if a.weights is None else cupy.ascontiguousarray(a.weights)
+    bad_u8 = a.bad.view(cupy.uint8)  # bool and uint8 share the 1-byte layout
+    mean = cupy.empty(npix, dtype=cupy.float32)
+    var = cupy.empty(npix, dtype=cupy.float32)
+    n_used = cupy.empty(npix, dtype=cupy.int32)
+    used = cupy.empty((nep, npix), dtype=cupy.uint8) if return_used else cupy.empty(1, dtype=cupy.uint8)
+    if npix > 0:
+        grid = ((npix + _CLIP_BLOCK - 1) // _CLIP_BLOCK,)
+        fn(
+            grid,
+            (_CLIP_BLOCK,),
+            (
+                a.data, bad_u8, w,
+                np.int32(nep), np.int64(npix), np.float64(a.nsigma), np.int32(a.niter),
+                mean, var, n_used, used, np.int32(1 if return_used else 0),
+            ),
+        )
+    shp = a.spatial_shape
+    out = (mean.reshape(shp), var.reshape(shp), n_used.reshape(shp))
+    if return_used:
+        return out + (used.view(cupy.bool_).reshape((nep,) + shp),)
+    return out
+
+
+register_kernel(
+    KernelSpec(
+        name="clipped_stack",
+        numpy_impl=reference.clipped_stack,
+        cuda_launcher=_clipped_stack_cupy,
+        source="clipped_stack.cu",
+        symbols=tuple(f"clipped_stack_f32_n{v}" for v in _CLIPPED_STACK_VARIANTS),
+        doc="afw MEANCLIP/VARIANCECLIP along axis 0 of a masked, weighted stack",
+    )
+)
+
+
+# ----------------------------------------------------------------------------------------
+# kernel: mask_dilate_or
+# ----------------------------------------------------------------------------------------
+
+
+def _mask_dilate_or_cupy(mask, footprint):
+    """CuPy launcher of ``mask_dilate_or_i32``; same signature and semantics as
+    :func:`gpudiff.backend.reference.mask_dilate_or`."""
+    import cupy
+
+    _, m, fp = reference.validate_mask_dilate_or(_dev(cupy, mask), footprint)
+    m = cupy.ascontiguousarray(m)
+    height, width = (int(s) for s in m.shape)
+    dy, dx = reference.footprint_offsets(fp)
+    out = cupy.zeros((height, width), dtype=cupy.int32)
+    if height == 0 or width == 0 or dy.size == 0:
+        return out
+    fn = get_function("mask_ops.cu", "mask_dilate_or_i32")
+    bx, by = _MASK_BLOCK
+    grid = ((width + bx - 1) // bx, (height + by - 1) // by)
+    fn(
+        grid,
+        (bx, by),
+        (m, np.int32(height), np.int32(width), cupy.asarray(dy), cupy.asarray(dx),
+         np.int32(dy.size), out),
+    )
+    return out
+
+
+register_kernel(
+    KernelSpec(
+        name="mask_dilate_or",
+        numpy_impl=reference.mask_dilate_or,
+        cuda_launcher=_mask_dilate_or_cupy,
+        source="mask_ops.cu",
+        symbols=("mask_dilate_or_i32",),
+        doc="bitwise OR of mask bits under a footprint (afw correlation convention)",
+    )
+)
+
+
+# ----------------------------------------------------------------------------------------
+# public wrappers: move inputs to the backend, then dispatch
+# ----------------------------------------------------------------------------------------
+
+
+def _to_backend(be: Backend, a):
+    return None if a is None else be.asarray(a)
+
+
+def clipped_stack(data, bad, weights=None, nsigma: float = 3.0, niter: int = 3, *,
+                  return_used: bool = False, backend: Backend | str | None = None):
+    """afw ``MEANCLIP`` statistics along axis 0 of a stack, on ``backend``.
+
+    See :func:`gpudiff.backend.reference.clipped_stack` for the parameters and the exact
+    semantics; the inputs are moved to ``backend`` (host arrays to the GPU or back) and the
+    outputs are arrays of that backend: ``(mean, variance, n_used)`` plus ``used`` with
+    ``return_used=True``.
+    """
+    be = resolve_backend(backend)
+    f = get_kernel("clipped_stack", be)
+    return f(_to_backend(be, data), _to_backend(be, bad), _to_backend(be, weights),
+             nsigma, niter, return_used=return_used)
+
+
+def mask_dilate_or(mask, footprint, *, backend: Backend | str | None = None):
+    """Bitwise OR of mask bits under ``footprint`` (afw correlation convention), on
+    ``backend``.  See :func:`gpudiff.backend.reference.mask_dilate_or`."""
+    be = resolve_backend(backend)
+    f = get_kernel("mask_dilate_or", be)
+    return f(_to_backend(be, mask), footprint)
+
+
+# ----------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m gpudiff.backend.kernels --check | --list``."""
+    ap = argparse.ArgumentParser(
+        prog="python -m gpudiff.backend.kernels",
+        description="gpudiff CUDA kernel registry: list kernels, or compile every cuda/*.cu with nvcc.",
+    )
+    ap.add_argument("--check", action="store_true", help="compile every .cu with nvcc -cubin (no GPU needed)")
+    ap.add_argument("--list", action="store_true", help="list the registered kernels")
+    ap.add_argument("--arch", default="sm_90", help="nvcc -arch value for --check (default sm_90)")
+    ap.add_argument("--nvcc", default=None, help="path of nvcc (default: from PATH)")
+    ap.add_argument("--no-werror", action="store_true", help="do not treat nvcc warnings as errors")
+    args = ap.parse_args(argv)
+    if not (args.check or args.list):
+        ap.print_help()
+        return 2
+    rc = 0
+    try:
+        if args.list:
+            src_dir = cuda_source_dir()
+            print(f"CUDA sources: {src_dir}")
+            for name in list_kernels():
+                s = get_spec(name)
+                where = f"{s.source}: {', '.join(s.symbols)}" if s.source else "NumPy only"
+                print(f"  {name:<16} {where}\n  {'':<16} {s.doc}")
+        if args.check:
+            results = compile_all_with_nvcc(args.arch, nvcc=args.nvcc, werror=not args.no_werror)
+            for r in results:
+                print(f"{'ok  ' if r.ok else 'FAIL'} {r.path.name}")
+                if r.output:
+                    print("     " + r.output.replace("\n", "\n     "))
+                if not r.ok:
+                    rc = 1
+            referenced = {s.source for s in _REGISTRY.values() if s.source}
+            for r in results:
+                if r.path.name not in referenced:
+                    print(f"note {r.path.name}: no registered kernel uses it")
+            missing = sorted(referenced - {r.path.name for r in results})
+            for m in missing:
+                print(f"FAIL {m}: registered but not found in {cuda_source_dir()}")
+                rc = 1
+            print(f"{sum(r.ok for r in results)}/{len(results)} CUDA sources compiled for {args.arch}")
+    except (KernelRegistryError, InvalidInputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return rc
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""FFT correlation and masked-image convolution in afw's convention (spec §0.1–§0.3).
+
+afw's "convolution" is a **correlation**: for an odd kernel of centre (ctrY, ctrX),
+
+    out[r, c] = Σ_{i,j} K[i, j] · in[r − ctrY + i, c − ctrX + j]
+
+with the kernel **not flipped**.  Every function here follows that convention, so fitting
+(``psfmatch``) and applying use the same one.  Arrays are those of the given backend; the
+functions never modify their inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..backend import Backend, resolve_backend
+from ..backend.kernels import mask_dilate_or
+from ..errors import InvalidInputError
+from ..image import MaskedImage
+
+__all__ = [
+    "kernel_centre",
+    "correlate",
+    "correlate_many",
+    "dilate_mask",
+    "convolve_masked_image",
+    "varying_correlate",
+]
+
+
+def kernel_centre(shape: Sequence[int]) -> tuple[int, int]:
+    """afw's kernel centre (ctrY, ctrX) = ((H−1)//2, (W−1)//2)."""
+    return (int(shape[0]) - 1) // 2, (int(shape[1]) - 1) // 2
+
+
+def _fft_shape(be: Backend, shape, kshape) -> tuple[int, int]:
+    # Zero padding by the kernel size makes the circular FFT correlation linear; fast sizes
+    # (products of small primes) keep cuFFT / pocketfft on their quick paths.
+    nf = be.fft.next_fast_len if hasattr(be.fft, "next_fast_len") else _next_fast_len
+    return nf(int(shape[0]) + int(kshape[0]) - 1, True), nf(int(shape[1]) + int(kshape[1]) - 1, True)
+
+
+def _next_fast_len(n: int, real: bool = True) -> int:  # pragma: no cover - both backends have it
+    import scipy.fft
+
+    return scipy.fft.next_fast_len(n, real)
+
+
+def _check_kernels(kernels, be: Backend, ndim: int):
+    k = be.asarray(kernels)
+    if k.ndim != ndim:
+        raise InvalidInputError(f"kernel array must be {ndim}-D, got shape {tuple(k.shape)}")
+    if k.shape[-1] < 1 or k.shape[-2] < 1:
+        raise InvalidInputError(f"kernel shape {tuple(k.shape)} is empty")
+    return k
+
+
+def correlate_many(image: Any, kernels: Any, backend: Backend | str | None = None,
+                   dtype=np.float32) -> Any:
+    """Correlate one image with a stack of kernels: one forward FFT of the image.
+
+    Parameters
+    ----------
+    image : 2-D array
+        Must be finite (zero-fill masked pixels first).
+    kernels : array, shape (n, kh, kw)
+        Kernels in afw orientation (not flipped).
+    backend : Backend or str, optional
+    dtype : dtype
+        Output dtype; the FFTs run in float64 when ``dtype`` is float64, else float32.
+
+    Returns
+    -------
+    array, shape (n, H, W)
+        ``out[m]`` = image ⊗ kernels[m] with zeros beyond the image edge.
+    """
+    be = resolve_backend(backend)
+    xp = be.xp
+    work = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    img = be.asarray(image, dtype=work)
+    if img.ndim != 2:
+        raise InvalidInputError(f"image must be 2-D, got shape {tuple(img.shape)}")
+    ks = _check_kernels(kernels, be, 3).astype(work, copy=False)
+    n, kh, kw = ks.shape
+    H, W = img.shape
+    fy, fx = _fft_shape(be, (H, W), (kh, kw))
+    cy, cx = kernel_centre((kh, kw))
+    fi = be.fft.rfft2(img, s=(fy, fx))
+    # Correlation = convolution with the flipped kernel; the full-convolution output is
+    # offset by (kh − 1 − cy, kw − 1 − cx) from the correlation's.
+    fk = be.fft.rfft2(ks[:, ::-1, ::-1], s=(fy, fx), axes=(-2, -1))
+    full = be.fft.irfft2(fk * fi[None], s=(fy, fx), axes=(-2, -1))
+    oy, ox = kh - 1 - cy, kw - 1 - cx
+    return xp.ascontiguousarray(full[:, oy:oy + H, ox:ox + W]).astype(dtype, copy=False)
+
+
+def correlate(image: Any, kernel: Any, backend: Backend | str | None = None, dtype=np.float32) -> Any:
+    """Correlate a 2-D image with one kernel (afw convention, zero outside the image)."""
+    be = resolve_backend(backend)
+    k = _check_kernels(kernel, be, 2)
+    return correlate_many(image, k[None], be, dtype=dtype)[0]
+
+
+def dilate_mask(mask: Any, footprint: Any, backend: Backend | str | None = None) -> Any:
+    """Bitwise OR of mask bits under a kernel footprint (afw mask "convolution").
+
+    ``out[r, c] = OR_{i,j: fp[i,j]} mask[r − ctrY + i, c − ctrX + j]``; pixels beyond the
+    image contribute nothing.  Runs the registered ``mask_dilate_or`` kernel (CUDA on
+    CuPy, its NumPy twin on the CPU).
+    """
+    return mask_dilate_or(mask, footprint, backend=resolve_backend(backend))
+
+
+def _edge_slices(shape, kshape):
+    """Slices of the border where the kernel does not fit (afw ``shrinkBBox``)."""
+    H, W = shape
+    kh, kw = kshape
+    cy, cx = kernel_centre(kshape)
+    return (
+        (slice(0, min(cy, H)), slice(None)),
+        (slice(max(H - (kh - 1 - cy), 0), H), slice(None)),
+        (slice(None), slice(0, min(cx, W))),
+        (slice(None), slice(max(W - (kw - 1 - cx), 0), W)),
+    )
+
+
+def _finish_masked(mi: MaskedImage, img, var, msk, kshape, do_copy_edge: bool) -> MaskedImage:
+    """Apply afw's edge convention and non-finite propagation, wrap as a MaskedImage."""
+    xp = mi.backend.xp
+    planes = mi.mask_planes.copy()
+    no_data = planes.bitmask("NO_DATA")
+    edge = planes.bitmask("EDGE")
+    # Output pixels that saw a NaN/inf input are NO_DATA: we zero-filled those inputs for
+    # the FFT, so their values would otherwise be silently wrong.
+    bad = (msk & no_data) != 0
+    img = xp.where(bad, xp.float32(np.nan), img)
+    var = xp.where(bad, xp.float32(np.inf), var)
+    for sl in _edge_slices(mi.shape, kshape):
+        if do_copy_edge:
+            img[sl] = mi.image[sl]
+            var[sl] = mi.variance[sl]
+            msk[sl] = mi.mask[sl] | edge
+        else:
+            img[sl] = np.nan
+            var[sl] = np.inf
+            msk[sl] = msk[sl] | no_data
+    return MaskedImage(img, var, msk, xy0=mi.xy0, mask_planes=planes, backend=mi.backend)
+
+
+def _prepare(mi: MaskedImage):
+    """Zero-filled finite copies of image and variance, and the mask with NO_DATA where
+    either was non-finite."""
+    xp = mi.backend.xp
+    finite = xp.isfinite(mi.image) & xp.isfinite(mi.variance)
+    img = xp.where(finite, mi.image, xp.float32(0))
+    var = xp.where(finite, mi.variance, xp.float32(0))
+    msk = xp.where(finite, mi.mask, mi.mask | mi.mask_planes.bitmask("NO_DATA"))
+    return img, var, msk
+
+
+def convolve_masked_image(mi: MaskedImage, kernel: Any, *, do_normalize: bool = False,
+                          do_copy_edge: bool = False) -> MaskedImage:
+    """Convolve (afw sense: correlate) a MaskedImage with a spatially constant kernel.
+
+    The image is correlated with K, the variance with K² and the mask is OR-dilated over
+    the pixels where K ≠ 0 (spec §0.2).  The border where the kernel does not fit gets
+    NaN / +inf variance / NO_DATA, or with ``do_copy_edge`` the input pixels plus EDGE.
+    Input pixels with non-finite image or variance poison (NaN, NO_DATA) every output pixel
+    whose kernel footprint covers them.
+
+    Parameters
+    ----------
+    mi : MaskedImage
+    kernel : 2-D array
+    do_normalize : bool
+        Divide by the kernel sum (ModelPsfMatch uses this).
+    do_copy_edge : bool
+        Copy input pixels into the border instead of NaN/NO_DATA.
+    """
+    be = mi.backend
+    k = be.asarray(kernel, dtype=np.float64)
+    if k.ndim != 2:
+        raise InvalidInputError(f"kernel must be 2-D, got shape {tuple(k.shape)}")
+    if k.shape[0] > mi.shape[0] or k.shape[1] > mi.shape[1]:
+        raise InvalidInputError(f"kernel {tuple(k.shape)} is larger than the image {mi.shape}")
+    if do_normalize:
+        s = float(k.sum())
+        if s == 0 or not np.isfinite(s):
+            raise InvalidInputError(f"cannot normalize a kernel whose sum is {s}")
+        k = k / s
+    img, var, msk = _prepare(mi)
+    out_img = correlate(img, k, be)
+    out_var = correlate(var, k * k, be)
+    out_msk = dilate_mask(msk, k != 0, be)
+    return _finish_masked(mi, out_img, out_var, out_msk, k.shape, do_copy_edge)
+
+
+def varying_correlate(image: Any, term_kernels: Any, term_weights: Sequence[Any],
+                      backend: Backend | str | None = None) -> Any:
+    """Exact spatially varying correlation Σ_k p_k(x, y) · (image ⊗ K_k).
+
+    With K(x, y) = Σ_k p_k(x, y) K_k this is the correlation with the kernel evaluated at
+    every output pixel — one FFT correlation per spatial term, no interpolation.
+
+    Parameters
+    ----------
+    image : 2-D array (finite)
+    term_kernels : array, shape (n_terms, kh, kw)
+    term_weights : sequence of n_terms 2-D arrays (or scalars)
+        p_k evaluated at every output pixel.
+    """
+    be = resolve_backend(backend)
+    xp = be.xp
+    ks = _check_kernels(term_kernels, be, 3)
+    if len(term_weights) != ks.shape[0]:
+        raise InvalidInputError(f"{ks.shape[0]} term kernels but {len(term_weights)} weight images")
+    conv = correlate_many(image, ks, be)
+    out = xp.zeros(conv.shape[1:], dtype=np.float32)
+    for k in range(ks.shape[0]):
+        out += xp.asarray(term_weights[k], dtype=np.float32) * conv[k]
+    return out

@@ -1,0 +1,712 @@
+"""The kernel registry, the NumPy twins, the CUDA sources and (on a GPU) CuPy parity.
+
+Layers of evidence for ``clipped_stack``:
+
+1. the vectorized NumPy twin against an independent per-pixel transcription of afw's
+   ``Statistics::doStatistics`` clipping loop (pure Python floats);
+2. known cases (a 50-sigma outlier, weights, all-masked and single-sample pixels);
+3. every ``cuda/*.cu`` compiled standalone with ``nvcc -arch=sm_90 -cubin`` (when nvcc is
+   installed), and the very same per-pixel CUDA code compiled for the *host* and run
+   against the twin (so the kernel logic is checked without a GPU);
+4. ``@pytest.mark.gpu``: CuPy launchers against the twins on a device.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpudiff.backend import get_backend
+from gpudiff.backend import kernels as K
+from gpudiff.backend import reference as R
+from gpudiff.errors import InvalidInputError, KernelRegistryError, ShapeMismatchError
+
+REPO = Path(__file__).resolve().parents[1]
+IQ = 0.741301109252802
+NAN = float("nan")
+
+
+# ----------------------------------------------------------------------------------------
+# independent brute-force oracle: afw Statistics.cc, one pixel at a time
+# ----------------------------------------------------------------------------------------
+
+
+def _afw_percentile(sorted_vals, frac):
+    n = len(sorted_vals)
+    if n > 1:
+        idx = frac * (n - 1)
+        q1 = int(idx)
+        q2 = q1 + 1
+        return (q2 - idx) * float(sorted_vals[q1]) + (idx - q1) * float(sorted_vals[q2])
+    if n == 1:
+        return float(sorted_vals[0])
+    return NAN
+
+
+def afw_meanclip_pixel(values, bad, weights, nsigma, niter):
+    """(meanclip, varianceclip, n_clip, survivors) for one pixel, transcribed from afw.
+
+    ``weights`` None = unweighted.  Deviation from afw (documented in the twin): the
+    variance is NaN when sum(w)^2 <= sum(w^2) (a single weighted survivor) instead of
+    afw's 0*inf.
+    """
+    samples = [
+        (k, float(v), 1.0 if weights is None else float(weights[k]))
+        for k, (v, b) in enumerate(zip(values, bad))
+        if not b and math.isfinite(float(v))
+    ]
+    n = len(samples)
+    if n == 0:
+        return NAN, NAN, 0, []
+    srt = sorted(v for _, v, _ in samples)
+    median = _afw_percentile(srt, 0.50)
+    iqrange = _afw_percentile(srt, 0.75) - _afw_percentile(srt, 0.25)
+    meanclip = varclip = NAN
+    survivors: list[int] = []
+    for i in range(niter):
+        center = meanclip if i > 0 else median
+        if i > 0 and n > 1:
+            hwidth = nsigma * math.sqrt(varclip) if varclip >= 0 else NAN
+        else:
+            hwidth = nsigma * IQ * iqrange
+        sumw = sumw2 = sumx = sumx2 = 0.0
+        survivors = []
+        for k, v, w in samples:
+            delta = v - center
+            if abs(delta) <= hwidth:
+                sumw += w
+                sumw2 += w * w
+                sumx += w * delta
+                sumx2 += w * delta * delta
+                survivors.append(k)
+        if sumw > 0:
+            mean = sumx / sumw
+            denom = sumw * sumw - sumw2
+            varclip = (sumx2 / sumw - mean**2) * (sumw * sumw / denom) if denom > 0 else NAN
+            meanclip = mean + center
+        else:
+            meanclip = varclip = NAN
+    return meanclip, varclip, len(survivors), survivors
+
+
+def brute_force(data, bad, weights=None, nsigma=3.0, niter=3):
+    nep = data.shape[0]
+    shp = data.shape[1:]
+    d2 = data.reshape(nep, -1)
+    b2 = bad.reshape(nep, -1)
+    m = np.empty(d2.shape[1])
+    v = np.empty(d2.shape[1])
+    n = np.empty(d2.shape[1], dtype=np.int64)
+    used = np.zeros(d2.shape, dtype=bool)
+    for p in range(d2.shape[1]):
+        m[p], v[p], n[p], surv = afw_meanclip_pixel(d2[:, p], b2[:, p], weights, nsigma, niter)
+        used[surv, p] = True
+    return m.reshape(shp), v.reshape(shp), n.reshape(shp), used.reshape(data.shape)
+
+
+def make_stack(rng, nep=12, shape=(6, 7), outlier_frac=0.08, bad_frac=0.1, nonfinite=True, ties=False):
+    data = rng.normal(100.0, 5.0, size=(nep,) + shape)
+    if ties:
+        data = np.round(data / 5.0) * 5.0
+    out = rng.random(data.shape) < outlier_frac
+    data[out] += rng.choice([-1.0, 1.0], size=out.sum()) * rng.uniform(20, 200, size=out.sum()) * 5.0
+    bad = rng.random(data.shape) < bad_frac
+    if nonfinite:
+        nf = rng.random(data.shape) < 0.03
+        data[nf] = rng.choice([np.nan, np.inf, -np.inf], size=nf.sum())
+    data = data.astype(np.float32)
+    # special pixels: 0 all masked, 1 one valid, 2 two valid, 3 all equal
+    flat_bad = bad.reshape(nep, -1)
+    flat_data = data.reshape(nep, -1)
+    k1, ks = min(3, nep - 1), sorted({0, nep - 1})
+    flat_bad[:, :3] = True
+    flat_bad[k1, 1] = False
+    flat_bad[ks, 2] = False
+    flat_data[:, :3] = np.float32(42.5)
+    flat_data[ks[-1], 2] = np.float32(44.0)
+    flat_data[:, 3] = np.float32(7.25)
+    return data, bad
+
+
+def assert_same(actual, expected, rtol=1e-6):
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected))
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=0, equal_nan=True)
+
+
+# ----------------------------------------------------------------------------------------
+# 1. NumPy twin against the brute-force oracle
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("nsigma,niter", [(3.0, 3), (2.5, 3), (3.0, 2), (3.0, 1), (1.5, 5)])
+def test_twin_matches_bruteforce(seed, weighted, nsigma, niter):
+    rng = np.random.default_rng(1000 + seed)
+    data, bad = make_stack(rng, nep=5 + 3 * seed, ties=(seed == 3))
+    weights = rng.uniform(0.2, 3.0, size=data.shape[0]).astype(np.float32) if weighted else None
+    if weighted and seed == 2:
+        weights[1] = 0.0  # zero weights are legal
+    mean, var, n, used = R.clipped_stack(data, bad, weights, nsigma, niter, return_used=True)
+    bm, bv, bn, bused = brute_force(data, bad, weights, nsigma, niter)
+    np.testing.assert_array_equal(n, bn)
+    np.testing.assert_array_equal(used, bused)
+    assert_same(mean, bm)
+    assert_same(var, bv)
+    assert mean.dtype == np.float32 and var.dtype == np.float32 and n.dtype == np.int32
+
+
+def test_twin_default_call_returns_three_arrays(rng):
+    data, bad = make_stack(rng)
+    out = R.clipped_stack(data, bad)
+    assert len(out) == 3
+    for a in out:
+        assert a.shape == data.shape[1:]
+
+
+def test_quartiles_are_numpy_linear_percentiles(rng):
+    # afw medianAndQuartiles == numpy's default 'linear' percentile
+    for n in range(1, 40):
+        x = rng.normal(size=n).astype(np.float32)
+        srt = np.sort(x)[:, None]
+        cnt = np.array([n])
+        for frac in (0.25, 0.5, 0.75):
+            got = R._quantile_sorted(np, srt, cnt, frac)[0]
+            assert got == pytest.approx(np.percentile(x.astype(np.float64), 100 * frac), rel=1e-12, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------------------
+# 2. known cases
+# ----------------------------------------------------------------------------------------
+
+
+def test_single_50_sigma_outlier_is_clipped(rng):
+    good = rng.normal(10.0, 1.0, size=10).astype(np.float32)
+    col = np.concatenate([good, [np.float32(10.0 + 50.0)]])
+    data = np.repeat(col[:, None, None], 3, axis=2).astype(np.float32)
+    bad = np.zeros(data.shape, dtype=bool)
+    mean, var, n, used = R.clipped_stack(data, bad, return_used=True)
+    assert np.all(n == 10)
+    assert not used[-1].any() and used[:-1].all()
+    np.testing.assert_allclose(mean, np.mean(good.astype(np.float64)), rtol=1e-6)
+    np.testing.assert_allclose(var, np.var(good.astype(np.float64), ddof=1), rtol=1e-5)
+
+
+def test_clean_gaussian_keeps_everything_and_matches_numpy(rng):
+    # evenly spread samples (shuffled per pixel): IQR width 2.2 and 3 sigma 1.8 both
+    # exceed the largest deviation 1, so nothing is clipped
+    base = np.linspace(-1.0, 1.0, 15)
+    x = np.stack([rng.permutation(base) for _ in range(16)], axis=1).reshape(15, 4, 4)
+    x = (x + rng.normal(0, 10, size=(1, 4, 4))).astype(np.float32)
+    mean, var, n = R.clipped_stack(x, np.zeros(x.shape, bool))
+    assert np.all(n == 15)
+    np.testing.assert_allclose(mean, x.astype(np.float64).mean(0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(var, x.astype(np.float64).var(0, ddof=1), rtol=1e-6)
+
+
+def test_weights(rng):
+    data, bad = make_stack(rng, nep=14, nonfinite=False)
+    w = rng.uniform(0.5, 2.0, size=14).astype(np.float32)
+    mean, var, n, used = R.clipped_stack(data, bad, w, return_used=True)
+    d = data.astype(np.float64)
+    ww = np.where(used, w[:, None, None].astype(np.float64), 0.0)
+    with np.errstate(invalid="ignore"):
+        expect = (ww * d).sum(0) / ww.sum(0)
+    assert_same(mean, expect, rtol=1e-6)
+    # unit weights are the unweighted statistic, bit for bit
+    a = R.clipped_stack(data, bad, np.ones(14, np.float32))
+    b = R.clipped_stack(data, bad, None)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    # scaling all weights changes nothing (up to rounding)
+    c = R.clipped_stack(data, bad, 7.0 * np.ones(14, np.float32))
+    assert_same(c[0], b[0], rtol=1e-6)
+    assert_same(c[1], b[1], rtol=1e-5)
+
+
+def test_weighted_variance_is_reliability_weighted():
+    x = np.array([1.0, 2.0, 4.0], np.float32)[:, None]
+    w = np.array([1.0, 2.0, 3.0], np.float32)
+    mean, var, n = R.clipped_stack(x, np.zeros_like(x, bool), w, nsigma=10.0, niter=2)
+    m = (w * x[:, 0]).sum() / w.sum()
+    v = (w * (x[:, 0] - m) ** 2).sum() / w.sum() * w.sum() ** 2 / (w.sum() ** 2 - (w**2).sum())
+    assert mean[0] == pytest.approx(m, rel=1e-6)
+    assert var[0] == pytest.approx(v, rel=1e-6)
+    assert n[0] == 3
+
+
+def test_all_masked_single_and_nonfinite_pixels():
+    data = np.array([[1.0, 5.0, np.nan], [2.0, np.inf, 3.0], [3.0, 7.0, -np.inf]], np.float32)
+    bad = np.array([[True, False, False], [True, True, False], [True, True, True]])
+    mean, var, n = R.clipped_stack(data, bad)
+    assert np.isnan(mean[0]) and np.isnan(var[0]) and n[0] == 0
+    assert mean[1] == 5.0 and np.isnan(var[1]) and n[1] == 1  # one valid sample
+    assert mean[2] == 3.0 and np.isnan(var[2]) and n[2] == 1  # NaN and -inf are excluded
+
+
+def test_two_samples_and_ties():
+    data = np.array([[1.0, 4.0, 4.0], [3.0, 4.0, 4.0], [0.0, 4.0, 9.0]], np.float32)
+    bad = np.array([[False, False, False], [False, False, False], [True, False, False]])
+    mean, var, n = R.clipped_stack(data, bad)
+    assert mean[0] == 2.0 and var[0] == 2.0 and n[0] == 2
+    assert mean[1] == 4.0 and var[1] == 0.0 and n[1] == 3  # all equal: IQR 0, all kept
+    # [4, 4, 9]: q1 = 4, q3 = 6.5, median 4, width 3*0.7413*2.5 = 5.56 -> all kept
+    assert n[2] == 3 and mean[2] == pytest.approx(17.0 / 3.0)
+
+
+def test_niter_counts_the_median_pass():
+    # niter=1: only the median/IQR clip.  Samples 0..9 and 30: median 5, IQR 5,
+    # width 3*0.7413*5 = 11.1 -> 30 is dropped in pass 0 already.
+    x = np.array(list(range(10)) + [30], np.float32)[:, None]
+    bad = np.zeros_like(x, bool)
+    m1, v1, n1 = R.clipped_stack(x, bad, niter=1)
+    assert n1[0] == 10 and m1[0] == pytest.approx(4.5)
+    # a sample inside the IQR width but beyond 1.2 sigma of the survivors is removed by
+    # pass 1 only
+    x = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 14], np.float32)[:, None]
+    kw = dict(nsigma=1.2)
+    n_by_iter = [int(R.clipped_stack(x, bad, niter=k, **kw)[2][0]) for k in (1, 2, 3)]
+    expect = [brute_force(x, bad, None, 1.2, k)[2][0] for k in (1, 2, 3)]
+    assert n_by_iter == expect
+    assert n_by_iter[0] != n_by_iter[-1]
+
+
+def test_nd_shapes(rng):
+    x = rng.normal(size=(9,)).astype(np.float32)
+    mean, var, n = R.clipped_stack(x, np.zeros(9, bool))
+    assert mean.shape == () and n.shape == ()
+    y = rng.normal(size=(9, 2, 3, 4)).astype(np.float32)
+    mean, var, n, used = R.clipped_stack(y, np.zeros(y.shape, np.uint8), return_used=True)
+    assert mean.shape == (2, 3, 4) and used.shape == y.shape and used.dtype == bool
+    flat = R.clipped_stack(y.reshape(9, -1), np.zeros((9, 24), bool))
+    np.testing.assert_array_equal(mean.ravel(), flat[0])
+
+
+def test_bands_do_not_change_the_result(rng, monkeypatch):
+    data, bad = make_stack(rng, nep=11, shape=(13, 17))
+    ref = R.clipped_stack(data, bad)
+    monkeypatch.setattr(R, "_BAND_ELEMENTS", 11 * 5)  # 5-pixel bands
+    small = R.clipped_stack(data, bad)
+    for a, b in zip(ref, small):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_inputs_unchanged(rng):
+    data, bad = make_stack(rng)
+    w = rng.uniform(0.5, 2.0, size=data.shape[0]).astype(np.float32)
+    badu8 = bad.astype(np.uint8)
+    copies = [data.copy(), bad.copy(), w.copy(), badu8.copy()]
+    R.clipped_stack(data, bad, w, return_used=True)
+    R.clipped_stack(data, badu8, w)
+    K.clipped_stack(data, bad, w, backend="numpy")
+    for a, b in zip((data, bad, w, badu8), copies):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_float64_input_is_read_as_float32(rng):
+    x = rng.normal(size=(7, 3, 3))
+    bad = np.zeros(x.shape, bool)
+    a = R.clipped_stack(x, bad)
+    b = R.clipped_stack(x.astype(np.float32), bad)
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc",
+    [
+        (dict(bad=np.zeros((5, 3, 3), bool)), ShapeMismatchError),
+        (dict(data=np.zeros((0, 3, 4), np.float32), bad=np.zeros((0, 3, 4), bool)), InvalidInputError),
+        (dict(weights=np.ones(4, np.float32)), InvalidInputError),
+        (dict(weights=np.ones((5, 1), np.float32)), InvalidInputError),
+        (dict(weights=np.array([1, 1, -1, 1, 1], np.float32)), InvalidInputError),
+        (dict(weights=np.array([1, 1, np.nan, 1, 1], np.float32)), InvalidInputError),
+        (dict(nsigma=0.0), InvalidInputError),
+        (dict(nsigma=-1.0), InvalidInputError),
+        (dict(nsigma=np.inf), InvalidInputError),
+        (dict(niter=0), InvalidInputError),
+        (dict(niter=1.5), InvalidInputError),
+        (dict(data=np.zeros((5, 3, 4), complex)), InvalidInputError),
+        (dict(data=np.float32(1.0), bad=np.bool_(False)), InvalidInputError),
+        (dict(bad=None), InvalidInputError),
+    ],
+)
+def test_validation_errors(kwargs, exc):
+    args = dict(data=np.zeros((5, 3, 4), np.float32), bad=np.zeros((5, 3, 4), bool), weights=None,
+                nsigma=3.0, niter=3)
+    args.update(kwargs)
+    with pytest.raises(exc):
+        R.clipped_stack(**args)
+    with pytest.raises(exc):
+        K.clipped_stack(**args, backend="numpy")
+
+
+def test_shape_mismatch_is_an_invalid_input_error():
+    assert issubclass(ShapeMismatchError, InvalidInputError)
+
+
+# ----------------------------------------------------------------------------------------
+# mask_dilate_or
+# ----------------------------------------------------------------------------------------
+
+
+def brute_dilate(mask, fp):
+    H, W = mask.shape
+    kh, kw = fp.shape
+    cy, cx = (kh - 1) // 2, (kw - 1) // 2
+    out = np.zeros((H, W), np.int64)
+    for r in range(H):
+        for c in range(W):
+            acc = 0
+            for i in range(kh):
+                for j in range(kw):
+                    rr, cc = r - cy + i, c - cx + j
+                    if fp[i, j] and 0 <= rr < H and 0 <= cc < W:
+                        acc |= int(mask[rr, cc]) & 0xFFFFFFFF
+            out[r, c] = acc
+    return out.astype(np.uint32).view(np.int32)
+
+
+@pytest.mark.parametrize("fpshape", [(1, 1), (3, 3), (2, 4), (5, 3), (4, 4)])
+def test_mask_dilate_or_matches_bruteforce(rng, fpshape):
+    mask = np.zeros((9, 11), np.int32)
+    idx = rng.random(mask.shape) < 0.08
+    mask[idx] = (1 << rng.integers(0, 31, size=idx.sum())).astype(np.int32)
+    mask[4, 5] |= np.int32(-(2**31))  # the sign bit is a bit like any other
+    fp = rng.random(fpshape) < 0.6
+    fp[(fpshape[0] - 1) // 2, (fpshape[1] - 1) // 2] = True
+    got = R.mask_dilate_or(mask, fp)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, brute_dilate(mask, fp))
+    np.testing.assert_array_equal(R.mask_dilate_or(mask.view(np.uint32), fp), got)
+    np.testing.assert_array_equal(K.mask_dilate_or(mask, fp.astype(np.float32), backend="numpy"), got)
+
+
+def test_mask_dilate_or_correlation_convention():
+    mask = np.zeros((5, 5), np.int32)
+    mask[2, 2] = 4
+    fp = np.zeros((3, 3), bool)
+    fp[0, 2] = True  # i=0, j=2: out[r, c] reads mask[r-1, c+1]
+    out = R.mask_dilate_or(mask, fp)
+    assert out[3, 1] == 4 and out.sum() == 4
+
+
+def test_mask_dilate_or_errors():
+    with pytest.raises(InvalidInputError):
+        R.mask_dilate_or(np.zeros((3, 3), np.float32), np.ones((3, 3), bool))
+    with pytest.raises(InvalidInputError):
+        R.mask_dilate_or(np.zeros((3, 3, 3), np.int32), np.ones((3, 3), bool))
+    with pytest.raises(InvalidInputError):
+        R.mask_dilate_or(np.zeros((3, 3), np.int32), np.ones((0, 3), bool))
+    with pytest.raises(InvalidInputError):
+        R.mask_dilate_or(np.full((3, 3), 2**40, np.int64), np.ones((3, 3), bool))
+
+
+# ----------------------------------------------------------------------------------------
+# registry and source lookup
+# ----------------------------------------------------------------------------------------
+
+
+def test_registry_pairs_every_kernel():
+    names = K.list_kernels()
+    assert {"clipped_stack", "mask_dilate_or"} <= set(names)
+    for name in names:
+        spec = K.get_spec(name)
+        assert K.get_kernel(name, "numpy") is spec.numpy_impl
+        if spec.cuda_launcher is not None:
+            assert (K.cuda_source_dir() / spec.source).is_file()
+            src = K.read_cuda_source(spec.source)
+            for sym in spec.symbols:
+                base = sym.rsplit("_n", 1)[0] if name == "clipped_stack" else sym
+                assert base in src
+
+
+def test_unknown_kernel_and_duplicate_registration():
+    with pytest.raises(KernelRegistryError):
+        K.get_kernel("no_such_kernel", "numpy")
+    with pytest.raises(KernelRegistryError):
+        K.register_kernel(K.get_spec("clipped_stack"))
+    with pytest.raises(KernelRegistryError):
+        K.KernelSpec("x", R.clipped_stack, cuda_launcher=lambda *a: None)
+
+
+def test_cuda_source_dir_finds_the_source_tree(monkeypatch):
+    monkeypatch.delenv(K.CUDA_DIR_ENV, raising=False)
+    d = K.cuda_source_dir()
+    assert (d / "clipped_stack.cu").is_file()
+    assert [p.name for p in K.cuda_sources()] == sorted(p.name for p in d.glob("*.cu"))
+
+
+def test_cuda_source_dir_env_override(monkeypatch, tmp_path):
+    (tmp_path / "x.cu").write_text("// empty\n")
+    monkeypatch.setenv(K.CUDA_DIR_ENV, str(tmp_path))
+    assert K.cuda_source_dir() == tmp_path.resolve()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv(K.CUDA_DIR_ENV, str(empty))
+    with pytest.raises(KernelRegistryError, match="GPUDIFF_CUDA_DIR"):
+        K.cuda_source_dir()
+
+
+def test_cuda_source_dir_error_lists_places(monkeypatch, tmp_path):
+    monkeypatch.delenv(K.CUDA_DIR_ENV, raising=False)
+    fake = tmp_path / "gpudiff" / "backend" / "kernels.py"
+    fake.parent.mkdir(parents=True)
+    monkeypatch.setattr(K, "__file__", str(fake))
+
+    class _NoRes:
+        def __truediv__(self, other):
+            return tmp_path / "nowhere"
+
+    import importlib.resources as ir
+
+    monkeypatch.setattr(ir, "files", lambda pkg: _NoRes())
+    with pytest.raises(KernelRegistryError) as ei:
+        K.cuda_source_dir()
+    msg = str(ei.value)
+    assert "nowhere" in msg and str(tmp_path / "cuda") in msg
+
+
+def test_importing_gpudiff_does_not_import_cupy():
+    code = "import sys, gpudiff, gpudiff.backend.kernels, gpudiff.backend.reference; print('cupy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_backend_dispatch(backend, rng):
+    data, bad = make_stack(rng, nep=9)
+    w = rng.uniform(0.5, 2.0, size=9).astype(np.float32)
+    ref = R.clipped_stack(data, bad, w, return_used=True)
+    got = K.clipped_stack(data, bad, w, return_used=True, backend=backend)
+    got = [backend.asnumpy(g) for g in got]
+    np.testing.assert_array_equal(got[2], ref[2])
+    np.testing.assert_array_equal(got[3], ref[3])
+    assert_same(got[0], ref[0], rtol=1e-6)
+    assert_same(got[1], ref[1], rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# 3. CUDA sources: nvcc, and the kernel code run on the host
+# ----------------------------------------------------------------------------------------
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_every_cuda_source_compiles_with_nvcc(tmp_path):
+    results = K.compile_all_with_nvcc("sm_90", out_dir=tmp_path)
+    assert results, "no .cu files found"
+    for r in results:
+        assert r.ok, f"{r.path.name}: {' '.join(r.command)}\n{r.output}"
+    # the CI entry point
+    rc = K.main(["--check", "--arch", "sm_90"])
+    assert rc == 0
+
+
+_HOST_HARNESS = r"""
+#include "{clip}"
+#include "{mask}"
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+template <typename T> static std::vector<T> slurp(const char* path, size_t n) {{
+    std::vector<T> v(n);
+    FILE* f = std::fopen(path, "rb");
+    if (!f || std::fread(v.data(), sizeof(T), n, f) != n) {{ std::fprintf(stderr, "read %s\n", path); std::exit(2); }}
+    std::fclose(f);
+    return v;
+}}
+template <typename T> static void spit(const char* path, const std::vector<T>& v) {{
+    FILE* f = std::fopen(path, "wb");
+    std::fwrite(v.data(), sizeof(T), v.size(), f);
+    std::fclose(f);
+}}
+
+int main(int argc, char** argv) {{
+    if (argc < 2) return 2;
+    if (argv[1][0] == 'c') {{  // clip DIR NEPOCH NPIX NSIGMA NITER
+        const char* d = argv[2];
+        int nep = std::atoi(argv[3]);
+        long long npix = std::atoll(argv[4]);
+        double nsigma = std::atof(argv[5]);
+        int niter = std::atoi(argv[6]);
+        char path[4096];
+        std::snprintf(path, sizeof path, "%s/data.bin", d); auto data = slurp<float>(path, nep * npix);
+        std::snprintf(path, sizeof path, "%s/bad.bin", d); auto bad = slurp<unsigned char>(path, nep * npix);
+        std::snprintf(path, sizeof path, "%s/w.bin", d); auto w = slurp<float>(path, nep);
+        std::vector<float> mean(npix), var(npix), scratch(nep > 0 ? nep : 1);
+        std::vector<int> n(npix);
+        std::vector<unsigned char> used(nep * npix);
+        for (long long p = 0; p < npix; ++p)
+            gd_clip::clip_pixel(data.data(), bad.data(), w.data(), nep, npix, p, nsigma, niter,
+                                scratch.data(), mean.data(), var.data(), n.data(), used.data(), 1);
+        std::snprintf(path, sizeof path, "%s/mean.bin", d); spit(path, mean);
+        std::snprintf(path, sizeof path, "%s/var.bin", d); spit(path, var);
+        std::snprintf(path, sizeof path, "%s/n.bin", d); spit(path, n);
+        std::snprintf(path, sizeof path, "%s/used.bin", d); spit(path, used);
+    }} else {{  // dilate DIR H W NOFF
+        const char* d = argv[2];
+        int H = std::atoi(argv[3]), W = std::atoi(argv[4]), noff = std::atoi(argv[5]);
+        char path[4096];
+        std::snprintf(path, sizeof path, "%s/mask.bin", d); auto mask = slurp<int>(path, (size_t)H * W);
+        std::snprintf(path, sizeof path, "%s/dy.bin", d); auto dy = slurp<int>(path, noff);
+        std::snprintf(path, sizeof path, "%s/dx.bin", d); auto dx = slurp<int>(path, noff);
+        std::vector<int> out((size_t)H * W);
+        for (int r = 0; r < H; ++r)
+            for (int c = 0; c < W; ++c)
+                out[(size_t)r * W + c] = gd_mask::dilate_pixel(mask.data(), H, W, dy.data(), dx.data(), noff, r, c);
+        std::snprintf(path, sizeof path, "%s/out.bin", d); spit(path, out);
+    }}
+    return 0;
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def host_harness(tmp_path_factory):
+    """The CUDA sources' per-pixel functions compiled for the CPU with nvcc."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed")
+    d = tmp_path_factory.mktemp("host_harness")
+    src = d / "harness.cu"
+    cdir = K.cuda_source_dir()
+    src.write_text(_HOST_HARNESS.format(clip=cdir / "clipped_stack.cu", mask=cdir / "mask_ops.cu"))
+    exe = d / "harness"
+    proc = subprocess.run(["nvcc", "-std=c++17", "-O2", "-o", str(exe), str(src)],
+                          capture_output=True, text=True, timeout=240)
+    if proc.returncode != 0:
+        pytest.fail("host build of the CUDA sources failed:\n" + proc.stdout + proc.stderr)
+    return exe
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed,weighted,nsigma,niter", [
+    (0, False, 3.0, 3), (1, True, 3.0, 3), (2, True, 2.5, 3), (3, False, 1.5, 5), (4, True, 3.0, 1),
+])
+def test_cuda_code_on_host_matches_twin(host_harness, tmp_path, seed, weighted, nsigma, niter):
+    rng = np.random.default_rng(seed)
+    data, bad = make_stack(rng, nep=[7, 20, 33, 2, 1][seed], shape=(17, 19), ties=(seed == 2))
+    nep, npix = data.shape[0], 17 * 19
+    w = (rng.uniform(0.1, 4.0, nep) if weighted else np.ones(nep)).astype(np.float32)
+    data.tofile(tmp_path / "data.bin")
+    bad.astype(np.uint8).tofile(tmp_path / "bad.bin")
+    w.tofile(tmp_path / "w.bin")
+    subprocess.run([str(host_harness), "clip", str(tmp_path), str(nep), str(npix), repr(nsigma), str(niter)],
+                   check=True, timeout=60)
+    mean = np.fromfile(tmp_path / "mean.bin", np.float32)
+    var = np.fromfile(tmp_path / "var.bin", np.float32)
+    n = np.fromfile(tmp_path / "n.bin", np.int32)
+    used = np.fromfile(tmp_path / "used.bin", np.uint8).reshape(nep, npix).astype(bool)
+    rm, rv, rn, ru = R.clipped_stack(data, bad, w if weighted else None, nsigma, niter, return_used=True)
+    np.testing.assert_array_equal(n, rn.ravel())
+    np.testing.assert_array_equal(used, ru.reshape(nep, npix))
+    # same float64 arithmetic in the same order: identical bits
+    np.testing.assert_array_equal(mean, rm.ravel())
+    np.testing.assert_array_equal(var, rv.ravel())
+
+
+@pytest.mark.slow
+def test_cuda_mask_code_on_host_matches_twin(host_harness, tmp_path, rng):
+    mask = np.where(rng.random((23, 29)) < 0.1, 1 << rng.integers(0, 32, (23, 29)), 0).astype(np.int64)
+    mask = mask.astype(np.uint32).view(np.int32)
+    fp = rng.random((5, 4)) < 0.5
+    dy, dx = R.footprint_offsets(fp)
+    mask.tofile(tmp_path / "mask.bin")
+    dy.tofile(tmp_path / "dy.bin")
+    dx.tofile(tmp_path / "dx.bin")
+    subprocess.run([str(host_harness), "dilate", str(tmp_path), "23", "29", str(dy.size)], check=True, timeout=60)
+    out = np.fromfile(tmp_path / "out.bin", np.int32).reshape(23, 29)
+    np.testing.assert_array_equal(out, R.mask_dilate_or(mask, fp))
+
+
+# ----------------------------------------------------------------------------------------
+# 4. GPU parity (skipped without CuPy and a device)
+# ----------------------------------------------------------------------------------------
+
+
+def _gpu_case(rng, nep, shape=(64, 96), ties=False, weighted=False):
+    data, bad = make_stack(rng, nep=nep, shape=shape, ties=ties)
+    w = rng.uniform(0.1, 4.0, nep).astype(np.float32) if weighted else None
+    return data, bad, w
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nep", [1, 2, 3, 5, 20, 32, 33, 64, 100, 256, 257, 300])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_gpu_clipped_stack_parity(rng, nep, weighted):
+    import cupy
+
+    data, bad, w = _gpu_case(rng, nep, weighted=weighted, ties=(nep % 2 == 1))
+    be = get_backend("cupy")
+    got = K.clipped_stack(data, bad, w, nsigma=3.0, niter=3, return_used=True, backend=be)
+    assert all(isinstance(g, cupy.ndarray) for g in got)
+    gm, gv, gn, gu = (cupy.asnumpy(g) for g in got)
+    rm, rv, rn, ru = R.clipped_stack(data, bad, w, 3.0, 3, return_used=True)
+    # rare borderline samples could flip if the device rounded differently; demand (near)
+    # identity: the kernel disables FMA and sums in the same order as the twin
+    assert np.mean(gn != rn) < 1e-3
+    same = gn == rn
+    np.testing.assert_array_equal(gu[:, same], ru[:, same])
+    np.testing.assert_allclose(gm[same], rm[same], rtol=1e-5, atol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(gv[same], rv[same], rtol=1e-4, atol=1e-6, equal_nan=True)
+    assert gm.dtype == np.float32 and gv.dtype == np.float32 and gn.dtype == np.int32 and gu.dtype == bool
+
+
+@pytest.mark.gpu
+def test_gpu_clipped_stack_special_pixels():
+    import cupy
+
+    data = np.array([[1.0, 5.0, np.nan, 4.0], [2.0, np.inf, 3.0, 4.0], [3.0, 7.0, -np.inf, 4.0]], np.float32)
+    bad = np.array([[True, False, False, False], [True, True, False, False], [True, True, True, False]])
+    m, v, n = (cupy.asnumpy(a) for a in K.clipped_stack(data, bad, backend="cupy"))
+    assert np.isnan(m[0]) and np.isnan(v[0]) and n[0] == 0
+    assert m[1] == 5.0 and np.isnan(v[1]) and n[1] == 1
+    assert m[2] == 3.0 and np.isnan(v[2]) and n[2] == 1
+    assert m[3] == 4.0 and v[3] == 0.0 and n[3] == 3
+
+
+@pytest.mark.gpu
+def test_gpu_inputs_unchanged_and_device_inputs(rng):
+    import cupy
+
+    data, bad, w = _gpu_case(rng, 12, weighted=True)
+    d_dev, b_dev, w_dev = cupy.asarray(data), cupy.asarray(bad), cupy.asarray(w)
+    f = K.get_kernel("clipped_stack", "cupy")
+    out = f(d_dev, b_dev, w_dev)
+    cupy.cuda.get_current_stream().synchronize()
+    np.testing.assert_array_equal(cupy.asnumpy(d_dev), data)
+    np.testing.assert_array_equal(cupy.asnumpy(b_dev), bad)
+    np.testing.assert_array_equal(cupy.asnumpy(w_dev), w)
+    ref = R.clipped_stack(data, bad, w)
+    np.testing.assert_array_equal(cupy.asnumpy(out[2]), ref[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fpshape", [(1, 1), (3, 3), (4, 6), (17, 17)])
+def test_gpu_mask_dilate_or_parity(rng, fpshape):
+    import cupy
+
+    mask = np.where(rng.random((301, 257)) < 0.02, 1 << rng.integers(0, 32, (301, 257)), 0)
+    mask = mask.astype(np.int64).astype(np.uint32).view(np.int32)
+    fp = rng.random(fpshape) < 0.7
+    got = cupy.asnumpy(K.mask_dilate_or(mask, fp, backend="cupy"))
+    np.testing.assert_array_equal(got, R.mask_dilate_or(mask, fp))
+
+
+@pytest.mark.gpu
+def test_gpu_modules_are_cached():
+    m1 = K.load_module("clipped_stack.cu")
+    m2 = K.load_module("clipped_stack.cu")
+    assert m1 is m2
