@@ -21,6 +21,10 @@ __all__ = [
     "PsfError",
     "FitsReadError",
     "FitsWriteError",
+    "NoOverlapError",
+    "PsfMatchingError",
+    "InsufficientKernelSourcesError",
+    "KernelTooLargeError",
 ]
 
 
@@ -70,3 +74,19 @@ class FitsReadError(GpudiffError, OSError):
 
 class FitsWriteError(GpudiffError, OSError):
     """A FITS file could not be written."""
+
+
+class NoOverlapError(InvalidInputError):
+    """Two images (by WCS or bounding box) do not overlap at all."""
+
+
+class PsfMatchingError(GpudiffError, RuntimeError):
+    """The PSF-matching kernel could not be solved (ill-conditioned, no valid solution)."""
+
+
+class InsufficientKernelSourcesError(PsfMatchingError):
+    """Too few usable kernel candidates (sources) to constrain the matching kernel."""
+
+
+class KernelTooLargeError(InvalidInputError):
+    """A convolution or matching kernel does not fit inside the image or PSF stamp."""
