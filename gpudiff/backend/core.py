@@ -83,6 +83,11 @@ class Backend:
         """True for a CUDA backend."""
         return self.name == "cupy"
 
+    @property
+    def fft_kwargs(self) -> dict:
+        """Extra keyword arguments for ``fft`` calls: all CPU cores for scipy.fft."""
+        return {"workers": -1} if self.name == "numpy" else {}
+
     def asarray(self, a: Any, dtype: Any = None) -> Any:
         """Convert ``a`` to an array of this backend.
 

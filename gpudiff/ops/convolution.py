@@ -27,6 +27,8 @@ __all__ = [
     "dilate_mask",
     "convolve_masked_image",
     "varying_correlate",
+    "prepare_masked_input",
+    "finish_masked_output",
 ]
 
 
@@ -87,11 +89,12 @@ def correlate_many(image: Any, kernels: Any, backend: Backend | str | None = Non
     H, W = img.shape
     fy, fx = _fft_shape(be, (H, W), (kh, kw))
     cy, cx = kernel_centre((kh, kw))
-    fi = be.fft.rfft2(img, s=(fy, fx))
+    fkw = be.fft_kwargs
+    fi = be.fft.rfft2(img, s=(fy, fx), **fkw)
     # Correlation = convolution with the flipped kernel; the full-convolution output is
     # offset by (kh − 1 − cy, kw − 1 − cx) from the correlation's.
-    fk = be.fft.rfft2(ks[:, ::-1, ::-1], s=(fy, fx), axes=(-2, -1))
-    full = be.fft.irfft2(fk * fi[None], s=(fy, fx), axes=(-2, -1))
+    fk = be.fft.rfft2(ks[:, ::-1, ::-1], s=(fy, fx), axes=(-2, -1), **fkw)
+    full = be.fft.irfft2(fk * fi[None], s=(fy, fx), axes=(-2, -1), **fkw)
     oy, ox = kh - 1 - cy, kw - 1 - cx
     return xp.ascontiguousarray(full[:, oy:oy + H, ox:ox + W]).astype(dtype, copy=False)
 
@@ -126,7 +129,7 @@ def _edge_slices(shape, kshape):
     )
 
 
-def _finish_masked(mi: MaskedImage, img, var, msk, kshape, do_copy_edge: bool) -> MaskedImage:
+def finish_masked_output(mi: MaskedImage, img, var, msk, kshape, do_copy_edge: bool) -> MaskedImage:
     """Apply afw's edge convention and non-finite propagation, wrap as a MaskedImage."""
     xp = mi.backend.xp
     planes = mi.mask_planes.copy()
@@ -149,7 +152,7 @@ def _finish_masked(mi: MaskedImage, img, var, msk, kshape, do_copy_edge: bool) -
     return MaskedImage(img, var, msk, xy0=mi.xy0, mask_planes=planes, backend=mi.backend)
 
 
-def _prepare(mi: MaskedImage):
+def prepare_masked_input(mi: MaskedImage):
     """Zero-filled finite copies of image and variance, and the mask with NO_DATA where
     either was non-finite."""
     xp = mi.backend.xp
@@ -190,11 +193,11 @@ def convolve_masked_image(mi: MaskedImage, kernel: Any, *, do_normalize: bool = 
         if s == 0 or not np.isfinite(s):
             raise InvalidInputError(f"cannot normalize a kernel whose sum is {s}")
         k = k / s
-    img, var, msk = _prepare(mi)
+    img, var, msk = prepare_masked_input(mi)
     out_img = correlate(img, k, be)
     out_var = correlate(var, k * k, be)
     out_msk = dilate_mask(msk, k != 0, be)
-    return _finish_masked(mi, out_img, out_var, out_msk, k.shape, do_copy_edge)
+    return finish_masked_output(mi, out_img, out_var, out_msk, k.shape, do_copy_edge)
 
 
 def varying_correlate(image: Any, term_kernels: Any, term_weights: Sequence[Any],

@@ -1,0 +1,227 @@
+"""Kernel candidates: stamps around sources, rejection, ratings and spatial cells (spec §2.1, §2.5).
+
+All candidates live in one set of arrays (a "structure of arrays"): stamps are stacked as
+``(n, S, S)`` arrays on the backend so every later step is one batched operation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..backend import Backend
+from ..errors import InsufficientKernelSourcesError, InvalidInputError, ShapeMismatchError
+from ..image import Box, MaskedImage
+
+__all__ = ["KernelCandidates", "make_candidates", "cell_index", "visit_order",
+           "GOOD", "BAD", "UNKNOWN"]
+
+# Candidate states (afw's KernelCandidate status).
+UNKNOWN, GOOD, BAD = 0, 1, 2
+
+
+@dataclass
+class KernelCandidates:
+    """Accepted kernel candidates and the sources rejected before fitting.
+
+    Attributes
+    ----------
+    x, y : ndarray (n,)
+        Parent pixel coordinates of the stamp centres (integers, pixel centres).
+    rating : ndarray (n,)
+        Sort key within a cell, descending (source flux, or mean S/N of the core).
+    source_index : ndarray (n,)
+        Row of each candidate in the source list it came from.
+    template, science, template_var, science_var : backend arrays (n, S, S), float64
+        Stamps of side S = 2·kernel_size + 1.
+    cell : ndarray (n,)
+        Spatial cell of each candidate.
+    status : ndarray (n,)
+        UNKNOWN / GOOD / BAD, updated by the fit.
+    reason : list of str
+        Why a candidate became BAD ("" while it is not).
+    rejected : list of (source_index, reason)
+        Sources that never became candidates.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    rating: np.ndarray
+    source_index: np.ndarray
+    template: Any
+    science: Any
+    template_var: Any
+    science_var: Any
+    cell: np.ndarray
+    n_cells: int
+    kernel_size: int
+    status: np.ndarray = field(default=None)  # type: ignore[assignment]
+    reason: list[str] = field(default_factory=list)
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+
+    def __post_init__(self):
+        n = len(self.x)
+        if self.status is None:
+            self.status = np.full(n, UNKNOWN, dtype=np.int8)
+        if not self.reason:
+            self.reason = [""] * n
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @property
+    def stamp_size(self) -> int:
+        return 2 * self.kernel_size + 1
+
+    def reject(self, which: np.ndarray, reason: str) -> None:
+        """Mark candidates ``which`` (indices or boolean mask) BAD with ``reason``."""
+        idx = np.flatnonzero(which) if np.asarray(which).dtype == bool else np.asarray(which, dtype=int)
+        for i in idx:
+            if self.status[i] != BAD:
+                self.status[i] = BAD
+                self.reason[i] = reason
+
+
+def cell_index(x: np.ndarray, y: np.ndarray, region: Box, size_x: int, size_y: int) -> tuple[np.ndarray, int]:
+    """Cell of each position in a grid of ``size_x`` × ``size_y`` cells over ``region``.
+
+    There are ceil(W/size) cells per axis; the last one is the partial remainder.
+    """
+    ncx = max(1, math.ceil(region.width / size_x))
+    ncy = max(1, math.ceil(region.height / size_y))
+    cx = np.clip(((np.asarray(x) - region.x0) // size_x).astype(int), 0, ncx - 1)
+    cy = np.clip(((np.asarray(y) - region.y0) // size_y).astype(int), 0, ncy - 1)
+    return cy * ncx + cx, ncx * ncy
+
+
+def visit_order(cands: KernelCandidates, n_star_per_cell: int) -> np.ndarray:
+    """Indices visited: in each cell the first ``n_star_per_cell`` non-BAD candidates by
+    descending rating (all of them when ``n_star_per_cell`` is −1).  afw's
+    ``visitCandidates``: rejecting a candidate promotes the next one of its cell."""
+    order = np.lexsort((-cands.rating, cands.cell))
+    alive = order[cands.status[order] != BAD]
+    if n_star_per_cell < 0:
+        return np.sort(alive)
+    cells = cands.cell[alive]
+    # rank within the cell among the alive candidates
+    start = np.searchsorted(cells, cells, side="left")
+    rank = np.arange(len(alive)) - start
+    return np.sort(alive[rank < n_star_per_cell])
+
+
+def _gather(be: Backend, arr: Any, r0: np.ndarray, c0: np.ndarray, size: int) -> Any:
+    """Stack ``size``² stamps of ``arr`` with top-left corners (r0, c0): one fancy index."""
+    xp = be.xp
+    off = xp.arange(size)
+    rows = xp.asarray(r0)[:, None, None] + off[None, :, None]
+    cols = xp.asarray(c0)[:, None, None] + off[None, None, :]
+    return arr[rows, cols]
+
+
+def make_candidates(template: MaskedImage, science: MaskedImage, x: Any, y: Any, *,
+                    kernel_size: int, bad_mask_planes=("NO_DATA", "EDGE", "SAT"),
+                    rating: Any = None, region: Box | None = None,
+                    size_cell_x: int = 128, size_cell_y: int = 128) -> KernelCandidates:
+    """Cut (2·kernel_size+1)² stamps of both images around each source (spec §2.1).
+
+    A source is rejected (with its reason recorded) when its box is not fully inside both
+    images, when any pixel of the box has a ``bad_mask_planes`` bit in either image, or
+    when a stamp pixel is not finite or has non-positive variance.
+
+    Parameters
+    ----------
+    template, science : MaskedImage
+        Same bounding box and backend.
+    x, y : array-like
+        Source positions in parent coordinates; stamps are centred on the nearest pixel.
+    kernel_size : int
+        Kernel width; the stamp side is 2·kernel_size + 1.
+    rating : array-like, optional
+        Sort key (e.g. PSF flux).  Default: mean of image/√var over the central 7×7 of
+        the science stamp (afw's position-only candidate rating, spec §2.1).
+    region : Box, optional
+        Box tiled by the spatial cells; default the template's box.
+
+    Raises
+    ------
+    ShapeMismatchError
+        The images differ in shape or origin.
+    InsufficientKernelSourcesError
+        No source survives.
+    """
+    if template.bbox != science.bbox:
+        raise ShapeMismatchError(
+            f"template box {template.bbox} and science box {science.bbox} differ; "
+            "warp or crop them onto one pixel grid first")
+    be = template.backend
+    xp = be.xp
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise InvalidInputError(f"source x and y have different lengths ({x.size}, {y.size})")
+    if x.size == 0:
+        raise InsufficientKernelSourcesError("no sources were given to build kernel candidates from")
+    S = 2 * int(kernel_size) + 1
+    h = S // 2
+    box = template.bbox
+    x0, y0 = box.x0, box.y0
+    xc = np.floor(x + 0.5).astype(np.int64)
+    yc = np.floor(y + 0.5).astype(np.int64)
+    reasons = np.array([""] * x.size, dtype=object)
+    finite_pos = np.isfinite(x) & np.isfinite(y)
+    reasons[~finite_pos] = "non-finite position"
+    xc[~finite_pos] = x0 + h
+    yc[~finite_pos] = y0 + h
+    inside = (xc - h >= box.x0) & (xc + h < box.x1) & (yc - h >= box.y0) & (yc + h < box.y1)
+    reasons[(reasons == "") & ~inside] = "stamp not fully inside the image"
+    ok = reasons == ""
+    r0 = (yc[ok] - h - y0)
+    c0 = (xc[ok] - h - x0)
+    idx = np.flatnonzero(ok)
+    if idx.size:
+        bm_t = template.mask_planes.bitmask_if_present(bad_mask_planes)
+        bm_s = science.mask_planes.bitmask_if_present(bad_mask_planes)
+        mt = _gather(be, template.mask, r0, c0, S)
+        ms = _gather(be, science.mask, r0, c0, S)
+        masked = be.asnumpy(((mt & bm_t) != 0).any(axis=(1, 2)) | ((ms & bm_s) != 0).any(axis=(1, 2)))
+        stamps = [_gather(be, a, r0, c0, S).astype(xp.float64)
+                  for a in (template.image, science.image, template.variance, science.variance)]
+        finite = xp.ones(idx.size, dtype=bool)
+        for s in stamps:
+            finite &= xp.isfinite(s).all(axis=(1, 2))
+        positive = (stamps[2] > 0).all(axis=(1, 2)) & (stamps[3] > 0).all(axis=(1, 2))
+        finite, positive = be.asnumpy(finite), be.asnumpy(positive)
+        reasons[idx[masked]] = "bad mask bit (" + ", ".join(bad_mask_planes) + ") in the stamp"
+        reasons[idx[~masked & ~finite]] = "non-finite pixel in the stamp"
+        reasons[idx[~masked & finite & ~positive]] = "non-positive variance in the stamp"
+        keep_local = ~masked & finite & positive
+    else:
+        stamps = []
+        keep_local = np.zeros(0, dtype=bool)
+    rejected = [(int(i), str(reasons[i])) for i in np.flatnonzero(reasons != "")]
+    keep = idx[keep_local]
+    if keep.size == 0:
+        detail = "; ".join(sorted({r for _, r in rejected}))
+        raise InsufficientKernelSourcesError(
+            f"none of the {x.size} sources gives a usable kernel candidate ({detail})")
+    sel = xp.asarray(np.flatnonzero(keep_local))
+    tmpl, sci, tvar, svar = (s[sel] for s in stamps)
+    if rating is None:
+        c = S // 2
+        core = slice(c - 3, c + 4)
+        snr = sci[:, core, core] / xp.sqrt(svar[:, core, core])
+        rate = be.asnumpy(snr.mean(axis=(1, 2)))
+    else:
+        rate = np.asarray(rating, dtype=np.float64).ravel()
+        if rate.size != x.size:
+            raise InvalidInputError(f"rating has {rate.size} entries for {x.size} sources")
+        rate = np.nan_to_num(rate[keep], nan=-np.inf)
+    region = box if region is None else region
+    cell, n_cells = cell_index(xc[keep], yc[keep], region, size_cell_x, size_cell_y)
+    return KernelCandidates(
+        x=xc[keep].astype(np.float64), y=yc[keep].astype(np.float64), rating=rate,
+        source_index=keep, template=tmpl, science=sci, template_var=tvar, science_var=svar,
+        cell=cell, n_cells=n_cells, kernel_size=int(kernel_size), rejected=rejected)

@@ -1,0 +1,200 @@
+"""Batched per-candidate kernel solutions (spec §2.2–§2.4).
+
+Every step works on all candidates at once: the basis correlations of every template stamp
+(batched FFTs), the normal matrices (one batched GEMM), the float64 solves (one batched LU,
+with an eigen pseudo-inverse for the singular ones), and the residual statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..backend import Backend
+from ..ops.convolution import kernel_centre
+
+__all__ = ["StampFit", "valid_correlate", "design_matrices", "fit_stamps", "residual_statistics",
+           "solve_symmetric"]
+
+#: Candidates per FFT chunk: bounds the (chunk, n_bases, F) complex temporary.
+_CHUNK = 128
+
+
+def valid_correlate(be: Backend, stamps: Any, kernels: Any, per_stamp: bool = False) -> Any:
+    """'Valid' afw correlations of stamps with kernels, batched by FFT, in float64.
+
+    Parameters
+    ----------
+    stamps : (n, S, S)
+    kernels : (m, k, k) shared by all stamps, or (n, k, k) one per stamp (``per_stamp``)
+
+    Returns
+    -------
+    (n, m, G, G) or, with ``per_stamp``, (n, G, G); G = S − k + 1.  Output [r, c]
+    corresponds to stamp pixel (r + ctrY, c + ctrX).
+    """
+    xp, fft = be.xp, be.fft
+    n, S, _ = stamps.shape
+    k = kernels.shape[-1]
+    G = S - k + 1
+    # A circular correlation of length >= S has no wrap-around in its first G outputs.
+    F = fft.next_fast_len(S, True) if hasattr(fft, "next_fast_len") else S
+    fkw = be.fft_kwargs
+    fk = xp.conj(fft.rfft2(kernels, s=(F, F), axes=(-2, -1), **fkw))
+    outs = []
+    for start in range(0, n, _CHUNK):
+        fs = fft.rfft2(stamps[start:start + _CHUNK], s=(F, F), axes=(-2, -1), **fkw)
+        if per_stamp:
+            prod = fs * fk[start:start + _CHUNK]
+        else:
+            prod = fs[:, None] * fk[None]
+        full = fft.irfft2(prod, s=(F, F), axes=(-2, -1), **fkw)
+        outs.append(full[..., :G, :G])
+    return xp.concatenate(outs, axis=0) if outs else xp.zeros((0,) + ((G, G) if per_stamp else (kernels.shape[0], G, G)))
+
+
+def design_matrices(be: Backend, template: Any, kernels: Any, fit_for_background: bool) -> Any:
+    """C of every candidate: (n, G², n_bases [+1]) — template ⊗ B_j on the good region,
+    plus a column of ones for the differential background."""
+    xp = be.xp
+    conv = valid_correlate(be, template, kernels)  # (n, nb, G, G)
+    n, nb, G, _ = conv.shape
+    C = xp.moveaxis(conv.reshape(n, nb, G * G), 1, 2)
+    if fit_for_background:
+        C = xp.concatenate([C, xp.ones((n, G * G, 1), dtype=C.dtype)], axis=2)
+    return xp.ascontiguousarray(C)
+
+
+def good_region(stamps: Any, kernel_shape) -> Any:
+    """The stamps restricted to where the kernel fits (afw ``shrinkBBox``), flattened."""
+    cy, cx = kernel_centre(kernel_shape)
+    S = stamps.shape[-1]
+    G = S - kernel_shape[0] + 1
+    g = stamps[:, cy:cy + G, cx:cx + G]
+    return g.reshape(g.shape[0], G * G)
+
+
+def solve_symmetric(be: Backend, M: Any, b: Any) -> tuple[Any, np.ndarray]:
+    """Solve a batch of symmetric systems M a = b in float64.
+
+    LU first (afw: full-pivot LU); systems whose LU fails or gives non-finite values are
+    solved with the eigen pseudo-inverse (1/λ for λ above round-off, 0 otherwise), as afw
+    does for non-invertible matrices.  Returns (a, used_pinv flags on the host).
+    """
+    xp = be.xp
+    n = M.shape[0]
+    pinv = np.zeros(n, dtype=bool)
+    try:
+        a = be.linalg.solve(M, b[..., None])[..., 0]
+        bad = ~be.asnumpy(xp.isfinite(a).all(axis=-1))
+    except np.linalg.LinAlgError:
+        a = xp.zeros_like(b)
+        bad = np.ones(n, dtype=bool)
+    except Exception as exc:  # CuPy raises its own LinAlgError type
+        if type(exc).__name__ != "LinAlgError":
+            raise
+        a = xp.zeros_like(b)
+        bad = np.ones(n, dtype=bool)
+    if bad.any():
+        sel = xp.asarray(np.flatnonzero(bad))
+        w, v = be.linalg.eigh(M[sel])
+        tol = xp.abs(w).max(axis=-1, keepdims=True) * (M.shape[-1] * np.finfo(np.float64).eps)
+        inv = xp.where(xp.abs(w) > tol, 1.0 / xp.where(w == 0, 1.0, w), 0.0)
+        vt_b = xp.einsum("nji,nj->ni", v, b[sel])
+        a[sel] = xp.einsum("nij,nj->ni", v, inv * vt_b)
+        pinv[bad] = True
+    return a, pinv
+
+
+@dataclass
+class StampFit:
+    """Single-kernel solutions of a batch of candidates (host float64 unless noted)."""
+
+    coeffs: Any            # (n, p) backend float64: basis coefficients (+ background last)
+    kernel_sum: np.ndarray  # (n,)
+    background: np.ndarray  # (n,) (0 when not fitted)
+    condition: np.ndarray   # (n,) eigenvalue or SVD condition number (NaN when not computed)
+    used_pinv: np.ndarray   # (n,) bool
+    M: Any                  # (n, p, p) backend: normal matrices (reused by the spatial fit)
+    b: Any                  # (n, p) backend
+
+
+def fit_stamps(be: Backend, C: Any, science_good: Any, variance_good: Any, basis_sums: np.ndarray,
+               *, constant_variance_weighting: bool = True, fit_for_background: bool = False,
+               regularization: Any = None, lambda_type: str = "absolute", lambda_value: float = 0.2,
+               lambda_scaling: float = 1e-4, condition_type: str | None = None) -> StampFit:
+    """Normal equations and solutions of every candidate (spec §2.2).
+
+    ``variance_good`` is var_I + var_T on the good region.  With constant weighting the
+    weight is 1/median(V) per candidate (1 when the median is not positive).
+    ``regularization`` (H, delta-function basis) adds λH to M.
+    """
+    xp = be.xp
+    if constant_variance_weighting:
+        med = xp.median(variance_good, axis=1)
+        wgt = 1.0 / xp.where(med > 0, med, 1.0)
+        M = xp.einsum("npi,npj->nij", C, C) * wgt[:, None, None]
+        b = xp.einsum("npi,np->ni", C, science_good) * wgt[:, None]
+    else:
+        w = 1.0 / variance_good
+        M = xp.einsum("npi,np,npj->nij", C, w, C)
+        b = xp.einsum("npi,np,np->ni", C, w, science_good)
+    M = 0.5 * (M + xp.swapaxes(M, 1, 2))
+    Msolve = M
+    if regularization is not None:
+        H = xp.asarray(regularization, dtype=np.float64)
+        if lambda_type == "relative":
+            lam = lambda_scaling * xp.trace(M, axis1=1, axis2=2) / xp.trace(H)
+        else:
+            lam = xp.full(M.shape[0], float(lambda_value))
+        Msolve = M + lam[:, None, None] * H[None]
+    a, pinv = solve_symmetric(be, Msolve, b)
+    nb = len(basis_sums)
+    ksum = be.asnumpy(a[:, :nb] @ xp.asarray(basis_sums, dtype=np.float64))
+    bg = be.asnumpy(a[:, nb]) if fit_for_background else np.zeros(a.shape[0])
+    cond = np.full(a.shape[0], np.nan)
+    if condition_type == "EIGENVALUE":
+        w = xp.abs(be.linalg.eigvalsh(Msolve))
+        cond = be.asnumpy(w.max(axis=1) / w.min(axis=1))
+    elif condition_type == "SVD":
+        s = be.linalg.svd(Msolve, compute_uv=False)
+        cond = be.asnumpy(s.max(axis=1) / s.min(axis=1))
+    return StampFit(coeffs=a, kernel_sum=ksum, background=bg, condition=cond, used_pinv=pinv, M=M, b=b)
+
+
+def residual_statistics(be: Backend, C: Any, coeffs: Any, science_good: Any, science_var_good: Any,
+                        template_var: Any, kernels: Any, core_radius: int | None = None
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and rms of z = D/√var_D over each candidate's good region (spec §2.3).
+
+    D = I − (K ⊗ T + bg) = I − C·a and var_D = var_I + K² ⊗ var_T, K = Σ_j a_j B_j the
+    kernel of each candidate.  ``core_radius`` restricts the statistics to the central
+    (2r+1)² box (``useCoreStats``).  Returns host (mean, rms, npix).
+    """
+    xp = be.xp
+    nb = kernels.shape[0]
+    n = C.shape[0]
+    D = science_good - xp.einsum("npi,ni->np", C, coeffs)
+    K = xp.einsum("ni,ijk->njk", coeffs[:, :nb], kernels)
+    kvar = valid_correlate(be, template_var, K * K, per_stamp=True).reshape(n, -1)
+    var = science_var_good + kvar
+    z = D / xp.sqrt(var)
+    G = int(round(np.sqrt(z.shape[1])))
+    ok = xp.isfinite(z) & (var > 0)
+    if core_radius is not None:
+        c = G // 2
+        core = xp.zeros((G, G), dtype=bool)
+        core[max(c - core_radius, 0):c + core_radius + 1, max(c - core_radius, 0):c + core_radius + 1] = True
+        ok &= core.reshape(1, -1)
+    npix = ok.sum(axis=1)
+    zz = xp.where(ok, z, 0.0)
+    N = xp.maximum(npix, 1).astype(np.float64)
+    mean = zz.sum(axis=1) / N
+    varz = (zz * zz).sum(axis=1) / N - mean * mean
+    varz = varz * N / xp.maximum(N - 1, 1)
+    rms = xp.sqrt(xp.maximum(varz, 0))
+    mean = xp.where(npix > 0, mean, xp.nan)
+    rms = xp.where(npix > 1, rms, xp.nan)
+    return be.asnumpy(mean), be.asnumpy(rms), be.asnumpy(npix)

@@ -1,0 +1,199 @@
+"""The spatial model of the matching kernel and its exact application (spec §3, §0.2–§0.4).
+
+K(x, y) = Σ_m a_m(x, y)·B_m with a_m(x, y) = Σ_k c_mk·p_k(x, y), the p_k being Chebyshev
+(or plain polynomial) terms of the position.  Regrouping by spatial term gives
+K(x, y) = Σ_k p_k(x, y)·K_k with K_k = Σ_m c_mk·B_m, so a convolved image is exactly
+Σ_k p_k·(I ⊗ K_k): one FFT correlation per spatial term, no interpolation of kernels.
+The variance, convolved with K(x, y)², is Σ_k Σ_l p_k p_l·(V ⊗ K_k K_l).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..backend import Backend
+from ..errors import InvalidInputError, KernelTooLargeError
+from ..image import Box, MaskedImage
+from ..ops.convolution import correlate_many, dilate_mask, finish_masked_output, prepare_masked_input
+from .basis import KernelBasis
+
+__all__ = ["SpatialFunctions", "SpatialKernel"]
+
+
+def _term_powers(order: int) -> list[tuple[int, int]]:
+    """afw ``PolynomialFunction2`` / ``Chebyshev1Function2`` term order: by total degree,
+    then x power descending: 1, x, y, x², xy, y², x³, x²y, …"""
+    return [(d - j, j) for d in range(order + 1) for j in range(d + 1)]
+
+
+@dataclass(frozen=True)
+class SpatialFunctions:
+    """Spatial basis functions p_k(x, y) of a given order over a region.
+
+    ``kind`` "chebyshev1" maps the region's Box2D (pixel edges, spec §0.4) to [−1, 1];
+    "polynomial" uses raw parent coordinates.
+    """
+
+    kind: str
+    order: int
+    region: Box
+
+    def __post_init__(self):
+        if self.kind not in ("chebyshev1", "polynomial"):
+            raise InvalidInputError(f"unknown spatial model {self.kind!r}")
+        if self.order < 0:
+            raise InvalidInputError(f"spatial order must be >= 0, got {self.order}")
+
+    @property
+    def n_terms(self) -> int:
+        return (self.order + 1) * (self.order + 2) // 2
+
+    def _scaled(self, xp, x, y):
+        if self.kind == "polynomial":
+            return x, y
+        r = self.region
+        min_x, max_x = r.x0 - 0.5, r.x1 - 0.5
+        min_y, max_y = r.y0 - 0.5, r.y1 - 0.5
+        return ((x - 0.5 * (min_x + max_x)) * 2.0 / (max_x - min_x),
+                (y - 0.5 * (min_y + max_y)) * 2.0 / (max_y - min_y))
+
+    def evaluate(self, x: Any, y: Any, xp: Any = np) -> list[Any]:
+        """The n_terms values p_k(x, y) (arrays broadcast like x and y)."""
+        x = xp.asarray(x, dtype=np.float64)
+        y = xp.asarray(y, dtype=np.float64)
+        u, v = self._scaled(xp, x, y)
+        pu, pv = [xp.ones_like(u)], [xp.ones_like(v)]
+        for d in range(1, self.order + 1):
+            if self.kind == "chebyshev1":
+                pu.append(u if d == 1 else 2 * u * pu[-1] - pu[-2])
+                pv.append(v if d == 1 else 2 * v * pv[-1] - pv[-2])
+            else:
+                pu.append(pu[-1] * u)
+                pv.append(pv[-1] * v)
+        return [pu[i] * pv[j] for i, j in _term_powers(self.order)]
+
+    def matrix(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """(n_points, n_terms) host array of the terms at the points."""
+        return np.stack(self.evaluate(np.asarray(x, float), np.asarray(y, float)), axis=-1)
+
+    def on_grid(self, box: Box, xp: Any) -> list[Any]:
+        """Terms on every pixel of ``box`` (parent coordinates) as (H, W) arrays."""
+        xs = xp.arange(box.x0, box.x1, dtype=np.float64)[None, :]
+        ys = xp.arange(box.y0, box.y1, dtype=np.float64)[:, None]
+        return [xp.broadcast_to(t, box.shape) for t in self.evaluate(xs, ys, xp)]
+
+
+@dataclass(frozen=True)
+class SpatialKernel:
+    """A spatially varying PSF-matching kernel and differential background.
+
+    Attributes
+    ----------
+    basis : KernelBasis
+    coefficients : ndarray (n_bases, n_terms)
+        c_mk; for a constant-first-term basis (AL, PCA) row 0 is (c_00, 0, 0, …).
+    functions : SpatialFunctions
+    background_coefficients : ndarray (n_bg_terms,) or None (no background fitted)
+    background_functions : SpatialFunctions or None
+    """
+
+    basis: KernelBasis
+    coefficients: np.ndarray
+    functions: SpatialFunctions
+    background_coefficients: np.ndarray | None = None
+    background_functions: SpatialFunctions | None = None
+
+    @property
+    def is_spatially_varying(self) -> bool:
+        return self.functions.n_terms > 1 and bool(np.any(self.coefficients[:, 1:] != 0))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.basis.kernels.shape[1:]
+
+    def term_kernels(self) -> np.ndarray:
+        """K_k = Σ_m c_mk B_m, shape (n_terms, kh, kw)."""
+        return np.einsum("mk,mij->kij", self.coefficients, self.basis.kernels)
+
+    def kernel_image(self, x: float | None = None, y: float | None = None) -> np.ndarray:
+        """K evaluated at parent position (x, y) (default: the centre of the region)."""
+        x, y = self._centre(x, y)
+        p = np.array([float(t) for t in self.functions.evaluate(x, y)])
+        return np.tensordot(p, self.term_kernels(), axes=1)
+
+    def kernel_sum(self, x: float | None = None, y: float | None = None) -> float:
+        """ΣK at (x, y): the photometric scaling (constant over the image for AL/PCA)."""
+        return float(self.kernel_image(x, y).sum())
+
+    def _centre(self, x, y):
+        r = self.functions.region
+        return (0.5 * (r.x0 + r.x1 - 1) if x is None else float(x),
+                0.5 * (r.y0 + r.y1 - 1) if y is None else float(y))
+
+    def background(self, x: Any, y: Any, xp: Any = np) -> Any:
+        """The differential background at parent positions (0 when not fitted)."""
+        if self.background_coefficients is None:
+            return xp.zeros(np.broadcast_shapes(np.shape(x), np.shape(y)))
+        terms = self.background_functions.evaluate(x, y, xp)
+        return sum(float(c) * t for c, t in zip(self.background_coefficients, terms))
+
+    def background_image(self, box: Box, backend: Backend) -> Any:
+        """The background model on every pixel of ``box`` (float32, backend array)."""
+        xp = backend.xp
+        if self.background_coefficients is None:
+            return xp.zeros(box.shape, dtype=np.float32)
+        terms = self.background_functions.on_grid(box, xp)
+        out = xp.zeros(box.shape, dtype=np.float64)
+        for c, t in zip(self.background_coefficients, terms):
+            out += float(c) * t
+        return out.astype(np.float32)
+
+    def convolve(self, mi: MaskedImage, *, do_normalize: bool = False, do_copy_edge: bool = False) -> MaskedImage:
+        """Convolve (afw sense: correlate) a MaskedImage with K(x, y) exactly.
+
+        Image: Σ_k p_k·(I ⊗ K_k).  Variance: Σ_k Σ_l p_k p_l·(V ⊗ K_k K_l), i.e. V ⊗ K(x, y)²
+        at every pixel.  Mask: OR over the union of the terms' footprints.  Edges and
+        non-finite inputs as :func:`gpudiff.ops.convolve_masked_image`.  With
+        ``do_normalize`` each pixel is divided by its own kernel sum ΣK(x, y).
+        """
+        be = mi.backend
+        xp = be.xp
+        kh, kw = self.shape
+        if kh > mi.shape[0] or kw > mi.shape[1]:
+            raise KernelTooLargeError(f"kernel {self.shape} is larger than the image {mi.shape}")
+        kt = self.term_kernels()
+        nk = kt.shape[0]
+        used = [k for k in range(nk) if np.any(kt[k] != 0)] or [0]
+        if nk > 1:
+            # Broadcastable (1, W) / (H, 1) / (H, W) float32 terms: no full-size float64
+            # temporaries; Chebyshev terms lie in [−1, 1], so float32 loses nothing.
+            box = mi.bbox
+            xs = xp.arange(box.x0, box.x1, dtype=np.float64)[None, :]
+            ys = xp.arange(box.y0, box.y1, dtype=np.float64)[:, None]
+            p = [t.astype(np.float32) for t in self.functions.evaluate(xs, ys, xp)]
+        else:
+            p = [1.0]
+        img, var, msk = prepare_masked_input(mi)
+        conv = correlate_many(img, kt[used], be)
+        out_img = xp.zeros(mi.shape, dtype=np.float32)
+        for j, k in enumerate(used):
+            out_img += (p[k] * conv[j]).astype(np.float32) if nk > 1 else conv[j]
+        del conv
+        pairs = [(k, l) for i, k in enumerate(used) for l in used[i:]]
+        vconv = correlate_many(var, np.stack([kt[k] * kt[l] for k, l in pairs]), be)
+        out_var = xp.zeros(mi.shape, dtype=np.float32)
+        for j, (k, l) in enumerate(pairs):
+            factor = 1.0 if k == l else 2.0
+            out_var += ((factor * p[k] * p[l]) * vconv[j]).astype(np.float32) if nk > 1 else vconv[j]
+        del vconv
+        if do_normalize:
+            ksum = sum(p[k] * float(kt[k].sum()) for k in used) if nk > 1 else float(kt[used[0]].sum())
+            out_img = (out_img / ksum).astype(np.float32)
+            out_var = (out_var / (ksum * ksum)).astype(np.float32)
+        footprint = np.any(kt[used] != 0, axis=0)
+        out_msk = dilate_mask(msk, footprint, be)
+        return finish_masked_output(mi, out_img, out_var, out_msk, (kh, kw), do_copy_edge)
+
