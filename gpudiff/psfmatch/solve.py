@@ -135,12 +135,14 @@ def fit_stamps(be: Backend, C: Any, science_good: Any, variance_good: Any, basis
     if constant_variance_weighting:
         med = xp.median(variance_good, axis=1)
         wgt = 1.0 / xp.where(med > 0, med, 1.0)
-        M = xp.einsum("npi,npj->nij", C, C) * wgt[:, None, None]
-        b = xp.einsum("npi,np->ni", C, science_good) * wgt[:, None]
+        Ct = xp.swapaxes(C, 1, 2)
+        M = xp.matmul(Ct, C) * wgt[:, None, None]
+        b = xp.matmul(Ct, science_good[..., None])[..., 0] * wgt[:, None]
     else:
         w = 1.0 / variance_good
-        M = xp.einsum("npi,np,npj->nij", C, w, C)
-        b = xp.einsum("npi,np,np->ni", C, w, science_good)
+        Ctw = xp.swapaxes(C * w[..., None], 1, 2)
+        M = xp.matmul(Ctw, C)
+        b = xp.matmul(Ctw, science_good[..., None])[..., 0]
     M = 0.5 * (M + xp.swapaxes(M, 1, 2))
     Msolve = M
     if regularization is not None:
@@ -176,7 +178,7 @@ def residual_statistics(be: Backend, C: Any, coeffs: Any, science_good: Any, sci
     xp = be.xp
     nb = kernels.shape[0]
     n = C.shape[0]
-    D = science_good - xp.einsum("npi,ni->np", C, coeffs)
+    D = science_good - xp.matmul(C, coeffs[..., None])[..., 0]
     K = xp.einsum("ni,ijk->njk", coeffs[:, :nb], kernels)
     kvar = valid_correlate(be, template_var, K * K, per_stamp=True).reshape(n, -1)
     var = science_var_good + kvar

@@ -1,0 +1,447 @@
+"""Kernel bases for PSF matching: Alard–Lupton, delta-function (+ regularization), PCA.
+
+Re-implements ip_diffim's ``makeKernelBasisList.py`` and ``BasisLists.cc`` (spec §1)
+and the PCA basis of ``usePcaForSpatialKernel`` (spec §3.3).  Bases are small, so they
+are built on the host as float64 NumPy arrays of shape ``(n_bases, height, width)``; the
+solver moves them to the device.  Kernels are stored in afw orientation: index
+``[row, col]`` = offset ``(v, u) = (row - ctr, col - ctr)`` and they are applied as a
+**correlation** (afw "convolution", spec §0.1), never flipped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import InvalidInputError, NonFiniteDataError, PsfMatchingError
+from ..image.psf import FWHM_PER_SIGMA
+
+__all__ = ["KernelBasis", "alard_lupton_parameters", "make_alard_lupton_basis", "renormalize_kernel_list",
+           "make_delta_function_basis", "make_kernel_basis", "make_regularization_operator",
+           "make_regularization_matrix", "regularization_lambda", "pca_basis"]
+
+#: float32 epsilon: renormalizeKernelList uses the float limit even on double kernels,
+#: because a ~1e-16 sum of an odd term would otherwise blow the kernel up when divided.
+_KSUM_EPS = float(np.finfo(np.float32).eps)
+
+_KINDS = ("alard-lupton", "delta-function", "pca")
+
+
+@dataclass(frozen=True)
+class KernelBasis:
+    """An ordered list of basis kernels ``B_m`` (afw orientation, not flipped).
+
+    Attributes
+    ----------
+    kernels : numpy.ndarray
+        ``(n_bases, height, width)`` float64, a read-only copy of the input.
+    kind : str
+        ``"alard-lupton"``, ``"delta-function"`` or ``"pca"``.
+    sigmas, degrees : tuple
+        Gaussian widths (px) and polynomial degrees; Alard–Lupton only.
+    """
+
+    kernels: np.ndarray
+    kind: str
+    sigmas: tuple[float, ...] = ()
+    degrees: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.kind not in _KINDS:
+            raise InvalidInputError(f"KernelBasis.kind must be one of {_KINDS}, got {self.kind!r}")
+        k = np.array(self.kernels, dtype=np.float64, copy=True)
+        if k.ndim != 3 or 0 in k.shape:
+            raise InvalidInputError(f"KernelBasis.kernels must be a non-empty 3-D array, got shape {k.shape}")
+        k.setflags(write=False)  # a basis is shared by solver, spatial model and results
+        object.__setattr__(self, "kernels", k)
+        object.__setattr__(self, "sigmas", tuple(float(s) for s in self.sigmas))
+        object.__setattr__(self, "degrees", tuple(int(d) for d in self.degrees))
+
+    @property
+    def n_bases(self) -> int:
+        return int(self.kernels.shape[0])
+
+    @property
+    def height(self) -> int:
+        return int(self.kernels.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.kernels.shape[2])
+
+    @property
+    def size(self) -> int:
+        """Kernel width (the bases built here are square)."""
+        return self.width
+
+    @property
+    def constant_first_term(self) -> bool:
+        """True when ``B_0`` gets a single constant spatial coefficient (AL, PCA; spec §3)."""
+        return self.kind in ("alard-lupton", "pca")
+
+
+# --- Alard–Lupton --------------------------------------------------------------------
+
+def alard_lupton_parameters(config: Any, target_fwhm: float | None = None,
+                            reference_fwhm: float | None = None
+                            ) -> tuple[tuple[float, ...], tuple[int, ...], int, str]:
+    """Gaussian widths, degrees and kernel size of the AL basis (spec §1.2).
+
+    Parameters
+    ----------
+    config : PsfMatchConfig
+        Supplies the ``alard_*`` and ``kernel_size*`` fields.
+    target_fwhm, reference_fwhm : float, optional
+        FWHM (px) of the image that will be **convolved** (usually the template) and
+        of the image matched **to** (usually the science image).
+
+    Returns
+    -------
+    sigmas, degrees, size, mode : tuple, tuple, int, str
+        ``size`` is odd; ``mode`` is ``"config"`` (fallback, or exactly equal
+        widths), ``"convolution"`` or ``"deconvolution"``.
+
+    Raises
+    ------
+    InvalidInputError
+        List lengths differ from ``alard_n_gauss``, an even size, or a bad FWHM.
+    """
+    n_gauss = int(config.alard_n_gauss)
+    sig_cfg = tuple(float(s) for s in config.alard_sig_gauss)
+    degrees = tuple(int(d) for d in config.alard_deg_gauss)
+    if n_gauss < 1 or len(sig_cfg) != n_gauss or len(degrees) != n_gauss:
+        raise InvalidInputError(
+            f"alard_sig_gauss ({len(sig_cfg)}) and alard_deg_gauss ({len(degrees)}) need "
+            f"alard_n_gauss={n_gauss} entries")
+
+    if target_fwhm is None or reference_fwhm is None or not config.scale_by_fwhm:
+        size = int(config.kernel_size)
+        if size % 2 == 0:
+            raise InvalidInputError(f"Only odd-sized Alard-Lupton bases are allowed, kernel_size={size}")
+        return sig_cfg, degrees, size, "config"
+
+    for name, v in (("target_fwhm", target_fwhm), ("reference_fwhm", reference_fwhm)):
+        if not (math.isfinite(float(v)) and float(v) > 0):
+            raise InvalidInputError(f"{name} must be a positive finite FWHM in pixels, got {v!r}")
+    sig_t = float(target_fwhm) / FWHM_PER_SIGMA
+    sig_r = float(reference_fwhm) / FWHM_PER_SIGMA
+    beta = float(config.alard_gauss_beta)
+
+    def calc(a: float, b: float, min_sig: float) -> tuple[float, ...]:
+        sig_k = max(math.sqrt(a * a - b * b), min_sig)
+        sig = [max(min_sig, sig_k / beta) if n_gauss > 1 else sig_k]
+        for _ in range(1, n_gauss):
+            sig.append(sig[-1] * beta)
+        return tuple(sig)
+
+    if sig_t == sig_r:  # exact float equality, as LSST: keep the configured widths
+        sigmas, mode = sig_cfg, "config"
+    elif sig_r > sig_t:
+        sigmas, mode = calc(sig_r, sig_t, float(config.alard_min_sig)), "convolution"
+    else:
+        # Roles swapped: the kernel would have to sharpen the target.
+        sigmas, mode = calc(sig_t, sig_r, float(config.alard_min_sig_deconv)), "deconvolution"
+
+    size = int(float(config.kernel_size_fwhm_scaling) * sigmas[-1])  # truncation, as int()
+    size += 0 if size % 2 else 1  # make it odd
+    size = min(int(config.kernel_size_max), max(size, int(config.kernel_size_min)))
+    if size % 2 == 0:  # only possible with an even kernel_size_min/max
+        raise InvalidInputError(f"Alard-Lupton kernel size {size} is even; check kernel_size_min/max")
+    return sigmas, degrees, size, mode
+
+
+def make_alard_lupton_basis(half_width: int, sigmas, degrees) -> np.ndarray:
+    """Renormalized Alard–Lupton basis (spec §1.3).
+
+    Parameters
+    ----------
+    half_width : int
+        ``h``; kernels are ``(2h+1) x (2h+1)``.
+    sigmas, degrees : sequence of float, sequence of int
+        Gaussian widths (px) and the polynomial degree of each Gaussian.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(sum_i (d_i+1)(d_i+2)/2, 2h+1, 2h+1)`` float64, renormalized.
+    """
+    h, sigmas, degrees = int(half_width), [float(s) for s in sigmas], [int(d) for d in degrees]
+    if (h < 1 or not sigmas or len(sigmas) != len(degrees) or min(degrees) < 0
+            or not all(math.isfinite(s) and s > 0 for s in sigmas)):
+        raise InvalidInputError(f"need half_width >= 1 and one degree >= 0 per sigma > 0, got "
+                                f"half_width={half_width}, sigmas={sigmas}, degrees={degrees}")
+    off = np.arange(-h, h + 1, dtype=np.float64)
+    u, v = off[None, :], off[:, None]  # u = column offset = x, v = row offset = y
+    us, vs = u / h, v / h  # the polynomial spans [-1, 1] across the stamp, not sigma units
+    raw = []
+    for sig, deg in zip(sigmas, degrees):
+        g = np.exp(-(u * u + v * v) / (2.0 * sig * sig))
+        g /= g.sum()
+        # afw PolynomialFunction2 term order: 1, x, y, x², xy, y², x³, x²y, xy², y³, ...
+        for px, py in [(d - j, j) for d in range(deg + 1) for j in range(d + 1)]:
+            raw.append(g * (us ** px) * (vs ** py))
+    return renormalize_kernel_list(np.stack(raw))
+
+
+def renormalize_kernel_list(kernels: np.ndarray) -> np.ndarray:
+    """ip_diffim ``renormalizeKernelList`` (spec §1.3).
+
+    ``B_0`` is scaled to unit sum.  Every later kernel with ``|sum| > 1.1920929e-7``
+    is scaled to unit sum and has ``B_0`` subtracted; kernels whose sum is already ~0
+    (odd polynomial terms) are left alone.  Each later kernel is then scaled to unit
+    L2 norm.  Hence ``ΣB_0 = 1``, ``ΣB_i = 0`` and ``ΣB_i² = 1`` for ``i ≥ 1``.
+
+    Parameters
+    ----------
+    kernels : numpy.ndarray
+        ``(n, height, width)``; not modified (a new float64 array is returned).
+
+    Raises
+    ------
+    InvalidInputError
+        Not 3-D, ``B_0`` sums to ~0, or a later kernel has zero norm.
+    """
+    k = np.array(kernels, dtype=np.float64, copy=True)
+    if k.ndim != 3:
+        raise InvalidInputError(f"kernels must be (n, height, width), got shape {k.shape}")
+    if k.shape[0] == 0:
+        return k
+    s0 = k[0].sum()
+    if abs(s0) <= _KSUM_EPS:
+        raise InvalidInputError("the first kernel sums to ~0 and cannot be normalized to unit sum")
+    k[0] /= s0
+    for i in range(1, k.shape[0]):
+        s = k[i].sum()
+        if abs(s) > _KSUM_EPS:
+            k[i] = k[i] / s - k[0]
+        norm = math.sqrt(float(np.sum(k[i] * k[i])))
+        if norm == 0.0:
+            raise InvalidInputError(f"kernel {i} has zero norm after renormalization")
+        k[i] /= norm
+    return k
+
+
+# --- Delta function ------------------------------------------------------------------
+
+def make_delta_function_basis(width: int, height: int) -> np.ndarray:
+    """``width*height`` kernels, each a single 1, enumerated row-major (spec §1.4).
+
+    Kernel ``m`` has its 1 at ``(row, col) = divmod(m, width)``; they are not
+    renormalized (each sums to 1).
+    """
+    w, h = int(width), int(height)
+    if w < 1 or h < 1:
+        raise InvalidInputError(f"width and height must be positive, got {width}, {height}")
+    # identity rows reshaped: row m has its 1 at flat index m = row*w + col.
+    return np.eye(w * h, dtype=np.float64).reshape(w * h, h, w)
+
+
+def make_kernel_basis(config: Any, target_fwhm: float | None = None,
+                      reference_fwhm: float | None = None) -> KernelBasis:
+    """The basis named by ``config.kernel_basis_set`` (``makeKernelBasisList``).
+
+    Alard–Lupton widths and size follow :func:`alard_lupton_parameters`.  The
+    delta-function size is always ``config.kernel_size`` (no FWHM scaling).  afw
+    accepts any DF size, but here it must be **odd**: every kernel in gpudiff is
+    centred at ``size // 2``, and an even kernel has no centre pixel, which would
+    shift the matched image by half a pixel.  Raises InvalidInputError for an
+    unknown basis set, an even DF size or an invalid AL configuration.
+    """
+    kind = config.kernel_basis_set
+    if kind == "alard-lupton":
+        sigmas, degrees, size, _ = alard_lupton_parameters(config, target_fwhm, reference_fwhm)
+        return KernelBasis(make_alard_lupton_basis(size // 2, sigmas, degrees), kind, sigmas, degrees)
+    if kind == "delta-function":
+        size = int(config.kernel_size)
+        if size < 1 or size % 2 == 0:
+            raise InvalidInputError(f"delta-function kernel_size must be odd and positive, got {size}")
+        return KernelBasis(make_delta_function_basis(size, size), kind)
+    raise InvalidInputError(f"Cannot generate {kind!r} basis set")
+
+
+# --- Regularization (delta-function basis) -------------------------------------------
+
+_STENCILS = {
+    5: np.array([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]),
+    9: np.array([[1.0, 4.0, 1.0], [4.0, -20.0, 4.0], [1.0, 4.0, 1.0]]) / 6.0,
+}
+#: forward differences of order 1..3 (they penalize the 0th..2nd derivative); where the
+#: tapered order reaches 0 the border penalty is used instead.
+_FORWARD = {1: (-1.0, 1.0), 2: (-1.0, 2.0, -1.0), 3: (-1.0, 3.0, -3.0, 1.0)}
+
+
+def _central_difference(w: int, h: int, stencil: int, penalty: float) -> np.ndarray:
+    if stencil not in _STENCILS:
+        raise InvalidInputError(f"Only 5- or 9-point Laplacian stencils are allowed, got {stencil}")
+    coeff, n = _STENCILS[stencil].ravel(), w * h
+    # flat offsets of the 3x3 neighbourhood, row-major like the stencil itself
+    nbr = (np.arange(-1, 2)[None, :] + w * np.arange(-1, 2)[:, None]).ravel()
+    b = np.zeros((n, n))
+    for i in range(n):
+        y0, x0 = divmod(i, w)
+        if 0 < x0 < w - 1 and 0 < y0 < h - 1:
+            b[i, i + nbr] += coeff  # Laplacian of the kernel image at an interior pixel
+        else:
+            b[i, i] = penalty  # outer ring: pull towards 0 instead
+    return b
+
+
+def _forward_difference(w: int, h: int, orders, penalty: float) -> np.ndarray:
+    """LSST's ``makeForwardDifferenceMatrix`` construction (spec §1.4, "partially read").
+
+    For each requested order o and pixel i = (x0, y0), row i of B receives the
+    forward difference along x, with order ``min(o, w-1-x0)``, placed at columns
+    ``i, i+1, ...``, **plus** the forward difference along y, with order
+    ``min(o, h-1-y0)``, at columns ``i, i+w, ...``.  The order is thus tapered
+    towards the far (last) column/row; where it reaches 0 the border penalty goes
+    on the diagonal.  Rows of all orders are summed, not stacked, so B stays
+    square (n x n).  Rows without a penalty sum to 0 (constant kernels are free).
+    """
+    n = w * h
+    b = np.zeros((n, n))
+    for o in orders:
+        for i in range(n):
+            y0, x0 = divmod(i, w)
+            ox, oy = min(w - 1 - x0, o), min(h - 1 - y0, o)
+            cx = (penalty,) if ox == 0 else _FORWARD[ox]
+            cy = (penalty,) if oy == 0 else _FORWARD[oy]
+            b[i, i + np.arange(len(cx))] += cx  # along x: columns i, i+1, ...
+            b[i, i + w * np.arange(len(cy))] += cy  # along y: columns i, i+w, ...
+    return b
+
+
+def make_regularization_operator(config: Any, width: int, height: int,
+                                 fit_for_background: bool) -> np.ndarray:
+    """The finite-difference operator ``B`` whose ``BᵀB`` is the regularization matrix.
+
+    Rows and columns index delta-function kernels row-major (``i = row*width + col``);
+    ``fit_for_background`` appends an all-zero row and column (the background term is
+    not regularized).  The config values are validated here too, so configs built
+    without validation (or duck-typed ones) fail loudly.
+    """
+    w, h = int(width), int(height)
+    if w < 1 or h < 1:
+        raise InvalidInputError(f"width and height must be positive, got {width}, {height}")
+    penalty = float(config.regularization_border_penalty)
+    if not (math.isfinite(penalty) and penalty >= 0):
+        raise InvalidInputError(f"regularization_border_penalty must be >= 0, got {penalty}")
+    rtype = config.regularization_type
+    if rtype == "centralDifference":
+        b = _central_difference(w, h, int(config.central_regularization_stencil), penalty)
+    elif rtype == "forwardDifference":
+        orders = tuple(config.forward_regularization_orders)
+        if not orders or any(isinstance(o, bool) or o not in _FORWARD for o in orders):
+            raise InvalidInputError(f"forward_regularization_orders must be within 1..3, got {orders}")
+        b = _forward_difference(w, h, [int(o) for o in orders], penalty)
+    else:
+        raise InvalidInputError(f"regularization_type {rtype!r} not recognized")
+    if fit_for_background:
+        b = np.pad(b, ((0, 1), (0, 1)))
+    return b
+
+
+def make_regularization_matrix(config: Any, width: int, height: int,
+                               fit_for_background: bool) -> np.ndarray:
+    """``H = BᵀB`` (spec §1.4); the regularized solve is ``(M + λH) a = b``.
+
+    Returns an ``(n, n)`` float64 symmetric positive semi-definite matrix,
+    ``n = width*height (+1 with fit_for_background)``; see
+    :func:`make_regularization_operator` for ``B``.  Uses ``regularization_type``,
+    ``central_regularization_stencil``, ``forward_regularization_orders`` and
+    ``regularization_border_penalty``; an unknown type, a stencil other than 5/9, an
+    order outside 1..3 or a negative penalty raises InvalidInputError.
+    """
+    b = make_regularization_operator(config, width, height, fit_for_background)
+    return b.T @ b
+
+
+def regularization_lambda(config: Any, M, H) -> float:
+    """λ for ``(M + λH) a = b``: ``lambda_value`` ("absolute") or
+    ``lambda_scaling · tr(M) / tr(H)`` ("relative").
+
+    ``M`` and ``H`` may be NumPy or CuPy 2-D arrays.  The risk-minimizing types are
+    not supported (upstream reads config keys that do not exist; spec §1.4).
+    """
+    ltype = config.lambda_type
+    if ltype == "absolute":
+        return float(config.lambda_value)
+    if ltype == "relative":
+        tr_h = float(H.trace())
+        if tr_h == 0.0 or not math.isfinite(tr_h):
+            raise InvalidInputError(f"relative lambda needs tr(H) != 0, got {tr_h}")
+        return float(config.lambda_scaling) * float(M.trace()) / tr_h
+    raise InvalidInputError(f"lambda_type {ltype!r} not supported (use 'absolute' or 'relative')")
+
+
+# --- PCA -----------------------------------------------------------------------------
+
+def pca_basis(kernel_images: np.ndarray, n_components: int = 5, subtract_mean: bool = True,
+              normalize_sums: bool = True) -> KernelBasis:
+    """Karhunen–Loève (PCA) basis of per-candidate kernel images (spec §3.3).
+
+    Parameters
+    ----------
+    kernel_images : numpy.ndarray
+        ``(n_images, height, width)`` single-candidate kernel images.
+    n_components : int
+        Length of the returned list, **including** the mean kernel when
+        ``subtract_mean`` (LSST ``numPrincipalComponents``); fewer if fewer exist.
+    subtract_mean : bool
+        Subtract the mean image before the PCA and put it first in the list.
+    normalize_sums : bool
+        Divide each image by its sum first, as LSST's ``KernelPcaVisitor`` does,
+        so every candidate has equal weight regardless of its kernel sum.
+
+    Returns
+    -------
+    KernelBasis
+        ``kind="pca"``: ``[mean] + eigen-kernels`` (each eigen-image divided by its
+        element of largest |value|), renormalized by :func:`renormalize_kernel_list`.
+        Eigen-images with round-off-level eigenvalues are dropped.
+
+    Raises
+    ------
+    PsfMatchingError
+        The eigenvalues sum to 0 (e.g. identical images after mean subtraction).
+    InvalidInputError
+        Bad shape, non-finite input (NonFiniteDataError), ~0 sum with ``normalize_sums``.
+    """
+    x = np.array(kernel_images, dtype=np.float64, copy=True)
+    if x.ndim != 3 or 0 in x.shape or int(n_components) < 1:
+        raise InvalidInputError(f"need (n, height, width) images and n_components >= 1, got "
+                                f"shape {x.shape}, n_components={n_components}")
+    if not np.all(np.isfinite(x)):
+        raise NonFiniteDataError("kernel_images contain NaN or inf")
+    n_img, kh, kw = x.shape
+    flat = x.reshape(n_img, kh * kw)
+    if normalize_sums:
+        sums = flat.sum(axis=1)
+        bad = np.flatnonzero(np.abs(sums) <= _KSUM_EPS)
+        if bad.size:
+            raise InvalidInputError(f"kernel images {bad.tolist()} sum to ~0 and cannot be normalized")
+        flat = flat / sums[:, None]
+    scale = float(np.linalg.norm(flat))
+    kernels = []
+    if subtract_mean:
+        mean = flat.mean(axis=0)
+        flat = flat - mean
+        kernels.append(mean)
+    # The right singular vectors are the eigen-images of the image covariance, ordered
+    # by eigenvalue s²; an SVD avoids forming the (n_pix x n_pix) covariance.
+    _, s, vt = np.linalg.svd(flat, full_matrices=False)
+    # Eigenvalues at round-off level (relative to the data) are 0: their eigenvectors are
+    # arbitrary numerical noise, so drop them rather than hand the solver garbage bases.
+    tol = max(flat.shape) * np.finfo(np.float64).eps * max(scale, 1e-300)
+    if not s[0] > tol:
+        raise PsfMatchingError("PCA of the kernel images failed: eigenvalues sum to 0")
+    keep = s > tol
+    for vec in vt[keep]:
+        extreme = vec[np.argmax(np.abs(vec))]  # element of largest |value|, sign kept
+        kernels.append(vec / extreme)
+    kernels = kernels[: int(n_components)]
+    kernels = [k for k in kernels if np.all(np.isfinite(k))]
+    out = renormalize_kernel_list(np.stack(kernels).reshape(len(kernels), kh, kw))
+    return KernelBasis(out, "pca")
