@@ -11,7 +11,7 @@ functions never modify their inputs.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -24,6 +24,7 @@ __all__ = [
     "kernel_centre",
     "correlate",
     "correlate_many",
+    "iter_correlations",
     "dilate_mask",
     "convolve_masked_image",
     "varying_correlate",
@@ -37,17 +38,28 @@ def kernel_centre(shape: Sequence[int]) -> tuple[int, int]:
     return (int(shape[0]) - 1) // 2, (int(shape[1]) - 1) // 2
 
 
-def _fft_shape(be: Backend, shape, kshape) -> tuple[int, int]:
-    # Zero padding by the kernel size makes the circular FFT correlation linear; fast sizes
-    # (products of small primes) keep cuFFT / pocketfft on their quick paths.
-    nf = be.fft.next_fast_len if hasattr(be.fft, "next_fast_len") else _next_fast_len
-    return nf(int(shape[0]) + int(kshape[0]) - 1, True), nf(int(shape[1]) + int(kshape[1]) - 1, True)
+def _smooth_len(n: int) -> int:
+    """Smallest m >= n whose prime factors are 2, 3, 5, 7 (fast in pocketfft and cuFFT)."""
+    m = max(int(n), 1)
+    while True:
+        r = m
+        for p in (2, 3, 5, 7):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 1
 
 
-def _next_fast_len(n: int, real: bool = True) -> int:  # pragma: no cover - both backends have it
-    import scipy.fft
-
-    return scipy.fft.next_fast_len(n, real)
+def _fft_shape(shape, kshape) -> tuple[int, int]:
+    # The circular correlation of length F equals the linear one on the H output pixels we
+    # keep as long as F >= H + max(ctr, k − 1 − ctr): wrap-around then only lands in the
+    # discarded part.  That is ~k/2 less padding than the full linear length H + k − 1,
+    # which often reaches a much faster FFT size (4096 + 11 → 4116 = 2²·3·7³).
+    (H, W), (kh, kw) = shape, kshape
+    cy, cx = kernel_centre(kshape)
+    return (_smooth_len(int(H) + max(cy, int(kh) - 1 - cy)),
+            _smooth_len(int(W) + max(cx, int(kw) - 1 - cx)))
 
 
 def _check_kernels(kernels, be: Backend, ndim: int):
@@ -59,9 +71,12 @@ def _check_kernels(kernels, be: Backend, ndim: int):
     return k
 
 
-def correlate_many(image: Any, kernels: Any, backend: Backend | str | None = None,
-                   dtype=np.float32) -> Any:
-    """Correlate one image with a stack of kernels: one forward FFT of the image.
+def iter_correlations(image: Any, kernels: Any, backend: Backend | str | None = None,
+                      dtype=np.float32) -> Iterator[Any]:
+    """Yield image ⊗ kernels[m] for each m, sharing one forward FFT of the image.
+
+    One kernel at a time keeps the memory at a few image-sized arrays whatever the
+    number of kernels (a stacked product of 21 variance terms at 4096² would need GBs).
 
     Parameters
     ----------
@@ -69,14 +84,8 @@ def correlate_many(image: Any, kernels: Any, backend: Backend | str | None = Non
         Must be finite (zero-fill masked pixels first).
     kernels : array, shape (n, kh, kw)
         Kernels in afw orientation (not flipped).
-    backend : Backend or str, optional
     dtype : dtype
         Output dtype; the FFTs run in float64 when ``dtype`` is float64, else float32.
-
-    Returns
-    -------
-    array, shape (n, H, W)
-        ``out[m]`` = image ⊗ kernels[m] with zeros beyond the image edge.
     """
     be = resolve_backend(backend)
     xp = be.xp
@@ -87,16 +96,29 @@ def correlate_many(image: Any, kernels: Any, backend: Backend | str | None = Non
     ks = _check_kernels(kernels, be, 3).astype(work, copy=False)
     n, kh, kw = ks.shape
     H, W = img.shape
-    fy, fx = _fft_shape(be, (H, W), (kh, kw))
+    fy, fx = _fft_shape((H, W), (kh, kw))
     cy, cx = kernel_centre((kh, kw))
     fkw = be.fft_kwargs
     fi = be.fft.rfft2(img, s=(fy, fx), **fkw)
-    # Correlation = convolution with the flipped kernel; the full-convolution output is
-    # offset by (kh − 1 − cy, kw − 1 − cx) from the correlation's.
-    fk = be.fft.rfft2(ks[:, ::-1, ::-1], s=(fy, fx), axes=(-2, -1), **fkw)
-    full = be.fft.irfft2(fk * fi[None], s=(fy, fx), axes=(-2, -1), **fkw)
+    # Correlation = convolution with the flipped kernel; the convolution output is offset
+    # by (kh − 1 − cy, kw − 1 − cx) from the correlation's.
     oy, ox = kh - 1 - cy, kw - 1 - cx
-    return xp.ascontiguousarray(full[:, oy:oy + H, ox:ox + W]).astype(dtype, copy=False)
+    for m in range(n):
+        fk = be.fft.rfft2(ks[m, ::-1, ::-1], s=(fy, fx), **fkw)
+        fk *= fi
+        full = be.fft.irfft2(fk, s=(fy, fx), **fkw)
+        yield xp.ascontiguousarray(full[oy:oy + H, ox:ox + W]).astype(dtype, copy=False)
+
+
+def correlate_many(image: Any, kernels: Any, backend: Backend | str | None = None,
+                   dtype=np.float32) -> Any:
+    """Correlate one image with a stack of kernels (n, kh, kw) → (n, H, W).
+
+    ``out[m]`` = image ⊗ kernels[m] (afw convention, zeros beyond the image edge); one
+    forward FFT of the image is shared.  See :func:`iter_correlations`.
+    """
+    be = resolve_backend(backend)
+    return be.xp.stack(list(iter_correlations(image, kernels, be, dtype)))
 
 
 def correlate(image: Any, kernel: Any, backend: Backend | str | None = None, dtype=np.float32) -> Any:
@@ -202,25 +224,25 @@ def convolve_masked_image(mi: MaskedImage, kernel: Any, *, do_normalize: bool = 
 
 def varying_correlate(image: Any, term_kernels: Any, term_weights: Sequence[Any],
                       backend: Backend | str | None = None) -> Any:
-    """Exact spatially varying correlation Σ_k p_k(x, y) · (image ⊗ K_k).
+    """Exact spatially varying correlation Σ_k w_k(x, y) · (image ⊗ K_k), float32.
 
-    With K(x, y) = Σ_k p_k(x, y) K_k this is the correlation with the kernel evaluated at
-    every output pixel — one FFT correlation per spatial term, no interpolation.
+    With K(x, y) = Σ_k p_k(x, y) K_k and w_k = p_k this is the correlation with the kernel
+    evaluated at every output pixel — one FFT correlation per term, no interpolation; the
+    terms are accumulated one at a time.
 
     Parameters
     ----------
     image : 2-D array (finite)
     term_kernels : array, shape (n_terms, kh, kw)
-    term_weights : sequence of n_terms 2-D arrays (or scalars)
-        p_k evaluated at every output pixel.
+    term_weights : sequence of n_terms arrays broadcastable to the image, or scalars
     """
     be = resolve_backend(backend)
     xp = be.xp
     ks = _check_kernels(term_kernels, be, 3)
     if len(term_weights) != ks.shape[0]:
         raise InvalidInputError(f"{ks.shape[0]} term kernels but {len(term_weights)} weight images")
-    conv = correlate_many(image, ks, be)
-    out = xp.zeros(conv.shape[1:], dtype=np.float32)
-    for k in range(ks.shape[0]):
-        out += xp.asarray(term_weights[k], dtype=np.float32) * conv[k]
+    out = None
+    for w, conv in zip(term_weights, iter_correlations(image, ks, be)):
+        term = conv * (xp.asarray(w, dtype=np.float32) if not np.isscalar(w) else np.float32(w))
+        out = term if out is None else out + term
     return out

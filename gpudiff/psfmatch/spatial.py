@@ -17,7 +17,7 @@ import numpy as np
 from ..backend import Backend
 from ..errors import InvalidInputError, KernelTooLargeError
 from ..image import Box, MaskedImage
-from ..ops.convolution import correlate_many, dilate_mask, finish_masked_output, prepare_masked_input
+from ..ops.convolution import dilate_mask, finish_masked_output, prepare_masked_input, varying_correlate
 from .basis import KernelBasis
 
 __all__ = ["SpatialFunctions", "SpatialKernel"]
@@ -175,24 +175,19 @@ class SpatialKernel:
             ys = xp.arange(box.y0, box.y1, dtype=np.float64)[:, None]
             p = [t.astype(np.float32) for t in self.functions.evaluate(xs, ys, xp)]
         else:
-            p = [1.0]
+            p = [np.float32(1.0)]
         img, var, msk = prepare_masked_input(mi)
-        conv = correlate_many(img, kt[used], be)
-        out_img = xp.zeros(mi.shape, dtype=np.float32)
-        for j, k in enumerate(used):
-            out_img += (p[k] * conv[j]).astype(np.float32) if nk > 1 else conv[j]
-        del conv
+        out_img = varying_correlate(img, kt[used], [p[k] for k in used], be)
         pairs = [(k, l) for i, k in enumerate(used) for l in used[i:]]
-        vconv = correlate_many(var, np.stack([kt[k] * kt[l] for k, l in pairs]), be)
-        out_var = xp.zeros(mi.shape, dtype=np.float32)
-        for j, (k, l) in enumerate(pairs):
-            factor = 1.0 if k == l else 2.0
-            out_var += ((factor * p[k] * p[l]) * vconv[j]).astype(np.float32) if nk > 1 else vconv[j]
-        del vconv
+        # V ⊗ K(x,y)² = Σ_k Σ_l p_k p_l (V ⊗ K_k K_l); the k ≠ l pairs appear twice.
+        vweights = [(1.0 if k == l else 2.0) * (p[k] * p[l]) for k, l in pairs]
+        out_var = varying_correlate(var, np.stack([kt[k] * kt[l] for k, l in pairs]), vweights, be)
         if do_normalize:
-            ksum = sum(p[k] * float(kt[k].sum()) for k in used) if nk > 1 else float(kt[used[0]].sum())
-            out_img = (out_img / ksum).astype(np.float32)
-            out_var = (out_var / (ksum * ksum)).astype(np.float32)
+            ksum = sum(p[k] * np.float32(kt[k].sum()) for k in used)
+            out_img = out_img / ksum
+            out_var = out_var / (ksum * ksum)
+        out_img = xp.asarray(out_img, dtype=np.float32)
+        out_var = xp.asarray(out_var, dtype=np.float32)
         footprint = np.any(kt[used] != 0, axis=0)
         out_msk = dilate_mask(msk, footprint, be)
         return finish_masked_output(mi, out_img, out_var, out_msk, (kh, kw), do_copy_edge)
