@@ -1,0 +1,342 @@
+"""Binned sky-background models (afw ``Background`` / meas_algorithms ``SubtractBackgroundTask``).
+
+The image is divided into a grid of bins; each bin's value is the afw ``MEANCLIP`` of its
+unmasked, finite pixels.  All bins are clipped at once by the registered ``clipped_stack``
+kernel: the pixels of a bin become the sample axis (axis 0) and the bins the "pixel" axis,
+so one call does the whole grid on either backend.  Bins with too few usable pixels are
+filled by interpolation through the good ones; the grid is interpolated to full
+resolution through the bin centres (bilinear, or a cubic spline) and continued beyond the
+outermost centres as afw's ``Interpolate`` does (Taylor expansion at the end centre), or
+held flat.
+
+The interpolation is separable, B = Wy · G · Wxᵀ, with Wy (H × ny) and Wx (W × nx) the
+interpolation weights of rows and columns (built on the host: they are small), so the
+full-resolution evaluation is two dense matrix products on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+
+from ..backend import Backend, resolve_backend
+from ..backend.kernels import clipped_stack
+from ..errors import AllMaskedError, InvalidInputError
+from ..image import Exposure, MaskedImage
+
+__all__ = [
+    "BACKGROUND_BAD_PLANES",
+    "BackgroundBins",
+    "bin_background",
+    "interpolate_background",
+    "estimate_background",
+]
+
+#: Pixels ignored by the bin statistics (meas_algorithms' background ``ignoredPixelMask``
+#: plus the non-sky planes).
+BACKGROUND_BAD_PLANES: tuple[str, ...] = ("BAD", "SAT", "NO_DATA", "EDGE", "DETECTED", "CR", "INTRP")
+
+_ORDERS = ("linear", "cubic")
+_EXTRAPOLATIONS = ("quadratic", "linear", "flat")
+
+
+def _check_modes(order: str, extrapolate: str) -> None:
+    if order not in _ORDERS:
+        raise InvalidInputError(f"order must be one of {_ORDERS}, got {order!r}")
+    if extrapolate not in _EXTRAPOLATIONS:
+        raise InvalidInputError(f"extrapolate must be one of {_EXTRAPOLATIONS}, got {extrapolate!r}")
+
+
+@dataclass
+class BackgroundBins:
+    """The binned background: one clipped mean per bin, on the host.
+
+    Attributes
+    ----------
+    values : numpy.ndarray (ny, nx)
+        Bin values after filling (float64).
+    raw : numpy.ndarray (ny, nx)
+        Clipped means before filling (NaN where no pixel survived).
+    n_valid : numpy.ndarray (ny, nx)
+        Usable pixels per bin (afw NPOINT).
+    good : numpy.ndarray (ny, nx) of bool
+        Bins whose own value is used (the others were filled).
+    y_edges, x_edges : numpy.ndarray
+        Bin boundaries in array rows/columns (bin i covers ``edges[i]:edges[i+1]``).
+    """
+
+    values: np.ndarray
+    raw: np.ndarray
+    n_valid: np.ndarray
+    good: np.ndarray
+    y_edges: np.ndarray
+    x_edges: np.ndarray
+
+    @property
+    def y_centres(self) -> np.ndarray:
+        """Row of each bin centre (pixel-centre convention)."""
+        return 0.5 * (self.y_edges[:-1] + self.y_edges[1:] - 1)
+
+    @property
+    def x_centres(self) -> np.ndarray:
+        """Column of each bin centre."""
+        return 0.5 * (self.x_edges[:-1] + self.x_edges[1:] - 1)
+
+
+def _bin_edges(n: int, size: int) -> np.ndarray:
+    # ceil(n/size) bins of (nearly) equal size, as afw divides the image: no sliver of a
+    # few pixels at the far edge whose mean would be noisy.
+    nb = max(1, -(-n // size))
+    return (np.arange(nb + 1, dtype=np.int64) * n) // nb
+
+
+def _bin_sizes(bin_size: Any) -> tuple[int, int]:
+    bs = np.broadcast_to(np.asarray(bin_size), (2,))
+    try:
+        by, bx = int(bs[0]), int(bs[1])
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"bin_size must be an int or (rows, cols), got {bin_size!r}") from None
+    if by < 1 or bx < 1 or by != bs[0] or bx != bs[1]:
+        raise InvalidInputError(f"bin_size must be positive integers, got {bin_size!r}")
+    return by, bx
+
+
+def _gather_index(edges: np.ndarray):
+    """Row (or column) indices of every bin padded to the largest bin, and their validity."""
+    widths = np.diff(edges)
+    wmax = int(widths.max())
+    idx = edges[:-1, None] + np.arange(wmax)[None, :]
+    valid = idx < edges[1:, None]
+    return np.minimum(idx, edges[-1] - 1).ravel(), valid.ravel(), wmax
+
+
+def bin_background(mi: MaskedImage | Exposure, bin_size: Any = 128, *,
+                   bad_planes: Iterable[str] = BACKGROUND_BAD_PLANES, nsigma: float = 3.0,
+                   niter: int = 3, min_fraction: float = 0.1) -> BackgroundBins:
+    """Clipped-mean background of every bin of an image.
+
+    Parameters
+    ----------
+    mi : MaskedImage or Exposure
+    bin_size : int or (int, int)
+        Nominal bin size in pixels (rows, columns); the image is split into
+        ceil(H / size) × ceil(W / size) bins of (nearly) equal size.
+    bad_planes : iterable of str
+        Mask planes whose pixels are ignored (absent planes are skipped).  Non-finite
+        image or variance pixels are always ignored.
+    nsigma, niter : float, int
+        afw ``numSigmaClip`` / ``numIter`` of the per-bin ``MEANCLIP``.
+    min_fraction : float
+        A bin needs at least this fraction of its pixels usable (and two survivors of the
+        clipping) to keep its own value; the others are filled by linear interpolation
+        through the good bins along columns, then rows (afw drops them per column).
+
+    Returns
+    -------
+    BackgroundBins
+
+    Raises
+    ------
+    AllMaskedError
+        No bin has enough usable pixels.
+    """
+    if isinstance(mi, Exposure):
+        mi = mi.masked_image
+    if not isinstance(mi, MaskedImage):
+        raise InvalidInputError(f"bin_background needs a MaskedImage or Exposure, got {type(mi).__name__}")
+    be = mi.backend
+    H, W = mi.shape
+    by, bx = _bin_sizes(bin_size)
+    ye, xe = _bin_edges(H, by), _bin_edges(W, bx)
+    ny, nx = ye.size - 1, xe.size - 1
+    ridx, rval, hmax = _gather_index(ye)
+    cidx, cval, wmax = _gather_index(xe)
+    good = mi.good_pixels(list(bad_planes))
+    r_d, c_d = be.asarray(ridx), be.asarray(cidx)
+
+    def to_stack(padded):
+        # (ny*hmax, nx*wmax) -> (hmax*wmax, ny*nx): the pixels of a bin along axis 0.
+        return padded.reshape(ny, hmax, nx, wmax).transpose(1, 3, 0, 2).reshape(hmax * wmax, ny * nx)
+
+    data = to_stack(mi.image[r_d][:, c_d])
+    pad_ok = be.asarray(rval[:, None] & cval[None, :])  # False on the padding of smaller bins
+    bad = ~to_stack(good[r_d][:, c_d] & pad_ok)
+    mean, _, n_used = clipped_stack(data, bad, None, nsigma, niter, backend=be)
+    n_valid = be.asnumpy((~bad).sum(axis=0)).reshape(ny, nx)
+    raw = be.asnumpy(mean).astype(np.float64).reshape(ny, nx)
+    n_used = be.asnumpy(n_used).reshape(ny, nx)
+    area = np.diff(ye)[:, None] * np.diff(xe)[None, :]
+    ok = np.isfinite(raw) & (n_used >= 2) & (n_valid >= min_fraction * area)
+    if not ok.any():
+        raise AllMaskedError(
+            f"bin_background: no {by}x{bx} bin has {min_fraction:.0%} usable pixels "
+            f"(planes ignored: {', '.join(bad_planes)}); cannot estimate a background")
+    values = raw.copy() if ok.all() else _fill_bins(raw, ok, 0.5 * (ye[:-1] + ye[1:] - 1), 0.5 * (xe[:-1] + xe[1:] - 1))
+    return BackgroundBins(values=values, raw=raw, n_valid=n_valid, good=ok, y_edges=ye, x_edges=xe)
+
+
+def _fill_line(v: np.ndarray, c: np.ndarray) -> None:
+    """Fill the NaNs of one line of bins in place: linear interpolation between the good
+    bins, continued linearly beyond the end ones (constant with a single good bin)."""
+    g = np.isfinite(v)
+    if g.all() or not g.any():
+        return
+    cg, vg = c[g], v[g]
+    out = np.interp(c, cg, vg)
+    if cg.size >= 2:
+        lo, hi = c < cg[0], c > cg[-1]
+        out[lo] = vg[0] + (c[lo] - cg[0]) * (vg[1] - vg[0]) / (cg[1] - cg[0])
+        out[hi] = vg[-1] + (c[hi] - cg[-1]) * (vg[-1] - vg[-2]) / (cg[-1] - cg[-2])
+    v[~g] = out[~g]
+
+
+def _fill_bins(raw: np.ndarray, ok: np.ndarray, yc: np.ndarray, xc: np.ndarray) -> np.ndarray:
+    """Values for the bins without enough pixels, from the good ones.
+
+    Like afw's ``Background`` (which drops NaN bins from each column before interpolating
+    it), missing bins are filled along columns, then along rows, by linear interpolation
+    through the good bins, continued linearly at the ends, so a sloped sky stays sloped
+    across a masked region.  Bins still empty (a whole row and column masked) take the
+    nearest filled bin.  The bin grid is tiny: this runs on the host, over lines of bins.
+    """
+    v = np.where(ok, raw, np.nan)
+    for j in range(v.shape[1]):
+        _fill_line(v[:, j], yc)
+    for i in range(v.shape[0]):
+        _fill_line(v[i, :], xc)
+    if not np.isfinite(v).all():
+        from scipy import ndimage
+
+        _, (iy, ix) = ndimage.distance_transform_edt(~np.isfinite(v), return_indices=True)
+        v = v[iy, ix]
+    return v
+
+
+def _interp_matrix(centres: np.ndarray, n: int, order: str, extrapolate: str) -> np.ndarray:
+    """(n, len(centres)) weights that interpolate bin values to pixels 0..n-1.
+
+    The interpolant is linear in the bin values, so interpolating the identity gives the
+    weight of every node.  Beyond the outermost centres the model is either held flat or
+    continued by its Taylor expansion at the end centre, to first ("linear") or second
+    ("quadratic") order; afw's ``Interpolate`` does the latter, and for bilinear
+    interpolation (zero second derivative) both are the end segment's straight line.
+    """
+    nb = centres.size
+    if nb == 1:
+        return np.ones((n, 1))
+    x = np.arange(n, dtype=np.float64)
+    p = np.clip(x, centres[0], centres[-1])
+    if order == "cubic" and nb >= 3:
+        from scipy.interpolate import CubicSpline
+
+        # Not-a-knot ends: a quadratic background is reproduced exactly.
+        spl = CubicSpline(centres, np.eye(nb), axis=0)
+        w = spl(p)
+        d1 = lambda c: spl(c, 1)  # noqa: E731
+        d2 = lambda c: spl(c, 2)  # noqa: E731
+    else:
+        k = np.clip(np.searchsorted(centres, p, side="right") - 1, 0, nb - 2)
+        t = (p - centres[k]) / (centres[k + 1] - centres[k])
+        w = np.zeros((n, nb))
+        rows = np.arange(n)
+        w[rows, k] = 1.0 - t
+        w[rows, k + 1] += t
+
+        def d1(c):
+            j = 0 if c <= centres[0] else nb - 2
+            g = np.zeros(nb)
+            g[j], g[j + 1] = -1.0, 1.0
+            return g / (centres[j + 1] - centres[j])
+
+        d2 = lambda c: np.zeros(nb)  # noqa: E731
+    if extrapolate != "flat":
+        for c, out in ((centres[0], x < centres[0]), (centres[-1], x > centres[-1])):
+            if out.any():
+                dx = (x[out] - c)[:, None]
+                w[out] += dx * d1(c)[None, :]
+                if extrapolate == "quadratic":
+                    w[out] += 0.5 * dx * dx * d2(c)[None, :]
+    return w
+
+
+def interpolate_background(bins: BackgroundBins, shape: tuple[int, int], order: str = "cubic",
+                           extrapolate: str = "quadratic", backend: Backend | str | None = None) -> Any:
+    """Evaluate a binned background at every pixel.
+
+    Parameters
+    ----------
+    bins : BackgroundBins
+    shape : (int, int)
+        Image shape (rows, columns) the bins were measured on.
+    order : {"linear", "cubic"}
+        Bilinear interpolation or a (not-a-knot) bicubic spline through the bin centres.
+    extrapolate : {"quadratic", "linear", "flat"}
+        Beyond the outermost centres (half a bin at each edge): afw's second-order Taylor
+        continuation of the interpolant, first order, or the end value held flat.
+    backend : Backend or str, optional
+
+    Returns
+    -------
+    float32 array (H, W) on ``backend``
+    """
+    _check_modes(order, extrapolate)
+    be = resolve_backend(backend)
+    H, W = int(shape[0]), int(shape[1])
+    if bins.y_edges[-1] != H or bins.x_edges[-1] != W:
+        raise InvalidInputError(f"bins were measured on a {bins.y_edges[-1]}x{bins.x_edges[-1]} image, not {H}x{W}")
+    wy = be.asarray(_interp_matrix(bins.y_centres, H, order, extrapolate))
+    wx = be.asarray(_interp_matrix(bins.x_centres, W, order, extrapolate))
+    g = be.asarray(bins.values)
+    # (ny, nx) @ (nx, W) first: the small product, then one (H, ny) @ (ny, W).
+    return (wy @ (g @ wx.T)).astype(np.float32)
+
+
+def estimate_background(mi: MaskedImage | Exposure, bin_size: Any = 128, *,
+                        bad_planes: Iterable[str] = BACKGROUND_BAD_PLANES, nsigma: float = 3.0,
+                        niter: int = 3, order: str = "cubic", extrapolate: str = "quadratic",
+                        min_fraction: float = 0.1) -> Any:
+    """Smooth sky-background model of an image (binned clipped means, interpolated).
+
+    Parameters
+    ----------
+    mi : MaskedImage or Exposure
+        Not modified.
+    bin_size : int or (int, int)
+        Nominal bin size (rows, columns) in pixels.
+    bad_planes : iterable of str
+        Mask planes ignored by the bin statistics (default: BAD, SAT, NO_DATA, EDGE,
+        DETECTED, CR, INTRP).
+    nsigma, niter : float, int
+        afw ``MEANCLIP`` parameters of each bin.
+    order : {"cubic", "linear"}
+        Interpolation through the bin centres (bicubic not-a-knot spline or bilinear).
+    extrapolate : {"quadratic", "linear", "flat"}
+        The model beyond the outermost bin centres: afw's second-order Taylor continuation
+        of the interpolant (default; for bilinear it is the end segment's line), first
+        order, or flat.  Flat costs accuracy in the outer half bin of a sloped sky.
+    min_fraction : float
+        Minimum usable fraction of a bin's pixels; poorer bins are filled from the good
+        ones (linear interpolation along columns, then rows).
+
+    Returns
+    -------
+    float32 array (H, W) on the image's backend
+
+    Raises
+    ------
+    AllMaskedError
+        No bin has enough usable pixels.
+
+    Notes
+    -----
+    Sources bias clipped means upward by their unclipped wings; mask them (``DETECTED``)
+    and re-estimate for the best sky, as SourceDetectionTask does.
+    """
+    if isinstance(mi, Exposure):
+        mi = mi.masked_image
+    _check_modes(order, extrapolate)
+    bins = bin_background(mi, bin_size, bad_planes=bad_planes, nsigma=nsigma, niter=niter,
+                          min_fraction=min_fraction)
+    return interpolate_background(bins, mi.shape, order, extrapolate, backend=mi.backend)

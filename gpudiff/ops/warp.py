@@ -1,0 +1,359 @@
+"""Resampling an exposure onto another WCS and pixel grid (afw ``warpExposure``, spec §8).
+
+:func:`warp_exposure` maps every destination pixel to the source image (destination pixel
+→ sky → source pixel, evaluated exactly with astropy on a coarse grid every
+``interp_length`` pixels and bilinearly interpolated in between, as afw's ``interpLength``)
+and resamples:
+
+- image: separable Lanczos weights (a = 3: 6×6 taps), **normalized** to unit sum, so a
+  constant image stays constant and an integer shift is an exact copy;
+- variance: the same taps with squared weights, Σ w²·V.  Like afw this ignores the
+  covariance the interpolation creates between neighbouring output pixels: each pixel's
+  variance is right, sums over several pixels are underestimated;
+- mask: the OR of the bits of the 2×2 bilinear neighbours with nonzero weight (afw's
+  bilinear mask kernel), plus ``grow_full_mask`` planes (EDGE) ORed over the full Lanczos
+  footprint (afw ``growFullMask``);
+- output pixels whose Lanczos footprint leaves the source image, or touches a NO_DATA or
+  non-finite source pixel, are NO_DATA with NaN image and infinite variance (afw's edge
+  pixel).
+
+Pixel values are interpolated, not flux-rescaled by the Jacobian (afw does not either):
+with equal pixel areas star fluxes are preserved.  The work runs on the backend in row
+bands, looping over the 36 taps (vectorized over the band), never over pixels.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Iterable
+
+import numpy as np
+
+from ..backend import Backend, resolve_backend
+from ..errors import InvalidInputError, NoOverlapError
+from ..image import Box, Exposure, ImagePsf, MaskedImage, Psf
+from .convolution import dilate_mask
+
+__all__ = ["check_overlap", "pixel_mapping", "warp_exposure", "wcs_equal", "wcs_overlap"]
+
+#: Destination pixels per row band.  On the CPU the ~15 band temporaries must stay in the
+#: cache (measured on 2048²: 2^14 px → 1.5 s, 2^20 → 5 s); on a GPU big bands fill the device.
+_BAND_PIXELS = {"numpy": 1 << 15, "cupy": 1 << 22}
+#: Bilinear mask weights below this count as zero (astropy round-off on exact shifts).
+_MASK_EPS = 1e-6
+#: Max |J − I| under which the source PSF is kept as is.
+_PSF_TOL = 1e-4
+
+
+def _to_sky_to(wcs_from, wcs_to, x, y):
+    """Array pixels of ``wcs_from`` → sky → array pixels of ``wcs_to`` (float64)."""
+    ra, dec = wcs_from.pixel_to_world_values(np.asarray(x, float), np.asarray(y, float))
+    u, v = wcs_to.world_to_pixel_values(ra, dec)
+    return np.asarray(u, dtype=np.float64), np.asarray(v, dtype=np.float64)
+
+
+def _perimeter(box: Box, n: int = 32):
+    """Points along the outer pixel edges of ``box`` (array coordinates)."""
+    t = np.linspace(0.0, 1.0, n)
+    xl, xh, yl, yh = -0.5, box.width - 0.5, -0.5, box.height - 0.5
+    xs = np.concatenate([xl + t * (xh - xl), np.full(n, xh), xh - t * (xh - xl), np.full(n, xl)])
+    ys = np.concatenate([np.full(n, yl), yl + t * (yh - yl), np.full(n, yh), yh - t * (yh - yl)])
+    return xs, ys
+
+
+def wcs_overlap(wcs_a, box_a: Box, wcs_b, box_b: Box) -> Box | None:
+    """The part of image a's pixel box covered by image b's footprint.
+
+    Parameters
+    ----------
+    wcs_a, wcs_b : astropy.wcs.WCS
+        Each maps the **array** pixels of its image (as :class:`~gpudiff.image.Exposure`).
+    box_a, box_b : Box
+        Parent boxes of the images.
+
+    Returns
+    -------
+    Box or None
+        In a's parent coordinates: the bounding box of b's outline mapped into a,
+        intersected with ``box_a`` (for rotated frames it can include corners b does not
+        reach); None when they do not overlap.
+    """
+    xs, ys = _perimeter(box_b)
+    u, v = _to_sky_to(wcs_b, wcs_a, xs, ys)
+    ok = np.isfinite(u) & np.isfinite(v)
+    if not ok.any():
+        return None
+    u, v = u[ok] + box_a.x0, v[ok] + box_a.y0
+    # Pixel i covers [i − 0.5, i + 0.5): the pixels touched by [min, max] (1e-6 px slack
+    # absorbs the sky round trip, so an exact pixel edge does not pull in a neighbour).
+    eps = 1e-6
+    hull = Box(int(math.floor(u.min() + 0.5 + eps)), int(math.floor(v.min() + 0.5 + eps)),
+               int(math.ceil(u.max() + 0.5 - eps)), int(math.ceil(v.max() + 0.5 - eps)))
+    return hull.intersection(box_a)
+
+
+def check_overlap(wcs_a, box_a: Box, wcs_b, box_b: Box, *, name_a: str = "image A",
+                  name_b: str = "image B") -> Box:
+    """:func:`wcs_overlap`, raising :class:`~gpudiff.errors.NoOverlapError` when empty.
+
+    Returns
+    -------
+    Box
+        The overlap in a's parent coordinates.
+    """
+    if wcs_a is None or wcs_b is None:
+        raise InvalidInputError(f"cannot compare {name_a} and {name_b}: "
+                                f"{name_a if wcs_a is None else name_b} has no WCS")
+    box = wcs_overlap(wcs_a, box_a, wcs_b, box_b)
+    if box is None:
+        raise NoOverlapError(f"{name_b} (box {box_b}) does not overlap {name_a} (box {box_a}) on the sky")
+    return box
+
+
+def wcs_equal(wcs_a, box_a: Box, wcs_b, box_b: Box, tol_pix: float = 1e-3) -> bool:
+    """Whether two images share their pixel grid on the sky (spec §8 ``_validateWcs``).
+
+    True when the dimensions agree and the four corner pixels of a land, through the
+    sky, within ``tol_pix`` of the same corner pixels of b: no warping is needed.
+    """
+    if wcs_a is None or wcs_b is None or box_a.shape != box_b.shape:
+        return False
+    x = np.array([0.0, box_a.width - 1.0, 0.0, box_a.width - 1.0])
+    y = np.array([0.0, 0.0, box_a.height - 1.0, box_a.height - 1.0])
+    u, v = _to_sky_to(wcs_a, wcs_b, x, y)
+    return bool(np.all(np.hypot(u - x, v - y) <= tol_pix))
+
+
+def _nodes(n: int, step: int) -> np.ndarray:
+    nodes = np.arange(0, n, max(1, int(step)), dtype=np.float64)
+    return nodes if nodes[-1] == n - 1 else np.append(nodes, n - 1.0)
+
+
+def pixel_mapping(src_wcs, dest_wcs, dest_box: Box, interp_length: int = 10):
+    """Source array coordinates of destination pixels, exact on a coarse grid.
+
+    Returns
+    -------
+    xs, ys : numpy.ndarray
+        Destination array columns / rows of the grid nodes (every ``interp_length``
+        pixels plus the last; ``interp_length`` ≤ 1: every pixel).
+    u, v : numpy.ndarray (len(ys), len(xs))
+        Source array column / row of each node (NaN where the mapping fails).
+    """
+    xs, ys = _nodes(dest_box.width, interp_length), _nodes(dest_box.height, interp_length)
+    u, v = _to_sky_to(dest_wcs, src_wcs, *np.meshgrid(xs, ys))
+    return xs, ys, u, v
+
+
+def _interp_index(nodes: np.ndarray, p: np.ndarray):
+    """Segment index and fraction of positions ``p`` along ``nodes`` (bilinear)."""
+    if nodes.size == 1:
+        return np.zeros(p.size, np.int64), np.zeros(p.size, np.int64), np.zeros(p.size)
+    k = np.clip(np.searchsorted(nodes, p, side="right") - 1, 0, nodes.size - 2)
+    return k, k + 1, (p - nodes[k]) / (nodes[k + 1] - nodes[k])
+
+
+def _kernel(name: str):
+    """(taps, weight function of the fractional offset) of a warping kernel."""
+    key = str(name).strip().lower()
+    if key == "bilinear":
+        return 2, lambda xp, f: xp.stack([1.0 - f, f])
+    if key.startswith("lanczos") and key[7:].isdigit() and int(key[7:]) >= 1:
+        a = int(key[7:])
+
+        def weights(xp, f):
+            # Taps floor(u) − a + 1 … floor(u) + a sit at t = f + m, m = a − 1 − k.  All
+            # share sin(πt) = (−1)^m sin(πf), and sin(πt/a) follows from sin/cos(πf/a) by
+            # angle addition: three transcendentals per pixel instead of 4a.
+            s1, sa, ca = xp.sin(np.pi * f), xp.sin(np.pi * f / a), xp.cos(np.pi * f / a)
+            taps = []
+            for k in range(2 * a):
+                m = a - 1 - k
+                t = f + m
+                num = (a * (-1.0) ** m) * s1 * (sa * math.cos(m * np.pi / a) + ca * math.sin(m * np.pi / a))
+                taps.append(xp.where(xp.abs(t) < 1e-9, 1.0, num / (np.pi * np.pi * xp.maximum(t * t, 1e-18))))
+            w = xp.stack(taps)  # (taps, ...): each tap's weights contiguous
+            return w / w.sum(axis=0)
+
+        return 2 * a, weights
+    raise InvalidInputError(f"unknown warping kernel {name!r}; use 'lanczosN' (e.g. 'lanczos3') or 'bilinear'")
+
+
+def _warp_band(be: Backend, u, v, src: dict, ntaps: int, wfun):
+    """Resample one band; ``u``, ``v`` (nb, W) source coordinates.  Returns image,
+    variance, mask (without NO_DATA), 'footprint off the image' and 'footprint touches
+    bad source pixels'."""
+    xp = be.xp
+    Hs, Ws = src["shape"]
+    finite = xp.isfinite(u) & xp.isfinite(v)
+    u, v = xp.where(finite, u, 0.0), xp.where(finite, v, 0.0)
+    fu, fv = xp.floor(u), xp.floor(v)
+    iu, iv = fu.astype(src["itype"]), fv.astype(src["itype"])
+    lo = ntaps // 2 - 1  # taps run from floor − lo to floor − lo + ntaps − 1
+    off = ~finite | (iu < lo) | (iv < lo) | (iu - lo + ntaps > Ws) | (iv - lo + ntaps > Hs)
+    # float32 weights: half the memory traffic; 36 terms keep float32 rounding ~1e-7.
+    wx, wy = wfun(xp, u - fu).astype(xp.float32), wfun(xp, v - fv).astype(xp.float32)
+    wx2, wy2 = wx * wx, wy * wy
+    img, var = xp.zeros(u.shape, dtype=xp.float32), xp.zeros(u.shape, dtype=xp.float32)
+    ri, rv, tmp = xp.empty_like(img), xp.empty_like(img), xp.empty_like(img)
+    idx = xp.empty(u.shape, dtype=iu.dtype)
+    cols = [xp.clip(iu + (j - lo), 0, Ws - 1) for j in range(ntaps)]
+    for i in range(ntaps):  # taps, not pixels; in-place arithmetic keeps the bands in cache
+        row = xp.clip(iv + (i - lo), 0, Hs - 1) * Ws
+        ri.fill(0)
+        rv.fill(0)
+        for j in range(ntaps):
+            xp.add(row, cols[j], out=idx)
+            g = xp.take(src["iv"], idx, axis=0)  # image and variance in one gather
+            xp.multiply(wx[j], g[..., 0], out=tmp)
+            ri += tmp
+            xp.multiply(wx2[j], g[..., 1], out=tmp)
+            rv += tmp
+        xp.multiply(wy[i], ri, out=tmp)
+        img += tmp
+        xp.multiply(wy2[i], rv, out=tmp)
+        var += tmp
+    # Bad source pixels and grow_full_mask bits, pre-dilated over the kernel footprint in
+    # the source frame: one gather at the floor pixel replaces ntaps² gathers.
+    ctr = xp.clip(iv, 0, Hs - 1) * Ws + xp.clip(iu, 0, Ws - 1)
+    aux = xp.take(src["aux"], ctr)
+    # Bilinear mask kernel: the 2×2 neighbours whose weight is not (numerically) zero.
+    fx, fy = u - fu, v - fv
+    msk = aux & np.int32(src["grow"])
+    for dy, oky in ((0, 1.0 - fy > _MASK_EPS), (1, fy > _MASK_EPS)):
+        for dx, okx in ((0, 1.0 - fx > _MASK_EPS), (1, fx > _MASK_EPS)):
+            idx = xp.clip(iv + dy, 0, Hs - 1) * Ws + xp.clip(iu + dx, 0, Ws - 1)
+            msk |= xp.where(oky & okx, xp.take(src["mask"], idx), 0)
+    touch = (aux & np.int32(-(2 ** 31))) != 0  # bit 31 carries "bad source pixel"
+    return img, var, msk, off, touch
+
+
+def _warped_psf(psf: Psf | None, src_wcs, src_box: Box, dest_wcs, dest_box: Box) -> Psf | None:
+    """The source PSF seen in the destination frame, at the destination centre.
+
+    Kept as is when the local linear map (Jacobian J of source per destination pixel) is
+    the identity within 1e-4; otherwise P_d(q) = P_s(J·q) realized on a grid by cubic
+    spline interpolation of the source kernel image (an :class:`ImagePsf`).  afw attaches
+    a ``WarpedPsf`` evaluated exactly everywhere; this realization is local to the centre.
+    """
+    if psf is None:
+        return None
+    cx, cy = (dest_box.width - 1) / 2.0, (dest_box.height - 1) / 2.0
+    u, v = _to_sky_to(dest_wcs, src_wcs, [cx - 1, cx + 1, cx, cx], [cy, cy, cy - 1, cy + 1])
+    J = np.array([[u[1] - u[0], u[3] - u[2]], [v[1] - v[0], v[3] - v[2]]]) / 2.0
+    if not np.isfinite(J).all():
+        raise InvalidInputError("cannot warp the PSF: the WCS mapping is undefined at the destination centre")
+    if np.abs(J - np.eye(2)).max() <= _PSF_TOL:
+        return psf
+    from scipy import ndimage
+
+    uc, vc = 0.5 * (u[0] + u[1]), 0.5 * (v[2] + v[3])
+    k = psf.kernel_image(uc + src_box.x0, vc + src_box.y0)
+    s = k.shape[0]
+    grow = max(1.0, float(np.linalg.norm(np.linalg.inv(J), 2)))
+    h = int(math.ceil(s * grow - 1e-6)) // 2
+    q = np.arange(-h, h + 1, dtype=np.float64)
+    qx, qy = np.meshgrid(q, q)
+    sx, sy = J[0, 0] * qx + J[0, 1] * qy, J[1, 0] * qx + J[1, 1] * qy
+    img = ndimage.map_coordinates(k, [sy + s // 2, sx + s // 2], order=3, mode="constant", cval=0.0)
+    return ImagePsf(img, average_position=(cx + dest_box.x0, cy + dest_box.y0))
+
+
+def warp_exposure(exposure: Exposure, dest_wcs, dest_box: Box, *, kernel: str = "lanczos3",
+                  interp_length: int = 10, grow_full_mask: Iterable[str] = ("EDGE",), name: str = "exposure",
+                  dest_name: str = "destination", backend: Backend | str | None = None) -> Exposure:
+    """Resample an exposure onto another WCS and pixel box.
+
+    Parameters
+    ----------
+    exposure : Exposure
+        The source; must have a WCS.  Not modified.
+    dest_wcs : astropy.wcs.WCS
+        WCS of the destination's array pixels (array [0, 0] = parent ``dest_box.x0, y0``).
+    dest_box : Box
+        Parent box of the output.
+    kernel : str
+        ``"lanczos3"`` (afw's default), any ``"lanczosN"``, or ``"bilinear"``.
+    interp_length : int
+        Spacing of the exactly evaluated grid of the pixel mapping (afw interpLength);
+        ≤ 1 evaluates every pixel.
+    grow_full_mask : iterable of str
+        Mask planes ORed over the full kernel footprint instead of the bilinear 2×2.
+    name, dest_name : str
+        Names used in error messages.
+    backend : Backend or str, optional
+        Default: the exposure's backend.
+
+    Returns
+    -------
+    Exposure
+        On ``dest_box`` with WCS ``dest_wcs``, photo_calib and metadata of the source.  PSF:
+        the source's when the local Jacobian (source per destination pixel) at the
+        destination centre is the identity within 1e-4 (the grids differ by a shift);
+        otherwise the source kernel image resampled through that Jacobian, an
+        :class:`~gpudiff.image.ImagePsf` valid near the centre (afw: ``WarpedPsf``).
+
+    Raises
+    ------
+    NoOverlapError
+        The source does not reach the destination box at all.
+    """
+    if not isinstance(exposure, Exposure):
+        raise InvalidInputError(f"warp_exposure needs an Exposure, got {type(exposure).__name__}")
+    if exposure.wcs is None or dest_wcs is None:
+        raise InvalidInputError(f"warp_exposure: {name if exposure.wcs is None else dest_name} has no WCS")
+    if not isinstance(dest_box, Box) or dest_box.width < 1 or dest_box.height < 1:
+        raise InvalidInputError(f"warp_exposure: dest_box must be a non-empty Box, got {dest_box!r}")
+    ntaps, wfun = _kernel(kernel)
+    check_overlap(dest_wcs, dest_box, exposure.wcs, exposure.bbox, name_a=dest_name, name_b=name)
+    be = resolve_backend(backend if backend is not None else exposure.backend)
+    mi = exposure.masked_image if be.name == exposure.backend.name else exposure.masked_image.to_backend(be)
+    xp = be.xp
+    planes = mi.mask_planes.copy()
+    no_data = 1 << planes.add("NO_DATA")
+    grow = planes.bitmask_if_present(list(grow_full_mask))
+    bad = ((mi.mask & no_data) != 0) | ~xp.isfinite(mi.image) | ~xp.isfinite(mi.variance)
+    aux = (mi.mask & np.int32(grow)) | xp.where(bad, np.int32(-(2 ** 31)), np.int32(0)).astype(xp.int32)
+    if bool((aux != 0).any()):
+        # OR over the ntaps×ntaps footprint [floor − lo, floor − lo + ntaps) of every pixel:
+        # afw's correlation convention centres an even footprint at (n − 1)//2 = lo.
+        aux = dilate_mask(aux, np.ones((ntaps, ntaps), dtype=bool), be)
+    src = {
+        "shape": mi.shape,
+        "iv": xp.stack([xp.where(bad, 0, mi.image), xp.where(bad, 0, mi.variance)], axis=-1)
+        .astype(xp.float32).reshape(-1, 2),
+        "aux": aux.astype(xp.int32).ravel(),
+        "mask": mi.mask.ravel(),
+        "grow": grow,
+        # int32 indices when they fit: half the index traffic of the 36 gathers.
+        "itype": xp.int32 if mi.shape[0] * mi.shape[1] < 2 ** 31 - 1 else xp.int64,
+    }
+    xs, ys, u, v = pixel_mapping(exposure.wcs, dest_wcs, dest_box, interp_length)
+    ud, vd = be.asarray(u), be.asarray(v)
+    H, W = dest_box.shape
+    kx0, kx1, tx = _interp_index(xs, np.arange(W, dtype=np.float64))
+    kx0, kx1, tx = be.asarray(kx0), be.asarray(kx1), be.asarray(tx)[None, :]
+    out_i = xp.empty((H, W), dtype=xp.float32)
+    out_v = xp.empty((H, W), dtype=xp.float32)
+    out_m = xp.empty((H, W), dtype=xp.int32)
+    band = max(1, _BAND_PIXELS.get(be.name, 1 << 15) // W)
+    for r0 in range(0, H, band):  # row bands bound the memory
+        r1 = min(H, r0 + band)
+        ky0, ky1, ty = (be.asarray(a) for a in _interp_index(ys, np.arange(r0, r1, dtype=np.float64)))
+        ty = ty[:, None]
+
+        def lerp(g):
+            top = (1 - tx) * g[ky0][:, kx0] + tx * g[ky0][:, kx1]
+            return (1 - ty) * top + ty * ((1 - tx) * g[ky1][:, kx0] + tx * g[ky1][:, kx1])
+
+        img, var, msk, off, touch = _warp_band(be, lerp(ud), lerp(vd), src, ntaps, wfun)
+        nod = off | touch
+        out_i[r0:r1] = xp.where(nod, xp.float32(np.nan), img)
+        out_v[r0:r1] = xp.where(nod, xp.float32(np.inf), var)
+        # afw's edge pixel is NO_DATA alone; a footprint that touches NO_DATA keeps its bits.
+        out_m[r0:r1] = xp.where(off, np.int32(no_data), xp.where(touch, msk | np.int32(no_data), msk))
+    out = MaskedImage(out_i, out_v, out_m, xy0=(dest_box.x0, dest_box.y0), mask_planes=planes, backend=be)
+    psf = _warped_psf(exposure.psf, exposure.wcs, exposure.bbox, dest_wcs, dest_box)
+    return Exposure(out, psf=psf, wcs=copy.deepcopy(dest_wcs), photo_calib=exposure.photo_calib,
+                    metadata=exposure.metadata)
