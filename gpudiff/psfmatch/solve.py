@@ -182,7 +182,8 @@ def residual_statistics(be: Backend, C: Any, coeffs: Any, science_good: Any, sci
     K = xp.einsum("ni,ijk->njk", coeffs[:, :nb], kernels)
     kvar = valid_correlate(be, template_var, K * K, per_stamp=True).reshape(n, -1)
     var = science_var_good + kvar
-    z = D / xp.sqrt(var)
+    with np.errstate(divide="ignore", invalid="ignore"):  # var <= 0 or NaN: excluded below
+        z = D / xp.sqrt(var)
     G = int(round(np.sqrt(z.shape[1])))
     ok = xp.isfinite(z) & (var > 0)
     if core_radius is not None:
