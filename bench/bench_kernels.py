@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _timing import time_call  # noqa: E402  (sibling module of the bench scripts)
+
 try:
     import gpudiff  # noqa: F401
 except ImportError:  # running from a source checkout without installation
@@ -56,20 +58,6 @@ def make_mask(size: int, seed: int, fp_size: int):
     mask = np.where(rng.random((size, size)) < 0.01, 1 << rng.integers(0, 31, (size, size)), 0)
     fp = np.ones((fp_size, fp_size), dtype=bool)
     return mask.astype(np.int32), fp
-
-
-def time_call(be, fn, repeat: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    be.synchronize()
-    times = []
-    for _ in range(repeat):
-        be.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        be.synchronize()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _timing import time_call  # noqa: E402  (sibling module of the bench scripts)
+
 try:
     import gpudiff  # noqa: F401
 except ImportError:  # running from a source checkout without installation
@@ -63,19 +65,9 @@ SOLVE_TARGET_S, SOLVE_TARGET_N = 0.5, 1000
 CONV_TARGET_S, CONV_TARGET_SIZE = 1.5, 4096
 
 
-def time_call(be, fn, repeat: int, warmup: int = 1) -> float:
+def median_time(be, fn, repeat: int, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` over ``repeat`` runs after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    be.synchronize()
-    times = []
-    for _ in range(repeat):
-        be.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        be.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(time_call(be, fn, repeat, warmup))
 
 
 def make_field(size: int, n_candidates: int, seed: int):
@@ -130,7 +122,7 @@ def run_backend(name: str, args, pair, xs, ys, rows: list):
     # the n brightest (candidates are in source order = brightness order)
     xn, yn = all_cands.x[:n], all_cands.y[:n]
     add(f"make_candidates ({n} stamps 43²)",
-        time_call(be, lambda: make_candidates(template, science, xn, yn, kernel_size=ks, region=region),
+        median_time(be, lambda: make_candidates(template, science, xn, yn, kernel_size=ks, region=region),
                   args.repeat))
     cands = make_candidates(template, science, xn, yn, kernel_size=ks, region=region)
     kern = be.asarray(basis.kernels, dtype=np.float64)
@@ -140,17 +132,17 @@ def run_backend(name: str, args, pair, xs, ys, rows: list):
     sci_var = good_region(cands.science_var, kshape)
     var_sum = sci_var + good_region(cands.template_var, kshape)
 
-    t_design = time_call(be, lambda: design_matrices(be, cands.template, kern, True), args.repeat)
+    t_design = median_time(be, lambda: design_matrices(be, cands.template, kern, True), args.repeat)
     add(f"design matrices ({n}×27 basis correlations)", t_design)
     C = design_matrices(be, cands.template, kern, True)
-    t_solve = time_call(be, lambda: fit_stamps(be, C, sci, var_sum, sums, fit_for_background=True),
+    t_solve = median_time(be, lambda: fit_stamps(be, C, sci, var_sum, sums, fit_for_background=True),
                         args.repeat)
     add(f"normal equations + solves ({n} × 28²)", t_solve)
     target = SOLVE_TARGET_S * n / SOLVE_TARGET_N
     add("=> batched single-kernel solve (design + solve)", t_design + t_solve, target)
     sol = fit_stamps(be, C, sci, var_sum, sums, fit_for_background=True)
     add(f"residual statistics ({n} stamps)",
-        time_call(be, lambda: residual_statistics(be, C, sol.coeffs, sci, sci_var, cands.template_var,
+        median_time(be, lambda: residual_statistics(be, C, sol.coeffs, sci, sci_var, cands.template_var,
                                                   kern, None), args.repeat))
     fits = {}
     for order in (1, 2):
@@ -159,7 +151,7 @@ def run_backend(name: str, args, pair, xs, ys, rows: list):
         def run(cfg=cfg):
             return fit_spatial_kernel(fresh(cands), basis, cfg, region, be)
 
-        add(f"fit_spatial_kernel (spatial order {order}, bg order 1)", time_call(be, run, args.repeat))
+        add(f"fit_spatial_kernel (spatial order {order}, bg order 1)", median_time(be, run, args.repeat))
         fits[order] = run()
         f = fits[order]
         print(f"         used {f.n_used}/{n}, rejected {int((f.candidates.status == 2).sum())}, "
@@ -171,16 +163,16 @@ def run_backend(name: str, args, pair, xs, ys, rows: list):
         sk = fits[order].kernel
         nk = sk.functions.n_terms
         add(f"SpatialKernel.convolve {args.size}² order {order} ({nk} terms): img+var+mask",
-            time_call(be, lambda sk=sk: sk.convolve(template), args.repeat),
+            median_time(be, lambda sk=sk: sk.convolve(template), args.repeat),
             CONV_TARGET_S * area_scale if order == 1 else None)
         kt = sk.term_kernels()
         terms = sk.functions.on_grid(template.bbox, xp)
         img = xp.nan_to_num(template.image)
         add("  of which image plane alone (varying_correlate)",
-            time_call(be, lambda: varying_correlate(img, kt, terms, be), args.repeat))
+            median_time(be, lambda: varying_correlate(img, kt, terms, be), args.repeat))
     fp = np.any(fits[1].kernel.term_kernels() != 0, axis=0)
     add("  mask plane alone (OR-dilation, 21×21 footprint)",
-        time_call(be, lambda: dilate_mask(template.mask, fp, be), args.repeat))
+        median_time(be, lambda: dilate_mask(template.mask, fp, be), args.repeat))
 
 
 def main(argv: list[str] | None = None) -> int:
