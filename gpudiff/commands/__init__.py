@@ -1,0 +1,1 @@
+"""Subcommands of the ``gpudiff`` command line, one module each (see :mod:`gpudiff.cli`)."""
