@@ -23,6 +23,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 COMMANDS: dict[str, str] = {
     "info": "info",
     "demo": "demo",
+    "subtract": "subtract",
 }
 
 

@@ -25,6 +25,8 @@ __all__ = [
     "PsfMatchingError",
     "InsufficientKernelSourcesError",
     "KernelTooLargeError",
+    "NoWorkFound",
+    "ExceedsMaxVarianceScaleError",
 ]
 
 
@@ -90,3 +92,13 @@ class InsufficientKernelSourcesError(PsfMatchingError):
 
 class KernelTooLargeError(InvalidInputError):
     """A convolution or matching kernel does not fit inside the image or PSF stamp."""
+
+
+class NoWorkFound(GpudiffError, RuntimeError):
+    """Nothing useful can be done with these inputs (e.g. too little template coverage);
+    LSST's ``NoWorkFound``: a pipeline should skip this data, not fail."""
+
+
+class ExceedsMaxVarianceScaleError(GpudiffError, RuntimeError):
+    """ScaleVarianceTask: both the pixel-based and the image-based variance factors exceed
+    the configured limit (the variance plane is badly wrong)."""

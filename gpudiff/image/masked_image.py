@@ -159,6 +159,27 @@ class MaskedImage:
         sl = (slice(box.y0 - y0, box.y1 - y0), slice(box.x0 - x0, box.x1 - x0))
         return self._new(self.image[sl], self.variance[sl], self.mask[sl], xy0=(box.x0, box.y0))
 
+    # --- arithmetic -------------------------------------------------------------------
+    def subtract(self, other: "MaskedImage", background: Any = None) -> "MaskedImage":
+        """self − other (− background) as afw MaskedImage arithmetic.
+
+        Variances add, masks OR (plane names merged, ``other``'s bits conformed onto the
+        merged definition).  ``background`` is an array or scalar subtracted from the image
+        only.  Both images must cover the same box.
+        """
+        if self.bbox != other.bbox:
+            raise ShapeMismatchError(f"cannot subtract an image on {other.bbox} from one on {self.bbox}")
+        xp = self.backend.xp
+        if other.backend.name != self.backend.name:
+            other = other.to_backend(self.backend)
+        planes = self.mask_planes.merge(other.mask_planes)
+        mask = planes.conform(self.mask, self.mask_planes, xp) | planes.conform(other.mask, other.mask_planes, xp)
+        image = self.image - other.image
+        if background is not None:
+            image = image - background
+        return MaskedImage(image, self.variance + other.variance, mask, xy0=self.xy0,
+                           mask_planes=planes, backend=self.backend)
+
     # --- masks ------------------------------------------------------------------------
     def bitmask(self, names) -> int:
         """Bit mask of the named planes in this image's definition."""

@@ -1,6 +1,7 @@
 """Backend-agnostic array algorithms: FFT correlation, masked convolution, statistics,
 backgrounds, detection and measurement, warping."""
 
+from .photometry import forced_psf_flux
 from .stats import (
     MAD_TO_SIGMA,
     STATS_BAD_PLANES,
@@ -68,6 +69,7 @@ __all__ = [
     "dilate_mask",
     "estimate_background",
     "finish_masked_output",
+    "forced_psf_flux",
     "gather_stamps",
     "image_statistics",
     "interpolate_background",

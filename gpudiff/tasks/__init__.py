@@ -1,5 +1,39 @@
 """The LSST-named tasks: dataclass configs in, dataclass results out; no file I/O."""
 
+from .decorrelate import DecorrelateALKernelConfig, DecorrelateALKernelTask, DecorrelationResult
+from .detect_and_measure import (
+    DetectAndMeasureConfig,
+    DetectAndMeasureResult,
+    DetectAndMeasureScoreTask,
+    DetectAndMeasureTask,
+)
 from .image_psf_match import ImagePsfMatchConfig, ImagePsfMatchResult, ImagePsfMatchTask
+from .preconvolve import (
+    AlardLuptonPreconvolveSubtractConfig,
+    AlardLuptonPreconvolveSubtractTask,
+    PreconvolveResult,
+)
+from .scale_variance import ScaleVarianceConfig, ScaleVarianceFactors, ScaleVarianceTask
+from .subtract import AlardLuptonSubtractConfig, AlardLuptonSubtractTask, SubtractionResult
 
-__all__ = ["ImagePsfMatchConfig", "ImagePsfMatchResult", "ImagePsfMatchTask"]
+__all__ = [
+    "AlardLuptonPreconvolveSubtractConfig",
+    "AlardLuptonPreconvolveSubtractTask",
+    "AlardLuptonSubtractConfig",
+    "AlardLuptonSubtractTask",
+    "DecorrelateALKernelConfig",
+    "DecorrelateALKernelTask",
+    "DecorrelationResult",
+    "DetectAndMeasureConfig",
+    "DetectAndMeasureResult",
+    "DetectAndMeasureScoreTask",
+    "DetectAndMeasureTask",
+    "ImagePsfMatchConfig",
+    "ImagePsfMatchResult",
+    "ImagePsfMatchTask",
+    "PreconvolveResult",
+    "ScaleVarianceConfig",
+    "ScaleVarianceFactors",
+    "ScaleVarianceTask",
+    "SubtractionResult",
+]

@@ -234,7 +234,7 @@ class ImagePsfMatchTask:
         """
         res = self.match_masked_images(template, science, candidate_list, template_fwhm, science_fwhm)
         sci = science.to_backend(self.backend) if science.backend.name != self.backend.name else science
-        res.difference = _difference(sci, res.matched_image, res.background_model)
+        res.difference = sci.subtract(res.matched_image, res.background_model)
         return res
 
     # --- exposures ---------------------------------------------------------------------
@@ -301,11 +301,11 @@ class ImagePsfMatchTask:
         be = self.backend
         if convolve_template:
             sci = science.masked_image.to_backend(be)
-            diff = _difference(sci, res.matched_image, res.background_model)
+            diff = sci.subtract(res.matched_image, res.background_model)
             psf = science.psf
         else:
             tmpl = (res.warped_exposure or template).masked_image.to_backend(be)
-            d = _difference(tmpl, res.matched_image, res.background_model)
+            d = tmpl.subtract(res.matched_image, res.background_model)
             ksum = res.psf_matching_kernel.kernel_sum()
             diff = MaskedImage(-d.image / np.float32(ksum), d.variance / np.float32(ksum * ksum), d.mask,
                                xy0=d.xy0, mask_planes=d.mask_planes, backend=be)
@@ -314,13 +314,3 @@ class ImagePsfMatchTask:
         res.subtracted_exposure = Exposure(diff, psf=psf, wcs=science.wcs, photo_calib=science.photo_calib,
                                            metadata=science.metadata)
         return res
-
-
-def _difference(minuend: MaskedImage, matched: MaskedImage, background: Any) -> MaskedImage:
-    """minuend − matched − background with summed variances and ORed masks."""
-    planes = minuend.mask_planes.merge(matched.mask_planes)
-    xp = minuend.backend.xp
-    m1 = planes.conform(minuend.mask, minuend.mask_planes, xp)
-    m2 = planes.conform(matched.mask, matched.mask_planes, xp)
-    return MaskedImage(minuend.image - matched.image - background, minuend.variance + matched.variance,
-                       m1 | m2, xy0=minuend.xy0, mask_planes=planes, backend=minuend.backend)

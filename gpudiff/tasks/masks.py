@@ -1,0 +1,81 @@
+"""Mask handling of the subtraction tasks (spec §4.2 steps 2, 4 and 11; §12).
+
+Every function returns new objects; inputs are never modified.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from ..image import Exposure, MaskedImage
+from ..psfmatch.spatial import SpatialKernel
+
+__all__ = ["template_coverage", "update_masks", "convolve_preserving", "clear_planes"]
+
+
+def template_coverage(template: Exposure, science: Exposure) -> float:
+    """Fraction of the science box where neither image is NO_DATA (spec §4.2 step 2)."""
+    t = template.masked_image.subimage(science.bbox) if template.bbox != science.bbox else template.masked_image
+    s = science.masked_image
+    xp = s.backend.xp
+    nd_t = t.mask_planes.bitmask_if_present("NO_DATA")
+    nd_s = s.mask_planes.bitmask_if_present("NO_DATA")
+    bad = ((t.mask & nd_t) != 0) | ((s.mask & nd_s) != 0)
+    n = bad.size
+    return float(n - int(xp.count_nonzero(bad))) / n if n else 0.0
+
+
+def clear_planes(mi: MaskedImage, names: Iterable[str]) -> MaskedImage:
+    """A copy of ``mi`` with the named planes (those defined) cleared."""
+    bm = mi.mask_planes.bitmask_if_present(list(names))
+    if not bm:
+        return mi
+    return MaskedImage(mi.image, mi.variance, mi.mask & ~bm, xy0=mi.xy0, mask_planes=mi.mask_planes,
+                       backend=mi.backend)
+
+
+def _copy_plane(mi: MaskedImage, src: str, dst: str) -> MaskedImage:
+    planes = mi.mask_planes.copy()
+    bit = planes.add(dst)
+    on = (mi.mask & (1 << planes[src])) != 0
+    mask = mi.mask | (on.astype(mi.mask.dtype) << bit)
+    return MaskedImage(mi.image, mi.variance, mask, xy0=mi.xy0, mask_planes=planes, backend=mi.backend)
+
+
+def update_masks(template: Exposure, science: Exposure, rename_template_mask: Iterable[str],
+                 preserve_template_mask: Iterable[str]) -> tuple[Exposure, Exposure]:
+    """LSST's ``updateMasks`` (spec §4.2 step 4).
+
+    Science: DETECTED and DETECTED_NEGATIVE cleared; FAKE becomes INJECTED.  Template:
+    FAKE becomes INJECTED_TEMPLATE; each ``rename_template_mask`` plane present is copied
+    to ``<NAME>_TEMPLATE``; then every template plane other than
+    ``preserve_template_mask`` and the new ``*_TEMPLATE`` planes is cleared.
+    """
+    smi = clear_planes(science.masked_image, ("DETECTED", "DETECTED_NEGATIVE"))
+    if "FAKE" in smi.mask_planes:
+        smi = clear_planes(_copy_plane(smi, "FAKE", "INJECTED"), ("FAKE",))
+    tmi = template.masked_image
+    if "FAKE" in tmi.mask_planes:
+        tmi = _copy_plane(tmi, "FAKE", "INJECTED_TEMPLATE")
+    renamed = []
+    for name in rename_template_mask:
+        if name in tmi.mask_planes:
+            tmi = _copy_plane(tmi, name, f"{name}_TEMPLATE")
+            renamed.append(f"{name}_TEMPLATE")
+    keep = set(preserve_template_mask) | set(renamed) | ({"INJECTED_TEMPLATE"} if "FAKE" in template.mask_planes else set())
+    tmi = clear_planes(tmi, [n for n in tmi.mask_planes if n not in keep])
+    return (Exposure(tmi, template.psf, template.wcs, template.photo_calib, template.metadata),
+            Exposure(smi, science.psf, science.wcs, science.photo_calib, science.metadata))
+
+
+def convolve_preserving(kernel: SpatialKernel, mi: MaskedImage, preserve: Iterable[str],
+                        **kwargs) -> MaskedImage:
+    """Convolve with ``doCopyEdge=True``, keeping ``preserve`` planes undilated (spec §4.2
+    step 11: injection markers are snapshotted, cleared after the convolution, restored)."""
+    out = kernel.convolve(mi, do_copy_edge=True, **kwargs)
+    bm = mi.mask_planes.bitmask_if_present(list(preserve))
+    if not bm:
+        return out
+    mask = (out.mask & ~bm) | (mi.mask & bm)
+    return MaskedImage(out.image, out.variance, mask, xy0=out.xy0, mask_planes=out.mask_planes,
+                       backend=out.backend)

@@ -1,0 +1,373 @@
+"""AlardLuptonSubtractTask: difference an exposure against a template (spec §4.1–§4.2).
+
+The order of operations follows LSST's ``subtractImages.py``: validate, template coverage,
+variance scaling, mask updates, PSF sizes, the choice of which image to convolve, kernel
+source selection, the kernel fit, the convolution, the subtraction in the **science**
+exposure's flux units, and decorrelation.  Tasks never touch files.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from astropy.table import Table
+
+from ..backend import Backend, resolve_backend
+from ..errors import InsufficientKernelSourcesError, InvalidInputError, NoWorkFound, PsfError, ShapeMismatchError
+from ..image import Box, Exposure, ImagePsf, MaskedImage, evaluate_mean_fwhm
+from ..ops.convolution import correlate
+from ..ops.detection import detect_sources, select_kernel_sources
+from ..psfmatch import PsfMatchConfig, fit_spatial_kernel, make_candidates, make_kernel_basis
+from ..psfmatch.fit import KernelFit
+from ..psfmatch.spatial import SpatialKernel
+from .decorrelate import DecorrelateALKernelTask
+from .masks import convolve_preserving, template_coverage, update_masks
+from .scale_variance import ScaleVarianceTask
+
+__all__ = ["AlardLuptonSubtractConfig", "SubtractionResult", "AlardLuptonSubtractTask",
+           "choose_convolution_method", "decorrelated_psf", "psf_fwhm"]
+
+log = logging.getLogger("gpudiff.tasks.subtract")
+
+_MODES = ("convolveTemplate", "convolveScience", "auto")
+
+
+def _default_make_kernel() -> PsfMatchConfig:
+    # AlardLuptonSubtractTask.setDefaults (spec §1.1 "Important").
+    return PsfMatchConfig(fit_for_background=True, spatial_kernel_order=1, spatial_bg_order=2)
+
+
+@dataclass(frozen=True)
+class AlardLuptonSubtractConfig:
+    """``AlardLuptonSubtractConfig`` (spec §4.1), snake_case, LSST defaults.
+
+    The kernel-source selector is LSST's ``ScienceSourceSelector``: unresolved, isolated,
+    S/N in [``source_snr_min``, ``source_snr_max``] from PSF flux.
+    """
+
+    mode: str = "convolveTemplate"
+    make_kernel: PsfMatchConfig = field(default_factory=_default_make_kernel)
+    do_decorrelation: bool = True
+    required_template_fraction: float = 0.1
+    min_template_fraction_for_expected_success: float = 0.2
+    do_scale_variance: bool = True
+    do_subtract_background: bool = False
+    restrict_kernel_edge_sources: bool = True
+    max_kernel_sources: int = 1000
+    min_kernel_sources: int = 3
+    exclude_mask_planes: tuple[str, ...] = ("NO_DATA", "BAD", "SAT", "EDGE", "FAKE", "HIGH_VARIANCE")
+    bad_mask_planes: tuple[str, ...] = ("NO_DATA", "BAD", "SAT", "EDGE")
+    preserve_template_mask: tuple[str, ...] = ("NO_DATA", "BAD", "HIGH_VARIANCE")
+    rename_template_mask: tuple[str, ...] = ("SAT", "INJECTED", "INJECTED_CORE")
+    preserve_mask_planes: tuple[str, ...] = ("INJECTED", "INJECTED_CORE", "INJECTED_TEMPLATE",
+                                             "INJECTED_CORE_TEMPLATE")
+    allow_kernel_source_detection: bool = False
+    source_snr_min: float = 10.0
+    source_snr_max: float = 500.0
+    detection_threshold: float = 5.0
+
+    def __post_init__(self):
+        if self.mode not in _MODES:
+            raise InvalidInputError(f"mode must be one of {_MODES}, got {self.mode!r}")
+        if not 0 <= self.required_template_fraction <= 1:
+            raise InvalidInputError("required_template_fraction must be within [0, 1]")
+        if self.min_kernel_sources < 1:
+            raise InvalidInputError("min_kernel_sources must be >= 1")
+
+
+@dataclass
+class SubtractionResult:
+    """LSST's output ``Struct`` (snake_case) plus diagnostics.
+
+    Attributes
+    ----------
+    difference : Exposure
+        In the science exposure's flux units; PSF = science PSF (convolveTemplate) or
+        template PSF (convolveScience), convolved with the decorrelation filter when
+        decorrelating; WCS and calibration of the science exposure.
+    matched_template, matched_science : Exposure
+    background_model : SpatialKernel or None
+        The fitted differential background (None unless subtracted, as LSST).
+    psf_matching_kernel : SpatialKernel
+    kernel_sources : astropy Table
+        Every kernel candidate with its status (GOOD/BAD), whether it was used, and why
+        it was rejected.
+    mode : str
+        "convolveTemplate" or "convolveScience" (after ``auto``).
+    metadata : dict
+        Scale factors, kernel sum, candidates used/rejected, template coverage, timings.
+    """
+
+    difference: Exposure
+    matched_template: Exposure
+    matched_science: Exposure
+    background_model: SpatialKernel | None
+    psf_matching_kernel: SpatialKernel
+    kernel_sources: Table
+    mode: str
+    kernel_fit: KernelFit
+    metadata: dict = field(default_factory=dict)
+
+
+def psf_fwhm(exposure: Exposure, name: str, average: bool = True):
+    """The PSF FWHM (trace radius, or per axis) at the average position, falling back to
+    the mean over a 10×10 grid (spec §1.2 ``_checkPsfWidths``)."""
+    if exposure.psf is None:
+        raise PsfError(f"the {name} exposure has no PSF; attach one or estimate it (gpudiff.estimate_psf)")
+    try:
+        return exposure.psf.fwhm() if average else exposure.psf.fwhm_xy()
+    except PsfError:
+        log.warning("Unable to evaluate the %s PSF at the average position; using the grid mean", name)
+        f = evaluate_mean_fwhm(exposure.psf, exposure.bbox)
+        return f if average else (f, f)
+
+
+def choose_convolution_method(template: Exposure, science: Exposure) -> bool:
+    """``auto`` mode (spec §4.2 step 7): True = convolve the template.
+
+    Convolve the science image only if the template PSF is strictly wider on **both**
+    axes: convolveTemplate = (T_x ≤ S_x) OR (T_y ≤ S_y).
+    """
+    try:
+        tx, ty = template.psf.fwhm_xy()
+        sx, sy = science.psf.fwhm_xy()
+        return (tx <= sx) or (ty <= sy)
+    except PsfError:
+        return psf_fwhm(template, "template") <= psf_fwhm(science, "science")
+
+
+class AlardLuptonSubtractTask:
+    """Subtract a template from a science exposure with Alard–Lupton PSF matching.
+
+    Parameters
+    ----------
+    config : AlardLuptonSubtractConfig, optional
+    backend : Backend or str, optional
+    """
+
+    def __init__(self, config: AlardLuptonSubtractConfig | None = None, backend: Backend | str | None = None):
+        self.config = AlardLuptonSubtractConfig() if config is None else config
+        self.backend = resolve_backend(backend)
+
+    # --- inputs ------------------------------------------------------------------------
+    def _prepare(self, template: Exposure, science: Exposure) -> tuple[Exposure, Exposure, dict]:
+        cfg, be = self.config, self.backend
+        if not template.bbox.contains(science.bbox):
+            raise ShapeMismatchError(
+                f"the template box {template.bbox} must contain the science box {science.bbox}; "
+                "warp the template onto the science pixel grid first (gpudiff.ops.warp_exposure)")
+        for name, exp in (("science", science), ("template", template)):
+            if exp.psf is None:
+                raise PsfError(f"the {name} exposure has no PSF and gpudiff does not guess one "
+                               "silently; attach one or call gpudiff.estimate_psf")
+        template = template.to_backend(be)
+        science = science.to_backend(be)
+        meta: dict[str, Any] = {}
+        cov = template_coverage(template, science)
+        meta["template_coverage"] = cov
+        if cov < cfg.required_template_fraction:
+            raise NoWorkFound(f"template covers {cov:.1%} of the science image, less than "
+                              f"required_template_fraction={cfg.required_template_fraction:.0%}")
+        if cfg.do_scale_variance:
+            template, tfac = self._scale_variance(template)
+            science, sfac = self._scale_variance(science)
+            meta["scale_template_variance_factor"] = tfac
+            meta["scale_science_variance_factor"] = sfac
+        template, science = update_masks(template, science, cfg.rename_template_mask, cfg.preserve_template_mask)
+        return template, science, meta
+
+    def _scale_variance(self, exp: Exposure) -> tuple[Exposure, float]:
+        """ScaleVarianceTask's factor, applied to a copy of the exposure.
+
+        LSST inputs carry DETECTED masks, which ScaleVariance ignores.  When an input has no
+        DETECTED pixel at all (a plain FITS, a simulation) the sources would bias the
+        factor upwards (measured +6 to +9 % on a crowded field), so gpudiff detects them at
+        5σ for this estimate only (a documented departure: LSST would use the unmasked
+        image as it comes).
+        """
+        mi = exp.masked_image
+        probe = mi
+        det_bit = mi.mask_planes.bitmask_if_present("DETECTED")
+        if not det_bit or not bool((mi.mask & det_bit).any()):
+            det = detect_sources(mi, exp.psf, threshold=5.0, polarity="both", background="estimate",
+                                 backend=self.backend)
+            probe = MaskedImage(mi.image, mi.variance, det.mask, xy0=mi.xy0, mask_planes=det.mask_planes,
+                                backend=self.backend)
+        factor = float(ScaleVarianceTask(backend=self.backend).run(probe))
+        scaled = MaskedImage(mi.image, mi.variance * np.float32(factor), mi.mask, xy0=mi.xy0,
+                             mask_planes=mi.mask_planes, backend=self.backend)
+        return Exposure(scaled, exp.psf, exp.wcs, exp.photo_calib, exp.metadata), factor
+
+    # --- sources -----------------------------------------------------------------------
+    def select_sources(self, science: Exposure, template: Exposure, sources: Any, kernel_size: int,
+                       edge_buffer: int) -> Table:
+        """Kernel sources (spec §4.2 step 9): the selector, then the box and mask test.
+
+        ``sources`` is a table with ``x``, ``y`` and ``psf_flux``/``psf_flux_err`` (or
+        ``flux``/``flux_err``, or ``snr``) columns; ``None`` detects on the science image.
+        """
+        cfg = self.config
+        if sources is None:
+            det = detect_sources(science.masked_image, science.psf, threshold=cfg.detection_threshold,
+                                 polarity="positive", background="estimate", backend=self.backend)
+            sources = det.catalog
+        table = _normalize_sources(sources)
+        box = science.bbox
+        if cfg.restrict_kernel_edge_sources:
+            box = Box(box.x0 + edge_buffer, box.y0 + edge_buffer, box.x1 - edge_buffer, box.y1 - edge_buffer)
+        selected = select_kernel_sources(
+            table, box, snr_min=cfg.source_snr_min, snr_max=cfg.source_snr_max,
+            max_sources=None, edge_buffer=kernel_size,
+            require_isolated="isolated" in table.colnames,
+            require_unresolved="is_extended" in table.colnames,
+            exclude_flags=[c for c in table.colnames if c.startswith("flag")])
+        if cfg.max_kernel_sources > 0 and len(selected) > cfg.max_kernel_sources:
+            order = np.argsort(-np.asarray(selected["snr"]), kind="stable")
+            selected = selected[np.sort(order[:cfg.max_kernel_sources])]
+        if len(selected) < cfg.min_kernel_sources:
+            raise InsufficientKernelSourcesError(
+                f"{len(selected)} kernel source(s) pass the selection (S/N {cfg.source_snr_min:g}–"
+                f"{cfg.source_snr_max:g}, isolated, unresolved, inside the kernel-edge box) out of "
+                f"{len(table)}; at least min_kernel_sources={cfg.min_kernel_sources} are needed")
+        return selected
+
+    # --- run ---------------------------------------------------------------------------
+    def run(self, template: Exposure, science: Exposure, sources: Any = None) -> SubtractionResult:
+        """Subtract ``template`` from ``science``.
+
+        Parameters
+        ----------
+        template : Exposure
+            On the science pixel grid, covering at least the science box.
+        science : Exposure
+        sources : table, optional
+            Kernel sources (see :meth:`select_sources`); detected on the science image
+            when omitted.
+
+        Raises
+        ------
+        NoWorkFound
+            Template coverage below ``required_template_fraction`` (or below
+            ``min_template_fraction_for_expected_success`` when the kernel fit fails).
+        InsufficientKernelSourcesError, PsfError, ShapeMismatchError
+        """
+        cfg = self.config
+        t0 = time.perf_counter()
+        template, science, meta = self._prepare(template, science)
+        t_fwhm, s_fwhm = psf_fwhm(template, "template"), psf_fwhm(science, "science")
+        if cfg.mode == "auto":
+            conv_template = choose_convolution_method(template, science)
+        else:
+            conv_template = cfg.mode == "convolveTemplate"
+        mode = "convolveTemplate" if conv_template else "convolveScience"
+        matched_size = s_fwhm if conv_template else t_fwhm
+        # Stamp size from the basis LSST would build (spec §4.2 step 9.2).
+        k_size = make_kernel_basis(cfg.make_kernel, t_fwhm, matched_size).size
+        t1 = time.perf_counter()
+        sel = self.select_sources(science, template, sources, k_size, k_size)
+        meta["time_source_selection"] = time.perf_counter() - t1
+        tmpl_on_sci = template.subimage(science.bbox)
+        conv, ref = (tmpl_on_sci, science) if conv_template else (science, tmpl_on_sci)
+        fwhms = (t_fwhm, s_fwhm) if conv_template else (s_fwhm, t_fwhm)
+        t1 = time.perf_counter()
+        fit = self._fit(conv, ref, sel, fwhms, template, science)
+        meta["time_kernel_fit"] = time.perf_counter() - t1
+        kernel = fit.kernel
+        t1 = time.perf_counter()
+        be = self.backend
+        if conv_template:
+            matched = convolve_preserving(kernel, template.masked_image, cfg.preserve_mask_planes)
+            matched = matched.subimage(science.bbox)
+            matched_template = Exposure(matched, science.psf, science.wcs, science.photo_calib, template.metadata)
+            matched_science = science
+            minuend = science.masked_image
+            diff = minuend.subtract(matched)
+            psf = science.psf
+        else:
+            norm = kernel.kernel_sum()
+            ms = convolve_preserving(kernel, science.masked_image, cfg.preserve_mask_planes)
+            ms = MaskedImage(ms.image / np.float32(norm), ms.variance / np.float32(norm * norm), ms.mask,
+                             xy0=ms.xy0, mask_planes=ms.mask_planes, backend=be)
+            matched_science = Exposure(ms, template.psf, science.wcs, science.photo_calib, science.metadata)
+            matched_template = Exposure(tmpl_on_sci.masked_image, template.psf, science.wcs,
+                                        science.photo_calib, template.metadata)
+            diff = ms.subtract(tmpl_on_sci.masked_image)
+            psf = template.psf
+        if cfg.do_subtract_background:
+            sign = 1.0 if conv_template else -1.0 / kernel.kernel_sum()
+            bg = kernel.background_image(science.bbox, be) * np.float32(sign)
+            diff = MaskedImage(diff.image - bg, diff.variance, diff.mask, xy0=diff.xy0,
+                               mask_planes=diff.mask_planes, backend=be)
+        meta["time_convolution"] = time.perf_counter() - t1
+        difference = Exposure(diff, psf, science.wcs, science.photo_calib, science.metadata)
+        if cfg.do_decorrelation:
+            t1 = time.perf_counter()
+            dec = DecorrelateALKernelTask(backend=be).run(
+                science, tmpl_on_sci, difference, kernel, template_matched=conv_template)
+            difference = dec.corrected_exposure
+            if dec.correction_kernel is not None:
+                difference = Exposure(difference.masked_image, decorrelated_psf(psf, dec.correction_kernel),
+                                      difference.wcs, difference.photo_calib, difference.metadata)
+            meta["time_decorrelation"] = time.perf_counter() - t1
+        meta.update(mode=mode, kernel_sum=kernel.kernel_sum(), n_kernel_sources=len(sel),
+                    n_candidates_used=fit.n_used,
+                    n_candidates_rejected=int((fit.candidate_table()["status"] == "BAD").sum()),
+                    template_fwhm=t_fwhm, science_fwhm=s_fwhm, time_total=time.perf_counter() - t0)
+        return SubtractionResult(
+            difference=difference, matched_template=matched_template, matched_science=matched_science,
+            background_model=kernel if cfg.do_subtract_background else None, psf_matching_kernel=kernel,
+            kernel_sources=fit.candidate_table(), mode=mode, kernel_fit=fit, metadata=meta)
+
+    def _fit(self, conv: Exposure, ref: Exposure, sel: Table, fwhms, template: Exposure,
+             science: Exposure) -> KernelFit:
+        cfg = self.config
+        basis = make_kernel_basis(cfg.make_kernel, *fwhms)
+        try:
+            cands = make_candidates(conv.masked_image, ref.masked_image, sel["x"], sel["y"],
+                                    kernel_size=basis.size, bad_mask_planes=cfg.exclude_mask_planes,
+                                    rating=sel["snr"], size_cell_x=cfg.make_kernel.size_cell_x,
+                                    size_cell_y=cfg.make_kernel.size_cell_y)
+            return fit_spatial_kernel(cands, basis, cfg.make_kernel, ref.bbox, self.backend)
+        except InsufficientKernelSourcesError:
+            cov = template_coverage(template, science)
+            if cov < cfg.min_template_fraction_for_expected_success:
+                raise NoWorkFound(
+                    f"the kernel fit failed and the template covers only {cov:.1%} of the science "
+                    f"image (< {cfg.min_template_fraction_for_expected_success:.0%})") from None
+            raise
+
+
+def decorrelated_psf(psf, correction_kernel: np.ndarray) -> ImagePsf:
+    """The PSF of the decorrelated difference: PSF ⊗ correction filter, unit sum.
+
+    Departure from current LSST (spec §5.4, where the update is disabled pending
+    DM-47461): decorrelation sharpens point sources, and PSF photometry with the
+    undecorrelated PSF then overestimates fluxes (measured +13 % for equal template and
+    science depths).  The filter is real and even, so correlating with it is convolving.
+    """
+    k = np.asarray(psf.kernel_image(), dtype=np.float64)
+    h = correction_kernel.shape[0] // 2
+    new = np.asarray(correlate(np.pad(k, h), correction_kernel, "numpy", dtype=np.float64))
+    return ImagePsf(new / new.sum(), average_position=psf.average_position)
+
+
+def _normalize_sources(sources: Any) -> Table:
+    """A Table with x, y and snr from any supported source table."""
+    t = Table(sources) if not isinstance(sources, Table) else sources.copy(copy_data=False)
+    for c in ("x", "y"):
+        if c not in t.colnames:
+            raise InvalidInputError(f"kernel source table has no {c!r} column (columns: {t.colnames})")
+    if "snr" not in t.colnames:
+        for f, e in (("psf_flux", "psf_flux_err"), ("flux", "flux_err"), ("inst_flux", "inst_flux_err")):
+            if f in t.colnames and e in t.colnames:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    t["snr"] = np.asarray(t[f], float) / np.asarray(t[e], float)
+                break
+        else:
+            raise InvalidInputError("kernel source table needs an 'snr' column or flux and flux-error "
+                                    "columns (psf_flux/psf_flux_err or flux/flux_err)")
+    return t
