@@ -166,6 +166,27 @@ def _psf_stamps(be: Backend, psf: Psf, bbox: Box, cx, cy, dx, dy, size: int):
     return P / P.sum(axis=(1, 2), keepdims=True)
 
 
+def _psf_moments(psf: Psf, x: np.ndarray, y: np.ndarray, cell: int = 128) -> tuple[np.ndarray, ...]:
+    """PSF moments (Ixx, Iyy, Ixy) at each source, bilinearly interpolated from a lattice
+    of ``cell``-px spacing: the PSF varies slowly, and per-source adaptive moments of PSF
+    stamps cost more than the rest of the measurement together."""
+    from scipy.interpolate import RegularGridInterpolator
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if x.size == 0:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    gx = np.arange(np.floor(x.min()), x.max() + cell, cell) if np.ptp(x) > 0 else np.array([x.min()])
+    gy = np.arange(np.floor(y.min()), y.max() + cell, cell) if np.ptp(y) > 0 else np.array([y.min()])
+    mom = np.array([[psf.moments(float(a), float(b)) for a in gx] for b in gy], dtype=np.float64)
+    if gx.size == 1 or gy.size == 1:  # degenerate lattice: nearest node
+        ix = np.clip(np.searchsorted(gx, x), 0, gx.size - 1)
+        iy = np.clip(np.searchsorted(gy, y), 0, gy.size - 1)
+        out = mom[iy, ix]
+    else:
+        out = RegularGridInterpolator((gy, gx), mom, bounds_error=False, fill_value=None)(np.stack([y, x], 1))
+    return out[:, 0], out[:, 1], out[:, 2]
+
+
 def _measure(be, sign, d, var, good, mask, snr, labels, n_fp, py, px, psf, bbox, stamp, sigma_w, weighting):
     """Measure the peaks (py, px) of one polarity; returns a dict of host columns."""
     xp, nd, host = be.xp, be.ndimage, be.asnumpy
@@ -201,9 +222,9 @@ def _measure(be, sign, d, var, good, mask, snr, labels, n_fp, py, px, psf, bbox,
         okf = host(den > 0) & (err > 0) & np.isfinite(flux)
         c.update(psf_flux=np.where(okf, sign * flux, np.nan), psf_flux_err=np.where(okf, err, np.nan),
                  flag_psf_flux=~okf)
-        pm = [host(a) for a in adaptive_moments_batch(be, P, xp.ones(P.shape, dtype=bool), sigma_w ** 2)]
-        c.update(psf_ixx=pm[2], psf_iyy=pm[3], psf_ixy=pm[4],
-                 extendedness=np.where(ok_m, (sm[2] + sm[3]) / (pm[2] + pm[3]) - 1.0, np.nan))
+        pm = _psf_moments(psf, rx + bbox.x0, ry + bbox.y0)
+        c.update(psf_ixx=pm[0], psf_iyy=pm[1], psf_ixy=pm[2],
+                 extendedness=np.where(ok_m, (sm[2] + sm[3]) / (pm[0] + pm[1]) - 1.0, np.nan))
     m5 = gather_stamps(be, mask, ry, rx, 2, fill=0)[0].astype(xp.int64)
     centre = xp.zeros(n, dtype=xp.int64)
     for i in range(25):  # taps, not sources

@@ -19,7 +19,8 @@ import numpy as np
 from ..errors import InvalidInputError, NonFiniteDataError, PsfMatchingError
 from ..image.psf import FWHM_PER_SIGMA
 
-__all__ = ["KernelBasis", "alard_lupton_parameters", "make_alard_lupton_basis", "renormalize_kernel_list",
+__all__ = ["KernelBasis", "alard_lupton_parameters", "make_alard_lupton_basis",
+           "make_alard_lupton_kernel_basis", "renormalize_kernel_list",
            "make_delta_function_basis", "make_kernel_basis", "make_regularization_operator",
            "make_regularization_matrix", "regularization_lambda", "pca_basis"]
 
@@ -42,12 +43,27 @@ class KernelBasis:
         ``"alard-lupton"``, ``"delta-function"`` or ``"pca"``.
     sigmas, degrees : tuple
         Gaussian widths (px) and polynomial degrees; Alard–Lupton only.
+    separable_x, separable_y, raw_index, mixing : numpy.ndarray or None
+        Optional separable factorization of the kernels (built by
+        :func:`make_alard_lupton_kernel_basis`, hence by :func:`make_kernel_basis` for
+        Alard–Lupton; ``None`` otherwise).  ``separable_x`` is ``(n_xf, width)`` 1-D
+        x (column) factors, ``separable_y`` ``(n_yf, height)`` y (row) factors,
+        ``raw_index`` ``(n_raw, 2)`` int pairs ``(x-factor, y-factor)`` defining the raw
+        separable functions ``raw_r = outer(separable_y[j_r], separable_x[i_r])``, and
+        ``mixing`` ``(n_raw, n_bases)`` the linear map with
+        ``kernels[m] = Σ_r mixing[r, m] raw_r``.  Either all four are given or none;
+        the identity is checked on construction (to round-off).  The design matrices
+        use them to correlate with 1-D factors instead of batched 2-D FFTs.
     """
 
     kernels: np.ndarray
     kind: str
     sigmas: tuple[float, ...] = ()
     degrees: tuple[int, ...] = ()
+    separable_x: np.ndarray | None = None
+    separable_y: np.ndarray | None = None
+    raw_index: np.ndarray | None = None
+    mixing: np.ndarray | None = None
 
     def __post_init__(self):
         if self.kind not in _KINDS:
@@ -59,6 +75,47 @@ class KernelBasis:
         object.__setattr__(self, "kernels", k)
         object.__setattr__(self, "sigmas", tuple(float(s) for s in self.sigmas))
         object.__setattr__(self, "degrees", tuple(int(d) for d in self.degrees))
+        self._check_factors()
+
+    def _check_factors(self) -> None:
+        """Validate (and freeze) the optional separable factorization."""
+        parts = (self.separable_x, self.separable_y, self.raw_index, self.mixing)
+        if all(p is None for p in parts):
+            return
+        if any(p is None for p in parts):
+            raise InvalidInputError("separable_x, separable_y, raw_index and mixing must be given together")
+        fx = np.array(self.separable_x, dtype=np.float64, copy=True)
+        fy = np.array(self.separable_y, dtype=np.float64, copy=True)
+        idx = np.array(self.raw_index, copy=True)
+        mix = np.array(self.mixing, dtype=np.float64, copy=True)
+        nb, kh, kw = self.kernels.shape
+        if (fx.ndim != 2 or fx.shape[1] != kw or fx.shape[0] == 0 or fy.ndim != 2 or fy.shape[1] != kh
+                or fy.shape[0] == 0):
+            raise InvalidInputError(f"separable_x/separable_y must be (n, {kw}) and (n, {kh}), got "
+                                    f"{fx.shape} and {fy.shape}")
+        if idx.ndim != 2 or idx.shape[1] != 2 or idx.shape[0] == 0 or not np.issubdtype(idx.dtype, np.integer):
+            raise InvalidInputError(f"raw_index must be a non-empty (n_raw, 2) integer array, got {idx.shape}")
+        idx = idx.astype(np.intp)
+        if (idx.min() < 0 or idx[:, 0].max() >= fx.shape[0] or idx[:, 1].max() >= fy.shape[0]):
+            raise InvalidInputError("raw_index refers to factors that do not exist")
+        if mix.shape != (idx.shape[0], nb):
+            raise InvalidInputError(f"mixing must be (n_raw, n_bases) = ({idx.shape[0]}, {nb}), got {mix.shape}")
+        if not (np.all(np.isfinite(fx)) and np.all(np.isfinite(fy)) and np.all(np.isfinite(mix))):
+            raise NonFiniteDataError("separable factors contain NaN or inf")
+        raw = fy[idx[:, 1], :, None] * fx[idx[:, 0], None, :]
+        recon = np.einsum("rhw,rm->mhw", raw, mix)
+        scale = max(float(np.abs(self.kernels).max()), np.finfo(np.float64).tiny)
+        err = float(np.abs(recon - self.kernels).max()) / scale
+        if not err <= 1e-9:  # round-off is ~1e-15; anything larger means mismatched factors
+            raise InvalidInputError(f"separable factors do not reproduce the kernels (max rel. error {err:.3g})")
+        for name, arr in (("separable_x", fx), ("separable_y", fy), ("raw_index", idx), ("mixing", mix)):
+            arr.setflags(write=False)
+            object.__setattr__(self, name, arr)
+
+    @property
+    def separable(self) -> bool:
+        """True when the separable factorization (``separable_x`` …) is available."""
+        return self.mixing is not None
 
     @property
     def n_bases(self) -> int:
@@ -168,6 +225,25 @@ def make_alard_lupton_basis(half_width: int, sigmas, degrees) -> np.ndarray:
     numpy.ndarray
         ``(sum_i (d_i+1)(d_i+2)/2, 2h+1, 2h+1)`` float64, renormalized.
     """
+    return _alard_lupton(half_width, sigmas, degrees)[0]
+
+
+def make_alard_lupton_kernel_basis(half_width: int, sigmas, degrees) -> KernelBasis:
+    """:func:`make_alard_lupton_basis` as a :class:`KernelBasis` with its separable factors.
+
+    Every raw function is ``G(u, v)·(u/h)^i·(v/h)^j`` with the unit-sum Gaussian
+    ``G = g(u)·g(v)`` (``g`` the unit-sum 1-D Gaussian), i.e. the outer product of the
+    y factor ``g(v)(v/h)^j`` and the x factor ``g(u)(u/h)^i``; renormalization makes
+    every ``B_m`` a linear combination of them (``mixing``).  The kernels are the same
+    array :func:`make_alard_lupton_basis` returns.
+    """
+    kernels, fx, fy, idx, mix = _alard_lupton(half_width, sigmas, degrees)
+    return KernelBasis(kernels, "alard-lupton", tuple(sigmas), tuple(degrees),
+                       separable_x=fx, separable_y=fy, raw_index=idx, mixing=mix)
+
+
+def _alard_lupton(half_width: int, sigmas, degrees):
+    """Kernels, x factors, y factors, raw index and mixing of the AL basis."""
     h, sigmas, degrees = int(half_width), [float(s) for s in sigmas], [int(d) for d in degrees]
     if (h < 1 or not sigmas or len(sigmas) != len(degrees) or min(degrees) < 0
             or not all(math.isfinite(s) and s > 0 for s in sigmas)):
@@ -176,14 +252,22 @@ def make_alard_lupton_basis(half_width: int, sigmas, degrees) -> np.ndarray:
     off = np.arange(-h, h + 1, dtype=np.float64)
     u, v = off[None, :], off[:, None]  # u = column offset = x, v = row offset = y
     us, vs = u / h, v / h  # the polynomial spans [-1, 1] across the stamp, not sigma units
-    raw = []
+    raw, factors, index = [], [], []
     for sig, deg in zip(sigmas, degrees):
         g = np.exp(-(u * u + v * v) / (2.0 * sig * sig))
         g /= g.sum()
+        # the same Gaussian as a product of two unit-sum 1-D Gaussians (x and y factors)
+        g1 = np.exp(-(off * off) / (2.0 * sig * sig))
+        g1 /= g1.sum()
+        first = len(factors)
+        factors.extend(g1 * (off / h) ** p for p in range(deg + 1))
         # afw PolynomialFunction2 term order: 1, x, y, x², xy, y², x³, x²y, xy², y³, ...
         for px, py in [(d - j, j) for d in range(deg + 1) for j in range(d + 1)]:
             raw.append(g * (us ** px) * (vs ** py))
-    return renormalize_kernel_list(np.stack(raw))
+            index.append((first + px, first + py))
+    kernels, mixing = _renormalize(np.stack(raw))
+    fac = np.stack(factors)
+    return kernels, fac, fac.copy(), np.array(index, dtype=np.intp), mixing
 
 
 def renormalize_kernel_list(kernels: np.ndarray) -> np.ndarray:
@@ -204,24 +288,34 @@ def renormalize_kernel_list(kernels: np.ndarray) -> np.ndarray:
     InvalidInputError
         Not 3-D, ``B_0`` sums to ~0, or a later kernel has zero norm.
     """
+    return _renormalize(kernels)[0]
+
+
+def _renormalize(kernels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`renormalize_kernel_list` and its linear map ``A`` (``(n, n)``):
+    ``out[m] = Σ_r A[r, m] kernels[r]`` (tracked step by step, so exact to round-off)."""
     k = np.array(kernels, dtype=np.float64, copy=True)
     if k.ndim != 3:
         raise InvalidInputError(f"kernels must be (n, height, width), got shape {k.shape}")
+    a = np.eye(k.shape[0])
     if k.shape[0] == 0:
-        return k
+        return k, a
     s0 = k[0].sum()
     if abs(s0) <= _KSUM_EPS:
         raise InvalidInputError("the first kernel sums to ~0 and cannot be normalized to unit sum")
     k[0] /= s0
+    a[:, 0] /= s0
     for i in range(1, k.shape[0]):
         s = k[i].sum()
         if abs(s) > _KSUM_EPS:
             k[i] = k[i] / s - k[0]
+            a[:, i] = a[:, i] / s - a[:, 0]
         norm = math.sqrt(float(np.sum(k[i] * k[i])))
         if norm == 0.0:
             raise InvalidInputError(f"kernel {i} has zero norm after renormalization")
         k[i] /= norm
-    return k
+        a[:, i] /= norm
+    return k, a
 
 
 # --- Delta function ------------------------------------------------------------------
@@ -253,7 +347,7 @@ def make_kernel_basis(config: Any, target_fwhm: float | None = None,
     kind = config.kernel_basis_set
     if kind == "alard-lupton":
         sigmas, degrees, size, _ = alard_lupton_parameters(config, target_fwhm, reference_fwhm)
-        return KernelBasis(make_alard_lupton_basis(size // 2, sigmas, degrees), kind, sigmas, degrees)
+        return make_alard_lupton_kernel_basis(size // 2, sigmas, degrees)
     if kind == "delta-function":
         size = int(config.kernel_size)
         if size < 1 or size % 2 == 0:

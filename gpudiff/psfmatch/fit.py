@@ -89,7 +89,7 @@ class _Stage:
         self.kernels = kern
         kshape = basis.kernels.shape[1:]
         fit_bg = config.fit_for_background
-        self.C = design_matrices(be, cands.template[sel], kern, fit_bg)
+        self.C = design_matrices(be, cands.template[sel], basis, fit_bg)
         self.sci = good_region(cands.science[sel], kshape)
         self.sci_var = good_region(cands.science_var[sel], kshape)
         self.tmpl_var = cands.template_var[sel]

@@ -1,8 +1,9 @@
 """Batched per-candidate kernel solutions (spec §2.2–§2.4).
 
 Every step works on all candidates at once: the basis correlations of every template stamp
-(batched FFTs), the normal matrices (one batched GEMM), the float64 solves (one batched LU,
-with an eigen pseudo-inverse for the singular ones), and the residual statistics.
+(separable 1-D correlations as GEMMs for Alard–Lupton bases, batched FFTs otherwise), the
+normal matrices (one batched GEMM), the float64 solves (one batched LU, with an eigen
+pseudo-inverse for the singular ones), and the residual statistics.
 """
 
 from __future__ import annotations
@@ -55,16 +56,106 @@ def valid_correlate(be: Backend, stamps: Any, kernels: Any, per_stamp: bool = Fa
     return xp.concatenate(outs, axis=0) if outs else xp.zeros((0,) + ((G, G) if per_stamp else (kernels.shape[0], G, G)))
 
 
-def design_matrices(be: Backend, template: Any, kernels: Any, fit_for_background: bool) -> Any:
+def design_matrices(be: Backend, template: Any, basis: Any, fit_for_background: bool) -> Any:
     """C of every candidate: (n, G², n_bases [+1]) — template ⊗ B_j on the good region,
-    plus a column of ones for the differential background."""
+    plus a column of ones for the differential background.
+
+    ``basis`` is a :class:`~gpudiff.psfmatch.basis.KernelBasis` or an ``(n_bases, k, k)``
+    kernel array.  A basis with a separable factorization (Alard–Lupton, built by
+    ``make_kernel_basis``) takes the separable path (1-D correlations as GEMMs,
+    :func:`_separable_design`); anything else the batched FFTs of :func:`valid_correlate`.
+    Both agree to float64 round-off.
+    """
     xp = be.xp
+    if getattr(basis, "mixing", None) is not None:
+        return _separable_design(be, template, basis, fit_for_background)
+    kernels = getattr(basis, "kernels", basis)
+    kernels = be.asarray(kernels, dtype=np.float64)
     conv = valid_correlate(be, template, kernels)  # (n, nb, G, G)
     n, nb, G, _ = conv.shape
     C = xp.moveaxis(conv.reshape(n, nb, G * G), 1, 2)
     if fit_for_background:
         C = xp.concatenate([C, xp.ones((n, G * G, 1), dtype=C.dtype)], axis=2)
     return xp.ascontiguousarray(C)
+
+
+#: Candidates per chunk of the separable design matrices, host / device: bounds the X and R
+#: temporaries (~0.2 MB per candidate for 43² stamps and the default 27 bases; small chunks
+#: stay in the CPU caches, large ones keep the GPU busy).
+_SEP_CHUNK = 32
+_SEP_CHUNK_GPU = 1024
+
+
+def _toeplitz(factors: np.ndarray, n_in: int) -> np.ndarray:
+    """``(n_f, n_out, n_in)`` banded matrices ``M[f, o, o + t] = factors[f, t]``: a 'valid'
+    1-D correlation of a length-``n_in`` signal with each factor is ``M[f] @ signal``."""
+    nf, k = factors.shape
+    n_out = n_in - k + 1
+    m = np.zeros((nf, n_out, n_in))
+    rows = np.arange(n_out)[:, None]
+    m[:, rows, rows + np.arange(k)[None, :]] = factors[:, None, :]
+    return m
+
+
+def _separable_design(be: Backend, template: Any, basis: Any, fit_for_background: bool) -> Any:
+    """Design matrices from the separable factors of ``basis`` (spec §2.2, §1.3).
+
+    With raw functions ``raw_r = outer(fy_{j_r}, fx_{i_r})`` and ``B_m = Σ_r A[r, m] raw_r``:
+
+    1. every stamp row is correlated with every x factor — one GEMM of the stamps,
+       as ``(n·S_y, S_x)``, with the stacked banded (Toeplitz) matrices of the factors;
+    2. for each x factor, the column correlations with the y factors of the raw functions
+       that use it — one batched GEMM per x factor (raw functions grouped by x factor);
+    3. ``C = R @ A``; the background column is then set to 1.
+
+    Every output is the same sum of products as the direct correlation (the zeros of the
+    banded matrices add exactly), so C matches the FFT path to float64 round-off.
+    """
+    xp = be.xp
+    fx = np.asarray(basis.separable_x, dtype=np.float64)
+    fy = np.asarray(basis.separable_y, dtype=np.float64)
+    idx = np.asarray(basis.raw_index)
+    mix = np.asarray(basis.mixing, dtype=np.float64)
+    n_raw, nb = mix.shape
+    n, Sy, Sx = template.shape
+    kh, kw = fy.shape[1], fx.shape[1]
+    Gy, Gx = Sy - kh + 1, Sx - kw + 1
+    nxf = fx.shape[0]
+    nc_out = nb + (1 if fit_for_background else 0)
+
+    # raw functions grouped by x factor (stable: afw order within a group)
+    order = np.argsort(idx[:, 0], kind="stable")
+    idx, mix = idx[order], mix[order]
+    a_ext = np.zeros((n_raw, nc_out))  # the background column (if any) is filled below
+    a_ext[:, :nb] = mix
+
+    # step 1 operand: (Sx, nxf·Gx), column f·Gx + c holds x factor f at output column c
+    tx = _toeplitz(fx, Sx)  # (nxf, Gx, Sx)
+    tx_all = be.asarray(np.ascontiguousarray(tx.transpose(2, 0, 1).reshape(Sx, nxf * Gx)))
+    ty = _toeplitz(fy, Sy)  # (nyf, Gy, Sy)
+    groups = []
+    for f in np.unique(idx[:, 0]):
+        r = np.flatnonzero(idx[:, 0] == f)  # contiguous after the sort
+        tyf = ty[idx[r, 1]].reshape(len(r) * Gy, Sy)
+        groups.append((int(f), int(r[0]), int(r[-1]) + 1, be.asarray(np.ascontiguousarray(tyf))))
+    a_dev = be.asarray(a_ext)
+    chunk = _SEP_CHUNK_GPU if be.is_gpu else _SEP_CHUNK
+
+    C = xp.empty((n, Gy * Gx, nc_out), dtype=np.float64)
+    for start in range(0, n, chunk):
+        t = be.asarray(template[start:start + chunk], dtype=np.float64)
+        m = t.shape[0]
+        # (1) row-wise correlations: X[i, y, f·Gx + c] = Σ_u T[i, y, c + u] fx_f[u]
+        X = xp.matmul(t.reshape(m * Sy, Sx), tx_all).reshape(m, Sy, nxf * Gx)
+        # (2) column-wise correlations of each raw function: R[i, r, y', c]
+        R = xp.empty((m, n_raw, Gy, Gx), dtype=np.float64)
+        for f, r0, r1, tyf in groups:
+            R[:, r0:r1] = xp.matmul(tyf, X[:, :, f * Gx:(f + 1) * Gx]).reshape(m, r1 - r0, Gy, Gx)
+        # (3) renormalization map: C[i, p, j] = Σ_r R[i, r, p] A[r, j]
+        xp.matmul(xp.swapaxes(R.reshape(m, n_raw, Gy * Gx), 1, 2), a_dev, out=C[start:start + m])
+    if fit_for_background:
+        C[:, :, nb] = 1.0
+    return C
 
 
 def good_region(stamps: Any, kernel_shape) -> Any:

@@ -15,6 +15,7 @@ from astropy.table import Table
 from ..backend import Backend, resolve_backend
 from ..errors import InvalidInputError
 from ..image import Exposure, MaskedImage
+from ..ops.cosmic_rays import find_cosmic_rays
 from ..ops.detection import detect_sources
 from ..ops.photometry import forced_psf_flux
 
@@ -39,6 +40,7 @@ class DetectAndMeasureConfig:
     polarity: str = "both"
     do_subtract_background: bool = True
     dipole_separation_fwhm: float = 1.5
+    find_cosmic_rays: bool = True
     flag_planes: tuple[str, ...] = ("BAD", "SAT", "CR", "EDGE", "NO_DATA", "SUSPECT", "INTRP")
 
     def __post_init__(self):
@@ -79,11 +81,22 @@ class DetectAndMeasureTask:
                               smooth=self.smooth, bad_planes=("NO_DATA", "EDGE"), background="estimate" if cfg.do_subtract_background else None,
                               flag_planes=cfg.flag_planes, backend=self.backend)
 
+    def _mark_cosmic_rays(self, diff: MaskedImage, psf) -> MaskedImage:
+        """Set the CR plane where the difference is sharper than its PSF (LSST finds and
+        keeps CRs on the difference: masked, not interpolated)."""
+        if not self.config.find_cosmic_rays:
+            return diff
+        cr = find_cosmic_rays(diff, psf, backend=self.backend)
+        planes = diff.mask_planes.copy()
+        bit = planes.add("CR")
+        mask = diff.mask | (cr.astype(diff.mask.dtype) << bit)
+        return MaskedImage(diff.image, diff.variance, mask, xy0=diff.xy0, mask_planes=planes, backend=diff.backend)
+
     def run(self, difference: Exposure) -> DetectAndMeasureResult:
         """Detect on ``difference`` and measure there."""
         if difference.psf is None:
             raise InvalidInputError("the difference exposure has no PSF to detect and measure with")
-        diff = self._clean(difference)
+        diff = self._mark_cosmic_rays(self._clean(difference), difference.psf)
         det = self._detect(diff, difference.psf)
         return self._finish(difference, diff, det)
 
@@ -98,6 +111,8 @@ class DetectAndMeasureTask:
         out["flag_masked"] = cat["flag_masked"]
         out["flag_saturated"] = cat["flag_saturated"]
         out["masked_planes"] = cat["masked_planes"]
+        cr_bit = det.mask_planes.bitmask_if_present("CR")
+        out["flag_cr"] = (np.asarray(cat["mask_center"]) & cr_bit) != 0 if cr_bit else np.zeros(len(cat), bool)
         out["flag_dipole"] = _dipoles(out, difference.psf.fwhm() * self.config.dipole_separation_fwhm)
         measured = Exposure(MaskedImage(diff.image, diff.variance, det.mask, xy0=diff.xy0,
                                         mask_planes=det.mask_planes, backend=diff.backend),
@@ -120,7 +135,7 @@ class DetectAndMeasureScoreTask(DetectAndMeasureTask):
             raise InvalidInputError("DetectAndMeasureScoreTask needs the score image")
         if score.bbox != difference.bbox:
             raise InvalidInputError(f"score box {score.bbox} differs from difference box {difference.bbox}")
-        diff = self._clean(difference)
+        diff = self._mark_cosmic_rays(self._clean(difference), difference.psf)
         sc = self._clean(score)
         det = self._detect(sc, score.psf)
         # Measure on the difference: forced PSF photometry at the score's peaks.

@@ -18,7 +18,7 @@ from astropy.table import Table
 
 from ..backend import Backend, resolve_backend
 from ..errors import InsufficientKernelSourcesError, InvalidInputError, NoWorkFound, PsfError, ShapeMismatchError
-from ..image import Box, Exposure, ImagePsf, MaskedImage, evaluate_mean_fwhm
+from ..image import Box, Exposure, GridPsf, ImagePsf, MaskedImage, evaluate_mean_fwhm
 from ..ops.convolution import correlate
 from ..ops.detection import detect_sources, select_kernel_sources
 from ..psfmatch import PsfMatchConfig, fit_spatial_kernel, make_candidates, make_kernel_basis
@@ -341,18 +341,27 @@ class AlardLuptonSubtractTask:
             raise
 
 
-def decorrelated_psf(psf, correction_kernel: np.ndarray) -> ImagePsf:
+def decorrelated_psf(psf, correction_kernel: np.ndarray):
     """The PSF of the decorrelated difference: PSF ⊗ correction filter, unit sum.
 
     Departure from current LSST (spec §5.4, where the update is disabled pending
     DM-47461): decorrelation sharpens point sources, and PSF photometry with the
     undecorrelated PSF then overestimates fluxes (measured +13 % for equal template and
     science depths).  The filter is real and even, so correlating with it is convolving.
+    A spatially varying :class:`~gpudiff.image.GridPsf` stays one (each node filtered);
+    any other model becomes an :class:`~gpudiff.image.ImagePsf` at its average position.
     """
-    k = np.asarray(psf.kernel_image(), dtype=np.float64)
     h = correction_kernel.shape[0] // 2
-    new = np.asarray(correlate(np.pad(k, h), correction_kernel, "numpy", dtype=np.float64))
-    return ImagePsf(new / new.sum(), average_position=psf.average_position)
+
+    def filt(img):
+        new = np.asarray(correlate(np.pad(np.asarray(img, np.float64), h), correction_kernel, "numpy",
+                                   dtype=np.float64))
+        return new / new.sum()
+
+    if isinstance(psf, GridPsf):
+        imgs = np.array([[filt(im) for im in row] for row in psf.images])
+        return GridPsf(imgs, psf.xs, psf.ys)
+    return ImagePsf(filt(psf.kernel_image()), average_position=psf.average_position)
 
 
 def _normalize_sources(sources: Any) -> Table:
@@ -361,6 +370,11 @@ def _normalize_sources(sources: Any) -> Table:
     for c in ("x", "y"):
         if c not in t.colnames:
             raise InvalidInputError(f"kernel source table has no {c!r} column (columns: {t.colnames})")
+    if "n_peaks" in t.colnames:
+        # LSST's doIsolated means "not blended" (parent == 0 and no deblended children):
+        # a footprint with a single peak.  Neighbours inside a stamp are in both images
+        # and are matched by the kernel like the star itself.
+        t["isolated"] = np.asarray(t["n_peaks"]) == 1
     if "snr" not in t.colnames:
         for f, e in (("psf_flux", "psf_flux_err"), ("flux", "flux_err"), ("inst_flux", "inst_flux_err")):
             if f in t.colnames and e in t.colnames:
