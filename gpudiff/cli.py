@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "info": "info",
     "demo": "demo",
     "subtract": "subtract",
+    "match-psf": "match_psf",
 }
 
 

@@ -8,6 +8,7 @@ from .detect_and_measure import (
     DetectAndMeasureTask,
 )
 from .image_psf_match import ImagePsfMatchConfig, ImagePsfMatchResult, ImagePsfMatchTask
+from .model_psf_match import ModelPsfMatchConfig, ModelPsfMatchResult, ModelPsfMatchTask
 from .preconvolve import (
     AlardLuptonPreconvolveSubtractConfig,
     AlardLuptonPreconvolveSubtractTask,
@@ -31,6 +32,9 @@ __all__ = [
     "ImagePsfMatchConfig",
     "ImagePsfMatchResult",
     "ImagePsfMatchTask",
+    "ModelPsfMatchConfig",
+    "ModelPsfMatchResult",
+    "ModelPsfMatchTask",
     "PreconvolveResult",
     "ScaleVarianceConfig",
     "ScaleVarianceFactors",
