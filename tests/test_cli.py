@@ -34,10 +34,11 @@ def test_demo_writes_a_readable_pair(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--size", "256", "--seed", "2", "--backend", "numpy"]) == 0
     text = capsys.readouterr().out
-    assert "not yet available" in text  # says what it does not do yet
+    assert "AlardLuptonSubtractTask" in text and "DIA sources" in text
     sci = Exposure.read(out / "science.fits")
     tmpl = Exposure.read(out / "template.fits")
     assert sci.shape[0] >= 128 and tmpl.psf is not None and sci.psf is not None
+    assert len(Table.read(out / "dia_sources.ecsv")) >= 1
     truth = Table.read(out / "truth.ecsv")
     assert len(truth) > 0
     diff = Exposure.read(out / "difference.fits")

@@ -137,6 +137,13 @@ class DetectAndMeasureScoreTask(DetectAndMeasureTask):
             raise InvalidInputError(f"score box {score.bbox} differs from difference box {difference.bbox}")
         diff = self._mark_cosmic_rays(self._clean(difference), difference.psf)
         sc = self._clean(score)
+        # Cosmic rays are found on the difference and ORed into the score mask (spec §4.3).
+        cr = diff.mask_planes.bitmask_if_present("CR")
+        if cr:
+            planes = sc.mask_planes.merge(diff.mask_planes)
+            xp = sc.backend.xp
+            m = planes.conform(sc.mask, sc.mask_planes, xp) | planes.conform(diff.mask & cr, diff.mask_planes, xp)
+            sc = MaskedImage(sc.image, sc.variance, m, xy0=sc.xy0, mask_planes=planes, backend=sc.backend)
         det = self._detect(sc, score.psf)
         # Measure on the difference: forced PSF photometry at the score's peaks.
         if len(det.catalog):
