@@ -138,6 +138,8 @@ def _write_xy0(header, xy0) -> None:
 def _read_wcs(path: str, header, hdul=None):
     """The 2-D celestial WCS of ``header`` or ``None``; an unparsable WCS is ignored, with a warning."""
     from astropy.wcs import WCS
+    if not any(k in header for k in ("CTYPE1", "CRVAL1", "CD1_1", "PC1_1")):
+        return None  # no primary WCS (only the 'A' pixel-offset WCS, or none at all)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # FITSFixedWarning chatter on real headers

@@ -109,10 +109,13 @@ class AlardLuptonPreconvolveSubtractTask(AlardLuptonSubtractTask):
         bg = kernel.background_image(box, be) if cfg.do_subtract_background else None
         score = ms.subtract(mt, bg)
         score_exp = Exposure(score, science.psf, science.wcs, science.photo_calib, science.metadata)
-        dec = DecorrelateALKernelTask(backend=be).run(
-            science, template.subimage(box), score_exp, kernel, template_matched=True,
-            pre_conv_mode=True, pre_conv_kernel=pk)
-        out = dec.corrected_exposure.masked_image
+        if cfg.do_decorrelation:
+            dec = DecorrelateALKernelTask(backend=be).run(
+                science, template.subimage(box), score_exp, kernel, template_matched=True,
+                pre_conv_mode=True, pre_conv_kernel=pk)
+            out = dec.corrected_exposure.masked_image
+        else:
+            out = score
         # EDGE outside the region where the matched filter saw the whole PSF (step 10),
         # grown by the matching kernel's half-width: the decorrelation filter's tails carry
         # the copied (unfiltered) edge a few pixels inwards, where it made false 5σ

@@ -8,6 +8,7 @@ exposure's flux units, and decorrelation.  Tasks never touch files.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -160,6 +161,9 @@ class AlardLuptonSubtractTask:
             raise ShapeMismatchError(
                 f"the template box {template.bbox} must contain the science box {science.bbox}; "
                 "warp the template onto the science pixel grid first (gpudiff.ops.warp_exposure)")
+        bands = [e.metadata.get("BAND", e.metadata.get("FILTER")) for e in (science, template)]
+        if None not in bands and str(bands[0]).strip() != str(bands[1]).strip():
+            raise InvalidInputError(f"science band {bands[0]!r} and template band {bands[1]!r} differ")
         for name, exp in (("science", science), ("template", template)):
             if exp.psf is None:
                 raise PsfError(f"the {name} exposure has no PSF and gpudiff does not guess one "
@@ -303,6 +307,10 @@ class AlardLuptonSubtractTask:
             diff = MaskedImage(diff.image - bg, diff.variance, diff.mask, xy0=diff.xy0,
                                mask_planes=diff.mask_planes, backend=be)
         meta["time_convolution"] = time.perf_counter() - t1
+        # LSST returns the background with all parameters negated when the science was
+        # convolved (spec §4.2 step 13): it is then a model of template − science.
+        background_model = kernel if conv_template or kernel.background_coefficients is None else \
+            dataclasses.replace(kernel, background_coefficients=-kernel.background_coefficients)
         difference = Exposure(diff, psf, science.wcs, science.photo_calib, science.metadata)
         if cfg.do_decorrelation:
             t1 = time.perf_counter()
@@ -319,7 +327,7 @@ class AlardLuptonSubtractTask:
                     template_fwhm=t_fwhm, science_fwhm=s_fwhm, time_total=time.perf_counter() - t0)
         return SubtractionResult(
             difference=difference, matched_template=matched_template, matched_science=matched_science,
-            background_model=kernel if cfg.do_subtract_background else None, psf_matching_kernel=kernel,
+            background_model=background_model if cfg.do_subtract_background else None, psf_matching_kernel=kernel,
             kernel_sources=fit.candidate_table(), mode=mode, kernel_fit=fit, metadata=meta)
 
     def _fit(self, conv: Exposure, ref: Exposure, sel: Table, fwhms, template: Exposure,
@@ -384,4 +392,7 @@ def _normalize_sources(sources: Any) -> Table:
         else:
             raise InvalidInputError("kernel source table needs an 'snr' column or flux and flux-error "
                                     "columns (psf_flux/psf_flux_err or flux/flux_err)")
+    if "psf_flux" not in t.colnames or "psf_flux_err" not in t.colnames:
+        # The selector ranks and cuts on S/N only; give it flux columns that carry it.
+        t["psf_flux"], t["psf_flux_err"] = np.asarray(t["snr"], dtype=float), np.ones(len(t))
     return t
