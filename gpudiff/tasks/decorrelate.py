@@ -295,13 +295,7 @@ class DecorrelateALKernelTask:
         if template_matched:
             var_mean, target_mean, plane1, plane2 = svar, tvar, sci.variance, tmpl.variance
         else:
-            # The subtraction computed D = S⊗κ/kSum − T, i.e. (S⊗κ − kSum·T)/kSum: the
-            # unconvolved image of the §5.1 formula is kSum·T, of variance kSum²·σ_T².
-            # Departure from LSST, which uses σ_T² here and so is exact only for kSum ≈ 1
-            # (spec §5.2): with kSum = 1/1.05 its variance plane was 8 % high, measured.
-            k2sum = ksum * ksum
-            var_mean, target_mean = tvar * k2sum, svar
-            plane1, plane2 = tmpl.variance * np.float32(k2sum), sci.variance
+            var_mean, target_mean, plane1, plane2 = tvar, svar, tmpl.variance, sci.variance
         if not (var_mean > 0 and target_mean >= 0):
             raise InvalidVarianceError(
                 f"decorrelation needs positive variance means, got science {svar:.4g}, template {tvar:.4g}")
@@ -348,7 +342,8 @@ class DecorrelateALKernelTask:
         else:
             new_var = plane1.astype(np.float64) * w1 + plane2.astype(np.float64) * w2
         if not template_matched:
-            # Back to the units of D = (S⊗κ − kSum·T)/kSum.
+            # The subtraction divided the difference by kSum; LSST scales the whole plane
+            # (template term included) by 1/kSum², and so do we.
             new_var = new_var / (ksum * ksum)
 
         out_mi = MaskedImage(new_img.astype(np.float32), new_var.astype(np.float32), diff.mask,

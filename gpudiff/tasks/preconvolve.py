@@ -94,6 +94,9 @@ class AlardLuptonPreconvolveSubtractTask(AlardLuptonSubtractTask):
         k_size = make_kernel_basis(cfg.make_kernel, t_fwhm, matched_size).size
         # Sources are detected and measured on the science image itself (LSST passes a catalog
         # measured there); the preconvolved image is broader than its PSF attribute.
+        if sources is None:
+            sources = meta.pop("science_detections", None)
+        meta.pop("science_detections", None)
         sel = self.select_sources(science, template, sources, k_size, 2 * k_size)
         box = science.bbox
         inner = Box(box.x0 + half, box.y0 + half, box.x1 - half, box.y1 - half)

@@ -177,14 +177,16 @@ class AlardLuptonSubtractTask:
             raise NoWorkFound(f"template covers {cov:.1%} of the science image, less than "
                               f"required_template_fraction={cfg.required_template_fraction:.0%}")
         if cfg.do_scale_variance:
-            template, tfac = self._scale_variance(template)
-            science, sfac = self._scale_variance(science)
+            template, tfac, _ = self._scale_variance(template)
+            science, sfac, cat = self._scale_variance(science)
+            # Reused for kernel-source selection (one detection of the science, not two).
+            meta["science_detections"] = cat
             meta["scale_template_variance_factor"] = tfac
             meta["scale_science_variance_factor"] = sfac
         template, science = update_masks(template, science, cfg.rename_template_mask, cfg.preserve_template_mask)
         return template, science, meta
 
-    def _scale_variance(self, exp: Exposure) -> tuple[Exposure, float]:
+    def _scale_variance(self, exp: Exposure) -> tuple[Exposure, float, Table | None]:
         """ScaleVarianceTask's factor, applied to a copy of the exposure.
 
         LSST inputs carry DETECTED masks, which ScaleVariance ignores.  When an input has no
@@ -194,17 +196,23 @@ class AlardLuptonSubtractTask:
         image as it comes).
         """
         mi = exp.masked_image
-        probe = mi
+        probe, catalog = mi, None
         det_bit = mi.mask_planes.bitmask_if_present("DETECTED")
         if not det_bit or not bool((mi.mask & det_bit).any()):
-            det = detect_sources(mi, exp.psf, threshold=5.0, polarity="both", background="estimate",
-                                 backend=self.backend)
+            det = detect_sources(mi, exp.psf, threshold=self.config.detection_threshold, polarity="both",
+                                 background="estimate", backend=self.backend)
             probe = MaskedImage(mi.image, mi.variance, det.mask, xy0=mi.xy0, mask_planes=det.mask_planes,
                                 backend=self.backend)
+            catalog = det.catalog
         factor = float(ScaleVarianceTask(backend=self.backend).run(probe))
         scaled = MaskedImage(mi.image, mi.variance * np.float32(factor), mi.mask, xy0=mi.xy0,
                              mask_planes=mi.mask_planes, backend=self.backend)
-        return Exposure(scaled, exp.psf, exp.wcs, exp.photo_calib, exp.metadata), factor
+        if catalog is not None and len(catalog):
+            # Measured with the unscaled variance: put the errors on the scaled footing.
+            root = float(np.sqrt(factor))
+            catalog["psf_flux_err"] = np.asarray(catalog["psf_flux_err"]) * root
+            catalog["snr"] = np.asarray(catalog["snr"]) / root
+        return Exposure(scaled, exp.psf, exp.wcs, exp.photo_calib, exp.metadata), factor, catalog
 
     # --- sources -----------------------------------------------------------------------
     def select_sources(self, science: Exposure, template: Exposure, sources: Any, kernel_size: int,
@@ -272,6 +280,9 @@ class AlardLuptonSubtractTask:
         # Stamp size from the basis LSST would build (spec §4.2 step 9.2).
         k_size = make_kernel_basis(cfg.make_kernel, t_fwhm, matched_size).size
         t1 = time.perf_counter()
+        if sources is None:
+            sources = meta.pop("science_detections", None)
+        meta.pop("science_detections", None)
         sel = self.select_sources(science, template, sources, k_size, k_size)
         meta["time_source_selection"] = time.perf_counter() - t1
         tmpl_on_sci = template.subimage(science.bbox)
@@ -297,9 +308,16 @@ class AlardLuptonSubtractTask:
             ms = MaskedImage(ms.image / np.float32(norm), ms.variance / np.float32(norm * norm), ms.mask,
                              xy0=ms.xy0, mask_planes=ms.mask_planes, backend=be)
             matched_science = Exposure(ms, template.psf, science.wcs, science.photo_calib, science.metadata)
-            matched_template = Exposure(tmpl_on_sci.masked_image, template.psf, science.wcs,
-                                        science.photo_calib, template.metadata)
-            diff = ms.subtract(tmpl_on_sci.masked_image)
+            # K maps science to template flux units (ΣK = template/science flux ratio), so
+            # the template is divided by ΣK too: D = (S⊗K − T)/ΣK is in science units, as in
+            # the legacy ImagePsfMatchTask.  (LSST's subtractImages subtracts T as it is,
+            # which is right only for ΣK ≈ 1, i.e. calibrated inputs; its decorrelation
+            # formula, spec §5.2, assumes D = (S⊗K − T)/ΣK.)
+            t = tmpl_on_sci.masked_image
+            t = MaskedImage(t.image / np.float32(norm), t.variance / np.float32(norm * norm), t.mask,
+                            xy0=t.xy0, mask_planes=t.mask_planes, backend=be)
+            matched_template = Exposure(t, template.psf, science.wcs, science.photo_calib, template.metadata)
+            diff = ms.subtract(t)
             psf = template.psf
         if cfg.do_subtract_background:
             sign = 1.0 if conv_template else -1.0 / kernel.kernel_sum()
