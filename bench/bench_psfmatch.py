@@ -132,9 +132,9 @@ def run_backend(name: str, args, pair, xs, ys, rows: list):
     sci_var = good_region(cands.science_var, kshape)
     var_sum = sci_var + good_region(cands.template_var, kshape)
 
-    t_design = median_time(be, lambda: design_matrices(be, cands.template, kern, True), args.repeat)
+    t_design = median_time(be, lambda: design_matrices(be, cands.template, basis, True), args.repeat)
     add(f"design matrices ({n}×27 basis correlations)", t_design)
-    C = design_matrices(be, cands.template, kern, True)
+    C = design_matrices(be, cands.template, basis, True)
     t_solve = median_time(be, lambda: fit_stamps(be, C, sci, var_sum, sums, fit_for_background=True),
                         args.repeat)
     add(f"normal equations + solves ({n} × 28²)", t_solve)
