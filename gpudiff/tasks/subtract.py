@@ -21,6 +21,7 @@ from ..backend import Backend, resolve_backend
 from ..errors import InsufficientKernelSourcesError, InvalidInputError, NoWorkFound, PsfError, ShapeMismatchError
 from ..image import Box, Exposure, GridPsf, ImagePsf, MaskedImage, evaluate_mean_fwhm
 from ..ops.convolution import correlate
+from ..ops.cosmic_rays import find_cosmic_rays
 from ..ops.detection import detect_sources, select_kernel_sources
 from ..psfmatch import PsfMatchConfig, fit_spatial_kernel, make_candidates, make_kernel_basis
 from ..psfmatch.fit import KernelFit
@@ -67,6 +68,7 @@ class AlardLuptonSubtractConfig:
     preserve_mask_planes: tuple[str, ...] = ("INJECTED", "INJECTED_CORE", "INJECTED_TEMPLATE",
                                              "INJECTED_CORE_TEMPLATE")
     allow_kernel_source_detection: bool = False
+    find_science_cosmic_rays: bool = True
     source_snr_min: float = 10.0
     source_snr_max: float = 500.0
     detection_threshold: float = 5.0
@@ -184,7 +186,31 @@ class AlardLuptonSubtractTask:
             meta["scale_template_variance_factor"] = tfac
             meta["scale_science_variance_factor"] = sfac
         template, science = update_masks(template, science, cfg.rename_template_mask, cfg.preserve_template_mask)
+        if cfg.find_science_cosmic_rays:
+            science = self._mask_cosmic_rays(science)
         return template, science, meta
+
+    def _mask_cosmic_rays(self, science: Exposure) -> Exposure:
+        """Set the CR plane on a science image that arrives with none.
+
+        LSST's calexps come with cosmic rays found (and interpolated) by
+        calibrateImage; a plain FITS or a simulation does not.  Once the science is
+        convolved (convolveScience) a cosmic ray is smeared into a PSF-like blob that no
+        sharpness test can recognise, so they are found here, before any convolution,
+        and the CR bits travel (dilated) into the difference.
+        """
+        mi = science.masked_image
+        cr_bit = mi.mask_planes.bitmask_if_present("CR")
+        if cr_bit and bool((mi.mask & cr_bit).any()):
+            return science
+        cr = find_cosmic_rays(mi, science.psf, backend=self.backend)
+        if not bool(cr.any()):
+            return science
+        planes = mi.mask_planes.copy()
+        bit = planes.add("CR")
+        m = MaskedImage(mi.image, mi.variance, mi.mask | (cr.astype(mi.mask.dtype) << bit), xy0=mi.xy0,
+                        mask_planes=planes, backend=self.backend)
+        return Exposure(m, science.psf, science.wcs, science.photo_calib, science.metadata)
 
     def _scale_variance(self, exp: Exposure) -> tuple[Exposure, float, Table | None]:
         """ScaleVarianceTask's factor, applied to a copy of the exposure.
