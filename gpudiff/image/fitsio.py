@@ -4,9 +4,8 @@ The layout written is LSST's: a data-less primary HDU (metadata, ``PHOTCAL`` = n
 image unit, ``PHOTCALE``); ``IMAGE`` (float32, with the WCS and xy0 as ``LTV1/LTV2`` =
 −x0, −y0 and as LSST's 'A' pixel WCS: ``CTYPE1A = 'LINEAR'``, ``CRVAL1A`` = x0);
 ``MASK`` (int32, ``MP_<NAME> = bit`` cards, ``HIERARCH`` when long); ``VARIANCE``
-(float32); ``PSF`` (+ ``PSFGRID``, see :func:`psf_to_hdus`).  Arrays leave this module
-native-endian (FITS is big-endian, CuPy cannot take that); astropy objects never hold
-device arrays (design rules).
+(float32); ``PSF`` (+ ``PSFGRID``, see :func:`psf_to_hdus`).  Arrays leave this module native-endian
+(FITS is big-endian, CuPy cannot take that); astropy objects never hold device arrays.
 """
 
 from __future__ import annotations
