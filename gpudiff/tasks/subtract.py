@@ -179,8 +179,8 @@ class AlardLuptonSubtractTask:
             raise NoWorkFound(f"template covers {cov:.1%} of the science image, less than "
                               f"required_template_fraction={cfg.required_template_fraction:.0%}")
         if cfg.do_scale_variance:
-            template, tfac, _ = self._scale_variance(template)
-            science, sfac, cat = self._scale_variance(science)
+            template, tfac, _ = self._scale_variance(template, need_catalog=False)
+            science, sfac, cat = self._scale_variance(science, need_catalog=True)
             # Reused for kernel-source selection (one detection of the science, not two).
             meta["science_detections"] = cat
             meta["scale_template_variance_factor"] = tfac
@@ -212,7 +212,7 @@ class AlardLuptonSubtractTask:
                         mask_planes=planes, backend=self.backend)
         return Exposure(m, science.psf, science.wcs, science.photo_calib, science.metadata)
 
-    def _scale_variance(self, exp: Exposure) -> tuple[Exposure, float, Table | None]:
+    def _scale_variance(self, exp: Exposure, need_catalog: bool) -> tuple[Exposure, float, Table | None]:
         """ScaleVarianceTask's factor, applied to a copy of the exposure.
 
         LSST inputs carry DETECTED masks, which ScaleVariance ignores.  When an input has no
@@ -224,12 +224,15 @@ class AlardLuptonSubtractTask:
         mi = exp.masked_image
         probe, catalog = mi, None
         det_bit = mi.mask_planes.bitmask_if_present("DETECTED")
-        if not det_bit or not bool((mi.mask & det_bit).any()):
+        if (not det_bit or not bool((mi.mask & det_bit).any())) and need_catalog:
+            # The science's detections are reused for kernel-source selection.
             det = detect_sources(mi, exp.psf, threshold=self.config.detection_threshold, polarity="both",
                                  background="estimate", backend=self.backend)
             probe = MaskedImage(mi.image, mi.variance, det.mask, xy0=mi.xy0, mask_planes=det.mask_planes,
                                 backend=self.backend)
             catalog = det.catalog
+        elif not det_bit or not bool((mi.mask & det_bit).any()):
+            probe = _with_source_mask(mi, exp.psf)
         factor = float(ScaleVarianceTask(backend=self.backend).run(probe))
         scaled = MaskedImage(mi.image, mi.variance * np.float32(factor), mi.mask, xy0=mi.xy0,
                              mask_planes=mi.mask_planes, backend=self.backend)
@@ -391,6 +394,22 @@ class AlardLuptonSubtractTask:
                     f"the kernel fit failed and the template covers only {cov:.1%} of the science "
                     f"image (< {cfg.min_template_fraction_for_expected_success:.0%})") from None
             raise
+
+
+def _with_source_mask(mi: MaskedImage, psf) -> MaskedImage:
+    """``mi`` with DETECTED set on pixels more than 5σ from the median, grown by ~2 FWHM:
+    a cheap source mask, enough for ScaleVariance (which only needs sources excluded)."""
+    xp = mi.backend.xp
+    finite = xp.isfinite(mi.image) & xp.isfinite(mi.variance) & (mi.variance > 0)
+    med = xp.median(mi.image[finite]) if bool(finite.any()) else 0.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        on = finite & (xp.abs(mi.image - med) > 5.0 * xp.sqrt(mi.variance))
+    r = max(2, int(round(2 * psf.fwhm())))
+    grown = mi.backend.ndimage.maximum_filter(on.astype(np.uint8), size=2 * r + 1) > 0
+    planes = mi.mask_planes.copy()
+    bit = planes.add("DETECTED")
+    return MaskedImage(mi.image, mi.variance, mi.mask | (grown.astype(mi.mask.dtype) << bit), xy0=mi.xy0,
+                       mask_planes=planes, backend=mi.backend)
 
 
 def decorrelated_psf(psf, correction_kernel: np.ndarray):
