@@ -31,6 +31,36 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="override one config field (dotted for nested, repeatable)")
 
 
+def ensure_psf(exposure, path: str, log=print):
+    """The exposure with a PSF: its own, else one estimated from its stars, else (with a
+    warning) a Gaussian of the header's ``FWHM`` card in pixels; a PsfError otherwise."""
+    from ..errors import PsfError
+    from ..image import Exposure, GaussianPsf, estimate_psf
+
+    if exposure.psf is not None:
+        return exposure
+    errors = []
+    for kw in ({}, {"kernel_size": 25, "min_stars": 3}):  # the second fits small cutouts
+        try:
+            psf = estimate_psf(exposure, **kw)
+            log(f"  {path}: no PSF in the file; estimated one from its stars (FWHM {psf.fwhm():.2f} px)")
+            break
+        except PsfError as exc:
+            errors.append(str(exc))
+    else:
+        fwhm = exposure.metadata.get("FWHM")
+        try:
+            fwhm = float(fwhm)
+        except (TypeError, ValueError):
+            fwhm = None
+        if not fwhm or not fwhm > 0:
+            raise PsfError(f"{path}: no PSF in the file and none could be estimated ({errors[-1]})")
+        psf = GaussianPsf(fwhm=fwhm)
+        log(f"  warning: {path}: no PSF in the file and too few stars to estimate one; using a "
+            f"Gaussian of the header's FWHM = {fwhm:.2f} px")
+    return Exposure(exposure.masked_image, psf, exposure.wcs, exposure.photo_calib, exposure.metadata)
+
+
 def _header(res, backend, timings: dict) -> dict:
     m = res.metadata
     cards = {
@@ -71,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     science = read_exposure(args.science, backend=be)
     template = read_exposure(args.template, backend=be)
+    science, template = ensure_psf(science, args.science), ensure_psf(template, args.template)
     timings["read"] = time.perf_counter() - t
     if not template.bbox.contains(science.bbox) or (
             template.wcs is not None and science.wcs is not None

@@ -335,7 +335,11 @@ def detect_sources(mi: MaskedImage | Exposure, psf: Psf | None = None, *, thresh
     sigma_w, stamp, kimg = 1.5, 13, None
     if psf is not None:
         kimg = np.asarray(psf.kernel_image(cxp, cyp), dtype=np.float64)
-        sigma_w, stamp = math.sqrt(0.5 * sum(psf.moments(cxp, cyp)[:2])), kimg.shape[0]
+        sigma_w = math.sqrt(0.5 * sum(psf.moments(cxp, cyp)[:2]))
+        # Measurement stamps span ±10σ of the PSF core (at least 25 px), not the whole model
+        # image: a 205² WebbPSF made per-source stamps cost minutes.  PSF fluxes then
+        # measure the flux inside the stamp (wings beyond 10σ are a few % for JWST).
+        stamp = min(kimg.shape[0], max(25, 2 * int(math.ceil(10 * sigma_w)) + 1))
     s, v = (correlate(d, kimg, be), correlate(var, kimg * kimg, be)) if smooth else (d, var)
     # FFT rounding leaves ~1e-7·max residue where the variance is zero: not data.
     vmin = 1e-6 * float(xp.max(v)) if v.size else 0.0
