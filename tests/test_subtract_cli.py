@@ -236,3 +236,21 @@ def test_sources_catalog(pair_files, tmp_path, capsys):
     snr = np.asarray(cat["psf_flux"]) / np.asarray(cat["psf_flux_err"])
     assert 3 <= hdr["GDNSRC"] <= int(((snr >= 10) & (snr <= 500)).sum())
     assert math.isfinite(hdr["GDKSUM"])
+
+
+def test_plots_are_valid_pngs(pair_files, tmp_path):
+    """--plots writes the kernel grid and the residual histogram as readable PNG files."""
+    import zlib
+
+    _, sci, tmpl, _ = pair_files
+    out, pdir = tmp_path / "d.fits", tmp_path / "plots"
+    assert main(["subtract", str(sci), str(tmpl), "-o", str(out), "--plots", str(pdir), "--no-detect",
+                 "--backend", "numpy"]) == 0
+    for name in ("kernel_grid.png", "residual_histogram.png"):
+        data = (pdir / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        i = data.index(b"IDAT")
+        n = int.from_bytes(data[i - 4:i], "big")
+        raw = zlib.decompress(data[i + 4:i + 4 + n])
+        assert len(raw) == h * (1 + 3 * w) and w > 50 and h > 50

@@ -25,6 +25,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sources-out", help="write the DIA source catalog here (ECSV or FITS)")
     parser.add_argument("--matched-template-out", help="write the PSF-matched template here")
     parser.add_argument("--no-detect", action="store_true", help="skip DIA source detection")
+    parser.add_argument("--plots", metavar="DIR",
+                        help="write diagnostic PNGs here: kernel_grid.png, residual_histogram.png")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--config", help="JSON or TOML file of task config fields")
     parser.add_argument("--set", action="append", metavar="FIELD=VALUE",
@@ -157,6 +159,17 @@ def run(args: argparse.Namespace) -> int:
     if dia is not None and args.sources_out:
         fmt = "fits" if str(args.sources_out).lower().endswith((".fits", ".fit")) else "ascii.ecsv"
         dia.write(args.sources_out, format=fmt, overwrite=args.overwrite)
+    if args.plots:
+        import numpy as np
+
+        from ._plots import kernel_grid_png, residual_histogram_png
+
+        pdir = Path(args.plots)
+        pdir.mkdir(parents=True, exist_ok=True)
+        kernel_grid_png(pdir / "kernel_grid.png", res.psf_matching_kernel, science.bbox)
+        mi = result_exp.masked_image.to_numpy()
+        good = mi.good_pixels(("NO_DATA", "EDGE", "SAT", "BAD", "CR", "DETECTED", "DETECTED_NEGATIVE"))
+        residual_histogram_png(pdir / "residual_histogram.png", (mi.image / np.sqrt(mi.variance))[good])
     timings["write"] = time.perf_counter() - t
     m = res.metadata
     print(f"gpudiff subtract: {m.get('mode')} on {be.name}; kernel sum {m.get('kernel_sum', float('nan')):.4f}; "
