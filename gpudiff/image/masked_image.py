@@ -185,6 +185,20 @@ class MaskedImage:
         """Bit mask of the named planes in this image's definition."""
         return self.mask_planes.bitmask(names)
 
+    def with_plane_set(self, name: str, where: Any) -> "MaskedImage":
+        """A copy with plane ``name`` (added if undefined) set where ``where`` is True."""
+        planes = self.mask_planes.copy()
+        bit = planes.add(name)
+        mask = self.mask | (self.backend.xp.asarray(where).astype(self.mask.dtype) << bit)
+        return self._new(self.image, self.variance, mask, mask_planes=planes)
+
+    def with_planes_cleared(self, names) -> "MaskedImage":
+        """A copy with the named planes (those defined) cleared; ``self`` if none is."""
+        bm = self.mask_planes.bitmask_if_present(list(names))
+        if not bm:
+            return self
+        return self._new(self.image, self.variance, self.mask & ~bm)
+
     def good_pixels(self, bad_planes=("NO_DATA",)) -> Any:
         """Boolean array: finite image and variance, and none of ``bad_planes`` set."""
         xp = self.backend.xp

@@ -68,10 +68,7 @@ class DetectAndMeasureTask:
         self.backend = resolve_backend(backend)
 
     def _clean(self, exp: Exposure) -> MaskedImage:
-        mi = exp.masked_image.to_backend(self.backend)
-        bm = mi.mask_planes.bitmask_if_present(list(_CLEARED))
-        return MaskedImage(mi.image, mi.variance, mi.mask & ~bm, xy0=mi.xy0, mask_planes=mi.mask_planes,
-                           backend=self.backend)
+        return exp.masked_image.to_backend(self.backend).with_planes_cleared(_CLEARED)
 
     def _detect(self, detection_image: MaskedImage, psf):
         cfg = self.config
@@ -86,11 +83,7 @@ class DetectAndMeasureTask:
         keeps CRs on the difference: masked, not interpolated)."""
         if not self.config.find_cosmic_rays:
             return diff
-        cr = find_cosmic_rays(diff, psf, backend=self.backend)
-        planes = diff.mask_planes.copy()
-        bit = planes.add("CR")
-        mask = diff.mask | (cr.astype(diff.mask.dtype) << bit)
-        return MaskedImage(diff.image, diff.variance, mask, xy0=diff.xy0, mask_planes=planes, backend=diff.backend)
+        return diff.with_plane_set("CR", find_cosmic_rays(diff, psf, backend=self.backend))
 
     def run(self, difference: Exposure) -> DetectAndMeasureResult:
         """Detect on ``difference`` and measure there."""

@@ -10,7 +10,7 @@ from typing import Iterable
 from ..image import Exposure, MaskedImage
 from ..psfmatch.spatial import SpatialKernel
 
-__all__ = ["template_coverage", "update_masks", "convolve_preserving", "clear_planes"]
+__all__ = ["template_coverage", "update_masks", "convolve_preserving"]
 
 
 def template_coverage(template: Exposure, science: Exposure) -> float:
@@ -25,21 +25,8 @@ def template_coverage(template: Exposure, science: Exposure) -> float:
     return float(n - int(xp.count_nonzero(bad))) / n if n else 0.0
 
 
-def clear_planes(mi: MaskedImage, names: Iterable[str]) -> MaskedImage:
-    """A copy of ``mi`` with the named planes (those defined) cleared."""
-    bm = mi.mask_planes.bitmask_if_present(list(names))
-    if not bm:
-        return mi
-    return MaskedImage(mi.image, mi.variance, mi.mask & ~bm, xy0=mi.xy0, mask_planes=mi.mask_planes,
-                       backend=mi.backend)
-
-
 def _copy_plane(mi: MaskedImage, src: str, dst: str) -> MaskedImage:
-    planes = mi.mask_planes.copy()
-    bit = planes.add(dst)
-    on = (mi.mask & (1 << planes[src])) != 0
-    mask = mi.mask | (on.astype(mi.mask.dtype) << bit)
-    return MaskedImage(mi.image, mi.variance, mask, xy0=mi.xy0, mask_planes=planes, backend=mi.backend)
+    return mi.with_plane_set(dst, (mi.mask & (1 << mi.mask_planes[src])) != 0)
 
 
 def update_masks(template: Exposure, science: Exposure, rename_template_mask: Iterable[str],
@@ -51,9 +38,9 @@ def update_masks(template: Exposure, science: Exposure, rename_template_mask: It
     to ``<NAME>_TEMPLATE``; then every template plane other than
     ``preserve_template_mask`` and the new ``*_TEMPLATE`` planes is cleared.
     """
-    smi = clear_planes(science.masked_image, ("DETECTED", "DETECTED_NEGATIVE"))
+    smi = science.masked_image.with_planes_cleared(("DETECTED", "DETECTED_NEGATIVE"))
     if "FAKE" in smi.mask_planes:
-        smi = clear_planes(_copy_plane(smi, "FAKE", "INJECTED"), ("FAKE",))
+        smi = _copy_plane(smi, "FAKE", "INJECTED").with_planes_cleared(("FAKE",))
     tmi = template.masked_image
     if "FAKE" in tmi.mask_planes:
         tmi = _copy_plane(tmi, "FAKE", "INJECTED_TEMPLATE")
@@ -63,7 +50,7 @@ def update_masks(template: Exposure, science: Exposure, rename_template_mask: It
             tmi = _copy_plane(tmi, name, f"{name}_TEMPLATE")
             renamed.append(f"{name}_TEMPLATE")
     keep = set(preserve_template_mask) | set(renamed) | ({"INJECTED_TEMPLATE"} if "FAKE" in template.mask_planes else set())
-    tmi = clear_planes(tmi, [n for n in tmi.mask_planes if n not in keep])
+    tmi = tmi.with_planes_cleared([n for n in tmi.mask_planes if n not in keep])
     return (Exposure(tmi, template.psf, template.wcs, template.photo_calib, template.metadata),
             Exposure(smi, science.psf, science.wcs, science.photo_calib, science.metadata))
 

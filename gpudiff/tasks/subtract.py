@@ -206,11 +206,8 @@ class AlardLuptonSubtractTask:
         cr = find_cosmic_rays(mi, science.psf, backend=self.backend)
         if not bool(cr.any()):
             return science
-        planes = mi.mask_planes.copy()
-        bit = planes.add("CR")
-        m = MaskedImage(mi.image, mi.variance, mi.mask | (cr.astype(mi.mask.dtype) << bit), xy0=mi.xy0,
-                        mask_planes=planes, backend=self.backend)
-        return Exposure(m, science.psf, science.wcs, science.photo_calib, science.metadata)
+        return Exposure(mi.with_plane_set("CR", cr), science.psf, science.wcs, science.photo_calib,
+                        science.metadata)
 
     def _scale_variance(self, exp: Exposure, need_catalog: bool) -> tuple[Exposure, float, Table | None]:
         """ScaleVarianceTask's factor, applied to a copy of the exposure.
@@ -406,10 +403,7 @@ def _with_source_mask(mi: MaskedImage, psf) -> MaskedImage:
         on = finite & (xp.abs(mi.image - med) > 5.0 * xp.sqrt(mi.variance))
     r = max(2, int(round(2 * psf.fwhm())))
     grown = mi.backend.ndimage.maximum_filter(on.astype(np.uint8), size=2 * r + 1) > 0
-    planes = mi.mask_planes.copy()
-    bit = planes.add("DETECTED")
-    return MaskedImage(mi.image, mi.variance, mi.mask | (grown.astype(mi.mask.dtype) << bit), xy0=mi.xy0,
-                       mask_planes=planes, backend=mi.backend)
+    return mi.with_plane_set("DETECTED", grown)
 
 
 def decorrelated_psf(psf, correction_kernel: np.ndarray):
