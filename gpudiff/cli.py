@@ -25,6 +25,9 @@ COMMANDS: dict[str, str] = {
     "demo": "demo",
     "subtract": "subtract",
     "match-psf": "match_psf",
+    "match-backgrounds": "match_backgrounds",
+    "coadd": "coadd",
+    "batch": "batch",
 }
 
 

@@ -27,6 +27,8 @@ __all__ = [
     "KernelTooLargeError",
     "NoWorkFound",
     "ExceedsMaxVarianceScaleError",
+    "ManifestError",
+    "DeviceMemoryError",
 ]
 
 
@@ -102,3 +104,12 @@ class NoWorkFound(GpudiffError, RuntimeError):
 class ExceedsMaxVarianceScaleError(GpudiffError, RuntimeError):
     """ScaleVarianceTask: both the pixel-based and the image-based variance factors exceed
     the configured limit (the variance plane is badly wrong)."""
+
+
+class ManifestError(InvalidInputError):
+    """A batch manifest is unreadable, empty, lacks a required column, or has a bad row."""
+
+
+class DeviceMemoryError(GpudiffError, MemoryError):
+    """The accelerator ran out of memory and no fallback (banded or CPU) could finish the
+    stage."""
