@@ -3,7 +3,11 @@
 Every error that gpudiff raises on purpose derives from :class:`GpudiffError`, so a
 pipeline can catch one type.  Each subclass also derives from the closest built-in
 exception (``ValueError``, ``OSError``, ``RuntimeError``) so that generic handlers keep
-working.  Messages name the input and the problem.
+working.  Messages name the input and the problem.  :class:`GpudiffFallbackWarning` is
+the one warning gpudiff defines: a stage finished, but on a fallback path.
+
+``python -m gpudiff.errors --markdown`` prints the table of the README section "Errors
+and what they mean" (``tests/test_errors_doc.py`` checks that the two agree).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ __all__ = [
     "ExceedsMaxVarianceScaleError",
     "ManifestError",
     "DeviceMemoryError",
+    "GpudiffFallbackWarning",
 ]
 
 
@@ -113,3 +118,33 @@ class ManifestError(InvalidInputError):
 class DeviceMemoryError(GpudiffError, MemoryError):
     """The accelerator ran out of memory and no fallback (banded or CPU) could finish the
     stage."""
+
+
+class GpudiffFallbackWarning(UserWarning):
+    """A stage ran out of accelerator memory and was finished on a fallback path (row bands
+    or the NumPy CPU backend); the result is valid, only slower to get."""
+
+
+def _first_line(cls: type) -> str:
+    """The first sentence-paragraph of a class docstring, joined onto one line."""
+    doc = (cls.__doc__ or "").strip().split("\n\n")[0]
+    return " ".join(line.strip() for line in doc.splitlines())
+
+
+def markdown_table() -> str:
+    """The README table of every public class here: name, built-in bases, meaning."""
+    rows = ["| Class | Derives from | Meaning |", "|---|---|---|"]
+    for name in __all__:
+        cls = globals()[name]
+        bases = ", ".join(f"`{b.__name__}`" for b in cls.__bases__)
+        rows.append(f"| `{name}` | {bases} | {_first_line(cls)} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # python -m gpudiff.errors --markdown
+    import sys
+
+    if sys.argv[1:] != ["--markdown"]:
+        print("usage: python -m gpudiff.errors --markdown", file=sys.stderr)
+        raise SystemExit(2)
+    sys.stdout.write(markdown_table())

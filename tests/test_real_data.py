@@ -73,10 +73,14 @@ def test_jwst_pair_with_webbpsf_and_noise_maps(shared_data):
     for role, stem in names.items():
         e = read_exposure(base / "input" / f"{stem}.fits")
         err = fits.getdata(base / "auxiliary" / f"{stem}.noise.fits").astype(np.float64)
-        var = np.where(np.isfinite(err) & (err > 0), err ** 2, np.inf)
+        ok = np.isfinite(err) & (err > 0)
+        var = np.where(ok, err ** 2, np.inf)
         psf = read_psf(base / "auxiliary" / f"{stem}.WebbPSF.fits")
         exps[role] = Exposure.from_arrays(e.image, var, e.mask, mask_planes=e.mask_planes, psf=psf, wcs=e.wcs,
                                           metadata=e.metadata)
+        # pixels without a usable ERR carry no information: NO_DATA (the tasks reject an
+        # unmasked pixel with infinite variance rather than guess)
+        exps[role].masked_image = exps[role].masked_image.with_plane_set("NO_DATA", ~ok)
     cfg = AlardLuptonSubtractConfig(mode="auto", do_scale_variance=False,
                                     make_kernel=PsfMatchConfig(fit_for_background=True, spatial_kernel_order=0,
                                                                spatial_bg_order=1))

@@ -15,14 +15,14 @@ import copy
 import math
 import os
 import re
-import secrets
 import warnings
 from typing import Sequence
 
 import numpy as np
 from astropy.io import fits
 
-from ..errors import BackendUnavailableError, FitsReadError, FitsWriteError, GpudiffError, InvalidInputError, PsfError
+from ..errors import BackendUnavailableError, FitsReadError, GpudiffError, InvalidInputError, PsfError
+from .atomic import atomic_write
 from .exposure import Exposure, PhotoCalib
 from .maskplanes import MaskPlanes
 from .psf import DoubleGaussianPsf, GaussianPsf, GridPsf, ImagePsf, MoffatPsf, Psf
@@ -212,7 +212,10 @@ def _assemble(image, unc, kind, flags, bad, header, meta, gain, backend, **kwarg
         for key, v, what in (("GDSKYLEV", sky, "sky level"), ("GDSKYSIG", sigma, "sky noise"), ("GDGAIN", g, "gain")):
             if v is not None and math.isfinite(v):  # FITS cards cannot hold NaN
                 meta[key] = (v, f"{what} of the estimated variance")
-    nodata = ~np.isfinite(image)
+    # A pixel without a finite value or without a usable (> 0, finite) uncertainty carries no
+    # information: flag it NO_DATA rather than hand a task an unmasked zero/inf variance.
+    with np.errstate(invalid="ignore"):
+        nodata = ~np.isfinite(image) | ~(np.isfinite(variance) & (variance > 0))
     if nodata.any():
         planes.add("NO_DATA")
         mask[nodata] |= np.int32(planes.bitmask("NO_DATA"))
@@ -349,31 +352,14 @@ def read_psf(path) -> Psf:
 
 
 def _atomic_write(hdul: fits.HDUList, path, overwrite: bool) -> None:
-    """Write to a temporary beside ``path``, fsync, rename: never a truncated ``path``, and a
-    failed overwrite keeps the old file.  ``O_EXCL``, mode 0666 & ~umask (not mkstemp's 0600)."""
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FitsWriteError(f"{path}: file exists (pass overwrite=True to replace it)")
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as exc:
-        raise FitsWriteError(f"{path}: cannot create a file in {folder!r} ({exc.strerror or exc})") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # VerifyWarning about HIERARCH cards
-                hdul.writeto(f, output_verify="fix", checksum=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if not isinstance(exc, Exception):  # KeyboardInterrupt & co. pass through
-            raise
-        raise FitsWriteError(f"{path}: write failed ({type(exc).__name__}: {exc})") from exc
+    """Write ``hdul`` atomically (:func:`gpudiff.image.atomic.atomic_write`): never a
+    truncated ``path``, and a failed overwrite keeps the old file."""
+    def write(f):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # VerifyWarning about HIERARCH cards
+            hdul.writeto(f, output_verify="fix", checksum=True)
+
+    atomic_write(path, write, overwrite)
 
 
 def write_psf(path, psf: Psf, overwrite: bool = False) -> None:

@@ -50,7 +50,10 @@ class Box:
 def _as_2d(name: str, a: Any, dtype: Any, be: Backend) -> Any:
     if a is None:
         raise InvalidInputError(f"MaskedImage {name} is None")
-    arr = be.asarray(a)
+    try:
+        arr = be.asarray(a)
+    except (TypeError, ValueError) as exc:  # ragged lists, objects: not an array at all
+        raise InvalidInputError(f"MaskedImage {name} is not a numeric array ({exc})") from None
     if arr.ndim != 2:
         raise InvalidInputError(f"MaskedImage {name} must be 2-D, got shape {tuple(arr.shape)}")
     kind = np.dtype(arr.dtype).kind
@@ -233,8 +236,8 @@ class MaskedImage:
         if n_bad:
             raise InvalidVarianceError(
                 f"{name}: {n_bad} unmasked pixel(s) have zero, negative or non-finite variance "
-                f"(min variance {float(xp.nanmin(xp.where(unmasked, self.variance, xp.inf))):.3g}); "
-                "variance must be > 0 wherever the pixel is not masked NO_DATA"
+                f"(e.g. {float(self.variance[bad_var][0]):.3g} at the first one); "
+                f"variance must be > 0 wherever the pixel is not masked ({', '.join(bad_planes)})"
             )
 
     def __repr__(self) -> str:

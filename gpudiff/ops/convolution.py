@@ -11,14 +11,14 @@ functions never modify their inputs.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from ..backend import Backend, resolve_backend
 from ..backend.kernels import mask_dilate_or
-from ..errors import InvalidInputError
-from ..image import MaskedImage
+from ..errors import InvalidInputError, KernelTooLargeError, NonFiniteDataError
+from ..image import Box, MaskedImage
 
 __all__ = [
     "kernel_centre",
@@ -30,6 +30,7 @@ __all__ = [
     "varying_correlate",
     "prepare_masked_input",
     "finish_masked_output",
+    "process_in_row_bands",
 ]
 
 
@@ -68,6 +69,8 @@ def _check_kernels(kernels, be: Backend, ndim: int):
         raise InvalidInputError(f"kernel array must be {ndim}-D, got shape {tuple(k.shape)}")
     if k.shape[-1] < 1 or k.shape[-2] < 1:
         raise InvalidInputError(f"kernel shape {tuple(k.shape)} is empty")
+    if not bool(be.xp.isfinite(k).all()):
+        raise NonFiniteDataError(f"kernel array of shape {tuple(k.shape)} contains NaN or inf values")
     return k
 
 
@@ -93,6 +96,12 @@ def iter_correlations(image: Any, kernels: Any, backend: Backend | str | None = 
     img = be.asarray(image, dtype=work)
     if img.ndim != 2:
         raise InvalidInputError(f"image must be 2-D, got shape {tuple(img.shape)}")
+    if not bool(xp.isfinite(img).all()):
+        # One NaN would spread over the whole FFT output: refuse rather than return an
+        # all-NaN (silently wrong) image.  Masked images are zero-filled by the callers.
+        n_bad = int((~xp.isfinite(img)).sum())
+        raise NonFiniteDataError(f"image to correlate has {n_bad} NaN/inf pixel(s); zero-fill and mask them "
+                                 "first (convolve_masked_image does)")
     ks = _check_kernels(kernels, be, 3).astype(work, copy=False)
     n, kh, kw = ks.shape
     H, W = img.shape
@@ -213,7 +222,7 @@ def convolve_masked_image(mi: MaskedImage, kernel: Any, *, do_normalize: bool = 
     if k.ndim != 2:
         raise InvalidInputError(f"kernel must be 2-D, got shape {tuple(k.shape)}")
     if k.shape[0] > mi.shape[0] or k.shape[1] > mi.shape[1]:
-        raise InvalidInputError(f"kernel {tuple(k.shape)} is larger than the image {mi.shape}")
+        raise KernelTooLargeError(f"kernel {tuple(k.shape)} is larger than the image {mi.shape}")
     if do_normalize:
         s = float(k.sum())
         if s == 0 or not np.isfinite(s):
@@ -253,3 +262,36 @@ def varying_correlate(image: Any, term_kernels: Any, term_weights: Sequence[Any]
         else:
             out += conv * w
     return out
+
+
+def process_in_row_bands(mi: MaskedImage, process: Callable[[MaskedImage], MaskedImage], n_bands: int,
+                         halo: tuple[int, int]) -> MaskedImage:
+    """Apply a row-local ``process`` to ``mi`` band by band and stitch the result.
+
+    The banded retry of :func:`gpudiff.backend.fallback.with_memory_fallback`: each band
+    needs a fraction of the device memory.  ``process(band) -> MaskedImage`` must compute
+    each output row from input rows at most ``halo = (above, below)`` away (a kernel of
+    height ``kh`` and centre row ``cy`` has halo ``(cy, kh − 1 − cy)``).  At most
+    ``n_bands`` bands are made, fewer if a band would be shorter than the halo.  Bands are
+    :meth:`~gpudiff.image.MaskedImage.subimage` s, so parent coordinates (and a spatially
+    varying kernel) are unchanged; the halo rows are dropped, and rows at the true image
+    edges get ``process``'s own edge treatment.  Equal to the one-piece result up to the
+    rounding of the (smaller) FFTs.
+    """
+    H = mi.shape[0]
+    up, down = int(halo[0]), int(halo[1])
+    if up < 0 or down < 0:
+        raise InvalidInputError(f"halo must be two non-negative row counts, got {halo}")
+    # At most H // (up + down) bands: an edge band (halo on one side only) must still be
+    # as tall as the kernel, which ``process`` needs.
+    n = max(1, min(int(n_bands), H // max(1, up + down)))
+    edges = [round(i * H / n) for i in range(n + 1)]
+    box, parts = mi.bbox, []
+    for r0, r1 in zip(edges[:-1], edges[1:]):
+        lo, hi = max(0, r0 - up), min(H, r1 + down)
+        out = process(mi.subimage(Box(box.x0, box.y0 + lo, box.x1, box.y0 + hi)))
+        parts.append(out.subimage(Box(box.x0, box.y0 + r0, box.x1, box.y0 + r1)))
+    xp = parts[0].backend.xp
+    return MaskedImage(xp.concatenate([p.image for p in parts]), xp.concatenate([p.variance for p in parts]),
+                       xp.concatenate([p.mask for p in parts]), xy0=mi.xy0, mask_planes=parts[0].mask_planes,
+                       backend=parts[0].backend)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import numpy as np
+
 from ..image import Exposure, MaskedImage
 from ..psfmatch.spatial import SpatialKernel
 
-__all__ = ["template_coverage", "update_masks", "convolve_preserving"]
+__all__ = ["template_coverage", "update_masks", "convolve_preserving", "mask_non_finite"]
 
 
 def template_coverage(template: Exposure, science: Exposure) -> float:
@@ -23,6 +25,26 @@ def template_coverage(template: Exposure, science: Exposure) -> float:
     bad = ((t.mask & nd_t) != 0) | ((s.mask & nd_s) != 0)
     n = bad.size
     return float(n - int(xp.count_nonzero(bad))) / n if n else 0.0
+
+
+def mask_non_finite(exposure: Exposure) -> Exposure:
+    """``exposure`` with every NaN/inf image pixel marked NO_DATA (image NaN, variance +inf).
+
+    LSST's no-data convention, as :func:`gpudiff.image.read_exposure` applies it to plain
+    and CCDData files: a non-finite pixel is no data, and saying so in the mask keeps it
+    out of statistics, kernel stamps and the template coverage, and flags it in the
+    difference (it would otherwise come out NaN but unmasked).  ``exposure`` itself when
+    every pixel is finite.
+    """
+    mi = exposure.masked_image
+    xp = mi.backend.xp
+    bad = ~xp.isfinite(mi.image)
+    if not bool(bad.any()):
+        return exposure
+    mi = mi.with_plane_set("NO_DATA", bad)
+    mi = MaskedImage(xp.where(bad, xp.float32(np.nan), mi.image), xp.where(bad, xp.float32(np.inf), mi.variance),
+                     mi.mask, xy0=mi.xy0, mask_planes=mi.mask_planes, backend=mi.backend)
+    return Exposure(mi, exposure.psf, exposure.wcs, exposure.photo_calib, exposure.metadata)
 
 
 def _copy_plane(mi: MaskedImage, src: str, dst: str) -> MaskedImage:

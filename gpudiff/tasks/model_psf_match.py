@@ -23,9 +23,11 @@ import numpy as np
 from astropy.table import Table
 
 from ..backend import Backend, resolve_backend
+from ..backend.fallback import with_memory_fallback
 from ..errors import InsufficientKernelSourcesError, InvalidInputError, KernelTooLargeError, PsfError
 from ..image import Box, DoubleGaussianPsf, Exposure, GaussianPsf, GridPsf, ImagePsf, MaskedImage, MoffatPsf, Psf
 from ..image.psf import FWHM_PER_SIGMA
+from ..ops.convolution import kernel_centre, process_in_row_bands
 from ..ops.stats import adaptive_moments_batch
 from ..psfmatch.basis import KernelBasis, make_kernel_basis
 from ..psfmatch.candidates import KernelCandidates, cell_index
@@ -288,7 +290,24 @@ class ModelPsfMatchTask:
             Fewer cells than spatial terms (an exposure under one cell, at spatial order 2).
         InvalidInputError
             Bad arguments, or an odd ``pad_psf_by`` without auto-padding.
+        DeviceMemoryError
+            Out of memory on the GPU, in row bands and on the CPU fallback.
+
+        Notes
+        -----
+        Out of GPU memory, the convolution is retried in row bands, and the whole task
+        then re-run on the NumPy backend with a
+        :class:`~gpudiff.errors.GpudiffFallbackWarning`
+        (:func:`~gpudiff.backend.fallback.with_memory_fallback`).
         """
+        return with_memory_fallback(f"{type(self).__name__}.run",
+                                    lambda be: self._on(be)._run(exposure, reference_psf, kernel_sum), self.backend)
+
+    def _on(self, backend: Backend) -> "ModelPsfMatchTask":
+        """This task, or a copy with the same config on ``backend``."""
+        return self if backend is self.backend else type(self)(self.config, backend=backend)
+
+    def _run(self, exposure: Exposure, reference_psf: Psf, kernel_sum: float) -> ModelPsfMatchResult:
         kernel_sum = float(kernel_sum)
         if not (math.isfinite(kernel_sum) and kernel_sum != 0.0):
             raise InvalidInputError(f"kernel_sum must be finite and non-zero, got {kernel_sum}")
@@ -296,7 +315,12 @@ class ModelPsfMatchTask:
         cands = cell_set.candidates
         widths = self._check_widths(cell_set)
         fit, kernel = self.fit_kernel(cell_set, kernel_sum)
-        matched = self.apply_kernel(exposure, kernel)
+        cy, cx = kernel_centre(kernel.shape)
+        matched = with_memory_fallback(
+            f"{type(self).__name__}.apply_kernel", lambda be: self._on(be).apply_kernel(exposure, kernel),
+            self.backend, banded=lambda be, n: process_in_row_bands(
+                exposure.masked_image.to_backend(be), lambda band: kernel.convolve(band, do_normalize=True),
+                n, (cy, kernel.shape[0] - 1 - cy)))
         out = Exposure(matched, psf=cell_set.reference_psf, wcs=copy.deepcopy(exposure.wcs),
                        photo_calib=exposure.photo_calib, metadata=exposure.metadata)
         fitted_sum = fit.kernel.kernel_sum()

@@ -79,7 +79,11 @@ class AlardLuptonPreconvolveSubtractTask(AlardLuptonSubtractTask):
         super().__init__(config or AlardLuptonPreconvolveSubtractConfig(), backend)
 
     def run(self, template: Exposure, science: Exposure, sources=None) -> PreconvolveResult:  # type: ignore[override]
-        """The preconvolved score image; see the module docstring."""
+        """The preconvolved score image; see the module docstring.  Out of GPU memory it
+        is re-run on the CPU, as :meth:`AlardLuptonSubtractTask.run`."""
+        return super().run(template, science, sources)  # type: ignore[return-value]
+
+    def _run(self, template: Exposure, science: Exposure, sources=None) -> PreconvolveResult:  # type: ignore[override]
         cfg, be = self.config, self.backend
         t0 = time.perf_counter()
         template, science, meta = self._prepare(template, science)

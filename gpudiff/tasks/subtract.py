@@ -18,7 +18,9 @@ import numpy as np
 from astropy.table import Table
 
 from ..backend import Backend, resolve_backend
-from ..errors import InsufficientKernelSourcesError, InvalidInputError, NoWorkFound, PsfError, ShapeMismatchError
+from ..backend.fallback import with_memory_fallback
+from ..errors import (AllMaskedError, InsufficientKernelSourcesError, InvalidInputError, NoWorkFound, PsfError,
+                      ShapeMismatchError)
 from ..image import Box, Exposure, GridPsf, ImagePsf, MaskedImage, evaluate_mean_fwhm
 from ..ops.convolution import correlate
 from ..ops.cosmic_rays import find_cosmic_rays
@@ -27,7 +29,7 @@ from ..psfmatch import PsfMatchConfig, fit_spatial_kernel, make_candidates, make
 from ..psfmatch.fit import KernelFit
 from ..psfmatch.spatial import SpatialKernel
 from .decorrelate import DecorrelateALKernelTask
-from .masks import convolve_preserving, template_coverage, update_masks
+from .masks import convolve_preserving, mask_non_finite, template_coverage, update_masks
 from .scale_variance import ScaleVarianceTask
 
 __all__ = ["AlardLuptonSubtractConfig", "SubtractionResult", "AlardLuptonSubtractTask",
@@ -170,14 +172,22 @@ class AlardLuptonSubtractTask:
             if exp.psf is None:
                 raise PsfError(f"the {name} exposure has no PSF and gpudiff does not guess one "
                                "silently; attach one or call gpudiff.estimate_psf")
-        template = template.to_backend(be)
-        science = science.to_backend(be)
+        # Non-finite pixels are no data (LSST's convention); a usable pixel must have a
+        # positive, finite variance, else every weight and S/N downstream is wrong.
+        template = mask_non_finite(template.to_backend(be))
+        science = mask_non_finite(science.to_backend(be))
+        science.masked_image.validate("science", bad_planes=cfg.bad_mask_planes)
+        try:
+            template.masked_image.validate("template", bad_planes=cfg.bad_mask_planes)
+        except AllMaskedError:
+            pass  # no template data at all: LSST's NoWorkFound from the coverage check below
         meta: dict[str, Any] = {}
         cov = template_coverage(template, science)
         meta["template_coverage"] = cov
         if cov < cfg.required_template_fraction:
-            raise NoWorkFound(f"template covers {cov:.1%} of the science image, less than "
-                              f"required_template_fraction={cfg.required_template_fraction:.0%}")
+            raise NoWorkFound(f"template covers {cov:.1%} of the science image (pixels where neither image "
+                              f"is NO_DATA), less than required_template_fraction="
+                              f"{cfg.required_template_fraction:.0%}")
         if cfg.do_scale_variance:
             template, tfac, _ = self._scale_variance(template, need_catalog=False)
             science, sfac, cat = self._scale_variance(science, need_catalog=True)
@@ -277,6 +287,12 @@ class AlardLuptonSubtractTask:
     def run(self, template: Exposure, science: Exposure, sources: Any = None) -> SubtractionResult:
         """Subtract ``template`` from ``science``.
 
+        On a GPU that runs out of memory the whole subtraction is re-run on the NumPy
+        backend with a :class:`~gpudiff.errors.GpudiffFallbackWarning`
+        (:func:`~gpudiff.backend.fallback.with_memory_fallback`; the fit is global, so
+        there is no banded retry); the result's exposures are then NumPy arrays.
+        Non-finite image pixels of either input are treated as NO_DATA.
+
         Parameters
         ----------
         template : Exposure
@@ -292,7 +308,22 @@ class AlardLuptonSubtractTask:
             Template coverage below ``required_template_fraction`` (or below
             ``min_template_fraction_for_expected_success`` when the kernel fit fails).
         InsufficientKernelSourcesError, PsfError, ShapeMismatchError
+        AllMaskedError
+            Every science pixel is masked (NO_DATA, BAD, SAT, EDGE) or non-finite.
+        InvalidVarianceError
+            A usable pixel (none of ``bad_mask_planes``) has zero, negative or non-finite
+            variance.
+        DeviceMemoryError
+            Out of memory on the GPU and on the CPU fallback.
         """
+        return with_memory_fallback(f"{type(self).__name__}.run",
+                                    lambda be: self._on(be)._run(template, science, sources), self.backend)
+
+    def _on(self, backend: Backend) -> "AlardLuptonSubtractTask":
+        """This task, or a copy with the same config on ``backend``."""
+        return self if backend is self.backend else type(self)(self.config, backend=backend)
+
+    def _run(self, template: Exposure, science: Exposure, sources: Any = None) -> SubtractionResult:
         cfg = self.config
         t0 = time.perf_counter()
         template, science, meta = self._prepare(template, science)
