@@ -19,7 +19,6 @@ import os
 import time
 from dataclasses import replace
 
-from ..backend import get_backend
 from ..errors import FitsWriteError
 
 HELP = "match an exposure's PSF to a reference PSF model (ModelPsfMatchTask)"
@@ -79,52 +78,114 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace OUT.fits if it exists")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Read, PSF-match, write; print a summary.  Errors are raised as GpudiffError."""
+def match_psf_file(exposure, output, *, reference_fwhm: float | None = None, reference_psf=None,
+                   kernel_size: int | None = None, overrides: dict | None = None, backend=None,
+                   overwrite: bool = False, log=print) -> dict:
+    """PSF-match the exposure in a FITS file to a reference PSF and write the result: the
+    file-level work of ``gpudiff match-psf``, shared by the command and :mod:`gpudiff.batch`.
+
+    Parameters
+    ----------
+    exposure, output : str or path-like
+        Input exposure and the output FITS (written atomically).
+    reference_fwhm : float, optional
+        Match to a round Gaussian of this FWHM in pixels ...
+    reference_psf : str or path-like, optional
+        ... or to the PSF in this FITS file (exactly one of the two).
+    kernel_size : int, optional
+        Odd matching-kernel size; wins over ``overrides``.
+    overrides : dict, optional
+        ``ModelPsfMatchConfig`` fields (nested mappings for nested configs).
+    backend : Backend or str, optional
+    overwrite : bool
+        Replace ``output``; otherwise an existing ``output`` fails before any work.
+    log : callable
+        Receives one-line notes (a PSF estimated from the stars).
+
+    Returns
+    -------
+    dict
+        ``output``, ``backend``, ``reference`` (text), ``shape``, the task metadata
+        (``kernel_size``, ``fitted_kernel_sum``, ``residual_max``, ``science_fwhm_min`` ...)
+        and ``timings`` (stage → seconds).
+    """
+    from ..backend import resolve_backend
+    from ..errors import InvalidInputError
     from ..image import GaussianPsf, estimate_psf, read_exposure, read_psf, write_exposure
     from ..tasks.model_psf_match import ModelPsfMatchConfig, ModelPsfMatchTask
 
-    t0 = time.perf_counter()
-    if os.path.exists(args.output) and not args.overwrite:
+    exposure, output = str(exposure), str(output)
+    if (reference_fwhm is None) == (reference_psf is None):
+        raise InvalidInputError("match-psf needs exactly one of reference_fwhm and reference_psf")
+    if reference_fwhm is not None:
+        try:
+            reference_fwhm = float(reference_fwhm)
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"reference_fwhm must be a number of pixels, got {reference_fwhm!r}") from None
+        if not (math.isfinite(reference_fwhm) and reference_fwhm > 0):
+            raise InvalidInputError(f"reference_fwhm must be a positive FWHM in pixels, got {reference_fwhm}")
+    if os.path.exists(output) and not overwrite:
         # fail before the work, not after it
-        raise FitsWriteError(f"{args.output}: file exists (pass --overwrite to replace it)")
+        raise FitsWriteError(f"{output}: file exists (pass --overwrite to replace it)")
     config = ModelPsfMatchConfig()
-    if getattr(args, "config", None) or getattr(args, "set", None):
-        from ._config import apply_overrides, load_config_file, parse_set
+    if overrides:
+        from ._config import apply_overrides
 
-        config = apply_overrides(config, load_config_file(args.config), "ModelPsfMatchConfig")
-        config = apply_overrides(config, parse_set(args.set), "ModelPsfMatchConfig")
-    if args.kernel_size is not None:  # the explicit option wins over --config/--set
-        config = replace(config, kernel=config.kernel.with_overrides(kernel_size=args.kernel_size))
-    be = get_backend(getattr(args, "backend", None))
-    exposure = read_exposure(args.exposure, backend=be)
-    ny, nx = exposure.shape
-    if exposure.psf is None:
-        exposure.psf = estimate_psf(exposure)
-        print(f"gpudiff match-psf: {args.exposure} has no PSF; estimated one from its stars "
-              f"(FWHM {exposure.psf.fwhm():.2f} px, {exposure.psf.size} px image)")
-    if args.reference_fwhm is not None:
-        reference = GaussianPsf(fwhm=args.reference_fwhm)
-        ref_text = f"Gaussian of FWHM {args.reference_fwhm:.3g} px"
+        config = apply_overrides(config, overrides, "ModelPsfMatchConfig")
+    if kernel_size is not None:  # the explicit option wins over --config/--set
+        config = replace(config, kernel=config.kernel.with_overrides(kernel_size=int(kernel_size)))
+    be = resolve_backend(backend)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    exp = read_exposure(exposure, backend=be)
+    if exp.psf is None:
+        exp.psf = estimate_psf(exp)
+        log(f"gpudiff match-psf: {exposure} has no PSF; estimated one from its stars "
+            f"(FWHM {exp.psf.fwhm():.2f} px, {exp.psf.size} px image)")
+    if reference_fwhm is not None:
+        reference = GaussianPsf(fwhm=reference_fwhm)
+        ref_text = f"Gaussian of FWHM {reference_fwhm:.3g} px"
     else:
-        reference = read_psf(args.reference_psf)
-        ref_text = f"{args.reference_psf} ({type(reference).__name__})"
-    res = ModelPsfMatchTask(config, backend=be).run(exposure, reference)
+        reference = read_psf(reference_psf)
+        ref_text = f"{reference_psf} ({type(reference).__name__})"
+    timings["read"] = time.perf_counter() - t
+    t = time.perf_counter()
+    res = ModelPsfMatchTask(config, backend=be).run(exp, reference)
+    timings["match"] = time.perf_counter() - t
     meta = res.metadata
     out = res.psf_matched_exposure
     for key, (card, comment) in _CARDS.items():
         value = meta.get(key)
         if isinstance(value, (int, float)) and math.isfinite(value):  # FITS cards cannot hold NaN
             out.metadata[card] = (value, comment)
-    write_exposure(args.output, out, overwrite=args.overwrite)
+    t = time.perf_counter()
+    write_exposure(output, out, overwrite=overwrite)
+    timings["write"] = time.perf_counter() - t
+    summary = {k: v for k, v in meta.items() if isinstance(v, (int, float, str))}
+    summary.update(output=output, backend=be.name, reference=ref_text, shape=tuple(exp.shape), timings=timings)
+    return summary
 
+
+def run(args: argparse.Namespace) -> int:
+    """Read, PSF-match, write; print a summary.  Errors are raised as GpudiffError."""
+    t0 = time.perf_counter()
+    overrides = None
+    if getattr(args, "config", None) or getattr(args, "set", None):
+        from ._config import load_config_file, parse_set
+        from .subtract import merge_overrides
+
+        overrides = merge_overrides(load_config_file(args.config), parse_set(args.set))
+    meta = match_psf_file(args.exposure, args.output, reference_fwhm=args.reference_fwhm,
+                          reference_psf=args.reference_psf, kernel_size=args.kernel_size, overrides=overrides,
+                          backend=getattr(args, "backend", None), overwrite=args.overwrite)
+    ny, nx = meta["shape"]
     fw = (f"{meta['science_fwhm_min']:.2f}" if math.isclose(meta["science_fwhm_min"], meta["science_fwhm_max"],
                                                             rel_tol=1e-3)
           else f"{meta['science_fwhm_min']:.2f}-{meta['science_fwhm_max']:.2f}")
-    print(f"gpudiff match-psf: {args.exposure} ({nx}x{ny}, PSF FWHM {fw} px) -> {ref_text}")
+    print(f"gpudiff match-psf: {args.exposure} ({nx}x{ny}, PSF FWHM {fw} px) -> {meta['reference']}")
     print(f"  kernel {meta['kernel_size']} px, spatial order {meta['spatial_kernel_order']}, "
           f"{meta['n_cells_x']}x{meta['n_cells_y']} cells, PSF images {meta['psf_size']} px "
           f"(padded by {meta['psf_padding']}); fitted kernel sum {meta['fitted_kernel_sum']:.4f}, "
           f"PSF match residual {100 * meta['residual_max']:.2f} % (max over cells)")
-    print(f"  wrote {args.output} (backend {be.name}, {time.perf_counter() - t0:.1f} s)")
+    print(f"  wrote {args.output} (backend {meta['backend']}, {time.perf_counter() - t0:.1f} s)")
     return 0
