@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 
@@ -27,7 +26,9 @@ def write_png(path, rgb: np.ndarray) -> None:
 
     png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    Path(path).write_bytes(png)
+    from ..image.atomic import atomic_write
+
+    atomic_write(path, lambda f: f.write(png), overwrite=True)  # never a half-written PNG
 
 
 def kernel_grid_png(path, kernel, box, scale: int = 6) -> None:

@@ -127,6 +127,8 @@ def match_psf_file(exposure, output, *, reference_fwhm: float | None = None, ref
     if os.path.exists(output) and not overwrite:
         # fail before the work, not after it
         raise FitsWriteError(f"{output}: file exists (pass --overwrite to replace it)")
+    from ..image.atomic import check_writable
+    check_writable(output, overwrite=True)  # a missing or read-only folder fails before the work
     config = ModelPsfMatchConfig()
     if overrides:
         from ._config import apply_overrides

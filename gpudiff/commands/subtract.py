@@ -153,11 +153,15 @@ def subtract_files(science, template, output, *, overrides: dict | None = None, 
         DetectAndMeasureScoreTask,
         DetectAndMeasureTask,
     )
+    from ..image.atomic import check_writable
     from ._config import apply_overrides
 
     science, template, out = str(science), str(template), Path(output)
     if out.exists() and not overwrite:
         raise InvalidInputError(f"output {out} exists; pass --overwrite to replace it")
+    for extra in (out, sources_out, matched_template_out):  # fail before the work, not after
+        if extra is not None:
+            check_writable(extra, overwrite=True)
     be = resolve_backend(backend)
     timings: dict[str, float] = {}
     t = time.perf_counter()

@@ -15,7 +15,7 @@ from typing import IO, Any, Callable
 
 from ..errors import FitsWriteError
 
-__all__ = ["atomic_write", "temporary_name"]
+__all__ = ["atomic_write", "check_writable", "temporary_name"]
 
 
 def temporary_name(path) -> str:
@@ -61,3 +61,25 @@ def atomic_write(path, write: Callable[[IO], Any], overwrite: bool = False,
         if not isinstance(exc, Exception):  # KeyboardInterrupt & co. pass through
             raise
         raise error(f"{path}: write failed ({type(exc).__name__}: {exc})") from exc
+
+
+def check_writable(path, overwrite: bool = False, error: type[Exception] = FitsWriteError) -> None:
+    """Fail fast, before any work, if ``path`` could not be written later.
+
+    The CLI and batch layers call this on every output before reading inputs, so a typo'd
+    or read-only output folder costs nothing instead of a whole subtraction.
+
+    Raises
+    ------
+    error (default FitsWriteError)
+        ``path`` exists and not ``overwrite``; its folder is missing, not a folder, or not
+        writable.  The message names ``path``.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not overwrite:
+        raise error(f"{path}: file exists (pass overwrite=True / --overwrite to replace it)")
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise error(f"{path}: cannot create a file in {folder!r} (no such folder)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise error(f"{path}: cannot create a file in {folder!r} (folder not writable)")
