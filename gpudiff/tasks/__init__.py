@@ -1,5 +1,13 @@
 """The LSST-named tasks: dataclass configs in, dataclass results out; no file I/O."""
 
+from .assemble_coadd import AssembleCoaddConfig, AssembleCoaddResult, AssembleCoaddTask, unpack_input_map
+from .coadd_warps import ExposureWarp, FitsWarp, as_warp
+from .compare_warp import (
+    ArtifactDetectionConfig,
+    CompareWarpAssembleCoaddConfig,
+    CompareWarpAssembleCoaddResult,
+    CompareWarpAssembleCoaddTask,
+)
 from .decorrelate import DecorrelateALKernelConfig, DecorrelateALKernelTask, DecorrelationResult
 from .detect_and_measure import (
     DetectAndMeasureConfig,
@@ -18,6 +26,17 @@ from .scale_variance import ScaleVarianceConfig, ScaleVarianceFactors, ScaleVari
 from .subtract import AlardLuptonSubtractConfig, AlardLuptonSubtractTask, SubtractionResult
 
 __all__ = [
+    "AssembleCoaddConfig",
+    "AssembleCoaddResult",
+    "AssembleCoaddTask",
+    "unpack_input_map",
+    "ExposureWarp",
+    "FitsWarp",
+    "as_warp",
+    "ArtifactDetectionConfig",
+    "CompareWarpAssembleCoaddConfig",
+    "CompareWarpAssembleCoaddResult",
+    "CompareWarpAssembleCoaddTask",
     "AlardLuptonPreconvolveSubtractConfig",
     "AlardLuptonPreconvolveSubtractTask",
     "AlardLuptonSubtractConfig",
