@@ -4,6 +4,7 @@ from .exposure import Exposure, PhotoCalib
 from .masked_image import Box, MaskedImage
 from .maskplanes import DEFAULT_MASK_PLANES, MaskPlanes
 from .fitsio import read_exposure, read_psf, write_exposure, write_psf
+from .tract import TractGrid
 from .psf_estimate import estimate_psf
 from .psf import (
     FWHM_PER_SIGMA,
@@ -18,6 +19,7 @@ from .psf import (
 )
 
 __all__ = [
+    "TractGrid",
     "Box",
     "DEFAULT_MASK_PLANES",
     "DoubleGaussianPsf",

@@ -18,8 +18,12 @@ from .background import (
     BackgroundBins,
     bin_background,
     estimate_background,
+    evaluate_bin_grid,
+    fill_bad_bins,
     interpolate_background,
 )
+
+from .window_stats import window_statistics
 
 from .detection import (
     DetectionResult,
@@ -51,6 +55,9 @@ from .convolution import (
 
 
 __all__ = [
+    "evaluate_bin_grid",
+    "fill_bad_bins",
+    "window_statistics",
     "BACKGROUND_BAD_PLANES",
     "BackgroundBins",
     "DetectionResult",

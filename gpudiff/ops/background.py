@@ -23,7 +23,7 @@ import numpy as np
 
 from ..backend import Backend, resolve_backend
 from ..backend.kernels import clipped_stack
-from ..errors import AllMaskedError, InvalidInputError
+from ..errors import AllMaskedError, InvalidInputError, NonFiniteDataError, ShapeMismatchError
 from ..image import Exposure, MaskedImage
 
 __all__ = [
@@ -32,14 +32,19 @@ __all__ = [
     "bin_background",
     "interpolate_background",
     "estimate_background",
+    "evaluate_bin_grid",
+    "fill_bad_bins",
 ]
 
 #: Pixels ignored by the bin statistics (meas_algorithms' background ``ignoredPixelMask``
 #: plus the non-sky planes).
 BACKGROUND_BAD_PLANES: tuple[str, ...] = ("BAD", "SAT", "NO_DATA", "EDGE", "DETECTED", "CR", "INTRP")
 
-_ORDERS = ("linear", "cubic")
+_ORDERS = ("linear", "cubic", "akima")
 _EXTRAPOLATIONS = ("quadratic", "linear", "flat")
+_UNDERSAMPLE = ("REDUCE_INTERP_ORDER", "THROW_EXCEPTION")
+#: afw ``lookupMinInterpPoints``: nodes an interpolation style needs along an axis.
+_MIN_NODES = {"linear": 2, "cubic": 3, "akima": 5}
 
 
 def _check_modes(order: str, extrapolate: str) -> None:
@@ -177,45 +182,100 @@ def bin_background(mi: MaskedImage | Exposure, bin_size: Any = 128, *,
     return BackgroundBins(values=values, raw=raw, n_valid=n_valid, good=ok, y_edges=ye, x_edges=xe)
 
 
-def _fill_line(v: np.ndarray, c: np.ndarray) -> None:
-    """Fill the NaNs of one line of bins in place: linear interpolation between the good
-    bins, continued linearly beyond the end ones (constant with a single good bin)."""
+def _fill_line(v: np.ndarray, c: np.ndarray, method: str = "linear", end_points: int = 2) -> None:
+    """Fill the NaNs of one line of bins in place: interpolation between the good bins
+    (linear, or Akima with >= 5 good bins), continued beyond the end ones by the straight
+    line through the last ``end_points`` good bins (least squares; constant with a single
+    good bin)."""
     g = np.isfinite(v)
     if g.all() or not g.any():
         return
     cg, vg = c[g], v[g]
     out = np.interp(c, cg, vg)
+    if method == "akima" and cg.size >= _MIN_NODES["akima"]:
+        from scipy.interpolate import Akima1DInterpolator
+
+        inner = (c >= cg[0]) & (c <= cg[-1])
+        out[inner] = Akima1DInterpolator(cg, vg)(c[inner])
     if cg.size >= 2:
-        lo, hi = c < cg[0], c > cg[-1]
-        out[lo] = vg[0] + (c[lo] - cg[0]) * (vg[1] - vg[0]) / (cg[1] - cg[0])
-        out[hi] = vg[-1] + (c[hi] - cg[-1]) * (vg[-1] - vg[-2]) / (cg[-1] - cg[-2])
+        # A straight continuation, not the end cubic (scipy/afw Akima extrapolation): a
+        # cubic continued over many empty bins (a visit covering part of a tract) runs
+        # away; more end points average down the noise of the extrapolated slope.
+        k = min(max(2, int(end_points)), cg.size)
+        for sel, first in ((c < cg[0], True), (c > cg[-1], False)):
+            if sel.any():
+                cc, vv = (cg[:k], vg[:k]) if first else (cg[-k:], vg[-k:])
+                slope, icpt = np.polyfit(cc - cc.mean(), vv, 1)
+                out[sel] = icpt + slope * (c[sel] - cc.mean())
     v[~g] = out[~g]
 
 
-def _fill_bins(raw: np.ndarray, ok: np.ndarray, yc: np.ndarray, xc: np.ndarray) -> np.ndarray:
-    """Values for the bins without enough pixels, from the good ones.
+def fill_bad_bins(values: np.ndarray, good: np.ndarray, y_centres: np.ndarray, x_centres: np.ndarray,
+                  method: str = "linear", *, symmetric: bool = False, end_points: int = 2) -> np.ndarray:
+    """Values for the bins without enough pixels, from the good ones (afw ``interpolateBadPixels``).
 
     Like afw's ``Background`` (which drops NaN bins from each column before interpolating
-    it), missing bins are filled along columns, then along rows, by linear interpolation
-    through the good bins, continued linearly at the ends, so a sloped sky stays sloped
-    across a masked region.  Bins still empty (a whole row and column masked) take the
-    nearest filled bin.  The bin grid is tiny: this runs on the host, over lines of bins.
+    it), missing bins are filled along columns, then along rows, by interpolation through
+    the good bins (``"linear"``, or ``"akima"`` where a line has at least five good bins),
+    continued linearly at the ends, so a sloped sky stays sloped across a masked region.
+    Bins still empty (a whole row and column masked) take the nearest filled bin.  The bin
+    grid is tiny: this runs on the host, over lines of bins.
+
+    Parameters
+    ----------
+    values : ndarray (ny, nx)
+        Bin values (those of bad bins are ignored).
+    good : bool ndarray (ny, nx)
+        Bins whose own value is kept; at least one must be True.
+    y_centres, x_centres : ndarray
+        Bin-centre coordinates along rows and columns.
+    method : {"linear", "akima"}
+    symmetric : bool
+        Average the columns-then-rows fill with the rows-then-columns one, so a missing
+        corner (a patch a visit lacks) leans on both neighbouring sides, not only one.
+    end_points : int
+        Good bins the straight end continuation is fitted to (2: the end segment).
+
+    Returns
+    -------
+    ndarray (ny, nx), float64
     """
-    v = np.where(ok, raw, np.nan)
-    for j in range(v.shape[1]):
-        _fill_line(v[:, j], yc)
-    for i in range(v.shape[0]):
-        _fill_line(v[i, :], xc)
-    if not np.isfinite(v).all():
-        from scipy import ndimage
+    if method not in ("linear", "akima"):
+        raise InvalidInputError(f"fill method must be 'linear' or 'akima', got {method!r}")
+    good = np.asarray(good, dtype=bool)
+    if not good.any():
+        raise AllMaskedError("fill_bad_bins: no good bin to interpolate from")
+    v0 = np.where(good, np.asarray(values, dtype=np.float64), np.nan)
+    if good.all():
+        return v0
+    yc, xc = np.asarray(y_centres, np.float64), np.asarray(x_centres, np.float64)
 
-        _, (iy, ix) = ndimage.distance_transform_edt(~np.isfinite(v), return_indices=True)
-        v = v[iy, ix]
-    return v
+    def fill(v, columns_first):
+        v = v.copy()
+        for axis in ((0, 1) if columns_first else (1, 0)):
+            if axis == 0:
+                for j in range(v.shape[1]):
+                    _fill_line(v[:, j], yc, method, end_points)
+            else:
+                for i in range(v.shape[0]):
+                    _fill_line(v[i, :], xc, method, end_points)
+        if not np.isfinite(v).all():
+            from scipy import ndimage
+
+            _, (iy, ix) = ndimage.distance_transform_edt(~np.isfinite(v), return_indices=True)
+            v = v[iy, ix]
+        return v
+
+    out = fill(v0, True)
+    return 0.5 * (out + fill(v0, False)) if symmetric else out
 
 
-def _interp_matrix(centres: np.ndarray, n: int, order: str, extrapolate: str) -> np.ndarray:
-    """(n, len(centres)) weights that interpolate bin values to pixels 0..n-1.
+def _fill_bins(raw: np.ndarray, ok: np.ndarray, yc: np.ndarray, xc: np.ndarray) -> np.ndarray:
+    return fill_bad_bins(raw, ok, yc, xc, "linear")
+
+
+def _interp_matrix(centres: np.ndarray, x: np.ndarray, order: str, extrapolate: str) -> np.ndarray:
+    """(len(x), len(centres)) weights that interpolate bin values to positions ``x``.
 
     The interpolant is linear in the bin values, so interpolating the identity gives the
     weight of every node.  Beyond the outermost centres the model is either held flat or
@@ -224,9 +284,10 @@ def _interp_matrix(centres: np.ndarray, n: int, order: str, extrapolate: str) ->
     interpolation (zero second derivative) both are the end segment's straight line.
     """
     nb = centres.size
+    x = np.asarray(x, dtype=np.float64)
+    n = x.size
     if nb == 1:
         return np.ones((n, 1))
-    x = np.arange(n, dtype=np.float64)
     p = np.clip(x, centres[0], centres[-1])
     if order == "cubic" and nb >= 3:
         from scipy.interpolate import CubicSpline
@@ -261,6 +322,130 @@ def _interp_matrix(centres: np.ndarray, n: int, order: str, extrapolate: str) ->
     return w
 
 
+def _hermite_matrices(centres: np.ndarray, x: np.ndarray, extrapolate: str) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B), each (len(x), len(centres)): the cubic Hermite interpolant through values v
+    with node slopes m is ``A @ v + B @ m``.
+
+    Akima's spline is nonlinear in the data only through its node slopes; once they are
+    known (host, on the small bin grid) the evaluation at every pixel is two matrix
+    products, which run on the device.  Beyond the end centres: the end value held flat,
+    or its Taylor expansion to first or second order (the end interval's cubic).
+    """
+    nb = centres.size
+    x = np.asarray(x, dtype=np.float64)
+    rows = np.arange(x.size)
+    p = np.clip(x, centres[0], centres[-1])
+    k = np.clip(np.searchsorted(centres, p, side="right") - 1, 0, nb - 2)
+    h = centres[k + 1] - centres[k]
+    t = (p - centres[k]) / h
+    t2, t3 = t * t, t * t * t
+    A, B = np.zeros((x.size, nb)), np.zeros((x.size, nb))
+    A[rows, k] = 2 * t3 - 3 * t2 + 1
+    A[rows, k + 1] += -2 * t3 + 3 * t2
+    B[rows, k] = (t3 - 2 * t2 + t) * h
+    B[rows, k + 1] += (t3 - t2) * h
+    if extrapolate != "flat":
+        for end, out in ((0, x < centres[0]), (nb - 1, x > centres[-1])):
+            if not out.any():
+                continue
+            dx = x[out] - centres[end]
+            B[out, end] += dx  # f(c_end) + m_end * dx
+            if extrapolate == "quadratic":
+                j0 = 0 if end == 0 else nb - 2  # the end interval [c_j0, c_j0+1]
+                hh = centres[j0 + 1] - centres[j0]
+                # f'' at the end node of that interval's Hermite cubic, linear in (v, m)
+                sgn = 1.0 if end == 0 else -1.0
+                a = np.zeros(nb)
+                b = np.zeros(nb)
+                a[j0], a[j0 + 1] = -6 * sgn / hh**2, 6 * sgn / hh**2
+                b[j0], b[j0 + 1] = ((-4.0, -2.0) if end == 0 else (2.0, 4.0))
+                b /= hh
+                q = 0.5 * dx * dx
+                A[out] += q[:, None] * a[None, :]
+                B[out] += q[:, None] * b[None, :]
+    return A, B
+
+
+def _akima_slopes(centres: np.ndarray, values: np.ndarray, axis: int) -> np.ndarray:
+    """Akima's node slopes (scipy's ``Akima1DInterpolator``) along ``axis`` of ``values``."""
+    from scipy.interpolate import Akima1DInterpolator
+
+    # scipy puts the evaluation points back along ``axis``: the result has values' shape
+    return Akima1DInterpolator(centres, values, axis=axis).derivative()(centres)
+
+
+def _axis_order(order: str, nb: int, undersample: str, what: str) -> str:
+    """afw ``UndersampleStyle``: the style actually used along an axis of ``nb`` nodes."""
+    if nb >= _MIN_NODES[order]:
+        return order
+    if undersample == "THROW_EXCEPTION":
+        raise InvalidInputError(
+            f"{order} interpolation needs at least {_MIN_NODES[order]} bins along the {what}, "
+            f"got {nb} (undersample_style THROW_EXCEPTION)")
+    # REDUCE_INTERP_ORDER (afw lookupMaxInterpStyle): 1 → constant, 2 → linear, else cubic
+    return "cubic" if nb >= 3 else "linear"
+
+
+def evaluate_bin_grid(values: np.ndarray, y_centres: np.ndarray, x_centres: np.ndarray, rows: Any, cols: Any,
+                      order: str = "akima", extrapolate: str = "linear",
+                      undersample: str = "REDUCE_INTERP_ORDER", backend: Backend | str | None = None) -> Any:
+    """Evaluate a smooth interpolant of a grid of bin values at rows × cols.
+
+    As afw's ``BackgroundMI.getImage``: each column of bins is interpolated along y to
+    every output row, then each output row along x.  Linear and cubic weights are linear
+    in the data; Akima's are too once its node slopes are known (computed on the host on
+    the small intermediate grids), so the full-resolution step is a dense matrix product
+    on the device either way.
+
+    Parameters
+    ----------
+    values : ndarray (ny, nx)
+        Finite bin values.
+    y_centres, x_centres : ndarray
+        Increasing bin-centre coordinates.
+    rows, cols : array_like
+        Output coordinates, in the frame of the centres.
+    order : {"akima", "cubic", "linear"}
+        Akima spline (afw ``AKIMA_SPLINE``), not-a-knot cubic spline or linear.
+    extrapolate : {"quadratic", "linear", "flat"}
+        Beyond the end centres.
+    undersample : {"REDUCE_INTERP_ORDER", "THROW_EXCEPTION"}
+        With too few bins along an axis for ``order``: fall back to a simpler style, or raise.
+    backend : Backend or str, optional
+
+    Returns
+    -------
+    float32 array (len(rows), len(cols)) on ``backend``
+    """
+    _check_modes(order, extrapolate)
+    if undersample not in _UNDERSAMPLE:
+        raise InvalidInputError(f"undersample must be one of {_UNDERSAMPLE}, got {undersample!r}")
+    be = resolve_backend(backend)
+    g = np.asarray(values, dtype=np.float64)
+    yc, xc = np.asarray(y_centres, np.float64), np.asarray(x_centres, np.float64)
+    if g.shape != (yc.size, xc.size):
+        raise ShapeMismatchError(f"bin values have shape {g.shape}, centres give {(yc.size, xc.size)}")
+    if not np.isfinite(g).all():
+        raise NonFiniteDataError("evaluate_bin_grid: bin values must be finite (fill the bad bins first)")
+    rows = np.asarray(rows, dtype=np.float64).ravel()
+    cols = np.asarray(cols, dtype=np.float64).ravel()
+    oy = _axis_order(order, yc.size, undersample, "rows")
+    ox = _axis_order(order, xc.size, undersample, "columns")
+    if oy == "akima":
+        ay, by_ = _hermite_matrices(yc, rows, extrapolate)
+        t = ay @ g + by_ @ _akima_slopes(yc, g, 0)
+    else:
+        t = _interp_matrix(yc, rows, oy, extrapolate) @ g
+    # t (len(rows), nx) is small; the product with the column weights is the big one.
+    if ox == "akima":
+        ax, bx = _hermite_matrices(xc, cols, extrapolate)
+        mx = _akima_slopes(xc, t, 1)
+        out = be.asarray(t) @ be.asarray(ax.T) + be.asarray(mx) @ be.asarray(bx.T)
+    else:
+        out = be.asarray(t) @ be.asarray(_interp_matrix(xc, cols, ox, extrapolate).T)
+    return out.astype(np.float32)
+
+
 def interpolate_background(bins: BackgroundBins, shape: tuple[int, int], order: str = "cubic",
                            extrapolate: str = "quadratic", backend: Backend | str | None = None) -> Any:
     """Evaluate a binned background at every pixel.
@@ -270,8 +455,10 @@ def interpolate_background(bins: BackgroundBins, shape: tuple[int, int], order: 
     bins : BackgroundBins
     shape : (int, int)
         Image shape (rows, columns) the bins were measured on.
-    order : {"linear", "cubic"}
-        Bilinear interpolation or a (not-a-knot) bicubic spline through the bin centres.
+    order : {"linear", "cubic", "akima"}
+        Bilinear interpolation, a (not-a-knot) bicubic spline or an Akima spline (afw's
+        default for backgrounds) through the bin centres; with too few bins along an axis
+        the style is reduced as afw's ``REDUCE_INTERP_ORDER`` does.
     extrapolate : {"quadratic", "linear", "flat"}
         Beyond the outermost centres (half a bin at each edge): afw's second-order Taylor
         continuation of the interpolant, first order, or the end value held flat.
@@ -282,15 +469,11 @@ def interpolate_background(bins: BackgroundBins, shape: tuple[int, int], order: 
     float32 array (H, W) on ``backend``
     """
     _check_modes(order, extrapolate)
-    be = resolve_backend(backend)
     H, W = int(shape[0]), int(shape[1])
     if bins.y_edges[-1] != H or bins.x_edges[-1] != W:
         raise InvalidInputError(f"bins were measured on a {bins.y_edges[-1]}x{bins.x_edges[-1]} image, not {H}x{W}")
-    wy = be.asarray(_interp_matrix(bins.y_centres, H, order, extrapolate))
-    wx = be.asarray(_interp_matrix(bins.x_centres, W, order, extrapolate))
-    g = be.asarray(bins.values)
-    # (ny, nx) @ (nx, W) first: the small product, then one (H, ny) @ (ny, W).
-    return (wy @ (g @ wx.T)).astype(np.float32)
+    return evaluate_bin_grid(bins.values, bins.y_centres, bins.x_centres, np.arange(H), np.arange(W),
+                             order, extrapolate, backend=backend)
 
 
 def estimate_background(mi: MaskedImage | Exposure, bin_size: Any = 128, *,

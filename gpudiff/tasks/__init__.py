@@ -8,6 +8,15 @@ from .compare_warp import (
     CompareWarpAssembleCoaddResult,
     CompareWarpAssembleCoaddTask,
 )
+from .match_background_pair import BackgroundMatchPairConfig, BackgroundMatchPairResult, match_background_pair
+from .match_backgrounds import MatchBackgroundsConfig, MatchBackgroundsResult, MatchBackgroundsTask, WarpBackground
+from .tract_background import (
+    ChooseReferenceVisitConfig,
+    ChooseReferenceVisitTask,
+    ReferenceChoice,
+    TractBackground,
+    TractBackgroundConfig,
+)
 from .decorrelate import DecorrelateALKernelConfig, DecorrelateALKernelTask, DecorrelationResult
 from .detect_and_measure import (
     DetectAndMeasureConfig,
@@ -26,6 +35,18 @@ from .scale_variance import ScaleVarianceConfig, ScaleVarianceFactors, ScaleVari
 from .subtract import AlardLuptonSubtractConfig, AlardLuptonSubtractTask, SubtractionResult
 
 __all__ = [
+    "MatchBackgroundsConfig",
+    "MatchBackgroundsResult",
+    "MatchBackgroundsTask",
+    "WarpBackground",
+    "TractBackgroundConfig",
+    "TractBackground",
+    "ChooseReferenceVisitConfig",
+    "ChooseReferenceVisitTask",
+    "ReferenceChoice",
+    "BackgroundMatchPairConfig",
+    "BackgroundMatchPairResult",
+    "match_background_pair",
     "AssembleCoaddConfig",
     "AssembleCoaddResult",
     "AssembleCoaddTask",
