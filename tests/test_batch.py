@@ -332,13 +332,17 @@ def test_one_worker_per_gpu_sets_cuda_visible_devices():
     from gpudiff.batch.cluster import start_local_cluster
 
     cluster, is_gpu = start_local_cluster(gpus="0,1", backend="numpy", retries=1, memory_limit="512MiB",
-                                          use_dask_cuda=False)
+                                          use_dask_cuda=False, tasks_per_gpu=3)
     try:
         assert is_gpu
         with distributed.Client(cluster) as client:
             # a lambda (pickled by value), not os.environ.get: that would carry this process's environ
             env = client.run(lambda: __import__("os").environ.get("CUDA_VISIBLE_DEVICES"))
             assert sorted(env.values()) == ["0", "1"]
+            # tasks_per_gpu rows at once per GPU, each thread on its own CUDA stream
+            streams = client.run(lambda: __import__("os").environ.get("CUPY_CUDA_PER_THREAD_DEFAULT_STREAM"))
+            assert set(streams.values()) == {"1"}
+            assert sorted(client.nthreads().values()) == [3, 3]
             assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures) == 1
     finally:
         cluster.close()

@@ -162,7 +162,7 @@ def _collect(client, futures: dict, progress: str, log_fn) -> dict:
 
 
 def run(manifest, out_dir, client=None, *, scheduler: str | None = None, scheduler_file: str | None = None,
-        workers: int | None = None, gpus=None, retries: int = 3, resume: bool = False, overwrite: bool = False,
+        workers: int | None = None, gpus=None, tasks_per_gpu: int = 2, retries: int = 3, resume: bool = False, overwrite: bool = False,
         njobs: int = 1, job: int = 0, backend: str | None = None, progress="auto", memory_limit="auto",
         strict: bool = False, summary_name: str | None = None, log_fn=print) -> BatchResult:
     """Run every row of a manifest as a Dask task and write a summary table.
@@ -180,6 +180,10 @@ def run(manifest, out_dir, client=None, *, scheduler: str | None = None, schedul
         with none of the three an embedded cluster is started and closed
         (:func:`gpudiff.batch.cluster.start_local_cluster`: ``workers`` CPU processes, or
         one worker per GPU of ``gpus`` or found).
+    tasks_per_gpu : int
+        Embedded GPU cluster: rows run concurrently on each GPU (worker threads, each on
+        its own CUDA stream), so one row's FITS reading and writing overlaps another's
+        device work.
     retries : int
         A row raising an unexpected (non-gpudiff) error is retried this many times; with an
         embedded cluster it is also how many times a row may lose its worker before it is
@@ -262,7 +266,8 @@ def run(manifest, out_dir, client=None, *, scheduler: str | None = None, schedul
                         dask_logger.setLevel(logging.ERROR)
 
                     own_cluster, gpu_cluster = start_local_cluster(workers=workers, gpus=gpus, backend=backend,
-                                                                   retries=retries, memory_limit=memory_limit)
+                                                                   retries=retries, memory_limit=memory_limit,
+                                                                   tasks_per_gpu=tasks_per_gpu)
                     client = own_client = Client(own_cluster)
             task_backend = backend or ("cupy" if gpu_cluster else None)
             mode = progress if progress in ("tqdm", "dask", None, False) else ("tqdm" if own_cluster else "dask")

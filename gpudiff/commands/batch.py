@@ -55,6 +55,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="embedded cluster: CPU worker processes (default: one per core)")
     parser.add_argument("--gpus", metavar="LIST", type=_gpus,
                         help="embedded cluster: one worker per GPU id, e.g. 0,1 (default: every GPU found)")
+    parser.add_argument("--tasks-per-gpu", metavar="K", type=_int_at_least(1), default=2,
+                        help="embedded GPU cluster: rows run concurrently on each GPU, each on its own "
+                             "CUDA stream (default 2)")
     parser.add_argument("--retries", metavar="K", type=_int_at_least(0), default=3,
                         help="retries of a row whose worker died or that raised an unexpected error (default 3)")
     parser.add_argument("--resume", action="store_true", help="skip rows whose outputs exist and are valid")
@@ -87,6 +90,6 @@ def run(args: argparse.Namespace) -> int:
               "scheduler's workers")
     res = run_batch(args.manifest, args.out_dir, scheduler=args.scheduler, scheduler_file=args.scheduler_file,
                     workers=None if remote else args.workers, gpus=None if remote else args.gpus,
-                    retries=args.retries, resume=args.resume, overwrite=args.overwrite, njobs=args.njobs, job=job,
+                    tasks_per_gpu=args.tasks_per_gpu, retries=args.retries, resume=args.resume, overwrite=args.overwrite, njobs=args.njobs, job=job,
                     backend=args.backend, progress=None if args.no_progress else "auto", strict=args.strict)
     return 1 if res.n_failed else 0
