@@ -277,3 +277,23 @@ def test_dilate_disk_matches_binary_dilation(backend, shape, radius):
     got = backend.asnumpy(_dilate_disk(backend, dev, radius))
     assert np.array_equal(got, ndi.binary_dilation(on, structure=disk))
     assert np.array_equal(backend.asnumpy(dev), on)  # the input is not modified
+
+
+def test_peaks_match_maximum_filter(backend):
+    """Peaks gathered at footprint pixels only equal the full-image maximum_filter rule
+    (ties included: a quantized image has flat tops and equal neighbours)."""
+    import scipy.ndimage as ndi
+
+    from gpudiff.ops.detection import _peaks
+
+    rng = np.random.default_rng(3)
+    snr = np.round(ndi.gaussian_filter(rng.normal(size=(120, 90)), 1.5) * 20).astype(np.float32)
+    labels, _ = ndi.label(snr > 2)
+    for radius in (1, 2, 3):
+        cand = (snr >= ndi.maximum_filter(snr, size=2 * radius + 1, mode="constant", cval=-np.inf)) & (labels > 0)
+        plab, _ = ndi.label(cand, structure=np.ones((3, 3), bool))
+        ys, xs = np.nonzero(plab)
+        _, first = np.unique(plab[ys, xs], return_index=True)
+        py, px = _peaks(backend, backend.asarray(snr), backend.asarray(labels), radius)
+        got = sorted(zip(backend.asnumpy(py).tolist(), backend.asnumpy(px).tolist()))
+        assert got == sorted(zip(ys[first].tolist(), xs[first].tolist())) and len(got) > 5

@@ -30,7 +30,7 @@ from ..psfmatch.fit import KernelFit
 from ..psfmatch.spatial import SpatialKernel
 from .decorrelate import DecorrelateALKernelTask
 from .masks import convolve_preserving, mask_non_finite, template_coverage, update_masks
-from .scale_variance import ScaleVarianceTask
+from .scale_variance import ScaleVarianceConfig, ScaleVarianceTask
 
 __all__ = ["AlardLuptonSubtractConfig", "SubtractionResult", "AlardLuptonSubtractTask",
            "choose_convolution_method", "decorrelated_psf", "psf_fwhm"]
@@ -74,6 +74,10 @@ class AlardLuptonSubtractConfig:
     source_snr_min: float = 10.0
     source_snr_max: float = 500.0
     detection_threshold: float = 5.0
+    #: ScaleVarianceTask on at most this many regularly spaced pixels (None: every pixel,
+    #: as LSST).  The factor's quartile scatter at 2²² samples is ~0.1 %, while every pixel
+    #: of a 4096² pair costs ~4 s of the 2-core budget; images up to 2048² are unaffected.
+    scale_variance_max_samples: int | None = 1 << 22
 
     def __post_init__(self):
         if self.mode not in _MODES:
@@ -240,7 +244,8 @@ class AlardLuptonSubtractTask:
             catalog = det.catalog
         elif not det_bit or not bool((mi.mask & det_bit).any()):
             probe = _with_source_mask(mi, exp.psf)
-        factor = float(ScaleVarianceTask(backend=self.backend).run(probe))
+        sv_config = ScaleVarianceConfig(max_samples=self.config.scale_variance_max_samples)
+        factor = float(ScaleVarianceTask(sv_config, backend=self.backend).run(probe))
         scaled = MaskedImage(mi.image, mi.variance * np.float32(factor), mi.mask, xy0=mi.xy0,
                              mask_planes=mi.mask_planes, backend=self.backend)
         if catalog is not None and len(catalog):
