@@ -34,7 +34,7 @@ import numpy as np
 from ..backend import Backend
 from ..errors import GpudiffError, InvalidInputError
 from ..image import Box, Exposure, MaskedImage
-from ..ops.detection import _label, detect_sources
+from ..ops.detection import _dilate_disk, detect_sources
 from .assemble_coadd import AssembleCoaddConfig, AssembleCoaddResult, AssembleCoaddTask, _union
 from .coadd_warps import as_warp, read_padded
 from .scale_variance import ScaleVarianceConfig, ScaleVarianceTask
@@ -275,15 +275,26 @@ class CompareWarpAssembleCoaddTask:
             ok = xp.isfinite(diff_img) & xp.isfinite(diff_var) & (diff_var > 0)
             snr = xp.where(ok, diff_img / xp.sqrt(xp.where(ok, diff_var, 1.0)), 0.0)
         grow = int(cfg.n_sigma_to_grow * psf.determinant_radius() + 0.5) if psf is not None else 0
+        eight = be.asarray(np.ones((3, 3), dtype=bool))
         on = None
         for sign in ((1, -1) if cfg.polarity == "both" else (1,)):
-            lab, n = _label(be, snr * sign >= cfg.threshold_value, int(cfg.min_pixels), grow)
-            if n:
-                on = lab > 0 if on is None else on | (lab > 0)
+            # footprints of each polarity, those with fewer than min_pixels dropped (before
+            # growing, per polarity, as SourceDetectionTask does)
+            lab, n = be.ndimage.label(snr >= cfg.threshold_value if sign > 0 else snr <= -cfg.threshold_value,
+                                      structure=eight)
+            if not int(n):
+                continue
+            keep = xp.bincount(lab.ravel(), minlength=int(n) + 1) >= int(cfg.min_pixels)
+            keep[0] = False
+            if bool(keep.any()):
+                on = keep[lab] if on is None else on | keep[lab]
         if on is None:
             return None, 0
-        # positive and negative footprints that overlap or touch merge into one
-        labels, n = be.ndimage.label(on, structure=be.asarray(np.ones((3, 3), dtype=bool)))
+        # Growing distributes over the union, so one dilation and one labelling serve both
+        # polarities; positive and negative footprints that overlap or touch merge into one.
+        if grow > 0:
+            on = _dilate_disk(be, on, grow)
+        labels, n = be.ndimage.label(on, structure=eight)
         return labels, int(n)
 
     def find_artifacts(self, model: Exposure, matched: Sequence[Any]) -> tuple[list, Any, Any, Any, dict]:
