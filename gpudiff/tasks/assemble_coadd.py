@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -60,6 +62,8 @@ COADD_PLANES = ("NO_DATA", "REJECTED", "CLIPPED", "SENSOR_EDGE", "INEXACT_PSF")
 #: the bool masks (3) and the float64 temporaries of the reductions (3 × 8), rounded up.
 _BYTES_PER_SAMPLE = 48
 _CPU_BAND_BYTES = 256 << 20
+#: At most this many CPU threads reduce bands at once (each gets its share of the memory).
+_CPU_BAND_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -374,14 +378,22 @@ class AssembleCoaddTask:
         H, W = bbox.shape
         n = len(active)
         w = w_auto[active]
-        rows = min(H, _band_rows(be, n, W, cfg.max_band_bytes))
+        # On the CPU, bands are reduced by one thread per core (NumPy releases the GIL in its
+        # loops and sorts; the bands write disjoint rows), each within its share of the band
+        # memory.  On a GPU the device is the parallelism: one band at a time.
+        n_threads = 1 if be.is_gpu else max(1, min(os.cpu_count() or 1, _CPU_BAND_THREADS))
+        budget = cfg.max_band_bytes if cfg.max_band_bytes is not None or be.is_gpu else _CPU_BAND_BYTES
+        rows = min(H, _band_rows(be, n, W, None if budget is None else budget // n_threads))
         image = xp.empty((H, W), dtype=xp.float32)
         variance = xp.empty((H, W), dtype=xp.float32)
         mask = xp.empty((H, W), dtype=xp.int32)
         n_image = xp.zeros((H, W), dtype=xp.int32)
         imap = xp.zeros(((len(sources) + 7) // 8, H, W), dtype=xp.uint8) if cfg.do_input_map else None
-        t_read = 0.0
-        for y in range(bbox.y0, bbox.y1, rows):
+        for am in alt_masks or ():  # planes added up front: the band threads only read them
+            for plane in (am or {}):
+                bits.planes.add(plane)
+
+        def one_band(y: int) -> float:
             box = Box(bbox.x0, y, bbox.x1, min(y + rows, bbox.y1))
             r0, r1 = y - bbox.y0, box.y1 - bbox.y0
             lo, hi = r0 * W, r1 * W
@@ -391,13 +403,20 @@ class AssembleCoaddTask:
                 mi = read_padded(sources[i], box, be)
                 alt = _alt_indices(alt_masks[i] if alt_masks is not None else None, lo, hi)
                 bands.append(self._conform(mi, box, bits, alt))
-            t_read += time.perf_counter() - ta
+            t = time.perf_counter() - ta
             out = _stack_band(be, cfg, bits, bands, w)
             image[r0:r1], variance[r0:r1], mask[r0:r1], n_image[r0:r1] = out[:4]
             if imap is not None:
                 for j, i in enumerate(active):
                     imap[i // 8, r0:r1] |= out[4][j].astype(xp.uint8) << np.uint8(i % 8)
-            del bands, out
+            return t
+
+        starts = range(bbox.y0, bbox.y1, rows)
+        if n_threads > 1 and len(starts) > 1:
+            with ThreadPoolExecutor(max_workers=n_threads) as pool:
+                t_read = sum(pool.map(one_band, starts))
+        else:
+            t_read = sum(one_band(y) for y in starts)
         # INEXACT_PSF where the CoaddPsf is inexact (setInexactPsf)
         mask |= xp.where((mask & np.int32(bits.sensor_edge | bits.clipped | bits.rejected)) != 0,
                          np.int32(bits.inexact), np.int32(0))

@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Sequence
 
@@ -312,13 +315,15 @@ class CompareWarpAssembleCoaddTask:
         # 7.5σ threshold) at a fraction of the cost of every pixel of a 4096² warp
         scaler = (ScaleVarianceTask(ScaleVarianceConfig(max_samples=1 << 20), backend=be)
                   if cfg.do_scale_warp_variance else None)
-        records: list = []
-        n_cand = n_prefiltered = 0
-        for i, src in enumerate(matched):
+        records: list = [None] * len(matched)
+        counts = {"cand": 0, "pre": 0}
+        lock = threading.Lock()  # guards the shared accumulators; the rest is per warp
+
+        def one_warp(i: int) -> None:
+            src = matched[i]
             mi = read_padded(src, bbox, be) if src is not None else None
             if mi is None:
-                records.append(None)
-                continue
+                return
             var = mi.variance
             if scaler is not None:
                 try:
@@ -330,29 +335,45 @@ class CompareWarpAssembleCoaddTask:
             planes = mi.mask_planes
             bad = np.int32(planes.bitmask_if_present(list(cfg.bad_mask_planes)))
             finite = xp.isfinite(diff_img)
-            n_image += (finite & ((mi.mask & bad) == 0)).astype(xp.int32)
+            counted = (finite & ((mi.mask & bad) == 0)).astype(xp.int32)
             edge_bit = planes.bitmask_if_present("EDGE")
-            if edge_bit:
-                edge_any |= (mi.mask & np.int32(edge_bit)) != 0
+            edge = (mi.mask & np.int32(edge_bit)) != 0 if edge_bit else None
             nodata_idx = be.asnumpy(xp.flatnonzero(~finite))
             labels, n = self._detect(diff_img, diff_var, src.psf if src.psf is not None else model.psf)
-            n_cand += n
-            if n == 0:
-                records.append((np.zeros(0, np.int64), np.zeros(0, np.int64), nodata_idx))
-                continue
-            keep = xp.ones(n + 1, dtype=bool)
-            keep[0] = False
-            if cfg.do_prefilter_artifacts:
-                pre = np.int32(planes.bitmask_if_present(list(cfg.prefilter_artifacts_mask_planes)))
-                area = xp.bincount(labels.ravel(), minlength=n + 1)
-                good = xp.bincount(labels[(mi.mask & pre) == 0], minlength=n + 1)
-                keep &= good > cfg.prefilter_artifacts_ratio * xp.maximum(area, 1)
-                n_prefiltered += int(n - int(keep.sum()))
-            fp = keep[labels]
-            epoch += fp.astype(xp.int32)
-            idx = xp.flatnonzero(fp)
-            records.append((be.asnumpy(idx), be.asnumpy(labels.ravel()[idx]).astype(np.int64), nodata_idx))
-            del diff_img, diff_var, labels, fp
+            fp, n_pre = None, 0
+            if n:
+                keep = xp.ones(n + 1, dtype=bool)
+                keep[0] = False
+                if cfg.do_prefilter_artifacts:
+                    pre = np.int32(planes.bitmask_if_present(list(cfg.prefilter_artifacts_mask_planes)))
+                    area = xp.bincount(labels.ravel(), minlength=n + 1)
+                    good = xp.bincount(labels[(mi.mask & pre) == 0], minlength=n + 1)
+                    keep &= good > cfg.prefilter_artifacts_ratio * xp.maximum(area, 1)
+                    n_pre = int(n - int(keep.sum()))
+                fp = keep[labels]
+                idx = xp.flatnonzero(fp)
+                records[i] = (be.asnumpy(idx), be.asnumpy(labels.ravel()[idx]).astype(np.int64), nodata_idx)
+            else:
+                records[i] = (np.zeros(0, np.int64), np.zeros(0, np.int64), nodata_idx)
+            with lock:
+                n_image[...] += counted
+                if edge is not None:
+                    edge_any[...] |= edge
+                if fp is not None:
+                    epoch[...] += fp.astype(xp.int32)
+                counts["cand"] += n
+                counts["pre"] += n_pre
+
+        # On the CPU one thread per core works on its own warp (NumPy releases the GIL in
+        # its loops); the integer accumulators make the result independent of the order.
+        n_threads = 1 if be.is_gpu else max(1, min(os.cpu_count() or 1, 4, len(matched)))
+        if n_threads > 1:
+            with ThreadPoolExecutor(max_workers=n_threads) as pool:
+                list(pool.map(one_warp, range(len(matched))))
+        else:
+            for i in range(len(matched)):
+                one_warp(i)
+        n_cand, n_prefiltered = counts["cand"], counts["pre"]
         alt_masks, n_clipped_fp, n_protected = self._filter(records, epoch, n_image, template_fp)
         stats = dict(n_artifact_candidates=n_cand, n_prefiltered=n_prefiltered,
                      n_clipped_footprints=n_clipped_fp, n_protected_footprints=n_protected)
