@@ -11,6 +11,7 @@ backend; per-source work on stacks of stamps (n, s, s), never in a loop over sou
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -390,15 +391,29 @@ def detect_sources(mi: MaskedImage | Exposure, psf: Psf | None = None, *, thresh
     snr = xp.where(good & (v > vmin), s / xp.sqrt(xp.maximum(v, vmin)), 0).astype(xp.float32)
     peak_radius = max(1, int(round(sigma_w)))
     mask = mi.mask & ~np.int32(det_bit | neg_bit)
-    parts = []
-    for sign in _POLARITIES[polarity]:
-        labels, n_fp = _label(be, snr * sign >= threshold, int(min_pixels), int(footprint_grow))
+    def one_sign(sign: int):
+        signed = snr if sign > 0 else -snr
+        labels, n_fp = _label(be, signed >= threshold, int(min_pixels), int(footprint_grow))
         if n_fp == 0:
-            continue
-        mask = xp.where(labels > 0, mask | np.int32(det_bit if sign > 0 else neg_bit), mask)
-        py, px = _peaks(be, snr * sign, labels, peak_radius)
+            return None
+        py, px = _peaks(be, signed, labels, peak_radius)
         cols = _measure(be, sign, d, var, good, mi.mask, snr, labels, n_fp, py, px, psf, mi.bbox, stamp,
                         sigma_w, psf_flux_weighting)
+        return labels, cols
+
+    signs = _POLARITIES[polarity]
+    if len(signs) > 1 and not be.is_gpu:
+        # The polarities are independent: one CPU thread each (NumPy releases the GIL).
+        with ThreadPoolExecutor(max_workers=len(signs)) as pool:
+            found = list(pool.map(one_sign, signs))
+    else:
+        found = [one_sign(sign) for sign in signs]
+    parts = []
+    for sign, res in zip(signs, found):
+        if res is None:
+            continue
+        labels, cols = res
+        mask = xp.where(labels > 0, mask | np.int32(det_bit if sign > 0 else neg_bit), mask)
         cols["_fp"] = cols["_fp"] + (0 if not parts else max(int(p["_fp"].max()) for p in parts))
         parts.append(cols)
     cat = _assemble(parts, planes, x0, y0, stamp if isolation_radius is None else isolation_radius,

@@ -9,6 +9,7 @@ The variance, convolved with K(x, y)², is Σ_k Σ_l p_k p_l·(V ⊗ K_k K_l).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,11 +178,20 @@ class SpatialKernel:
         else:
             p = [np.float32(1.0)]
         img, var, msk = prepare_masked_input(mi)
-        out_img = varying_correlate(img, kt[used], [p[k] for k in used], be)
         pairs = [(k, l) for i, k in enumerate(used) for l in used[i:]]
         # V ⊗ K(x,y)² = Σ_k Σ_l p_k p_l (V ⊗ K_k K_l); the k ≠ l pairs appear twice.
         vweights = [(1.0 if k == l else 2.0) * (p[k] * p[l]) for k, l in pairs]
-        out_var = varying_correlate(var, np.stack([kt[k] * kt[l] for k, l in pairs]), vweights, be)
+        vkernels = np.stack([kt[k] * kt[l] for k, l in pairs])
+        if be.is_gpu:
+            out_img = varying_correlate(img, kt[used], [p[k] for k in used], be)
+            out_var = varying_correlate(var, vkernels, vweights, be)
+        else:
+            # Image and variance planes are independent: on the CPU the variance (the
+            # larger sum) runs beside the image, NumPy releasing the GIL in its loops.
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                fvar = pool.submit(varying_correlate, var, vkernels, vweights, be)
+                out_img = varying_correlate(img, kt[used], [p[k] for k in used], be)
+                out_var = fvar.result()
         if do_normalize:
             ksum = sum(p[k] * np.float32(kt[k].sum()) for k in used)
             out_img = out_img / ksum

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -279,6 +280,11 @@ class DecorrelateALKernelTask:
                 raise InvalidInputError(f"pre_conv_kernel must have a positive sum, got {s}")
             pre = pre / s
 
+        if svar is None and tvar is None and not be.is_gpu:
+            # two independent full-image MEANCLIPs: one CPU thread each
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                fut = pool.submit(self.compute_variance_mean, tmpl)
+                svar, tvar = self.compute_variance_mean(sci), fut.result()
         svar = self.compute_variance_mean(sci) if svar is None else float(svar)
         tvar = self.compute_variance_mean(tmpl) if tvar is None else float(tvar)
         log.info("variance plane means: science %.5e, template %.5e", svar, tvar)
