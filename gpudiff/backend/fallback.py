@@ -39,9 +39,15 @@ BAND_COUNTS = (4, 16)
 #: CuPy's out-of-memory exception (``cupy.cuda.memory.OutOfMemoryError``) and the CUDA
 #: library errors that can mean an allocation failed (then told apart by their message).
 _OOM_NAMES = {"OutOfMemoryError"}
-_LIB_ERROR_NAMES = {"CuFFTError", "CUBLASError", "CuSolverError", "CUDARuntimeError", "CUDADriverError",
-                    "CusparseError"}
+#: (CuPy spells them ``CuFFTError``, ``CUBLASError``, ``CUSOLVERError``, ``CuSparseError``,
+#: ``CUDARuntimeError``, ``CUDADriverError``: the match is by exact class name.)
+_LIB_ERROR_NAMES = {"CuFFTError", "CUBLASError", "CUSOLVERError", "CUDARuntimeError", "CUDADriverError",
+                    "CuSparseError"}
 _ALLOC_WORDS = ("ALLOC_FAILED", "cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY", "out of memory")
+#: Allocation failures that reach Python as builtin exceptions: CUDA's own error codes in a
+#: C++ exception translated by Cython, and Thrust's workspace allocation through CuPy's
+#: pool (sort, argsort: ``std::bad_alloc`` surfaces as a builtin ``MemoryError``).
+_CUDA_ALLOC_CODES = ("cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY")
 _CUPY_MODULES = ("cupy", "cupyx", "cupy_backends")
 
 
@@ -50,7 +56,10 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
     Recognised without importing CuPy: by class name and module (``cupy…``), plus
     ``isinstance`` against ``cupy.cuda.memory.OutOfMemoryError`` when CuPy is loaded.
-    A host ``MemoryError`` is *not* a device failure: it is left to the caller.
+    A host ``MemoryError`` is *not* a device failure: it is left to the caller.  Builtin
+    exceptions count only when their message carries a CUDA allocation error code, or is
+    a C++ ``std::bad_alloc`` (Thrust's workspace, allocated from CuPy's pool, during a
+    device sort): NumPy's own host failures say neither.
     """
     cupy = sys.modules.get("cupy")
     if cupy is not None:
@@ -63,6 +72,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
         if cls.__name__ in _OOM_NAMES:
             return True
         if cls.__name__ in _LIB_ERROR_NAMES and any(w.lower() in str(exc).lower() for w in _ALLOC_WORDS):
+            return True
+    if type(exc) in (MemoryError, RuntimeError):  # exactly the builtins Cython translates to
+        msg = str(exc)
+        if any(w in msg for w in _CUDA_ALLOC_CODES):
+            return True
+        if isinstance(exc, MemoryError) and "bad_alloc" in msg:
             return True
     return False
 
@@ -77,6 +92,22 @@ def free_device_memory(backend: Backend) -> None:
                     lambda: xp.fft.config.get_plan_cache().clear()):
         with contextlib.suppress(Exception):  # best effort: a missing pool is nothing to free
             release()
+
+
+def _drop_tracebacks(exc: BaseException) -> BaseException:
+    """``exc`` without its traceback (nor those of its cause/context chain).
+
+    The frames of a traceback hold the failed attempt's locals, device arrays included;
+    kept (for the warning's message), they would stay allocated through the retries,
+    since freeing the memory pool releases only unreferenced blocks.
+    """
+    seen: set = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+    return exc
 
 
 def with_memory_fallback(stage: str, run: Callable[[Backend], T], backend: Backend, *,
@@ -120,7 +151,7 @@ def with_memory_fallback(stage: str, run: Callable[[Backend], T], backend: Backe
     except Exception as exc:
         if not backend.is_gpu or not is_out_of_memory(exc):
             raise
-        first = exc
+        first = _drop_tracebacks(exc)
     log.warning("%s: out of device memory (%s); freeing the memory pool and retrying", stage, first)
     free_device_memory(backend)
     if banded is not None:
@@ -133,7 +164,7 @@ def with_memory_fallback(stage: str, run: Callable[[Backend], T], backend: Backe
                 if not is_out_of_memory(exc):
                     raise
                 log.warning("%s: out of device memory in %d row bands too", stage, n)
-                free_device_memory(backend)
+            free_device_memory(backend)  # after the except block: its traceback is gone
     warnings.warn(f"{stage}: out of GPU memory ({type(first).__name__}: {first}); "
                   f"{'banded processing failed too; ' if banded is not None else ''}"
                   "re-running this stage on the NumPy CPU backend", GpudiffFallbackWarning, stacklevel=3)

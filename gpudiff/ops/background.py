@@ -421,14 +421,15 @@ def evaluate_bin_grid(values: np.ndarray, y_centres: np.ndarray, x_centres: np.n
     if undersample not in _UNDERSAMPLE:
         raise InvalidInputError(f"undersample must be one of {_UNDERSAMPLE}, got {undersample!r}")
     be = resolve_backend(backend)
-    g = np.asarray(values, dtype=np.float64)
-    yc, xc = np.asarray(y_centres, np.float64), np.asarray(x_centres, np.float64)
+    # The weights are built on the host (device arrays given here are brought back).
+    g = np.asarray(be.asnumpy(values), dtype=np.float64)
+    yc, xc = np.asarray(be.asnumpy(y_centres), np.float64), np.asarray(be.asnumpy(x_centres), np.float64)
     if g.shape != (yc.size, xc.size):
         raise ShapeMismatchError(f"bin values have shape {g.shape}, centres give {(yc.size, xc.size)}")
     if not np.isfinite(g).all():
         raise NonFiniteDataError("evaluate_bin_grid: bin values must be finite (fill the bad bins first)")
-    rows = np.asarray(rows, dtype=np.float64).ravel()
-    cols = np.asarray(cols, dtype=np.float64).ravel()
+    rows = np.asarray(be.asnumpy(rows), dtype=np.float64).ravel()
+    cols = np.asarray(be.asnumpy(cols), dtype=np.float64).ravel()
     oy = _axis_order(order, yc.size, undersample, "rows")
     ox = _axis_order(order, xc.size, undersample, "columns")
     if oy == "akima":

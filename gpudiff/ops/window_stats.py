@@ -224,11 +224,12 @@ def window_statistics(image: Any, good: Any, row_starts: Any, col_starts: Any, s
     if img.ndim != 2 or tuple(ok.shape) != tuple(img.shape):
         raise ShapeMismatchError(f"window_statistics: image {tuple(img.shape)} and good {tuple(ok.shape)} "
                                  "must be 2-D arrays of one shape")
-    rs = np.asarray(row_starts, dtype=np.int64).ravel()
-    cs = np.asarray(col_starts, dtype=np.int64).ravel()
+    # The cell geometry is host-side index arithmetic (device arrays are brought back).
+    rs = np.asarray(be.asnumpy(row_starts), dtype=np.int64).ravel()
+    cs = np.asarray(be.asnumpy(col_starts), dtype=np.int64).ravel()
     ny, nx = rs.size, cs.size
-    hs = np.broadcast_to(np.asarray(size[0], dtype=np.int64), (ny,))
-    ws = np.broadcast_to(np.asarray(size[1], dtype=np.int64), (nx,))
+    hs = np.broadcast_to(np.asarray(be.asnumpy(size[0]), dtype=np.int64), (ny,))
+    ws = np.broadcast_to(np.asarray(be.asnumpy(size[1]), dtype=np.int64), (nx,))
     if (hs < 1).any() or (ws < 1).any() or int(span) < 1:
         raise InvalidInputError(f"cell sizes and span must be positive, got {size!r}, span {span!r}")
     if (np.diff(rs) < hs[:-1]).any() or (np.diff(cs) < ws[:-1]).any():

@@ -220,11 +220,12 @@ def _shift_wcs(wcs, from_box: Box, to_box: Box):
     return out
 
 
-def _alt_indices(alt: Mapping[str, Any] | None, lo: int, hi: int) -> dict:
-    """The flat indices (within [lo, hi), shifted by lo) of each plane of one warp's alt mask."""
+def _alt_indices(be: Backend, alt: Mapping[str, Any] | None, lo: int, hi: int) -> dict:
+    """The flat indices (within [lo, hi), shifted by lo) of each plane of one warp's alt
+    mask, on the host (the caller's index arrays may be on the device)."""
     out = {}
     for plane, idx in (alt or {}).items():
-        idx = np.asarray(idx)
+        idx = np.asarray(be.asnumpy(idx))
         a, b = np.searchsorted(idx, [lo, hi])
         if b > a:
             out[plane] = idx[a:b] - lo
@@ -401,7 +402,7 @@ class AssembleCoaddTask:
             bands = []
             for i in active:
                 mi = read_padded(sources[i], box, be)
-                alt = _alt_indices(alt_masks[i] if alt_masks is not None else None, lo, hi)
+                alt = _alt_indices(be, alt_masks[i] if alt_masks is not None else None, lo, hi)
                 bands.append(self._conform(mi, box, bits, alt))
             t = time.perf_counter() - ta
             out = _stack_band(be, cfg, bits, bands, w)
