@@ -103,6 +103,9 @@ class Psf(ABC):
 
     #: position used when none is given (LSST ``getAveragePosition``)
     average_position: tuple[float, float] = (0.0, 0.0)
+    #: True when the model is the same image everywhere (so per-position work, such as
+    #: moments on a lattice, can be done once).  Subclasses that vary say False.
+    spatially_constant: bool = False
 
     # --- to implement -------------------------------------------------------------------
     @abstractmethod
@@ -152,6 +155,8 @@ class Psf(ABC):
 
 class _AnalyticPsf(Psf):
     """A PSF defined by a profile f(dx, dy) sampled at pixel centres (optionally oversampled)."""
+
+    spatially_constant = True
 
     def __init__(self, size: int, oversample: int = 1, average_position: tuple[float, float] = (0.0, 0.0)):
         if size < 3 or size % 2 == 0:
@@ -323,6 +328,8 @@ class ImagePsf(Psf):
     average_position : (float, float)
         Position reported as the PSF's average position.
     """
+
+    spatially_constant = True
 
     def __init__(self, image, average_position=(0.0, 0.0)):
         img = np.array(image, dtype=np.float64)

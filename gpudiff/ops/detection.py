@@ -220,6 +220,9 @@ def _psf_moments(psf: Psf, x: np.ndarray, y: np.ndarray, cell: int = 128) -> tup
     x, y = np.asarray(x, float), np.asarray(y, float)
     if x.size == 0:
         return np.zeros(0), np.zeros(0), np.zeros(0)
+    if getattr(psf, "spatially_constant", False):  # one image everywhere: one measurement
+        m = np.asarray(psf.moments(float(x[0]), float(y[0])), dtype=np.float64)
+        return tuple(np.full(x.size, v) for v in m)
     gx = np.arange(np.floor(x.min()), x.max() + cell, cell) if np.ptp(x) > 0 else np.array([x.min()])
     gy = np.arange(np.floor(y.min()), y.max() + cell, cell) if np.ptp(y) > 0 else np.array([y.min()])
     mom = np.array([[psf.moments(float(a), float(b)) for a in gx] for b in gy], dtype=np.float64)
