@@ -7,7 +7,6 @@ stderr), then the batch manifest cases (skipped until :mod:`gpudiff.batch` has `
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 
@@ -22,26 +21,13 @@ from gpudiff.cli import main
 from gpudiff.image import Exposure, GaussianPsf, MaskedImage, MaskPlanes, estimate_psf, read_exposure
 from gpudiff.ops.convolution import convolve_masked_image, correlate
 from gpudiff.ops.warp import warp_exposure
-from gpudiff.sim import make_test_image, make_wcs
+from gpudiff.sim import make_wcs
 from gpudiff.tasks import AlardLuptonSubtractConfig, AlardLuptonSubtractTask
 from gpudiff.tasks.model_psf_match import ModelPsfMatchTask
 
+from _lsst_pair import lsst_pair as _pair  # tests/_lsst_pair.py
+
 NO_CUPY = not cupy_status()[0]
-
-
-@functools.lru_cache(maxsize=None)
-def _cached(**kw):
-    return make_test_image(**kw)
-
-
-def _pair():
-    """LSST's test pair (spec §11.1): science σ_PSF 2.4 px, template 2.0 px with a 20-px
-    border, and the truth catalog as kernel sources; fresh copies every call."""
-    sci, cat = _cached(psf_size=2.4, noise_seed=6)
-    tmpl, _ = _cached(psf_size=2.0, noise_seed=7, template_border_size=20)
-    cat = cat.copy()
-    cat["psf_flux"], cat["psf_flux_err"] = cat["flux"], cat["flux_err"]
-    return sci.copy(), tmpl.copy(), cat
 
 
 def _task():

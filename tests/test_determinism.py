@@ -8,7 +8,6 @@ inputs, so a result may not depend on object identity either.
 
 from __future__ import annotations
 
-import functools
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ import pytest
 from gpudiff.backend import clipped_stack
 from gpudiff.image import GaussianPsf
 from gpudiff.ops.detection import detect_sources
-from gpudiff.sim import make_test_image
 from gpudiff.tasks import (
     AlardLuptonPreconvolveSubtractConfig,
     AlardLuptonPreconvolveSubtractTask,
@@ -24,6 +22,8 @@ from gpudiff.tasks import (
     AlardLuptonSubtractTask,
 )
 from gpudiff.tasks.model_psf_match import ModelPsfMatchTask
+
+from _lsst_pair import cached_test_image as _cached, lsst_pair as _pair  # tests/_lsst_pair.py
 
 
 def _np(a):
@@ -40,19 +40,6 @@ def _same_masked_image(x, y):
     for plane in ("image", "variance", "mask"):
         _identical(getattr(x, plane), getattr(y, plane))
     assert x.mask_planes == y.mask_planes and x.bbox == y.bbox
-
-
-@functools.lru_cache(maxsize=None)
-def _cached(**kw):
-    return make_test_image(**kw)
-
-
-def _pair():
-    sci, cat = _cached(psf_size=2.4, noise_seed=6)
-    tmpl, _ = _cached(psf_size=2.0, noise_seed=7, template_border_size=20)
-    cat = cat.copy()
-    cat["psf_flux"], cat["psf_flux_err"] = cat["flux"], cat["flux_err"]
-    return sci.copy(), tmpl.copy(), cat
 
 
 @pytest.mark.parametrize("mode", ["convolveTemplate", "convolveScience"])

@@ -10,7 +10,6 @@ computes exactly what NumPy computes, a CPU re-run must equal a plain NumPy run 
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import types
@@ -33,9 +32,10 @@ from gpudiff.image import GaussianPsf, read_exposure
 from gpudiff.image.atomic import atomic_write
 from gpudiff.image.fitsio import write_psf
 from gpudiff.ops.convolution import process_in_row_bands
-from gpudiff.sim import make_test_image
 from gpudiff.tasks import AlardLuptonSubtractConfig, AlardLuptonSubtractTask
 from gpudiff.tasks.model_psf_match import ModelPsfMatchTask
+
+from _lsst_pair import cached_test_image as _cached, lsst_pair as _pair  # tests/_lsst_pair.py
 
 # --------------------------------------------------------------------------------------
 # a fake device
@@ -82,19 +82,6 @@ def device(monkeypatch):
         return Backend(name="cupy", xp=np, fft=_LimitedFFT(limit), ndimage=scipy.ndimage, linalg=np.linalg, device=0)
 
     return make
-
-
-@functools.lru_cache(maxsize=None)
-def _cached(**kw):
-    return make_test_image(**kw)
-
-
-def _pair():
-    sci, cat = _cached(psf_size=2.4, noise_seed=6)
-    tmpl, _ = _cached(psf_size=2.0, noise_seed=7, template_border_size=20)
-    cat = cat.copy()
-    cat["psf_flux"], cat["psf_flux_err"] = cat["flux"], cat["flux_err"]
-    return sci.copy(), tmpl.copy(), cat
 
 
 def _assert_identical(a, b):
