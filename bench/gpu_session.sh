@@ -2,7 +2,7 @@
 # Everything a GPU session should measure, in one device call (starting the machine is the
 # expensive part).  From the project root on this machine, once:
 #
-#     ../shared/gpu/fetch_wheels.sh dask distributed partd locket tornado zict tblib \
+#     ../shared/gpu/fetch_wheels.sh dask distributed partd locket tornado zict tblib attrs \
 #         cloudpickle toolz fsspec msgpack sortedcontainers psutil tqdm hypothesis
 #
 # then run, through the device tool, with `.whl` in carry:

@@ -12,9 +12,13 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
+import pytest
+
+# hypothesis is in the test extra (CI always has it); a bare GPU box may not
+pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
 
 from gpudiff.image import Exposure, GaussianPsf, MaskedImage, MaskPlanes, read_exposure
 from gpudiff.ops.convolution import convolve_masked_image
