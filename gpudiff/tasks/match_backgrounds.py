@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -256,14 +258,14 @@ class MatchBackgroundsTask:
         n = sum(len(items) for items in groups.values())
         backgrounds: list = [None] * n
         matched: list = [None] * n
-        rows = []
-        for visit, items in groups.items():
+
+        def one_visit(item):
+            visit, items = item
             if visit == ref:
                 for i, p, w in items:
                     backgrounds[i] = WarpBackground(visit, p, w.bbox, be.xp.zeros(w.shape, dtype=np.float32), True)
                     matched[i] = w.to_backend(be)
-                rows.append((visit, len(items), True, 0.0, math.nan, math.nan))
-                continue
+                return (visit, len(items), True, 0.0, math.nan, math.nan)
             tb, pairs = self._difference_model(visit, items, ref, ref_by_patch, tract)
             stats = tb.stats_image()
             order = INTERPOLATION_STYLES[cfg.tract_bg_model.interpolation]
@@ -282,8 +284,17 @@ class MatchBackgroundsTask:
                                                   mask_planes=mi.mask_planes, backend=be),
                                       psf=w.psf, wcs=w.wcs, photo_calib=w.photo_calib, metadata=w.metadata)
             mse, dvar = self._residual_diagnostics(items, pairs, models, ref_by_patch)
-            rows.append((visit, len(items), False, fit_rms, mse, dvar))
             log.info("visit %d: fit RMS %.4g, matched MSE %.4g, diff variance %.4g", visit, fit_rms, mse, dvar)
+            return (visit, len(items), False, fit_rms, mse, dvar)
+
+        # Visits are matched independently (each writes only its own warps' slots): on the
+        # CPU one thread per core; map keeps the visits' order for the diagnostics table.
+        n_threads = 1 if be.is_gpu else max(1, min(os.cpu_count() or 1, 4, len(groups)))
+        if n_threads > 1:
+            with ThreadPoolExecutor(max_workers=n_threads) as pool:
+                rows = list(pool.map(one_visit, groups.items()))
+        else:
+            rows = [one_visit(item) for item in groups.items()]
         diag = Table(rows=rows, names=("visit", "n_warps", "is_reference", "fit_rms", "matched_mse", "diff_im_var"),
                      dtype=(np.int64, np.int64, bool, np.float64, np.float64, np.float64))
         if choice is not None:

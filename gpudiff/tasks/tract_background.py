@@ -15,6 +15,8 @@ plane-fit χ², mean variance and coverage and picks the cheapest.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -390,12 +392,22 @@ class ChooseReferenceVisitTask:
         """Bin every visit's warps on the tract and score the visits."""
         if not warps_by_visit:
             raise InvalidInputError("ChooseReferenceVisitTask: no visits given")
-        tbs = {}
-        for visit, warps in warps_by_visit.items():
+        def one_visit(item):
+            visit, warps = item
             tb = TractBackground(tract, self.tract_background, self.backend)
             for w in warps:
                 tb.add_warp(w)
-            tbs[visit] = tb
+            return visit, tb
+
+        # Visits are binned independently: on the CPU one thread per core (NumPy releases
+        # the GIL in its sorts and loops); map keeps the visits' order.
+        items = list(warps_by_visit.items())
+        n_threads = 1 if self.backend.is_gpu else max(1, min(os.cpu_count() or 1, 4, len(items)))
+        if n_threads > 1:
+            with ThreadPoolExecutor(max_workers=n_threads) as pool:
+                tbs = dict(pool.map(one_visit, items))
+        else:
+            tbs = dict(map(one_visit, items))
         return self.score(tbs)
 
     @staticmethod
