@@ -31,6 +31,7 @@ __all__ = [
     "resolve_backend",
     "use_backend",
     "available_backends",
+    "cuda_device_count",
     "cupy_status",
 ]
 
@@ -164,6 +165,15 @@ def cupy_status() -> tuple[bool, str]:
     except Exception:
         dev = "CUDA device"
     return True, f"{n} CUDA device(s); current: {dev}"
+
+
+def cuda_device_count() -> int:
+    """Number of CUDA devices CuPy can use here (0 without CuPy or a working device)."""
+    if not cupy_status()[0]:
+        return 0
+    import cupy  # lazy, and only here: the batch layer asks this instead of importing CuPy
+
+    return int(cupy.cuda.runtime.getDeviceCount())
 
 
 def _cupy_backend() -> Backend:

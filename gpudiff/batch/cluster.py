@@ -26,13 +26,11 @@ def parse_gpus(text) -> list[str]:
 
 def detect_gpus() -> list[str]:
     """The GPUs this process sees (as ``CUDA_VISIBLE_DEVICES`` entries); [] without CuPy/CUDA."""
-    from ..backend import cupy_status
+    from ..backend import cuda_device_count
 
-    if not cupy_status()[0]:
+    n = cuda_device_count()
+    if n == 0:
         return []
-    import cupy
-
-    n = cupy.cuda.runtime.getDeviceCount()
     visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
     # Device i of this process is entry i of CUDA_VISIBLE_DEVICES when that is set.
     return visible[:n] if len(visible) >= n else [str(i) for i in range(n)]
