@@ -21,13 +21,12 @@ Kernels
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..errors import InvalidInputError, ShapeMismatchError
+from .threads import cpu_workers, parallel_map
 
 __all__ = [
     "IQ_TO_STDEV",
@@ -337,16 +336,9 @@ def clipped_stack(data, bad, weights=None, nsigma=3.0, niter=3, *, return_used=F
         if return_used:
             used[:, p0:p1] = sel
 
+    # Bands write disjoint columns: one thread per core gives the same bits as one thread.
     starts = range(0, npix, band)
-    threads = min(os.cpu_count() or 1, _CPU_THREADS, len(starts)) if xp is np else 1
-    if threads > 1:
-        # Bands are independent and write disjoint columns, so one thread per core gives
-        # the same bits as one thread (NumPy releases the GIL in its sorts and loops).
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            list(pool.map(one_band, starts))
-    else:
-        for p0 in starts:
-            one_band(p0)
+    parallel_map(one_band, starts, cpu_workers(len(starts), _CPU_THREADS, parallel=xp is np))
     shp = a.spatial_shape
     out = (mean.reshape(shp), var.reshape(shp), n_used.reshape(shp))
     if return_used:

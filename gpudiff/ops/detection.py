@@ -11,7 +11,6 @@ backend; per-source work on stacks of stamps (n, s, s), never in a loop over sou
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -20,6 +19,7 @@ from astropy.table import Table
 from scipy.spatial import cKDTree
 
 from ..backend import Backend, resolve_backend
+from ..backend.threads import cpu_workers, parallel_map
 from ..errors import InvalidInputError, PsfError
 from ..image import Box, Exposure, MaskedImage, MaskPlanes, Psf
 from .background import estimate_background
@@ -405,12 +405,8 @@ def detect_sources(mi: MaskedImage | Exposure, psf: Psf | None = None, *, thresh
         return labels, cols
 
     signs = _POLARITIES[polarity]
-    if len(signs) > 1 and not be.is_gpu:
-        # The polarities are independent: one CPU thread each (NumPy releases the GIL).
-        with ThreadPoolExecutor(max_workers=len(signs)) as pool:
-            found = list(pool.map(one_sign, signs))
-    else:
-        found = [one_sign(sign) for sign in signs]
+    # The polarities are independent: one CPU thread each.
+    found = parallel_map(one_sign, signs, cpu_workers(len(signs), parallel=not be.is_gpu))
     parts = []
     for sign, res in zip(signs, found):
         if res is None:

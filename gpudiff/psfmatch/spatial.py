@@ -9,13 +9,13 @@ The variance, convolved with K(x, y)², is Σ_k Σ_l p_k p_l·(V ⊗ K_k K_l).
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..backend import Backend
+from ..backend.threads import run_concurrently
 from ..errors import InvalidInputError, KernelTooLargeError
 from ..image import Box, MaskedImage
 from ..ops.convolution import dilate_mask, finish_masked_output, prepare_masked_input, varying_correlate
@@ -182,16 +182,10 @@ class SpatialKernel:
         # V ⊗ K(x,y)² = Σ_k Σ_l p_k p_l (V ⊗ K_k K_l); the k ≠ l pairs appear twice.
         vweights = [(1.0 if k == l else 2.0) * (p[k] * p[l]) for k, l in pairs]
         vkernels = np.stack([kt[k] * kt[l] for k, l in pairs])
-        if be.is_gpu:
-            out_img = varying_correlate(img, kt[used], [p[k] for k in used], be)
-            out_var = varying_correlate(var, vkernels, vweights, be)
-        else:
-            # Image and variance planes are independent: on the CPU the variance (the
-            # larger sum) runs beside the image, NumPy releasing the GIL in its loops.
-            with ThreadPoolExecutor(max_workers=2) as pool:
-                fvar = pool.submit(varying_correlate, var, vkernels, vweights, be)
-                out_img = varying_correlate(img, kt[used], [p[k] for k in used], be)
-                out_var = fvar.result()
+        # Image and variance planes are independent: on the CPU one thread each.
+        out_img, out_var = run_concurrently(
+            lambda: varying_correlate(img, kt[used], [p[k] for k in used], be),
+            lambda: varying_correlate(var, vkernels, vweights, be), parallel=not be.is_gpu)
         if do_normalize:
             ksum = sum(p[k] * np.float32(kt[k].sum()) for k in used)
             out_img = out_img / ksum

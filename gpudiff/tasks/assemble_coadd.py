@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -43,6 +41,7 @@ from astropy.io import fits
 
 from ..backend import Backend, resolve_backend
 from ..backend.kernels import clipped_stack
+from ..backend.threads import cpu_workers, parallel_map
 from ..errors import InvalidInputError, NoWorkFound
 from ..image import Box, Exposure, ImagePsf, MaskedImage, MaskPlanes, Psf
 from ..ops.stats import clipped_mean_std
@@ -382,7 +381,7 @@ class AssembleCoaddTask:
         # On the CPU, bands are reduced by one thread per core (NumPy releases the GIL in its
         # loops and sorts; the bands write disjoint rows), each within its share of the band
         # memory.  On a GPU the device is the parallelism: one band at a time.
-        n_threads = 1 if be.is_gpu else max(1, min(os.cpu_count() or 1, _CPU_BAND_THREADS))
+        n_threads = cpu_workers(H, _CPU_BAND_THREADS, parallel=not be.is_gpu)
         budget = cfg.max_band_bytes if cfg.max_band_bytes is not None or be.is_gpu else _CPU_BAND_BYTES
         rows = min(H, _band_rows(be, n, W, None if budget is None else budget // n_threads))
         image = xp.empty((H, W), dtype=xp.float32)
@@ -412,12 +411,7 @@ class AssembleCoaddTask:
                     imap[i // 8, r0:r1] |= out[4][j].astype(xp.uint8) << np.uint8(i % 8)
             return t
 
-        starts = range(bbox.y0, bbox.y1, rows)
-        if n_threads > 1 and len(starts) > 1:
-            with ThreadPoolExecutor(max_workers=n_threads) as pool:
-                t_read = sum(pool.map(one_band, starts))
-        else:
-            t_read = sum(one_band(y) for y in starts)
+        t_read = sum(parallel_map(one_band, range(bbox.y0, bbox.y1, rows), n_threads))
         # INEXACT_PSF where the CoaddPsf is inexact (setInexactPsf)
         mask |= xp.where((mask & np.int32(bits.sensor_edge | bits.clipped | bits.rejected)) != 0,
                          np.int32(bits.inexact), np.int32(0))

@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Sequence
 
 import numpy as np
 
 from ..backend import Backend
+from ..backend.threads import cpu_workers, parallel_map
 from ..errors import GpudiffError, InvalidInputError
 from ..image import Box, Exposure, MaskedImage
 from ..ops.detection import _dilate_disk, detect_sources
@@ -366,13 +365,7 @@ class CompareWarpAssembleCoaddTask:
 
         # On the CPU one thread per core works on its own warp (NumPy releases the GIL in
         # its loops); the integer accumulators make the result independent of the order.
-        n_threads = 1 if be.is_gpu else max(1, min(os.cpu_count() or 1, 4, len(matched)))
-        if n_threads > 1:
-            with ThreadPoolExecutor(max_workers=n_threads) as pool:
-                list(pool.map(one_warp, range(len(matched))))
-        else:
-            for i in range(len(matched)):
-                one_warp(i)
+        parallel_map(one_warp, range(len(matched)), cpu_workers(len(matched), 4, parallel=not be.is_gpu))
         n_cand, n_prefiltered = counts["cand"], counts["pre"]
         alt_masks, n_clipped_fp, n_protected = self._filter(records, epoch, n_image, template_fp)
         stats = dict(n_artifact_candidates=n_cand, n_prefiltered=n_prefiltered,

@@ -29,13 +29,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..backend import Backend, resolve_backend
+from ..backend.threads import run_concurrently
 from ..errors import AllMaskedError, InvalidInputError, InvalidVarianceError, PsfError, ShapeMismatchError
 from ..image import Exposure, MaskedImage
 from ..image.psf import Psf
@@ -280,13 +280,10 @@ class DecorrelateALKernelTask:
                 raise InvalidInputError(f"pre_conv_kernel must have a positive sum, got {s}")
             pre = pre / s
 
-        if svar is None and tvar is None and not be.is_gpu:
-            # two independent full-image MEANCLIPs: one CPU thread each
-            with ThreadPoolExecutor(max_workers=2) as pool:
-                fut = pool.submit(self.compute_variance_mean, tmpl)
-                svar, tvar = self.compute_variance_mean(sci), fut.result()
-        svar = self.compute_variance_mean(sci) if svar is None else float(svar)
-        tvar = self.compute_variance_mean(tmpl) if tvar is None else float(tvar)
+        # two independent full-image MEANCLIPs: one CPU thread each
+        svar, tvar = run_concurrently(
+            lambda: self.compute_variance_mean(sci) if svar is None else float(svar),
+            lambda: self.compute_variance_mean(tmpl) if tvar is None else float(tvar), parallel=not be.is_gpu)
         log.info("variance plane means: science %.5e, template %.5e", svar, tvar)
         if math.isnan(svar) or math.isnan(tvar):
             if bool(xp.isnan(sci.image).all()) or bool(xp.isnan(tmpl.image).all()):

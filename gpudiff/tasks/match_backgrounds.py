@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -28,6 +26,7 @@ import numpy as np
 from astropy.table import Table
 
 from ..backend import Backend, resolve_backend
+from ..backend.threads import cpu_workers, parallel_map
 from ..errors import InvalidInputError, NoOverlapError
 from ..image import Box, Exposure, MaskedImage
 from ..image.tract import TractGrid
@@ -289,12 +288,7 @@ class MatchBackgroundsTask:
 
         # Visits are matched independently (each writes only its own warps' slots): on the
         # CPU one thread per core; map keeps the visits' order for the diagnostics table.
-        n_threads = 1 if be.is_gpu else max(1, min(os.cpu_count() or 1, 4, len(groups)))
-        if n_threads > 1:
-            with ThreadPoolExecutor(max_workers=n_threads) as pool:
-                rows = list(pool.map(one_visit, groups.items()))
-        else:
-            rows = [one_visit(item) for item in groups.items()]
+        rows = parallel_map(one_visit, groups.items(), cpu_workers(len(groups), 4, parallel=not be.is_gpu))
         diag = Table(rows=rows, names=("visit", "n_warps", "is_reference", "fit_rms", "matched_mse", "diff_im_var"),
                      dtype=(np.int64, np.int64, bool, np.float64, np.float64, np.float64))
         if choice is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +19,7 @@ from astropy.table import Table
 
 from ..backend import Backend, resolve_backend
 from ..backend.fallback import with_memory_fallback
+from ..backend.threads import run_concurrently
 from ..errors import (AllMaskedError, InsufficientKernelSourcesError, InvalidInputError, NoWorkFound, PsfError,
                       ShapeMismatchError)
 from ..image import Box, Exposure, GridPsf, ImagePsf, MaskedImage, evaluate_mean_fwhm
@@ -194,16 +194,10 @@ class AlardLuptonSubtractTask:
                               f"is NO_DATA), less than required_template_fraction="
                               f"{cfg.required_template_fraction:.0%}")
         if cfg.do_scale_variance:
-            if self.backend.is_gpu:
-                template, tfac, _ = self._scale_variance(template, need_catalog=False)
-                science, sfac, cat = self._scale_variance(science, need_catalog=True)
-            else:
-                # The two images are independent: on the CPU each gets a core (NumPy releases
-                # the GIL in its loops), the science's detection being the longer of the two.
-                with ThreadPoolExecutor(max_workers=2) as pool:
-                    tfut = pool.submit(self._scale_variance, template, False)
-                    science, sfac, cat = self._scale_variance(science, need_catalog=True)
-                    template, tfac, _ = tfut.result()
+            # The two images are independent: on the CPU each gets a core.
+            (template, tfac, _), (science, sfac, cat) = run_concurrently(
+                lambda: self._scale_variance(template, need_catalog=False),
+                lambda: self._scale_variance(science, need_catalog=True), parallel=not self.backend.is_gpu)
             # Reused for kernel-source selection (one detection of the science, not two).
             meta["science_detections"] = cat
             meta["scale_template_variance_factor"] = tfac

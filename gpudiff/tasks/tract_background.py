@@ -15,8 +15,6 @@ plane-fit χ², mean variance and coverage and picks the cheapest.
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -24,6 +22,7 @@ import numpy as np
 from astropy.table import Table
 
 from ..backend import Backend, resolve_backend
+from ..backend.threads import cpu_workers, parallel_map
 from ..errors import AllMaskedError, InvalidInputError, ShapeMismatchError
 from ..image import Box, Exposure, MaskedImage
 from ..image.tract import TractGrid
@@ -401,13 +400,8 @@ class ChooseReferenceVisitTask:
 
         # Visits are binned independently: on the CPU one thread per core (NumPy releases
         # the GIL in its sorts and loops); map keeps the visits' order.
-        items = list(warps_by_visit.items())
-        n_threads = 1 if self.backend.is_gpu else max(1, min(os.cpu_count() or 1, 4, len(items)))
-        if n_threads > 1:
-            with ThreadPoolExecutor(max_workers=n_threads) as pool:
-                tbs = dict(pool.map(one_visit, items))
-        else:
-            tbs = dict(map(one_visit, items))
+        workers = cpu_workers(len(warps_by_visit), 4, parallel=not self.backend.is_gpu)
+        tbs = dict(parallel_map(one_visit, warps_by_visit.items(), workers))
         return self.score(tbs)
 
     @staticmethod
