@@ -70,20 +70,25 @@ class DetectionResult:
 def _label(be: Backend, on, min_pixels: int, grow: int):
     """Connected (8-neighbour) footprints of ``on`` with at least ``min_pixels`` pixels,
     grown by a disk of radius ``grow`` (touching grown footprints merge); (labels, n)."""
-    xp, nd = be.xp, be.ndimage
+    nd = be.ndimage
     eight = be.asarray(np.ones((3, 3), dtype=bool))
     labels, n = nd.label(on, structure=eight)
     if int(n) and min_pixels > 1:
-        keep = xp.bincount(labels.ravel(), minlength=int(n) + 1) >= min_pixels
-        keep[0] = False
-        on = keep[labels]
-        if grow > 0 and int(keep.sum()):
-            n = int(keep.sum())  # the grown footprints are labelled below: no relabelling here
+        on, n_kept = _drop_small(be, labels, int(n), min_pixels)
+        if grow > 0 and n_kept:
+            n = n_kept  # the grown footprints are labelled below: no relabelling here
         else:
             labels, n = nd.label(on, structure=eight)
     if int(n) and grow > 0:
         labels, n = nd.label(_dilate_disk(be, on, grow), structure=eight)
     return labels, int(n)
+
+
+def _drop_small(be: Backend, labels, n: int, min_pixels: int):
+    """(bool mask of the labelled footprints with at least ``min_pixels`` pixels, their count)."""
+    keep = be.xp.bincount(labels.ravel(), minlength=n + 1) >= min_pixels
+    keep[0] = False
+    return keep[labels], int(keep.sum())
 
 
 def _dilate_disk(be: Backend, on, radius: int):

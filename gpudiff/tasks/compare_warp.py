@@ -36,7 +36,7 @@ from ..backend import Backend
 from ..backend.threads import cpu_workers, parallel_map
 from ..errors import GpudiffError, InvalidInputError
 from ..image import Box, Exposure, MaskedImage
-from ..ops.detection import _dilate_disk, detect_sources
+from ..ops.detection import _dilate_disk, _drop_small, detect_sources
 from .assemble_coadd import AssembleCoaddConfig, AssembleCoaddResult, AssembleCoaddTask, _union
 from .coadd_warps import as_warp, read_padded
 from .scale_variance import ScaleVarianceConfig, ScaleVarianceTask
@@ -286,10 +286,9 @@ class CompareWarpAssembleCoaddTask:
                                       structure=eight)
             if not int(n):
                 continue
-            keep = xp.bincount(lab.ravel(), minlength=int(n) + 1) >= int(cfg.min_pixels)
-            keep[0] = False
-            if bool(keep.any()):
-                on = keep[lab] if on is None else on | keep[lab]
+            kept, n_kept = _drop_small(be, lab, int(n), int(cfg.min_pixels))
+            if n_kept:
+                on = kept if on is None else on | kept
         if on is None:
             return None, 0
         # Growing distributes over the union, so one dilation and one labelling serve both
