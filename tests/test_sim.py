@@ -455,3 +455,69 @@ def test_a_2048_field_with_2000_stars_renders():
 def test_a_4096_field_with_5000_stars_renders():
     res = simulate_exposure(4096, n_stars=5000, seed=1, psf=PsfSpec(kind="moffat", fwhm=4.0, variation=(0.15, 0.1)))
     assert res.exposure.shape == (4096, 4096) and isinstance(res.exposure.psf, GridPsf)
+
+
+# --- realistic_raw_pair (issue 14): the defects of raw data, each measured -------------------
+
+def test_realistic_raw_pair_carries_raw_defects():
+    from gpudiff.sim import realistic_raw_pair
+
+    p = realistic_raw_pair(384, science_fwhm_ratio=1.4, seed=3)
+    sci, tpl = p.science, p.template
+    a = p.artefacts
+    bad_bit = sci.mask_planes.bitmask("BAD")
+    for exp, cols in ((sci, a["bad_columns_science"]), (tpl, a["bad_columns_template"])):
+        assert len(cols) == 2
+        for c in cols:
+            col = np.asarray(exp.image)[:, c]
+            assert (np.asarray(exp.mask)[:, c] & bad_bit).all()
+            # Garbage: spread over [-500, 5 x saturation], far beyond any real pixel.
+            assert col.max() > 2 * a["saturation"] and col.std() > 0.5 * a["saturation"]
+    assert set(a["bad_columns_science"]).isdisjoint(a["bad_columns_template"])
+    # Saturated cores are masked SAT; the PSF stamps reach beyond the largest kernel (35 px).
+    sat = p.science_result.masks["saturated"]
+    assert sat.any() and (np.asarray(sci.mask)[sat] & sci.mask_planes.bitmask("SAT")).all()
+    assert sci.psf.kernel_image(192, 192).shape[0] > 35
+    # A trail in the science image only.
+    assert p.science_result.masks["trail"].any() and not p.template_result.masks["trail"].any()
+    # Residual sky: source-free science pixels sit 0.3 sigma above zero on average (the
+    # plane is 0.3 sigma at the centre with a linear gradient, so its mean over the image
+    # is 0.3 sigma); 0.05 sigma tolerance covers the ~1e4 pixels' noise and faint wings.
+    srcs = p.science_result.sources
+    free = (np.abs(srcs) < 0.01) & (np.asarray(sci.mask) == 0)
+    resid = np.median(np.asarray(sci.image)[free]) / a["sky_sigma_science"]
+    assert abs(resid - 0.3) < 0.05, resid
+    # Cosmic rays: some flagged CR, some not.
+    cr = p.science_result.cr_mask
+    flagged = (np.asarray(sci.mask) & sci.mask_planes.bitmask("CR")) != 0
+    assert (cr & flagged).any() and (cr & ~flagged).any()
+    # NO_DATA strip in the template: NaN image, masked.
+    x0, _, x1, _ = a["no_data"]
+    assert np.isnan(np.asarray(tpl.image)[:, x0:x1]).all()
+    assert (np.asarray(tpl.mask)[:, x0:x1] & tpl.mask_planes.bitmask("NO_DATA")).all()
+    # Transients span S/N 5-100 and are flagged when a defect is near.
+    snr = np.asarray(p.transients["snr"], float)
+    new = np.asarray(p.transients["kind"]) == "new"
+    assert snr[new].min() >= 5 - 1e-9 and snr[new].max() <= 100 + 1e-9
+    assert "near_defect" in p.transients.colnames
+
+
+def test_realistic_raw_pair_few_stars_and_orderings():
+    from gpudiff.sim import realistic_raw_pair
+
+    p = realistic_raw_pair(256, science_fwhm_ratio=0.75, few_stars=True, seed=5)
+    truth = p.truth
+    static = truth["is_star"] & ~truth["is_transient"]
+    unsaturated = np.asarray(truth["flux_template"])[static] < 1e6
+    assert unsaturated.sum() < 10
+    assert p.science.psf.fwhm() < p.template.psf.fwhm()
+    q = realistic_raw_pair(256, science_fwhm_ratio=1.4, few_stars=True, seed=5)
+    assert q.science.psf.fwhm() > 1.3 * q.template.psf.fwhm()
+
+
+def test_bright_stars_do_not_move_other_sources():
+    base = make_catalog(256, n_stars=30, seed=9)
+    more = make_catalog(256, n_stars=30, n_bright_stars=3, bright_flux=(1e6, 2e6), seed=9)
+    assert len(more) == 33
+    assert np.array_equal(np.asarray(base["x"]), np.asarray(more["x"])[:30])
+    assert (np.asarray(more["flux"])[30:] >= 1e6).all()

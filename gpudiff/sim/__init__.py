@@ -39,6 +39,10 @@ Building blocks
 - :func:`simulate_pair` — a science/template pair of the same field with different PSFs
   and noise, a sub-pixel misregistration, an optional photometric scaling, an optional
   template border and injected transients, returning a :class:`SimPair`.
+- :func:`realistic_raw_pair` — a pair that carries what raw data carries: garbage-valued
+  bad columns, saturated stars with Moffat wings beyond the matching kernel, a satellite
+  trail, a residual sky plane of ~0.3σ, masked and unmasked cosmic rays, a NO_DATA strip,
+  and optionally a field with fewer than 10 usable stars.
 - :func:`make_test_image` — LSST's ``ip_diffim/tests/utils.makeTestImage`` (spec §11.1).
 
 Several epochs of one field (visits, warps, patches) are made by drawing one catalog with
@@ -64,6 +68,7 @@ from .exposure import SimResult, simulate_exposure
 from .lsst import make_test_image
 from .pair import SimPair, simulate_pair
 from .psfspec import PsfSpec
+from .realistic import realistic_raw_pair
 from .snr import flux_for_snr, psf_snr
 from .wcs import make_wcs
 
@@ -81,6 +86,7 @@ __all__ = [
     "make_wcs",
     "simulate_exposure",
     "simulate_pair",
+    "realistic_raw_pair",
     "make_test_image",
     "flux_for_snr",
     "psf_snr",

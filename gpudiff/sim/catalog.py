@@ -129,6 +129,19 @@ def make_catalog(box: Any, *, field: FieldConfig | None = None, seed: Any = 0, x
         t["sersic_n"][n_stars:] = rng.uniform(*cfg.galaxy_sersic_n, n_gal)
         t["axis_ratio"][n_stars:] = rng.uniform(*cfg.galaxy_axis_ratio, n_gal)
         t["theta"][n_stars:] = rng.uniform(0.0, math.pi, n_gal)
+    if cfg.n_bright_stars:
+        # Their own stream: switching bright stars on does not move the other sources.
+        brng = _rng(seed, 7)
+        nb = int(cfg.n_bright_stars)
+        bt = _catalog_table(nb)
+        bpos = _place(brng, nb, lo, hi, cfg.min_separation)
+        bt["x"], bt["y"] = bpos[:, 0], bpos[:, 1]
+        bt["is_star"] = True
+        bt["flux"] = _loguniform(brng, cfg.bright_flux[0], cfg.bright_flux[1], nb)
+        bt["id"] = np.arange(n, n + nb, dtype=np.int64)
+        from astropy.table import vstack
+
+        t = vstack([t, bt], metadata_conflicts="silent")
     t.meta.update({"seed": str(_seed_card(seed)), "x0": box.x0, "y0": box.y0, "width": box.width,
                    "height": box.height})
     return t

@@ -45,6 +45,12 @@ class FieldConfig:
         Range of Sérsic indices (uniform); (1, 1): exponential disks.
     galaxy_axis_ratio : (float, float)
         Range of minor/major axis ratios (uniform); position angles are uniform.
+    n_bright_stars : int
+        Extra bright stars (e.g. saturated ones), drawn log-uniformly in ``bright_flux``
+        from their own random stream (so adding them leaves the other sources unchanged)
+        and appended after the galaxies.
+    bright_flux : (float, float)
+        Flux range of the bright stars, ADU.
     """
 
     n_stars: int | None = None
@@ -61,6 +67,8 @@ class FieldConfig:
     galaxy_r_eff: tuple[float, float] = (1.5, 4.0)
     galaxy_sersic_n: tuple[float, float] = (1.0, 1.0)
     galaxy_axis_ratio: tuple[float, float] = (0.4, 1.0)
+    n_bright_stars: int = 0
+    bright_flux: tuple[float, float] = (1.0e6, 1.0e7)
 
     def __post_init__(self):
         if self.n_stars is not None:
@@ -88,6 +96,8 @@ class FieldConfig:
         if q[1] > 1:
             raise InvalidInputError(f"galaxy_axis_ratio must lie in (0, 1], got {self.galaxy_axis_ratio!r}")
         object.__setattr__(self, "galaxy_axis_ratio", q)
+        _count("n_bright_stars", self.n_bright_stars)
+        object.__setattr__(self, "bright_flux", _range("bright_flux", self.bright_flux))
 
 
 @dataclass(frozen=True)
@@ -124,17 +134,21 @@ class ObsConfig:
         Number of random bad columns (each from a random row to the top of the image or
         the whole column), or explicit parent column numbers (whole columns).  Their
         pixels are set to ``bad_column_value`` and flagged BAD.
-    bad_column_value : float
-        Image value of bad-column pixels (final units).
+    bad_column_value : float or (float, float)
+        Image value of bad-column pixels (final units); a (lo, hi) pair gives every bad
+        pixel its own value drawn uniformly in [lo, hi] (the garbage a raw CCD's dead or
+        hot columns hold, e.g. up to 5× saturation).
     cosmic_rays : int
         Number of cosmic rays (added to the image, not to the model or variance).
     cr_amplitude : (float, float)
         Per-pixel charge range of cosmic rays, ADU (log-uniform).
     cr_max_length : float
         Maximum track length, pixels.
-    mask_cosmic_rays : bool
+    mask_cosmic_rays : bool or float
         Flag the cosmic-ray pixels CR (by default they are unmasked, like undetected
-        cosmic rays; they are always reported in the truth).
+        cosmic rays; they are always reported in the truth).  A number in [0, 1] flags
+        that fraction of the rays (whole tracks, chosen at random): a repair step that
+        found some of them.
     no_data : sequence of Box or (x0, y0, x1, y1), or bool array
         Regions without data (parent coordinates, x1/y1 exclusive): image NaN, variance
         +inf, NO_DATA flagged.
@@ -163,11 +177,11 @@ class ObsConfig:
     sky_subtracted: bool = False
     saturation: float | None = None
     bad_columns: Any = 0
-    bad_column_value: float = 0.0
+    bad_column_value: Any = 0.0
     cosmic_rays: int = 0
     cr_amplitude: tuple[float, float] = (100.0, 3000.0)
     cr_max_length: float = 15.0
-    mask_cosmic_rays: bool = False
+    mask_cosmic_rays: Any = False
     no_data: Any = ()
     trails: Sequence[Trail] = ()
     ghosts: Sequence[Ghost] = ()
@@ -198,7 +212,17 @@ class ObsConfig:
             object.__setattr__(self, "bad_columns", cols)
         else:
             _count("bad_columns", self.bad_columns)
-        _finite_number("bad_column_value", self.bad_column_value)
+        if isinstance(self.bad_column_value, (tuple, list)):
+            object.__setattr__(self, "bad_column_value",
+                               _range("bad_column_value", self.bad_column_value, positive=False))
+        else:
+            _finite_number("bad_column_value", self.bad_column_value)
+        if not isinstance(self.mask_cosmic_rays, (bool, np.bool_)):
+            frac = _finite_number("mask_cosmic_rays", self.mask_cosmic_rays, nonneg=True)
+            if frac > 1:
+                raise InvalidInputError(
+                    f"mask_cosmic_rays must be a bool or a fraction in [0, 1], got {self.mask_cosmic_rays!r}")
+            object.__setattr__(self, "mask_cosmic_rays", frac)
         _count("cosmic_rays", self.cosmic_rays)
         object.__setattr__(self, "cr_amplitude", _range("cr_amplitude", self.cr_amplitude))
         _finite_number("cr_max_length", self.cr_max_length, nonneg=True)

@@ -65,6 +65,22 @@ class SimResult:
         return self.model - self.background
 
 
+def _flagged_cosmic_rays(cr_mask: np.ndarray, spec: Any, rng: np.random.Generator) -> np.ndarray | None:
+    """The cosmic-ray pixels to flag CR: all (True), none (False) or whole tracks chosen at
+    random with probability ``spec`` (a fraction)."""
+    if isinstance(spec, (bool, np.bool_)):
+        return cr_mask if spec else None
+    if spec <= 0 or not cr_mask.any():
+        return None
+    if spec >= 1:
+        return cr_mask
+    from scipy import ndimage
+
+    labels, n = ndimage.label(cr_mask, structure=np.ones((3, 3), dtype=bool))
+    keep = np.concatenate([[False], rng.uniform(size=n) < spec])
+    return keep[labels]
+
+
 def _simulate(box: Box, catalog: Table, obs: ObsConfig, *, offset=(0.0, 0.0), flux_scale: float = 1.0,
               seed: Any = 0, renderer: _Renderer | None = None, extra_meta: Mapping[str, Any] | None = None,
               galaxy_oversample: int | None = None) -> SimResult:
@@ -153,8 +169,9 @@ def _simulate(box: Box, catalog: Table, obs: ObsConfig, *, offset=(0.0, 0.0), fl
         sat = image >= obs.saturation
         image[sat] = obs.saturation
         mask[sat] |= mp.bitmask("SAT")
-    if obs.mask_cosmic_rays:
-        mask[cr_mask] |= mp.bitmask("CR")
+    cr_flagged = _flagged_cosmic_rays(cr_mask, obs.mask_cosmic_rays, _rng(seed, 6))
+    if cr_flagged is not None:
+        mask[cr_flagged] |= mp.bitmask("CR")
 
     # --- sky subtraction, bad columns, NO_DATA ------------------------------------------
     if obs.sky_subtracted:
@@ -163,7 +180,11 @@ def _simulate(box: Box, catalog: Table, obs: ObsConfig, *, offset=(0.0, 0.0), fl
         background -= obs.sky
     bad = _bad_column_mask(obs.bad_columns, _rng(seed, 3), box)
     if bad.any():
-        image[bad] = obs.bad_column_value
+        if isinstance(obs.bad_column_value, tuple):
+            lo_v, hi_v = obs.bad_column_value
+            image[bad] = _rng(seed, 5).uniform(lo_v, hi_v, int(bad.sum()))
+        else:
+            image[bad] = obs.bad_column_value
         mask[bad] |= mp.bitmask("BAD")
     nodata = _no_data_mask(obs.no_data, box)
     if nodata.any():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from dataclasses import field as _dc_field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -49,6 +50,9 @@ class SimPair:
         Science positions minus template positions.
     flux_scale : float
         Science flux / template flux of every non-variable source.
+    artefacts : dict
+        What :func:`~gpudiff.sim.realistic_raw_pair` put in besides sources (bad columns,
+        trails, residual sky planes, NO_DATA strips, ...); empty for :func:`simulate_pair`.
     """
 
     science: Exposure
@@ -62,6 +66,7 @@ class SimPair:
     dx: float = 0.0
     dy: float = 0.0
     flux_scale: float = 1.0
+    artefacts: dict = _dc_field(default_factory=dict)
 
     @property
     def science_background(self) -> np.ndarray:
