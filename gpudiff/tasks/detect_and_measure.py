@@ -2,14 +2,28 @@
 
 Detection runs on the difference with PSF smoothing (or on the preconvolved score image
 without smoothing), at 5σ, both polarities (spec §4.3 "DetectAndMeasureScoreTask"); the
-DIA source catalog is measured on the difference.
+DIA source catalog is measured on the difference.  After detection:
+
+- linear trails are found (:func:`gpudiff.ops.streaks.find_streaks`), masked ``STREAK`` (as
+  LSST's ``MaskStreaksTask``), and every peak on one trail becomes **one** record with
+  ``flag_streak``;
+- the peaks of one footprint become one record (the brightest peak's measurement);
+  ``flag_multi_peak`` marks footprints whose peaks lie more than a FWHM apart (a residual
+  ring or extended residual, not a point source);
+- sources inside the halo of a bright star (saturated footprints in the difference's SAT
+  planes, which carry the science's and the template's, and optional bright catalog
+  stars) get ``flag_bright_star``: their wings extend beyond the matching kernel, so their
+  residual is not a transient (LSST masks these regions before DIA too);
+- ``clean`` is True when no flag is set.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+from astropy import units as u
 from astropy.table import Table
 
 from ..backend import Backend, resolve_backend
@@ -18,22 +32,41 @@ from ..image import Exposure, MaskedImage
 from ..ops.cosmic_rays import find_cosmic_rays
 from ..ops.detection import detect_sources
 from ..ops.photometry import forced_psf_flux
+from ..ops.streaks import StreakResult, find_streaks
 
 __all__ = ["DetectAndMeasureConfig", "DetectAndMeasureResult", "DetectAndMeasureTask",
-           "DetectAndMeasureScoreTask"]
+           "DetectAndMeasureScoreTask", "DIA_FLAGS"]
 
 _CLEARED = ("DETECTED", "DETECTED_NEGATIVE", "NOT_DEBLENDED", "STREAK")
+
+#: Boolean flag columns of the DIA catalog; ``clean`` is the NOR of them.
+DIA_FLAGS = ("flag_edge", "flag_masked", "flag_saturated", "flag_cr", "flag_dipole", "flag_streak",
+             "flag_bright_star", "flag_multi_peak", "flag_psf_flux")
+
+#: Mask planes holding saturated pixels of the science (SAT) and of the template
+#: (SAT_TEMPLATE, from ``rename_template_mask``), in afw and lsst-images spellings.
+_SAT_PLANES = ("SAT", "SATURATED", "SAT_TEMPLATE", "SATURATED_TEMPLATE")
 
 
 @dataclass(frozen=True)
 class DetectAndMeasureConfig:
-    """Detection threshold (σ of the detection image), polarity, and the dipole rule.
+    """Detection threshold (σ of the detection image), polarity, and the flag rules.
 
     A positive and a negative detection closer than ``dipole_separation_fwhm`` × FWHM are
     flagged ``flag_dipole`` (a misaligned or mis-matched star, not two transients).
     ``do_subtract_background`` removes a binned background from the detection image first
     (LSST's detectAndMeasure does so too): differences keep any differential background
     that was fitted but not subtracted.
+
+    ``find_streaks``/``streak_threshold``: trails are searched on pixels above this
+    significance (below the detection threshold, so a faint trail broken into pieces at
+    5σ is one line).  Bright-star halos: a saturated footprint of equivalent radius
+    r_sat = √(area/π) flags sources within ``halo_sat_factor`` × r_sat + FWHM: a
+    Moffat wing (β ≈ 2–2.5) falls from the saturation level (~5000σ of sky) to the
+    ~σ/``halo_residual_fraction`` level where a residual of that fraction is detectable
+    within (5000 × 0.1)^(1/(2β)) ≈ 3.5–4.7 × r_sat.  A catalog star of flux F (no
+    saturation) flags sources where ``halo_residual_fraction`` × F × a β =
+    ``halo_beta`` Moffat of the PSF's FWHM exceeds ``halo_nsigma`` × the sky σ.
     """
 
     threshold: float = 5.0
@@ -42,20 +75,34 @@ class DetectAndMeasureConfig:
     dipole_separation_fwhm: float = 1.5
     find_cosmic_rays: bool = True
     flag_planes: tuple[str, ...] = ("BAD", "SAT", "CR", "EDGE", "NO_DATA", "SUSPECT", "INTRP")
+    find_streaks: bool = True
+    streak_threshold: float = 3.0
+    multi_peak_separation_fwhm: float = 1.0
+    halo_sat_factor: float = 4.0
+    halo_residual_fraction: float = 0.1
+    halo_nsigma: float = 0.5
+    halo_beta: float = 2.0
 
     def __post_init__(self):
         if self.threshold <= 0:
             raise InvalidInputError(f"threshold must be > 0, got {self.threshold}")
         if self.polarity not in ("positive", "negative", "both"):
             raise InvalidInputError(f"polarity must be positive, negative or both, got {self.polarity!r}")
+        for name in ("streak_threshold", "halo_residual_fraction", "halo_nsigma"):
+            if not getattr(self, name) > 0:
+                raise InvalidInputError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.halo_sat_factor < 0 or self.halo_beta <= 1:
+            raise InvalidInputError("halo_sat_factor must be >= 0 and halo_beta > 1")
 
 
 @dataclass
 class DetectAndMeasureResult:
-    """``dia_sources`` (astropy Table) and the difference with DETECTED* planes set."""
+    """``dia_sources`` (astropy Table, every column with a unit and a description), the
+    difference with DETECTED*/STREAK planes set, and the trails found."""
 
     dia_sources: Table
     subtracted_measured_exposure: Exposure
+    streaks: list | None = None
 
 
 class DetectAndMeasureTask:
@@ -75,7 +122,8 @@ class DetectAndMeasureTask:
         # EDGE pixels hold copied, unconvolved input (doCopyEdge) or an incomplete matched
         # filter: not searched, so they cannot produce detections.
         return detect_sources(detection_image, psf, threshold=cfg.threshold, polarity=cfg.polarity,
-                              smooth=self.smooth, bad_planes=("NO_DATA", "EDGE"), background="estimate" if cfg.do_subtract_background else None,
+                              smooth=self.smooth, bad_planes=("NO_DATA", "EDGE"),
+                              background="estimate" if cfg.do_subtract_background else None,
                               flag_planes=cfg.flag_planes, backend=self.backend)
 
     def _mark_cosmic_rays(self, diff: MaskedImage, psf) -> MaskedImage:
@@ -85,49 +133,76 @@ class DetectAndMeasureTask:
             return diff
         return diff.with_plane_set("CR", find_cosmic_rays(diff, psf, backend=self.backend))
 
-    def run(self, difference: Exposure) -> DetectAndMeasureResult:
-        """Detect on ``difference`` and measure there."""
+    def run(self, difference: Exposure, bright_sources: Table | None = None) -> DetectAndMeasureResult:
+        """Detect on ``difference`` and measure there.
+
+        Parameters
+        ----------
+        difference : Exposure
+            With a PSF.  Not modified.
+        bright_sources : astropy Table, optional
+            Stars of the science or template (parent ``x``, ``y`` and ``psf_flux`` or
+            ``flux`` in the difference's units) whose halos flag DIA sources, in addition
+            to the saturated footprints of the difference's SAT planes.
+        """
         if difference.psf is None:
             raise InvalidInputError("the difference exposure has no PSF to detect and measure with")
         diff = self._mark_cosmic_rays(self._clean(difference), difference.psf)
         det = self._detect(diff, difference.psf)
-        return self._finish(difference, diff, det)
+        return self._finish(difference, diff, det, diff, bright_sources)
 
-    def _finish(self, difference: Exposure, diff: MaskedImage, det) -> DetectAndMeasureResult:
-        cat = det.catalog
-        out = Table()
-        out["id"] = np.arange(len(cat), dtype=np.int64)
-        for c in ("x", "y", "psf_flux", "psf_flux_err", "snr", "footprint_npix", "peak_significance"):
-            out[c] = cat[c]
-        out["polarity"] = np.where(np.asarray(cat["psf_flux"]) >= 0, 1, -1).astype(np.int8)
-        out["flag_edge"] = cat["flag_edge"]
-        out["flag_masked"] = cat["flag_masked"]
-        out["flag_saturated"] = cat["flag_saturated"]
-        out["masked_planes"] = cat["masked_planes"]
-        cr_bit = det.mask_planes.bitmask_if_present("CR")
-        out["flag_cr"] = (np.asarray(cat["mask_center"]) & cr_bit) != 0 if cr_bit else np.zeros(len(cat), bool)
-        out["flag_dipole"] = _dipoles(out, difference.psf.fwhm() * self.config.dipole_separation_fwhm)
+    def _finish(self, difference: Exposure, diff: MaskedImage, det, det_image: MaskedImage,
+                bright_sources=None) -> DetectAndMeasureResult:
+        cfg = self.config
+        psf = difference.psf
+        fwhm = float(psf.fwhm())
+        streaks = None
+        if cfg.find_streaks:
+            # The score image's point sources are the PSF ⊗ PSF: √2 broader.
+            sigma = float(det.catalog.meta.get("psf_sigma", fwhm / 2.3548)) * (1 if self.smooth else math.sqrt(2))
+            det_mi = MaskedImage(det_image.image, det_image.variance, det.mask, xy0=det_image.xy0,
+                                 mask_planes=det.mask_planes, backend=det_image.backend)
+            streaks = find_streaks(det_mi, det.significance, sigma, threshold=cfg.streak_threshold,
+                                   backend=self.backend)
+            if streaks.streaks:
+                planes = det.mask_planes.copy()
+                bit = np.int32(1 << planes.add("STREAK"))
+                xp = self.backend.xp
+                det.mask = xp.where(streaks.labels > 0, det.mask | bit, det.mask).astype(xp.int32)
+                det.mask_planes = planes
         measured = Exposure(MaskedImage(diff.image, diff.variance, det.mask, xy0=diff.xy0,
                                         mask_planes=det.mask_planes, backend=diff.backend),
-                            difference.psf, difference.wcs, difference.photo_calib, difference.metadata)
-        return DetectAndMeasureResult(dia_sources=out, subtracted_measured_exposure=measured)
+                            psf, difference.wcs, difference.photo_calib, difference.metadata)
+        halos = bright_star_halos(measured, bright_sources, cfg)
+        out = dia_catalog(det, measured, streaks, halos, cfg)
+        return DetectAndMeasureResult(dia_sources=out, subtracted_measured_exposure=measured,
+                                      streaks=None if streaks is None else streaks.streaks)
 
 
 class DetectAndMeasureScoreTask(DetectAndMeasureTask):
     """Detect on a preconvolved score image (no further smoothing), measure on the difference.
 
     The score's DETECTED, DETECTED_NEGATIVE and EDGE planes are copied onto the difference
-    (spec §4.3).
+    (spec §4.3); PSF fluxes, their errors and ``snr`` are forced PSF photometry on the
+    difference at the score's centroids, so they mean what they mean without
+    preconvolution, and ``snr`` ≈ ``peak_significance`` (the score's S/N) for point sources.
     """
 
     smooth = False
 
-    def run(self, difference: Exposure, score: Exposure | None = None) -> DetectAndMeasureResult:  # type: ignore[override]
-        """Detect on ``score`` and measure on ``difference``."""
+    def run(self, difference: Exposure, score: Exposure | None = None,  # type: ignore[override]
+            bright_sources: Table | None = None) -> DetectAndMeasureResult:
+        """Detect on ``score`` and measure on ``difference`` (a plain, non-preconvolved
+        difference of the same pair; not the score itself)."""
         if score is None:
             raise InvalidInputError("DetectAndMeasureScoreTask needs the score image")
+        if score is difference:
+            raise InvalidInputError("DetectAndMeasureScoreTask measures on the difference: pass the "
+                                    "plain difference and the score, not the score twice")
         if score.bbox != difference.bbox:
             raise InvalidInputError(f"score box {score.bbox} differs from difference box {difference.bbox}")
+        if difference.psf is None:
+            raise InvalidInputError("the difference exposure has no PSF to measure with")
         diff = self._mark_cosmic_rays(self._clean(difference), difference.psf)
         sc = self._clean(score)
         # Cosmic rays are found on the difference and ORed into the score mask (spec §4.3).
@@ -138,19 +213,250 @@ class DetectAndMeasureScoreTask(DetectAndMeasureTask):
             m = planes.conform(sc.mask, sc.mask_planes, xp) | planes.conform(diff.mask & cr, diff.mask_planes, xp)
             sc = MaskedImage(sc.image, sc.variance, m, xy0=sc.xy0, mask_planes=planes, backend=sc.backend)
         det = self._detect(sc, score.psf)
-        # Measure on the difference: forced PSF photometry at the score's peaks.
         if len(det.catalog):
-            flux, err, _ = forced_psf_flux(diff, difference.psf, det.catalog["x"], det.catalog["y"],
-                                           backend=self.backend)
-            det.catalog["psf_flux"], det.catalog["psf_flux_err"] = flux, err
-            with np.errstate(divide="ignore", invalid="ignore"):
-                det.catalog["snr"] = flux / err
+            _measure_on_difference(det.catalog, diff, difference.psf, self.backend)
         planes = diff.mask_planes.merge(det.mask_planes)
         xp = diff.backend.xp
         copy = det.mask_planes.bitmask_if_present(["DETECTED", "DETECTED_NEGATIVE", "EDGE"])
         m = planes.conform(diff.mask, diff.mask_planes, xp) | planes.conform(det.mask & copy, det.mask_planes, xp)
+        sc_mi = MaskedImage(sc.image, sc.variance, planes.conform(det.mask, det.mask_planes, xp), xy0=sc.xy0,
+                            mask_planes=planes, backend=sc.backend)
         det.mask, det.mask_planes = m, planes
-        return self._finish(difference, diff, det)
+        return self._finish(difference, diff, det, sc_mi, bright_sources)
+
+
+def _measure_on_difference(cat: Table, diff: MaskedImage, psf, backend) -> None:
+    """Forced PSF photometry on the difference at the catalog's centroids (in place)."""
+    flux, err, flag = forced_psf_flux(diff, psf, cat["x"], cat["y"], backend=backend)
+    cat["psf_flux"], cat["psf_flux_err"] = flux, err
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cat["snr"] = flux / err
+    cat["flag_psf_flux"] = np.asarray(cat["flag_psf_flux"], bool) | ~np.isfinite(flux) | flag
+
+
+def bright_star_halos(exposure: Exposure, bright_sources: Table | None,
+                      config: DetectAndMeasureConfig | None = None) -> np.ndarray:
+    """Halo discs (n, 3) of bright stars: parent x, y and radius, pixels.
+
+    From the saturated footprints of the exposure's SAT planes (radius
+    ``halo_sat_factor`` × √(area/π) + FWHM) and from ``bright_sources`` (Moffat wing
+    radius, see :class:`DetectAndMeasureConfig`).
+    """
+    cfg = DetectAndMeasureConfig() if config is None else config
+    mi = exposure.masked_image
+    be = mi.backend
+    fwhm = float(exposure.psf.fwhm())
+    discs = []
+    sat = mi.mask_planes.bitmask_if_present(list(_SAT_PLANES))
+    if sat:
+        on = (mi.mask & sat) != 0
+        if bool(on.any()):
+            nd, xp = be.ndimage, be.xp
+            labels, n = nd.label(on, structure=be.asarray(np.ones((3, 3), dtype=bool)))
+            n = int(n)
+            ys, xs = xp.nonzero(labels)
+            lab = labels[ys, xs]
+            cnt = be.asnumpy(xp.bincount(lab, minlength=n + 1))[1:].astype(np.float64)
+            sx = be.asnumpy(xp.bincount(lab, weights=xs.astype(xp.float64), minlength=n + 1))[1:]
+            sy = be.asnumpy(xp.bincount(lab, weights=ys.astype(xp.float64), minlength=n + 1))[1:]
+            r = cfg.halo_sat_factor * np.sqrt(cnt / np.pi) + fwhm
+            discs.append(np.c_[sx / cnt + mi.xy0[0], sy / cnt + mi.xy0[1], r])
+    if bright_sources is not None and len(bright_sources):
+        fcol = next((c for c in ("psf_flux", "flux") if c in bright_sources.colnames), None)
+        if fcol is None or not {"x", "y"} <= set(bright_sources.colnames):
+            raise InvalidInputError("bright_sources needs x, y and psf_flux (or flux) columns, got "
+                                    f"{bright_sources.colnames}")
+        f = np.abs(np.asarray(bright_sources[fcol], dtype=np.float64))
+        ok = np.isfinite(f) & (f > 0)
+        good = mi.good_pixels(("NO_DATA", "EDGE", "BAD", "SAT", "DETECTED", "DETECTED_NEGATIVE"))
+        v = be.asnumpy(mi.variance[good]) if bool(good.any()) else np.ones(1)
+        sky = math.sqrt(float(np.median(v))) if v.size else 1.0
+        beta = cfg.halo_beta
+        alpha = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+        # Moffat I(r) = F (β−1)/(π α²) (1 + r²/α²)^−β; solve ε·I(r) = nσ for r.
+        q = cfg.halo_residual_fraction * f[ok] * (beta - 1) / (math.pi * alpha ** 2 * cfg.halo_nsigma * sky)
+        r = alpha * np.sqrt(np.maximum(q ** (1.0 / beta) - 1.0, 0.0))
+        big = r > fwhm  # a halo inside the PSF core is the star itself, not a halo
+        x = np.asarray(bright_sources["x"], float)[ok][big]
+        y = np.asarray(bright_sources["y"], float)[ok][big]
+        discs.append(np.c_[x, y, r[big]])
+    return np.concatenate(discs) if discs else np.zeros((0, 3))
+
+
+def _in_discs(x: np.ndarray, y: np.ndarray, discs: np.ndarray) -> np.ndarray:
+    """True where (x, y) lies inside any disc (n_src × n_disc, both small)."""
+    if not len(discs) or not x.size:
+        return np.zeros(x.size, dtype=bool)
+    out = np.zeros(x.size, dtype=bool)
+    for i in range(0, len(discs), 256):  # bounded temporaries
+        d = discs[i:i + 256]
+        out |= (((x[:, None] - d[None, :, 0]) ** 2 + (y[:, None] - d[None, :, 1]) ** 2)
+                <= d[None, :, 2] ** 2).any(axis=1)
+    return out
+
+
+def _groups(cat: Table, streak_id: np.ndarray) -> np.ndarray:
+    """Group key per peak: its streak (all peaks on one trail) or else its footprint."""
+    fid = np.asarray(cat["footprint_id"], dtype=np.int64)
+    return np.where(streak_id > 0, -streak_id, fid)
+
+
+def _merge_groups(cat: Table, streak_id: np.ndarray, sep: float):
+    """One record per group: (index of each group's brightest peak, group size, multi-peak
+    flag (peaks farther than ``sep`` from the brightest), group's OR of a boolean)."""
+    key = _groups(cat, streak_id)
+    # The catalog is sorted by decreasing |peak_significance|: a group's first row is its
+    # brightest peak.
+    _, first, inv, count = np.unique(key, return_index=True, return_inverse=True, return_counts=True)
+    inv = inv.reshape(-1)
+    x, y = np.asarray(cat["x"], float), np.asarray(cat["y"], float)
+    d2 = (x - x[first][inv]) ** 2 + (y - y[first][inv]) ** 2
+    far = np.zeros(first.size, dtype=bool)
+    np.logical_or.at(far, inv, d2 > sep * sep)
+
+    def any_of(v):
+        o = np.zeros(first.size, dtype=bool)
+        np.logical_or.at(o, inv, np.asarray(v, dtype=bool))
+        return o
+
+    def or_bits(v):
+        o = np.zeros(first.size, dtype=np.int64)
+        np.bitwise_or.at(o, inv, np.asarray(v, dtype=np.int64))
+        return o
+
+    def total(v):
+        return np.bincount(inv, weights=np.asarray(v, float), minlength=first.size)
+
+    return first, count, far, any_of, or_bits, total, inv
+
+
+#: (unit, description) of every DIA catalog column.
+_DESCRIPTIONS = {
+    "id": (None, "record number, 1-based"),
+    "x": ("pix", "centroid column in the PARENT frame (array column + the image's xy0[0]; "
+                 "integer = pixel centre)"),
+    "y": ("pix", "centroid row in the PARENT frame (array row + the image's xy0[1])"),
+    "x_array": ("pix", "centroid column in the array (0 = first column of the difference; "
+                       "x minus xy0[0])"),
+    "y_array": ("pix", "centroid row in the array (y minus xy0[1])"),
+    "ra": ("deg", "right ascension of the centroid from the difference's WCS (NaN without a WCS)"),
+    "dec": ("deg", "declination of the centroid from the difference's WCS (NaN without a WCS)"),
+    "psf_flux": ("FLUX", "PSF flux measured on the difference (signed; the brightest peak's for a "
+                         "merged record)"),
+    "psf_flux_err": ("FLUX", "1σ error of psf_flux from the variance plane"),
+    "snr": ("", "psf_flux / psf_flux_err"),
+    "peak_significance": ("", "S/N of the detection image at the peak (PSF-smoothed difference, "
+                              "or the score image with --preconvolve)"),
+    "footprint_npix": ("pix2", "pixels in the detection footprint(s) of this record"),
+    "n_peaks": ("", "detection peaks this record stands for (several: one footprint or one "
+                    "trail, merged)"),
+    "polarity": ("", "+1: brighter in the science, -1: brighter in the template"),
+    "streak_id": ("", "1-based index of the trail this record lies on (0: none); see the "
+                      "STREAK mask plane"),
+    "masked_planes": (None, "mask planes (of the flagging set) in the footprint or central 5x5"),
+    "flag_edge": ("", "PSF stamp leaves the image"),
+    "flag_masked": ("", "a flagging mask plane (BAD, SAT, CR, EDGE, NO_DATA, SUSPECT, INTRP) in the "
+                        "footprint or central 5x5"),
+    "flag_saturated": ("", "SAT in the footprint or central 5x5"),
+    "flag_cr": ("", "a cosmic ray (CR plane found on the difference) at the centre"),
+    "flag_dipole": ("", "an opposite-polarity record within dipole_separation_fwhm x FWHM"),
+    "flag_streak": ("", "on a linear trail (satellite): all its peaks merged into this record"),
+    "flag_bright_star": ("", "inside the halo of a bright or saturated star"),
+    "flag_multi_peak": ("", "its footprint held peaks more than a FWHM apart (a residual, "
+                            "not one point source)"),
+    "flag_psf_flux": ("", "PSF flux failed (no usable pixels in the PSF core)"),
+    "clean": ("", "no flag set: a candidate transient"),
+}
+
+
+def _flux_unit(metadata):
+    bunit = metadata.get("BUNIT") if metadata is not None else None
+    if bunit:
+        try:
+            return u.Unit(str(bunit).strip(), parse_strict="raise")
+        except (ValueError, TypeError):
+            pass
+    return u.adu
+
+
+def dia_catalog(det, measured: Exposure, streaks: StreakResult | None, halos: np.ndarray,
+                cfg: DetectAndMeasureConfig) -> Table:
+    """The DIA catalog from a detection: peaks merged per trail and per footprint, flags,
+    sky positions, units and descriptions (see the module docstring)."""
+    cat = det.catalog
+    mi = measured.masked_image
+    x0, y0 = mi.xy0
+    fwhm = float(measured.psf.fwhm())
+    n = len(cat)
+    if streaks is not None and n:
+        lab = streaks.labels
+        px = np.clip(np.rint(np.asarray(cat["x"], float) - x0).astype(np.int64), 0, mi.shape[1] - 1)
+        py = np.clip(np.rint(np.asarray(cat["y"], float) - y0).astype(np.int64), 0, mi.shape[0] - 1)
+        sid = mi.backend.asnumpy(lab[mi.backend.asarray(py), mi.backend.asarray(px)]).astype(np.int64)
+    else:
+        sid = np.zeros(n, dtype=np.int64)
+    first, count, far, any_of, or_bits, total, inv = _merge_groups(
+        cat, sid, cfg.multi_peak_separation_fwhm * fwhm) if n else (np.zeros(0, np.int64),) * 3 + (None,) * 4
+    out = Table()
+    m = first.size
+    out["id"] = np.arange(1, m + 1, dtype=np.int64)
+    x, y = np.asarray(cat["x"], float)[first], np.asarray(cat["y"], float)[first]
+    out["x"], out["y"] = x, y
+    out["x_array"], out["y_array"] = x - x0, y - y0
+    ra = dec = np.full(m, np.nan)
+    if measured.wcs is not None and m:
+        # The WCS maps array pixels (Exposure convention).
+        ra, dec = (np.asarray(v, dtype=np.float64) for v in measured.wcs.pixel_to_world_values(x - x0, y - y0))
+    out["ra"], out["dec"] = ra, dec
+    for c in ("psf_flux", "psf_flux_err", "snr", "peak_significance"):
+        out[c] = np.asarray(cat[c], dtype=np.float64)[first]
+    out["footprint_npix"] = (np.asarray(total(_unique_footprint_npix(cat)), dtype=np.int64) if m
+                             else np.zeros(0, np.int64))
+    out["n_peaks"] = np.asarray(count, dtype=np.int64)
+    out["polarity"] = np.where(np.asarray(cat["peak_significance"], float)[first] >= 0, 1, -1).astype(np.int8)
+    out["streak_id"] = sid[first] if m else np.zeros(0, np.int64)
+    planes = det.mask_planes
+    if m:
+        bits = or_bits(np.asarray(cat["mask_center"]) | np.asarray(cat["mask_footprint"]))
+        fl = bits & planes.bitmask_if_present(list(cfg.flag_planes))
+        names = np.empty(m, dtype=object)
+        for v in np.unique(fl):  # distinct bit patterns, not sources
+            names[fl == v] = ",".join(planes.interpret(int(v)))
+        out["masked_planes"] = names.astype(str)
+        out["flag_edge"] = any_of(cat["flag_edge"])
+        out["flag_masked"] = fl != 0
+        out["flag_saturated"] = any_of(cat["flag_saturated"])
+        cr = planes.bitmask_if_present("CR")
+        out["flag_cr"] = (np.asarray(cat["mask_center"])[first] & cr) != 0 if cr else np.zeros(m, bool)
+    else:
+        out["masked_planes"] = np.zeros(0, dtype=str)
+        for c in ("flag_edge", "flag_masked", "flag_saturated", "flag_cr"):
+            out[c] = np.zeros(0, bool)
+    out["flag_dipole"] = _dipoles(out, fwhm * cfg.dipole_separation_fwhm)
+    out["flag_streak"] = np.asarray(out["streak_id"]) > 0
+    out["flag_bright_star"] = _in_discs(x, y, halos)
+    out["flag_multi_peak"] = far & (np.asarray(out["streak_id"]) == 0) if m else np.zeros(0, bool)
+    out["flag_psf_flux"] = (any_of(cat["flag_psf_flux"]) if m else np.zeros(0, bool)) | ~np.isfinite(
+        np.asarray(out["psf_flux"], float))
+    out["clean"] = ~np.any([np.asarray(out[f], bool) for f in DIA_FLAGS], axis=0) if m else np.zeros(0, bool)
+    funit = _flux_unit(measured.metadata)
+    for name in out.colnames:
+        unit, desc = _DESCRIPTIONS[name]
+        out[name].unit = funit if unit == "FLUX" else (u.Unit(unit) if unit is not None else None)
+        out[name].description = desc
+    out.meta.update({"x0": int(x0), "y0": int(y0), "threshold": float(cfg.threshold),
+                     "n_streaks": 0 if streaks is None else len(streaks.streaks),
+                     "n_bright_star_halos": int(len(halos))})
+    return out
+
+
+def _unique_footprint_npix(cat: Table) -> np.ndarray:
+    """Each footprint's pixel count on its first peak only, so group sums count it once."""
+    fid = np.asarray(cat["footprint_id"], dtype=np.int64)
+    _, first = np.unique(fid, return_index=True)
+    v = np.zeros(len(cat), dtype=np.float64)
+    v[first] = np.asarray(cat["footprint_npix"], dtype=np.float64)[first]
+    return v
 
 
 def _dipoles(cat: Table, radius: float) -> np.ndarray:
