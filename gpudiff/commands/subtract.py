@@ -18,7 +18,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("template", help="template exposure (warped onto the science grid if needed)")
     parser.add_argument("-o", "--output", required=True, help="difference (or score) FITS to write")
     parser.add_argument("--mode", choices=("auto", "convolveTemplate", "convolveScience"), default=None,
-                        help="which image to convolve (default: the config's, convolveTemplate)")
+                        help="which image to convolve (default: auto, unless --config/--set sets mode)")
     parser.add_argument("--preconvolve", action="store_true",
                         help="write the preconvolved score image (AlardLuptonPreconvolveSubtractTask)")
     parser.add_argument("--sources", help="kernel-source catalog (x, y and S/N or flux/flux_err columns)")
@@ -31,36 +31,56 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="JSON or TOML file of task config fields")
     parser.add_argument("--set", action="append", metavar="FIELD=VALUE",
                         help="override one config field (dotted for nested, repeatable)")
+    add_input_options(parser, roles=("science", "template"))
+
+
+def add_input_options(parser: argparse.ArgumentParser, roles=("science", "template"),
+                      nargs: str | None = None, psf: bool = True) -> None:
+    """The options for what users hand beside their images (gpudiff.image.inputs).
+
+    ``roles`` ``("science", "template")`` gives ``--science-psf`` ... ``--template-mask``
+    plus ``--fwhm``/``--science-fwhm``/``--template-fwhm``; ``roles=()`` gives the
+    single-image ``--psf``, ``--noise``, ``--variance``, ``--ivar``, ``--mask``,
+    ``--mask-bits`` and ``--fwhm`` (with ``nargs="+"``: one value for all inputs or one
+    per input, in order).
+    """
+    g = parser.add_argument_group("inputs beside the image (a PSF, noise map, mask, FWHM)")
+    prefixes = [f"{r}-" for r in roles] or [""]
+    for pre in prefixes:
+        who = pre[:-1] or "the input"
+        many = " (one for all inputs, or one per input in order)" if nargs else ""
+        if psf:
+            g.add_argument(f"--{pre}psf", metavar="FILE", nargs=nargs,
+                           help=f"PSF of {who}: a PSF image FITS (normalised; odd, centred), a cube with a "
+                                f"table of x, y positions, or gpudiff's PSF file; wins over the file's PSF{many}")
+        g.add_argument(f"--{pre}noise", metavar="FILE", nargs=nargs,
+                       help=f"1-sigma noise map of {who} (e.g. JWST ERR); variance = sigma^2{many}")
+        g.add_argument(f"--{pre}variance", metavar="FILE", nargs=nargs, help=f"variance map of {who}{many}")
+        g.add_argument(f"--{pre}ivar", metavar="FILE", nargs=nargs,
+                       help=f"inverse-variance (weight) map of {who}; a noise/variance file whose header "
+                            f"says inverse variance (EXTNAME WHT/IVAR, UTYPE, BUNIT) is read as one too{many}")
+        g.add_argument(f"--{pre}mask", metavar="FILE", nargs=nargs,
+                       help=f"mask of {who}, OR-ed into its own; bits named by --{pre}mask-bits, else the "
+                            f"file's MP_* cards, else nonzero = BAD{many}")
+        g.add_argument(f"--{pre}mask-bits", metavar="NAME=BIT,...",
+                       help=f"plane names of the --{pre}mask file's bits, e.g. 'BAD=0,SAT=1'")
+    if psf:
+        g.add_argument("--fwhm", metavar="F", type=float, nargs=nargs,
+                       help="last-resort PSF FWHM in pixels (a Gaussian), used only when there is no PSF in "
+                            "the file or given, none can be estimated from the stars and no FWHM card"
+                            + (" (one for all inputs, or one per input)" if nargs else ""))
+        for r in roles:
+            g.add_argument(f"--{r}-fwhm", metavar="F", type=float,
+                           help=f"as --fwhm, for the {r} only")
 
 
 def ensure_psf(exposure, path: str, log=print):
     """The exposure with a PSF: its own, else one estimated from its stars, else (with a
-    warning) a Gaussian of the header's ``FWHM`` card in pixels; a PsfError otherwise."""
-    from ..errors import PsfError
-    from ..image import Exposure, GaussianPsf, estimate_psf
+    warning) a Gaussian of the header's ``FWHM`` card in pixels; a PsfError otherwise.
+    (:func:`gpudiff.image.inputs.resolve_psf` without a given PSF or FWHM.)"""
+    from ..image.inputs import resolve_psf
 
-    if exposure.psf is not None:
-        return exposure
-    errors = []
-    for kw in ({}, {"kernel_size": 25, "min_stars": 3}):  # the second fits small cutouts
-        try:
-            psf = estimate_psf(exposure, **kw)
-            log(f"  {path}: no PSF in the file; estimated one from its stars (FWHM {psf.fwhm():.2f} px)")
-            break
-        except PsfError as exc:
-            errors.append(str(exc))
-    else:
-        fwhm = exposure.metadata.get("FWHM")
-        try:
-            fwhm = float(fwhm)
-        except (TypeError, ValueError):
-            fwhm = None
-        if not fwhm or not fwhm > 0:
-            raise PsfError(f"{path}: no PSF in the file and none could be estimated ({errors[-1]})")
-        psf = GaussianPsf(fwhm=fwhm)
-        log(f"  warning: {path}: no PSF in the file and too few stars to estimate one; using a "
-            f"Gaussian of the header's FWHM = {fwhm:.2f} px")
-    return Exposure(exposure.masked_image, psf, exposure.wcs, exposure.photo_calib, exposure.metadata)
+    return resolve_psf(exposure, path, log=lambda m: log("  " + m))[0]
 
 
 def _header(res, backend, timings: dict) -> dict:
@@ -74,6 +94,11 @@ def _header(res, backend, timings: dict) -> dict:
         "GDTCOV": (float(m.get("template_coverage", float("nan"))), "template coverage fraction"),
         "GDBACKND": (backend, "gpudiff array backend"),
     }
+    # The spatial orders the fit actually used (lowered automatically on small fields).
+    for key, card, what in (("spatial_kernel_order_used", "GDKORD", "spatial kernel order used"),
+                            ("spatial_bg_order_used", "GDBORD", "spatial background order used")):
+        if m.get(key) is not None:
+            cards[card] = (int(m[key]), what)
     if "scale_science_variance_factor" in m:
         cards["GDSVSCI"] = (float(m["scale_science_variance_factor"]), "science variance scale")
         cards["GDSVTMP"] = (float(m["scale_template_variance_factor"]), "template variance scale")
@@ -108,7 +133,12 @@ def write_table_atomic(table, path, overwrite: bool = False) -> None:
 
 def subtract_files(science, template, output, *, overrides: dict | None = None, mode: str | None = None,
                    preconvolve: bool = False, sources=None, sources_out=None, matched_template_out=None,
-                   detect: bool = True, plots=None, backend=None, overwrite: bool = False, log=print) -> dict:
+                   detect: bool = True, plots=None, backend=None, overwrite: bool = False, log=print,
+                   science_psf=None, template_psf=None, science_noise=None, template_noise=None,
+                   science_variance=None, template_variance=None, science_ivar=None, template_ivar=None,
+                   science_mask=None, template_mask=None, science_mask_bits=None, template_mask_bits=None,
+                   fwhm: float | None = None, science_fwhm: float | None = None,
+                   template_fwhm: float | None = None) -> dict:
     """Subtract ``template`` from ``science`` (FITS files) and write the difference: the file-level
     work of ``gpudiff subtract``, shared by the command and by :mod:`gpudiff.batch`.
 
@@ -135,15 +165,29 @@ def subtract_files(science, template, output, *, overrides: dict | None = None, 
         Replace existing outputs; otherwise an existing ``output`` fails before any work.
     log : callable
         Receives the one-line notes (e.g. "no PSF in the file; estimated one").
+    science_psf, template_psf : Psf, 2-D array or path, optional
+        PSFs that win over the files' own (see :mod:`gpudiff.image.inputs`).
+    science_noise, template_noise : array or path, optional
+        1σ maps; ``*_variance`` variance maps; ``*_ivar`` inverse-variance maps (at most one
+        of the three per image; a file's header may correct the kind).
+    science_mask, template_mask : int array or path, optional
+        Masks OR-ed into the images' own; ``*_mask_bits`` name their bits (``"BAD=0,SAT=1"``).
+    fwhm, science_fwhm, template_fwhm : float, optional
+        Last-resort PSF FWHM in pixels (per image, else ``fwhm`` for both).
 
     Returns
     -------
     dict
         ``output``, ``mode``, ``backend``, ``kernel_sum``, ``n_kernel_sources``,
         ``n_candidates_used``, ``n_candidates_rejected``, ``template_coverage``,
-        ``n_dia_sources`` (None without detection) and ``timings`` (stage → seconds).
+        ``n_dia_sources`` (None without detection), ``timings`` (stage → seconds),
+        ``inputs`` (per image: where its PSF, variance and mask came from; also written as
+        the ``GDPSFSRC``/``GDNOISRC``/``GDTPSFSR``/``GDTNOISR`` cards) and ``quality``
+        (the failed quality checks, :mod:`gpudiff.commands._quality`; empty when passed —
+        the output is written either way).
     """
     from ..image import read_exposure
+    from ..image.inputs import attach_inputs, input_cards
     from ..ops.warp import warp_exposure, wcs_equal
     from ..tasks import (
         AlardLuptonPreconvolveSubtractConfig,
@@ -155,6 +199,7 @@ def subtract_files(science, template, output, *, overrides: dict | None = None, 
     )
     from ..image.atomic import check_writable
     from ._config import apply_overrides
+    from ._quality import check_subtraction
 
     science, template, out = str(science), str(template), Path(output)
     if out.exists() and not overwrite:
@@ -167,7 +212,15 @@ def subtract_files(science, template, output, *, overrides: dict | None = None, 
     t = time.perf_counter()
     sci_exp = read_exposure(science, backend=be)
     tmpl_exp = read_exposure(template, backend=be)
-    sci_exp, tmpl_exp = ensure_psf(sci_exp, science, log), ensure_psf(tmpl_exp, template, log)
+    note = lambda m: log("  " + m)  # noqa: E731
+    sci_exp, sci_src = attach_inputs(
+        sci_exp, science, psf=science_psf, noise=science_noise, variance=science_variance,
+        ivar=science_ivar, mask=science_mask, mask_bits=science_mask_bits,
+        fwhm=science_fwhm if science_fwhm is not None else fwhm, log=note)
+    tmpl_exp, tmpl_src = attach_inputs(
+        tmpl_exp, template, psf=template_psf, noise=template_noise, variance=template_variance,
+        ivar=template_ivar, mask=template_mask, mask_bits=template_mask_bits,
+        fwhm=template_fwhm if template_fwhm is not None else fwhm, log=note)
     timings["read"] = time.perf_counter() - t
     if not tmpl_exp.bbox.contains(sci_exp.bbox) or (
             tmpl_exp.wcs is not None and sci_exp.wcs is not None
@@ -204,13 +257,24 @@ def subtract_files(science, template, output, *, overrides: dict | None = None, 
     dia = None
     if detect:
         t = time.perf_counter()
-        if preconvolve:
-            dm = DetectAndMeasureScoreTask(backend=be).run(result_exp, result_exp)
+        if preconvolve:  # detected on the score, measured on the plain difference (as LSST)
+            dia = DetectAndMeasureScoreTask(backend=be).run(res.difference, result_exp).dia_sources
         else:
             dm = DetectAndMeasureTask(backend=be).run(result_exp)
-        result_exp, dia = dm.subtracted_measured_exposure, dm.dia_sources
+            result_exp, dia = dm.subtracted_measured_exposure, dm.dia_sources
         timings["detect"] = time.perf_counter() - t
-    for key, card in _header(res, be.name, timings).items():
+    m = res.metadata
+    if m.get("mode") == "convolveTemplate" and (mode or getattr(config, "mode", None)) == "convolveTemplate":
+        sf, tf = m.get("science_fwhm"), m.get("template_fwhm")
+        if sf is not None and tf is not None and float(sf) < float(tf):
+            log(f"  warning: the science PSF (FWHM {float(sf):.2f} px) looks sharper than the template's "
+                f"({float(tf):.2f} px) but convolveTemplate was asked for: the kernel must deconvolve; "
+                "--mode auto would convolve the science image")
+    quality = check_subtraction(m, result_exp, sci_exp, tmpl_exp)
+    cards = _header(res, be.name, timings)
+    cards.update(input_cards(sci_src, "science"))
+    cards.update(input_cards(tmpl_src, "template"))
+    for key, card in cards.items():
         result_exp.metadata[key] = card
     t = time.perf_counter()
     result_exp.to_backend("numpy").write(out, overwrite=True)
@@ -230,7 +294,6 @@ def subtract_files(science, template, output, *, overrides: dict | None = None, 
         good = mi.good_pixels(("NO_DATA", "EDGE", "SAT", "BAD", "CR", "DETECTED", "DETECTED_NEGATIVE"))
         residual_histogram_png(pdir / "residual_histogram.png", (mi.image / np.sqrt(mi.variance))[good])
     timings["write"] = time.perf_counter() - t
-    m = res.metadata
     return {
         "output": str(out),
         "mode": str(m.get("mode", "")),
@@ -242,19 +305,47 @@ def subtract_files(science, template, output, *, overrides: dict | None = None, 
         "template_coverage": float(m.get("template_coverage", float("nan"))),
         "n_dia_sources": None if dia is None else len(dia),
         "timings": {k: float(v) for k, v in timings.items()},
+        "inputs": {"science": sci_src.as_dict(), "template": tmpl_src.as_dict()},
+        "quality": quality,
     }
+
+
+def input_kwargs(args: argparse.Namespace, roles=("science", "template")) -> dict:
+    """The input-file options of ``args`` as keyword arguments of the file-level functions."""
+    out = {}
+    for r in roles:
+        for opt in ("psf", "noise", "variance", "ivar", "mask", "mask_bits", "fwhm"):
+            out[f"{r}_{opt}"] = getattr(args, f"{r}_{opt}", None)
+    out["fwhm"] = getattr(args, "fwhm", None)
+    return out
+
+
+def cli_mode(mode: str | None, overrides: dict | None) -> str | None:
+    """The command line's mode: the option, else the config's if it sets one, else ``auto``
+    (the Python API keeps the config's default, LSST's convolveTemplate)."""
+    if mode:
+        return mode
+    return None if (overrides or {}).get("mode") else "auto"
 
 
 def run(args: argparse.Namespace) -> int:
     from ._config import load_config_file, parse_set
+    from ._quality import report
 
     overrides = merge_overrides(load_config_file(args.config), parse_set(args.set))
-    s = subtract_files(args.science, args.template, args.output, overrides=overrides, mode=args.mode,
-                       preconvolve=args.preconvolve, sources=args.sources, sources_out=args.sources_out,
+    s = subtract_files(args.science, args.template, args.output, overrides=overrides,
+                       mode=cli_mode(args.mode, overrides), preconvolve=args.preconvolve,
+                       sources=args.sources, sources_out=args.sources_out,
                        matched_template_out=args.matched_template_out, detect=not args.no_detect,
-                       plots=args.plots, backend=args.backend, overwrite=args.overwrite)
+                       plots=args.plots, backend=args.backend, overwrite=args.overwrite,
+                       **input_kwargs(args))
     print(f"gpudiff subtract: {s['mode']} on {s['backend']}; kernel sum {s['kernel_sum']:.4f}; "
           f"{s['n_candidates_used']} kernel candidates used; wrote {s['output']}"
           + (f"; {s['n_dia_sources']} DIA sources" if s["n_dia_sources"] is not None else ""))
+    for role in ("science", "template"):
+        src = s["inputs"][role]
+        print(f"  {role}: PSF from {src['psf']}" + (f" ({src['psf_detail']})" if src["psf_detail"] else "")
+              + f", variance from {src['noise']}"
+              + (f" ({src['noise_detail']})" if src["noise_detail"] else ""))
     print("  timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in s["timings"].items()))
-    return 0
+    return report("subtract", s["quality"])
