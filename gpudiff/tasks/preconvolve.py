@@ -32,7 +32,10 @@ __all__ = ["AlardLuptonPreconvolveSubtractConfig", "PreconvolveResult", "AlardLu
 @dataclass(frozen=True)
 class AlardLuptonPreconvolveSubtractConfig(AlardLuptonSubtractConfig):
     """As :class:`AlardLuptonSubtractConfig`; ``bad_mask_planes`` are median-filled
-    ("interpolated", spec §4.2 step 11) before convolution."""
+    ("interpolated", spec §4.2 step 11) before convolution.  ``compute_difference``: also
+    return the plain difference, on which DetectAndMeasureScoreTask measures (as LSST)."""
+
+    compute_difference: bool = True
 
 
 @dataclass
@@ -47,6 +50,7 @@ class PreconvolveResult:
     kernel_sources: object
     kernel_fit: KernelFit
     metadata: dict = field(default_factory=dict)
+    difference: Exposure | None = None
 
 
 def preconvolution_kernel(exposure: Exposure) -> np.ndarray:
@@ -86,6 +90,8 @@ class AlardLuptonPreconvolveSubtractTask(AlardLuptonSubtractTask):
     def _run(self, template: Exposure, science: Exposure, sources=None) -> PreconvolveResult:  # type: ignore[override]
         cfg, be = self.config, self.backend
         t0 = time.perf_counter()
+        plain = AlardLuptonSubtractTask._run(self, template, science, sources).difference \
+            if cfg.compute_difference else None
         template, science, meta = self._prepare(template, science)
         pk = preconvolution_kernel(science)
         half = pk.shape[0] // 2
@@ -142,4 +148,4 @@ class AlardLuptonPreconvolveSubtractTask(AlardLuptonSubtractTask):
         return PreconvolveResult(score_exposure=score_exp, matched_template=matched_template,
                                  matched_science=matched_science, background_model=kernel,
                                  psf_matching_kernel=kernel, kernel_sources=fit.candidate_table(),
-                                 kernel_fit=fit, metadata=meta)
+                                 kernel_fit=fit, metadata=meta, difference=plain)
