@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Check that every section the code cites exists in docs/algorithms.md.
+
+Source comments, docstrings and tests cite the algorithm description by section number:
+``spec §4.2 step 9.2`` (the older form), ``docs/algorithms.md §4.2`` (the current one), and
+bare ``§5.3`` or ranges ``§7.9–§7.10`` inside such sentences.  Every ``§N[.M...]`` found in
+the scanned trees is checked against the sections of ``docs/algorithms.md``, which are the
+``<a id="sN-M"></a>`` anchors placed before its numbered headings.  The anchors and the
+heading numbers are also checked against each other, so a renumbered heading cannot leave a
+stale anchor behind.
+
+Usage::
+
+    python docs/check_refs.py            # scan gpudiff/ tests/ bench/ docs/ README.md
+    python docs/check_refs.py PATH ...   # scan these files or folders instead
+    python docs/check_refs.py --list     # also print the sections and the citation counts
+
+Exit status: 0 when every cited section exists, 1 otherwise (each missing reference is
+printed as ``file:line: §X.Y``), 2 when docs/algorithms.md itself is inconsistent.
+Only the standard library is used, so CI can run it before anything is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ALGORITHMS = ROOT / "docs" / "algorithms.md"
+DEFAULT_PATHS = ("gpudiff", "tests", "bench", "docs", "README.md")
+SUFFIXES = {".py", ".md", ".rst", ".txt", ".toml", ".cu", ".cuh", ".sh", ".cfg", ".ini"}
+
+#: A section reference: "§" then dot-separated numbers ("§4", "§4.2", "§10.5").  A trailing
+#: sentence dot is not part of it ("§9.1)." → 9.1).
+SECTION_REF = re.compile(r"§\s?(\d+(?:\.\d+)*)")
+#: An explicit citation of the algorithm description, for the counts of --list.
+EXPLICIT_REF = re.compile(r"(?:\bspec|docs/algorithms\.md)\s+§\s?\d", re.IGNORECASE)
+ANCHOR = re.compile(r'<a id="s(\d+(?:-\d+)*)"></a>')
+HEADING = re.compile(r"^#{2,6}\s+(\d+(?:\.\d+)*)\.?\s")
+
+
+def defined_sections(path: Path = ALGORITHMS) -> tuple[set[str], list[str]]:
+    """The section numbers of ``path`` and a list of inconsistencies (anchor vs heading).
+
+    Each anchor must be followed, after blank lines only, by a heading with the same
+    number; each numbered heading must have its anchor.
+    """
+    lines = path.read_text(encoding="utf-8").splitlines()
+    sections: set[str] = set()
+    problems: list[str] = []
+    pending: tuple[str, int] | None = None
+    for no, line in enumerate(lines, 1):
+        m = ANCHOR.search(line)
+        if m:
+            if pending:
+                problems.append(f"{path.name}:{pending[1]}: anchor s{pending[0]} has no heading")
+            pending = (m.group(1).replace("-", "."), no)
+            continue
+        h = HEADING.match(line)
+        if h:
+            num = h.group(1)
+            if pending is None:
+                problems.append(f"{path.name}:{no}: heading §{num} has no <a id> anchor")
+            elif pending[0] != num:
+                problems.append(f"{path.name}:{no}: heading §{num} follows anchor s{pending[0]}")
+            else:
+                sections.add(num)
+            pending = None
+        elif line.strip() and pending is not None:
+            problems.append(f"{path.name}:{pending[1]}: anchor s{pending[0]} not followed by a heading")
+            pending = None
+    if pending:
+        problems.append(f"{path.name}:{pending[1]}: anchor s{pending[0]} at the end of the file")
+    return sections, problems
+
+
+def iter_files(paths: list[Path]):
+    """Text files under ``paths`` with a suffix in SUFFIXES (caches and venvs skipped)."""
+    for p in paths:
+        if p.is_file():
+            yield p
+        elif p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and f.suffix in SUFFIXES and not any(
+                        part.startswith(".") or part in ("__pycache__", "_build") for part in f.parts):
+                    yield f
+
+
+def find_references(files) -> list[tuple[Path, int, str, bool]]:
+    """(file, line, section, explicit) for every "§N[.M...]" in ``files``."""
+    refs = []
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        for no, line in enumerate(text.splitlines(), 1):
+            explicit = bool(EXPLICIT_REF.search(line))
+            for m in SECTION_REF.finditer(line):
+                refs.append((f, no, m.group(1), explicit))
+    return refs
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("paths", nargs="*", help="files or folders to scan (default: %(default)s)",
+                    default=list(DEFAULT_PATHS))
+    ap.add_argument("--list", action="store_true", help="print the sections and citation counts")
+    args = ap.parse_args(argv)
+
+    sections, problems = defined_sections()
+    if problems:
+        print("docs/algorithms.md is inconsistent:", *problems, sep="\n  ", file=sys.stderr)
+        return 2
+    paths = [Path(p) if Path(p).is_absolute() else ROOT / p for p in args.paths]
+    refs = find_references(iter_files(paths))
+    missing = [(f, no, sec) for f, no, sec, _ in refs if sec not in sections]
+    if args.list:
+        counts = Counter(sec for _, _, sec, _ in refs)
+        key = lambda s: tuple(int(x) for x in s.split("."))  # noqa: E731
+        print(f"{len(sections)} sections in docs/algorithms.md:")
+        for sec in sorted(sections | set(counts), key=key):
+            state = "" if sec in sections else "   MISSING"
+            print(f"  §{sec:<6} #s{sec.replace('.', '-'):<8} cited {counts.get(sec, 0):>3}×{state}")
+        n_explicit = sum(1 for r in refs if r[3])
+        print(f"{len(refs)} references ({n_explicit} on lines that name spec/docs/algorithms.md)")
+    if missing:
+        print(f"{len(missing)} reference(s) to sections missing from docs/algorithms.md:", file=sys.stderr)
+        for f, no, sec in missing:
+            rel = f.relative_to(ROOT) if f.is_relative_to(ROOT) else f
+            print(f"  {rel}:{no}: §{sec}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
