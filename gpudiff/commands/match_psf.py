@@ -3,12 +3,16 @@
 ::
 
     gpudiff match-psf EXPOSURE -o OUT.fits (--reference-fwhm F | --reference-psf PSF.fits)
-                      [--kernel-size N] [--config FILE] [--set FIELD=VALUE ...] [--overwrite]
+                      [--psf FILE] [--noise|--variance|--ivar FILE] [--mask FILE [--mask-bits B]]
+                      [--fwhm F] [--kernel-size N] [--config FILE] [--set FIELD=VALUE ...] [--overwrite]
                       [--backend ...] [-v]
 
 Runs :class:`gpudiff.tasks.ModelPsfMatchTask` (LSST ``ModelPsfMatchTask``, spec §7).  The
 output is written in the LSST-style layout with the reference PSF as its ``PSF`` HDU and
-the fit's figures as ``MPM*`` header cards.
+the fit's figures as ``MPM*`` header cards, and ``GDPSFSRC``/``GDNOISRC`` saying where the
+input's PSF and variance came from.  Exit status 3 when the output fails its quality
+check (fitted kernel sum outside 0.5-2, PSF residual > 1, non-finite unmasked pixels;
+:mod:`gpudiff.commands._quality`); the output is still written for inspection.
 """
 
 from __future__ import annotations
@@ -76,11 +80,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", metavar="FIELD=VALUE",
                         help="override a config field, e.g. kernel.spatial_kernel_order=1 (repeatable)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT.fits if it exists")
+    from .subtract import add_input_options
+
+    add_input_options(parser, roles=())
 
 
 def match_psf_file(exposure, output, *, reference_fwhm: float | None = None, reference_psf=None,
                    kernel_size: int | None = None, overrides: dict | None = None, backend=None,
-                   overwrite: bool = False, log=print) -> dict:
+                   overwrite: bool = False, log=print, psf=None, noise=None, variance=None, ivar=None,
+                   mask=None, mask_bits=None, fwhm: float | None = None) -> dict:
     """PSF-match the exposure in a FITS file to a reference PSF and write the result: the
     file-level work of ``gpudiff match-psf``, shared by the command and :mod:`gpudiff.batch`.
 
@@ -100,18 +108,30 @@ def match_psf_file(exposure, output, *, reference_fwhm: float | None = None, ref
     overwrite : bool
         Replace ``output``; otherwise an existing ``output`` fails before any work.
     log : callable
-        Receives one-line notes (a PSF estimated from the stars).
+        Receives one-line notes (which PSF fallback was used, what a noise file's header said).
+    psf : Psf, 2-D array or path, optional
+        The exposure's PSF; wins over the file's (:mod:`gpudiff.image.inputs`).
+    noise, variance, ivar : array or path, optional
+        A 1σ, variance or inverse-variance map replacing the variance plane (at most one).
+    mask, mask_bits : optional
+        A mask OR-ed into the exposure's and the names of its bits (``"BAD=0,SAT=1"``).
+    fwhm : float, optional
+        Last-resort PSF FWHM in pixels.
 
     Returns
     -------
     dict
         ``output``, ``backend``, ``reference`` (text), ``shape``, the task metadata
-        (``kernel_size``, ``fitted_kernel_sum``, ``residual_max``, ``science_fwhm_min`` ...)
-        and ``timings`` (stage → seconds).
+        (``kernel_size``, ``fitted_kernel_sum``, ``residual_max``, ``science_fwhm_min`` ...),
+        ``timings`` (stage → seconds), ``inputs`` (where the PSF and variance came from; also
+        the ``GDPSFSRC``/``GDNOISRC`` cards) and ``quality`` (failed quality checks; the
+        output is written either way).
     """
     from ..backend import resolve_backend
     from ..errors import InvalidInputError
-    from ..image import GaussianPsf, estimate_psf, read_exposure, read_psf, write_exposure
+    from ..image import GaussianPsf, read_exposure, read_psf, write_exposure
+    from ..image.inputs import attach_inputs, input_cards
+    from ._quality import check_model_psf_match
     from ..tasks.model_psf_match import ModelPsfMatchConfig, ModelPsfMatchTask
 
     exposure, output = str(exposure), str(output)
@@ -140,10 +160,8 @@ def match_psf_file(exposure, output, *, reference_fwhm: float | None = None, ref
     timings: dict[str, float] = {}
     t = time.perf_counter()
     exp = read_exposure(exposure, backend=be)
-    if exp.psf is None:
-        exp.psf = estimate_psf(exp)
-        log(f"gpudiff match-psf: {exposure} has no PSF; estimated one from its stars "
-            f"(FWHM {exp.psf.fwhm():.2f} px, {exp.psf.size} px image)")
+    exp, src = attach_inputs(exp, exposure, psf=psf, noise=noise, variance=variance, ivar=ivar, mask=mask,
+                             mask_bits=mask_bits, fwhm=fwhm, log=lambda m: log(f"gpudiff match-psf: {m}"))
     if reference_fwhm is not None:
         reference = GaussianPsf(fwhm=reference_fwhm)
         ref_text = f"Gaussian of FWHM {reference_fwhm:.3g} px"
@@ -160,11 +178,15 @@ def match_psf_file(exposure, output, *, reference_fwhm: float | None = None, ref
         value = meta.get(key)
         if isinstance(value, (int, float)) and math.isfinite(value):  # FITS cards cannot hold NaN
             out.metadata[card] = (value, comment)
+    for card, value in input_cards(src, "science").items():
+        out.metadata[card] = value
+    quality = check_model_psf_match(meta, out)
     t = time.perf_counter()
     write_exposure(output, out, overwrite=overwrite)
     timings["write"] = time.perf_counter() - t
     summary = {k: v for k, v in meta.items() if isinstance(v, (int, float, str))}
-    summary.update(output=output, backend=be.name, reference=ref_text, shape=tuple(exp.shape), timings=timings)
+    summary.update(output=output, backend=be.name, reference=ref_text, shape=tuple(exp.shape), timings=timings,
+                   inputs=src.as_dict(), quality=quality)
     return summary
 
 
@@ -179,7 +201,9 @@ def run(args: argparse.Namespace) -> int:
         overrides = merge_overrides(load_config_file(args.config), parse_set(args.set))
     meta = match_psf_file(args.exposure, args.output, reference_fwhm=args.reference_fwhm,
                           reference_psf=args.reference_psf, kernel_size=args.kernel_size, overrides=overrides,
-                          backend=getattr(args, "backend", None), overwrite=args.overwrite)
+                          backend=getattr(args, "backend", None), overwrite=args.overwrite,
+                          psf=args.psf, noise=args.noise, variance=args.variance, ivar=args.ivar,
+                          mask=args.mask, mask_bits=args.mask_bits, fwhm=args.fwhm)
     ny, nx = meta["shape"]
     fw = (f"{meta['science_fwhm_min']:.2f}" if math.isclose(meta["science_fwhm_min"], meta["science_fwhm_max"],
                                                             rel_tol=1e-3)
@@ -189,5 +213,10 @@ def run(args: argparse.Namespace) -> int:
           f"{meta['n_cells_x']}x{meta['n_cells_y']} cells, PSF images {meta['psf_size']} px "
           f"(padded by {meta['psf_padding']}); fitted kernel sum {meta['fitted_kernel_sum']:.4f}, "
           f"PSF match residual {100 * meta['residual_max']:.2f} % (max over cells)")
+    src = meta["inputs"]
+    print(f"  PSF from {src['psf']}" + (f" ({src['psf_detail']})" if src["psf_detail"] else "")
+          + f", variance from {src['noise']}")
     print(f"  wrote {args.output} (backend {meta['backend']}, {time.perf_counter() - t0:.1f} s)")
-    return 0
+    from ._quality import report
+
+    return report("match-psf", meta["quality"])
