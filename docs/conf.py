@@ -56,3 +56,37 @@ numpydoc_xref_param_type = False
 html_theme = "alabaster"
 html_title = f"gpudiff {release}"
 html_static_path: list[str] = []
+
+
+# --- Docstrings write |x| for an absolute value -------------------------------------------
+# reStructuredText reads "|x|" as a substitution reference, so docstrings such as
+# "|psf_flux| ≥ fraction" or "mean |filter|²" fail the -W build ("Undefined substitution
+# referenced").  Rather than change how the code's docstrings are written, the bars are
+# escaped when autodoc reads a docstring -- outside inline literals, roles, literal
+# blocks and tables -- so they render as the absolute-value bars they mean.
+import re  # noqa: E402
+
+_LITERAL_SPAN = re.compile(r"(``.*?``|`[^`]*`)")
+
+
+def _escape_abs_bars(app, what, name, obj, options, lines):
+    literal_indent = None  # indentation of the paragraph that opened a literal block
+    for i, line in enumerate(lines):
+        stripped = line.lstrip()
+        indent = len(line) - len(stripped)
+        if literal_indent is not None:
+            if stripped and indent <= literal_indent:
+                literal_indent = None
+            else:
+                continue
+        # A line opening a block with "|" or "+" is a line block or a table: leave it.
+        opens_block = i == 0 or not lines[i - 1].strip()
+        if "|" in line and not (opens_block and stripped.startswith(("|", "+"))):
+            parts = _LITERAL_SPAN.split(line)
+            lines[i] = "".join(p if k % 2 else re.sub(r"(?<!\\)\|", r"\\|", p) for k, p in enumerate(parts))
+        if stripped.endswith("::"):
+            literal_indent = indent
+
+
+def setup(app):
+    app.connect("autodoc-process-docstring", _escape_abs_bars)
