@@ -3,7 +3,8 @@
 ::
 
     gpudiff coadd WARP... -o COADD.fits [--psf-matched WARP...]
-                  [--method compare-warp|meanclip|mean|median] [--config FILE]
+                  [--method compare-warp|meanclip|mean|median] [--psf FILE...] [--fwhm F...]
+                  [--noise|--variance|--ivar FILE...] [--mask FILE... [--mask-bits B]] [--config FILE]
                   [--set FIELD=VALUE ...] [--overwrite] [--backend ...] [-v]
 
 ``compare-warp`` (the default) runs :class:`gpudiff.tasks.compare_warp.CompareWarpAssembleCoaddTask`
@@ -13,6 +14,12 @@ kept in a temporary folder beside the output, read back lazily and deleted).  Th
 methods run :class:`gpudiff.tasks.assemble_coadd.AssembleCoaddTask` with that statistic.
 Warps are read one row band at a time.  The output is in the LSST-style layout (PSF HDU:
 see the task) plus an ``NIMAGE`` HDU (inputs per pixel) and header cards with the counts.
+
+``--psf``, ``--noise``, ``--variance``, ``--ivar``, ``--mask`` and ``--fwhm`` take one value
+for every warp or exactly one per warp, in the warps' order (as ``--psf-matched``); see
+:mod:`gpudiff.image.inputs`.  ``GDPSFSRC``/``GDNOISRC`` list where the warps' PSFs and
+variances came from.  Exit status 3 when the coadd fails its quality check (no input
+used, non-finite pixels with data).
 """
 
 from __future__ import annotations
@@ -101,7 +108,8 @@ def _write(output: str, exposure, n_image, overwrite: bool) -> None:
 
 def coadd_files(warps: list[str], output: str, *, psf_matched: list[str] | None = None,
                 method: str = "compare-warp", overrides: dict | None = None, backend=None,
-                overwrite: bool = False) -> dict:
+                overwrite: bool = False, psf=None, noise=None, variance=None, ivar=None, mask=None,
+                mask_bits=None, fwhm=None, log=None) -> dict:
     """Coadd warp FITS files into ``output`` (the programmatic form of ``gpudiff coadd``).
 
     Parameters
@@ -118,15 +126,29 @@ def coadd_files(warps: list[str], output: str, *, psf_matched: list[str] | None 
         Config fields (nested dicts for nested configs), as ``--config``/``--set``.
     backend : Backend or str, optional
     overwrite : bool
+    psf, noise, variance, ivar, mask, mask_bits, fwhm : optional
+        What the warps' files lack (:mod:`gpudiff.image.inputs`): each one value for every
+        warp or a list with one per warp, in order.  ``psf``: PSFs (paths, Psf objects or
+        arrays) that win over the files'; ``noise``/``variance``/``ivar``: σ, variance or
+        inverse-variance maps; ``mask`` (+ ``mask_bits``, e.g. ``"BAD=0,SAT=1"``): masks
+        OR-ed into the warps'; ``fwhm``: the last-resort PSF FWHM (pixels).  A warp given
+        any of these is read whole (not by bands).  For compare-warp without
+        ``psf_matched``, a warp without a PSF gets one by the fallback order of
+        :func:`gpudiff.image.inputs.resolve_psf`.
+    log : callable, optional
+        Receives the one-line notes as they happen (they are also in ``notes``).
 
     Returns
     -------
     dict
         JSON-able summary: ``output``, ``method``, ``n_inputs``, ``n_used``, ``skipped``,
         ``weights``, ``n_clipped_pixels``, ``n_no_data_pixels``, ``n_clipped_footprints``
-        (compare-warp), ``backend``, ``timings`` (seconds) and ``notes``.
+        (compare-warp), ``backend``, ``timings`` (seconds), ``notes``, ``inputs`` (per warp:
+        where its PSF and variance came from; summarised in the ``GDPSFSRC``/``GDNOISRC``
+        cards) and ``quality`` (failed quality checks; the coadd is written either way).
     """
     from ._config import apply_overrides
+    from ._quality import check_coadd
     from ..tasks.assemble_coadd import AssembleCoaddConfig, AssembleCoaddTask
     from ..tasks.coadd_warps import FitsWarp
     from ..tasks.compare_warp import CompareWarpAssembleCoaddConfig, CompareWarpAssembleCoaddTask
@@ -145,6 +167,9 @@ def coadd_files(warps: list[str], output: str, *, psf_matched: list[str] | None 
     be = get_backend(backend)
     sources = [FitsWarp(p) for p in warps]
     notes: list[str] = []
+    needs_psf = method == "compare-warp" and psf_matched is None
+    sources, inputs = _attach(sources, warps, be, notes, log, needs_psf, psf=psf, noise=noise,
+                              variance=variance, ivar=ivar, mask=mask, mask_bits=mask_bits, fwhm=fwhm)
     timings: dict = {}
     tmpdir = None
     try:
@@ -171,6 +196,11 @@ def coadd_files(warps: list[str], output: str, *, psf_matched: list[str] | None 
             if key in meta:
                 exp.metadata[card] = (int(meta[key]), comment)
         exp.metadata["COADDMTH"] = (method, "gpudiff coadd method")
+        for card, key, what in (("GDPSFSRC", "psf", "PSF"), ("GDNOISRC", "noise", "variance")):
+            kinds = sorted({str(i[key]) for i in inputs if i[key] is not None})
+            if kinds:
+                exp.metadata[card] = (",".join(kinds)[:68], f"where the warps' {what}s came from")
+        quality = check_coadd(meta, exp)
         ta = time.perf_counter()
         _write(output, exp, res.n_image, overwrite)
         timings["write"] = time.perf_counter() - ta
@@ -183,7 +213,38 @@ def coadd_files(warps: list[str], output: str, *, psf_matched: list[str] | None 
                 skipped=dict(res.skipped), weights=[float(w) for w in res.weights],
                 n_clipped_pixels=int(meta["n_clipped_pixels"]), n_no_data_pixels=int(meta["n_no_data_pixels"]),
                 n_clipped_footprints=int(meta.get("n_clipped_footprints", 0)), backend=be.name,
-                timings={k: round(float(v), 4) for k, v in timings.items() if math.isfinite(v)}, notes=notes)
+                timings={k: round(float(v), 4) for k, v in timings.items() if math.isfinite(v)}, notes=notes,
+                inputs=inputs, quality=quality)
+
+
+def _attach(sources: list, paths: list[str], be, notes: list, log, needs_psf: bool, **given) -> tuple:
+    """Attach the per-warp inputs; warps given any (or lacking a PSF that compare-warp needs)
+    are read whole and wrapped as in-memory warps.  (sources, per-warp source dicts)."""
+    from ..image import read_exposure
+    from ..image.inputs import attach_inputs
+    from ..tasks.coadd_warps import ExposureWarp
+    from ._inputs import per_input
+
+    n = len(paths)
+    each = {k: per_input(v, n, f"--{k.replace('_', '-')}") for k, v in given.items()}
+    out, inputs = [], []
+
+    def say(msg: str) -> None:
+        notes.append(msg)
+        if log is not None:
+            log(msg)
+
+    for i, (s, p) in enumerate(zip(sources, paths)):
+        mine = {k: v[i] for k, v in each.items()}
+        extras = any(mine[k] is not None for k in ("psf", "noise", "variance", "ivar", "mask"))
+        if not extras and not (needs_psf and s.psf is None):
+            out.append(s)
+            inputs.append({"psf": "file" if s.psf is not None else None, "noise": "file"})
+            continue
+        exp, src = attach_inputs(read_exposure(p, backend=be), p, need_psf=needs_psf, log=say, **mine)
+        out.append(ExposureWarp(exp, name=s.name))
+        inputs.append(src.as_dict())
+    return out, inputs
 
 
 def _with_n_image(config):
@@ -205,6 +266,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", metavar="FIELD=VALUE",
                         help="override a config field, e.g. detect.threshold_value=6 (repeatable)")
     parser.add_argument("--overwrite", action="store_true", help="replace COADD.fits if it exists")
+    from ._inputs import add_input_options
+
+    add_input_options(parser, roles=(), nargs="+")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -218,7 +282,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             overrides[key] = value
     s = coadd_files(args.warps, args.output, psf_matched=args.psf_matched, method=args.method,
-                    overrides=overrides, backend=getattr(args, "backend", None), overwrite=args.overwrite)
+                    overrides=overrides, backend=getattr(args, "backend", None), overwrite=args.overwrite,
+                    psf=args.psf, noise=args.noise, variance=args.variance, ivar=args.ivar, mask=args.mask,
+                    mask_bits=args.mask_bits, fwhm=args.fwhm)
     print(f"gpudiff coadd: {s['n_used']} of {s['n_inputs']} warps, method {s['method']}")
     for note in s["notes"]:
         print(f"  {note}")
@@ -227,4 +293,6 @@ def run(args: argparse.Namespace) -> int:
     extra = f", {s['n_clipped_footprints']} artifact footprints" if s["method"] == "compare-warp" else ""
     print(f"  {s['n_clipped_pixels']} CLIPPED pixels{extra}, {s['n_no_data_pixels']} pixels without data")
     print(f"  wrote {s['output']} (backend {s['backend']}, {s['timings']['total']:.1f} s)")
-    return 0
+    from ._quality import report
+
+    return report("coadd", s["quality"])

@@ -5,6 +5,7 @@
     gpudiff match-backgrounds WARP... --out-dir DIR [--ref-visit ID] [--bin-size N]
                               [--visit-key KEY] [--patch-size N] [--patch-overlap N]
                               [--tract-box X0,Y0,X1,Y1] [--mask-detected]
+                              [--noise|--variance|--ivar FILE...] [--mask FILE... [--mask-bits B]]
                               [--config FILE] [--set FIELD=VALUE ...] [--overwrite] [--backend ...] [-v]
 
 Runs :class:`gpudiff.tasks.MatchBackgroundsTask` (LSST's tract-level ``MatchBackgroundsTask``,
@@ -15,6 +16,11 @@ card ``--visit-key`` (default ``VISIT``) holds its visit id.  Writes, for every 
 ``BINNED`` HDU with the visit's tract bin grid); and ``DIR/match_backgrounds.ecsv``, the
 per-visit table (reference-choice costs and diagnostics), which is also printed.  All
 files are written atomically; existing outputs need ``--overwrite``.
+
+``--noise``/``--variance``/``--ivar``/``--mask`` take one file for every warp or exactly one
+per warp, in the warps' order (:mod:`gpudiff.image.inputs`); the matched warps' ``GDNOISRC``
+says where their variance came from.  Exit status 3 when a background model or a matched
+warp has non-finite values where it has data.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 from ..errors import InvalidInputError
 
@@ -72,6 +80,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", metavar="FIELD=VALUE",
                         help="override a config field, e.g. tract_bg_model.interpolation=LINEAR (repeatable)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    from ._inputs import add_input_options
+
+    # Background matching uses no PSF: only the noise and mask inputs apply.
+    add_input_options(parser, roles=(), nargs="+", psf=False)
 
 
 def _outputs(paths, out_dir: Path) -> list[tuple[Path, Path]]:
@@ -153,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
 
     be = get_backend(getattr(args, "backend", None))
     warps = [read_exposure(p, backend=be) for p in args.warps]
+    warps, sources = _attach(warps, args)
     for p, w in zip(args.warps, warps):
         if args.visit_key not in w.metadata:
             raise InvalidInputError(f"{p}: no {args.visit_key!r} header card (the visit id); use --visit-key")
@@ -165,8 +178,17 @@ def run(args: argparse.Namespace) -> int:
     tract = TractGrid(box, (args.patch_size, args.patch_size), args.patch_overlap)
     res = MatchBackgroundsTask(config, backend=be).run(warps, tract, ref_visit=args.ref_visit)
 
-    for w, m, bkg, (mpath, bpath) in zip(warps, res.matched_image_list, res.background_info_list, outs):
+    from ._quality import check_background_models, check_exposure_finite, report
+
+    quality = check_background_models(
+        [(p, b.model if isinstance(b.model, np.ndarray) else be.asnumpy(b.model))
+         for p, b in zip(args.warps, res.background_info_list)])
+    for p, m in zip(args.warps, res.matched_image_list):
+        quality += [f"{p}: {q}" for q in check_exposure_finite(m, "matched warp")]
+    for w, m, bkg, (mpath, bpath), src in zip(warps, res.matched_image_list, res.background_info_list, outs,
+                                              sources):
         m.metadata["REFVISIT"] = (res.reference_visit, "background-matching reference visit")
+        m.metadata["GDNOISRC"] = (src.noise, f"variance: {src.noise_detail}"[:46])
         write_exposure(mpath, m, overwrite=args.overwrite)
         hdul = _background_hdus(bkg, res.reference_visit)
         atomic_write(bpath, lambda f, h=hdul: h.writeto(f, checksum=True), overwrite=args.overwrite)
@@ -186,4 +208,20 @@ def run(args: argparse.Namespace) -> int:
         print("  " + line)
     print(f"  wrote {2 * len(warps)} FITS files and {summary} (backend {be.name}, "
           f"{time.perf_counter() - t0:.1f} s)")
-    return 0
+    return report("match-backgrounds", quality)
+
+
+def _attach(warps: list, args: argparse.Namespace) -> tuple[list, list]:
+    """The --noise/--variance/--ivar/--mask inputs (one for all warps or one per warp)."""
+    from ..image.inputs import attach_inputs
+    from ._inputs import per_input
+
+    n = len(warps)
+    each = {k: per_input(getattr(args, k, None), n, f"--{k}") for k in ("noise", "variance", "ivar", "mask")}
+    out, sources = [], []
+    for i, (w, p) in enumerate(zip(warps, args.warps)):
+        w, src = attach_inputs(w, p, need_psf=False, mask_bits=getattr(args, "mask_bits", None),
+                               log=lambda m: print("  " + m), **{k: v[i] for k, v in each.items()})
+        out.append(w)
+        sources.append(src)
+    return out, sources

@@ -80,7 +80,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", metavar="FIELD=VALUE",
                         help="override a config field, e.g. kernel.spatial_kernel_order=1 (repeatable)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT.fits if it exists")
-    from .subtract import add_input_options
+    from ._inputs import add_input_options
 
     add_input_options(parser, roles=())
 

@@ -31,47 +31,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="JSON or TOML file of task config fields")
     parser.add_argument("--set", action="append", metavar="FIELD=VALUE",
                         help="override one config field (dotted for nested, repeatable)")
+    from ._inputs import add_input_options
+
     add_input_options(parser, roles=("science", "template"))
-
-
-def add_input_options(parser: argparse.ArgumentParser, roles=("science", "template"),
-                      nargs: str | None = None, psf: bool = True) -> None:
-    """The options for what users hand beside their images (gpudiff.image.inputs).
-
-    ``roles`` ``("science", "template")`` gives ``--science-psf`` ... ``--template-mask``
-    plus ``--fwhm``/``--science-fwhm``/``--template-fwhm``; ``roles=()`` gives the
-    single-image ``--psf``, ``--noise``, ``--variance``, ``--ivar``, ``--mask``,
-    ``--mask-bits`` and ``--fwhm`` (with ``nargs="+"``: one value for all inputs or one
-    per input, in order).
-    """
-    g = parser.add_argument_group("inputs beside the image (a PSF, noise map, mask, FWHM)")
-    prefixes = [f"{r}-" for r in roles] or [""]
-    for pre in prefixes:
-        who = pre[:-1] or "the input"
-        many = " (one for all inputs, or one per input in order)" if nargs else ""
-        if psf:
-            g.add_argument(f"--{pre}psf", metavar="FILE", nargs=nargs,
-                           help=f"PSF of {who}: a PSF image FITS (normalised; odd, centred), a cube with a "
-                                f"table of x, y positions, or gpudiff's PSF file; wins over the file's PSF{many}")
-        g.add_argument(f"--{pre}noise", metavar="FILE", nargs=nargs,
-                       help=f"1-sigma noise map of {who} (e.g. JWST ERR); variance = sigma^2{many}")
-        g.add_argument(f"--{pre}variance", metavar="FILE", nargs=nargs, help=f"variance map of {who}{many}")
-        g.add_argument(f"--{pre}ivar", metavar="FILE", nargs=nargs,
-                       help=f"inverse-variance (weight) map of {who}; a noise/variance file whose header "
-                            f"says inverse variance (EXTNAME WHT/IVAR, UTYPE, BUNIT) is read as one too{many}")
-        g.add_argument(f"--{pre}mask", metavar="FILE", nargs=nargs,
-                       help=f"mask of {who}, OR-ed into its own; bits named by --{pre}mask-bits, else the "
-                            f"file's MP_* cards, else nonzero = BAD{many}")
-        g.add_argument(f"--{pre}mask-bits", metavar="NAME=BIT,...",
-                       help=f"plane names of the --{pre}mask file's bits, e.g. 'BAD=0,SAT=1'")
-    if psf:
-        g.add_argument("--fwhm", metavar="F", type=float, nargs=nargs,
-                       help="last-resort PSF FWHM in pixels (a Gaussian), used only when there is no PSF in "
-                            "the file or given, none can be estimated from the stars and no FWHM card"
-                            + (" (one for all inputs, or one per input)" if nargs else ""))
-        for r in roles:
-            g.add_argument(f"--{r}-fwhm", metavar="F", type=float,
-                           help=f"as --fwhm, for the {r} only")
 
 
 def ensure_psf(exposure, path: str, log=print):
@@ -310,16 +272,6 @@ def subtract_files(science, template, output, *, overrides: dict | None = None, 
     }
 
 
-def input_kwargs(args: argparse.Namespace, roles=("science", "template")) -> dict:
-    """The input-file options of ``args`` as keyword arguments of the file-level functions."""
-    out = {}
-    for r in roles:
-        for opt in ("psf", "noise", "variance", "ivar", "mask", "mask_bits", "fwhm"):
-            out[f"{r}_{opt}"] = getattr(args, f"{r}_{opt}", None)
-    out["fwhm"] = getattr(args, "fwhm", None)
-    return out
-
-
 def cli_mode(mode: str | None, overrides: dict | None) -> str | None:
     """The command line's mode: the option, else the config's if it sets one, else ``auto``
     (the Python API keeps the config's default, LSST's convolveTemplate)."""
@@ -330,6 +282,7 @@ def cli_mode(mode: str | None, overrides: dict | None) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from ._config import load_config_file, parse_set
+    from ._inputs import input_kwargs
     from ._quality import report
 
     overrides = merge_overrides(load_config_file(args.config), parse_set(args.set))

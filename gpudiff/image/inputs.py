@@ -299,7 +299,7 @@ def resolve_psf(exposure: Exposure, name: str, *, psf=None, fwhm: float | None =
             except PsfError as exc:
                 tried.append(str(exc))
                 continue
-            say(f"{name}: no PSF in the file; estimated one from its stars (FWHM {model.fwhm():.2f} px)")
+            say(f"{name} has no PSF; estimated one from its stars (FWHM {model.fwhm():.2f} px)")
             return _with_psf(exposure, model), "stars", f"FWHM {model.fwhm():.3f}"
     hf = _header_fwhm(exposure)
     if hf is not None:
@@ -310,9 +310,11 @@ def resolve_psf(exposure: Exposure, name: str, *, psf=None, fwhm: float | None =
         say(f"warning: {name}: no PSF in the file, none estimated from its stars and no FWHM card; "
             f"using a Gaussian of the given FWHM = {fwhm:.2f} px")
         return _with_psf(exposure, GaussianPsf(fwhm=fwhm)), "fwhm-option", f"FWHM {fwhm:.3f}"
-    why = f" ({tried[-1]})" if tried else ""
-    raise PsfError(f"{name}: no PSF in the file, none could be estimated from its stars{why}, and no "
-                   "FWHM header card; give one (--science-psf/--template-psf/--psf FILE or --fwhm F)")
+    # The estimator's own reason first (what the user can act on), then what was tried.
+    why = f"{tried[-1]}; so " if tried else ""
+    raise PsfError(f"{why}{name}: no PSF in the file and none could be estimated from its stars, no FWHM "
+                   "header card and no FWHM given; give a PSF (--science-psf/--template-psf/--psf FILE) "
+                   "or --fwhm F")
 
 
 def _with_psf(exposure: Exposure, psf: Psf) -> Exposure:
