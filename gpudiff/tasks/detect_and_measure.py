@@ -82,6 +82,9 @@ class DetectAndMeasureConfig:
     halo_residual_fraction: float = 0.1
     halo_nsigma: float = 0.5
     halo_beta: float = 2.0
+    halo_max_factor: float = 5.0
+    halo_annulus_snr: float = 2.5
+    halo_annulus_fraction: float = 0.1
 
     def __post_init__(self):
         if self.threshold <= 0:
@@ -173,7 +176,7 @@ class DetectAndMeasureTask:
         measured = Exposure(MaskedImage(diff.image, diff.variance, det.mask, xy0=diff.xy0,
                                         mask_planes=det.mask_planes, backend=diff.backend),
                             psf, difference.wcs, difference.photo_calib, difference.metadata)
-        halos = bright_star_halos(measured, bright_sources, cfg)
+        halos = bright_star_halos(measured, bright_sources, cfg, significance=det.significance)
         out = dia_catalog(det, measured, streaks, halos, cfg)
         return DetectAndMeasureResult(dia_sources=out, subtracted_measured_exposure=measured,
                                       streaks=None if streaks is None else streaks.streaks)
@@ -235,12 +238,17 @@ def _measure_on_difference(cat: Table, diff: MaskedImage, psf, backend) -> None:
 
 
 def bright_star_halos(exposure: Exposure, bright_sources: Table | None,
-                      config: DetectAndMeasureConfig | None = None) -> np.ndarray:
+                      config: DetectAndMeasureConfig | None = None, significance=None) -> np.ndarray:
     """Halo discs (n, 3) of bright stars: parent x, y and radius, pixels.
 
     From the saturated footprints of the exposure's SAT planes (radius
     ``halo_sat_factor`` × √(area/π) + FWHM) and from ``bright_sources`` (Moffat wing
-    radius, see :class:`DetectAndMeasureConfig`).
+    radius, see :class:`DetectAndMeasureConfig`).  With the detection ``significance``
+    image, each radius is at least the measured extent of the star's residual: the
+    outermost 1-px annulus (out to ``halo_max_factor`` × the model radius) in which more
+    than ``halo_annulus_fraction`` of the pixels have |S/N| ≥ ``halo_annulus_snr``, plus a
+    FWHM.  The model radius assumes a residual fraction; the measured one sees the actual
+    residual, whose wings depend on how well the kernel matched them.
     """
     cfg = DetectAndMeasureConfig() if config is None else config
     mi = exposure.masked_image
@@ -280,7 +288,37 @@ def bright_star_halos(exposure: Exposure, bright_sources: Table | None,
         x = np.asarray(bright_sources["x"], float)[ok][big]
         y = np.asarray(bright_sources["y"], float)[ok][big]
         discs.append(np.c_[x, y, r[big]])
-    return np.concatenate(discs) if discs else np.zeros((0, 3))
+    if not discs:
+        return np.zeros((0, 3))
+    discs = np.concatenate(discs)
+    if significance is not None and len(discs):
+        discs[:, 2] = np.maximum(discs[:, 2], _measured_halo_radius(
+            be.asnumpy(significance), discs, mi.xy0, cfg) + fwhm)
+    return discs
+
+
+def _measured_halo_radius(sig: np.ndarray, discs: np.ndarray, xy0, cfg) -> np.ndarray:
+    """Per disc, the outermost radius whose annulus is significantly non-noise (see
+    :func:`bright_star_halos`); 0 when none is.  Host work on one cutout per star."""
+    H, W = sig.shape
+    out = np.zeros(len(discs))
+    for i, (x, y, r0) in enumerate(discs):  # stars, not pixels: a few per image
+        rmax = int(math.ceil(cfg.halo_max_factor * r0))
+        cx, cy = x - xy0[0], y - xy0[1]
+        xa, xb = max(0, int(cx) - rmax), min(W, int(cx) + rmax + 1)
+        ya, yb = max(0, int(cy) - rmax), min(H, int(cy) + rmax + 1)
+        if xa >= xb or ya >= yb:
+            continue
+        cut = np.abs(sig[ya:yb, xa:xb])
+        yy, xx = np.mgrid[ya:yb, xa:xb]
+        r = np.hypot(xx - cx, yy - cy).astype(np.int64).ravel()
+        n = np.bincount(r, minlength=rmax + 1)[:rmax + 1]
+        hit = np.bincount(r, weights=(cut >= cfg.halo_annulus_snr).ravel(), minlength=rmax + 1)[:rmax + 1]
+        frac = np.where(n > 0, hit / np.maximum(n, 1), 0.0)
+        # Noise alone puts ~1 % of pixels above 2.5σ: annuli at 10 % are the star's.
+        busy = np.flatnonzero(frac > cfg.halo_annulus_fraction)
+        out[i] = float(busy.max()) if busy.size else 0.0
+    return out
 
 
 def _in_discs(x: np.ndarray, y: np.ndarray, discs: np.ndarray) -> np.ndarray:
@@ -332,7 +370,7 @@ def _merge_groups(cat: Table, streak_id: np.ndarray, sep: float):
 
 #: (unit, description) of every DIA catalog column.
 _DESCRIPTIONS = {
-    "id": (None, "record number, 1-based"),
+    "id": ("", "record number, 1-based"),
     "x": ("pix", "centroid column in the PARENT frame (array column + the image's xy0[0]; "
                  "integer = pixel centre)"),
     "y": ("pix", "centroid row in the PARENT frame (array row + the image's xy0[1])"),

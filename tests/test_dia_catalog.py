@@ -1,0 +1,183 @@
+"""The DIA catalog (issue 14 item 8, issue 15 item 3): described columns, sky positions,
+one record per residual, ``clean``, bright-star halos, and the score path measured on the
+difference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.table import Table
+
+from gpudiff.image import Exposure, GaussianPsf, MaskedImage, MoffatPsf
+from gpudiff.sim.wcs import make_wcs
+from gpudiff.tasks import DetectAndMeasureConfig, DetectAndMeasureScoreTask, DetectAndMeasureTask
+from gpudiff.tasks.detect_and_measure import DIA_FLAGS
+
+SIGMA = 10.0  # sky noise of the synthetic differences, ADU
+
+
+def _moffat(F, x, y, fwhm, beta, shape):
+    """A Moffat star of total flux F (untruncated profile) sampled at pixel centres."""
+    H, W = shape
+    yy, xx = np.mgrid[0:H, 0:W]
+    alpha = fwhm / (2 * np.sqrt(2 ** (1 / beta) - 1))
+    r2 = (xx - x) ** 2 + (yy - y) ** 2
+    return F * (beta - 1) / (np.pi * alpha ** 2) * (1 + r2 / alpha ** 2) ** (-beta)
+
+
+def _wing_residual(F, x, y, shape, r_kernel=12.0):
+    """What a matching kernel of half-width ~r_kernel leaves of a bright Moffat star: the
+    core matched, the wings beyond (science β 2.5 against template β 3.5) not; lumpy (three
+    lobes, as diffraction and optics make real wings) so that it breaks into separate
+    footprints, each of which would pass as a point source."""
+    H, W = shape
+    yy, xx = np.mgrid[0:H, 0:W]
+    r = np.hypot(xx - x, yy - y)
+    wing = _moffat(F, x, y, 4.0, 2.5, shape) - _moffat(F, x, y, 4.0, 3.5, shape)
+    spokes = np.clip(np.cos(3 * np.arctan2(yy - y, xx - x)), 0, None)
+    return 1.5 * wing * spokes * (1 - np.exp(-(r / r_kernel) ** 4))
+
+
+def _gauss(F, x, y, sigma, shape):
+    H, W = shape
+    yy, xx = np.mgrid[0:H, 0:W]
+    return F * np.exp(-0.5 * ((xx - x) ** 2 + (yy - y) ** 2) / sigma ** 2) / (2 * np.pi * sigma ** 2)
+
+
+def _difference(n=384, *, seed=0, xy0=(0, 0), transients=(), wcs=False, sat_star=None):
+    """A difference image: white noise σ = SIGMA, Gaussian point transients (x, y, flux), and
+    optionally the residual of a saturated Moffat star (β 2.5 science wings against β 3.5
+    matched template wings: the part of the wings the kernel did not match)."""
+    rng = np.random.default_rng(seed)
+    shape = (n, n)
+    sigma = 1.7
+    img = rng.normal(0, SIGMA, shape)
+    for x, y, f in transients:
+        img += _gauss(f, x - xy0[0], y - xy0[1], sigma, shape)
+    mask = np.zeros(shape, np.int32)
+    mi0 = MaskedImage(np.zeros(shape, np.float32), xy0=xy0)
+    if sat_star is not None:
+        x, y, F = sat_star
+        sci = _moffat(F, x - xy0[0], y - xy0[1], 4.0, 2.5, shape)
+        img += _wing_residual(F, x - xy0[0], y - xy0[1], shape)
+        sat = sci > 60000.0  # saturation level, ADU
+        mask[sat] |= 1 << mi0.mask_planes["SAT"]  # the core is matched: no residual there
+    mi = MaskedImage(img.astype(np.float32), np.full(shape, SIGMA ** 2, np.float32), mask, xy0=xy0)
+    w = make_wcs(mi.bbox, xy0=xy0) if wcs else None
+    return Exposure(mi, GaussianPsf(sigma=sigma), w)
+
+
+def _near(cat, x, y, r):
+    return np.hypot(np.asarray(cat["x"], float) - x, np.asarray(cat["y"], float) - y) < r
+
+
+def test_every_column_has_a_description_and_unit(tmp_path):
+    exp = _difference(transients=[(100.3, 120.7, 3000.0), (250.0, 300.0, -4000.0)], wcs=True)
+    cat = DetectAndMeasureTask().run(exp).dia_sources
+    assert len(cat) >= 2
+    for name in cat.colnames:
+        col = cat[name]
+        assert col.description, f"column {name} has no description"
+        if col.dtype.kind != "U":  # every numeric and boolean column carries a unit
+            assert col.unit is not None, f"column {name} has no unit"
+    for name in ("x", "y", "x_array", "y_array"):
+        assert str(cat[name].unit) == "pix"
+    assert "PARENT" in cat["x"].description and "xy0" in cat["x"].description
+    assert str(cat["ra"].unit) == "deg" and str(cat["dec"].unit) == "deg"
+    # The descriptions and units survive the ECSV file the command writes.
+    cat.write(tmp_path / "dia.ecsv", format="ascii.ecsv")
+    back = Table.read(tmp_path / "dia.ecsv")
+    for name in cat.colnames:
+        assert back[name].description == cat[name].description
+        assert back[name].unit == cat[name].unit
+
+
+def test_positions_parent_array_and_sky():
+    xy0 = (1000, 2000)
+    truth = [(1100.0, 2150.0, 3000.0), (1300.4, 2050.6, 5000.0)]
+    exp = _difference(xy0=xy0, transients=truth, wcs=True)
+    cat = DetectAndMeasureTask().run(exp).dia_sources
+    for x, y, _ in truth:
+        hit = _near(cat, x, y, 1.0)
+        assert hit.sum() == 1  # the parent-frame x, y include xy0 (1 px: centroid noise)
+    x, y = np.asarray(cat["x"]), np.asarray(cat["y"])
+    np.testing.assert_allclose(cat["x_array"], x - xy0[0], atol=1e-9)
+    np.testing.assert_allclose(cat["y_array"], y - xy0[1], atol=1e-9)
+    # ra, dec from the WCS (which maps array pixels): the round trip lands on the centroid
+    # to 1e-6 px (TAN projection round-off).
+    u, v = exp.wcs.world_to_pixel_values(cat["ra"], cat["dec"])
+    np.testing.assert_allclose(np.asarray(u) + xy0[0], x, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(v) + xy0[1], y, atol=1e-6)
+    # Without a WCS the columns exist and are NaN.
+    cat2 = DetectAndMeasureTask().run(_difference(xy0=xy0, transients=truth)).dia_sources
+    assert np.isnan(cat2["ra"]).all() and np.isnan(cat2["dec"]).all()
+
+
+def test_clean_is_no_flag_and_real_transients_are_clean():
+    truth = [(80.0, 90.0, 3000.0), (200.0, 220.0, 6000.0), (300.0, 100.0, -5000.0)]
+    cat = DetectAndMeasureTask().run(_difference(transients=truth, seed=3)).dia_sources
+    flags = np.any([np.asarray(cat[f], bool) for f in DIA_FLAGS], axis=0)
+    np.testing.assert_array_equal(cat["clean"], ~flags)
+    for x, y, _ in truth:  # isolated point transients at S/N ≥ 40: clean, one record each
+        hit = _near(cat, x, y, 2.0)
+        assert hit.sum() == 1 and bool(cat["clean"][hit][0])
+
+
+def test_saturated_star_halo_gives_no_clean_source():
+    star = (190.0, 190.0, 5e6)
+    truth = [(330.0, 330.0, 4000.0)]  # a transient far outside the halo
+    res = DetectAndMeasureTask().run(_difference(sat_star=star, transients=truth, seed=1))
+    cat = res.dia_sources
+    near = _near(cat, star[0], star[1], 60.0)
+    # The residual wings are detected (so the test can fail) ...
+    assert near.sum() >= 1
+    # ... and none of those detections is clean: every one is in the flagged halo.
+    assert not np.asarray(cat["clean"])[near].any()
+    assert np.asarray(cat["flag_bright_star"])[near].all()
+    # Without the halo rule these lobes pass as clean point sources (the test can fail).
+    off = DetectAndMeasureConfig(halo_sat_factor=0.0, halo_max_factor=0.01)
+    cat_off = DetectAndMeasureTask(off).run(_difference(sat_star=star, transients=truth, seed=1)).dia_sources
+    assert np.asarray(cat_off["clean"])[_near(cat_off, star[0], star[1], 60.0)].any()
+    # The halo is the star's, not the image's: the far transient stays clean.
+    far = _near(cat, *truth[0][:2], 2.0)
+    assert far.sum() == 1 and bool(cat["clean"][far][0])
+
+
+def test_bright_catalog_star_halo():
+    """An unsaturated bright star's residual wings: clean without the star catalog, flagged
+    with it (bright_sources)."""
+    F = 1.5e6  # peak 5.5e4 ADU: below saturation
+    exp = _difference(seed=2)
+    mi = exp.masked_image
+    add = _wing_residual(F, 150.0, 160.0, mi.shape)
+    exp = Exposure(MaskedImage((mi.image + add).astype(np.float32), mi.variance, mi.mask), exp.psf)
+    plain = DetectAndMeasureTask().run(exp).dia_sources
+    near = _near(plain, 150.0, 160.0, 40.0)
+    # Without the catalog the wing residual is detected and nothing says it is a halo.
+    assert near.sum() >= 1 and not np.asarray(plain["flag_bright_star"])[near].any()
+    stars = Table({"x": [150.0], "y": [160.0], "psf_flux": [F]})
+    cat = DetectAndMeasureTask().run(exp, bright_sources=stars).dia_sources
+    near = _near(cat, 150.0, 160.0, 40.0)
+    assert near.sum() >= 1 and np.asarray(cat["flag_bright_star"])[near].all()
+    assert not np.asarray(cat["clean"])[near].any()
+    with pytest.raises(Exception, match="bright_sources"):
+        DetectAndMeasureTask().run(exp, bright_sources=Table({"x": [1.0], "y": [1.0]}))
+
+
+def test_multi_peak_footprint_is_one_flagged_record():
+    """A residual ring (a PSF-mismatched star: positive ring, no core) is one footprint with
+    several peaks: one record, flag_multi_peak, not clean."""
+    exp = _difference(seed=4)
+    mi = exp.masked_image
+    F = 2e5
+    ring = _gauss(F, 200.0, 200.0, 3.0, mi.shape) - _gauss(F, 200.0, 200.0, 2.2, mi.shape)
+    ring = np.clip(ring, 0, None) * 1.0
+    yy, xx = np.mgrid[0:mi.shape[0], 0:mi.shape[1]]
+    ring *= 1 + 0.3 * np.cos(3 * np.arctan2(yy - 200.0, xx - 200.0))  # lumpy: several peaks
+    exp = Exposure(MaskedImage((mi.image + ring).astype(np.float32), mi.variance, mi.mask), exp.psf)
+    res = DetectAndMeasureTask(DetectAndMeasureConfig(polarity="positive")).run(exp)
+    cat = res.dia_sources
+    near = _near(cat, 200.0, 200.0, 15.0)
+    assert near.sum() == 1
+    row = cat[near][0]
+    assert row["n_peaks"] >= 2 and row["flag_multi_peak"] and not row["clean"]
