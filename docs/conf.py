@@ -88,5 +88,18 @@ def _escape_abs_bars(app, what, name, obj, options, lines):
             literal_indent = indent
 
 
+# --- Section anchors of algorithms.md -------------------------------------------------------
+# The Markdown pages carry plain-HTML anchors (<a id="s4-2"></a>) because GitHub renders
+# those and not MyST's "(s4-2)=" targets.  For Sphinx the same lines become MyST targets,
+# so that links such as [§4.2](../algorithms.md#s4-2) resolve (and are checked by -W).
+_HTML_ANCHOR = re.compile(r'^<a id="([A-Za-z][\w-]*)"></a>\s*$', re.MULTILINE)
+
+
+def _anchors_to_targets(app, docname, source):
+    if app.env.doc2path(docname).suffix == ".md":
+        source[0] = _HTML_ANCHOR.sub(r"(\1)=", source[0])
+
+
 def setup(app):
     app.connect("autodoc-process-docstring", _escape_abs_bars)
+    app.connect("source-read", _anchors_to_targets)
