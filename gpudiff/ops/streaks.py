@@ -34,6 +34,7 @@ import numpy as np
 from ..backend import Backend, resolve_backend
 from ..errors import InvalidInputError
 from ..image import MaskedImage
+from .detection import _dilate_disk
 
 __all__ = ["Streak", "StreakResult", "find_streaks"]
 
@@ -190,7 +191,8 @@ def find_streaks(mi: MaskedImage, significance: Any, psf_sigma: float, *, thresh
         The band is masked where the fitted profile exceeds this fraction of the
         per-pixel noise σ.
     exclude_planes : iterable of str
-        Pixels that do not vote (masked defects: a BAD column is a line too).
+        Pixels within 3 PSF σ of these planes do not vote (masked defects: a BAD column is a
+        line too).
     backend : Backend or str, optional
 
     Returns
@@ -217,7 +219,10 @@ def find_streaks(mi: MaskedImage, significance: Any, psf_sigma: float, *, thresh
     excl = mi.mask_planes.bitmask_if_present(list(exclude_planes))
     on = (xp.abs(sig) >= threshold) & xp.isfinite(sig)
     if excl:
-        on &= (mi.mask & excl) == 0
+        # The matched filter spreads a masked defect's values over the PSF footprint
+        # around it (a BAD column of garbage becomes a bright line): those pixels do not
+        # vote either.
+        on &= ~_dilate_disk(be, (mi.mask & excl) != 0, int(math.ceil(3 * psf_sigma)))
     # Compact blobs (stars, residual rings, CRs, noise) are not lines: a PSF-sized blob has
     # axis ratio ~1; a trail piece of length ≥ 2 × its thresholded width has ≥ 2.
     on = _elongated(be, on, min_pixels=max(5, int(psf_sigma ** 2)), min_axis_ratio=2.0,
