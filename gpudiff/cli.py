@@ -13,7 +13,6 @@ import importlib
 import logging
 import sys
 
-from . import __version__
 from .backend import BACKEND_NAMES
 from .errors import GpudiffError
 
@@ -31,6 +30,21 @@ COMMANDS: dict[str, str] = {
 }
 
 
+class _VersionAction(argparse.Action):
+    """``--version``, resolving the version only when asked (importlib.metadata is slow
+    to import: the command line's start should not pay for it)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="show program's version number and exit"):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from . import __version__
+
+        print(f"gpudiff {__version__}")  # stdout, as argparse's own version action
+        parser.exit()
+
+
 def _command(name: str):
     return importlib.import_module(f"gpudiff.commands.{COMMANDS[name]}")
 
@@ -44,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="gpudiff", description="Astronomical image differencing on GPUs (LSST algorithms).")
-    parser.add_argument("--version", action="version", version=f"gpudiff {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:

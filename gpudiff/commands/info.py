@@ -7,7 +7,6 @@ import os
 import platform
 from pathlib import Path
 
-from .. import __version__
 from ..backend import cupy_status, get_backend
 from ..errors import GpudiffError
 
@@ -42,6 +41,7 @@ def _kernel_cache_dir() -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Print versions, the resolved backend, CUDA devices and where kernels come from."""
+    from .. import __version__  # here, not at import: importlib.metadata slows `gpudiff --help`
     from ..backend.kernels import cuda_source_dir, list_kernels
 
     ok, reason = cupy_status()
