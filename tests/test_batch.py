@@ -126,7 +126,11 @@ def test_embedded_local_cluster_runs_manifest_with_a_corrupt_pair(data):
         _same_exposure(path, ref / f"diff{i}.fits")
         ref_hdr = fits.getheader(ref / f"diff{i}.fits", 0)
         row = t[i - 1]
-        assert row["kernel_sum"] == ref_hdr["GDKSUM"] and row["n_candidates_used"] == ref_hdr["GDNUSED"]
+        # The worker and the single-process reference run the same code, but BLAS and the
+        # CPU thread helper (gpudiff.backend.threads) split sums by the process's thread
+        # count, so the last bits of the kernel sum may differ (seen: 2e-15 relative).
+        assert row["kernel_sum"] == pytest.approx(ref_hdr["GDKSUM"], rel=1e-12)
+        assert row["n_candidates_used"] == ref_hdr["GDNUSED"]
         # Flux scale 1: measured kernel sums 0.995–1.034 on these 20-star fields.
         assert abs(row["kernel_sum"] - 1) < 0.05
         # Noise-limited differences: robust σ of image/√variance is 1 within sampling

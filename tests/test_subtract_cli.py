@@ -8,6 +8,7 @@ the kernel sources are detected on the science image.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,10 +239,14 @@ def test_sources_catalog(pair_files, tmp_path, capsys):
     assert math.isfinite(hdr["GDKSUM"])
 
 
-def test_plots_are_valid_pngs(pair_files, tmp_path):
-    """--plots writes the kernel grid and the residual histogram as readable PNG files."""
+def test_plots_are_valid_pngs(pair_files, tmp_path, monkeypatch):
+    """Without matplotlib, --plots writes the kernel grid and the residual histogram as plain
+    RGB bitmaps (stdlib PNG writer) and logs what they show."""
     import zlib
 
+    from gpudiff.commands import _plots
+
+    monkeypatch.setattr(_plots, "have_matplotlib", lambda: False)
     _, sci, tmpl, _ = pair_files
     out, pdir = tmp_path / "d.fits", tmp_path / "plots"
     assert main(["subtract", str(sci), str(tmpl), "-o", str(out), "--plots", str(pdir), "--no-detect",
@@ -254,3 +259,37 @@ def test_plots_are_valid_pngs(pair_files, tmp_path):
         n = int.from_bytes(data[i - 4:i], "big")
         raw = zlib.decompress(data[i + 4:i + 4 + n])
         assert len(raw) == h * (1 + 3 * w) and w > 50 and h > 50
+
+
+def test_plots_with_matplotlib_have_axes_labels_and_colour_bar(pair_files, tmp_path, monkeypatch):
+    """With matplotlib (the plots extra) the figures carry labelled axes and the kernel grid a
+    colour bar; the PNGs read back as images."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    from gpudiff.commands import _plots
+
+    figures = {}
+    save = _plots._save_figure
+
+    def keep(path, fig):
+        figures[Path(path).name] = fig
+        save(path, fig)
+
+    monkeypatch.setattr(_plots, "_save_figure", keep)
+    _, sci, tmpl, _ = pair_files
+    out, pdir = tmp_path / "d.fits", tmp_path / "plots"
+    assert main(["subtract", str(sci), str(tmpl), "-o", str(out), "--plots", str(pdir), "--no-detect",
+                 "--backend", "numpy"]) == 0
+    grid, hist = figures["kernel_grid.png"], figures["residual_histogram.png"]
+    panels = [ax for ax in grid.axes if ax.images]
+    assert len(panels) == 9 and len(grid.axes) == 10  # nine kernel panels and the colour bar
+    assert grid.axes[-1].get_ylabel() == "kernel value"
+    assert all(ax.get_title().startswith("x=") for ax in panels)
+    assert panels[-1].get_xlabel() == "dx [px]" and panels[0].get_ylabel() == "dy [px]"
+    (ax,) = hist.axes
+    assert ax.get_xlabel().startswith("difference") and ax.get_ylabel() == "probability density"
+    assert "robust" in ax.get_title()
+    for name in figures:
+        img = imread(pdir / name)
+        assert img.ndim == 3 and min(img.shape[:2]) > 300 and img[..., :3].std() > 0.05  # not blank

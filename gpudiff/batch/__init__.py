@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InvalidInputError, ManifestError
+from ..errors import GpudiffError, InvalidInputError, ManifestError
 from .manifest import KINDS, Job, read_manifest
 from .task import output_status, remove_stale_temporaries, run_job
 
@@ -68,6 +68,25 @@ class BatchResult:
     rows_per_minute: float
     summary_path: str
     n_workers: int
+
+
+def _require_distributed() -> None:
+    """Dask's ``distributed`` is an optional extra: say how to install it, not a traceback."""
+    try:
+        import distributed  # noqa: F401
+    except ImportError as exc:
+        raise GpudiffError(
+            f"batch runs need Dask's distributed scheduler, which is not installed ({exc}); install "
+            "the extra: pip install 'gpudiff[distributed]' (or: pip install 'dask[distributed]' tqdm)"
+        ) from None
+
+
+def _tqdm_available() -> bool:
+    try:
+        import tqdm  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -216,6 +235,8 @@ def run(manifest, out_dir, client=None, *, scheduler: str | None = None, schedul
     Dask starts worker processes with ``multiprocessing``'s *spawn*, which re-imports the
     main script: in a script, call :func:`run` under ``if __name__ == "__main__":``.
     """
+    if client is None:
+        _require_distributed()
     njobs, job = _check_int("njobs", njobs, 1), _check_int("job", job, 0)
     retries = _check_int("retries", retries, 0)
     if job >= njobs:
@@ -270,7 +291,8 @@ def run(manifest, out_dir, client=None, *, scheduler: str | None = None, schedul
                                                                    tasks_per_gpu=tasks_per_gpu)
                     client = own_client = Client(own_cluster)
             task_backend = backend or ("cupy" if gpu_cluster else None)
-            mode = progress if progress in ("tqdm", "dask", None, False) else ("tqdm" if own_cluster else "dask")
+            mode = progress if progress in ("tqdm", "dask", None, False) else \
+                ("tqdm" if own_cluster and _tqdm_available() else "dask")
             token = uuid.uuid4().hex[:8]
             t0 = time.perf_counter()
             futures = {j.row: (j, client.submit(run_job, j, task_backend, ow, retries=retries, pure=False,

@@ -23,7 +23,18 @@ A manifest is a CSV (``.csv``, or any suffix but ``.ecsv``) or ECSV table.  Colu
 ``reference_psf``,
 ``kernel_size``
 ``method``             coadd method (default ``compare-warp``)
+``science_psf``, ...   what the images' files lack, as the command-line options of the same
+                       names (:mod:`gpudiff.image.inputs`): subtract rows take
+                       ``science_``/``template_`` + ``psf``, ``noise``, ``variance``,
+                       ``ivar``, ``mask`` (paths), ``science_mask_bits``,
+                       ``template_mask_bits``, ``fwhm``, ``science_fwhm``,
+                       ``template_fwhm``; match-psf rows ``psf``, ``noise``, ``variance``,
+                       ``ivar``, ``mask``, ``mask_bits``, ``fwhm``; coadd rows the same, the
+                       paths (and ``fwhm``) ``;``-separated: one for all warps or one per warp
 =====================  ===================================================================
+
+A subtract row without ``mode`` (and no ``mode`` in its ``config``/``set``) runs ``auto``,
+as ``gpudiff subtract`` does.
 
 Whole-manifest problems (unreadable, empty, no ``output`` column, two rows writing one
 output) raise :class:`~gpudiff.errors.ManifestError`.  A bad row (unknown kind, missing
@@ -50,13 +61,22 @@ log = logging.getLogger("gpudiff.batch")
 
 # kind -> (required inputs, optional inputs, options).  Inputs are paths relative to the
 # manifest; "warps" and "psf_matched" are ;-separated lists of them.
+_EXTRA_INPUTS = ("psf", "noise", "variance", "ivar", "mask")  # gpudiff.image.inputs
 KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    "subtract": (("science", "template"), ("sources",),
-                 ("mode", "preconvolve", "detect", "sources_out", "matched_template_out")),
-    "match-psf": (("exposure",), ("reference_psf",), ("reference_fwhm", "kernel_size")),
-    "coadd": (("warps",), ("psf_matched",), ("method",)),
+    "subtract": (("science", "template"),
+                 ("sources", *(f"{r}_{c}" for r in ("science", "template") for c in _EXTRA_INPUTS)),
+                 ("mode", "preconvolve", "detect", "sources_out", "matched_template_out",
+                  "science_mask_bits", "template_mask_bits", "fwhm", "science_fwhm", "template_fwhm")),
+    "match-psf": (("exposure",), ("reference_psf", *_EXTRA_INPUTS),
+                  ("reference_fwhm", "kernel_size", "mask_bits", "fwhm")),
+    "coadd": (("warps",), ("psf_matched", *_EXTRA_INPUTS), ("method", "mask_bits", "fwhm")),
 }
-_LISTS = {"warps", "psf_matched"}
+
+
+def _lists(kind: str) -> set[str]:
+    """Columns that are ;-separated lists of paths: a coadd's per-warp inputs (one for all
+    warps or one per warp, as ``gpudiff coadd --psf``)."""
+    return {"warps", "psf_matched", *_EXTRA_INPUTS} if kind == "coadd" else set()
 _OUTPUTS = {"sources_out", "matched_template_out"}  # extra outputs: relative to out_dir
 _COMMON = {"kind", "id", "output", "config", "set"}
 _KNOWN = _COMMON | {c for spec in KINDS.values() for part in spec for c in part}
@@ -131,12 +151,22 @@ def _resolve(base: Path, text: str) -> str:
     return os.path.normpath(p if p.is_absolute() else base / p)
 
 
-def _parse_value(col: str, text: str) -> Any:
+def _parse_value(col: str, text: str, kind: str = "subtract") -> Any:
     if col in ("preconvolve", "detect"):
         if text.lower() not in _BOOL:
             raise ValueError(f"must be true or false, got {text!r}")
         return _BOOL[text.lower()]
-    if col == "reference_fwhm":
+    if col == "fwhm" and kind == "coadd":  # one for all warps or one per warp
+        return [_parse_value("reference_fwhm", t.strip()) for t in text.split(";") if t.strip()]
+    if col.endswith("mask_bits"):
+        from ..image.inputs import parse_mask_bits
+
+        try:
+            parse_mask_bits(text)
+        except GpudiffError as exc:
+            raise ValueError(str(exc)) from None
+        return text
+    if col in ("reference_fwhm", "fwhm", "science_fwhm", "template_fwhm"):
         v = float(text)
         if not (v > 0 and v != float("inf")):
             raise ValueError(f"must be a positive FWHM in pixels, got {text!r}")
@@ -180,20 +210,21 @@ def _make_job(i: int, row: dict, manifest: Path, out_dir: Path) -> Job:
                     f" (a {kind} row needs {', '.join(required)})"
                 return job
             continue
-        paths = [_resolve(base, t.strip()) for t in text.split(";") if t.strip()] if col in _LISTS \
+        lists = _lists(kind)
+        paths = [_resolve(base, t.strip()) for t in text.split(";") if t.strip()] if col in lists \
             else [_resolve(base, text)]
         for p in paths:
             if not os.path.isfile(p):
                 job.problem = f"{where}: column '{col}': input file {p} " + \
                     ("is not a regular file" if os.path.exists(p) else "does not exist")
                 return job
-        job.inputs[col] = paths if col in _LISTS else paths[0]
+        job.inputs[col] = paths if col in lists else paths[0]
     for col in options:
         text = _text(row, col)
         if text is None:
             continue
         try:
-            job.options[col] = _resolve(out_dir, text) if col in _OUTPUTS else _parse_value(col, text)
+            job.options[col] = _resolve(out_dir, text) if col in _OUTPUTS else _parse_value(col, text, kind)
         except ValueError as exc:
             job.problem = f"{where}: column '{col}': {exc}"
             return job

@@ -247,7 +247,10 @@ def subtract_files(science, template, output, *, overrides: dict | None = None, 
     if plots:
         import numpy as np
 
-        from ._plots import kernel_grid_png, residual_histogram_png
+        from ._plots import PLOTS_NOTE, have_matplotlib, kernel_grid_png, residual_histogram_png
+
+        if not have_matplotlib():
+            log("  plots: " + PLOTS_NOTE)
 
         pdir = Path(plots)
         pdir.mkdir(parents=True, exist_ok=True)
