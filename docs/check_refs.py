@@ -7,7 +7,9 @@ bare ``§5.3`` or ranges ``§7.9–§7.10`` inside such sentences.  Every ``§N[
 the scanned trees is checked against the sections of ``docs/algorithms.md``, which are the
 ``<a id="sN-M"></a>`` anchors placed before its numbered headings.  The anchors and the
 heading numbers are also checked against each other, so a renumbered heading cannot leave a
-stale anchor behind.
+stale anchor behind.  A reference with steps (``§4.2 step 9.2``, ``§4.2 steps 2, 4 and 11``)
+must also name steps that exist: numbered list items of that section (``9.`` at the margin,
+``2.`` indented under it).
 
 Usage::
 
@@ -39,20 +41,35 @@ SECTION_REF = re.compile(r"§\s?(\d+(?:\.\d+)*)")
 #: An explicit citation of the algorithm description, for the counts of --list.
 EXPLICIT_REF = re.compile(r"(?:\bspec|docs/algorithms\.md)\s+§\s?\d", re.IGNORECASE)
 ANCHOR = re.compile(r'<a id="s(\d+(?:-\d+)*)"></a>')
+#: Steps named right after a section reference: "step 9.2", "steps 2, 4 and 11", "step 7–8".
+STEPS = re.compile(r"\s*,?\s+steps?\s+(\d+(?:\.\d+)?(?:\s*(?:,|and|–|-)\s*\d+(?:\.\d+)?)*)")
+LIST_ITEM = re.compile(r"^( *)(\d+)\.\s")
 HEADING = re.compile(r"^#{2,6}\s+(\d+(?:\.\d+)*)\.?\s")
 
 
-def defined_sections(path: Path = ALGORITHMS) -> tuple[set[str], list[str]]:
-    """The section numbers of ``path`` and a list of inconsistencies (anchor vs heading).
+def defined_sections(path: Path = ALGORITHMS) -> tuple[set[str], list[str], dict[str, set[str]]]:
+    """The section numbers of ``path``, a list of inconsistencies (anchor vs heading), and
+    the numbered steps of each section ("9", "9.2", ...).
 
     Each anchor must be followed, after blank lines only, by a heading with the same
     number; each numbered heading must have its anchor.
     """
     lines = path.read_text(encoding="utf-8").splitlines()
     sections: set[str] = set()
+    steps: dict[str, set[str]] = {}
     problems: list[str] = []
     pending: tuple[str, int] | None = None
+    current, top, fence = None, None, False
     for no, line in enumerate(lines, 1):
+        if line.lstrip().startswith("```"):
+            fence = not fence
+        item = None if fence else LIST_ITEM.match(line)
+        if item and current is not None:
+            if not item.group(1):
+                top = item.group(2)
+                steps[current].add(top)
+            elif top is not None:
+                steps[current].add(f"{top}.{item.group(2)}")
         m = ANCHOR.search(line)
         if m:
             if pending:
@@ -68,13 +85,15 @@ def defined_sections(path: Path = ALGORITHMS) -> tuple[set[str], list[str]]:
                 problems.append(f"{path.name}:{no}: heading §{num} follows anchor s{pending[0]}")
             else:
                 sections.add(num)
+            current, top = num, None
+            steps.setdefault(num, set())
             pending = None
         elif line.strip() and pending is not None:
             problems.append(f"{path.name}:{pending[1]}: anchor s{pending[0]} not followed by a heading")
             pending = None
     if pending:
         problems.append(f"{path.name}:{pending[1]}: anchor s{pending[0]} at the end of the file")
-    return sections, problems
+    return sections, problems, steps
 
 
 def iter_files(paths: list[Path]):
@@ -89,8 +108,8 @@ def iter_files(paths: list[Path]):
                     yield f
 
 
-def find_references(files) -> list[tuple[Path, int, str, bool]]:
-    """(file, line, section, explicit) for every "§N[.M...]" in ``files``."""
+def find_references(files) -> list[tuple[Path, int, str, bool, tuple[str, ...]]]:
+    """(file, line, section, explicit, steps) for every "§N[.M...]" in ``files``."""
     refs = []
     for f in files:
         try:
@@ -100,7 +119,9 @@ def find_references(files) -> list[tuple[Path, int, str, bool]]:
         for no, line in enumerate(text.splitlines(), 1):
             explicit = bool(EXPLICIT_REF.search(line))
             for m in SECTION_REF.finditer(line):
-                refs.append((f, no, m.group(1), explicit))
+                st = STEPS.match(line, m.end())
+                named = tuple(re.findall(r"\d+(?:\.\d+)?", st.group(1))) if st else ()
+                refs.append((f, no, m.group(1), explicit, named))
     return refs
 
 
@@ -111,15 +132,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="print the sections and citation counts")
     args = ap.parse_args(argv)
 
-    sections, problems = defined_sections()
+    sections, problems, steps = defined_sections()
     if problems:
         print("docs/algorithms.md is inconsistent:", *problems, sep="\n  ", file=sys.stderr)
         return 2
     paths = [Path(p) if Path(p).is_absolute() else ROOT / p for p in args.paths]
     refs = find_references(iter_files(paths))
-    missing = [(f, no, sec) for f, no, sec, _ in refs if sec not in sections]
+    missing = []
+    for f, no, sec, _, named in refs:
+        if sec not in sections:
+            missing.append((f, no, f"§{sec}"))
+        for step in named:
+            if step not in steps.get(sec, ()):
+                missing.append((f, no, f"§{sec} step {step}"))
     if args.list:
-        counts = Counter(sec for _, _, sec, _ in refs)
+        counts = Counter(r[2] for r in refs)
         key = lambda s: tuple(int(x) for x in s.split("."))  # noqa: E731
         print(f"{len(sections)} sections in docs/algorithms.md:")
         for sec in sorted(sections | set(counts), key=key):
@@ -128,10 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         n_explicit = sum(1 for r in refs if r[3])
         print(f"{len(refs)} references ({n_explicit} on lines that name spec/docs/algorithms.md)")
     if missing:
-        print(f"{len(missing)} reference(s) to sections missing from docs/algorithms.md:", file=sys.stderr)
-        for f, no, sec in missing:
+        print(f"{len(missing)} reference(s) to sections or steps missing from docs/algorithms.md:",
+              file=sys.stderr)
+        for f, no, what in missing:
             rel = f.relative_to(ROOT) if f.is_relative_to(ROOT) else f
-            print(f"  {rel}:{no}: §{sec}", file=sys.stderr)
+            print(f"  {rel}:{no}: {what}", file=sys.stderr)
         return 1
     return 0
 
