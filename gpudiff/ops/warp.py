@@ -329,9 +329,11 @@ def _warp_separable(be: Backend, ux, vy, src: dict, ntaps: int, wfun, outs, no_d
     wyp = be.asarray(np.stack([wy, wy * wy], axis=-1))[:, :, None, :]  # (ntaps, H, 1, 2)
     c_ctr = be.asarray(np.clip(iu, 0, Ws - 1))
     c_nb = [be.asarray(np.clip(iu + d, 0, Ws - 1)) for d in (0, 1)]
-    off_d = be.asarray(offy[:, None] | offx[None, :])
-    ok_nb = {(dy, dx): be.asarray(nby[dy][:, None] & nbx[dx][None, :])
-             for dy in (0, 1) for dx in (0, 1)}
+    # Row and column factors of the off-image and neighbour masks; their (band, W) outer
+    # products are formed on the device only where needed.
+    offy_d, offx_d = be.asarray(offy[:, None]), be.asarray(offx[None, :])
+    nby_d = [be.asarray(m[:, None]) for m in nby]
+    nbx_d = [be.asarray(m[None, :]) for m in nbx]
     band = max(1, _SEP_BAND_PIXELS.get(be.name, 1 << 17) // W)
     grow = np.int32(src["grow"])
     nod = np.int32(no_data)
@@ -357,20 +359,40 @@ def _warp_separable(be: Backend, ux, vy, src: dict, ntaps: int, wfun, outs, no_d
                 g = xp.take(hb, be.asarray(rows[:, i] - s0), axis=0)
                 g *= wyp[i, r0:r1]
                 acc += g
-        rc = be.asarray(np.clip(iv[r0:r1], 0, Hs - 1))
-        aux = xp.take(xp.take(aux2, rc, axis=0), c_ctr, axis=1)
-        msk = aux & grow
+        # What is known on the host is not computed on the device: no pre-dilated bits at
+        # all (``aux_any``), neighbours whose weight is zero everywhere (exact shifts),
+        # footprints inside the source (``off`` all false).
+        touch, msk = None, None
+        if src["aux_any"]:
+            rc = be.asarray(np.clip(iv[r0:r1], 0, Hs - 1))
+            aux = xp.take(xp.take(aux2, rc, axis=0), c_ctr, axis=1)
+            msk = aux & grow
+            touch = (aux & np.int32(-(2 ** 31))) != 0
         for dy in (0, 1):
+            if not nby[dy][r0:r1].any():
+                continue
             mrow = xp.take(mask2, be.asarray(np.clip(iv[r0:r1] + dy, 0, Hs - 1)), axis=0)
             for dx in (0, 1):
-                ok = ok_nb[(dy, dx)][r0:r1]
-                msk |= xp.where(ok, xp.take(mrow, c_nb[dx], axis=1), 0)
-        touch = (aux & np.int32(-(2 ** 31))) != 0
-        off = off_d[r0:r1]
-        bad = off | touch
+                if not nbx[dx].any():
+                    continue
+                m = xp.take(mrow, c_nb[dx], axis=1)
+                if not (nby[dy][r0:r1].all() and nbx[dx].all()):
+                    m = xp.where(nby_d[dy][r0:r1] & nbx_d[dx], m, 0)
+                msk = m if msk is None else (msk | m)
+        if msk is None:
+            msk = xp.zeros((r1 - r0, W), dtype=xp.int32)
+        off = (offy_d[r0:r1] | offx_d) if (offy[r0:r1].any() or offx.any()) else None
+        bad = off if touch is None else (touch if off is None else off | touch)
+        if bad is None:
+            out_i[r0:r1] = acc[..., 0]
+            out_v[r0:r1] = acc[..., 1]
+            out_m[r0:r1] = msk
+            return
         out_i[r0:r1] = xp.where(bad, xp.float32(np.nan), acc[..., 0])
         out_v[r0:r1] = xp.where(bad, xp.float32(np.inf), acc[..., 1])
-        out_m[r0:r1] = xp.where(off, nod, xp.where(touch, msk | nod, msk))
+        if touch is not None:
+            msk = xp.where(touch, msk | nod, msk)
+        out_m[r0:r1] = msk if off is None else xp.where(off, nod, msk)
 
     starts = list(range(0, H, band))
     parallel_map(one, starts, cpu_workers(len(starts), parallel=not be.is_gpu))
@@ -494,15 +516,19 @@ def warp_exposure(exposure: Exposure, dest_wcs, dest_box: Box, *, kernel: str = 
     grow = planes.bitmask_if_present(list(grow_full_mask))
     bad = ((mi.mask & no_data) != 0) | ~xp.isfinite(mi.image) | ~xp.isfinite(mi.variance)
     aux = (mi.mask & np.int32(grow)) | xp.where(bad, np.int32(-(2 ** 31)), np.int32(0)).astype(xp.int32)
-    if bool((aux != 0).any()):
+    aux_any = bool((aux != 0).any())  # one host sync, for the whole warp
+    if aux_any:
         # OR over the ntaps×ntaps footprint [floor − lo, floor − lo + ntaps) of every pixel:
         # afw's correlation convention centres an even footprint at (n − 1)//2 = lo.
         aux = dilate_mask(aux, np.ones((ntaps, ntaps), dtype=bool), be)
+        planes_iv = [xp.where(bad, 0, mi.image), xp.where(bad, 0, mi.variance)]
+    else:  # no bad pixel (bit 31 of aux): nothing to zero
+        planes_iv = [mi.image, mi.variance]
     src = {
         "shape": mi.shape,
-        "iv": xp.stack([xp.where(bad, 0, mi.image), xp.where(bad, 0, mi.variance)], axis=-1)
-        .astype(xp.float32).reshape(-1, 2),
-        "aux": aux.astype(xp.int32).ravel(),
+        "iv": xp.stack(planes_iv, axis=-1).astype(xp.float32, copy=False).reshape(-1, 2),
+        "aux": aux.astype(xp.int32, copy=False).ravel(),
+        "aux_any": aux_any,
         "mask": mi.mask.ravel(),
         "grow": grow,
         # int32 indices when they fit: half the index traffic of the 36 gathers.
