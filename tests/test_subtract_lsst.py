@@ -88,6 +88,9 @@ def _pair(sci_sigma, tmpl_sigma, sci_noise=1.0, tmpl_noise=1.0, border=20, **kw)
 
 
 def _config(cls=AlardLuptonSubtractConfig, **kw):
+    # LSST's default: its calexps are sky-subtracted, so it leaves the fitted background in
+    # the difference.  gpudiff's default is True (issue 14: raw inputs carry a residual sky
+    # plane; tests/test_defects.py measures it), so the LSST-mirroring tests set it False.
     kw.setdefault("do_subtract_background", False)
     kw.setdefault("restrict_kernel_edge_sources", False)
     return cls(**kw)
@@ -422,6 +425,12 @@ def test_clear_template_mask(task):
         n_set = int(_plane(mt, name).sum())
         if name in ("DETECTED", "DETECTED_NEGATIVE"):
             assert n_set == 0, name
+        elif name == "INTRP":
+            # Departure from LSST (issue 14): gpudiff interpolates the template's defects
+            # (here the CR/SAT/EDGE/... pixels) before matching and flags them INTRP, which
+            # travels dilated into the matched template and the difference.  LSST clears
+            # INTRP with the other template planes (its templates arrive interpolated).
+            assert n_set > 0, name
         elif name in cfg.preserve_template_mask:
             assert n_set > 0, name
         else:

@@ -1,6 +1,7 @@
 """Backend-agnostic array algorithms: FFT correlation, masked convolution, statistics,
 backgrounds, detection and measurement, warping."""
 
+from .interpolate import interpolate_over_defects
 from .photometry import forced_psf_flux
 from .stats import (
     MAD_TO_SIGMA,
@@ -79,6 +80,7 @@ __all__ = [
     "forced_psf_flux",
     "gather_stamps",
     "image_statistics",
+    "interpolate_over_defects",
     "interpolate_background",
     "iter_correlations",
     "kernel_centre",

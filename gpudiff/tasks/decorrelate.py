@@ -61,13 +61,25 @@ class DecorrelateALKernelConfig:
     complete_var_plane_propagation : bool
         False (default): var_D = var_S·w1 + var_T·w2 with w = mean |filter|² (§5.1).
         True: var_D = var_S ⊗ c1² + var_T ⊗ c2² with the image-space filters c1, c2.
+    grow_mask_planes : tuple of str
+        Planes of the difference's mask OR-dilated by the footprint of the correction
+        filter (its pixels where abs(c) ≥ ``grow_mask_threshold``·max abs(c)): the filter
+        spreads whatever a defect left behind that far.  Empty (default, as LSST, which
+        leaves the mask alone); the subtraction tasks pass their defect planes.
+    grow_mask_threshold : float
+        See ``grow_mask_planes``; in (0, 1].
     """
 
     ignore_mask_planes: tuple[str, ...] = DECORRELATION_IGNORE_MASK_PLANES
     complete_var_plane_propagation: bool = False
+    grow_mask_planes: tuple[str, ...] = ()
+    grow_mask_threshold: float = 0.01
 
     def __post_init__(self):
         object.__setattr__(self, "ignore_mask_planes", tuple(self.ignore_mask_planes))
+        object.__setattr__(self, "grow_mask_planes", tuple(self.grow_mask_planes))
+        if not 0 < float(self.grow_mask_threshold) <= 1:
+            raise InvalidInputError(f"grow_mask_threshold must lie in (0, 1], got {self.grow_mask_threshold!r}")
 
 
 @dataclass
@@ -349,8 +361,11 @@ class DecorrelateALKernelTask:
             # (template term included) by 1/kSum², and so do we.
             new_var = new_var / (ksum * ksum)
 
-        out_mi = MaskedImage(new_img.astype(np.float32), new_var.astype(np.float32), diff.mask,
-                             xy0=diff.xy0, mask_planes=diff.mask_planes, backend=be)
+        half = max(max(kappa.shape), max(pre.shape) if pre is not None else 0)
+        cut = self._cutout(corr, shape, half)
+        out_mi = MaskedImage(new_img.astype(np.float32), new_var.astype(np.float32),
+                             self._grow_mask(diff, cut), xy0=diff.xy0, mask_planes=diff.mask_planes,
+                             backend=be)
         # §5.4: the difference PSF is not updated.  A difference without one gets the PSF
         # the subtraction would have given it: the science's, or the template's (§5.2).
         psf = subtracted.psf
@@ -358,10 +373,20 @@ class DecorrelateALKernelTask:
             psf = science.psf if template_matched else template.psf
         out = Exposure(out_mi, psf=psf, wcs=copy.deepcopy(subtracted.wcs), photo_calib=subtracted.photo_calib,
                        metadata=subtracted.metadata)
-        half = max(max(kappa.shape), max(pre.shape) if pre is not None else 0)
-        return DecorrelationResult(corrected_exposure=out, correction_kernel=self._cutout(corr, shape, half),
+        return DecorrelationResult(corrected_exposure=out, correction_kernel=cut,
                                    svar=svar, tvar=tvar, variance_weights=(w1, w2), fft_shape=shape,
                                    kernel_sum=ksum)
+
+    def _grow_mask(self, diff: MaskedImage, cut: np.ndarray) -> Any:
+        """The difference's mask with ``grow_mask_planes`` dilated by the filter footprint."""
+        bm = diff.mask_planes.bitmask_if_present(list(self.config.grow_mask_planes))
+        if not bm:
+            return diff.mask
+        a = np.abs(cut)
+        fp = a >= float(self.config.grow_mask_threshold) * a.max()
+        from ..ops.convolution import dilate_mask
+
+        return diff.mask | dilate_mask(diff.mask & bm, fp, self.backend)
 
     def _propagate(self, plane: Any, filt_ft: Any, fill: float, shape: tuple[int, int]) -> Any:
         """plane ⊗ c² with c = IFFT(filt_ft) (LSST ``calculateVariancePlane``, one term)."""

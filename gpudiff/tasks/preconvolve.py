@@ -23,16 +23,21 @@ from ..psfmatch.fit import KernelFit
 from ..psfmatch.spatial import SpatialKernel
 from .decorrelate import DecorrelateALKernelTask
 from .masks import convolve_preserving
-from .subtract import AlardLuptonSubtractConfig, AlardLuptonSubtractTask, psf_fwhm
+from .subtract import AlardLuptonSubtractConfig, AlardLuptonSubtractTask, _no_data_nan, psf_fwhm
 
 __all__ = ["AlardLuptonPreconvolveSubtractConfig", "PreconvolveResult", "AlardLuptonPreconvolveSubtractTask",
-           "preconvolution_kernel", "median_fill"]
+           "preconvolution_kernel"]
 
 
 @dataclass(frozen=True)
 class AlardLuptonPreconvolveSubtractConfig(AlardLuptonSubtractConfig):
-    """As :class:`AlardLuptonSubtractConfig`; ``bad_mask_planes`` are median-filled
-    ("interpolated", spec §4.2 step 11) before convolution.  ``compute_difference``: also
+    """As :class:`AlardLuptonSubtractConfig`; the ``interpolate_mask_planes`` of both inputs
+    are interpolated (:func:`gpudiff.ops.interpolate_over_defects`) before the
+    preconvolution and the matching convolution, where LSST fills ``bad_mask_planes`` with
+    the image median (spec §4.2 step 11), a fill that leaves a step at every defect's edge
+    which the two convolutions turn into ±stripes.  The fitted background is subtracted
+    from the score image (``do_subtract_background``, True by default here, see
+    :class:`AlardLuptonSubtractConfig`).  ``compute_difference``: also
     return the plain difference, on which DetectAndMeasureScoreTask measures (as LSST)."""
 
     compute_difference: bool = True
@@ -62,20 +67,6 @@ def preconvolution_kernel(exposure: Exposure) -> np.ndarray:
     return (k / k.sum())[::-1, ::-1].copy()
 
 
-def median_fill(mi: MaskedImage, planes) -> MaskedImage:
-    """Pixels with any of ``planes`` set → the image's nanmedian (LSST's
-    ``interpolateBadMaskPlanes``: a fill, not a true interpolation)."""
-    xp = mi.backend.xp
-    bm = mi.mask_planes.bitmask_if_present(list(planes))
-    bad = ((mi.mask & bm) != 0) | ~xp.isfinite(mi.image)
-    if not bool(bad.any()):
-        return mi
-    good_vals = mi.image[~bad]
-    med = xp.median(good_vals) if good_vals.size else xp.float32(0)
-    return MaskedImage(xp.where(bad, med, mi.image), xp.where(xp.isfinite(mi.variance), mi.variance, 0),
-                       mi.mask, xy0=mi.xy0, mask_planes=mi.mask_planes, backend=mi.backend)
-
-
 class AlardLuptonPreconvolveSubtractTask(AlardLuptonSubtractTask):
     """The score image of a science exposure against a template (spec §4.3)."""
 
@@ -95,8 +86,9 @@ class AlardLuptonPreconvolveSubtractTask(AlardLuptonSubtractTask):
         template, science, meta = self._prepare(template, science)
         pk = preconvolution_kernel(science)
         half = pk.shape[0] // 2
-        s_prime = median_fill(science.masked_image, cfg.bad_mask_planes)
-        ms = convolve_masked_image(s_prime, pk, do_copy_edge=True)
+        # _prepare interpolated the defects of both inputs (flagged INTRP, original planes
+        # kept); the preconvolution grows those planes by the PSF's footprint.
+        ms = convolve_masked_image(science.masked_image, pk, do_copy_edge=True)
         matched_science = Exposure(ms, science.psf, science.wcs, science.photo_calib, science.metadata)
         t_fwhm = psf_fwhm(template, "template")
         s_fwhm = psf_fwhm(science, "science")
@@ -116,14 +108,15 @@ class AlardLuptonPreconvolveSubtractTask(AlardLuptonSubtractTask):
         s_inner = matched_science.subimage(inner)
         fit = self._fit(t_inner, s_inner, sel, (t_fwhm, matched_size), template, science)
         kernel = fit.kernel
-        t_prime = median_fill(template.masked_image, cfg.bad_mask_planes)
-        mt = convolve_preserving(kernel, t_prime, cfg.preserve_mask_planes).subimage(box)
+        mt = convolve_preserving(kernel, template.masked_image, cfg.preserve_mask_planes).subimage(box)
         matched_template = Exposure(mt, science.psf, science.wcs, science.photo_calib, template.metadata)
+        # The fit modelled the preconvolved science as K⊗T + B, so S' − K⊗T − B is free of
+        # the differential background (the same sign as convolveTemplate).
         bg = kernel.background_image(box, be) if cfg.do_subtract_background else None
-        score = ms.subtract(mt, bg)
+        score = _no_data_nan(ms.subtract(mt, bg))
         score_exp = Exposure(score, science.psf, science.wcs, science.photo_calib, science.metadata)
         if cfg.do_decorrelation:
-            dec = DecorrelateALKernelTask(backend=be).run(
+            dec = DecorrelateALKernelTask(self._decorrelation_config(), backend=be).run(
                 science, template.subimage(box), score_exp, kernel, template_matched=True,
                 pre_conv_mode=True, pre_conv_kernel=pk)
             out = dec.corrected_exposure.masked_image

@@ -26,10 +26,12 @@ from ..image import Box, Exposure, GridPsf, ImagePsf, MaskedImage, evaluate_mean
 from ..ops.convolution import correlate
 from ..ops.cosmic_rays import find_cosmic_rays
 from ..ops.detection import detect_sources, select_kernel_sources
+from ..ops.interpolate import DEFAULT_INTERPOLATE_PLANES, defect_pixels, interpolate_over_defects
 from ..psfmatch import PsfMatchConfig, fit_spatial_kernel, make_candidates, make_kernel_basis
+from ..psfmatch.candidates import selection_counts
 from ..psfmatch.fit import KernelFit
 from ..psfmatch.spatial import SpatialKernel
-from .decorrelate import DecorrelateALKernelTask
+from .decorrelate import DecorrelateALKernelConfig, DecorrelateALKernelTask
 from .masks import convolve_preserving, mask_non_finite, template_coverage, update_masks
 from .scale_variance import ScaleVarianceConfig, ScaleVarianceTask
 
@@ -52,6 +54,21 @@ class AlardLuptonSubtractConfig:
 
     The kernel-source selector is LSST's ``ScienceSourceSelector``: unresolved, isolated,
     S/N in [``source_snr_min``, ``source_snr_max``] from PSF flux.
+
+    Two departures from LSST's defaults, both for inputs that are not LSST calexps:
+
+    - ``do_subtract_background`` is **True**: the differential background fitted with the
+      kernel is subtracted from the difference (in every mode, and from the score image
+      of the preconvolution task).  LSST's default is False because its calexps are
+      sky-subtracted by the calibration pipeline; a plain FITS image rarely is perfectly,
+      and a residual sky plane of 0.3σ then stays in the difference (measured: PSF fluxes
+      of transients 23 % high).  Set it False to mirror LSST exactly.
+    - ``interpolate_mask_planes`` (NO_DATA, BAD, SAT, CR, EDGE) and every non-finite pixel
+      of **both** inputs are interpolated (:func:`gpudiff.ops.interpolate_over_defects`)
+      before detection, kernel fitting, convolution and decorrelation, and flagged INTRP
+      (LSST's calexps arrive interpolated; raw data's garbage would otherwise be spread by
+      the kernel into ±stripes).  An empty tuple switches it off (non-finite pixels are
+      then zero-filled by the convolution, as before).
     """
 
     mode: str = "convolveTemplate"
@@ -60,7 +77,9 @@ class AlardLuptonSubtractConfig:
     required_template_fraction: float = 0.1
     min_template_fraction_for_expected_success: float = 0.2
     do_scale_variance: bool = True
-    do_subtract_background: bool = False
+    # LSST: False (its calexps are sky-subtracted); see the class docstring.
+    do_subtract_background: bool = True
+    interpolate_mask_planes: tuple[str, ...] = DEFAULT_INTERPOLATE_PLANES
     restrict_kernel_edge_sources: bool = True
     max_kernel_sources: int = 1000
     min_kernel_sources: int = 3
@@ -187,6 +206,11 @@ class AlardLuptonSubtractTask:
         except AllMaskedError:
             pass  # no template data at all: LSST's NoWorkFound from the coverage check below
         meta: dict[str, Any] = {}
+        # Defects are interpolated before anything looks at the pixels (detection, variance
+        # scaling, kernel fit, convolution, decorrelation).  The template is filled before
+        # update_masks clears its SAT/CR planes; its INTRP marks are restored after.
+        template, t_filled = self._interpolate(template)
+        science, _ = self._interpolate(science)
         cov = template_coverage(template, science)
         meta["template_coverage"] = cov
         if cov < cfg.required_template_fraction:
@@ -203,9 +227,37 @@ class AlardLuptonSubtractTask:
             meta["scale_template_variance_factor"] = tfac
             meta["scale_science_variance_factor"] = sfac
         template, science = update_masks(template, science, cfg.rename_template_mask, cfg.preserve_template_mask)
+        if t_filled is not None:
+            template = Exposure(template.masked_image.with_plane_set("INTRP", t_filled), template.psf,
+                                template.wcs, template.photo_calib, template.metadata)
         if cfg.find_science_cosmic_rays:
             science = self._mask_cosmic_rays(science)
+            if "CR" in cfg.interpolate_mask_planes:
+                # Cosmic rays found just now: filled like the defects that came flagged.
+                science, _ = self._interpolate(science, ("CR",))
+        for name, exp in (("template", template), ("science", science)):
+            intrp = exp.masked_image.mask_planes.bitmask_if_present("INTRP")
+            meta[f"n_interpolated_{name}"] = int(be.xp.count_nonzero(exp.masked_image.mask & intrp)) \
+                if intrp else 0
         return template, science, meta
+
+    def _interpolate(self, exp: Exposure, planes=None) -> tuple[Exposure, Any]:
+        """``exp`` with its defects interpolated (``interpolate_mask_planes`` or ``planes``,
+        plus non-finite pixels) and flagged INTRP, and the boolean array of the filled
+        pixels (None when nothing was filled or interpolation is off)."""
+        planes = self.config.interpolate_mask_planes if planes is None else tuple(planes)
+        if not planes:
+            return exp, None
+        mi = exp.masked_image
+        bad = defect_pixels(mi, planes)
+        if not bool(bad.any()):
+            return exp, None
+        try:
+            fwhm = float(exp.psf.fwhm())
+        except PsfError:
+            fwhm = 3.0  # only sets the smoothing scale of the large-blob fallback
+        filled = interpolate_over_defects(mi, planes, fwhm=fwhm, backend=self.backend)
+        return Exposure(filled, exp.psf, exp.wcs, exp.photo_calib, exp.metadata), bad
 
     def _mask_cosmic_rays(self, science: Exposure) -> Exposure:
         """Set the CR plane on a science image that arrives with none.
@@ -288,7 +340,8 @@ class AlardLuptonSubtractTask:
             raise InsufficientKernelSourcesError(
                 f"{len(selected)} kernel source(s) pass the selection (S/N {cfg.source_snr_min:g}–"
                 f"{cfg.source_snr_max:g}, isolated, unresolved, inside the kernel-edge box) out of "
-                f"{len(table)}; at least min_kernel_sources={cfg.min_kernel_sources} are needed")
+                f"{len(table)}; at least min_kernel_sources={cfg.min_kernel_sources} are needed; removed "
+                f"by each test: {selection_counts(table, box, snr_min=cfg.source_snr_min, snr_max=cfg.source_snr_max, edge_buffer=kernel_size, exclude_flags=[c for c in table.colnames if c.startswith('flag')])}")  # noqa: E501
         return selected
 
     # --- run ---------------------------------------------------------------------------
@@ -341,6 +394,15 @@ class AlardLuptonSubtractTask:
         else:
             conv_template = cfg.mode == "convolveTemplate"
         mode = "convolveTemplate" if conv_template else "convolveScience"
+        meta["science_sharper_than_template"] = False
+        if conv_template and not choose_convolution_method(template, science):
+            # The template is strictly wider on both axes: matching it to the science
+            # needs a deconvolution, which the kernel can only approximate (ringing,
+            # amplified noise).  Not an error (LSST does it when told to), but said.
+            meta["science_sharper_than_template"] = True
+            log.warning("the science PSF (FWHM %.2f px) is sharper than the template's (%.2f px) "
+                        "under convolveTemplate: the kernel must deconvolve; use mode='auto' or "
+                        "'convolveScience'", s_fwhm, t_fwhm)
         matched_size = s_fwhm if conv_template else t_fwhm
         # Stamp size from the basis LSST would build (spec §4.2 step 9.2).
         k_size = make_kernel_basis(cfg.make_kernel, t_fwhm, matched_size).size
@@ -389,6 +451,7 @@ class AlardLuptonSubtractTask:
             bg = kernel.background_image(science.bbox, be) * np.float32(sign)
             diff = MaskedImage(diff.image - bg, diff.variance, diff.mask, xy0=diff.xy0,
                                mask_planes=diff.mask_planes, backend=be)
+        diff = _no_data_nan(diff)
         meta["time_convolution"] = time.perf_counter() - t1
         # LSST returns the background with all parameters negated when the science was
         # convolved (spec §4.2 step 13): it is then a model of template − science.
@@ -397,7 +460,7 @@ class AlardLuptonSubtractTask:
         difference = Exposure(diff, psf, science.wcs, science.photo_calib, science.metadata)
         if cfg.do_decorrelation:
             t1 = time.perf_counter()
-            dec = DecorrelateALKernelTask(backend=be).run(
+            dec = DecorrelateALKernelTask(self._decorrelation_config(), backend=be).run(
                 science, tmpl_on_sci, difference, kernel, template_matched=conv_template)
             difference = dec.corrected_exposure
             if dec.correction_kernel is not None:
@@ -408,10 +471,21 @@ class AlardLuptonSubtractTask:
                     n_candidates_used=fit.n_used,
                     n_candidates_rejected=int((fit.candidate_table()["status"] == "BAD").sum()),
                     template_fwhm=t_fwhm, science_fwhm=s_fwhm, time_total=time.perf_counter() - t0)
+        meta.update(fit.quality_metadata())  # spatial orders used, kernel-sum photometric check
         return SubtractionResult(
             difference=difference, matched_template=matched_template, matched_science=matched_science,
             background_model=background_model if cfg.do_subtract_background else None, psf_matching_kernel=kernel,
             kernel_sources=fit.candidate_table(), mode=mode, kernel_fit=fit, metadata=meta)
+
+    def _decorrelation_config(self) -> DecorrelateALKernelConfig:
+        """Decorrelation that grows the defect planes by its filter's footprint (so that no
+        unflagged pixel holds what the filter spread from a defect)."""
+        # EDGE is left out: its pixels hold copied data, not defects, and the tasks size
+        # their EDGE frames themselves (the preconvolution's frame was measured).
+        planes = tuple(p for p in dict.fromkeys((*self.config.interpolate_mask_planes,
+                                                 *self.config.bad_mask_planes, "INTRP", "SAT_TEMPLATE"))
+                       if p != "EDGE")
+        return DecorrelateALKernelConfig(grow_mask_planes=planes)
 
     def _fit(self, conv: Exposure, ref: Exposure, sel: Table, fwhms, template: Exposure,
              science: Exposure) -> KernelFit:
@@ -443,6 +517,22 @@ def _with_source_mask(mi: MaskedImage, psf) -> MaskedImage:
     r = max(2, int(round(2 * psf.fwhm())))
     grown = mi.backend.ndimage.maximum_filter(on.astype(np.uint8), size=2 * r + 1) > 0
     return mi.with_plane_set("DETECTED", grown)
+
+
+def _no_data_nan(mi: MaskedImage) -> MaskedImage:
+    """NO_DATA pixels as NaN image / +inf variance (the convention of
+    :func:`~gpudiff.tasks.masks.mask_non_finite`): the inputs' NO_DATA pixels were
+    interpolated so that no convolution spreads garbage, but a difference there is no
+    measurement."""
+    xp = mi.backend.xp
+    nd = mi.mask_planes.bitmask_if_present("NO_DATA")
+    if not nd:
+        return mi
+    bad = (mi.mask & nd) != 0
+    if not bool(bad.any()):
+        return mi
+    return MaskedImage(xp.where(bad, xp.float32(np.nan), mi.image), xp.where(bad, xp.float32(np.inf), mi.variance),
+                       mi.mask, xy0=mi.xy0, mask_planes=mi.mask_planes, backend=mi.backend)
 
 
 def decorrelated_psf(psf, correction_kernel: np.ndarray):

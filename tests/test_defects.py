@@ -1,0 +1,284 @@
+"""Defects before every convolution (issue 14): interpolation, mask growth, background.
+
+The op (:func:`gpudiff.ops.interpolate_over_defects`) is tested on smooth images with
+known truth; the tasks on :func:`gpudiff.sim.realistic_raw_pair` pairs, which carry
+garbage-valued bad columns, saturated Moffat-wing stars, a satellite trail, a residual
+sky plane of 0.3σ, masked and unmasked cosmic rays and a NO_DATA strip.  The measurement
+helpers (:func:`measure_pair`) are shared with the 2048² evidence script
+(``/work/scratch/issue14_defects_eval.py``), whose numbers are in the report.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from gpudiff.image import MaskedImage
+from gpudiff.ops.interpolate import interpolate_over_defects
+from gpudiff.sim import realistic_raw_pair
+from gpudiff.tasks import (AlardLuptonPreconvolveSubtractConfig, AlardLuptonPreconvolveSubtractTask,
+                           AlardLuptonSubtractConfig, AlardLuptonSubtractTask)
+from gpudiff.tasks.detect_and_measure import DetectAndMeasureScoreTask, DetectAndMeasureTask
+
+IQR_TO_SIGMA = 0.741301109
+
+
+# --- the op --------------------------------------------------------------------------------
+
+def _smooth_scene(n=256, seed=0, noise=1.0):
+    """A smooth sky (plane + gentle quadratic) with one Gaussian star, and its noisy image."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:n, :n].astype(np.float64)
+    truth = 100 + 0.05 * x - 0.03 * y + 2e-4 * (x - n / 2) ** 2
+    truth += 40 * np.exp(-((x - 0.3 * n) ** 2 + (y - 0.6 * n) ** 2) / (2 * 3.0 ** 2))
+    img = (truth + rng.normal(0, noise, truth.shape)).astype(np.float32)
+    return truth, img
+
+
+def test_garbage_column_filled_within_noise_without_step():
+    truth, img = _smooth_scene()
+    n = img.shape[0]
+    rng = np.random.default_rng(1)
+    mi0 = MaskedImage(img, np.ones_like(img))
+    bad_bit = mi0.mask_planes.bitmask("BAD")
+    mask = np.zeros(img.shape, np.int32)
+    c = 100
+    garbage = img.copy()
+    garbage[:, c] = rng.uniform(-500, 3e5, n).astype(np.float32)   # raw CCD garbage
+    mask[:, c] = bad_bit
+    garbage[40:70, 180:230] = np.nan                               # a NO_DATA blob (non-finite)
+    var = np.ones_like(img)
+    mi = MaskedImage(garbage, var, mask)
+    before = (np.asarray(mi.image).copy(), np.asarray(mi.variance).copy(), np.asarray(mi.mask).copy())
+    out = interpolate_over_defects(mi, fwhm=7.0)
+    # Inputs unmodified (NaN-aware).
+    np.testing.assert_array_equal(np.asarray(mi.image), before[0])
+    np.testing.assert_array_equal(np.asarray(mi.mask), before[2])
+    o = np.asarray(out.image)
+    assert np.isfinite(o).all() and np.isfinite(np.asarray(out.variance)).all()
+    # The column: the mean of two noisy neighbours has σ = 1/√2 about the truth; away from
+    # the star (where the curvature of a 3-px Gaussian adds up to 2.7) every filled value
+    # is within 4σ·(1/√2) ≈ 2.9 of the truth and the rms is ~0.71.
+    rows = np.abs(np.arange(n) - 0.6 * n) > 12
+    err = o[rows, c] - truth[rows, c]
+    assert np.abs(err).max() < 4 / np.sqrt(2), np.abs(err).max()
+    assert np.sqrt(np.mean(err ** 2)) == pytest.approx(1 / np.sqrt(2), rel=0.15)
+    # No step: the mean of the filled column equals the mean of its neighbours' truth
+    # within the error of the mean (σ/√n ≈ 0.05; 0.2 allowed), where a median fill is off by
+    # the sky gradient's full range (~10 here).
+    assert abs(np.mean(err)) < 0.2
+    # The blob (30×50, filled by smoothed neighbourhood or 1/L²-weighted lines): within the
+    # noise of a smooth sky (3σ) everywhere.
+    blob = o[40:70, 180:230] - truth[40:70, 180:230]
+    assert np.abs(blob).max() < 3.0, np.abs(blob).max()
+    # INTRP marks exactly the filled pixels; original planes kept.
+    intrp = (np.asarray(out.mask) & out.mask_planes.bitmask("INTRP")) != 0
+    filled = (mask != 0) | ~np.isfinite(garbage)
+    np.testing.assert_array_equal(intrp, filled)
+    assert (np.asarray(out.mask)[:, c] & bad_bit).all()
+    # Untouched pixels are bit-identical.
+    np.testing.assert_array_equal(o[~filled], img[~filled])
+
+
+def test_row_and_column_defects_and_clean_input():
+    truth, img = _smooth_scene(seed=3)
+    mi0 = MaskedImage(img, np.ones_like(img))
+    assert interpolate_over_defects(mi0) is mi0          # nothing to fill: the same object
+    mask = np.zeros(img.shape, np.int32)
+    mask[120, 10:240] = mi0.mask_planes.bitmask("SAT")     # a bad row: filled from above/below
+    mask[200:203, 50:53] = mi0.mask_planes.bitmask("CR")   # a small blob
+    out = interpolate_over_defects(MaskedImage(img, np.ones_like(img), mask))
+    o = np.asarray(out.image)
+    err_row = o[120, 10:240] - truth[120, 10:240]
+    away = np.abs(np.arange(10, 240) - 0.3 * 256) > 12
+    assert np.abs(err_row[away]).max() < 4 / np.sqrt(2)
+    assert np.abs(o[200:203, 50:53] - truth[200:203, 50:53]).max() < 3.0
+
+
+def test_planes_selectable():
+    _, img = _smooth_scene(seed=4)
+    mi0 = MaskedImage(img, np.ones_like(img))
+    mask = np.zeros(img.shape, np.int32)
+    mask[:, 30] = mi0.mask_planes.bitmask("SUSPECT")
+    mi = MaskedImage(img, np.ones_like(img), mask)
+    assert interpolate_over_defects(mi) is mi            # SUSPECT is not a default plane
+    out = interpolate_over_defects(mi, ["SUSPECT"])
+    assert ((np.asarray(out.mask)[:, 30] & out.mask_planes.bitmask("INTRP")) != 0).all()
+
+
+# --- tasks on realistic raw pairs ----------------------------------------------------------
+
+def _defect_distance(pair):
+    """Distance (px) of every science pixel from the nearest bad column of either image."""
+    n = pair.science.shape[1]
+    cols = np.array(list(pair.artefacts["bad_columns_science"]) + list(pair.artefacts["bad_columns_template"]))
+    x = np.arange(n)
+    d = np.abs(x[:, None] - cols[None, :]).min(axis=1) if cols.size else np.full(n, np.inf)
+    return np.broadcast_to(d[None, :], pair.science.shape)
+
+
+def measure_pair(pair, task: str = "subtract", mode: str = "auto", match_radius: float = 3.0,
+                 **cfg_kw) -> dict:
+    """Run a subtraction with the given task/mode and defaults otherwise; measure the sky of
+    the difference, stripes beside bad columns, and the DIA catalog against the truth."""
+    sci, tpl = pair.science, pair.template
+    if task == "preconvolve":
+        res = AlardLuptonPreconvolveSubtractTask(AlardLuptonPreconvolveSubtractConfig(mode=mode, **cfg_kw)).run(
+            tpl, sci)
+        diff, score = res.difference, res.score_exposure
+        dia = DetectAndMeasureScoreTask().run(diff, score).catalog
+    else:
+        res = AlardLuptonSubtractTask(AlardLuptonSubtractConfig(mode=mode, **cfg_kw)).run(tpl, sci)
+        diff = res.difference
+        dia = DetectAndMeasureTask().run(diff).catalog
+    img, var, mask = (np.asarray(diff.image), np.asarray(diff.variance), np.asarray(diff.mask))
+    z = img / np.sqrt(var)
+    # Source-free sky: no source light above 1 % of the sky σ in either noiseless model (the
+    # two images share the pixel grid), no mask bit, finite.
+    s_sig = pair.artefacts["sky_sigma_science"]
+    src = np.abs(pair.science_result.sources) + np.abs(pair.template_result.sources)
+    free = (src < 0.01 * s_sig) & (mask == 0) & np.isfinite(z)
+    q1, med, q3 = np.percentile(z[free], [25, 50, 75])
+    out = {"mode": res.metadata.get("mode"), "sky_std": IQR_TO_SIGMA * (q3 - q1), "sky_median": med,
+           "n_sky": int(free.sum())}
+    near = (_defect_distance(pair) <= 20) & (mask == 0) & np.isfinite(z)
+    out["stripe_max"] = float(np.abs(z[near]).max()) if near.any() else 0.0
+    out["stripe_n"] = int(near.sum())
+    out["stripe_free_max"] = float(np.abs(z[near & free]).max()) if (near & free).any() else 0.0
+    # DIA catalog against the injected changes.
+    tt = pair.transients
+    tx, ty = np.asarray(tt["x"], float), np.asarray(tt["y"], float)
+    clean = np.asarray(dia["clean"], bool) if "clean" in dia.colnames else \
+        ~np.any([np.asarray(dia[c], bool) for c in dia.colnames if c.startswith("flag_")], axis=0)
+    dx, dy = np.asarray(dia["x"], float), np.asarray(dia["y"], float)
+    if len(dia) and len(tt):
+        d = np.hypot(dx[:, None] - tx[None, :], dy[:, None] - ty[None, :])
+        matched_src = d.min(axis=1) <= match_radius
+        nearest = d.argmin(axis=0)
+        found = d.min(axis=0) <= match_radius
+    else:
+        matched_src = np.zeros(len(dia), bool)
+        nearest = np.zeros(len(tt), int)
+        found = np.zeros(len(tt), bool)
+    mpix = sci.shape[0] * sci.shape[1] / 1e6
+    out["n_dia"] = len(dia)
+    out["n_clean"] = int(clean.sum())
+    out["false_clean"] = int((clean & ~matched_src).sum())
+    out["false_clean_per_mpix"] = out["false_clean"] / mpix
+    out["false_all_per_mpix"] = int((~matched_src).sum()) / mpix
+    snr = np.asarray(tt["snr"], float)
+    nd = ~np.asarray(tt["near_defect"], bool)
+    found_clean = found & (clean[nearest] if len(dia) else False)
+    sel8 = snr >= 8
+    out["n_snr8"] = int(sel8.sum())
+    out["completeness_snr8"] = float(found_clean[sel8].mean()) if sel8.any() else float("nan")
+    out["completeness_snr8_away"] = float(found_clean[sel8 & nd].mean()) if (sel8 & nd).any() else float("nan")
+    bright = (snr > 20) & found
+    if bright.any():
+        f = np.asarray(dia["psf_flux"], float)[nearest[bright]]
+        fe = np.asarray(dia["psf_flux_err"], float)[nearest[bright]]
+        truth_f = np.asarray(tt["delta_flux"], float)[bright]
+        out["flux_ratio_median"] = float(np.median(f / truth_f))
+        pulls = (f - truth_f) / fe
+        qa, qb = np.percentile(pulls, [25, 75])
+        out["pull_std"] = float(IQR_TO_SIGMA * (qb - qa))
+        out["n_bright"] = int(bright.sum())
+    out["kernel_sum"] = res.metadata.get("kernel_sum")
+    out["n_interpolated"] = (res.metadata.get("n_interpolated_science"), res.metadata.get("n_interpolated_template"))
+    return out
+
+
+#: 1024² realistic pairs, both PSF orderings (science 40 % broader: convolveTemplate under
+#: auto; 25 % narrower: convolveScience).  The 2048² measurement is the evidence script's.
+_SIZE = 1024
+
+
+@pytest.fixture(scope="module", params=[1.4, 0.75], ids=["broader", "narrower"])
+def raw_pair(request):
+    return realistic_raw_pair(_SIZE, science_fwhm_ratio=request.param, seed=14)
+
+
+def test_difference_sky_stripes_and_background(raw_pair):
+    m = measure_pair(raw_pair)
+    expected = "convolveTemplate" if raw_pair.artefacts["science_fwhm"] > raw_pair.artefacts["template_fwhm"] \
+        else "convolveScience"
+    assert m["mode"] == expected
+    # Source-free sky in units of its variance plane: 1.00 ± 0.03 (issue 14's target; the
+    # IQR estimate from ~5e5 pixels scatters by < 0.5 %), median within 0.02σ of zero (the
+    # 0.3σ residual sky plane of the inputs must be gone: the fitted background is
+    # subtracted by default).
+    assert m["sky_std"] == pytest.approx(1.0, abs=0.03), m
+    assert abs(m["sky_median"]) < 0.02, m
+    # No ±stripes beside the garbage columns: within 20 px of a bad column, every unmasked
+    # source-free pixel is below 5σ (≈8e4 pixels of N(0, 1) reach 4.5σ; a column of
+    # garbage spread by the kernel gave ±15σ before interpolation).
+    assert m["stripe_free_max"] < 5.0, m
+
+
+def test_background_departure_from_lsst_default(raw_pair):
+    """LSST leaves the fitted background in (its calexps are sky-subtracted); gpudiff
+    subtracts it by default.  With LSST's setting the 0.3σ/−0.15σ residual sky planes of
+    the inputs leave a median offset of a large fraction of a σ in the difference."""
+    assert AlardLuptonSubtractConfig().do_subtract_background is True
+    sci, tpl = raw_pair.science, raw_pair.template
+    off = AlardLuptonSubtractTask(AlardLuptonSubtractConfig(mode="auto", do_subtract_background=False,
+                                                            do_decorrelation=False)).run(tpl, sci).difference
+    on = AlardLuptonSubtractTask(AlardLuptonSubtractConfig(mode="auto", do_decorrelation=False)).run(
+        tpl, sci).difference
+    src = np.abs(raw_pair.science_result.sources) + np.abs(raw_pair.template_result.sources)
+    s_sig = raw_pair.artefacts["sky_sigma_science"]
+    meds = []
+    for d in (off, on):
+        z = np.asarray(d.image) / np.sqrt(np.asarray(d.variance))
+        free = (src < 0.01 * s_sig) & (np.asarray(d.mask) == 0) & np.isfinite(z)
+        meds.append(float(np.median(z[free])))
+    # The science plane is +0.3σ_S, the template's −0.15σ_T: ≥ 0.2σ of the difference
+    # is left without background subtraction, < 0.02σ with it.
+    assert abs(meds[0]) > 0.2 and abs(meds[1]) < 0.02, meds
+
+
+def test_preconvolve_difference_and_score(raw_pair):
+    if raw_pair.artefacts["science_fwhm"] < raw_pair.artefacts["template_fwhm"]:
+        pytest.skip("the preconvolution task convolves the template: the broader-science pair only")
+    m = measure_pair(raw_pair, task="preconvolve")
+    assert m["sky_std"] == pytest.approx(1.0, abs=0.03), m
+    assert abs(m["sky_median"]) < 0.02, m
+    assert m["stripe_free_max"] < 5.0, m
+
+
+def test_sharper_science_under_convolve_template_warns(caplog):
+    pair = realistic_raw_pair(256, science_fwhm_ratio=0.75, few_stars=False, seed=2, trail=False)
+    with caplog.at_level(logging.WARNING, logger="gpudiff.tasks.subtract"):
+        res = AlardLuptonSubtractTask(AlardLuptonSubtractConfig(mode="convolveTemplate")).run(
+            pair.template, pair.science)
+    assert res.metadata["science_sharper_than_template"] is True
+    assert any("sharper than the template" in r.getMessage() for r in caplog.records)
+    ok = AlardLuptonSubtractTask(AlardLuptonSubtractConfig(mode="auto")).run(pair.template, pair.science)
+    assert ok.metadata["science_sharper_than_template"] is False
+
+
+def test_masks_grown_and_inputs_unchanged():
+    """Every pixel the matching kernel carried a defect's value to is flagged: the BAD
+    column of the science (convolveScience) is dilated by the kernel's half-width at
+    least, and INTRP marks the interpolated pixels of both inputs in the difference."""
+    pair = realistic_raw_pair(384, science_fwhm_ratio=0.75, seed=6, trail=False)
+    sci, tpl = pair.science, pair.template
+    before = [np.asarray(a).copy() for e in (sci, tpl) for a in (e.image, e.variance, e.mask)]
+    res = AlardLuptonSubtractTask(AlardLuptonSubtractConfig(mode="auto")).run(tpl, sci)
+    after = [np.asarray(a) for e in (sci, tpl) for a in (e.image, e.variance, e.mask)]
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    assert res.mode == "convolveScience"
+    d = res.difference
+    bad = (np.asarray(d.mask) & d.mask_planes.bitmask("BAD")) != 0
+    intrp = (np.asarray(d.mask) & d.mask_planes.bitmask("INTRP")) != 0
+    half = res.psf_matching_kernel.shape[1] // 2
+    for c in pair.artefacts["bad_columns_science"]:
+        lo, hi = max(c - half, 0), min(c + half + 1, d.shape[1])
+        rows = slice(half, d.shape[0] - half)
+        assert bad[rows, lo:hi].all() and intrp[rows, lo:hi].all()
+    for c in pair.artefacts["bad_columns_template"]:
+        assert bad[:, c].all() and intrp[:, c].all()
+    assert res.metadata["n_interpolated_science"] > 0 and res.metadata["n_interpolated_template"] > 0
