@@ -16,7 +16,7 @@ from ..backend import Backend
 from ..errors import InsufficientKernelSourcesError, InvalidInputError, ShapeMismatchError
 from ..image import Box, MaskedImage
 
-__all__ = ["KernelCandidates", "make_candidates", "cell_index", "visit_order",
+__all__ = ["KernelCandidates", "make_candidates", "cell_index", "visit_order", "selection_counts",
            "GOOD", "BAD", "UNKNOWN"]
 
 # Candidate states (afw's KernelCandidate status).
@@ -225,3 +225,50 @@ def make_candidates(template: MaskedImage, science: MaskedImage, x: Any, y: Any,
         x=xc[keep].astype(np.float64), y=yc[keep].astype(np.float64), rating=rate,
         source_index=keep, template=tmpl, science=sci, template_var=tvar, science_var=svar,
         cell=cell, n_cells=n_cells, kernel_size=int(kernel_size), rejected=rejected)
+
+
+def selection_counts(table: Any, box: Box, *, snr_min: float, snr_max: float, edge_buffer: int,
+                     require_isolated: bool = True, require_unresolved: bool = True,
+                     exclude_flags=()) -> dict[str, int]:
+    """How many rows of a kernel-source table each selection test removes.
+
+    The tests of :func:`gpudiff.ops.detection.select_kernel_sources`, applied in its order
+    and each row counted at the first test it fails, so the counts add up to the rows
+    dropped: flags/masks, S/N band, resolved (extended), not isolated, stamp not inside
+    ``box`` (edge).  For error messages: a selection that leaves too few sources says
+    which test removed them.
+    """
+    cols = table.colnames
+    n = len(table)
+    x, y = np.asarray(table["x"], float), np.asarray(table["y"], float)
+    if "snr" in cols:
+        snr = np.asarray(table["snr"], float)
+    else:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            snr = np.asarray(table["psf_flux"], float) / np.asarray(table["psf_flux_err"], float)
+    alive = np.ones(n, bool)
+    counts: dict[str, int] = {}
+
+    def test(name: str, bad: np.ndarray) -> None:
+        hit = alive & bad
+        counts[name] = int(hit.sum())
+        alive[hit] = False
+
+    flagged = np.zeros(n, bool)
+    for f in exclude_flags:
+        if f in cols:
+            flagged |= np.asarray(table[f], dtype=bool)
+    test("flags/masks", flagged)
+    with np.errstate(invalid="ignore"):
+        test(f"S/N outside {snr_min:g}-{snr_max:g}", ~(np.isfinite(snr) & (snr >= snr_min)
+                                                     & (snr <= snr_max)))
+    if require_unresolved and "is_extended" in cols:
+        test("extended (size/shape)", np.asarray(table["is_extended"], dtype=bool))
+    if require_isolated and "isolated" in cols:
+        test("not isolated (blended)", ~np.asarray(table["isolated"], dtype=bool))
+    eb, rx, ry = int(edge_buffer), np.rint(x), np.rint(y)
+    inside = ((rx - eb >= box.x0) & (rx + eb <= box.x1 - 1)
+              & (ry - eb >= box.y0) & (ry + eb <= box.y1 - 1))
+    test("too close to the edge", ~inside)
+    counts["passed"] = int(alive.sum())
+    return counts

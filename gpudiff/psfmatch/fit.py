@@ -25,7 +25,8 @@ from .config import PsfMatchConfig
 from .solve import design_matrices, fit_stamps, good_region, residual_statistics, solve_symmetric
 from .spatial import SpatialFunctions, SpatialKernel
 
-__all__ = ["KernelFit", "fit_spatial_kernel", "spatial_expansion"]
+__all__ = ["KernelFit", "fit_spatial_kernel", "spatial_expansion", "rejection_counts",
+           "kernel_star_flux_ratio", "check_kernel_sum", "KERNEL_SUM_TOLERANCE"]
 
 log = logging.getLogger("gpudiff.psfmatch")
 
@@ -45,6 +46,15 @@ class KernelFit:
         Candidates in the final spatial fit.
     spatial_condition : float
         Eigenvalue condition number of the spatial system.
+    spatial_kernel_order_used, spatial_bg_order_used : int
+        Spatial orders of the final fit: the configured ones, or lower ones when the
+        candidates could not constrain them (background order −1: no background fitted).
+    flux_ratio, flux_ratio_err : float
+        Median aperture-flux ratio (reference / convolved image) of the candidates used,
+        and its standard error: the photometric ratio the kernel sum must reproduce.
+    kernel_sum_ok : bool
+        False when the kernel sum and ``flux_ratio`` disagree (see
+        :func:`check_kernel_sum`).
     single_kernel_sum, single_background, residual_mean, residual_rms : ndarray
         Per candidate (NaN where never solved).
     """
@@ -59,11 +69,25 @@ class KernelFit:
     residual_mean: np.ndarray
     residual_rms: np.ndarray
     used: np.ndarray
+    spatial_kernel_order_used: int = -1
+    spatial_bg_order_used: int = -1
+    flux_ratio: float = float("nan")
+    flux_ratio_err: float = float("nan")
+    kernel_sum_ok: bool = True
 
     @property
     def kernel_sum(self) -> float:
         """ΣK at the centre of the fit region."""
         return self.kernel.kernel_sum()
+
+    def quality_metadata(self) -> dict:
+        """Figures for a result's metadata: the spatial orders used and the photometric
+        check of the kernel sum (``kernel_sum_check_failed`` True = a failed quality check)."""
+        return {"spatial_kernel_order_used": int(self.spatial_kernel_order_used),
+                "spatial_bg_order_used": int(self.spatial_bg_order_used),
+                "kernel_star_flux_ratio": float(self.flux_ratio),
+                "kernel_star_flux_ratio_err": float(self.flux_ratio_err),
+                "kernel_sum_check_failed": not self.kernel_sum_ok}
 
     def candidate_table(self) -> Table:
         """One row per candidate: position, rating, status, reason, single-kernel figures."""
@@ -184,9 +208,6 @@ def _spatial_solve(be: Backend, stage: _Stage, which: np.ndarray, cands: KernelC
     c = c[0]
     w = be.asnumpy(xp.abs(be.linalg.eigvalsh(A)))
     cond = float(w.max() / w.min()) if w.min() > 0 else float("inf")
-    if cond > config.max_spatial_condition_number:
-        warnings.warn(f"spatial kernel system is ill-conditioned (condition number {cond:.3g} > "
-                      f"{config.max_spatial_condition_number:.3g})", RuntimeWarning, stacklevel=3)
     coeffs_per_cand = Ed @ c
     ch = be.asnumpy(c)
     nb, nk = stage.basis.n_bases, fk.n_terms
@@ -202,6 +223,22 @@ def _spatial_solve(be: Backend, stage: _Stage, which: np.ndarray, cands: KernelC
     bgc = ch[col:] if fb is not None else None
     kernel = SpatialKernel(stage.basis, K, fk, bgc, fb)
     return kernel, coeffs_per_cand, cond
+
+
+def _solve_lowering(be: Backend, stage: _Stage, which: np.ndarray, cands: KernelCandidates,
+                    config: PsfMatchConfig, region: Box):
+    """The spatial solve, with LSST's warning when its system is ill-conditioned.
+
+    The orders are not lowered on the condition number: the AL basis makes even a
+    constant-kernel system's eigenvalue ratio ~1e12 on well-measured stars (DECam cutouts),
+    so it does not say that the spatial terms are unconstrained; :func:`_fit_orders`
+    decides that from the candidates' number and positions.
+    """
+    kernel, coeffs, cond = _spatial_solve(be, stage, which, cands, config, region)
+    if cond > config.max_spatial_condition_number:
+        warnings.warn(f"spatial kernel system is ill-conditioned (condition number {cond:.3g} > "
+                      f"{config.max_spatial_condition_number:.3g})", RuntimeWarning, stacklevel=3)
+    return kernel, coeffs, cond, config
 
 
 def _ksum_clip(cands: KernelCandidates, which: np.ndarray, ksum: np.ndarray, config: PsfMatchConfig) -> int:
@@ -224,21 +261,94 @@ def _ksum_clip(cands: KernelCandidates, which: np.ndarray, ksum: np.ndarray, con
     return int(out.sum())
 
 
-def _require(cands: KernelCandidates, which: np.ndarray, config: PsfMatchConfig) -> None:
-    need = config.n_spatial_kernel_terms
-    if config.fit_for_background:
-        need = max(need, config.n_spatial_bg_terms)
-    if which.size < max(1, need):
-        reasons = {}
-        for r in cands.reason:
-            if r:
-                key = r.split(" ")[0:3]
-                reasons[" ".join(key)] = reasons.get(" ".join(key), 0) + 1
+def _reason_key(reason: str) -> str:
+    """The selection test behind a rejection reason (numbers of one candidate dropped)."""
+    if reason.startswith("kernel sum "):
+        return "kernel-sum clipping (|kSum - mean| > max_ksum_sigma x sigma)"
+    return reason
+
+
+def rejection_counts(cands: KernelCandidates) -> dict[str, int]:
+    """How many sources each selection test removed: before fitting (stamp off the image,
+    masked or non-finite pixels) and during the fit (residual and kernel-sum clipping)."""
+    counts: dict[str, int] = {}
+    for _, r in cands.rejected:
+        counts[r] = counts.get(r, 0) + 1
+    for r, st in zip(cands.reason, cands.status):
+        if st == BAD and r:
+            k = _reason_key(r)
+            counts[k] = counts.get(k, 0) + 1
+    return counts
+
+
+def _n_terms(order: int) -> int:
+    return (order + 1) * (order + 2) // 2
+
+
+def _well_posed(x: np.ndarray, y: np.ndarray, order: int, config: PsfMatchConfig,
+                region: Box) -> bool:
+    """Whether candidates at (x, y) constrain a spatial polynomial of ``order``: at least
+    as many positions as terms, and positions that are not degenerate for it (e.g. three
+    collinear stars cannot fix a first-order variation across the line)."""
+    # Departure from LSST (which accepts as many candidates as terms): a model needs one
+    # candidate more than it has terms, else it goes exactly through the stars (no
+    # redundancy: kernel-sum clipping needs two, and one bad star cannot be seen) and a
+    # varying one extrapolates freely beyond them.  A constant kernel thus needs two.
+    if x.size < _n_terms(order) + 1:
+        return False
+    if order == 0:
+        return True
+    P = SpatialFunctions(config.spatial_model_type, order, region).matrix(x, y)
+    sv = np.linalg.svd(P, compute_uv=False)
+    # Chebyshev terms on the region are O(1); a smallest singular value 1e-6 of the
+    # largest means one combination of terms is unconstrained by the positions.
+    return bool(sv[-1] > _MIN_SPATIAL_SV * sv[0])
+
+
+_MIN_SPATIAL_SV = 1e-6
+
+
+def _fit_orders(cands: KernelCandidates, which: np.ndarray, config: PsfMatchConfig,
+                region: Box) -> PsfMatchConfig:
+    """``config``, or a copy with lower spatial orders that the candidates can constrain.
+
+    Departure from LSST (which raises when there are fewer candidates than spatial terms):
+    small fields and fields with few stars (a 256² cutout holds ~8) get the highest
+    kernel and background orders the usable candidates constrain, down to a constant
+    kernel and background, with a logged warning.  Only when not even a constant kernel
+    is constrained (fewer than two usable candidates) does the fit fail, saying how many
+    candidates each test removed.
+    """
+    ko, bo = config.spatial_kernel_order, config.spatial_bg_order
+    fit_bg = config.fit_for_background
+    x, y = cands.x[which], cands.y[which]
+    if which.size < _n_terms(0) + 1:
+        counts = rejection_counts(cands)
+        detail = "; ".join(f"{v} {k}" for k, v in counts.items()) or "none given"
         raise InsufficientKernelSourcesError(
-            f"only {which.size} usable kernel candidate(s) for a spatial model with {need} terms "
-            f"({len(cands)} candidates, {int((cands.status == BAD).sum())} rejected"
-            + (f": {reasons}" if reasons else "")
-            + f"; {len(cands.rejected)} sources rejected before fitting)")
+            f"{which.size} usable kernel candidate(s): a constant kernel and background need "
+            f"at least {_n_terms(0) + 1} ({len(cands)} candidates, {len(cands.rejected)} "
+            f"sources rejected before fitting); "
+            f"removed by each test: {detail}")
+    while True:
+        k_ok = _well_posed(x, y, ko, config, region)
+        b_ok = not fit_bg or _well_posed(x, y, bo, config, region)
+        if k_ok and b_ok:
+            break
+        # Lower the order with more terms first (the background's by default: LSST's
+        # subtraction default is kernel order 1, background order 2).
+        if fit_bg and not b_ok and (bo >= ko or k_ok):
+            bo -= 1
+        else:
+            ko -= 1
+    if (ko, bo) != (config.spatial_kernel_order, config.spatial_bg_order):
+        changes = [f"{name} order {a} -> {b}" for name, a, b in
+                   (("spatial kernel", config.spatial_kernel_order, ko),
+                    ("background", config.spatial_bg_order, bo)) if a != b]
+        log.warning("only %d usable kernel candidate(s) for the spatial model: %s",
+                    which.size, ", ".join(changes))
+        config = config.with_overrides(spatial_kernel_order=ko, spatial_bg_order=bo)
+    return config
 
 
 def fit_spatial_kernel(cands: KernelCandidates, basis: KernelBasis, config: PsfMatchConfig,
@@ -270,7 +380,7 @@ def fit_spatial_kernel(cands: KernelCandidates, basis: KernelBasis, config: PsfM
         if guard > 10 * n + 20:  # every pass rejects >= 1 candidate; this cannot trigger
             raise PsfMatchingError("kernel fit did not converge")
         which = visit_order(cands, config.n_star_per_cell)
-        _require(cands, which, config)
+        config = _fit_orders(cands, which, config, region)
         if _ksum_clip(cands, which, ks_all[which], config):
             continue
         if config.use_pca_for_spatial_kernel:
@@ -278,7 +388,7 @@ def fit_spatial_kernel(cands: KernelCandidates, basis: KernelBasis, config: PsfM
             m2, r2, _ = stage.stats(stage.fit.coeffs, stage.rows(which))
             if _clip_single(cands, which, m2, r2, config, "PCA single-kernel"):
                 continue
-        kernel, coeffs, cond = _spatial_solve(be, stage, which, cands, config, region)
+        kernel, coeffs, cond, config = _solve_lowering(be, stage, which, cands, config, region)
         m3, r3, _ = stage.stats(coeffs, stage.rows(which))
         residual_mean[which], residual_rms[which] = m3, r3
         n_rej = _clip_single(cands, which, m3, r3, config, "spatial-kernel")
@@ -287,19 +397,91 @@ def fit_spatial_kernel(cands: KernelCandidates, basis: KernelBasis, config: PsfM
         n_iter += 1
     if n_rej > 0 and n_iter == config.max_spatial_iterations:
         which = visit_order(cands, config.n_star_per_cell)
-        _require(cands, which, config)
+        config = _fit_orders(cands, which, config, region)
         if config.use_pca_for_spatial_kernel:
             stage = _pca_stage(be, cands, which, single, config)
-        kernel, _, cond = _spatial_solve(be, stage, which, cands, config, region)
+        kernel, _, cond, config = _solve_lowering(be, stage, which, cands, config, region)
     cands.status[which] = GOOD
     used = np.zeros(n, dtype=bool)
     used[which] = True
+    ratio, ratio_err = kernel_star_flux_ratio(be, cands, which)
+    ksum_ok = check_kernel_sum(kernel, cands, which, ratio, ratio_err)
     log.info("kernel fit: %d candidates used, %d rejected, %d spatial iterations, kernel sum %.5g",
              which.size, int((cands.status == BAD).sum()), n_iter, kernel.kernel_sum())
     return KernelFit(kernel=kernel, candidates=cands, n_iterations=n_iter, n_used=int(which.size),
                      spatial_condition=cond, single_kernel_sum=ks_all,
                      single_background=single.fit.background, residual_mean=residual_mean,
-                     residual_rms=residual_rms, used=used)
+                     residual_rms=residual_rms, used=used,
+                     spatial_kernel_order_used=config.spatial_kernel_order,
+                     spatial_bg_order_used=config.spatial_bg_order if config.fit_for_background else -1,
+                     flux_ratio=ratio, flux_ratio_err=ratio_err, kernel_sum_ok=ksum_ok)
+
+
+#: Largest relative disagreement tolerated between the kernel sum and the kernel stars'
+#: photometric ratio (issue 14: a kernel that scales fluxes by 0.8 passes every residual
+#: test when its candidates are faint, but biases every difference flux).
+KERNEL_SUM_TOLERANCE = 0.02
+
+
+def kernel_star_flux_ratio(be: Backend, cands: KernelCandidates, which: np.ndarray
+                           ) -> tuple[float, float]:
+    """Median aperture-flux ratio reference/convolved over the candidates ``which``.
+
+    The aperture is the stamp inside its 2-px border (the stamps are 2·kernel_size+1
+    wide, at least ±3 FWHM of either PSF), the local sky the median of that border, in
+    each image separately (a differential background does not enter the ratio).  The error is the 1.2533·σ/√n standard error of
+    a median, σ from the MAD of the ratios (NaN with fewer than 2 stars).
+    """
+    if which.size == 0:
+        return float("nan"), float("nan")
+    S = cands.stamp_size
+    o = np.arange(S)
+    edge = np.minimum(o, S - 1 - o)
+    # The whole stamp (±kernel_size ≥ 3 FWHM of the broader PSF: all of a star's flux);
+    # the sky from the median of its 2-px border.
+    ring = np.minimum(edge[:, None], edge[None, :]) < 2
+    ap = ~ring
+    sel = be.xp.asarray(which)
+    ratios = []
+    fluxes = []
+    for arr in (cands.science, cands.template):
+        st = be.asnumpy(arr[sel])
+        sky = np.median(st[:, ring], axis=1)
+        fluxes.append((st[:, ap] - sky[:, None]).sum(axis=1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = fluxes[0] / fluxes[1]
+    ratios = ratios[np.isfinite(ratios) & (fluxes[1] > 0)]
+    if ratios.size == 0:
+        return float("nan"), float("nan")
+    med = float(np.median(ratios))
+    if ratios.size < 2:
+        return med, float("nan")
+    sig = 1.4826 * float(np.median(np.abs(ratios - med)))
+    return med, 1.2533 * sig / np.sqrt(ratios.size)
+
+
+def check_kernel_sum(kernel: SpatialKernel, cands: KernelCandidates, which: np.ndarray,
+                     ratio: float, ratio_err: float) -> bool:
+    """Whether the kernel sum agrees with the kernel stars' photometric ratio.
+
+    The kernel sum (evaluated at the candidates and averaged) must match the median
+    aperture-flux ratio within ``KERNEL_SUM_TOLERANCE`` (2 %).  A disagreement also
+    within 3 standard errors of the ratio is not evidence of a bad kernel (a few faint
+    stars measure the ratio to no better than that) and passes; otherwise a warning is
+    logged and False returned (the caller records it as a failed quality check).
+    """
+    if not np.isfinite(ratio) or ratio <= 0:
+        return True
+    ks = float(np.mean([kernel.kernel_sum(float(x), float(y))
+                        for x, y in zip(cands.x[which], cands.y[which])]))
+    rel = abs(ks / ratio - 1.0)
+    noise = 3.0 * ratio_err / ratio if np.isfinite(ratio_err) else 0.0
+    if rel > KERNEL_SUM_TOLERANCE and rel > noise:
+        log.warning("kernel sum %.4f disagrees with the kernel stars' flux ratio %.4f ± %.4f "
+                    "(%.1f %% > %.0f %%): the kernel does not preserve the photometry",
+                    ks, ratio, ratio_err, 100 * rel, 100 * KERNEL_SUM_TOLERANCE)
+        return False
+    return True
 
 
 def _pca_stage(be: Backend, cands: KernelCandidates, which: np.ndarray, single: _Stage,
