@@ -58,7 +58,7 @@ def _header(res, backend, timings: dict) -> dict:
     }
     # The spatial orders the fit actually used (lowered automatically on small fields).
     for key, card, what in (("spatial_kernel_order_used", "GDKORD", "spatial kernel order used"),
-                            ("spatial_bg_order_used", "GDBORD", "spatial background order used")):
+                            ("spatial_bg_order_used", "GDBORD", "spatial bg order used (-1: none fitted)")):
         if m.get(key) is not None:
             cards[card] = (int(m[key]), what)
     if "scale_science_variance_factor" in m:
@@ -226,12 +226,9 @@ def subtract_files(science, template, output, *, overrides: dict | None = None, 
             result_exp, dia = dm.subtracted_measured_exposure, dm.dia_sources
         timings["detect"] = time.perf_counter() - t
     m = res.metadata
-    if m.get("mode") == "convolveTemplate" and (mode or getattr(config, "mode", None)) == "convolveTemplate":
-        sf, tf = m.get("science_fwhm"), m.get("template_fwhm")
-        if sf is not None and tf is not None and float(sf) < float(tf):
-            log(f"  warning: the science PSF (FWHM {float(sf):.2f} px) looks sharper than the template's "
-                f"({float(tf):.2f} px) but convolveTemplate was asked for: the kernel must deconvolve; "
-                "--mode auto would convolve the science image")
+    if m.get("science_sharper_than_template"):  # the task logs it; the command says it too
+        log("  warning: the science PSF looks sharper than the template's under convolveTemplate: the "
+            "kernel must deconvolve; --mode auto would convolve the science image")
     quality = check_subtraction(m, result_exp, sci_exp, tmpl_exp)
     cards = _header(res, be.name, timings)
     cards.update(input_cards(sci_src, "science"))

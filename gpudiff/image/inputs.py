@@ -642,8 +642,13 @@ def attach_inputs(exposure: Exposure, name: str = "image", *, psf=None, noise=No
         from .masked_image import MaskedImage
 
         mi = MaskedImage(image, var, msk, xy0=mi.xy0, mask_planes=planes, backend=be)
-    out = Exposure(mi, exposure.psf, exposure.wcs, exposure.photo_calib, exposure.metadata) \
-        if changed else exposure
+    meta = exposure.metadata
+    if given:
+        # The reader's estimated-variance cards no longer describe this variance plane.
+        meta = meta.copy()
+        for key in ("GDVAREST", "GDSKYLEV", "GDSKYSIG", "GDGAIN"):
+            meta.remove(key, ignore_missing=True, remove_all=True)
+    out = Exposure(mi, exposure.psf, exposure.wcs, exposure.photo_calib, meta) if changed else exposure
     if need_psf:
         out, src.psf, src.psf_detail = resolve_psf(out, name, psf=psf, fwhm=fwhm,
                                                    estimate=estimate_psf, log=say)
