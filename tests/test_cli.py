@@ -58,3 +58,32 @@ def test_python_dash_m_and_usage_errors():
     assert bad.returncode == 2 and "at least 256" in bad.stderr
     none = subprocess.run([sys.executable, "-m", "gpudiff"], capture_output=True, text=True)
     assert none.returncode == 2
+
+
+def test_batch_without_distributed_says_how_to_install(tmp_path, monkeypatch, capsys):
+    """Without the distributed extra: one line naming the pip command, exit status 1, no
+    ModuleNotFoundError traceback (issue 15 item 4)."""
+    monkeypatch.setitem(sys.modules, "distributed", None)  # `import distributed` now fails
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("science,template,output\na.fits,b.fits,d.fits\n")
+    rc = main(["batch", str(manifest), "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "pip install 'gpudiff[distributed]'" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_every_image_command_takes_the_input_options():
+    """subtract, match-psf, coadd and match-backgrounds all parse the input-file options."""
+    from gpudiff.cli import build_parser
+
+    p = build_parser()
+    a = p.parse_args(["subtract", "s", "t", "-o", "d", "--science-psf", "p", "--template-noise", "n",
+                      "--science-fwhm", "3"])
+    assert (a.science_psf, a.template_noise, a.science_fwhm, a.mode) == ("p", "n", 3.0, None)
+    a = p.parse_args(["match-psf", "e", "-o", "o", "--reference-fwhm", "5", "--psf", "p", "--ivar", "w",
+                      "--mask", "m", "--mask-bits", "BAD=0", "--fwhm", "4"])
+    assert (a.psf, a.ivar, a.mask, a.mask_bits, a.fwhm) == ("p", "w", "m", "BAD=0", 4.0)
+    a = p.parse_args(["coadd", "w1", "w2", "-o", "c", "--psf", "p1", "p2", "--fwhm", "4"])
+    assert a.psf == ["p1", "p2"] and a.fwhm == [4.0] and a.warps == ["w1", "w2"]
+    a = p.parse_args(["match-backgrounds", "w1", "w2", "--out-dir", "o", "--variance", "v"])
+    assert a.variance == ["v"] and not hasattr(a, "psf")
