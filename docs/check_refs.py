@@ -89,7 +89,8 @@ def defined_sections(path: Path = ALGORITHMS) -> tuple[set[str], list[str], dict
             steps.setdefault(num, set())
             pending = None
         elif line.strip() and pending is not None:
-            problems.append(f"{path.name}:{pending[1]}: anchor s{pending[0]} not followed by a heading")
+            problems.append(f"{path.name}:{pending[1]}: anchor s{pending[0]} "
+                            "not followed by a heading")
             pending = None
     if pending:
         problems.append(f"{path.name}:{pending[1]}: anchor s{pending[0]} at the end of the file")
@@ -103,8 +104,9 @@ def iter_files(paths: list[Path]):
             yield p
         elif p.is_dir():
             for f in sorted(p.rglob("*")):
-                if f.is_file() and f.suffix in SUFFIXES and not any(
-                        part.startswith(".") or part in ("__pycache__", "_build") for part in f.parts):
+                skip = any(part.startswith(".") or part in ("__pycache__", "_build")
+                           for part in f.parts)
+                if f.is_file() and f.suffix in SUFFIXES and not skip:
                     yield f
 
 
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(sections)} sections in docs/algorithms.md:")
         for sec in sorted(sections | set(counts), key=key):
             state = "" if sec in sections else "   MISSING"
-            print(f"  §{sec:<6} #s{sec.replace('.', '-'):<8} cited {counts.get(sec, 0):>3}×{state}")
+            anchor = "#s" + sec.replace(".", "-")
+            print(f"  §{sec:<6} {anchor:<10} cited {counts.get(sec, 0):>3}×{state}")
         n_explicit = sum(1 for r in refs if r[3])
         print(f"{len(refs)} references ({n_explicit} on lines that name spec/docs/algorithms.md)")
     if missing:

@@ -67,6 +67,7 @@ html_static_path: list[str] = []
 import re  # noqa: E402
 
 _LITERAL_SPAN = re.compile(r"(``.*?``|`[^`]*`)")
+_BAR = re.compile(r"(?<!\\)\|")  # a bar not already escaped
 
 
 def _escape_abs_bars(app, what, name, obj, options, lines):
@@ -83,7 +84,7 @@ def _escape_abs_bars(app, what, name, obj, options, lines):
         opens_block = i == 0 or not lines[i - 1].strip()
         if "|" in line and not (opens_block and stripped.startswith(("|", "+"))):
             parts = _LITERAL_SPAN.split(line)
-            lines[i] = "".join(p if k % 2 else re.sub(r"(?<!\\)\|", r"\\|", p) for k, p in enumerate(parts))
+            lines[i] = "".join(p if k % 2 else _BAR.sub(r"\\|", p) for k, p in enumerate(parts))
         if stripped.endswith("::"):
             literal_indent = indent
 
