@@ -89,12 +89,17 @@ def defined_sections(path: Path = ALGORITHMS) -> tuple[set[str], list[str], dict
             steps.setdefault(num, set())
             pending = None
         elif line.strip() and pending is not None:
-            problems.append(f"{path.name}:{pending[1]}: anchor s{pending[0]} "
-                            "not followed by a heading")
+            problems.append(
+                f"{path.name}:{pending[1]}: anchor s{pending[0]} not followed by a heading"
+            )
             pending = None
     if pending:
         problems.append(f"{path.name}:{pending[1]}: anchor s{pending[0]} at the end of the file")
     return sections, problems, steps
+
+
+def _section_key(sec: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in sec.split("."))
 
 
 def iter_files(paths: list[Path]):
@@ -104,8 +109,9 @@ def iter_files(paths: list[Path]):
             yield p
         elif p.is_dir():
             for f in sorted(p.rglob("*")):
-                skip = any(part.startswith(".") or part in ("__pycache__", "_build")
-                           for part in f.parts)
+                skip = any(
+                    part.startswith(".") or part in ("__pycache__", "_build") for part in f.parts
+                )
                 if f.is_file() and f.suffix in SUFFIXES and not skip:
                     yield f
 
@@ -129,8 +135,12 @@ def find_references(files) -> list[tuple[Path, int, str, bool, tuple[str, ...]]]
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("paths", nargs="*", help="files or folders to scan (default: %(default)s)",
-                    default=list(DEFAULT_PATHS))
+    ap.add_argument(
+        "paths",
+        nargs="*",
+        help="files or folders to scan (default: %(default)s)",
+        default=list(DEFAULT_PATHS),
+    )
     ap.add_argument("--list", action="store_true", help="print the sections and citation counts")
     args = ap.parse_args(argv)
 
@@ -149,17 +159,18 @@ def main(argv: list[str] | None = None) -> int:
                 missing.append((f, no, f"§{sec} step {step}"))
     if args.list:
         counts = Counter(r[2] for r in refs)
-        key = lambda s: tuple(int(x) for x in s.split("."))  # noqa: E731
         print(f"{len(sections)} sections in docs/algorithms.md:")
-        for sec in sorted(sections | set(counts), key=key):
+        for sec in sorted(sections | set(counts), key=_section_key):
             state = "" if sec in sections else "   MISSING"
             anchor = "#s" + sec.replace(".", "-")
             print(f"  §{sec:<6} {anchor:<10} cited {counts.get(sec, 0):>3}×{state}")
         n_explicit = sum(1 for r in refs if r[3])
         print(f"{len(refs)} references ({n_explicit} on lines that name spec/docs/algorithms.md)")
     if missing:
-        print(f"{len(missing)} reference(s) to sections or steps missing from docs/algorithms.md:",
-              file=sys.stderr)
+        print(
+            f"{len(missing)} reference(s) to sections or steps missing from docs/algorithms.md:",
+            file=sys.stderr,
+        )
         for f, no, what in missing:
             rel = f.relative_to(ROOT) if f.is_relative_to(ROOT) else f
             print(f"  {rel}:{no}: {what}", file=sys.stderr)

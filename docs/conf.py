@@ -12,11 +12,11 @@ import sys
 # Document the checkout this file sits in, even without an editable install.
 sys.path.insert(0, os.path.abspath(".."))
 
-import gpudiff  # noqa: E402
+import gpudiff
 
 project = "gpudiff"
 author = "gpudiff developers"
-copyright = "gpudiff developers, BSD-3-Clause"  # noqa: A001
+copyright = "gpudiff developers, BSD-3-Clause"
 release = gpudiff.__version__
 version = release
 
@@ -64,7 +64,7 @@ html_static_path: list[str] = []
 # referenced").  Rather than change how the code's docstrings are written, the bars are
 # escaped when autodoc reads a docstring -- outside inline literals, roles, literal
 # blocks and tables -- so they render as the absolute-value bars they mean.
-import re  # noqa: E402
+import re
 
 _LITERAL_SPAN = re.compile(r"(``.*?``|`[^`]*`)")
 _BAR = re.compile(r"(?<!\\)\|")  # a bar not already escaped
