@@ -16,8 +16,6 @@ from .errors import __all__ as _errors_all
 _LAZY = {name: "gpudiff.image" for name in (
     "Box", "DoubleGaussianPsf", "Exposure", "GaussianPsf", "GridPsf", "ImagePsf", "MaskedImage",
     "MaskPlanes", "MoffatPsf", "PhotoCalib", "Psf", "estimate_psf")}
-# What users hand beside an image (a PSF, a noise map, a mask): gpudiff.image.inputs.
-_LAZY["attach_inputs"] = "gpudiff.image.inputs"
 
 
 def _package_version() -> str:
@@ -61,7 +59,6 @@ __all__ = [
     "MoffatPsf",
     "PhotoCalib",
     "Psf",
-    "attach_inputs",
     "estimate_psf",
     "get_backend",
     "use_backend",
