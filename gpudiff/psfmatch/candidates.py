@@ -17,6 +17,7 @@ from ..errors import InsufficientKernelSourcesError, InvalidInputError, ShapeMis
 from ..image import Box, MaskedImage
 
 __all__ = ["KernelCandidates", "make_candidates", "cell_index", "visit_order", "selection_counts",
+           "stellar_locus", "reclassify_extended",
            "GOOD", "BAD", "UNKNOWN"]
 
 # Candidate states (afw's KernelCandidate status).
@@ -272,3 +273,82 @@ def selection_counts(table: Any, box: Box, *, snr_min: float, snr_max: float, ed
     test("too close to the edge", ~inside)
     counts["passed"] = int(alive.sum())
     return counts
+
+
+#: A stellar locus further than this (relative trace) from the PSF model's size means the
+#: model does not describe the image's stars (e.g. a WebbPSF model of the detector PSF
+#: used on a drizzled i2d mosaic, whose stars are ~1.5× larger in trace).
+LOCUS_MISMATCH = 0.15
+_LOCUS_SNR = 30.0  # sizes measured to ≲ 10 % (δT/T ≈ 3.5/S/N) define the locus
+_LOCUS_WIDTH = 0.25  # relative width of the window searched for the stellar locus
+_LOCUS_MIN = 3
+
+
+def stellar_locus(table: Any) -> float:
+    """Trace ratio T/T_psf of the image's stars, from the compact end of the size
+    distribution; NaN when the table cannot say (too few well-measured sources).
+
+    The stars are the smallest well-measured sources (S/N ≥ 30) that are not sharper than
+    half the PSF's trace (cosmic rays, hot pixels): the locus is the median trace ratio of
+    the first window [t, 1.25 t] in increasing order that holds ≥ 3 of them.  Galaxies,
+    the majority in a deep field, are larger and spread out, so they do not form the
+    first dense group.
+    """
+    cols = table.colnames
+    if not all(c in cols for c in ("ixx", "iyy", "psf_ixx", "psf_iyy")):
+        return float("nan")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tr = ((np.asarray(table["ixx"], float) + np.asarray(table["iyy"], float))
+              / (np.asarray(table["psf_ixx"], float) + np.asarray(table["psf_iyy"], float)))
+        if "snr" in cols:
+            snr = np.asarray(table["snr"], float)
+        else:
+            snr = np.asarray(table["psf_flux"], float) / np.asarray(table["psf_flux_err"], float)
+    ok = np.isfinite(tr) & np.isfinite(snr) & (snr >= _LOCUS_SNR) & (tr > 0.5)
+    for f in cols:
+        if f.startswith("flag"):
+            col = np.asarray(table[f])
+            if col.dtype == bool:
+                ok &= ~col
+    t = np.sort(tr[ok])
+    if t.size < _LOCUS_MIN:
+        return float("nan")
+    hi = np.searchsorted(t, t * (1.0 + _LOCUS_WIDTH), side="right")
+    first = np.flatnonzero(hi - np.arange(t.size) >= _LOCUS_MIN)
+    if first.size == 0:
+        return float("nan")
+    i = int(first[0])
+    return float(np.median(t[i:hi[i]]))
+
+
+def reclassify_extended(table: Any) -> Any:
+    """``table`` with ``is_extended`` judged against the image's own stars when the PSF
+    model's size disagrees with them by more than ``LOCUS_MISMATCH``.
+
+    ``is_extended`` compares a source's trace with the PSF model's.  A model narrower than
+    the stars (JWST WebbPSF models on i2d mosaics: stars measure 1.3–1.6× the model's
+    trace) marks every star extended, so the kernel is fitted on the faint, noise-sized
+    sources left (S/N 10–20), whose noisy template stamps bias the least-squares kernel sum
+    low (errors in the regressor: ΣK = 0.815 where the stars' flux ratio is 1.00).  Then the
+    extendedness is re-referenced to the stellar locus with the same tolerance rule as
+    detection (3·3.5/(S/N), at least 0.1), and a warning logged.  With a PSF model that fits
+    the stars, the table is returned unchanged (LSST's behaviour).
+    """
+    locus = stellar_locus(table)
+    if not np.isfinite(locus) or abs(locus - 1.0) <= LOCUS_MISMATCH:
+        return table
+    import logging
+
+    logging.getLogger("gpudiff.psfmatch").warning(
+        "the PSF model's size disagrees with the image's stars (their trace is %.2f x the "
+        "model's): kernel sources are judged extended against the stars instead", locus)
+    out = table.copy(copy_data=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tr = ((np.asarray(out["ixx"], float) + np.asarray(out["iyy"], float))
+              / (np.asarray(out["psf_ixx"], float) + np.asarray(out["psf_iyy"], float)))
+        snr = (np.asarray(out["snr"], float) if "snr" in out.colnames else
+               np.asarray(out["psf_flux"], float) / np.asarray(out["psf_flux_err"], float))
+        ext = tr / locus - 1.0
+        tol = np.maximum(0.1, 3.0 * 3.5 / np.abs(snr))
+        out["is_extended"] = np.isfinite(ext) & np.isfinite(snr) & (ext > tol)
+    return out

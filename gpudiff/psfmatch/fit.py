@@ -50,7 +50,7 @@ class KernelFit:
         Spatial orders of the final fit: the configured ones, or lower ones when the
         candidates could not constrain them (background order −1: no background fitted).
     flux_ratio, flux_ratio_err : float
-        Median aperture-flux ratio (reference / convolved image) of the candidates used,
+        Inverse-variance mean aperture-flux ratio (reference / convolved) of the candidates used,
         and its standard error: the photometric ratio the kernel sum must reproduce.
     kernel_sum_ok : bool
         False when the kernel sum and ``flux_ratio`` disagree (see
@@ -423,14 +423,20 @@ def fit_spatial_kernel(cands: KernelCandidates, basis: KernelBasis, config: PsfM
 KERNEL_SUM_TOLERANCE = 0.02
 
 
+_APERTURE_FRACTION = 0.5
+_RATIO_MIN_SNR = 20.0
+
+
 def kernel_star_flux_ratio(be: Backend, cands: KernelCandidates, which: np.ndarray
                            ) -> tuple[float, float]:
-    """Median aperture-flux ratio reference/convolved over the candidates ``which``.
+    """Aperture-flux ratio reference/convolved of the candidates ``which``, and its error.
 
-    The aperture is the stamp inside its 2-px border (the stamps are 2·kernel_size+1
-    wide, at least ±3 FWHM of either PSF), the local sky the median of that border, in
-    each image separately (a differential background does not enter the ratio).  The error is the 1.2533·σ/√n standard error of
-    a median, σ from the MAD of the ratios (NaN with fewer than 2 stars).
+    The aperture is a circle of radius ``_APERTURE_FRACTION`` × kernel_size (the kernel
+    spans ≥ 6 FWHM of the matched PSF, so ≥ 3 FWHM: the flux of both PSFs; a larger
+    aperture in a crowded field adds neighbours' noise), the local sky the median of the
+    stamp's 2-px border, in each image separately (a differential background does not
+    enter the ratio).  NaN when no candidate has an aperture S/N ≥ 20 in both images
+    (the check is then not made).
     """
     if which.size == 0:
         return float("nan"), float("nan")
@@ -440,24 +446,49 @@ def kernel_star_flux_ratio(be: Backend, cands: KernelCandidates, which: np.ndarr
     # The whole stamp (±kernel_size ≥ 3 FWHM of the broader PSF: all of a star's flux);
     # the sky from the median of its 2-px border.
     ring = np.minimum(edge[:, None], edge[None, :]) < 2
-    ap = ~ring
+    h = S // 2
+    ap = np.hypot(*np.meshgrid(o - h, o - h)) <= _APERTURE_FRACTION * h
     sel = be.xp.asarray(which)
-    ratios = []
-    fluxes = []
-    for arr in (cands.science, cands.template):
+    flux, var = [], []
+    for arr, varr in ((cands.science, cands.science_var), (cands.template, cands.template_var)):
         st = be.asnumpy(arr[sel])
         sky = np.median(st[:, ring], axis=1)
-        fluxes.append((st[:, ap] - sky[:, None]).sum(axis=1))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = fluxes[0] / fluxes[1]
-    ratios = ratios[np.isfinite(ratios) & (fluxes[1] > 0)]
-    if ratios.size == 0:
+        flux.append((st[:, ap] - sky[:, None]).sum(axis=1))
+        var.append(be.asnumpy(varr[sel])[:, ap].sum(axis=1))
+    fr, fc, vr, vc = flux[0], flux[1], var[0], var[1]
+    # Only stars whose aperture flux is measured to S/N ≥ 20 in both images: fainter
+    # candidates (a deep field's S/N-10 compact sources) measure the ratio to no better than
+    # ±10 % each and, near galaxies, with biased local skies.
+    ok = (np.isfinite(fr) & np.isfinite(fc) & (vr > 0) & (vc > 0)
+          & (fc > _RATIO_MIN_SNR * np.sqrt(vc)) & (fr > _RATIO_MIN_SNR * np.sqrt(vr)))
+    fr, fc, vr, vc = fr[ok], fc[ok], vr[ok], vc[ok]
+    if fr.size == 0:
         return float("nan"), float("nan")
-    med = float(np.median(ratios))
-    if ratios.size < 2:
-        return med, float("nan")
-    sig = 1.4826 * float(np.median(np.abs(ratios - med)))
-    return med, 1.2533 * sig / np.sqrt(ratios.size)
+    # Both fluxes are noisy, so a ratio of means or a weighted mean of ratios (weights that
+    # depend on the noisy fluxes) is biased for faint stars; the straight line through the
+    # origin with errors in both variables, χ²(ρ) = Σ (F_ref − ρ F_conv)² / (V_ref + ρ² V_conv),
+    # is not.  Stars off it by > 3σ (plus 2 % for PSF-model error) are dropped twice: a
+    # variable star, a blend, a cosmic ray.
+    from scipy.optimize import minimize_scalar
+
+    def chi2(rho, m):
+        return float((((fr - rho * fc) ** 2) / (vr + rho * rho * vc))[m].sum())
+
+    keep = np.ones(fr.size, bool)
+    rho = float(np.median(fr / fc))
+    for _ in range(3):
+        lo, hi = sorted((0.2 * rho, 5.0 * rho)) if rho != 0 else (-5.0, 5.0)
+        rho = float(minimize_scalar(chi2, bounds=(lo, hi), args=(keep,), method="bounded",
+                                    options={"xatol": 1e-7}).x)
+        z = (fr - rho * fc) / np.sqrt(vr + rho * rho * vc + (0.02 * rho * fc) ** 2)
+        new = np.abs(z) <= 3.0
+        if not new.any() or (new == keep).all():
+            break
+        keep = new
+    d = 1e-4 * max(abs(rho), 1e-6)
+    curv = (chi2(rho + d, keep) - 2 * chi2(rho, keep) + chi2(rho - d, keep)) / d ** 2
+    err = float(np.sqrt(2.0 / curv)) if curv > 0 else float("nan")
+    return rho, err
 
 
 def check_kernel_sum(kernel: SpatialKernel, cands: KernelCandidates, which: np.ndarray,
