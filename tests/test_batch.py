@@ -371,31 +371,53 @@ def test_manifest_input_columns_reach_the_commands(tmp_path, monkeypatch):
     for name in ("s.fits", "t.fits", "p.fits", "n.fits", "m.fits", "w1.fits", "w2.fits"):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "m.csv").write_text(
-        "kind,science,template,warps,output,science_psf,template_noise,science_mask,science_mask_bits,"
-        "template_fwhm,psf,fwhm\n"
+        "kind,science,template,warps,output,science_psf,template_noise,science_mask,"
+        "science_mask_bits,template_fwhm,psf,fwhm\n"
         "subtract,s.fits,t.fits,,d.fits,p.fits,n.fits,m.fits,BAD=0;SAT=1,3.5,,\n"
         "coadd,,,w1.fits;w2.fits,c.fits,,,,,,p.fits,4;5\n"
-        "subtract,s.fits,t.fits,,e.fits,,,,BAD,,,\n")
+        "subtract,s.fits,t.fits,,e.fits,,,,BAD,,,\n"
+    )
     jobs = read_manifest(tmp_path / "m.csv", tmp_path / "out")
     seen = {}
 
     def fake_subtract(science, template, output, **kw):
         seen["subtract"] = kw
-        return {"kernel_sum": -1.0, "n_candidates_used": 3, "n_dia_sources": None, "mode": "auto",
-                "backend": "numpy", "timings": {}, "quality": ["the PSF-matching kernel sum is -1"]}
+        return {
+            "kernel_sum": -1.0,
+            "n_candidates_used": 3,
+            "n_dia_sources": None,
+            "mode": "auto",
+            "backend": "numpy",
+            "timings": {},
+            "quality": ["the PSF-matching kernel sum is -1"],
+        }
 
     def fake_coadd(warps, output, **kw):
         seen["coadd"] = kw
-        return {"n_used": 2, "n_inputs": 2, "notes": [], "backend": "numpy", "timings": {}, "quality": []}
+        return {
+            "n_used": 2,
+            "n_inputs": 2,
+            "notes": [],
+            "backend": "numpy",
+            "timings": {},
+            "quality": [],
+        }
 
     monkeypatch.setattr(subtract, "subtract_files", fake_subtract)
     monkeypatch.setattr(coadd, "coadd_files", fake_coadd)
     r = run_job(jobs[0])
     kw = seen["subtract"]
-    assert kw["science_psf"] == str(tmp_path / "p.fits") and kw["template_noise"] == str(tmp_path / "n.fits")
-    assert kw["science_mask"] == str(tmp_path / "m.fits") and kw["science_mask_bits"] == "BAD=0;SAT=1"
+    assert kw["science_psf"] == str(tmp_path / "p.fits") and kw["template_noise"] == str(
+        tmp_path / "n.fits"
+    )
+    assert (
+        kw["science_mask"] == str(tmp_path / "m.fits") and kw["science_mask_bits"] == "BAD=0;SAT=1"
+    )
     assert kw["template_fwhm"] == 3.5 and kw["mode"] == "auto"
     assert r["status"] == "failed" and "quality check failed" in r["error"]
     assert run_job(jobs[1])["status"] == "ok"
-    assert seen["coadd"]["psf"] == [str(tmp_path / "p.fits")] and seen["coadd"]["fwhm"] == [4.0, 5.0]
+    assert seen["coadd"]["psf"] == [str(tmp_path / "p.fits")] and seen["coadd"]["fwhm"] == [
+        4.0,
+        5.0,
+    ]
     assert "science_mask_bits" in jobs[2].problem and "NAME=BIT" in jobs[2].problem

@@ -77,11 +77,42 @@ def test_every_image_command_takes_the_input_options():
     from gpudiff.cli import build_parser
 
     p = build_parser()
-    a = p.parse_args(["subtract", "s", "t", "-o", "d", "--science-psf", "p", "--template-noise", "n",
-                      "--science-fwhm", "3"])
+    a = p.parse_args(
+        [
+            "subtract",
+            "s",
+            "t",
+            "-o",
+            "d",
+            "--science-psf",
+            "p",
+            "--template-noise",
+            "n",
+            "--science-fwhm",
+            "3",
+        ]
+    )
     assert (a.science_psf, a.template_noise, a.science_fwhm, a.mode) == ("p", "n", 3.0, None)
-    a = p.parse_args(["match-psf", "e", "-o", "o", "--reference-fwhm", "5", "--psf", "p", "--ivar", "w",
-                      "--mask", "m", "--mask-bits", "BAD=0", "--fwhm", "4"])
+    a = p.parse_args(
+        [
+            "match-psf",
+            "e",
+            "-o",
+            "o",
+            "--reference-fwhm",
+            "5",
+            "--psf",
+            "p",
+            "--ivar",
+            "w",
+            "--mask",
+            "m",
+            "--mask-bits",
+            "BAD=0",
+            "--fwhm",
+            "4",
+        ]
+    )
     assert (a.psf, a.ivar, a.mask, a.mask_bits, a.fwhm) == ("p", "w", "m", "BAD=0", 4.0)
     a = p.parse_args(["coadd", "w1", "w2", "-o", "c", "--psf", "p1", "p2", "--fwhm", "4"])
     assert a.psf == ["p1", "p2"] and a.fwhm == [4.0] and a.warps == ["w1", "w2"]

@@ -78,7 +78,9 @@ def test_inverse_variance_by_option_and_by_header(tmp_path):
     ivar[0, 0] = 0.0
     plain = _write(tmp_path / "w.fits", ivar)
     v, kind, why = read_noise_map(plain, "ivar")
-    assert kind == "ivar" and why == "option" and v[1, 1] == pytest.approx(4.0) and np.isinf(v[0, 0])
+    assert (
+        kind == "ivar" and why == "option" and v[1, 1] == pytest.approx(4.0) and np.isinf(v[0, 0])
+    )
     wht = _write(tmp_path / "wht.fits", ivar, EXTNAME="WHT")
     notes = []
     v, kind, why = read_noise_map(wht, "sigma", log=notes.append)
@@ -100,7 +102,9 @@ def test_shape_mismatch_names_the_file(tmp_path):
     with pytest.raises(ShapeMismatchError, match="mask"):
         attach_inputs(_exposure(), "img.fits", mask=np.zeros((3, 3), np.int32), need_psf=False)
     with pytest.raises(InvalidInputError, match="at most one"):
-        attach_inputs(_exposure(), "img.fits", noise=np.ones(SHAPE), ivar=np.ones(SHAPE), need_psf=False)
+        attach_inputs(
+            _exposure(), "img.fits", noise=np.ones(SHAPE), ivar=np.ones(SHAPE), need_psf=False
+        )
 
 
 # --- masks -------------------------------------------------------------------------------
@@ -115,10 +119,12 @@ def test_mask_bits_named_by_option_by_mp_cards_or_nonzero_is_bad(tmp_path):
     assert int((out.mask != 0).sum()) == 3 and src.mask == "file+option"
     # The file's own MP_* cards name the bits; a name the exposure lacks gets a free bit.
     cards = _write(tmp_path / "mp.fits", m, MP_CR=0, MP_GLINT=2)
-    planes_m, planes, how = read_mask(cards)
+    _, planes, how = read_mask(cards)
     assert dict(planes) == {"CR": 0, "GLINT": 2} and "MP_" in how
     out, _ = attach_inputs(exp, "img.fits", mask=cards, need_psf=False)
-    assert out.mask_planes.interpret(int(out.mask[3, 3])) == sorted(["CR", "GLINT"], key=out.mask_planes.bit)
+    assert out.mask_planes.interpret(int(out.mask[3, 3])) == sorted(
+        ["CR", "GLINT"], key=out.mask_planes.bit
+    )
     # No names at all: astropy's convention, nonzero = BAD.
     m2, planes, how = read_mask(path)
     assert dict(planes) == {"BAD": 0} and int(m2.sum()) == 3
@@ -131,8 +137,13 @@ def test_mask_bits_named_by_option_by_mp_cards_or_nonzero_is_bad(tmp_path):
 def test_parse_mask_bits_errors():
     assert parse_mask_bits("bad=0;sat=1") == {"BAD": 0, "SAT": 1}
     assert parse_mask_bits({"CR": 3}) == {"CR": 3}
-    for text, why in (("BAD", "NAME=BIT"), ("BAD=0,SAT=0", "bit 0 named twice"),
-                      ("BAD=0,BAD=1", "named twice"), ("BAD=40", "0..30"), ("", "no NAME=BIT")):
+    for text, why in (
+        ("BAD", "NAME=BIT"),
+        ("BAD=0,SAT=0", "bit 0 named twice"),
+        ("BAD=0,BAD=1", "named twice"),
+        ("BAD=40", "0..30"),
+        ("", "no NAME=BIT"),
+    ):
         with pytest.raises(InvalidInputError, match=why):
             parse_mask_bits(text)
 
@@ -153,14 +164,22 @@ def test_psf_files_image_cube_and_gpudiff(tmp_path):
         read_psf_file(_write(tmp_path / "even.fits", np.pad(img, ((0, 1), (0, 1)))))
     # one PSF per position: FWHM 2.5 at x=0, 3.5 at x=100 (both rows)
     cube = np.stack([GaussianPsf(fwhm=f, size=21).kernel_image() for f in (2.5, 3.5, 2.5, 3.5)])
-    table = fits.BinTableHDU.from_columns([fits.Column("x", "D", array=[0.0, 100.0, 0.0, 100.0]),
-                                           fits.Column("y", "D", array=[0.0, 0.0, 50.0, 50.0])])
+    table = fits.BinTableHDU.from_columns(
+        [
+            fits.Column("x", "D", array=[0.0, 100.0, 0.0, 100.0]),
+            fits.Column("y", "D", array=[0.0, 0.0, 50.0, 50.0]),
+        ]
+    )
     fits.HDUList([fits.PrimaryHDU(cube), table]).writeto(tmp_path / "cube.fits")
     grid = read_psf_file(tmp_path / "cube.fits")
     assert isinstance(grid, GridPsf) and grid.fwhm(0, 0) == pytest.approx(2.5, rel=0.03)
     assert grid.fwhm(100, 50) == pytest.approx(3.5, rel=0.03)
-    table2 = fits.BinTableHDU.from_columns([fits.Column("x", "D", array=[0.0, 100.0, 30.0, 100.0]),
-                                            fits.Column("y", "D", array=[0.0, 0.0, 50.0, 50.0])])
+    table2 = fits.BinTableHDU.from_columns(
+        [
+            fits.Column("x", "D", array=[0.0, 100.0, 30.0, 100.0]),
+            fits.Column("y", "D", array=[0.0, 0.0, 50.0, 50.0]),
+        ]
+    )
     fits.HDUList([fits.PrimaryHDU(cube), table2]).writeto(tmp_path / "scattered.fits")
     with pytest.raises(PsfError, match="full grid"):
         read_psf_file(tmp_path / "scattered.fits")
@@ -200,7 +219,9 @@ def test_psf_fallback_order_is_recorded(tmp_path):
 # --- quality checks and the command line's mode --------------------------------------------
 def test_quality_checks_and_cli_default_mode():
     exp = _exposure()
-    assert _quality.check_model_psf_match({"fitted_kernel_sum": 1.01, "residual_max": 0.02}, exp) == []
+    assert (
+        _quality.check_model_psf_match({"fitted_kernel_sum": 1.01, "residual_max": 0.02}, exp) == []
+    )
     bad = _quality.check_model_psf_match({"fitted_kernel_sum": -88.0, "residual_max": 0.02}, exp)
     assert len(bad) == 1 and "-88" in bad[0]
     assert _quality.check_subtraction({"kernel_sum": float("nan")}, exp, exp, exp)
@@ -216,7 +237,9 @@ def test_match_psf_exits_nonzero_when_its_quality_check_fails(tmp_path, monkeypa
     from gpudiff.tasks import model_psf_match
 
     rng = np.random.default_rng(1)
-    exp = Exposure.from_arrays(rng.normal(0, 1, (128, 128)), np.ones((128, 128)), psf=GaussianPsf(fwhm=3.0))
+    exp = Exposure.from_arrays(
+        rng.normal(0, 1, (128, 128)), np.ones((128, 128)), psf=GaussianPsf(fwhm=3.0)
+    )
     exp.write(tmp_path / "in.fits")
     run = model_psf_match.ModelPsfMatchTask.run
 
@@ -227,16 +250,28 @@ def test_match_psf_exits_nonzero_when_its_quality_check_fails(tmp_path, monkeypa
 
     monkeypatch.setattr(model_psf_match.ModelPsfMatchTask, "run", broken)
     out = tmp_path / "out.fits"
-    rc = main(["match-psf", str(tmp_path / "in.fits"), "-o", str(out), "--reference-fwhm", "5",
-               "--set", "kernel.spatial_kernel_order=0"])
+    rc = main(
+        [
+            "match-psf",
+            str(tmp_path / "in.fits"),
+            "-o",
+            str(out),
+            "--reference-fwhm",
+            "5",
+            "--set",
+            "kernel.spatial_kernel_order=0",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == _quality.QUALITY_EXIT == 3 and out.exists()
     assert "quality check failed" in err and "fitted kernel sum is -88" in err
 
 
 # --- real data: JWST with WebbPSF models and ERR maps; DECam with given PSFs ---------------
-_JWST = ("jw02561001002-02561-o001_t003_nircam_clear-f200w_i2d_stamp",  # science
-         "jw01324001001-01324-o001_t001_nircam_clear-f200w_i2d_stamp")  # template
+_JWST = (
+    "jw02561001002-02561-o001_t003_nircam_clear-f200w_i2d_stamp",  # science
+    "jw01324001001-01324-o001_t001_nircam_clear-f200w_i2d_stamp",
+)  # template
 
 
 @pytest.mark.slow
@@ -250,16 +285,35 @@ def test_jwst_subtract_uses_given_psfs_and_noise_maps(shared_data, tmp_path, cap
     sci, tmpl = (base / "input" / f"{n}.fits" for n in _JWST)
     aux = base / "auxiliary"
     out = tmp_path / "diff.fits"
-    rc = main(["subtract", str(sci), str(tmpl), "-o", str(out), "--no-detect", "--backend", "numpy",
-               "--science-psf", str(aux / f"{_JWST[0]}.WebbPSF.fits"),
-               "--template-psf", str(aux / f"{_JWST[1]}.WebbPSF.fits"),
-               "--science-noise", str(aux / f"{_JWST[0]}.noise.fits"),
-               "--template-noise", str(aux / f"{_JWST[1]}.noise.fits")])
+    rc = main(
+        [
+            "subtract",
+            str(sci),
+            str(tmpl),
+            "-o",
+            str(out),
+            "--no-detect",
+            "--backend",
+            "numpy",
+            "--science-psf",
+            str(aux / f"{_JWST[0]}.WebbPSF.fits"),
+            "--template-psf",
+            str(aux / f"{_JWST[1]}.WebbPSF.fits"),
+            "--science-noise",
+            str(aux / f"{_JWST[0]}.noise.fits"),
+            "--template-noise",
+            str(aux / f"{_JWST[1]}.noise.fits"),
+        ]
+    )
     text = capsys.readouterr()
     assert rc == 0, text.err
     hdr = fits.getheader(out, 0)
-    assert (hdr["GDPSFSRC"], hdr["GDTPSFSR"], hdr["GDNOISRC"], hdr["GDTNOISR"]) == \
-        ("option", "option", "sigma", "sigma")
+    assert (hdr["GDPSFSRC"], hdr["GDTPSFSR"], hdr["GDNOISRC"], hdr["GDTNOISR"]) == (
+        "option",
+        "option",
+        "sigma",
+        "sigma",
+    )
     assert "GDVAREST" not in hdr  # the variance is the ERR maps', not an estimate
     assert "recognised by EXTNAME=ERR" in text.out
     # Source-free sky: away from anything above 3σ (PSF-smoothed S/N, as detection) in either
@@ -268,11 +322,17 @@ def test_jwst_subtract_uses_given_psfs_and_noise_maps(shared_data, tmp_path, cap
     for n in _JWST:
         img = fits.getdata(base / "input" / f"{n}.fits").astype(np.float64)
         err = fits.getdata(aux / f"{n}.noise.fits").astype(np.float64)
-        snr = ndimage.gaussian_filter(np.nan_to_num(img), 1.0) * np.sqrt(4 * np.pi) / np.where(err > 0, err, np.inf)
+        snr = (
+            ndimage.gaussian_filter(np.nan_to_num(img), 1.0)
+            * np.sqrt(4 * np.pi)
+            / np.where(err > 0, err, np.inf)
+        )
         src |= ~np.isfinite(img) | (snr > 3.0)
     src = ndimage.binary_dilation(src, iterations=3)
     d = read_exposure(out).masked_image
-    bm = d.mask_planes.bitmask_if_present(["NO_DATA", "EDGE", "SAT", "BAD", "CR", "INTRP", "SUSPECT"])
+    bm = d.mask_planes.bitmask_if_present(
+        ["NO_DATA", "EDGE", "SAT", "BAD", "CR", "INTRP", "SUSPECT"]
+    )
     good = ~src & ((d.mask & bm) == 0) & np.isfinite(d.image) & np.isfinite(d.variance)
     z = (d.image / np.sqrt(d.variance))[good]
     q25, q75 = np.percentile(z, [25, 75])
@@ -291,7 +351,9 @@ def decam(shared_data, tmp_path):
     psfs = []
     for p in paths:
         fw = float(fits.getheader(p, 0)["FWHM"])
-        psfs.append(_write(tmp_path / f"{p.stem}.psf.fits", GaussianPsf(fwhm=fw, size=31).kernel_image()))
+        psfs.append(
+            _write(tmp_path / f"{p.stem}.psf.fits", GaussianPsf(fwhm=fw, size=31).kernel_image())
+        )
     return paths, psfs
 
 
@@ -300,16 +362,40 @@ def test_decam_match_psf_and_compare_warp_coadd_with_given_psfs(decam, tmp_path,
     few-star DECam cutouts, use the given PSFs (GDPSFSRC) and pass their quality checks."""
     paths, psfs = decam
     out = tmp_path / "matched.fits"
-    rc = main(["match-psf", str(paths[0]), "-o", str(out), "--reference-fwhm", "7", "--psf", psfs[0],
-               "--backend", "numpy"])
+    rc = main(
+        [
+            "match-psf",
+            str(paths[0]),
+            "-o",
+            str(out),
+            "--reference-fwhm",
+            "7",
+            "--psf",
+            psfs[0],
+            "--backend",
+            "numpy",
+        ]
+    )
     text = capsys.readouterr()
     assert rc == 0, text.err
     hdr = fits.getheader(out, 0)
     assert hdr["GDPSFSRC"] == "option" and hdr["GDNOISRC"] == "estimated"
     assert hdr["MPMFKSUM"] == pytest.approx(1.0, abs=0.05)  # unit-sum PSF to unit-sum PSF
     coadd = tmp_path / "coadd.fits"
-    rc = main(["coadd", *map(str, paths), "-o", str(coadd), "--method", "compare-warp", "--psf", *psfs,
-               "--backend", "numpy"])
+    rc = main(
+        [
+            "coadd",
+            *map(str, paths),
+            "-o",
+            str(coadd),
+            "--method",
+            "compare-warp",
+            "--psf",
+            *psfs,
+            "--backend",
+            "numpy",
+        ]
+    )
     text = capsys.readouterr()
     assert rc == 0, text.err
     hdr = fits.getheader(coadd, 0)
@@ -329,18 +415,56 @@ def test_subtract_cli_options_reach_the_inputs(tmp_path, monkeypatch, capsys):
 
     def fake(science, template, output, **kw):
         seen.update(kw)
-        return {"mode": "auto", "backend": "numpy", "kernel_sum": 1.0, "n_candidates_used": 1,
-                "output": str(output), "n_dia_sources": None, "timings": {}, "quality": [],
-                "inputs": {r: {"psf": "option", "psf_detail": "", "noise": "sigma", "noise_detail": ""}
-                           for r in ("science", "template")}}
+        return {
+            "mode": "auto",
+            "backend": "numpy",
+            "kernel_sum": 1.0,
+            "n_candidates_used": 1,
+            "output": str(output),
+            "n_dia_sources": None,
+            "timings": {},
+            "quality": [],
+            "inputs": {
+                r: {"psf": "option", "psf_detail": "", "noise": "sigma", "noise_detail": ""}
+                for r in ("science", "template")
+            },
+        }
 
     monkeypatch.setattr(subtract, "subtract_files", fake)
-    argv = ["subtract", "s.fits", "t.fits", "-o", "d.fits", "--science-psf", "sp", "--template-psf", "tp",
-            "--science-noise", "sn", "--template-variance", "tv", "--science-mask", "sm",
-            "--science-mask-bits", "BAD=0", "--template-ivar", "ti", "--fwhm", "4", "--template-fwhm", "3"]
+    argv = [
+        "subtract",
+        "s.fits",
+        "t.fits",
+        "-o",
+        "d.fits",
+        "--science-psf",
+        "sp",
+        "--template-psf",
+        "tp",
+        "--science-noise",
+        "sn",
+        "--template-variance",
+        "tv",
+        "--science-mask",
+        "sm",
+        "--science-mask-bits",
+        "BAD=0",
+        "--template-ivar",
+        "ti",
+        "--fwhm",
+        "4",
+        "--template-fwhm",
+        "3",
+    ]
     assert main(argv) == 0
-    assert (seen["science_psf"], seen["template_psf"], seen["science_noise"], seen["template_variance"],
-            seen["science_mask"], seen["science_mask_bits"], seen["template_ivar"]) == \
-        ("sp", "tp", "sn", "tv", "sm", "BAD=0", "ti")
+    assert (
+        seen["science_psf"],
+        seen["template_psf"],
+        seen["science_noise"],
+        seen["template_variance"],
+        seen["science_mask"],
+        seen["science_mask_bits"],
+        seen["template_ivar"],
+    ) == ("sp", "tp", "sn", "tv", "sm", "BAD=0", "ti")
     assert seen["fwhm"] == 4.0 and seen["template_fwhm"] == 3.0 and seen["mode"] == "auto"
     assert "PSF from option" in capsys.readouterr().out

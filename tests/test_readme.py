@@ -20,7 +20,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
 
 
 def test_readme_has_python_examples():
@@ -38,11 +38,23 @@ def test_readme_python_example_runs_as_a_script(index, tmp_path):
     block = _python_blocks()[index]
     script = tmp_path / f"readme_example_{index}.py"
     script.write_text(block)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(README.parent), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(README.parent), os.environ.get("PYTHONPATH", "")]),
+    }
     # A block that writes files runs twice in one folder: the second run meets the first
     # run's outputs (the others once: the suite has a time budget).
     for attempt in (1, 2) if "write" in block else (1,):
-        proc = subprocess.run([sys.executable, script.name], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=600)
-        assert proc.returncode == 0, (f"README python block {index} failed on run {attempt}:\n"
-                                      f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        proc = subprocess.run(
+            [sys.executable, script.name],
+            check=False,
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, (
+            f"README python block {index} failed on run {attempt}:\n"
+            f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        )

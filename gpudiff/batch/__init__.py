@@ -76,8 +76,9 @@ def _require_distributed() -> None:
         import distributed  # noqa: F401
     except ImportError as exc:
         raise GpudiffError(
-            f"batch runs need Dask's distributed scheduler, which is not installed ({exc}); install "
-            "the extra: pip install 'gpudiff[distributed]' (or: pip install 'dask[distributed]' tqdm)"
+            f"batch runs need Dask's distributed scheduler, which is not installed ({exc}); "
+            "install the extra: pip install 'gpudiff[distributed]' "
+            "(or: pip install 'dask[distributed]' tqdm)"
         ) from None
 
 
@@ -104,8 +105,11 @@ def _table(rows: list[dict]):
         if c in _FLOATS:
             t[c] = [math.nan if v is None else float(v) for v in vals]
         elif c in _INTS:  # n/a (e.g. no detection) is a masked cell, an empty one in the ECSV
-            t[c] = MaskedColumn([0 if v is None else int(v) for v in vals], mask=[v is None for v in vals],
-                                dtype="int64")
+            t[c] = MaskedColumn(
+                [0 if v is None else int(v) for v in vals],
+                mask=[v is None for v in vals],
+                dtype="int64",
+            )
         else:
             t[c] = [("" if v is None else str(v)) for v in vals]
     return t
@@ -115,8 +119,17 @@ def _print_summary(res: BatchResult, out=print) -> None:
     t = res.table
     show = t if len(t) <= 50 else t[t["status"] == "failed"]
     if len(show):
-        cols = ["row", "id", "kind", "status", "time_s", "kernel_sum", "n_candidates_used", "n_dia_sources",
-                "worker_losses"]
+        cols = [
+            "row",
+            "id",
+            "kind",
+            "status",
+            "time_s",
+            "kernel_sum",
+            "n_candidates_used",
+            "n_dia_sources",
+            "worker_losses",
+        ]
         from astropy.table import Table
 
         view = Table(show[cols], copy=True)  # display formats must not reach the returned table
@@ -126,10 +139,16 @@ def _print_summary(res: BatchResult, out=print) -> None:
     for r in t[t["status"] == "failed"]:
         out(f"  row {r['row']} ({r['output']}) failed: {r['error']}")
     ok = t[t["status"] == "ok"]
-    per_row = f"{float(sum(ok['time_s'])) / len(ok):.2f} s per row on a worker (mean)" if len(ok) else "no row ran"
-    out(f"gpudiff batch: {len(t)} rows: {res.n_ok} ok, {res.n_failed} failed, {res.n_skipped} skipped, in "
-        f"{res.wall_s:.1f} s on {res.n_workers} workers; {per_row}; throughput {res.rows_per_minute:.1f} "
-        f"rows/min; summary {res.summary_path}")
+    per_row = (
+        f"{float(sum(ok['time_s'])) / len(ok):.2f} s per row on a worker (mean)"
+        if len(ok)
+        else "no row ran"
+    )
+    out(
+        f"gpudiff batch: {len(t)} rows: {res.n_ok} ok, {res.n_failed} failed, "
+        f"{res.n_skipped} skipped, in {res.wall_s:.1f} s on {res.n_workers} workers; {per_row}; "
+        f"throughput {res.rows_per_minute:.1f} rows/min; summary {res.summary_path}"
+    )
 
 
 def _collect(client, futures: dict, progress: str, log_fn) -> dict:
@@ -157,21 +176,31 @@ def _collect(client, futures: dict, progress: str, log_fn) -> dict:
             r = fut.result()
         else:  # retried and still raising, or KilledWorker (its worker died more than allowed_failures times)
             exc = fut.exception()
-            r = {"row": job.row, "id": job.id, "kind": job.kind, "output": job.output, "status": "failed",
-                 "error": f"{type(exc).__name__}: {exc}"}
+            r = {
+                "row": job.row,
+                "id": job.id,
+                "kind": job.kind,
+                "output": job.output,
+                "status": "failed",
+                "error": f"{type(exc).__name__}: {exc}",
+            }
         rows[job.row] = {**r, "worker_losses": 0}
         if r["status"] == "failed":
             log_fn(f"gpudiff batch: {job.label} failed: {r['error']}")
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(failed=sum(x["status"] == "failed" for x in rows.values()), refresh=False)
+            bar.set_postfix(
+                failed=sum(x["status"] == "failed" for x in rows.values()), refresh=False
+            )
     if bar is not None:
         bar.close()
     try:  # how often each row lost its worker: the scheduler's "suspicious" count
         keys = {f.key: job.row for job, f in futures.values()}
 
         def _suspicious(dask_scheduler, keys=tuple(keys)):
-            return {k: dask_scheduler.tasks[k].suspicious for k in keys if k in dask_scheduler.tasks}
+            return {
+                k: dask_scheduler.tasks[k].suspicious for k in keys if k in dask_scheduler.tasks
+            }
 
         for key, n in client.run_on_scheduler(_suspicious).items():
             rows[keys[key]]["worker_losses"] = int(n)
@@ -180,10 +209,28 @@ def _collect(client, futures: dict, progress: str, log_fn) -> dict:
     return rows
 
 
-def run(manifest, out_dir, client=None, *, scheduler: str | None = None, scheduler_file: str | None = None,
-        workers: int | None = None, gpus=None, tasks_per_gpu: int = 2, retries: int = 3, resume: bool = False, overwrite: bool = False,
-        njobs: int = 1, job: int = 0, backend: str | None = None, progress="auto", memory_limit="auto",
-        strict: bool = False, summary_name: str | None = None, log_fn=print) -> BatchResult:
+def run(
+    manifest,
+    out_dir,
+    client=None,
+    *,
+    scheduler: str | None = None,
+    scheduler_file: str | None = None,
+    workers: int | None = None,
+    gpus=None,
+    tasks_per_gpu: int = 2,
+    retries: int = 3,
+    resume: bool = False,
+    overwrite: bool = False,
+    njobs: int = 1,
+    job: int = 0,
+    backend: str | None = None,
+    progress="auto",
+    memory_limit="auto",
+    strict: bool = False,
+    summary_name: str | None = None,
+    log_fn=print,
+) -> BatchResult:
     """Run every row of a manifest as a Dask task and write a summary table.
 
     Parameters
@@ -240,7 +287,9 @@ def run(manifest, out_dir, client=None, *, scheduler: str | None = None, schedul
     njobs, job = _check_int("njobs", njobs, 1), _check_int("job", job, 0)
     retries = _check_int("retries", retries, 0)
     if job >= njobs:
-        raise InvalidInputError(f"job must be in 0..{njobs - 1} (0-based) for njobs={njobs}, got {job}")
+        raise InvalidInputError(
+            f"job must be in 0..{njobs - 1} (0-based) for njobs={njobs}, got {job}"
+        )
     if sum(x is not None for x in (client, scheduler, scheduler_file)) > 1:
         raise InvalidInputError("give at most one of client, scheduler and scheduler_file")
     out_dir = Path(out_dir)
@@ -263,7 +312,10 @@ def run(manifest, out_dir, client=None, *, scheduler: str | None = None, schedul
             if valid:
                 rows[j.row] = {**base, "status": "skipped", "notes": "resume: output already valid"}
                 continue
-            log_fn(f"gpudiff batch: {j.label}: existing output {j.output} is invalid ({why}); redoing it")
+            log_fn(
+                f"gpudiff batch: {j.label}: existing output {j.output} is invalid ({why}); "
+                "redoing it"
+            )
             todo.append((j, True))
             continue
         todo.append((j, overwrite))
@@ -283,23 +335,48 @@ def run(manifest, out_dir, client=None, *, scheduler: str | None = None, schedul
                 else:
                     from .cluster import start_local_cluster
 
-                    if not log.isEnabledFor(logging.DEBUG):  # worker start/stop and shutdown chatter
+                    if not log.isEnabledFor(
+                        logging.DEBUG
+                    ):  # worker start/stop and shutdown chatter
                         dask_logger.setLevel(logging.ERROR)
 
-                    own_cluster, gpu_cluster = start_local_cluster(workers=workers, gpus=gpus, backend=backend,
-                                                                   retries=retries, memory_limit=memory_limit,
-                                                                   tasks_per_gpu=tasks_per_gpu)
+                    own_cluster, gpu_cluster = start_local_cluster(
+                        workers=workers,
+                        gpus=gpus,
+                        backend=backend,
+                        retries=retries,
+                        memory_limit=memory_limit,
+                        tasks_per_gpu=tasks_per_gpu,
+                    )
                     client = own_client = Client(own_cluster)
             task_backend = backend or ("cupy" if gpu_cluster else None)
-            mode = progress if progress in ("tqdm", "dask", None, False) else \
-                ("tqdm" if own_cluster and _tqdm_available() else "dask")
+            mode = (
+                progress
+                if progress in ("tqdm", "dask", None, False)
+                else ("tqdm" if own_cluster and _tqdm_available() else "dask")
+            )
             token = uuid.uuid4().hex[:8]
             t0 = time.perf_counter()
-            futures = {j.row: (j, client.submit(run_job, j, task_backend, ow, retries=retries, pure=False,
-                                                key=f"gpudiff-{j.kind}-row{j.row}-{token}")) for j, ow in todo}
+            futures = {
+                j.row: (
+                    j,
+                    client.submit(
+                        run_job,
+                        j,
+                        task_backend,
+                        ow,
+                        retries=retries,
+                        pure=False,
+                        key=f"gpudiff-{j.kind}-row{j.row}-{token}",
+                    ),
+                )
+                for j, ow in todo
+            }
             rows.update(_collect(client, futures, mode or "none", log_fn))
             wall = time.perf_counter() - t0
-            n_workers = len(client.nthreads())  # at the end: a remote cluster may have grown meanwhile
+            n_workers = len(
+                client.nthreads()
+            )  # at the end: a remote cluster may have grown meanwhile
             del futures
     finally:
         if own_client is not None:
@@ -311,16 +388,29 @@ def run(manifest, out_dir, client=None, *, scheduler: str | None = None, schedul
     ordered = [rows[j.row] for j in jobs]
     table = _table(ordered)
     n_ok = int((table["status"] == "ok").sum())
-    name = summary_name or ("batch_summary.ecsv" if njobs == 1 else f"batch_summary_job{job}of{njobs}.ecsv")
+    name = summary_name or (
+        "batch_summary.ecsv" if njobs == 1 else f"batch_summary_job{job}of{njobs}.ecsv"
+    )
     summary_path = out_dir / name
     from ..commands.subtract import write_table_atomic
 
-    table.meta.update(manifest=str(Path(manifest).absolute()), wall_s=wall, n_workers=n_workers, njobs=njobs,
-                      job=job)
+    table.meta.update(
+        manifest=str(Path(manifest).absolute()),
+        wall_s=wall,
+        n_workers=n_workers,
+        njobs=njobs,
+        job=job,
+    )
     write_table_atomic(table, summary_path, overwrite=True)
-    res = BatchResult(table=table, n_ok=n_ok, n_failed=int((table["status"] == "failed").sum()),
-                      n_skipped=int((table["status"] == "skipped").sum()), wall_s=wall,
-                      rows_per_minute=(60.0 * n_ok / wall) if wall > 0 else 0.0, summary_path=str(summary_path),
-                      n_workers=n_workers)
+    res = BatchResult(
+        table=table,
+        n_ok=n_ok,
+        n_failed=int((table["status"] == "failed").sum()),
+        n_skipped=int((table["status"] == "skipped").sum()),
+        wall_s=wall,
+        rows_per_minute=(60.0 * n_ok / wall) if wall > 0 else 0.0,
+        summary_path=str(summary_path),
+        n_workers=n_workers,
+    )
     _print_summary(res, log_fn)
     return res

@@ -86,6 +86,8 @@ def start_local_cluster(*, workers: int | None = None, gpus=None, backend: str |
         gpus = detect_gpus() or None
     quiet = logging.ERROR  # worker start/stop chatter would bury the progress bar
     if int(tasks_per_gpu) < 1:
+        from ..errors import InvalidInputError
+
         raise InvalidInputError(f"tasks_per_gpu must be >= 1, got {tasks_per_gpu!r}")
     if gpus:
         gpus = parse_gpus(gpus)

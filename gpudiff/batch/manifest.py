@@ -63,12 +63,27 @@ log = logging.getLogger("gpudiff.batch")
 # manifest; "warps" and "psf_matched" are ;-separated lists of them.
 _EXTRA_INPUTS = ("psf", "noise", "variance", "ivar", "mask")  # gpudiff.image.inputs
 KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    "subtract": (("science", "template"),
-                 ("sources", *(f"{r}_{c}" for r in ("science", "template") for c in _EXTRA_INPUTS)),
-                 ("mode", "preconvolve", "detect", "sources_out", "matched_template_out",
-                  "science_mask_bits", "template_mask_bits", "fwhm", "science_fwhm", "template_fwhm")),
-    "match-psf": (("exposure",), ("reference_psf", *_EXTRA_INPUTS),
-                  ("reference_fwhm", "kernel_size", "mask_bits", "fwhm")),
+    "subtract": (
+        ("science", "template"),
+        ("sources", *(f"{r}_{c}" for r in ("science", "template") for c in _EXTRA_INPUTS)),
+        (
+            "mode",
+            "preconvolve",
+            "detect",
+            "sources_out",
+            "matched_template_out",
+            "science_mask_bits",
+            "template_mask_bits",
+            "fwhm",
+            "science_fwhm",
+            "template_fwhm",
+        ),
+    ),
+    "match-psf": (
+        ("exposure",),
+        ("reference_psf", *_EXTRA_INPUTS),
+        ("reference_fwhm", "kernel_size", "mask_bits", "fwhm"),
+    ),
     "coadd": (("warps",), ("psf_matched", *_EXTRA_INPUTS), ("method", "mask_bits", "fwhm")),
 }
 
@@ -77,10 +92,21 @@ def _lists(kind: str) -> set[str]:
     """Columns that are ;-separated lists of paths: a coadd's per-warp inputs (one for all
     warps or one per warp, as ``gpudiff coadd --psf``)."""
     return {"warps", "psf_matched", *_EXTRA_INPUTS} if kind == "coadd" else set()
+
+
 _OUTPUTS = {"sources_out", "matched_template_out"}  # extra outputs: relative to out_dir
 _COMMON = {"kind", "id", "output", "config", "set"}
 _KNOWN = _COMMON | {c for spec in KINDS.values() for part in spec for c in part}
-_BOOL = {"true": True, "1": True, "yes": True, "y": True, "false": False, "0": False, "no": False, "n": False}
+_BOOL = {
+    "true": True,
+    "1": True,
+    "yes": True,
+    "y": True,
+    "false": False,
+    "0": False,
+    "no": False,
+    "n": False,
+}
 
 
 @dataclass
@@ -117,7 +143,10 @@ def _read_rows(path: Path) -> list[dict[str, str | None]]:
 
             t = Table.read(path, format="ascii.ecsv")
             masks = {c: np.ma.getmaskarray(t[c]) for c in t.colnames}  # empty ECSV cells are masked
-            rows = [{_norm(c): (None if masks[c][i] else str(t[c][i])) for c in t.colnames} for i in range(len(t))]
+            rows = [
+                {_norm(c): (None if masks[c][i] else str(t[c][i])) for c in t.colnames}
+                for i in range(len(t))
+            ]
             return rows
         with open(path, newline="") as f:
             lines = [ln for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
@@ -125,8 +154,10 @@ def _read_rows(path: Path) -> list[dict[str, str | None]]:
         rows = []
         for r in reader:
             if None in r:  # more cells than header names
-                raise ManifestError(f"{path}: data row {len(rows) + 1} has more cells than the header "
-                                    f"({len(reader.fieldnames or [])} columns)")
+                raise ManifestError(
+                    f"{path}: data row {len(rows) + 1} has more cells than the header "
+                    f"({len(reader.fieldnames or [])} columns)"
+                )
             rows.append({_norm(k): v for k, v in r.items()})
         return rows
     except ManifestError:
@@ -134,8 +165,9 @@ def _read_rows(path: Path) -> list[dict[str, str | None]]:
     except FileNotFoundError:
         raise ManifestError(f"manifest {path}: no such file") from None
     except Exception as exc:
-        raise ManifestError(f"manifest {path} is not a readable CSV/ECSV table ({type(exc).__name__}: {exc})") \
-            from None
+        raise ManifestError(
+            f"manifest {path} is not a readable CSV/ECSV table ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def _text(row: dict, col: str) -> str | None:
@@ -192,7 +224,9 @@ def _make_job(i: int, row: dict, manifest: Path, out_dir: Path) -> Job:
     job = Job(row=i, id=jid, kind=kind, output=_resolve(out_dir, _text(row, "output") or ""))
     where = f"{manifest.name} {job.label}"
     if kind not in KINDS:
-        job.problem = f"{where}: column 'kind': unknown kind {kind_text!r}; choose one of {sorted(KINDS)}"
+        job.problem = (
+            f"{where}: column 'kind': unknown kind {kind_text!r}; choose one of {sorted(KINDS)}"
+        )
         return job
     if _text(row, "output") is None:
         job.problem = f"{where}: column 'output' is empty"
@@ -206,17 +240,24 @@ def _make_job(i: int, row: dict, manifest: Path, out_dir: Path) -> Job:
         text = _text(row, col)
         if text is None:
             if col in required:
-                job.problem = f"{where}: column '{col}' is " + ("missing" if col not in row else "empty") + \
-                    f" (a {kind} row needs {', '.join(required)})"
+                job.problem = (
+                    f"{where}: column '{col}' is "
+                    + ("missing" if col not in row else "empty")
+                    + f" (a {kind} row needs {', '.join(required)})"
+                )
                 return job
             continue
         lists = _lists(kind)
-        paths = [_resolve(base, t.strip()) for t in text.split(";") if t.strip()] if col in lists \
+        paths = (
+            [_resolve(base, t.strip()) for t in text.split(";") if t.strip()]
+            if col in lists
             else [_resolve(base, text)]
+        )
         for p in paths:
             if not os.path.isfile(p):
-                job.problem = f"{where}: column '{col}': input file {p} " + \
-                    ("is not a regular file" if os.path.exists(p) else "does not exist")
+                job.problem = f"{where}: column '{col}': input file {p} " + (
+                    "is not a regular file" if os.path.exists(p) else "does not exist"
+                )
                 return job
         job.inputs[col] = paths if col in lists else paths[0]
     for col in options:
@@ -224,18 +265,24 @@ def _make_job(i: int, row: dict, manifest: Path, out_dir: Path) -> Job:
         if text is None:
             continue
         try:
-            job.options[col] = _resolve(out_dir, text) if col in _OUTPUTS else _parse_value(col, text, kind)
+            job.options[col] = (
+                _resolve(out_dir, text) if col in _OUTPUTS else _parse_value(col, text, kind)
+            )
         except ValueError as exc:
             job.problem = f"{where}: column '{col}': {exc}"
             return job
     if kind == "match-psf" and ("reference_psf" in job.inputs) == ("reference_fwhm" in job.options):
-        job.problem = f"{where}: a match-psf row needs exactly one of the columns 'reference_fwhm' and " \
-                      "'reference_psf'"
+        job.problem = (
+            f"{where}: a match-psf row needs exactly one of the columns 'reference_fwhm' and "
+            "'reference_psf'"
+        )
         return job
     try:
         cfg = _text(row, "config")
         sets = [s.strip() for s in (_text(row, "set") or "").split(";") if s.strip()]
-        job.overrides = merge_overrides(load_config_file(_resolve(base, cfg) if cfg else None), parse_set(sets))
+        job.overrides = merge_overrides(
+            load_config_file(_resolve(base, cfg) if cfg else None), parse_set(sets)
+        )
     except GpudiffError as exc:
         job.problem = f"{where}: column '{'set' if 'set' in str(exc) else 'config'}': {exc}"
     return job
@@ -263,10 +310,14 @@ def read_manifest(manifest, out_dir) -> list[Job]:
         raise ManifestError(f"manifest {manifest} has no rows")
     columns = set().union(*(r.keys() for r in rows))
     if "output" not in columns:
-        raise ManifestError(f"manifest {manifest} has no 'output' column; its columns are {sorted(columns)}")
+        raise ManifestError(
+            f"manifest {manifest} has no 'output' column; its columns are {sorted(columns)}"
+        )
     unknown = sorted(columns - _KNOWN)
     if unknown:  # extra bookkeeping columns (visit, detector, ...) are allowed, but say so
-        log.warning("manifest %s: ignoring columns %s (known: %s)", manifest.name, unknown, sorted(_KNOWN))
+        log.warning(
+            "manifest %s: ignoring columns %s (known: %s)", manifest.name, unknown, sorted(_KNOWN)
+        )
     jobs = [_make_job(i, r, manifest, out_dir) for i, r in enumerate(rows, start=1)]
     seen: dict[str, Job] = {}
     for job in jobs:
@@ -276,7 +327,8 @@ def read_manifest(manifest, out_dir) -> list[Job]:
                     continue
                 key = os.path.normcase(os.path.realpath(out))
                 if key in seen:
-                    raise ManifestError(f"manifest {manifest}: {job.label} and {seen[key].label} both write "
-                                        f"{out}")
+                    raise ManifestError(
+                        f"manifest {manifest}: {job.label} and {seen[key].label} both write {out}"
+                    )
                 seen[key] = job
     return jobs

@@ -88,16 +88,43 @@ def _subtract(job, backend, overwrite, note) -> dict:
     o = job.options
     extra = {f"{r}_{c}": job.inputs.get(f"{r}_{c}") for r in ("science", "template")
              for c in ("psf", "noise", "variance", "ivar", "mask")}
-    extra.update({k: o.get(k) for k in ("science_mask_bits", "template_mask_bits", "fwhm", "science_fwhm",
-                                        "template_fwhm")})
-    s = subtract_files(job.inputs["science"], job.inputs["template"], job.output, overrides=job.overrides,
-                       mode=cli_mode(o.get("mode"), job.overrides), preconvolve=o.get("preconvolve", False),
-                       sources=job.inputs.get("sources"), sources_out=o.get("sources_out"),
-                       matched_template_out=o.get("matched_template_out"), detect=o.get("detect", True),
-                       backend=backend, overwrite=overwrite, log=note, **extra)
-    return dict(kernel_sum=s["kernel_sum"], n_candidates_used=s["n_candidates_used"],
-                n_dia_sources=s["n_dia_sources"], mode=s["mode"], backend=s["backend"], timings=s["timings"],
-                quality=s.get("quality", []))
+    extra.update(
+        {
+            k: o.get(k)
+            for k in (
+                "science_mask_bits",
+                "template_mask_bits",
+                "fwhm",
+                "science_fwhm",
+                "template_fwhm",
+            )
+        }
+    )
+    s = subtract_files(
+        job.inputs["science"],
+        job.inputs["template"],
+        job.output,
+        overrides=job.overrides,
+        mode=cli_mode(o.get("mode"), job.overrides),
+        preconvolve=o.get("preconvolve", False),
+        sources=job.inputs.get("sources"),
+        sources_out=o.get("sources_out"),
+        matched_template_out=o.get("matched_template_out"),
+        detect=o.get("detect", True),
+        backend=backend,
+        overwrite=overwrite,
+        log=note,
+        **extra,
+    )
+    return dict(
+        kernel_sum=s["kernel_sum"],
+        n_candidates_used=s["n_candidates_used"],
+        n_dia_sources=s["n_dia_sources"],
+        mode=s["mode"],
+        backend=s["backend"],
+        timings=s["timings"],
+        quality=s.get("quality", []),
+    )
 
 
 def _extras(job) -> dict:
@@ -110,25 +137,50 @@ def _extras(job) -> dict:
 def _match_psf(job, backend, overwrite, note) -> dict:
     from ..commands.match_psf import match_psf_file
 
-    s = match_psf_file(job.inputs["exposure"], job.output, reference_fwhm=job.options.get("reference_fwhm"),
-                       reference_psf=job.inputs.get("reference_psf"), kernel_size=job.options.get("kernel_size"),
-                       overrides=job.overrides, backend=backend, overwrite=overwrite, log=note, **_extras(job))
-    return dict(kernel_sum=s.get("fitted_kernel_sum"), n_candidates_used=s.get("n_candidates"),
-                backend=s["backend"], timings=s["timings"], quality=s.get("quality", []))
+    s = match_psf_file(
+        job.inputs["exposure"],
+        job.output,
+        reference_fwhm=job.options.get("reference_fwhm"),
+        reference_psf=job.inputs.get("reference_psf"),
+        kernel_size=job.options.get("kernel_size"),
+        overrides=job.overrides,
+        backend=backend,
+        overwrite=overwrite,
+        log=note,
+        **_extras(job),
+    )
+    return dict(
+        kernel_sum=s.get("fitted_kernel_sum"),
+        n_candidates_used=s.get("n_candidates"),
+        backend=s["backend"],
+        timings=s["timings"],
+        quality=s.get("quality", []),
+    )
 
 
 def _coadd(job, backend, overwrite, note) -> dict:
     try:
         from ..commands.coadd import coadd_files
     except ImportError:
-        raise GpudiffError("coadd rows need gpudiff.commands.coadd.coadd_files, which this gpudiff "
-                           "installation lacks") from None
-    s = coadd_files(job.inputs["warps"], job.output, psf_matched=job.inputs.get("psf_matched"),
-                    method=job.options.get("method", "compare-warp"), overrides=job.overrides,
-                    backend=backend, overwrite=overwrite, **_extras(job))
+        raise GpudiffError(
+            "coadd rows need gpudiff.commands.coadd.coadd_files, which this gpudiff "
+            "installation lacks"
+        ) from None
+    s = coadd_files(
+        job.inputs["warps"],
+        job.output,
+        psf_matched=job.inputs.get("psf_matched"),
+        method=job.options.get("method", "compare-warp"),
+        overrides=job.overrides,
+        backend=backend,
+        overwrite=overwrite,
+        **_extras(job),
+    )
     for text in [f"{s.get('n_used')} of {s.get('n_inputs')} warps used", *s.get("notes", [])]:
         note(text)
-    return dict(backend=s.get("backend"), timings=s.get("timings", {}), quality=s.get("quality", []))
+    return dict(
+        backend=s.get("backend"), timings=s.get("timings", {}), quality=s.get("quality", [])
+    )
 
 
 _RUNNERS = {"subtract": _subtract, "match-psf": _match_psf, "coadd": _coadd}
@@ -150,22 +202,36 @@ def run_job(job, backend=None, overwrite: bool = False) -> dict:
     dict
         ``row``, ``id``, ``kind``, ``output``, ``status`` (``ok`` / ``failed``), ``error``
         (type and message; ``quality check failed: ...`` when the output was written but
-        failed the command's quality check, :mod:`gpudiff.commands._quality`), ``time_s``, ``read_s``, ``write_s``, ``kernel_sum``,
+        failed the command's quality check, :mod:`gpudiff.commands._quality`), ``time_s``,
+        ``read_s``, ``write_s``, ``kernel_sum``,
         ``n_candidates_used``, ``n_dia_sources``, ``backend``, ``worker`` (host:pid),
         ``notes``.  gpudiff errors (bad inputs) are reported in it; any other exception
         propagates so that Dask can retry the row (``retries``).
     """
     t0 = time.perf_counter()
     notes: list[str] = []
-    out = {"row": job.row, "id": job.id, "kind": job.kind, "output": job.output, "status": "failed",
-           "error": "", "worker": f"{socket.gethostname()}:{os.getpid()}"}
+    out = {
+        "row": job.row,
+        "id": job.id,
+        "kind": job.kind,
+        "output": job.output,
+        "status": "failed",
+        "error": "",
+        "worker": f"{socket.gethostname()}:{os.getpid()}",
+    }
     try:
         if job.problem:
             raise ManifestError(job.problem)
         os.makedirs(os.path.dirname(job.output) or ".", exist_ok=True)
-        for extra in [job.output, *(job.options.get(k) for k in ("sources_out", "matched_template_out"))]:
+        for extra in [
+            job.output,
+            *(job.options.get(k) for k in ("sources_out", "matched_template_out")),
+        ]:
             if extra and remove_stale_temporaries(extra):
-                notes.append(f"removed the temporary files of an interrupted write of {os.path.basename(extra)}")
+                notes.append(
+                    "removed the temporary files of an interrupted write of "
+                    f"{os.path.basename(extra)}"
+                )
         res = _RUNNERS[job.kind](job, backend, overwrite, notes.append)
         quality = res.pop("quality", None) or []
         if quality:  # written, but its own quality check failed: as the CLI's exit status 3

@@ -20,13 +20,21 @@ import zlib
 
 import numpy as np
 
-__all__ = ["write_png", "kernel_grid_png", "residual_histogram_png", "have_matplotlib", "PLOTS_NOTE"]
+__all__ = [
+    "write_png",
+    "kernel_grid_png",
+    "residual_histogram_png",
+    "have_matplotlib",
+    "PLOTS_NOTE",
+]
 
 #: What ``--plots`` draws without matplotlib.
-PLOTS_NOTE = ("matplotlib is not installed (pip install 'gpudiff[plots]'): the PNGs are plain bitmaps "
-              "without axes or labels: kernel_grid.png = the kernel at 3x3 positions (top row = high y), "
-              "each tile scaled to its peak, positive yellow-white, negative blue; residual_histogram.png = "
-              "grey histogram of difference/sigma over [-5, 5] with the N(0,1) density in red")
+PLOTS_NOTE = (
+    "matplotlib is not installed (pip install 'gpudiff[plots]'): the PNGs are plain bitmaps "
+    "without axes or labels: kernel_grid.png = the kernel at 3x3 positions (top row = high y), "
+    "each tile scaled to its peak, positive yellow-white, negative blue; residual_histogram.png = "
+    "grey histogram of difference/sigma over [-5, 5] with the N(0,1) density in red"
+)
 
 
 def have_matplotlib() -> bool:
@@ -70,8 +78,15 @@ def _kernel_grid_mpl(path, kernel, box, xs, ys) -> None:
     for r, (y, row) in enumerate(zip(ys, imgs)):
         for c, (x, k) in enumerate(zip(xs, row)):
             ax = axes[r, c]
-            im = ax.imshow(k, origin="lower", cmap="RdBu_r", vmin=-vmax, vmax=vmax, extent=ext,
-                           interpolation="nearest")
+            im = ax.imshow(
+                k,
+                origin="lower",
+                cmap="RdBu_r",
+                vmin=-vmax,
+                vmax=vmax,
+                extent=ext,
+                interpolation="nearest",
+            )
             ax.set_title(f"x={x:.0f}, y={y:.0f}; sum {k.sum():.4f}", fontsize=8)
             if r == 2:
                 ax.set_xlabel("dx [px]")
@@ -88,7 +103,7 @@ def _histogram_mpl(path, z: np.ndarray) -> None:
     edges = np.linspace(-5, 5, 81)
     ax.hist(z, bins=edges, density=True, color="0.6", label=f"difference/σ ({z.size} px)")
     xs = np.linspace(-5, 5, 400)
-    ax.plot(xs, np.exp(-0.5 * xs ** 2) / np.sqrt(2 * np.pi), color="C3", label="N(0, 1)")
+    ax.plot(xs, np.exp(-0.5 * xs**2) / np.sqrt(2 * np.pi), color="C3", label="N(0, 1)")
     if z.size:
         q25, q50, q75 = np.percentile(z, [25, 50, 75])
         ax.set_title(f"median {q50:+.3f}, robust σ {(q75 - q25) / 1.349:.3f}", fontsize=9)
@@ -106,10 +121,19 @@ def write_png(path, rgb: np.ndarray) -> None:
     raw = b"".join(b"\x00" + rgb[i].tobytes() for i in range(h))  # filter type 0 per row
 
     def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + tag
+            + data
+            + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        )
 
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw, 6))
+        + chunk(b"IEND", b"")
+    )
     from ..image.atomic import atomic_write
 
     atomic_write(path, lambda f: f.write(png), overwrite=True)  # never a half-written PNG
@@ -153,18 +177,18 @@ def residual_histogram_png(path, z: np.ndarray, width: int = 500, height: int = 
     counts, _ = np.histogram(z, bins=edges)
     dens = counts / max(counts.sum(), 1) / np.diff(edges)
     centers = 0.5 * (edges[1:] + edges[:-1])
-    gauss = np.exp(-0.5 * centers ** 2) / np.sqrt(2 * np.pi)
+    gauss = np.exp(-0.5 * centers**2) / np.sqrt(2 * np.pi)
     top = max(dens.max(initial=0), gauss.max()) * 1.05
     px = lambda v: margin + (v + 5) / 10 * (width - 2 * margin)  # noqa: E731
     py = lambda d: height - margin - d / top * (height - 2 * margin)  # noqa: E731
     for lo, hi, d in zip(edges[:-1], edges[1:], dens):
         x0, x1, y0 = int(px(lo)), max(int(px(hi)) - 1, int(px(lo)) + 1), int(py(d))
-        img[y0:height - margin, x0:x1] = 170
+        img[y0 : height - margin, x0:x1] = 170
     xs = np.linspace(-5, 5, 4 * width)
-    cy = py(np.exp(-0.5 * xs ** 2) / np.sqrt(2 * np.pi)).astype(int)
+    cy = py(np.exp(-0.5 * xs**2) / np.sqrt(2 * np.pi)).astype(int)
     cx = px(xs).astype(int)
     for dy in (-1, 0, 1):
         img[np.clip(cy + dy, 0, height - 1), np.clip(cx, 0, width - 1)] = (220, 30, 30)
-    img[height - margin, margin:width - margin] = 0  # x axis
-    img[margin:height - margin, int(px(0))] = 90  # zero line
+    img[height - margin, margin : width - margin] = 0  # x axis
+    img[margin : height - margin, int(px(0))] = 90  # zero line
     write_png(path, img)

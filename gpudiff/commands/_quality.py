@@ -14,8 +14,14 @@ import sys
 
 import numpy as np
 
-__all__ = ["QUALITY_EXIT", "check_subtraction", "check_model_psf_match", "check_coadd",
-           "check_exposure_finite", "report"]
+__all__ = [
+    "QUALITY_EXIT",
+    "check_coadd",
+    "check_exposure_finite",
+    "check_model_psf_match",
+    "check_subtraction",
+    "report",
+]
 
 #: Exit status of a command whose output was written but failed its quality check
 #: (1: a gpudiff error, nothing trustworthy written; 2: usage error).
@@ -47,7 +53,9 @@ def check_exposure_finite(exposure, what: str, bad_planes=("NO_DATA",)) -> list[
     bad = unmasked & ~(xp.isfinite(mi.image) & xp.isfinite(mi.variance))
     n_bad = int(bad.sum())
     if n_bad:
-        return [f"{n_bad} of {n_un} unmasked pixels of the {what} are not finite (image or variance)"]
+        return [
+            f"{n_bad} of {n_un} unmasked pixels of the {what} are not finite (image or variance)"
+        ]
     return []
 
 
@@ -66,8 +74,10 @@ def check_subtraction(metadata, result_exposure, science, template) -> list[str]
             # template's counts by c_t / c_s; the science-to-template one by the inverse.
             expected = ct / cs if mode != "convolveScience" else cs / ct
             if not (1 / _KSUM_MAX_FACTOR <= ks / expected <= _KSUM_MAX_FACTOR):
-                out.append(f"the kernel sum {ks:.4f} is far from the flux ratio {expected:.4f} that the "
-                           "inputs' photometric calibrations predict")
+                out.append(
+                    f"the kernel sum {ks:.4f} is far from the flux ratio {expected:.4f} that the "
+                    "inputs' photometric calibrations predict"
+                )
     out += check_exposure_finite(result_exposure, "difference", ("NO_DATA", "EDGE"))
     return out
 
@@ -78,12 +88,16 @@ def check_model_psf_match(metadata, result_exposure) -> list[str]:
     fks = float(metadata.get("fitted_kernel_sum", float("nan")))
     lo, hi = _MPM_SUM_RANGE
     if not (math.isfinite(fks) and lo <= fks <= hi):
-        out.append(f"the fitted kernel sum is {fks:.4g}; matching one unit-sum PSF to another "
-                   f"must give about 1 (accepted {lo}-{hi})")
+        out.append(
+            f"the fitted kernel sum is {fks:.4g}; matching one unit-sum PSF to another "
+            f"must give about 1 (accepted {lo}-{hi})"
+        )
     res = float(metadata.get("residual_max", float("nan")))
     if not (math.isfinite(res) and res <= _MPM_MAX_RESIDUAL):
-        out.append(f"the matched PSF differs from the reference by {res:.3g} (relative L2, max over "
-                   f"cells; accepted <= {_MPM_MAX_RESIDUAL})")
+        out.append(
+            f"the matched PSF differs from the reference by {res:.3g} (relative L2, max over "
+            f"cells; accepted <= {_MPM_MAX_RESIDUAL})"
+        )
     out += check_exposure_finite(result_exposure, "PSF-matched exposure")
     return out
 
@@ -111,8 +125,10 @@ def report(command: str, failures: list[str]) -> int:
     """Print the failures (stderr) and return the exit status: 0 or :data:`QUALITY_EXIT`."""
     if not failures:
         return 0
-    print(f"gpudiff {command}: quality check failed (the output was written for inspection):",
-          file=sys.stderr)
+    print(
+        f"gpudiff {command}: quality check failed (the output was written for inspection):",
+        file=sys.stderr,
+    )
     for f in failures:
         print(f"  - {f}", file=sys.stderr)
     return QUALITY_EXIT

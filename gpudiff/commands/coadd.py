@@ -4,8 +4,8 @@
 
     gpudiff coadd WARP... -o COADD.fits [--psf-matched WARP...]
                   [--method compare-warp|meanclip|mean|median] [--psf FILE...] [--fwhm F...]
-                  [--noise|--variance|--ivar FILE...] [--mask FILE... [--mask-bits B]] [--config FILE]
-                  [--set FIELD=VALUE ...] [--overwrite] [--backend ...] [-v]
+                  [--noise|--variance|--ivar FILE...] [--mask FILE... [--mask-bits B]]
+                  [--config FILE] [--set FIELD=VALUE ...] [--overwrite] [--backend ...] [-v]
 
 ``compare-warp`` (the default) runs :class:`gpudiff.tasks.compare_warp.CompareWarpAssembleCoaddTask`
 (spec §10.4–§10.5); when no ``--psf-matched`` warps are given they are made with
@@ -49,7 +49,9 @@ def _reference_psf(sources: list) -> Any:
     best, best_fw = None, -1.0
     for s in sources:
         if s.psf is None:
-            raise PsfError(f"{s.name}: no PSF; PSF-matched warps cannot be made (give --psf-matched)")
+            raise PsfError(
+                f"{s.name}: no PSF; PSF-matched warps cannot be made (give --psf-matched)"
+            )
         b = s.bbox
         fw = s.psf.fwhm(b.x0 + (b.width - 1) / 2.0, b.y0 + (b.height - 1) / 2.0)
         if fw > best_fw:
@@ -99,17 +101,35 @@ def _write(output: str, exposure, n_image, overwrite: bool) -> None:
         with fits.open(tmp, memmap=False) as hdul:
             hdus = fits.HDUList([h.copy() for h in hdul])
         if n_image is not None:
-            hdus.append(fits.ImageHDU(np.asarray(exposure.backend.asnumpy(n_image), dtype=np.int32), name="NIMAGE"))
+            hdus.append(
+                fits.ImageHDU(
+                    np.asarray(exposure.backend.asnumpy(n_image), dtype=np.int32), name="NIMAGE"
+                )
+            )
         fitsio._atomic_write(hdus, output, overwrite)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def coadd_files(warps: list[str], output: str, *, psf_matched: list[str] | None = None,
-                method: str = "compare-warp", overrides: dict | None = None, backend=None,
-                overwrite: bool = False, psf=None, noise=None, variance=None, ivar=None, mask=None,
-                mask_bits=None, fwhm=None, log=None) -> dict:
+def coadd_files(
+    warps: list[str],
+    output: str,
+    *,
+    psf_matched: list[str] | None = None,
+    method: str = "compare-warp",
+    overrides: dict | None = None,
+    backend=None,
+    overwrite: bool = False,
+    psf=None,
+    noise=None,
+    variance=None,
+    ivar=None,
+    mask=None,
+    mask_bits=None,
+    fwhm=None,
+    log=None,
+) -> dict:
     """Coadd warp FITS files into ``output`` (the programmatic form of ``gpudiff coadd``).
 
     Parameters
@@ -159,26 +179,48 @@ def coadd_files(warps: list[str], output: str, *, psf_matched: list[str] | None 
     if not warps:
         raise InvalidInputError("coadd needs at least one warp")
     if os.path.exists(output) and not overwrite:
-        raise FitsWriteError(f"{output}: file exists (pass overwrite=True / --overwrite to replace it)")
+        raise FitsWriteError(
+            f"{output}: file exists (pass overwrite=True / --overwrite to replace it)"
+        )
     if psf_matched is not None and method != "compare-warp":
-        raise InvalidInputError(f"--psf-matched warps are only used by compare-warp, not {method!r}")
+        raise InvalidInputError(
+            f"--psf-matched warps are only used by compare-warp, not {method!r}"
+        )
     if psf_matched is not None and len(psf_matched) != len(warps):
-        raise InvalidInputError(f"{len(warps)} warps but {len(psf_matched)} PSF-matched warps; give one per warp")
+        raise InvalidInputError(
+            f"{len(warps)} warps but {len(psf_matched)} PSF-matched warps; give one per warp"
+        )
     be = get_backend(backend)
     sources = [FitsWarp(p) for p in warps]
     notes: list[str] = []
     needs_psf = method == "compare-warp" and psf_matched is None
-    sources, inputs = _attach(sources, warps, be, notes, log, needs_psf, psf=psf, noise=noise,
-                              variance=variance, ivar=ivar, mask=mask, mask_bits=mask_bits, fwhm=fwhm)
+    sources, inputs = _attach(
+        sources,
+        warps,
+        be,
+        notes,
+        log,
+        needs_psf,
+        psf=psf,
+        noise=noise,
+        variance=variance,
+        ivar=ivar,
+        mask=mask,
+        mask_bits=mask_bits,
+        fwhm=fwhm,
+    )
     timings: dict = {}
     tmpdir = None
     try:
         if method == "compare-warp":
-            config = apply_overrides(CompareWarpAssembleCoaddConfig(), overrides or {},
-                                     "CompareWarpAssembleCoaddConfig")
+            config = apply_overrides(
+                CompareWarpAssembleCoaddConfig(), overrides or {}, "CompareWarpAssembleCoaddConfig"
+            )
             config = _with_n_image(config)
             if psf_matched is None:
-                tmpdir = tempfile.mkdtemp(prefix=".gpudiff-coadd-", dir=os.path.dirname(os.path.abspath(output)))
+                tmpdir = tempfile.mkdtemp(
+                    prefix=".gpudiff-coadd-", dir=os.path.dirname(os.path.abspath(output))
+                )
                 ta = time.perf_counter()
                 psf_matched = _make_psf_matched(sources, tmpdir, be, notes)
                 timings["psf_match"] = time.perf_counter() - ta
@@ -190,9 +232,11 @@ def coadd_files(warps: list[str], output: str, *, psf_matched: list[str] | None 
             res = AssembleCoaddTask(config, backend=be).run(sources)
         meta = res.metadata
         exp = res.coadd_exposure
-        for card, key, comment in (("NCLIPPX", "n_clipped_pixels", "coadd pixels with CLIPPED"),
-                                   ("NNODATA", "n_no_data_pixels", "coadd pixels without data"),
-                                   ("NCLIPFP", "n_clipped_footprints", "CompareWarp artifact footprints")):
+        for card, key, comment in (
+            ("NCLIPPX", "n_clipped_pixels", "coadd pixels with CLIPPED"),
+            ("NNODATA", "n_no_data_pixels", "coadd pixels without data"),
+            ("NCLIPFP", "n_clipped_footprints", "CompareWarp artifact footprints"),
+        ):
             if key in meta:
                 exp.metadata[card] = (int(meta[key]), comment)
         exp.metadata["COADDMTH"] = (method, "gpudiff coadd method")
@@ -209,15 +253,27 @@ def coadd_files(warps: list[str], output: str, *, psf_matched: list[str] | None 
             shutil.rmtree(tmpdir, ignore_errors=True)
     timings.update({k[5:]: float(v) for k, v in meta.items() if k.startswith("time_")})
     timings["total"] = time.perf_counter() - t0
-    return dict(output=os.fspath(output), method=method, n_inputs=len(warps), n_used=int(meta["n_inputs"]),
-                skipped=dict(res.skipped), weights=[float(w) for w in res.weights],
-                n_clipped_pixels=int(meta["n_clipped_pixels"]), n_no_data_pixels=int(meta["n_no_data_pixels"]),
-                n_clipped_footprints=int(meta.get("n_clipped_footprints", 0)), backend=be.name,
-                timings={k: round(float(v), 4) for k, v in timings.items() if math.isfinite(v)}, notes=notes,
-                inputs=inputs, quality=quality)
+    return dict(
+        output=os.fspath(output),
+        method=method,
+        n_inputs=len(warps),
+        n_used=int(meta["n_inputs"]),
+        skipped=dict(res.skipped),
+        weights=[float(w) for w in res.weights],
+        n_clipped_pixels=int(meta["n_clipped_pixels"]),
+        n_no_data_pixels=int(meta["n_no_data_pixels"]),
+        n_clipped_footprints=int(meta.get("n_clipped_footprints", 0)),
+        backend=be.name,
+        timings={k: round(float(v), 4) for k, v in timings.items() if math.isfinite(v)},
+        notes=notes,
+        inputs=inputs,
+        quality=quality,
+    )
 
 
-def _attach(sources: list, paths: list[str], be, notes: list, log, needs_psf: bool, **given) -> tuple:
+def _attach(
+    sources: list, paths: list[str], be, notes: list, log, needs_psf: bool, **given
+) -> tuple:
     """Attach the per-warp inputs; warps given any (or lacking a PSF that compare-warp needs)
     are read whole and wrapped as in-memory warps.  (sources, per-warp source dicts)."""
     from ..image import read_exposure
@@ -241,7 +297,9 @@ def _attach(sources: list, paths: list[str], be, notes: list, log, needs_psf: bo
             out.append(s)
             inputs.append({"psf": "file" if s.psf is not None else None, "noise": "file"})
             continue
-        exp, src = attach_inputs(read_exposure(p, backend=be), p, need_psf=needs_psf, log=say, **mine)
+        exp, src = attach_inputs(
+            read_exposure(p, backend=be), p, need_psf=needs_psf, log=say, **mine
+        )
         out.append(ExposureWarp(exp, name=s.name))
         inputs.append(src.as_dict())
     return out, inputs
@@ -255,16 +313,33 @@ def _with_n_image(config):
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``gpudiff coadd`` to ``parser``."""
-    parser.add_argument("warps", metavar="WARP", nargs="+", help="direct warps on a common grid (FITS)")
-    parser.add_argument("-o", "--output", metavar="COADD.fits", required=True, help="output coadd (FITS)")
-    parser.add_argument("--psf-matched", metavar="WARP", nargs="+", default=None,
-                        help="PSF-matched warps, one per WARP in the same order (compare-warp; default: "
-                             "made with ModelPsfMatch to the largest PSF)")
-    parser.add_argument("--method", choices=sorted(METHODS), default="compare-warp",
-                        help="compare-warp (default), or a plain stack with that statistic")
+    parser.add_argument(
+        "warps", metavar="WARP", nargs="+", help="direct warps on a common grid (FITS)"
+    )
+    parser.add_argument(
+        "-o", "--output", metavar="COADD.fits", required=True, help="output coadd (FITS)"
+    )
+    parser.add_argument(
+        "--psf-matched",
+        metavar="WARP",
+        nargs="+",
+        default=None,
+        help="PSF-matched warps, one per WARP in the same order (compare-warp; default: "
+        "made with ModelPsfMatch to the largest PSF)",
+    )
+    parser.add_argument(
+        "--method",
+        choices=sorted(METHODS),
+        default="compare-warp",
+        help="compare-warp (default), or a plain stack with that statistic",
+    )
     parser.add_argument("--config", metavar="FILE", help="JSON or TOML file of config fields")
-    parser.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                        help="override a config field, e.g. detect.threshold_value=6 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="override a config field, e.g. detect.threshold_value=6 (repeatable)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace COADD.fits if it exists")
     from ._inputs import add_input_options
 
@@ -281,17 +356,36 @@ def run(args: argparse.Namespace) -> int:
             overrides[key] = {**overrides[key], **value}
         else:
             overrides[key] = value
-    s = coadd_files(args.warps, args.output, psf_matched=args.psf_matched, method=args.method,
-                    overrides=overrides, backend=getattr(args, "backend", None), overwrite=args.overwrite,
-                    psf=args.psf, noise=args.noise, variance=args.variance, ivar=args.ivar, mask=args.mask,
-                    mask_bits=args.mask_bits, fwhm=args.fwhm)
+    s = coadd_files(
+        args.warps,
+        args.output,
+        psf_matched=args.psf_matched,
+        method=args.method,
+        overrides=overrides,
+        backend=getattr(args, "backend", None),
+        overwrite=args.overwrite,
+        psf=args.psf,
+        noise=args.noise,
+        variance=args.variance,
+        ivar=args.ivar,
+        mask=args.mask,
+        mask_bits=args.mask_bits,
+        fwhm=args.fwhm,
+    )
     print(f"gpudiff coadd: {s['n_used']} of {s['n_inputs']} warps, method {s['method']}")
     for note in s["notes"]:
         print(f"  {note}")
     for name, why in s["skipped"].items():
         print(f"  skipped {name}: {why}")
-    extra = f", {s['n_clipped_footprints']} artifact footprints" if s["method"] == "compare-warp" else ""
-    print(f"  {s['n_clipped_pixels']} CLIPPED pixels{extra}, {s['n_no_data_pixels']} pixels without data")
+    extra = (
+        f", {s['n_clipped_footprints']} artifact footprints"
+        if s["method"] == "compare-warp"
+        else ""
+    )
+    print(
+        f"  {s['n_clipped_pixels']} CLIPPED pixels{extra}, "
+        f"{s['n_no_data_pixels']} pixels without data"
+    )
     print(f"  wrote {s['output']} (backend {s['backend']}, {s['timings']['total']:.1f} s)")
     from ._quality import report
 

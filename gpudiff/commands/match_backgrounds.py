@@ -185,8 +185,9 @@ def run(args: argparse.Namespace) -> int:
          for p, b in zip(args.warps, res.background_info_list)])
     for p, m in zip(args.warps, res.matched_image_list):
         quality += [f"{p}: {q}" for q in check_exposure_finite(m, "matched warp")]
-    for w, m, bkg, (mpath, bpath), src in zip(warps, res.matched_image_list, res.background_info_list, outs,
-                                              sources):
+    for w, m, bkg, (mpath, bpath), src in zip(
+        warps, res.matched_image_list, res.background_info_list, outs, sources
+    ):
         m.metadata["REFVISIT"] = (res.reference_visit, "background-matching reference visit")
         m.metadata["GDNOISRC"] = (src.noise, f"variance: {src.noise_detail}"[:46])
         write_exposure(mpath, m, overwrite=args.overwrite)
@@ -195,9 +196,14 @@ def run(args: argparse.Namespace) -> int:
     table = res.diagnostics.copy()
     table.meta["inputs"] = [os.fspath(p) for p in args.warps]
     table.meta["tract_box"] = [box.x0, box.y0, box.x1, box.y1]
-    atomic_write(summary, lambda f: table.write(f, format="ascii.ecsv"), overwrite=args.overwrite, text=True)
+    atomic_write(
+        summary, lambda f: table.write(f, format="ascii.ecsv"), overwrite=args.overwrite, text=True
+    )
 
-    print(f"gpudiff match-backgrounds: {len(warps)} warps of {len(res.diagnostics)} visits on {tract!r}")
+    print(
+        f"gpudiff match-backgrounds: {len(warps)} warps of {len(res.diagnostics)} visits "
+        f"on {tract!r}"
+    )
     how = "given" if res.reference_choice is None else "chosen by cost"
     print(f"  reference visit {res.reference_visit} ({how}); per-visit summary:")
     shown = table.copy()
@@ -206,8 +212,10 @@ def run(args: argparse.Namespace) -> int:
             shown[name].info.format = ".4g"
     for line in shown.pformat(max_lines=-1, max_width=-1):
         print("  " + line)
-    print(f"  wrote {2 * len(warps)} FITS files and {summary} (backend {be.name}, "
-          f"{time.perf_counter() - t0:.1f} s)")
+    print(
+        f"  wrote {2 * len(warps)} FITS files and {summary} (backend {be.name}, "
+        f"{time.perf_counter() - t0:.1f} s)"
+    )
     return report("match-backgrounds", quality)
 
 
@@ -217,11 +225,20 @@ def _attach(warps: list, args: argparse.Namespace) -> tuple[list, list]:
     from ._inputs import per_input
 
     n = len(warps)
-    each = {k: per_input(getattr(args, k, None), n, f"--{k}") for k in ("noise", "variance", "ivar", "mask")}
+    each = {
+        k: per_input(getattr(args, k, None), n, f"--{k}")
+        for k in ("noise", "variance", "ivar", "mask")
+    }
     out, sources = [], []
     for i, (w, p) in enumerate(zip(warps, args.warps)):
-        w, src = attach_inputs(w, p, need_psf=False, mask_bits=getattr(args, "mask_bits", None),
-                               log=lambda m: print("  " + m), **{k: v[i] for k, v in each.items()})
+        w, src = attach_inputs(
+            w,
+            p,
+            need_psf=False,
+            mask_bits=getattr(args, "mask_bits", None),
+            log=lambda m: print("  " + m),
+            **{k: v[i] for k, v in each.items()},
+        )
         out.append(w)
         sources.append(src)
     return out, sources

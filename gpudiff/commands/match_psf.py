@@ -4,8 +4,8 @@
 
     gpudiff match-psf EXPOSURE -o OUT.fits (--reference-fwhm F | --reference-psf PSF.fits)
                       [--psf FILE] [--noise|--variance|--ivar FILE] [--mask FILE [--mask-bits B]]
-                      [--fwhm F] [--kernel-size N] [--config FILE] [--set FIELD=VALUE ...] [--overwrite]
-                      [--backend ...] [-v]
+                      [--fwhm F] [--kernel-size N] [--config FILE] [--set FIELD=VALUE ...]
+                      [--overwrite] [--backend ...] [-v]
 
 Runs :class:`gpudiff.tasks.ModelPsfMatchTask` (LSST ``ModelPsfMatchTask``, spec §7).  The
 output is written in the LSST-style layout with the reference PSF as its ``PSF`` HDU and
@@ -68,27 +68,62 @@ def _odd_int(text: str) -> int:
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``gpudiff match-psf`` to ``parser``."""
     parser.add_argument("exposure", metavar="EXPOSURE", help="input exposure (FITS)")
-    parser.add_argument("-o", "--output", metavar="OUT.fits", required=True, help="output exposure (FITS)")
+    parser.add_argument(
+        "-o", "--output", metavar="OUT.fits", required=True, help="output exposure (FITS)"
+    )
     ref = parser.add_mutually_exclusive_group(required=True)
-    ref.add_argument("--reference-fwhm", metavar="F", type=_positive_float,
-                     help="match to a round Gaussian PSF of this FWHM (pixels)")
-    ref.add_argument("--reference-psf", metavar="PSF.fits",
-                     help="match to the PSF in this FITS file (gpudiff PSF HDU, WebbPSF, or an image)")
-    parser.add_argument("--kernel-size", metavar="N", type=_odd_int, default=None,
-                        help="matching kernel size in pixels (odd; default 21, LSST's)")
-    parser.add_argument("--config", metavar="FILE", help="JSON or TOML file of ModelPsfMatchConfig fields")
-    parser.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                        help="override a config field, e.g. kernel.spatial_kernel_order=1 (repeatable)")
+    ref.add_argument(
+        "--reference-fwhm",
+        metavar="F",
+        type=_positive_float,
+        help="match to a round Gaussian PSF of this FWHM (pixels)",
+    )
+    ref.add_argument(
+        "--reference-psf",
+        metavar="PSF.fits",
+        help="match to the PSF in this FITS file (gpudiff PSF HDU, WebbPSF, or an image)",
+    )
+    parser.add_argument(
+        "--kernel-size",
+        metavar="N",
+        type=_odd_int,
+        default=None,
+        help="matching kernel size in pixels (odd; default 21, LSST's)",
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="JSON or TOML file of ModelPsfMatchConfig fields"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="override a config field, e.g. kernel.spatial_kernel_order=1 (repeatable)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT.fits if it exists")
     from ._inputs import add_input_options
 
     add_input_options(parser, roles=())
 
 
-def match_psf_file(exposure, output, *, reference_fwhm: float | None = None, reference_psf=None,
-                   kernel_size: int | None = None, overrides: dict | None = None, backend=None,
-                   overwrite: bool = False, log=print, psf=None, noise=None, variance=None, ivar=None,
-                   mask=None, mask_bits=None, fwhm: float | None = None) -> dict:
+def match_psf_file(
+    exposure,
+    output,
+    *,
+    reference_fwhm: float | None = None,
+    reference_psf=None,
+    kernel_size: int | None = None,
+    overrides: dict | None = None,
+    backend=None,
+    overwrite: bool = False,
+    log=print,
+    psf=None,
+    noise=None,
+    variance=None,
+    ivar=None,
+    mask=None,
+    mask_bits=None,
+    fwhm: float | None = None,
+) -> dict:
     """PSF-match the exposure in a FITS file to a reference PSF and write the result: the
     file-level work of ``gpudiff match-psf``, shared by the command and :mod:`gpudiff.batch`.
 
@@ -141,13 +176,18 @@ def match_psf_file(exposure, output, *, reference_fwhm: float | None = None, ref
         try:
             reference_fwhm = float(reference_fwhm)
         except (TypeError, ValueError):
-            raise InvalidInputError(f"reference_fwhm must be a number of pixels, got {reference_fwhm!r}") from None
+            raise InvalidInputError(
+                f"reference_fwhm must be a number of pixels, got {reference_fwhm!r}"
+            ) from None
         if not (math.isfinite(reference_fwhm) and reference_fwhm > 0):
-            raise InvalidInputError(f"reference_fwhm must be a positive FWHM in pixels, got {reference_fwhm}")
+            raise InvalidInputError(
+                f"reference_fwhm must be a positive FWHM in pixels, got {reference_fwhm}"
+            )
     if os.path.exists(output) and not overwrite:
         # fail before the work, not after it
         raise FitsWriteError(f"{output}: file exists (pass --overwrite to replace it)")
     from ..image.atomic import check_writable
+
     check_writable(output, overwrite=True)  # a missing or read-only folder fails before the work
     config = ModelPsfMatchConfig()
     if overrides:
@@ -160,8 +200,18 @@ def match_psf_file(exposure, output, *, reference_fwhm: float | None = None, ref
     timings: dict[str, float] = {}
     t = time.perf_counter()
     exp = read_exposure(exposure, backend=be)
-    exp, src = attach_inputs(exp, exposure, psf=psf, noise=noise, variance=variance, ivar=ivar, mask=mask,
-                             mask_bits=mask_bits, fwhm=fwhm, log=lambda m: log(f"gpudiff match-psf: {m}"))
+    exp, src = attach_inputs(
+        exp,
+        exposure,
+        psf=psf,
+        noise=noise,
+        variance=variance,
+        ivar=ivar,
+        mask=mask,
+        mask_bits=mask_bits,
+        fwhm=fwhm,
+        log=lambda m: log(f"gpudiff match-psf: {m}"),
+    )
     if reference_fwhm is not None:
         reference = GaussianPsf(fwhm=reference_fwhm)
         ref_text = f"Gaussian of FWHM {reference_fwhm:.3g} px"
@@ -185,8 +235,15 @@ def match_psf_file(exposure, output, *, reference_fwhm: float | None = None, ref
     write_exposure(output, out, overwrite=overwrite)
     timings["write"] = time.perf_counter() - t
     summary = {k: v for k, v in meta.items() if isinstance(v, (int, float, str))}
-    summary.update(output=output, backend=be.name, reference=ref_text, shape=tuple(exp.shape), timings=timings,
-                   inputs=src.as_dict(), quality=quality)
+    summary.update(
+        output=output,
+        backend=be.name,
+        reference=ref_text,
+        shape=tuple(exp.shape),
+        timings=timings,
+        inputs=src.as_dict(),
+        quality=quality,
+    )
     return summary
 
 
@@ -199,23 +256,44 @@ def run(args: argparse.Namespace) -> int:
         from .subtract import merge_overrides
 
         overrides = merge_overrides(load_config_file(args.config), parse_set(args.set))
-    meta = match_psf_file(args.exposure, args.output, reference_fwhm=args.reference_fwhm,
-                          reference_psf=args.reference_psf, kernel_size=args.kernel_size, overrides=overrides,
-                          backend=getattr(args, "backend", None), overwrite=args.overwrite,
-                          psf=args.psf, noise=args.noise, variance=args.variance, ivar=args.ivar,
-                          mask=args.mask, mask_bits=args.mask_bits, fwhm=args.fwhm)
+    meta = match_psf_file(
+        args.exposure,
+        args.output,
+        reference_fwhm=args.reference_fwhm,
+        reference_psf=args.reference_psf,
+        kernel_size=args.kernel_size,
+        overrides=overrides,
+        backend=getattr(args, "backend", None),
+        overwrite=args.overwrite,
+        psf=args.psf,
+        noise=args.noise,
+        variance=args.variance,
+        ivar=args.ivar,
+        mask=args.mask,
+        mask_bits=args.mask_bits,
+        fwhm=args.fwhm,
+    )
     ny, nx = meta["shape"]
-    fw = (f"{meta['science_fwhm_min']:.2f}" if math.isclose(meta["science_fwhm_min"], meta["science_fwhm_max"],
-                                                            rel_tol=1e-3)
-          else f"{meta['science_fwhm_min']:.2f}-{meta['science_fwhm_max']:.2f}")
-    print(f"gpudiff match-psf: {args.exposure} ({nx}x{ny}, PSF FWHM {fw} px) -> {meta['reference']}")
-    print(f"  kernel {meta['kernel_size']} px, spatial order {meta['spatial_kernel_order']}, "
-          f"{meta['n_cells_x']}x{meta['n_cells_y']} cells, PSF images {meta['psf_size']} px "
-          f"(padded by {meta['psf_padding']}); fitted kernel sum {meta['fitted_kernel_sum']:.4f}, "
-          f"PSF match residual {100 * meta['residual_max']:.2f} % (max over cells)")
+    fw = (
+        f"{meta['science_fwhm_min']:.2f}"
+        if math.isclose(meta["science_fwhm_min"], meta["science_fwhm_max"], rel_tol=1e-3)
+        else f"{meta['science_fwhm_min']:.2f}-{meta['science_fwhm_max']:.2f}"
+    )
+    print(
+        f"gpudiff match-psf: {args.exposure} ({nx}x{ny}, PSF FWHM {fw} px) -> {meta['reference']}"
+    )
+    print(
+        f"  kernel {meta['kernel_size']} px, spatial order {meta['spatial_kernel_order']}, "
+        f"{meta['n_cells_x']}x{meta['n_cells_y']} cells, PSF images {meta['psf_size']} px "
+        f"(padded by {meta['psf_padding']}); fitted kernel sum {meta['fitted_kernel_sum']:.4f}, "
+        f"PSF match residual {100 * meta['residual_max']:.2f} % (max over cells)"
+    )
     src = meta["inputs"]
-    print(f"  PSF from {src['psf']}" + (f" ({src['psf_detail']})" if src["psf_detail"] else "")
-          + f", variance from {src['noise']}")
+    print(
+        f"  PSF from {src['psf']}"
+        + (f" ({src['psf_detail']})" if src["psf_detail"] else "")
+        + f", variance from {src['noise']}"
+    )
     print(f"  wrote {args.output} (backend {meta['backend']}, {time.perf_counter() - t0:.1f} s)")
     from ._quality import report
 

@@ -17,20 +17,36 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("science", help="science exposure (LSST-style, CCDData or plain FITS)")
     parser.add_argument("template", help="template exposure (warped onto the science grid if needed)")
     parser.add_argument("-o", "--output", required=True, help="difference (or score) FITS to write")
-    parser.add_argument("--mode", choices=("auto", "convolveTemplate", "convolveScience"), default=None,
-                        help="which image to convolve (default: auto, unless --config/--set sets mode)")
-    parser.add_argument("--preconvolve", action="store_true",
-                        help="write the preconvolved score image (AlardLuptonPreconvolveSubtractTask)")
-    parser.add_argument("--sources", help="kernel-source catalog (x, y and S/N or flux/flux_err columns)")
+    parser.add_argument(
+        "--mode",
+        choices=("auto", "convolveTemplate", "convolveScience"),
+        default=None,
+        help="which image to convolve (default: auto, unless --config/--set sets mode)",
+    )
+    parser.add_argument(
+        "--preconvolve",
+        action="store_true",
+        help="write the preconvolved score image (AlardLuptonPreconvolveSubtractTask)",
+    )
+    parser.add_argument(
+        "--sources", help="kernel-source catalog (x, y and S/N or flux/flux_err columns)"
+    )
     parser.add_argument("--sources-out", help="write the DIA source catalog here (ECSV or FITS)")
     parser.add_argument("--matched-template-out", help="write the PSF-matched template here")
     parser.add_argument("--no-detect", action="store_true", help="skip DIA source detection")
-    parser.add_argument("--plots", metavar="DIR",
-                        help="write diagnostic PNGs here: kernel_grid.png, residual_histogram.png")
+    parser.add_argument(
+        "--plots",
+        metavar="DIR",
+        help="write diagnostic PNGs here: kernel_grid.png, residual_histogram.png",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--config", help="JSON or TOML file of task config fields")
-    parser.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                        help="override one config field (dotted for nested, repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="override one config field (dotted for nested, repeatable)",
+    )
     from ._inputs import add_input_options
 
     add_input_options(parser, roles=("science", "template"))
@@ -57,8 +73,10 @@ def _header(res, backend, timings: dict) -> dict:
         "GDBACKND": (backend, "gpudiff array backend"),
     }
     # The spatial orders the fit actually used (lowered automatically on small fields).
-    for key, card, what in (("spatial_kernel_order_used", "GDKORD", "spatial kernel order used"),
-                            ("spatial_bg_order_used", "GDBORD", "spatial bg order used (-1: none fitted)")):
+    for key, card, what in (
+        ("spatial_kernel_order_used", "GDKORD", "spatial kernel order used"),
+        ("spatial_bg_order_used", "GDBORD", "spatial bg order used (-1: none fitted)"),
+    ):
         if m.get(key) is not None:
             cards[card] = (int(m[key]), what)
     if "scale_science_variance_factor" in m:
@@ -93,14 +111,38 @@ def write_table_atomic(table, path, overwrite: bool = False) -> None:
     atomic_write(path, lambda f: table.write(f, format=fmt), overwrite, text=fmt != "fits")
 
 
-def subtract_files(science, template, output, *, overrides: dict | None = None, mode: str | None = None,
-                   preconvolve: bool = False, sources=None, sources_out=None, matched_template_out=None,
-                   detect: bool = True, plots=None, backend=None, overwrite: bool = False, log=print,
-                   science_psf=None, template_psf=None, science_noise=None, template_noise=None,
-                   science_variance=None, template_variance=None, science_ivar=None, template_ivar=None,
-                   science_mask=None, template_mask=None, science_mask_bits=None, template_mask_bits=None,
-                   fwhm: float | None = None, science_fwhm: float | None = None,
-                   template_fwhm: float | None = None) -> dict:
+def subtract_files(
+    science,
+    template,
+    output,
+    *,
+    overrides: dict | None = None,
+    mode: str | None = None,
+    preconvolve: bool = False,
+    sources=None,
+    sources_out=None,
+    matched_template_out=None,
+    detect: bool = True,
+    plots=None,
+    backend=None,
+    overwrite: bool = False,
+    log=print,
+    science_psf=None,
+    template_psf=None,
+    science_noise=None,
+    template_noise=None,
+    science_variance=None,
+    template_variance=None,
+    science_ivar=None,
+    template_ivar=None,
+    science_mask=None,
+    template_mask=None,
+    science_mask_bits=None,
+    template_mask_bits=None,
+    fwhm: float | None = None,
+    science_fwhm: float | None = None,
+    template_fwhm: float | None = None,
+) -> dict:
     """Subtract ``template`` from ``science`` (FITS files) and write the difference: the file-level
     work of ``gpudiff subtract``, shared by the command and by :mod:`gpudiff.batch`.
 
@@ -176,23 +218,44 @@ def subtract_files(science, template, output, *, overrides: dict | None = None, 
     tmpl_exp = read_exposure(template, backend=be)
     note = lambda m: log("  " + m)  # noqa: E731
     sci_exp, sci_src = attach_inputs(
-        sci_exp, science, psf=science_psf, noise=science_noise, variance=science_variance,
-        ivar=science_ivar, mask=science_mask, mask_bits=science_mask_bits,
-        fwhm=science_fwhm if science_fwhm is not None else fwhm, log=note)
+        sci_exp,
+        science,
+        psf=science_psf,
+        noise=science_noise,
+        variance=science_variance,
+        ivar=science_ivar,
+        mask=science_mask,
+        mask_bits=science_mask_bits,
+        fwhm=science_fwhm if science_fwhm is not None else fwhm,
+        log=note,
+    )
     tmpl_exp, tmpl_src = attach_inputs(
-        tmpl_exp, template, psf=template_psf, noise=template_noise, variance=template_variance,
-        ivar=template_ivar, mask=template_mask, mask_bits=template_mask_bits,
-        fwhm=template_fwhm if template_fwhm is not None else fwhm, log=note)
+        tmpl_exp,
+        template,
+        psf=template_psf,
+        noise=template_noise,
+        variance=template_variance,
+        ivar=template_ivar,
+        mask=template_mask,
+        mask_bits=template_mask_bits,
+        fwhm=template_fwhm if template_fwhm is not None else fwhm,
+        log=note,
+    )
     timings["read"] = time.perf_counter() - t
     if not tmpl_exp.bbox.contains(sci_exp.bbox) or (
-            tmpl_exp.wcs is not None and sci_exp.wcs is not None
-            and not wcs_equal(tmpl_exp.wcs, sci_exp.bbox, sci_exp.wcs, sci_exp.bbox)):
+        tmpl_exp.wcs is not None
+        and sci_exp.wcs is not None
+        and not wcs_equal(tmpl_exp.wcs, sci_exp.bbox, sci_exp.wcs, sci_exp.bbox)
+    ):
         if tmpl_exp.wcs is None or sci_exp.wcs is None:
-            raise InvalidInputError(f"template {template} does not cover the science grid and one of "
-                                    "the two files has no WCS to warp with")
+            raise InvalidInputError(
+                f"template {template} does not cover the science grid and one of "
+                "the two files has no WCS to warp with"
+            )
         t = time.perf_counter()
-        tmpl_exp = warp_exposure(tmpl_exp, sci_exp.wcs, sci_exp.bbox, name="template", dest_name="science",
-                                 backend=be)
+        tmpl_exp = warp_exposure(
+            tmpl_exp, sci_exp.wcs, sci_exp.bbox, name="template", dest_name="science", backend=be
+        )
         timings["warp"] = time.perf_counter() - t
     cfg_cls = AlardLuptonPreconvolveSubtractConfig if preconvolve else AlardLuptonSubtractConfig
     overrides = merge_overrides(overrides, {"mode": mode} if mode else None)
@@ -207,7 +270,9 @@ def subtract_files(science, template, output, *, overrides: dict | None = None, 
             raise InvalidInputError(f"cannot read source catalog {sources}: {exc}") from None
     t = time.perf_counter()
     if preconvolve:
-        res = AlardLuptonPreconvolveSubtractTask(config, backend=be).run(tmpl_exp, sci_exp, src_table)
+        res = AlardLuptonPreconvolveSubtractTask(config, backend=be).run(
+            tmpl_exp, sci_exp, src_table
+        )
         result_exp = res.score_exposure
     else:
         res = AlardLuptonSubtractTask(config, backend=be).run(tmpl_exp, sci_exp, src_table)
@@ -227,8 +292,11 @@ def subtract_files(science, template, output, *, overrides: dict | None = None, 
         timings["detect"] = time.perf_counter() - t
     m = res.metadata
     if m.get("science_sharper_than_template"):  # the task logs it; the command says it too
-        log("  warning: the science PSF looks sharper than the template's under convolveTemplate: the "
-            "kernel must deconvolve; --mode auto would convolve the science image")
+        log(
+            "  warning: the science PSF looks sharper than the template's under "
+            "convolveTemplate: the kernel must deconvolve; --mode auto would convolve the "
+            "science image"
+        )
     quality = check_subtraction(m, result_exp, sci_exp, tmpl_exp)
     cards = _header(res, be.name, timings)
     cards.update(input_cards(sci_src, "science"))
@@ -253,8 +321,12 @@ def subtract_files(science, template, output, *, overrides: dict | None = None, 
         pdir.mkdir(parents=True, exist_ok=True)
         kernel_grid_png(pdir / "kernel_grid.png", res.psf_matching_kernel, sci_exp.bbox)
         mi = result_exp.masked_image.to_numpy()
-        good = mi.good_pixels(("NO_DATA", "EDGE", "SAT", "BAD", "CR", "DETECTED", "DETECTED_NEGATIVE"))
-        residual_histogram_png(pdir / "residual_histogram.png", (mi.image / np.sqrt(mi.variance))[good])
+        good = mi.good_pixels(
+            ("NO_DATA", "EDGE", "SAT", "BAD", "CR", "DETECTED", "DETECTED_NEGATIVE")
+        )
+        residual_histogram_png(
+            pdir / "residual_histogram.png", (mi.image / np.sqrt(mi.variance))[good]
+        )
     timings["write"] = time.perf_counter() - t
     return {
         "output": str(out),
@@ -286,19 +358,34 @@ def run(args: argparse.Namespace) -> int:
     from ._quality import report
 
     overrides = merge_overrides(load_config_file(args.config), parse_set(args.set))
-    s = subtract_files(args.science, args.template, args.output, overrides=overrides,
-                       mode=cli_mode(args.mode, overrides), preconvolve=args.preconvolve,
-                       sources=args.sources, sources_out=args.sources_out,
-                       matched_template_out=args.matched_template_out, detect=not args.no_detect,
-                       plots=args.plots, backend=args.backend, overwrite=args.overwrite,
-                       **input_kwargs(args))
-    print(f"gpudiff subtract: {s['mode']} on {s['backend']}; kernel sum {s['kernel_sum']:.4f}; "
-          f"{s['n_candidates_used']} kernel candidates used; wrote {s['output']}"
-          + (f"; {s['n_dia_sources']} DIA sources" if s["n_dia_sources"] is not None else ""))
+    s = subtract_files(
+        args.science,
+        args.template,
+        args.output,
+        overrides=overrides,
+        mode=cli_mode(args.mode, overrides),
+        preconvolve=args.preconvolve,
+        sources=args.sources,
+        sources_out=args.sources_out,
+        matched_template_out=args.matched_template_out,
+        detect=not args.no_detect,
+        plots=args.plots,
+        backend=args.backend,
+        overwrite=args.overwrite,
+        **input_kwargs(args),
+    )
+    print(
+        f"gpudiff subtract: {s['mode']} on {s['backend']}; kernel sum {s['kernel_sum']:.4f}; "
+        f"{s['n_candidates_used']} kernel candidates used; wrote {s['output']}"
+        + (f"; {s['n_dia_sources']} DIA sources" if s["n_dia_sources"] is not None else "")
+    )
     for role in ("science", "template"):
         src = s["inputs"][role]
-        print(f"  {role}: PSF from {src['psf']}" + (f" ({src['psf_detail']})" if src["psf_detail"] else "")
-              + f", variance from {src['noise']}"
-              + (f" ({src['noise_detail']})" if src["noise_detail"] else ""))
+        print(
+            f"  {role}: PSF from {src['psf']}"
+            + (f" ({src['psf_detail']})" if src["psf_detail"] else "")
+            + f", variance from {src['noise']}"
+            + (f" ({src['noise_detail']})" if src["noise_detail"] else "")
+        )
     print("  timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in s["timings"].items()))
     return report("subtract", s["quality"])

@@ -37,8 +37,8 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 import numpy as np
 from astropy.io import fits
@@ -49,18 +49,18 @@ from .maskplanes import MAX_MASK_PLANES, MaskPlanes
 from .psf import GaussianPsf, GridPsf, ImagePsf, Psf
 
 __all__ = [
-    "PSF_SOURCES",
     "NOISE_KINDS",
+    "PSF_SOURCES",
     "InputSources",
     "as_psf",
-    "read_psf_file",
-    "read_noise_map",
+    "attach_inputs",
+    "input_cards",
     "noise_to_variance",
     "parse_mask_bits",
     "read_mask",
+    "read_noise_map",
+    "read_psf_file",
     "resolve_psf",
-    "attach_inputs",
-    "input_cards",
 ]
 
 #: Where a PSF came from, in fallback order.
@@ -71,8 +71,11 @@ NOISE_KINDS = ("sigma", "variance", "ivar")
 _SIGMA_NAMES = {"ERR", "ERROR", "SIGMA", "NOISE", "STD", "STDDEV", "RMS", "UNCERT", "SIG"}
 _VAR_NAMES = {"VAR", "VARIANCE", "VAR_POISSON", "VAR_RNOISE", "VAR_FLAT"}
 _IVAR_NAMES = {"WHT", "IVAR", "INVVAR", "INV_VAR", "IVM", "WEIGHT", "WEIGHTS"}
-_UTYPES = {"StdDevUncertainty": "sigma", "VarianceUncertainty": "variance",
-           "InverseVariance": "ivar"}
+_UTYPES = {
+    "StdDevUncertainty": "sigma",
+    "VarianceUncertainty": "variance",
+    "InverseVariance": "ivar",
+}
 # A PSF image whose light-weighted centroid is further than this from its central pixel
 # is not centred the way every gpudiff PSF model is (kernel_image's centre pixel): using it
 # would shift the matched template.  Half a pixel is the most a centred, undersampled PSF
@@ -99,18 +102,27 @@ class InputSources:
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"psf": self.psf, "psf_detail": self.psf_detail, "noise": self.noise,
-                "noise_detail": self.noise_detail, "mask": self.mask, "mask_detail": self.mask_detail}
+        return {
+            "psf": self.psf,
+            "psf_detail": self.psf_detail,
+            "noise": self.noise,
+            "noise_detail": self.noise_detail,
+            "mask": self.mask,
+            "mask_detail": self.mask_detail,
+        }
 
 
 def _open(path: str):
     if not os.path.isfile(path):
-        raise FitsReadError(f"{path}: " + ("not a regular file" if os.path.exists(path)
-                                           else "no such file"))
+        raise FitsReadError(
+            f"{path}: " + ("not a regular file" if os.path.exists(path) else "no such file")
+        )
     try:
         return fits.open(path, memmap=False)
-    except Exception as exc:
-        raise FitsReadError(f"{path}: not a readable FITS file ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # noqa: BLE001  (nothing raw from astropy escapes)
+        raise FitsReadError(
+            f"{path}: not a readable FITS file ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def _image_hdus(hdul) -> list:
@@ -126,7 +138,9 @@ def _check_psf_image(img: np.ndarray, where: str) -> np.ndarray:
     if img.ndim != 2 or img.size == 0:
         raise PsfError(f"{where}: a PSF image must be 2-D, got shape {img.shape}")
     if not np.isfinite(img).all():
-        raise PsfError(f"{where}: the PSF image has {int((~np.isfinite(img)).sum())} non-finite pixels")
+        raise PsfError(
+            f"{where}: the PSF image has {int((~np.isfinite(img)).sum())} non-finite pixels"
+        )
     total = img.sum()
     if not total > 0:
         raise PsfError(f"{where}: the PSF image must have a positive sum, got {total:.4g}")
@@ -134,17 +148,22 @@ def _check_psf_image(img: np.ndarray, where: str) -> np.ndarray:
     if ny % 2 == 0 or nx % 2 == 0:
         # ImagePsf would pad it to odd with pixel (W-1)//2 in the centre, which is right only
         # if the maker used afw's convention; say so rather than shift silently.
-        warnings.warn(f"{where}: the PSF image is {nx}x{ny} (even); its pixel "
-                      f"({(nx - 1) // 2}, {(ny - 1) // 2}) is taken as the centre", UserWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"{where}: the PSF image is {nx}x{ny} (even); its pixel "
+            f"({(nx - 1) // 2}, {(ny - 1) // 2}) is taken as the centre",
+            UserWarning,
+            stacklevel=3,
+        )
     pos = np.clip(img, 0, None)
     yy, xx = np.mgrid[0:ny, 0:nx]
     cx, cy = (pos * xx).sum() / pos.sum(), (pos * yy).sum() / pos.sum()
     ox, oy = cx - (nx - 1) // 2, cy - (ny - 1) // 2
     if math.hypot(ox, oy) > _MAX_CENTROID_OFFSET:
-        raise PsfError(f"{where}: the PSF image is not centred: its centroid is ({ox:+.2f}, {oy:+.2f}) "
-                       f"px from the central pixel ({(nx - 1) // 2}, {(ny - 1) // 2}); a PSF image "
-                       "must have the star on its central pixel")
+        raise PsfError(
+            f"{where}: the PSF image is not centred: its centroid is ({ox:+.2f}, {oy:+.2f}) "
+            f"px from the central pixel ({(nx - 1) // 2}, {(ny - 1) // 2}); a PSF image "
+            "must have the star on its central pixel"
+        )
     return img / total
 
 
@@ -154,8 +173,10 @@ def _grid_from_cube(cube: np.ndarray, table, where: str) -> GridPsf:
     xk = next((cols[k] for k in ("X", "XS", "XPOS", "X_PIX") if k in cols), None)
     yk = next((cols[k] for k in ("Y", "YS", "YPOS", "Y_PIX") if k in cols), None)
     if xk is None or yk is None:
-        raise PsfError(f"{where}: a PSF cube needs a table with x and y columns (parent pixels); "
-                       f"the table has {table.columns.names}")
+        raise PsfError(
+            f"{where}: a PSF cube needs a table with x and y columns (parent pixels); "
+            f"the table has {table.columns.names}"
+        )
     x = np.asarray(table.data[xk], dtype=np.float64).ravel()
     y = np.asarray(table.data[yk], dtype=np.float64).ravel()
     if x.size != cube.shape[0]:
@@ -164,9 +185,11 @@ def _grid_from_cube(cube: np.ndarray, table, where: str) -> GridPsf:
     if xs.size * ys.size != x.size:
         # GridPsf interpolates bilinearly on a regular lattice; scattered positions would
         # need another interpolant, which no gpudiff PSF model has.
-        raise PsfError(f"{where}: the {x.size} PSF positions do not form a full grid "
-                       f"({xs.size} distinct x × {ys.size} distinct y); gpudiff's GridPsf needs "
-                       "one PSF at every (x, y) of a grid")
+        raise PsfError(
+            f"{where}: the {x.size} PSF positions do not form a full grid "
+            f"({xs.size} distinct x × {ys.size} distinct y); gpudiff's GridPsf needs "
+            "one PSF at every (x, y) of a grid"
+        )
     s = cube.shape[-1]
     images = np.zeros((ys.size, xs.size, s, s))
     seen = np.zeros((ys.size, xs.size), dtype=bool)
@@ -209,7 +232,9 @@ def read_psf_file(path) -> Psf:
         cube = next((h for h in images if h.data.ndim == 3 and h.data.shape[0] > 1), None)
         table = next((h for h in hdul if isinstance(h, fits.BinTableHDU)), None)
         if not gpudiff_psf and cube is not None and table is not None:
-            return _grid_from_cube(np.asarray(cube.data, dtype=np.float64), table, f"{path}[{cube.name}]")
+            return _grid_from_cube(
+                np.asarray(cube.data, dtype=np.float64), table, f"{path}[{cube.name}]"
+            )
         if not gpudiff_psf:
             h = hdul["DET_SAMP"] if "DET_SAMP" in names else images[0]
             return ImagePsf(_check_psf_image(h.data, f"{path}[{h.name}]"))
@@ -228,8 +253,9 @@ def as_psf(value, name: str = "psf") -> Psf:
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
-        raise InvalidInputError(f"{name}: expected a Psf, a 2-D PSF image or a FITS path, got "
-                                f"{type(value).__name__}") from None
+        raise InvalidInputError(
+            f"{name}: expected a Psf, a 2-D PSF image or a FITS path, got {type(value).__name__}"
+        ) from None
     return ImagePsf(_check_psf_image(arr, name))
 
 
@@ -241,9 +267,15 @@ def _header_fwhm(exposure: Exposure) -> float | None:
     return v if math.isfinite(v) and v > 0 else None
 
 
-def resolve_psf(exposure: Exposure, name: str, *, psf=None, fwhm: float | None = None,
-                estimate: bool = True, log: Callable[[str], None] | None = None
-                ) -> tuple[Exposure, str, str]:
+def resolve_psf(
+    exposure: Exposure,
+    name: str,
+    *,
+    psf=None,
+    fwhm: float | None = None,
+    estimate: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Exposure, str, str]:
     """The exposure with a PSF, by the fallback order of the module docstring.
 
     Parameters
@@ -282,12 +314,18 @@ def resolve_psf(exposure: Exposure, name: str, *, psf=None, fwhm: float | None =
         fwhm = _positive(fwhm, "fwhm")
     if psf is not None:
         model = as_psf(psf, f"{name}: given PSF")
-        detail = os.path.basename(os.fspath(psf)) if isinstance(psf, (str, os.PathLike)) \
+        detail = (
+            os.path.basename(os.fspath(psf))
+            if isinstance(psf, (str, os.PathLike))
             else type(psf).__name__
+        )
         if exposure.psf is not None:
             say(f"{name}: using the given PSF ({detail}) instead of the file's")
         else:
-            say(f"{name}: no PSF in the file; using the given PSF ({detail}, FWHM {model.fwhm():.2f} px)")
+            say(
+                f"{name}: no PSF in the file; using the given PSF ({detail}, "
+                f"FWHM {model.fwhm():.2f} px)"
+            )
         return _with_psf(exposure, model), "option", detail
     if exposure.psf is not None:
         return exposure, "file", ""
@@ -303,22 +341,30 @@ def resolve_psf(exposure: Exposure, name: str, *, psf=None, fwhm: float | None =
             return _with_psf(exposure, model), "stars", f"FWHM {model.fwhm():.3f}"
     hf = _header_fwhm(exposure)
     if hf is not None:
-        say(f"warning: {name}: no PSF in the file and none estimated from its stars; using a Gaussian "
-            f"of the header's FWHM = {hf:.2f} px")
+        say(
+            f"warning: {name}: no PSF in the file and none estimated from its stars; using a "
+            f"Gaussian of the header's FWHM = {hf:.2f} px"
+        )
         return _with_psf(exposure, GaussianPsf(fwhm=hf)), "header-fwhm", f"FWHM {hf:.3f}"
     if fwhm is not None:
-        say(f"warning: {name}: no PSF in the file, none estimated from its stars and no FWHM card; "
-            f"using a Gaussian of the given FWHM = {fwhm:.2f} px")
+        say(
+            f"warning: {name}: no PSF in the file, none estimated from its stars and no FWHM card; "
+            f"using a Gaussian of the given FWHM = {fwhm:.2f} px"
+        )
         return _with_psf(exposure, GaussianPsf(fwhm=fwhm)), "fwhm-option", f"FWHM {fwhm:.3f}"
     # The estimator's own reason first (what the user can act on), then what was tried.
     why = f"{tried[-1]}; so " if tried else ""
-    raise PsfError(f"{why}{name}: no PSF in the file and none could be estimated from its stars, no FWHM "
-                   "header card and no FWHM given; give a PSF (--science-psf/--template-psf/--psf FILE) "
-                   "or --fwhm F")
+    raise PsfError(
+        f"{why}{name}: no PSF in the file and none could be estimated from its stars, no FWHM "
+        "header card and no FWHM given; give a PSF (--science-psf/--template-psf/--psf FILE) "
+        "or --fwhm F"
+    )
 
 
 def _with_psf(exposure: Exposure, psf: Psf) -> Exposure:
-    return Exposure(exposure.masked_image, psf, exposure.wcs, exposure.photo_calib, exposure.metadata)
+    return Exposure(
+        exposure.masked_image, psf, exposure.wcs, exposure.photo_calib, exposure.metadata
+    )
 
 
 def _positive(v, what: str) -> float:
@@ -338,14 +384,17 @@ def _unit_kind(bunit: str | None, image_bunit: str | None) -> str | None:
     import astropy.units as u
 
     try:
-        un, ui = u.Unit(str(bunit), parse_strict="silent"), u.Unit(str(image_bunit), parse_strict="silent")
+        un, ui = (
+            u.Unit(str(bunit), parse_strict="silent"),
+            u.Unit(str(image_bunit), parse_strict="silent"),
+        )
         if isinstance(un, u.UnrecognizedUnit) or isinstance(ui, u.UnrecognizedUnit):
             return None
         if un == ui:
             return "sigma"
-        if un == ui ** 2:
+        if un == ui**2:
             return "variance"
-        if un == ui ** -2:
+        if un == ui**-2:
             return "ivar"
     except (ValueError, TypeError):
         return None
@@ -378,8 +427,13 @@ def noise_to_variance(data, kind: str) -> np.ndarray:
     return np.where(ok, var, np.inf).astype(np.float32)
 
 
-def read_noise_map(path, kind: str = "sigma", *, image_bunit: str | None = None,
-                   log: Callable[[str], None] | None = None) -> tuple[np.ndarray, str, str]:
+def read_noise_map(
+    path,
+    kind: str = "sigma",
+    *,
+    image_bunit: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[np.ndarray, str, str]:
     """Read a σ, variance or inverse-variance map; return it as a variance.
 
     Parameters
@@ -409,15 +463,20 @@ def read_noise_map(path, kind: str = "sigma", *, image_bunit: str | None = None,
         images = [h for h in _image_hdus(hdul) if h.data.ndim >= 2]
         if not images:
             raise FitsReadError(f"{path}: no image HDU holds a noise map")
-        named = [h for h in images
-                 if str(h.name).upper() in _SIGMA_NAMES | _VAR_NAMES | _IVAR_NAMES
-                 or str(h.name).upper().startswith("VAR_")]
+        named = [
+            h
+            for h in images
+            if str(h.name).upper() in _SIGMA_NAMES | _VAR_NAMES | _IVAR_NAMES
+            or str(h.name).upper().startswith("VAR_")
+        ]
         h = named[0] if named else images[0]
         data = np.asarray(h.data)
         while data.ndim > 2 and data.shape[0] == 1:
             data = data[0]
         if data.ndim != 2:
-            raise FitsReadError(f"{path}[{h.name}]: a noise map must be 2-D, got shape {data.shape}")
+            raise FitsReadError(
+                f"{path}[{h.name}]: a noise map must be 2-D, got shape {data.shape}"
+            )
         header = h.header.copy()
         if h is not hdul[0]:
             header.extend(hdul[0].header.copy(strip=True), unique=True)
@@ -451,17 +510,22 @@ def parse_mask_bits(spec) -> dict[str, int]:
                 continue
             m = _BITS_RE.match(part)
             if m is None:
-                raise InvalidInputError(f"mask bits: cannot read {part.strip()!r}; write NAME=BIT, "
-                                        "e.g. 'BAD=0,SAT=1'")
+                raise InvalidInputError(
+                    f"mask bits: cannot read {part.strip()!r}; write NAME=BIT, e.g. 'BAD=0,SAT=1'"
+                )
             items.append((m.group(1), m.group(2)))
     out: dict[str, int] = {}
     for name, bit in items:
         try:
             b = int(bit)
         except (TypeError, ValueError):
-            raise InvalidInputError(f"mask bits: bit of {name!r} must be an integer, got {bit!r}") from None
+            raise InvalidInputError(
+                f"mask bits: bit of {name!r} must be an integer, got {bit!r}"
+            ) from None
         if not 0 <= b < MAX_MASK_PLANES:
-            raise InvalidInputError(f"mask bits: bit of {name!r} must be in 0..{MAX_MASK_PLANES - 1}, got {b}")
+            raise InvalidInputError(
+                f"mask bits: bit of {name!r} must be in 0..{MAX_MASK_PLANES - 1}, got {b}"
+            )
         key = str(name).strip().upper()
         if key in out:
             raise InvalidInputError(f"mask bits: plane {key!r} named twice")
@@ -473,36 +537,49 @@ def parse_mask_bits(spec) -> dict[str, int]:
     return out
 
 
-def _mask_from_array(data, where: str, bits: Mapping[str, int] | None, header=None
-                     ) -> tuple[np.ndarray, MaskPlanes, str]:
+def _mask_from_array(
+    data, where: str, bits: Mapping[str, int] | None, header=None
+) -> tuple[np.ndarray, MaskPlanes, str]:
     a = np.asarray(data)
     if a.dtype.kind == "b":
         a = a.astype(np.int64)
     if a.dtype.kind == "f":
         with np.errstate(invalid="ignore"):
             if not (np.isfinite(a) & (a == np.round(a))).all():
-                raise InvalidInputError(f"{where}: a mask must hold integers, got non-integral values")
+                raise InvalidInputError(
+                    f"{where}: a mask must hold integers, got non-integral values"
+                )
         a = a.astype(np.int64)
     if a.dtype.kind not in "iu":
         raise InvalidInputError(f"{where}: a mask must hold integers, got dtype {a.dtype}")
-    if (a < 0).any() or (a >= 2 ** MAX_MASK_PLANES).any():
+    if (a < 0).any() or (a >= 2**MAX_MASK_PLANES).any():
         raise InvalidInputError(f"{where}: mask values must be in 0..2**{MAX_MASK_PLANES}-1")
     a = a.astype(np.int32)
     if bits:
         planes, how = MaskPlanes(dict(bits)), "named by the caller"
     else:
-        planes = MaskPlanes.from_header(header, default=False) if header is not None else MaskPlanes({})
+        planes = (
+            MaskPlanes.from_header(header, default=False) if header is not None else MaskPlanes({})
+        )
         how = "named by its MP_* cards"
         if len(planes) == 0:
             # astropy's (CCDData) convention: any nonzero value is masked.
-            return np.where(a != 0, np.int32(1), np.int32(0)), MaskPlanes({"BAD": 0}), \
-                "no plane names: nonzero pixels are BAD"
+            return (
+                np.where(a != 0, np.int32(1), np.int32(0)),
+                MaskPlanes({"BAD": 0}),
+                "no plane names: nonzero pixels are BAD",
+            )
     present = int(np.bitwise_or.reduce(a.ravel())) if a.size else 0
-    unnamed = [b for b in range(MAX_MASK_PLANES) if present & (1 << b)
-               and b not in set(planes.values())]
+    unnamed = [
+        b for b in range(MAX_MASK_PLANES) if present & (1 << b) and b not in set(planes.values())
+    ]
     if unnamed:
-        warnings.warn(f"{where}: mask bits {unnamed} have no plane name; kept as planes "
-                      f"{[f'BIT{b}' for b in unnamed]}", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{where}: mask bits {unnamed} have no plane name; kept as planes "
+            f"{[f'BIT{b}' for b in unnamed]}",
+            UserWarning,
+            stacklevel=3,
+        )
         planes = MaskPlanes({**dict(planes), **{f"BIT{b}": b for b in unnamed}})
     return a, planes, how
 
@@ -524,7 +601,9 @@ def read_mask(path, bits=None) -> tuple[np.ndarray, MaskPlanes, str]:
         images = [h for h in _image_hdus(hdul) if h.data.ndim == 2]
         if not images:
             raise FitsReadError(f"{path}: no 2-D image HDU holds a mask")
-        h = next((h for h in images if str(h.name).upper() in ("MASK", "DQ", "FLAGS", "BPM")), images[0])
+        h = next(
+            (h for h in images if str(h.name).upper() in ("MASK", "DQ", "FLAGS", "BPM")), images[0]
+        )
         return _mask_from_array(np.asarray(h.data), f"{path}[{h.name}]", names, h.header)
 
 
@@ -532,14 +611,27 @@ def read_mask(path, bits=None) -> tuple[np.ndarray, MaskPlanes, str]:
 def _check_shape(arr: np.ndarray, exposure: Exposure, what: str, name: str) -> None:
     if tuple(arr.shape) != tuple(exposure.shape):
         ny, nx = exposure.shape
-        raise ShapeMismatchError(f"{what} is {arr.shape[1]}x{arr.shape[0]} pixels but the image {name} is "
-                                 f"{nx}x{ny}; a {what.split(' ')[0]} must cover the image pixel for pixel")
+        raise ShapeMismatchError(
+            f"{what} is {arr.shape[1]}x{arr.shape[0]} pixels but the image {name} is "
+            f"{nx}x{ny}; a {what.split(' ')[0]} must cover the image pixel for pixel"
+        )
 
 
-def attach_inputs(exposure: Exposure, name: str = "image", *, psf=None, noise=None, variance=None,
-                  ivar=None, mask=None, mask_bits=None, fwhm: float | None = None,
-                  need_psf: bool = True, estimate_psf: bool = True,
-                  log: Callable[[str], None] | None = None) -> tuple[Exposure, InputSources]:
+def attach_inputs(
+    exposure: Exposure,
+    name: str = "image",
+    *,
+    psf=None,
+    noise=None,
+    variance=None,
+    ivar=None,
+    mask=None,
+    mask_bits=None,
+    fwhm: float | None = None,
+    need_psf: bool = True,
+    estimate_psf: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Exposure, InputSources]:
     """Attach what the caller handed beside an image; a new Exposure and where each came from.
 
     Parameters
@@ -588,10 +680,16 @@ def attach_inputs(exposure: Exposure, name: str = "image", *, psf=None, noise=No
         if log is not None:
             log(msg)
 
-    given = [(k, v) for k, v in (("sigma", noise), ("variance", variance), ("ivar", ivar)) if v is not None]
+    given = [
+        (k, v)
+        for k, v in (("sigma", noise), ("variance", variance), ("ivar", ivar))
+        if v is not None
+    ]
     if len(given) > 1:
-        raise InvalidInputError(f"{name}: give at most one of a noise (σ), variance and inverse-variance "
-                                f"map, got {', '.join(k for k, _ in given)}")
+        raise InvalidInputError(
+            f"{name}: give at most one of a noise (σ), variance and inverse-variance "
+            f"map, got {', '.join(k for k, _ in given)}"
+        )
     be = exposure.backend
     mi = exposure.masked_image
     image, var, msk, planes = mi.image, mi.variance, mi.mask, mi.mask_planes
@@ -599,18 +697,23 @@ def attach_inputs(exposure: Exposure, name: str = "image", *, psf=None, noise=No
     if given:
         kind, value = given[0]
         if isinstance(value, (str, os.PathLike)):
-            v, used, why = read_noise_map(value, kind, image_bunit=exposure.metadata.get("BUNIT"), log=say)
+            v, used, why = read_noise_map(
+                value, kind, image_bunit=exposure.metadata.get("BUNIT"), log=say
+            )
             where = f"{kind} map {os.fspath(value)}"
             detail = os.path.basename(os.fspath(value))
         else:
             used, why, where, detail = kind, "option", f"{kind} map", "array"
-            v = noise_to_variance(be.asnumpy(value) if hasattr(value, "__cuda_array_interface__")
-                                  else value, kind)
+            v = noise_to_variance(
+                be.asnumpy(value) if hasattr(value, "__cuda_array_interface__") else value, kind
+            )
         _check_shape(v, exposure, where, name)
         var = be.asarray(v, dtype=np.float32)
         src.noise, src.noise_detail = used, detail
-        say(f"{name}: variance from the {used} map {detail}"
-            + (f" (recognised by {why})" if why != "option" else ""))
+        say(
+            f"{name}: variance from the {used} map {detail}"
+            + (f" (recognised by {why})" if why != "option" else "")
+        )
         changed = True
     if mask is not None:
         if isinstance(mask, (str, os.PathLike)):
@@ -648,10 +751,15 @@ def attach_inputs(exposure: Exposure, name: str = "image", *, psf=None, noise=No
         meta = meta.copy()
         for key in ("GDVAREST", "GDSKYLEV", "GDSKYSIG", "GDGAIN"):
             meta.remove(key, ignore_missing=True, remove_all=True)
-    out = Exposure(mi, exposure.psf, exposure.wcs, exposure.photo_calib, meta) if changed else exposure
+    out = (
+        Exposure(mi, exposure.psf, exposure.wcs, exposure.photo_calib, meta)
+        if changed
+        else exposure
+    )
     if need_psf:
-        out, src.psf, src.psf_detail = resolve_psf(out, name, psf=psf, fwhm=fwhm,
-                                                   estimate=estimate_psf, log=say)
+        out, src.psf, src.psf_detail = resolve_psf(
+            out, name, psf=psf, fwhm=fwhm, estimate=estimate_psf, log=say
+        )
     elif psf is not None:
         out, src.psf, src.psf_detail = resolve_psf(out, name, psf=psf, log=say)
     src.notes = notes
@@ -676,4 +784,3 @@ def input_cards(sources: InputSources, role: str = "science") -> dict:
         cards[psf_key] = (sources.psf, f"{role} PSF: {sources.psf_detail}"[:46])
     cards[noise_key] = (sources.noise, f"{role} variance: {sources.noise_detail}"[:46])
     return cards
-
