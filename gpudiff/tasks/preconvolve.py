@@ -23,7 +23,8 @@ from ..psfmatch.fit import KernelFit
 from ..psfmatch.spatial import SpatialKernel
 from .decorrelate import DecorrelateALKernelTask
 from .masks import convolve_preserving
-from .subtract import AlardLuptonSubtractConfig, AlardLuptonSubtractTask, _no_data_nan, psf_fwhm
+from .subtract import (AlardLuptonSubtractConfig, AlardLuptonSubtractTask, _no_data_nan, psf_fwhm,
+                       residual_background)
 
 __all__ = ["AlardLuptonPreconvolveSubtractConfig", "PreconvolveResult", "AlardLuptonPreconvolveSubtractTask",
            "preconvolution_kernel"]
@@ -113,7 +114,11 @@ class AlardLuptonPreconvolveSubtractTask(AlardLuptonSubtractTask):
         # The fit modelled the preconvolved science as K⊗T + B, so S' − K⊗T − B is free of
         # the differential background (the same sign as convolveTemplate).
         bg = kernel.background_image(box, be) if cfg.do_subtract_background else None
-        score = _no_data_nan(ms.subtract(mt, bg))
+        score = ms.subtract(mt, bg)
+        if cfg.do_subtract_background:
+            score, meta["residual_background_rms"] = residual_background(score, science.psf,
+                                                                         cfg.make_kernel.spatial_bg_order)
+        score = _no_data_nan(score)
         score_exp = Exposure(score, science.psf, science.wcs, science.photo_calib, science.metadata)
         if cfg.do_decorrelation:
             dec = DecorrelateALKernelTask(self._decorrelation_config(), backend=be).run(
