@@ -34,11 +34,37 @@ Usage (in a fresh process: :func:`install` patches gpudiff's backend factory for
 
 The registered CUDA kernels are routed to their NumPy twins (their launchers convert
 inputs with ``cupy.asarray``, so host inputs are legal there).
+
+**Counting** (how GPU cost is measured when no GPU is lent): inside ``with counting():``
+the fake counts, per stage (``with stage("label"):``, nestable, labels joined by "/") and
+per library function (the innermost ``gpudiff`` frame of the call):
+
+* *device calls*: every operation that launches work on a real device — a ufunc (or its
+  ``reduce``), an ``xp.*`` / ``fft.*`` / ``ndimage.*`` / ``linalg.*`` function, an array
+  method that computes (``sum``, ``astype`` to a new dtype, ``copy`` …), advanced
+  indexing, an item assignment, a registered kernel.  Views (basic slicing, ``reshape``,
+  ``ravel``, ``.T``) and allocations without fill (``empty``) are free.  A cuFFT transform
+  or ``ndimage.label`` counts once although they are a few kernels;
+* *host syncs*: explicit (``get``, ``asnumpy``, ``synchronize``) and implicit (``bool``,
+  ``float``, ``int``, ``item``, ``tolist`` of a device value; boolean-mask indexing,
+  ``nonzero``, ``unique``, ``label``, ``find_objects`` …, whose output size the host must
+  learn);
+* *bytes*: host→device (``asarray`` of host data, host indices or values, host kernel
+  inputs), device→host (every sync's payload), and *touched* (the sum of the operand and
+  result sizes of every device call: what the call reads and writes in device memory, if
+  nothing stayed in cache).
+
+:func:`report` returns the totals per stage and the top functions; :func:`estimate_seconds`
+turns them into a device-time estimate with a stated model.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
+import sys
+import threading
 import traceback
 import types
 from typing import Any
@@ -48,10 +74,167 @@ import scipy.fft
 import scipy.ndimage
 from numpy.lib.mixins import NDArrayOperatorsMixin
 
-__all__ = ["VIOLATIONS", "DeviceDisciplineError", "Dev", "install", "make_backend", "fake_xp"]
+__all__ = ["VIOLATIONS", "DeviceDisciplineError", "Dev", "install", "make_backend", "fake_xp",
+           "COUNTS", "counting", "stage", "report", "estimate_seconds", "H200_MODEL"]
 
 #: Every refusal, as ``(message, stack)``, in order; the test asserts it stays empty.
 VIOLATIONS: list[tuple[str, str]] = []
+
+
+# ----------------------------------------------------------------------------------------
+# counting
+# ----------------------------------------------------------------------------------------
+
+
+class _Counts:
+    """Counters of the fake device (see the module docstring).  Thread-safe."""
+
+    def __init__(self):
+        self.enabled = False
+        self.lock = threading.Lock()
+        self.local = threading.local()
+        self.reset()
+
+    def reset(self):
+        self.stage_calls = collections.Counter()   # stage → device calls
+        self.stage_syncs = collections.Counter()   # stage → host syncs
+        self.stage_bytes = collections.Counter()   # (stage, "h2d" | "d2h" | "touched") → bytes
+        self.func_calls = collections.Counter()    # (stage, function) → device calls
+        self.func_syncs = collections.Counter()    # (stage, function) → host syncs
+        self.sync_kinds = collections.Counter()    # (stage, kind) → host syncs
+
+    def stack(self) -> list:
+        st = getattr(self.local, "stack", None)
+        if st is None:
+            st = self.local.stack = list(getattr(self, "_main_stack", []))
+        return st
+
+    def label(self) -> str:
+        st = self.stack()
+        return "/".join(st) if st else "(no stage)"
+
+
+COUNTS = _Counts()
+_THIS = __name__
+
+
+def _library_frame() -> str:
+    """``module:function`` of the innermost gpudiff frame (outside gpudiff.backend) of the
+    current call."""
+    f = sys._getframe(2)
+    while f is not None:
+        mod = f.f_globals.get("__name__", "")
+        # gpudiff.backend's helpers (asarray, asnumpy, kernel launchers) are attributed
+        # to their caller, which is what a reader can change.
+        if mod.startswith("gpudiff") and not mod.startswith("gpudiff.backend"):
+            return f"{mod}:{f.f_code.co_name}"
+        f = f.f_back
+    return "(caller outside gpudiff)"
+
+
+def _nbytes(*xs) -> int:
+    n = 0
+    for x in xs:
+        if isinstance(x, Dev):
+            n += x._a.nbytes
+        elif isinstance(x, (list, tuple)):
+            n += _nbytes(*x)
+    return n
+
+
+def _count_call(touched: int = 0, n: int = 1):
+    if not COUNTS.enabled:
+        return
+    lab, fn = COUNTS.label(), _library_frame()
+    with COUNTS.lock:
+        COUNTS.stage_calls[lab] += n
+        COUNTS.func_calls[(lab, fn)] += n
+        COUNTS.stage_bytes[(lab, "touched")] += touched
+
+
+def _count_sync(kind: str, nbytes: int = 0):
+    if not COUNTS.enabled:
+        return
+    lab, fn = COUNTS.label(), _library_frame()
+    with COUNTS.lock:
+        COUNTS.stage_syncs[lab] += 1
+        COUNTS.func_syncs[(lab, fn)] += 1
+        COUNTS.sync_kinds[(lab, kind)] += 1
+        COUNTS.stage_bytes[(lab, "d2h")] += nbytes
+
+
+def _count_h2d(nbytes: int):
+    if COUNTS.enabled and nbytes:
+        lab = COUNTS.label()
+        with COUNTS.lock:
+            COUNTS.stage_bytes[(lab, "h2d")] += nbytes
+
+
+def _host_nbytes(*xs) -> int:
+    n = 0
+    for x in xs:
+        if isinstance(x, np.ndarray):
+            n += x.nbytes
+        elif isinstance(x, (list, tuple)):
+            n += _host_nbytes(*x)
+    return n
+
+
+@contextlib.contextmanager
+def counting():
+    """Count device calls, host syncs and bytes inside the block (counters reset first)."""
+    COUNTS.reset()
+    COUNTS.enabled = True
+    try:
+        yield COUNTS
+    finally:
+        COUNTS.enabled = False
+
+
+@contextlib.contextmanager
+def stage(label: str):
+    """Attribute what runs inside the block to ``label`` (nested: "outer/label").  Threads
+    started inside inherit the stage of the thread that entered it first."""
+    st = COUNTS.stack()
+    st.append(str(label))
+    COUNTS._main_stack = list(st)
+    try:
+        yield
+    finally:
+        st.pop()
+        COUNTS._main_stack = list(st)
+
+
+#: The cost model of :func:`estimate_seconds` (an H200; state it with every estimate).
+H200_MODEL = {
+    "launch_s": 8e-6,      # per device call: CuPy's Python-side launch cost, ~5-10 µs
+    "sync_s": 10e-6,       # per host sync: a stream drain plus a small copy
+    "hbm_Bps": 4.0e12,     # bytes touched, at ~85 % of the H200's 4.8 TB/s
+    "pcie_Bps": 25e9,      # host<->device bytes, PCIe 5 x16 from pinned memory
+}
+
+
+def estimate_seconds(calls: int, syncs: int, touched: int, transfer: int, model: dict = H200_MODEL):
+    """(total, parts) device-time estimate: launches + syncs + touched/HBM + transfer/PCIe,
+    added (no overlap assumed: an upper bound when launches hide behind work)."""
+    parts = {"launch": calls * model["launch_s"], "sync": syncs * model["sync_s"],
+             "hbm": touched / model["hbm_Bps"], "pcie": transfer / model["pcie_Bps"]}
+    return sum(parts.values()), parts
+
+
+def report(top: int = 12) -> dict:
+    """Totals per stage and the ``top`` functions by device calls and by syncs."""
+    stages = sorted(set(COUNTS.stage_calls) | set(COUNTS.stage_syncs)
+                    | {k[0] for k in COUNTS.stage_bytes})
+    per = {}
+    for lab in stages:
+        per[lab] = {"calls": COUNTS.stage_calls[lab], "syncs": COUNTS.stage_syncs[lab],
+                    "h2d": COUNTS.stage_bytes[(lab, "h2d")], "d2h": COUNTS.stage_bytes[(lab, "d2h")],
+                    "touched": COUNTS.stage_bytes[(lab, "touched")]}
+    return {"stages": per,
+            "top_calls": COUNTS.func_calls.most_common(top),
+            "top_syncs": COUNTS.func_syncs.most_common(top),
+            "sync_kinds": COUNTS.sync_kinds.most_common(top)}
 
 
 class DeviceDisciplineError(TypeError):
@@ -105,6 +288,49 @@ _HOST_OK_METHODS = frozenset({"take", "put", "compress"})
 _HOST_RESULT_METHODS = frozenset({"tolist", "item", "get"})
 
 
+#: Functions that allocate or make views: no kernel on a real device.
+_FREE_FUNCS = frozenset({
+    "empty", "empty_like", "shape", "ndim", "size", "result_type", "can_cast", "broadcast_to",
+    "broadcast_arrays", "expand_dims", "reshape", "ravel", "moveaxis", "swapaxes", "transpose",
+    "squeeze", "atleast_1d", "atleast_2d", "atleast_3d", "iscomplexobj", "isrealobj", "isscalar",
+    "asnumpy", "get_array_module", "may_share_memory", "shares_memory", "dtype", "finfo", "iinfo"})
+#: Functions whose output size depends on the data (the host must learn it: a sync), or
+#: that return host values.
+_SYNC_FUNCS = frozenset({
+    "nonzero", "flatnonzero", "argwhere", "unique", "extract", "compress", "label", "find_objects",
+    "center_of_mass", "maximum_position", "minimum_position", "extrema", "array_equal", "allclose"})
+#: Array methods that return views (free) on a real device.
+_VIEW_METHODS = frozenset({"reshape", "ravel", "view", "transpose", "swapaxes", "squeeze"})
+
+
+def _has_bool_index(key) -> bool:
+    keys = key if isinstance(key, tuple) else (key,)
+    for k in keys:
+        a = k._a if isinstance(k, Dev) else k
+        if isinstance(a, np.ndarray) and a.dtype == bool:
+            return True
+    return False
+
+
+def _method_launches(name, a, r, args, kwargs) -> bool:
+    if name in _VIEW_METHODS:
+        return not (isinstance(r, np.ndarray) and np.shares_memory(r, a))
+    if name == "astype":
+        return r is not a
+    return True
+
+
+def _count_func(name: str, args, kwargs, r):
+    """Count one library function call of the fake namespaces (or np.* on device arrays)."""
+    if not COUNTS.enabled or name in _FREE_FUNCS:
+        return
+    if name == "where" and len(args) == 1:
+        _count_sync("where(cond) (data-dependent size)", 8)
+    elif name in _SYNC_FUNCS:
+        _count_sync(f"{name} (data-dependent size / host result)", 8)
+    _count_call(_host_nbytes(args, tuple(kwargs.values()), r))
+
+
 class Dev(NDArrayOperatorsMixin):
     """A fake device array: a NumPy array that only the fake namespaces may touch.
 
@@ -127,17 +353,22 @@ class Dev(NDArrayOperatorsMixin):
         ins = [_unwrap(x, False, where) for x in inputs]
         if "out" in kwargs:
             kwargs["out"] = tuple(_unwrap(o, False, where + " out=") for o in kwargs["out"])
-        return _wrap(getattr(ufunc, method)(*ins, **kwargs))
+        r = getattr(ufunc, method)(*ins, **kwargs)
+        _count_call(_host_nbytes(ins, r if "out" not in kwargs else ()))
+        return _wrap(r)
 
     def __array_function__(self, func, types, args, kwargs):
         where = f"np.{func.__name__}"
         args = _unwrap(args, False, where)
         kwargs = {k: _unwrap(v, False, where) for k, v in kwargs.items()}
-        return _wrap(func(*args, **kwargs))
+        r = func(*args, **kwargs)
+        _count_func(func.__name__, args, kwargs, r)
+        return _wrap(r)
 
     def __index__(self):
         if self._a.ndim != 0:
             _fail("__index__ of a non-scalar device array")
+        _count_sync("scalar to host", self._a.itemsize)
         return int(self._a)
 
     # --- device identity and explicit transfer -------------------------------------------
@@ -148,12 +379,19 @@ class Dev(NDArrayOperatorsMixin):
 
     def get(self) -> np.ndarray:
         """The host copy (``cupy.ndarray.get``)."""
+        _count_sync("get / asnumpy", self._a.nbytes)
         return np.array(self._a, copy=True)
 
     # --- indexing ------------------------------------------------------------------------
     def __getitem__(self, key):
         # CuPy converts host index arrays (``_prepare_slice_list``): allowed.
-        return _wrap(self._a[_unwrap(key, True, "__getitem__")])
+        r = self._a[_unwrap(key, True, "__getitem__")]
+        if COUNTS.enabled and _is_advanced(key):
+            _count_h2d(_host_nbytes(key if isinstance(key, tuple) else (key,)))
+            _count_call(_nbytes(key) + np.asarray(r).nbytes * 2)
+            if _has_bool_index(key):  # the output size is data-dependent: CuPy syncs
+                _count_sync("boolean-mask index", 8)
+        return _wrap(r)
 
     def __setitem__(self, key, value):
         host_seq = isinstance(value, list) or (isinstance(value, np.ndarray) and value.ndim > 0)
@@ -162,6 +400,13 @@ class Dev(NDArrayOperatorsMixin):
             _fail("non-scalar host value assigned into a basic slice of a device array "
                   "(CuPy: ValueError: non-scalar numpy.ndarray cannot be used for fill)")
         self._a[_unwrap(key, True, "__setitem__")] = _unwrap(value, True, "__setitem__")
+        if COUNTS.enabled:
+            keys = key if isinstance(key, tuple) else (key,)
+            _count_h2d(_host_nbytes(keys) + _host_nbytes((value,)))
+            _count_call(_nbytes(keys) + 2 * (_nbytes((value,)) or np.asarray(value).nbytes))
+            if _has_bool_index(key) and (isinstance(value, (Dev, list))
+                                         or (isinstance(value, np.ndarray) and value.ndim > 0)):
+                _count_sync("boolean-mask assignment", 8)
 
     # --- the rest of the ndarray surface -------------------------------------------------
     def __len__(self):
@@ -172,18 +417,23 @@ class Dev(NDArrayOperatorsMixin):
             yield self[i]
 
     def __bool__(self):
+        _count_sync("scalar to host", self._a.itemsize)
         return bool(self._a)
 
     def __float__(self):
+        _count_sync("scalar to host", self._a.itemsize)
         return float(self._a)
 
     def __int__(self):
+        _count_sync("scalar to host", self._a.itemsize)
         return int(self._a)
 
     def __complex__(self):
+        _count_sync("scalar to host", self._a.itemsize)
         return complex(self._a)
 
     def __format__(self, spec):
+        _count_sync("scalar to host", self._a.nbytes)
         return format(self._a.item() if self._a.ndim == 0 else self._a, spec)
 
     def __repr__(self):
@@ -199,14 +449,25 @@ class Dev(NDArrayOperatorsMixin):
             def fill(value):
                 if isinstance(value, np.ndarray) and value.ndim > 0:
                     _fail("non-scalar numpy.ndarray passed to fill()")
+                _count_call(self._a.nbytes)
                 return attr(_unwrap(value, True, ".fill()"))
             return fill
         host_ok = name in _HOST_OK_METHODS
+        a = self._a
 
         def method(*args, **kwargs):
             args = _unwrap(args, host_ok, f".{name}()")
             kwargs = {k: _unwrap(v, host_ok, f".{name}()") for k, v in kwargs.items()}
             r = attr(*args, **kwargs)
+            if COUNTS.enabled:
+                if name in _HOST_RESULT_METHODS:
+                    _count_sync(f".{name}()", _host_nbytes((r,)) or a.nbytes)
+                elif _method_launches(name, a, r, args, kwargs):
+                    if host_ok:
+                        _count_h2d(_host_nbytes(args) + _host_nbytes(tuple(kwargs.values())))
+                    _count_call(a.nbytes + _host_nbytes((r,)))
+                    if name in _SYNC_FUNCS:
+                        _count_sync(f".{name}() (data-dependent size)", 8)
             return r if name in _HOST_RESULT_METHODS else _wrap(r)
         return method
 
@@ -239,7 +500,9 @@ class _Func:
                 _fail(f"{self.where}() got keyword {k!r}, which CuPy's does not take")
         args = _unwrap(args, False, self.where)
         kwargs = {k: _unwrap(v, k in self.host_kw, self.where) for k, v in kwargs.items()}
-        return _wrap(self.f(*args, **kwargs))
+        r = self.f(*args, **kwargs)
+        _count_func(self.where.rsplit(".", 1)[-1], args, kwargs, r)
+        return _wrap(r)
 
     def __getattr__(self, name):  # ufunc.reduce, ufunc.outer ...
         a = getattr(self.f, name)
@@ -250,8 +513,13 @@ def _to_device(a, dtype=None, copy=True, **kwargs):
     """``cupy.asarray``/``cupy.array``: host data are copied over; a device array is
     reused unless a copy is asked for (``asarray`` aliases, as CuPy's does)."""
     if isinstance(a, Dev):
-        return Dev(np.array(a._a, dtype=dtype, copy=copy or None, **kwargs))
-    return Dev(np.array(_unwrap(a, True, "asarray"), dtype=dtype, copy=True, **kwargs))
+        r = np.array(a._a, dtype=dtype, copy=copy or None, **kwargs)
+        if r is not a._a and not np.shares_memory(r, a._a):
+            _count_call(a._a.nbytes + r.nbytes)
+        return Dev(r)
+    r = np.array(_unwrap(a, True, "asarray"), dtype=dtype, copy=True, **kwargs)
+    _count_h2d(r.nbytes)
+    return Dev(r)
 
 
 class _Cuda:
@@ -318,8 +586,13 @@ def make_backend():
     """A :class:`gpudiff.backend.Backend` named ``"cupy"`` over the fake namespaces."""
     from gpudiff.backend.core import Backend
 
+    def to_device(a):
+        r = np.array(a, copy=True)
+        _count_h2d(r.nbytes)
+        return Dev(r)
+
     return Backend(name="cupy", xp=fake_xp, fft=fake_fft, ndimage=fake_ndimage, linalg=fake_linalg, device=0,
-                   _to_device=lambda a: Dev(np.array(a, copy=True)), _sync=lambda: None)
+                   _to_device=to_device, _sync=lambda: _count_sync("synchronize"))
 
 
 _INSTALLED: list = []
@@ -349,9 +622,17 @@ def install():
     def launcher_for(impl):
         # The real launchers cupy.asarray their array inputs: host data are legal there.
         def launch(*args, **kwargs):
+            if COUNTS.enabled:
+                _count_h2d(_host_nbytes(args) + _host_nbytes(tuple(kwargs.values())))
             args = _unwrap(args, True, "kernel")
             kwargs = {k: _unwrap(v, True, "kernel") for k, v in kwargs.items()}
-            return _wrap(impl(*args, **kwargs))
+            was, COUNTS.enabled = COUNTS.enabled, False  # the twin's NumPy work is one kernel
+            try:
+                r = impl(*args, **kwargs)
+            finally:
+                COUNTS.enabled = was
+            _count_call(_host_nbytes(args, tuple(kwargs.values()), r))
+            return _wrap(r)
         return launch
 
     for name, spec in list(kernels._REGISTRY.items()):

@@ -427,3 +427,61 @@ def test_device_discipline(reports, name):
     assert not r["violations"], f"{name}: {len(r['violations'])} device violation(s); first:\n{r['violations'][0]}"
     assert r["error"] is None, f"{name} failed on the strict device:\n{r['error']}"
     assert r["mismatch"] is None, f"{name}: results differ from the NumPy backend: {r['mismatch']}"
+
+
+# ----------------------------------------------------------------------------------------
+# the counting device (bench/bench_device_counts.py measures GPU cost with it)
+# ----------------------------------------------------------------------------------------
+
+
+def test_counting_device_counts_calls_syncs_and_bytes():
+    """Exact counts on a known sequence: a counter that misses launches or syncs would
+    make every estimate in bench/NOTES.md optimistic."""
+    import strict_device as sd
+
+    be = sd.make_backend()  # no install(): nothing global is patched
+    host = np.ones((64, 64), np.float32)  # 16384 bytes
+    with sd.counting():
+        with sd.stage("known"):
+            x = be.asarray(host)          # host→device 16384 B, no launch
+            y = x * 2 + 1                 # 2 launches
+            _ = y.reshape(-1)[:10], y.T   # views: free
+            f = float(y.sum())            # 1 launch + 1 sync (4 B)
+            m = y[y > 2]                  # compare + masked gather: 2 launches, 1 sync (size)
+            h = be.asnumpy(y)             # 1 sync, 16384 B back
+            with sd.stage("inner"):
+                y[0, 0] = 5.0             # an item assignment is a launch
+        rep = sd.report()
+    assert f == 3.0 * 4096 and m.shape == (4096,) and h.shape == (64, 64)
+    known, inner = rep["stages"]["known"], rep["stages"]["known/inner"]
+    assert (known["calls"], known["syncs"], known["h2d"]) == (5, 3, 16384)
+    assert known["d2h"] == 16384 + 4 + 8  # asnumpy, the float, the mask's size
+    assert known["touched"] >= 5 * 16384
+    assert (inner["calls"], inner["syncs"]) == (1, 0)
+    kinds = dict((k[1], n) for k, n in rep["sync_kinds"])
+    assert kinds == {"scalar to host": 1, "boolean-mask index": 1, "get / asnumpy": 1}
+    # counting is off outside the block
+    _ = y + 1
+    assert sd.report()["stages"]["known"]["calls"] == 5
+
+
+def test_counting_device_attributes_calls_to_library_functions():
+    import strict_device as sd
+
+    from gpudiff.ops.stats import gather_stamps
+
+    be = sd.make_backend()
+    img = be.asarray(np.arange(100.0, dtype=np.float32).reshape(10, 10))
+    with sd.counting():
+        with sd.stage("stamps"):
+            gather_stamps(be, img, np.array([2, 5]), np.array([3, 9]), 1)
+        rep = sd.report()
+    calls = dict(((lab, fn), n) for (lab, fn), n in rep["top_calls"])
+    # every launch of the gather is attributed to it (the host index upload is not a launch)
+    assert set(calls) == {("stamps", "gpudiff.ops.stats:gather_stamps")}
+    assert calls[("stamps", "gpudiff.ops.stats:gather_stamps")] == rep["stages"]["stamps"]["calls"] >= 10
+    assert rep["stages"]["stamps"]["syncs"] == 0  # no data-dependent size, no scalar read
+    total, parts = sd.estimate_seconds(1000, 10, 4e9, 25e6)
+    # the stated model: 8 ms of launches, 0.1 ms of syncs, 1 ms of HBM, 1 ms of PCIe
+    assert parts == pytest.approx({"launch": 8e-3, "sync": 1e-4, "hbm": 1e-3, "pcie": 1e-3})
+    assert total == pytest.approx(sum(parts.values()))
