@@ -58,6 +58,32 @@ def _clipped_stats(values: np.ndarray, nsigma: float = 3.0, n_iter: int = 3) -> 
     return centre, width
 
 
+_T_FLOOR = 0.5  # px²: trace of a σ = 0.5 px Gaussian; anything sharper is a cosmic ray or
+# hot pixel (a Nyquist-sampled PSF has FWHM ≥ 2 px, trace ≥ 1.4 px²)
+_LOCUS_WIDTH = 0.3  # relative width of the window that finds the stellar locus
+_LOCUS_MIN = 3
+
+
+def _stellar_locus(t: np.ndarray) -> float:
+    """Trace (Ixx+Iyy) of the stars among sources of traces ``t``: the median of the first
+    window [t, 1.3 t], in increasing t above the cosmic-ray floor, holding ≥ 3 sources.
+
+    Stars are the smallest real sources, and identical; galaxies are larger and spread
+    over a wide range.  In a deep extragalactic field galaxies are the majority, so the
+    median size (the previous choice) is a galaxy's: JWST F200W gave FWHM ~10 px for a
+    ~2 px PSF.  Falls back to the median when no window holds 3 sources.
+    """
+    t = np.sort(t[np.isfinite(t) & (t > _T_FLOOR)])
+    if t.size == 0:
+        return float("nan")
+    hi = np.searchsorted(t, t * (1.0 + _LOCUS_WIDTH), side="right")
+    first = np.flatnonzero(hi - np.arange(t.size) >= min(_LOCUS_MIN, t.size))
+    if first.size == 0:
+        return float(np.median(t))
+    i = int(first[0])
+    return float(np.median(t[i:hi[i]]))
+
+
 def _cut(a: np.ndarray, ys: np.ndarray, xs: np.ndarray, h: int) -> np.ndarray:
     """Stack of (2h+1)² cutouts of ``a`` centred on integer pixels (ys, xs); all must fit."""
     o = np.arange(-h, h + 1)
@@ -155,7 +181,8 @@ def _saturation_level(exposure, saturation):
     return value if math.isfinite(value) and value > 0 else None
 
 
-def _select_stars(exposure, kernel_size, max_stars, min_stars, snr_min, bad_planes, saturation) -> _Selection:
+def _select_stars(exposure, kernel_size, max_stars, min_stars, snr_min, bad_planes, saturation,
+                  radius_fwhm: float = 4.0) -> _Selection:
     be = exposure.backend
     img = np.array(be.asnumpy(exposure.image), dtype=np.float64)  # a copy: inputs stay untouched
     msk = np.asarray(be.asnumpy(exposure.mask))
@@ -206,7 +233,10 @@ def _select_stars(exposure, kernel_size, max_stars, min_stars, snr_min, bad_plan
         trial[idx] &= ~_cut(masked | saturated, py[idx], px[idx], hm).any(axis=(1, 2))
         if not trial.any():
             break
-        fwhm_guess = FWHM_PER_SIGMA * math.sqrt(0.5 * float(np.median((ixx + iyy)[trial])))
+        t_star = _stellar_locus((ixx + iyy)[trial])
+        if not math.isfinite(t_star):
+            t_star = float(np.median((ixx + iyy)[trial]))
+        fwhm_guess = FWHM_PER_SIGMA * math.sqrt(0.5 * t_star)
         w_init = (fwhm_guess / FWHM_PER_SIGMA) ** 2
         need = int(math.ceil(3.0 * fwhm_guess))
         if need <= hm:
@@ -218,7 +248,7 @@ def _select_stars(exposure, kernel_size, max_stars, min_stars, snr_min, bad_plan
                        f"and has S/N ≥ {snr_min:g}; cannot even estimate the PSF size")
 
     if kernel_size is None:
-        kernel_size = max(15, 2 * int(math.ceil(4.0 * fwhm_guess)) + 1)
+        kernel_size = max(15, 2 * int(math.ceil(radius_fwhm * fwhm_guess)) + 1)
     h = kernel_size // 2
     cy, cx = py + np.rint(np.nan_to_num(dyo)).astype(int), px + np.rint(np.nan_to_num(dxo)).astype(int)
 
@@ -249,13 +279,16 @@ def _select_stars(exposure, kernel_size, max_stars, min_stars, snr_min, bad_plan
     # Galaxies are broader and cosmic rays sharper than the stars, which are the majority.
     # Tolerance: the spread of the sizes (PSF variation), or each star's own measurement
     # noise, δT/T ≈ 2.5/(S/N) (measured on noisy Gaussian and Moffat stars), if larger.
+    # The clipping starts from the stellar locus (the compact end of the size
+    # distribution), not from the median, which is a galaxy's in a deep field.
     live, t = why == 0, ixx + iyy
     keep = live.copy()
-    for _ in range(3):
+    locus = _stellar_locus(t[live]) if live.any() else float("nan")
+    for it in range(4):
         if not keep.any():
             break
-        med = float(np.median(t[keep]))
-        spread = _MAD_TO_SIGMA * float(np.median(np.abs(t[keep] - med)))
+        med = locus if it == 0 and math.isfinite(locus) else float(np.median(t[keep]))
+        spread = 0.0 if it == 0 else _MAD_TO_SIGMA * float(np.median(np.abs(t[keep] - med)))
         tol = _SIZE_NSIGMA * np.maximum(spread, med * np.maximum(_SIZE_NOISE / np.maximum(snr, 1e-9), _SIZE_FLOOR))
         keep = live & (np.abs(t - med) <= tol)
     reject(live & ~keep, 7)
@@ -334,7 +367,8 @@ def estimate_psf(exposure, *, kernel_size: int | None = None, max_stars: int = 5
         The image to measure (any backend; it is read, never modified).
     kernel_size : int, optional
         Odd side of the PSF image.  Default 2·ceil(4·FWHM)+1, at least 15, with the FWHM
-        guessed from the median adaptive moments of the candidates.
+        from the stellar locus of the candidates' adaptive moments; when that leaves fewer
+        than ``min_stars`` (stamps off a small cutout's edge), 2·ceil(3·FWHM)+1.
     max_stars : int
         Use at most this many stars, the brightest that pass every test.
     min_stars : int
@@ -374,8 +408,11 @@ def estimate_psf(exposure, *, kernel_size: int | None = None, max_stars: int = 5
     4. Rejections, in order: near the edge, moments not converged, a ``bad_planes``
        pixel in the stamp, a (near-)saturated pixel in the stamp, S/N < ``snr_min``,
        a peak brighter than 10 % of the star within two stamp radii, and a size
-       Ixx+Iyy more than 3σ from the median, σ the larger of 1.4826·MAD and the star's
-       own measurement error (2.5/(S/N) relative, at least 1 %).
+       Ixx+Iyy more than 3σ from the stellar locus (the compact end of the size
+       distribution: the first window [T, 1.3 T] above a cosmic-ray floor of 0.5 px²
+       holding 3 sources; a deep field's median size is a galaxy's), then from the median
+       of the stars kept, σ the larger of 1.4826·MAD and the star's own measurement error
+       (2.5/(S/N) relative, at least 1 %).
     5. Stamps: local sky from a ring outside the stamp, Fourier shift of the centroid
        onto the central pixel, then a clipped, flux²-weighted mean (see ``_combine``);
        negative pixels are clipped to 0 and the result renormalized.
@@ -389,8 +426,17 @@ def estimate_psf(exposure, *, kernel_size: int | None = None, max_stars: int = 5
     if not (snr_min >= 0 and math.isfinite(snr_min)):
         raise InvalidInputError(f"estimate_psf snr_min must be finite and >= 0, got {snr_min}")
     bad_planes = (bad_planes,) if isinstance(bad_planes, str) else tuple(bad_planes)
-    sel = _select_stars(exposure, None if kernel_size is None else int(kernel_size), int(max_stars),
-                        int(min_stars), float(snr_min), bad_planes, saturation)
+    args = (int(max_stars), int(min_stars), float(snr_min), bad_planes, saturation)
+    try:
+        sel = _select_stars(exposure, None if kernel_size is None else int(kernel_size), *args)
+    except PsfError:
+        if kernel_size is not None:
+            raise
+        # A small cutout (DECam 256², ~8 stars) loses half its stars to the edge with
+        # ±4 FWHM stamps; ±3 FWHM still holds > 99 % of a Gaussian or β ≥ 3 Moffat PSF.
+        sel = _select_stars(exposure, None, *args, radius_fwhm=3.0)
+        log.info("estimate_psf: too few stars with ±4 FWHM stamps; used ±3 FWHM (%d px)",
+                 sel.stamps.shape[1])
     stack = _combine(sel.stamps, sel.sigma)
     box = exposure.bbox  # pixel-centre convention: the centre of pixels x0 … x1-1
     centre = (box.x0 + 0.5 * (box.width - 1), box.y0 + 0.5 * (box.height - 1))
