@@ -440,7 +440,7 @@ def kernel_star_flux_ratio(be: Backend, cands: KernelCandidates, which: np.ndarr
     """
     if which.size == 0:
         return float("nan"), float("nan")
-    S = cands.stamp_size
+    S = int(cands.science.shape[-1])  # ModelPsfMatch stamps are PSF-sized, not 2k+1
     o = np.arange(S)
     edge = np.minimum(o, S - 1 - o)
     # The whole stamp (±kernel_size ≥ 3 FWHM of the broader PSF: all of a star's flux);
