@@ -17,7 +17,12 @@ from gpudiff.tasks import DetectAndMeasureTask
 
 N = 512
 PSF_SIGMA = 1.7
-TRANSIENTS = [(60.0, 400.0, 400.0), (420.0, 80.0, 500.0), (300.0, 450.0, 350.0), (450.0, 300.0, 450.0)]
+TRANSIENTS = [
+    (60.0, 400.0, 400.0),
+    (420.0, 80.0, 500.0),
+    (300.0, 450.0, 350.0),
+    (450.0, 300.0, 450.0),
+]
 
 
 def _difference(trails=(), seed=0, xy0=(0, 0)):
@@ -27,7 +32,11 @@ def _difference(trails=(), seed=0, xy0=(0, 0)):
     img = rng.normal(0.0, 1.0, (N, N))
     yy, xx = np.mgrid[0:N, 0:N]
     for x, y, f in TRANSIENTS:
-        img += f * np.exp(-0.5 * ((xx - x) ** 2 + (yy - y) ** 2) / PSF_SIGMA ** 2) / (2 * np.pi * PSF_SIGMA ** 2)
+        img += (
+            f
+            * np.exp(-0.5 * ((xx - x) ** 2 + (yy - y) ** 2) / PSF_SIGMA**2)
+            / (2 * np.pi * PSF_SIGMA**2)
+        )
     mi0 = MaskedImage(np.zeros((N, N), np.float32), xy0=xy0)
     if trails:
         light, _ = _render_trails(list(trails), mi0.bbox)
@@ -98,7 +107,11 @@ def test_no_streak_without_a_trail():
     img = exp.masked_image.image.copy()
     yy, xx = np.mgrid[0:N, 0:N]
     for x in (100.0, 250.0, 400.0):  # three bright sources on one row
-        img += 800 * np.exp(-0.5 * ((xx - x) ** 2 + (yy - 200.0) ** 2) / PSF_SIGMA ** 2) / (2 * np.pi * PSF_SIGMA ** 2)
+        img += (
+            800
+            * np.exp(-0.5 * ((xx - x) ** 2 + (yy - 200.0) ** 2) / PSF_SIGMA**2)
+            / (2 * np.pi * PSF_SIGMA**2)
+        )
     mi = MaskedImage(img, exp.masked_image.variance)
     det = detect_sources(mi, exp.psf, threshold=5.0, polarity="both", background=None)
     assert find_streaks(mi, det.significance, PSF_SIGMA).streaks == []

@@ -139,10 +139,14 @@ def _hough(be: Backend, xs, ys, thetas, n_rho: int, rho_min: float, weights=None
     step = max(1, _CHUNK // nt)
     t_idx = xp.arange(nt, dtype=xp.int64)[None, :] * n_rho
     for i in range(0, int(xs.size), step):  # chunks of pixels, bounded memory
-        x, y = xs[i:i + step, None], ys[i:i + step, None]
+        x, y = xs[i : i + step, None], ys[i : i + step, None]
         r = xp.floor(x * c[None, :] + y * s[None, :] - rho_min).astype(xp.int64)
         r = xp.clip(r, 0, n_rho - 1)
-        w = None if weights is None else xp.broadcast_to(weights[i:i + step, None], r.shape).ravel()
+        w = (
+            None
+            if weights is None
+            else xp.broadcast_to(weights[i : i + step, None], r.shape).ravel()
+        )
         acc += xp.bincount((r + t_idx).ravel(), weights=w, minlength=nt * n_rho)
     return acc.reshape(nt, n_rho)
 
@@ -157,11 +161,20 @@ def _axis_fit(xs, ys, w):
     return mx, my, math.cos(ang), math.sin(ang)
 
 
-def find_streaks(mi: MaskedImage, significance: Any, psf_sigma: float, *, threshold: float = 3.0,
-                 min_length: float | None = None, min_aspect: float = 8.0, min_coverage: float = 0.4,
-                 max_streaks: int = 10, mask_fraction: float = 0.5,
-                 exclude_planes: Iterable[str] = ("NO_DATA", "EDGE", "BAD", "SAT"),
-                 backend: Backend | str | None = None) -> StreakResult:
+def find_streaks(
+    mi: MaskedImage,
+    significance: Any,
+    psf_sigma: float,
+    *,
+    threshold: float = 3.0,
+    min_length: float | None = None,
+    min_aspect: float = 6.0,
+    min_coverage: float = 0.4,
+    max_streaks: int = 10,
+    mask_fraction: float = 0.5,
+    exclude_planes: Iterable[str] = ("NO_DATA", "EDGE", "BAD", "SAT"),
+    backend: Backend | str | None = None,
+) -> StreakResult:
     """Find linear trails in a difference image and the band each one covers.
 
     Parameters
@@ -178,8 +191,8 @@ def find_streaks(mi: MaskedImage, significance: Any, psf_sigma: float, *, thresh
     threshold : float
         |significance| above which pixels vote.
     min_length : float, optional
-        Shortest trail, pixels (default max(40, 15 × FWHM)): longer than any
-        unresolved residual.
+        Shortest trail, pixels (default max(30, 8 × FWHM)): longer than any unresolved
+        residual (compact blobs were dropped by shape first).
     min_aspect : float
         Least length / (2.35 × width): a trail is thin.
     min_coverage : float
@@ -212,9 +225,11 @@ def find_streaks(mi: MaskedImage, significance: Any, psf_sigma: float, *, thresh
     sig = be.asarray(significance, dtype=xp.float32)
     H, W = mi.shape
     if sig.shape != (H, W):
-        raise InvalidInputError(f"find_streaks: significance shape {sig.shape} differs from {mi.shape}")
+        raise InvalidInputError(
+            f"find_streaks: significance shape {sig.shape} differs from {mi.shape}"
+        )
     fwhm = 2.3548 * psf_sigma
-    min_length = max(40.0, 15.0 * fwhm) if min_length is None else float(min_length)
+    min_length = max(30.0, 8.0 * fwhm) if min_length is None else float(min_length)
     labels_out = xp.zeros((H, W), dtype=xp.int32)
     excl = mi.mask_planes.bitmask_if_present(list(exclude_planes))
     on = (xp.abs(sig) >= threshold) & xp.isfinite(sig)
@@ -224,9 +239,11 @@ def find_streaks(mi: MaskedImage, significance: Any, psf_sigma: float, *, thresh
         # vote either.
         on &= ~_dilate_disk(be, (mi.mask & excl) != 0, int(math.ceil(3 * psf_sigma)))
     # Compact blobs (stars, residual rings, CRs, noise) are not lines: a PSF-sized blob has
-    # axis ratio ~1; a trail piece of length ≥ 2 × its thresholded width has ≥ 2.
-    on = _elongated(be, on, min_pixels=max(5, int(psf_sigma ** 2)), min_axis_ratio=2.0,
-                    min_length=min_length)
+    # axis ratio ~1; a trail piece of length ≥ 3 × its thresholded width has ≥ 3 (the lobes
+    # of a bright star's residual ring reach ~2.5 and lined up as false trails at 2).
+    on = _elongated(
+        be, on, min_pixels=max(5, int(psf_sigma**2)), min_axis_ratio=3.0, min_length=min_length
+    )
     if not bool(on.any()):
         return StreakResult([], labels_out)
     b = max(1, -(-max(H, W) // _HOUGH_GRID))
@@ -262,14 +279,30 @@ def find_streaks(mi: MaskedImage, significance: Any, psf_sigma: float, *, thresh
         pb = xp.abs(xb * math.cos(th) + yb * math.sin(th) - rho) <= 1.5 * b
         if bool(pb.any()):
             acc -= _hough(be, xb[pb] / b, yb[pb] / b, thetas, n_rho, rho_min / b)
-        acc[max(0, it - 1):it + 2, max(0, ir - 1):ir + 2] = 0
-        st = _fit_streak(be, xs_all, ys_all, sig_on, th, rho, b, psf_sigma, min_length, min_aspect,
-                         min_coverage)
+        acc[max(0, it - 1) : it + 2, max(0, ir - 1) : ir + 2] = 0
+        st = _fit_streak(
+            be, xs_all, ys_all, sig_on, th, rho, b, psf_sigma, min_length, min_aspect, min_coverage
+        )
         if st is None:
             continue
         mx, my, ux, uy, t0, t1, cov = st
-        streak, band = _profile(be, img, mi.variance, xx, yy, mx, my, ux, uy, t0, t1, cov, psf_sigma,
-                                mask_fraction, mi.xy0)
+        streak, band = _profile(
+            be,
+            img,
+            mi.variance,
+            xx,
+            yy,
+            mx,
+            my,
+            ux,
+            uy,
+            t0,
+            t1,
+            cov,
+            psf_sigma,
+            mask_fraction,
+            mi.xy0,
+        )
         if streak is None:
             continue
         streaks.append(streak)
@@ -355,7 +388,16 @@ def _profile(be, img, var, xx, yy, mx, my, ux, uy, t0, t1, cov, psf_sigma, mask_
     band = (xp.abs(p) <= half) & (t >= t0 - margin) & (t <= t1 + margin)
     ang = math.degrees(math.atan2(uy, ux)) % 180.0
     x0, y0 = xy0
-    st = Streak(x0=float(mx + t0 * ux + x0), y0=float(my + t0 * uy + y0), x1=float(mx + t1 * ux + x0),
-                y1=float(my + t1 * uy + y0), angle=ang, length=float(t1 - t0), width=sigma,
-                amplitude=amp, half_width=half, coverage=cov)
+    st = Streak(
+        x0=float(mx + t0 * ux + x0),
+        y0=float(my + t0 * uy + y0),
+        x1=float(mx + t1 * ux + x0),
+        y1=float(my + t1 * uy + y0),
+        angle=ang,
+        length=float(t1 - t0),
+        width=sigma,
+        amplitude=amp,
+        half_width=half,
+        coverage=cov,
+    )
     return st, band

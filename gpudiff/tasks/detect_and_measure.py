@@ -34,14 +34,28 @@ from ..ops.detection import detect_sources
 from ..ops.photometry import forced_psf_flux
 from ..ops.streaks import StreakResult, find_streaks
 
-__all__ = ["DetectAndMeasureConfig", "DetectAndMeasureResult", "DetectAndMeasureTask",
-           "DetectAndMeasureScoreTask", "DIA_FLAGS"]
+__all__ = [
+    "DetectAndMeasureConfig",
+    "DetectAndMeasureResult",
+    "DetectAndMeasureTask",
+    "DetectAndMeasureScoreTask",
+    "DIA_FLAGS",
+]
 
 _CLEARED = ("DETECTED", "DETECTED_NEGATIVE", "NOT_DEBLENDED", "STREAK")
 
 #: Boolean flag columns of the DIA catalog; ``clean`` is the NOR of them.
-DIA_FLAGS = ("flag_edge", "flag_masked", "flag_saturated", "flag_cr", "flag_dipole", "flag_streak",
-             "flag_bright_star", "flag_multi_peak", "flag_psf_flux")
+DIA_FLAGS = (
+    "flag_edge",
+    "flag_masked",
+    "flag_saturated",
+    "flag_cr",
+    "flag_dipole",
+    "flag_streak",
+    "flag_bright_star",
+    "flag_multi_peak",
+    "flag_psf_flux",
+)
 
 #: Mask planes holding saturated pixels of the science (SAT) and of the template
 #: (SAT_TEMPLATE, from ``rename_template_mask``), in afw and lsst-images spellings.
@@ -66,7 +80,11 @@ class DetectAndMeasureConfig:
     ~σ/``halo_residual_fraction`` level where a residual of that fraction is detectable
     within (5000 × 0.1)^(1/(2β)) ≈ 3.5–4.7 × r_sat.  A catalog star of flux F (no
     saturation) flags sources where ``halo_residual_fraction`` × F × a β =
-    ``halo_beta`` Moffat of the PSF's FWHM exceeds ``halo_nsigma`` × the sky σ.
+    ``halo_beta`` Moffat of the PSF's FWHM exceeds ``halo_nsigma`` × the sky σ.  A
+    record with |peak_significance| ≥ ``halo_residual_snr`` that is not a clean point
+    source (multi-peak, dipole, CR or masked: a bright star's residual) has a halo too,
+    at least 2 FWHM.  Halo radii are widened to the measured extent of the residual
+    (see :func:`bright_star_halos`).
     """
 
     threshold: float = 5.0
@@ -85,12 +103,15 @@ class DetectAndMeasureConfig:
     halo_max_factor: float = 5.0
     halo_annulus_snr: float = 2.5
     halo_annulus_fraction: float = 0.1
+    halo_residual_snr: float = 50.0
 
     def __post_init__(self):
         if self.threshold <= 0:
             raise InvalidInputError(f"threshold must be > 0, got {self.threshold}")
         if self.polarity not in ("positive", "negative", "both"):
-            raise InvalidInputError(f"polarity must be positive, negative or both, got {self.polarity!r}")
+            raise InvalidInputError(
+                f"polarity must be positive, negative or both, got {self.polarity!r}"
+            )
         for name in ("streak_threshold", "halo_residual_fraction", "halo_nsigma"):
             if not getattr(self, name) > 0:
                 raise InvalidInputError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -113,7 +134,9 @@ class DetectAndMeasureTask:
 
     smooth = True
 
-    def __init__(self, config: DetectAndMeasureConfig | None = None, backend: Backend | str | None = None):
+    def __init__(
+        self, config: DetectAndMeasureConfig | None = None, backend: Backend | str | None = None
+    ):
         self.config = DetectAndMeasureConfig() if config is None else config
         self.backend = resolve_backend(backend)
 
@@ -124,10 +147,17 @@ class DetectAndMeasureTask:
         cfg = self.config
         # EDGE pixels hold copied, unconvolved input (doCopyEdge) or an incomplete matched
         # filter: not searched, so they cannot produce detections.
-        return detect_sources(detection_image, psf, threshold=cfg.threshold, polarity=cfg.polarity,
-                              smooth=self.smooth, bad_planes=("NO_DATA", "EDGE"),
-                              background="estimate" if cfg.do_subtract_background else None,
-                              flag_planes=cfg.flag_planes, backend=self.backend)
+        return detect_sources(
+            detection_image,
+            psf,
+            threshold=cfg.threshold,
+            polarity=cfg.polarity,
+            smooth=self.smooth,
+            bad_planes=("NO_DATA", "EDGE"),
+            background="estimate" if cfg.do_subtract_background else None,
+            flag_planes=cfg.flag_planes,
+            backend=self.backend,
+        )
 
     def _mark_cosmic_rays(self, diff: MaskedImage, psf) -> MaskedImage:
         """Set the CR plane where the difference is sharper than its PSF (LSST finds and
@@ -136,7 +166,9 @@ class DetectAndMeasureTask:
             return diff
         return diff.with_plane_set("CR", find_cosmic_rays(diff, psf, backend=self.backend))
 
-    def run(self, difference: Exposure, bright_sources: Table | None = None) -> DetectAndMeasureResult:
+    def run(
+        self, difference: Exposure, bright_sources: Table | None = None
+    ) -> DetectAndMeasureResult:
         """Detect on ``difference`` and measure there.
 
         Parameters
@@ -154,32 +186,65 @@ class DetectAndMeasureTask:
         det = self._detect(diff, difference.psf)
         return self._finish(difference, diff, det, diff, bright_sources)
 
-    def _finish(self, difference: Exposure, diff: MaskedImage, det, det_image: MaskedImage,
-                bright_sources=None) -> DetectAndMeasureResult:
+    def _finish(
+        self,
+        difference: Exposure,
+        diff: MaskedImage,
+        det,
+        det_image: MaskedImage,
+        bright_sources=None,
+    ) -> DetectAndMeasureResult:
         cfg = self.config
         psf = difference.psf
         fwhm = float(psf.fwhm())
         streaks = None
         if cfg.find_streaks:
             # The score image's point sources are the PSF ⊗ PSF: √2 broader.
-            sigma = float(det.catalog.meta.get("psf_sigma", fwhm / 2.3548)) * (1 if self.smooth else math.sqrt(2))
-            det_mi = MaskedImage(det_image.image, det_image.variance, det.mask, xy0=det_image.xy0,
-                                 mask_planes=det.mask_planes, backend=det_image.backend)
-            streaks = find_streaks(det_mi, det.significance, sigma, threshold=cfg.streak_threshold,
-                                   backend=self.backend)
+            sigma = float(det.catalog.meta.get("psf_sigma", fwhm / 2.3548)) * (
+                1 if self.smooth else math.sqrt(2)
+            )
+            det_mi = MaskedImage(
+                det_image.image,
+                det_image.variance,
+                det.mask,
+                xy0=det_image.xy0,
+                mask_planes=det.mask_planes,
+                backend=det_image.backend,
+            )
+            streaks = find_streaks(
+                det_mi,
+                det.significance,
+                sigma,
+                threshold=cfg.streak_threshold,
+                backend=self.backend,
+            )
             if streaks.streaks:
                 planes = det.mask_planes.copy()
                 bit = np.int32(1 << planes.add("STREAK"))
                 xp = self.backend.xp
                 det.mask = xp.where(streaks.labels > 0, det.mask | bit, det.mask).astype(xp.int32)
                 det.mask_planes = planes
-        measured = Exposure(MaskedImage(diff.image, diff.variance, det.mask, xy0=diff.xy0,
-                                        mask_planes=det.mask_planes, backend=diff.backend),
-                            psf, difference.wcs, difference.photo_calib, difference.metadata)
+        measured = Exposure(
+            MaskedImage(
+                diff.image,
+                diff.variance,
+                det.mask,
+                xy0=diff.xy0,
+                mask_planes=det.mask_planes,
+                backend=diff.backend,
+            ),
+            psf,
+            difference.wcs,
+            difference.photo_calib,
+            difference.metadata,
+        )
         halos = bright_star_halos(measured, bright_sources, cfg, significance=det.significance)
         out = dia_catalog(det, measured, streaks, halos, cfg)
-        return DetectAndMeasureResult(dia_sources=out, subtracted_measured_exposure=measured,
-                                      streaks=None if streaks is None else streaks.streaks)
+        return DetectAndMeasureResult(
+            dia_sources=out,
+            subtracted_measured_exposure=measured,
+            streaks=None if streaks is None else streaks.streaks,
+        )
 
 
 class DetectAndMeasureScoreTask(DetectAndMeasureTask):
@@ -193,17 +258,25 @@ class DetectAndMeasureScoreTask(DetectAndMeasureTask):
 
     smooth = False
 
-    def run(self, difference: Exposure, score: Exposure | None = None,  # type: ignore[override]
-            bright_sources: Table | None = None) -> DetectAndMeasureResult:
+    def run(
+        self,
+        difference: Exposure,
+        score: Exposure | None = None,  # type: ignore[override]
+        bright_sources: Table | None = None,
+    ) -> DetectAndMeasureResult:
         """Detect on ``score`` and measure on ``difference`` (a plain, non-preconvolved
         difference of the same pair; not the score itself)."""
         if score is None:
             raise InvalidInputError("DetectAndMeasureScoreTask needs the score image")
         if score is difference:
-            raise InvalidInputError("DetectAndMeasureScoreTask measures on the difference: pass the "
-                                    "plain difference and the score, not the score twice")
+            raise InvalidInputError(
+                "DetectAndMeasureScoreTask measures on the difference: pass the "
+                "plain difference and the score, not the score twice"
+            )
         if score.bbox != difference.bbox:
-            raise InvalidInputError(f"score box {score.bbox} differs from difference box {difference.bbox}")
+            raise InvalidInputError(
+                f"score box {score.bbox} differs from difference box {difference.bbox}"
+            )
         if difference.psf is None:
             raise InvalidInputError("the difference exposure has no PSF to measure with")
         diff = self._mark_cosmic_rays(self._clean(difference), difference.psf)
@@ -213,17 +286,29 @@ class DetectAndMeasureScoreTask(DetectAndMeasureTask):
         if cr:
             planes = sc.mask_planes.merge(diff.mask_planes)
             xp = sc.backend.xp
-            m = planes.conform(sc.mask, sc.mask_planes, xp) | planes.conform(diff.mask & cr, diff.mask_planes, xp)
-            sc = MaskedImage(sc.image, sc.variance, m, xy0=sc.xy0, mask_planes=planes, backend=sc.backend)
+            m = planes.conform(sc.mask, sc.mask_planes, xp) | planes.conform(
+                diff.mask & cr, diff.mask_planes, xp
+            )
+            sc = MaskedImage(
+                sc.image, sc.variance, m, xy0=sc.xy0, mask_planes=planes, backend=sc.backend
+            )
         det = self._detect(sc, score.psf)
         if len(det.catalog):
             _measure_on_difference(det.catalog, diff, difference.psf, self.backend)
         planes = diff.mask_planes.merge(det.mask_planes)
         xp = diff.backend.xp
         copy = det.mask_planes.bitmask_if_present(["DETECTED", "DETECTED_NEGATIVE", "EDGE"])
-        m = planes.conform(diff.mask, diff.mask_planes, xp) | planes.conform(det.mask & copy, det.mask_planes, xp)
-        sc_mi = MaskedImage(sc.image, sc.variance, planes.conform(det.mask, det.mask_planes, xp), xy0=sc.xy0,
-                            mask_planes=planes, backend=sc.backend)
+        m = planes.conform(diff.mask, diff.mask_planes, xp) | planes.conform(
+            det.mask & copy, det.mask_planes, xp
+        )
+        sc_mi = MaskedImage(
+            sc.image,
+            sc.variance,
+            planes.conform(det.mask, det.mask_planes, xp),
+            xy0=sc.xy0,
+            mask_planes=planes,
+            backend=sc.backend,
+        )
         det.mask, det.mask_planes = m, planes
         return self._finish(difference, diff, det, sc_mi, bright_sources)
 
@@ -237,8 +322,12 @@ def _measure_on_difference(cat: Table, diff: MaskedImage, psf, backend) -> None:
     cat["flag_psf_flux"] = np.asarray(cat["flag_psf_flux"], bool) | ~np.isfinite(flux) | flag
 
 
-def bright_star_halos(exposure: Exposure, bright_sources: Table | None,
-                      config: DetectAndMeasureConfig | None = None, significance=None) -> np.ndarray:
+def bright_star_halos(
+    exposure: Exposure,
+    bright_sources: Table | None,
+    config: DetectAndMeasureConfig | None = None,
+    significance=None,
+) -> np.ndarray:
     """Halo discs (n, 3) of bright stars: parent x, y and radius, pixels.
 
     From the saturated footprints of the exposure's SAT planes (radius
@@ -272,8 +361,10 @@ def bright_star_halos(exposure: Exposure, bright_sources: Table | None,
     if bright_sources is not None and len(bright_sources):
         fcol = next((c for c in ("psf_flux", "flux") if c in bright_sources.colnames), None)
         if fcol is None or not {"x", "y"} <= set(bright_sources.colnames):
-            raise InvalidInputError("bright_sources needs x, y and psf_flux (or flux) columns, got "
-                                    f"{bright_sources.colnames}")
+            raise InvalidInputError(
+                "bright_sources needs x, y and psf_flux (or flux) columns, got "
+                f"{bright_sources.colnames}"
+            )
         f = np.abs(np.asarray(bright_sources[fcol], dtype=np.float64))
         ok = np.isfinite(f) & (f > 0)
         good = mi.good_pixels(("NO_DATA", "EDGE", "BAD", "SAT", "DETECTED", "DETECTED_NEGATIVE"))
@@ -282,7 +373,12 @@ def bright_star_halos(exposure: Exposure, bright_sources: Table | None,
         beta = cfg.halo_beta
         alpha = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
         # Moffat I(r) = F (β−1)/(π α²) (1 + r²/α²)^−β; solve ε·I(r) = nσ for r.
-        q = cfg.halo_residual_fraction * f[ok] * (beta - 1) / (math.pi * alpha ** 2 * cfg.halo_nsigma * sky)
+        q = (
+            cfg.halo_residual_fraction
+            * f[ok]
+            * (beta - 1)
+            / (math.pi * alpha**2 * cfg.halo_nsigma * sky)
+        )
         r = alpha * np.sqrt(np.maximum(q ** (1.0 / beta) - 1.0, 0.0))
         big = r > fwhm  # a halo inside the PSF core is the star itself, not a halo
         x = np.asarray(bright_sources["x"], float)[ok][big]
@@ -292,8 +388,9 @@ def bright_star_halos(exposure: Exposure, bright_sources: Table | None,
         return np.zeros((0, 3))
     discs = np.concatenate(discs)
     if significance is not None and len(discs):
-        discs[:, 2] = np.maximum(discs[:, 2], _measured_halo_radius(
-            be.asnumpy(significance), discs, mi.xy0, cfg) + fwhm)
+        discs[:, 2] = np.maximum(
+            discs[:, 2], _measured_halo_radius(be.asnumpy(significance), discs, mi.xy0, cfg) + fwhm
+        )
     return discs
 
 
@@ -312,8 +409,10 @@ def _measured_halo_radius(sig: np.ndarray, discs: np.ndarray, xy0, cfg) -> np.nd
         cut = np.abs(sig[ya:yb, xa:xb])
         yy, xx = np.mgrid[ya:yb, xa:xb]
         r = np.hypot(xx - cx, yy - cy).astype(np.int64).ravel()
-        n = np.bincount(r, minlength=rmax + 1)[:rmax + 1]
-        hit = np.bincount(r, weights=(cut >= cfg.halo_annulus_snr).ravel(), minlength=rmax + 1)[:rmax + 1]
+        n = np.bincount(r, minlength=rmax + 1)[: rmax + 1]
+        hit = np.bincount(r, weights=(cut >= cfg.halo_annulus_snr).ravel(), minlength=rmax + 1)[
+            : rmax + 1
+        ]
         frac = np.where(n > 0, hit / np.maximum(n, 1), 0.0)
         # Noise alone puts ~1 % of pixels above 2.5σ: annuli at 10 % are the star's.
         busy = np.flatnonzero(frac > cfg.halo_annulus_fraction)
@@ -327,9 +426,11 @@ def _in_discs(x: np.ndarray, y: np.ndarray, discs: np.ndarray) -> np.ndarray:
         return np.zeros(x.size, dtype=bool)
     out = np.zeros(x.size, dtype=bool)
     for i in range(0, len(discs), 256):  # bounded temporaries
-        d = discs[i:i + 256]
-        out |= (((x[:, None] - d[None, :, 0]) ** 2 + (y[:, None] - d[None, :, 1]) ** 2)
-                <= d[None, :, 2] ** 2).any(axis=1)
+        d = discs[i : i + 256]
+        out |= (
+            ((x[:, None] - d[None, :, 0]) ** 2 + (y[:, None] - d[None, :, 1]) ** 2)
+            <= d[None, :, 2] ** 2
+        ).any(axis=1)
     return out
 
 
@@ -345,7 +446,9 @@ def _merge_groups(cat: Table, streak_id: np.ndarray, sep: float):
     key = _groups(cat, streak_id)
     # The catalog is sorted by decreasing |peak_significance|: a group's first row is its
     # brightest peak.
-    _, first, inv, count = np.unique(key, return_index=True, return_inverse=True, return_counts=True)
+    _, first, inv, count = np.unique(
+        key, return_index=True, return_inverse=True, return_counts=True
+    )
     inv = inv.reshape(-1)
     x, y = np.asarray(cat["x"], float), np.asarray(cat["y"], float)
     d2 = (x - x[first][inv]) ** 2 + (y - y[first][inv]) ** 2
@@ -371,37 +474,59 @@ def _merge_groups(cat: Table, streak_id: np.ndarray, sep: float):
 #: (unit, description) of every DIA catalog column.
 _DESCRIPTIONS = {
     "id": ("", "record number, 1-based"),
-    "x": ("pix", "centroid column in the PARENT frame (array column + the image's xy0[0]; "
-                 "integer = pixel centre)"),
+    "x": (
+        "pix",
+        "centroid column in the PARENT frame (array column + the image's xy0[0]; "
+        "integer = pixel centre)",
+    ),
     "y": ("pix", "centroid row in the PARENT frame (array row + the image's xy0[1])"),
-    "x_array": ("pix", "centroid column in the array (0 = first column of the difference; "
-                       "x minus xy0[0])"),
+    "x_array": (
+        "pix",
+        "centroid column in the array (0 = first column of the difference; x minus xy0[0])",
+    ),
     "y_array": ("pix", "centroid row in the array (y minus xy0[1])"),
     "ra": ("deg", "right ascension of the centroid from the difference's WCS (NaN without a WCS)"),
     "dec": ("deg", "declination of the centroid from the difference's WCS (NaN without a WCS)"),
-    "psf_flux": ("FLUX", "PSF flux measured on the difference (signed; the brightest peak's for a "
-                         "merged record)"),
+    "psf_flux": (
+        "FLUX",
+        "PSF flux measured on the difference (signed; the brightest peak's for a merged record)",
+    ),
     "psf_flux_err": ("FLUX", "1σ error of psf_flux from the variance plane"),
     "snr": ("", "psf_flux / psf_flux_err"),
-    "peak_significance": ("", "S/N of the detection image at the peak (PSF-smoothed difference, "
-                              "or the score image with --preconvolve)"),
+    "peak_significance": (
+        "",
+        "S/N of the detection image at the peak (PSF-smoothed difference, "
+        "or the score image with --preconvolve)",
+    ),
     "footprint_npix": ("pix2", "pixels in the detection footprint(s) of this record"),
-    "n_peaks": ("", "detection peaks this record stands for (several: one footprint or one "
-                    "trail, merged)"),
+    "n_peaks": (
+        "",
+        "detection peaks this record stands for (several: one footprint or one trail, merged)",
+    ),
     "polarity": ("", "+1: brighter in the science, -1: brighter in the template"),
-    "streak_id": ("", "1-based index of the trail this record lies on (0: none); see the "
-                      "STREAK mask plane"),
+    "streak_id": (
+        "",
+        "1-based index of the trail this record lies on (0: none); see the STREAK mask plane",
+    ),
     "masked_planes": (None, "mask planes (of the flagging set) in the footprint or central 5x5"),
     "flag_edge": ("", "PSF stamp leaves the image"),
-    "flag_masked": ("", "a flagging mask plane (BAD, SAT, CR, EDGE, NO_DATA, SUSPECT, INTRP) in the "
-                        "footprint or central 5x5"),
+    "flag_masked": (
+        "",
+        "a flagging mask plane (BAD, SAT, CR, EDGE, NO_DATA, SUSPECT, INTRP) in the "
+        "footprint or central 5x5",
+    ),
     "flag_saturated": ("", "SAT in the footprint or central 5x5"),
     "flag_cr": ("", "a cosmic ray (CR plane found on the difference) at the centre"),
     "flag_dipole": ("", "an opposite-polarity record within dipole_separation_fwhm x FWHM"),
     "flag_streak": ("", "on a linear trail (satellite): all its peaks merged into this record"),
-    "flag_bright_star": ("", "inside the halo of a bright or saturated star"),
-    "flag_multi_peak": ("", "its footprint held peaks more than a FWHM apart (a residual, "
-                            "not one point source)"),
+    "flag_bright_star": (
+        "",
+        "inside the halo of a bright or saturated star, or of a bright star's residual",
+    ),
+    "flag_multi_peak": (
+        "",
+        "its footprint held peaks more than a FWHM apart (a residual, not one point source)",
+    ),
     "flag_psf_flux": ("", "PSF flux failed (no usable pixels in the PSF core)"),
     "clean": ("", "no flag set: a candidate transient"),
 }
@@ -417,8 +542,13 @@ def _flux_unit(metadata):
     return u.adu
 
 
-def dia_catalog(det, measured: Exposure, streaks: StreakResult | None, halos: np.ndarray,
-                cfg: DetectAndMeasureConfig) -> Table:
+def dia_catalog(
+    det,
+    measured: Exposure,
+    streaks: StreakResult | None,
+    halos: np.ndarray,
+    cfg: DetectAndMeasureConfig,
+) -> Table:
     """The DIA catalog from a detection: peaks merged per trail and per footprint, flags,
     sky positions, units and descriptions (see the module docstring)."""
     cat = det.catalog
@@ -430,11 +560,16 @@ def dia_catalog(det, measured: Exposure, streaks: StreakResult | None, halos: np
         lab = streaks.labels
         px = np.clip(np.rint(np.asarray(cat["x"], float) - x0).astype(np.int64), 0, mi.shape[1] - 1)
         py = np.clip(np.rint(np.asarray(cat["y"], float) - y0).astype(np.int64), 0, mi.shape[0] - 1)
-        sid = mi.backend.asnumpy(lab[mi.backend.asarray(py), mi.backend.asarray(px)]).astype(np.int64)
+        sid = mi.backend.asnumpy(lab[mi.backend.asarray(py), mi.backend.asarray(px)]).astype(
+            np.int64
+        )
     else:
         sid = np.zeros(n, dtype=np.int64)
-    first, count, far, any_of, or_bits, total, inv = _merge_groups(
-        cat, sid, cfg.multi_peak_separation_fwhm * fwhm) if n else (np.zeros(0, np.int64),) * 3 + (None,) * 4
+    first, count, far, any_of, or_bits, total, inv = (
+        _merge_groups(cat, sid, cfg.multi_peak_separation_fwhm * fwhm)
+        if n
+        else (np.zeros(0, np.int64),) * 3 + (None,) * 4
+    )
     out = Table()
     m = first.size
     out["id"] = np.arange(1, m + 1, dtype=np.int64)
@@ -444,14 +579,22 @@ def dia_catalog(det, measured: Exposure, streaks: StreakResult | None, halos: np
     ra = dec = np.full(m, np.nan)
     if measured.wcs is not None and m:
         # The WCS maps array pixels (Exposure convention).
-        ra, dec = (np.asarray(v, dtype=np.float64) for v in measured.wcs.pixel_to_world_values(x - x0, y - y0))
+        ra, dec = (
+            np.asarray(v, dtype=np.float64)
+            for v in measured.wcs.pixel_to_world_values(x - x0, y - y0)
+        )
     out["ra"], out["dec"] = ra, dec
     for c in ("psf_flux", "psf_flux_err", "snr", "peak_significance"):
         out[c] = np.asarray(cat[c], dtype=np.float64)[first]
-    out["footprint_npix"] = (np.asarray(total(_unique_footprint_npix(cat)), dtype=np.int64) if m
-                             else np.zeros(0, np.int64))
+    out["footprint_npix"] = (
+        np.asarray(total(_unique_footprint_npix(cat)), dtype=np.int64)
+        if m
+        else np.zeros(0, np.int64)
+    )
     out["n_peaks"] = np.asarray(count, dtype=np.int64)
-    out["polarity"] = np.where(np.asarray(cat["peak_significance"], float)[first] >= 0, 1, -1).astype(np.int8)
+    out["polarity"] = np.where(
+        np.asarray(cat["peak_significance"], float)[first] >= 0, 1, -1
+    ).astype(np.int8)
     out["streak_id"] = sid[first] if m else np.zeros(0, np.int64)
     planes = det.mask_planes
     if m:
@@ -465,7 +608,9 @@ def dia_catalog(det, measured: Exposure, streaks: StreakResult | None, halos: np
         out["flag_masked"] = fl != 0
         out["flag_saturated"] = any_of(cat["flag_saturated"])
         cr = planes.bitmask_if_present("CR")
-        out["flag_cr"] = (np.asarray(cat["mask_center"])[first] & cr) != 0 if cr else np.zeros(m, bool)
+        out["flag_cr"] = (
+            (np.asarray(cat["mask_center"])[first] & cr) != 0 if cr else np.zeros(m, bool)
+        )
     else:
         out["masked_planes"] = np.zeros(0, dtype=str)
         for c in ("flag_edge", "flag_masked", "flag_saturated", "flag_cr"):
@@ -474,17 +619,42 @@ def dia_catalog(det, measured: Exposure, streaks: StreakResult | None, halos: np
     out["flag_streak"] = np.asarray(out["streak_id"]) > 0
     out["flag_bright_star"] = _in_discs(x, y, halos)
     out["flag_multi_peak"] = far & (np.asarray(out["streak_id"]) == 0) if m else np.zeros(0, bool)
-    out["flag_psf_flux"] = (any_of(cat["flag_psf_flux"]) if m else np.zeros(0, bool)) | ~np.isfinite(
-        np.asarray(out["psf_flux"], float))
-    out["clean"] = ~np.any([np.asarray(out[f], bool) for f in DIA_FLAGS], axis=0) if m else np.zeros(0, bool)
+    if m and det.significance is not None:
+        # A bright star's residual that is not a point source (a ring, a dipole, a sharp
+        # core) has a halo of its own: fainter records around it are its pieces.
+        # Measured from the detection image as for saturated stars (DECam cutouts: the
+        # clean false sources were 2–4 FWHM from such residuals).
+        bad = out["flag_multi_peak"] | out["flag_dipole"] | out["flag_cr"] | out["flag_masked"]
+        src = bad & (np.abs(np.asarray(out["peak_significance"], float)) >= cfg.halo_residual_snr)
+        if src.any():
+            r0 = 2.0 * fwhm
+            d = np.c_[x[src], y[src], np.full(int(src.sum()), r0)]
+            d[:, 2] = np.maximum(
+                r0,
+                _measured_halo_radius(mi.backend.asnumpy(det.significance), d, mi.xy0, cfg) + fwhm,
+            )
+            inside = _in_discs(x, y, d)
+            out["flag_bright_star"] |= inside & ~src
+    out["flag_psf_flux"] = (
+        any_of(cat["flag_psf_flux"]) if m else np.zeros(0, bool)
+    ) | ~np.isfinite(np.asarray(out["psf_flux"], float))
+    out["clean"] = (
+        ~np.any([np.asarray(out[f], bool) for f in DIA_FLAGS], axis=0) if m else np.zeros(0, bool)
+    )
     funit = _flux_unit(measured.metadata)
     for name in out.colnames:
         unit, desc = _DESCRIPTIONS[name]
         out[name].unit = funit if unit == "FLUX" else (u.Unit(unit) if unit is not None else None)
         out[name].description = desc
-    out.meta.update({"x0": int(x0), "y0": int(y0), "threshold": float(cfg.threshold),
-                     "n_streaks": 0 if streaks is None else len(streaks.streaks),
-                     "n_bright_star_halos": int(len(halos))})
+    out.meta.update(
+        {
+            "x0": int(x0),
+            "y0": int(y0),
+            "threshold": float(cfg.threshold),
+            "n_streaks": 0 if streaks is None else len(streaks.streaks),
+            "n_bright_star_halos": int(len(halos)),
+        }
+    )
     return out
 
 
