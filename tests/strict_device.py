@@ -635,9 +635,19 @@ def install():
             return _wrap(r)
         return launch
 
+    def clipped_stack_launch(data, bad, weights=None, nsigma=3.0, niter=3, **kw):
+        # As the CuPy launcher: stacks deeper than the kernel's register budget run the
+        # vectorized twin *on the device*, every one of its calls counted.
+        d = data if isinstance(data, Dev) else _to_device(data)
+        if d._a.shape[0] > kernels.CLIPPED_STACK_MAX_N:
+            b = bad if isinstance(bad, Dev) or bad is None else _to_device(bad)
+            return reference.clipped_stack(d, b, weights, nsigma, niter, **kw)
+        return launcher_for(reference.clipped_stack)(d, bad, weights, nsigma, niter, **kw)
+
     for name, spec in list(kernels._REGISTRY.items()):
         if spec.cuda_launcher is not None:
-            kernels._REGISTRY[name] = dataclasses.replace(spec, cuda_launcher=launcher_for(spec.numpy_impl))
+            launch = clipped_stack_launch if name == "clipped_stack" else launcher_for(spec.numpy_impl)
+            kernels._REGISTRY[name] = dataclasses.replace(spec, cuda_launcher=launch)
 
     orig_am = reference.array_module
 

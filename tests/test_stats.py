@@ -83,7 +83,8 @@ def test_image_statistics_masked_image(backend, rng):
     img[50, :] = np.nan
     var = np.full(img.shape, 25.0, np.float32)
     mi = MaskedImage(img, var, mask, mask_planes=mp, backend=backend)
-    st = image_statistics(mi)
+    st = image_statistics(mi, median=True)  # the median is opt-in: no pipeline caller uses it
+    assert "median" not in image_statistics(mi)
     usable = (mask == 0) & np.isfinite(img)
     assert st["n"] == int(usable.sum())
     rm, rs, rn = afw_meanclip(img[usable])
@@ -93,7 +94,7 @@ def test_image_statistics_masked_image(backend, rng):
     assert st["median"] == pytest.approx(np.median(img[usable]), rel=1e-6)
     assert st["variance"] == pytest.approx(rs ** 2, rel=2e-4)
     # without the and-mask the blob drags the median up
-    st_all = image_statistics(mi, bad_planes=())
+    st_all = image_statistics(mi, bad_planes=(), median=True)
     assert st_all["n"] == int(np.isfinite(img).sum())
     assert st_all["median"] > st["median"]
     # variance-plane statistics (ScaleVariance)
@@ -149,3 +150,51 @@ def test_weighted_centroid_and_adaptive_moments(backend):
     z = backend.asarray(np.zeros((1, 9, 9)))
     assert not backend.asnumpy(adaptive_moments_batch(backend, z, z == 0, 2.0)[5])[0]
     assert not backend.asnumpy(weighted_centroid(backend, z, z[:, 0, 0], z[:, 0, 0], 1.0)[2])[0]
+
+
+@pytest.mark.parametrize("n", [-5, 1, 2, 3, 7, 100, 4097, 200_000])  # -5: 5, all excluded
+def test_sort_free_clip_matches_the_stack_twin(rng, n):
+    """The 1-D clip (selection, never a sort) against ``clipped_stack``'s NumPy twin on the
+    same sample as a stack of depth n over one pixel; both selection paths (the CPU's
+    partition and the device's radix select, run here on NumPy)."""
+    from gpudiff.backend import get_backend
+    from gpudiff.backend.reference import clipped_stack
+    from gpudiff.ops.stats import _clip_sample, _radix_select
+
+    be = get_backend("numpy")
+    all_bad, n = n < 0, abs(n)
+    x = rng.normal(10.0, 2.0, n).astype(np.float32)
+    if n > 10:  # outliers on both sides, ties, ±0, a NaN and an excluded block
+        x[: n // 20] = 1e4
+        x[n // 20: n // 10] = -3e3
+        x[n // 10: n // 10 + 5] = 10.0
+        x[n // 10 + 5] = -0.0
+        x[n // 10 + 6] = 0.0
+        x[-1] = np.nan
+    bad = np.zeros(n, bool)
+    bad[n // 3: n // 3 + n // 50] = True
+    bad |= all_bad
+    excl = bad | ~np.isfinite(x)
+    ref_m, ref_v, ref_n = (float(a[0]) for a in clipped_stack(x[:, None], bad[:, None], None, 3.0, 3))
+    for select in (None, lambda be_, v, valid, nn, ranks: _radix_select(be_.xp, v, valid, ranks)):
+        m, v, nu, nv = _clip_sample(be, x, excl, 3.0, 3, _select=select)
+        assert nv == int((~excl).sum()) and nu == int(ref_n)
+        # same survivors, same float64 sums up to their order (pairwise vs sequential):
+        # the float32 results agree to an ulp or two
+        for got, ref in ((m, ref_m), (v, ref_v)):
+            if math.isnan(ref):
+                assert math.isnan(got)
+            else:
+                assert got == pytest.approx(ref, rel=3e-7, abs=1e-30)
+
+
+def test_radix_select_is_exact_order_statistics(rng):
+    from gpudiff.ops.stats import _radix_select
+
+    v = np.concatenate([rng.normal(0, 1, 5000), rng.uniform(-1e30, 1e30, 100), [0.0, -0.0, 1e-40, -1e-40],
+                        np.full(50, 3.25)]).astype(np.float32)
+    valid = rng.uniform(size=v.size) > 0.1
+    good = np.sort(v[valid])
+    ranks = np.array([0, 1, good.size // 4, good.size // 2, good.size - 1], np.int64)
+    got = _radix_select(np, v, valid, ranks)
+    np.testing.assert_array_equal(got, good[ranks].astype(np.float64))

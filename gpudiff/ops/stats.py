@@ -1,11 +1,17 @@
 """afw-style statistics of samples and masked images (spec §0.5), and batched moments of stamps.
 
-``MEANCLIP`` / ``STDEVCLIP`` are computed by the registered ``clipped_stack`` kernel (CUDA on
-CuPy, its NumPy twin on the CPU), which already implements afw's semantics exactly: pass 0
+``MEANCLIP`` / ``STDEVCLIP`` follow the registered ``clipped_stack`` kernel (CUDA on CuPy,
+its NumPy twin on the CPU), which implements afw's semantics exactly: pass 0
 clips at median ± nσ·0.741301109·IQR, every later pass re-clips the **full** sample around
 the previous clipped mean with half-width nσ·(previous clipped stdev), and the variance is
-the ddof=1 variance of the survivors.  This module only arranges the data for it (a 1-D
-sample is a stack of depth N over a single "pixel") and applies an and-mask.
+the ddof=1 variance of the survivors.  A 1-D sample (a whole image, a band) is a stack of
+depth N over a single "pixel", far deeper than the kernel's register budget, where the
+stack code sorts; here it is clipped
+by :func:`_clip_sample` instead, with the same semantics and no sort: the median and
+quartiles are exact order statistics found by selection (``numpy.partition`` on the CPU;
+on a device a two-pass radix select over the float bit patterns, 16 bits per pass, whose
+histogram and prefix sums stay on the device), then ``niter`` clipping passes of sums.
+The statistics come back to the host in one transfer.
 
 The stamp helpers at the end (:func:`gather_stamps`, :func:`weighted_centroid`,
 :func:`adaptive_moments_batch`) compute first and second moments of stacks of small
@@ -18,9 +24,9 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
+import numpy as np
 
 from ..backend import Backend, resolve_backend
-from ..backend.kernels import clipped_stack
 from ..errors import AllMaskedError, InvalidInputError, ShapeMismatchError
 from ..image import Exposure, MaskedImage, MaskPlanes
 
@@ -92,10 +98,113 @@ def clipped_mean_std(values: Any, nsigma: float = 3.0, niter: int = 3, *, bad: A
     """
     be = resolve_backend(backend)
     v, excl = _flat_sample(values, bad, be)
-    # A 1-D sample is a stack of depth N over one "pixel": the kernel's axis 0.
-    mean, var, n_used = clipped_stack(v, excl, None, nsigma, niter, backend=be)
-    m, s2 = float(be.asnumpy(mean)), float(be.asnumpy(var))
-    return m, (math.sqrt(s2) if s2 >= 0 else float("nan")), int(be.asnumpy(n_used))
+    m, s2, n_used, _ = _clip_sample(be, v, excl, nsigma, niter)
+    return m, (math.sqrt(s2) if s2 >= 0 else float("nan")), n_used
+
+
+#: Fractions of the pass-0 quantiles (afw ``medianAndQuartiles``): q1, median, q3.
+_QUARTILES = (0.25, 0.50, 0.75)
+
+
+def _sortable_keys(xp, v):
+    """float32 → uint32 keys in the order of the values (sign bit flipped for positives,
+    all bits for negatives): the radix select's view of the sample."""
+    u = v.view(xp.uint32)
+    return xp.where((u >> 31) != 0, ~u, u | xp.uint32(0x80000000))
+
+
+def _keys_to_float(xp, k):
+    u = xp.where((k >> 31) != 0, k & xp.uint32(0x7FFFFFFF), ~k)
+    return u.astype(xp.uint32).view(xp.float32)
+
+
+def _radix_select(xp, v, valid, ranks):
+    """Values of ``v[valid]`` at 0-based sorted positions ``ranks`` (device int64 array),
+    without sorting: histogram the top 16 bits of the keys, locate each rank's bin by a
+    prefix sum, then histogram the low 16 bits of every rank's bin members at once
+    (rank-major bins).  About 20 device calls whatever the number of ranks, no host sync
+    (the ranks may be device values)."""
+    keys = xp.where(valid, _sortable_keys(xp, v), xp.uint32(0xFFFFFFFF))  # invalid: last
+    hi = (keys >> 16).astype(xp.int64)
+    c1 = xp.cumsum(xp.bincount(hi, minlength=1 << 16))
+    b = xp.searchsorted(c1, ranks, side="right")  # first bin whose cumulative count > rank
+    below = xp.where(b > 0, c1[xp.maximum(b - 1, 0)], 0)
+    nr = int(ranks.shape[0])
+    members = hi[None, :] == b[:, None]  # (ranks, N)
+    slot = (keys & xp.uint32(0xFFFF)).astype(xp.int64)[None, :] + (xp.arange(nr) << 16)[:, None]
+    h2 = xp.bincount(slot.ravel(), weights=members.ravel().astype(xp.float64), minlength=nr << 16)
+    c2 = xp.cumsum(h2.reshape(nr, 1 << 16), axis=1)
+    # first low bin whose cumulative count exceeds the rank within its high bin
+    lo = (c2 <= (ranks - below).astype(xp.float64)[:, None]).sum(axis=1)
+    k = (b.astype(xp.uint32) << xp.uint32(16)) | lo.astype(xp.uint32)
+    return _keys_to_float(xp, k).astype(xp.float64)
+
+
+def _order_statistics(be: Backend, v, valid, n, ranks):
+    """float64 ``sorted(v[valid])[ranks]`` by selection (never a full sort)."""
+    xp = be.xp
+    if be.is_gpu:
+        return _radix_select(xp, v, valid, ranks)
+    good = v[valid]  # the CPU knows n: np.partition is a linear-time selection
+    r = be.asnumpy(ranks)
+    if good.size == 0:
+        return xp.zeros(r.shape, dtype=xp.float64)
+    kth = sorted(set(int(k) for k in r))
+    return xp.partition(good, kth)[r].astype(xp.float64)
+
+
+def _clip_sample(be: Backend, v, excl, nsigma: float, niter: int, *, _select=None):
+    """afw MEANCLIP / VARIANCECLIP of one 1-D sample: (mean, variance, n_used, n_valid).
+
+    Same semantics as ``clipped_stack`` on a stack of depth N over one pixel (see
+    :func:`gpudiff.backend.reference.clipped_stack`, whose ``_clip_band`` this mirrors in
+    1-D: linear-interpolated quartiles, pass 0 at median ± nσ·0.7413·IQR, later passes
+    around the previous clipped mean with nσ·clipped σ, float64 sums, ddof-1 variance).
+    The quartiles come from :func:`_order_statistics`; everything stays on the backend
+    until the four numbers cross to the host in one transfer.
+    """
+    from ..backend.reference import IQ_TO_STDEV
+
+    xp = be.xp
+    valid = ~excl  # _flat_sample already excludes non-finite values
+    v32 = v.astype(xp.float32, copy=False)
+    n = valid.sum().astype(xp.int64)
+    fr = be.asarray(np.asarray(_QUARTILES, dtype=np.float64))
+    nm1 = xp.maximum(n - 1, 0)
+    idx = fr * nm1.astype(xp.float64)
+    q1 = idx.astype(xp.int64)
+    q2 = xp.minimum(q1 + 1, nm1)
+    vals = (_select or _order_statistics)(be, v32, valid, n, xp.concatenate([q1, q2]))
+    k = len(_QUARTILES)
+    qv = ((q1 + 1).astype(xp.float64) - idx) * vals[:k] + (idx - q1.astype(xp.float64)) * vals[k:]
+    iqr_width = (nsigma * IQ_TO_STDEV) * (qv[2] - qv[0])
+    x = xp.where(valid, v32, xp.float32(0)).astype(xp.float64)
+    center, hwidth = qv[1], iqr_width
+    mean = var = sel = None
+    for it in range(niter):
+        if it > 0:
+            center = mean
+            hwidth = xp.where(n > 1, nsigma * xp.sqrt(var), iqr_width)
+        d = x - center
+        sel = (xp.abs(d) <= hwidth) & valid  # False for a NaN centre or width, as afw
+        sumw = sel.sum().astype(xp.float64)
+        t = xp.where(sel, d, 0.0)
+        sumx = t.sum()
+        sumx2 = (t * d).sum()
+        okw = sumw > 0
+        mean_d = xp.where(okw, sumx / xp.where(okw, sumw, 1.0), xp.nan)
+        denom = sumw * sumw - sumw
+        okv = okw & (denom > 0)
+        var = xp.where(okv, (sumx2 / xp.where(okw, sumw, 1.0) - mean_d * mean_d)
+                       * (sumw * sumw / xp.where(okv, denom, 1.0)), xp.nan)
+        mean = mean_d + center
+    # float32 results, as the stack kernel returns them
+    out = xp.stack([mean.astype(xp.float32).astype(xp.float64), var.astype(xp.float32).astype(xp.float64),
+                    sel.sum().astype(xp.float64), n.astype(xp.float64)])
+    m, s2, nu, nv = (float(a) for a in be.asnumpy(out))  # the one host sync
+    if nv == 0:
+        m = s2 = float("nan")
+    return m, s2, int(nu), int(nv)
 
 
 def robust_sigma(values: Any, *, bad: Any = None, backend: Backend | str | None = None) -> float:
@@ -129,7 +238,7 @@ def _resolve_planes(mask_planes: MaskPlanes | None) -> MaskPlanes:
 
 def image_statistics(image: Any, *, mask: Any = None, mask_planes: MaskPlanes | None = None,
                      bad_planes: Iterable[str] = STATS_BAD_PLANES, nsigma: float = 3.0,
-                     niter: int = 3, use_variance: bool = False,
+                     niter: int = 3, use_variance: bool = False, median: bool = False,
                      backend: Backend | str | None = None) -> dict:
     """Clipped statistics of the unmasked, finite pixels of an image (afw ``makeStatistics``).
 
@@ -151,15 +260,18 @@ def image_statistics(image: Any, *, mask: Any = None, mask_planes: MaskPlanes | 
     use_variance : bool
         Compute the statistics of the variance plane instead of the image (MaskedImage
         input only; what ScaleVarianceTask needs).
+    median : bool
+        Also return ``median``, the MEDIAN of the unclipped usable pixels (no caller in the
+        pipeline needs it, so it is not computed by default).
     backend : Backend or str, optional
         Default: the image's backend (arrays: the default backend).
 
     Returns
     -------
     dict
-        ``mean`` (MEANCLIP), ``std`` (STDEVCLIP), ``variance`` (VARIANCECLIP), ``median``
-        (MEDIAN of the unclipped usable pixels), ``n`` (afw NPOINT: usable pixels before
-        clipping) and ``n_used`` (survivors of the final pass).
+        ``mean`` (MEANCLIP), ``std`` (STDEVCLIP), ``variance`` (VARIANCECLIP), ``n`` (afw
+        NPOINT: usable pixels before clipping), ``n_used`` (survivors of the final pass)
+        and, with ``median=True``, ``median``.
 
     Raises
     ------
@@ -191,21 +303,21 @@ def image_statistics(image: Any, *, mask: Any = None, mask_planes: MaskPlanes | 
             bm = _resolve_planes(mask_planes).bitmask_if_present(list(bad_planes))
             bad = (m.astype(xp.int64) & bm) != 0
     v, excl = _flat_sample(data, bad, be)
-    n_valid = int((~excl).sum())
+    mean, s2, n_used, n_valid = _clip_sample(be, v, excl, nsigma, niter)
     if n_valid == 0:
         raise AllMaskedError(
             f"image_statistics: no usable pixel (all non-finite or masked by {', '.join(bad_planes)})")
-    mean, var, n_used = clipped_stack(v, excl, None, nsigma, niter, backend=be)
-    s2 = float(be.asnumpy(var))
-    median = float(xp.median(v[~excl].astype(xp.float64)))
-    return {
-        "mean": float(be.asnumpy(mean)),
+    out = {
+        "mean": mean,
         "std": math.sqrt(s2) if s2 >= 0 else float("nan"),
         "variance": s2,
-        "median": median,
         "n": n_valid,
-        "n_used": int(be.asnumpy(n_used)),
+        "n_used": n_used,
     }
+    if median:  # only when asked: a full-image median is a second selection
+        good = v[~excl]
+        out["median"] = float(xp.median(good.astype(xp.float32, copy=False)))
+    return out
 
 
 # ----------------------------------------------------------------------------------------
