@@ -198,3 +198,26 @@ def test_radix_select_is_exact_order_statistics(rng):
     ranks = np.array([0, 1, good.size // 4, good.size // 2, good.size - 1], np.int64)
     got = _radix_select(np, v, valid, ranks)
     np.testing.assert_array_equal(got, good[ranks].astype(np.float64))
+
+
+def test_psf_moments_measured_once_per_rounded_position(monkeypatch):
+    """Spatially varying PSF moments are cached per PSF instance (issue 16: the moment
+    lattice of a GridPsf was re-fitted on every detection pass)."""
+    import gpudiff.image.psf as P
+    from gpudiff.image import GaussianPsf, GridPsf, adaptive_moments
+
+    imgs = np.array([[GaussianPsf(sigma=s, size=21).kernel_image() for s in (1.5, 2.5)],
+                     [GaussianPsf(sigma=s, size=21).kernel_image() for s in (2.0, 3.0)]])
+    psf = GridPsf(imgs, [0.0, 1000.0], [0.0, 1000.0])
+    calls = []
+    real = P.adaptive_moments
+    monkeypatch.setattr(P, "adaptive_moments", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a = psf.moments(300.4, 700.6)
+    assert psf.moments(299.6, 701.2) == a and len(calls) == 1  # same rounded pixel: cached
+    # exactly what a fresh measurement gives (the kernel depends on the rounded position only)
+    assert a == pytest.approx(tuple(adaptive_moments(psf.kernel_image(300, 701))[2:]), rel=0, abs=0)
+    b = psf.moments(800.0, 200.0)
+    assert len(calls) == 2 and b[0] > a[0] * 1.05  # a varying PSF: another node, another value
+    other = GridPsf(imgs, [0.0, 1000.0], [0.0, 1000.0])
+    other.moments(300.4, 700.6)
+    assert len(calls) == 3  # per instance, never shared between PSFs

@@ -98,6 +98,11 @@ def adaptive_moments(image: np.ndarray, max_iter: int = 100, tol: float = 1e-7) 
     return float(xc), float(yc), float(w_xx), float(w_yy), float(w_xy)
 
 
+#: Most rounded positions whose moments one PSF instance keeps (a 4096² lattice at 128 px
+#: has 33² nodes).
+_MOMENTS_CACHE_MAX = 8192
+
+
 class Psf(ABC):
     """Base class of PSF models.  Positions are parent pixel coordinates (x = column)."""
 
@@ -133,9 +138,22 @@ class Psf(ABC):
         return self.compute_image(float(round(x)), float(round(y)), size=size)
 
     def moments(self, x: float | None = None, y: float | None = None) -> tuple[float, float, float]:
-        """Second moments (Ixx, Iyy, Ixy) in pixels², adaptive, at (x, y)."""
-        _, _, ixx, iyy, ixy = adaptive_moments(self.kernel_image(x, y))
-        return ixx, iyy, ixy
+        """Second moments (Ixx, Iyy, Ixy) in pixels², adaptive, at (x, y).
+
+        Measured once per PSF and rounded position (the kernel image depends on nothing
+        else) and cached on the instance, so the moment lattice of a spatially varying
+        PSF is fitted once however many detection passes ask for it.
+        """
+        x, y = self._pos(x, y)
+        key = (round(x), round(y))
+        cache = self.__dict__.setdefault("_moments_cache", {})
+        hit = cache.get(key)
+        if hit is None:
+            _, _, ixx, iyy, ixy = adaptive_moments(self.kernel_image(x, y))
+            hit = (ixx, iyy, ixy)
+            if len(cache) < _MOMENTS_CACHE_MAX:  # bounded: per-source queries are not lattices
+                cache[key] = hit
+        return hit
 
     def fwhm(self, x: float | None = None, y: float | None = None) -> float:
         """Trace-radius FWHM 2.3548·sqrt((Ixx+Iyy)/2) in pixels (LSST ``getPsfFwhm``)."""
