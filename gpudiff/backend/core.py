@@ -39,6 +39,8 @@ log = logging.getLogger("gpudiff.backend")
 
 #: Environment variable read when no backend is named explicitly.
 ENV_VAR = "GPUDIFF_BACKEND"
+#: cuFFT plans kept per device (CuPy's default is 16; see ``_cupy_backend``).
+_FFT_PLAN_CACHE_SIZE = 64
 BACKEND_NAMES = ("auto", "numpy", "cupy")
 
 
@@ -190,6 +192,16 @@ def _cupy_backend() -> Backend:
 
     def sync() -> None:
         cupy.cuda.get_current_stream().synchronize()
+
+    # A subtraction + DIA run uses ~26 distinct FFT shapes (padded images, stamps,
+    # decorrelation, detection) against CuPy's default plan cache of 16: sized for a run,
+    # plans are made once instead of being evicted and rebuilt every call (issue 16).
+    try:
+        cache = cupy.fft.config.get_plan_cache()
+        if cache.get_size() < _FFT_PLAN_CACHE_SIZE:
+            cache.set_size(_FFT_PLAN_CACHE_SIZE)
+    except AttributeError:  # an older CuPy without the per-device plan cache API
+        pass
 
     return Backend(
         name="cupy",
