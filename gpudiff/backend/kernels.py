@@ -393,6 +393,11 @@ register_kernel(
 # ----------------------------------------------------------------------------------------
 
 
+#: kh·kw·H·W above which a full-rectangle footprint is dilated separably on the device
+#: (2048² × 64 taps: ~20 extra launches, ~0.2 ms, against ~0.3 G tap reads saved).
+_MASK_SEPARABLE_MIN_TAPS = 2048 * 2048 * 64
+
+
 def _mask_dilate_or_cupy(mask, footprint):
     """CuPy launcher of ``mask_dilate_or_i32``; same signature and semantics as
     :func:`gpudiff.backend.reference.mask_dilate_or`."""
@@ -401,6 +406,11 @@ def _mask_dilate_or_cupy(mask, footprint):
     _, m, fp = reference.validate_mask_dilate_or(_dev(cupy, mask), footprint)
     m = cupy.ascontiguousarray(m)
     height, width = (int(s) for s in m.shape)
+    if fp.all() and fp.size * height * width > _MASK_SEPARABLE_MIN_TAPS:
+        # A full rectangle (every AL kernel, the warp footprint): the twin's separable
+        # doubling ORs, run with CuPy, read each pixel ~2·log2(k) times instead of kh·kw
+        # (441 at 21×21); ~20 launches, worth it once the image is big.
+        return reference.mask_dilate_or(m, fp)
     dy, dx = reference.footprint_offsets(fp)
     out = cupy.zeros((height, width), dtype=cupy.int32)
     if height == 0 or width == 0 or dy.size == 0:
