@@ -60,8 +60,9 @@ def check_exposure_finite(exposure, what: str, bad_planes=("NO_DATA",)) -> list[
 
 
 def check_subtraction(metadata, result_exposure, science, template) -> list[str]:
-    """Kernel sum finite and positive, and (when both inputs carry a photometric
-    calibration) within a factor 1.5 of the ratio it predicts; a finite difference."""
+    """Kernel sum finite and positive, (when both inputs carry a photometric calibration)
+    within a factor 1.5 of the ratio it predicts, and agreeing with the kernel stars' flux
+    ratio (the fit's ``kernel_sum_check_failed``); a finite difference."""
     out = []
     ks = float(metadata.get("kernel_sum", float("nan")))
     mode = str(metadata.get("mode", ""))
@@ -78,6 +79,11 @@ def check_subtraction(metadata, result_exposure, science, template) -> list[str]
                     f"the kernel sum {ks:.4f} is far from the flux ratio {expected:.4f} that the "
                     "inputs' photometric calibrations predict"
                 )
+    if metadata.get("kernel_sum_check_failed"):  # the fit's own photometric check (psfmatch.fit)
+        r = float(metadata.get("kernel_star_flux_ratio", float("nan")))
+        e = float(metadata.get("kernel_star_flux_ratio_err", float("nan")))
+        out.append(f"the kernel sum {ks:.4f} disagrees with the kernel stars' flux ratio "
+                   f"{r:.4f} ± {e:.4f} (more than 2 % and 3 standard errors)")
     out += check_exposure_finite(result_exposure, "difference", ("NO_DATA", "EDGE"))
     return out
 
