@@ -295,7 +295,10 @@ def _attach(
         extras = any(mine[k] is not None for k in ("psf", "noise", "variance", "ivar", "mask"))
         if not extras and not (needs_psf and s.psf is None):
             out.append(s)
-            inputs.append({"psf": "file" if s.psf is not None else None, "noise": "file"})
+            whole = getattr(s, "_whole", None)  # a plain file FitsWarp read whole (its variance
+            estimated = whole is not None and "GDVAREST" in whole.metadata  # may be estimated)
+            inputs.append({"psf": "file" if s.psf is not None else None,
+                           "noise": "estimated" if estimated else "file"})
             continue
         exp, src = attach_inputs(
             read_exposure(p, backend=be), p, need_psf=needs_psf, log=say, **mine
