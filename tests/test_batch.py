@@ -372,10 +372,10 @@ def test_manifest_input_columns_reach_the_commands(tmp_path, monkeypatch):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "m.csv").write_text(
         "kind,science,template,warps,output,science_psf,template_noise,science_mask,"
-        "science_mask_bits,template_fwhm,psf,fwhm\n"
-        "subtract,s.fits,t.fits,,d.fits,p.fits,n.fits,m.fits,BAD=0;SAT=1,3.5,,\n"
-        "coadd,,,w1.fits;w2.fits,c.fits,,,,,,p.fits,4;5\n"
-        "subtract,s.fits,t.fits,,e.fits,,,,BAD,,,\n"
+        "science_mask_bits,template_fwhm,psf,fwhm,mask_bits\n"
+        "subtract,s.fits,t.fits,,d.fits,p.fits,n.fits,m.fits,BAD=0;SAT=1,3.5,,,CR=3\n"
+        "coadd,,,w1.fits;w2.fits,c.fits,,,,,,p.fits,4;5,\n"
+        "subtract,s.fits,t.fits,,e.fits,,,,BAD,,,,\n"
     )
     jobs = read_manifest(tmp_path / "m.csv", tmp_path / "out")
     seen = {}
@@ -414,6 +414,7 @@ def test_manifest_input_columns_reach_the_commands(tmp_path, monkeypatch):
         kw["science_mask"] == str(tmp_path / "m.fits") and kw["science_mask_bits"] == "BAD=0;SAT=1"
     )
     assert kw["template_fwhm"] == 3.5 and kw["mode"] == "auto"
+    assert kw["template_mask_bits"] == "CR=3"  # the shared mask_bits column
     assert r["status"] == "failed" and "quality check failed" in r["error"]
     assert run_job(jobs[1])["status"] == "ok"
     assert seen["coadd"]["psf"] == [str(tmp_path / "p.fits")] and seen["coadd"]["fwhm"] == [

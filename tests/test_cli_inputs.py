@@ -467,4 +467,8 @@ def test_subtract_cli_options_reach_the_inputs(tmp_path, monkeypatch, capsys):
         seen["template_ivar"],
     ) == ("sp", "tp", "sn", "tv", "sm", "BAD=0", "ti")
     assert seen["fwhm"] == 4.0 and seen["template_fwhm"] == 3.0 and seen["mode"] == "auto"
+    assert seen["template_mask_bits"] is None
+    # --mask-bits names the bits of both masks unless one has its own
+    assert main([*argv, "--mask-bits", "CR=3"]) == 0
+    assert seen["science_mask_bits"] == "BAD=0" and seen["template_mask_bits"] == "CR=3"
     assert "PSF from option" in capsys.readouterr().out

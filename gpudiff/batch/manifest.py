@@ -27,7 +27,7 @@ A manifest is a CSV (``.csv``, or any suffix but ``.ecsv``) or ECSV table.  Colu
                        names (:mod:`gpudiff.image.inputs`): subtract rows take
                        ``science_``/``template_`` + ``psf``, ``noise``, ``variance``,
                        ``ivar``, ``mask`` (paths), ``science_mask_bits``,
-                       ``template_mask_bits``, ``fwhm``, ``science_fwhm``,
+                       ``template_mask_bits``, ``mask_bits`` (both), ``fwhm``, ``science_fwhm``,
                        ``template_fwhm``; match-psf rows ``psf``, ``noise``, ``variance``,
                        ``ivar``, ``mask``, ``mask_bits``, ``fwhm``; coadd rows the same, the
                        paths (and ``fwhm``) ``;``-separated: one for all warps or one per warp
@@ -74,6 +74,7 @@ KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
             "matched_template_out",
             "science_mask_bits",
             "template_mask_bits",
+            "mask_bits",
             "fwhm",
             "science_fwhm",
             "template_fwhm",

@@ -100,6 +100,9 @@ def _subtract(job, backend, overwrite, note) -> dict:
             )
         }
     )
+    for r in ("science", "template"):  # mask_bits names both masks unless one has its own
+        if extra[f"{r}_mask_bits"] is None:
+            extra[f"{r}_mask_bits"] = o.get("mask_bits")
     s = subtract_files(
         job.inputs["science"],
         job.inputs["template"],

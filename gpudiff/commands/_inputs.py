@@ -28,7 +28,8 @@ def add_input_options(
     """The options for what users hand beside their images (gpudiff.image.inputs).
 
     ``roles`` ``("science", "template")`` gives ``--science-psf`` ... ``--template-mask``
-    plus ``--fwhm``/``--science-fwhm``/``--template-fwhm``; ``roles=()`` gives the
+    plus ``--mask-bits`` (both masks) and ``--fwhm``/``--science-fwhm``/``--template-fwhm``;
+    ``roles=()`` gives the
     single-image ``--psf``, ``--noise``, ``--variance``, ``--ivar``, ``--mask``,
     ``--mask-bits`` and ``--fwhm`` (with ``nargs="+"``: one value for all inputs or one
     per input, in order).
@@ -74,6 +75,13 @@ def add_input_options(
             metavar="NAME=BIT,...",
             help=f"plane names of the --{pre}mask file's bits, e.g. 'BAD=0,SAT=1'",
         )
+    if roles:
+        g.add_argument(
+            "--mask-bits",
+            metavar="NAME=BIT,...",
+            help="plane names of every mask file's bits unless --science-mask-bits / "
+            "--template-mask-bits say otherwise",
+        )
     if psf:
         g.add_argument(
             "--fwhm",
@@ -97,6 +105,10 @@ def input_kwargs(args: argparse.Namespace, roles=("science", "template")) -> dic
         for opt in ("psf", "noise", "variance", "ivar", "mask", "mask_bits", "fwhm"):
             out[f"{r}_{opt}"] = getattr(args, f"{r}_{opt}", None)
     out["fwhm"] = getattr(args, "fwhm", None)
+    shared_bits = getattr(args, "mask_bits", None) if roles else None
+    for r in roles:  # --mask-bits names the bits of both masks unless one has its own
+        if out[f"{r}_mask_bits"] is None:
+            out[f"{r}_mask_bits"] = shared_bits
     return out
 
 
