@@ -36,7 +36,8 @@ def _gauss_field(shape, xs, ys, fluxes, sigma, sky_sigma, rng):
     yy, xx = np.mgrid[:shape[0], :shape[1]].astype(np.float64)
     img = np.zeros(shape)
     for x, y, f in zip(xs, ys, fluxes):
-        img += f / (2 * np.pi * sigma ** 2) * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma ** 2))
+        r2 = (xx - x) ** 2 + (yy - y) ** 2
+        img += f / (2 * np.pi * sigma ** 2) * np.exp(-r2 / (2 * sigma ** 2))
     var = np.full(shape, sky_sigma ** 2) + img  # sky plus photon noise (gain 1)
     return img + rng.normal(0.0, 1.0, shape) * np.sqrt(var), var
 

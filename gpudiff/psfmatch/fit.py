@@ -50,7 +50,7 @@ class KernelFit:
         Spatial orders of the final fit: the configured ones, or lower ones when the
         candidates could not constrain them (background order −1: no background fitted).
     flux_ratio, flux_ratio_err : float
-        Inverse-variance mean aperture-flux ratio (reference / convolved) of the candidates used,
+        Median aperture-flux ratio (reference / convolved) of the candidates used,
         and its standard error: the photometric ratio the kernel sum must reproduce.
     kernel_sum_ok : bool
         False when the kernel sum and ``flux_ratio`` disagree (see
@@ -413,7 +413,8 @@ def fit_spatial_kernel(cands: KernelCandidates, basis: KernelBasis, config: PsfM
                      single_background=single.fit.background, residual_mean=residual_mean,
                      residual_rms=residual_rms, used=used,
                      spatial_kernel_order_used=config.spatial_kernel_order,
-                     spatial_bg_order_used=config.spatial_bg_order if config.fit_for_background else -1,
+                     spatial_bg_order_used=(config.spatial_bg_order if config.fit_for_background
+                                            else -1),
                      flux_ratio=ratio, flux_ratio_err=ratio_err, kernel_sum_ok=ksum_ok)
 
 
@@ -425,6 +426,8 @@ KERNEL_SUM_TOLERANCE = 0.02
 
 _APERTURE_FRACTION = 0.5
 _RATIO_MIN_SNR = 20.0
+_RATIO_MIN_STARS = 3
+_MAD_TO_SIGMA = 1.4826
 
 
 def kernel_star_flux_ratio(be: Backend, cands: KernelCandidates, which: np.ndarray
@@ -435,16 +438,15 @@ def kernel_star_flux_ratio(be: Backend, cands: KernelCandidates, which: np.ndarr
     spans ≥ 6 FWHM of the matched PSF, so ≥ 3 FWHM: the flux of both PSFs; a larger
     aperture in a crowded field adds neighbours' noise), the local sky the median of the
     stamp's 2-px border, in each image separately (a differential background does not
-    enter the ratio).  NaN when no candidate has an aperture S/N ≥ 20 in both images
-    (the check is then not made).
+    enter the ratio).  NaN when fewer than 3 candidates have an aperture S/N ≥ 20 in
+    both images (the check is then not made).
     """
     if which.size == 0:
         return float("nan"), float("nan")
     S = int(cands.science.shape[-1])  # ModelPsfMatch stamps are PSF-sized, not 2k+1
     o = np.arange(S)
     edge = np.minimum(o, S - 1 - o)
-    # The whole stamp (±kernel_size ≥ 3 FWHM of the broader PSF: all of a star's flux);
-    # the sky from the median of its 2-px border.
+    # The sky from the median of the stamp's 2-px border.
     ring = np.minimum(edge[:, None], edge[None, :]) < 2
     h = S // 2
     ap = np.hypot(*np.meshgrid(o - h, o - h)) <= _APERTURE_FRACTION * h
@@ -458,37 +460,20 @@ def kernel_star_flux_ratio(be: Backend, cands: KernelCandidates, which: np.ndarr
     fr, fc, vr, vc = flux[0], flux[1], var[0], var[1]
     # Only stars whose aperture flux is measured to S/N ≥ 20 in both images: fainter
     # candidates (a deep field's S/N-10 compact sources) measure the ratio to no better than
-    # ±10 % each and, near galaxies, with biased local skies.
-    ok = (np.isfinite(fr) & np.isfinite(fc) & (vr > 0) & (vc > 0)
-          & (fc > _RATIO_MIN_SNR * np.sqrt(vc)) & (fr > _RATIO_MIN_SNR * np.sqrt(vr)))
-    fr, fc, vr, vc = fr[ok], fc[ok], vr[ok], vc[ok]
-    if fr.size == 0:
+    # ±10 % each.  The median of the per-star ratios, so that one variable star or one
+    # candidate on a galaxy's halo (a biased local sky) does not move it: hence ≥ 3 stars.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ok = (np.isfinite(fr) & np.isfinite(fc) & (vr > 0) & (vc > 0)
+              & (fc > _RATIO_MIN_SNR * np.sqrt(vc)) & (fr > _RATIO_MIN_SNR * np.sqrt(vr)))
+        r = fr[ok] / fc[ok]
+        e = np.abs(r) * np.sqrt(vr[ok] / fr[ok] ** 2 + vc[ok] / fc[ok] ** 2)
+    if r.size < _RATIO_MIN_STARS:
         return float("nan"), float("nan")
-    # Both fluxes are noisy, so a ratio of means or a weighted mean of ratios (weights that
-    # depend on the noisy fluxes) is biased for faint stars; the straight line through the
-    # origin with errors in both variables, χ²(ρ) = Σ (F_ref − ρ F_conv)² / (V_ref + ρ² V_conv),
-    # is not.  Stars off it by > 3σ (plus 2 % for PSF-model error) are dropped twice: a
-    # variable star, a blend, a cosmic ray.
-    from scipy.optimize import minimize_scalar
-
-    def chi2(rho, m):
-        return float((((fr - rho * fc) ** 2) / (vr + rho * rho * vc))[m].sum())
-
-    keep = np.ones(fr.size, bool)
-    rho = float(np.median(fr / fc))
-    for _ in range(3):
-        lo, hi = sorted((0.2 * rho, 5.0 * rho)) if rho != 0 else (-5.0, 5.0)
-        rho = float(minimize_scalar(chi2, bounds=(lo, hi), args=(keep,), method="bounded",
-                                    options={"xatol": 1e-7}).x)
-        z = (fr - rho * fc) / np.sqrt(vr + rho * rho * vc + (0.02 * rho * fc) ** 2)
-        new = np.abs(z) <= 3.0
-        if not new.any() or (new == keep).all():
-            break
-        keep = new
-    d = 1e-4 * max(abs(rho), 1e-6)
-    curv = (chi2(rho + d, keep) - 2 * chi2(rho, keep) + chi2(rho - d, keep)) / d ** 2
-    err = float(np.sqrt(2.0 / curv)) if curv > 0 else float("nan")
-    return rho, err
+    med = float(np.median(r))
+    # Standard error of a median (1.2533 σ/√n), σ the larger of the ratios' MAD scatter
+    # and their own measurement errors.
+    sig = max(_MAD_TO_SIGMA * float(np.median(np.abs(r - med))), float(np.median(e)))
+    return med, 1.2533 * sig / np.sqrt(r.size)
 
 
 def check_kernel_sum(kernel: SpatialKernel, cands: KernelCandidates, which: np.ndarray,
