@@ -300,12 +300,14 @@ def _well_posed(x: np.ndarray, y: np.ndarray, order: int, config: PsfMatchConfig
         return True
     P = SpatialFunctions(config.spatial_model_type, order, region).matrix(x, y)
     sv = np.linalg.svd(P, compute_uv=False)
-    # Chebyshev terms on the region are O(1); a smallest singular value 1e-6 of the
-    # largest means one combination of terms is unconstrained by the positions.
+    # Chebyshev terms on the region are O(1); a smallest singular value under 5 % of the
+    # largest means one combination of terms is barely constrained by the positions (stars
+    # in a strip 5 % of the field wide, or on a line): its fitted value would be
+    # extrapolated ≥ 20-fold across the field.
     return bool(sv[-1] > _MIN_SPATIAL_SV * sv[0])
 
 
-_MIN_SPATIAL_SV = 1e-6
+_MIN_SPATIAL_SV = 0.05
 
 
 def _fit_orders(cands: KernelCandidates, which: np.ndarray, config: PsfMatchConfig,
