@@ -20,7 +20,7 @@ from ..image import Exposure, MaskedImage, estimate_psf
 from ..ops.detection import detect_sources
 from ..ops.warp import check_overlap, warp_exposure, wcs_equal
 from ..psfmatch.basis import KernelBasis, make_kernel_basis
-from ..psfmatch.candidates import KernelCandidates, make_candidates
+from ..psfmatch.candidates import KernelCandidates, make_candidates, reclassify_extended
 from ..psfmatch.config import PsfMatchConfig
 from ..psfmatch.fit import KernelFit, fit_spatial_kernel
 from ..psfmatch.spatial import SpatialKernel
@@ -156,7 +156,9 @@ class ImagePsfMatchTask:
         psf = exposure.psf if exposure.psf is not None else estimate_psf(exposure)
         det = detect_sources(mi, psf, threshold=self.config.det_threshold, polarity="positive",
                              background="estimate", backend=self.backend)
-        cat = det.catalog
+        # A PSF model that disagrees with the image's stars (a WebbPSF model on a drizzled
+        # mosaic) would mark every star extended: judge against the stars instead.
+        cat = reclassify_extended(det.catalog)
         keep = np.ones(len(cat), dtype=bool)
         for name in ("flag_edge", "flag_masked", "flag_saturated", "is_extended"):
             if name in cat.colnames:

@@ -28,7 +28,7 @@ from ..ops.cosmic_rays import find_cosmic_rays
 from ..ops.detection import detect_sources, select_kernel_sources
 from ..ops.interpolate import DEFAULT_INTERPOLATE_PLANES, defect_pixels, interpolate_over_defects
 from ..psfmatch import PsfMatchConfig, fit_spatial_kernel, make_candidates, make_kernel_basis
-from ..psfmatch.candidates import selection_counts
+from ..psfmatch.candidates import reclassify_extended, selection_counts
 from ..psfmatch.fit import KernelFit
 from ..psfmatch.spatial import SpatialKernel
 from .decorrelate import DecorrelateALKernelConfig, DecorrelateALKernelTask
@@ -328,7 +328,7 @@ class AlardLuptonSubtractTask:
             det = detect_sources(science.masked_image, science.psf, threshold=cfg.detection_threshold,
                                  polarity="positive", background="estimate", backend=self.backend)
             sources = det.catalog
-        table = _normalize_sources(sources)
+        table = reclassify_extended(_normalize_sources(sources))  # PSF model vs the stars
         box = science.bbox
         if cfg.restrict_kernel_edge_sources:
             box = Box(box.x0 + edge_buffer, box.y0 + edge_buffer, box.x1 - edge_buffer, box.y1 - edge_buffer)
@@ -342,11 +342,14 @@ class AlardLuptonSubtractTask:
             order = np.argsort(-np.asarray(selected["snr"]), kind="stable")
             selected = selected[np.sort(order[:cfg.max_kernel_sources])]
         if len(selected) < cfg.min_kernel_sources:
+            removed = selection_counts(table, box, snr_min=cfg.source_snr_min, snr_max=cfg.source_snr_max,
+                                       edge_buffer=kernel_size,
+                                       exclude_flags=[c for c in table.colnames if c.startswith("flag")])
             raise InsufficientKernelSourcesError(
                 f"{len(selected)} kernel source(s) pass the selection (S/N {cfg.source_snr_min:g}–"
                 f"{cfg.source_snr_max:g}, isolated, unresolved, inside the kernel-edge box) out of "
                 f"{len(table)}; at least min_kernel_sources={cfg.min_kernel_sources} are needed; removed "
-                f"by each test: {selection_counts(table, box, snr_min=cfg.source_snr_min, snr_max=cfg.source_snr_max, edge_buffer=kernel_size, exclude_flags=[c for c in table.colnames if c.startswith('flag')])}")  # noqa: E501
+                f"by each test: {removed}")
         return selected
 
     # --- run ---------------------------------------------------------------------------
