@@ -297,6 +297,10 @@ def subtract_files(
             "convolveTemplate: the kernel must deconvolve; --mode auto would convolve the "
             "science image"
         )
+    if m.get("kernel_sum_check_failed"):
+        log(f"  warning: the kernel sum {float(m.get('kernel_sum', float('nan'))):.4f} disagrees "
+            f"with the kernel stars' flux ratio {float(m.get('kernel_star_flux_ratio', 0)):.4f} "
+            f"± {float(m.get('kernel_star_flux_ratio_err', float('nan'))):.4f}")
     quality = check_subtraction(m, result_exp, sci_exp, tmpl_exp)
     cards = _header(res, be.name, timings)
     cards.update(input_cards(sci_src, "science"))
