@@ -309,6 +309,16 @@ class DetectAndMeasureScoreTask(DetectAndMeasureTask):
             mask_planes=planes,
             backend=sc.backend,
         )
+        if len(det.catalog):
+            # Pixel flags from the difference, where the measurement is made: the score's
+            # own mask planes were grown by the preconvolution and matching kernels, and
+            # flagged most transients (measured: 9 of 10 S/N ≥ 8 injections on a 1024²
+            # realistic pair, none on the difference).
+            dp = det.mask_planes
+            pos = (det.mask & (1 << dp["DETECTED"])) != 0
+            neg = (det.mask & (1 << dp["DETECTED_NEGATIVE"])) != 0
+            # m: the difference's mask with the score's EDGE copied (spec §4.3 step 5).
+            _mask_bits_on_difference(det.catalog, m, pos, neg, planes, diff)
         det.mask, det.mask_planes = m, planes
         return self._finish(difference, diff, det, sc_mi, bright_sources)
 
@@ -320,6 +330,39 @@ def _measure_on_difference(cat: Table, diff: MaskedImage, psf, backend) -> None:
     with np.errstate(divide="ignore", invalid="ignore"):
         cat["snr"] = flux / err
     cat["flag_psf_flux"] = np.asarray(cat["flag_psf_flux"], bool) | ~np.isfinite(flux) | flag
+
+
+def _mask_bits_on_difference(cat: Table, diff_bits, pos, neg, planes, diff: MaskedImage) -> None:
+    """``mask_center`` (OR over the 5×5 at the centroid) and ``mask_footprint`` (OR over
+    the score footprint) from the difference's mask ``diff_bits``; in place."""
+    from scipy import ndimage
+
+    be = diff.backend
+    dm = np.asarray(be.asnumpy(diff_bits)).astype(np.int64)
+    H, W = dm.shape
+    x0, y0 = diff.xy0
+    rx = np.rint(np.asarray(cat["x"], float) - x0).astype(np.int64)
+    ry = np.rint(np.asarray(cat["y"], float) - y0).astype(np.int64)
+    mc = np.zeros(len(cat), np.int64)
+    for dy in range(-2, 3):  # taps, not sources
+        for dx in range(-2, 3):
+            mc |= dm[np.clip(ry + dy, 0, H - 1), np.clip(rx + dx, 0, W - 1)]
+    mf = np.zeros(len(cat), np.int64)
+    negative = np.asarray(cat["flag_negative"], bool)
+    py = np.asarray(cat["peak_y"], np.int64) - y0
+    px = np.asarray(cat["peak_x"], np.int64) - x0
+    for on, sel in ((pos, ~negative), (neg, negative)):
+        if not sel.any():
+            continue
+        lab, k = ndimage.label(np.asarray(be.asnumpy(on)), structure=np.ones((3, 3), bool))
+        hit = (lab > 0) & (dm != 0)
+        li, mm = lab[hit], dm[hit]
+        per = np.zeros(k + 1, np.int64)
+        for b in range(32):  # bits, not sources
+            per |= (np.bincount(li[(mm >> b) & 1 == 1], minlength=k + 1) > 0).astype(np.int64) << b
+        mf[sel] = per[lab[np.clip(py[sel], 0, H - 1), np.clip(px[sel], 0, W - 1)]]
+    cat["mask_center"], cat["mask_footprint"] = mc.astype(np.int32), mf.astype(np.int32)
+    cat["flag_saturated"] = ((mc | mf) & planes.bitmask_if_present(["SAT"])) != 0
 
 
 def bright_star_halos(
