@@ -285,6 +285,24 @@ def _separable_axes(xs, ys, u, v, W: int, H: int, tol: float | None = None):
     return ux, vy
 
 
+def _index_or_slice(be: Backend, idx: np.ndarray):
+    """A host index array as a slice when it is a run of consecutive indices (a shift: a
+    view instead of a gather), else the array on the backend."""
+    idx = np.asarray(idx)
+    if idx.size and (idx.size == 1 or bool(np.all(np.diff(idx) == 1))):
+        return slice(int(idx[0]), int(idx[0]) + idx.size)
+    return be.asarray(idx)
+
+
+def _take(xp, a, idx, axis: int):
+    """``xp.take(a, idx, axis)``, or the slice view when ``idx`` is a slice."""
+    if isinstance(idx, slice):
+        key = [slice(None)] * a.ndim
+        key[axis] = idx
+        return a[tuple(key)]
+    return xp.take(a, idx, axis=axis)
+
+
 def _warp_separable(be: Backend, ux, vy, src: dict, ntaps: int, wfun, outs, no_data: int,
                     exact_shift: bool = False) -> None:
     """Resample an axis-aligned mapping into ``outs`` = (image, variance, mask).
@@ -302,7 +320,9 @@ def _warp_separable(be: Backend, ux, vy, src: dict, ntaps: int, wfun, outs, no_d
     lo = ntaps // 2 - 1
     out_i, out_v, out_m = outs
     H, W = out_i.shape
-    S = src["iv"].reshape(Hs, Ws, 2)
+    # Plane-major (Hs, 2, Ws): every multiply below runs along contiguous rows of W values
+    # (an interleaved last axis of 2 would make NumPy's inner loops 2 long).
+    S = xp.stack(src["planes"], axis=1).astype(xp.float32, copy=False)
     aux2 = src["aux"].reshape(Hs, Ws)
     mask2 = src["mask"].reshape(Hs, Ws)
 
@@ -324,11 +344,11 @@ def _warp_separable(be: Backend, ux, vy, src: dict, ntaps: int, wfun, outs, no_d
 
     iu, offx, wx, nbx = axis(ux, Ws)
     iv, offy, wy, nby = axis(vy, Hs)
-    cols = [be.asarray(np.clip(iu + (j - lo), 0, Ws - 1)) for j in range(ntaps)]
-    wxp = be.asarray(np.stack([wx, wx * wx], axis=-1))  # (ntaps, W, 2): (w, w²)
-    wyp = be.asarray(np.stack([wy, wy * wy], axis=-1))[:, :, None, :]  # (ntaps, H, 1, 2)
-    c_ctr = be.asarray(np.clip(iu, 0, Ws - 1))
-    c_nb = [be.asarray(np.clip(iu + d, 0, Ws - 1)) for d in (0, 1)]
+    cols = [_index_or_slice(be, np.clip(iu + (j - lo), 0, Ws - 1)) for j in range(ntaps)]
+    wxp = be.asarray(np.stack([wx, wx * wx], axis=1))  # (ntaps, 2, W): (w, w²)
+    wyp = be.asarray(np.stack([wy, wy * wy], axis=-1))[:, :, :, None]  # (ntaps, H, 2, 1)
+    c_ctr = _index_or_slice(be, np.clip(iu, 0, Ws - 1))
+    c_nb = [_index_or_slice(be, np.clip(iu + d, 0, Ws - 1)) for d in (0, 1)]
     # Row and column factors of the off-image and neighbour masks; their (band, W) outer
     # products are formed on the device only where needed.
     offy_d, offx_d = be.asarray(offy[:, None]), be.asarray(offx[None, :])
@@ -344,38 +364,34 @@ def _warp_separable(be: Backend, ux, vy, src: dict, ntaps: int, wfun, outs, no_d
         s0, s1 = int(rows.min()), int(rows.max()) + 1
         Sb = S[s0:s1]
         if exact_shift:  # one tap of weight 1: a copy
-            hb = xp.take(Sb, c_ctr, axis=1)
-            acc = xp.take(hb, be.asarray(rows[:, lo] - s0), axis=0)
+            hb = _take(xp, Sb, c_ctr, 2)
+            acc = _take(xp, hb, _index_or_slice(be, rows[:, lo] - s0), 0)
         else:
-            hb = xp.take(Sb, cols[0], axis=1)
-            hb *= wxp[0]
+            hb = _take(xp, Sb, cols[0], 2) * wxp[0]
             for j in range(1, ntaps):
-                g = xp.take(Sb, cols[j], axis=1)
-                g *= wxp[j]
+                g = _take(xp, Sb, cols[j], 2) * wxp[j]
                 hb += g
-            acc = xp.take(hb, be.asarray(rows[:, 0] - s0), axis=0)
-            acc *= wyp[0, r0:r1]
+            acc = _take(xp, hb, _index_or_slice(be, rows[:, 0] - s0), 0) * wyp[0, r0:r1]
             for i in range(1, ntaps):
-                g = xp.take(hb, be.asarray(rows[:, i] - s0), axis=0)
-                g *= wyp[i, r0:r1]
+                g = _take(xp, hb, _index_or_slice(be, rows[:, i] - s0), 0) * wyp[i, r0:r1]
                 acc += g
         # What is known on the host is not computed on the device: no pre-dilated bits at
         # all (``aux_any``), neighbours whose weight is zero everywhere (exact shifts),
         # footprints inside the source (``off`` all false).
         touch, msk = None, None
         if src["aux_any"]:
-            rc = be.asarray(np.clip(iv[r0:r1], 0, Hs - 1))
-            aux = xp.take(xp.take(aux2, rc, axis=0), c_ctr, axis=1)
+            rc = _index_or_slice(be, np.clip(iv[r0:r1], 0, Hs - 1))
+            aux = _take(xp, _take(xp, aux2, rc, 0), c_ctr, 1)
             msk = aux & grow
             touch = (aux & np.int32(-(2 ** 31))) != 0
         for dy in (0, 1):
             if not nby[dy][r0:r1].any():
                 continue
-            mrow = xp.take(mask2, be.asarray(np.clip(iv[r0:r1] + dy, 0, Hs - 1)), axis=0)
+            mrow = _take(xp, mask2, _index_or_slice(be, np.clip(iv[r0:r1] + dy, 0, Hs - 1)), 0)
             for dx in (0, 1):
                 if not nbx[dx].any():
                     continue
-                m = xp.take(mrow, c_nb[dx], axis=1)
+                m = _take(xp, mrow, c_nb[dx], 1)
                 if not (nby[dy][r0:r1].all() and nbx[dx].all()):
                     m = xp.where(nby_d[dy][r0:r1] & nbx_d[dx], m, 0)
                 msk = m if msk is None else (msk | m)
@@ -384,12 +400,12 @@ def _warp_separable(be: Backend, ux, vy, src: dict, ntaps: int, wfun, outs, no_d
         off = (offy_d[r0:r1] | offx_d) if (offy[r0:r1].any() or offx.any()) else None
         bad = off if touch is None else (touch if off is None else off | touch)
         if bad is None:
-            out_i[r0:r1] = acc[..., 0]
-            out_v[r0:r1] = acc[..., 1]
+            out_i[r0:r1] = acc[:, 0]
+            out_v[r0:r1] = acc[:, 1]
             out_m[r0:r1] = msk
             return
-        out_i[r0:r1] = xp.where(bad, xp.float32(np.nan), acc[..., 0])
-        out_v[r0:r1] = xp.where(bad, xp.float32(np.inf), acc[..., 1])
+        out_i[r0:r1] = xp.where(bad, xp.float32(np.nan), acc[:, 0])
+        out_v[r0:r1] = xp.where(bad, xp.float32(np.inf), acc[:, 1])
         if touch is not None:
             msk = xp.where(touch, msk | nod, msk)
         out_m[r0:r1] = msk if off is None else xp.where(off, nod, msk)
@@ -526,7 +542,7 @@ def warp_exposure(exposure: Exposure, dest_wcs, dest_box: Box, *, kernel: str = 
         planes_iv = [mi.image, mi.variance]
     src = {
         "shape": mi.shape,
-        "iv": xp.stack(planes_iv, axis=-1).astype(xp.float32, copy=False).reshape(-1, 2),
+        "planes": planes_iv,
         "aux": aux.astype(xp.int32, copy=False).ravel(),
         "aux_any": aux_any,
         "mask": mi.mask.ravel(),
@@ -550,6 +566,8 @@ def warp_exposure(exposure: Exposure, dest_wcs, dest_box: Box, *, kernel: str = 
     elif sep is not None:
         _warp_separable(be, sep[0], sep[1], src, ntaps, wfun, (out_i, out_v, out_m), no_data)
     else:
+        # interleaved (N, 2): one gather fetches a pixel's image and variance
+        src["iv"] = xp.stack(planes_iv, axis=-1).astype(xp.float32, copy=False).reshape(-1, 2)
         _warp_general(be, xs, ys, u, v, src, ntaps, wfun, (out_i, out_v, out_m), no_data)
     out = MaskedImage(out_i, out_v, out_m, xy0=(dest_box.x0, dest_box.y0), mask_planes=planes, backend=be)
     psf = _warped_psf(exposure.psf, exposure.wcs, exposure.bbox, dest_wcs, dest_box)
