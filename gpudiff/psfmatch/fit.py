@@ -287,12 +287,12 @@ def _n_terms(order: int) -> int:
 
 def _well_posed(x: np.ndarray, y: np.ndarray, order: int, config: PsfMatchConfig,
                 region: Box) -> bool:
-    """Whether candidates at (x, y) constrain a spatial polynomial of ``order``: at least
-    as many positions as terms, and positions that are not degenerate for it (e.g. three
-    collinear stars cannot fix a first-order variation across the line)."""
-    # Departure from LSST (which accepts as many candidates as terms): a model needs one
-    # candidate more than it has terms, else it goes exactly through the stars (no
-    # redundancy: kernel-sum clipping needs two, and one bad star cannot be seen) and a
+    """Whether candidates at (x, y) constrain a spatial polynomial of ``order`` well
+    enough when the orders are being lowered: one candidate more than terms, and
+    positions that are not (nearly) degenerate for it (three collinear stars cannot fix a
+    first-order variation across the line)."""
+    # One candidate more than terms: with exactly as many the model goes through the stars
+    # (no redundancy: kernel-sum clipping needs two, one bad star cannot be seen) and a
     # varying one extrapolates freely beyond them.  A constant kernel thus needs two.
     if x.size < _n_terms(order) + 1:
         return False
@@ -311,7 +311,7 @@ _MIN_SPATIAL_SV = 0.05
 
 
 def _fit_orders(cands: KernelCandidates, which: np.ndarray, config: PsfMatchConfig,
-                region: Box) -> PsfMatchConfig:
+                region: Box, lowered: bool = False) -> PsfMatchConfig:
     """``config``, or a copy with lower spatial orders that the candidates can constrain.
 
     Departure from LSST (which raises when there are fewer candidates than spatial terms):
@@ -320,10 +320,17 @@ def _fit_orders(cands: KernelCandidates, which: np.ndarray, config: PsfMatchConf
     kernel and background, with a logged warning.  Only when not even a constant kernel
     is constrained (fewer than two usable candidates) does the fit fail, saying how many
     candidates each test removed.
+
+    While the configured model has at least as many candidates as terms (LSST's own
+    requirement) nothing changes, so LSST's results are reproduced; once orders must be
+    lowered (``lowered``: they already were), the stricter :func:`_well_posed` applies.
     """
     ko, bo = config.spatial_kernel_order, config.spatial_bg_order
     fit_bg = config.fit_for_background
     x, y = cands.x[which], cands.y[which]
+    need = max(1, config.n_spatial_kernel_terms, config.n_spatial_bg_terms)
+    if not lowered and which.size >= need:
+        return config
     if which.size < _n_terms(0) + 1:
         counts = rejection_counts(cands)
         detail = "; ".join(f"{v} {k}" for k, v in counts.items()) or "none given"
@@ -375,6 +382,7 @@ def fit_spatial_kernel(cands: KernelCandidates, basis: KernelBasis, config: PsfM
     residual_mean, residual_rms = mean.copy(), rms.copy()
     stage = single
     n_iter, n_rej, kernel, cond = 0, 0, None, float("nan")
+    config0 = config
     which = np.zeros(0, dtype=int)
     guard = 0
     while n_iter < config.max_spatial_iterations:
@@ -382,7 +390,7 @@ def fit_spatial_kernel(cands: KernelCandidates, basis: KernelBasis, config: PsfM
         if guard > 10 * n + 20:  # every pass rejects >= 1 candidate; this cannot trigger
             raise PsfMatchingError("kernel fit did not converge")
         which = visit_order(cands, config.n_star_per_cell)
-        config = _fit_orders(cands, which, config, region)
+        config = _fit_orders(cands, which, config, region, config is not config0)
         if _ksum_clip(cands, which, ks_all[which], config):
             continue
         if config.use_pca_for_spatial_kernel:
@@ -399,7 +407,7 @@ def fit_spatial_kernel(cands: KernelCandidates, basis: KernelBasis, config: PsfM
         n_iter += 1
     if n_rej > 0 and n_iter == config.max_spatial_iterations:
         which = visit_order(cands, config.n_star_per_cell)
-        config = _fit_orders(cands, which, config, region)
+        config = _fit_orders(cands, which, config, region, config is not config0)
         if config.use_pca_for_spatial_kernel:
             stage = _pca_stage(be, cands, which, single, config)
         kernel, _, cond, config = _solve_lowering(be, stage, which, cands, config, region)
