@@ -180,24 +180,24 @@ def _clip_sample(be: Backend, v, excl, nsigma: float, niter: int, *, _select=Non
     iqr_width = (nsigma * IQ_TO_STDEV) * (qv[2] - qv[0])
     x = xp.where(valid, v32, xp.float32(0)).astype(xp.float64)
     center, hwidth = qv[1], iqr_width
+    many = n > 1
     mean = var = sel = None
-    for it in range(niter):
-        if it > 0:
-            center = mean
-            hwidth = xp.where(n > 1, nsigma * xp.sqrt(var), iqr_width)
-        d = x - center
-        sel = (xp.abs(d) <= hwidth) & valid  # False for a NaN centre or width, as afw
-        sumw = sel.sum().astype(xp.float64)
-        t = xp.where(sel, d, 0.0)
-        sumx = t.sum()
-        sumx2 = (t * d).sum()
-        okw = sumw > 0
-        mean_d = xp.where(okw, sumx / xp.where(okw, sumw, 1.0), xp.nan)
-        denom = sumw * sumw - sumw
-        okv = okw & (denom > 0)
-        var = xp.where(okv, (sumx2 / xp.where(okw, sumw, 1.0) - mean_d * mean_d)
-                       * (sumw * sumw / xp.where(okv, denom, 1.0)), xp.nan)
-        mean = mean_d + center
+    # Device calls are the cost here (the sample is one pass of bandwidth): the three sums
+    # travel as one vector and the scalar updates use IEEE rules instead of masks — no
+    # survivor gives 0/0 = NaN, one survivor (d² − d²)·(1/0) = NaN, as the twin's masks do.
+    with np.errstate(all="ignore"):
+        for it in range(niter):
+            if it > 0:
+                center = mean
+                hwidth = xp.where(many, nsigma * xp.sqrt(var), iqr_width)
+            d = x - center
+            sel = (xp.abs(d) <= hwidth) & valid  # False for a NaN centre or width, as afw
+            t = xp.where(sel, d, 0.0)
+            sumw, sumx, sumx2 = xp.stack([sel.sum(dtype=xp.float64), t.sum(), (t * d).sum()])
+            mean_d = sumx / sumw
+            w2 = sumw * sumw
+            var = (sumx2 / sumw - mean_d * mean_d) * (w2 / (w2 - sumw))
+            mean = mean_d + center
     # float32 results, as the stack kernel returns them
     out = xp.stack([mean.astype(xp.float32).astype(xp.float64), var.astype(xp.float32).astype(xp.float64),
                     sel.sum().astype(xp.float64), n.astype(xp.float64)])
