@@ -19,8 +19,12 @@ import pytest
 from gpudiff.image import MaskedImage
 from gpudiff.ops.interpolate import interpolate_over_defects
 from gpudiff.sim import realistic_raw_pair
-from gpudiff.tasks import (AlardLuptonPreconvolveSubtractConfig, AlardLuptonPreconvolveSubtractTask,
-                           AlardLuptonSubtractConfig, AlardLuptonSubtractTask)
+from gpudiff.tasks import (
+    AlardLuptonPreconvolveSubtractConfig,
+    AlardLuptonPreconvolveSubtractTask,
+    AlardLuptonSubtractConfig,
+    AlardLuptonSubtractTask,
+)
 from gpudiff.tasks.detect_and_measure import DetectAndMeasureScoreTask, DetectAndMeasureTask
 
 IQR_TO_SIGMA = 0.741301109
@@ -28,12 +32,13 @@ IQR_TO_SIGMA = 0.741301109
 
 # --- the op --------------------------------------------------------------------------------
 
+
 def _smooth_scene(n=256, seed=0, noise=1.0):
     """A smooth sky (plane + gentle quadratic) with one Gaussian star, and its noisy image."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[:n, :n].astype(np.float64)
     truth = 100 + 0.05 * x - 0.03 * y + 2e-4 * (x - n / 2) ** 2
-    truth += 40 * np.exp(-((x - 0.3 * n) ** 2 + (y - 0.6 * n) ** 2) / (2 * 3.0 ** 2))
+    truth += 40 * np.exp(-((x - 0.3 * n) ** 2 + (y - 0.6 * n) ** 2) / (2 * 3.0**2))
     img = (truth + rng.normal(0, noise, truth.shape)).astype(np.float32)
     return truth, img
 
@@ -47,12 +52,16 @@ def test_garbage_column_filled_within_noise_without_step():
     mask = np.zeros(img.shape, np.int32)
     c = 100
     garbage = img.copy()
-    garbage[:, c] = rng.uniform(-500, 3e5, n).astype(np.float32)   # raw CCD garbage
+    garbage[:, c] = rng.uniform(-500, 3e5, n).astype(np.float32)  # raw CCD garbage
     mask[:, c] = bad_bit
-    garbage[40:70, 180:230] = np.nan                               # a NO_DATA blob (non-finite)
+    garbage[40:70, 180:230] = np.nan  # a NO_DATA blob (non-finite)
     var = np.ones_like(img)
     mi = MaskedImage(garbage, var, mask)
-    before = (np.asarray(mi.image).copy(), np.asarray(mi.variance).copy(), np.asarray(mi.mask).copy())
+    before = (
+        np.asarray(mi.image).copy(),
+        np.asarray(mi.variance).copy(),
+        np.asarray(mi.mask).copy(),
+    )
     out = interpolate_over_defects(mi, fwhm=7.0)
     # Inputs unmodified (NaN-aware).
     np.testing.assert_array_equal(np.asarray(mi.image), before[0])
@@ -65,7 +74,7 @@ def test_garbage_column_filled_within_noise_without_step():
     rows = np.abs(np.arange(n) - 0.6 * n) > 12
     err = o[rows, c] - truth[rows, c]
     assert np.abs(err).max() < 4 / np.sqrt(2), np.abs(err).max()
-    assert np.sqrt(np.mean(err ** 2)) == pytest.approx(1 / np.sqrt(2), rel=0.15)
+    assert np.sqrt(np.mean(err**2)) == pytest.approx(1 / np.sqrt(2), rel=0.15)
     # No step: the mean of the filled column equals the mean of its neighbours' truth
     # within the error of the mean (σ/√n ≈ 0.05; 0.2 allowed), where a median fill is off by
     # the sky gradient's full range (~10 here).
@@ -86,10 +95,10 @@ def test_garbage_column_filled_within_noise_without_step():
 def test_row_and_column_defects_and_clean_input():
     truth, img = _smooth_scene(seed=3)
     mi0 = MaskedImage(img, np.ones_like(img))
-    assert interpolate_over_defects(mi0) is mi0          # nothing to fill: the same object
+    assert interpolate_over_defects(mi0) is mi0  # nothing to fill: the same object
     mask = np.zeros(img.shape, np.int32)
-    mask[120, 10:240] = mi0.mask_planes.bitmask("SAT")     # a bad row: filled from above/below
-    mask[200:203, 50:53] = mi0.mask_planes.bitmask("CR")   # a small blob
+    mask[120, 10:240] = mi0.mask_planes.bitmask("SAT")  # a bad row: filled from above/below
+    mask[200:203, 50:53] = mi0.mask_planes.bitmask("CR")  # a small blob
     out = interpolate_over_defects(MaskedImage(img, np.ones_like(img), mask))
     o = np.asarray(out.image)
     err_row = o[120, 10:240] - truth[120, 10:240]
@@ -104,30 +113,35 @@ def test_planes_selectable():
     mask = np.zeros(img.shape, np.int32)
     mask[:, 30] = mi0.mask_planes.bitmask("SUSPECT")
     mi = MaskedImage(img, np.ones_like(img), mask)
-    assert interpolate_over_defects(mi) is mi            # SUSPECT is not a default plane
+    assert interpolate_over_defects(mi) is mi  # SUSPECT is not a default plane
     out = interpolate_over_defects(mi, ["SUSPECT"])
     assert ((np.asarray(out.mask)[:, 30] & out.mask_planes.bitmask("INTRP")) != 0).all()
 
 
 # --- tasks on realistic raw pairs ----------------------------------------------------------
 
+
 def _defect_distance(pair):
     """Distance (px) of every science pixel from the nearest bad column of either image."""
     n = pair.science.shape[1]
-    cols = np.array(list(pair.artefacts["bad_columns_science"]) + list(pair.artefacts["bad_columns_template"]))
+    cols = np.array(
+        list(pair.artefacts["bad_columns_science"]) + list(pair.artefacts["bad_columns_template"])
+    )
     x = np.arange(n)
     d = np.abs(x[:, None] - cols[None, :]).min(axis=1) if cols.size else np.full(n, np.inf)
     return np.broadcast_to(d[None, :], pair.science.shape)
 
 
-def measure_pair(pair, task: str = "subtract", mode: str = "auto", match_radius: float = 3.0,
-                 **cfg_kw) -> dict:
+def measure_pair(
+    pair, task: str = "subtract", mode: str = "auto", match_radius: float = 3.0, **cfg_kw
+) -> dict:
     """Run a subtraction with the given task/mode and defaults otherwise; measure the sky of
     the difference, stripes beside bad columns, and the DIA catalog against the truth."""
     sci, tpl = pair.science, pair.template
     if task == "preconvolve":
-        res = AlardLuptonPreconvolveSubtractTask(AlardLuptonPreconvolveSubtractConfig(mode=mode, **cfg_kw)).run(
-            tpl, sci)
+        res = AlardLuptonPreconvolveSubtractTask(
+            AlardLuptonPreconvolveSubtractConfig(mode=mode, **cfg_kw)
+        ).run(tpl, sci)
         diff, score = res.difference, res.score_exposure
         dia = DetectAndMeasureScoreTask().run(diff, score).dia_sources
     else:
@@ -148,8 +162,12 @@ def measure_pair(pair, task: str = "subtract", mode: str = "auto", match_radius:
     cr = ndimage.binary_dilation(cr, iterations=2) if cr.any() else cr
     free = (src < 0.01 * s_sig) & (mask == 0) & np.isfinite(z) & ~cr
     q1, med, q3 = np.percentile(z[free], [25, 50, 75])
-    out = {"mode": res.metadata.get("mode"), "sky_std": IQR_TO_SIGMA * (q3 - q1), "sky_median": med,
-           "n_sky": int(free.sum())}
+    out = {
+        "mode": res.metadata.get("mode"),
+        "sky_std": IQR_TO_SIGMA * (q3 - q1),
+        "sky_median": med,
+        "n_sky": int(free.sum()),
+    }
     if task == "preconvolve":
         zs = np.asarray(score.image) / np.sqrt(np.asarray(score.variance))
         fs = (src < 0.01 * s_sig) & (np.asarray(score.mask) == 0) & np.isfinite(zs) & ~cr
@@ -162,8 +180,13 @@ def measure_pair(pair, task: str = "subtract", mode: str = "auto", match_radius:
     # DIA catalog against the injected changes.
     tt = pair.transients
     tx, ty = np.asarray(tt["x"], float), np.asarray(tt["y"], float)
-    clean = np.asarray(dia["clean"], bool) if "clean" in dia.colnames else \
-        ~np.any([np.asarray(dia[c], bool) for c in dia.colnames if c.startswith("flag_")], axis=0)
+    clean = (
+        np.asarray(dia["clean"], bool)
+        if "clean" in dia.colnames
+        else ~np.any(
+            [np.asarray(dia[c], bool) for c in dia.colnames if c.startswith("flag_")], axis=0
+        )
+    )
     dx, dy = np.asarray(dia["x"], float), np.asarray(dia["y"], float)
     if len(dia) and len(tt):
         d = np.hypot(dx[:, None] - tx[None, :], dy[:, None] - ty[None, :])
@@ -186,7 +209,9 @@ def measure_pair(pair, task: str = "subtract", mode: str = "auto", match_radius:
     sel8 = snr >= 8
     out["n_snr8"] = int(sel8.sum())
     out["completeness_snr8"] = float(found_clean[sel8].mean()) if sel8.any() else float("nan")
-    out["completeness_snr8_away"] = float(found_clean[sel8 & nd].mean()) if (sel8 & nd).any() else float("nan")
+    out["completeness_snr8_away"] = (
+        float(found_clean[sel8 & nd].mean()) if (sel8 & nd).any() else float("nan")
+    )
     bright = (snr > 20) & found
     if bright.any():
         f = np.asarray(dia["psf_flux"], float)[nearest[bright]]
@@ -198,7 +223,10 @@ def measure_pair(pair, task: str = "subtract", mode: str = "auto", match_radius:
         out["pull_std"] = float(IQR_TO_SIGMA * (qb - qa))
         out["n_bright"] = int(bright.sum())
     out["kernel_sum"] = res.metadata.get("kernel_sum")
-    out["n_interpolated"] = (res.metadata.get("n_interpolated_science"), res.metadata.get("n_interpolated_template"))
+    out["n_interpolated"] = (
+        res.metadata.get("n_interpolated_science"),
+        res.metadata.get("n_interpolated_template"),
+    )
     return out
 
 
@@ -245,12 +273,22 @@ def test_background_departure_from_lsst_default():
     planes of the inputs stay in the difference."""
     assert AlardLuptonSubtractConfig().do_subtract_background is True
     pair = _raw_pair(0.75)
-    off = AlardLuptonSubtractTask(AlardLuptonSubtractConfig(mode="auto", do_subtract_background=False,
-                                                            do_decorrelation=False)).run(
-        pair.template, pair.science).difference
+    off = (
+        AlardLuptonSubtractTask(
+            AlardLuptonSubtractConfig(
+                mode="auto", do_subtract_background=False, do_decorrelation=False
+            )
+        )
+        .run(pair.template, pair.science)
+        .difference
+    )
     src = np.abs(pair.science_result.sources) + np.abs(pair.template_result.sources)
     z = np.asarray(off.image) / np.sqrt(np.asarray(off.variance))
-    free = (src < 0.01 * pair.artefacts["sky_sigma_science"]) & (np.asarray(off.mask) == 0) & np.isfinite(z)
+    free = (
+        (src < 0.01 * pair.artefacts["sky_sigma_science"])
+        & (np.asarray(off.mask) == 0)
+        & np.isfinite(z)
+    )
     # (0.3·26.1 + 0.15·20.4)/√(26.1² + 20.4²) ≈ 0.33σ of the difference at the centre:
     # more than 0.2σ is left without background subtraction, < 0.02σ with it (above).
     assert abs(float(np.median(z[free]))) > 0.2
@@ -274,10 +312,13 @@ def test_sharper_science_under_convolve_template_warns(caplog):
     pair = realistic_raw_pair(256, science_fwhm_ratio=0.75, few_stars=False, seed=2, trail=False)
     with caplog.at_level(logging.WARNING, logger="gpudiff.tasks.subtract"):
         res = AlardLuptonSubtractTask(AlardLuptonSubtractConfig(mode="convolveTemplate")).run(
-            pair.template, pair.science)
+            pair.template, pair.science
+        )
     assert res.metadata["science_sharper_than_template"] is True
     assert any("sharper than the template" in r.getMessage() for r in caplog.records)
-    ok = AlardLuptonSubtractTask(AlardLuptonSubtractConfig(mode="auto")).run(pair.template, pair.science)
+    ok = AlardLuptonSubtractTask(AlardLuptonSubtractConfig(mode="auto")).run(
+        pair.template, pair.science
+    )
     assert ok.metadata["science_sharper_than_template"] is False
 
 
@@ -303,4 +344,6 @@ def test_masks_grown_and_inputs_unchanged():
         assert bad[rows, lo:hi].all() and intrp[rows, lo:hi].all()
     for c in pair.artefacts["bad_columns_template"]:
         assert bad[:, c].all() and intrp[:, c].all()
-    assert res.metadata["n_interpolated_science"] > 0 and res.metadata["n_interpolated_template"] > 0
+    assert (
+        res.metadata["n_interpolated_science"] > 0 and res.metadata["n_interpolated_template"] > 0
+    )

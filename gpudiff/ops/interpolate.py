@@ -110,9 +110,14 @@ def _smoothed(be: Backend, planes: list, good: Any, where: Any, sigma: float) ->
     return [o.ravel() for o in out]
 
 
-def interpolate_over_defects(mi: MaskedImage, planes: Iterable[str] = DEFAULT_INTERPOLATE_PLANES, *,
-                             fwhm: float = 3.0, max_run: int | None = None,
-                             backend: Backend | str | None = None) -> MaskedImage:
+def interpolate_over_defects(
+    mi: MaskedImage,
+    planes: Iterable[str] = DEFAULT_INTERPOLATE_PLANES,
+    *,
+    fwhm: float = 3.0,
+    max_run: int | None = None,
+    backend: Backend | str | None = None,
+) -> MaskedImage:
     """Replace defect pixels by an interpolation of their good neighbours.
 
     Parameters
@@ -158,12 +163,14 @@ def interpolate_over_defects(mi: MaskedImage, planes: Iterable[str] = DEFAULT_IN
 
     # Along rows (row-major flat indices) and along columns (column-major).
     rows_bad = xp.flatnonzero(bad.ravel())
-    vals_r, run_r, _ = _line_fill(xp, [img.ravel(), var.ravel()], xp.flatnonzero(good.ravel()),
-                                     rows_bad, W)
+    vals_r, run_r, _ = _line_fill(
+        xp, [img.ravel(), var.ravel()], xp.flatnonzero(good.ravel()), rows_bad, W
+    )
     bad_t = bad.T.ravel()
     cols_bad = xp.flatnonzero(bad_t)
-    vals_c, run_c, _ = _line_fill(xp, [img.T.ravel(), var.T.ravel()], xp.flatnonzero(~bad_t),
-                                     cols_bad, H)
+    vals_c, run_c, _ = _line_fill(
+        xp, [img.T.ravel(), var.T.ravel()], xp.flatnonzero(~bad_t), cols_bad, H
+    )
     # Column-major results back to the row-major order of rows_bad.
     r_of_c, c_of_c = cols_bad % H, cols_bad // H
     order = xp.argsort(r_of_c * W + c_of_c)
@@ -176,7 +183,9 @@ def interpolate_over_defects(mi: MaskedImage, planes: Iterable[str] = DEFAULT_IN
     wsum = w_r + w_c
     two_sided = wsum > 0
     safe = xp.where(two_sided, wsum, 1.0)
-    fill = [xp.where(two_sided, (vr * w_r + vc * w_c) / safe, 0.0) for vr, vc in zip(vals_r, vals_c)]
+    fill = [
+        xp.where(two_sided, (vr * w_r + vc * w_c) / safe, 0.0) for vr, vc in zip(vals_r, vals_c)
+    ]
     shortest = xp.minimum(run_r, run_c)
     far = ~two_sided | (shortest > max_run)
     if bool(far.any()):
@@ -191,6 +200,12 @@ def interpolate_over_defects(mi: MaskedImage, planes: Iterable[str] = DEFAULT_IN
     new_var = mi.variance.ravel().copy()
     new_img[rows_bad] = fill[0].astype(np.float32)
     new_var[rows_bad] = fill[1].astype(np.float32)
-    out = MaskedImage(new_img.reshape(H, W), new_var.reshape(H, W), mi.mask, xy0=mi.xy0,
-                      mask_planes=mi.mask_planes, backend=be)
+    out = MaskedImage(
+        new_img.reshape(H, W),
+        new_var.reshape(H, W),
+        mi.mask,
+        xy0=mi.xy0,
+        mask_planes=mi.mask_planes,
+        backend=be,
+    )
     return out.with_plane_set("INTRP", bad)

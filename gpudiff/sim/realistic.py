@@ -40,19 +40,34 @@ _WING_FWHM = 7.0
 
 def _sky_sigma(obs: ObsConfig) -> float:
     """Noise of a source-free pixel, ADU."""
-    return math.sqrt(obs.sky * obs.gain + obs.read_noise ** 2) / obs.gain
+    return math.sqrt(obs.sky * obs.gain + obs.read_noise**2) / obs.gain
 
 
 def _moffat(fwhm: float) -> PsfSpec:
-    return PsfSpec(kind="moffat", fwhm=fwhm, beta=2.5, size=2 * int(math.ceil(_WING_FWHM * fwhm)) + 1)
+    return PsfSpec(
+        kind="moffat", fwhm=fwhm, beta=2.5, size=2 * int(math.ceil(_WING_FWHM * fwhm)) + 1
+    )
 
 
-def realistic_raw_pair(size: int = 2048, *, science_fwhm_ratio: float = 1.4, template_fwhm: float = 3.0,
-                       few_stars: bool = False, seed: Any = 0, n_transients: int | None = None,
-                       transient_snr: Any = (5.0, 100.0), n_vanished: int | None = None,
-                       residual_sky_sigma: float = 0.3, bad_columns: int = 2, trail: bool = True,
-                       cosmic_rays_per_mpix: float = 40.0, no_data_width: int = 48,
-                       flux_scale: float = 1.0, dx: float = 0.12, dy: float = -0.08) -> SimPair:
+def realistic_raw_pair(
+    size: int = 2048,
+    *,
+    science_fwhm_ratio: float = 1.4,
+    template_fwhm: float = 3.0,
+    few_stars: bool = False,
+    seed: Any = 0,
+    n_transients: int | None = None,
+    transient_snr: Any = (5.0, 100.0),
+    n_vanished: int | None = None,
+    residual_sky_sigma: float = 0.3,
+    bad_columns: int = 2,
+    trail: bool = True,
+    cosmic_rays_per_mpix: float = 40.0,
+    no_data_width: int = 48,
+    flux_scale: float = 1.0,
+    dx: float = 0.12,
+    dy: float = -0.08,
+) -> SimPair:
     """A science/template pair with the defects of raw data, and its truth.
 
     Parameters
@@ -112,27 +127,46 @@ def realistic_raw_pair(size: int = 2048, *, science_fwhm_ratio: float = 1.4, tem
     if not _is_int(bad_columns) or bad_columns < 0:
         raise InvalidInputError(f"bad_columns must be a non-negative integer, got {bad_columns!r}")
     if not _is_int(no_data_width) or not 0 <= no_data_width < size // 4:
-        raise InvalidInputError(f"no_data_width must be an integer in [0, {size // 4}), got {no_data_width!r}")
+        raise InvalidInputError(
+            f"no_data_width must be an integer in [0, {size // 4}), got {no_data_width!r}"
+        )
     _seed_entropy(seed)
     mpix = size * size / 1e6
     rng = _rng(seed, 11)
 
     s_fwhm = t_fwhm * ratio
-    sci_base = ObsConfig(psf=_moffat(s_fwhm), sky=1000.0, gain=1.5, read_noise=6.0, sky_subtracted=True,
-                         saturation=_SATURATION)
-    tpl_base = ObsConfig(psf=_moffat(t_fwhm), sky=600.0, gain=1.5, read_noise=6.0, sky_subtracted=True,
-                         saturation=_SATURATION)
+    sci_base = ObsConfig(
+        psf=_moffat(s_fwhm),
+        sky=1000.0,
+        gain=1.5,
+        read_noise=6.0,
+        sky_subtracted=True,
+        saturation=_SATURATION,
+    )
+    tpl_base = ObsConfig(
+        psf=_moffat(t_fwhm),
+        sky=600.0,
+        gain=1.5,
+        read_noise=6.0,
+        sky_subtracted=True,
+        saturation=_SATURATION,
+    )
     s_sig, t_sig = _sky_sigma(sci_base), _sky_sigma(tpl_base)
     # Residual sky: a plane of residual_sky_sigma·σ with a gentle gradient (0.1σ across
     # half the image); the template's tilts the other way so the two do not cancel.
-    s_plane = PolynomialBackground(offset=residual_sky_sigma * s_sig,
-                                   gradient=(0.1 * s_sig, -0.05 * s_sig))
-    t_plane = PolynomialBackground(offset=-0.5 * residual_sky_sigma * t_sig,
-                                   gradient=(-0.05 * t_sig, 0.1 * t_sig))
+    s_plane = PolynomialBackground(
+        offset=residual_sky_sigma * s_sig, gradient=(0.1 * s_sig, -0.05 * s_sig)
+    )
+    t_plane = PolynomialBackground(
+        offset=-0.5 * residual_sky_sigma * t_sig, gradient=(-0.05 * t_sig, 0.1 * t_sig)
+    )
 
     # Bad columns away from the edges, different in the two images.
     cols = rng.choice(np.arange(size // 8, size - size // 8), size=2 * bad_columns, replace=False)
-    s_cols, t_cols = tuple(int(c) for c in cols[:bad_columns]), tuple(int(c) for c in cols[bad_columns:])
+    s_cols, t_cols = (
+        tuple(int(c) for c in cols[:bad_columns]),
+        tuple(int(c) for c in cols[bad_columns:]),
+    )
     garbage = (-500.0, 5.0 * _SATURATION)
 
     sat_trail = None
@@ -143,27 +177,65 @@ def realistic_raw_pair(size: int = 2048, *, science_fwhm_ratio: float = 1.4, tem
 
     n_cr = int(round(cosmic_rays_per_mpix * mpix))
     nd = (size - no_data_width, 0, size, size) if no_data_width else None
-    science = replace(sci_base, background=s_plane, bad_columns=s_cols, bad_column_value=garbage,
-                      trails=(sat_trail,) if sat_trail is not None else (), cosmic_rays=n_cr,
-                      mask_cosmic_rays=0.5, visit=1)
-    template = replace(tpl_base, background=t_plane, bad_columns=t_cols, bad_column_value=garbage,
-                       cosmic_rays=int(round(n_cr / 4)), mask_cosmic_rays=True,
-                       no_data=[nd] if nd is not None else (), visit=2)
+    science = replace(
+        sci_base,
+        background=s_plane,
+        bad_columns=s_cols,
+        bad_column_value=garbage,
+        trails=(sat_trail,) if sat_trail is not None else (),
+        cosmic_rays=n_cr,
+        mask_cosmic_rays=0.5,
+        visit=1,
+    )
+    template = replace(
+        tpl_base,
+        background=t_plane,
+        bad_columns=t_cols,
+        bad_column_value=garbage,
+        cosmic_rays=int(round(n_cr / 4)),
+        mask_cosmic_rays=True,
+        no_data=[nd] if nd is not None else (),
+        visit=2,
+    )
 
     if few_stars:
-        field = FieldConfig(n_stars=8, flux_min=3.0e3, flux_max=1.0e5, n_bright_stars=1,
-                            bright_flux=(2.0e6, 5.0e6), margin=-20.0)
+        field = FieldConfig(
+            n_stars=8,
+            flux_min=3.0e3,
+            flux_max=1.0e5,
+            n_bright_stars=1,
+            bright_flux=(2.0e6, 5.0e6),
+            margin=-20.0,
+        )
     else:
-        field = FieldConfig(star_density=3.0e-4, flux_min=300.0, flux_max=3.0e5,
-                            n_galaxies=int(round(50 * mpix)), galaxy_flux_min=500.0,
-                            galaxy_flux_max=3.0e4, galaxy_r_eff=(1.5, 4.0),
-                            n_bright_stars=max(1, int(round(1.5 * mpix))), bright_flux=(2.0e6, 2.0e7))
+        field = FieldConfig(
+            star_density=3.0e-4,
+            flux_min=300.0,
+            flux_max=3.0e5,
+            n_galaxies=int(round(50 * mpix)),
+            galaxy_flux_min=500.0,
+            galaxy_flux_max=3.0e4,
+            galaxy_r_eff=(1.5, 4.0),
+            n_bright_stars=max(1, int(round(1.5 * mpix))),
+            bright_flux=(2.0e6, 2.0e7),
+        )
     n_tr = max(4, int(round(12 * mpix))) if n_transients is None else int(n_transients)
     n_van = max(1, int(round(1 * mpix))) if n_vanished is None else int(n_vanished)
 
-    pair = simulate_pair(size, field=field, science=science, template=template, dx=dx, dy=dy,
-                         flux_scale=flux_scale, n_transients=n_tr, transient_snr=transient_snr,
-                         n_vanished=n_van, transient_isolation=3.0 * max(s_fwhm, t_fwhm), seed=seed)
+    pair = simulate_pair(
+        size,
+        field=field,
+        science=science,
+        template=template,
+        dx=dx,
+        dy=dy,
+        flux_scale=flux_scale,
+        n_transients=n_tr,
+        transient_snr=transient_snr,
+        n_vanished=n_van,
+        transient_isolation=3.0 * max(s_fwhm, t_fwhm),
+        seed=seed,
+    )
 
     # Transients a defect touches (their measurement is legitimately compromised).
     from scipy import ndimage
@@ -181,10 +253,17 @@ def realistic_raw_pair(size: int = 2048, *, science_fwhm_ratio: float = 1.4, tem
 
     bright = np.asarray(pair.truth["flux_template"], float) >= field.bright_flux[0]
     pair.artefacts = {
-        "bad_columns_science": s_cols, "bad_columns_template": t_cols, "trail": sat_trail,
-        "sky_plane_science": s_plane, "sky_plane_template": t_plane,
-        "sky_sigma_science": s_sig, "sky_sigma_template": t_sig, "no_data": nd,
-        "saturation": _SATURATION, "bright_star_ids": np.asarray(pair.truth["id"])[bright],
-        "science_fwhm": s_fwhm, "template_fwhm": t_fwhm,
+        "bad_columns_science": s_cols,
+        "bad_columns_template": t_cols,
+        "trail": sat_trail,
+        "sky_plane_science": s_plane,
+        "sky_plane_template": t_plane,
+        "sky_sigma_science": s_sig,
+        "sky_sigma_template": t_sig,
+        "no_data": nd,
+        "saturation": _SATURATION,
+        "bright_star_ids": np.asarray(pair.truth["id"])[bright],
+        "science_fwhm": s_fwhm,
+        "template_fwhm": t_fwhm,
     }
     return pair
