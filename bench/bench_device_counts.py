@@ -57,20 +57,40 @@ import strict_device as sd  # noqa: E402
 #: (module, class, methods) labelled as stages when present (names may move: missing ones
 #: are skipped, their work then counts in the enclosing stage).
 STAGE_METHODS = (
-    ("gpudiff.tasks.subtract", "AlardLuptonSubtractTask",
-     ("_prepare", "_interpolate", "_mask_cosmic_rays", "_scale_variance", "select_sources", "_fit")),
+    (
+        "gpudiff.tasks.subtract",
+        "AlardLuptonSubtractTask",
+        (
+            "_prepare",
+            "_interpolate",
+            "_mask_cosmic_rays",
+            "_scale_variance",
+            "select_sources",
+            "_fit",
+        ),
+    ),
     ("gpudiff.tasks.decorrelate", "DecorrelateALKernelTask", ("run",)),
-    ("gpudiff.tasks.detect_and_measure", "DetectAndMeasureTask",
-     ("_clean", "_detect", "_mark_cosmic_rays", "_finish")),
-    ("gpudiff.tasks.compare_warp", "CompareWarpAssembleCoaddTask",
-     ("_template_footprints", "find_artifacts", "_filter")),
+    (
+        "gpudiff.tasks.detect_and_measure",
+        "DetectAndMeasureTask",
+        ("_clean", "_detect", "_mark_cosmic_rays", "_finish"),
+    ),
+    (
+        "gpudiff.tasks.compare_warp",
+        "CompareWarpAssembleCoaddTask",
+        ("_template_footprints", "find_artifacts", "_filter"),
+    ),
     ("gpudiff.tasks.assemble_coadd", "AssembleCoaddTask", ("run",)),
 )
 
 #: Short class names in the stage labels.
-_SHORT = {"AlardLuptonSubtractTask": "AL", "DecorrelateALKernelTask": "Decorrelate",
-          "DetectAndMeasureTask": "DM", "CompareWarpAssembleCoaddTask": "CW",
-          "AssembleCoaddTask": "Assemble"}
+_SHORT = {
+    "AlardLuptonSubtractTask": "AL",
+    "DecorrelateALKernelTask": "Decorrelate",
+    "DetectAndMeasureTask": "DM",
+    "CompareWarpAssembleCoaddTask": "CW",
+    "AssembleCoaddTask": "Assemble",
+}
 
 
 def _label_stages():
@@ -91,29 +111,42 @@ def _label_stages():
                 def g(*a, **k):
                     with sd.stage(label):
                         return f(*a, **k)
+
                 g._stage_labelled = True
                 return g
+
             setattr(cls, m, wrap())
 
 
 def _print_report(title: str, rep: dict, exclude_upload: bool = True) -> dict:
     stages = rep["stages"]
     print(f"\n## {title}")
-    print(f"{'stage':56s} {'calls':>7s} {'syncs':>6s} {'H2D MB':>8s} {'D2H MB':>8s} "
-          f"{'touched GB':>10s} {'est ms':>7s}")
+    print(
+        f"{'stage':56s} {'calls':>7s} {'syncs':>6s} {'H2D MB':>8s} {'D2H MB':>8s} "
+        f"{'touched GB':>10s} {'est ms':>7s}"
+    )
     tot = collections.Counter()
     for lab, c in stages.items():
         est, _ = sd.estimate_seconds(c["calls"], c["syncs"], c["touched"], c["h2d"] + c["d2h"])
-        print(f"{lab[-56:]:56s} {c['calls']:7d} {c['syncs']:6d} {c['h2d'] / 1e6:8.1f} {c['d2h'] / 1e6:8.1f} "
-              f"{c['touched'] / 1e9:10.2f} {est * 1e3:7.1f}")
+        print(
+            f"{lab[-56:]:56s} {c['calls']:7d} {c['syncs']:6d} {c['h2d'] / 1e6:8.1f} {c['d2h'] / 1e6:8.1f} "
+            f"{c['touched'] / 1e9:10.2f} {est * 1e3:7.1f}"
+        )
         if not (exclude_upload and lab.startswith("upload")):
             for k in ("calls", "syncs", "h2d", "d2h", "touched"):
                 tot[k] += c[k]
-    est, parts = sd.estimate_seconds(tot["calls"], tot["syncs"], tot["touched"], tot["h2d"] + tot["d2h"])
-    print(f"{'TOTAL after the input upload':56s} {tot['calls']:7d} {tot['syncs']:6d} {tot['h2d'] / 1e6:8.1f} "
-          f"{tot['d2h'] / 1e6:8.1f} {tot['touched'] / 1e9:10.2f} {est * 1e3:7.1f}")
-    print("estimated H200 ms: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in parts.items())
-          + f"; total {est * 1e3:.1f}")
+    est, parts = sd.estimate_seconds(
+        tot["calls"], tot["syncs"], tot["touched"], tot["h2d"] + tot["d2h"]
+    )
+    print(
+        f"{'TOTAL after the input upload':56s} {tot['calls']:7d} {tot['syncs']:6d} {tot['h2d'] / 1e6:8.1f} "
+        f"{tot['d2h'] / 1e6:8.1f} {tot['touched'] / 1e9:10.2f} {est * 1e3:7.1f}"
+    )
+    print(
+        "estimated H200 ms: "
+        + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in parts.items())
+        + f"; total {est * 1e3:.1f}"
+    )
     by_fn = collections.Counter()
     for (lab, fn), n in sd.COUNTS.func_calls.items():
         by_fn[fn] += n
@@ -123,27 +156,51 @@ def _print_report(title: str, rep: dict, exclude_upload: bool = True) -> dict:
     kinds = collections.Counter()
     for (lab, kind), n in sd.COUNTS.sync_kinds.items():
         kinds[kind] += n
-    print("top functions by device calls: " + "; ".join(f"{fn} {n}" for fn, n in by_fn.most_common(15)))
-    print("top functions by host syncs:   " + "; ".join(f"{fn} {n}" for fn, n in sy_fn.most_common(12)))
+    print(
+        "top functions by device calls: "
+        + "; ".join(f"{fn} {n}" for fn, n in by_fn.most_common(15))
+    )
+    print(
+        "top functions by host syncs:   "
+        + "; ".join(f"{fn} {n}" for fn, n in sy_fn.most_common(12))
+    )
     print("host syncs by kind:            " + "; ".join(f"{k} {n}" for k, n in kinds.most_common()))
     by_stage = collections.defaultdict(dict)
     for (lab, fn), n in sd.COUNTS.func_calls.most_common():
         by_stage[lab][fn] = {"calls": n, "syncs": sd.COUNTS.func_syncs.get((lab, fn), 0)}
     for (lab, fn), n in sd.COUNTS.func_syncs.items():
         by_stage[lab].setdefault(fn, {"calls": 0, "syncs": n})
-    return {"stages": stages, "by_stage_function": by_stage, "total_after_upload": dict(tot), "estimate_s": est,
-            "estimate_parts_s": parts, "top_calls": by_fn.most_common(30),
-            "top_syncs": sy_fn.most_common(30), "sync_kinds": kinds.most_common()}
+    return {
+        "stages": stages,
+        "by_stage_function": by_stage,
+        "total_after_upload": dict(tot),
+        "estimate_s": est,
+        "estimate_parts_s": parts,
+        "top_calls": by_fn.most_common(30),
+        "top_syncs": sy_fn.most_common(30),
+        "sync_kinds": kinds.most_common(),
+    }
 
 
 def subtraction(be, size: int, stars_per_mpx: float, seed: int) -> dict:
     from gpudiff.sim import simulate_pair
-    from gpudiff.tasks import AlardLuptonSubtractConfig, AlardLuptonSubtractTask, DetectAndMeasureTask
+    from gpudiff.tasks import (
+        AlardLuptonSubtractConfig,
+        AlardLuptonSubtractTask,
+        DetectAndMeasureTask,
+    )
 
     n_stars = max(10, int(round(stars_per_mpx * size * size / 1e6)))
     t0 = time.perf_counter()
-    pair = simulate_pair(size=size, n_stars=n_stars, flux_min=2e3, flux_max=5e5,
-                         science=dict(sky_subtracted=True), template=dict(sky_subtracted=True), seed=seed)
+    pair = simulate_pair(
+        size=size,
+        n_stars=n_stars,
+        flux_min=2e3,
+        flux_max=5e5,
+        science=dict(sky_subtracted=True),
+        template=dict(sky_subtracted=True),
+        seed=seed,
+    )
     t_sim = time.perf_counter() - t0
     t0 = time.perf_counter()
     with sd.counting():
@@ -156,8 +213,11 @@ def subtraction(be, size: int, stars_per_mpx: float, seed: int) -> dict:
         with sd.stage("download"):
             dm.subtracted_measured_exposure.to_backend("numpy")
         rep = sd.report()
-    out = _print_report(f"subtraction + DIA, {size}² ({n_stars} stars; simulated in {t_sim:.0f} s, "
-                        f"counted run {time.perf_counter() - t0:.0f} s; {len(dm.dia_sources)} DIA sources)", rep)
+    out = _print_report(
+        f"subtraction + DIA, {size}² ({n_stars} stars; simulated in {t_sim:.0f} s, "
+        f"counted run {time.perf_counter() - t0:.0f} s; {len(dm.dia_sources)} DIA sources)",
+        rep,
+    )
     return out
 
 
@@ -165,21 +225,31 @@ def compare_warp(be, size: int, nwarp: int, seed: int) -> dict:
     from bench_coadd import make_warps
 
     from gpudiff.image import Exposure, GaussianPsf
-    from gpudiff.tasks.compare_warp import CompareWarpAssembleCoaddConfig, CompareWarpAssembleCoaddTask
+    from gpudiff.tasks.compare_warp import (
+        CompareWarpAssembleCoaddConfig,
+        CompareWarpAssembleCoaddTask,
+    )
 
     host = make_warps(size, nwarp, seed)
     t0 = time.perf_counter()
     with sd.counting():
         with sd.stage("upload"):
-            direct = [Exposure.from_arrays(i, v, m, psf=GaussianPsf(sigma=s), backend=be) for i, v, m, s in host]
+            direct = [
+                Exposure.from_arrays(i, v, m, psf=GaussianPsf(sigma=s), backend=be)
+                for i, v, m, s in host
+            ]
             common = GaussianPsf(sigma=2.2)
             matched = [Exposure(d.masked_image, psf=common) for d in direct]
         with sd.stage("compare_warp"):
-            r = CompareWarpAssembleCoaddTask(CompareWarpAssembleCoaddConfig(), backend=be).run(direct, matched)
+            r = CompareWarpAssembleCoaddTask(CompareWarpAssembleCoaddConfig(), backend=be).run(
+                direct, matched
+            )
         with sd.stage("download"):
             r.coadd_exposure.to_backend("numpy")
         rep = sd.report()
-    return _print_report(f"CompareWarp, {nwarp} × {size}² (counted run {time.perf_counter() - t0:.0f} s)", rep)
+    return _print_report(
+        f"CompareWarp, {nwarp} × {size}² (counted run {time.perf_counter() - t0:.0f} s)", rep
+    )
 
 
 def main(argv=None) -> int:
@@ -200,10 +270,13 @@ def main(argv=None) -> int:
     for n in args.sizes:
         results[f"subtraction_{n}"] = subtraction(be, n, args.stars_per_mpx, args.seed)
     if not args.no_coadd:
-        results[f"compare_warp_{args.nwarp}x{args.coadd_size}"] = compare_warp(be, args.coadd_size, args.nwarp,
-                                                                                args.seed)
+        results[f"compare_warp_{args.nwarp}x{args.coadd_size}"] = compare_warp(
+            be, args.coadd_size, args.nwarp, args.seed
+        )
     if sd.VIOLATIONS:
-        print(f"\nWARNING: {len(sd.VIOLATIONS)} device-discipline violations; first: {sd.VIOLATIONS[0][0]}")
+        print(
+            f"\nWARNING: {len(sd.VIOLATIONS)} device-discipline violations; first: {sd.VIOLATIONS[0][0]}"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
     return 0

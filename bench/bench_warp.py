@@ -49,9 +49,12 @@ def _cases(wcs):
         w.wcs.cd = np.asarray(wcs.wcs.cd) @ np.array([[c, -s], [s, c]]) * scale
         return w
 
-    return {"integer": moved(3, -2), "subpixel": moved(0.37, -0.61),
-            "scale": moved(0.37, -0.61, scale=1.005),
-            "rotation": moved(0.37, -0.61, angle=np.deg2rad(0.05))}
+    return {
+        "integer": moved(3, -2),
+        "subpixel": moved(0.37, -0.61),
+        "scale": moved(0.37, -0.61, scale=1.005),
+        "rotation": moved(0.37, -0.61, angle=np.deg2rad(0.05)),
+    }
 
 
 def main(argv=None) -> int:

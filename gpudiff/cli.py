@@ -36,7 +36,8 @@ class _VersionAction(argparse.Action):
 
     def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
                  help="show program's version number and exit"):
-        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0,
+                         help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
         from . import __version__

@@ -228,9 +228,9 @@ def report(top: int = 12) -> dict:
                     | {k[0] for k in COUNTS.stage_bytes})
     per = {}
     for lab in stages:
+        b = COUNTS.stage_bytes
         per[lab] = {"calls": COUNTS.stage_calls[lab], "syncs": COUNTS.stage_syncs[lab],
-                    "h2d": COUNTS.stage_bytes[(lab, "h2d")], "d2h": COUNTS.stage_bytes[(lab, "d2h")],
-                    "touched": COUNTS.stage_bytes[(lab, "touched")]}
+                    "h2d": b[(lab, "h2d")], "d2h": b[(lab, "d2h")], "touched": b[(lab, "touched")]}
     return {"stages": per,
             "top_calls": COUNTS.func_calls.most_common(top),
             "top_syncs": COUNTS.func_syncs.most_common(top),
@@ -646,7 +646,8 @@ def install():
 
     for name, spec in list(kernels._REGISTRY.items()):
         if spec.cuda_launcher is not None:
-            launch = clipped_stack_launch if name == "clipped_stack" else launcher_for(spec.numpy_impl)
+            launch = (clipped_stack_launch if name == "clipped_stack"
+                      else launcher_for(spec.numpy_impl))
             kernels._REGISTRY[name] = dataclasses.replace(spec, cuda_launcher=launch)
 
     orig_am = reference.array_module

@@ -479,7 +479,8 @@ def test_counting_device_attributes_calls_to_library_functions():
     calls = dict(((lab, fn), n) for (lab, fn), n in rep["top_calls"])
     # every launch of the gather is attributed to it (the host index upload is not a launch)
     assert set(calls) == {("stamps", "gpudiff.ops.stats:gather_stamps")}
-    assert calls[("stamps", "gpudiff.ops.stats:gather_stamps")] == rep["stages"]["stamps"]["calls"] >= 10
+    n_calls = calls[("stamps", "gpudiff.ops.stats:gather_stamps")]
+    assert n_calls == rep["stages"]["stamps"]["calls"] >= 10
     assert rep["stages"]["stamps"]["syncs"] == 0  # no data-dependent size, no scalar read
     total, parts = sd.estimate_seconds(1000, 10, 4e9, 25e6)
     # the stated model: 8 ms of launches, 0.1 ms of syncs, 1 ms of HBM, 1 ms of PCIe

@@ -30,12 +30,23 @@ def _run(code: str) -> tuple[set[str], set[str]]:
     env = dict(os.environ)
     env.pop("GPUDIFF_BACKEND", None)
     probe = code + "\nimport sys, json\nprint(json.dumps(sorted(sys.modules)))"
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", probe], cwd=str(ROOT), env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", probe],
+        cwd=str(ROOT),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    timed = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines()
-             if line.startswith("import time:") and "|" in line}
-    timed.discard("package")  # the header line: "import time: self [us] | cumulative | imported package"
+    timed = {
+        line.rsplit("|", 1)[1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    timed.discard(
+        "package"
+    )  # the header line: "import time: self [us] | cumulative | imported package"
     return timed, set(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 

@@ -175,7 +175,8 @@ def test_sort_free_clip_matches_the_stack_twin(rng, n):
     bad[n // 3: n // 3 + n // 50] = True
     bad |= all_bad
     excl = bad | ~np.isfinite(x)
-    ref_m, ref_v, ref_n = (float(a[0]) for a in clipped_stack(x[:, None], bad[:, None], None, 3.0, 3))
+    ref = clipped_stack(x[:, None], bad[:, None], None, 3.0, 3)
+    ref_m, ref_v, ref_n = (float(a[0]) for a in ref)
     for select in (None, lambda be_, v, valid, nn, ranks: _radix_select(be_.xp, v, valid, ranks)):
         m, v, nu, nv = _clip_sample(be, x, excl, 3.0, 3, _select=select)
         assert nv == int((~excl).sum()) and nu == int(ref_n)
@@ -191,8 +192,8 @@ def test_sort_free_clip_matches_the_stack_twin(rng, n):
 def test_radix_select_is_exact_order_statistics(rng):
     from gpudiff.ops.stats import _radix_select
 
-    v = np.concatenate([rng.normal(0, 1, 5000), rng.uniform(-1e30, 1e30, 100), [0.0, -0.0, 1e-40, -1e-40],
-                        np.full(50, 3.25)]).astype(np.float32)
+    v = np.concatenate([rng.normal(0, 1, 5000), rng.uniform(-1e30, 1e30, 100),
+                        [0.0, -0.0, 1e-40, -1e-40], np.full(50, 3.25)]).astype(np.float32)
     valid = rng.uniform(size=v.size) > 0.1
     good = np.sort(v[valid])
     ranks = np.array([0, 1, good.size // 4, good.size // 2, good.size - 1], np.int64)

@@ -262,8 +262,8 @@ def test_separable_path_matches_general_path_on_affine(backend, stars, monkeypat
     # moves a weight by ≲ 1e-7: float32 round-off of the 36-term sums, ~1e-6 of the peak.
     scale = np.abs(gi[ok]).max()
     assert np.abs(si[ok] - gi[ok]).max() <= 2e-6 * scale
-    np.testing.assert_allclose(backend.asnumpy(sep.variance)[ok], backend.asnumpy(gen.variance)[ok],
-                               rtol=2e-6, atol=2e-6 * float(np.abs(backend.asnumpy(gen.variance)[ok]).max()))
+    sv, gv = backend.asnumpy(sep.variance)[ok], backend.asnumpy(gen.variance)[ok]
+    np.testing.assert_allclose(sv, gv, rtol=2e-6, atol=2e-6 * float(np.abs(gv).max()))
 
 
 @pytest.mark.parametrize("dx, dy, skipped", [
@@ -284,7 +284,8 @@ def test_warp_skipped_exactly_when_grids_agree_to_1e3_px(stars, caplog, dx, dy, 
     got = out.image[8:248, 8:248]
     if skipped:
         np.testing.assert_array_equal(got, copy_)
-        np.testing.assert_array_equal(out.variance[8:248, 8:248], exp.variance[8 + oy:248 + oy, 8 + ox:248 + ox])
+        np.testing.assert_array_equal(out.variance[8:248, 8:248],
+                                      exp.variance[8 + oy:248 + oy, 8 + ox:248 + ox])
     else:
         # interpolated: a 1e-3 px shift of σ = 2 px stars moves pixel values by ~1e-4 of the peak
         d = np.abs(got - copy_).max()
@@ -305,7 +306,8 @@ def test_subpixel_shift_conserves_star_flux_and_moves_centroid(backend):
     ix, iy = int(round(x0 - dx)), int(round(y0 - dy))
     st = img[iy - 12:iy + 13, ix - 12:ix + 13]
     assert np.isfinite(st).all()
-    f_in = src[int(round(y0)) - 12:int(round(y0)) + 13, int(round(x0)) - 12:int(round(x0)) + 13].sum()
+    jx, jy = int(round(x0)), int(round(y0))
+    f_in = src[jy - 12:jy + 13, jx - 12:jx + 13].sum()
     # normalized Lanczos-3 weights sum to 1 per pixel; on a well-sampled star the stamp's
     # flux is kept to ~1e-6 (measured 3e-7); 1e-4 leaves room for the truncated wings.
     assert st.sum() / f_in == pytest.approx(1.0, abs=1e-4)

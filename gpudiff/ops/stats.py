@@ -199,7 +199,8 @@ def _clip_sample(be: Backend, v, excl, nsigma: float, niter: int, *, _select=Non
             var = (sumx2 / sumw - mean_d * mean_d) * (w2 / (w2 - sumw))
             mean = mean_d + center
     # float32 results, as the stack kernel returns them
-    out = xp.stack([mean.astype(xp.float32).astype(xp.float64), var.astype(xp.float32).astype(xp.float64),
+    f32 = (mean.astype(xp.float32), var.astype(xp.float32))
+    out = xp.stack([f32[0].astype(xp.float64), f32[1].astype(xp.float64),
                     sel.sum().astype(xp.float64), n.astype(xp.float64)])
     m, s2, nu, nv = (float(a) for a in be.asnumpy(out))  # the one host sync
     if nv == 0:

@@ -428,7 +428,8 @@ def _warp_general(be: Backend, xs, ys, u, v, src: dict, ntaps: int, wfun, outs,
 
     def one(r0):  # row bands bound the memory; each writes only its own rows
         r1 = min(H, r0 + band)
-        ky0, ky1, ty = (be.asarray(a) for a in _interp_index(ys, np.arange(r0, r1, dtype=np.float64)))
+        rows = np.arange(r0, r1, dtype=np.float64)
+        ky0, ky1, ty = (be.asarray(a) for a in _interp_index(ys, rows))
         ty = ty[:, None]
 
         def lerp(g):
@@ -440,7 +441,8 @@ def _warp_general(be: Backend, xs, ys, u, v, src: dict, ntaps: int, wfun, outs,
         out_i[r0:r1] = xp.where(nod, xp.float32(np.nan), img)
         out_v[r0:r1] = xp.where(nod, xp.float32(np.inf), var)
         # afw's edge pixel is NO_DATA alone; a footprint that touches NO_DATA keeps its bits.
-        out_m[r0:r1] = xp.where(off, np.int32(no_data), xp.where(touch, msk | np.int32(no_data), msk))
+        nd = np.int32(no_data)
+        out_m[r0:r1] = xp.where(off, nd, xp.where(touch, msk | nd, msk))
 
     starts = list(range(0, H, band))
     parallel_map(one, starts, cpu_workers(len(starts), parallel=not be.is_gpu))
@@ -562,7 +564,8 @@ def warp_exposure(exposure: Exposure, dest_wcs, dest_box: Box, *, kernel: str = 
                  "within %g px; pixels copied", name, shift[0], shift[1], _GRID_TOL)
         ux = np.arange(W, dtype=np.float64) + shift[0]
         vy = np.arange(H, dtype=np.float64) + shift[1]
-        _warp_separable(be, ux, vy, src, ntaps, wfun, (out_i, out_v, out_m), no_data, exact_shift=True)
+        _warp_separable(be, ux, vy, src, ntaps, wfun, (out_i, out_v, out_m), no_data,
+                        exact_shift=True)
     elif sep is not None:
         _warp_separable(be, sep[0], sep[1], src, ntaps, wfun, (out_i, out_v, out_m), no_data)
     else:
