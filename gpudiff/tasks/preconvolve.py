@@ -9,13 +9,14 @@ likelihood-ratio statistic of a point source there; its variance plane makes
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import InvalidInputError, PsfError
+from ..errors import InsufficientKernelSourcesError, InvalidInputError, PsfError
 from ..image import Box, Exposure, MaskedImage
 from ..ops.convolution import convolve_masked_image
 from ..psfmatch import make_kernel_basis
@@ -100,7 +101,15 @@ class AlardLuptonPreconvolveSubtractTask(AlardLuptonSubtractTask):
         if sources is None:
             sources = meta.pop("science_detections", None)
         meta.pop("science_detections", None)
-        sel = self.select_sources(science, template, sources, k_size, 2 * k_size)
+        try:
+            sel = self.select_sources(science, template, sources, k_size, 2 * k_size)
+        except InsufficientKernelSourcesError:
+            # LSST keeps kernel sources 3 kernel sizes from the edge in preconvolution mode;
+            # on a small cutout (DECam 256², kSize 35) that leaves none.  The stamps only
+            # need kSize inside the PSF-trimmed box the fit uses (issue 14).
+            logging.getLogger(__name__).warning(
+                "no kernel sources 3 kernel sizes from the edge; using %d px", k_size + half)
+            sel = self.select_sources(science, template, sources, k_size, half)
         box = science.bbox
         inner = Box(box.x0 + half, box.y0 + half, box.x1 - half, box.y1 - half)
         if inner.width <= 0 or inner.height <= 0:
