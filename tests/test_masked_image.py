@@ -104,3 +104,28 @@ def test_to_backend_round_trip(backend):
     moved = exp.to_backend(backend).to_backend("numpy")
     np.testing.assert_array_equal(moved.image, img)
     assert moved.xy0 == (3, 4)
+
+
+def test_mask_of_finds_aliases_and_wide_masks_are_int64(backend):
+    planes = MaskPlanes({"SATURATED": 1, "NO_DATA": 2})
+    m = np.array([[2, 0], [4, 6]], np.int32)
+    mi = MaskedImage(np.zeros((2, 2)), None, m, mask_planes=planes, backend=backend)
+    np.testing.assert_array_equal(backend.asnumpy(mi.mask_of("SAT")), [[True, False], [False, True]])
+    assert not backend.asnumpy(mi.mask_of("CLIPPED")).any()
+    assert mi.good_pixels(("NO_DATA", "SAT")).sum() == 1
+    wide = mi.with_plane_set("CR", m == 0)  # bit 0: still int32
+    assert wide.mask.dtype == np.int32 and wide.mask_planes["CR"] == 0
+    full = MaskPlanes({f"P{i}": i for i in range(31)})
+    a = MaskedImage(np.zeros((2, 2)), None, np.array([[1 << 30, 0], [0, 0]], np.int32), mask_planes=full,
+                    backend=backend)
+    b = a.with_plane_set("EXTRA", np.array([[True, False], [False, True]]))
+    assert b.mask.dtype == np.int64 and b.mask_planes["EXTRA"] == 31
+    np.testing.assert_array_equal(backend.asnumpy(b.mask), [[(1 << 30) | (1 << 31), 0], [0, 1 << 31]])
+    np.testing.assert_array_equal(backend.asnumpy(b.mask_of("P30")), [[True, False], [False, False]])
+    d = b.subtract(a)  # an int64 and an int32 mask: ORed on the wide definition
+    assert d.mask.dtype == np.int64 and backend.asnumpy(d.mask_of("EXTRA")).sum() == 2
+    assert b.subimage(Box(0, 0, 1, 2)).mask.dtype == np.int64
+    # an int32 array whose bit 31 is a plane keeps that bit only (no sign extension)
+    wide_planes = MaskPlanes({"TOP": 31})
+    c = MaskedImage(np.zeros((1, 1)), None, np.array([[-(2 ** 31)]], np.int32), mask_planes=wide_planes, backend=backend)
+    assert int(backend.asnumpy(c.mask)[0, 0]) == 1 << 31

@@ -29,8 +29,8 @@ def test_unknown_plane_and_collisions():
     assert mp.bitmask_if_present(["CLIPPED", "BAD"]) == 1
     with pytest.raises(MaskPlaneError, match="both claim bit 0"):
         MaskPlanes({"BAD": 0, "OTHER": 0})
-    with pytest.raises(MaskPlaneError):
-        MaskPlanes({"BAD": 40})
+    with pytest.raises(MaskPlaneError, match="outside 0..62"):
+        MaskPlanes({"BAD": 63})  # bits 31..62 are allowed: they make the mask int64
 
 
 def test_add_uses_lowest_free_bit_and_is_idempotent():
@@ -105,3 +105,66 @@ def test_conform_round_trip_is_lossless(perm, values):
     np.testing.assert_array_equal(back, mask)
     for v, t in zip(mask, there):
         assert sorted(default.interpret(v)) == sorted(shuffled.interpret(t))
+
+
+# --------------------------------------------------------------------------- aliases (afw ≡ lsst-images spellings)
+def test_aliases_resolve_at_the_single_lookup():
+    li = MaskPlanes({"BAD": 0, "SATURATED": 1, "INTERPOLATED": 2, "COSMIC_RAY": 3, "DETECTION_EDGE": 4,
+                     "UNMASKED_NAN": 14})
+    for afw, new in (("SAT", "SATURATED"), ("INTRP", "INTERPOLATED"), ("CR", "COSMIC_RAY"), ("EDGE", "DETECTION_EDGE"),
+                     ("UNMASKEDNAN", "UNMASKED_NAN")):
+        assert afw in li and li[afw] == li[new] and li.bitmask(afw) == li.bitmask(new) == 1 << li[new]
+        assert li.resolve(afw.lower()) == new
+        assert afw not in list(li)  # the file's spelling is kept
+    assert li.bitmask_if_present(["SAT", "EDGE", "NO_DATA"]) == (1 << 1) | (1 << 4)
+    assert li.add("SAT") == 1 and "SAT" not in dict(li)  # no second plane for the same thing
+    afw = MaskPlanes()
+    assert afw["SATURATED"] == 1 and afw.bitmask("COSMIC_RAY") == 1 << 3
+    both = MaskPlanes({"SAT": 1, "SATURATED": 5})  # a definition holding both spellings: both bits
+    assert both.bitmask("SAT") == both.bitmask("SATURATED") == (1 << 1) | (1 << 5) and both["SAT"] == 1
+
+
+def test_merge_and_conform_across_spellings():
+    afw, li = MaskPlanes(), MaskPlanes({"NO_DATA": 0, "SATURATED": 5, "COSMIC_RAY": 6, "ITL_DIP": 7})
+    merged = afw.merge(li)
+    assert "SATURATED" not in dict(merged) and "ITL_DIP" in merged and merged["COSMIC_RAY"] == afw["CR"]
+    mask = np.array([[1, 1 << 5, 1 << 6, 1 << 7]], np.int32)
+    out = merged.conform(mask, li)
+    np.testing.assert_array_equal(out, [[1 << afw["NO_DATA"], 1 << afw["SAT"], 1 << afw["CR"], 1 << merged["ITL_DIP"]]])
+
+
+# --------------------------------------------------------------------------- more than 31 planes, MSK cards
+def test_wide_definitions_are_int64():
+    mp = MaskPlanes({f"P{i}": i for i in range(31)})
+    assert mp.dtype == np.int32 and mp.n_words == 1
+    assert mp.add("P31") == 31 and mp.dtype == np.int64 and mp.n_words == 2
+    for i in range(32, 63):
+        mp.add(f"P{i}")
+    with pytest.raises(MaskPlaneError, match="all 63 bits are in use"):
+        mp.add("ONE_TOO_MANY")
+    assert mp.interpret((1 << 62) | (1 << 40) | 1) == ["P0", "P40", "P62"]
+    src = MaskPlanes({"A": 40, "B": 2})
+    dst = MaskPlanes({"A": 1, "B": 50})
+    out = dst.conform(np.array([(1 << 40) | 4, 1 << 40], np.int64), src)
+    assert out.dtype == np.int64 and out.tolist() == [2 | (1 << 50), 2]
+
+
+def test_msk_cards_round_trip_and_descriptions():
+    mp = MaskPlanes({"BAD": 0, "SATURATED": 3, "HIGH": 35}, {"SATURATED": "my own words"})
+    hdr = fits.Header()
+    mp.to_header(hdr)
+    assert hdr["MSKN0003"] == "SATURATED" and hdr["MSKM0003"] == 8 and hdr["MSKD0003"] == "my own words"
+    assert hdr["MP_BAD"] == 0 and hdr["MSKD0000"] == mp.description("BAD") != ""
+    back = MaskPlanes.from_header(fits.Header.fromstring(hdr.tostring()))
+    assert back == mp and back.description("SAT") == "my own words"
+    words = [fits.Header(), fits.Header()]
+    for k in range(2):
+        mp.to_header(words[k], word=k)
+    assert "MSKN0004" in words[1] and words[1]["MSKN0004"] == "HIGH" and words[1]["MSKM0004"] == 16
+    assert not any(key.startswith("MP_") for key in words[1]) and "MSKN0004" not in words[0]
+    assert MaskPlanes.from_header(words[1], word=1) == MaskPlanes({"HIGH": 35})
+    assert MaskPlanes.header_cards(words[1]) == "MSK" and MaskPlanes.header_cards(fits.Header()) is None
+    bad = fits.Header()
+    bad["MSKN0000"], bad["MSKM0000"] = "X", 6
+    with pytest.raises(MaskPlaneError, match="not a single bit"):
+        MaskPlanes.from_header(bad)

@@ -2,8 +2,8 @@
 
 from .exposure import Exposure, PhotoCalib
 from .masked_image import Box, MaskedImage
-from .maskplanes import DEFAULT_MASK_PLANES, MaskPlanes
-from .fitsio import read_exposure, read_psf, write_exposure, write_psf
+from .maskplanes import DEFAULT_MASK_PLANES, MASK_PLANE_ALIASES, MaskPlanes
+from .io import FormatWarning, detect_layout, read_exposure, read_psf, write_exposure, write_psf
 from .tract import TractGrid
 from .psf_estimate import estimate_psf
 from .psf import (
@@ -22,6 +22,8 @@ __all__ = [
     "TractGrid",
     "Box",
     "DEFAULT_MASK_PLANES",
+    "FormatWarning",
+    "MASK_PLANE_ALIASES",
     "DoubleGaussianPsf",
     "Exposure",
     "FWHM_PER_SIGMA",
@@ -34,6 +36,7 @@ __all__ = [
     "PhotoCalib",
     "Psf",
     "adaptive_moments",
+    "detect_layout",
     "estimate_psf",
     "evaluate_mean_fwhm",
     "read_exposure",

@@ -15,6 +15,18 @@ from .psf import Psf
 
 __all__ = ["Exposure", "PhotoCalib"]
 
+#: The FITS functions behind Exposure.read/write/from_ccddata/to_ccddata, registered by
+#: gpudiff.image.io (which imports this module; this module never imports it).
+_IO: dict[str, Any] = {}
+
+
+def _io(name: str):
+    try:
+        return _IO[name]
+    except KeyError:
+        raise RuntimeError(f"gpudiff.image.io is not loaded, so Exposure has no {name}; "
+                           "import gpudiff.image") from None
+
 
 @dataclass(frozen=True)
 class PhotoCalib:
@@ -123,32 +135,26 @@ class Exposure:
         """A copy of the part of this exposure inside ``box`` (parent coordinates)."""
         return self._with(self.masked_image.subimage(box))
 
-    # --- I/O (the FITS layer lives in gpudiff.image.fitsio) ----------------------------
+    # --- I/O ---------------------------------------------------------------------------
+    # The FITS layer (gpudiff.image.io) builds on this module, never the reverse: it
+    # registers its functions in _IO when imported, and gpudiff.image imports it.
     @classmethod
     def read(cls, path, **kwargs) -> "Exposure":
-        """Read an exposure from FITS; see :func:`gpudiff.image.fitsio.read_exposure`."""
-        from .fitsio import read_exposure
-
-        return read_exposure(path, **kwargs)
+        """Read an exposure from FITS; see :func:`gpudiff.image.io.read_exposure`."""
+        return _io("read_exposure")(path, **kwargs)
 
     def write(self, path, overwrite: bool = False) -> None:
-        """Write in the LSST-style layout; see :func:`gpudiff.image.fitsio.write_exposure`."""
-        from .fitsio import write_exposure
-
-        write_exposure(path, self, overwrite=overwrite)
+        """Write in gpudiff's LSST-style layout; see :func:`gpudiff.image.io.write_exposure`."""
+        _io("write_exposure")(path, self, overwrite=overwrite)
 
     @classmethod
     def from_ccddata(cls, ccd, **kwargs) -> "Exposure":
-        """Build from an ``astropy.nddata.CCDData``; see :func:`gpudiff.image.fitsio.exposure_from_ccddata`."""
-        from .fitsio import exposure_from_ccddata
-
-        return exposure_from_ccddata(ccd, **kwargs)
+        """Build from an ``astropy.nddata.CCDData``; see :func:`gpudiff.image.io.exposure_from_ccddata`."""
+        return _io("exposure_from_ccddata")(ccd, **kwargs)
 
     def to_ccddata(self):
-        """Convert to ``astropy.nddata.CCDData``; see :func:`gpudiff.image.fitsio.exposure_to_ccddata`."""
-        from .fitsio import exposure_to_ccddata
-
-        return exposure_to_ccddata(self)
+        """Convert to ``astropy.nddata.CCDData``; see :func:`gpudiff.image.io.exposure_to_ccddata`."""
+        return _io("exposure_to_ccddata")(self)
 
     def __repr__(self) -> str:
         return (f"Exposure(shape={self.shape}, xy0={self.xy0}, psf={self.psf!r}, "

@@ -1,4 +1,8 @@
-"""MaskedImage: a float32 image, its float32 variance and an int32 mask, with an origin."""
+"""MaskedImage: a float32 image, its float32 variance and an integer mask, with an origin.
+
+The mask is int32 while its planes sit on bits 0…30 (afw's and lsst-images' word) and int64
+when a plane needs bit 31…62 (:func:`~gpudiff.image.maskplanes.mask_dtype`).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import numpy as np
 
 from ..backend import Backend, resolve_backend
 from ..errors import AllMaskedError, InvalidInputError, InvalidVarianceError, ShapeMismatchError
-from .maskplanes import MaskPlanes
+from .maskplanes import MaskPlanes, mask_dtype
 
 __all__ = ["MaskedImage", "Box"]
 
@@ -62,6 +66,10 @@ def _as_2d(name: str, a: Any, dtype: Any, be: Backend) -> Any:
     if name == "mask" and kind == "f":
         raise InvalidInputError(f"MaskedImage mask must be integer, got dtype {arr.dtype}")
     # Always copy: gpudiff never shares (and so never modifies) a caller's buffer.
+    if name == "mask" and np.dtype(dtype).itemsize > np.dtype(arr.dtype).itemsize and kind == "i":
+        # Widening a signed mask: take its bits, not its sign (bit 31 of an int32 is a plane
+        # bit in afw files, and must not spread to bits 32…63).
+        arr = arr.view(np.dtype(arr.dtype).str.replace("i", "u"))
     return arr.astype(dtype, copy=True)
 
 
@@ -75,7 +83,8 @@ class MaskedImage:
     variance : 2-D array, optional
         Per-pixel variance; stored as float32.  Defaults to ones.
     mask : 2-D integer array, optional
-        Bit mask; stored as int32.  Defaults to zeros.
+        Bit mask; stored as int32, or int64 when ``mask_planes`` has a plane on bit 31…62.
+        Defaults to zeros.
     xy0 : (int, int)
         Parent coordinates ``(x0, y0)`` of pixel ``[0, 0]`` (column, row), as in LSST.
     mask_planes : MaskPlanes, optional
@@ -100,9 +109,11 @@ class MaskedImage:
         backend: Backend | str | None = None,
     ):
         be = resolve_backend(backend)
+        planes = MaskPlanes() if mask_planes is None else mask_planes.copy()
+        mdtype = mask_dtype(planes)
         img = _as_2d("image", image, np.float32, be)
         var = be.xp.ones_like(img) if variance is None else _as_2d("variance", variance, np.float32, be)
-        msk = be.xp.zeros(img.shape, dtype=np.int32) if mask is None else _as_2d("mask", mask, np.int32, be)
+        msk = be.xp.zeros(img.shape, dtype=mdtype) if mask is None else _as_2d("mask", mask, mdtype, be)
         for name, arr in (("variance", var), ("mask", msk)):
             if tuple(arr.shape) != tuple(img.shape):
                 raise ShapeMismatchError(
@@ -112,7 +123,7 @@ class MaskedImage:
         self.variance = var
         self.mask = msk
         self.xy0 = (int(xy0[0]), int(xy0[1]))
-        self.mask_planes = MaskPlanes() if mask_planes is None else mask_planes.copy()
+        self.mask_planes = planes
         self.backend = be
 
     # --- geometry ---------------------------------------------------------------------
@@ -188,11 +199,18 @@ class MaskedImage:
         """Bit mask of the named planes in this image's definition."""
         return self.mask_planes.bitmask(names)
 
+    def mask_of(self, name: str) -> Any:
+        """Boolean array: where plane ``name`` (under any of its spellings, e.g. ``SAT`` or
+        ``SATURATED``) is set; all False when the plane is not defined."""
+        bm = self.mask_planes.bitmask_if_present(name)
+        return (self.mask & self.mask.dtype.type(bm)) != 0
+
     def with_plane_set(self, name: str, where: Any) -> "MaskedImage":
-        """A copy with plane ``name`` (added if undefined) set where ``where`` is True."""
+        """A copy with plane ``name`` (added if undefined; an alias counts) set where ``where`` is True."""
         planes = self.mask_planes.copy()
         bit = planes.add(name)
-        mask = self.mask | (self.backend.xp.asarray(where).astype(self.mask.dtype) << bit)
+        dtype = mask_dtype(planes)  # a plane on bit 31+ widens the mask to int64
+        mask = self.mask.astype(dtype) | (self.backend.xp.asarray(where).astype(dtype) << dtype.type(bit))
         return self._new(self.image, self.variance, mask, mask_planes=planes)
 
     def with_planes_cleared(self, names) -> "MaskedImage":

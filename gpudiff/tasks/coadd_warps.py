@@ -35,7 +35,7 @@ from astropy.io import fits
 from ..backend import Backend
 from ..errors import FitsReadError, GpudiffError, InvalidInputError
 from ..image import Box, Exposure, MaskedImage, MaskPlanes, PhotoCalib, Psf
-from ..image import fitsio as _fitsio
+from ..image import io as _io
 
 __all__ = ["WarpSource", "ExposureWarp", "FitsWarp", "as_warp", "read_padded"]
 
@@ -116,7 +116,7 @@ class FitsWarp:
             with fits.open(self.path, memmap=True) as hdul:
                 names = [str(h.name).upper() for h in hdul]
                 if "IMAGE" not in names or "VARIANCE" not in names:
-                    self._adopt(_fitsio.read_exposure(self.path, backend="numpy"))
+                    self._adopt(_io.read_exposure(self.path, backend="numpy"))
                     return
                 hdr = hdul["IMAGE"].header
                 shape = (int(hdr.get("NAXIS2", 0)), int(hdr.get("NAXIS1", 0)))
@@ -126,13 +126,13 @@ class FitsWarp:
                     if other in names and tuple(hdul[other].shape) != shape:
                         raise FitsReadError(f"{self.path}[{other}]: shape {hdul[other].shape} differs from "
                                             f"the IMAGE shape {shape}")
-                x0, y0 = _fitsio._read_xy0(hdr)
+                x0, y0 = _io.read_xy0(hdr)
                 self.bbox = Box(x0, y0, x0 + shape[1], y0 + shape[0])
                 self.mask_planes = MaskPlanes.from_header(hdul["MASK"].header) if "MASK" in names else MaskPlanes()
                 self._has_mask = "MASK" in names
-                self.psf = _fitsio.psf_from_hdus(hdul)
-                self.wcs = _fitsio._read_wcs(self.path, hdr, hdul)
-                self.photo_calib = _fitsio._read_photocalib(hdul[0].header, hdr)
+                self.psf = _io.psf_from_hdus(hdul)
+                self.wcs = _io.read_wcs(self.path, hdr, hdul)
+                self.photo_calib = _io.read_photocalib(hdul[0].header, hdr)
         except GpudiffError as exc:
             raise exc if isinstance(exc, FitsReadError) else FitsReadError(f"{self.path}: {exc}") from exc
         except Exception as exc:
