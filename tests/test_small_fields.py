@@ -20,7 +20,8 @@ from astropy.table import Table
 from gpudiff.errors import InsufficientKernelSourcesError
 from gpudiff.image import Box, Exposure, GaussianPsf, estimate_psf, read_exposure
 from gpudiff.psfmatch.candidates import selection_counts
-from gpudiff.tasks import AlardLuptonSubtractTask
+from gpudiff.psfmatch.fit import check_kernel_sum
+from gpudiff.tasks import AlardLuptonPreconvolveSubtractTask, AlardLuptonSubtractTask
 
 # As tests/conftest.py (its fixture is function-scoped; the cutouts are loaded once here).
 SHARED_DATA = Path(os.environ.get("GPUDIFF_SHARED_DATA",
@@ -70,6 +71,17 @@ def test_few_star_field_gives_constant_kernel_with_known_sum(caplog):
     # The photometric check agrees with it (the stars' own aperture flux ratio).
     assert not m["kernel_sum_check_failed"]
     assert abs(m["kernel_star_flux_ratio"] / ratio - 1.0) < 0.01
+    # The check fires on a disagreement over 2 % that the stars' ratio error cannot explain
+    # (a kernel 5 % off), and not on one within 2 %.
+    fit = res.kernel_fit
+    used = np.flatnonzero(fit.used)
+    ks = m["kernel_sum"]
+    with caplog.at_level(logging.WARNING, logger="gpudiff.psfmatch"):
+        assert not check_kernel_sum(fit.kernel, fit.candidates, used, ks * 1.05, 0.001 * ks)
+    assert any("disagrees with the kernel stars" in r.getMessage() for r in caplog.records)
+    assert check_kernel_sum(fit.kernel, fit.candidates, used, ks * 1.015, 0.001 * ks)
+    # ... nor on one within 3 standard errors of a poorly measured ratio.
+    assert check_kernel_sum(fit.kernel, fit.candidates, used, ks * 1.05, 0.03 * ks)
 
 
 def test_selection_error_counts_each_test():
@@ -146,3 +158,15 @@ def test_decam_same_epoch_pairs_run_with_defaults(decam):
             n_run += 1
     assert n_run == 20
     assert (0, 0) in orders  # at least one pair needed a constant kernel
+
+
+def test_decam_preconvolve_finds_kernel_sources(decam):
+    """The score-image path on OBS04a − OBS18a.  LSST keeps preconvolution kernel sources 3
+    kernel sizes (3 × 35 px) from the edge: on a 256² cutout none is left (issue 14: "0
+    kernel sources on DECam where plain subtraction works").  It now falls back to the
+    stamps' own requirement and fits the kernel on the same stars as plain subtraction."""
+    res = AlardLuptonPreconvolveSubtractTask(backend="numpy").run(decam["18a"], decam["04a"])
+    assert res.metadata["n_kernel_sources"] >= 3
+    # Same exposures minutes apart in the same band: a kernel sum within 10 % of 1
+    # (measured 1.067; plain subtraction 1.042).
+    assert 0.9 < res.metadata["kernel_sum"] < 1.1
