@@ -152,6 +152,7 @@ class AlardLuptonPreconvolveSubtractTask(AlardLuptonSubtractTask):
         meta.update(mode="convolveTemplate", kernel_sum=kernel.kernel_sum(), n_kernel_sources=len(sel),
                     n_candidates_used=fit.n_used, template_fwhm=t_fwhm, science_fwhm=s_fwhm,
                     time_total=time.perf_counter() - t0)
+        meta.update(fit.quality_metadata())  # spatial orders used, kernel-sum photometric check
         return PreconvolveResult(score_exposure=score_exp, matched_template=matched_template,
                                  matched_science=matched_science, background_model=kernel,
                                  psf_matching_kernel=kernel, kernel_sources=fit.candidate_table(),
