@@ -121,8 +121,7 @@ def decam():
 def test_decam_psf_estimates_match_headers(decam):
     """The estimated FWHMs agree with the headers' FWHM cards (SExtractor-like) within 12 %
     (measured: 1.3-4.4 % above the header on all ten; 12 % leaves room for the 3-4-star
-    estimates' scatter).  Before the stellar-locus selection OBS04e came out 5.89 px
-    against its header's 4.05."""
+    estimates' scatter)."""
     ratios = np.array([e.psf.fwhm() / float(e.metadata["FWHM"]) for e in decam.values()])
     assert np.all(np.abs(ratios - 1.0) < 0.12), ratios
 
