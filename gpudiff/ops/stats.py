@@ -153,6 +153,71 @@ def _order_statistics(be: Backend, v, valid, n, ranks):
     return xp.partition(good, kth)[r].astype(xp.float64)
 
 
+def _radix_select_rows(xp, V, valid, rows, ranks):
+    """:func:`_radix_select` of several samples at once: ``V`` (k, N) float32 with one
+    ``valid`` mask (N,) for all rows; returns ``sorted(V[rows[j]][valid])[ranks[j]]`` for
+    every j, float64.  The high-16-bit histogram of all rows is one bincount over k·2¹⁶
+    bins (row-major, so one cumulative sum locates every rank: each row holds exactly N
+    keys, the invalid ones last); the low-16-bit pass histograms each rank's row."""
+    k, N = int(V.shape[0]), int(V.shape[1])
+    keys = xp.where(valid[None, :], _sortable_keys(xp, V), xp.uint32(0xFFFFFFFF))
+    hi = (keys >> 16).astype(xp.int64) + (xp.arange(k, dtype=xp.int64) << 16)[:, None]
+    c1 = xp.cumsum(xp.bincount(hi.ravel(), minlength=k << 16))
+    g = ranks + rows * N  # ranks in the row-major concatenation
+    b = xp.searchsorted(c1, g, side="right")
+    r_in = g - xp.where(b > 0, c1[xp.maximum(b - 1, 0)], 0)  # rank inside its high bin
+    b = b - (rows << 16)  # the high bin within its row
+    nr = int(ranks.shape[0])
+    ks = keys[rows]  # (nr, N): each rank's own row
+    members = ((ks >> 16).astype(xp.int64) == b[:, None]).ravel().astype(xp.float64)
+    slot = (ks & xp.uint32(0xFFFF)).astype(xp.int64) + (xp.arange(nr, dtype=xp.int64) << 16)[:, None]
+    c2 = xp.cumsum(xp.bincount(slot.ravel(), weights=members, minlength=nr << 16).reshape(nr, 1 << 16),
+                   axis=1)
+    lo = (c2 <= r_in.astype(xp.float64)[:, None]).sum(axis=1)
+    key = (b.astype(xp.uint32) << xp.uint32(16)) | lo.astype(xp.uint32)
+    return _keys_to_float(xp, key).astype(xp.float64)
+
+
+def _quantiles(be: Backend, samples, valid, fractions):
+    """NumPy's default (linear) percentiles of ``v[valid]`` for every array ``v`` of
+    ``samples`` (same shape, one ``valid`` mask), at ``fractions[i]`` (a tuple of values in
+    0–1) for sample i: a float64 backend vector of all of them in order, by selection and
+    without a host sync.
+
+    On the CPU the selection (``numpy.partition``) runs on each sample as given (float64
+    stays exact); on a device all samples go through one batched radix select of float32
+    keys (about 25 launches whatever their number), so the result is within float32
+    rounding of the float64 percentile.  An empty sample gives NaN.
+    """
+    xp = be.xp
+    valid = valid.reshape(-1)
+    samples = [v.reshape(-1) for v in samples]
+    if len(fractions) != len(samples):
+        raise InvalidInputError("_quantiles: one tuple of fractions per sample")
+    n = valid.sum().astype(xp.int64)
+    fr_h = np.concatenate([np.asarray(f, dtype=np.float64).reshape(-1) for f in fractions])
+    rows_h = np.concatenate([np.full(len(f), i, dtype=np.int64) for i, f in enumerate(fractions)])
+    fr = be.asarray(fr_h)
+    nm1 = xp.maximum(n - 1, 0)
+    idx = fr * nm1.astype(xp.float64)
+    lo = idx.astype(xp.int64)
+    hi = xp.minimum(lo + 1, nm1)
+    m = int(fr_h.size)
+    if be.is_gpu:
+        V = xp.stack([v.astype(xp.float32, copy=False) for v in samples])
+        rows = be.asarray(np.concatenate([rows_h, rows_h]))
+        vals = _radix_select_rows(xp, V, valid, rows, xp.concatenate([lo, hi]))
+        vlo, vhi = vals[:m], vals[m:]
+    else:
+        ranks = xp.concatenate([lo, hi])
+        got = xp.stack([_order_statistics(be, v, valid, n, ranks) for v in samples])  # (k, 2m)
+        at = np.arange(m)
+        vlo, vhi = got[rows_h, at], got[rows_h, m + at]
+    lo_f = lo.astype(xp.float64)
+    out = (lo_f + 1.0 - idx) * vlo + (idx - lo_f) * vhi
+    return xp.where(n > 0, out, xp.nan)
+
+
 def _clip_sample(be: Backend, v, excl, nsigma: float, niter: int, *, _select=None):
     """afw MEANCLIP / VARIANCECLIP of one 1-D sample: (mean, variance, n_used, n_valid).
 

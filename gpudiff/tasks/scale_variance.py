@@ -31,6 +31,7 @@ from ..backend import Backend, resolve_backend
 from ..errors import AllMaskedError, ExceedsMaxVarianceScaleError, InvalidInputError
 from ..image import Exposure, MaskedImage
 from ..ops.background import estimate_background
+from ..ops.stats import _quantiles
 
 __all__ = [
     "ExceedsMaxVarianceScaleError",
@@ -184,7 +185,6 @@ class ScaleVarianceTask:
 
     def _background(self, mi: MaskedImage, good, n_good: int):
         """The background model (float64 backend array or scalar) to subtract."""
-        xp = self.backend.xp
         bc = self.config.background
         planes = self.config.mask_planes if bc.ignored_pixel_mask is None else bc.ignored_pixel_mask
         order = _ALGORITHMS[bc.algorithm.upper()]
@@ -197,7 +197,9 @@ class ScaleVarianceTask:
                 log.debug("no background bin is usable; subtracting a constant level instead")
         # A constant cannot change an inter-quartile range; it only keeps the image
         # centred, so the median of the good pixels is as good as any level.
-        return xp.median(mi.image[good].astype(np.float64)) if n_good else 0.0
+        if not n_good:
+            return 0.0
+        return _quantiles(self.backend, [mi.image.astype(np.float64)], good, [(0.5,)])[0]
 
     def compute_scale_factors(self, masked_image: MaskedImage | Exposure) -> ScaleVarianceFactors:
         """Both estimates of the factor, without checking the limit (spec §6 steps 1–4).
@@ -219,17 +221,20 @@ class ScaleVarianceTask:
         n_good = int(good.sum())
         if n_good < 2:
             return ScaleVarianceFactors(float("nan"), float("nan"), n_good)
-        # The background is subtracted from a float64 working copy of the good pixels
-        # only: LSST subtracts in place and adds it back; we never touch the input.
-        img = mi.image[good].astype(np.float64)
+        # The background is subtracted from a float64 working copy (LSST subtracts in place
+        # and adds it back; we never touch the input).  The quartiles are order statistics
+        # of the good pixels found by selection on the whole arrays under the ``good`` mask:
+        # no sort, no boolean-mask compaction (each one a host sync on a device), and the
+        # five numbers cross to the host together.
         bg = self._background(mi, good, n_good)
-        img = img - (bg[good] if getattr(bg, "ndim", 0) == 2 else bg)
-        var = mi.variance[good].astype(np.float64)
-        quartiles = xp.asarray([25.0, 75.0])  # NumPy's default (linear) percentiles, as LSST
-        q1, q3 = (float(v) for v in self.backend.asnumpy(xp.percentile(img / xp.sqrt(var), quartiles)))
-        pixel_factor = (IQR_TO_SIGMA * (q3 - q1)) ** 2
-        q1, q3 = (float(v) for v in self.backend.asnumpy(xp.percentile(img, quartiles)))
-        median_var = float(xp.median(var))
+        img = mi.image.astype(np.float64) - bg
+        var = mi.variance.astype(np.float64)
+        with np.errstate(all="ignore"):  # bad pixels (var <= 0, NaN) are outside ``good``
+            z = img / xp.sqrt(var)
+        fr = (0.25, 0.75)  # NumPy's default (linear) percentiles, as LSST
+        q = _quantiles(self.backend, [z, img, var], good, [fr, fr, (0.5,)])
+        zq1, zq3, q1, q3, median_var = (float(v) for v in self.backend.asnumpy(q))
+        pixel_factor = (IQR_TO_SIGMA * (zq3 - zq1)) ** 2
         image_factor = float((IQR_TO_SIGMA * (q3 - q1) / math.sqrt(median_var)) ** 2)
         return ScaleVarianceFactors(pixel_factor, image_factor, n_good)
 
