@@ -222,3 +222,149 @@ def test_psf_moments_measured_once_per_rounded_position(monkeypatch):
     other = GridPsf(imgs, [0.0, 1000.0], [0.0, 1000.0])
     other.moments(300.4, 700.6)
     assert len(calls) == 3  # per instance, never shared between PSFs
+
+
+# ----------------------------------------------------------------------------------------
+# batched stamp moments against a straightforward per-source loop
+# ----------------------------------------------------------------------------------------
+
+
+def _ref_adaptive(stamp, valid, w_init, max_iter=60, tol=1e-6):
+    """One source at a time, the fixed point W ← 2·Q written out with central moments; a
+    source stops at its first failure (Σw·I ≤ 0 or centroid beyond 2 px) keeping its last
+    state, or when its moments move by < tol·(wxx + wyy)."""
+    s = stamp.shape[0]
+    c = np.arange(s) - s // 2
+    X, Y = np.meshgrid(c, c)
+    img = np.where(valid, stamp, 0).astype(np.float64)
+    xc = yc = wxy = 0.0
+    wxx = wyy = float(w_init)
+    ok, change = True, np.inf
+    for _ in range(max_iter):
+        det = wxx * wyy - wxy * wxy
+        dx, dy = X - xc, Y - yc
+        wd = np.exp(-0.5 * (wyy * dx * dx - 2 * wxy * dx * dy + wxx * dy * dy) / det) * img
+        s0 = wd.sum()
+        if not s0 > 0:
+            ok = False
+            break
+        nx, ny = (wd * X).sum() / s0, (wd * Y).sum() / s0
+        if abs(nx) > 2 or abs(ny) > 2:
+            ok = False
+            break
+        dx, dy = X - nx, Y - ny
+        nxx = np.clip(2 * (wd * dx * dx).sum() / s0, 0.04, s * s)
+        nyy = np.clip(2 * (wd * dy * dy).sum() / s0, 0.04, s * s)
+        lim = 0.99 * math.sqrt(nxx * nyy)
+        nxy = np.clip(2 * (wd * dx * dy).sum() / s0, -lim, lim)
+        change = abs(nxx - wxx) + abs(nyy - wyy) + abs(nxy - wxy)
+        xc, yc, wxx, wyy, wxy = nx, ny, nxx, nyy, nxy
+        if change < tol * (wxx + wyy):
+            break
+    return xc, yc, wxx, wyy, wxy, ok and change < tol * (wxx + wyy) * 10
+
+
+def _ref_centroid(stamp, x, y, sigma, niter=20, max_shift=2.0):
+    s = stamp.shape[0]
+    c = np.arange(s) - s // 2
+    X, Y = np.meshgrid(c, c)
+    ok, step = True, 0.0
+    for _ in range(niter):
+        w = np.exp(-((X - x) ** 2 + (Y - y) ** 2) / (2 * sigma * sigma)) * stamp
+        s0 = w.sum()
+        if not s0 > 0:
+            return x, y, False
+        nx, ny = (w * X).sum() / s0, (w * Y).sum() / s0
+        if abs(nx) > max_shift or abs(ny) > max_shift:
+            return x, y, False
+        step = abs(nx - x) + abs(ny - y)
+        x, y = nx, ny
+    return x, y, ok and step < 1e-3
+
+
+def _stamp_zoo(rng, n=60, s=19):
+    """Elliptical Gaussians of random size, orientation, offset and S/N (0 to 1000 in
+    peak units of the unit noise), plus the failure cases: an empty stamp, a negative
+    source, a source 4 px off centre; ~8 % of pixels and one 4×4 block masked."""
+    c = np.arange(s) - s // 2
+    X, Y = np.meshgrid(c, c)
+    st = np.empty((n, s, s), np.float32)
+    for i in range(n):
+        sx, sy, th = rng.uniform(0.9, 3.0), rng.uniform(0.9, 3.0), rng.uniform(0, np.pi)
+        x0, y0 = rng.uniform(-1.2, 1.2, 2)
+        u = (X - x0) * np.cos(th) + (Y - y0) * np.sin(th)
+        v = -(X - x0) * np.sin(th) + (Y - y0) * np.cos(th)
+        amp = [0.0, 2.0, 10.0, 100.0, 1000.0][i % 5]
+        st[i] = amp * np.exp(-0.5 * (u * u / sx ** 2 + v * v / sy ** 2)) + rng.normal(0, 1, (s, s))
+    st[0] = 0.0  # empty: Σw·I = 0
+    st[1] = -100.0 * np.exp(-0.5 * (X ** 2 + Y ** 2) / 4)  # negative: Σw·I < 0
+    st[2] = 100.0 * np.exp(-0.5 * ((X - 4) ** 2 + Y ** 2) / 2)  # centroid beyond 2 px
+    valid = rng.random(st.shape) > 0.08
+    valid[3:9, 2:6, 2:6] = False
+    return st, valid
+
+
+# (60, 1e-6): the defaults; (6, 1e-3): a budget too short for ~2/3 of the stamps, so
+# rows stop unconverged with the others frozen mid-batch
+@pytest.mark.parametrize("max_iter,tol", [(60, 1e-6), (6, 1e-3)])
+def test_adaptive_moments_batch_matches_per_source_loop(backend, rng, max_iter, tol):
+    st, valid = _stamp_zoo(rng)
+    ref = np.array([_ref_adaptive(a, v, 3.0, max_iter, tol) for a, v in zip(st, valid)], dtype=np.float64)
+    ref_ok = ref[:, 5].astype(bool)
+    # the zoo exercises every outcome: converged, failed, unconverged
+    assert ref_ok.sum() >= 10 and (~ref_ok).sum() >= 3
+    d, vd = backend.asarray(st), backend.asarray(valid)
+    for k in (None, 1, 3, 100):
+        out = [backend.asnumpy(a) for a in adaptive_moments_batch(backend, d, vd, 3.0, max_iter=max_iter,
+                                                                  tol=tol, check_every=k)]
+        np.testing.assert_array_equal(out[5], ref_ok)
+        # Same arithmetic up to rounding: the batch takes central moments as raw moments
+        # minus x̄² (float64, relative cancellation ≤ s²·1e-16 ≈ 4e-14); 1e-9 px² leaves
+        # room for that and for nothing else (a wrong step or freeze moves them ≥ 1e-6).
+        for j in range(5):
+            np.testing.assert_allclose(out[j], ref[:, j], rtol=1e-9, atol=1e-9)
+    with pytest.raises(InvalidInputError):
+        adaptive_moments_batch(backend, d, vd, 3.0, check_every=-1)
+
+
+def test_weighted_centroid_matches_per_source_loop(backend, rng):
+    st, valid = _stamp_zoo(rng)
+    st = np.where(valid, st, 0).astype(np.float32)
+    x0, y0 = rng.uniform(-0.5, 0.5, len(st)), rng.uniform(-0.5, 0.5, len(st))
+    ref = np.array([_ref_centroid(a.astype(np.float64), x, y, 1.6) for a, x, y in zip(st, x0, y0)])
+    ref_ok = ref[:, 2].astype(bool)
+    assert ref_ok.sum() >= 10 and (~ref_ok).sum() >= 3
+    x, y, ok = (backend.asnumpy(a) for a in weighted_centroid(backend, backend.asarray(st), backend.asarray(x0),
+                                                             backend.asarray(y0), 1.6))
+    np.testing.assert_array_equal(ok, ref_ok)
+    # separable weights and matrix products: the same sums in another order (≤ 1e-12 px)
+    np.testing.assert_allclose(x[ok], ref[ok, 0], atol=1e-9)
+    np.testing.assert_allclose(y[ok], ref[ok, 1], atol=1e-9)
+
+
+def test_batched_radix_quantiles_match_percentile(rng):
+    """The device path of ``_quantiles`` (several samples in one radix select over float32
+    keys, one shared mask), run on NumPy, against np.percentile of the kept values."""
+    from gpudiff.backend import get_backend
+    from gpudiff.ops.stats import _quantiles, _radix_select_rows
+
+    be = get_backend("numpy")
+    n = 20_000
+    a = rng.normal(0, 1, n).astype(np.float32)
+    b = (rng.standard_cauchy(n) * 1e3).astype(np.float32)  # wide range, both signs
+    c = rng.integers(-3, 4, n).astype(np.float32)  # heavy ties
+    keep = rng.random(n) > 0.3
+    fr = [(0.25, 0.75), (0.0, 0.5, 1.0), (0.1, 0.5)]
+    rows = np.repeat(np.arange(3), [2, 3, 2])
+    m = int(keep.sum())
+    for samples in ([a, b, c], [a.astype(np.float64), b.astype(np.float64), c.astype(np.float64)]):
+        want = np.concatenate([np.percentile(s[keep].astype(np.float64), 100 * np.asarray(f))
+                               for s, f in zip(samples, fr)])
+        got = _quantiles(be, samples, keep, fr)  # CPU: partition
+        np.testing.assert_allclose(got, want, rtol=1e-15, atol=0)
+        # device path: exact order statistics of the float32 values
+        ranks = np.concatenate([np.floor(np.concatenate(fr) * (m - 1)).astype(np.int64)])
+        sel = _radix_select_rows(np, np.stack([np.asarray(s, np.float32) for s in samples]), keep, rows, ranks)
+        exact = [np.sort(np.asarray(samples[r], np.float32)[keep])[k] for r, k in zip(rows, ranks)]
+        np.testing.assert_array_equal(sel, exact)
+    assert np.isnan(_quantiles(be, [a], np.zeros(n, bool), [(0.5,)])).all()
