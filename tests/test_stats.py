@@ -309,14 +309,14 @@ def _stamp_zoo(rng, n=60, s=19):
 @pytest.mark.parametrize("max_iter,tol", [(60, 1e-6), (6, 1e-3)])
 def test_adaptive_moments_batch_matches_per_source_loop(backend, rng, max_iter, tol):
     st, valid = _stamp_zoo(rng)
-    ref = np.array([_ref_adaptive(a, v, 3.0, max_iter, tol) for a, v in zip(st, valid)], dtype=np.float64)
+    ref = np.array([_ref_adaptive(a, v, 3.0, max_iter, tol) for a, v in zip(st, valid)])
     ref_ok = ref[:, 5].astype(bool)
     # the zoo exercises every outcome: converged, failed, unconverged
     assert ref_ok.sum() >= 10 and (~ref_ok).sum() >= 3
     d, vd = backend.asarray(st), backend.asarray(valid)
     for k in (None, 1, 3, 100):
-        out = [backend.asnumpy(a) for a in adaptive_moments_batch(backend, d, vd, 3.0, max_iter=max_iter,
-                                                                  tol=tol, check_every=k)]
+        got = adaptive_moments_batch(backend, d, vd, 3.0, max_iter=max_iter, tol=tol, check_every=k)
+        out = [backend.asnumpy(a) for a in got]
         np.testing.assert_array_equal(out[5], ref_ok)
         # Same arithmetic up to rounding: the batch takes central moments as raw moments
         # minus x̄² (float64, relative cancellation ≤ s²·1e-16 ≈ 4e-14); 1e-9 px² leaves
@@ -334,8 +334,8 @@ def test_weighted_centroid_matches_per_source_loop(backend, rng):
     ref = np.array([_ref_centroid(a.astype(np.float64), x, y, 1.6) for a, x, y in zip(st, x0, y0)])
     ref_ok = ref[:, 2].astype(bool)
     assert ref_ok.sum() >= 10 and (~ref_ok).sum() >= 3
-    x, y, ok = (backend.asnumpy(a) for a in weighted_centroid(backend, backend.asarray(st), backend.asarray(x0),
-                                                             backend.asarray(y0), 1.6))
+    got = weighted_centroid(backend, backend.asarray(st), backend.asarray(x0), backend.asarray(y0), 1.6)
+    x, y, ok = (backend.asnumpy(a) for a in got)
     np.testing.assert_array_equal(ok, ref_ok)
     # separable weights and matrix products: the same sums in another order (≤ 1e-12 px)
     np.testing.assert_allclose(x[ok], ref[ok, 0], atol=1e-9)
@@ -364,7 +364,8 @@ def test_batched_radix_quantiles_match_percentile(rng):
         np.testing.assert_allclose(got, want, rtol=1e-15, atol=0)
         # device path: exact order statistics of the float32 values
         ranks = np.concatenate([np.floor(np.concatenate(fr) * (m - 1)).astype(np.int64)])
-        sel = _radix_select_rows(np, np.stack([np.asarray(s, np.float32) for s in samples]), keep, rows, ranks)
+        V = np.stack([np.asarray(s, np.float32) for s in samples])
+        sel = _radix_select_rows(np, V, keep, rows, ranks)
         exact = [np.sort(np.asarray(samples[r], np.float32)[keep])[k] for r, k in zip(rows, ranks)]
         np.testing.assert_array_equal(sel, exact)
     assert np.isnan(_quantiles(be, [a], np.zeros(n, bool), [(0.5,)])).all()

@@ -170,9 +170,10 @@ def _radix_select_rows(xp, V, valid, rows, ranks):
     nr = int(ranks.shape[0])
     ks = keys[rows]  # (nr, N): each rank's own row
     members = ((ks >> 16).astype(xp.int64) == b[:, None]).ravel().astype(xp.float64)
-    slot = (ks & xp.uint32(0xFFFF)).astype(xp.int64) + (xp.arange(nr, dtype=xp.int64) << 16)[:, None]
-    c2 = xp.cumsum(xp.bincount(slot.ravel(), weights=members, minlength=nr << 16).reshape(nr, 1 << 16),
-                   axis=1)
+    slot = ((ks & xp.uint32(0xFFFF)).astype(xp.int64)
+            + (xp.arange(nr, dtype=xp.int64) << 16)[:, None])
+    h2 = xp.bincount(slot.ravel(), weights=members, minlength=nr << 16)
+    c2 = xp.cumsum(h2.reshape(nr, 1 << 16), axis=1)
     lo = (c2 <= r_in.astype(xp.float64)[:, None]).sum(axis=1)
     key = (b.astype(xp.uint32) << xp.uint32(16)) | lo.astype(xp.uint32)
     return _keys_to_float(xp, key).astype(xp.float64)
