@@ -57,6 +57,7 @@ def ceilings(name: str, size: int, repeat: int) -> dict[str, tuple[float, str]]:
     def axpy():
         xp.multiply(x, a, out=out)
         xp.add(out, y, out=out)
+
     t = statistics.median(time_call(be, axpy, repeat))
     # two kernels as written: read x, write out, read out + y, write out = 5 streams
     res["axpy"] = (t, f"{5 * nbytes / t / 1e9:8.1f} GB/s")
@@ -81,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=7)
     args = ap.parse_args(argv)
     names = available_backends() if args.backend == "all" else [args.backend]
-    print(f"ceilings on a float32 {args.size}² image ({args.size * args.size * 4 / 2**20:.0f} MiB), median of {args.repeat}")
+    print(
+        f"ceilings on a float32 {args.size}² image ({args.size * args.size * 4 / 2**20:.0f} MiB), median of {args.repeat}"
+    )
     print(f"{'backend':8s} {'probe':8s} {'time':>12s}  figure")
     for name in names:
         for probe, (t, fig) in ceilings(name, args.size, args.repeat).items():

@@ -51,11 +51,15 @@ def make_warps(size: int, nwarp: int, seed: int, nstars: int = 400):
         img = rng.standard_normal((size, size), dtype=np.float32)
         img *= np.float32(sky_sigma)
         r = int(5 * sigma) + 1
-        yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+        yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
         for x, y, f in zip(xs, ys, fluxes):
             ix, iy = int(x), int(y)
-            stamp = f / (2 * np.pi * sigma**2) * np.exp(-((xx + ix - x) ** 2 + (yy + iy - y) ** 2) / (2 * sigma**2))
-            img[iy - r:iy + r + 1, ix - r:ix + r + 1] += stamp.astype(np.float32)
+            stamp = (
+                f
+                / (2 * np.pi * sigma**2)
+                * np.exp(-((xx + ix - x) ** 2 + (yy + iy - y) ** 2) / (2 * sigma**2))
+            )
+            img[iy - r : iy + r + 1, ix - r : ix + r + 1] += stamp.astype(np.float32)
         hits = rng.integers(0, size * size, size * size // 20000)  # cosmic-ray-like outliers
         img.reshape(-1)[hits] += np.float32(50 * sky_sigma)
         var = np.full((size, size), sky_sigma**2, np.float32)
@@ -77,12 +81,17 @@ def main(argv=None) -> int:
     names = available_backends() if args.backend == "all" else [args.backend]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     host = make_warps(args.size, args.nwarp, args.seed)
-    print(f"coadd of {args.nwarp} warps of {args.size}x{args.size} (median of {args.repeat}, "
-          f"after {args.warmup} warm-up)")
+    print(
+        f"coadd of {args.nwarp} warps of {args.size}x{args.size} (median of {args.repeat}, "
+        f"after {args.warmup} warm-up)"
+    )
     print(f"{'backend':8s} {'method':13s} {'time [s]':>9s} {'Mpix*warp/s':>12s} {'bands':>6s}")
     for name in names:
         be = get_backend(name)
-        direct = [Exposure.from_arrays(i, v, m, psf=GaussianPsf(sigma=s), backend=be) for i, v, m, s in host]
+        direct = [
+            Exposure.from_arrays(i, v, m, psf=GaussianPsf(sigma=s), backend=be)
+            for i, v, m, s in host
+        ]
         common = GaussianPsf(sigma=2.2)
         matched = [Exposure(d.masked_image, psf=common) for d in direct]
         for method in methods:
@@ -99,7 +108,9 @@ def main(argv=None) -> int:
 
             t = statistics.median(time_call(be, call, args.repeat, args.warmup))
             rate = args.nwarp * args.size**2 / 1e6 / t
-            print(f"{be.name:8s} {method:13s} {t:9.3f} {rate:12.1f} {last['r'].metadata['n_bands']:6d}")
+            print(
+                f"{be.name:8s} {method:13s} {t:9.3f} {rate:12.1f} {last['r'].metadata['n_bands']:6d}"
+            )
         del direct, matched
     return 0
 

@@ -61,10 +61,18 @@ def make_mask(size: int, seed: int, fp_size: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", choices=("numpy", "cupy", "all"), default="all",
-                    help="backend(s) to time; 'all' = every backend available here (default)")
-    ap.add_argument("--kernel", choices=("clipped_stack", "mask_dilate_or", "all"), default="clipped_stack")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--backend",
+        choices=("numpy", "cupy", "all"),
+        default="all",
+        help="backend(s) to time; 'all' = every backend available here (default)",
+    )
+    ap.add_argument(
+        "--kernel", choices=("clipped_stack", "mask_dilate_or", "all"), default="clipped_stack"
+    )
     ap.add_argument("--size", type=int, default=4096, help="image side in pixels (default 4096)")
     ap.add_argument("--nepoch", type=int, default=20, help="stack depth N (default 20)")
     ap.add_argument("--repeat", type=int, default=5, help="timed calls (default 5)")
@@ -74,11 +82,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weighted", action="store_true", help="pass per-epoch weights")
     ap.add_argument("--bad-frac", type=float, default=0.05, help="fraction of masked samples")
     ap.add_argument("--outlier-frac", type=float, default=0.01, help="fraction of outlier samples")
-    ap.add_argument("--footprint", type=int, default=9, help="mask_dilate_or footprint side (default 9)")
-    ap.add_argument("--peak-tbs", type=float, default=4.8, help="peak memory bandwidth in TB/s (default 4.8, H200)")
+    ap.add_argument(
+        "--footprint", type=int, default=9, help="mask_dilate_or footprint side (default 9)"
+    )
+    ap.add_argument(
+        "--peak-tbs",
+        type=float,
+        default=4.8,
+        help="peak memory bandwidth in TB/s (default 4.8, H200)",
+    )
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--verify", action="store_true",
-                    help="compare the CuPy outputs with the NumPy twin's (needs both backends)")
+    ap.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare the CuPy outputs with the NumPy twin's (needs both backends)",
+    )
     args = ap.parse_args(argv)
 
     have = available_backends()
@@ -87,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.backend in have:
         names = [args.backend]
     else:
-        print(f"backend {args.backend!r} is not available here (available: {have})", file=sys.stderr)
+        print(
+            f"backend {args.backend!r} is not available here (available: {have})", file=sys.stderr
+        )
         return 1
     kernels = ("clipped_stack", "mask_dilate_or") if args.kernel == "all" else (args.kernel,)
 
@@ -95,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     outputs: dict[tuple[str, str], tuple] = {}
     data = bad = w = mask = fp = None
     if "clipped_stack" in kernels:
-        data, bad, w = make_stack(args.size, args.nepoch, args.seed, args.outlier_frac, args.bad_frac)
+        data, bad, w = make_stack(
+            args.size, args.nepoch, args.seed, args.outlier_frac, args.bad_frac
+        )
         if not args.weighted:
             w = None
     if "mask_dilate_or" in kernels:
@@ -128,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
             times = time_call(be, call, args.repeat, args.warmup)
             med = statistics.median(times)
             if args.verify:
-                outputs[(name, kname)] = tuple(be.asnumpy(o) for o in (call() if kname == "clipped_stack" else (call(),)))
+                outputs[(name, kname)] = tuple(
+                    be.asnumpy(o) for o in (call() if kname == "clipped_stack" else (call(),))
+                )
             row = {
                 "backend": name,
                 "kernel": kname,
@@ -138,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                 "mpix_s": npix / med / 1e6,
                 "gbs": nbytes / med / 1e9 if be.is_gpu else None,
             }
-            row["peak_frac"] = (row["gbs"] / (args.peak_tbs * 1e3)) if row["gbs"] is not None else None
+            row["peak_frac"] = (
+                (row["gbs"] / (args.peak_tbs * 1e3)) if row["gbs"] is not None else None
+            )
             rows.append(row)
             del call
 
@@ -148,10 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         gbs = f"{r['gbs']:8.1f}" if r["gbs"] is not None else f"{'-':>8}"
         frac = f"{100 * r['peak_frac']:7.1f}%" if r["peak_frac"] is not None else f"{'-':>8}"
-        print(f"{r['backend']:<7} {r['kernel']:<15} {r['shape']:<22} {r['median_ms']:10.2f} "
-              f"{r['min_ms']:10.2f} {r['mpix_s']:9.2f} {gbs} {frac}")
-    print(f"(repeat={args.repeat}, warmup={args.warmup}, nsigma={args.nsigma}, niter={args.niter}, "
-          f"weighted={args.weighted}; GB/s = minimal bytes moved / median time; peak {args.peak_tbs} TB/s)")
+        print(
+            f"{r['backend']:<7} {r['kernel']:<15} {r['shape']:<22} {r['median_ms']:10.2f} "
+            f"{r['min_ms']:10.2f} {r['mpix_s']:9.2f} {gbs} {frac}"
+        )
+    print(
+        f"(repeat={args.repeat}, warmup={args.warmup}, nsigma={args.nsigma}, niter={args.niter}, "
+        f"weighted={args.weighted}; GB/s = minimal bytes moved / median time; peak {args.peak_tbs} TB/s)"
+    )
 
     if args.verify:
         for kname in kernels:
@@ -161,10 +191,14 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if kname == "clipped_stack":
                 same_n = float(np.mean(a[2] == b[2]))
-                ok = (a[2] == b[2])
-                dm = np.nanmax(np.abs(a[0][ok] - b[0][ok]) / np.maximum(np.abs(a[0][ok]), 1e-30), initial=0.0)
-                print(f"verify clipped_stack: n_used identical on {100 * same_n:.4f}% of pixels, "
-                      f"max rel |mean diff| there {dm:.2e}")
+                ok = a[2] == b[2]
+                dm = np.nanmax(
+                    np.abs(a[0][ok] - b[0][ok]) / np.maximum(np.abs(a[0][ok]), 1e-30), initial=0.0
+                )
+                print(
+                    f"verify clipped_stack: n_used identical on {100 * same_n:.4f}% of pixels, "
+                    f"max rel |mean diff| there {dm:.2e}"
+                )
             else:
                 print(f"verify mask_dilate_or: identical = {bool(np.array_equal(a[0], b[0]))}")
     return 0

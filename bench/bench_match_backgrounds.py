@@ -53,32 +53,48 @@ from gpudiff.tasks.tract_background import ChooseReferenceVisitTask, TractBackgr
 def make_warps(n_visits: int, size: int, seed: int = 1):
     """``n_visits`` × 4 warps of size² on a (2·size)² tract, all on the host."""
     tract = TractGrid.from_size(2 * size, patch_inner=size, patch_overlap=0)
-    field = simulate_exposure(2 * size, noise="none", sky=0.0, n_stars=(2 * size // 64) ** 2, flux_min=2e3,
-                              flux_max=5e5, psf=3.5, seed=seed)
+    field = simulate_exposure(
+        2 * size,
+        noise="none",
+        sky=0.0,
+        n_stars=(2 * size // 64) ** 2,
+        flux_min=2e3,
+        flux_max=5e5,
+        psf=3.5,
+        seed=seed,
+    )
     rng = np.random.default_rng(seed)
     sky, sigma = 1000.0, float(np.sqrt(1000.0))
     warps = []
     for v in range(n_visits):
-        bg = PolynomialBackground(offset=rng.uniform(-40, 40) * sigma, gradient=tuple(rng.uniform(-15, 15, 2) * sigma),
-                                  quadratic=tuple(rng.uniform(-3, 3, 3) * sigma), center=(size - 0.5, size - 0.5),
-                                  scale=float(size))
+        bg = PolynomialBackground(
+            offset=rng.uniform(-40, 40) * sigma,
+            gradient=tuple(rng.uniform(-15, 15, 2) * sigma),
+            quadratic=tuple(rng.uniform(-3, 3, 3) * sigma),
+            center=(size - 0.5, size - 0.5),
+            scale=float(size),
+        )
         gap = int(rng.integers(100, size - 100))
         for p in tract.patch_ids():
             b = tract.outer_box(p)
-            stars = field.model[b.y0:b.y1, b.x0:b.x1]
+            stars = field.model[b.y0 : b.y1, b.x0 : b.x1]
             xx = np.arange(b.x0, b.x1, dtype=np.float64)[None, :]
             yy = np.arange(b.y0, b.y1, dtype=np.float64)[:, None]
             var = stars + np.float32(sky)
             img = stars + bg.evaluate(xx, yy).astype(np.float32)
             img += rng.standard_normal(img.shape, dtype=np.float32) * np.sqrt(var)
             mask = np.zeros(img.shape, np.int32)
-            img[:, gap:gap + 30] = np.nan
-            mask[:, gap:gap + 30] = 1 << 8  # NO_DATA
+            img[:, gap : gap + 30] = np.nan
+            mask[:, gap : gap + 30] = 1 << 8  # NO_DATA
             cols = rng.integers(0, size, 2)
             mask[:, cols] |= 1  # BAD
             hdr = fits.Header()
             hdr["VISIT"] = v
-            warps.append(Exposure.from_arrays(img, var, mask, xy0=(b.x0, b.y0), metadata=hdr, backend="numpy"))
+            warps.append(
+                Exposure.from_arrays(
+                    img, var, mask, xy0=(b.x0, b.y0), metadata=hdr, backend="numpy"
+                )
+            )
     return tract, warps
 
 
@@ -101,14 +117,28 @@ def run_backend(name: str, args, tract, warps, rows: list) -> None:
         print(f"  {name:6s} {stage:40s} {fmt_s(med)}  {pix / med:8.1f} Mpix/s", flush=True)
 
     task = MatchBackgroundsTask(backend=be)
-    add("bin one warp (TractBackground)",
-        time_call(be, lambda: TractBackground(tract, backend=be).add_warp(ws[0]), args.repeat, args.warmup),
-        ws[0].shape[0] * ws[0].shape[1] / 1e6)
-    add(f"choose reference ({len(groups)} visits)",
-        time_call(be, lambda: ChooseReferenceVisitTask(backend=be).run(groups, tract), args.repeat, args.warmup),
-        mpix)
-    add("match (ref given)", time_call(be, lambda: task.run(ws, tract, ref_visit=0), args.repeat, args.warmup),
-        mpix)
+    add(
+        "bin one warp (TractBackground)",
+        time_call(
+            be, lambda: TractBackground(tract, backend=be).add_warp(ws[0]), args.repeat, args.warmup
+        ),
+        ws[0].shape[0] * ws[0].shape[1] / 1e6,
+    )
+    add(
+        f"choose reference ({len(groups)} visits)",
+        time_call(
+            be,
+            lambda: ChooseReferenceVisitTask(backend=be).run(groups, tract),
+            args.repeat,
+            args.warmup,
+        ),
+        mpix,
+    )
+    add(
+        "match (ref given)",
+        time_call(be, lambda: task.run(ws, tract, ref_visit=0), args.repeat, args.warmup),
+        mpix,
+    )
     add("run() total", time_call(be, lambda: task.run(ws, tract), args.repeat, args.warmup), mpix)
 
 
@@ -118,18 +148,24 @@ def main(argv=None) -> int:
     ap.add_argument("--visits", type=int, default=20)
     ap.add_argument("--size", type=int, default=2048, help="warp (patch) size, pixels")
     ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--warmup", type=int, default=None, help="untimed runs (default: 0 on numpy, 1 on cupy)")
+    ap.add_argument(
+        "--warmup", type=int, default=None, help="untimed runs (default: 0 on numpy, 1 on cupy)"
+    )
     args = ap.parse_args(argv)
     names = available_backends() if args.backend == "all" else [args.backend]
     t0 = time.perf_counter()
     tract, warps = make_warps(args.visits, args.size)
-    print(f"{args.visits} visits x 4 patches of {args.size}^2 on a {2 * args.size}^2 tract "
-          f"({len(warps)} warps, simulated in {time.perf_counter() - t0:.1f} s)")
+    print(
+        f"{args.visits} visits x 4 patches of {args.size}^2 on a {2 * args.size}^2 tract "
+        f"({len(warps)} warps, simulated in {time.perf_counter() - t0:.1f} s)"
+    )
     rows: list = []
     for name in names:
         a = argparse.Namespace(**vars(args))
         if a.warmup is None:
-            a.warmup = 0 if name == "numpy" else 1  # CPU runs are long; GPU needs compilation warm-up
+            a.warmup = (
+                0 if name == "numpy" else 1
+            )  # CPU runs are long; GPU needs compilation warm-up
         run_backend(name, a, tract, warps, rows)
     print()
     print("| backend | stage | median | min | Mpix/s |")

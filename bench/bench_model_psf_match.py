@@ -48,8 +48,9 @@ from gpudiff.tasks.model_psf_match import ModelPsfMatchTask
 def make_exposure(size: int, seed: int):
     """A size² field (one star per 64² px on average) with a ±15 % varying Moffat PSF."""
     spec = PsfSpec(kind="moffat", fwhm=3.5, beta=3.0, variation=(0.1, 0.05))
-    sim = simulate_exposure(size, psf=spec, n_stars=max(50, (size // 64) ** 2), flux_min=1e3, flux_max=5e5,
-                            seed=seed)
+    sim = simulate_exposure(
+        size, psf=spec, n_stars=max(50, (size // 64) ** 2), flux_min=1e3, flux_max=5e5, seed=seed
+    )
     psf = sim.exposure.psf
     largest = max(psf.fwhm(x, y) for x in psf.xs for y in psf.ys)
     return sim.exposure, GaussianPsf(fwhm=1.3 * largest)
@@ -68,24 +69,39 @@ def run_backend(name: str, args, exposure, reference, rows: list) -> None:
         rows.append((name, stage, statistics.median(times), min(times)))
         print(f"  {name:6s} {stage:46s} {fmt_s(statistics.median(times))}", flush=True)
 
-    add("build_cell_set (realize PSFs, candidates)",
-        time_call(be, lambda: task.build_cell_set(exp_b, reference), args.repeat))
+    add(
+        "build_cell_set (realize PSFs, candidates)",
+        time_call(be, lambda: task.build_cell_set(exp_b, reference), args.repeat),
+    )
     cell_set = task.build_cell_set(exp_b, reference)
-    add(f"fit_kernel ({cell_set.n_cells_x}x{cell_set.n_cells_y} cells, 27 bases)",
-        time_call(be, lambda: task.fit_kernel(cell_set), args.repeat))
+    add(
+        f"fit_kernel ({cell_set.n_cells_x}x{cell_set.n_cells_y} cells, 27 bases)",
+        time_call(be, lambda: task.fit_kernel(cell_set), args.repeat),
+    )
     _, kernel = task.fit_kernel(cell_set)
-    add(f"apply_kernel ({args.size}² img+var+mask, order 2)",
-        time_call(be, lambda: task.apply_kernel(exp_b, kernel), args.repeat))
+    add(
+        f"apply_kernel ({args.size}² img+var+mask, order 2)",
+        time_call(be, lambda: task.apply_kernel(exp_b, kernel), args.repeat),
+    )
     add("run() total", time_call(be, lambda: task.run(exp_b, reference), args.repeat))
     meta = task.run(exp_b, reference).metadata
-    print(f"         PSF images {meta['psf_size']} px, fitted kernel sum {meta['fitted_kernel_sum']:.5f}, "
-          f"PSF residual max {100 * meta['residual_max']:.2f} %", flush=True)
+    print(
+        f"         PSF images {meta['psf_size']} px, fitted kernel sum {meta['fitted_kernel_sum']:.5f}, "
+        f"PSF residual max {100 * meta['residual_max']:.2f} %",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", choices=("numpy", "cupy", "all"), default="all",
-                    help="backend(s) to time; 'all' = every backend available here (default)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--backend",
+        choices=("numpy", "cupy", "all"),
+        default="all",
+        help="backend(s) to time; 'all' = every backend available here (default)",
+    )
     ap.add_argument("--size", type=int, default=4096, help="image side in pixels (default 4096)")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per stage (default 3)")
     ap.add_argument("--seed", type=int, default=1)
@@ -99,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     exposure, reference = make_exposure(args.size, args.seed)
-    print(f"exposure: {args.size}² with {exposure.psf!r} simulated in {time.perf_counter() - t0:.1f} s; "
-          f"reference {reference!r}; median of {args.repeat} after 1 warm-up", flush=True)
+    print(
+        f"exposure: {args.size}² with {exposure.psf!r} simulated in {time.perf_counter() - t0:.1f} s; "
+        f"reference {reference!r}; median of {args.repeat} after 1 warm-up",
+        flush=True,
+    )
     rows: list = []
     for name in names:
         run_backend(name, args, exposure, reference, rows)

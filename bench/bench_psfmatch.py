@@ -78,10 +78,18 @@ def make_field(size: int, n_candidates: int, seed: int):
     # edge), at least 45 px apart so every 43² stamp holds one star; capped by the area
     # (one star per 75² px keeps the random placement with that separation easy).
     n_stars = max(1, int(min(1.3 * n_candidates + 20, usable / (75.0 * 75.0))))
-    pair = simulate_pair(size, n_stars=n_stars, min_separation=45.0, margin=-30.0,
-                         flux_min=2.0e4, flux_max=2.0e5, n_transients=0,
-                         science=dict(psf=2.8 * FWHM_PER_SIGMA),
-                         template=dict(psf=2.0 * FWHM_PER_SIGMA), seed=seed)
+    pair = simulate_pair(
+        size,
+        n_stars=n_stars,
+        min_separation=45.0,
+        margin=-30.0,
+        flux_min=2.0e4,
+        flux_max=2.0e5,
+        n_transients=0,
+        science=dict(psf=2.8 * FWHM_PER_SIGMA),
+        template=dict(psf=2.0 * FWHM_PER_SIGMA),
+        seed=seed,
+    )
     t = pair.truth[pair.truth["is_star"]]
     order = np.argsort(-np.asarray(t["flux_template"]))
     return pair, np.asarray(t["x"])[order], np.asarray(t["y"])[order]
@@ -121,9 +129,14 @@ def run_backend(name: str, args, pair, xs, ys, rows: list):
         print(f"  note: only {n} usable candidates in a {args.size}² field", file=sys.stderr)
     # the n brightest (candidates are in source order = brightness order)
     xn, yn = all_cands.x[:n], all_cands.y[:n]
-    add(f"make_candidates ({n} stamps 43²)",
-        median_time(be, lambda: make_candidates(template, science, xn, yn, kernel_size=ks, region=region),
-                  args.repeat))
+    add(
+        f"make_candidates ({n} stamps 43²)",
+        median_time(
+            be,
+            lambda: make_candidates(template, science, xn, yn, kernel_size=ks, region=region),
+            args.repeat,
+        ),
+    )
     cands = make_candidates(template, science, xn, yn, kernel_size=ks, region=region)
     kern = be.asarray(basis.kernels, dtype=np.float64)
     kshape = basis.kernels.shape[1:]
@@ -132,18 +145,28 @@ def run_backend(name: str, args, pair, xs, ys, rows: list):
     sci_var = good_region(cands.science_var, kshape)
     var_sum = sci_var + good_region(cands.template_var, kshape)
 
-    t_design = median_time(be, lambda: design_matrices(be, cands.template, basis, True), args.repeat)
+    t_design = median_time(
+        be, lambda: design_matrices(be, cands.template, basis, True), args.repeat
+    )
     add(f"design matrices ({n}×27 basis correlations)", t_design)
     C = design_matrices(be, cands.template, basis, True)
-    t_solve = median_time(be, lambda: fit_stamps(be, C, sci, var_sum, sums, fit_for_background=True),
-                        args.repeat)
+    t_solve = median_time(
+        be, lambda: fit_stamps(be, C, sci, var_sum, sums, fit_for_background=True), args.repeat
+    )
     add(f"normal equations + solves ({n} × 28²)", t_solve)
     target = SOLVE_TARGET_S * n / SOLVE_TARGET_N
     add("=> batched single-kernel solve (design + solve)", t_design + t_solve, target)
     sol = fit_stamps(be, C, sci, var_sum, sums, fit_for_background=True)
-    add(f"residual statistics ({n} stamps)",
-        median_time(be, lambda: residual_statistics(be, C, sol.coeffs, sci, sci_var, cands.template_var,
-                                                  kern, None), args.repeat))
+    add(
+        f"residual statistics ({n} stamps)",
+        median_time(
+            be,
+            lambda: residual_statistics(
+                be, C, sol.coeffs, sci, sci_var, cands.template_var, kern, None
+            ),
+            args.repeat,
+        ),
+    )
     fits = {}
     for order in (1, 2):
         cfg = config.with_overrides(spatial_kernel_order=order)
@@ -151,34 +174,52 @@ def run_backend(name: str, args, pair, xs, ys, rows: list):
         def run(cfg=cfg):
             return fit_spatial_kernel(fresh(cands), basis, cfg, region, be)
 
-        add(f"fit_spatial_kernel (spatial order {order}, bg order 1)", median_time(be, run, args.repeat))
+        add(
+            f"fit_spatial_kernel (spatial order {order}, bg order 1)",
+            median_time(be, run, args.repeat),
+        )
         fits[order] = run()
         f = fits[order]
-        print(f"         used {f.n_used}/{n}, rejected {int((f.candidates.status == 2).sum())}, "
-              f"iterations {f.n_iterations}, kernel sum {f.kernel_sum:.5f}", flush=True)
+        print(
+            f"         used {f.n_used}/{n}, rejected {int((f.candidates.status == 2).sum())}, "
+            f"iterations {f.n_iterations}, kernel sum {f.kernel_sum:.5f}",
+            flush=True,
+        )
 
     # --- (b) spatially varying convolution -------------------------------------------------
     area_scale = (args.size / CONV_TARGET_SIZE) ** 2
     for order in (1, 2):
         sk = fits[order].kernel
         nk = sk.functions.n_terms
-        add(f"SpatialKernel.convolve {args.size}² order {order} ({nk} terms): img+var+mask",
+        add(
+            f"SpatialKernel.convolve {args.size}² order {order} ({nk} terms): img+var+mask",
             median_time(be, lambda sk=sk: sk.convolve(template), args.repeat),
-            CONV_TARGET_S * area_scale if order == 1 else None)
+            CONV_TARGET_S * area_scale if order == 1 else None,
+        )
         kt = sk.term_kernels()
         terms = sk.functions.on_grid(template.bbox, xp)
         img = xp.nan_to_num(template.image)
-        add("  of which image plane alone (varying_correlate)",
-            median_time(be, lambda: varying_correlate(img, kt, terms, be), args.repeat))
+        add(
+            "  of which image plane alone (varying_correlate)",
+            median_time(be, lambda: varying_correlate(img, kt, terms, be), args.repeat),
+        )
     fp = np.any(fits[1].kernel.term_kernels() != 0, axis=0)
-    add("  mask plane alone (OR-dilation, 21×21 footprint)",
-        median_time(be, lambda: dilate_mask(template.mask, fp, be), args.repeat))
+    add(
+        "  mask plane alone (OR-dilation, 21×21 footprint)",
+        median_time(be, lambda: dilate_mask(template.mask, fp, be), args.repeat),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", choices=("numpy", "cupy", "all"), default="all",
-                    help="backend(s) to time; 'all' = every backend available here (default)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--backend",
+        choices=("numpy", "cupy", "all"),
+        default="all",
+        help="backend(s) to time; 'all' = every backend available here (default)",
+    )
     ap.add_argument("--candidates", type=int, default=1000, help="kernel candidates (default 1000)")
     ap.add_argument("--size", type=int, default=4096, help="image side in pixels (default 4096)")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per stage (default 3)")
@@ -194,8 +235,11 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     pair, xs, ys = make_field(args.size, args.candidates, args.seed)
-    print(f"field: {args.size}² pair with {len(xs)} stars simulated in {time.perf_counter() - t0:.1f} s; "
-          f"median of {args.repeat} after 1 warm-up", flush=True)
+    print(
+        f"field: {args.size}² pair with {len(xs)} stars simulated in {time.perf_counter() - t0:.1f} s; "
+        f"median of {args.repeat} after 1 warm-up",
+        flush=True,
+    )
     rows: list = []
     for name in names:
         run_backend(name, args, pair, xs, ys, rows)

@@ -54,18 +54,37 @@ from gpudiff.tasks import AlardLuptonSubtractConfig, AlardLuptonSubtractTask, De
 #: End-to-end target on 2 CPU cores with NumPy (seconds) at the reference size.
 TARGET_S, TARGET_SIZE = 5.0, 4096
 
-STAGES = ("read", "source selection", "kernel fit", "convolution", "decorrelation", "prepare",
-          "detection", "write")
-_META = {"source selection": "time_source_selection", "kernel fit": "time_kernel_fit",
-         "convolution": "time_convolution", "decorrelation": "time_decorrelation"}
+STAGES = (
+    "read",
+    "source selection",
+    "kernel fit",
+    "convolution",
+    "decorrelation",
+    "prepare",
+    "detection",
+    "write",
+)
+_META = {
+    "source selection": "time_source_selection",
+    "kernel fit": "time_kernel_fit",
+    "convolution": "time_convolution",
+    "decorrelation": "time_decorrelation",
+}
 
 
 def make_files(size: int, stars_per_mpx: float, seed: int, folder: Path):
     """Simulate a size² pair, write it to FITS; return (science path, template path, info)."""
     n_stars = max(10, int(round(stars_per_mpx * size * size / 1e6)))
     t0 = time.perf_counter()
-    pair = simulate_pair(size=size, n_stars=n_stars, flux_min=2e3, flux_max=5e5,
-                         science=dict(sky_subtracted=True), template=dict(sky_subtracted=True), seed=seed)
+    pair = simulate_pair(
+        size=size,
+        n_stars=n_stars,
+        flux_min=2e3,
+        flux_max=5e5,
+        science=dict(sky_subtracted=True),
+        template=dict(sky_subtracted=True),
+        seed=seed,
+    )
     t_sim = time.perf_counter() - t0
     sci, tmpl = folder / f"science_{size}.fits", folder / f"template_{size}.fits"
     pair.science.write(sci, overwrite=True)
@@ -106,27 +125,49 @@ def run_backend(name: str, size: int, sci: Path, tmpl: Path, folder: Path, repea
         dm.dia_sources.write(cat, format="ascii.ecsv", overwrite=True)
         rec["write"] = time.perf_counter() - t
         records.append(rec)
-        info.update(mode=m["mode"], used=m["n_candidates_used"], selected=m["n_kernel_sources"],
-                    ksum=m["kernel_sum"], dia=len(dm.dia_sources))
+        info.update(
+            mode=m["mode"],
+            used=m["n_candidates_used"],
+            selected=m["n_kernel_sources"],
+            ksum=m["kernel_sum"],
+            dia=len(dm.dia_sources),
+        )
 
     totals = time_call(be, once, repeat)
     timed = records[-repeat:]
     med = {s: statistics.median(r[s] for r in timed) for s in (*STAGES, "subtract")}
     med["end-to-end"] = statistics.median(totals)
-    print(f"  {name:6s} {size}²: end-to-end {med['end-to-end']:.2f} s (median of {repeat}); {info['mode']}, "
-          f"{info['selected']} kernel sources selected, {info['used']} used, kernel sum {info['ksum']:.4f}, "
-          f"{info['dia']} DIA sources", flush=True)
+    print(
+        f"  {name:6s} {size}²: end-to-end {med['end-to-end']:.2f} s (median of {repeat}); {info['mode']}, "
+        f"{info['selected']} kernel sources selected, {info['used']} used, kernel sum {info['ksum']:.4f}, "
+        f"{info['dia']} DIA sources",
+        flush=True,
+    )
     return med
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", choices=("numpy", "cupy", "all"), default="all",
-                    help="backend(s) to time; 'all' = every backend available here (default)")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096], help="image sides (default 2048 4096)")
-    ap.add_argument("--repeat", type=int, default=3, help="timed runs per size and backend (default 3)")
-    ap.add_argument("--stars-per-mpx", type=float, default=480.0,
-                    help="stars per million pixels (default 480: ~2000 on 2048², ~8000 on 4096²)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--backend",
+        choices=("numpy", "cupy", "all"),
+        default="all",
+        help="backend(s) to time; 'all' = every backend available here (default)",
+    )
+    ap.add_argument(
+        "--sizes", type=int, nargs="+", default=[2048, 4096], help="image sides (default 2048 4096)"
+    )
+    ap.add_argument(
+        "--repeat", type=int, default=3, help="timed runs per size and backend (default 3)"
+    )
+    ap.add_argument(
+        "--stars-per-mpx",
+        type=float,
+        default=480.0,
+        help="stars per million pixels (default 480: ~2000 on 2048², ~8000 on 4096²)",
+    )
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
     if args.repeat < 1 or min(args.sizes) < 256:
@@ -158,9 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     for (name, size), med in results.items():
         target = TARGET_S * (size / TARGET_SIZE) ** 2
         verdict = "PASS" if med["end-to-end"] <= target else "MISS"
-        scaled = "" if size == TARGET_SIZE else f" (the {TARGET_S:g} s at {TARGET_SIZE}² scaled by area)"
-        print(f"target {name} {size}²: end-to-end {med['end-to-end']:.2f} s vs ≤ {target:.2f} s{scaled}: {verdict}"
-              + ("" if name == "numpy" else " [the target is for 2 CPU cores with NumPy]"))
+        scaled = (
+            "" if size == TARGET_SIZE else f" (the {TARGET_S:g} s at {TARGET_SIZE}² scaled by area)"
+        )
+        print(
+            f"target {name} {size}²: end-to-end {med['end-to-end']:.2f} s vs ≤ {target:.2f} s{scaled}: {verdict}"
+            + ("" if name == "numpy" else " [the target is for 2 CPU cores with NumPy]")
+        )
     return 0
 
 

@@ -13,9 +13,23 @@ from .errors import __all__ as _errors_all
 
 #: Public names imported on first use, so that ``import gpudiff`` (and the command line's
 #: start) does not pay for astropy.io.fits, scipy.spatial & co.: name → module holding it.
-_LAZY = {name: "gpudiff.image" for name in (
-    "Box", "DoubleGaussianPsf", "Exposure", "GaussianPsf", "GridPsf", "ImagePsf", "MaskedImage",
-    "MaskPlanes", "MoffatPsf", "PhotoCalib", "Psf", "estimate_psf")}
+_LAZY = {
+    name: "gpudiff.image"
+    for name in (
+        "Box",
+        "DoubleGaussianPsf",
+        "Exposure",
+        "GaussianPsf",
+        "GridPsf",
+        "ImagePsf",
+        "MaskedImage",
+        "MaskPlanes",
+        "MoffatPsf",
+        "PhotoCalib",
+        "Psf",
+        "estimate_psf",
+    )
+}
 
 
 def _package_version() -> str:

@@ -34,10 +34,16 @@ class _VersionAction(argparse.Action):
     """``--version``, resolving the version only when asked (importlib.metadata is slow
     to import: the command line's start should not pay for it)."""
 
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
-                 help="show program's version number and exit"):
-        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0,
-                         help=help)
+    def __init__(
+        self,
+        option_strings,
+        dest=argparse.SUPPRESS,
+        default=argparse.SUPPRESS,
+        help="show program's version number and exit",
+    ):
+        super().__init__(
+            option_strings=option_strings, dest=dest, default=default, nargs=0, help=help
+        )
 
     def __call__(self, parser, namespace, values, option_string=None):
         from . import __version__
@@ -53,12 +59,19 @@ def _command(name: str):
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``gpudiff`` command."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--backend", choices=BACKEND_NAMES, default=None,
-                        help="array backend (default: $GPUDIFF_BACKEND or auto)")
-    common.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    common.add_argument(
+        "--backend",
+        choices=BACKEND_NAMES,
+        default=None,
+        help="array backend (default: $GPUDIFF_BACKEND or auto)",
+    )
+    common.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
+    )
 
     parser = argparse.ArgumentParser(
-        prog="gpudiff", description="Astronomical image differencing on GPUs (LSST algorithms).")
+        prog="gpudiff", description="Astronomical image differencing on GPUs (LSST algorithms)."
+    )
     parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -73,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gpudiff`` console script and ``python -m gpudiff``."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING if args.verbose == 0 else (logging.INFO if args.verbose == 1 else logging.DEBUG)
+    level = (
+        logging.WARNING
+        if args.verbose == 0
+        else (logging.INFO if args.verbose == 1 else logging.DEBUG)
+    )
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _command(args.command).run(args)

@@ -1,4 +1,4 @@
-"""LSST's test pair (spec §11.1) shared by the reliability tests: science σ_PSF 2.4 px,
+"""LSST's test pair (docs/algorithms.md §11.1) shared by the reliability tests: science σ_PSF 2.4 px,
 template 2.0 px with a 20-px border, and the truth catalog as kernel sources."""
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ import pytest
 
 from gpudiff.backend import available_backends, get_backend
 
-SHARED_DATA = Path(os.environ.get("GPUDIFF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED_DATA = Path(
+    os.environ.get("GPUDIFF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 
 
 def _backend_names() -> list[str]:

@@ -74,8 +74,20 @@ import scipy.fft
 import scipy.ndimage
 from numpy.lib.mixins import NDArrayOperatorsMixin
 
-__all__ = ["VIOLATIONS", "DeviceDisciplineError", "Dev", "install", "make_backend", "fake_xp",
-           "COUNTS", "counting", "stage", "report", "estimate_seconds", "H200_MODEL"]
+__all__ = [
+    "VIOLATIONS",
+    "DeviceDisciplineError",
+    "Dev",
+    "install",
+    "make_backend",
+    "fake_xp",
+    "COUNTS",
+    "counting",
+    "stage",
+    "report",
+    "estimate_seconds",
+    "H200_MODEL",
+]
 
 #: Every refusal, as ``(message, stack)``, in order; the test asserts it stays empty.
 VIOLATIONS: list[tuple[str, str]] = []
@@ -96,12 +108,12 @@ class _Counts:
         self.reset()
 
     def reset(self):
-        self.stage_calls = collections.Counter()   # stage → device calls
-        self.stage_syncs = collections.Counter()   # stage → host syncs
-        self.stage_bytes = collections.Counter()   # (stage, "h2d" | "d2h" | "touched") → bytes
-        self.func_calls = collections.Counter()    # (stage, function) → device calls
-        self.func_syncs = collections.Counter()    # (stage, function) → host syncs
-        self.sync_kinds = collections.Counter()    # (stage, kind) → host syncs
+        self.stage_calls = collections.Counter()  # stage → device calls
+        self.stage_syncs = collections.Counter()  # stage → host syncs
+        self.stage_bytes = collections.Counter()  # (stage, "h2d" | "d2h" | "touched") → bytes
+        self.func_calls = collections.Counter()  # (stage, function) → device calls
+        self.func_syncs = collections.Counter()  # (stage, function) → host syncs
+        self.sync_kinds = collections.Counter()  # (stage, kind) → host syncs
 
     def stack(self) -> list:
         st = getattr(self.local, "stack", None)
@@ -207,34 +219,46 @@ def stage(label: str):
 
 #: The cost model of :func:`estimate_seconds` (an H200; state it with every estimate).
 H200_MODEL = {
-    "launch_s": 8e-6,      # per device call: CuPy's Python-side launch cost, ~5-10 µs
-    "sync_s": 10e-6,       # per host sync: a stream drain plus a small copy
-    "hbm_Bps": 4.0e12,     # bytes touched, at ~85 % of the H200's 4.8 TB/s
-    "pcie_Bps": 25e9,      # host<->device bytes, PCIe 5 x16 from pinned memory
+    "launch_s": 8e-6,  # per device call: CuPy's Python-side launch cost, ~5-10 µs
+    "sync_s": 10e-6,  # per host sync: a stream drain plus a small copy
+    "hbm_Bps": 4.0e12,  # bytes touched, at ~85 % of the H200's 4.8 TB/s
+    "pcie_Bps": 25e9,  # host<->device bytes, PCIe 5 x16 from pinned memory
 }
 
 
 def estimate_seconds(calls: int, syncs: int, touched: int, transfer: int, model: dict = H200_MODEL):
     """(total, parts) device-time estimate: launches + syncs + touched/HBM + transfer/PCIe,
     added (no overlap assumed: an upper bound when launches hide behind work)."""
-    parts = {"launch": calls * model["launch_s"], "sync": syncs * model["sync_s"],
-             "hbm": touched / model["hbm_Bps"], "pcie": transfer / model["pcie_Bps"]}
+    parts = {
+        "launch": calls * model["launch_s"],
+        "sync": syncs * model["sync_s"],
+        "hbm": touched / model["hbm_Bps"],
+        "pcie": transfer / model["pcie_Bps"],
+    }
     return sum(parts.values()), parts
 
 
 def report(top: int = 12) -> dict:
     """Totals per stage and the ``top`` functions by device calls and by syncs."""
-    stages = sorted(set(COUNTS.stage_calls) | set(COUNTS.stage_syncs)
-                    | {k[0] for k in COUNTS.stage_bytes})
+    stages = sorted(
+        set(COUNTS.stage_calls) | set(COUNTS.stage_syncs) | {k[0] for k in COUNTS.stage_bytes}
+    )
     per = {}
     for lab in stages:
         b = COUNTS.stage_bytes
-        per[lab] = {"calls": COUNTS.stage_calls[lab], "syncs": COUNTS.stage_syncs[lab],
-                    "h2d": b[(lab, "h2d")], "d2h": b[(lab, "d2h")], "touched": b[(lab, "touched")]}
-    return {"stages": per,
-            "top_calls": COUNTS.func_calls.most_common(top),
-            "top_syncs": COUNTS.func_syncs.most_common(top),
-            "sync_kinds": COUNTS.sync_kinds.most_common(top)}
+        per[lab] = {
+            "calls": COUNTS.stage_calls[lab],
+            "syncs": COUNTS.stage_syncs[lab],
+            "h2d": b[(lab, "h2d")],
+            "d2h": b[(lab, "d2h")],
+            "touched": b[(lab, "touched")],
+        }
+    return {
+        "stages": per,
+        "top_calls": COUNTS.func_calls.most_common(top),
+        "top_syncs": COUNTS.func_syncs.most_common(top),
+        "sync_kinds": COUNTS.sync_kinds.most_common(top),
+    }
 
 
 class DeviceDisciplineError(TypeError):
@@ -289,16 +313,59 @@ _HOST_RESULT_METHODS = frozenset({"tolist", "item", "get"})
 
 
 #: Functions that allocate or make views: no kernel on a real device.
-_FREE_FUNCS = frozenset({
-    "empty", "empty_like", "shape", "ndim", "size", "result_type", "can_cast", "broadcast_to",
-    "broadcast_arrays", "expand_dims", "reshape", "ravel", "moveaxis", "swapaxes", "transpose",
-    "squeeze", "atleast_1d", "atleast_2d", "atleast_3d", "iscomplexobj", "isrealobj", "isscalar",
-    "asnumpy", "get_array_module", "may_share_memory", "shares_memory", "dtype", "finfo", "iinfo"})
+_FREE_FUNCS = frozenset(
+    {
+        "empty",
+        "empty_like",
+        "shape",
+        "ndim",
+        "size",
+        "result_type",
+        "can_cast",
+        "broadcast_to",
+        "broadcast_arrays",
+        "expand_dims",
+        "reshape",
+        "ravel",
+        "moveaxis",
+        "swapaxes",
+        "transpose",
+        "squeeze",
+        "atleast_1d",
+        "atleast_2d",
+        "atleast_3d",
+        "iscomplexobj",
+        "isrealobj",
+        "isscalar",
+        "asnumpy",
+        "get_array_module",
+        "may_share_memory",
+        "shares_memory",
+        "dtype",
+        "finfo",
+        "iinfo",
+    }
+)
 #: Functions whose output size depends on the data (the host must learn it: a sync), or
 #: that return host values.
-_SYNC_FUNCS = frozenset({
-    "nonzero", "flatnonzero", "argwhere", "unique", "extract", "compress", "label", "find_objects",
-    "center_of_mass", "maximum_position", "minimum_position", "extrema", "array_equal", "allclose"})
+_SYNC_FUNCS = frozenset(
+    {
+        "nonzero",
+        "flatnonzero",
+        "argwhere",
+        "unique",
+        "extract",
+        "compress",
+        "label",
+        "find_objects",
+        "center_of_mass",
+        "maximum_position",
+        "minimum_position",
+        "extrema",
+        "array_equal",
+        "allclose",
+    }
+)
 #: Array methods that return views (free) on a real device.
 _VIEW_METHODS = frozenset({"reshape", "ravel", "view", "transpose", "swapaxes", "squeeze"})
 
@@ -375,7 +442,12 @@ class Dev(NDArrayOperatorsMixin):
     @property
     def __cuda_array_interface__(self):
         # Only its presence matters: gpudiff recognises device arrays by it.
-        return {"shape": self._a.shape, "typestr": self._a.dtype.str, "data": (0, False), "version": 3}
+        return {
+            "shape": self._a.shape,
+            "typestr": self._a.dtype.str,
+            "data": (0, False),
+            "version": 3,
+        }
 
     def get(self) -> np.ndarray:
         """The host copy (``cupy.ndarray.get``)."""
@@ -397,15 +469,18 @@ class Dev(NDArrayOperatorsMixin):
         host_seq = isinstance(value, list) or (isinstance(value, np.ndarray) and value.ndim > 0)
         if host_seq and not _is_advanced(key):
             # CuPy routes a basic-slice assignment of a non-device value through fill().
-            _fail("non-scalar host value assigned into a basic slice of a device array "
-                  "(CuPy: ValueError: non-scalar numpy.ndarray cannot be used for fill)")
+            _fail(
+                "non-scalar host value assigned into a basic slice of a device array "
+                "(CuPy: ValueError: non-scalar numpy.ndarray cannot be used for fill)"
+            )
         self._a[_unwrap(key, True, "__setitem__")] = _unwrap(value, True, "__setitem__")
         if COUNTS.enabled:
             keys = key if isinstance(key, tuple) else (key,)
             _count_h2d(_host_nbytes(keys) + _host_nbytes((value,)))
             _count_call(_nbytes(keys) + 2 * (_nbytes((value,)) or np.asarray(value).nbytes))
-            if _has_bool_index(key) and (isinstance(value, (Dev, list))
-                                         or (isinstance(value, np.ndarray) and value.ndim > 0)):
+            if _has_bool_index(key) and (
+                isinstance(value, (Dev, list)) or (isinstance(value, np.ndarray) and value.ndim > 0)
+            ):
                 _count_sync("boolean-mask assignment", 8)
 
     # --- the rest of the ndarray surface -------------------------------------------------
@@ -446,11 +521,13 @@ class Dev(NDArrayOperatorsMixin):
         if not callable(attr):
             return _wrap(attr) if isinstance(attr, np.ndarray) else attr  # .T, .real, .shape ...
         if name == "fill":
+
             def fill(value):
                 if isinstance(value, np.ndarray) and value.ndim > 0:
                     _fail("non-scalar numpy.ndarray passed to fill()")
                 _count_call(self._a.nbytes)
                 return attr(_unwrap(value, True, ".fill()"))
+
             return fill
         host_ok = name in _HOST_OK_METHODS
         a = self._a
@@ -469,6 +546,7 @@ class Dev(NDArrayOperatorsMixin):
                     if name in _SYNC_FUNCS:
                         _count_sync(f".{name}() (data-dependent size)", 8)
             return r if name in _HOST_RESULT_METHODS else _wrap(r)
+
         return method
 
     def __setattr__(self, name, value):
@@ -491,7 +569,9 @@ class _Func:
     keyword arguments of the SciPy function that the CuPy one does not have.
     """
 
-    def __init__(self, f, where: str, host_kw: tuple[str, ...] = (), refuse_kw: tuple[str, ...] = ()):
+    def __init__(
+        self, f, where: str, host_kw: tuple[str, ...] = (), refuse_kw: tuple[str, ...] = ()
+    ):
         self.f, self.where, self.host_kw, self.refuse_kw = f, where, host_kw, refuse_kw
 
     def __call__(self, *args, **kwargs):
@@ -546,8 +626,13 @@ class _Cuda:
 class _Namespace:
     """A fake ``cupy`` / ``cupyx.scipy.*`` module over a NumPy / SciPy one."""
 
-    def __init__(self, mod, name: str, host_kw: dict[str, tuple[str, ...]] | None = None,
-                 refuse_kw: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        mod,
+        name: str,
+        host_kw: dict[str, tuple[str, ...]] | None = None,
+        refuse_kw: tuple[str, ...] = (),
+    ):
         self._mod, self._name, self._host_kw, self._refuse_kw = mod, name, host_kw or {}, refuse_kw
 
     def __getattr__(self, name):
@@ -591,8 +676,16 @@ def make_backend():
         _count_h2d(r.nbytes)
         return Dev(r)
 
-    return Backend(name="cupy", xp=fake_xp, fft=fake_fft, ndimage=fake_ndimage, linalg=fake_linalg, device=0,
-                   _to_device=to_device, _sync=lambda: _count_sync("synchronize"))
+    return Backend(
+        name="cupy",
+        xp=fake_xp,
+        fft=fake_fft,
+        ndimage=fake_ndimage,
+        linalg=fake_linalg,
+        device=0,
+        _to_device=to_device,
+        _sync=lambda: _count_sync("synchronize"),
+    )
 
 
 _INSTALLED: list = []
@@ -633,6 +726,7 @@ def install():
                 COUNTS.enabled = was
             _count_call(_host_nbytes(args, tuple(kwargs.values()), r))
             return _wrap(r)
+
         return launch
 
     def clipped_stack_launch(data, bad, weights=None, nsigma=3.0, niter=3, **kw):
@@ -646,8 +740,9 @@ def install():
 
     for name, spec in list(kernels._REGISTRY.items()):
         if spec.cuda_launcher is not None:
-            launch = (clipped_stack_launch if name == "clipped_stack"
-                      else launcher_for(spec.numpy_impl))
+            launch = (
+                clipped_stack_launch if name == "clipped_stack" else launcher_for(spec.numpy_impl)
+            )
             kernels._REGISTRY[name] = dataclasses.replace(spec, cuda_launcher=launch)
 
     orig_am = reference.array_module

@@ -1,4 +1,4 @@
-"""AssembleCoaddTask: LSST's drp_tasks tests (spec §11.7) and the stacking rules of §10.1–§10.3.
+"""AssembleCoaddTask: LSST's drp_tasks tests (docs/algorithms.md §11.7) and the stacking rules of §10.1–§10.3.
 
 The mock data follow ``MockCoaddTestData``: a 201×301 box at (−123, −45), 10 visits
 (100–109), 37 Gaussian sources, per-visit PSF σ ~ U(1.5, 3.0) (PSF-matched: σ = 3.0),
@@ -32,7 +32,9 @@ def _gauss_image(shape, xy0, xs, ys, fluxes, sigma):
     xx = np.arange(W)[None, :] + xy0[0]
     img = np.zeros(shape)
     for x, y, f in zip(xs, ys, fluxes):
-        img += f / (2 * np.pi * sigma**2) * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2))
+        img += (
+            f / (2 * np.pi * sigma**2) * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2))
+        )
     return img
 
 
@@ -57,9 +59,18 @@ def mock_coadd_data(seed=0, n_visits=10):
             meta = fits.Header()
             meta["VISIT"] = VISITS[k]
             meta["BUNIT"] = "nJy"
-            out.append(Exposure.from_arrays(img, var, mask, xy0=(BBOX.x0, BBOX.y0), mask_planes=planes,
-                                            psf=GaussianPsf(sigma=s, size=15), metadata=meta,
-                                            photo_calib=PhotoCalib(1.0)))
+            out.append(
+                Exposure.from_arrays(
+                    img,
+                    var,
+                    mask,
+                    xy0=(BBOX.x0, BBOX.y0),
+                    mask_planes=planes,
+                    psf=GaussianPsf(sigma=s, size=15),
+                    metadata=meta,
+                    photo_calib=PhotoCalib(1.0),
+                )
+            )
         direct.append(out[0])
         matched.append(out[1])
     return direct, matched
@@ -71,7 +82,7 @@ def mock():
 
 
 # ----------------------------------------------------------------------------------------
-# LSST's tests (spec §11.7)
+# LSST's tests (docs/algorithms.md §11.7)
 # ----------------------------------------------------------------------------------------
 
 
@@ -94,7 +105,9 @@ def test_basic_run_produces_a_coadd(mock, warp_type):
 def test_online_mean_equals_stack_mean(mock):
     direct, _ = mock
     stack = AssembleCoaddTask(AssembleCoaddConfig(statistic="MEAN")).run(direct).coadd_exposure
-    online = AssembleCoaddTask(AssembleCoaddConfig(statistic="MEAN", do_online_for_mean=True)).run(direct)
+    online = AssembleCoaddTask(AssembleCoaddConfig(statistic="MEAN", do_online_for_mean=True)).run(
+        direct
+    )
     online = online.coadd_exposure
     # LSST's tolerances (testOnlineCoadd): image rtol 1e-3, variance rtol 1e-6, same masks
     np.testing.assert_allclose(online.image, stack.image, rtol=1e-3)
@@ -108,8 +121,14 @@ def test_input_map(mock):
     bad = warps[5].mask_planes.bitmask("BAD")
     m = warps[5].mask.copy()
     m[50:150, 60:160] |= bad  # visit 105: a 100×100 BAD box
-    warps[5] = Exposure.from_arrays(warps[5].image, warps[5].variance, m, xy0=warps[5].xy0,
-                                    mask_planes=warps[5].mask_planes, psf=warps[5].psf)
+    warps[5] = Exposure.from_arrays(
+        warps[5].image,
+        warps[5].variance,
+        m,
+        xy0=warps[5].xy0,
+        mask_planes=warps[5].mask_planes,
+        psf=warps[5].psf,
+    )
     res = AssembleCoaddTask(AssembleCoaddConfig(do_input_map=True, do_n_image=True)).run(warps)
     present = unpack_input_map(res.input_map, 10)
     assert present.shape == (10,) + BBOX.shape
@@ -131,8 +150,15 @@ def test_input_map(mock):
 def _with_cosmic_ray(exp: Exposure, rows, cols, amp=5000.0) -> Exposure:
     img = exp.image.copy()
     img[rows, cols] += amp
-    return Exposure.from_arrays(img, exp.variance, exp.mask, xy0=exp.xy0, mask_planes=exp.mask_planes,
-                                psf=exp.psf, metadata=exp.metadata)
+    return Exposure.from_arrays(
+        img,
+        exp.variance,
+        exp.mask,
+        xy0=exp.xy0,
+        mask_planes=exp.mask_planes,
+        psf=exp.psf,
+        metadata=exp.metadata,
+    )
 
 
 def test_artifact_mask_identity(mock):
@@ -156,9 +182,19 @@ def test_artifact_mask_identity(mock):
         pl = exp.mask_planes.copy()
         for plane, idx in alt.items():
             m[idx] |= np.int32(1 << pl.add(plane))
-        pre.append(Exposure.from_arrays(exp.image, exp.variance, m.reshape(exp.shape), xy0=exp.xy0,
-                                        mask_planes=pl, psf=exp.psf))
-    cfg = AssembleCoaddConfig(statistic="MEAN", bad_mask_planes=("NO_DATA", "BAD", "SAT", "CLIPPED", "REJECTED"))
+        pre.append(
+            Exposure.from_arrays(
+                exp.image,
+                exp.variance,
+                m.reshape(exp.shape),
+                xy0=exp.xy0,
+                mask_planes=pl,
+                psf=exp.psf,
+            )
+        )
+    cfg = AssembleCoaddConfig(
+        statistic="MEAN", bad_mask_planes=("NO_DATA", "BAD", "SAT", "CLIPPED", "REJECTED")
+    )
     ref = AssembleCoaddTask(cfg).run(pre, weights=res.weights).coadd_exposure
     np.testing.assert_array_equal(ref.image, res.coadd_exposure.image)
     np.testing.assert_array_equal(ref.variance, res.coadd_exposure.variance)
@@ -173,7 +209,10 @@ def test_artifact_mask_identity(mock):
 
 
 def _stack(exps):
-    return (np.stack([e.image for e in exps]).astype(np.float64), np.stack([e.variance for e in exps]).astype(np.float64))
+    return (
+        np.stack([e.image for e in exps]).astype(np.float64),
+        np.stack([e.variance for e in exps]).astype(np.float64),
+    )
 
 
 def test_weights_are_inverse_clipped_mean_variance(mock):
@@ -182,10 +221,17 @@ def test_weights_are_inverse_clipped_mean_variance(mock):
     _, w, skipped = task.prepare_inputs(direct)
     assert not skipped
     for e, wk in zip(direct, w):
-        m, _, _ = clipped_mean_std(e.variance, 3.0, 2, bad=(e.mask & e.mask_planes.bitmask(["NO_DATA", "BAD", "SAT", "EDGE"])) != 0)
+        m, _, _ = clipped_mean_std(
+            e.variance,
+            3.0,
+            2,
+            bad=(e.mask & e.mask_planes.bitmask(["NO_DATA", "BAD", "SAT", "EDGE"])) != 0,
+        )
         assert wk == pytest.approx(1.0 / m, rel=1e-12)
     # the strided sample (every k-th pixel) changes weights by far less than their spread
-    _, w_sub, _ = AssembleCoaddTask(AssembleCoaddConfig(max_weight_samples=5000)).prepare_inputs(direct)
+    _, w_sub, _ = AssembleCoaddTask(AssembleCoaddConfig(max_weight_samples=5000)).prepare_inputs(
+        direct
+    )
     np.testing.assert_allclose(w_sub, w, rtol=2e-2)
 
 
@@ -218,7 +264,9 @@ def test_median_and_meanclip_statistics(mock, rng):
     np.testing.assert_allclose(c.image[10:12, 10:12], (w * others).sum(0) / w.sum(), rtol=1e-5)
     # variance of the clipped pixels is propagated from the 9 used inputs only
     v = np.delete(var, 2, axis=0)[:, 10:12, 10:12]
-    np.testing.assert_allclose(c.variance[10:12, 10:12], (w * w * v).sum(0) / w.sum() ** 2, rtol=1e-5)
+    np.testing.assert_allclose(
+        c.variance[10:12, 10:12], (w * w * v).sum(0) / w.sum() ** 2, rtol=1e-5
+    )
 
 
 def test_scatter_variance_option(mock):
@@ -237,7 +285,9 @@ def test_scatter_variance_option(mock):
 def _flag(exp: Exposure, plane: str, where) -> Exposure:
     pl = exp.mask_planes.copy()
     m = exp.mask | np.where(where, np.int32(1 << pl.add(plane)), np.int32(0))
-    return Exposure.from_arrays(exp.image, exp.variance, m, xy0=exp.xy0, mask_planes=pl, psf=exp.psf)
+    return Exposure.from_arrays(
+        exp.image, exp.variance, m, xy0=exp.xy0, mask_planes=pl, psf=exp.psf
+    )
 
 
 def test_mask_propagation_rules(mock):
@@ -245,7 +295,7 @@ def test_mask_propagation_rules(mock):
     exps = list(direct)
     H, W = BBOX.shape
     r = np.zeros((H, W), bool)
-    r[0:10, :] = True   # SAT in one of 10 inputs (weight fraction ~0.1)
+    r[0:10, :] = True  # SAT in one of 10 inputs (weight fraction ~0.1)
     r2 = np.zeros((H, W), bool)
     r2[20:30, :] = True  # SAT in three inputs (> 10 % of the weight)
     for k in (0, 1, 2):
@@ -278,19 +328,31 @@ def test_mask_propagation_rules(mock):
 def test_band_height_does_not_change_the_result(mock):
     direct, _ = mock
     one = AssembleCoaddTask(AssembleCoaddConfig(do_n_image=True)).run(direct)
-    many = AssembleCoaddTask(AssembleCoaddConfig(do_n_image=True, max_band_bytes=48 * 10 * 201 * 7)).run(direct)
+    many = AssembleCoaddTask(
+        AssembleCoaddConfig(do_n_image=True, max_band_bytes=48 * 10 * 201 * 7)
+    ).run(direct)
     # max_band_bytes is shared by the CPU band threads: at most 7 rows per band
     rows = many.metadata["band_rows"]
-    assert one.metadata["n_bands"] == 1 and rows <= 7 and many.metadata["n_bands"] == math.ceil(301 / rows)
-    for a, b in ((one.coadd_exposure.image, many.coadd_exposure.image),
-                 (one.coadd_exposure.variance, many.coadd_exposure.variance),
-                 (one.coadd_exposure.mask, many.coadd_exposure.mask), (one.n_image, many.n_image)):
+    assert (
+        one.metadata["n_bands"] == 1
+        and rows <= 7
+        and many.metadata["n_bands"] == math.ceil(301 / rows)
+    )
+    for a, b in (
+        (one.coadd_exposure.image, many.coadd_exposure.image),
+        (one.coadd_exposure.variance, many.coadd_exposure.variance),
+        (one.coadd_exposure.mask, many.coadd_exposure.mask),
+        (one.n_image, many.n_image),
+    ):
         np.testing.assert_array_equal(a, b)
 
 
 def test_partial_overlap_and_union_bbox(mock):
     direct, _ = mock
-    part = [d.subimage(Box(BBOX.x0, BBOX.y0 + 100 * (k % 2), BBOX.x1, BBOX.y1)) for k, d in enumerate(direct)]
+    part = [
+        d.subimage(Box(BBOX.x0, BBOX.y0 + 100 * (k % 2), BBOX.x1, BBOX.y1))
+        for k, d in enumerate(direct)
+    ]
     res = AssembleCoaddTask(AssembleCoaddConfig(do_n_image=True)).run(part)
     assert res.coadd_exposure.bbox == BBOX
     assert (res.n_image[:100] == 5).all() and (res.n_image[100:] == 10).all()
@@ -326,8 +388,13 @@ def test_bad_inputs_raise_clear_errors(mock, tmp_path):
         task.run([])
     with pytest.raises(InvalidInputError, match="input 1: a warp must be"):
         task.run([direct[0], 42])
-    other = Exposure.from_arrays(direct[1].image, direct[1].variance, direct[1].mask, xy0=direct[1].xy0,
-                                 photo_calib=PhotoCalib(2.0))
+    other = Exposure.from_arrays(
+        direct[1].image,
+        direct[1].variance,
+        direct[1].mask,
+        xy0=direct[1].xy0,
+        photo_calib=PhotoCalib(2.0),
+    )
     with pytest.raises(InvalidInputError, match="photometric calibration"):
         task.run([direct[0], other])
     nan = Exposure.from_arrays(np.full(BBOX.shape, np.nan), direct[0].variance, xy0=direct[0].xy0)
@@ -337,8 +404,14 @@ def test_bad_inputs_raise_clear_errors(mock, tmp_path):
     assert list(res.skipped.values()) == ["every pixel is NaN"] and res.weights[1] == 0
     with pytest.raises(FitsReadError, match="no such file"):
         task.run([str(tmp_path / "missing.fits")])
-    for bad in (dict(statistic="MODE"), dict(clip_iter=0), dict(sigma_clip=-1.0), dict(max_band_bytes=0),
-                dict(mask_propagation_thresholds={"SAT": 2.0}), dict(warp_type="deep")):
+    for bad in (
+        dict(statistic="MODE"),
+        dict(clip_iter=0),
+        dict(sigma_clip=-1.0),
+        dict(max_band_bytes=0),
+        dict(mask_propagation_thresholds={"SAT": 2.0}),
+        dict(warp_type="deep"),
+    ):
         with pytest.raises(InvalidInputError):
             AssembleCoaddConfig(**bad)
     with pytest.raises(InvalidInputError, match="weights"):
@@ -350,7 +423,9 @@ def test_bad_inputs_raise_clear_errors(mock, tmp_path):
 def test_inputs_are_not_modified(mock):
     direct, matched = mock
     before = [(d.image.copy(), d.variance.copy(), d.mask.copy()) for d in direct]
-    CompareWarpAssembleCoaddTask(CompareWarpAssembleCoaddConfig(do_scale_warp_variance=False)).run(direct, matched)
+    CompareWarpAssembleCoaddTask(CompareWarpAssembleCoaddConfig(do_scale_warp_variance=False)).run(
+        direct, matched
+    )
     for d, (i, v, m) in zip(direct, before):
         np.testing.assert_array_equal(d.image, i)
         np.testing.assert_array_equal(d.variance, v)

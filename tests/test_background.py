@@ -35,7 +35,10 @@ def test_plane_plus_quadratic_recovered(backend, field, order, bin_size):
     # Measured (numpy): cubic/128 0.06σ, cubic/64 0.02σ, linear/64 0.05σ inside; the whole
     # image (afw's Taylor continuation into the outer half bin) stays below 0.1σ.
     assert inner < 0.5 * sigma
-    assert inner < {("cubic", 128): 0.1, ("cubic", 64): 0.05, ("linear", 64): 0.1}[(order, bin_size)] * sigma
+    assert (
+        inner
+        < {("cubic", 128): 0.1, ("cubic", 64): 0.05, ("linear", 64): 0.1}[(order, bin_size)] * sigma
+    )
     assert _rms(err) < 0.5 * sigma
     np.testing.assert_array_equal(backend.asnumpy(exp.image), before)  # input untouched
 
@@ -46,7 +49,9 @@ def test_extrapolation_modes(backend, field):
     flat = backend.asnumpy(estimate_background(exp, 128, extrapolate="flat"))
     quad = backend.asnumpy(estimate_background(exp, 128))
     # flat: constant beyond the outer bin centres (x < 63.5) along each row
-    np.testing.assert_allclose(flat[:, :63], np.broadcast_to(flat[:, 63:64], (512, 63)), rtol=0, atol=1e-3)
+    np.testing.assert_allclose(
+        flat[:, :63], np.broadcast_to(flat[:, 63:64], (512, 63)), rtol=0, atol=1e-3
+    )
     assert _rms(flat - field.background) > _rms(quad - field.background)
     # measured: flat 0.86σ RMS over the image, quadratic 0.06σ
     assert _rms(flat - field.background) > 0.5 * sigma
@@ -107,7 +112,9 @@ def test_empty_bins_filled_from_neighbours(backend):
     assert bin_background(mi2, 100).good[1].sum() == 0
     assert bin_background(mi2, 100, min_fraction=0.01).good[1].sum() == 1
     with pytest.raises(AllMaskedError):
-        bin_background(MaskedImage(img, None, np.full(img.shape, 1 << 8, np.int32), backend=backend), 100)
+        bin_background(
+            MaskedImage(img, None, np.full(img.shape, 1 << 8, np.int32), backend=backend), 100
+        )
 
 
 def test_bin_geometry_and_small_images(backend):

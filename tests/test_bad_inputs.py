@@ -18,7 +18,14 @@ from astropy.table import Table
 import gpudiff.errors as E
 from gpudiff.backend import cupy_status, get_backend
 from gpudiff.cli import main
-from gpudiff.image import Exposure, GaussianPsf, MaskedImage, MaskPlanes, estimate_psf, read_exposure
+from gpudiff.image import (
+    Exposure,
+    GaussianPsf,
+    MaskedImage,
+    MaskPlanes,
+    estimate_psf,
+    read_exposure,
+)
 from gpudiff.ops.convolution import convolve_masked_image, correlate
 from gpudiff.ops.warp import warp_exposure
 from gpudiff.sim import make_wcs
@@ -31,13 +38,22 @@ NO_CUPY = not cupy_status()[0]
 
 
 def _task():
-    return AlardLuptonSubtractTask(AlardLuptonSubtractConfig(restrict_kernel_edge_sources=False), backend="numpy")
+    return AlardLuptonSubtractTask(
+        AlardLuptonSubtractConfig(restrict_kernel_edge_sources=False), backend="numpy"
+    )
 
 
 def _with(exp, image=None, variance=None, mask=None, psf="keep"):
-    return Exposure.from_arrays(exp.image if image is None else image, exp.variance if variance is None else variance,
-                                exp.mask if mask is None else mask, xy0=exp.xy0, mask_planes=exp.mask_planes,
-                                psf=exp.psf if psf == "keep" else psf, wcs=exp.wcs, metadata=exp.metadata)
+    return Exposure.from_arrays(
+        exp.image if image is None else image,
+        exp.variance if variance is None else variance,
+        exp.mask if mask is None else mask,
+        xy0=exp.xy0,
+        mask_planes=exp.mask_planes,
+        psf=exp.psf if psf == "keep" else psf,
+        wcs=exp.wcs,
+        metadata=exp.metadata,
+    )
 
 
 def _cli(capsys, *argv):
@@ -50,8 +66,11 @@ def _cli(capsys, *argv):
 # Python API
 # --------------------------------------------------------------------------------------
 
+
 def test_shape_mismatch_in_masked_image():
-    with pytest.raises(E.ShapeMismatchError, match=r"variance has shape \(8, 9\) but image has shape \(8, 8\)"):
+    with pytest.raises(
+        E.ShapeMismatchError, match=r"variance has shape \(8, 9\) but image has shape \(8, 8\)"
+    ):
         MaskedImage(np.zeros((8, 8)), np.ones((8, 9)))
 
 
@@ -64,14 +83,20 @@ def test_ragged_or_non_numeric_arrays():
 
 def test_template_not_covering_science_box():
     sci, tmpl, cat = _pair()
-    small = tmpl.subimage(sci.bbox).subimage(type(sci.bbox)(sci.bbox.x0, sci.bbox.y0, sci.bbox.x1 - 10, sci.bbox.y1))
-    with pytest.raises(E.ShapeMismatchError, match="the template box .* must contain the science box"):
+    small = tmpl.subimage(sci.bbox).subimage(
+        type(sci.bbox)(sci.bbox.x0, sci.bbox.y0, sci.bbox.x1 - 10, sci.bbox.y1)
+    )
+    with pytest.raises(
+        E.ShapeMismatchError, match="the template box .* must contain the science box"
+    ):
         _task().run(small, sci, cat)
 
 
 def test_no_wcs_overlap():
     sci, tmpl, _ = _pair()
-    far = Exposure(tmpl.masked_image, tmpl.psf, make_wcs(tmpl.bbox, ra=20.0, dec=-40.0, xy0=tmpl.xy0))
+    far = Exposure(
+        tmpl.masked_image, tmpl.psf, make_wcs(tmpl.bbox, ra=20.0, dec=-40.0, xy0=tmpl.xy0)
+    )
     with pytest.raises(E.NoOverlapError, match=r"template \(box .*\) does not overlap science"):
         warp_exposure(far, sci.wcs, sci.bbox, name="template", dest_name="science")
 
@@ -86,7 +111,7 @@ def test_non_finite_pixels_are_masked_no_data(which, value):
     exp = sci if which == "science" else tmpl
     img = np.array(exp.image)
     o = 0 if which == "science" else 20  # the template has a 20-px border
-    img[120 + o:126 + o, 120 + o:126 + o] = value
+    img[120 + o : 126 + o, 120 + o : 126 + o] = value
     bad = _with(exp, image=img)
     res = _task().run(*((tmpl, bad) if which == "science" else (bad, sci)), cat)
     d = res.difference
@@ -103,7 +128,9 @@ def test_bad_variance_on_usable_pixels(bad_value):
     sci, tmpl, cat = _pair()
     var = np.array(sci.variance)
     var[30:40, 30:40] = bad_value
-    with pytest.raises(E.InvalidVarianceError, match=r"science: 100 unmasked pixel\(s\) have zero, negative"):
+    with pytest.raises(
+        E.InvalidVarianceError, match=r"science: 100 unmasked pixel\(s\) have zero, negative"
+    ):
         _task().run(tmpl, _with(sci, variance=var), cat)
 
 
@@ -143,22 +170,28 @@ def test_everything_masked_template_is_no_work():
 def test_template_coverage_below_threshold():
     sci, tmpl, cat = _pair()
     mask, img = np.array(tmpl.mask), np.array(tmpl.image)
-    mask[:, 20 + int(0.05 * 256):] = tmpl.mask_planes.bitmask("NO_DATA")
-    img[:, 20 + int(0.05 * 256):] = 0
-    with pytest.raises(E.NoWorkFound, match=r"template covers 4\.7% .* required_template_fraction=10%"):
+    mask[:, 20 + int(0.05 * 256) :] = tmpl.mask_planes.bitmask("NO_DATA")
+    img[:, 20 + int(0.05 * 256) :] = 0
+    with pytest.raises(
+        E.NoWorkFound, match=r"template covers 4\.7% .* required_template_fraction=10%"
+    ):
         _task().run(_with(tmpl, image=img, mask=mask), sci, cat)
 
 
 def test_no_stars():
     sci, tmpl, _ = _pair()
     noise = np.random.default_rng(3).normal(0, 5, sci.shape).astype(np.float32)
-    with pytest.raises(E.InsufficientKernelSourcesError, match=r"0 kernel source\(s\) pass the selection"):
+    with pytest.raises(
+        E.InsufficientKernelSourcesError, match=r"0 kernel source\(s\) pass the selection"
+    ):
         _task().run(tmpl, _with(sci, image=noise), None)
 
 
 def test_too_few_kernel_candidates():
     sci, tmpl, cat = _pair()
-    with pytest.raises(E.InsufficientKernelSourcesError, match=r"2 kernel source\(s\) .* min_kernel_sources=3"):
+    with pytest.raises(
+        E.InsufficientKernelSourcesError, match=r"2 kernel source\(s\) .* min_kernel_sources=3"
+    ):
         _task().run(tmpl, sci, cat[:2])
 
 
@@ -172,16 +205,22 @@ def test_psf_missing():
 
 def test_psf_not_estimable():
     noise = Exposure.from_arrays(np.random.default_rng(4).normal(0, 1, (64, 64)), np.ones((64, 64)))
-    with pytest.raises(E.PsfError, match="estimate_psf: no peaks above .* no stars to build a PSF from"):
+    with pytest.raises(
+        E.PsfError, match="estimate_psf: no peaks above .* no stars to build a PSF from"
+    ):
         estimate_psf(noise)
 
 
 def test_kernel_larger_than_image():
     mi = MaskedImage(np.zeros((20, 20)))
-    with pytest.raises(E.KernelTooLargeError, match=r"kernel \(21, 21\) is larger than the image \(20, 20\)"):
+    with pytest.raises(
+        E.KernelTooLargeError, match=r"kernel \(21, 21\) is larger than the image \(20, 20\)"
+    ):
         convolve_masked_image(mi, np.ones((21, 21)))
     small = Exposure.from_arrays(np.zeros((15, 15)), psf=GaussianPsf(fwhm=3.0))
-    with pytest.raises(E.KernelTooLargeError, match=r"21-px kernel is larger than the image \(15, 15\)"):
+    with pytest.raises(
+        E.KernelTooLargeError, match=r"21-px kernel is larger than the image \(15, 15\)"
+    ):
         ModelPsfMatchTask(backend="numpy").run(small, GaussianPsf(fwhm=5.0))
 
 
@@ -196,7 +235,9 @@ def test_non_finite_where_it_cannot_be_masked():
 
 
 def _write_lsst(path, **hdus):
-    fits.HDUList([fits.PrimaryHDU()] + [fits.ImageHDU(a, name=n) for n, a in hdus.items()]).writeto(path)
+    fits.HDUList([fits.PrimaryHDU()] + [fits.ImageHDU(a, name=n) for n, a in hdus.items()]).writeto(
+        path
+    )
 
 
 def test_corrupt_and_truncated_fits(tmp_path):
@@ -217,14 +258,27 @@ def test_corrupt_and_truncated_fits(tmp_path):
 def test_wrong_hdu_names(tmp_path):
     sci, _, _ = _pair()
     sci.write(tmp_path / "e.fits")
-    with pytest.raises(E.FitsReadError, match=r"no HDU 'SCI'; the HDUs are \[0:PRIMARY, 1:IMAGE, 2:MASK, 3:VARIANCE"):
+    with pytest.raises(
+        E.FitsReadError,
+        match=r"no HDU 'SCI'; the HDUs are \[0:PRIMARY, 1:IMAGE, 2:MASK, 3:VARIANCE",
+    ):
         read_exposure(tmp_path / "e.fits", hdu="SCI")
-    _write_lsst(tmp_path / "novar.fits", IMAGE=np.zeros((8, 8), np.float32), MASK=np.zeros((8, 8), np.int32))
-    with pytest.raises(E.FitsReadError, match=r"novar\.fits\[IMAGE\]: an IMAGE HDU without a VARIANCE HDU"):
+    _write_lsst(
+        tmp_path / "novar.fits", IMAGE=np.zeros((8, 8), np.float32), MASK=np.zeros((8, 8), np.int32)
+    )
+    with pytest.raises(
+        E.FitsReadError, match=r"novar\.fits\[IMAGE\]: an IMAGE HDU without a VARIANCE HDU"
+    ):
         read_exposure(tmp_path / "novar.fits")
-    _write_lsst(tmp_path / "fmask.fits", IMAGE=np.zeros((8, 8), np.float32), MASK=np.zeros((8, 8), np.float32),
-                VARIANCE=np.ones((8, 8), np.float32))
-    with pytest.raises(E.FitsReadError, match=r"fmask\.fits\[MASK\]: the MASK has dtype >f4, but must be integer"):
+    _write_lsst(
+        tmp_path / "fmask.fits",
+        IMAGE=np.zeros((8, 8), np.float32),
+        MASK=np.zeros((8, 8), np.float32),
+        VARIANCE=np.ones((8, 8), np.float32),
+    )
+    with pytest.raises(
+        E.FitsReadError, match=r"fmask\.fits\[MASK\]: the MASK has dtype >f4, but must be integer"
+    ):
         read_exposure(tmp_path / "fmask.fits")
 
 
@@ -232,12 +286,20 @@ def test_wrong_hdu_names(tmp_path):
 def test_integer_and_big_endian_data_are_converted(tmp_path, dtype):
     """Accepted, not an error: native float32 image/variance, int32 mask, same values."""
     values = np.random.default_rng(5).integers(-300, 3000, (24, 32)).astype(dtype)
-    _write_lsst(tmp_path / "x.fits", IMAGE=values, MASK=np.zeros((24, 32), ">i2"),
-                VARIANCE=np.full((24, 32), 7, dtype))
+    _write_lsst(
+        tmp_path / "x.fits",
+        IMAGE=values,
+        MASK=np.zeros((24, 32), ">i2"),
+        VARIANCE=np.full((24, 32), 7, dtype),
+    )
     exp = read_exposure(tmp_path / "x.fits")
     assert exp.image.dtype == np.float32 and exp.image.dtype.isnative
-    assert exp.variance.dtype == np.float32 and exp.mask.dtype == np.int32 and exp.mask.dtype.isnative
-    np.testing.assert_array_equal(exp.image, values.astype(np.float32))  # |v| < 2^24: exact in float32
+    assert (
+        exp.variance.dtype == np.float32 and exp.mask.dtype == np.int32 and exp.mask.dtype.isnative
+    )
+    np.testing.assert_array_equal(
+        exp.image, values.astype(np.float32)
+    )  # |v| < 2^24: exact in float32
     # The same through the Python API, straight from big-endian arrays.
     mi = MaskedImage(values, np.full(values.shape, 7, dtype), np.zeros(values.shape, ">i2"))
     assert mi.image.dtype.isnative and np.array_equal(mi.image, exp.image)
@@ -249,10 +311,17 @@ def test_mask_plane_definitions(tmp_path):
         MaskPlanes({"BAD": 0, "FOO": 0})
     h = fits.Header()
     h["MP_BAD"], h["MP_FOO"] = 0, 0
-    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(np.zeros((8, 8), np.float32), name="IMAGE"),
-                  fits.ImageHDU(np.zeros((8, 8), np.int32), h, name="MASK"),
-                  fits.ImageHDU(np.ones((8, 8), np.float32), name="VARIANCE")]).writeto(tmp_path / "mp.fits")
-    with pytest.raises(E.FitsReadError, match=r"mp\.fits: mask planes 'BAD' and 'FOO' both claim bit 0"):
+    fits.HDUList(
+        [
+            fits.PrimaryHDU(),
+            fits.ImageHDU(np.zeros((8, 8), np.float32), name="IMAGE"),
+            fits.ImageHDU(np.zeros((8, 8), np.int32), h, name="MASK"),
+            fits.ImageHDU(np.ones((8, 8), np.float32), name="VARIANCE"),
+        ]
+    ).writeto(tmp_path / "mp.fits")
+    with pytest.raises(
+        E.FitsReadError, match=r"mp\.fits: mask planes 'BAD' and 'FOO' both claim bit 0"
+    ):
         read_exposure(tmp_path / "mp.fits")
     # science: SAT at bit 1 (default); template: SAT at bit 12 and BAD at bit 13.
     a = MaskedImage(np.zeros((4, 4)), mask=np.zeros((4, 4), np.int32))
@@ -260,7 +329,9 @@ def test_mask_plane_definitions(tmp_path):
     m = np.zeros((4, 4), np.int32)
     m[1, 1], m[2, 2] = 1 << 12, 1 << 13
     d = a.subtract(MaskedImage(np.zeros((4, 4)), mask=m, mask_planes=planes))
-    assert d.mask[1, 1] == d.mask_planes.bitmask("SAT") and d.mask[2, 2] == d.mask_planes.bitmask("BAD")
+    assert d.mask[1, 1] == d.mask_planes.bitmask("SAT") and d.mask[2, 2] == d.mask_planes.bitmask(
+        "BAD"
+    )
 
 
 def test_unwritable_output(tmp_path):
@@ -269,19 +340,27 @@ def test_unwritable_output(tmp_path):
     blocker.write_text("x")
     with pytest.raises(E.FitsWriteError, match=r"file/out\.fits: cannot create a file in .*file"):
         sci.write(blocker / "out.fits")
-    with pytest.raises(E.FitsWriteError, match=r"nodir/out\.fits: cannot create a file in .*No such file"):
+    with pytest.raises(
+        E.FitsWriteError, match=r"nodir/out\.fits: cannot create a file in .*No such file"
+    ):
         sci.write(tmp_path / "nodir" / "out.fits")
     if os.geteuid() != 0:  # root ignores directory permissions
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
-        with pytest.raises(E.FitsWriteError, match=r"ro/out\.fits: cannot create a file .*Permission denied"):
+        with pytest.raises(
+            E.FitsWriteError, match=r"ro/out\.fits: cannot create a file .*Permission denied"
+        ):
             sci.write(ro / "out.fits")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] + (["ro"] if os.geteuid() != 0 else [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] + (
+        ["ro"] if os.geteuid() != 0 else []
+    )
 
 
 @pytest.mark.skipif(not NO_CUPY, reason="CuPy runs here")
 def test_cupy_requested_without_gpu():
-    with pytest.raises(E.BackendUnavailableError, match="backend 'cupy' was requested but cannot run here"):
+    with pytest.raises(
+        E.BackendUnavailableError, match="backend 'cupy' was requested but cannot run here"
+    ):
         get_backend("cupy")
     with pytest.raises(E.BackendUnavailableError, match="or use backend='numpy'"):
         AlardLuptonSubtractTask(backend="cupy")
@@ -292,6 +371,7 @@ def test_cupy_requested_without_gpu():
 # --------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def cli_files(tmp_path_factory):
@@ -309,43 +389,88 @@ def cli_files(tmp_path_factory):
 @pytest.mark.skipif(not NO_CUPY, reason="CuPy runs here")
 def test_cli_cupy_without_gpu(cli_files, capsys, tmp_path):
     d = cli_files
-    rc, err = _cli(capsys, "subtract", d / "sci.fits", d / "tmpl.fits", "-o", tmp_path / "o.fits", "--backend", "cupy")
-    assert rc == 1 and "gpudiff subtract: error: backend 'cupy' was requested but cannot run here" in err
+    rc, err = _cli(
+        capsys,
+        "subtract",
+        d / "sci.fits",
+        d / "tmpl.fits",
+        "-o",
+        tmp_path / "o.fits",
+        "--backend",
+        "cupy",
+    )
+    assert (
+        rc == 1
+        and "gpudiff subtract: error: backend 'cupy' was requested but cannot run here" in err
+    )
     assert not (tmp_path / "o.fits").exists()
 
 
 def test_cli_missing_and_truncated_inputs(cli_files, capsys, tmp_path):
     d = cli_files
-    rc, err = _cli(capsys, "subtract", d / "absent.fits", d / "tmpl.fits", "-o", tmp_path / "o.fits")
+    rc, err = _cli(
+        capsys, "subtract", d / "absent.fits", d / "tmpl.fits", "-o", tmp_path / "o.fits"
+    )
     assert rc == 1 and re.search(r"gpudiff subtract: error: .*absent\.fits: no such file", err)
-    rc, err = _cli(capsys, "match-psf", d / "trunc.fits", "-o", tmp_path / "o.fits", "--reference-fwhm", "6")
-    assert rc == 1 and re.search(r"gpudiff match-psf: error: .*trunc\.fits: FITS file is truncated", err)
+    rc, err = _cli(
+        capsys, "match-psf", d / "trunc.fits", "-o", tmp_path / "o.fits", "--reference-fwhm", "6"
+    )
+    assert rc == 1 and re.search(
+        r"gpudiff match-psf: error: .*trunc\.fits: FITS file is truncated", err
+    )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_psf_not_estimable(cli_files, capsys, tmp_path):
     d = cli_files
-    rc, err = _cli(capsys, "subtract", d / "noise.fits", d / "noise.fits", "-o", tmp_path / "o.fits")
-    assert rc == 1 and re.search(r"gpudiff subtract: error: .*noise\.fits: no PSF in the file and none could be "
-                                 r"estimated", err)
-    rc, err = _cli(capsys, "match-psf", d / "noise.fits", "-o", tmp_path / "m.fits", "--reference-fwhm", "6")
+    rc, err = _cli(
+        capsys, "subtract", d / "noise.fits", d / "noise.fits", "-o", tmp_path / "o.fits"
+    )
+    assert rc == 1 and re.search(
+        r"gpudiff subtract: error: .*noise\.fits: no PSF in the file and none could be "
+        r"estimated",
+        err,
+    )
+    rc, err = _cli(
+        capsys, "match-psf", d / "noise.fits", "-o", tmp_path / "m.fits", "--reference-fwhm", "6"
+    )
     assert rc == 1 and "gpudiff match-psf: error: estimate_psf: no peaks above" in err
 
 
 def test_cli_unwritable_output(cli_files, capsys, tmp_path):
     d = cli_files
     (tmp_path / "file").write_text("x")
-    rc, err = _cli(capsys, "match-psf", d / "sci.fits", "-o", tmp_path / "file" / "m.fits", "--reference-fwhm", "7")
-    assert rc == 1 and re.search(r"gpudiff match-psf: error: .*file/m\.fits: cannot create a file in", err)
-    rc, err = _cli(capsys, "subtract", d / "sci.fits", d / "tmpl.fits", "-o", tmp_path / "file" / "o.fits",
-                   "--no-detect")
-    assert rc == 1 and re.search(r"gpudiff subtract: error: .*file/o\.fits: cannot create a file in", err)
+    rc, err = _cli(
+        capsys,
+        "match-psf",
+        d / "sci.fits",
+        "-o",
+        tmp_path / "file" / "m.fits",
+        "--reference-fwhm",
+        "7",
+    )
+    assert rc == 1 and re.search(
+        r"gpudiff match-psf: error: .*file/m\.fits: cannot create a file in", err
+    )
+    rc, err = _cli(
+        capsys,
+        "subtract",
+        d / "sci.fits",
+        d / "tmpl.fits",
+        "-o",
+        tmp_path / "file" / "o.fits",
+        "--no-detect",
+    )
+    assert rc == 1 and re.search(
+        r"gpudiff subtract: error: .*file/o\.fits: cannot create a file in", err
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
 
 # --------------------------------------------------------------------------------------
 # Batch manifests (gpudiff.batch is being written by another helper: skipped until then)
 # --------------------------------------------------------------------------------------
+
 
 def _batch():
     batch = pytest.importorskip("gpudiff.batch")
@@ -372,9 +497,13 @@ def test_manifest_with_missing_files(cli_files, tmp_path):
     from gpudiff.batch.manifest import read_manifest
 
     manifest = tmp_path / "m.csv"
-    Table({"science": [str(cli_files / "sci.fits"), str(tmp_path / "gone.fits")],
-           "template": [str(cli_files / "tmpl.fits")] * 2, "output": ["a.fits", "b.fits"]}).write(
-        manifest, format="ascii.csv")
+    Table(
+        {
+            "science": [str(cli_files / "sci.fits"), str(tmp_path / "gone.fits")],
+            "template": [str(cli_files / "tmpl.fits")] * 2,
+            "output": ["a.fits", "b.fits"],
+        }
+    ).write(manifest, format="ascii.csv")
     jobs = read_manifest(manifest, tmp_path / "out")
     assert jobs[0].problem is None
     assert re.search(r"column 'science': input file .*gone\.fits", jobs[1].problem)

@@ -1,4 +1,4 @@
-"""Kernel bases: Alard–Lupton, delta-function, regularization, PCA (spec §1, §3.3, §11.6)."""
+"""Kernel bases: Alard–Lupton, delta-function, regularization, PCA (docs/algorithms.md §1, §3.3, §11.6)."""
 
 from __future__ import annotations
 
@@ -32,13 +32,14 @@ def _gauss(size, sx, sy, x0=0.0, y0=0.0):
 
 def _assert_renormalized(k, places=7):
     """ΣB_0 = 1, ΣB_i = 0, ΣB_i² = 1 for i ≥ 1 (LSST test_basisLists, 7 decimals)."""
-    assert k[0].sum() == pytest.approx(1.0, abs=10 ** -places)
+    assert k[0].sum() == pytest.approx(1.0, abs=10**-places)
     for b in k[1:]:
-        assert b.sum() == pytest.approx(0.0, abs=10 ** -places)
-        assert np.sum(b * b) == pytest.approx(1.0, abs=10 ** -places)
+        assert b.sum() == pytest.approx(0.0, abs=10**-places)
+        assert np.sum(b * b) == pytest.approx(1.0, abs=10**-places)
 
 
 # ---------------------------------------------------------------- delta function
+
 
 def test_delta_function_basis_row_major():
     k = make_delta_function_basis(5, 3)
@@ -57,6 +58,7 @@ def test_make_kernel_basis_delta_function():
 
 
 # ---------------------------------------------------------------- Alard–Lupton
+
 
 @pytest.mark.parametrize("fwhms", [(None, None), (3.0, 4.0)])
 def test_alard_lupton_default_basis(fwhms):
@@ -89,7 +91,7 @@ def test_renormalize_gaussians():
 
 
 def test_worked_example_convolution():
-    """Spec §1.2: σ_T = 2.0, σ_S = 2.4 → σ_k = 1.327 → sigmas [0.7, 1.4, 2.8], size 21."""
+    """docs/algorithms.md §1.2: σ_T = 2.0, σ_S = 2.4 → σ_k = 1.327 → sigmas [0.7, 1.4, 2.8], size 21."""
     cfg = PsfMatchConfig()
     sig, deg, size, mode = alard_lupton_parameters(cfg, 2.0 * FWHM_PER_SIGMA, 2.4 * FWHM_PER_SIGMA)
     assert mode == "convolution" and size == 21 and deg == (4, 2, 2)
@@ -119,12 +121,14 @@ def test_worked_example_other_modes():
 def test_alard_lupton_parameters_fallback_and_errors():
     cfg = PsfMatchConfig(kernel_size=15)
     assert alard_lupton_parameters(cfg) == ((0.7, 1.5, 3.0), (4, 2, 2), 15, "config")
-    assert alard_lupton_parameters(cfg, 3.0) [2] == 15  # one FWHM missing → config
+    assert alard_lupton_parameters(cfg, 3.0)[2] == 15  # one FWHM missing → config
     assert alard_lupton_parameters(cfg.with_overrides(scale_by_fwhm=False), 2.0, 9.0)[2] == 15
     with pytest.raises(InvalidInputError):  # even size (DF configs allow even kernel_size)
         alard_lupton_parameters(PsfMatchConfig.delta_function(kernel_size=20))
     with pytest.raises(InvalidInputError):  # clamp bounds force an even size
-        alard_lupton_parameters(cfg.with_overrides(kernel_size_min=20, kernel_size_max=20), 2.0, 3.0)
+        alard_lupton_parameters(
+            cfg.with_overrides(kernel_size_min=20, kernel_size_max=20), 2.0, 3.0
+        )
     duck = SimpleNamespace(**{**cfg.__dict__, "alard_sig_gauss": (0.7, 1.5)})
     with pytest.raises(InvalidInputError):  # list length ≠ alard_n_gauss
         alard_lupton_parameters(duck)
@@ -159,7 +163,7 @@ def test_term_order_and_odd_terms():
 
 
 def test_afw_convolution_is_correlation():
-    """afw "convolution" is a correlation (spec §0.1): out[r,c] = Σ K[i,j] in[r-ctr+i, c-ctr+j].
+    """afw "convolution" is a correlation (docs/algorithms.md §0.1): out[r,c] = Σ K[i,j] in[r-ctr+i, c-ctr+j].
 
     Correlating a centred delta picks K[ctr + (R - r), ctr + (C - c)], i.e. the kernel
     rotated by 180°.  A true convolution would reproduce K itself; the odd x term
@@ -175,18 +179,29 @@ def test_afw_convolution_is_correlation():
 
 # ---------------------------------------------------------------- regularization
 
+
 def test_regularization_validation():
     df = PsfMatchConfig.delta_function(kernel_size=7)
     for stencil in (5, 9):
-        make_regularization_matrix(df.with_overrides(central_regularization_stencil=stencil), 7, 7, False)
+        make_regularization_matrix(
+            df.with_overrides(central_regularization_stencil=stencil), 7, 7, False
+        )
     for orders in ((1,), (1, 2)):
         make_regularization_matrix(
-            df.with_overrides(regularization_type="forwardDifference", forward_regularization_orders=orders),
-            7, 7, False)
-    bad = [dict(central_regularization_stencil=7), dict(regularization_border_penalty=-1.0),
-           dict(regularization_type="forwardDifference", forward_regularization_orders=(0,)),
-           dict(regularization_type="forwardDifference", forward_regularization_orders=(4,)),
-           dict(regularization_type="laplacian")]
+            df.with_overrides(
+                regularization_type="forwardDifference", forward_regularization_orders=orders
+            ),
+            7,
+            7,
+            False,
+        )
+    bad = [
+        dict(central_regularization_stencil=7),
+        dict(regularization_border_penalty=-1.0),
+        dict(regularization_type="forwardDifference", forward_regularization_orders=(0,)),
+        dict(regularization_type="forwardDifference", forward_regularization_orders=(4,)),
+        dict(regularization_type="laplacian"),
+    ]
     for override in bad:
         with pytest.raises(InvalidInputError):  # the config re-validates ...
             make_regularization_matrix(df.with_overrides(**override), 7, 7, False)
@@ -194,10 +209,14 @@ def test_regularization_validation():
             make_regularization_matrix(SimpleNamespace(**{**df.__dict__, **override}), 7, 7, False)
 
 
-@pytest.mark.parametrize("kw", [dict(central_regularization_stencil=5),
-                                dict(central_regularization_stencil=9),
-                                dict(regularization_type="forwardDifference",
-                                     forward_regularization_orders=(1, 2))])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(central_regularization_stencil=5),
+        dict(central_regularization_stencil=9),
+        dict(regularization_type="forwardDifference", forward_regularization_orders=(1, 2)),
+    ],
+)
 def test_regularization_matrix_properties(kw):
     w = 7
     cfg = PsfMatchConfig.delta_function(kernel_size=w, **kw)
@@ -226,8 +245,11 @@ def test_regularization_matrix_properties(kw):
 
 
 def test_forward_difference_rows():
-    cfg = PsfMatchConfig.delta_function(regularization_type="forwardDifference",
-                                        forward_regularization_orders=(2,), regularization_border_penalty=3.0)
+    cfg = PsfMatchConfig.delta_function(
+        regularization_type="forwardDifference",
+        forward_regularization_orders=(2,),
+        regularization_border_penalty=3.0,
+    )
     b = make_regularization_operator(cfg, 4, 4, False)
     # Pixel (0, 0): second differences along x (cols 0,1,2) and along y (0, 4, 8).
     np.testing.assert_allclose(b[0, [0, 1, 2, 4, 8]], [-2.0, 2.0, -1.0, 2.0, -1.0])
@@ -247,6 +269,7 @@ def test_regularization_lambda():
 
 # ---------------------------------------------------------------- PCA
 
+
 def test_pca_basis_noisy_mixtures(rng):
     g1, g2 = _gauss(15, 1.5, 1.5), _gauss(15, 3.0, 2.5)
     imgs = np.stack([a * g1 + (1 - a) * g2 for a in rng.uniform(0.2, 0.8, 20)])
@@ -259,7 +282,10 @@ def test_pca_basis_noisy_mixtures(rng):
 def test_pca_basis_reconstructs_exact_mixtures(rng):
     g = _gauss(15, 2.0, 2.0)
     mean = g / g.sum()
-    d1 = _gauss(15, 1.5, 1.5) / _gauss(15, 1.5, 1.5).sum() - _gauss(15, 3.0, 3.0) / _gauss(15, 3.0, 3.0).sum()
+    d1 = (
+        _gauss(15, 1.5, 1.5) / _gauss(15, 1.5, 1.5).sum()
+        - _gauss(15, 3.0, 3.0) / _gauss(15, 3.0, 3.0).sum()
+    )
     d2 = g * (np.arange(15) - 7)[None, :]  # odd in x, sums to 0
     coeff = rng.normal(size=(20, 2))
     imgs = mean + coeff[:, :1, None] * d1 + 0.01 * coeff[:, 1:, None] * d2

@@ -42,41 +42,96 @@ def data(tmp_path_factory):
     (d / "data").mkdir()
     rows = []
     for i in range(1, N_PAIRS + 1):
-        pair = simulate_pair(size=256, n_stars=150, flux_min=2e3, flux_max=5e5, seed=10 + i,
-                             science=dict(sky_subtracted=True), template=dict(sky_subtracted=True))
+        pair = simulate_pair(
+            size=256,
+            n_stars=150,
+            flux_min=2e3,
+            flux_max=5e5,
+            seed=10 + i,
+            science=dict(sky_subtracted=True),
+            template=dict(sky_subtracted=True),
+        )
         sci, tmpl = d / "data" / f"sci{i}.fits", d / "data" / f"tmpl{i}.fits"
         pair.science.write(sci)
         pair.template.write(tmpl)
         if i == CORRUPT:
             raw = sci.read_bytes()
             sci.write_bytes(raw[: len(raw) // 2])  # a transfer cut in the middle of the IMAGE data
-        rows.append(dict(kind="subtract", science=f"data/sci{i}.fits", template=f"data/tmpl{i}.fits",
-                         output=f"diffs/diff{i}.fits", set=SET))
-    rows.append(dict(kind="match-psf", exposure="data/sci1.fits", output="psf5/sci1.fits", reference_fwhm="5.0"))
+        rows.append(
+            dict(
+                kind="subtract",
+                science=f"data/sci{i}.fits",
+                template=f"data/tmpl{i}.fits",
+                output=f"diffs/diff{i}.fits",
+                set=SET,
+            )
+        )
+    rows.append(
+        dict(
+            kind="match-psf",
+            exposure="data/sci1.fits",
+            output="psf5/sci1.fits",
+            reference_fwhm="5.0",
+        )
+    )
     cols = ["kind", "science", "template", "exposure", "reference_fwhm", "output", "set"]
     lines = [",".join(cols)] + [",".join(f'"{r[c]}"' if c in r else "" for c in cols) for r in rows]
     manifest = d / "manifest.csv"
     manifest.write_text("# gpudiff batch test manifest\n" + "\n".join(lines) + "\n")
     good = d / "good.csv"  # the same without the corrupt row and the match-psf row
-    good.write_text("\n".join(ln for k, ln in enumerate(lines[: N_PAIRS + 1]) if k != CORRUPT) + "\n")
+    good.write_text(
+        "\n".join(ln for k, ln in enumerate(lines[: N_PAIRS + 1]) if k != CORRUPT) + "\n"
+    )
     # The single-process references: the gpudiff commands themselves, one file at a time.
     ref = d / "ref"
     ref.mkdir()
     sets = [a for s in SET.split(";") for a in ("--set", s)]
     for i in range(1, N_PAIRS + 1):
         if i != CORRUPT:
-            assert main(["subtract", str(d / "data" / f"sci{i}.fits"), str(d / "data" / f"tmpl{i}.fits"), "-o",
-                         str(ref / f"diff{i}.fits"), "--backend", "numpy", *sets]) == 0
-    assert main(["match-psf", str(d / "data" / "sci1.fits"), "-o", str(ref / "psf5.fits"), "--reference-fwhm", "5",
-                 "--backend", "numpy"]) == 0
+            assert (
+                main(
+                    [
+                        "subtract",
+                        str(d / "data" / f"sci{i}.fits"),
+                        str(d / "data" / f"tmpl{i}.fits"),
+                        "-o",
+                        str(ref / f"diff{i}.fits"),
+                        "--backend",
+                        "numpy",
+                        *sets,
+                    ]
+                )
+                == 0
+            )
+    assert (
+        main(
+            [
+                "match-psf",
+                str(d / "data" / "sci1.fits"),
+                "-o",
+                str(ref / "psf5.fits"),
+                "--reference-fwhm",
+                "5",
+                "--backend",
+                "numpy",
+            ]
+        )
+        == 0
+    )
     return d, manifest, good, ref
 
 
 @pytest.fixture(scope="module")
 def cluster():
     """A 2-worker LocalCluster (processes) shared by the tests that bring their own client."""
-    c = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                                 memory_limit="1GiB", silence_logs=logging.ERROR)
+    c = distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
+        memory_limit="1GiB",
+        silence_logs=logging.ERROR,
+    )
     client = distributed.Client(c)
     yield c, client
     client.close()
@@ -111,7 +166,9 @@ def test_embedded_local_cluster_runs_manifest_with_a_corrupt_pair(data):
     t = res.table
     assert res.n_workers == 2
     assert list(t["row"]) == list(range(1, N_PAIRS + 2))
-    assert list(t["status"]) == ["ok" if i != CORRUPT else "failed" for i in range(1, N_PAIRS + 1)] + ["ok"]
+    assert list(t["status"]) == [
+        "ok" if i != CORRUPT else "failed" for i in range(1, N_PAIRS + 1)
+    ] + ["ok"]
     assert (res.n_ok, res.n_failed, res.n_skipped) == (N_PAIRS, 1, 0)
     # The failure names the file and says what is wrong with it; no output was left behind.
     err = t["error"][CORRUPT - 1]
@@ -169,7 +226,9 @@ def test_killed_worker_loses_no_output(data, cluster):
     out = d / "out_kill"
     pids = client.run(os.getpid)
     killed, stop = {}, threading.Event()
-    th = threading.Thread(target=_kill_first_busy_worker, args=(client, pids, killed, stop), daemon=True)
+    th = threading.Thread(
+        target=_kill_first_busy_worker, args=(client, pids, killed, stop), daemon=True
+    )
     th.start()
     try:
         res = run(good, out, client=client, progress=None, log_fn=lambda s: None)
@@ -207,7 +266,14 @@ def test_resume_does_only_missing_rows(data, cluster):
     assert output_status(out / "diffs" / "diff3.fits")[0] is False
     before = {i: (out / "diffs" / f"diff{i}.fits").stat().st_mtime_ns for i in (1, 2)}
     lines = []
-    res = run(manifest, out, scheduler=c.scheduler_address, resume=True, progress=None, log_fn=lines.append)
+    res = run(
+        manifest,
+        out,
+        scheduler=c.scheduler_address,
+        resume=True,
+        progress=None,
+        log_fn=lines.append,
+    )
     status = dict(zip(res.table["row"], res.table["status"]))
     assert status == {1: "skipped", 2: "skipped", 3: "ok", 4: "failed", 5: "ok", 6: "ok", 7: "ok"}
     assert any("row 3" in ln and "invalid" in ln and "truncated" in ln for ln in lines)
@@ -218,7 +284,14 @@ def test_resume_does_only_missing_rows(data, cluster):
     assert not list(out.rglob("*.tmp"))
     assert "temporary" in res.table["notes"][4]
     # A second resume has nothing left but the corrupt row.
-    again = run(manifest, out, scheduler=c.scheduler_address, resume=True, progress=None, log_fn=lambda s: None)
+    again = run(
+        manifest,
+        out,
+        scheduler=c.scheduler_address,
+        resume=True,
+        progress=None,
+        log_fn=lambda s: None,
+    )
     assert list(again.table["status"]) == ["skipped"] * 3 + ["failed"] + ["skipped"] * 3
 
 
@@ -226,8 +299,21 @@ def test_cli_sharded_against_a_scheduler(data, cluster, capsys):
     d, manifest, _, ref = data
     c, _ = cluster
     out = d / "out_cli"
-    argv = ["batch", str(manifest), "--out-dir", str(out), "--scheduler", c.scheduler_address, "--njobs", "2",
-            "--job", "1", "--no-progress", "--backend", "numpy"]
+    argv = [
+        "batch",
+        str(manifest),
+        "--out-dir",
+        str(out),
+        "--scheduler",
+        c.scheduler_address,
+        "--njobs",
+        "2",
+        "--job",
+        "1",
+        "--no-progress",
+        "--backend",
+        "numpy",
+    ]
     capsys.readouterr()
     assert main(argv) == 1  # row 4 (corrupt) is in shard 1 of 2: rows 2, 4, 6
     text = capsys.readouterr().out
@@ -254,20 +340,30 @@ def test_coadd_rows(cluster, tmp_path):
     c, client = cluster
     cat = make_catalog(128, n_stars=30, seed=5)
     for k in range(4):  # four epochs of one field, PSF FWHM 2.5-3.4 px, independent noise
-        simulate_exposure(128, catalog=cat, psf=2.5 + 0.3 * k, seed=(5, k)).exposure.write(tmp_path / f"w{k}.fits")
+        simulate_exposure(128, catalog=cat, psf=2.5 + 0.3 * k, seed=(5, k)).exposure.write(
+            tmp_path / f"w{k}.fits"
+        )
     warps = ";".join(f"w{k}.fits" for k in range(4))
-    manifest = _write(tmp_path / "coadd.csv", f"kind,warps,method,output\ncoadd,{warps},meanclip,coadd.fits\n")
+    manifest = _write(
+        tmp_path / "coadd.csv", f"kind,warps,method,output\ncoadd,{warps},meanclip,coadd.fits\n"
+    )
     res = run(manifest, tmp_path / "out", client=client, progress=None, log_fn=lambda s: None)
     assert res.n_ok == 1, res.table["error"][0]
     assert "4 of 4 warps used" in res.table["notes"][0]
     out = tmp_path / "out" / "coadd.fits"
     assert output_status(out) == (True, "")
-    coadd.coadd_files([str(tmp_path / f"w{k}.fits") for k in range(4)], str(tmp_path / "ref.fits"),
-                      method="meanclip", backend="numpy")
+    coadd.coadd_files(
+        [str(tmp_path / f"w{k}.fits") for k in range(4)],
+        str(tmp_path / "ref.fits"),
+        method="meanclip",
+        backend="numpy",
+    )
     _same_exposure(out, tmp_path / "ref.fits")
     # Four equal-noise epochs, inverse-variance weights: the sky variance drops to 1/4
     # (the median pixel is sky; measured 0.250).
-    w_var = np.median([np.median(read_exposure(tmp_path / f"w{k}.fits").variance) for k in range(4)])
+    w_var = np.median(
+        [np.median(read_exposure(tmp_path / f"w{k}.fits").variance) for k in range(4)]
+    )
     assert np.median(read_exposure(out).variance) / w_var == pytest.approx(0.25, rel=0.05)
 
 
@@ -284,22 +380,33 @@ def test_manifest_problems_name_row_and_column(data, tmp_path):
     with pytest.raises(ManifestError, match="'output'"):
         read_manifest(_write(tmp_path / "noout.csv", f"science,template\n{sci},{tmpl}\n"), tmp_path)
     with pytest.raises(ManifestError, match="row 2 and row 1 both write"):
-        read_manifest(_write(tmp_path / "dup.csv", f"science,template,output\n{sci},{tmpl},a.fits\n"
-                                                   f"{sci},{tmpl},./a.fits\n"), tmp_path)
-    m = _write(tmp_path / "bad.csv",
-               "kind,science,template,output,exposure,kernel_size\n"
-               f"subtract,{sci},{tmpl},ok.fits,,\n"
-               f"coadd-ish,{sci},{tmpl},k.fits,,\n"
-               f"subtract,{sci},,t.fits,,\n"
-               f"subtract,{sci},missing.fits,m.fits,,\n"
-               f"match-psf,,,p.fits,{sci},4\n"
-               f"subtract,{sci},{tmpl},x.fits,{sci},\n")
+        read_manifest(
+            _write(
+                tmp_path / "dup.csv",
+                f"science,template,output\n{sci},{tmpl},a.fits\n{sci},{tmpl},./a.fits\n",
+            ),
+            tmp_path,
+        )
+    m = _write(
+        tmp_path / "bad.csv",
+        "kind,science,template,output,exposure,kernel_size\n"
+        f"subtract,{sci},{tmpl},ok.fits,,\n"
+        f"coadd-ish,{sci},{tmpl},k.fits,,\n"
+        f"subtract,{sci},,t.fits,,\n"
+        f"subtract,{sci},missing.fits,m.fits,,\n"
+        f"match-psf,,,p.fits,{sci},4\n"
+        f"subtract,{sci},{tmpl},x.fits,{sci},\n",
+    )
     jobs = read_manifest(m, tmp_path)
     assert jobs[0].problem is None and jobs[0].inputs["template"] == str(tmpl)
     assert jobs[0].output == str(tmp_path / "ok.fits")
-    expect = [("row 2", "'kind'", "coadd-ish"), ("row 3", "'template'", "empty"),
-              ("row 4", "'template'", "missing.fits does not exist"), ("row 5", "'kernel_size'", "odd"),
-              ("row 6", "'exposure'", "does not apply to subtract")]
+    expect = [
+        ("row 2", "'kind'", "coadd-ish"),
+        ("row 3", "'template'", "empty"),
+        ("row 4", "'template'", "missing.fits does not exist"),
+        ("row 5", "'kernel_size'", "odd"),
+        ("row 6", "'exposure'", "does not apply to subtract"),
+    ]
     for job, words in zip(jobs[1:], expect):
         assert job.problem and all(w in job.problem for w in words), job.problem
         assert "bad.csv" in job.problem
@@ -310,7 +417,9 @@ def test_manifest_problems_name_row_and_column(data, tmp_path):
     t = Table({"science": [str(sci)], "template": [str(tmpl)], "output": ["ok.fits"], "set": [SET]})
     t.write(tmp_path / "m.ecsv")
     (job,) = read_manifest(tmp_path / "m.ecsv", tmp_path)
-    assert job.problem is None and job.overrides == {"make_kernel": {"spatial_kernel_order": 0, "spatial_bg_order": 0}}
+    assert job.problem is None and job.overrides == {
+        "make_kernel": {"spatial_kernel_order": 0, "spatial_bg_order": 0}
+    }
 
 
 def test_output_status(data, tmp_path):
@@ -335,8 +444,14 @@ def test_one_worker_per_gpu_sets_cuda_visible_devices():
     (Runs here on CPU: the workers are started but given no task that needs a GPU.)"""
     from gpudiff.batch.cluster import start_local_cluster
 
-    cluster, is_gpu = start_local_cluster(gpus="0,1", backend="numpy", retries=1, memory_limit="512MiB",
-                                          use_dask_cuda=False, tasks_per_gpu=3)
+    cluster, is_gpu = start_local_cluster(
+        gpus="0,1",
+        backend="numpy",
+        retries=1,
+        memory_limit="512MiB",
+        use_dask_cuda=False,
+        tasks_per_gpu=3,
+    )
     try:
         assert is_gpu
         with distributed.Client(cluster) as client:
@@ -344,18 +459,24 @@ def test_one_worker_per_gpu_sets_cuda_visible_devices():
             env = client.run(lambda: __import__("os").environ.get("CUDA_VISIBLE_DEVICES"))
             assert sorted(env.values()) == ["0", "1"]
             # tasks_per_gpu rows at once per GPU, each thread on its own CUDA stream
-            streams = client.run(lambda: __import__("os").environ.get("CUPY_CUDA_PER_THREAD_DEFAULT_STREAM"))
+            streams = client.run(
+                lambda: __import__("os").environ.get("CUPY_CUDA_PER_THREAD_DEFAULT_STREAM")
+            )
             assert set(streams.values()) == {"1"}
             assert sorted(client.nthreads().values()) == [3, 3]
-            assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures) == 1
+            assert (
+                client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures) == 1
+            )
     finally:
         cluster.close()
 
 
 def test_import_gpudiff_does_not_import_dask():
-    code = ("import sys, gpudiff, gpudiff.batch, gpudiff.cli; gpudiff.cli.build_parser(); "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed', 'tqdm')]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, gpudiff, gpudiff.batch, gpudiff.cli; gpudiff.cli.build_parser(); "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed', 'tqdm')]; "
+        "assert not bad, bad"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr

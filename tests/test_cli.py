@@ -32,7 +32,9 @@ def test_info_with_unavailable_cupy_does_not_crash(capsys):
 
 def test_demo_writes_a_readable_pair(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--size", "256", "--seed", "2", "--backend", "numpy"]) == 0
+    assert (
+        main(["demo", "--out", str(out), "--size", "256", "--seed", "2", "--backend", "numpy"]) == 0
+    )
     text = capsys.readouterr().out
     assert "AlardLuptonSubtractTask" in text and "DIA sources" in text
     sci = Exposure.read(out / "science.fits")
@@ -52,9 +54,13 @@ def test_demo_writes_a_readable_pair(tmp_path, capsys):
 
 
 def test_python_dash_m_and_usage_errors():
-    run = subprocess.run([sys.executable, "-m", "gpudiff", "--version"], capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "gpudiff", "--version"], capture_output=True, text=True
+    )
     assert run.returncode == 0 and "gpudiff" in run.stdout
-    bad = subprocess.run([sys.executable, "-m", "gpudiff", "demo", "--size", "3"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "gpudiff", "demo", "--size", "3"], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "at least 256" in bad.stderr
     none = subprocess.run([sys.executable, "-m", "gpudiff"], capture_output=True, text=True)
     assert none.returncode == 2

@@ -226,8 +226,12 @@ def test_quality_checks_and_cli_default_mode():
     assert len(bad) == 1 and "-88" in bad[0]
     assert _quality.check_subtraction({"kernel_sum": float("nan")}, exp, exp, exp)
     # the fit's kernel-star check: a small flagged disagreement is a warning, a gross one fails
-    flagged = {"kernel_sum": 1.0335, "kernel_star_flux_ratio": 0.9884,
-               "kernel_star_flux_ratio_err": 0.0148, "kernel_sum_check_failed": True}
+    flagged = {
+        "kernel_sum": 1.0335,
+        "kernel_star_flux_ratio": 0.9884,
+        "kernel_star_flux_ratio_err": 0.0148,
+        "kernel_sum_check_failed": True,
+    }
     assert _quality.check_subtraction(flagged, exp, exp, exp) == []
     gross = {**flagged, "kernel_sum": 0.6}
     assert "more than 25 %" in _quality.check_subtraction(gross, exp, exp, exp)[0]

@@ -14,7 +14,15 @@ import pytest
 from scipy.ndimage import distance_transform_edt
 
 from gpudiff.image import GaussianPsf
-from gpudiff.sim import FieldConfig, Ghost, ObsConfig, Trail, make_catalog, psf_snr, simulate_exposure
+from gpudiff.sim import (
+    FieldConfig,
+    Ghost,
+    ObsConfig,
+    Trail,
+    make_catalog,
+    psf_snr,
+    simulate_exposure,
+)
 from gpudiff.tasks.assemble_coadd import AssembleCoaddConfig, AssembleCoaddTask
 from gpudiff.tasks.compare_warp import (
     CompareWarpAssembleCoaddConfig,
@@ -35,8 +43,18 @@ class Field:
     """The simulated warps, their clean twins and the truth."""
 
     def __init__(self):
-        self.cat = make_catalog(S, field=FieldConfig(star_density=5e-4, flux_min=2e3, flux_max=5e6,
-                                                     flux_alpha=1.5, min_separation=15, margin=-25), seed=11)
+        self.cat = make_catalog(
+            S,
+            field=FieldConfig(
+                star_density=5e-4,
+                flux_min=2e3,
+                flux_max=5e6,
+                flux_alpha=1.5,
+                min_separation=15,
+                margin=-25,
+            ),
+            seed=11,
+        )
         rng = np.random.default_rng(5)
         # two warps in good seeing among ten in poorer seeing: the case where a per-pixel
         # clipped mean mistakes the sharp cores of bright stars for outliers
@@ -45,7 +63,12 @@ class Field:
         self.var_star = int(np.argsort(self.cat["flux"])[-3])  # a bright star, not the brightest
         self.direct, self.matched, self.clean, self.art, self.light = [], [], [], [], []
         for i in range(N):
-            base = dict(psf=float(self.fwhm[i]), sky=float(self.sky[i]), sky_subtracted=True, noise="gaussian")
+            base = dict(
+                psf=float(self.fwhm[i]),
+                sky=float(self.sky[i]),
+                sky_subtracted=True,
+                noise="gaussian",
+            )
             sig = float(np.sqrt(self.sky[i]))
             kw = dict(base)
             if i == TRAIL_WARP:
@@ -64,7 +87,9 @@ class Field:
             self.clean.append(rc)
             self.art.append(r.masks["trail"] | r.masks["ghost"] | r.masks["cosmic_ray"])
             self.light.append(r.exposure.image - rc.exposure.image)  # the artifacts' light
-            self.matched.append(ModelPsfMatchTask().run(r.exposure, TARGET_PSF).psf_matched_exposure)
+            self.matched.append(
+                ModelPsfMatchTask().run(r.exposure, TARGET_PSF).psf_matched_exposure
+            )
         self.result = CompareWarpAssembleCoaddTask().run(self.direct, self.matched)
         w = self.result.weights
         self.w = w
@@ -86,8 +111,8 @@ def _aperture(img, xs, ys, r=12):
     out = []
     for x, y in zip(xs, ys):
         y0, x0 = int(round(y)) - r - 1, int(round(x)) - r - 1
-        sub = img[y0:y0 + 2 * r + 3, x0:x0 + 2 * r + 3]
-        yy, xx = np.mgrid[y0:y0 + sub.shape[0], x0:x0 + sub.shape[1]]
+        sub = img[y0 : y0 + 2 * r + 3, x0 : x0 + 2 * r + 3]
+        yy, xx = np.mgrid[y0 : y0 + sub.shape[0], x0 : x0 + sub.shape[1]]
         out.append(np.nansum(sub[(xx - x) ** 2 + (yy - y) ** 2 <= r * r]))
     return np.array(out)
 
@@ -131,9 +156,11 @@ def test_artifacts_are_clipped_and_absent(field):
         assert strong.sum() > 20
         frac = clipped[strong].mean()
         zi = _integrated_z(exp, field.truth, strong)
-        print(f"warp {i}: {a.sum()} artifact px ({(a & excl).sum()} protected), {strong.sum()} > 3σ, CLIPPED {frac:.4f}; integrated "
-              f"residual {zi:+.2f}σ; |z|>3 in {np.mean(np.abs(z[a]) > 3):.4f} of all, max |z| "
-              f"{np.nanmax(np.abs(z[a])):.2f}")
+        print(
+            f"warp {i}: {a.sum()} artifact px ({(a & excl).sum()} protected), {strong.sum()} > 3σ, CLIPPED {frac:.4f}; integrated "
+            f"residual {zi:+.2f}σ; |z|>3 in {np.mean(np.abs(z[a]) > 3):.4f} of all, max |z| "
+            f"{np.nanmax(np.abs(z[a])):.2f}"
+        )
         # the significant part of every artifact is CLIPPED (faint wings may stay)
         assert frac >= 0.95
         # its flux is gone: the summed residual against the clean coadd is within 3σ
@@ -148,7 +175,9 @@ def test_artifacts_are_clipped_and_absent(field):
 
 def test_plain_mean_keeps_the_artifacts(field):
     """The control: without the artifact masks the same residual test fails badly."""
-    mean = AssembleCoaddTask(AssembleCoaddConfig(statistic="MEAN")).run(field.direct, weights=field.w)
+    mean = AssembleCoaddTask(AssembleCoaddConfig(statistic="MEAN")).run(
+        field.direct, weights=field.w
+    )
     for i in (TRAIL_WARP, GHOST_WARP, *CR_WARPS):
         zi = _integrated_z(mean.coadd_exposure, field.truth, _strong(field, i))
         print(f"plain MEAN, warp {i}: integrated residual {zi:+.1f}σ")
@@ -159,15 +188,17 @@ def test_bright_constant_stars_are_never_clipped(field):
     x, y, snr = _bright_constant_stars(field, 50.0)
     assert len(x) >= 30
     clipped = _clipped(field.result.coadd_exposure)
-    n = [clipped[int(b) - 10:int(b) + 11, int(a) - 10:int(a) + 11].sum() for a, b in zip(x, y)]
-    print(f"{len(x)} constant stars with S/N 50-{snr.max():.0f}: {sum(n)} CLIPPED pixels within 10 px")
+    n = [clipped[int(b) - 10 : int(b) + 11, int(a) - 10 : int(a) + 11].sum() for a, b in zip(x, y)]
+    print(
+        f"{len(x)} constant stars with S/N 50-{snr.max():.0f}: {sum(n)} CLIPPED pixels within 10 px"
+    )
     assert sum(n) == 0
 
 
 def test_variable_star_is_kept(field):
     exp = field.result.coadd_exposure
     x, y = float(field.cat["x"][field.var_star]), float(field.cat["y"][field.var_star])
-    clipped = _clipped(exp)[int(y) - 12:int(y) + 13, int(x) - 12:int(x) + 13]
+    clipped = _clipped(exp)[int(y) - 12 : int(y) + 13, int(x) - 12 : int(x) + 13]
     ratio = _aperture(exp.image, [x], [y])[0] / _aperture(field.expect, [x], [y])[0]
     print(f"variable star: {clipped.sum()} CLIPPED px, coadd/expected flux {ratio:.5f}")
     assert clipped.sum() == 0
@@ -187,16 +218,22 @@ def test_flux_bias_compare_warp_vs_meanclip_and_median(field):
     x, y, snr = _bright_constant_stars(field, 300.0)
     assert len(x) >= 10
     true = _aperture(field.expect, x, y)
-    bias = {"compare-warp": np.median(_aperture(field.result.coadd_exposure.image, x, y) / true - 1)}
+    bias = {
+        "compare-warp": np.median(_aperture(field.result.coadd_exposure.image, x, y) / true - 1)
+    }
     clip_frac = {}
     for stat in ("MEANCLIP", "MEDIAN"):
         res = AssembleCoaddTask(AssembleCoaddConfig(statistic=stat)).run(field.direct)
         bias[stat] = np.median(_aperture(res.coadd_exposure.image, x, y) / true - 1)
         c = _clipped(res.coadd_exposure)
-        clip_frac[stat] = np.mean([c[int(b) - 3:int(b) + 4, int(a) - 3:int(a) + 4].mean() for a, b in zip(x, y)])
-    print(f"{len(x)} stars S/N 300-{snr.max():.0f}: median flux bias " +
-          ", ".join(f"{k} {100 * v:+.3f} %" for k, v in bias.items()) +
-          f"; MEANCLIP clips {100 * clip_frac['MEANCLIP']:.1f} % of the 7x7 core pixels")
+        clip_frac[stat] = np.mean(
+            [c[int(b) - 3 : int(b) + 4, int(a) - 3 : int(a) + 4].mean() for a, b in zip(x, y)]
+        )
+    print(
+        f"{len(x)} stars S/N 300-{snr.max():.0f}: median flux bias "
+        + ", ".join(f"{k} {100 * v:+.3f} %" for k, v in bias.items())
+        + f"; MEANCLIP clips {100 * clip_frac['MEANCLIP']:.1f} % of the 7x7 core pixels"
+    )
     # the aperture fluxes' noise is < 0.1 % at S/N > 300; 0.5 % is the issue's tolerance
     assert abs(bias["compare-warp"]) < 0.005
     assert clip_frac["MEANCLIP"] > 0.5  # PSF-varying warps: bright cores are clipped
@@ -241,10 +278,16 @@ def test_coadd_files_compare_warp_matches_the_task(warp_files, tmp_path):
 
     paths, direct, matched = warp_files
     out = tmp_path / "coadd.fits"
-    s = coadd_files(paths["direct"], str(out), psf_matched=paths["matched"],
-                    overrides={"do_scale_warp_variance": False})
+    s = coadd_files(
+        paths["direct"],
+        str(out),
+        psf_matched=paths["matched"],
+        overrides={"do_scale_warp_variance": False},
+    )
     assert s["n_inputs"] == 5 and s["n_used"] == 5 and s["method"] == "compare-warp"
-    ref = CompareWarpAssembleCoaddTask(CompareWarpAssembleCoaddConfig(do_scale_warp_variance=False)).run(direct, matched)
+    ref = CompareWarpAssembleCoaddTask(
+        CompareWarpAssembleCoaddConfig(do_scale_warp_variance=False)
+    ).run(direct, matched)
     got = read_exposure(out)
     np.testing.assert_array_equal(got.image, ref.coadd_exposure.image)
     np.testing.assert_array_equal(got.variance, ref.coadd_exposure.variance)
@@ -270,7 +313,9 @@ def test_cli_coadd_makes_psf_matched_warps_and_other_methods(warp_files, tmp_pat
     assert rc == 0
     text = capsys.readouterr().out
     assert "made 5 PSF-matched warps" in text and "wrote" in text
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".gpudiff-coadd-")]  # temp warps removed
+    assert not [
+        p for p in tmp_path.iterdir() if p.name.startswith(".gpudiff-coadd-")
+    ]  # temp warps removed
     for method in ("mean", "median", "meanclip"):
         o = tmp_path / f"{method}.fits"
         assert main(["coadd", *paths["direct"], "-o", str(o), "--method", method]) == 0

@@ -7,20 +7,26 @@ import pytest
 
 from gpudiff.errors import InvalidInputError
 from gpudiff.image import MaskedImage, MaskPlanes
-from gpudiff.ops import convolve_masked_image, correlate, correlate_many, dilate_mask, varying_correlate
+from gpudiff.ops import (
+    convolve_masked_image,
+    correlate,
+    correlate_many,
+    dilate_mask,
+    varying_correlate,
+)
 
 
 def brute_correlate(img, k):
-    """Spec §0.1 literally: out[r,c] = Σ K[i,j]·in[r−ctrY+i, c−ctrX+j], zero outside."""
+    """docs/algorithms.md §0.1 literally: out[r,c] = Σ K[i,j]·in[r−ctrY+i, c−ctrX+j], zero outside."""
     H, W = img.shape
     kh, kw = k.shape
     cy, cx = (kh - 1) // 2, (kw - 1) // 2
     pad = np.zeros((H + kh, W + kw))
-    pad[cy:cy + H, cx:cx + W] = img
+    pad[cy : cy + H, cx : cx + W] = img
     out = np.zeros((H, W))
     for i in range(kh):
         for j in range(kw):
-            out += k[i, j] * pad[i:i + H, j:j + W]
+            out += k[i, j] * pad[i : i + H, j : j + W]
     return out
 
 
@@ -33,7 +39,9 @@ def test_fft_correlation_matches_definition(backend, rng, kshape):
     # float32 output: relative error at float32 rounding level of the output scale
     got32 = backend.asnumpy(correlate(img, k, backend))
     assert got32.dtype == np.float32
-    np.testing.assert_allclose(got32, brute_correlate(img, k), atol=2e-5 * np.abs(img).max() * np.abs(k).sum())
+    np.testing.assert_allclose(
+        got32, brute_correlate(img, k), atol=2e-5 * np.abs(img).max() * np.abs(k).sum()
+    )
 
 
 def test_delta_image_gives_flipped_kernel_delta_kernel_gives_image(backend, rng):
@@ -151,14 +159,16 @@ def test_varying_correlation_matches_per_pixel_reference(backend, rng):
     yy, xx = np.mgrid[0:H, 0:W]
     xp_, yp_ = (xx - (W - 1) / 2) / W, (yy - (H - 1) / 2) / H
     weights = [np.ones((H, W)), xp_, yp_]
-    got = backend.asnumpy(varying_correlate(img, ks, [backend.asarray(w) for w in weights], backend))
+    got = backend.asnumpy(
+        varying_correlate(img, ks, [backend.asarray(w) for w in weights], backend)
+    )
     pad = np.zeros((H + 4, W + 4))
-    pad[2:2 + H, 2:2 + W] = img
+    pad[2 : 2 + H, 2 : 2 + W] = img
     ref = np.empty((H, W))
     for r in range(H):
         for c in range(W):
             kern = ks[0] + xp_[r, c] * ks[1] + yp_[r, c] * ks[2]
-            ref[r, c] = (kern * pad[r:r + 5, c:c + 5]).sum()
+            ref[r, c] = (kern * pad[r : r + 5, c : c + 5]).sum()
     np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())
 
 

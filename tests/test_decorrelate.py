@@ -1,4 +1,4 @@
-"""DecorrelateALKernelTask (spec §5), mirroring ip_diffim's test_imageDecorrelation.py (§11.4).
+"""DecorrelateALKernelTask (docs/algorithms.md §5), mirroring ip_diffim's test_imageDecorrelation.py (§11.4).
 
 Scenario (``makeFakeImages``): 256² images at parent −128..127, science PSF σ 3.3, template
 PSF σ 2.2, white noise of variance svar / tvar, an analytic Gaussian matching kernel of
@@ -15,7 +15,11 @@ from gpudiff.errors import AllMaskedError, InvalidInputError, ShapeMismatchError
 from gpudiff.image import Box, Exposure, GaussianPsf, MaskedImage
 from gpudiff.ops import convolve_masked_image, image_statistics
 from gpudiff.psfmatch import KernelBasis, SpatialFunctions, SpatialKernel
-from gpudiff.tasks.decorrelate import DecorrelateALKernelConfig, DecorrelateALKernelTask, common_shape
+from gpudiff.tasks.decorrelate import (
+    DecorrelateALKernelConfig,
+    DecorrelateALKernelTask,
+    common_shape,
+)
 
 X0 = -128
 EDGE = 17  # the LSST test's autocorrelation edge
@@ -23,18 +27,18 @@ EDGE = 17  # the LSST test's autocorrelation edge
 
 def _gauss_kernel(sigma, size=32, ctr=15):
     yy, xx = np.mgrid[0:size, 0:size]
-    k = np.exp(-((xx - ctr) ** 2 + (yy - ctr) ** 2) / (2 * sigma ** 2))
+    k = np.exp(-((xx - ctr) ** 2 + (yy - ctr) ** 2) / (2 * sigma**2))
     return k / k.sum()
 
 
-KERNEL = _gauss_kernel(np.sqrt(3.3 ** 2 - 2.2 ** 2))
+KERNEL = _gauss_kernel(np.sqrt(3.3**2 - 2.2**2))
 
 
 def _render(n, xs, ys, flux, sigma):
     yy, xx = np.mgrid[0:n, 0:n].astype(float)
     img = np.zeros((n, n))
     for x, y, f in zip(xs, ys, flux):
-        g = np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma ** 2))
+        g = np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2))
         img += f * g / g.sum()
     return img
 
@@ -49,15 +53,25 @@ def _fake(backend, svar, tvar, seed=66, n_src=50, n=256, s_sigma=3.3, t_sigma=2.
         sflux[np.argmin((xs - n / 2) ** 2 + (ys - n / 2) ** 2)] *= 1 + 1 / 50
     sci = _render(n, xs, ys, sflux, s_sigma) + rng.normal(0, np.sqrt(svar), (n, n))
     tmp = _render(n, xs, ys, flux, t_sigma) + rng.normal(0, np.sqrt(tvar), (n, n))
-    mk = lambda img, v, s: Exposure.from_arrays(img, np.full((n, n), v), xy0=(X0, X0),  # noqa: E731
-                                                psf=GaussianPsf(s, size=25), backend=backend)
+    mk = lambda img, v, s: Exposure.from_arrays(
+        img,
+        np.full((n, n), v),
+        xy0=(X0, X0),  # noqa: E731
+        psf=GaussianPsf(s, size=25),
+        backend=backend,
+    )
     return mk(sci, svar, s_sigma), mk(tmp, tvar, t_sigma)
 
 
 def _subtract(a: MaskedImage, b: MaskedImage, scale=1.0):
     """(a − b)/scale with variances summed (/scale²) and masks ORed."""
-    return MaskedImage((a.image - b.image) / scale, (a.variance + b.variance) / scale ** 2, a.mask | b.mask,
-                       xy0=a.xy0, backend=a.backend)
+    return MaskedImage(
+        (a.image - b.image) / scale,
+        (a.variance + b.variance) / scale**2,
+        a.mask | b.mask,
+        xy0=a.xy0,
+        backend=a.backend,
+    )
 
 
 def _template_matched(sci, tmpl, kernel=KERNEL, copy_edge=True):
@@ -68,7 +82,9 @@ def _template_matched(sci, tmpl, kernel=KERNEL, copy_edge=True):
 def _clean_pair(backend, svar, tvar, seed, n=256, border=24, s_sigma=3.3, t_sigma=2.2):
     """Pure-noise science and template on a box cut from a larger field, so that
     convolutions of the field are valid on the whole box."""
-    sci, tmpl = _fake(backend, svar, tvar, seed=seed, n_src=0, n=n + 2 * border, s_sigma=s_sigma, t_sigma=t_sigma)
+    sci, tmpl = _fake(
+        backend, svar, tvar, seed=seed, n_src=0, n=n + 2 * border, s_sigma=s_sigma, t_sigma=t_sigma
+    )
     box = Box(X0 + border, X0 + border, X0 + border + n, X0 + border + n)
     return sci, tmpl, box
 
@@ -92,10 +108,14 @@ def _radial_power(img, nbins=8):
     p = np.abs(np.fft.fft2(a)) ** 2 / a.size
     kr = np.hypot(np.fft.fftfreq(a.shape[0])[:, None], np.fft.fftfreq(a.shape[1])[None, :])
     edges = np.linspace(0, 0.5, nbins + 1)
-    return np.array([p[(kr >= lo) & (kr < hi)].mean() for lo, hi in zip(edges[:-1], edges[1:])]) / a.var()
+    return (
+        np.array([p[(kr >= lo) & (kr < hi)].mean() for lo, hi in zip(edges[:-1], edges[1:])])
+        / a.var()
+    )
 
 
 # --- §11.4 testDiffimCorrection ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize("complete", [False, True])
 @pytest.mark.parametrize("svar,tvar", [(0.04, 0.04), (0.08, 0.04), (0.04, 0.08)])
@@ -103,7 +123,10 @@ def test_diffim_correction(backend, svar, tvar, complete):
     sci, tmpl = _fake(backend, svar, tvar)
     diff = _template_matched(sci, tmpl)
     target = svar + tvar
-    before_pix, before_var = image_statistics(diff)["variance"], image_statistics(diff, use_variance=True)["mean"]
+    before_pix, before_var = (
+        image_statistics(diff)["variance"],
+        image_statistics(diff, use_variance=True)["mean"],
+    )
     assert before_pix < target and before_var < target
     cfg = DecorrelateALKernelConfig(complete_var_plane_propagation=complete)
     res = DecorrelateALKernelTask(cfg, backend=backend).run(sci, tmpl, diff, KERNEL)
@@ -115,6 +138,7 @@ def test_diffim_correction(backend, svar, tvar, complete):
 
 
 # --- §11.4 testNoiseDiffimCorrection, with tighter checks ------------------------------------
+
 
 def test_noise_diffim_correction(backend):
     sci, tmpl = _fake(backend, 1.0, 100.0, seed=22, n_src=0)
@@ -145,7 +169,11 @@ def test_pure_noise_variance_plane_matches_noise(backend, complete):
     sci, tmpl = sci.subimage(box), tmpl.subimage(box)
     diff = Exposure(_subtract(sci.masked_image, matched), psf=sci.psf)
     cfg = DecorrelateALKernelConfig(complete_var_plane_propagation=complete)
-    out = DecorrelateALKernelTask(cfg, backend=backend).run(sci, tmpl, diff, KERNEL).corrected_exposure
+    out = (
+        DecorrelateALKernelTask(cfg, backend=backend)
+        .run(sci, tmpl, diff, KERNEL)
+        .corrected_exposure
+    )
     img, var = _np(out.image, backend), _np(out.variance, backend)
     assert abs(np.std(img) / np.sqrt(np.mean(var)) - 1) < 0.02
     assert abs(np.mean(var) / 101.0 - 1) < 0.01  # svar + tvar·kSum²
@@ -153,6 +181,7 @@ def test_pure_noise_variance_plane_matches_noise(backend, complete):
 
 
 # --- science convolved (§5.2) ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("ksum", [1.0, 1.3])
 def test_science_matched(backend, ksum):
@@ -163,11 +192,13 @@ def test_science_matched(backend, ksum):
     matched = convolve_masked_image(sci.masked_image, kernel).subimage(box)
     sci, tmpl = sci.subimage(box), tmpl.subimage(box)
     diff = Exposure(_subtract(matched, tmpl.masked_image, ksum), psf=tmpl.psf)
-    res = DecorrelateALKernelTask(backend=backend).run(sci, tmpl, diff, kernel, template_matched=False)
+    res = DecorrelateALKernelTask(backend=backend).run(
+        sci, tmpl, diff, kernel, template_matched=False
+    )
     out = res.corrected_exposure
     img, var = _np(out.image, backend), _np(out.variance, backend)
     assert abs(np.std(img) / np.sqrt(np.mean(var)) - 1) < 0.02
-    np.testing.assert_allclose(np.mean(var), (1.0 + 25.0 * ksum ** 2) / ksum ** 2, rtol=0.01)
+    np.testing.assert_allclose(np.mean(var), (1.0 + 25.0 * ksum**2) / ksum**2, rtol=0.01)
     assert _rho(_np(diff.image, backend), 1, 1) > 0.1 and abs(_rho(img, 1, 1)) < 0.02
     assert out.psf is tmpl.psf
     np.testing.assert_allclose(res.kernel_sum, ksum, rtol=1e-12)
@@ -175,10 +206,15 @@ def test_science_matched(backend, ksum):
 
 # --- score images (§5.3) ---------------------------------------------------------------------
 
+
 def _score_pair(backend, s_sigma, t_sigma, noise=1.0, seed=7, n=256):
-    sci, tmpl, box = _clean_pair(backend, noise ** 2, noise ** 2, seed=seed, n=n, s_sigma=s_sigma, t_sigma=t_sigma)
-    pre = sci.psf.kernel_image()[::-1, ::-1]  # the reflected PSF: "convolving" is then a matched filter
-    kernel = _gauss_kernel(np.sqrt(2 * s_sigma ** 2 - t_sigma ** 2), 31, 15)
+    sci, tmpl, box = _clean_pair(
+        backend, noise**2, noise**2, seed=seed, n=n, s_sigma=s_sigma, t_sigma=t_sigma
+    )
+    pre = sci.psf.kernel_image()[
+        ::-1, ::-1
+    ]  # the reflected PSF: "convolving" is then a matched filter
+    kernel = _gauss_kernel(np.sqrt(2 * s_sigma**2 - t_sigma**2), 31, 15)
     ms = convolve_masked_image(sci.masked_image, pre).subimage(box)
     mt = convolve_masked_image(tmpl.masked_image, kernel).subimage(box)
     score = Exposure(_subtract(ms, mt), psf=sci.psf)
@@ -188,8 +224,9 @@ def _score_pair(backend, s_sigma, t_sigma, noise=1.0, seed=7, n=256):
 def test_score_equal_psfs(backend):
     # §11.3 test_equal_images / test_scale_variance: std ≈ √2σ/√NEA, ⟨var⟩ ≈ 2σ²/NEA.
     sci, tmpl, score, kernel, pre = _score_pair(backend, 2.4, 2.4, n=400)
-    res = DecorrelateALKernelTask(backend=backend).run(sci, tmpl, score, kernel, pre_conv_mode=True,
-                                                       pre_conv_kernel=pre)
+    res = DecorrelateALKernelTask(backend=backend).run(
+        sci, tmpl, score, kernel, pre_conv_mode=True, pre_conv_kernel=pre
+    )
     out = res.corrected_exposure
     img, var = _np(out.image, backend), _np(out.variance, backend)
     nea = 1.0 / np.sum(sci.psf.kernel_image() ** 2)
@@ -199,33 +236,44 @@ def test_score_equal_psfs(backend):
     assert abs(np.std(img) / np.sqrt(np.mean(var)) - 1) < 0.05
     assert out.psf is sci.psf  # §5.4: the score keeps the science PSF
     # The default preconvolution kernel is the science PSF (symmetric here).
-    dflt = DecorrelateALKernelTask(backend=backend).run(sci, tmpl, score, kernel, pre_conv_mode=True)
+    dflt = DecorrelateALKernelTask(backend=backend).run(
+        sci, tmpl, score, kernel, pre_conv_mode=True
+    )
     np.testing.assert_allclose(_np(dflt.corrected_exposure.image, backend), img, atol=1e-6)
 
 
 @pytest.mark.parametrize("t_sigma", [2.0, 2.8])
 def test_score_variance_plane_matches_noise(backend, t_sigma):
     sci, tmpl, score, kernel, pre = _score_pair(backend, 2.4, t_sigma, noise=0.3, seed=9, n=400)
-    res = DecorrelateALKernelTask(backend=backend).run(sci, tmpl, score, kernel, pre_conv_mode=True,
-                                                       pre_conv_kernel=pre)
-    img, var = _np(res.corrected_exposure.image, backend), _np(res.corrected_exposure.variance, backend)
+    res = DecorrelateALKernelTask(backend=backend).run(
+        sci, tmpl, score, kernel, pre_conv_mode=True, pre_conv_kernel=pre
+    )
+    img, var = (
+        _np(res.corrected_exposure.image, backend),
+        _np(res.corrected_exposure.variance, backend),
+    )
     # A score is smooth (few independent pixels), hence the looser 5 %.
     assert abs(np.std(img) / np.sqrt(np.mean(var)) - 1) < 0.05
 
 
 # --- exact properties ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("template_matched", [True, False])
 def test_weights_fft_shape_and_correction_kernel(backend, template_matched):
     sci, tmpl = _fake(backend, 0.5, 2.0, n_src=0, n=120)
     diff = _template_matched(sci, tmpl)
     k = KERNEL * 1.2
-    res = DecorrelateALKernelTask(backend=backend).run(sci, tmpl, diff, k, template_matched=template_matched)
+    res = DecorrelateALKernelTask(backend=backend).run(
+        sci, tmpl, diff, k, template_matched=template_matched
+    )
     s, t = (0.5, 2.0) if template_matched else (2.0, 0.5)
     w1, w2 = res.variance_weights
     # Parseval: the whitened noise power is σ_S² + σ_T²·kSum² at every frequency.
     np.testing.assert_allclose(w1 * s + w2 * t, s + t * 1.44, rtol=1e-9)
-    assert res.fft_shape == (152, 152) == common_shape((32, 32), (25, 25), (120, 120))  # 120 + 32 − 1 → even
+    assert (
+        res.fft_shape == (152, 152) == common_shape((32, 32), (25, 25), (120, 120))
+    )  # 120 + 32 − 1 → even
     ck = res.correction_kernel
     assert ck.shape == (65, 65) and np.argmax(ck) == ck.size // 2
     np.testing.assert_allclose(ck, ck[::-1, ::-1], atol=1e-12)  # real and even
@@ -240,7 +288,9 @@ def test_common_shape():
 def test_inputs_unchanged_and_new_exposure(backend):
     sci, tmpl = _fake(backend, 0.04, 0.08, n=96, n_src=5)
     diff = _template_matched(sci, tmpl)
-    before = [_np(a, backend).copy() for e in (sci, tmpl, diff) for a in (e.image, e.variance, e.mask)]
+    before = [
+        _np(a, backend).copy() for e in (sci, tmpl, diff) for a in (e.image, e.variance, e.mask)
+    ]
     out = DecorrelateALKernelTask(backend=backend).run(sci, tmpl, diff, KERNEL).corrected_exposure
     after = [_np(a, backend) for e in (sci, tmpl, diff) for a in (e.image, e.variance, e.mask)]
     for b, a in zip(before, after):
@@ -256,9 +306,15 @@ def test_nonfinite_pixels_restored(backend):
     diff = _template_matched(sci, tmpl)
     img = _np(diff.image, backend)
     img[40, 50], img[10, 11], img[70, 3] = np.nan, np.inf, -np.inf
-    diff = Exposure(MaskedImage(img, diff.variance, diff.mask, xy0=diff.xy0, backend=backend), psf=diff.psf)
-    out = _np(DecorrelateALKernelTask(backend=backend).run(sci, tmpl, diff, KERNEL).corrected_exposure.image,
-              backend)
+    diff = Exposure(
+        MaskedImage(img, diff.variance, diff.mask, xy0=diff.xy0, backend=backend), psf=diff.psf
+    )
+    out = _np(
+        DecorrelateALKernelTask(backend=backend)
+        .run(sci, tmpl, diff, KERNEL)
+        .corrected_exposure.image,
+        backend,
+    )
     assert np.isnan(out[40, 50]) and out[10, 11] == np.inf and out[70, 3] == -np.inf
     assert np.isfinite(out).sum() == out.size - 3
 
@@ -267,11 +323,18 @@ def test_all_nan_science_skips(backend):
     sci, tmpl = _fake(backend, 0.04, 0.04, n=64, n_src=0)
     diff = _template_matched(sci, tmpl)
     # No usable pixel, so the science variance mean is NaN, and the image is all NaN.
-    nan_sci = Exposure.from_arrays(np.full((64, 64), np.nan), np.full((64, 64), np.nan), xy0=sci.xy0,
-                                   psf=sci.psf, backend=backend)
+    nan_sci = Exposure.from_arrays(
+        np.full((64, 64), np.nan),
+        np.full((64, 64), np.nan),
+        xy0=sci.xy0,
+        psf=sci.psf,
+        backend=backend,
+    )
     res = DecorrelateALKernelTask(backend=backend).run(nan_sci, tmpl, diff, KERNEL)
     assert res.correction_kernel is None and res.corrected_exposure is not diff
-    np.testing.assert_array_equal(_np(res.corrected_exposure.image, backend), _np(diff.image, backend))
+    np.testing.assert_array_equal(
+        _np(res.corrected_exposure.image, backend), _np(diff.image, backend)
+    )
 
 
 def test_ignored_mask_planes_in_variance_means(backend):
@@ -280,7 +343,9 @@ def test_ignored_mask_planes_in_variance_means(backend):
     mask = np.zeros(var.shape, np.int32)
     var[:, :30] *= 10.0  # 31 % of the pixels: too many for the clipping to remove
     mask[:, :30] = sci.mask_planes.bitmask("DETECTED")
-    sci2 = Exposure.from_arrays(_np(sci.image, backend), var, mask, xy0=sci.xy0, psf=sci.psf, backend=backend)
+    sci2 = Exposure.from_arrays(
+        _np(sci.image, backend), var, mask, xy0=sci.xy0, psf=sci.psf, backend=backend
+    )
     diff = _template_matched(sci2, tmpl)
     res = DecorrelateALKernelTask(backend=backend).run(sci2, tmpl, diff, KERNEL)
     np.testing.assert_allclose(res.svar, 1.0, rtol=1e-6)
@@ -306,16 +371,25 @@ def test_kernel_position_and_spatial_kernel(backend):
     rec = _Recorder(KERNEL)
     task.run(sci, tmpl, diff, rec)
     task.run(sci, tmpl, diff, rec, x=-100.0, y=-90.0)
-    assert rec.calls == [(0.5 * (2 * X0 + 96), 0.5 * (2 * X0 + 96)), (-100.0, -90.0)]  # LSST (begin+end)/2
+    assert rec.calls == [
+        (0.5 * (2 * X0 + 96), 0.5 * (2 * X0 + 96)),
+        (-100.0, -90.0),
+    ]  # LSST (begin+end)/2
     # A spatially varying kernel is evaluated once and treated as constant.
     basis = KernelBasis(np.stack([KERNEL, _gauss_kernel(1.5)]), "alard-lupton")
-    sk = SpatialKernel(basis, np.array([[1.0, 0.0, 0.0], [0.0, 0.3, -0.2]]),
-                       SpatialFunctions("chebyshev1", 1, sci.bbox))
+    sk = SpatialKernel(
+        basis,
+        np.array([[1.0, 0.0, 0.0], [0.0, 0.3, -0.2]]),
+        SpatialFunctions("chebyshev1", 1, sci.bbox),
+    )
     a = task.run(sci, tmpl, diff, sk, x=-80.0, y=-50.0).corrected_exposure
     b = task.run(sci, tmpl, diff, sk.kernel_image(-80.0, -50.0)).corrected_exposure
     np.testing.assert_allclose(_np(a.image, backend), _np(b.image, backend), atol=1e-6)
-    assert not np.allclose(_np(task.run(sci, tmpl, diff, sk).corrected_exposure.image, backend),
-                           _np(a.image, backend), atol=1e-4)
+    assert not np.allclose(
+        _np(task.run(sci, tmpl, diff, sk).corrected_exposure.image, backend),
+        _np(a.image, backend),
+        atol=1e-4,
+    )
 
 
 def test_template_cropped_to_science_box(backend):
@@ -346,8 +420,14 @@ def test_all_masked_variance_mean_raises(backend):
     sci, tmpl = _fake(backend, 0.04, 0.04, n=64, n_src=0)
     diff = _template_matched(sci, tmpl)
     edge = np.full((64, 64), sci.mask_planes.bitmask("EDGE"), np.int32)
-    masked = Exposure.from_arrays(_np(sci.image, backend), _np(sci.variance, backend), edge, xy0=sci.xy0,
-                                  psf=sci.psf, backend=backend)
+    masked = Exposure.from_arrays(
+        _np(sci.image, backend),
+        _np(sci.variance, backend),
+        edge,
+        xy0=sci.xy0,
+        psf=sci.psf,
+        backend=backend,
+    )
     with pytest.raises(AllMaskedError):
         DecorrelateALKernelTask(backend=backend).run(masked, tmpl, diff, KERNEL)
 
@@ -356,7 +436,9 @@ def test_complete_propagation_keeps_nonfinite_variance(backend):
     sci, tmpl = _fake(backend, 0.04, 0.04, n=96, n_src=0)
     var = _np(tmpl.variance, backend)
     var[30, 40] = np.nan
-    tmpl2 = Exposure.from_arrays(_np(tmpl.image, backend), var, xy0=tmpl.xy0, psf=tmpl.psf, backend=backend)
+    tmpl2 = Exposure.from_arrays(
+        _np(tmpl.image, backend), var, xy0=tmpl.xy0, psf=tmpl.psf, backend=backend
+    )
     diff = _template_matched(sci, tmpl)
     cfg = DecorrelateALKernelConfig(complete_var_plane_propagation=True)
     res = DecorrelateALKernelTask(cfg, backend=backend).run(sci, tmpl2, diff, KERNEL)

@@ -1,4 +1,4 @@
-"""Separable design matrices of Alard–Lupton bases (spec §1.3, §2.2).
+"""Separable design matrices of Alard–Lupton bases (docs/algorithms.md §1.3, §2.2).
 
 Each raw AL function is the outer product of a y factor and an x factor, and every
 renormalized basis kernel is a linear combination of them (``KernelBasis.mixing``), so
@@ -31,8 +31,12 @@ def _bases():
     """(id, basis): the default 27-term basis, a 1-Gaussian basis and a 35×35 basis."""
     return [
         ("default", make_kernel_basis(PsfMatchConfig())),
-        ("one-gaussian", make_kernel_basis(PsfMatchConfig(alard_n_gauss=1, alard_sig_gauss=(2.0,),
-                                                          alard_deg_gauss=(3,)))),
+        (
+            "one-gaussian",
+            make_kernel_basis(
+                PsfMatchConfig(alard_n_gauss=1, alard_sig_gauss=(2.0,), alard_deg_gauss=(3,))
+            ),
+        ),
         ("size35", make_kernel_basis(PsfMatchConfig(kernel_size=35))),
     ]
 
@@ -79,7 +83,7 @@ def test_default_factor_count_and_raw_functions():
     h = basis.size // 2
     off = np.arange(-h, h + 1.0)
     # raw 0: the unit-sum Gaussian σ=0.7 as g(v)·g(u); raw 1: x·G; raw 2: y·G (afw order)
-    g = np.exp(-(off[None, :] ** 2 + off[:, None] ** 2) / (2 * 0.7 ** 2))
+    g = np.exp(-(off[None, :] ** 2 + off[:, None] ** 2) / (2 * 0.7**2))
     g /= g.sum()
     raw = _raw(basis)
     np.testing.assert_allclose(raw[0], g, rtol=0, atol=1e-15)
@@ -94,7 +98,9 @@ def test_separable_design_matches_fft(backend, rng, name, basis, bg):
     S = 2 * k + 1
     n = 2 * solve._SEP_CHUNK + 5  # several chunks, the last one partial
     stamps = rng.normal(100.0, 30.0, size=(n, S, S))
-    stamps[::3] += 1e4 * np.exp(-((np.arange(S) - k) ** 2)[None, :] / 8.0)  # star-like, mixed scales
+    stamps[::3] += 1e4 * np.exp(
+        -((np.arange(S) - k) ** 2)[None, :] / 8.0
+    )  # star-like, mixed scales
     t = backend.asarray(stamps)
     C_sep = design_matrices(backend, t, basis, bg)
     C_fft = _fft_design(backend, t, basis, bg)
@@ -120,7 +126,7 @@ def test_separable_design_direct_correlation(backend, rng):
     for i in range(3):
         for r in range(5):
             for c in range(7):
-                ref[i, r, c] = np.einsum("mab,ab->m", K, stamps[i, r:r + 5, c:c + 5])
+                ref[i, r, c] = np.einsum("mab,ab->m", K, stamps[i, r : r + 5, c : c + 5])
     assert np.abs(C - ref.reshape(3, 35, -1)).max() < 1e-12 * np.abs(ref).max()
 
 
@@ -145,8 +151,12 @@ def test_other_bases_take_fft_path(backend, rng, monkeypatch, kind):
     elif kind == "pca":
         h = 3
         off = np.arange(-h, h + 1.0)
-        imgs = np.stack([np.exp(-(off[None, :] ** 2 + off[:, None] ** 2) / (2 * s * s))
-                         for s in (1.0, 1.3, 1.6, 2.0)])
+        imgs = np.stack(
+            [
+                np.exp(-(off[None, :] ** 2 + off[:, None] ** 2) / (2 * s * s))
+                for s in (1.0, 1.3, 1.6, 2.0)
+            ]
+        )
         basis = pca_basis(imgs, 3)
     else:  # an AL basis built without its factors (e.g. from stored kernels)
         basis = KernelBasis(make_alard_lupton_basis(3, (1.5,), (2,)), "alard-lupton", (1.5,), (2,))
@@ -189,17 +199,31 @@ def test_factor_validation():
 def test_fit_spatial_kernel_same_with_and_without_factors(backend):
     """End to end: the spatial fit is the same whichever path builds C."""
     FWHM = 2.35482
-    pair = simulate_pair(size=512, seed=5, n_stars=60, flux_min=5e4, flux_max=1e6, n_transients=0,
-                         min_separation=40, science=dict(psf=2.6 * FWHM), template=dict(psf=2.0 * FWHM))
+    pair = simulate_pair(
+        size=512,
+        seed=5,
+        n_stars=60,
+        flux_min=5e4,
+        flux_max=1e6,
+        n_transients=0,
+        min_separation=40,
+        science=dict(psf=2.6 * FWHM),
+        template=dict(psf=2.0 * FWHM),
+    )
     config = PsfMatchConfig(fit_for_background=True, spatial_kernel_order=1)
     sep = make_kernel_basis(config)
     plain = KernelBasis(sep.kernels, sep.kind, sep.sigmas, sep.degrees)
     stars = pair.truth[pair.truth["is_star"]]
 
     def fit(basis):
-        cands = make_candidates(pair.template.masked_image.to_backend(backend),
-                                pair.science.masked_image.to_backend(backend), stars["x"], stars["y"],
-                                kernel_size=basis.size, rating=stars["flux_template"])
+        cands = make_candidates(
+            pair.template.masked_image.to_backend(backend),
+            pair.science.masked_image.to_backend(backend),
+            stars["x"],
+            stars["y"],
+            kernel_size=basis.size,
+            rating=stars["flux_template"],
+        )
         return fit_spatial_kernel(cands, basis, config, pair.template.bbox, backend)
 
     a, b = fit(sep), fit(plain)

@@ -36,8 +36,14 @@ def star_field():
 @pytest.fixture(scope="module")
 def moffat_field():
     """768² field, Moffat FWHM 3.5 px β 3, 300 stars ≥ 8 px apart (dN/dF ∝ F^-1.2)."""
-    return simulate_exposure(768, seed=8, n_stars=300, flux_alpha=1.2, min_separation=8,
-                             psf=PsfSpec(kind="moffat", fwhm=3.5, beta=3.0))
+    return simulate_exposure(
+        768,
+        seed=8,
+        n_stars=300,
+        flux_alpha=1.2,
+        min_separation=8,
+        psf=PsfSpec(kind="moffat", fwhm=3.5, beta=3.0),
+    )
 
 
 @pytest.mark.parametrize("which", ["star_field", "moffat_field"])
@@ -102,14 +108,22 @@ def test_detected_bits_under_footprints(backend, star_field):
     x0, y0 = exp.xy0
     assert det[np.asarray(cat["peak_y"]) - y0, np.asarray(cat["peak_x"]) - x0].all()
     # other bits are carried over, detection bits cleared first
-    assert ((backend.asnumpy(res.mask) & ~mp.bitmask(["DETECTED", "DETECTED_NEGATIVE"]))
-            == (star_field.exposure.mask & ~mp.bitmask(["DETECTED", "DETECTED_NEGATIVE"]))).all()
+    assert (
+        (backend.asnumpy(res.mask) & ~mp.bitmask(["DETECTED", "DETECTED_NEGATIVE"]))
+        == (star_field.exposure.mask & ~mp.bitmask(["DETECTED", "DETECTED_NEGATIVE"]))
+    ).all()
     # footprint boxes contain their peaks; npix counts the footprint
-    assert (cat["footprint_x0"] <= cat["peak_x"]).all() and (cat["peak_x"] < cat["footprint_x1"]).all()
-    assert (cat["footprint_y0"] <= cat["peak_y"]).all() and (cat["peak_y"] < cat["footprint_y1"]).all()
+    assert (cat["footprint_x0"] <= cat["peak_x"]).all() and (
+        cat["peak_x"] < cat["footprint_x1"]
+    ).all()
+    assert (cat["footprint_y0"] <= cat["peak_y"]).all() and (
+        cat["peak_y"] < cat["footprint_y1"]
+    ).all()
     area = (cat["footprint_x1"] - cat["footprint_x0"]) * (cat["footprint_y1"] - cat["footprint_y0"])
     assert (cat["footprint_npix"] <= area).all() and (cat["footprint_npix"] >= 1).all()
-    assert det.sum() == sum(np.unique(np.c_[cat["footprint_id"], cat["footprint_npix"]], axis=0)[:, 1])
+    assert det.sum() == sum(
+        np.unique(np.c_[cat["footprint_id"], cat["footprint_npix"]], axis=0)[:, 1]
+    )
     # growing footprints enlarges (and merges) them; min_pixels drops the small ones
     grown = detect_sources(exp, footprint_grow=3)
     det_g = (backend.asnumpy(grown.mask) & mp.bitmask("DETECTED")) != 0
@@ -143,8 +157,11 @@ def test_negative_sources(backend):
     # both signs in one image: positive stars of one field, negative of another
     other = simulate_exposure(512, seed=13, n_stars=60, sky_subtracted=True)
     img = other.exposure.image - sim.sources
-    both = detect_sources(Exposure.from_arrays(img, e.variance, psf=e.psf, backend=backend), polarity="both",
-                          background=None).catalog
+    both = detect_sources(
+        Exposure.from_arrays(img, e.variance, psf=e.psf, backend=backend),
+        polarity="both",
+        background=None,
+    ).catalog
     _, mp_, _ = _match(both[~both["flag_negative"]], other.truth)
     _, mn_, _ = _match(both[both["flag_negative"]], sim.truth)
     snr_o = _true_snr(other)
@@ -153,8 +170,16 @@ def test_negative_sources(backend):
 
 
 def test_galaxies_extended_stars_not(backend):
-    sim = simulate_exposure(768, seed=7, n_stars=300, min_separation=20, n_galaxies=25,
-                            galaxy_flux_min=1e4, galaxy_flux_max=5e4, galaxy_r_eff=(2.0, 4.0))
+    sim = simulate_exposure(
+        768,
+        seed=7,
+        n_stars=300,
+        min_separation=20,
+        n_galaxies=25,
+        galaxy_flux_min=1e4,
+        galaxy_flux_max=5e4,
+        galaxy_r_eff=(2.0, 4.0),
+    )
     cat = detect_sources(sim.exposure.to_backend(backend)).catalog
     tr = sim.truth
     i, m, _ = _match(cat, tr, 1.5)
@@ -169,7 +194,9 @@ def test_galaxies_extended_stars_not(backend):
 def test_flags_saturated_masked_edge_isolated(backend):
     rng = np.random.default_rng(3)
     n = 40
-    cat_in = Table({"x": rng.uniform(30, 480, n), "y": rng.uniform(30, 480, n), "flux": np.full(n, 2e4)})
+    cat_in = Table(
+        {"x": rng.uniform(30, 480, n), "y": rng.uniform(30, 480, n), "flux": np.full(n, 2e4)}
+    )
     cat_in["flux"][:4] = 1e6  # saturate at 30000
     cat_in["x"][4], cat_in["y"][4] = 1.2, 250.0  # on the edge
     cat_in["x"][5], cat_in["y"][5] = cat_in["x"][6] + 3.0, cat_in["y"][6]  # a close pair
@@ -184,12 +211,16 @@ def test_flags_saturated_masked_edge_isolated(backend):
     assert not hit["flag_saturated"][ok].any()
     assert m[4] and hit["flag_edge"][4]
     on_col = ok & (np.abs(np.asarray(sim.truth["x"]) - 300) < 3)
-    assert hit["flag_masked"][on_col].all() and all("BAD" in s for s in hit["masked_planes"][on_col])
+    assert hit["flag_masked"][on_col].all() and all(
+        "BAD" in s for s in hit["masked_planes"][on_col]
+    )
     assert not hit["isolated"][5] and not hit["isolated"][6]
     # kernel sources: S/N band, unflagged, isolated, inside the box shrunk by edge_buffer
     ks = select_kernel_sources(cat, sim.exposure.bbox, snr_min=10, snr_max=1e4, edge_buffer=20)
     assert len(ks) > 10
-    assert not any(ks[f].any() for f in ("flag_saturated", "flag_masked", "flag_edge", "is_extended"))
+    assert not any(
+        ks[f].any() for f in ("flag_saturated", "flag_masked", "flag_edge", "is_extended")
+    )
     assert ks["isolated"].all()
     assert (ks["x"] >= 19.5).all() and (ks["x"] <= 491.5).all()
     assert np.all(np.diff(ks["snr"]) <= 0)
@@ -198,21 +229,29 @@ def test_flags_saturated_masked_edge_isolated(backend):
 
 
 def test_select_kernel_sources_is_a_pure_filter():
-    t = Table({
-        "x": [50.0, 60.0, 10.0, 70.0, 200.0, 201.0],
-        "y": [50.0, 80.0, 10.0, 90.0, 200.0, 203.0],
-        "psf_flux": [1000.0, 5000.0, 2000.0, 9e4, 3000.0, 3000.0],
-        "psf_flux_err": [100.0, 100.0, 100.0, 100.0, 100.0, 100.0],
-        "is_extended": [False, False, False, False, False, True],
-        "isolated": [True, True, True, True, True, True],
-        "flag_edge": [False] * 6, "flag_masked": [False] * 6, "flag_saturated": [False] * 6,
-        "flag_negative": [False] * 6, "flag_centroid": [False] * 6, "flag_psf_flux": [False] * 6,
-    })
+    t = Table(
+        {
+            "x": [50.0, 60.0, 10.0, 70.0, 200.0, 201.0],
+            "y": [50.0, 80.0, 10.0, 90.0, 200.0, 203.0],
+            "psf_flux": [1000.0, 5000.0, 2000.0, 9e4, 3000.0, 3000.0],
+            "psf_flux_err": [100.0, 100.0, 100.0, 100.0, 100.0, 100.0],
+            "is_extended": [False, False, False, False, False, True],
+            "isolated": [True, True, True, True, True, True],
+            "flag_edge": [False] * 6,
+            "flag_masked": [False] * 6,
+            "flag_saturated": [False] * 6,
+            "flag_negative": [False] * 6,
+            "flag_centroid": [False] * 6,
+            "flag_psf_flux": [False] * 6,
+        }
+    )
     box = Box(0, 0, 256, 256)
     out = select_kernel_sources(t, box, edge_buffer=15)
     # S/N 10, 50, 20, 900, 30, 30 → 900 out of band, (10,10) too near the edge, last extended
     assert list(out["x"]) == [60.0, 200.0, 50.0]
-    out = select_kernel_sources(t, box, edge_buffer=15, isolation_radius=5.0, require_unresolved=False)
+    out = select_kernel_sources(
+        t, box, edge_buffer=15, isolation_radius=5.0, require_unresolved=False
+    )
     assert list(out["x"]) == [60.0, 50.0]  # the 200/201 pair spoil each other
     assert len(t) == 6  # not modified
     with pytest.raises(InvalidInputError):
@@ -247,8 +286,14 @@ def test_options_and_errors(backend, star_field):
 def test_spatially_varying_psf(backend):
     # FWHM 3 px ± 25 % over the field: a GridPsf, whose kernel images detect_sources
     # interpolates from an 8×8 lattice for the PSF fluxes and moments.
-    sim = simulate_exposure(512, seed=21, n_stars=200, flux_alpha=1.2, min_separation=8,
-                            psf=PsfSpec(fwhm=3.0, variation=(0.25, -0.15)))
+    sim = simulate_exposure(
+        512,
+        seed=21,
+        n_stars=200,
+        flux_alpha=1.2,
+        min_separation=8,
+        psf=PsfSpec(fwhm=3.0, variation=(0.25, -0.15)),
+    )
     cat = detect_sources(sim.exposure.to_backend(backend)).catalog
     tr = sim.truth
     i, m, _ = _match(cat, tr)
@@ -290,7 +335,9 @@ def test_peaks_match_maximum_filter(backend):
     snr = np.round(ndi.gaussian_filter(rng.normal(size=(120, 90)), 1.5) * 20).astype(np.float32)
     labels, _ = ndi.label(snr > 2)
     for radius in (1, 2, 3):
-        cand = (snr >= ndi.maximum_filter(snr, size=2 * radius + 1, mode="constant", cval=-np.inf)) & (labels > 0)
+        cand = (
+            snr >= ndi.maximum_filter(snr, size=2 * radius + 1, mode="constant", cval=-np.inf)
+        ) & (labels > 0)
         plab, _ = ndi.label(cand, structure=np.ones((3, 3), bool))
         ys, xs = np.nonzero(plab)
         _, first = np.unique(plab[ys, xs], return_index=True)

@@ -66,14 +66,20 @@ def test_subtraction_with_detected_sources_is_bit_identical(backend):
 
 def test_preconvolve_score_is_bit_identical(backend):
     cfg = AlardLuptonPreconvolveSubtractConfig(restrict_kernel_edge_sources=False)
-    a, b = (AlardLuptonPreconvolveSubtractTask(cfg, backend=backend).run(_pair()[1], _pair()[0], _pair()[2])
-            for _ in range(2))
+    a, b = (
+        AlardLuptonPreconvolveSubtractTask(cfg, backend=backend).run(
+            _pair()[1], _pair()[0], _pair()[2]
+        )
+        for _ in range(2)
+    )
     _same_masked_image(a.score_exposure.masked_image, b.score_exposure.masked_image)
 
 
 def test_model_psf_match_and_detection_are_bit_identical(backend):
     exp, _ = _cached(psf_size=2.0, x_size=128, y_size=128)
-    a, b = (ModelPsfMatchTask(backend=backend).run(exp.copy(), GaussianPsf(fwhm=7.0)) for _ in range(2))
+    a, b = (
+        ModelPsfMatchTask(backend=backend).run(exp.copy(), GaussianPsf(fwhm=7.0)) for _ in range(2)
+    )
     _same_masked_image(a.psf_matched_exposure.masked_image, b.psf_matched_exposure.masked_image)
     da, db = (detect_sources(exp.copy().masked_image, exp.psf, backend=backend) for _ in range(2))
     _identical(da.mask, db.mask)
@@ -88,7 +94,11 @@ def test_clipped_stack_is_bit_identical(backend):
     data[rng.random(data.shape) < 0.02] += 500  # cosmic-ray-like outliers to clip
     bad = rng.random(data.shape) < 0.1
     weights = rng.uniform(0.5, 2.0, 9).astype(np.float32)
-    a, b = (clipped_stack(data.copy(), bad.copy(), weights.copy(), 3.0, 3, return_used=True, backend=backend)
-            for _ in range(2))
+    a, b = (
+        clipped_stack(
+            data.copy(), bad.copy(), weights.copy(), 3.0, 3, return_used=True, backend=backend
+        )
+        for _ in range(2)
+    )
     for x, y in zip(a, b):
         _identical(x, y)

@@ -35,8 +35,17 @@ ROOT = TESTS.parent
 
 def _pair():
     from gpudiff.sim import simulate_pair
-    return simulate_pair(size=256, n_stars=150, flux_min=2e3, flux_max=5e5, template_border=20, seed=12,
-                         science=dict(sky_subtracted=True), template=dict(sky_subtracted=True))
+
+    return simulate_pair(
+        size=256,
+        n_stars=150,
+        flux_min=2e3,
+        flux_max=5e5,
+        template_border=20,
+        seed=12,
+        science=dict(sky_subtracted=True),
+        template=dict(sky_subtracted=True),
+    )
 
 
 def _coadd_warps(n=6, shape=(96, 112), xy0=(-23, 17), seed=3):
@@ -59,16 +68,31 @@ def _coadd_warps(n=6, shape=(96, 112), xy0=(-23, 17), seed=3):
         noise = rng.normal(0.0, 5.0, shape)
         out = []
         for s in (rng.uniform(1.5, 3.0), 3.0):
-            img = 100.0 + noise + sum(f / (2 * np.pi * s * s) * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s * s))
-                                      for x, y, f in zip(xs, ys, fluxes))
+            img = (
+                100.0
+                + noise
+                + sum(
+                    f / (2 * np.pi * s * s) * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s * s))
+                    for x, y, f in zip(xs, ys, fluxes)
+                )
+            )
             if k == 2:
                 img[40:43, 50:53] += 3000.0  # an artifact in one epoch
             mask = np.where(img > 125.0, det, 0).astype(np.int32)
             hdr = fits.Header()
             hdr["VISIT"] = 100 + k
-            out.append(Exposure.from_arrays(img, np.full(shape, 25.0), mask, xy0=xy0, mask_planes=planes,
-                                            psf=GaussianPsf(sigma=s, size=15), metadata=hdr,
-                                            photo_calib=PhotoCalib(1.0)))
+            out.append(
+                Exposure.from_arrays(
+                    img,
+                    np.full(shape, 25.0),
+                    mask,
+                    xy0=xy0,
+                    mask_planes=planes,
+                    psf=GaussianPsf(sigma=s, size=15),
+                    metadata=hdr,
+                    photo_calib=PhotoCalib(1.0),
+                )
+            )
         direct.append(out[0])
         matched.append(out[1])
     return direct, matched
@@ -83,8 +107,11 @@ def _tract_warps():
     from gpudiff.image.tract import TractGrid
 
     tract = TractGrid.from_size(256, patch_inner=128, patch_overlap=16)
-    visits = {1: (0.0, 0.0, 0.0, (0, 1, 2, 3)), 2: (200.0, 60.0, -30.0, (0, 1, 2, 3)),
-              3: (-150.0, -40.0, 80.0, (0, 1, 3))}
+    visits = {
+        1: (0.0, 0.0, 0.0, (0, 1, 2, 3)),
+        2: (200.0, 60.0, -30.0, (0, 1, 2, 3)),
+        3: (-150.0, -40.0, 80.0, (0, 1, 3)),
+    }
     rng = np.random.default_rng(9)
     warps = []
     for visit, (off, gx, gy, patches) in visits.items():
@@ -95,8 +122,15 @@ def _tract_warps():
             img = off + gx * xx + gy * yy + rng.normal(0, 10.0, b.shape)
             hdr = fits.Header()
             hdr["VISIT"] = visit
-            warps.append(Exposure.from_arrays(img.astype(np.float32), np.full(b.shape, 100.0), xy0=(b.x0, b.y0),
-                                              metadata=hdr, backend="numpy"))
+            warps.append(
+                Exposure.from_arrays(
+                    img.astype(np.float32),
+                    np.full(b.shape, 100.0),
+                    xy0=(b.x0, b.y0),
+                    metadata=hdr,
+                    backend="numpy",
+                )
+            )
     return warps, tract
 
 
@@ -109,80 +143,104 @@ def _tract_warps():
 def _subtract(mode):
     def run(be, inp):
         from gpudiff.tasks import AlardLuptonSubtractConfig, AlardLuptonSubtractTask
+
         p = inp["pair"]
         r = AlardLuptonSubtractTask(AlardLuptonSubtractConfig(mode=mode), backend=be).run(
-            template=p.template.to_backend(be), science=p.science.to_backend(be))
+            template=p.template.to_backend(be), science=p.science.to_backend(be)
+        )
         return {"difference": r.difference, "matched_template": r.matched_template}
+
     return run
 
 
 def _preconvolve(be, inp):
     from gpudiff.tasks import AlardLuptonPreconvolveSubtractTask
+
     p = inp["pair"]
-    r = AlardLuptonPreconvolveSubtractTask(backend=be).run(template=p.template.to_backend(be),
-                                                         science=p.science.to_backend(be))
+    r = AlardLuptonPreconvolveSubtractTask(backend=be).run(
+        template=p.template.to_backend(be), science=p.science.to_backend(be)
+    )
     return {"score": r.score_exposure}
 
 
 def _image_psf_match(be, inp):
     from gpudiff.tasks import ImagePsfMatchTask
+
     p = inp["pair"]
-    r = ImagePsfMatchTask(backend=be).subtract_exposures(p.template.to_backend(be), p.science.to_backend(be))
+    r = ImagePsfMatchTask(backend=be).subtract_exposures(
+        p.template.to_backend(be), p.science.to_backend(be)
+    )
     return {"subtracted": r.subtracted_exposure}
 
 
 def _model_psf_match(be, inp):
     from gpudiff import GaussianPsf
     from gpudiff.tasks import ModelPsfMatchTask
+
     r = ModelPsfMatchTask(backend=be).run(inp["pair"].science.to_backend(be), GaussianPsf(fwhm=4.5))
     return {"matched": r.psf_matched_exposure}
 
 
 def _detect_and_measure(be, inp):
     from gpudiff.tasks import DetectAndMeasureTask
+
     r = DetectAndMeasureTask(backend=be).run(inp["difference"].to_backend(be))
     return {"dia_sources": r.dia_sources, "measured": r.subtracted_measured_exposure}
 
 
 def _scale_variance(be, inp):
     from gpudiff.tasks import ScaleVarianceTask
+
     return {"factor": float(ScaleVarianceTask(backend=be).run(inp["pair"].science.to_backend(be)))}
 
 
 def _assemble(statistic, on_device):
     def run(be, inp):
         from gpudiff.tasks import AssembleCoaddConfig, AssembleCoaddTask
+
         direct, _ = inp["coadd"]
         warps = [w.to_backend(be) for w in direct] if on_device else direct
-        r = AssembleCoaddTask(AssembleCoaddConfig(statistic=statistic, do_n_image=True, do_input_map=True),
-                              backend=be).run(warps)
+        r = AssembleCoaddTask(
+            AssembleCoaddConfig(statistic=statistic, do_n_image=True, do_input_map=True), backend=be
+        ).run(warps)
         return {"coadd": r.coadd_exposure, "n_image": r.n_image, "input_map": r.input_map}
+
     return run
 
 
 def _compare_warp(be, inp):
     from gpudiff.tasks import CompareWarpAssembleCoaddTask
+
     direct, matched = inp["coadd"]
-    r = CompareWarpAssembleCoaddTask(backend=be).run([w.to_backend(be) for w in direct],
-                                                     [w.to_backend(be) for w in matched])
-    return {"coadd": r.coadd_exposure, "epoch_count": r.epoch_count_image,
-            "clipped": [None if m is None else m.get("CLIPPED") for m in r.alt_mask_list]}
+    r = CompareWarpAssembleCoaddTask(backend=be).run(
+        [w.to_backend(be) for w in direct], [w.to_backend(be) for w in matched]
+    )
+    return {
+        "coadd": r.coadd_exposure,
+        "epoch_count": r.epoch_count_image,
+        "clipped": [None if m is None else m.get("CLIPPED") for m in r.alt_mask_list],
+    }
 
 
 def _match_backgrounds(be, inp):
     from gpudiff.tasks import MatchBackgroundsConfig, MatchBackgroundsTask
     from gpudiff.tasks.tract_background import TractBackgroundConfig
+
     warps, tract = inp["tract"]
     cfg = MatchBackgroundsConfig(tract_bg_model=TractBackgroundConfig(x_bin=32, y_bin=32))
     r = MatchBackgroundsTask(cfg, backend=be).run([w.to_backend(be) for w in warps], tract)
-    return {"reference_visit": r.reference_visit, "matched": r.matched_image_list,
-            "models": [b.model for b in r.background_info_list]}
+    return {
+        "reference_visit": r.reference_visit,
+        "matched": r.matched_image_list,
+        "models": [b.model for b in r.background_info_list],
+    }
 
 
 def _match_background_pair(use_polynomial):
     def run(be, inp):
         from gpudiff.image import MaskedImage
         from gpudiff.tasks import BackgroundMatchPairConfig, match_background_pair
+
         rng = np.random.default_rng(4)
         yy, xx = np.mgrid[0:256, 0:256] / 256.0
         ref = rng.normal(0.0, 1.0, (256, 256)) + 50.0
@@ -191,10 +249,18 @@ def _match_background_pair(use_polynomial):
         mask = np.zeros((256, 256), np.int32)
         mask[:, 100:130] = 1 << 8  # NO_DATA
         cfg = BackgroundMatchPairConfig(use_polynomial=use_polynomial, bin_size=32, order=4)
-        r = match_background_pair(MaskedImage(ref, np.ones_like(ref), backend=be),
-                                  MaskedImage(sci, np.ones_like(sci), mask, backend=be), cfg)
-        return {"model": r.background_model, "matched": r.matched, "fit_rms": r.fit_rms,
-                "matched_mse": r.matched_mse}
+        r = match_background_pair(
+            MaskedImage(ref, np.ones_like(ref), backend=be),
+            MaskedImage(sci, np.ones_like(sci), mask, backend=be),
+            cfg,
+        )
+        return {
+            "model": r.background_model,
+            "matched": r.matched,
+            "fit_rms": r.fit_rms,
+            "matched_mse": r.matched_mse,
+        }
+
     return run
 
 
@@ -216,11 +282,23 @@ CASES = {
 
 #: Two batches of about equal cost, run side by side (one per core).
 BATCHES = (
-    ("AlardLuptonSubtract[convolveTemplate]", "AlardLuptonSubtract[convolveScience]",
-     "AlardLuptonPreconvolveSubtract", "ImagePsfMatch.subtract_exposures", "DetectAndMeasure"),
-    ("ModelPsfMatch", "ScaleVariance", "AssembleCoadd[MEANCLIP]", "AssembleCoadd[MEDIAN,host warps]",
-     "CompareWarpAssembleCoadd", "MatchBackgrounds", "match_background_pair[spline]",
-     "match_background_pair[polynomial]"),
+    (
+        "AlardLuptonSubtract[convolveTemplate]",
+        "AlardLuptonSubtract[convolveScience]",
+        "AlardLuptonPreconvolveSubtract",
+        "ImagePsfMatch.subtract_exposures",
+        "DetectAndMeasure",
+    ),
+    (
+        "ModelPsfMatch",
+        "ScaleVariance",
+        "AssembleCoadd[MEANCLIP]",
+        "AssembleCoadd[MEDIAN,host warps]",
+        "CompareWarpAssembleCoadd",
+        "MatchBackgrounds",
+        "match_background_pair[spline]",
+        "match_background_pair[polynomial]",
+    ),
 )
 
 # ----------------------------------------------------------------------------------------
@@ -231,6 +309,7 @@ BATCHES = (
 def _host(be, v):
     """A result of backend ``be`` on the host, through the library's own transfers."""
     from gpudiff.image import Exposure, MaskedImage
+
     if isinstance(v, (Exposure, MaskedImage)):
         return v.to_backend("numpy")
     if isinstance(v, (list, tuple)):
@@ -245,6 +324,7 @@ def _compare(a, b, what):
     from test_parity import _assert_close, _assert_exposure_close
 
     from gpudiff.image import Exposure, MaskedImage
+
     if isinstance(a, MaskedImage):
         a, b = Exposure(a), Exposure(b)
     if isinstance(a, Exposure):
@@ -257,7 +337,9 @@ def _compare(a, b, what):
         assert len(a) == len(b), f"{what}: {len(a)} vs {len(b)} rows"
         for col in ("x", "y"):
             if col in a.colnames:
-                np.testing.assert_allclose(np.sort(a[col]), np.sort(b[col]), atol=1e-3, err_msg=f"{what}.{col}")
+                np.testing.assert_allclose(
+                    np.sort(a[col]), np.sort(b[col]), atol=1e-3, err_msg=f"{what}.{col}"
+                )
     elif isinstance(a, float):
         assert abs(a - b) <= 1e-5 * abs(a), f"{what}: {a} vs {b}"
     elif isinstance(a, np.ndarray):
@@ -284,7 +366,9 @@ def _self_check(be):
         "host[device index]": lambda: host[be.asarray(np.array([0, 1]))],
         "device[basic slice] = host array": lambda: dev.__setitem__(slice(0, 1), host[:1]),
         "fft with workers=": lambda: be.fft.rfft2(dev, workers=-1),
-        "binary_dilation(structure=host)": lambda: be.ndimage.binary_dilation(dev > 2, structure=np.ones((3, 3))),
+        "binary_dilation(structure=host)": lambda: be.ndimage.binary_dilation(
+            dev > 2, structure=np.ones((3, 3))
+        ),
     }
     accepted = {
         "device[host index]": lambda: dev[np.array([1, 0])],
@@ -327,9 +411,13 @@ def _child(names, out_path):
                 inputs[key] = _pair()
             elif key == "difference":
                 from gpudiff.tasks import AlardLuptonSubtractTask
+
                 p = need("pair")
-                inputs[key] = AlardLuptonSubtractTask(backend="numpy").run(template=p.template,
-                                                                          science=p.science).difference
+                inputs[key] = (
+                    AlardLuptonSubtractTask(backend="numpy")
+                    .run(template=p.template, science=p.science)
+                    .difference
+                )
             elif key == "coadd":
                 inputs[key] = _coadd_warps()
             elif key == "tract":
@@ -387,13 +475,27 @@ def reports():
         try:
             for i, names in enumerate(BATCHES):
                 out = Path(tmp) / f"batch{i}.json"
-                code = f"import test_device_discipline as t; t._child({list(names)!r}, {str(out)!r})"
-                procs.append((out, subprocess.Popen([sys.executable, "-c", code], cwd=str(ROOT), env=env,
-                                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+                code = (
+                    f"import test_device_discipline as t; t._child({list(names)!r}, {str(out)!r})"
+                )
+                procs.append(
+                    (
+                        out,
+                        subprocess.Popen(
+                            [sys.executable, "-c", code],
+                            cwd=str(ROOT),
+                            env=env,
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT,
+                            text=True,
+                        ),
+                    )
+                )
             for out, proc in procs:
                 log, _ = proc.communicate(timeout=300)
-                assert proc.returncode == 0, (f"device-discipline subprocess failed (exit {proc.returncode}):\n"
-                                              f"{log[-6000:]}")
+                assert proc.returncode == 0, (
+                    f"device-discipline subprocess failed (exit {proc.returncode}):\n{log[-6000:]}"
+                )
                 batch = json.loads(out.read_text())
                 merged["_all_violations"] += batch.pop("_all_violations")
                 merged["_self_check"] += batch.pop("_self_check")
@@ -424,7 +526,9 @@ def test_no_violation_outside_the_cases(reports):
 @pytest.mark.parametrize("name", list(CASES))
 def test_device_discipline(reports, name):
     r = reports[name]
-    assert not r["violations"], f"{name}: {len(r['violations'])} device violation(s); first:\n{r['violations'][0]}"
+    assert not r["violations"], (
+        f"{name}: {len(r['violations'])} device violation(s); first:\n{r['violations'][0]}"
+    )
     assert r["error"] is None, f"{name} failed on the strict device:\n{r['error']}"
     assert r["mismatch"] is None, f"{name}: results differ from the NumPy backend: {r['mismatch']}"
 
@@ -443,14 +547,14 @@ def test_counting_device_counts_calls_syncs_and_bytes():
     host = np.ones((64, 64), np.float32)  # 16384 bytes
     with sd.counting():
         with sd.stage("known"):
-            x = be.asarray(host)          # host→device 16384 B, no launch
-            y = x * 2 + 1                 # 2 launches
-            _ = y.reshape(-1)[:10], y.T   # views: free
-            f = float(y.sum())            # 1 launch + 1 sync (4 B)
-            m = y[y > 2]                  # compare + masked gather: 2 launches, 1 sync (size)
-            h = be.asnumpy(y)             # 1 sync, 16384 B back
+            x = be.asarray(host)  # host→device 16384 B, no launch
+            y = x * 2 + 1  # 2 launches
+            _ = y.reshape(-1)[:10], y.T  # views: free
+            f = float(y.sum())  # 1 launch + 1 sync (4 B)
+            m = y[y > 2]  # compare + masked gather: 2 launches, 1 sync (size)
+            h = be.asnumpy(y)  # 1 sync, 16384 B back
             with sd.stage("inner"):
-                y[0, 0] = 5.0             # an item assignment is a launch
+                y[0, 0] = 5.0  # an item assignment is a launch
         rep = sd.report()
     assert f == 3.0 * 4096 and m.shape == (4096,) and h.shape == (64, 64)
     known, inner = rep["stages"]["known"], rep["stages"]["known/inner"]

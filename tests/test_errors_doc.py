@@ -54,8 +54,15 @@ def test_hierarchy_and_builtin_bases():
 
 
 def test_command_line_generator():
-    out = subprocess.run([sys.executable, "-m", "gpudiff.errors", "--markdown"], capture_output=True, text=True,
-                         check=True, cwd=README.parent).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "gpudiff.errors", "--markdown"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=README.parent,
+    ).stdout
     assert out == errors.markdown_table()
-    bad = subprocess.run([sys.executable, "-m", "gpudiff.errors"], capture_output=True, text=True, cwd=README.parent)
+    bad = subprocess.run(
+        [sys.executable, "-m", "gpudiff.errors"], capture_output=True, text=True, cwd=README.parent
+    )
     assert bad.returncode == 2 and "usage: python -m gpudiff.errors --markdown" in bad.stderr

@@ -27,7 +27,12 @@ from gpudiff.backend import get_backend
 from gpudiff.backend.core import Backend
 from gpudiff.backend.fallback import free_device_memory, is_out_of_memory, with_memory_fallback
 from gpudiff.cli import main
-from gpudiff.errors import DeviceMemoryError, FitsWriteError, GpudiffFallbackWarning, InvalidInputError
+from gpudiff.errors import (
+    DeviceMemoryError,
+    FitsWriteError,
+    GpudiffFallbackWarning,
+    InvalidInputError,
+)
 from gpudiff.image import GaussianPsf, read_exposure
 from gpudiff.image.atomic import atomic_write
 from gpudiff.image.fitsio import write_psf
@@ -76,10 +81,19 @@ class _LimitedFFT:
 @pytest.fixture
 def device(monkeypatch):
     """make(limit) → a fake 'cupy' Backend whose FFTs fail above ``limit`` pixels."""
-    monkeypatch.setattr(kernels, "get_kernel", lambda name, backend=None: kernels.get_spec(name).numpy_impl)
+    monkeypatch.setattr(
+        kernels, "get_kernel", lambda name, backend=None: kernels.get_spec(name).numpy_impl
+    )
 
     def make(limit: int) -> Backend:
-        return Backend(name="cupy", xp=np, fft=_LimitedFFT(limit), ndimage=scipy.ndimage, linalg=np.linalg, device=0)
+        return Backend(
+            name="cupy",
+            xp=np,
+            fft=_LimitedFFT(limit),
+            ndimage=scipy.ndimage,
+            linalg=np.linalg,
+            device=0,
+        )
 
     return make
 
@@ -95,6 +109,7 @@ def _assert_identical(a, b):
 # out of memory
 # --------------------------------------------------------------------------------------
 
+
 def test_recognises_device_oom_only():
     assert is_out_of_memory(OutOfMemoryError("x"))
     assert is_out_of_memory(CuFFTError("CUFFT_ALLOC_FAILED"))
@@ -109,7 +124,9 @@ def test_subtraction_falls_back_to_cpu_bit_identical(device, caplog):
     sci, tmpl, cat = _pair()
     cfg = AlardLuptonSubtractConfig(restrict_kernel_edge_sources=False)
     dev = device(limit=3000)
-    with pytest.warns(GpudiffFallbackWarning, match=r"AlardLuptonSubtractTask.run: out of GPU memory .* NumPy CPU"):
+    with pytest.warns(
+        GpudiffFallbackWarning, match=r"AlardLuptonSubtractTask.run: out of GPU memory .* NumPy CPU"
+    ):
         with caplog.at_level(logging.WARNING, logger="gpudiff.backend.fallback"):
             got = AlardLuptonSubtractTask(cfg, backend=dev).run(tmpl, sci, cat)
     assert dev.fft.failures == 1 and "freeing the memory pool" in caplog.text
@@ -122,7 +139,7 @@ def test_subtraction_falls_back_to_cpu_bit_identical(device, caplog):
 def test_no_fallback_when_memory_suffices(device):
     sci, tmpl, cat = _pair()
     cfg = AlardLuptonSubtractConfig(restrict_kernel_edge_sources=False)
-    dev = device(limit=10 ** 9)
+    dev = device(limit=10**9)
     with warnings.catch_warnings():
         warnings.simplefilter("error", GpudiffFallbackWarning)
         got = AlardLuptonSubtractTask(cfg, backend=dev).run(tmpl, sci, cat)
@@ -137,7 +154,9 @@ def test_model_psf_match_retries_in_row_bands(device, caplog):
     with warnings.catch_warnings():
         warnings.simplefilter("error", GpudiffFallbackWarning)
         with caplog.at_level(logging.WARNING, logger="gpudiff.backend.fallback"):
-            got = ModelPsfMatchTask(backend=dev).run(exp, GaussianPsf(fwhm=7.0)).psf_matched_exposure
+            got = (
+                ModelPsfMatchTask(backend=dev).run(exp, GaussianPsf(fwhm=7.0)).psf_matched_exposure
+            )
     assert dev.fft.failures == 1 and "finished in 4 row bands" in caplog.text
     ref = ModelPsfMatchTask(backend="numpy").run(exp, GaussianPsf(fwhm=7.0)).psf_matched_exposure
     assert got.backend is dev
@@ -157,7 +176,9 @@ def test_model_psf_match_falls_back_to_cpu_when_bands_fail(device):
     (the fit stays on the device), with a warning; bit-identical to a NumPy run."""
     exp, _ = _cached(psf_size=2.0, x_size=128, y_size=128)
     dev = device(limit=3000)
-    with pytest.warns(GpudiffFallbackWarning, match=r"ModelPsfMatchTask.apply_kernel: .*banded processing failed"):
+    with pytest.warns(
+        GpudiffFallbackWarning, match=r"ModelPsfMatchTask.apply_kernel: .*banded processing failed"
+    ):
         got = ModelPsfMatchTask(backend=dev).run(exp, GaussianPsf(fwhm=7.0)).psf_matched_exposure
     assert dev.fft.failures == 3  # whole image, 4 bands, 16 (→ 6) bands
     ref = ModelPsfMatchTask(backend="numpy").run(exp, GaussianPsf(fwhm=7.0)).psf_matched_exposure
@@ -171,8 +192,10 @@ def test_device_memory_error_when_everything_fails():
         raise OutOfMemoryError("device full") if be.is_gpu else MemoryError("host full")
 
     with pytest.warns(GpudiffFallbackWarning):
-        with pytest.raises(DeviceMemoryError,
-                           match=r"stage X: out of memory on the GPU .*device full.*CPU fallback \(host full\)"):
+        with pytest.raises(
+            DeviceMemoryError,
+            match=r"stage X: out of memory on the GPU .*device full.*CPU fallback \(host full\)",
+        ):
             with_memory_fallback("stage X", run, dev, banded=lambda be, n: run(be))
 
 
@@ -189,8 +212,11 @@ def test_other_errors_pass_through_untouched():
     assert calls == ["cupy"]  # not retried anywhere
     cpu_calls = []
     with pytest.raises(OutOfMemoryError):  # on the CPU backend nothing is retried
-        with_memory_fallback("stage", lambda be: cpu_calls.append(1) or (_ for _ in ()).throw(OutOfMemoryError()),
-                             get_backend("numpy"))
+        with_memory_fallback(
+            "stage",
+            lambda be: cpu_calls.append(1) or (_ for _ in ()).throw(OutOfMemoryError()),
+            get_backend("numpy"),
+        )
     assert cpu_calls == [1]
 
 
@@ -199,8 +225,11 @@ def test_free_device_memory_releases_pools():
     pool = types.SimpleNamespace(free_all_blocks=lambda: freed.append("pool"))
     pinned = types.SimpleNamespace(free_all_blocks=lambda: freed.append("pinned"))
     cache = types.SimpleNamespace(clear=lambda: freed.append("plans"))
-    xp = types.SimpleNamespace(get_default_memory_pool=lambda: pool, get_default_pinned_memory_pool=lambda: pinned,
-                               fft=types.SimpleNamespace(config=types.SimpleNamespace(get_plan_cache=lambda: cache)))
+    xp = types.SimpleNamespace(
+        get_default_memory_pool=lambda: pool,
+        get_default_pinned_memory_pool=lambda: pinned,
+        fft=types.SimpleNamespace(config=types.SimpleNamespace(get_plan_cache=lambda: cache)),
+    )
     free_device_memory(Backend(name="cupy", xp=xp, fft=None, ndimage=None, linalg=None))
     assert freed == ["pool", "pinned", "plans"]
     free_device_memory(get_backend("numpy"))  # a no-op, no error
@@ -213,17 +242,23 @@ def test_row_bands_match_one_piece_convolution():
     one = kernel.convolve(exp.masked_image, do_normalize=True)
     h = kernel.shape[0] // 2
     for n in (3, 7):
-        banded = process_in_row_bands(exp.masked_image, lambda b: kernel.convolve(b, do_normalize=True), n, (h, h))
+        banded = process_in_row_bands(
+            exp.masked_image, lambda b: kernel.convolve(b, do_normalize=True), n, (h, h)
+        )
         np.testing.assert_array_equal(banded.mask, one.mask)
-        np.testing.assert_allclose(banded.image, one.image, rtol=0, atol=1e-5 * float(np.nanmax(np.abs(one.image))))
+        np.testing.assert_allclose(
+            banded.image, one.image, rtol=0, atol=1e-5 * float(np.nanmax(np.abs(one.image)))
+        )
 
 
 # --------------------------------------------------------------------------------------
 # atomic writes
 # --------------------------------------------------------------------------------------
 
+
 def _partial_writer(exc):
     """An HDUList.writeto that writes a few kB, then fails as a full disk or Ctrl-C would."""
+
     def writeto(self, f, *args, **kwargs):
         f.write(b"SIMPLE  =                    T" + b" " * 4000)
         raise exc
@@ -279,8 +314,22 @@ def pair_files(tmp_path_factory):
 def test_cli_interrupted_write_leaves_nothing(pair_files, tmp_path, monkeypatch, capsys, exc):
     d = pair_files
     monkeypatch.setattr(fits.HDUList, "writeto", _partial_writer(exc))
-    argv_sub = ["subtract", str(d / "sci.fits"), str(d / "tmpl.fits"), "-o", str(tmp_path / "diff.fits"), "--no-detect"]
-    argv_mpm = ["match-psf", str(d / "sci.fits"), "-o", str(tmp_path / "m.fits"), "--reference-fwhm", "7"]
+    argv_sub = [
+        "subtract",
+        str(d / "sci.fits"),
+        str(d / "tmpl.fits"),
+        "-o",
+        str(tmp_path / "diff.fits"),
+        "--no-detect",
+    ]
+    argv_mpm = [
+        "match-psf",
+        str(d / "sci.fits"),
+        "-o",
+        str(tmp_path / "m.fits"),
+        "--reference-fwhm",
+        "7",
+    ]
     for argv in (argv_sub, argv_mpm):
         if isinstance(exc, Exception):
             assert main(argv) == 1
@@ -300,7 +349,15 @@ def test_cli_interrupted_run_leaves_nothing(pair_files, tmp_path, monkeypatch):
 
     monkeypatch.setattr(AlardLuptonSubtractTask, "_fit", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        main(["subtract", str(d / "sci.fits"), str(d / "tmpl.fits"), "-o", str(tmp_path / "diff.fits")])
+        main(
+            [
+                "subtract",
+                str(d / "sci.fits"),
+                str(d / "tmpl.fits"),
+                "-o",
+                str(tmp_path / "diff.fits"),
+            ]
+        )
     assert list(tmp_path.iterdir()) == []
     assert read_exposure(d / "sci.fits").shape == (256, 256)  # inputs untouched
     assert not any(p.name.endswith(".tmp") for p in d.iterdir()) and os.path.isdir(d)

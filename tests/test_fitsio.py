@@ -52,24 +52,36 @@ def tan_wcs() -> WCS:
 
 
 def _grid_psf():
-    return GridPsf.from_function(lambda x, y: GaussianPsf(sigma=1.5 + x / 100 + y / 200, size=15),
-                                 [0.0, 25.0, 50.0], [0.0, 40.0])
+    return GridPsf.from_function(
+        lambda x, y: GaussianPsf(sigma=1.5 + x / 100 + y / 200, size=15),
+        [0.0, 25.0, 50.0],
+        [0.0, 40.0],
+    )
 
 
 PSFS = {
-    "gaussian": lambda: GaussianPsf(sigma=1.7, sigma_y=2.3, theta=0.4, oversample=3, average_position=(10.5, 20.25)),
-    "gaussian_tiny_theta": lambda: GaussianPsf(sigma=1.2739827004320285, theta=1.2345678901234567e-05),
+    "gaussian": lambda: GaussianPsf(
+        sigma=1.7, sigma_y=2.3, theta=0.4, oversample=3, average_position=(10.5, 20.25)
+    ),
+    "gaussian_tiny_theta": lambda: GaussianPsf(
+        sigma=1.2739827004320285, theta=1.2345678901234567e-05
+    ),
     "doublegaussian": lambda: DoubleGaussianPsf(1.2, 3.5, b=0.15, size=21),
     "moffat": lambda: MoffatPsf(fwhm=3.1, beta=2.7, oversample=2),
-    "image": lambda: ImagePsf(np.random.default_rng(5).random((13, 13)), average_position=(3.0, 4.0)),
+    "image": lambda: ImagePsf(
+        np.random.default_rng(5).random((13, 13)), average_position=(3.0, 4.0)
+    ),
     "grid": _grid_psf,
     "none": lambda: None,
 }
 
-PARAMS = {GaussianPsf: ("sigma", "sigma_y", "theta", "size", "oversample", "average_position"),
-          DoubleGaussianPsf: ("sigma1", "sigma2", "b", "size", "oversample", "average_position"),
-          MoffatPsf: ("profile_fwhm", "beta", "size", "oversample", "average_position"),
-          ImagePsf: ("average_position",), GridPsf: ("average_position",)}
+PARAMS = {
+    GaussianPsf: ("sigma", "sigma_y", "theta", "size", "oversample", "average_position"),
+    DoubleGaussianPsf: ("sigma1", "sigma2", "b", "size", "oversample", "average_position"),
+    MoffatPsf: ("profile_fwhm", "beta", "size", "oversample", "average_position"),
+    ImagePsf: ("average_position",),
+    GridPsf: ("average_position",),
+}
 
 
 def assert_same_psf(a, b):
@@ -106,9 +118,18 @@ def make_exposure(psf=None, backend=None, rng=None) -> Exposure:
     meta["HIERARCH GPUDIFF LONG KEY"] = 3
     meta["COMMENT"] = "a comment card"
     meta["HISTORY"] = "a history card"
-    return Exposure.from_arrays(image, variance, mask, xy0=XY0, mask_planes=planes, psf=psf, wcs=tan_wcs(),
-                                photo_calib=PhotoCalib(0.123456789012345678e-5, 0.01), metadata=meta,
-                                backend=backend)
+    return Exposure.from_arrays(
+        image,
+        variance,
+        mask,
+        xy0=XY0,
+        mask_planes=planes,
+        psf=psf,
+        wcs=tan_wcs(),
+        photo_calib=PhotoCalib(0.123456789012345678e-5, 0.01),
+        metadata=meta,
+        backend=backend,
+    )
 
 
 def cards(header):
@@ -117,7 +138,9 @@ def cards(header):
 
 def assert_same_wcs(a, b):
     xs, ys = np.array([0.0, 10.0, 49.0, 17.3]), np.array([0.0, 30.0, 39.0, 2.9])
-    np.testing.assert_allclose(b.pixel_to_world_values(xs, ys), a.pixel_to_world_values(xs, ys), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        b.pixel_to_world_values(xs, ys), a.pixel_to_world_values(xs, ys), rtol=0, atol=1e-12
+    )
 
 
 def assert_same_exposure(a, b, psf=True):
@@ -125,7 +148,9 @@ def assert_same_exposure(a, b, psf=True):
     for name in ("image", "variance", "mask"):
         np.testing.assert_array_equal(hb(getattr(b, name)), ha(getattr(a, name)), err_msg=name)
         assert hb(getattr(b, name)).dtype.isnative
-    assert b.image.dtype == np.float32 and b.variance.dtype == np.float32 and b.mask.dtype == np.int32
+    assert (
+        b.image.dtype == np.float32 and b.variance.dtype == np.float32 and b.mask.dtype == np.int32
+    )
     assert b.mask_planes == a.mask_planes
     assert b.xy0 == a.xy0
     assert b.photo_calib == a.photo_calib
@@ -148,7 +173,9 @@ def test_lsst_round_trip_is_lossless(tmp_path, backend, psf_name):
         names = [h.name for h in hdul]
         assert names[:4] == ["PRIMARY", "IMAGE", "MASK", "VARIANCE"]
         assert ("PSF" in names) == (exp.psf is not None)
-        assert hdul["IMAGE"].data.dtype == np.dtype(">f4") and hdul["MASK"].data.dtype == np.dtype(">i4")
+        assert hdul["IMAGE"].data.dtype == np.dtype(">f4") and hdul["MASK"].data.dtype == np.dtype(
+            ">i4"
+        )
         assert hdul["MASK"].header["MP_SAT_TEMPLATE"] == exp.mask_planes["SAT_TEMPLATE"]
         assert hdul["IMAGE"].header["LTV1"] == -XY0[0] and hdul["IMAGE"].header["CRVAL2A"] == XY0[1]
         if exp.psf is not None:  # non-gpudiff readers get a usable PSF image
@@ -164,13 +191,23 @@ def test_exposure_methods_use_fitsio(tmp_path):
 
 def test_lsst_mask_without_mp_cards_and_missing_mask(tmp_path):
     img = np.arange(12, dtype=np.float32).reshape(3, 4)
-    hdus = [fits.PrimaryHDU(), fits.ImageHDU(img, name="IMAGE"),
-            fits.ImageHDU(np.full((3, 4), 2.0, ">f8"), name="VARIANCE")]
+    hdus = [
+        fits.PrimaryHDU(),
+        fits.ImageHDU(img, name="IMAGE"),
+        fits.ImageHDU(np.full((3, 4), 2.0, ">f8"), name="VARIANCE"),
+    ]
     fits.HDUList(hdus).writeto(tmp_path / "nomask.fits")
     exp = read_exposure(tmp_path / "nomask.fits")
-    assert exp.mask_planes == MaskPlanes() and not exp.mask.any() and exp.xy0 == (0, 0) and exp.wcs is None
+    assert (
+        exp.mask_planes == MaskPlanes()
+        and not exp.mask.any()
+        and exp.xy0 == (0, 0)
+        and exp.wcs is None
+    )
     np.testing.assert_array_equal(exp.variance, 2.0)
-    hdus.insert(2, fits.ImageHDU(np.full((3, 4), 5, np.int16), name="MASK"))  # no MP_ cards: LSST defaults
+    hdus.insert(
+        2, fits.ImageHDU(np.full((3, 4), 5, np.int16), name="MASK")
+    )  # no MP_ cards: LSST defaults
     fits.HDUList(hdus).writeto(tmp_path / "int16.fits")
     exp = read_exposure(tmp_path / "int16.fits", hdu="IMAGE")
     assert exp.mask.dtype == np.int32 and (exp.mask == 5).all() and exp.mask_planes == MaskPlanes()
@@ -214,16 +251,29 @@ def test_ccddata_conversion_round_trip(backend):
     np.testing.assert_allclose(back.psf.kernel_image(), exp.psf.kernel_image(), rtol=1e-12)
 
 
-@pytest.mark.parametrize("unc_type, to_unc", [(StdDevUncertainty, np.sqrt), (VarianceUncertainty, lambda v: v),
-                                              (InverseVariance, lambda v: 1.0 / v)])
+@pytest.mark.parametrize(
+    "unc_type, to_unc",
+    [
+        (StdDevUncertainty, np.sqrt),
+        (VarianceUncertainty, lambda v: v),
+        (InverseVariance, lambda v: 1.0 / v),
+    ],
+)
 def test_file_written_by_astropy_ccddata(tmp_path, unc_type, to_unc):
     rng = np.random.default_rng(3)
     var = rng.uniform(1.0, 4.0, (10, 12))
     data = rng.normal(size=(10, 12))
     data[2, 3] = np.nan
     kernel = np.outer([1.0, 2.0, 1.0], [1.0, 2.0, 1.0]) / 16.0
-    ccd = CCDData(data, unit="adu", uncertainty=unc_type(to_unc(var)), mask=var > 3.5, wcs=tan_wcs(),
-                  meta={"FOO": 1, "LTV1": -7, "LTV2": -9}, psf=kernel)
+    ccd = CCDData(
+        data,
+        unit="adu",
+        uncertainty=unc_type(to_unc(var)),
+        mask=var > 3.5,
+        wcs=tan_wcs(),
+        meta={"FOO": 1, "LTV1": -7, "LTV2": -9},
+        psf=kernel,
+    )
     ccd.write(tmp_path / "ccd.fits")
     exp = read_exposure(tmp_path / "ccd.fits")
     assert exp.image.dtype == np.float32 and exp.xy0 == (7, 9)
@@ -258,7 +308,7 @@ def _star_field(rng, gain=None, gain_keys=None, sigma=10.0, sky=50.0, shape=(200
     stars = np.zeros(shape)
     positions = [(50, 60), (120, 40), (150, 150), (30, 170), (100, 100)]
     for x, y in positions:
-        stars += 5000.0 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 2.0 ** 2))
+        stars += 5000.0 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 2.0**2))
     img = sky + stars + rng.normal(0.0, sigma, shape)
     img[[5, 6, 7], [9, 9, 10]] = np.nan
     hdr = fits.Header(gain_keys or {})
@@ -283,7 +333,11 @@ def test_plain_image_variance_is_sky_noise(tmp_path, backend):
 @pytest.mark.parametrize("how", ["header", "argument", "amplifiers"])
 def test_plain_image_poisson_term_follows_gain(tmp_path, how):
     gain = 2.0
-    keys = {"header": {"GAIN": gain}, "argument": {"GAIN": 99.0}, "amplifiers": {"GAINA": 1.5, "GAINB": 2.5}}[how]
+    keys = {
+        "header": {"GAIN": gain},
+        "argument": {"GAIN": 99.0},
+        "amplifiers": {"GAINA": 1.5, "GAINB": 2.5},
+    }[how]
     img, stars, positions, hdr = _star_field(np.random.default_rng(12), gain_keys=keys)
     fits.PrimaryHDU(img.astype(np.float32), hdr).writeto(tmp_path / "plain.fits")
     exp = read_exposure(tmp_path / "plain.fits", gain=gain if how == "argument" else None)
@@ -298,10 +352,14 @@ def test_plain_image_poisson_term_follows_gain(tmp_path, how):
 def test_estimate_variance_is_unbiased_on_pure_noise():
     rng = np.random.default_rng(21)
     var, sky, sigma = estimate_variance(rng.normal(-3.0, 10.0, (300, 300)))
-    assert sigma ** 2 == pytest.approx(100.0, rel=0.015) and sky == pytest.approx(-3.0, abs=0.1)
-    np.testing.assert_array_equal(var, np.float32(sigma ** 2))
+    assert sigma**2 == pytest.approx(100.0, rel=0.015) and sky == pytest.approx(-3.0, abs=0.1)
+    np.testing.assert_array_equal(var, np.float32(sigma**2))
     var_g, _, _ = estimate_variance(np.array([[0.0, 1.0], [-1.0, np.nan]]) * 10 + 1000.0, gain=4.0)
-    assert np.isposinf(var_g[1, 1]) and var_g[0, 1] > var_g[0, 0] and var_g[1, 0] == pytest.approx(var_g.min())
+    assert (
+        np.isposinf(var_g[1, 1])
+        and var_g[0, 1] > var_g[0, 0]
+        and var_g[1, 0] == pytest.approx(var_g.min())
+    )
 
 
 def test_all_nan_plain_image_is_all_no_data(tmp_path):
@@ -309,28 +367,37 @@ def test_all_nan_plain_image_is_all_no_data(tmp_path):
     assert np.isposinf(var).all() and np.isnan(sky) and np.isnan(sigma)
     fits.PrimaryHDU(np.full((4, 5), np.nan, np.float32)).writeto(tmp_path / "nan.fits")
     exp = read_exposure(tmp_path / "nan.fits")
-    assert (exp.mask == exp.mask_planes.bitmask("NO_DATA")).all() and np.isposinf(exp.variance).all()
+    assert (exp.mask == exp.mask_planes.bitmask("NO_DATA")).all() and np.isposinf(
+        exp.variance
+    ).all()
     assert "GDSKYSIG" not in exp.metadata
 
 
 def test_integer_image_and_extension_image(tmp_path):
     rng = np.random.default_rng(2)
     data = rng.integers(900, 1100, (30, 30)).astype(np.int16)
-    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(np.zeros(5)), fits.ImageHDU(data, name="SCI")]).writeto(
-        tmp_path / "int.fits")
+    fits.HDUList(
+        [fits.PrimaryHDU(), fits.ImageHDU(np.zeros(5)), fits.ImageHDU(data, name="SCI")]
+    ).writeto(tmp_path / "int.fits")
     exp = read_exposure(tmp_path / "int.fits")
     assert exp.image.dtype == np.float32 and exp.mask.dtype == np.int32
     np.testing.assert_array_equal(exp.image, data.astype(np.float32))
-    np.testing.assert_array_equal(read_exposure(tmp_path / "int.fits", hdu=("SCI", 1)).image, exp.image)
+    np.testing.assert_array_equal(
+        read_exposure(tmp_path / "int.fits", hdu=("SCI", 1)).image, exp.image
+    )
 
 
 # --------------------------------------------------------------------------- errors
 def _lsst_file(path, **replace):
-    hdus = {"IMAGE": np.zeros((6, 7), np.float32), "MASK": np.zeros((6, 7), np.int32),
-            "VARIANCE": np.ones((6, 7), np.float32)}
+    hdus = {
+        "IMAGE": np.zeros((6, 7), np.float32),
+        "MASK": np.zeros((6, 7), np.int32),
+        "VARIANCE": np.ones((6, 7), np.float32),
+    }
     hdus.update(replace)
-    fits.HDUList([fits.PrimaryHDU()] + [fits.ImageHDU(v, name=k) for k, v in hdus.items() if v is not None]
-                 ).writeto(path)
+    fits.HDUList(
+        [fits.PrimaryHDU()] + [fits.ImageHDU(v, name=k) for k, v in hdus.items() if v is not None]
+    ).writeto(path)
     return path
 
 
@@ -348,8 +415,12 @@ def test_read_errors_name_the_file(tmp_path):
     _raises(FitsReadError, tmp_path / "garbage.fits")
     (tmp_path / "empty.fits").write_bytes(b"")
     _raises(FitsReadError, tmp_path / "empty.fits")
-    good = _lsst_file(tmp_path / "good.fits", IMAGE=np.zeros((60, 70), np.float32),
-                      MASK=np.zeros((60, 70), np.int32), VARIANCE=np.ones((60, 70), np.float32))
+    good = _lsst_file(
+        tmp_path / "good.fits",
+        IMAGE=np.zeros((60, 70), np.float32),
+        MASK=np.zeros((60, 70), np.int32),
+        VARIANCE=np.ones((60, 70), np.float32),
+    )
     raw = good.read_bytes()
     for frac in (0.5, 0.7, 0.99):
         cut = tmp_path / f"cut{int(frac * 100)}.fits"
@@ -360,15 +431,26 @@ def test_read_errors_name_the_file(tmp_path):
     _raises(FitsReadError, good, hdu=17)
     msg = _raises(FitsReadError, _lsst_file(tmp_path / "novar.fits", VARIANCE=None))
     assert "VARIANCE" in msg
-    msg = _raises(FitsReadError, _lsst_file(tmp_path / "shape.fits", VARIANCE=np.ones((6, 8), np.float32)))
+    msg = _raises(
+        FitsReadError, _lsst_file(tmp_path / "shape.fits", VARIANCE=np.ones((6, 8), np.float32))
+    )
     assert "VARIANCE" in msg and "(6, 8)" in msg
-    msg = _raises(FitsReadError, _lsst_file(tmp_path / "fmask.fits", MASK=np.zeros((6, 7), np.float32)))
+    msg = _raises(
+        FitsReadError, _lsst_file(tmp_path / "fmask.fits", MASK=np.zeros((6, 7), np.float32))
+    )
     assert "MASK" in msg and "integer" in msg
-    msg = _raises(FitsReadError, _lsst_file(tmp_path / "cube.fits", IMAGE=np.zeros((2, 6, 7), np.float32)))
+    msg = _raises(
+        FitsReadError, _lsst_file(tmp_path / "cube.fits", IMAGE=np.zeros((2, 6, 7), np.float32))
+    )
     assert "IMAGE" in msg and "2-D" in msg
     fits.PrimaryHDU(np.zeros(10)).writeto(tmp_path / "oned.fits")
     _raises(FitsReadError, tmp_path / "oned.fits")
-    bad_psf = fits.HDUList([fits.PrimaryHDU(np.random.default_rng(1).random((5, 5))), fits.ImageHDU(np.ones((3, 3)), name="PSFIMAGE")])
+    bad_psf = fits.HDUList(
+        [
+            fits.PrimaryHDU(np.random.default_rng(1).random((5, 5))),
+            fits.ImageHDU(np.ones((3, 3)), name="PSFIMAGE"),
+        ]
+    )
     bad_psf["PSFIMAGE"].header["PSFTYPE"] = "SPLINE"
     bad_psf.writeto(tmp_path / "badpsf.fits")
     assert "SPLINE" in _raises(FitsReadError, tmp_path / "badpsf.fits")
@@ -430,15 +512,23 @@ def test_real_jwst_i2d_stamp(shared_data):
     exp = read_exposure(path)
     assert exp.shape == (900, 900) and exp.image.dtype == np.float32 and exp.image.dtype.isnative
     nodata = (exp.mask & exp.mask_planes.bitmask("NO_DATA")) != 0
-    assert nodata.sum() == 5 and np.isnan(exp.image[nodata]).all() and np.isposinf(exp.variance[nodata]).all()
+    assert (
+        nodata.sum() == 5
+        and np.isnan(exp.image[nodata]).all()
+        and np.isposinf(exp.variance[nodata]).all()
+    )
     assert np.isfinite(exp.variance[~nodata]).all() and (exp.variance[~nodata] > 0).all()
     assert exp.wcs is not None and exp.wcs.has_celestial
     assert exp.metadata["BUNIT"] == "MJy/sr" and "CRVAL1" not in exp.metadata
     with fits.open(path) as hdul, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FITSFixedWarning about OBSGEO
         ref = WCS(hdul[0].header)
-    np.testing.assert_allclose(exp.wcs.pixel_to_world_values([0, 450], [0, 899]),
-                               ref.pixel_to_world_values([0, 450], [0, 899]), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        exp.wcs.pixel_to_world_values([0, 450], [0, 899]),
+        ref.pixel_to_world_values([0, 450], [0, 899]),
+        rtol=0,
+        atol=1e-12,
+    )
 
 
 def test_real_decam_cutout(shared_data, tmp_path):
@@ -471,14 +561,33 @@ def test_fitsio_module_keeps_its_names():
     """gpudiff.image.fitsio is the former single module: every public name, and the private
     helpers other modules used, are gpudiff.image.io's."""
     from gpudiff.image import io
-    for name in ("read_exposure", "write_exposure", "read_psf", "write_psf", "psf_to_hdus", "psf_from_hdus",
-                 "estimate_variance", "exposure_from_ccddata", "exposure_to_ccddata"):
+
+    for name in (
+        "read_exposure",
+        "write_exposure",
+        "read_psf",
+        "write_psf",
+        "psf_to_hdus",
+        "psf_from_hdus",
+        "estimate_variance",
+        "exposure_from_ccddata",
+        "exposure_to_ccddata",
+    ):
         assert getattr(fitsio, name) is getattr(io, name), name
-    for old, new in (("_read_xy0", "read_xy0"), ("_write_xy0", "write_xy0"), ("_read_wcs", "read_wcs"),
-                     ("_read_photocalib", "read_photocalib"), ("_atomic_write", "atomic_write_hdus"),
-                     ("_fset", "fset"), ("_fget", "fget")):
+    for old, new in (
+        ("_read_xy0", "read_xy0"),
+        ("_write_xy0", "write_xy0"),
+        ("_read_wcs", "read_wcs"),
+        ("_read_photocalib", "read_photocalib"),
+        ("_atomic_write", "atomic_write_hdus"),
+        ("_fset", "fset"),
+        ("_fget", "fget"),
+    ):
         assert getattr(fitsio, old) is getattr(io, new), old
     import gpudiff.image.exposure as exposure_module
-    with open(exposure_module.__file__) as f:  # no import circle: exposure.py never imports the FITS layer
+
+    with open(
+        exposure_module.__file__
+    ) as f:  # no import circle: exposure.py never imports the FITS layer
         src = f.read()
     assert "from .fitsio" not in src and "from .io" not in src and "import io" not in src

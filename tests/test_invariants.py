@@ -37,7 +37,9 @@ def masked_images(draw, shape=None, finite=True):
     (permuted) bit layout of the plane names."""
     shape = draw(shapes) if shape is None else shape
     elems = st.floats(-1e4, 1e4, width=32, allow_subnormal=False)
-    if not finite:  # NaN/±inf mixed in; finite values stay moderate (a float32 FFT of 1e38 overflows)
+    if (
+        not finite
+    ):  # NaN/±inf mixed in; finite values stay moderate (a float32 FFT of 1e38 overflows)
         elems = st.one_of(elems, st.sampled_from([np.nan, np.inf, -np.inf, -0.0]))
     image = draw(hnp.arrays(np.float32, shape, elements=elems))
     variance = draw(hnp.arrays(np.float32, shape, elements=st.floats(0.0009765625, 1e4, width=32)))
@@ -58,8 +60,13 @@ def _snapshot(mi):
 
 def _unchanged(mi, snap):
     img, var, msk, planes, xy0 = snap
-    return (np.array_equal(mi.image, img, equal_nan=True) and np.array_equal(mi.variance, var, equal_nan=True)
-            and np.array_equal(mi.mask, msk) and mi.mask_planes == planes and mi.xy0 == xy0)
+    return (
+        np.array_equal(mi.image, img, equal_nan=True)
+        and np.array_equal(mi.variance, var, equal_nan=True)
+        and np.array_equal(mi.mask, msk)
+        and mi.mask_planes == planes
+        and mi.xy0 == xy0
+    )
 
 
 @SETTINGS
@@ -92,7 +99,7 @@ def test_mask_algebra_is_by_name(a, data):
     for name in NAMES:  # OR per plane name, whatever bit each input uses for it
         assert np.array_equal(_plane(d, name), _plane(a, name) | _plane(b, name)), name
     # set then clear a new plane: the other planes are untouched
-    where = (a.image > 0)
+    where = a.image > 0
     s = a.with_plane_set("NEWPLANE", where)
     assert np.array_equal(_plane(s, "NEWPLANE"), where)
     assert all(np.array_equal(_plane(s, n), _plane(a, n)) for n in NAMES)
@@ -138,9 +145,15 @@ def test_delta_kernel_is_the_identity(a, k, copy_edge):
     # gpudiff's no-data convention: a NO_DATA input pixel comes out NaN / +inf variance
     # (its value is not data); every other pixel is the identity.
     nodata = _plane(a, "NO_DATA")[inner]
-    assert np.isnan(out.image[inner][nodata]).all() and np.isposinf(out.variance[inner][nodata]).all()
-    np.testing.assert_allclose(out.image[inner][~nodata], a.image[inner][~nodata], rtol=0, atol=tol_i)
-    np.testing.assert_allclose(out.variance[inner][~nodata], a.variance[inner][~nodata], rtol=0, atol=tol_v)
+    assert (
+        np.isnan(out.image[inner][nodata]).all() and np.isposinf(out.variance[inner][nodata]).all()
+    )
+    np.testing.assert_allclose(
+        out.image[inner][~nodata], a.image[inner][~nodata], rtol=0, atol=tol_i
+    )
+    np.testing.assert_allclose(
+        out.variance[inner][~nodata], a.variance[inner][~nodata], rtol=0, atol=tol_v
+    )
     border = np.ones(a.shape, bool)
     border[inner] = False
     flag = out.mask_planes.bitmask("EDGE" if copy_edge else "NO_DATA")

@@ -23,8 +23,10 @@ from gpudiff.ops.detection import detect_sources
 from gpudiff.psfmatch.candidates import stellar_locus
 from gpudiff.tasks import AlardLuptonSubtractTask
 
-STEMS = {"template": "jw01324001001-01324-o001_t001_nircam_clear-f200w_i2d_stamp",
-         "science": "jw02561001002-02561-o001_t003_nircam_clear-f200w_i2d_stamp"}
+STEMS = {
+    "template": "jw01324001001-01324-o001_t001_nircam_clear-f200w_i2d_stamp",
+    "science": "jw02561001002-02561-o001_t003_nircam_clear-f200w_i2d_stamp",
+}
 BAD = ("NO_DATA", "EDGE", "SAT", "BAD", "CR")
 
 
@@ -37,9 +39,15 @@ def _load(base, stem, psf=True):
     err = fits.getdata(base / "auxiliary" / f"{stem}.noise.fits").astype(np.float64)
     ok = np.isfinite(err) & (err > 0) & np.isfinite(np.asarray(e.image))
     model = read_psf(base / "auxiliary" / f"{stem}.WebbPSF.fits") if psf else None
-    ex = Exposure.from_arrays(e.image, np.where(ok, err ** 2, np.inf), e.mask,
-                              mask_planes=e.mask_planes,
-                              psf=model, wcs=e.wcs, metadata=e.metadata)
+    ex = Exposure.from_arrays(
+        e.image,
+        np.where(ok, err**2, np.inf),
+        e.mask,
+        mask_planes=e.mask_planes,
+        psf=model,
+        wcs=e.wcs,
+        metadata=e.metadata,
+    )
     ex.masked_image = ex.masked_image.with_plane_set("NO_DATA", ~ok)
     return ex, err
 
@@ -84,14 +92,24 @@ def test_jwst_kernel_sum_matches_star_flux_ratio(shared_data):
 
     # Matched stars: compact sources of the science on the stellar locus (trace within
     # 15 % of it), S/N > 40, off the edge; aperture photometry on both images.
-    cat = detect_sources(sci.masked_image, sci.psf, threshold=5.0, polarity="positive",
-                         background="estimate", backend="numpy").catalog
+    cat = detect_sources(
+        sci.masked_image,
+        sci.psf,
+        threshold=5.0,
+        polarity="positive",
+        background="estimate",
+        backend="numpy",
+    ).catalog
     locus = stellar_locus(cat)
     assert 1.3 < locus < 1.7  # the stars are broader than the WebbPSF model (see above)
-    tr = (np.asarray(cat["ixx"]) + np.asarray(cat["iyy"])) / (np.asarray(cat["psf_ixx"])
-                                                              + np.asarray(cat["psf_iyy"]))
-    stars = cat[(np.asarray(cat["snr"]) > 40) & (np.abs(tr / locus - 1) < 0.15)
-                & ~np.asarray(cat["flag_edge"])]
+    tr = (np.asarray(cat["ixx"]) + np.asarray(cat["iyy"])) / (
+        np.asarray(cat["psf_ixx"]) + np.asarray(cat["psf_iyy"])
+    )
+    stars = cat[
+        (np.asarray(cat["snr"]) > 40)
+        & (np.abs(tr / locus - 1) < 0.15)
+        & ~np.asarray(cat["flag_edge"])
+    ]
     assert len(stars) >= 3
     s_img = np.asarray(sci.image, dtype=np.float64)
     t_img = np.asarray(tmpl.image, dtype=np.float64)

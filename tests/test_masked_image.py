@@ -5,13 +5,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpudiff.errors import AllMaskedError, InvalidInputError, InvalidVarianceError, ShapeMismatchError
+from gpudiff.errors import (
+    AllMaskedError,
+    InvalidInputError,
+    InvalidVarianceError,
+    ShapeMismatchError,
+)
 from gpudiff.image import Box, Exposure, GaussianPsf, MaskedImage, MaskPlanes, PhotoCalib
 
 
 def test_dtypes_and_defaults(backend):
     mi = MaskedImage(np.arange(6, dtype=">f8").reshape(2, 3), backend=backend)
-    assert mi.image.dtype == np.float32 and mi.variance.dtype == np.float32 and mi.mask.dtype == np.int32
+    assert (
+        mi.image.dtype == np.float32
+        and mi.variance.dtype == np.float32
+        and mi.mask.dtype == np.int32
+    )
     assert mi.shape == (2, 3)
     np.testing.assert_array_equal(backend.asnumpy(mi.variance), 1.0)
     np.testing.assert_array_equal(backend.asnumpy(mi.mask), 0)
@@ -32,7 +41,9 @@ def test_inputs_are_copied_not_shared(backend):
 
 
 def test_shape_and_dtype_errors():
-    with pytest.raises(ShapeMismatchError, match=r"variance has shape \(3, 3\) but image has shape \(4, 4\)"):
+    with pytest.raises(
+        ShapeMismatchError, match=r"variance has shape \(3, 3\) but image has shape \(4, 4\)"
+    ):
         MaskedImage(np.zeros((4, 4)), np.ones((3, 3)))
     with pytest.raises(ShapeMismatchError, match="mask"):
         MaskedImage(np.zeros((4, 4)), None, np.zeros((4, 5), dtype=np.int32))
@@ -84,7 +95,9 @@ def test_good_pixels_excludes_nonfinite_and_planes():
 
 
 def test_exposure_copy_and_metadata_independent():
-    exp = Exposure.from_arrays(np.ones((8, 8)), psf=GaussianPsf(sigma=1.5), photo_calib=PhotoCalib(2.0))
+    exp = Exposure.from_arrays(
+        np.ones((8, 8)), psf=GaussianPsf(sigma=1.5), photo_calib=PhotoCalib(2.0)
+    )
     exp.metadata["VISIT"] = 7
     c = exp.copy()
     c.metadata["VISIT"] = 8
@@ -110,22 +123,39 @@ def test_mask_of_finds_aliases_and_wide_masks_are_int64(backend):
     planes = MaskPlanes({"SATURATED": 1, "NO_DATA": 2})
     m = np.array([[2, 0], [4, 6]], np.int32)
     mi = MaskedImage(np.zeros((2, 2)), None, m, mask_planes=planes, backend=backend)
-    np.testing.assert_array_equal(backend.asnumpy(mi.mask_of("SAT")), [[True, False], [False, True]])
+    np.testing.assert_array_equal(
+        backend.asnumpy(mi.mask_of("SAT")), [[True, False], [False, True]]
+    )
     assert not backend.asnumpy(mi.mask_of("CLIPPED")).any()
     assert mi.good_pixels(("NO_DATA", "SAT")).sum() == 1
     wide = mi.with_plane_set("CR", m == 0)  # bit 0: still int32
     assert wide.mask.dtype == np.int32 and wide.mask_planes["CR"] == 0
     full = MaskPlanes({f"P{i}": i for i in range(31)})
-    a = MaskedImage(np.zeros((2, 2)), None, np.array([[1 << 30, 0], [0, 0]], np.int32), mask_planes=full,
-                    backend=backend)
+    a = MaskedImage(
+        np.zeros((2, 2)),
+        None,
+        np.array([[1 << 30, 0], [0, 0]], np.int32),
+        mask_planes=full,
+        backend=backend,
+    )
     b = a.with_plane_set("EXTRA", np.array([[True, False], [False, True]]))
     assert b.mask.dtype == np.int64 and b.mask_planes["EXTRA"] == 31
-    np.testing.assert_array_equal(backend.asnumpy(b.mask), [[(1 << 30) | (1 << 31), 0], [0, 1 << 31]])
-    np.testing.assert_array_equal(backend.asnumpy(b.mask_of("P30")), [[True, False], [False, False]])
+    np.testing.assert_array_equal(
+        backend.asnumpy(b.mask), [[(1 << 30) | (1 << 31), 0], [0, 1 << 31]]
+    )
+    np.testing.assert_array_equal(
+        backend.asnumpy(b.mask_of("P30")), [[True, False], [False, False]]
+    )
     d = b.subtract(a)  # an int64 and an int32 mask: ORed on the wide definition
     assert d.mask.dtype == np.int64 and backend.asnumpy(d.mask_of("EXTRA")).sum() == 2
     assert b.subimage(Box(0, 0, 1, 2)).mask.dtype == np.int64
     # an int32 array whose bit 31 is a plane keeps that bit only (no sign extension)
     wide_planes = MaskPlanes({"TOP": 31})
-    c = MaskedImage(np.zeros((1, 1)), None, np.array([[-(2 ** 31)]], np.int32), mask_planes=wide_planes, backend=backend)
+    c = MaskedImage(
+        np.zeros((1, 1)),
+        None,
+        np.array([[-(2**31)]], np.int32),
+        mask_planes=wide_planes,
+        backend=backend,
+    )
     assert int(backend.asnumpy(c.mask)[0, 0]) == 1 << 31

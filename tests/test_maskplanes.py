@@ -14,8 +14,19 @@ from gpudiff.image import DEFAULT_MASK_PLANES, MaskPlanes
 
 def test_lsst_default_bits():
     mp = MaskPlanes()
-    expected = {"BAD": 0, "SAT": 1, "INTRP": 2, "CR": 3, "EDGE": 4, "DETECTED": 5,
-                "DETECTED_NEGATIVE": 6, "SUSPECT": 7, "NO_DATA": 8, "VIGNETTED": 9, "STREAK": 10}
+    expected = {
+        "BAD": 0,
+        "SAT": 1,
+        "INTRP": 2,
+        "CR": 3,
+        "EDGE": 4,
+        "DETECTED": 5,
+        "DETECTED_NEGATIVE": 6,
+        "SUSPECT": 7,
+        "NO_DATA": 8,
+        "VIGNETTED": 9,
+        "STREAK": 10,
+    }
     assert dict(mp) == expected
     assert list(mp) == list(DEFAULT_MASK_PLANES)
     assert mp.bitmask(["BAD", "NO_DATA"]) == (1 << 0) | (1 << 8)
@@ -109,11 +120,26 @@ def test_conform_round_trip_is_lossless(perm, values):
 
 # --------------------------------------------------------------------------- aliases (afw ≡ lsst-images spellings)
 def test_aliases_resolve_at_the_single_lookup():
-    li = MaskPlanes({"BAD": 0, "SATURATED": 1, "INTERPOLATED": 2, "COSMIC_RAY": 3, "DETECTION_EDGE": 4,
-                     "UNMASKED_NAN": 14})
-    for afw, new in (("SAT", "SATURATED"), ("INTRP", "INTERPOLATED"), ("CR", "COSMIC_RAY"), ("EDGE", "DETECTION_EDGE"),
-                     ("UNMASKEDNAN", "UNMASKED_NAN")):
-        assert afw in li and li[afw] == li[new] and li.bitmask(afw) == li.bitmask(new) == 1 << li[new]
+    li = MaskPlanes(
+        {
+            "BAD": 0,
+            "SATURATED": 1,
+            "INTERPOLATED": 2,
+            "COSMIC_RAY": 3,
+            "DETECTION_EDGE": 4,
+            "UNMASKED_NAN": 14,
+        }
+    )
+    for afw, new in (
+        ("SAT", "SATURATED"),
+        ("INTRP", "INTERPOLATED"),
+        ("CR", "COSMIC_RAY"),
+        ("EDGE", "DETECTION_EDGE"),
+        ("UNMASKEDNAN", "UNMASKED_NAN"),
+    ):
+        assert (
+            afw in li and li[afw] == li[new] and li.bitmask(afw) == li.bitmask(new) == 1 << li[new]
+        )
         assert li.resolve(afw.lower()) == new
         assert afw not in list(li)  # the file's spelling is kept
     assert li.bitmask_if_present(["SAT", "EDGE", "NO_DATA"]) == (1 << 1) | (1 << 4)
@@ -121,16 +147,27 @@ def test_aliases_resolve_at_the_single_lookup():
     afw = MaskPlanes()
     assert afw["SATURATED"] == 1 and afw.bitmask("COSMIC_RAY") == 1 << 3
     both = MaskPlanes({"SAT": 1, "SATURATED": 5})  # a definition holding both spellings: both bits
-    assert both.bitmask("SAT") == both.bitmask("SATURATED") == (1 << 1) | (1 << 5) and both["SAT"] == 1
+    assert (
+        both.bitmask("SAT") == both.bitmask("SATURATED") == (1 << 1) | (1 << 5) and both["SAT"] == 1
+    )
 
 
 def test_merge_and_conform_across_spellings():
-    afw, li = MaskPlanes(), MaskPlanes({"NO_DATA": 0, "SATURATED": 5, "COSMIC_RAY": 6, "ITL_DIP": 7})
+    afw, li = (
+        MaskPlanes(),
+        MaskPlanes({"NO_DATA": 0, "SATURATED": 5, "COSMIC_RAY": 6, "ITL_DIP": 7}),
+    )
     merged = afw.merge(li)
-    assert "SATURATED" not in dict(merged) and "ITL_DIP" in merged and merged["COSMIC_RAY"] == afw["CR"]
+    assert (
+        "SATURATED" not in dict(merged)
+        and "ITL_DIP" in merged
+        and merged["COSMIC_RAY"] == afw["CR"]
+    )
     mask = np.array([[1, 1 << 5, 1 << 6, 1 << 7]], np.int32)
     out = merged.conform(mask, li)
-    np.testing.assert_array_equal(out, [[1 << afw["NO_DATA"], 1 << afw["SAT"], 1 << afw["CR"], 1 << merged["ITL_DIP"]]])
+    np.testing.assert_array_equal(
+        out, [[1 << afw["NO_DATA"], 1 << afw["SAT"], 1 << afw["CR"], 1 << merged["ITL_DIP"]]]
+    )
 
 
 # --------------------------------------------------------------------------- more than 31 planes, MSK cards
@@ -153,7 +190,11 @@ def test_msk_cards_round_trip_and_descriptions():
     mp = MaskPlanes({"BAD": 0, "SATURATED": 3, "HIGH": 35}, {"SATURATED": "my own words"})
     hdr = fits.Header()
     mp.to_header(hdr)
-    assert hdr["MSKN0003"] == "SATURATED" and hdr["MSKM0003"] == 8 and hdr["MSKD0003"] == "my own words"
+    assert (
+        hdr["MSKN0003"] == "SATURATED"
+        and hdr["MSKM0003"] == 8
+        and hdr["MSKD0003"] == "my own words"
+    )
     assert hdr["MP_BAD"] == 0 and hdr["MSKD0000"] == mp.description("BAD") != ""
     back = MaskPlanes.from_header(fits.Header.fromstring(hdr.tostring()))
     assert back == mp and back.description("SAT") == "my own words"
@@ -163,7 +204,10 @@ def test_msk_cards_round_trip_and_descriptions():
     assert "MSKN0004" in words[1] and words[1]["MSKN0004"] == "HIGH" and words[1]["MSKM0004"] == 16
     assert not any(key.startswith("MP_") for key in words[1]) and "MSKN0004" not in words[0]
     assert MaskPlanes.from_header(words[1], word=1) == MaskPlanes({"HIGH": 35})
-    assert MaskPlanes.header_cards(words[1]) == "MSK" and MaskPlanes.header_cards(fits.Header()) is None
+    assert (
+        MaskPlanes.header_cards(words[1]) == "MSK"
+        and MaskPlanes.header_cards(fits.Header()) is None
+    )
     bad = fits.Header()
     bad["MSKN0000"], bad["MSKM0000"] = "X", 6
     with pytest.raises(MaskPlaneError, match="not a single bit"):

@@ -20,7 +20,11 @@ SIGMA = 10.0
 TRACT = TractGrid.from_size(640, patch_inner=320, patch_overlap=16)
 TB64 = TractBackgroundConfig(x_bin=64, y_bin=64)
 # visit → (offset, x gradient, y gradient per 640 px, patches)
-VISITS = {1: (0.0, 0.0, 0.0, (0, 1, 2, 3)), 2: (200.0, 60.0, -30.0, (0, 1, 2, 3)), 3: (-150.0, -40.0, 80.0, (0, 1, 3))}
+VISITS = {
+    1: (0.0, 0.0, 0.0, (0, 1, 2, 3)),
+    2: (200.0, 60.0, -30.0, (0, 1, 2, 3)),
+    3: (-150.0, -40.0, 80.0, (0, 1, 3)),
+}
 
 
 def _truth(visit, box):
@@ -38,7 +42,9 @@ def _stars(box, rng_seed=3):
     out = np.zeros(box.shape, np.float32)
     for x, y, f in zip(xs, ys, fs):
         if box.x0 - 10 < x < box.x1 + 10 and box.y0 - 10 < y < box.y1 + 10:
-            out += (f / (2 * np.pi * 2.0 ** 2) * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 8.0)).astype(np.float32)
+            out += (
+                f / (2 * np.pi * 2.0**2) * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 8.0)
+            ).astype(np.float32)
     return out
 
 
@@ -52,8 +58,11 @@ def warps():
             img = _stars(b) + _truth(visit, b) + rng.normal(0, SIGMA, b.shape).astype(np.float32)
             hdr = fits.Header()
             hdr["VISIT"] = visit
-            out.append(Exposure.from_arrays(img, np.full(b.shape, SIGMA ** 2), xy0=(b.x0, b.y0), metadata=hdr,
-                                            backend="numpy"))
+            out.append(
+                Exposure.from_arrays(
+                    img, np.full(b.shape, SIGMA**2), xy0=(b.x0, b.y0), metadata=hdr, backend="numpy"
+                )
+            )
     return out
 
 
@@ -93,7 +102,11 @@ def test_tract_background_accumulates_and_merges(backend, warps):
     assert a.numbers.shape == (10, 10)
     # patch 0 covers x, y < 336: the window of bin 5 (288–416 px) reaches it, bin 6's not
     c = TractBackground(TRACT, TB64, backend).add_warp(w0)
-    assert (c.numbers[:6, 5] > 0).all() and not (c.numbers[:, 6:] > 0).any() and not (c.numbers[6:] > 0).any()
+    assert (
+        (c.numbers[:6, 5] > 0).all()
+        and not (c.numbers[:, 6:] > 0).any()
+        and not (c.numbers[6:] > 0).any()
+    )
     # a flat visit: the stats image is the level to the noise (bins of 128² px: σ/128)
     stats = TractBackground(TRACT, TB64, backend)
     for w in warps[:4]:
@@ -106,7 +119,9 @@ def test_tract_background_accumulates_and_merges(backend, warps):
 
 
 def test_run_chooses_and_matches(backend, warps):
-    res = MatchBackgroundsTask(MatchBackgroundsConfig(tract_bg_model=TB64), backend=backend).run(warps, TRACT)
+    res = MatchBackgroundsTask(MatchBackgroundsConfig(tract_bg_model=TB64), backend=backend).run(
+        warps, TRACT
+    )
     # visits 1 and 2 are complete and planar; 3 misses a patch: the coverage term loses it;
     # visit 1 and 2 tie on χ² (planes) and variance (σ² plus the gradient's spread, bigger for 2)
     assert res.reference_visit == 1
@@ -129,7 +144,11 @@ def test_ref_visit_override_and_inputs_untouched(warps):
         np.testing.assert_array_equal(w.image, before_img)
     # explicit visit ids instead of header cards
     res3 = MatchBackgroundsTask(MatchBackgroundsConfig(tract_bg_model=TB64)).run(
-        warps, TRACT, ref_visit=7, visits=[7 if int(w.metadata["VISIT"]) == 1 else 8 + i for i, w in enumerate(warps)])
+        warps,
+        TRACT,
+        ref_visit=7,
+        visits=[7 if int(w.metadata["VISIT"]) == 1 else 8 + i for i, w in enumerate(warps)],
+    )
     assert res3.reference_visit == 7
 
 
@@ -152,7 +171,11 @@ def test_input_errors(warps):
     # a visit with no patch in common with the reference cannot be matched
     lone = warps[6].copy()  # visit 3, patch 2? (visit 3 has patches 0, 1, 3)
     lone.metadata["VISIT"] = 5
-    only = [w for w in warps if int(w.metadata["VISIT"]) == 1 and TRACT.patch_of(w.bbox) != TRACT.patch_of(lone.bbox)]
+    only = [
+        w
+        for w in warps
+        if int(w.metadata["VISIT"]) == 1 and TRACT.patch_of(w.bbox) != TRACT.patch_of(lone.bbox)
+    ]
     with pytest.raises(NoOverlapError, match="visit 5 shares no usable pixels"):
         task.run(only + [lone], TRACT, ref_visit=1)
     with pytest.raises(InvalidInputError):
@@ -174,8 +197,9 @@ def test_masks_and_detected_option(warps):
         assert np.abs(err).max() < 0.3 * SIGMA  # measured ≤ 0.1σ (noise of 128² px windows ≈ 0.01σ)
     mi.mask[100:200, 100:200] = mi.mask_planes.bitmask("DETECTED")
     off = task.run(junk, TRACT, ref_visit=1).background_info_list[v2].model
-    cfg = MatchBackgroundsConfig(tract_bg_model=TractBackgroundConfig(x_bin=64, y_bin=64,
-                                                                      mask=TB64.mask + ("DETECTED",)))
+    cfg = MatchBackgroundsConfig(
+        tract_bg_model=TractBackgroundConfig(x_bin=64, y_bin=64, mask=TB64.mask + ("DETECTED",))
+    )
     on = MatchBackgroundsTask(cfg).run(junk, TRACT, ref_visit=1).background_info_list[v2].model
     # unmasked (DETECTED not in the planes) the block, 1/4 of its bins' windows, drags the
     # clipped means; masked, it is invisible
@@ -192,8 +216,22 @@ def test_cli_end_to_end(tmp_path, warps, capsys):
         w.write(p)
         paths.append(str(p))
     out = tmp_path / "out"
-    rc = main(["match-backgrounds", *paths, "--out-dir", str(out), "--bin-size", "64", "--patch-size", "320",
-               "--patch-overlap", "16", "--backend", "numpy"])
+    rc = main(
+        [
+            "match-backgrounds",
+            *paths,
+            "--out-dir",
+            str(out),
+            "--bin-size",
+            "64",
+            "--patch-size",
+            "320",
+            "--patch-overlap",
+            "16",
+            "--backend",
+            "numpy",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "reference visit 1 (chosen by cost)" in text and "diff_im_var" in text
@@ -204,7 +242,10 @@ def test_cli_end_to_end(tmp_path, warps, capsys):
         assert m.xy0 == w.xy0 and m.metadata["REFVISIT"] == 1
         with fits.open(out / f"warp{i}.background.fits") as h:
             model = h[0].data
-            assert h[0].header["VISIT"] == int(w.metadata["VISIT"]) and h[0].header["LTV1"] == -w.xy0[0]
+            assert (
+                h[0].header["VISIT"] == int(w.metadata["VISIT"])
+                and h[0].header["LTV1"] == -w.xy0[0]
+            )
             if int(w.metadata["VISIT"]) != 1:
                 assert "BINNED" in h and h["BINNED"].data.shape == (10, 10)
         np.testing.assert_allclose(m.image, w.image + model, atol=1e-3, equal_nan=True)
@@ -213,14 +254,37 @@ def test_cli_end_to_end(tmp_path, warps, capsys):
     # outputs exist: refused before any work without --overwrite; --ref-visit overrides
     assert main(["match-backgrounds", *paths, "--out-dir", str(out), "--patch-size", "320"]) == 1
     assert "exists" in capsys.readouterr().err
-    assert main(["match-backgrounds", *paths, "--out-dir", str(out), "--bin-size", "64", "--patch-size", "320",
-                 "--patch-overlap", "16", "--ref-visit", "2", "--overwrite"]) == 0
+    assert (
+        main(
+            [
+                "match-backgrounds",
+                *paths,
+                "--out-dir",
+                str(out),
+                "--bin-size",
+                "64",
+                "--patch-size",
+                "320",
+                "--patch-overlap",
+                "16",
+                "--ref-visit",
+                "2",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert Table.read(out / "match_backgrounds.ecsv").meta["reference_visit"] == 2
     # a warp without the visit card: a one-line error naming the file and the key
     with fits.open(paths[0], mode="update") as h:
         for hdu in h:
             hdu.header.remove("VISIT", ignore_missing=True)
-    assert main(["match-backgrounds", *paths, "--out-dir", str(tmp_path / "o2"), "--patch-size", "320"]) == 1
+    assert (
+        main(
+            ["match-backgrounds", *paths, "--out-dir", str(tmp_path / "o2"), "--patch-size", "320"]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "warp0.fits" in err and "'VISIT'" in err
 
@@ -233,15 +297,26 @@ def test_evaluate_bin_grid_akima(backend):
     yc, xc = 32.0 + 64.0 * np.arange(6), 32.0 + 64.0 * np.arange(8)
     rows, cols = np.arange(384), np.arange(512)
     plane = 3.0 + 0.5 * yc[:, None] - 0.25 * xc[None, :]
-    out = backend.asnumpy(evaluate_bin_grid(plane, yc, xc, rows, cols, "akima", "linear", backend=backend))
+    out = backend.asnumpy(
+        evaluate_bin_grid(plane, yc, xc, rows, cols, "akima", "linear", backend=backend)
+    )
     # Akima reproduces straight lines exactly, and the linear continuation keeps the plane
     np.testing.assert_allclose(out, 3.0 + 0.5 * rows[:, None] - 0.25 * cols[None, :], atol=2e-3)
     smooth = np.sin(yc[:, None] / 90.0) * np.cos(xc[None, :] / 120.0)
     truth = np.sin(rows[:, None] / 90.0) * np.cos(cols[None, :] / 120.0)
-    errs = {o: np.abs(backend.asnumpy(evaluate_bin_grid(smooth, yc, xc, rows, cols, o, backend=backend))
-                      - truth)[32:-32, 32:-32].max() for o in ("akima", "linear")}
-    assert errs["akima"] < 0.5 * errs["linear"]  # measured 0.023 vs 0.094 (sin·cos of unit amplitude)
-    flat = backend.asnumpy(evaluate_bin_grid(smooth, yc, xc, rows, cols, "akima", "flat", backend=backend))
+    errs = {
+        o: np.abs(
+            backend.asnumpy(evaluate_bin_grid(smooth, yc, xc, rows, cols, o, backend=backend))
+            - truth
+        )[32:-32, 32:-32].max()
+        for o in ("akima", "linear")
+    }
+    assert (
+        errs["akima"] < 0.5 * errs["linear"]
+    )  # measured 0.023 vs 0.094 (sin·cos of unit amplitude)
+    flat = backend.asnumpy(
+        evaluate_bin_grid(smooth, yc, xc, rows, cols, "akima", "flat", backend=backend)
+    )
     np.testing.assert_allclose(flat[:, :32], np.broadcast_to(flat[:, 32:33], (384, 32)), atol=1e-6)
     # fewer than 5 nodes: REDUCE_INTERP_ORDER falls back (cubic), THROW_EXCEPTION refuses
     small = plane[:3, :3]

@@ -1,4 +1,4 @@
-"""Legacy per-pair background matching: mirrors of pipe_tasks test_matchBackgrounds.py (spec §11.8).
+"""Legacy per-pair background matching: mirrors of pipe_tasks test_matchBackgrounds.py (docs/algorithms.md §11.8).
 
 Images are 600², variance 1: vanilla = N(0, 1) + 50, chipGap = N(0, 1) + 10 with columns
 200–299 NaN, lowCover = N(0, 1) + 20 with columns ≥ 200 NaN.  ``check_accuracy`` is LSST's
@@ -34,8 +34,11 @@ def _image(rng, level, nan_cols=None, backend="numpy"):
 @pytest.fixture(scope="module")
 def images():
     rng = np.random.default_rng(11)
-    return {"vanilla": _image(rng, 50.0), "chip_gap": _image(rng, 10.0, slice(200, 300)),
-            "low_cover": _image(rng, 20.0, slice(200, None))}
+    return {
+        "vanilla": _image(rng, 50.0),
+        "chip_gap": _image(rng, 10.0, slice(200, 300)),
+        "low_cover": _image(rng, 20.0, slice(200, None)),
+    }
 
 
 def _mean_var(be, mi):
@@ -89,13 +92,19 @@ def test_dimension_mismatch(images):
     # LSST raises RuntimeError; gpudiff's ShapeMismatchError is its ValueError for bad input
     with pytest.raises(ShapeMismatchError) as info:
         match_background_pair(images["vanilla"], small)
-    assert isinstance(info.value, GpudiffError) and "600x600" in str(info.value) and "599x600" in str(info.value)
+    assert (
+        isinstance(info.value, GpudiffError)
+        and "600x600" in str(info.value)
+        and "599x600" in str(info.value)
+    )
 
 
 def test_ramp_polynomial(backend, images):
     rng = np.random.default_rng(5)
     yy, xx = np.mgrid[0:N, 0:N]
-    ramp = MaskedImage(rng.normal(0.0, 1.0, (N, N)) + 20 + xx + 2.0 * yy, np.ones((N, N)), backend="numpy")
+    ramp = MaskedImage(
+        rng.normal(0.0, 1.0, (N, N)) + 20 + xx + 2.0 * yy, np.ones((N, N)), backend="numpy"
+    )
     cfg = BackgroundMatchPairConfig(use_polynomial=True, bin_size=64)
     res = check_accuracy(backend, images["vanilla"], ramp, cfg)
     # the plane (−(x + 2y) − 30 + noise) is removed: the matched image is flat at 50
@@ -107,12 +116,21 @@ def test_ramp_polynomial(backend, images):
 def test_low_cover_undersample_styles(backend, images):
     base = dict(use_polynomial=True, order=8, bin_size=64)
     with pytest.raises(InvalidInputError, match="THROW_EXCEPTION"):
-        match_background_pair(images["vanilla"], images["low_cover"],
-                              BackgroundMatchPairConfig(undersample_style="THROW_EXCEPTION", **base))
-    res = check_accuracy(backend, images["vanilla"], images["low_cover"],
-                         BackgroundMatchPairConfig(undersample_style="REDUCE_INTERP_ORDER", **base))
+        match_background_pair(
+            images["vanilla"],
+            images["low_cover"],
+            BackgroundMatchPairConfig(undersample_style="THROW_EXCEPTION", **base),
+        )
+    res = check_accuracy(
+        backend,
+        images["vanilla"],
+        images["low_cover"],
+        BackgroundMatchPairConfig(undersample_style="REDUCE_INTERP_ORDER", **base),
+    )
     assert res.order == 3  # data in 4 bin columns (0–239 px) → order 3
-    cfg = BackgroundMatchPairConfig(use_polynomial=True, order=4, bin_size=128, undersample_style="INCREASE_NXNYSAMPLE")
+    cfg = BackgroundMatchPairConfig(
+        use_polynomial=True, order=4, bin_size=128, undersample_style="INCREASE_NXNYSAMPLE"
+    )
     res = check_accuracy(backend, images["vanilla"], images["low_cover"], cfg)
     assert res.order == 4 and res.bin_size < 128
 
@@ -173,13 +191,23 @@ def test_window_statistics_matches_clipped_stack_oracle(backend):
     img[100:110] = 1003.0  # ties: the order statistics must count equal values right
     # 64-px cells, windows of 2 × 2 cells (128 px) overlapping by one cell, as in a tract
     rs, cs = np.arange(-32, 300 + 32, 64), np.arange(-32, 330 + 32, 64)
-    st = window_statistics(backend.asarray(img), backend.asarray(good), rs, cs, (64, 64), span=2, niter=3,
-                           backend=backend)
+    st = window_statistics(
+        backend.asarray(img),
+        backend.asarray(good),
+        rs,
+        cs,
+        (64, 64),
+        span=2,
+        niter=3,
+        backend=backend,
+    )
     assert st["mean"].shape == (rs.size - 1, cs.size - 1)
     for i, r0 in enumerate(rs[:-1]):
         for j, c0 in enumerate(cs[:-1]):
             sl = (slice(max(r0, 0), r0 + 128), slice(max(c0, 0), c0 + 128))
-            m, v, nu = clipped_stack(img[sl].ravel(), ~good[sl].ravel(), None, 3.0, 3, backend="numpy")
+            m, v, nu = clipped_stack(
+                img[sl].ravel(), ~good[sl].ravel(), None, 3.0, 3, backend="numpy"
+            )
             assert st["mean"][i, j] == pytest.approx(float(m), abs=1e-3)
             assert st["variance"][i, j] == pytest.approx(float(v), rel=1e-4)
             assert st["n_used"][i, j] == int(nu)
@@ -189,6 +217,8 @@ def test_window_statistics_matches_clipped_stack_oracle(backend):
             assert st["row_mean"][i, j] == pytest.approx(rr.mean() + max(r0, 0), abs=1e-9)
             assert st["col_mean"][i, j] == pytest.approx(cc.mean() + max(c0, 0), abs=1e-9)
     # plain MEAN: every usable pixel
-    mean = window_statistics(img, good, [0], [0], img.shape, statistic="MEAN", backend=backend)["mean"][0, 0]
+    mean = window_statistics(img, good, [0], [0], img.shape, statistic="MEAN", backend=backend)[
+        "mean"
+    ][0, 0]
     use = good & np.isfinite(img)
     assert mean == pytest.approx(float(img[use].mean(dtype=np.float64)), abs=1e-6)

@@ -44,7 +44,9 @@ MASK_TESTED = ("BAD", "SAT", "EDGE", "NO_DATA")
 
 def _background(visit):
     _, off, grad, quad, _, _ = VISITS[visit]
-    return PolynomialBackground(offset=off, gradient=grad, quadratic=quad, center=(1999.5, 1999.5), scale=2000.0)
+    return PolynomialBackground(
+        offset=off, gradient=grad, quadratic=quad, center=(1999.5, 1999.5), scale=2000.0
+    )
 
 
 def _bg_on(visit, box):
@@ -55,16 +57,23 @@ def _bg_on(visit, box):
 
 @pytest.fixture(scope="module")
 def scenario():
-    fields = [simulate_exposure(4000, noise="none", sky=0.0, n_stars=2500, flux_min=2e3, flux_max=1e6,
-                                psf=fw, seed=21) for fw in (3.0, 4.0)]
+    fields = [
+        simulate_exposure(
+            4000, noise="none", sky=0.0, n_stars=2500, flux_min=2e3, flux_max=1e6, psf=fw, seed=21
+        )
+        for fw in (3.0, 4.0)
+    ]
     rng = np.random.default_rng(606)
     mp = fields[0].exposure.mask_planes
     warps = []
     for visit, (sky, _, _, _, patches, ipsf) in VISITS.items():
-        gap_x, gap_y = 700 + 450 * (visit % 5), 900 + 380 * (visit % 4)  # chip gaps, tract coordinates
+        gap_x, gap_y = (
+            700 + 450 * (visit % 5),
+            900 + 380 * (visit % 4),
+        )  # chip gaps, tract coordinates
         for p in patches:
             b = TRACT.outer_box(p)
-            stars = fields[ipsf].model[b.y0:b.y1, b.x0:b.x1]
+            stars = fields[ipsf].model[b.y0 : b.y1, b.x0 : b.x1]
             var = (stars + np.float32(sky + RN * RN)).astype(np.float32)
             img = stars + _bg_on(visit, b)
             img += rng.standard_normal(img.shape, dtype=np.float32) * np.sqrt(var)
@@ -86,8 +95,18 @@ def scenario():
             mask[edge] |= mp.bitmask("EDGE")  # ...that is flagged
             hdr = fits.Header()
             hdr["VISIT"] = visit
-            warps.append(Exposure.from_arrays(img, var, mask, xy0=(b.x0, b.y0), mask_planes=mp,
-                                              psf=fields[ipsf].exposure.psf, metadata=hdr, backend="numpy"))
+            warps.append(
+                Exposure.from_arrays(
+                    img,
+                    var,
+                    mask,
+                    xy0=(b.x0, b.y0),
+                    mask_planes=mp,
+                    psf=fields[ipsf].exposure.psf,
+                    metadata=hdr,
+                    backend="numpy",
+                )
+            )
     probe = warps[7].image.copy()
     res = MatchBackgroundsTask(backend="numpy").run(warps, TRACT)
     np.testing.assert_array_equal(warps[7].image, probe)  # inputs are not modified
@@ -116,7 +135,7 @@ def test_every_warp_matches_reference_background(scenario):
         visit = int(w.metadata["VISIT"])
         sigma = float(np.sqrt(VISITS[visit][0] + RN * RN))
         b = w.bbox
-        stars = fields[VISITS[visit][5]].model[b.y0:b.y1, b.x0:b.x1]
+        stars = fields[VISITS[visit][5]].model[b.y0 : b.y1, b.x0 : b.x1]
         r = m.image - stars - _bg_on(ref, b)  # noise + (matched background − reference truth)
         good = _good(w)
         med = float(np.median(r[good])) / sigma
@@ -146,8 +165,11 @@ def test_reference_is_the_cost_functions_choice(scenario):
     choice = res.reference_choice
     d = res.diagnostics
     # The spec's cost, recomputed from the reported terms.
-    cost = (0.3 * d["chi2"] / np.nanmax(d["chi2"]) + 0.3 * d["variance"] / np.nanmax(d["variance"])
-            + 0.4 * np.min(d["coverage"]) / d["coverage"])
+    cost = (
+        0.3 * d["chi2"] / np.nanmax(d["chi2"])
+        + 0.3 * d["variance"] / np.nanmax(d["variance"])
+        + 0.4 * np.min(d["coverage"]) / d["coverage"]
+    )
     np.testing.assert_allclose(d["cost"], cost, rtol=1e-12)
     assert d["visit"][np.argmin(cost)] == EXPECTED_REFERENCE
     # The same cost from the simulation's truth: plane-fit χ² of the true background on the
@@ -161,9 +183,11 @@ def test_reference_is_the_cost_functions_choice(scenario):
         cover = np.zeros((4224, 4224), bool)
         for p in patches:
             bx = TRACT.outer_box(p)
-            cover[bx.y0 + 64:bx.y1 + 64, bx.x0 + 64:bx.x1 + 64] = True
+            cover[bx.y0 + 64 : bx.y1 + 64, bx.x0 + 64 : bx.x1 + 64] = True
         cells = cover.reshape(33, 128, 33, 128).sum(axis=(1, 3))
-        inside = (cells[:-1, :-1] + cells[1:, :-1] + cells[:-1, 1:] + cells[1:, 1:]) >= 0.1 * 128 * 128
+        inside = (
+            cells[:-1, :-1] + cells[1:, :-1] + cells[:-1, 1:] + cells[1:, 1:]
+        ) >= 0.1 * 128 * 128
         z = _background(v).evaluate(xc[inside], yc[inside])
         a = np.stack([np.ones(z.size), xc[inside], yc[inside]], axis=1)
         resid = z - a @ np.linalg.lstsq(a, z, rcond=None)[0]
@@ -173,11 +197,19 @@ def test_reference_is_the_cost_functions_choice(scenario):
         gx = bg.evaluate(xc[inside] + 0.5, yc[inside]) - bg.evaluate(xc[inside] - 0.5, yc[inside])
         gy = bg.evaluate(xc[inside], yc[inside] + 0.5) - bg.evaluate(xc[inside], yc[inside] - 0.5)
         var = sky + RN * RN + np.mean((256.0 * gx) ** 2 + (256.0 * gy) ** 2) / 12.0
-        truth[v] = (np.sum(resid ** 2) / var / (z.size - 6), var, inside.sum())
+        truth[v] = (np.sum(resid**2) / var / (z.size - 6), var, inside.sum())
     t = np.array([truth[v] for v in d["visit"]])
-    tcost = 0.3 * t[:, 0] / t[:, 0].max() + 0.3 * t[:, 1] / t[:, 1].max() + 0.4 * t[:, 2].min() / t[:, 2]
-    print("costs", dict(zip(d["visit"].tolist(), np.round(d["cost"], 4).tolist())),
-          "truth costs", np.round(tcost, 4).tolist())
+    tcost = (
+        0.3 * t[:, 0] / t[:, 0].max()
+        + 0.3 * t[:, 1] / t[:, 1].max()
+        + 0.4 * t[:, 2].min() / t[:, 2]
+    )
+    print(
+        "costs",
+        dict(zip(d["visit"].tolist(), np.round(d["cost"], 4).tolist())),
+        "truth costs",
+        np.round(tcost, 4).tolist(),
+    )
     assert d["visit"][np.argmin(tcost)] == EXPECTED_REFERENCE
     # measured coverage: the full visits cover all 32² bins, the others in proportion
     assert set(d["coverage"][np.isin(d["visit"], [11, 12, 15])]) == {1024.0}
@@ -202,19 +234,31 @@ def test_star_fluxes_unchanged(scenario):
             continue
         b = w.bbox
         truth = fields[VISITS[visit][5]].truth
-        sel = ((truth["x"] > b.x0 + 40) & (truth["x"] < b.x1 - 40) & (truth["y"] > b.y0 + 40)
-               & (truth["y"] < b.y1 - 40) & (truth["flux"] > 5e4) & (truth["flux"] < 3e5))
+        sel = (
+            (truth["x"] > b.x0 + 40)
+            & (truth["x"] < b.x1 - 40)
+            & (truth["y"] > b.y0 + 40)
+            & (truth["y"] < b.y1 - 40)
+            & (truth["flux"] > 5e4)
+            & (truth["flux"] < 3e5)
+        )
         x, y, f = (np.asarray(truth[c][sel]) for c in ("x", "y", "flux"))
-        before = MaskedImage(w.image - _bg_on(visit, b), w.variance, w.mask, xy0=w.xy0, mask_planes=w.mask_planes)
-        after = MaskedImage(m.image - _bg_on(ref, b), m.variance, m.mask, xy0=m.xy0, mask_planes=m.mask_planes)
+        before = MaskedImage(
+            w.image - _bg_on(visit, b), w.variance, w.mask, xy0=w.xy0, mask_planes=w.mask_planes
+        )
+        after = MaskedImage(
+            m.image - _bg_on(ref, b), m.variance, m.mask, xy0=m.xy0, mask_planes=m.mask_planes
+        )
         f0, e0, bad0 = forced_psf_flux(before, w.psf, x, y)
         f1, e1, bad1 = forced_psf_flux(after, w.psf, x, y)
         ok = ~bad0 & ~bad1
         deltas.append((f1 - f0)[ok] / e0[ok])
         pulls.append((f1 - f)[ok] / e1[ok])
     deltas, pulls = np.concatenate(deltas), np.concatenate(pulls)
-    print(f"{deltas.size} stars: median |Δ|/σ_F {np.median(np.abs(deltas)):.4f}, max {np.abs(deltas).max():.3f}; "
-          f"pulls median {np.median(pulls):.3f}, std {np.std(pulls):.3f}")
+    print(
+        f"{deltas.size} stars: median |Δ|/σ_F {np.median(np.abs(deltas)):.4f}, max {np.abs(deltas).max():.3f}; "
+        f"pulls median {np.median(pulls):.3f}, std {np.std(pulls):.3f}"
+    )
     assert deltas.size > 200
     # The matched background differs from the truth by < 0.05σ per pixel, which moves a PSF
     # flux by < 0.05·√(N_eff) ≈ 0.3 of its error at most; measured median |Δ|/σ_F 0.012,
@@ -232,15 +276,22 @@ def test_diagnostics(scenario):
     assert d["is_reference"][ref].all() and d["fit_rms"][ref][0] == 0.0
     others = d[~ref]
     # diff variance: the clipped mean of var_ref + var_visit ≈ the two skies + 2 RN²
-    exp = np.array([VISITS[v][0] + VISITS[EXPECTED_REFERENCE][0] + 2 * RN * RN for v in others["visit"]])
+    exp = np.array(
+        [VISITS[v][0] + VISITS[EXPECTED_REFERENCE][0] + 2 * RN * RN for v in others["visit"]]
+    )
     np.testing.assert_allclose(others["diff_im_var"], exp, rtol=0.02)
     # matched MSE: noise (≈ diff variance) plus the residuals of stars under different
     # PSFs (visits 13, 15, 16); never far below the variance, which would mean overfitting
     same = np.array([VISITS[v][5] == VISITS[EXPECTED_REFERENCE][5] for v in others["visit"]])
     ratio = others["matched_mse"] / others["diff_im_var"]
-    print("MSE/diffImVar", dict(zip(others["visit"].tolist(), np.round(ratio, 4).tolist())),
-          "fit_rms", np.round(others["fit_rms"], 6).tolist(),
-          "diff_im_var/expected", np.round(others["diff_im_var"] / exp, 4).tolist())
+    print(
+        "MSE/diffImVar",
+        dict(zip(others["visit"].tolist(), np.round(ratio, 4).tolist())),
+        "fit_rms",
+        np.round(others["fit_rms"], 6).tolist(),
+        "diff_im_var/expected",
+        np.round(others["diff_im_var"] / exp, 4).tolist(),
+    )
     assert (ratio > 0.98).all()
     assert (ratio[same] < 1.05).all()  # measured 1.001-1.002 (same PSF); 1.44-1.46 otherwise
     # fit RMS (ADU): the interpolant passes through the bin values (measured ≤ 5e-5)

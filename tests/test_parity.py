@@ -58,12 +58,15 @@ KERNEL_CASES = {
 def test_every_kernel_has_a_parity_case():
     """A kernel added to the registry without a parity case would escape the GPU check."""
     missing = sorted(set(list_kernels()) - set(KERNEL_CASES))
-    assert not missing, f"registered kernels without a parity case in tests/test_parity.py: {missing}"
+    assert not missing, (
+        f"registered kernels without a parity case in tests/test_parity.py: {missing}"
+    )
 
 
 def _np(a):
     try:
         import cupy
+
         if isinstance(a, cupy.ndarray):
             return cupy.asnumpy(a)
     except ImportError:
@@ -109,21 +112,33 @@ def _assert_exposure_close(a, b, what):
     for plane in ("image", "variance"):
         x, y = getattr(ma, plane), getattr(mb, plane)
         fin = np.isfinite(x) & np.isfinite(y)
-        assert np.mean(np.isfinite(x) != np.isfinite(y)) <= 1e-4, f"{what}.{plane}: finite sets differ"
+        assert np.mean(np.isfinite(x) != np.isfinite(y)) <= 1e-4, (
+            f"{what}.{plane}: finite sets differ"
+        )
         sigma = np.sqrt(np.clip(ma.variance[fin], 0, None))
         tol = 1e-5 * np.max(np.abs(x[fin])) + 1e-3 * sigma
         bad = np.abs(x[fin] - y[fin]) > tol
         assert np.mean(bad) <= 1e-4, (
             f"{what}.{plane}: {np.count_nonzero(bad)} pixels beyond tolerance, "
-            f"max |Δ| {np.max(np.abs(x[fin] - y[fin])):.3g}")
-    assert np.mean(ma.mask != mb.mask) <= 1e-4, f"{what}.mask: {np.count_nonzero(ma.mask != mb.mask)} pixels differ"
+            f"max |Δ| {np.max(np.abs(x[fin] - y[fin])):.3g}"
+        )
+    assert np.mean(ma.mask != mb.mask) <= 1e-4, (
+        f"{what}.mask: {np.count_nonzero(ma.mask != mb.mask)} pixels differ"
+    )
 
 
 @pytest.fixture(scope="module")
 def pair():
     from gpudiff.sim import simulate_pair
-    return simulate_pair(size=512, n_stars=150, template_border=20, seed=11,
-                         science=dict(sky_subtracted=True), template=dict(sky_subtracted=True))
+
+    return simulate_pair(
+        size=512,
+        n_stars=150,
+        template_border=20,
+        seed=11,
+        science=dict(sky_subtracted=True),
+        template=dict(sky_subtracted=True),
+    )
 
 
 def _both(make_task, call):
@@ -139,9 +154,12 @@ def _both(make_task, call):
 @pytest.mark.parametrize("mode", ["convolveTemplate", "convolveScience"])
 def test_alard_lupton_subtract_parity(pair, mode):
     from gpudiff.tasks import AlardLuptonSubtractConfig, AlardLuptonSubtractTask
+
     cfg = AlardLuptonSubtractConfig(mode=mode)
-    a, b = _both(lambda be: AlardLuptonSubtractTask(cfg, backend=be),
-                 lambda t, mv: t.run(template=mv(pair.template), science=mv(pair.science)))
+    a, b = _both(
+        lambda be: AlardLuptonSubtractTask(cfg, backend=be),
+        lambda t, mv: t.run(template=mv(pair.template), science=mv(pair.science)),
+    )
     _assert_exposure_close(a.difference, b.difference, f"{mode} difference")
     _assert_exposure_close(a.matched_template, b.matched_template, f"{mode} matched template")
     assert a.kernel_sources is None or len(a.kernel_sources) == len(b.kernel_sources)
@@ -150,16 +168,22 @@ def test_alard_lupton_subtract_parity(pair, mode):
 @pytest.mark.gpu
 def test_preconvolve_parity(pair):
     from gpudiff.tasks import AlardLuptonPreconvolveSubtractTask
-    a, b = _both(lambda be: AlardLuptonPreconvolveSubtractTask(backend=be),
-                 lambda t, mv: t.run(template=mv(pair.template), science=mv(pair.science)))
+
+    a, b = _both(
+        lambda be: AlardLuptonPreconvolveSubtractTask(backend=be),
+        lambda t, mv: t.run(template=mv(pair.template), science=mv(pair.science)),
+    )
     _assert_exposure_close(a.score_exposure, b.score_exposure, "score")
 
 
 @pytest.mark.gpu
 def test_image_psf_match_parity(pair):
     from gpudiff.tasks import ImagePsfMatchTask
-    a, b = _both(lambda be: ImagePsfMatchTask(backend=be),
-                 lambda t, mv: t.subtract_exposures(mv(pair.template), mv(pair.science)))
+
+    a, b = _both(
+        lambda be: ImagePsfMatchTask(backend=be),
+        lambda t, mv: t.subtract_exposures(mv(pair.template), mv(pair.science)),
+    )
     _assert_exposure_close(a.subtracted_exposure, b.subtracted_exposure, "ImagePsfMatch difference")
 
 
@@ -167,16 +191,23 @@ def test_image_psf_match_parity(pair):
 def test_model_psf_match_parity(pair):
     from gpudiff import GaussianPsf
     from gpudiff.tasks import ModelPsfMatchTask
+
     ref = GaussianPsf(fwhm=4.5)
-    a, b = _both(lambda be: ModelPsfMatchTask(backend=be),
-                 lambda t, mv: t.run(mv(pair.science), ref))
+    a, b = _both(
+        lambda be: ModelPsfMatchTask(backend=be), lambda t, mv: t.run(mv(pair.science), ref)
+    )
     _assert_exposure_close(a.psf_matched_exposure, b.psf_matched_exposure, "ModelPsfMatch")
 
 
 @pytest.mark.gpu
 def test_detect_and_measure_parity(pair):
     from gpudiff.tasks import AlardLuptonSubtractTask, DetectAndMeasureTask
-    diff = AlardLuptonSubtractTask(backend="numpy").run(template=pair.template, science=pair.science).difference
+
+    diff = (
+        AlardLuptonSubtractTask(backend="numpy")
+        .run(template=pair.template, science=pair.science)
+        .difference
+    )
     a, b = _both(lambda be: DetectAndMeasureTask(backend=be), lambda t, mv: t.run(mv(diff)))
     ca, cb = a.dia_sources, b.dia_sources
     assert len(ca) == len(cb), f"{len(ca)} vs {len(cb)} DIA sources"
@@ -188,5 +219,6 @@ def test_detect_and_measure_parity(pair):
 @pytest.mark.gpu
 def test_scale_variance_parity(pair):
     from gpudiff.tasks import ScaleVarianceTask
+
     a, b = _both(lambda be: ScaleVarianceTask(backend=be), lambda t, mv: t.run(mv(pair.science)))
     assert abs(float(a) - float(b)) <= 1e-5 * abs(float(a))

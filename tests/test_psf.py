@@ -50,6 +50,7 @@ def half_max_width(row):
 
 # --- GaussianPsf ------------------------------------------------------------------------
 
+
 def test_fwhm_per_sigma():
     assert FWHM_PER_SIGMA == pytest.approx(2.354820045, rel=1e-9)
 
@@ -81,7 +82,9 @@ def test_gaussian_moments_and_widths_are_analytic():
         assert rot.determinant_radius() == pytest.approx(math.sqrt(2.0 * 1.2), rel=1e-12)
 
 
-@pytest.mark.parametrize("sigma,sigma_y,theta", [(1.5, None, 0.0), (2.0, 1.3, 0.5), (1.2, 2.2, -1.0)])
+@pytest.mark.parametrize(
+    "sigma,sigma_y,theta", [(1.5, None, 0.0), (2.0, 1.3, 0.5), (1.2, 2.2, -1.0)]
+)
 def test_adaptive_moments_recover_sampled_gaussian(sigma, sigma_y, theta):
     # A point-sampled Gaussian with σ ≥ 1.2 px has negligible aliasing
     # (exp(-2π²σ²/4) < 1e-3 at Nyquist) and the stamp reaches ≥ 5σ, so the sums equal the
@@ -96,7 +99,9 @@ def test_adaptive_moments_recover_sampled_gaussian(sigma, sigma_y, theta):
     assert ixy == pytest.approx(exy, abs=1e-3 * math.sqrt(exx * eyy))
 
 
-@pytest.mark.parametrize("x,y", [(10.3, 20.7), (0.25, -0.4), (5.5, 5.5), (-3.49, 2.01), (100.0, 7.0)])
+@pytest.mark.parametrize(
+    "x,y", [(10.3, 20.7), (0.25, -0.4), (5.5, 5.5), (-3.49, 2.01), (100.0, 7.0)]
+)
 def test_gaussian_compute_image_centroid_at_subpixel_offset(x, y):
     # The stamp extends ≥ 5σ from the star, so truncation moves the centroid < 1e-6 px.
     psf = GaussianPsf(fwhm=3.5)
@@ -109,6 +114,7 @@ def test_gaussian_compute_image_centroid_at_subpixel_offset(x, y):
 
 # --- MoffatPsf --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("beta", [2.5, 3.0, 4.5])
 def test_moffat_profile_fwhm(beta):
     # "Finely oversampled": a Moffat of FWHM 80 px sampled at 1 px has 80 samples per FWHM;
@@ -118,7 +124,9 @@ def test_moffat_profile_fwhm(beta):
     assert k.sum() == pytest.approx(1.0, abs=1e-12)
     assert half_max_width(k[120]) == pytest.approx(80.0, rel=0.01)
     assert half_max_width(k[:, 120]) == pytest.approx(80.0, rel=0.01)
-    assert MoffatPsf(fwhm=4.0, beta=beta, oversample=5).kernel_image().sum() == pytest.approx(1.0, abs=1e-12)
+    assert MoffatPsf(fwhm=4.0, beta=beta, oversample=5).kernel_image().sum() == pytest.approx(
+        1.0, abs=1e-12
+    )
 
 
 @pytest.mark.parametrize("beta", [2.5, 3.0, 4.5])
@@ -136,7 +144,7 @@ def test_moffat_moment_fwhm_exceeds_profile_fwhm(beta):
     f, r = 10, 60
     c = np.arange(-r * f, r * f + 1) / f
     rr2 = c[None, :] ** 2 + c[:, None] ** 2
-    fine = (1.0 + rr2 / psf.alpha ** 2) ** (-beta)
+    fine = (1.0 + rr2 / psf.alpha**2) ** (-beta)
     _, _, ixx, iyy, _ = adaptive_moments(fine)
     independent = FWHM_PER_SIGMA * math.sqrt(0.5 * (ixx + iyy)) / f
     assert psf.fwhm() > 4.0 * 1.05
@@ -148,11 +156,12 @@ def test_double_gaussian_moments_between_components():
     k = psf.kernel_image()
     assert k.sum() == pytest.approx(1.0, abs=1e-12)
     ixx, iyy, ixy = psf.moments()
-    assert 1.2 ** 2 < ixx < 3.0 ** 2 and 1.2 ** 2 < iyy < 3.0 ** 2
+    assert 1.2**2 < ixx < 3.0**2 and 1.2**2 < iyy < 3.0**2
     assert ixx == pytest.approx(iyy, rel=1e-9) and abs(ixy) < 1e-9
 
 
 # --- ImagePsf ---------------------------------------------------------------------------
+
 
 def test_image_psf_reproduces_gaussian_moments():
     g = GaussianPsf(fwhm=3.5, size=25)
@@ -193,6 +202,7 @@ def test_image_psf_compute_image_shift(x, y):
 
 # --- GridPsf ----------------------------------------------------------------------------
 
+
 def _linear_grid():
     xs, ys = np.array([0.0, 100.0, 200.0]), np.array([0.0, 80.0])
     make = lambda x, y: GaussianPsf(fwhm=3.0 + 0.004 * x + 0.002 * y, size=25)  # noqa: E731
@@ -204,14 +214,22 @@ def test_grid_psf_nodes_exact_and_clamped():
     for i, y in enumerate(ys):
         for j, x in enumerate(xs):
             # Exact up to the final renormalization (one rounding of a unit sum).
-            np.testing.assert_allclose(grid.kernel_image(x, y), grid.images[i, j], rtol=1e-13, atol=1e-17)
+            np.testing.assert_allclose(
+                grid.kernel_image(x, y), grid.images[i, j], rtol=1e-13, atol=1e-17
+            )
             # from_function realizes fwhm(x, y) at the nodes; adaptive moments of the
             # sampled node image agree with the analytic value to 1e-3 (see above).
             assert grid.fwhm(x, y) == pytest.approx(make(x, y).fwhm(), rel=1e-3)
     # Outside the grid the nearest edge image is used.
-    np.testing.assert_allclose(grid.kernel_image(-50.0, -30.0), grid.images[0, 0], rtol=1e-13, atol=1e-17)
-    np.testing.assert_allclose(grid.kernel_image(500.0, 40.0), grid.kernel_image(200.0, 40.0), rtol=1e-13, atol=1e-17)
-    np.testing.assert_allclose(grid.kernel_image(100.0, 900.0), grid.images[1, 1], rtol=1e-13, atol=1e-17)
+    np.testing.assert_allclose(
+        grid.kernel_image(-50.0, -30.0), grid.images[0, 0], rtol=1e-13, atol=1e-17
+    )
+    np.testing.assert_allclose(
+        grid.kernel_image(500.0, 40.0), grid.kernel_image(200.0, 40.0), rtol=1e-13, atol=1e-17
+    )
+    np.testing.assert_allclose(
+        grid.kernel_image(100.0, 900.0), grid.images[1, 1], rtol=1e-13, atol=1e-17
+    )
 
 
 def test_grid_psf_fwhm_interpolates_monotonically():
@@ -241,25 +259,29 @@ def test_evaluate_mean_fwhm():
 
 # --- errors -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("build", [
-    lambda: GaussianPsf(fwhm=3.0, size=16),
-    lambda: GaussianPsf(fwhm=3.0, size=1),
-    lambda: GaussianPsf(sigma=-1.0),
-    lambda: GaussianPsf(sigma=1.0, fwhm=2.0),
-    lambda: GaussianPsf(sigma=float("nan")),
-    lambda: GaussianPsf(fwhm=3.0).compute_image(0.0, 0.0, size=10),
-    lambda: MoffatPsf(fwhm=3.0, beta=1.0),
-    lambda: DoubleGaussianPsf(1.0, 0.0),
-    lambda: ImagePsf(np.full((5, 5), np.nan)),
-    lambda: ImagePsf(np.array([[1.0, np.inf, 0.0]] * 3)),
-    lambda: ImagePsf(np.zeros((7, 7))),
-    lambda: ImagePsf(np.ones(9)),
-    lambda: GridPsf(np.ones((1, 2, 6, 6)), [0.0, 1.0], [0.0]),
-    lambda: GridPsf(np.zeros((1, 2, 5, 5)), [0.0, 1.0], [0.0]),
-    lambda: GridPsf(np.ones((1, 2, 5, 5)), [1.0, 0.0], [0.0]),
-    lambda: adaptive_moments(np.zeros((9, 9))),
-    lambda: adaptive_moments(np.full((9, 9), np.nan)),
-])
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: GaussianPsf(fwhm=3.0, size=16),
+        lambda: GaussianPsf(fwhm=3.0, size=1),
+        lambda: GaussianPsf(sigma=-1.0),
+        lambda: GaussianPsf(sigma=1.0, fwhm=2.0),
+        lambda: GaussianPsf(sigma=float("nan")),
+        lambda: GaussianPsf(fwhm=3.0).compute_image(0.0, 0.0, size=10),
+        lambda: MoffatPsf(fwhm=3.0, beta=1.0),
+        lambda: DoubleGaussianPsf(1.0, 0.0),
+        lambda: ImagePsf(np.full((5, 5), np.nan)),
+        lambda: ImagePsf(np.array([[1.0, np.inf, 0.0]] * 3)),
+        lambda: ImagePsf(np.zeros((7, 7))),
+        lambda: ImagePsf(np.ones(9)),
+        lambda: GridPsf(np.ones((1, 2, 6, 6)), [0.0, 1.0], [0.0]),
+        lambda: GridPsf(np.zeros((1, 2, 5, 5)), [0.0, 1.0], [0.0]),
+        lambda: GridPsf(np.ones((1, 2, 5, 5)), [1.0, 0.0], [0.0]),
+        lambda: adaptive_moments(np.zeros((9, 9))),
+        lambda: adaptive_moments(np.full((9, 9), np.nan)),
+    ],
+)
 def test_psf_errors(build):
     with pytest.raises(PsfError):
         build()
@@ -279,7 +301,7 @@ def _add(img, stamp, x, y):
     y0, y1 = max(cy - h, 0), min(cy + h + 1, img.shape[0])
     x0, x1 = max(cx - h, 0), min(cx + h + 1, img.shape[1])
     if y0 < y1 and x0 < x1:
-        img[y0:y1, x0:x1] += stamp[y0 - cy + h:y1 - cy + h, x0 - cx + h:x1 - cx + h]
+        img[y0:y1, x0:x1] += stamp[y0 - cy + h : y1 - cy + h, x0 - cx + h : x1 - cx + h]
 
 
 def render_field(psf, seed=7, n_stars=80, contaminants=True):
@@ -321,7 +343,7 @@ def render_field(psf, seed=7, n_stars=80, contaminants=True):
 
 
 def make_exposure(img, mask, backend="numpy", **kw):
-    return Exposure.from_arrays(img, np.full(SHAPE, NOISE ** 2), mask, xy0=XY0, backend=backend, **kw)
+    return Exposure.from_arrays(img, np.full(SHAPE, NOISE**2), mask, xy0=XY0, backend=backend, **kw)
 
 
 TRUTHS = {
@@ -341,9 +363,14 @@ def field(request):
 def test_estimate_psf_matches_truth(field, backend):
     truth, (img, mask, _), _ = field
     exposure = make_exposure(img, mask, backend=backend)
-    before = [exposure.backend.asnumpy(a).copy() for a in (exposure.image, exposure.variance, exposure.mask)]
+    before = [
+        exposure.backend.asnumpy(a).copy()
+        for a in (exposure.image, exposure.variance, exposure.mask)
+    ]
     psf = estimate_psf(exposure, saturation=SAT_LEVEL)
-    after = [exposure.backend.asnumpy(a) for a in (exposure.image, exposure.variance, exposure.mask)]
+    after = [
+        exposure.backend.asnumpy(a) for a in (exposure.image, exposure.variance, exposure.mask)
+    ]
     for b, a in zip(before, after):
         np.testing.assert_array_equal(a, b)
     assert isinstance(psf, ImagePsf)
@@ -437,8 +464,11 @@ def test_estimate_psf_reports_rejections():
 
 def test_moments_batch_agrees_with_adaptive_moments():
     # The batched fixed point is the same as adaptive_moments, to its tolerance.
-    psfs = [GaussianPsf(sigma=1.5), GaussianPsf(sigma=2.0, sigma_y=1.3, theta=0.5),
-            MoffatPsf(fwhm=4.0, beta=3.0)]
+    psfs = [
+        GaussianPsf(sigma=1.5),
+        GaussianPsf(sigma=2.0, sigma_y=1.3, theta=0.5),
+        MoffatPsf(fwhm=4.0, beta=3.0),
+    ]
     stamps = np.stack([p.compute_image(0.2, -0.3, size=25) for p in psfs])
     dx, dy, ixx, iyy, ixy, flux, wnorm, ok = _moments_batch(stamps)
     assert ok.all()

@@ -1,11 +1,11 @@
-"""Kernel-level tests mirroring LSST ip_diffim's own (spec §11.6), with LSST's tolerances.
+"""Kernel-level tests mirroring LSST ip_diffim's own (docs/algorithms.md §11.6), with LSST's tolerances.
 
 Each test names the LSST test it mirrors and says where gpudiff departs from it.  Two
 geometric differences recur:
 
 * LSST builds a ``KernelCandidate`` from two free-standing MaskedImages (the "stamp" is
   the whole image), while gpudiff cuts (2·kernel_size+1)² stamps around source positions
-  out of a template/science pair (:func:`make_candidates`, spec §2.1).  Where LSST uses
+  out of a template/science pair (:func:`make_candidates`, docs/algorithms.md §2.1).  Where LSST uses
   several free-standing 51² images, the tests here put the stamps side by side in one
   image (one per 128-px spatial cell, like LSST's ``testVisit``) and run the whole
   :func:`fit_spatial_kernel` loop, asserting on its public outputs.
@@ -51,8 +51,10 @@ def _afw_gaussian(size, sigma_x, sigma_y):
     """afw ``GaussianFunction2D(σx, σy)`` on a size² grid, unnormalized (computeImage(…,
     False)): exp(−(x²/2σx² + y²/2σy²)) / (2π σx σy), x = column offset, y = row offset."""
     h = size // 2
-    y, x = np.mgrid[-h:h + 1, -h:h + 1].astype(np.float64)
-    return np.exp(-(x * x / (2 * sigma_x ** 2) + y * y / (2 * sigma_y ** 2))) / (2 * np.pi * sigma_x * sigma_y)
+    y, x = np.mgrid[-h : h + 1, -h : h + 1].astype(np.float64)
+    return np.exp(-(x * x / (2 * sigma_x**2) + y * y / (2 * sigma_y**2))) / (
+        2 * np.pi * sigma_x * sigma_y
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -68,10 +70,17 @@ def _afw_gaussian(size, sigma_x, sigma_y):
 #: spatial model, no PCA); gpudiff solves through ``fit_spatial_kernel``, so the spatial
 #: model is order 0 (with one candidate its kernel *is* the single-kernel solution), the
 #: clipping steps that ``build`` does not run are off, and PCA (the DF default) is off.
-_DF_TEST_CONFIG = dict(kernel_size=21, fit_for_background=True, use_regularization=False,
-                       check_condition_number=False, spatial_kernel_order=0, spatial_bg_order=0,
-                       kernel_sum_clipping=False, single_kernel_clipping=False,
-                       use_pca_for_spatial_kernel=False)
+_DF_TEST_CONFIG = dict(
+    kernel_size=21,
+    fit_for_background=True,
+    use_regularization=False,
+    check_condition_number=False,
+    spatial_kernel_order=0,
+    spatial_bg_order=0,
+    kernel_sum_clipping=False,
+    single_kernel_clipping=False,
+    use_pca_for_spatial_kernel=False,
+)
 
 
 def test_kernelCandidateAndSolution_testGaussian(backend):
@@ -152,7 +161,9 @@ def test_kernelCandidateAndSolution_testZeroVariance(backend):
     var[c, c] = 0.0
     tmi = MaskedImage(img, var, backend=be)
     smi = MaskedImage(img, var, backend=be)
-    config = PsfMatchConfig.delta_function(**dict(_DF_TEST_CONFIG, constant_variance_weighting=False))
+    config = PsfMatchConfig.delta_function(
+        **dict(_DF_TEST_CONFIG, constant_variance_weighting=False)
+    )
     with pytest.raises(InsufficientKernelSourcesError, match="non-positive variance"):
         cands = make_candidates(tmi, smi, [c], [c], kernel_size=ks)
         fit_spatial_kernel(cands, make_kernel_basis(config), config, tmi.bbox, be)
@@ -175,8 +186,8 @@ def test_kernelCandidateAndSolution_testZeroVariance(backend):
 # --------------------------------------------------------------------------------------
 
 _CELL = 128
-_SIZE = 51               # LSST's stamp side
-_KS = (_SIZE - 1) // 2   # gpudiff stamps are 2·kernel_size+1 = 51 px
+_SIZE = 51  # LSST's stamp side
+_KS = (_SIZE - 1) // 2  # gpudiff stamps are 2·kernel_size+1 = 51 px
 
 
 def _delta_pairs(be, ksums, bogus=()):
@@ -209,13 +220,17 @@ def _delta_pairs(be, ksums, bogus=()):
             tvar[y, x] = 1.0
             r = y - h + _SIZE // 3
             cc = x - h + _SIZE // 3
-            simg[r, cc] = float(_SIZE ** 2)
+            simg[r, cc] = float(_SIZE**2)
             svar[r, cc] = 1.0
         else:
             simg[y, x] = ksum
             svar[y, x] = ksum
-    return (MaskedImage(timg, tvar, backend=be), MaskedImage(simg, svar, backend=be),
-            np.array(xs, float), np.array(ys, float))
+    return (
+        MaskedImage(timg, tvar, backend=be),
+        MaskedImage(simg, svar, backend=be),
+        np.array(xs, float),
+        np.array(ys, float),
+    )
 
 
 #: LSST's test_buildSingleKernelVisitor ``setUp``: DF, useRegularization False,
@@ -223,10 +238,17 @@ def _delta_pairs(be, ksums, bogus=()):
 #: single kernels; gpudiff's loop also runs the kernel-sum and spatial-kernel clipping
 #: steps, which are switched off (and the spatial model is order 0, PCA off) so that the
 #: statuses reflect the single-kernel step alone.
-_SINGLE_CONFIG = dict(kernel_size=_KS, use_regularization=False, check_condition_number=False,
-                      use_core_stats=False, single_kernel_clipping=True, kernel_sum_clipping=False,
-                      spatial_kernel_clipping=False, spatial_kernel_order=0,
-                      use_pca_for_spatial_kernel=False)
+_SINGLE_CONFIG = dict(
+    kernel_size=_KS,
+    use_regularization=False,
+    check_condition_number=False,
+    use_core_stats=False,
+    single_kernel_clipping=True,
+    kernel_sum_clipping=False,
+    spatial_kernel_clipping=False,
+    spatial_kernel_order=0,
+    use_pca_for_spatial_kernel=False,
+)
 
 
 def test_buildSingleKernelVisitor_kernel_sums_and_visit(backend):
@@ -281,11 +303,11 @@ def test_buildSingleKernelVisitor_testRejection(backend):
     cands = make_candidates(tmi, smi, xs, ys, kernel_size=_KS)
     fit = fit_spatial_kernel(cands, make_kernel_basis(config), config, tmi.bbox, be)
     assert (fit.candidates.status == GOOD).all()
-    assert _places(fit.single_kernel_sum[3], _SIZE ** 2, 5)
+    assert _places(fit.single_kernel_sum[3], _SIZE**2, 5)
 
 
 def _afw_meanclip(x, nsigma=3.0, niter=3):
-    """Independent brute-force afw MEANCLIP / STDEVCLIP (spec §0.5): pass 0 keeps
+    """Independent brute-force afw MEANCLIP / STDEVCLIP (docs/algorithms.md §0.5): pass 0 keeps
     |x − median| ≤ nσ·0.741301109·IQR (NumPy linear percentiles); later passes keep
     |x − clipped mean| ≤ nσ·clipped std (ddof=1); each pass re-clips the full sample."""
     x = np.asarray(x, dtype=np.float64)
@@ -300,9 +322,19 @@ def _afw_meanclip(x, nsigma=3.0, niter=3):
 def _bare_candidates(n):
     """A KernelCandidates holding only what the kernel-sum step reads (statuses)."""
     z = np.zeros((n, 1, 1))
-    return KernelCandidates(x=np.zeros(n), y=np.zeros(n), rating=np.zeros(n),
-                            source_index=np.arange(n), template=z, science=z, template_var=z,
-                            science_var=z, cell=np.zeros(n, int), n_cells=1, kernel_size=0)
+    return KernelCandidates(
+        x=np.zeros(n),
+        y=np.zeros(n),
+        rating=np.zeros(n),
+        source_index=np.arange(n),
+        template=z,
+        science=z,
+        template_var=z,
+        science_var=z,
+        cell=np.zeros(n, int),
+        n_cells=1,
+        kernel_size=0,
+    )
 
 
 def _ksum_rejected(ksums, clipping=True):
@@ -372,8 +404,9 @@ def test_kernelSumVisitor_testVisit(backend):
     ks = 5
     ksums = [1.0, 1.0, 1.0, 1.0, 100.0, 1.0, 1.0, 1.0, 1.0]
     tmi, smi, xs, ys = _delta_pairs(be, ksums)
-    config = PsfMatchConfig.delta_function(**dict(_SINGLE_CONFIG, kernel_size=ks, kernel_sum_clipping=True),
-                                           n_star_per_cell=1)
+    config = PsfMatchConfig.delta_function(
+        **dict(_SINGLE_CONFIG, kernel_size=ks, kernel_sum_clipping=True), n_star_per_cell=1
+    )
     cands = make_candidates(tmi, smi, xs, ys, kernel_size=ks)
     fit = fit_spatial_kernel(cands, make_kernel_basis(config), config, tmi.bbox, be)
     assert np.flatnonzero(fit.candidates.status == BAD).tolist() == [4]
@@ -385,16 +418,17 @@ def test_kernelSumVisitor_testVisit(backend):
 # test_buildSpatialKernelVisitor.py
 # --------------------------------------------------------------------------------------
 
+
 def _gaussian_stamp(size, sigma):
     h = size // 2
-    y, x = np.mgrid[-h:h + 1, -h:h + 1].astype(np.float64)
+    y, x = np.mgrid[-h : h + 1, -h : h + 1].astype(np.float64)
     g = np.exp(-(x * x + y * y) / (2 * sigma * sigma))
     return g / g.sum()
 
 
 # The LSST geometry crowds the 25 candidates into a 41-px corner of a 510-px region, so
 # the Chebyshev terms 1, x', x'² are nearly collinear there; with a background fit the
-# spatial system's condition number exceeds 1e10 and gpudiff (like LSST, spec §3) warns.
+# spatial system's condition number exceeds 1e10 and gpudiff (like LSST, docs/algorithms.md §3) warns.
 @pytest.mark.filterwarnings("ignore:spatial kernel system is ill-conditioned:RuntimeWarning")
 @pytest.mark.parametrize("fit_bg", [False, True])
 def test_buildSpatialKernelVisitor_parameter_counts(backend, fit_bg):
@@ -419,7 +453,7 @@ def test_buildSpatialKernelVisitor_parameter_counts(backend, fit_bg):
     ks = 11
     S = 2 * ks + 1
     yy, xx = np.mgrid[:S, :S].astype(np.float64)
-    tmpl = 1e4 * np.exp(-((xx - S // 2) ** 2 + (yy - S // 2) ** 2) / (2 * 2.0 ** 2))
+    tmpl = 1e4 * np.exp(-((xx - S // 2) ** 2 + (yy - S // 2) ** 2) / (2 * 2.0**2))
     sci = be.asnumpy(correlate(tmpl, _gaussian_stamp(ks, 1.5), be, dtype=np.float64))
     pos = np.array([1, 11, 21, 31, 41], dtype=np.float64)
     x, y = (a.ravel() for a in np.meshgrid(pos, pos))
@@ -430,31 +464,56 @@ def test_buildSpatialKernelVisitor_parameter_counts(backend, fit_bg):
     def stack(a):
         return xp.asarray(np.broadcast_to(a, (n, S, S)).copy())
 
-    basis = KernelBasis(make_alard_lupton_basis(ks // 2, (1.5,), (2,)), "alard-lupton", (1.5,), (2,))
+    basis = KernelBasis(
+        make_alard_lupton_basis(ks // 2, (1.5,), (2,)), "alard-lupton", (1.5,), (2,)
+    )
     assert basis.n_bases == 6
     for sko in (0, 1, 2):
         for bgo in (0, 1, 2):
-            config = PsfMatchConfig(kernel_size=ks, scale_by_fwhm=False, alard_n_gauss=1,
-                                    alard_deg_gauss=(2,), alard_sig_gauss=(1.5,),
-                                    spatial_kernel_order=sko, spatial_bg_order=bgo,
-                                    fit_for_background=fit_bg, n_star_per_cell=-1)
+            config = PsfMatchConfig(
+                kernel_size=ks,
+                scale_by_fwhm=False,
+                alard_n_gauss=1,
+                alard_deg_gauss=(2,),
+                alard_sig_gauss=(1.5,),
+                spatial_kernel_order=sko,
+                spatial_bg_order=bgo,
+                fit_for_background=fit_bg,
+                n_star_per_cell=-1,
+            )
             n_k = (sko + 1) * (sko + 2) // 2
             n_b = (bgo + 1) * (bgo + 2) // 2 if fit_bg else 0
             E, fk, fb = spatial_expansion(basis, x, y, config, region)
-            assert E.shape == (n, basis.n_bases + (1 if fit_bg else 0), (basis.n_bases - 1) * n_k + 1 + n_b)
+            assert E.shape == (
+                n,
+                basis.n_bases + (1 if fit_bg else 0),
+                (basis.n_bases - 1) * n_k + 1 + n_b,
+            )
             assert fk.n_terms == n_k and (fb is None) == (not fit_bg)
 
-            cands = KernelCandidates(x=x.copy(), y=y.copy(), rating=np.ones(n), source_index=np.arange(n),
-                                     template=stack(tmpl), science=stack(sci), template_var=stack(np.ones((S, S))),
-                                     science_var=stack(np.ones((S, S))), cell=cell, n_cells=n_cells,
-                                     kernel_size=ks)
+            cands = KernelCandidates(
+                x=x.copy(),
+                y=y.copy(),
+                rating=np.ones(n),
+                source_index=np.arange(n),
+                template=stack(tmpl),
+                science=stack(sci),
+                template_var=stack(np.ones((S, S))),
+                science_var=stack(np.ones((S, S))),
+                cell=cell,
+                n_cells=n_cells,
+                kernel_size=ks,
+            )
             fit = fit_spatial_kernel(cands, basis, config, region, be)
             assert fit.n_used == n
             sk = fit.kernel
             assert sk.coefficients.shape == (basis.n_bases, n_k)
             assert np.all(sk.coefficients[0][1:] == 0.0)
             if fit_bg:
-                assert sk.background_coefficients is not None and len(sk.background_coefficients) == n_b
+                assert (
+                    sk.background_coefficients is not None
+                    and len(sk.background_coefficients) == n_b
+                )
             else:
                 assert sk.background_coefficients is None
             # a sanity check that the solution is the (spatially constant) truth
@@ -465,16 +524,25 @@ def test_buildSpatialKernelVisitor_parameter_counts(backend, fit_bg):
 # test_imageStatistics.py
 # --------------------------------------------------------------------------------------
 
+
 def _image_statistics(be, z_or_value, var, core=None):
-    """gpudiff's ImageStatistics (spec §2.3) on a residual image: residual_statistics with
+    """gpudiff's ImageStatistics (docs/algorithms.md §2.3) on a residual image: residual_statistics with
     a zero kernel, so D = science and var_D = science variance."""
     xp = be.xp
     G = z_or_value.shape[0]
     C = xp.zeros((1, G * G, 1))
     coeffs = xp.zeros((1, 1))
     kernels = xp.ones((1, 1, 1))
-    mean, rms, npix = residual_statistics(be, C, coeffs, xp.asarray(z_or_value.reshape(1, -1)),
-                                          xp.asarray(var.reshape(1, -1)), xp.ones((1, G, G)), kernels, core)
+    mean, rms, npix = residual_statistics(
+        be,
+        C,
+        coeffs,
+        xp.asarray(z_or_value.reshape(1, -1)),
+        xp.asarray(var.reshape(1, -1)),
+        xp.ones((1, G, G)),
+        kernels,
+        core,
+    )
     return float(mean[0]), float(rms[0]), int(npix[0])
 
 
@@ -503,8 +571,8 @@ def test_imageStatistics(backend, rng):
     mean, rms, npix = _image_statistics(be, val, ones)
     assert npix == n * n
     assert _places(mean, val.mean(), 7)
-    assert _places(rms, val.std(ddof=1), 7)          # afw STDEV agrees exactly …
-    assert _places(rms, val.std(), 1)                # … NumPy's ddof=0 only roughly (LSST)
+    assert _places(rms, val.std(ddof=1), 7)  # afw STDEV agrees exactly …
+    assert _places(rms, val.std(), 1)  # … NumPy's ddof=0 only roughly (LSST)
 
     # Mask1: the last column excluded (NaN variance here)
     var = ones.copy()
@@ -521,11 +589,15 @@ def test_imageStatistics(backend, rng):
     good = np.isfinite(v)
     mean, rms, npix = _image_statistics(be, z * np.sqrt(np.where(good, v, 1.0)), v)
     assert npix == good.sum()
-    np.testing.assert_allclose([mean, rms], [z[good].mean(), z[good].std(ddof=1)], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(
+        [mean, rms], [z[good].mean(), z[good].std(ddof=1)], rtol=1e-12, atol=1e-14
+    )
     mean, rms, npix = _image_statistics(be, z * np.sqrt(np.where(good, v, 1.0)), v, core=4)
     cz, cg = z[11:20, 11:20], good[11:20, 11:20]
     assert npix == cg.sum()
-    np.testing.assert_allclose([mean, rms], [cz[cg].mean(), cz[cg].std(ddof=1)], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(
+        [mean, rms], [cz[cg].mean(), cz[cg].std(ddof=1)], rtol=1e-12, atol=1e-14
+    )
 
 
 def test_imageStatistics_all_excluded(backend):
@@ -574,8 +646,16 @@ def test_imageStatistics_mask_planes_at_candidate_level(backend):
 # Legacy makeFakeKernelSet: spatial recovery
 # --------------------------------------------------------------------------------------
 
-_FAKE_COEFFS = np.array([(1.0, 0.0, 0.0), (0.005, -1e-6, 1e-6), (0.005, 4e-6, 4e-6),
-                         (-0.001, -3e-5, 3e-5), (-0.001, 1.5e-5, 1.5e-5), (-0.005, -5e-5, 5e-5)])
+_FAKE_COEFFS = np.array(
+    [
+        (1.0, 0.0, 0.0),
+        (0.005, -1e-6, 1e-6),
+        (0.005, 4e-6, 4e-6),
+        (-0.001, -3e-5, 3e-5),
+        (-0.001, 1.5e-5, 1.5e-5),
+        (-0.005, -5e-5, 5e-5),
+    ]
+)
 
 
 def test_makeFakeKernelSet_spatial_recovery(backend):
@@ -618,10 +698,16 @@ def test_makeFakeKernelSet_spatial_recovery(backend):
     template, science = template.subimage(inner), science.subimage(inner)
     assert np.isfinite(be.asnumpy(science.image)).all()
 
-    config = PsfMatchConfig(kernel_size=2 * half + 1, scale_by_fwhm=False, alard_n_gauss=1,
-                            alard_deg_gauss=(2,), alard_sig_gauss=(2.5,),
-                            spatial_model_type="polynomial", spatial_kernel_order=1,
-                            fit_for_background=False)
+    config = PsfMatchConfig(
+        kernel_size=2 * half + 1,
+        scale_by_fwhm=False,
+        alard_n_gauss=1,
+        alard_deg_gauss=(2,),
+        alard_sig_gauss=(2.5,),
+        spatial_model_type="polynomial",
+        spatial_kernel_order=1,
+        fit_for_background=False,
+    )
     cands = make_candidates(template, science, xs, ys, kernel_size=2 * half + 1)
     assert len(cands) == 9
     fit = fit_spatial_kernel(cands, basis, config, inner, be)
@@ -632,15 +718,21 @@ def test_makeFakeKernelSet_spatial_recovery(backend):
     assert np.all(got[~nz] == 0)
     ratio = got[nz] / _FAKE_COEFFS[nz]
     assert np.all(np.round(ratio - 1.0, 1) == 0), ratio
-    for x, y in [(inner.x0, inner.y0), (inner.x1 - 1, inner.y0), (inner.x0, inner.y1 - 1),
-                 (inner.x1 - 1, inner.y1 - 1), (size // 2, size // 2)]:
+    for x, y in [
+        (inner.x0, inner.y0),
+        (inner.x1 - 1, inner.y0),
+        (inner.x0, inner.y1 - 1),
+        (inner.x1 - 1, inner.y1 - 1),
+        (size // 2, size // 2),
+    ]:
         want = truth.kernel_image(x, y)
         assert np.abs(fit.kernel.kernel_image(x, y) - want).max() < 1e-3 * want.max(), (x, y)
 
 
 # --------------------------------------------------------------------------------------
-# Exact spatially varying convolution vs a per-pixel reference (spec §0.1–§0.3)
+# Exact spatially varying convolution vs a per-pixel reference (docs/algorithms.md §0.1–§0.3)
 # --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("do_normalize", [False, True])
 def test_spatial_convolve_matches_per_pixel_reference(backend, rng, do_normalize):
@@ -663,8 +755,11 @@ def test_spatial_convolve_matches_per_pixel_reference(backend, rng, do_normalize
     msk[pick] = (1 << rng.integers(0, 4, pick.sum())).astype(np.int32)  # BAD, SAT, INTRP, CR
     mi = MaskedImage(img, var, msk, xy0=(x0, y0), backend=be)
     kw = 7
-    use = np.sort(np.append(rng.choice(np.delete(np.arange(kw * kw), kw * kw // 2), 14, replace=False),
-                            kw * kw // 2))
+    use = np.sort(
+        np.append(
+            rng.choice(np.delete(np.arange(kw * kw), kw * kw // 2), 14, replace=False), kw * kw // 2
+        )
+    )
     basis = KernelBasis(make_delta_function_basis(kw, kw)[use], "delta-function")
     region = Box(x0 - 5, y0 - 3, x0 + W + 4, y0 + H + 8)
     coef = rng.normal(0.0, 0.3, (basis.n_bases, 6))

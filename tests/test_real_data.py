@@ -31,7 +31,10 @@ def _star_chi2(d, xs, ys, r):
     for x, y in zip(xs, ys):
         x0, y0 = int(round(x)) - d.xy0[0], int(round(y)) - d.xy0[1]
         if r <= x0 < d.shape[1] - r and r <= y0 < d.shape[0] - r:
-            zz, gg = z[y0 - r:y0 + r + 1, x0 - r:x0 + r + 1], good[y0 - r:y0 + r + 1, x0 - r:x0 + r + 1]
+            zz, gg = (
+                z[y0 - r : y0 + r + 1, x0 - r : x0 + r + 1],
+                good[y0 - r : y0 + r + 1, x0 - r : x0 + r + 1],
+            )
             if gg.sum() > 10:
                 out.append(float(np.mean(zz[gg] ** 2)))
     return np.array(out)
@@ -42,9 +45,25 @@ def test_decam_pair_via_cli(shared_data, tmp_path):
     out = tmp_path / "diff.fits"
     cat = tmp_path / "dia.ecsv"
     # A 256² cutout holds ~8 usable stars: a spatially constant kernel and background.
-    rc = main(["subtract", str(d / "DEC-OBS04a.mini.fits"), str(d / "DEC-OBS18a.mini.fits"), "-o", str(out),
-               "--mode", "auto", "--sources-out", str(cat), "--backend", "numpy",
-               "--set", "make_kernel.spatial_kernel_order=0", "--set", "make_kernel.spatial_bg_order=0"])
+    rc = main(
+        [
+            "subtract",
+            str(d / "DEC-OBS04a.mini.fits"),
+            str(d / "DEC-OBS18a.mini.fits"),
+            "-o",
+            str(out),
+            "--mode",
+            "auto",
+            "--sources-out",
+            str(cat),
+            "--backend",
+            "numpy",
+            "--set",
+            "make_kernel.spatial_kernel_order=0",
+            "--set",
+            "make_kernel.spatial_bg_order=0",
+        ]
+    )
     assert rc == 0
     diff = read_exposure(out)
     assert fits.getheader(out, 0)["GDMODE"] == "convolveTemplate"  # the template is sharper
@@ -62,28 +81,35 @@ def test_decam_pair_via_cli(shared_data, tmp_path):
     sci = read_exposure(d / "DEC-OBS04a.mini.fits")
     det = detect_sources(sci.masked_image, diff.psf, threshold=20).catalog
     chi = _star_chi2(dm, det["x"], det["y"], 10)
-    assert len(chi) >= 3 and np.median(chi) / np.mean(z ** 2) < 2.0
+    assert len(chi) >= 3 and np.median(chi) / np.mean(z**2) < 2.0
 
 
 def test_jwst_pair_with_webbpsf_and_noise_maps(shared_data):
     base = shared_data / "jwst_nircam_f200w"
-    names = {"template": "jw01324001001-01324-o001_t001_nircam_clear-f200w_i2d_stamp",
-             "science": "jw02561001002-02561-o001_t003_nircam_clear-f200w_i2d_stamp"}
+    names = {
+        "template": "jw01324001001-01324-o001_t001_nircam_clear-f200w_i2d_stamp",
+        "science": "jw02561001002-02561-o001_t003_nircam_clear-f200w_i2d_stamp",
+    }
     exps = {}
     for role, stem in names.items():
         e = read_exposure(base / "input" / f"{stem}.fits")
         err = fits.getdata(base / "auxiliary" / f"{stem}.noise.fits").astype(np.float64)
         ok = np.isfinite(err) & (err > 0)
-        var = np.where(ok, err ** 2, np.inf)
+        var = np.where(ok, err**2, np.inf)
         psf = read_psf(base / "auxiliary" / f"{stem}.WebbPSF.fits")
-        exps[role] = Exposure.from_arrays(e.image, var, e.mask, mask_planes=e.mask_planes, psf=psf, wcs=e.wcs,
-                                          metadata=e.metadata)
+        exps[role] = Exposure.from_arrays(
+            e.image, var, e.mask, mask_planes=e.mask_planes, psf=psf, wcs=e.wcs, metadata=e.metadata
+        )
         # pixels without a usable ERR carry no information: NO_DATA (the tasks reject an
         # unmasked pixel with infinite variance rather than guess)
         exps[role].masked_image = exps[role].masked_image.with_plane_set("NO_DATA", ~ok)
-    cfg = AlardLuptonSubtractConfig(mode="auto", do_scale_variance=False,
-                                    make_kernel=PsfMatchConfig(fit_for_background=True, spatial_kernel_order=0,
-                                                               spatial_bg_order=1))
+    cfg = AlardLuptonSubtractConfig(
+        mode="auto",
+        do_scale_variance=False,
+        make_kernel=PsfMatchConfig(
+            fit_for_background=True, spatial_kernel_order=0, spatial_bg_order=1
+        ),
+    )
     res = AlardLuptonSubtractTask(cfg, backend="numpy").run(exps["template"], exps["science"])
     d = res.difference.masked_image
     good = d.good_pixels(BAD)

@@ -44,9 +44,22 @@ def _one_star(x: float, y: float, flux: float) -> Table:
 @pytest.mark.parametrize("noise", ["poisson", "gaussian"])
 def test_noise_is_normalized_by_the_variance_plane(noise):
     res = simulate_exposure(
-        320, xy0=(1000, 2000), seed=3, n_stars=60, n_galaxies=10, sky=400.0, gain=2.0, read_noise=7.0,
-        noise=noise, saturation=30000.0, bad_columns=2, cosmic_rays=8, no_data=[(1000, 2000, 1030, 2040)],
-        background=PolynomialBackground(offset=20.0, gradient=(15.0, -10.0), quadratic=(5.0, 0.0, 3.0)),
+        320,
+        xy0=(1000, 2000),
+        seed=3,
+        n_stars=60,
+        n_galaxies=10,
+        sky=400.0,
+        gain=2.0,
+        read_noise=7.0,
+        noise=noise,
+        saturation=30000.0,
+        bad_columns=2,
+        cosmic_rays=8,
+        no_data=[(1000, 2000, 1030, 2040)],
+        background=PolynomialBackground(
+            offset=20.0, gradient=(15.0, -10.0), quadratic=(5.0, 0.0, 3.0)
+        ),
     )
     exp = res.exposure
     good = (exp.mask == 0) & ~res.cr_mask
@@ -58,7 +71,7 @@ def test_noise_is_normalized_by_the_variance_plane(noise):
 
 def test_variance_is_the_expectation_from_the_model():
     res = simulate_exposure(128, seed=4, n_stars=20, sky=250.0, gain=1.7, read_noise=4.0)
-    expected = (np.clip(res.model.astype(np.float64), 0, None) * 1.7 + 16.0) / 1.7 ** 2
+    expected = (np.clip(res.model.astype(np.float64), 0, None) * 1.7 + 16.0) / 1.7**2
     np.testing.assert_allclose(res.exposure.variance, expected, rtol=1e-5)
 
 
@@ -74,8 +87,15 @@ def test_sky_subtracted_keeps_the_variance():
 # --- fluxes and PSFs --------------------------------------------------------------------
 def test_total_model_flux_equals_the_truth_fluxes():
     res = simulate_exposure(
-        256, seed=5, n_stars=120, n_galaxies=15, margin=-25.0, noise="none", sky=100.0,
-        galaxy_sersic_n=(0.8, 2.5), psf=PsfSpec(kind="moffat", fwhm=3.2),
+        256,
+        seed=5,
+        n_stars=120,
+        n_galaxies=15,
+        margin=-25.0,
+        noise="none",
+        sky=100.0,
+        galaxy_sersic_n=(0.8, 2.5),
+        psf=PsfSpec(kind="moffat", fwhm=3.2),
     )
     assert res.truth["in_image"].all()
     total = float(res.sources.astype(np.float64).sum())
@@ -84,8 +104,14 @@ def test_total_model_flux_equals_the_truth_fluxes():
     np.testing.assert_array_equal(res.exposure.image, res.model)
 
 
-@pytest.mark.parametrize("psf", [PsfSpec(fwhm=2.7), PsfSpec(kind="moffat", fwhm=3.6, beta=2.5),
-                                 PsfSpec(fwhm=3.0, axis_ratio=0.7, theta=0.4)])
+@pytest.mark.parametrize(
+    "psf",
+    [
+        PsfSpec(fwhm=2.7),
+        PsfSpec(kind="moffat", fwhm=3.6, beta=2.5),
+        PsfSpec(fwhm=3.0, axis_ratio=0.7, theta=0.4),
+    ],
+)
 def test_rendered_star_is_exactly_the_attached_psf(psf):
     x, y, flux = 60.3, 47.72, 1.0e4
     res = simulate_exposure(120, catalog=_one_star(x, y, flux), psf=psf, noise="none", sky=0.0)
@@ -94,7 +120,7 @@ def test_rendered_star_is_exactly_the_attached_psf(psf):
     assert att.oversample == 5
     stamp = att.compute_image(x, y)
     h = att.size // 2
-    cut = res.model[48 - h:48 + h + 1, 60 - h:60 + h + 1]
+    cut = res.model[48 - h : 48 + h + 1, 60 - h : 60 + h + 1]
     np.testing.assert_allclose(cut, flux * stamp, atol=1e-9 * flux, rtol=1e-5)
 
 
@@ -117,12 +143,17 @@ def test_varying_moffat_psf_follows_the_fwhm_function():
     # the star is the analytic profile of the local FWHM, exactly
     local = spec.make_psf(float(spec.fwhm_at(x, y, box)), size)
     h = size // 2
-    cut = res.model[301 - 50 - h:301 - 50 + h + 1, 5 + 100 - h:5 + 100 + h + 1]
+    cut = res.model[301 - 50 - h : 301 - 50 + h + 1, 5 + 100 - h : 5 + 100 + h + 1]
     np.testing.assert_allclose(cut, 5e4 * local.compute_image(x, y), atol=1e-5, rtol=1e-5)
     # the attached model's FWHM at corners and centre matches that of the MoffatPsf model of
     # the requested profile FWHM, within 2 %
     centre = ((box.x0 + box.x1 - 1) / 2, (box.y0 + box.y1 - 1) / 2)
-    corners = [(box.x0, box.y0), (box.x1 - 1, box.y0), (box.x0, box.y1 - 1), (box.x1 - 1, box.y1 - 1)]
+    corners = [
+        (box.x0, box.y0),
+        (box.x1 - 1, box.y0),
+        (box.x0, box.y1 - 1),
+        (box.x1 - 1, box.y1 - 1),
+    ]
     f_centre = att.fwhm(*centre)
     for px, py in corners + [centre]:
         want = spec.make_psf(float(spec.fwhm_at(px, py, box)), size).fwhm()
@@ -134,8 +165,15 @@ def test_varying_moffat_psf_follows_the_fwhm_function():
 
 
 def test_psf_callable_and_psf_instances():
-    res = simulate_exposure(96, n_stars=10, seed=2, noise="none", sky=0.0, margin=-15.0,
-                            psf=lambda x, y: GaussianPsf(fwhm=2.5 + 0.01 * x, size=15))
+    res = simulate_exposure(
+        96,
+        n_stars=10,
+        seed=2,
+        noise="none",
+        sky=0.0,
+        margin=-15.0,
+        psf=lambda x, y: GaussianPsf(fwhm=2.5 + 0.01 * x, size=15),
+    )
     assert isinstance(res.exposure.psf, GridPsf)
     assert res.sources.sum() == pytest.approx(np.sum(res.truth["flux"]), rel=1e-5)
     psf = MoffatPsf(fwhm=3.0, beta=4.0, size=25, oversample=3)
@@ -157,7 +195,12 @@ def test_saturated_pixels_are_clipped_and_flagged():
 
 def test_bad_columns_and_no_data():
     res = simulate_exposure(
-        100, xy0=(100, 200), seed=7, n_stars=10, bad_columns=3, bad_column_value=-5.0,
+        100,
+        xy0=(100, 200),
+        seed=7,
+        n_stars=10,
+        bad_columns=3,
+        bad_column_value=-5.0,
         no_data=[Box(100, 200, 120, 230), (180, 280, 300, 400)],
     )
     exp = res.exposure
@@ -193,42 +236,61 @@ def test_cosmic_rays_are_reported_and_unmasked_by_default():
 def test_trails_ghosts_and_backgrounds():
     trail = Trail(x=10.0, y=20.0, angle=30.0, brightness=50.0, width=1.5)
     ghost = Ghost(x=90.0, y=90.0, radius=20.0, brightness=8.0, inner_radius=8.0)
-    res = simulate_exposure(128, seed=2, n_stars=0, sky=100.0, noise="none", trails=[trail], ghosts=[ghost])
+    res = simulate_exposure(
+        128, seed=2, n_stars=0, sky=100.0, noise="none", trails=[trail], ghosts=[ghost]
+    )
     src = res.sources
     # on the line: peak brightness (pixel centres on the line)
     assert src[20, 10] == pytest.approx(50.0, rel=1e-6)
     x = 70
     y_line = 20 + (x - 10) * math.tan(math.radians(30))
     assert res.masks["trail"][int(round(y_line)), x]
-    assert src[90, 90] == pytest.approx(0.0, abs=1e-3)       # the donut's hole
+    assert src[90, 90] == pytest.approx(0.0, abs=1e-3)  # the donut's hole
     assert src[90, 90 + 14] == pytest.approx(8.0, rel=1e-3)  # the ring
     assert res.masks["ghost"][90, 104] and not res.masks["ghost"][90, 90]
 
     cheb = ChebyshevBackground((2.2, 2.1, 2.0, 1.2, 1.1, 1.0))
-    r = simulate_exposure(64, xy0=(123, 456), seed=1, n_stars=0, sky=10.0, noise="none", background=cheb)
+    r = simulate_exposure(
+        64, xy0=(123, 456), seed=1, n_stars=0, sky=10.0, noise="none", background=cheb
+    )
     # x' = y' = 0 at the box centre (pixel 31.5): T0 = 1, T1 = 0, T2 = -1
     xs, ys = np.array([123 + 31.5]), np.array([456 + 31.5])
     assert cheb.evaluate(xs, ys, Box(123, 456, 187, 520))[0] == pytest.approx(2.2 - 1.2 - 1.0)
     # at the Box2D corner (x' = y' = 1) every T is 1
-    assert cheb.evaluate(np.array([186.5]), np.array([519.5]), Box(123, 456, 187, 520))[0] == pytest.approx(9.6)
+    assert cheb.evaluate(np.array([186.5]), np.array([519.5]), Box(123, 456, 187, 520))[
+        0
+    ] == pytest.approx(9.6)
     assert r.background.shape == (64, 64) and np.isfinite(r.background).all()
 
     poly = PolynomialBackground(offset=5.0, gradient=(2.0, -1.0), center=(0.0, 0.0), scale=100.0)
     r = simulate_exposure(32, xy0=(100, 200), n_stars=0, sky=1.0, noise="none", background=poly)
     assert r.background[0, 0] == pytest.approx(1.0 + 5.0 + 2.0 * 1.0 - 1.0 * 2.0, rel=1e-6)
-    r = simulate_exposure(32, n_stars=0, sky=1.0, noise="none", background=lambda x, y: 0.5 * x + 0 * y)
+    r = simulate_exposure(
+        32, n_stars=0, sky=1.0, noise="none", background=lambda x, y: 0.5 * x + 0 * y
+    )
     assert r.background[3, 7] == pytest.approx(1.0 + 3.5)
 
 
 def test_galaxies_are_extended_and_flagged():
-    res = simulate_exposure(240, seed=11, n_stars=0, n_galaxies=4, galaxy_r_eff=(3.0, 3.0), min_separation=50.0,
-                            margin=-40.0, noise="none", sky=0.0, galaxy_flux_min=1e4, galaxy_flux_max=1e4)
+    res = simulate_exposure(
+        240,
+        seed=11,
+        n_stars=0,
+        n_galaxies=4,
+        galaxy_r_eff=(3.0, 3.0),
+        min_separation=50.0,
+        margin=-40.0,
+        noise="none",
+        sky=0.0,
+        galaxy_flux_min=1e4,
+        galaxy_flux_max=1e4,
+    )
     t = res.truth
     assert t["is_galaxy"].all() and not t["is_star"].any()
     psf_ixx = res.exposure.psf.moments()[0]
     for row in t:
         cx, cy = int(round(row["x"])), int(round(row["y"]))
-        cut = res.sources[cy - 20:cy + 21, cx - 20:cx + 21].astype(np.float64)
+        cut = res.sources[cy - 20 : cy + 21, cx - 20 : cx + 21].astype(np.float64)
         _, _, ixx, iyy, _ = adaptive_moments(cut)
         assert (ixx + iyy) / 2 > 2 * psf_ixx
         assert cut.sum() == pytest.approx(1e4, rel=2e-3)
@@ -236,8 +298,15 @@ def test_galaxies_are_extended_and_flagged():
 
 # --- catalogs ---------------------------------------------------------------------------
 def test_catalog_power_law_and_min_separation():
-    cat = make_catalog(Box(0, 0, 400, 400), n_stars=300, flux_min=100.0, flux_max=1e5, flux_alpha=2.0,
-                       min_separation=12.0, seed=3)
+    cat = make_catalog(
+        Box(0, 0, 400, 400),
+        n_stars=300,
+        flux_min=100.0,
+        flux_max=1e5,
+        flux_alpha=2.0,
+        min_separation=12.0,
+        seed=3,
+    )
     from scipy.spatial import cKDTree
 
     xy = np.column_stack([cat["x"], cat["y"]])
@@ -248,17 +317,36 @@ def test_catalog_power_law_and_min_separation():
     # dN/dF ∝ F^-2 ⇒ half the stars below the harmonic-mean point 2/(1/fmin + 1/fmax)
     assert np.median(f) == pytest.approx(2 / (1 / 100 + 1 / 1e5), rel=0.2)
     # simulate_exposure without a catalog draws this catalog
-    res = simulate_exposure(400, n_stars=300, flux_min=100.0, flux_max=1e5, flux_alpha=2.0,
-                            min_separation=12.0, seed=3, noise="none")
+    res = simulate_exposure(
+        400,
+        n_stars=300,
+        flux_min=100.0,
+        flux_max=1e5,
+        flux_alpha=2.0,
+        min_separation=12.0,
+        seed=3,
+        noise="none",
+    )
     np.testing.assert_array_equal(np.sort(res.truth["id"]), np.arange(300))
     np.testing.assert_allclose(res.truth["x"], cat["x"][res.truth["id"]])
 
 
 # --- pairs ------------------------------------------------------------------------------
 def _pair(**kw) -> SimPair:
-    base = dict(seed=21, dx=0.3, dy=-0.45, template_border=20, flux_scale=1.3, n_stars=25,
-                min_separation=35.0, flux_min=2e5, flux_max=6e5, n_transients=4, n_vanished=2,
-                transient_isolation=35.0)
+    base = dict(
+        seed=21,
+        dx=0.3,
+        dy=-0.45,
+        template_border=20,
+        flux_scale=1.3,
+        n_stars=25,
+        min_separation=35.0,
+        flux_min=2e5,
+        flux_max=6e5,
+        n_transients=4,
+        n_vanished=2,
+        transient_isolation=35.0,
+    )
     base.update(kw)
     return simulate_pair(256, xy0=(500, 700), **base)
 
@@ -277,24 +365,35 @@ def test_pair_geometry_and_misregistration():
     # centroid a bright isolated static star in both (noisy, background-subtracted) images
     t = pair.truth
     ok = (~t["is_transient"]) & t["is_star"] & t["in_science"]
-    ok &= (t["x_science"] > 520) & (t["x_science"] < 736) & (t["y_science"] > 720) & (t["y_science"] < 936)
+    ok &= (
+        (t["x_science"] > 520)
+        & (t["x_science"] < 736)
+        & (t["y_science"] > 720)
+        & (t["y_science"] < 936)
+    )
     row = t[ok][np.argmax(t["flux_template"][ok])]
     meas = []
-    for exp, bkg, x, y in ((tpl, pair.template_background, row["x"], row["y"]),
-                           (sci, pair.science_background, row["x_science"], row["y_science"])):
+    for exp, bkg, x, y in (
+        (tpl, pair.template_background, row["x"], row["y"]),
+        (sci, pair.science_background, row["x_science"], row["y_science"]),
+    ):
         cx, cy = int(round(x)) - exp.xy0[0], int(round(y)) - exp.xy0[1]
-        cut = (exp.image - bkg)[cy - 12:cy + 13, cx - 12:cx + 13].astype(np.float64)
+        cut = (exp.image - bkg)[cy - 12 : cy + 13, cx - 12 : cx + 13].astype(np.float64)
         xc, yc, *_ = adaptive_moments(cut)
         meas.append((xc + cx - 12 + exp.xy0[0], yc + cy - 12 + exp.xy0[1]))
     assert meas[1][0] - meas[0][0] == pytest.approx(0.3, abs=0.05)
     assert meas[1][1] - meas[0][1] == pytest.approx(-0.45, abs=0.05)
-    assert meas[0][0] == pytest.approx(row["x"], abs=0.05) and meas[0][1] == pytest.approx(row["y"], abs=0.05)
+    assert meas[0][0] == pytest.approx(row["x"], abs=0.05) and meas[0][1] == pytest.approx(
+        row["y"], abs=0.05
+    )
 
 
 def test_pair_transient_fluxes_are_recovered_from_the_models():
     pair = _pair()
     tr = pair.transients
-    assert len(tr) == 6 and (tr["kind"] == "new").sum() == 4 and (tr["kind"] == "vanished").sum() == 2
+    assert (
+        len(tr) == 6 and (tr["kind"] == "new").sum() == 4 and (tr["kind"] == "vanished").sum() == 2
+    )
     new = tr[tr["kind"] == "new"]
     assert ((new["snr"] >= 10 - 1e-9) & (new["snr"] <= 100 + 1e-9)).all()
     assert (tr["delta_flux"][tr["kind"] == "vanished"] < 0).all()
@@ -306,7 +405,7 @@ def test_pair_transient_fluxes_are_recovered_from_the_models():
     h = 15
     for row in tr:
         cx, cy = int(round(row["x"])) - 500, int(round(row["y"])) - 700
-        got = diff[cy - h:cy + h + 1, cx - h:cx + h + 1].sum()
+        got = diff[cy - h : cy + h + 1, cx - h : cx + h + 1].sum()
         assert got == pytest.approx(row["delta_flux"], rel=0.01)
     # truth bookkeeping
     t = pair.truth
@@ -315,7 +414,8 @@ def test_pair_transient_fluxes_are_recovered_from_the_models():
     static = ~t["is_transient"]
     np.testing.assert_allclose(t["flux_science"][static], 1.3 * t["flux_template"][static])
     assert pair.science.photo_calib.calibration_mean == pytest.approx(
-        pair.template.photo_calib.calibration_mean / 1.3)
+        pair.template.photo_calib.calibration_mean / 1.3
+    )
 
 
 def test_pair_defaults_and_determinism():
@@ -343,8 +443,17 @@ def test_snr_helpers_invert_each_other():
 
 # --- metadata ---------------------------------------------------------------------------
 def test_exposure_metadata_wcs_and_calibration():
-    res = simulate_exposure(64, xy0=(10, 20), seed=12, n_stars=5, gain=1.5, read_noise=6.0, saturation=50000.0,
-                            visit=903342, photo_calib=2.5)
+    res = simulate_exposure(
+        64,
+        xy0=(10, 20),
+        seed=12,
+        n_stars=5,
+        gain=1.5,
+        read_noise=6.0,
+        saturation=50000.0,
+        visit=903342,
+        photo_calib=2.5,
+    )
     md = res.exposure.metadata
     assert md["GAIN"] == 1.5 and md["RDNOISE"] == 6.0 and md["SATURATE"] == 50000.0
     assert md["SIMSEED"] == 12 and md["VISIT"] == 903342
@@ -404,7 +513,9 @@ def test_make_test_image_follows_lsst_steps():
     exp, cat = make_test_image()
     assert exp.shape == (256, 256) and exp.xy0 == (12345, 67890)
     psf = exp.psf
-    assert isinstance(psf, GaussianPsf) and psf.sigma == 2.0 and psf.size == 31 and psf.oversample == 1
+    assert (
+        isinstance(psf, GaussianPsf) and psf.sigma == 2.0 and psf.size == 31 and psf.oversample == 1
+    )
     rng = np.random.RandomState(5)
     buf = 31 // 2 + 1
     np.testing.assert_array_equal(cat["x"], rng.rand(20) * (256 - 2 * buf) + buf + 12345)
@@ -416,7 +527,7 @@ def test_make_test_image_follows_lsst_steps():
     for row in cat:
         st = psf.compute_image(row["x"], row["y"]) * row["flux"]
         cx, cy = int(round(row["x"])) - 12345, int(round(row["y"])) - 67890
-        model[cy - 15:cy + 16, cx - 15:cx + 16] += st
+        model[cy - 15 : cy + 16, cx - 15 : cx + 16] += st
     np.testing.assert_allclose(exp.variance, np.sqrt(np.abs(model)) + 25.0, rtol=1e-5)
     noise = exp.image.astype(np.float64) - model
     assert abs(noise.mean()) < 1e-4
@@ -430,7 +541,9 @@ def test_make_test_image_follows_lsst_steps():
     # a template border keeps the same sources (LSST's invariant) in a larger image
     tmpl, tcat = make_test_image(template_border_size=20, noise_seed=7)
     assert tmpl.shape == (296, 296) and tmpl.xy0 == (12325, 67870)
-    np.testing.assert_allclose(tcat["x"], cat["x"]) and np.testing.assert_allclose(tcat["y"], cat["y"])
+    np.testing.assert_allclose(tcat["x"], cat["x"]) and np.testing.assert_allclose(
+        tcat["y"], cat["y"]
+    )
     # calibration divides the masked image
     cal, _ = make_test_image(calibration=2.0, detect=False)
     np.testing.assert_allclose(cal.image, exp.image / 2.0, rtol=1e-6)
@@ -453,11 +566,14 @@ def test_a_2048_field_with_2000_stars_renders():
 
 @pytest.mark.slow
 def test_a_4096_field_with_5000_stars_renders():
-    res = simulate_exposure(4096, n_stars=5000, seed=1, psf=PsfSpec(kind="moffat", fwhm=4.0, variation=(0.15, 0.1)))
+    res = simulate_exposure(
+        4096, n_stars=5000, seed=1, psf=PsfSpec(kind="moffat", fwhm=4.0, variation=(0.15, 0.1))
+    )
     assert res.exposure.shape == (4096, 4096) and isinstance(res.exposure.psf, GridPsf)
 
 
 # --- realistic_raw_pair (issue 14): the defects of raw data, each measured -------------------
+
 
 def test_realistic_raw_pair_carries_raw_defects():
     from gpudiff.sim import realistic_raw_pair

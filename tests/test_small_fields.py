@@ -24,8 +24,9 @@ from gpudiff.psfmatch.fit import check_kernel_sum
 from gpudiff.tasks import AlardLuptonPreconvolveSubtractTask, AlardLuptonSubtractTask
 
 # As tests/conftest.py (its fixture is function-scoped; the cutouts are loaded once here).
-SHARED_DATA = Path(os.environ.get("GPUDIFF_SHARED_DATA",
-                                  Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED_DATA = Path(
+    os.environ.get("GPUDIFF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 
 EPOCHS = ("04", "18")
 LETTERS = "abcde"
@@ -34,12 +35,12 @@ LETTERS = "abcde"
 def _gauss_field(shape, xs, ys, fluxes, sigma, sky_sigma, rng):
     """Sky noise plus Gaussian stars of total ``fluxes`` (analytic pixel integrals would be
     overkill: σ ≥ 1.5 px is well sampled)."""
-    yy, xx = np.mgrid[:shape[0], :shape[1]].astype(np.float64)
+    yy, xx = np.mgrid[: shape[0], : shape[1]].astype(np.float64)
     img = np.zeros(shape)
     for x, y, f in zip(xs, ys, fluxes):
         r2 = (xx - x) ** 2 + (yy - y) ** 2
-        img += f / (2 * np.pi * sigma ** 2) * np.exp(-r2 / (2 * sigma ** 2))
-    var = np.full(shape, sky_sigma ** 2) + img  # sky plus photon noise (gain 1)
+        img += f / (2 * np.pi * sigma**2) * np.exp(-r2 / (2 * sigma**2))
+    var = np.full(shape, sky_sigma**2) + img  # sky plus photon noise (gain 1)
     return img + rng.normal(0.0, 1.0, shape) * np.sqrt(var), var
 
 
@@ -55,10 +56,12 @@ def test_few_star_field_gives_constant_kernel_with_known_sum(caplog):
     s_t, s_s = 1.6, 2.4  # template sharper: convolveTemplate
     t_img, t_var = _gauss_field(shape, xs, ys, flux, s_t, 10.0, rng)
     s_img, s_var = _gauss_field(shape, xs, ys, flux * ratio, s_s, 10.0, rng)
-    tmpl = Exposure.from_arrays(t_img.astype(np.float32), t_var.astype(np.float32),
-                                psf=GaussianPsf(sigma=s_t))
-    sci = Exposure.from_arrays(s_img.astype(np.float32), s_var.astype(np.float32),
-                               psf=GaussianPsf(sigma=s_s))
+    tmpl = Exposure.from_arrays(
+        t_img.astype(np.float32), t_var.astype(np.float32), psf=GaussianPsf(sigma=s_t)
+    )
+    sci = Exposure.from_arrays(
+        s_img.astype(np.float32), s_var.astype(np.float32), psf=GaussianPsf(sigma=s_s)
+    )
     with caplog.at_level(logging.WARNING, logger="gpudiff.psfmatch"):
         res = AlardLuptonSubtractTask(backend="numpy").run(tmpl, sci)
     m = res.metadata
@@ -87,18 +90,33 @@ def test_few_star_field_gives_constant_kernel_with_known_sum(caplog):
 def test_selection_error_counts_each_test():
     """A selection that leaves too few kernel sources says how many each test removed,
     and the counts add up to the rows dropped."""
-    t = Table({"x": [10.0, 50.0, 60.0, 70.0, 80.0, 90.0], "y": [50.0] * 6,
-               "snr": [50.0, 5.0, 50.0, 50.0, 800.0, 50.0],
-               "is_extended": [False, False, True, False, False, False],
-               "isolated": [True, True, True, False, True, True],
-               "flag_edge": [False, False, False, False, False, True]})
-    c = selection_counts(t, Box(0, 0, 128, 128), snr_min=10, snr_max=500, edge_buffer=21,
-                         exclude_flags=["flag_edge"])
-    assert c == {"flags/masks": 1, "S/N outside 10-500": 2, "extended (size/shape)": 1,
-                 "not isolated (blended)": 1, "too close to the edge": 1, "passed": 0}
+    t = Table(
+        {
+            "x": [10.0, 50.0, 60.0, 70.0, 80.0, 90.0],
+            "y": [50.0] * 6,
+            "snr": [50.0, 5.0, 50.0, 50.0, 800.0, 50.0],
+            "is_extended": [False, False, True, False, False, False],
+            "isolated": [True, True, True, False, True, True],
+            "flag_edge": [False, False, False, False, False, True],
+        }
+    )
+    c = selection_counts(
+        t, Box(0, 0, 128, 128), snr_min=10, snr_max=500, edge_buffer=21, exclude_flags=["flag_edge"]
+    )
+    assert c == {
+        "flags/masks": 1,
+        "S/N outside 10-500": 2,
+        "extended (size/shape)": 1,
+        "not isolated (blended)": 1,
+        "too close to the edge": 1,
+        "passed": 0,
+    }
     assert sum(c.values()) == len(t)
-    sci = Exposure.from_arrays(np.zeros((128, 128), np.float32), np.ones((128, 128), np.float32),
-                               psf=GaussianPsf(sigma=2.0))
+    sci = Exposure.from_arrays(
+        np.zeros((128, 128), np.float32),
+        np.ones((128, 128), np.float32),
+        psf=GaussianPsf(sigma=2.0),
+    )
     with pytest.raises(InsufficientKernelSourcesError, match="S/N outside 10-500': 2"):
         AlardLuptonSubtractTask(backend="numpy").select_sources(sci, sci, t, 21, 0)
 

@@ -23,8 +23,15 @@ from gpudiff.sim import simulate_pair
 @pytest.fixture(scope="module")
 def pair_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("subtract_cli")
-    pair = simulate_pair(size=512, n_stars=500, flux_min=2e3, flux_max=5e5,
-                         science=dict(sky_subtracted=True), template=dict(sky_subtracted=True), seed=3)
+    pair = simulate_pair(
+        size=512,
+        n_stars=500,
+        flux_min=2e3,
+        flux_max=5e5,
+        science=dict(sky_subtracted=True),
+        template=dict(sky_subtracted=True),
+        seed=3,
+    )
     sci, tmpl = d / "science.fits", d / "template.fits"
     pair.science.write(sci)
     pair.template.write(tmpl)
@@ -37,8 +44,19 @@ def default_run(pair_files):
     _, sci, tmpl, d = pair_files
     out = d / "diff.fits"
     paths = dict(diff=out, dia=d / "dia.ecsv", matched=d / "matched.fits")
-    rc = main(["subtract", str(sci), str(tmpl), "-o", str(out), "--sources-out", str(paths["dia"]),
-               "--matched-template-out", str(paths["matched"])])
+    rc = main(
+        [
+            "subtract",
+            str(sci),
+            str(tmpl),
+            "-o",
+            str(out),
+            "--sources-out",
+            str(paths["dia"]),
+            "--matched-template-out",
+            str(paths["matched"]),
+        ]
+    )
     return rc, paths
 
 
@@ -69,12 +87,25 @@ def test_outputs_and_header(pair_files, default_run):
     assert hdr["GDTCOV"] == pytest.approx(1.0)
     assert hdr["GDSVSCI"] == pytest.approx(1.0, abs=0.05)
     assert hdr["GDSVTMP"] == pytest.approx(1.0, abs=0.05)
-    timing_names = {c.comment.replace("seconds: ", "") for c in hdr.cards if c.keyword.startswith("GDT")
-                    and c.keyword[3:].isdigit()}
-    assert {"read", "subtract", "kernel_fit", "convolution", "decorrelation", "detect"} <= timing_names
+    timing_names = {
+        c.comment.replace("seconds: ", "")
+        for c in hdr.cards
+        if c.keyword.startswith("GDT") and c.keyword[3:].isdigit()
+    }
+    assert {
+        "read",
+        "subtract",
+        "kernel_fit",
+        "convolution",
+        "decorrelation",
+        "detect",
+    } <= timing_names
     # The science header (band) travels with the difference; the difference has detections.
     assert hdr["BAND"] == fits.getheader(sci, 0)["BAND"]
-    assert diff.mask_planes.bitmask("DETECTED") and (diff.mask & diff.mask_planes.bitmask("DETECTED")).any()
+    assert (
+        diff.mask_planes.bitmask("DETECTED")
+        and (diff.mask & diff.mask_planes.bitmask("DETECTED")).any()
+    )
     # The matched template is on the science grid, with the science PSF.
     mt = read_exposure(paths["matched"])
     assert mt.bbox == pair.science.bbox
@@ -107,11 +138,13 @@ def test_dia_catalog(pair_files, default_run):
 def test_preconvolve_writes_score(pair_files, tmp_path, capsys):
     pair, sci, tmpl, _ = pair_files
     out = tmp_path / "score.fits"
-    rc, stdout, err = _run(capsys, sci, tmpl, "-o", out, "--preconvolve", "--sources-out", tmp_path / "dia.fits")
+    rc, stdout, err = _run(
+        capsys, sci, tmpl, "-o", out, "--preconvolve", "--sources-out", tmp_path / "dia.fits"
+    )
     assert rc == 0, err
     assert "wrote" in stdout
     score = read_exposure(out)
-    # The score's PSF is the science PSF (spec §4.3), its variance the decorrelated one.
+    # The score's PSF is the science PSF (docs/algorithms.md §4.3), its variance the decorrelated one.
     np.testing.assert_allclose(score.psf.kernel_image(), pair.science.psf.kernel_image(), atol=1e-7)
     edge = (score.mask & score.mask_planes.bitmask("EDGE")) != 0
     assert edge[0].all() and edge[-1].all() and not edge[256, 256]
@@ -130,7 +163,9 @@ def test_set_spatial_kernel_order_changes_fit(pair_files, default_run, tmp_path,
     _, sci, tmpl, _ = pair_files
     _, paths = default_run
     out = tmp_path / "diff0.fits"
-    rc, _, err = _run(capsys, sci, tmpl, "-o", out, "--set", "make_kernel.spatial_kernel_order=0", "--no-detect")
+    rc, _, err = _run(
+        capsys, sci, tmpl, "-o", out, "--set", "make_kernel.spatial_kernel_order=0", "--no-detect"
+    )
     assert rc == 0, err
     a, b = read_exposure(paths["diff"]), read_exposure(out)
     assert not np.array_equal(a.image, b.image)
@@ -249,15 +284,30 @@ def test_plots_are_valid_pngs(pair_files, tmp_path, monkeypatch):
     monkeypatch.setattr(_plots, "have_matplotlib", lambda: False)
     _, sci, tmpl, _ = pair_files
     out, pdir = tmp_path / "d.fits", tmp_path / "plots"
-    assert main(["subtract", str(sci), str(tmpl), "-o", str(out), "--plots", str(pdir), "--no-detect",
-                 "--backend", "numpy"]) == 0
+    assert (
+        main(
+            [
+                "subtract",
+                str(sci),
+                str(tmpl),
+                "-o",
+                str(out),
+                "--plots",
+                str(pdir),
+                "--no-detect",
+                "--backend",
+                "numpy",
+            ]
+        )
+        == 0
+    )
     for name in ("kernel_grid.png", "residual_histogram.png"):
         data = (pdir / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
         w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
         i = data.index(b"IDAT")
-        n = int.from_bytes(data[i - 4:i], "big")
-        raw = zlib.decompress(data[i + 4:i + 4 + n])
+        n = int.from_bytes(data[i - 4 : i], "big")
+        raw = zlib.decompress(data[i + 4 : i + 4 + n])
         assert len(raw) == h * (1 + 3 * w) and w > 50 and h > 50
 
 
@@ -279,8 +329,23 @@ def test_plots_with_matplotlib_have_axes_labels_and_colour_bar(pair_files, tmp_p
     monkeypatch.setattr(_plots, "_save_figure", keep)
     _, sci, tmpl, _ = pair_files
     out, pdir = tmp_path / "d.fits", tmp_path / "plots"
-    assert main(["subtract", str(sci), str(tmpl), "-o", str(out), "--plots", str(pdir), "--no-detect",
-                 "--backend", "numpy"]) == 0
+    assert (
+        main(
+            [
+                "subtract",
+                str(sci),
+                str(tmpl),
+                "-o",
+                str(out),
+                "--plots",
+                str(pdir),
+                "--no-detect",
+                "--backend",
+                "numpy",
+            ]
+        )
+        == 0
+    )
     grid, hist = figures["kernel_grid.png"], figures["residual_histogram.png"]
     panels = [ax for ax in grid.axes if ax.images]
     assert len(panels) == 9 and len(grid.axes) == 10  # nine kernel panels and the colour bar

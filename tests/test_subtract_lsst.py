@@ -1,13 +1,13 @@
 """AlardLuptonSubtractTask and AlardLuptonPreconvolveSubtractTask against LSST's own tests.
 
-Mirrors ``ip_diffim/tests/test_subtractTask.py`` (spec §11.2, §11.3) with its scenarios and
+Mirrors ``ip_diffim/tests/test_subtractTask.py`` (docs/algorithms.md §11.2, §11.3) with its scenarios and
 tolerances, on images from :func:`gpudiff.sim.make_test_image` (LSST's ``makeTestImage``,
-spec §11.1).  As in LSST's ``_setup_subtraction``: ``doSubtractBackground=False``,
+docs/algorithms.md §11.1).  As in LSST's ``_setup_subtraction``: ``doSubtractBackground=False``,
 ``restrictKernelEdgeSources=False``, the selector reads the truth fluxes
 (``fluxField=truth_instFlux``, ``errField=truth_instFluxErr`` → ``psf_flux`` and
 ``psf_flux_err`` here) and rejects flagged sources (``doFlags`` with
 ``bad=[base_PsfFlux_flag]`` → a boolean ``flag_psf_flux`` column).  PSF widths (σ, px)
-follow the spec: good 2.0, mid 2.4, bad 2.8.
+follow docs/algorithms.md: good 2.0, mid 2.4, bad 2.8.
 
 ``makeStats`` is afw MEANCLIP (``image_statistics``) and afw STDEV (the plain standard
 deviation of the unmasked pixels, :func:`_stdev`); its default and-mask is
@@ -16,7 +16,7 @@ deviation of the unmasked pixels, :func:`_stdev`); its default and-mask is
 Where gpudiff departs from LSST on purpose, the test says so:
 
 * tasks never modify their inputs, so mask updates are checked on the outputs;
-* the difference PSF is the decorrelated PSF when decorrelating (spec §5.4 departure);
+* the difference PSF is the decorrelated PSF when decorrelating (docs/algorithms.md §5.4 departure);
 * the preconvolved score's EDGE frame is the PSF half-width *plus* the matching kernel's;
 * the mismatched-template error is :class:`ShapeMismatchError`, not ``AssertionError``;
 * there is no ApCorrMap (the science header, band included, is carried instead).
@@ -30,7 +30,12 @@ import math
 import numpy as np
 import pytest
 
-from gpudiff.errors import GpudiffError, InsufficientKernelSourcesError, NoWorkFound, ShapeMismatchError
+from gpudiff.errors import (
+    GpudiffError,
+    InsufficientKernelSourcesError,
+    NoWorkFound,
+    ShapeMismatchError,
+)
 from gpudiff.image import Exposure
 from gpudiff.ops.stats import image_statistics
 from gpudiff.ops.warp import wcs_equal
@@ -43,7 +48,7 @@ from gpudiff.tasks import (
     AlardLuptonSubtractTask,
 )
 
-GOOD, MID, BAD = 2.0, 2.4, 2.8  # PSF σ in px (spec §11.1)
+GOOD, MID, BAD = 2.0, 2.4, 2.8  # PSF σ in px (docs/algorithms.md §11.1)
 
 #: makeStats() default and-mask.
 MAKESTATS_BAD = ("INTRP", "EDGE", "DETECTED", "SAT", "CR", "BAD", "NO_DATA", "DETECTED_NEGATIVE")
@@ -59,6 +64,7 @@ BG_PARAMS = [2.2, 2.1, 2.0, 1.2, 1.1, 1.0]
 # helpers
 # --------------------------------------------------------------------------------------
 
+
 def _np(a):
     return a.get() if hasattr(a, "get") else np.asarray(a)
 
@@ -73,8 +79,8 @@ def _image(**kw):
     (with the selector's columns) every call."""
     exp, cat = _cached_image(**kw)
     cat = cat.copy()
-    cat["psf_flux"] = cat["flux"]            # fluxField = truth_instFlux
-    cat["psf_flux_err"] = cat["flux_err"]    # errField = truth_instFluxErr
+    cat["psf_flux"] = cat["flux"]  # fluxField = truth_instFlux
+    cat["psf_flux_err"] = cat["flux_err"]  # errField = truth_instFluxErr
     cat["flag_psf_flux"] = np.zeros(len(cat), dtype=bool)  # flags.bad = [base_PsfFlux_flag]
     return exp.copy(), cat
 
@@ -82,8 +88,9 @@ def _image(**kw):
 def _pair(sci_sigma, tmpl_sigma, sci_noise=1.0, tmpl_noise=1.0, border=20, **kw):
     """LSST's usual pair: science noiseSeed 6, template noiseSeed 7 with a 20-px border."""
     science, sources = _image(psf_size=sci_sigma, noise_level=sci_noise, noise_seed=6, **kw)
-    template, _ = _image(psf_size=tmpl_sigma, noise_level=tmpl_noise, noise_seed=7,
-                         template_border_size=border, **kw)
+    template, _ = _image(
+        psf_size=tmpl_sigma, noise_level=tmpl_noise, noise_seed=7, template_border_size=border, **kw
+    )
     return science, template, sources
 
 
@@ -113,8 +120,11 @@ def _stdev(exp, bad=MAKESTATS_BAD):
     """afw STDEV: the (unclipped) standard deviation of the pixels without a ``bad`` bit."""
     mi = exp.masked_image
     img, var, msk = _np(mi.image), _np(mi.variance), _np(mi.mask)
-    good = (((msk & mi.mask_planes.bitmask_if_present(list(bad))) == 0)
-            & np.isfinite(img) & np.isfinite(var))
+    good = (
+        ((msk & mi.mask_planes.bitmask_if_present(list(bad))) == 0)
+        & np.isfinite(img)
+        & np.isfinite(var)
+    )
     return float(np.std(img[good].astype(np.float64), ddof=1))
 
 
@@ -132,15 +142,31 @@ def _plane(exp, name):
 
 
 def _with_mask(exp, mask, planes, image=None):
-    return Exposure.from_arrays(_np(exp.image) if image is None else image, _np(exp.variance), mask,
-                                xy0=exp.xy0, mask_planes=planes, psf=exp.psf, wcs=exp.wcs,
-                                photo_calib=exp.photo_calib, metadata=exp.metadata)
+    return Exposure.from_arrays(
+        _np(exp.image) if image is None else image,
+        _np(exp.variance),
+        mask,
+        xy0=exp.xy0,
+        mask_planes=planes,
+        psf=exp.psf,
+        wcs=exp.wcs,
+        photo_calib=exp.photo_calib,
+        metadata=exp.metadata,
+    )
 
 
 def _with_variance(exp, variance):
-    return Exposure.from_arrays(_np(exp.image), variance, _np(exp.mask), xy0=exp.xy0,
-                                mask_planes=exp.mask_planes, psf=exp.psf, wcs=exp.wcs,
-                                photo_calib=exp.photo_calib, metadata=exp.metadata)
+    return Exposure.from_arrays(
+        _np(exp.image),
+        variance,
+        _np(exp.mask),
+        xy0=exp.xy0,
+        mask_planes=exp.mask_planes,
+        psf=exp.psf,
+        wcs=exp.wcs,
+        photo_calib=exp.photo_calib,
+        metadata=exp.metadata,
+    )
 
 
 def _assert_masked_images_equal(a, b):
@@ -165,6 +191,7 @@ def _cut_template(template, coverage, science_size=400, border=20):
 # §11.2 AlardLuptonSubtractTask
 # --------------------------------------------------------------------------------------
 
+
 def test_equal_images(backend):
     """test_equal_images: σ 2.4 both, noise 1, seeds 6 and 7."""
     science, template, sources = _pair(MID, MID)
@@ -180,10 +207,13 @@ def test_equal_images(backend):
     assert out.metadata["n_candidates_used"] >= 3
 
 
-@pytest.mark.parametrize("sci_sigma, tmpl_sigma, explicit", [
-    (MID, GOOD, "convolveTemplate"),   # test_auto_convolveTemplate
-    (GOOD, MID, "convolveScience"),    # test_auto_convolveScience
-])
+@pytest.mark.parametrize(
+    "sci_sigma, tmpl_sigma, explicit",
+    [
+        (MID, GOOD, "convolveTemplate"),  # test_auto_convolveTemplate
+        (GOOD, MID, "convolveScience"),  # test_auto_convolveScience
+    ],
+)
 def test_auto_mode(sci_sigma, tmpl_sigma, explicit):
     """test_auto_convolveTemplate / test_auto_convolveScience: auto gives exactly the
     masked image of the explicit mode."""
@@ -205,8 +235,8 @@ def _check_noise(out, sci_noise, tmpl_noise, all_finite):
     n_good = int(np.isfinite(img).sum())
     mean_error = (sci_noise + tmpl_noise) / math.sqrt(n_good)
     assert abs(_meanclip(diff, DETECT_BAD)) <= 5 * mean_error
-    noise = math.sqrt(sci_noise ** 2 + tmpl_noise ** 2)
-    assert _meanclip(diff, MAKESTATS_BAD, variance=True) == pytest.approx(noise ** 2, rel=0.1)
+    noise = math.sqrt(sci_noise**2 + tmpl_noise**2)
+    assert _meanclip(diff, MAKESTATS_BAD, variance=True) == pytest.approx(noise**2, rel=0.1)
     assert _stdev(diff) == pytest.approx(noise, rel=0.1)
 
 
@@ -237,8 +267,13 @@ def test_symmetry():
     assert science_better.mode == "convolveScience"
     assert template_better.mode == "convolveTemplate"
     a, b = science_better.difference, template_better.difference
-    delta = Exposure.from_arrays(_np(b.image) - _np(a.image), _np(b.variance) - _np(a.variance),
-                                 _np(b.mask) | _np(a.mask), xy0=a.xy0, mask_planes=a.mask_planes)
+    delta = Exposure.from_arrays(
+        _np(b.image) - _np(a.image),
+        _np(b.variance) - _np(a.variance),
+        _np(b.mask) | _np(a.mask),
+        xy0=a.xy0,
+        mask_planes=a.mask_planes,
+    )
     n_good = int(np.isfinite(_np(delta.image)).sum())
     assert abs(_meanclip(delta)) <= 5 * 2.0 / math.sqrt(n_good)
     assert _stdev(delta) == pytest.approx(2 * math.sqrt(2), rel=0.1)
@@ -263,10 +298,17 @@ def test_order_equal_images(sigma):
 
 def _background_pair():
     kw = dict(x_size=512, y_size=512, x0=123, y0=456)
-    template, _ = _image(psf_size=GOOD, noise_level=1.0, noise_seed=7, template_border_size=20, **kw)
+    template, _ = _image(
+        psf_size=GOOD, noise_level=1.0, noise_seed=7, template_border_size=20, **kw
+    )
     # Chebyshev1Function2D over the science box (Box2D of the pixel edges).
-    science, sources = _image(psf_size=GOOD, noise_level=1.0, noise_seed=6,
-                              background=ChebyshevBackground(tuple(BG_PARAMS)), **kw)
+    science, sources = _image(
+        psf_size=GOOD,
+        noise_level=1.0,
+        noise_seed=6,
+        background=ChebyshevBackground(tuple(BG_PARAMS)),
+        **kw,
+    )
     return science, template, sources
 
 
@@ -276,8 +318,11 @@ def test_background_subtraction(mode):
     doSubtractBackground, spatial orders 1 (kernel) and 2 (background)."""
     science, template, sources = _background_pair()
     cfg = AlardLuptonSubtractConfig().make_kernel.with_overrides(
-        fit_for_background=True, spatial_kernel_order=1, spatial_bg_order=2)
-    out = _subtract(template, science, sources, mode=mode, do_subtract_background=True, make_kernel=cfg)
+        fit_for_background=True, spatial_kernel_order=1, spatial_bg_order=2
+    )
+    out = _subtract(
+        template, science, sources, mode=mode, do_subtract_background=True, make_kernel=cfg
+    )
     # STDEV of the difference: fails if the background was mis-subtracted.
     assert _stdev(out.difference) == pytest.approx(math.sqrt(2), rel=0.1)
     model = out.background_model
@@ -302,10 +347,17 @@ def test_background_fitted_but_not_subtracted():
     assert _meanclip(diff) > 1.0
 
 
-def _check_scale_variance(science, template, sources, mode, do_decorrelation, do_scale_variance,
-                          factor=1.0):
-    out = _subtract(template, science, sources, mode=mode, do_decorrelation=do_decorrelation,
-                    do_scale_variance=do_scale_variance)
+def _check_scale_variance(
+    science, template, sources, mode, do_decorrelation, do_scale_variance, factor=1.0
+):
+    out = _subtract(
+        template,
+        science,
+        sources,
+        mode=mode,
+        do_decorrelation=do_decorrelation,
+        do_scale_variance=do_scale_variance,
+    )
     if do_scale_variance:
         assert out.metadata["scale_template_variance_factor"] == pytest.approx(factor, abs=0.05)
         assert out.metadata["scale_science_variance_factor"] == pytest.approx(factor, abs=0.05)
@@ -326,10 +378,13 @@ def _check_scale_variance(science, template, sources, mode, do_decorrelation, do
     assert var_mean == pytest.approx(sci_var + tmpl_var, rel=0.1)
 
 
-@pytest.mark.parametrize("mode, sci_sigma, tmpl_sigma", [
-    ("convolveTemplate", MID, GOOD),  # test_scale_variance_convolve_template
-    ("convolveScience", GOOD, MID),   # test_scale_variance_convolve_science
-])
+@pytest.mark.parametrize(
+    "mode, sci_sigma, tmpl_sigma",
+    [
+        ("convolveTemplate", MID, GOOD),  # test_scale_variance_convolve_template
+        ("convolveScience", GOOD, MID),  # test_scale_variance_convolve_science
+    ],
+)
 def test_scale_variance(mode, sci_sigma, tmpl_sigma):
     """test_scale_variance_convolve_template / _science: noise 4 (science) and 2 (template);
     all four doDecorrelation × doScaleVariance, then with both variance planes ÷ 1.345."""
@@ -345,17 +400,20 @@ def test_scale_variance(mode, sci_sigma, tmpl_sigma):
             _check_scale_variance(science, template, sources, mode, dec, scale, factor)
 
 
-@pytest.mark.parametrize("mode, sci_sigma, tmpl_sigma", [
-    ("convolveTemplate", BAD, GOOD),  # test_exposure_properties_convolve_template
-    ("convolveScience", GOOD, BAD),   # test_exposure_properties_convolve_science
-])
+@pytest.mark.parametrize(
+    "mode, sci_sigma, tmpl_sigma",
+    [
+        ("convolveTemplate", BAD, GOOD),  # test_exposure_properties_convolve_template
+        ("convolveScience", GOOD, BAD),  # test_exposure_properties_convolve_science
+    ],
+)
 @pytest.mark.parametrize("do_decorrelation", [True, False])
 def test_exposure_properties(mode, sci_sigma, tmpl_sigma, do_decorrelation):
     """The difference PSF is the science PSF (convolveTemplate) or the template PSF
     (convolveScience); WCS, photometric calibration and header (band) come from the
     science exposure.
 
-    gpudiff departs from current LSST (spec §5.4) on purpose: a decorrelated difference
+    gpudiff departs from current LSST (docs/algorithms.md §5.4) on purpose: a decorrelated difference
     carries the nominal PSF convolved with the decorrelation filter (sharper).  As LSST
     with decorrelation, the test asserts equal FWHMs within a tolerance (measured: 5–7 %
     narrower); without decorrelation the kernel images are equal.
@@ -459,7 +517,7 @@ def _add_fake(exp, fakes_exp, fake_cat):
     x0, y0 = exp.xy0
     for x, y in zip(fake_cat["x"], fake_cat["y"]):
         c, r = int(x) - x0, int(y) - y0
-        mask[r:r + 3, c:c + 3] |= bit
+        mask[r : r + 3, c : c + 3] |= bit
     image = _np(exp.image) + _np(fakes_exp.image)
     return _with_mask(exp, mask, planes, image=image)
 
@@ -485,6 +543,7 @@ def test_fake_mask_plane_propagation():
 
 
 # --- errors ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("task", ["subtract", "preconvolve"])
 @pytest.mark.parametrize("coverage, raises", [(0.09, True), (0.15, True), (0.7, False)])
@@ -534,7 +593,7 @@ def test_kernel_source_selector():
     1000, n//3 and −1; minKernelSources = 1000 raises.
 
     A good source is unflagged and its (2·kSize+1)² box lies inside the science box
-    (spec §4.2 step 9; restrictKernelEdgeSources is off)."""
+    (docs/algorithms.md §4.2 step 9; restrictKernelEdgeSources is off)."""
     science, sources = _image(psf_size=MID, n_src=20)
     template, _ = _image(psf_size=GOOD, n_src=20)
     assert not sources["flag_psf_flux"].any()
@@ -615,10 +674,12 @@ def test_preconvolve_equal_images(backend):
     mean_error = 1.0 / math.sqrt(score.image.size)
     assert abs(_meanclip(score, DETECT_BAD)) <= 5 * mean_error
     nea = _nea(science.psf)
-    assert nea == pytest.approx(4 * math.pi * MID ** 2, rel=0.01)
+    assert nea == pytest.approx(4 * math.pi * MID**2, rel=0.01)
     assert _stdev(score, DETECT_BAD) == pytest.approx(math.sqrt(2) / math.sqrt(nea), rel=0.1)
-    expected_var = (_meanclip(science, DETECT_BAD, variance=True)
-                    + _meanclip(template, DETECT_BAD, variance=True)) / nea
+    expected_var = (
+        _meanclip(science, DETECT_BAD, variance=True)
+        + _meanclip(template, DETECT_BAD, variance=True)
+    ) / nea
     assert _meanclip(score, DETECT_BAD, variance=True) == pytest.approx(expected_var, rel=0.1)
 
 
@@ -631,12 +692,19 @@ def test_preconvolve_agnostic_template_psf():
     template2, _ = _image(psf_size=GOOD, noise_level=noise, noise_seed=8, **SIZE400)
     a = _score(template1, science, sources).score_exposure
     b = _score(template2, science, sources).score_exposure
-    delta = Exposure.from_arrays(_np(b.image) - _np(a.image), _np(b.variance) - _np(a.variance),
-                                 _np(b.mask) & _np(a.mask), xy0=a.xy0, mask_planes=a.mask_planes)
+    delta = Exposure.from_arrays(
+        _np(b.image) - _np(a.image),
+        _np(b.variance) - _np(a.variance),
+        _np(b.mask) & _np(a.mask),
+        xy0=a.xy0,
+        mask_planes=a.mask_planes,
+    )
     n_good = int(np.isfinite(_np(delta.image)).sum())
     assert abs(_meanclip(delta, DETECT_BAD)) <= 5 * 2 * noise / math.sqrt(n_good)
     nea = _nea(science.psf)
-    assert _stdev(delta, DETECT_BAD) == pytest.approx(math.sqrt(2) * noise / math.sqrt(nea), rel=0.1)
+    assert _stdev(delta, DETECT_BAD) == pytest.approx(
+        math.sqrt(2) * noise / math.sqrt(nea), rel=0.1
+    )
 
 
 def test_preconvolve_background_subtraction():
@@ -644,18 +712,28 @@ def test_preconvolve_background_subtraction():
     √2/√NEA within rtol 0.12."""
     science, template, sources = _background_pair()
     mk = AlardLuptonSubtractConfig().make_kernel.with_overrides(
-        fit_for_background=True, spatial_kernel_order=1, spatial_bg_order=2)
+        fit_for_background=True, spatial_kernel_order=1, spatial_bg_order=2
+    )
     out = _score(template, science, sources, do_subtract_background=True, make_kernel=mk)
     coeffs = np.asarray(out.background_model.background_coefficients, dtype=np.float64)
     assert coeffs.size == len(BG_PARAMS)
     np.testing.assert_allclose(coeffs, BG_PARAMS, rtol=0.2)
     nea = _nea(science.psf)
-    assert _stdev(out.score_exposure, DETECT_BAD) == pytest.approx(math.sqrt(2) / math.sqrt(nea), rel=0.12)
+    assert _stdev(out.score_exposure, DETECT_BAD) == pytest.approx(
+        math.sqrt(2) / math.sqrt(nea), rel=0.12
+    )
 
 
-def _check_score_variance(science, template, sources, do_decorrelation, do_scale_variance, factor=1.0):
-    out = _score(template, science, sources, do_decorrelation=do_decorrelation,
-                 do_scale_variance=do_scale_variance)
+def _check_score_variance(
+    science, template, sources, do_decorrelation, do_scale_variance, factor=1.0
+):
+    out = _score(
+        template,
+        science,
+        sources,
+        do_decorrelation=do_decorrelation,
+        do_scale_variance=do_scale_variance,
+    )
     if do_scale_variance:
         assert out.metadata["scale_template_variance_factor"] == pytest.approx(factor, abs=0.05)
         assert out.metadata["scale_science_variance_factor"] == pytest.approx(factor, abs=0.05)
@@ -689,11 +767,13 @@ def test_preconvolve_scale_variance():
 
 def test_preconvolve_without_decorrelation():
     """doDecorrelation=False: the score is the plain matched-filter difference
-    (S ⋆ PSF) − (T ⊗ K), variances added (spec §4.3 steps 8–9)."""
+    (S ⋆ PSF) − (T ⊗ K), variances added (docs/algorithms.md §4.3 steps 8–9)."""
     science, template, sources = _pair(MID, GOOD, **SIZE400)
     out = _score(template, science, sources, do_decorrelation=False)
     ms, mt, score = out.matched_science, out.matched_template, out.score_exposure
-    np.testing.assert_allclose(_np(score.image), _np(ms.image) - _np(mt.image), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        _np(score.image), _np(ms.image) - _np(mt.image), rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose(_np(score.variance), _np(ms.variance) + _np(mt.variance), rtol=1e-5)
 
 
@@ -705,7 +785,9 @@ def test_preconvolve_exposure_properties(do_decorrelation):
     science, template, sources = _pair(BAD, GOOD, **SIZE400)
     out = _score(template, science, sources, do_decorrelation=do_decorrelation)
     score = out.score_exposure
-    np.testing.assert_allclose(score.psf.kernel_image(), science.psf.kernel_image(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        score.psf.kernel_image(), science.psf.kernel_image(), rtol=0, atol=1e-12
+    )
     assert score.psf.fwhm() == pytest.approx(science.psf.fwhm())
     assert wcs_equal(science.wcs, science.bbox, score.wcs, score.bbox)
     assert score.photo_calib == science.photo_calib

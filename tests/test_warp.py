@@ -9,7 +9,14 @@ import pytest
 
 from gpudiff.errors import InvalidInputError, NoOverlapError
 from gpudiff.image import Box, Exposure, GaussianPsf, adaptive_moments
-from gpudiff.ops.warp import _kernel, check_overlap, pixel_mapping, warp_exposure, wcs_equal, wcs_overlap
+from gpudiff.ops.warp import (
+    _kernel,
+    check_overlap,
+    pixel_mapping,
+    warp_exposure,
+    wcs_equal,
+    wcs_overlap,
+)
 from gpudiff.sim import simulate_exposure
 
 
@@ -30,8 +37,17 @@ def rotated_wcs(wcs, angle, dx=0.0, dy=0.0):
 @pytest.fixture(scope="module")
 def stars():
     """Noiseless, well-sampled (σ = 2 px) isolated stars, away from the edges."""
-    return simulate_exposure(256, seed=2, n_stars=25, psf=2.0 * 2.3548, noise="none", sky=0.0,
-                             read_noise=0.0, min_separation=30, margin=-25)
+    return simulate_exposure(
+        256,
+        seed=2,
+        n_stars=25,
+        psf=2.0 * 2.3548,
+        noise="none",
+        sky=0.0,
+        read_noise=0.0,
+        min_separation=30,
+        margin=-25,
+    )
 
 
 def test_lanczos_weights():
@@ -49,8 +65,9 @@ def test_lanczos_weights():
 
 
 def test_integer_shift_is_exact(backend):
-    sim = simulate_exposure(200, seed=2, n_stars=30, bad_columns=[577], saturation=20000.0,
-                            flux_max=3e5, xy0=(500, 700))
+    sim = simulate_exposure(
+        200, seed=2, n_stars=30, bad_columns=[577], saturation=20000.0, flux_max=3e5, xy0=(500, 700)
+    )
     exp = sim.exposure.to_backend(backend)
     dx, dy = 3, -2
     out = warp_exposure(exp, shifted_wcs(exp.wcs, dx, dy), exp.bbox)
@@ -60,7 +77,9 @@ def test_integer_shift_is_exact(backend):
     sl_out = (slice(5, 197), slice(3, 194))
     sl_src = (slice(5 + dy, 197 + dy), slice(3 + dx, 194 + dx))
     np.testing.assert_allclose(img[sl_out], src_i[sl_src], rtol=0, atol=1e-5 * np.abs(src_i).max())
-    np.testing.assert_allclose(backend.asnumpy(out.variance)[sl_out], sim.exposure.variance[sl_src], rtol=1e-6)
+    np.testing.assert_allclose(
+        backend.asnumpy(out.variance)[sl_out], sim.exposure.variance[sl_src], rtol=1e-6
+    )
     np.testing.assert_array_equal(msk[sl_out], src_m[sl_src])  # BAD column and SAT moved
     assert (msk[sl_out] & out.mask_planes.bitmask("BAD")).any()
     # the border the kernel does not fit is NO_DATA with NaN/inf
@@ -91,7 +110,7 @@ def test_subpixel_shift_there_and_back(backend, stars):
 
 def _aperture_flux(img, x, y, r=9):
     ix, iy = int(round(x)), int(round(y))
-    return float(img[iy - r:iy + r + 1, ix - r:ix + r + 1].sum())
+    return float(img[iy - r : iy + r + 1, ix - r : ix + r + 1].sum())
 
 
 def test_rotation_90_degrees_puts_stars_in_the_right_pixel(backend, stars):
@@ -106,7 +125,7 @@ def test_rotation_90_degrees_puts_stars_in_the_right_pixel(backend, stars):
     yy, xx = np.mgrid[-6:7, -6:7]
     for x, y in zip(px[inside], py[inside]):
         ix, iy = int(round(x)), int(round(y))
-        st = img[iy - 6:iy + 7, ix - 6:ix + 7]
+        st = img[iy - 6 : iy + 7, ix - 6 : ix + 7]
         assert st.argmax() == 6 * 13 + 6 or np.hypot(x - ix, y - iy) > 0.45  # peak pixel
         assert (st * xx).sum() / st.sum() == pytest.approx(x - ix, abs=0.01)
         assert (st * yy).sum() / st.sum() == pytest.approx(y - iy, abs=0.01)
@@ -125,7 +144,12 @@ def test_small_rotation_and_shift_preserve_star_fluxes(backend, stars):
     px, py = dest.world_to_pixel_values(ra, dec)
     inside = (px > 15) & (px < 240) & (py > 15) & (py < 240)
     assert inside.sum() >= 8
-    f_src = np.array([_aperture_flux(stars.exposure.image, x, y) for x, y in zip(stars.truth["x"], stars.truth["y"])])
+    f_src = np.array(
+        [
+            _aperture_flux(stars.exposure.image, x, y)
+            for x, y in zip(stars.truth["x"], stars.truth["y"])
+        ]
+    )
     f_out = np.array([_aperture_flux(img, x, y) for x, y in zip(px, py)])
     # measured max |Δ| 0.06 % over 25 stars (the 19×19 apertures hold ~all the light)
     np.testing.assert_allclose(f_out[inside], f_src[inside], rtol=5e-3)
@@ -144,7 +168,7 @@ def test_warped_psf_is_rotated():
     out = warp_exposure(exp, rotated_wcs(exp.wcs, np.deg2rad(30.0)), exp.bbox)
     rxx, ryy, rxy = out.psf.moments()
     assert rxx + ryy == pytest.approx(sxx + syy, rel=0.01)
-    assert rxx * ryy - rxy ** 2 == pytest.approx(sxx * syy - sxy ** 2, rel=0.02)
+    assert rxx * ryy - rxy**2 == pytest.approx(sxx * syy - sxy**2, rel=0.02)
     assert abs(rxy) > 0.3
     assert out.psf.kernel_image().sum() == pytest.approx(1.0)
 
@@ -154,8 +178,9 @@ def test_pure_noise_variance(backend):
     sim = simulate_exposure(64, seed=0, n_stars=0)  # for a WCS
     wcs = copy.deepcopy(sim.exposure.wcs)
     wcs.array_shape = (512, 512)
-    noise = Exposure.from_arrays(rng.normal(0, 2.0, (512, 512)), np.full((512, 512), 4.0), wcs=wcs,
-                                 backend=backend)
+    noise = Exposure.from_arrays(
+        rng.normal(0, 2.0, (512, 512)), np.full((512, 512), 4.0), wcs=wcs, backend=backend
+    )
     for dx, dy in ((0.5, 0.5), (0.3, 0.0), (0.21, -0.37)):
         out = warp_exposure(noise, shifted_wcs(wcs, dx, dy), Box(0, 0, 512, 512))
         img, var = backend.asnumpy(out.image), backend.asnumpy(out.variance)
@@ -170,8 +195,9 @@ def test_pure_noise_variance(backend):
         assert measured / reported == pytest.approx(1.0, abs=0.03)
         np.testing.assert_allclose(var[ok], reported, rtol=1e-5)  # uniform shift: uniform Σw²
     out = warp_exposure(noise, shifted_wcs(wcs, 0.5, 0.5), Box(0, 0, 512, 512))
-    assert float(np.nanmean(backend.asnumpy(out.variance)[np.isfinite(backend.asnumpy(out.image))])) \
-        == pytest.approx(4.0 * 0.618, rel=0.01)
+    assert float(
+        np.nanmean(backend.asnumpy(out.variance)[np.isfinite(backend.asnumpy(out.image))])
+    ) == pytest.approx(4.0 * 0.618, rel=0.01)
 
 
 def test_no_data_and_edge_handling(backend):
@@ -184,7 +210,7 @@ def test_no_data_and_edge_handling(backend):
     mp = out.mask_planes
     nod = (msk & mp.bitmask("NO_DATA")) != 0
     # the hole grows by the kernel footprint: taps floor(u) − 2 … floor(u) + 3
-    assert nod[50 - 3:70 - 2, 40 - 3:60 - 2].all()
+    assert nod[50 - 3 : 70 - 2, 40 - 3 : 60 - 2].all()
     assert not nod[30, 30] and np.isnan(backend.asnumpy(out.image)[nod]).all()
     # EDGE is grown over the full 6×6 footprint, other bits over the bilinear 2×2 only
     edge = (msk & mp.bitmask("EDGE")) != 0
@@ -266,12 +292,15 @@ def test_separable_path_matches_general_path_on_affine(backend, stars, monkeypat
     np.testing.assert_allclose(sv, gv, rtol=2e-6, atol=2e-6 * float(np.abs(gv).max()))
 
 
-@pytest.mark.parametrize("dx, dy, skipped", [
-    (0.0007, 0.0007, True),      # |offset| = 0.99e-3 px: the grids agree
-    (3.0007, -2.0007, True),     # whole pixels plus the same: still a copy
-    (0.0008, 0.0008, False),     # |offset| = 1.13e-3 px: resampled
-    (0.0011, 0.0, False),
-])
+@pytest.mark.parametrize(
+    "dx, dy, skipped",
+    [
+        (0.0007, 0.0007, True),  # |offset| = 0.99e-3 px: the grids agree
+        (3.0007, -2.0007, True),  # whole pixels plus the same: still a copy
+        (0.0008, 0.0008, False),  # |offset| = 1.13e-3 px: resampled
+        (0.0011, 0.0, False),
+    ],
+)
 def test_warp_skipped_exactly_when_grids_agree_to_1e3_px(stars, caplog, dx, dy, skipped):
     exp = stars.exposure
     with caplog.at_level("INFO", logger="gpudiff.ops.warp"):
@@ -280,12 +309,13 @@ def test_warp_skipped_exactly_when_grids_agree_to_1e3_px(stars, caplog, dx, dy, 
     assert logged == skipped
     ox, oy = int(round(dx)), int(round(dy))
     # out[r, c] = src[r + oy, c + ox] away from the border
-    copy_ = exp.image[8 + oy:248 + oy, 8 + ox:248 + ox]
+    copy_ = exp.image[8 + oy : 248 + oy, 8 + ox : 248 + ox]
     got = out.image[8:248, 8:248]
     if skipped:
         np.testing.assert_array_equal(got, copy_)
-        np.testing.assert_array_equal(out.variance[8:248, 8:248],
-                                      exp.variance[8 + oy:248 + oy, 8 + ox:248 + ox])
+        np.testing.assert_array_equal(
+            out.variance[8:248, 8:248], exp.variance[8 + oy : 248 + oy, 8 + ox : 248 + ox]
+        )
     else:
         # interpolated: a 1e-3 px shift of σ = 2 px stars moves pixel values by ~1e-4 of the peak
         d = np.abs(got - copy_).max()
@@ -295,8 +325,9 @@ def test_warp_skipped_exactly_when_grids_agree_to_1e3_px(stars, caplog, dx, dy, 
 def test_subpixel_shift_conserves_star_flux_and_moves_centroid(backend):
     from gpudiff.sim import simulate_exposure as sim_exp
 
-    one = sim_exp(64, seed=5, n_stars=1, psf=2.0 * 2.3548, noise="none", sky=0.0, read_noise=0.0,
-                  margin=-20)
+    one = sim_exp(
+        64, seed=5, n_stars=1, psf=2.0 * 2.3548, noise="none", sky=0.0, read_noise=0.0, margin=-20
+    )
     exp = one.exposure.to_backend(backend)
     x0, y0 = float(one.truth["x"][0]), float(one.truth["y"][0])
     dx, dy = 0.37, -0.61
@@ -304,16 +335,16 @@ def test_subpixel_shift_conserves_star_flux_and_moves_centroid(backend):
     img = backend.asnumpy(out.image)
     src = one.exposure.image
     ix, iy = int(round(x0 - dx)), int(round(y0 - dy))
-    st = img[iy - 12:iy + 13, ix - 12:ix + 13]
+    st = img[iy - 12 : iy + 13, ix - 12 : ix + 13]
     assert np.isfinite(st).all()
     jx, jy = int(round(x0)), int(round(y0))
-    f_in = src[jy - 12:jy + 13, jx - 12:jx + 13].sum()
+    f_in = src[jy - 12 : jy + 13, jx - 12 : jx + 13].sum()
     # normalized Lanczos-3 weights sum to 1 per pixel; on a well-sampled star the stamp's
     # flux is kept to ~1e-6 (measured 3e-7); 1e-4 leaves room for the truncated wings.
     assert st.sum() / f_in == pytest.approx(1.0, abs=1e-4)
     yy, xx = np.mgrid[-12:13, -12:13]
     cx, cy = (st * xx).sum() / st.sum() + ix, (st * yy).sum() / st.sum() + iy
-    sx = src[int(round(y0)) - 12:int(round(y0)) + 13, int(round(x0)) - 12:int(round(x0)) + 13]
+    sx = src[int(round(y0)) - 12 : int(round(y0)) + 13, int(round(x0)) - 12 : int(round(x0)) + 13]
     # destination pixel (c, r) sees the source at (c + dx, r + dy): the star moves by −(dx, dy)
     sxc = (sx * xx).sum() / sx.sum() + int(round(x0))
     syc = (sx * yy).sum() / sx.sum() + int(round(y0))

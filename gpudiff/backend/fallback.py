@@ -41,9 +41,20 @@ BAND_COUNTS = (4, 16)
 _OOM_NAMES = {"OutOfMemoryError"}
 #: (CuPy spells them ``CuFFTError``, ``CUBLASError``, ``CUSOLVERError``, ``CuSparseError``,
 #: ``CUDARuntimeError``, ``CUDADriverError``: the match is by exact class name.)
-_LIB_ERROR_NAMES = {"CuFFTError", "CUBLASError", "CUSOLVERError", "CUDARuntimeError", "CUDADriverError",
-                    "CuSparseError"}
-_ALLOC_WORDS = ("ALLOC_FAILED", "cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY", "out of memory")
+_LIB_ERROR_NAMES = {
+    "CuFFTError",
+    "CUBLASError",
+    "CUSOLVERError",
+    "CUDARuntimeError",
+    "CUDADriverError",
+    "CuSparseError",
+}
+_ALLOC_WORDS = (
+    "ALLOC_FAILED",
+    "cudaErrorMemoryAllocation",
+    "CUDA_ERROR_OUT_OF_MEMORY",
+    "out of memory",
+)
 #: Allocation failures that reach Python as builtin exceptions: CUDA's own error codes in a
 #: C++ exception translated by Cython, and Thrust's workspace allocation through CuPy's
 #: pool (sort, argsort: ``std::bad_alloc`` surfaces as a builtin ``MemoryError``).
@@ -71,7 +82,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
             continue
         if cls.__name__ in _OOM_NAMES:
             return True
-        if cls.__name__ in _LIB_ERROR_NAMES and any(w.lower() in str(exc).lower() for w in _ALLOC_WORDS):
+        if cls.__name__ in _LIB_ERROR_NAMES and any(
+            w.lower() in str(exc).lower() for w in _ALLOC_WORDS
+        ):
             return True
     if type(exc) in (MemoryError, RuntimeError):  # exactly the builtins Cython translates to
         msg = str(exc)
@@ -87,9 +100,11 @@ def free_device_memory(backend: Backend) -> None:
     if not backend.is_gpu:
         return
     xp = backend.xp
-    for release in (lambda: xp.get_default_memory_pool().free_all_blocks(),
-                    lambda: xp.get_default_pinned_memory_pool().free_all_blocks(),
-                    lambda: xp.fft.config.get_plan_cache().clear()):
+    for release in (
+        lambda: xp.get_default_memory_pool().free_all_blocks(),
+        lambda: xp.get_default_pinned_memory_pool().free_all_blocks(),
+        lambda: xp.fft.config.get_plan_cache().clear(),
+    ):
         with contextlib.suppress(Exception):  # best effort: a missing pool is nothing to free
             release()
 
@@ -110,9 +125,14 @@ def _drop_tracebacks(exc: BaseException) -> BaseException:
     return exc
 
 
-def with_memory_fallback(stage: str, run: Callable[[Backend], T], backend: Backend, *,
-                         banded: Callable[[Backend, int], T] | None = None,
-                         band_counts: Sequence[int] = BAND_COUNTS) -> T:
+def with_memory_fallback(
+    stage: str,
+    run: Callable[[Backend], T],
+    backend: Backend,
+    *,
+    banded: Callable[[Backend, int], T] | None = None,
+    band_counts: Sequence[int] = BAND_COUNTS,
+) -> T:
     """Run ``run(backend)``; on a device out-of-memory error, retry banded, then on the CPU.
 
     Parameters
@@ -158,19 +178,26 @@ def with_memory_fallback(stage: str, run: Callable[[Backend], T], backend: Backe
         for n in band_counts:
             try:
                 result = banded(backend, int(n))
-                log.warning("%s: finished in %d row bands after running out of device memory", stage, n)
+                log.warning(
+                    "%s: finished in %d row bands after running out of device memory", stage, n
+                )
                 return result
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     raise
                 log.warning("%s: out of device memory in %d row bands too", stage, n)
             free_device_memory(backend)  # after the except block: its traceback is gone
-    warnings.warn(f"{stage}: out of GPU memory ({type(first).__name__}: {first}); "
-                  f"{'banded processing failed too; ' if banded is not None else ''}"
-                  "re-running this stage on the NumPy CPU backend", GpudiffFallbackWarning, stacklevel=3)
+    warnings.warn(
+        f"{stage}: out of GPU memory ({type(first).__name__}: {first}); "
+        f"{'banded processing failed too; ' if banded is not None else ''}"
+        "re-running this stage on the NumPy CPU backend",
+        GpudiffFallbackWarning,
+        stacklevel=3,
+    )
     try:
         return run(get_backend("numpy"))
     except MemoryError as exc:
-        raise DeviceMemoryError(f"{stage}: out of memory on the GPU ({type(first).__name__}: {first}) and "
-                                f"on the CPU fallback ({exc}); process smaller images or tiles") from exc
-
+        raise DeviceMemoryError(
+            f"{stage}: out of memory on the GPU ({type(first).__name__}: {first}) and "
+            f"on the CPU fallback ({exc}); process smaller images or tiles"
+        ) from exc

@@ -68,7 +68,11 @@ def compile_all_with_nvcc(
     if not exe:
         raise KernelRegistryError("nvcc not found on PATH (install the CUDA toolkit)")
     files = sorted(sources) if sources is not None else cuda_sources()
-    opts = list(NVCC_OPTIONS) if werror else [o for o in NVCC_OPTIONS if o not in ("-Werror", "all-warnings")]
+    opts = (
+        list(NVCC_OPTIONS)
+        if werror
+        else [o for o in NVCC_OPTIONS if o not in ("-Werror", "all-warnings")]
+    )
     results: list[NvccResult] = []
     with tempfile.TemporaryDirectory(prefix="gpudiff-nvcc-") as tmp:
         outdir = Path(out_dir) if out_dir is not None else Path(tmp)
@@ -104,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m gpudiff.backend",
         description="gpudiff CUDA kernel registry: list kernels, or compile every cuda/*.cu with nvcc.",
     )
-    ap.add_argument("--check", action="store_true", help="compile every .cu with nvcc -cubin (no GPU needed)")
+    ap.add_argument(
+        "--check", action="store_true", help="compile every .cu with nvcc -cubin (no GPU needed)"
+    )
     ap.add_argument("--list", action="store_true", help="list the registered kernels")
     ap.add_argument("--arch", default="sm_90", help="nvcc -arch value for --check (default sm_90)")
     ap.add_argument("--nvcc", default=None, help="path of nvcc (default: from PATH)")
@@ -138,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             for m in missing:
                 print(f"FAIL {m}: registered but not found in {cuda_source_dir()}")
                 rc = 1
-            print(f"{sum(r.ok for r in results)}/{len(results)} CUDA sources compiled for {args.arch}")
+            print(
+                f"{sum(r.ok for r in results)}/{len(results)} CUDA sources compiled for {args.arch}"
+            )
     except (KernelRegistryError, InvalidInputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -110,19 +110,25 @@ def validate_clipped_stack(data, bad, weights=None, nsigma=3.0, niter=3) -> _Cli
     if data.dtype.kind not in "fiub":
         raise InvalidInputError(f"clipped_stack: data must be a real array, got dtype {data.dtype}")
     if data.ndim < 1:
-        raise InvalidInputError("clipped_stack: data must have a leading sample axis (shape (N, ...))")
+        raise InvalidInputError(
+            "clipped_stack: data must have a leading sample axis (shape (N, ...))"
+        )
     nepoch = int(data.shape[0])
     if nepoch == 0:
         raise InvalidInputError("clipped_stack: the stack is empty (N == 0)")
     if bad is None:
-        raise InvalidInputError("clipped_stack: bad is None (pass an all-False array to exclude nothing)")
+        raise InvalidInputError(
+            "clipped_stack: bad is None (pass an all-False array to exclude nothing)"
+        )
     bad = xp.asarray(bad)
     if tuple(bad.shape) != tuple(data.shape):
         raise ShapeMismatchError(
             f"clipped_stack: bad has shape {tuple(bad.shape)} but data has shape {tuple(data.shape)}"
         )
     if bad.dtype.kind not in "biuf":
-        raise InvalidInputError(f"clipped_stack: bad must be boolean or integer, got dtype {bad.dtype}")
+        raise InvalidInputError(
+            f"clipped_stack: bad must be boolean or integer, got dtype {bad.dtype}"
+        )
 
     nsig = _as_float("nsigma", nsigma)
     if not (math.isfinite(nsig) and nsig > 0.0):
@@ -354,7 +360,9 @@ def clipped_stack(data, bad, weights=None, nsigma=3.0, niter=3, *, return_used=F
 def _as_int32_bits(xp, mask):
     """Mask pixels as int32 bit patterns (uint32 reinterpreted, narrower ints widened)."""
     if mask.dtype.kind not in "iub":
-        raise InvalidInputError(f"mask_dilate_or: mask must be an integer array, got dtype {mask.dtype}")
+        raise InvalidInputError(
+            f"mask_dilate_or: mask must be an integer array, got dtype {mask.dtype}"
+        )
     if mask.dtype == xp.int32:
         return mask
     if mask.dtype == xp.uint32:
@@ -385,13 +393,23 @@ def validate_mask_dilate_or(mask, footprint):
     if mask.ndim != 2:
         raise InvalidInputError(f"mask_dilate_or: mask must be 2-d, got shape {tuple(mask.shape)}")
     # the footprint is small: it always lives on the host
-    fp = footprint if isinstance(footprint, np.ndarray) else (
-        footprint.get() if hasattr(footprint, "__cuda_array_interface__") else np.asarray(footprint)
+    fp = (
+        footprint
+        if isinstance(footprint, np.ndarray)
+        else (
+            footprint.get()
+            if hasattr(footprint, "__cuda_array_interface__")
+            else np.asarray(footprint)
+        )
     )
     if fp.ndim != 2 or fp.shape[0] < 1 or fp.shape[1] < 1:
-        raise InvalidInputError(f"mask_dilate_or: footprint must be a non-empty 2-d array, got shape {fp.shape}")
+        raise InvalidInputError(
+            f"mask_dilate_or: footprint must be a non-empty 2-d array, got shape {fp.shape}"
+        )
     if fp.dtype.kind not in "biuf":
-        raise InvalidInputError(f"mask_dilate_or: footprint must be boolean or numeric, got dtype {fp.dtype}")
+        raise InvalidInputError(
+            f"mask_dilate_or: footprint must be boolean or numeric, got dtype {fp.dtype}"
+        )
     return xp, _as_int32_bits(xp, mask), fp != 0
 
 

@@ -29,14 +29,38 @@ from ..errors import GpudiffError, InvalidInputError, ManifestError
 from .manifest import KINDS, Job, read_manifest
 from .task import output_status, remove_stale_temporaries, run_job
 
-__all__ = ["run", "BatchResult", "Job", "read_manifest", "run_job", "output_status", "remove_stale_temporaries",
-           "KINDS", "SUMMARY_COLUMNS"]
+__all__ = [
+    "run",
+    "BatchResult",
+    "Job",
+    "read_manifest",
+    "run_job",
+    "output_status",
+    "remove_stale_temporaries",
+    "KINDS",
+    "SUMMARY_COLUMNS",
+]
 
 log = logging.getLogger("gpudiff.batch")
 
 #: Columns of the summary table, in order.
-SUMMARY_COLUMNS = ("row", "id", "kind", "output", "status", "error", "time_s", "read_s", "write_s", "kernel_sum",
-                   "n_candidates_used", "n_dia_sources", "worker_losses", "worker", "notes")
+SUMMARY_COLUMNS = (
+    "row",
+    "id",
+    "kind",
+    "output",
+    "status",
+    "error",
+    "time_s",
+    "read_s",
+    "write_s",
+    "kernel_sum",
+    "n_candidates_used",
+    "n_dia_sources",
+    "worker_losses",
+    "worker",
+    "notes",
+)
 _FLOATS = {"time_s", "read_s", "write_s", "kernel_sum"}
 _INTS = {"row", "n_candidates_used", "n_dia_sources", "worker_losses"}
 

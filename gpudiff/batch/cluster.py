@@ -20,7 +20,9 @@ def parse_gpus(text) -> list[str]:
     items = text.split(",") if isinstance(text, str) else list(text)
     gpus = [str(g).strip() for g in items if str(g).strip()]
     if not gpus or len(set(gpus)) != len(gpus):
-        raise InvalidInputError(f"--gpus expects a comma-separated list of distinct GPU ids, got {text!r}")
+        raise InvalidInputError(
+            f"--gpus expects a comma-separated list of distinct GPU ids, got {text!r}"
+        )
     return gpus
 
 
@@ -31,7 +33,9 @@ def detect_gpus() -> list[str]:
     n = cuda_device_count()
     if n == 0:
         return []
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    visible = [
+        v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()
+    ]
     # Device i of this process is entry i of CUDA_VISIBLE_DEVICES when that is set.
     return visible[:n] if len(visible) >= n else [str(i) for i in range(n)]
 
@@ -44,8 +48,16 @@ def _memory_per_worker(memory_limit, n: int):
     return max(int(MEMORY_LIMIT / max(n, 1)), 1 << 28)
 
 
-def start_local_cluster(*, workers: int | None = None, gpus=None, backend: str | None = None, retries: int = 3,
-                        memory_limit="auto", use_dask_cuda: bool = True, tasks_per_gpu: int = 2):
+def start_local_cluster(
+    *,
+    workers: int | None = None,
+    gpus=None,
+    backend: str | None = None,
+    retries: int = 3,
+    memory_limit="auto",
+    use_dask_cuda: bool = True,
+    tasks_per_gpu: int = 2,
+):
     """Start an embedded Dask cluster on this machine.
 
     Parameters
@@ -100,21 +112,45 @@ def start_local_cluster(*, workers: int | None = None, gpus=None, backend: str |
                 pass
             else:
                 log.info("starting a dask_cuda LocalCUDACluster on GPUs %s", gpus)
-                return LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(gpus), threads_per_worker=nthreads,
-                                        memory_limit=limit, dashboard_address=":0", silence_logs=quiet,
-                                        scheduler_kwargs={"allowed_failures": retries}), True
+                return LocalCUDACluster(
+                    CUDA_VISIBLE_DEVICES=",".join(gpus),
+                    threads_per_worker=nthreads,
+                    memory_limit=limit,
+                    dashboard_address=":0",
+                    silence_logs=quiet,
+                    scheduler_kwargs={"allowed_failures": retries},
+                ), True
         from distributed import Nanny, Scheduler, SpecCluster
 
         log.info("starting one Dask worker per GPU %s (dask_cuda is not installed)", gpus)
-        specs = {f"gpu-{g}": {"cls": Nanny, "options": {"nthreads": nthreads, "memory_limit": limit,
-                                                        "env": {"CUDA_VISIBLE_DEVICES": g,
-                                                                "CUPY_CUDA_PER_THREAD_DEFAULT_STREAM": "1"}}} for g in gpus}
-        scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0", "allowed_failures": retries}}
-        return SpecCluster(workers=specs, scheduler=scheduler, silence_logs=quiet, name="gpudiff-gpu"), True
+        specs = {
+            f"gpu-{g}": {
+                "cls": Nanny,
+                "options": {
+                    "nthreads": nthreads,
+                    "memory_limit": limit,
+                    "env": {"CUDA_VISIBLE_DEVICES": g, "CUPY_CUDA_PER_THREAD_DEFAULT_STREAM": "1"},
+                },
+            }
+            for g in gpus
+        }
+        scheduler = {
+            "cls": Scheduler,
+            "options": {"dashboard_address": ":0", "allowed_failures": retries},
+        }
+        return SpecCluster(
+            workers=specs, scheduler=scheduler, silence_logs=quiet, name="gpudiff-gpu"
+        ), True
     from dask.system import CPU_COUNT
 
     n = int(workers or CPU_COUNT)
     log.info("starting a Dask LocalCluster of %d worker processes", n)
-    return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
-                        memory_limit=_memory_per_worker(memory_limit, n), silence_logs=quiet,
-                        scheduler_kwargs={"allowed_failures": retries}), False
+    return LocalCluster(
+        n_workers=n,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
+        memory_limit=_memory_per_worker(memory_limit, n),
+        silence_logs=quiet,
+        scheduler_kwargs={"allowed_failures": retries},
+    ), False

@@ -86,8 +86,11 @@ def _subtract(job, backend, overwrite, note) -> dict:
     from ..commands.subtract import cli_mode
 
     o = job.options
-    extra = {f"{r}_{c}": job.inputs.get(f"{r}_{c}") for r in ("science", "template")
-             for c in ("psf", "noise", "variance", "ivar", "mask")}
+    extra = {
+        f"{r}_{c}": job.inputs.get(f"{r}_{c}")
+        for r in ("science", "template")
+        for c in ("psf", "noise", "variance", "ivar", "mask")
+    }
     extra.update(
         {
             k: o.get(k)

@@ -91,9 +91,11 @@ def check_subtraction(metadata, result_exposure, science, template) -> list[str]
         # on small simulated fields of true ratio 1 it flagged 4.6 % (kernel sum 1.034 vs an
         # aperture ratio 0.988).  Only a gross disagreement fails the command.
         if abs(ks / r - 1.0) > _KSUM_MAX_STAR_DISAGREEMENT:
-            out.append(f"the kernel sum {ks:.4f} is more than "
-                       f"{100 * _KSUM_MAX_STAR_DISAGREEMENT:.0f} % from the kernel stars' flux "
-                       f"ratio {r:.4f} ± {e:.4f}")
+            out.append(
+                f"the kernel sum {ks:.4f} is more than "
+                f"{100 * _KSUM_MAX_STAR_DISAGREEMENT:.0f} % from the kernel stars' flux "
+                f"ratio {r:.4f} ± {e:.4f}"
+            )
     out += check_exposure_finite(result_exposure, "difference", ("NO_DATA", "EDGE"))
     return out
 

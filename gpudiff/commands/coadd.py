@@ -8,7 +8,7 @@
                   [--config FILE] [--set FIELD=VALUE ...] [--overwrite] [--backend ...] [-v]
 
 ``compare-warp`` (the default) runs :class:`gpudiff.tasks.compare_warp.CompareWarpAssembleCoaddTask`
-(spec §10.4–§10.5); when no ``--psf-matched`` warps are given they are made with
+(docs/algorithms.md §10.4–§10.5); when no ``--psf-matched`` warps are given they are made with
 :class:`~gpudiff.tasks.ModelPsfMatchTask` to the largest input PSF (one warp at a time,
 kept in a temporary folder beside the output, read back lazily and deleted).  The other
 methods run :class:`gpudiff.tasks.assemble_coadd.AssembleCoaddTask` with that statistic.
@@ -297,8 +297,12 @@ def _attach(
             out.append(s)
             whole = getattr(s, "_whole", None)  # a plain file FitsWarp read whole (its variance
             estimated = whole is not None and "GDVAREST" in whole.metadata  # may be estimated)
-            inputs.append({"psf": "file" if s.psf is not None else None,
-                           "noise": "estimated" if estimated else "file"})
+            inputs.append(
+                {
+                    "psf": "file" if s.psf is not None else None,
+                    "noise": "estimated" if estimated else "file",
+                }
+            )
             continue
         exp, src = attach_inputs(
             read_exposure(p, backend=be), p, need_psf=needs_psf, log=say, **mine

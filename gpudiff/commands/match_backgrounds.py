@@ -9,7 +9,7 @@
                               [--config FILE] [--set FIELD=VALUE ...] [--overwrite] [--backend ...] [-v]
 
 Runs :class:`gpudiff.tasks.MatchBackgroundsTask` (LSST's tract-level ``MatchBackgroundsTask``,
-spec §9.1).  Each warp is an exposure in tract pixel coordinates (its xy0) whose header
+docs/algorithms.md §9.1).  Each warp is an exposure in tract pixel coordinates (its xy0) whose header
 card ``--visit-key`` (default ``VISIT``) holds its visit id.  Writes, for every input
 ``NAME.fits``: ``DIR/NAME.matched.fits`` (the matched warp, LSST layout) and
 ``DIR/NAME.background.fits`` (the model added: a float32 image with xy0 cards, and a
@@ -64,21 +64,53 @@ def _box(text: str):
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``gpudiff match-backgrounds`` to ``parser``."""
-    parser.add_argument("warps", nargs="+", metavar="WARP", help="warp exposures (FITS), several visits")
-    parser.add_argument("--out-dir", required=True, metavar="DIR", help="folder for the outputs (created)")
-    parser.add_argument("--ref-visit", type=int, metavar="ID", help="reference visit (default: chosen by cost)")
-    parser.add_argument("--bin-size", type=_positive_int, metavar="N", help="tract bin size in pixels (default 128)")
-    parser.add_argument("--visit-key", default="VISIT", metavar="KEY", help="header card of the visit id")
-    parser.add_argument("--patch-size", type=_positive_int, default=4000, metavar="N",
-                        help="inner patch size of the tract, pixels (default 4000, LSST's)")
-    parser.add_argument("--patch-overlap", type=int, default=100, metavar="N",
-                        help="patch overlap border, pixels (default 100, LSST's)")
-    parser.add_argument("--tract-box", type=_box, metavar="X0,Y0,X1,Y1",
-                        help="tract pixels (default: from 0,0 to the far corner of the warps)")
-    parser.add_argument("--mask-detected", action="store_true", help="also ignore DETECTED pixels in the bins")
-    parser.add_argument("--config", metavar="FILE", help="JSON or TOML file of MatchBackgroundsConfig fields")
-    parser.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                        help="override a config field, e.g. tract_bg_model.interpolation=LINEAR (repeatable)")
+    parser.add_argument(
+        "warps", nargs="+", metavar="WARP", help="warp exposures (FITS), several visits"
+    )
+    parser.add_argument(
+        "--out-dir", required=True, metavar="DIR", help="folder for the outputs (created)"
+    )
+    parser.add_argument(
+        "--ref-visit", type=int, metavar="ID", help="reference visit (default: chosen by cost)"
+    )
+    parser.add_argument(
+        "--bin-size", type=_positive_int, metavar="N", help="tract bin size in pixels (default 128)"
+    )
+    parser.add_argument(
+        "--visit-key", default="VISIT", metavar="KEY", help="header card of the visit id"
+    )
+    parser.add_argument(
+        "--patch-size",
+        type=_positive_int,
+        default=4000,
+        metavar="N",
+        help="inner patch size of the tract, pixels (default 4000, LSST's)",
+    )
+    parser.add_argument(
+        "--patch-overlap",
+        type=int,
+        default=100,
+        metavar="N",
+        help="patch overlap border, pixels (default 100, LSST's)",
+    )
+    parser.add_argument(
+        "--tract-box",
+        type=_box,
+        metavar="X0,Y0,X1,Y1",
+        help="tract pixels (default: from 0,0 to the far corner of the warps)",
+    )
+    parser.add_argument(
+        "--mask-detected", action="store_true", help="also ignore DETECTED pixels in the bins"
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="JSON or TOML file of MatchBackgroundsConfig fields"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="override a config field, e.g. tract_bg_model.interpolation=LINEAR (repeatable)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     from ._inputs import add_input_options
 
@@ -95,7 +127,9 @@ def _outputs(paths, out_dir: Path) -> list[tuple[Path, Path]]:
                 stem = stem[: -len(suffix)]
                 break
         if stem in seen:
-            raise InvalidInputError(f"two inputs are named {stem!r}: their outputs would collide in {out_dir}")
+            raise InvalidInputError(
+                f"two inputs are named {stem!r}: their outputs would collide in {out_dir}"
+            )
         seen.add(stem)
         outs.append((out_dir / f"{stem}.matched.fits", out_dir / f"{stem}.background.fits"))
     return outs
@@ -107,7 +141,9 @@ def _background_hdus(bkg, reference: int):
 
     from ..image.fitsio import _write_xy0
 
-    model = np.asarray(bkg.model if isinstance(bkg.model, np.ndarray) else bkg.model.get(), dtype=np.float32)
+    model = np.asarray(
+        bkg.model if isinstance(bkg.model, np.ndarray) else bkg.model.get(), dtype=np.float32
+    )
     prim = fits.PrimaryHDU(model)
     h = prim.header
     h["EXTNAME"] = "BACKGROUND"
@@ -122,10 +158,14 @@ def _background_hdus(bkg, reference: int):
         b = fits.ImageHDU(np.asarray(bkg.binned, dtype=np.float64), name="BINNED")
         b.header["XCEN0"] = (float(bkg.x_centres[0]), "tract x of the first bin centre")
         b.header["YCEN0"] = (float(bkg.y_centres[0]), "tract y of the first bin centre")
-        b.header["XBIN"] = (float(bkg.x_centres[1] - bkg.x_centres[0]) if len(bkg.x_centres) > 1 else 0.0,
-                            "bin spacing along x, px")
-        b.header["YBIN"] = (float(bkg.y_centres[1] - bkg.y_centres[0]) if len(bkg.y_centres) > 1 else 0.0,
-                            "bin spacing along y, px")
+        b.header["XBIN"] = (
+            float(bkg.x_centres[1] - bkg.x_centres[0]) if len(bkg.x_centres) > 1 else 0.0,
+            "bin spacing along x, px",
+        )
+        b.header["YBIN"] = (
+            float(bkg.y_centres[1] - bkg.y_centres[0]) if len(bkg.y_centres) > 1 else 0.0,
+            "bin spacing along y, px",
+        )
         hdus.append(b)
     return fits.HDUList(hdus)
 
@@ -168,7 +208,9 @@ def run(args: argparse.Namespace) -> int:
     warps, sources = _attach(warps, args)
     for p, w in zip(args.warps, warps):
         if args.visit_key not in w.metadata:
-            raise InvalidInputError(f"{p}: no {args.visit_key!r} header card (the visit id); use --visit-key")
+            raise InvalidInputError(
+                f"{p}: no {args.visit_key!r} header card (the visit id); use --visit-key"
+            )
     if args.tract_box is not None:
         box = args.tract_box
     else:
@@ -181,8 +223,11 @@ def run(args: argparse.Namespace) -> int:
     from ._quality import check_background_models, check_exposure_finite, report
 
     quality = check_background_models(
-        [(p, b.model if isinstance(b.model, np.ndarray) else be.asnumpy(b.model))
-         for p, b in zip(args.warps, res.background_info_list)])
+        [
+            (p, b.model if isinstance(b.model, np.ndarray) else be.asnumpy(b.model))
+            for p, b in zip(args.warps, res.background_info_list)
+        ]
+    )
     for p, m in zip(args.warps, res.matched_image_list):
         quality += [f"{p}: {q}" for q in check_exposure_finite(m, "matched warp")]
     for w, m, bkg, (mpath, bpath), src in zip(

@@ -7,7 +7,7 @@
                       [--fwhm F] [--kernel-size N] [--config FILE] [--set FIELD=VALUE ...]
                       [--overwrite] [--backend ...] [-v]
 
-Runs :class:`gpudiff.tasks.ModelPsfMatchTask` (LSST ``ModelPsfMatchTask``, spec §7).  The
+Runs :class:`gpudiff.tasks.ModelPsfMatchTask` (LSST ``ModelPsfMatchTask``, docs/algorithms.md §7).  The
 output is written in the LSST-style layout with the reference PSF as its ``PSF`` HDU and
 the fit's figures as ``MPM*`` header cards, and ``GDPSFSRC``/``GDNOISRC`` saying where the
 input's PSF and variance came from.  Exit status 3 when the output fails its quality

@@ -15,7 +15,9 @@ HELP = "PSF-match and subtract a template from a science image, detect DIA sourc
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("science", help="science exposure (LSST-style, CCDData or plain FITS)")
-    parser.add_argument("template", help="template exposure (warped onto the science grid if needed)")
+    parser.add_argument(
+        "template", help="template exposure (warped onto the science grid if needed)"
+    )
     parser.add_argument("-o", "--output", required=True, help="difference (or score) FITS to write")
     parser.add_argument(
         "--mode",
@@ -298,9 +300,11 @@ def subtract_files(
             "science image"
         )
     if m.get("kernel_sum_check_failed"):
-        log(f"  warning: the kernel sum {float(m.get('kernel_sum', float('nan'))):.4f} disagrees "
+        log(
+            f"  warning: the kernel sum {float(m.get('kernel_sum', float('nan'))):.4f} disagrees "
             f"with the kernel stars' flux ratio {float(m.get('kernel_star_flux_ratio', 0)):.4f} "
-            f"± {float(m.get('kernel_star_flux_ratio_err', float('nan'))):.4f}")
+            f"± {float(m.get('kernel_star_flux_ratio_err', float('nan'))):.4f}"
+        )
     quality = check_subtraction(m, result_exp, sci_exp, tmpl_exp)
     cards = _header(res, be.name, timings)
     cards.update(input_cards(sci_src, "science"))

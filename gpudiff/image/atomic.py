@@ -24,8 +24,13 @@ def temporary_name(path) -> str:
     return os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
 
 
-def atomic_write(path, write: Callable[[IO], Any], overwrite: bool = False,
-                 error: type[Exception] = FitsWriteError, text: bool = False) -> None:
+def atomic_write(
+    path,
+    write: Callable[[IO], Any],
+    overwrite: bool = False,
+    error: type[Exception] = FitsWriteError,
+    text: bool = False,
+) -> None:
     """Call ``write(f)`` on a file that becomes ``path`` only once complete.
 
     ``f`` is a binary file, or a UTF-8 text file with ``text=True`` (ECSV, CSV).
@@ -48,9 +53,11 @@ def atomic_write(path, write: Callable[[IO], Any], overwrite: bool = False,
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as exc:
-        raise error(f"{path}: cannot create a file in {os.path.dirname(tmp)!r} ({exc.strerror or exc})") from exc
+        raise error(
+            f"{path}: cannot create a file in {os.path.dirname(tmp)!r} ({exc.strerror or exc})"
+        ) from exc
     try:
-        with (os.fdopen(fd, "w", encoding="utf-8", newline="") if text else os.fdopen(fd, "wb")) as f:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") if text else os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

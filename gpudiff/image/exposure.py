@@ -24,8 +24,9 @@ def _io(name: str):
     try:
         return _IO[name]
     except KeyError:
-        raise RuntimeError(f"gpudiff.image.io is not loaded, so Exposure has no {name}; "
-                           "import gpudiff.image") from None
+        raise RuntimeError(
+            f"gpudiff.image.io is not loaded, so Exposure has no {name}; import gpudiff.image"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,9 @@ class PhotoCalib:
 
     def __post_init__(self):
         if not (self.calibration_mean > 0):
-            raise InvalidInputError(f"PhotoCalib calibration_mean must be > 0, got {self.calibration_mean}")
+            raise InvalidInputError(
+                f"PhotoCalib calibration_mean must be > 0, got {self.calibration_mean}"
+            )
 
     def inst_flux_to_nanojansky(self, inst_flux):
         """Convert image-unit fluxes to nJy."""
@@ -65,10 +68,18 @@ class Exposure:
         Free-form header cards carried through processing (copied).
     """
 
-    def __init__(self, masked_image: MaskedImage, psf: Psf | None = None, wcs: Any = None,
-                 photo_calib: PhotoCalib | None = None, metadata: fits.Header | None = None):
+    def __init__(
+        self,
+        masked_image: MaskedImage,
+        psf: Psf | None = None,
+        wcs: Any = None,
+        photo_calib: PhotoCalib | None = None,
+        metadata: fits.Header | None = None,
+    ):
         if not isinstance(masked_image, MaskedImage):
-            raise InvalidInputError(f"Exposure needs a MaskedImage, got {type(masked_image).__name__}")
+            raise InvalidInputError(
+                f"Exposure needs a MaskedImage, got {type(masked_image).__name__}"
+            )
         if psf is not None and not isinstance(psf, Psf):
             raise InvalidInputError(f"Exposure psf must be a gpudiff Psf, got {type(psf).__name__}")
         self.masked_image = masked_image
@@ -78,9 +89,20 @@ class Exposure:
         self.metadata = fits.Header() if metadata is None else metadata.copy()
 
     @classmethod
-    def from_arrays(cls, image, variance=None, mask=None, *, xy0=(0, 0), mask_planes=None,
-                    psf=None, wcs=None, photo_calib=None, metadata=None,
-                    backend: Backend | str | None = None) -> "Exposure":
+    def from_arrays(
+        cls,
+        image,
+        variance=None,
+        mask=None,
+        *,
+        xy0=(0, 0),
+        mask_planes=None,
+        psf=None,
+        wcs=None,
+        photo_calib=None,
+        metadata=None,
+        backend: Backend | str | None = None,
+    ) -> "Exposure":
         """Build an Exposure from plain arrays (copied, converted to float32/int32)."""
         mi = MaskedImage(image, variance, mask, xy0=xy0, mask_planes=mask_planes, backend=backend)
         return cls(mi, psf=psf, wcs=wcs, photo_calib=photo_calib, metadata=metadata)
@@ -120,8 +142,13 @@ class Exposure:
 
     # --- copies -----------------------------------------------------------------------
     def _with(self, masked_image: MaskedImage) -> "Exposure":
-        return Exposure(masked_image, psf=self.psf, wcs=_copy.deepcopy(self.wcs),
-                        photo_calib=self.photo_calib, metadata=self.metadata)
+        return Exposure(
+            masked_image,
+            psf=self.psf,
+            wcs=_copy.deepcopy(self.wcs),
+            photo_calib=self.photo_calib,
+            metadata=self.metadata,
+        )
 
     def copy(self) -> "Exposure":
         """A deep copy of the pixels and metadata (PSF models are immutable and shared)."""
@@ -157,5 +184,7 @@ class Exposure:
         return _io("exposure_to_ccddata")(self)
 
     def __repr__(self) -> str:
-        return (f"Exposure(shape={self.shape}, xy0={self.xy0}, psf={self.psf!r}, "
-                f"wcs={'yes' if self.wcs is not None else 'no'}, backend={self.backend.name!r})")
+        return (
+            f"Exposure(shape={self.shape}, xy0={self.xy0}, psf={self.psf!r}, "
+            f"wcs={'yes' if self.wcs is not None else 'no'}, backend={self.backend.name!r})"
+        )

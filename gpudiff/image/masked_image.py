@@ -48,7 +48,12 @@ class Box:
         return Box(x0, y0, x1, y1)
 
     def contains(self, other: "Box") -> bool:
-        return self.x0 <= other.x0 and self.y0 <= other.y0 and self.x1 >= other.x1 and self.y1 >= other.y1
+        return (
+            self.x0 <= other.x0
+            and self.y0 <= other.y0
+            and self.x1 >= other.x1
+            and self.y1 >= other.y1
+        )
 
 
 def _as_2d(name: str, a: Any, dtype: Any, be: Backend) -> Any:
@@ -112,8 +117,16 @@ class MaskedImage:
         planes = MaskPlanes() if mask_planes is None else mask_planes.copy()
         mdtype = mask_dtype(planes)
         img = _as_2d("image", image, np.float32, be)
-        var = be.xp.ones_like(img) if variance is None else _as_2d("variance", variance, np.float32, be)
-        msk = be.xp.zeros(img.shape, dtype=mdtype) if mask is None else _as_2d("mask", mask, mdtype, be)
+        var = (
+            be.xp.ones_like(img)
+            if variance is None
+            else _as_2d("variance", variance, np.float32, be)
+        )
+        msk = (
+            be.xp.zeros(img.shape, dtype=mdtype)
+            if mask is None
+            else _as_2d("mask", mask, mdtype, be)
+        )
         for name, arr in (("variance", var), ("mask", msk)):
             if tuple(arr.shape) != tuple(img.shape):
                 raise ShapeMismatchError(
@@ -139,7 +152,9 @@ class MaskedImage:
         return Box(x0, y0, x0 + self.shape[1], y0 + self.shape[0])
 
     # --- copies and transfers ---------------------------------------------------------
-    def _new(self, image, variance, mask, xy0=None, mask_planes=None, backend=None) -> "MaskedImage":
+    def _new(
+        self, image, variance, mask, xy0=None, mask_planes=None, backend=None
+    ) -> "MaskedImage":
         return MaskedImage(
             image,
             variance,
@@ -182,17 +197,27 @@ class MaskedImage:
         only.  Both images must cover the same box.
         """
         if self.bbox != other.bbox:
-            raise ShapeMismatchError(f"cannot subtract an image on {other.bbox} from one on {self.bbox}")
+            raise ShapeMismatchError(
+                f"cannot subtract an image on {other.bbox} from one on {self.bbox}"
+            )
         xp = self.backend.xp
         if other.backend.name != self.backend.name:
             other = other.to_backend(self.backend)
         planes = self.mask_planes.merge(other.mask_planes)
-        mask = planes.conform(self.mask, self.mask_planes, xp) | planes.conform(other.mask, other.mask_planes, xp)
+        mask = planes.conform(self.mask, self.mask_planes, xp) | planes.conform(
+            other.mask, other.mask_planes, xp
+        )
         image = self.image - other.image
         if background is not None:
             image = image - background
-        return MaskedImage(image, self.variance + other.variance, mask, xy0=self.xy0,
-                           mask_planes=planes, backend=self.backend)
+        return MaskedImage(
+            image,
+            self.variance + other.variance,
+            mask,
+            xy0=self.xy0,
+            mask_planes=planes,
+            backend=self.backend,
+        )
 
     # --- masks ------------------------------------------------------------------------
     def bitmask(self, names) -> int:
@@ -210,7 +235,9 @@ class MaskedImage:
         planes = self.mask_planes.copy()
         bit = planes.add(name)
         dtype = mask_dtype(planes)  # a plane on bit 31+ widens the mask to int64
-        mask = self.mask.astype(dtype) | (self.backend.xp.asarray(where).astype(dtype) << dtype.type(bit))
+        mask = self.mask.astype(dtype) | (
+            self.backend.xp.asarray(where).astype(dtype) << dtype.type(bit)
+        )
         return self._new(self.image, self.variance, mask, mask_planes=planes)
 
     def with_planes_cleared(self, names) -> "MaskedImage":
@@ -224,11 +251,7 @@ class MaskedImage:
         """Boolean array: finite image and variance, and none of ``bad_planes`` set."""
         xp = self.backend.xp
         bm = self.mask_planes.bitmask_if_present(bad_planes)
-        return (
-            ((self.mask & bm) == 0)
-            & xp.isfinite(self.image)
-            & xp.isfinite(self.variance)
-        )
+        return ((self.mask & bm) == 0) & xp.isfinite(self.image) & xp.isfinite(self.variance)
 
     def validate(self, name: str = "image", bad_planes=("NO_DATA",)) -> None:
         """Check that this image can be used as an algorithm input.

@@ -1,6 +1,6 @@
 """Mask-plane definitions: the name ↔ bit dictionary of an LSST-style integer mask.
 
-Mask planes are addressed by **name**, never by bit number (spec §0.6, §12).  Two masks
+Mask planes are addressed by **name**, never by bit number (docs/algorithms.md §0.6, §12).  Two masks
 made by different software may use different bits for the same name; :meth:`MaskPlanes.conform`
 re-maps one mask's bits onto another's definition.
 
@@ -32,11 +32,18 @@ import numpy as np
 from ..errors import MaskPlaneError
 
 __all__ = [
-    "MaskPlanes", "DEFAULT_MASK_PLANES", "MAX_MASK_PLANES", "INT32_MASK_PLANES", "MASK_PLANE_ALIASES",
-    "PLANE_DESCRIPTIONS", "KNOWN_PLANES", "mask_dtype", "plane_aliases",
+    "MaskPlanes",
+    "DEFAULT_MASK_PLANES",
+    "MAX_MASK_PLANES",
+    "INT32_MASK_PLANES",
+    "MASK_PLANE_ALIASES",
+    "PLANE_DESCRIPTIONS",
+    "KNOWN_PLANES",
+    "mask_dtype",
+    "plane_aliases",
 ]
 
-#: afw's default planes, in bit order (spec §0.6).
+#: afw's default planes, in bit order (docs/algorithms.md §0.6).
 DEFAULT_MASK_PLANES: tuple[str, ...] = (
     "BAD",
     "SAT",
@@ -59,7 +66,9 @@ MASK_PLANE_ALIASES: tuple[tuple[str, ...], ...] = (
     ("EDGE", "DETECTION_EDGE"),
     ("UNMASKEDNAN", "UNMASKED_NAN"),
 )
-_ALIAS_OF: dict[str, tuple[str, ...]] = {name: group for group in MASK_PLANE_ALIASES for name in group}
+_ALIAS_OF: dict[str, tuple[str, ...]] = {
+    name: group for group in MASK_PLANE_ALIASES for name in group
+}
 
 #: Planes a mask may hold: bits 0…62 of an int64 (the sign bit is left unused, as afw does).
 MAX_MASK_PLANES = 63
@@ -144,7 +153,9 @@ class MaskPlanes(Mapping[str, int]):
     ``SATURATED`` when only that spelling is defined.
     """
 
-    def __init__(self, planes: Mapping[str, int] | None = None, descriptions: Mapping[str, str] | None = None):
+    def __init__(
+        self, planes: Mapping[str, int] | None = None, descriptions: Mapping[str, str] | None = None
+    ):
         if planes is None:
             planes = {name: bit for bit, name in enumerate(DEFAULT_MASK_PLANES)}
         self._bits: dict[str, int] = {}
@@ -199,9 +210,13 @@ class MaskPlanes(Mapping[str, int]):
         if not name:
             raise MaskPlaneError("mask plane names must not be empty")
         if not 0 <= bit < MAX_MASK_PLANES:
-            raise MaskPlaneError(f"mask plane {name!r} has bit {bit}, outside 0..{MAX_MASK_PLANES - 1}")
+            raise MaskPlaneError(
+                f"mask plane {name!r} has bit {bit}, outside 0..{MAX_MASK_PLANES - 1}"
+            )
         if name in self._bits and self._bits[name] != bit:
-            raise MaskPlaneError(f"mask plane {name!r} defined twice, with bits {self._bits[name]} and {bit}")
+            raise MaskPlaneError(
+                f"mask plane {name!r} defined twice, with bits {self._bits[name]} and {bit}"
+            )
         owner = next((n for n, b in self._bits.items() if b == bit and n != name), None)
         if owner is not None:
             raise MaskPlaneError(f"mask planes {owner!r} and {name!r} both claim bit {bit}")
@@ -254,7 +269,9 @@ class MaskPlanes(Mapping[str, int]):
         used = set(self._bits.values())
         free = next((b for b in range(MAX_MASK_PLANES) if b not in used), None)
         if free is None:
-            raise MaskPlaneError(f"cannot add mask plane {key!r}: all {MAX_MASK_PLANES} bits are in use")
+            raise MaskPlaneError(
+                f"cannot add mask plane {key!r}: all {MAX_MASK_PLANES} bits are in use"
+            )
         self._insert(key, free)
         return free
 
@@ -295,7 +312,7 @@ class MaskPlanes(Mapping[str, int]):
                 moved.append(name)
         for name in moved:
             out.add(name)
-        for name, text in (other.descriptions.items() if isinstance(other, MaskPlanes) else ()):
+        for name, text in other.descriptions.items() if isinstance(other, MaskPlanes) else ():
             key = out.resolve(name)
             if key is not None and key not in out._desc:
                 out._desc[key] = text
@@ -327,7 +344,11 @@ class MaskPlanes(Mapping[str, int]):
         mapping = [(int(b), self[n]) for n, b in source.items()]
         known = sum(1 << s for s, _ in mapping)
         src = np.dtype(mask.dtype)
-        if all(s == t for s, t in mapping) and known < (1 << (8 * src.itemsize - 1)) and src.itemsize <= dtype.itemsize:
+        if (
+            all(s == t for s, t in mapping)
+            and known < (1 << (8 * src.itemsize - 1))
+            and src.itemsize <= dtype.itemsize
+        ):
             return xp.bitwise_and(mask, src.type(known)).astype(dtype)
         out = xp.zeros(mask.shape, dtype=dtype)
         for s, t in mapping:
@@ -360,7 +381,11 @@ class MaskPlanes(Mapping[str, int]):
         """
         for key in [k for k in header.keys() if self._is_mp_key(k) or _MSK_KEY.match(k.upper())]:
             del header[key]
-        lo, hi = (0, MAX_MASK_PLANES) if word is None else (INT32_MASK_PLANES * word, INT32_MASK_PLANES * (word + 1))
+        lo, hi = (
+            (0, MAX_MASK_PLANES)
+            if word is None
+            else (INT32_MASK_PLANES * word, INT32_MASK_PLANES * (word + 1))
+        )
         planes = [(n, b) for n, b in self._bits.items() if lo <= b < hi]
         if word in (None, 0):
             for name, bit in planes:
@@ -376,7 +401,7 @@ class MaskPlanes(Mapping[str, int]):
     def _is_mp_key(key: str) -> bool:
         k = key.upper()
         if k.startswith("HIERARCH "):
-            k = k[len("HIERARCH "):]
+            k = k[len("HIERARCH ") :]
         return k.startswith(_MP_PREFIX)
 
     @staticmethod
@@ -409,13 +434,15 @@ class MaskPlanes(Mapping[str, int]):
         for key in header.keys():
             k = key.upper()
             if k.startswith("HIERARCH "):
-                k = k[len("HIERARCH "):]
+                k = k[len("HIERARCH ") :]
             if not k.startswith(_MP_PREFIX):
                 continue
             try:
-                planes[k[len(_MP_PREFIX):]] = int(header[key])
+                planes[k[len(_MP_PREFIX) :]] = int(header[key])
             except (TypeError, ValueError):
-                raise MaskPlaneError(f"mask header card {key!r} = {header[key]!r} is not an integer bit") from None
+                raise MaskPlaneError(
+                    f"mask header card {key!r} = {header[key]!r} is not an integer bit"
+                ) from None
         if not planes:
             return cls() if default else cls({})
         return cls(planes)
@@ -433,9 +460,13 @@ class MaskPlanes(Mapping[str, int]):
             try:
                 value = int(value)
             except (TypeError, ValueError):
-                raise MaskPlaneError(f"mask header card MSKM{n:04d} = {value!r} is not an integer") from None
+                raise MaskPlaneError(
+                    f"mask header card MSKM{n:04d} = {value!r} is not an integer"
+                ) from None
             if value <= 0 or value & (value - 1):
-                raise MaskPlaneError(f"mask header card MSKM{n:04d} = {value} is not a single bit (1 << n)")
+                raise MaskPlaneError(
+                    f"mask header card MSKM{n:04d} = {value} is not a single bit (1 << n)"
+                )
             planes[name] = value.bit_length() - 1 + INT32_MASK_PLANES * word
             text = header.get(f"MSKD{n:04d}")
             if text:

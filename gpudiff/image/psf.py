@@ -1,6 +1,6 @@
 """PSF models: analytic (Gaussian, double Gaussian, Moffat), pixelized, and spatially varying.
 
-Every model answers the questions the algorithms ask of a PSF (spec §0.7, §1.2):
+Every model answers the questions the algorithms ask of a PSF (docs/algorithms.md §0.7, §1.2):
 
 - ``kernel_image(x, y)``: a unit-sum, odd-sized float64 image centred on its central pixel,
   evaluated at parent position (x, y);
@@ -46,7 +46,9 @@ def _odd(n: float) -> int:
     return n if n % 2 == 1 else n + 1
 
 
-def adaptive_moments(image: np.ndarray, max_iter: int = 100, tol: float = 1e-7) -> tuple[float, float, float, float, float]:
+def adaptive_moments(
+    image: np.ndarray, max_iter: int = 100, tol: float = 1e-7
+) -> tuple[float, float, float, float, float]:
     """Adaptive (elliptical-Gaussian-weighted) moments of a star image.
 
     Iterates the weight's covariance W ← 2·Q, where Q are the W-weighted second moments:
@@ -114,7 +116,9 @@ class Psf(ABC):
 
     # --- to implement -------------------------------------------------------------------
     @abstractmethod
-    def compute_image(self, x: float | None = None, y: float | None = None, size: int | None = None) -> np.ndarray:
+    def compute_image(
+        self, x: float | None = None, y: float | None = None, size: int | None = None
+    ) -> np.ndarray:
         """The PSF centred at sub-pixel position (x, y), unit sum, float64.
 
         The returned stamp has odd ``size`` and its central pixel is pixel
@@ -131,7 +135,9 @@ class Psf(ABC):
         ax, ay = self.average_position
         return (ax if x is None else float(x), ay if y is None else float(y))
 
-    def kernel_image(self, x: float | None = None, y: float | None = None, size: int | None = None) -> np.ndarray:
+    def kernel_image(
+        self, x: float | None = None, y: float | None = None, size: int | None = None
+    ) -> np.ndarray:
         """The PSF evaluated at (x, y) and centred on the stamp's central pixel."""
         x, y = self._pos(x, y)
         # Shift to the nearest integer position so the star is exactly on the centre pixel.
@@ -176,7 +182,9 @@ class _AnalyticPsf(Psf):
 
     spatially_constant = True
 
-    def __init__(self, size: int, oversample: int = 1, average_position: tuple[float, float] = (0.0, 0.0)):
+    def __init__(
+        self, size: int, oversample: int = 1, average_position: tuple[float, float] = (0.0, 0.0)
+    ):
         if size < 3 or size % 2 == 0:
             raise PsfError(f"PSF image size must be odd and >= 3, got {size}")
         if oversample < 1:
@@ -201,7 +209,7 @@ class _AnalyticPsf(Psf):
         h = size // 2
         fx, fy = x - round(x), y - round(y)
         n = self.oversample
-        # Sub-pixel sample offsets within a pixel (pixel-centre convention, spec §0.4).
+        # Sub-pixel sample offsets within a pixel (pixel-centre convention, docs/algorithms.md §0.4).
         sub = (np.arange(n) + 0.5) / n - 0.5
         grid = np.arange(-h, h + 1, dtype=np.float64)
         gx = (grid[None, :, None, None] + sub[None, None, None, :]) - fx
@@ -230,7 +238,16 @@ class GaussianPsf(_AnalyticPsf):
         Rotation of the x axis, radians counter-clockwise.
     """
 
-    def __init__(self, sigma=None, fwhm=None, size=None, sigma_y=None, theta=0.0, oversample=1, average_position=(0.0, 0.0)):
+    def __init__(
+        self,
+        sigma=None,
+        fwhm=None,
+        size=None,
+        sigma_y=None,
+        theta=0.0,
+        oversample=1,
+        average_position=(0.0, 0.0),
+    ):
         if (sigma is None) == (fwhm is None):
             raise PsfError("GaussianPsf needs exactly one of sigma or fwhm")
         sigma = float(sigma) if sigma is not None else float(fwhm) / FWHM_PER_SIGMA
@@ -238,13 +255,15 @@ class GaussianPsf(_AnalyticPsf):
         if not (sigma > 0 and sigma_y > 0 and math.isfinite(sigma) and math.isfinite(sigma_y)):
             raise PsfError(f"GaussianPsf sigma must be positive and finite, got {sigma}, {sigma_y}")
         self.sigma, self.sigma_y, self.theta = sigma, sigma_y, float(theta)
-        size = max(7, _odd(2 * math.ceil(5 * max(sigma, sigma_y)) + 1)) if size is None else int(size)
+        size = (
+            max(7, _odd(2 * math.ceil(5 * max(sigma, sigma_y)) + 1)) if size is None else int(size)
+        )
         super().__init__(size, oversample, average_position)
 
     def covariance(self) -> tuple[float, float, float]:
         """(Ixx, Iyy, Ixy) of the continuous profile."""
         c, s = math.cos(self.theta), math.sin(self.theta)
-        a, b = self.sigma ** 2, self.sigma_y ** 2
+        a, b = self.sigma**2, self.sigma_y**2
         return a * c * c + b * s * s, a * s * s + b * c * c, (a - b) * c * s
 
     def _profile(self, dx, dy):
@@ -268,14 +287,18 @@ class DoubleGaussianPsf(_AnalyticPsf):
 
     def __init__(self, sigma1, sigma2, b=0.1, size=None, oversample=1, average_position=(0.0, 0.0)):
         if not (sigma1 > 0 and sigma2 > 0 and b >= 0):
-            raise PsfError(f"DoubleGaussianPsf needs sigma1, sigma2 > 0 and b >= 0, got {sigma1}, {sigma2}, {b}")
+            raise PsfError(
+                f"DoubleGaussianPsf needs sigma1, sigma2 > 0 and b >= 0, got {sigma1}, {sigma2}, {b}"
+            )
         self.sigma1, self.sigma2, self.b = float(sigma1), float(sigma2), float(b)
-        size = max(7, _odd(2 * math.ceil(5 * max(sigma1, sigma2)) + 1)) if size is None else int(size)
+        size = (
+            max(7, _odd(2 * math.ceil(5 * max(sigma1, sigma2)) + 1)) if size is None else int(size)
+        )
         super().__init__(size, oversample, average_position)
 
     def _profile(self, dx, dy):
         r2 = dx * dx + dy * dy
-        return np.exp(-0.5 * r2 / self.sigma1 ** 2) + self.b * np.exp(-0.5 * r2 / self.sigma2 ** 2)
+        return np.exp(-0.5 * r2 / self.sigma1**2) + self.b * np.exp(-0.5 * r2 / self.sigma2**2)
 
     def __repr__(self):
         return f"DoubleGaussianPsf(sigma1={self.sigma1:.4g}, sigma2={self.sigma2:.4g}, b={self.b:.3g}, size={self.size})"
@@ -304,7 +327,7 @@ class MoffatPsf(_AnalyticPsf):
         super().__init__(size, oversample, average_position)
 
     def _profile(self, dx, dy):
-        return (1.0 + (dx * dx + dy * dy) / self.alpha ** 2) ** (-self.beta)
+        return (1.0 + (dx * dx + dy * dy) / self.alpha**2) ** (-self.beta)
 
     def __repr__(self):
         return f"MoffatPsf(fwhm={self.profile_fwhm:.4g}, beta={self.beta:.3g}, size={self.size})"
@@ -327,10 +350,10 @@ def _resize_centred(img: np.ndarray, size: int) -> np.ndarray:
         return img.copy()
     if size < n:
         c = (n - size) // 2
-        return img[c:c + size, c:c + size].copy()
+        return img[c : c + size, c : c + size].copy()
     out = np.zeros((size, size), dtype=img.dtype)
     c = (size - n) // 2
-    out[c:c + n, c:c + n] = img
+    out[c : c + n, c : c + n] = img
     return out
 
 
@@ -342,7 +365,7 @@ class ImagePsf(Psf):
     image : 2-D array
         PSF image; normalized to unit sum.  Even-sized or non-square images are
         zero-padded to an odd square; input pixel ((H-1)//2, (W-1)//2) (afw's centre,
-        spec §0.1) becomes the central pixel.
+        docs/algorithms.md §0.1) becomes the central pixel.
     average_position : (float, float)
         Position reported as the PSF's average position.
     """
@@ -362,7 +385,7 @@ class ImagePsf(Psf):
             # Keep afw's centre convention: pixel (W-1)//2 of the input lands on the
             # central pixel of the odd output.
             oy, ox = (side - 1) // 2 - (ny - 1) // 2, (side - 1) // 2 - (nx - 1) // 2
-            padded[oy:oy + ny, ox:ox + nx] = img
+            padded[oy : oy + ny, ox : ox + nx] = img
             img = padded
         s = img.sum()
         if not s > 0:
@@ -409,7 +432,9 @@ class GridPsf(Psf):
         xs = np.asarray(xs, dtype=np.float64)
         ys = np.asarray(ys, dtype=np.float64)
         if imgs.ndim != 4 or imgs.shape[0] != ys.size or imgs.shape[1] != xs.size:
-            raise PsfError(f"GridPsf images must have shape (len(ys), len(xs), s, s); got {imgs.shape} for {ys.size}x{xs.size} positions")
+            raise PsfError(
+                f"GridPsf images must have shape (len(ys), len(xs), s, s); got {imgs.shape} for {ys.size}x{xs.size} positions"
+            )
         if imgs.shape[2] != imgs.shape[3] or imgs.shape[2] % 2 == 0:
             raise PsfError(f"GridPsf images must be odd squares, got {imgs.shape[2:]}")
         if (np.diff(xs) <= 0).any() or (np.diff(ys) <= 0).any():
@@ -424,7 +449,9 @@ class GridPsf(Psf):
         self.average_position = (float(xs.mean()), float(ys.mean()))
 
     @classmethod
-    def from_function(cls, make_psf: Callable[[float, float], Psf], xs, ys, size: int | None = None) -> "GridPsf":
+    def from_function(
+        cls, make_psf: Callable[[float, float], Psf], xs, ys, size: int | None = None
+    ) -> "GridPsf":
         """Realize ``make_psf(x, y).kernel_image()`` on the grid ``xs`` × ``ys``."""
         xs = np.asarray(xs, dtype=np.float64)
         ys = np.asarray(ys, dtype=np.float64)
@@ -433,7 +460,9 @@ class GridPsf(Psf):
         imgs = np.empty((ys.size, xs.size, size, size))
         for i, yv in enumerate(ys):
             for j, xv in enumerate(xs):
-                imgs[i, j] = make_psf(float(xv), float(yv)).kernel_image(float(xv), float(yv), size=size)
+                imgs[i, j] = make_psf(float(xv), float(yv)).kernel_image(
+                    float(xv), float(yv), size=size
+                )
         return cls(imgs, xs, ys)
 
     @property
@@ -452,8 +481,9 @@ class GridPsf(Psf):
         j0, j1, tx = weights(self.xs, x)
         i0, i1, ty = weights(self.ys, y)
         im = self.images
-        return ((1 - ty) * ((1 - tx) * im[i0, j0] + tx * im[i0, j1])
-                + ty * ((1 - tx) * im[i1, j0] + tx * im[i1, j1]))
+        return (1 - ty) * ((1 - tx) * im[i0, j0] + tx * im[i0, j1]) + ty * (
+            (1 - tx) * im[i1, j0] + tx * im[i1, j1]
+        )
 
     def compute_image(self, x=None, y=None, size=None):
         x, y = self._pos(x, y)
@@ -471,7 +501,7 @@ class GridPsf(Psf):
 def evaluate_mean_fwhm(psf: Psf, bbox, grid: int = 10, buffer: float = 0.05) -> float:
     """Mean trace-radius FWHM over a ``grid``×``grid`` lattice of the box shrunk by ``buffer``.
 
-    LSST's ``evaluateMeanPsfFwhm`` (spec §1.2): the fallback when the PSF cannot be
+    LSST's ``evaluateMeanPsfFwhm`` (docs/algorithms.md §1.2): the fallback when the PSF cannot be
     evaluated at its average position.  ``bbox`` is a :class:`~gpudiff.image.Box`.
     """
     w, h = bbox.width, bbox.height

@@ -56,15 +56,27 @@ class TractGrid:
             raise InvalidInputError(f"TractGrid bbox {self.bbox} is empty")
         pi = self.patch_inner
         pw, ph = (pi, pi) if isinstance(pi, (int,)) else tuple(pi)
-        object.__setattr__(self, "patch_inner", (_positive_int("patch_inner", pw), _positive_int("patch_inner", ph)))
+        object.__setattr__(
+            self,
+            "patch_inner",
+            (_positive_int("patch_inner", pw), _positive_int("patch_inner", ph)),
+        )
         ov = self.patch_overlap
         if isinstance(ov, bool) or int(ov) != ov or int(ov) < 0:
-            raise InvalidInputError(f"TractGrid patch_overlap must be a non-negative integer, got {ov!r}")
+            raise InvalidInputError(
+                f"TractGrid patch_overlap must be a non-negative integer, got {ov!r}"
+            )
         object.__setattr__(self, "patch_overlap", int(ov))
 
     @classmethod
-    def from_size(cls, width: int, height: int | None = None, patch_inner=None, patch_overlap: int = 100,
-                  xy0: tuple[int, int] = (0, 0)) -> "TractGrid":
+    def from_size(
+        cls,
+        width: int,
+        height: int | None = None,
+        patch_inner=None,
+        patch_overlap: int = 100,
+        xy0: tuple[int, int] = (0, 0),
+    ) -> "TractGrid":
         """A tract of ``width`` × ``height`` pixels starting at ``xy0``.
 
         ``patch_inner`` defaults to half the tract (2 × 2 patches)."""
@@ -127,5 +139,7 @@ class TractGrid:
         return iy * self.n_patches_x + ix
 
     def __repr__(self) -> str:
-        return (f"TractGrid(bbox={self.bbox}, patches {self.n_patches_x}x{self.n_patches_y} of "
-                f"{self.patch_inner[0]}x{self.patch_inner[1]} px + {self.patch_overlap} px overlap)")
+        return (
+            f"TractGrid(bbox={self.bbox}, patches {self.n_patches_x}x{self.n_patches_y} of "
+            f"{self.patch_inner[0]}x{self.patch_inner[1]} px + {self.patch_overlap} px overlap)"
+        )

@@ -38,7 +38,15 @@ __all__ = [
 
 #: Pixels ignored by the bin statistics (meas_algorithms' background ``ignoredPixelMask``
 #: plus the non-sky planes).
-BACKGROUND_BAD_PLANES: tuple[str, ...] = ("BAD", "SAT", "NO_DATA", "EDGE", "DETECTED", "CR", "INTRP")
+BACKGROUND_BAD_PLANES: tuple[str, ...] = (
+    "BAD",
+    "SAT",
+    "NO_DATA",
+    "EDGE",
+    "DETECTED",
+    "CR",
+    "INTRP",
+)
 
 _ORDERS = ("linear", "cubic", "akima")
 _EXTRAPOLATIONS = ("quadratic", "linear", "flat")
@@ -51,7 +59,9 @@ def _check_modes(order: str, extrapolate: str) -> None:
     if order not in _ORDERS:
         raise InvalidInputError(f"order must be one of {_ORDERS}, got {order!r}")
     if extrapolate not in _EXTRAPOLATIONS:
-        raise InvalidInputError(f"extrapolate must be one of {_EXTRAPOLATIONS}, got {extrapolate!r}")
+        raise InvalidInputError(
+            f"extrapolate must be one of {_EXTRAPOLATIONS}, got {extrapolate!r}"
+        )
 
 
 @dataclass
@@ -102,7 +112,9 @@ def _bin_sizes(bin_size: Any) -> tuple[int, int]:
     try:
         by, bx = int(bs[0]), int(bs[1])
     except (TypeError, ValueError):
-        raise InvalidInputError(f"bin_size must be an int or (rows, cols), got {bin_size!r}") from None
+        raise InvalidInputError(
+            f"bin_size must be an int or (rows, cols), got {bin_size!r}"
+        ) from None
     if by < 1 or bx < 1 or by != bs[0] or bx != bs[1]:
         raise InvalidInputError(f"bin_size must be positive integers, got {bin_size!r}")
     return by, bx
@@ -117,9 +129,15 @@ def _gather_index(edges: np.ndarray):
     return np.minimum(idx, edges[-1] - 1).ravel(), valid.ravel(), wmax
 
 
-def bin_background(mi: MaskedImage | Exposure, bin_size: Any = 128, *,
-                   bad_planes: Iterable[str] = BACKGROUND_BAD_PLANES, nsigma: float = 3.0,
-                   niter: int = 3, min_fraction: float = 0.1) -> BackgroundBins:
+def bin_background(
+    mi: MaskedImage | Exposure,
+    bin_size: Any = 128,
+    *,
+    bad_planes: Iterable[str] = BACKGROUND_BAD_PLANES,
+    nsigma: float = 3.0,
+    niter: int = 3,
+    min_fraction: float = 0.1,
+) -> BackgroundBins:
     """Clipped-mean background of every bin of an image.
 
     Parameters
@@ -150,7 +168,9 @@ def bin_background(mi: MaskedImage | Exposure, bin_size: Any = 128, *,
     if isinstance(mi, Exposure):
         mi = mi.masked_image
     if not isinstance(mi, MaskedImage):
-        raise InvalidInputError(f"bin_background needs a MaskedImage or Exposure, got {type(mi).__name__}")
+        raise InvalidInputError(
+            f"bin_background needs a MaskedImage or Exposure, got {type(mi).__name__}"
+        )
     be = mi.backend
     H, W = mi.shape
     by, bx = _bin_sizes(bin_size)
@@ -163,7 +183,9 @@ def bin_background(mi: MaskedImage | Exposure, bin_size: Any = 128, *,
 
     def to_stack(padded):
         # (ny*hmax, nx*wmax) -> (hmax*wmax, ny*nx): the pixels of a bin along axis 0.
-        return padded.reshape(ny, hmax, nx, wmax).transpose(1, 3, 0, 2).reshape(hmax * wmax, ny * nx)
+        return (
+            padded.reshape(ny, hmax, nx, wmax).transpose(1, 3, 0, 2).reshape(hmax * wmax, ny * nx)
+        )
 
     data = to_stack(mi.image[r_d][:, c_d])
     pad_ok = be.asarray(rval[:, None] & cval[None, :])  # False on the padding of smaller bins
@@ -177,8 +199,13 @@ def bin_background(mi: MaskedImage | Exposure, bin_size: Any = 128, *,
     if not ok.any():
         raise AllMaskedError(
             f"bin_background: no {by}x{bx} bin has {min_fraction:.0%} usable pixels "
-            f"(planes ignored: {', '.join(bad_planes)}); cannot estimate a background")
-    values = raw.copy() if ok.all() else _fill_bins(raw, ok, 0.5 * (ye[:-1] + ye[1:] - 1), 0.5 * (xe[:-1] + xe[1:] - 1))
+            f"(planes ignored: {', '.join(bad_planes)}); cannot estimate a background"
+        )
+    values = (
+        raw.copy()
+        if ok.all()
+        else _fill_bins(raw, ok, 0.5 * (ye[:-1] + ye[1:] - 1), 0.5 * (xe[:-1] + xe[1:] - 1))
+    )
     return BackgroundBins(values=values, raw=raw, n_valid=n_valid, good=ok, y_edges=ye, x_edges=xe)
 
 
@@ -210,8 +237,16 @@ def _fill_line(v: np.ndarray, c: np.ndarray, method: str = "linear", end_points:
     v[~g] = out[~g]
 
 
-def fill_bad_bins(values: np.ndarray, good: np.ndarray, y_centres: np.ndarray, x_centres: np.ndarray,
-                  method: str = "linear", *, symmetric: bool = False, end_points: int = 2) -> np.ndarray:
+def fill_bad_bins(
+    values: np.ndarray,
+    good: np.ndarray,
+    y_centres: np.ndarray,
+    x_centres: np.ndarray,
+    method: str = "linear",
+    *,
+    symmetric: bool = False,
+    end_points: int = 2,
+) -> np.ndarray:
     """Values for the bins without enough pixels, from the good ones (afw ``interpolateBadPixels``).
 
     Like afw's ``Background`` (which drops NaN bins from each column before interpolating
@@ -252,7 +287,7 @@ def fill_bad_bins(values: np.ndarray, good: np.ndarray, y_centres: np.ndarray, x
 
     def fill(v, columns_first):
         v = v.copy()
-        for axis in ((0, 1) if columns_first else (1, 0)):
+        for axis in (0, 1) if columns_first else (1, 0):
             if axis == 0:
                 for j in range(v.shape[1]):
                     _fill_line(v[:, j], yc, method, end_points)
@@ -322,7 +357,9 @@ def _interp_matrix(centres: np.ndarray, x: np.ndarray, order: str, extrapolate: 
     return w
 
 
-def _hermite_matrices(centres: np.ndarray, x: np.ndarray, extrapolate: str) -> tuple[np.ndarray, np.ndarray]:
+def _hermite_matrices(
+    centres: np.ndarray, x: np.ndarray, extrapolate: str
+) -> tuple[np.ndarray, np.ndarray]:
     """(A, B), each (len(x), len(centres)): the cubic Hermite interpolant through values v
     with node slopes m is ``A @ v + B @ m``.
 
@@ -358,7 +395,7 @@ def _hermite_matrices(centres: np.ndarray, x: np.ndarray, extrapolate: str) -> t
                 a = np.zeros(nb)
                 b = np.zeros(nb)
                 a[j0], a[j0 + 1] = -6 * sgn / hh**2, 6 * sgn / hh**2
-                b[j0], b[j0 + 1] = ((-4.0, -2.0) if end == 0 else (2.0, 4.0))
+                b[j0], b[j0 + 1] = (-4.0, -2.0) if end == 0 else (2.0, 4.0)
                 b /= hh
                 q = 0.5 * dx * dx
                 A[out] += q[:, None] * a[None, :]
@@ -381,14 +418,23 @@ def _axis_order(order: str, nb: int, undersample: str, what: str) -> str:
     if undersample == "THROW_EXCEPTION":
         raise InvalidInputError(
             f"{order} interpolation needs at least {_MIN_NODES[order]} bins along the {what}, "
-            f"got {nb} (undersample_style THROW_EXCEPTION)")
+            f"got {nb} (undersample_style THROW_EXCEPTION)"
+        )
     # REDUCE_INTERP_ORDER (afw lookupMaxInterpStyle): 1 → constant, 2 → linear, else cubic
     return "cubic" if nb >= 3 else "linear"
 
 
-def evaluate_bin_grid(values: np.ndarray, y_centres: np.ndarray, x_centres: np.ndarray, rows: Any, cols: Any,
-                      order: str = "akima", extrapolate: str = "linear",
-                      undersample: str = "REDUCE_INTERP_ORDER", backend: Backend | str | None = None) -> Any:
+def evaluate_bin_grid(
+    values: np.ndarray,
+    y_centres: np.ndarray,
+    x_centres: np.ndarray,
+    rows: Any,
+    cols: Any,
+    order: str = "akima",
+    extrapolate: str = "linear",
+    undersample: str = "REDUCE_INTERP_ORDER",
+    backend: Backend | str | None = None,
+) -> Any:
     """Evaluate a smooth interpolant of a grid of bin values at rows × cols.
 
     As afw's ``BackgroundMI.getImage``: each column of bins is interpolated along y to
@@ -423,11 +469,18 @@ def evaluate_bin_grid(values: np.ndarray, y_centres: np.ndarray, x_centres: np.n
     be = resolve_backend(backend)
     # The weights are built on the host (device arrays given here are brought back).
     g = np.asarray(be.asnumpy(values), dtype=np.float64)
-    yc, xc = np.asarray(be.asnumpy(y_centres), np.float64), np.asarray(be.asnumpy(x_centres), np.float64)
+    yc, xc = (
+        np.asarray(be.asnumpy(y_centres), np.float64),
+        np.asarray(be.asnumpy(x_centres), np.float64),
+    )
     if g.shape != (yc.size, xc.size):
-        raise ShapeMismatchError(f"bin values have shape {g.shape}, centres give {(yc.size, xc.size)}")
+        raise ShapeMismatchError(
+            f"bin values have shape {g.shape}, centres give {(yc.size, xc.size)}"
+        )
     if not np.isfinite(g).all():
-        raise NonFiniteDataError("evaluate_bin_grid: bin values must be finite (fill the bad bins first)")
+        raise NonFiniteDataError(
+            "evaluate_bin_grid: bin values must be finite (fill the bad bins first)"
+        )
     rows = np.asarray(be.asnumpy(rows), dtype=np.float64).ravel()
     cols = np.asarray(be.asnumpy(cols), dtype=np.float64).ravel()
     oy = _axis_order(order, yc.size, undersample, "rows")
@@ -447,8 +500,13 @@ def evaluate_bin_grid(values: np.ndarray, y_centres: np.ndarray, x_centres: np.n
     return out.astype(np.float32)
 
 
-def interpolate_background(bins: BackgroundBins, shape: tuple[int, int], order: str = "cubic",
-                           extrapolate: str = "quadratic", backend: Backend | str | None = None) -> Any:
+def interpolate_background(
+    bins: BackgroundBins,
+    shape: tuple[int, int],
+    order: str = "cubic",
+    extrapolate: str = "quadratic",
+    backend: Backend | str | None = None,
+) -> Any:
     """Evaluate a binned background at every pixel.
 
     Parameters
@@ -472,15 +530,32 @@ def interpolate_background(bins: BackgroundBins, shape: tuple[int, int], order: 
     _check_modes(order, extrapolate)
     H, W = int(shape[0]), int(shape[1])
     if bins.y_edges[-1] != H or bins.x_edges[-1] != W:
-        raise InvalidInputError(f"bins were measured on a {bins.y_edges[-1]}x{bins.x_edges[-1]} image, not {H}x{W}")
-    return evaluate_bin_grid(bins.values, bins.y_centres, bins.x_centres, np.arange(H), np.arange(W),
-                             order, extrapolate, backend=backend)
+        raise InvalidInputError(
+            f"bins were measured on a {bins.y_edges[-1]}x{bins.x_edges[-1]} image, not {H}x{W}"
+        )
+    return evaluate_bin_grid(
+        bins.values,
+        bins.y_centres,
+        bins.x_centres,
+        np.arange(H),
+        np.arange(W),
+        order,
+        extrapolate,
+        backend=backend,
+    )
 
 
-def estimate_background(mi: MaskedImage | Exposure, bin_size: Any = 128, *,
-                        bad_planes: Iterable[str] = BACKGROUND_BAD_PLANES, nsigma: float = 3.0,
-                        niter: int = 3, order: str = "cubic", extrapolate: str = "quadratic",
-                        min_fraction: float = 0.1) -> Any:
+def estimate_background(
+    mi: MaskedImage | Exposure,
+    bin_size: Any = 128,
+    *,
+    bad_planes: Iterable[str] = BACKGROUND_BAD_PLANES,
+    nsigma: float = 3.0,
+    niter: int = 3,
+    order: str = "cubic",
+    extrapolate: str = "quadratic",
+    min_fraction: float = 0.1,
+) -> Any:
     """Smooth sky-background model of an image (binned clipped means, interpolated).
 
     Parameters
@@ -521,6 +596,7 @@ def estimate_background(mi: MaskedImage | Exposure, bin_size: Any = 128, *,
     if isinstance(mi, Exposure):
         mi = mi.masked_image
     _check_modes(order, extrapolate)
-    bins = bin_background(mi, bin_size, bad_planes=bad_planes, nsigma=nsigma, niter=niter,
-                          min_fraction=min_fraction)
+    bins = bin_background(
+        mi, bin_size, bad_planes=bad_planes, nsigma=nsigma, niter=niter, min_fraction=min_fraction
+    )
     return interpolate_background(bins, mi.shape, order, extrapolate, backend=mi.backend)

@@ -1,4 +1,4 @@
-"""FFT correlation and masked-image convolution in afw's convention (spec §0.1–§0.3).
+"""FFT correlation and masked-image convolution in afw's convention (docs/algorithms.md §0.1–§0.3).
 
 afw's "convolution" is a **correlation**: for an odd kernel of centre (ctrY, ctrX),
 
@@ -59,8 +59,10 @@ def _fft_shape(shape, kshape) -> tuple[int, int]:
     # which often reaches a much faster FFT size (4096 + 11 → 4116 = 2²·3·7³).
     (H, W), (kh, kw) = shape, kshape
     cy, cx = kernel_centre(kshape)
-    return (_smooth_len(int(H) + max(cy, int(kh) - 1 - cy)),
-            _smooth_len(int(W) + max(cx, int(kw) - 1 - cx)))
+    return (
+        _smooth_len(int(H) + max(cy, int(kh) - 1 - cy)),
+        _smooth_len(int(W) + max(cx, int(kw) - 1 - cx)),
+    )
 
 
 def _check_kernels(kernels, be: Backend, ndim: int):
@@ -70,12 +72,15 @@ def _check_kernels(kernels, be: Backend, ndim: int):
     if k.shape[-1] < 1 or k.shape[-2] < 1:
         raise InvalidInputError(f"kernel shape {tuple(k.shape)} is empty")
     if not bool(be.xp.isfinite(k).all()):
-        raise NonFiniteDataError(f"kernel array of shape {tuple(k.shape)} contains NaN or inf values")
+        raise NonFiniteDataError(
+            f"kernel array of shape {tuple(k.shape)} contains NaN or inf values"
+        )
     return k
 
 
-def iter_correlations(image: Any, kernels: Any, backend: Backend | str | None = None,
-                      dtype=np.float32) -> Iterator[Any]:
+def iter_correlations(
+    image: Any, kernels: Any, backend: Backend | str | None = None, dtype=np.float32
+) -> Iterator[Any]:
     """Yield image ⊗ kernels[m] for each m, sharing one forward FFT of the image.
 
     One kernel at a time keeps the memory at a few image-sized arrays whatever the
@@ -100,8 +105,10 @@ def iter_correlations(image: Any, kernels: Any, backend: Backend | str | None = 
         # One NaN would spread over the whole FFT output: refuse rather than return an
         # all-NaN (silently wrong) image.  Masked images are zero-filled by the callers.
         n_bad = int((~xp.isfinite(img)).sum())
-        raise NonFiniteDataError(f"image to correlate has {n_bad} NaN/inf pixel(s); zero-fill and mask them "
-                                 "first (convolve_masked_image does)")
+        raise NonFiniteDataError(
+            f"image to correlate has {n_bad} NaN/inf pixel(s); zero-fill and mask them "
+            "first (convolve_masked_image does)"
+        )
     ks = _check_kernels(kernels, be, 3).astype(work, copy=False)
     n, kh, kw = ks.shape
     H, W = img.shape
@@ -120,11 +127,12 @@ def iter_correlations(image: Any, kernels: Any, backend: Backend | str | None = 
         fk *= fi
         full = be.fft.irfft2(fk, s=(fy, fx), **fkw)
         # A view: callers that keep it copy it (correlate_many stacks them).
-        yield full[oy:oy + H, ox:ox + W].astype(dtype, copy=False)
+        yield full[oy : oy + H, ox : ox + W].astype(dtype, copy=False)
 
 
-def correlate_many(image: Any, kernels: Any, backend: Backend | str | None = None,
-                   dtype=np.float32) -> Any:
+def correlate_many(
+    image: Any, kernels: Any, backend: Backend | str | None = None, dtype=np.float32
+) -> Any:
     """Correlate one image with a stack of kernels (n, kh, kw) → (n, H, W).
 
     ``out[m]`` = image ⊗ kernels[m] (afw convention, zeros beyond the image edge); one
@@ -134,7 +142,9 @@ def correlate_many(image: Any, kernels: Any, backend: Backend | str | None = Non
     return be.xp.stack(list(iter_correlations(image, kernels, be, dtype)))
 
 
-def correlate(image: Any, kernel: Any, backend: Backend | str | None = None, dtype=np.float32) -> Any:
+def correlate(
+    image: Any, kernel: Any, backend: Backend | str | None = None, dtype=np.float32
+) -> Any:
     """Correlate a 2-D image with one kernel (afw convention, zero outside the image)."""
     be = resolve_backend(backend)
     k = _check_kernels(kernel, be, 2)
@@ -198,12 +208,13 @@ def prepare_masked_input(mi: MaskedImage):
     return img, var, msk
 
 
-def convolve_masked_image(mi: MaskedImage, kernel: Any, *, do_normalize: bool = False,
-                          do_copy_edge: bool = False) -> MaskedImage:
+def convolve_masked_image(
+    mi: MaskedImage, kernel: Any, *, do_normalize: bool = False, do_copy_edge: bool = False
+) -> MaskedImage:
     """Convolve (afw sense: correlate) a MaskedImage with a spatially constant kernel.
 
     The image is correlated with K, the variance with K² and the mask is OR-dilated over
-    the pixels where K ≠ 0 (spec §0.2).  The border where the kernel does not fit gets
+    the pixels where K ≠ 0 (docs/algorithms.md §0.2).  The border where the kernel does not fit gets
     NaN / +inf variance / NO_DATA, or with ``do_copy_edge`` the input pixels plus EDGE.
     Input pixels with non-finite image or variance poison (NaN, NO_DATA) every output pixel
     whose kernel footprint covers them.
@@ -235,8 +246,9 @@ def convolve_masked_image(mi: MaskedImage, kernel: Any, *, do_normalize: bool = 
     return finish_masked_output(mi, out_img, out_var, out_msk, k.shape, do_copy_edge)
 
 
-def varying_correlate(image: Any, term_kernels: Any, term_weights: Sequence[Any],
-                      backend: Backend | str | None = None) -> Any:
+def varying_correlate(
+    image: Any, term_kernels: Any, term_weights: Sequence[Any], backend: Backend | str | None = None
+) -> Any:
     """Exact spatially varying correlation Σ_k w_k(x, y) · (image ⊗ K_k), float32.
 
     With K(x, y) = Σ_k p_k(x, y) K_k and w_k = p_k this is the correlation with the kernel
@@ -264,8 +276,12 @@ def varying_correlate(image: Any, term_kernels: Any, term_weights: Sequence[Any]
     return out
 
 
-def process_in_row_bands(mi: MaskedImage, process: Callable[[MaskedImage], MaskedImage], n_bands: int,
-                         halo: tuple[int, int]) -> MaskedImage:
+def process_in_row_bands(
+    mi: MaskedImage,
+    process: Callable[[MaskedImage], MaskedImage],
+    n_bands: int,
+    halo: tuple[int, int],
+) -> MaskedImage:
     """Apply a row-local ``process`` to ``mi`` band by band and stitch the result.
 
     The banded retry of :func:`gpudiff.backend.fallback.with_memory_fallback`: each band
@@ -292,6 +308,11 @@ def process_in_row_bands(mi: MaskedImage, process: Callable[[MaskedImage], Maske
         out = process(mi.subimage(Box(box.x0, box.y0 + lo, box.x1, box.y0 + hi)))
         parts.append(out.subimage(Box(box.x0, box.y0 + r0, box.x1, box.y0 + r1)))
     xp = parts[0].backend.xp
-    return MaskedImage(xp.concatenate([p.image for p in parts]), xp.concatenate([p.variance for p in parts]),
-                       xp.concatenate([p.mask for p in parts]), xy0=mi.xy0, mask_planes=parts[0].mask_planes,
-                       backend=parts[0].backend)
+    return MaskedImage(
+        xp.concatenate([p.image for p in parts]),
+        xp.concatenate([p.variance for p in parts]),
+        xp.concatenate([p.mask for p in parts]),
+        xy0=mi.xy0,
+        mask_planes=parts[0].mask_planes,
+        backend=parts[0].backend,
+    )

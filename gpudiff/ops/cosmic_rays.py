@@ -15,8 +15,15 @@ from ..image import MaskedImage, Psf
 __all__ = ["find_cosmic_rays"]
 
 
-def find_cosmic_rays(mi: MaskedImage, psf: Psf, *, min_sigma: float = 6.0, cond3: float = 3.0,
-                     grow: int = 1, backend: Backend | str | None = None):
+def find_cosmic_rays(
+    mi: MaskedImage,
+    psf: Psf,
+    *,
+    min_sigma: float = 6.0,
+    cond3: float = 3.0,
+    grow: int = 1,
+    backend: Backend | str | None = None,
+):
     """Boolean array (on the backend) of cosmic-ray pixels, grown by ``grow`` pixels.
 
     Parameters
@@ -33,7 +40,9 @@ def find_cosmic_rays(mi: MaskedImage, psf: Psf, *, min_sigma: float = 6.0, cond3
     be = resolve_backend(backend) if backend is not None else mi.backend
     xp = be.xp
     img = xp.where(xp.isfinite(mi.image), mi.image, 0).astype(np.float32)
-    sig = xp.sqrt(xp.where(xp.isfinite(mi.variance) & (mi.variance > 0), mi.variance, np.inf)).astype(np.float32)
+    sig = xp.sqrt(
+        xp.where(xp.isfinite(mi.variance) & (mi.variance > 0), mi.variance, np.inf)
+    ).astype(np.float32)
     k = np.asarray(psf.kernel_image(), dtype=np.float64)
     c = k.shape[0] // 2
     peak = k[c, c]
@@ -46,10 +55,10 @@ def find_cosmic_rays(mi: MaskedImage, psf: Psf, *, min_sigma: float = 6.0, cond3
     # (dy, dx) of one neighbour of each opposite pair, and the PSF's value there.
     for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
         ratio = np.float32(peak / max(k[c + dy, c + dx], 1e-12))
-        a = pad[1 + dy:1 + dy + H, 1 + dx:1 + dx + W]
-        b = pad[1 - dy:1 - dy + H, 1 - dx:1 - dx + W]
-        sa = spad[1 + dy:1 + dy + H, 1 + dx:1 + dx + W]
-        sb = spad[1 - dy:1 - dy + H, 1 - dx:1 - dx + W]
+        a = pad[1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W]
+        b = pad[1 - dy : 1 - dy + H, 1 - dx : 1 - dx + W]
+        sa = spad[1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W]
+        sb = spad[1 - dy : 1 - dy + H, 1 - dx : 1 - dx + W]
         nb = 0.5 * (a + b) + cond3 * 0.5 * (sa + sb)
         cr |= bright & (hi > ratio * nb)
     if grow > 0 and bool(cr.any()):

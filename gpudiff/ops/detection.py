@@ -4,7 +4,7 @@
 K²), a per-pixel S/N threshold, connected footprints and their peaks, then batched
 measurement of every peak (Gaussian-weighted centroid, PSF flux, adaptive moments and
 extendedness, mask flags, isolation).  :func:`select_kernel_sources` is the pure table
-filter of spec §4.2 choosing PSF-matching kernel sources.  Image work runs on the image's
+filter of docs/algorithms.md §4.2 choosing PSF-matching kernel sources.  Image work runs on the image's
 backend; per-source work on stacks of stamps (n, s, s), never in a loop over sources.
 """
 
@@ -26,13 +26,26 @@ from .background import estimate_background
 from .convolution import correlate
 from .stats import adaptive_moments_batch, gather_stamps, weighted_centroid
 
-__all__ = ["DetectionResult", "FLAG_PLANES", "KERNEL_EXCLUDE_FLAGS", "detect_sources", "select_kernel_sources"]
+__all__ = [
+    "DetectionResult",
+    "FLAG_PLANES",
+    "KERNEL_EXCLUDE_FLAGS",
+    "detect_sources",
+    "select_kernel_sources",
+]
 
 #: Mask planes that make a source ``flag_masked`` when set in its footprint or central 5×5.
 FLAG_PLANES: tuple[str, ...] = ("BAD", "SAT", "NO_DATA", "CR", "EDGE", "SUSPECT")
 
-#: Catalog flags that disqualify a kernel source (spec §4.2: away from edges and masks).
-KERNEL_EXCLUDE_FLAGS = ("flag_edge", "flag_masked", "flag_saturated", "flag_negative", "flag_centroid", "flag_psf_flux")
+#: Catalog flags that disqualify a kernel source (docs/algorithms.md §4.2: away from edges and masks).
+KERNEL_EXCLUDE_FLAGS = (
+    "flag_edge",
+    "flag_masked",
+    "flag_saturated",
+    "flag_negative",
+    "flag_centroid",
+    "flag_psf_flux",
+)
 
 _POLARITIES = {"positive": (1,), "negative": (-1,), "both": (1, -1)}
 
@@ -110,8 +123,9 @@ def _dilate_disk(be: Backend, on, radius: int):
         if (dy, dx) == (0, 0) or abs(dy) >= H or abs(dx) >= W:
             continue
         # out[y, x] |= on[y - dy, x - dx]
-        out[max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] |= \
-            on[max(-dy, 0):H + min(-dy, 0), max(-dx, 0):W + min(-dx, 0)]
+        out[max(dy, 0) : H + min(dy, 0), max(dx, 0) : W + min(dx, 0)] |= on[
+            max(-dy, 0) : H + min(-dy, 0), max(-dx, 0) : W + min(-dx, 0)
+        ]
     return out
 
 
@@ -147,7 +161,9 @@ def _peaks(be: Backend, snr, labels, radius: int):
 def _parabola(c, lo, hi):
     """Vertex offset of the parabola through (−1, lo), (0, c), (1, hi), clipped to ±1."""
     den = lo - 2 * c + hi
-    return np.clip(np.where(den < 0, 0.5 * (lo - hi) / np.where(den < 0, den, -1.0), 0.0), -1.0, 1.0)
+    return np.clip(
+        np.where(den < 0, 0.5 * (lo - hi) / np.where(den < 0, den, -1.0), 0.0), -1.0, 1.0
+    )
 
 
 def _or_in_footprints(be: Backend, mask, labels, n: int, ids):
@@ -176,9 +192,17 @@ def _isolated(x, y, bright, radius: float, fraction: float) -> np.ndarray:
 def _background(mi: MaskedImage, background, be: Backend):
     if isinstance(background, str) and background.strip().lower() == "estimate":
         return estimate_background(mi)
-    bg = None if background is None or isinstance(background, str) else be.asarray(background, dtype=np.float32)
-    if background is not None and (bg is None or bg.ndim not in (0, 2) or bg.ndim == 2 and bg.shape != mi.shape):
-        raise InvalidInputError(f"background must be None, 'estimate', a scalar or an array of shape {mi.shape}")
+    bg = (
+        None
+        if background is None or isinstance(background, str)
+        else be.asarray(background, dtype=np.float32)
+    )
+    if background is not None and (
+        bg is None or bg.ndim not in (0, 2) or bg.ndim == 2 and bg.shape != mi.shape
+    ):
+        raise InvalidInputError(
+            f"background must be None, 'estimate', a scalar or an array of shape {mi.shape}"
+        )
     return None if bg is None else be.xp.broadcast_to(bg, mi.shape)
 
 
@@ -191,14 +215,21 @@ def _psf_stamps(be: Backend, psf: Psf, bbox: Box, cx, cy, dx, dy, size: int):
     ``psf.compute_image`` for the pixel-integrated models when FWHM ≳ 2.5 px.
     """
     xp = be.xp
-    probe = [(bbox.x0, bbox.y0), (bbox.x1 - 1, bbox.y1 - 1), (bbox.x0, bbox.y1 - 1), (bbox.x1 - 1, bbox.y0)]
+    probe = [
+        (bbox.x0, bbox.y0),
+        (bbox.x1 - 1, bbox.y1 - 1),
+        (bbox.x0, bbox.y1 - 1),
+        (bbox.x1 - 1, bbox.y0),
+    ]
     k0 = psf.kernel_image(*probe[0], size=size)
     if all(np.array_equal(psf.kernel_image(x, y, size=size), k0) for x, y in probe[1:]):
         K = be.asarray(np.broadcast_to(k0, (len(cx), size, size)))
     else:
         g = 8
         xs, ys = np.linspace(bbox.x0, bbox.x1 - 1, g), np.linspace(bbox.y0, bbox.y1 - 1, g)
-        lat = np.array([[psf.kernel_image(x, y, size=size) for x in xs] for y in ys])  # 64 host calls
+        lat = np.array(
+            [[psf.kernel_image(x, y, size=size) for x in xs] for y in ys]
+        )  # 64 host calls
 
         def w1(nodes, v):
             i = np.clip(np.searchsorted(nodes, v) - 1, 0, g - 2)
@@ -206,12 +237,18 @@ def _psf_stamps(be: Backend, psf: Psf, bbox: Box, cx, cy, dx, dy, size: int):
 
         (i, ty), (j, tx) = w1(ys, np.asarray(cy, float)), w1(xs, np.asarray(cx, float))
         ty, tx = ty[:, None, None], tx[:, None, None]
-        K = be.asarray((1 - ty) * ((1 - tx) * lat[i, j] + tx * lat[i, j + 1])
-                       + ty * ((1 - tx) * lat[i + 1, j] + tx * lat[i + 1, j + 1]))
+        K = be.asarray(
+            (1 - ty) * ((1 - tx) * lat[i, j] + tx * lat[i, j + 1])
+            + ty * ((1 - tx) * lat[i + 1, j] + tx * lat[i + 1, j + 1])
+        )
     k = be.asarray(np.fft.fftfreq(size))
     dxd, dyd = be.asarray(np.asarray(dx, float)), be.asarray(np.asarray(dy, float))
     # out(q) = K(q − d): the star sits d from the central pixel, as in compute_image.
-    phase = xp.exp(-2j * np.pi * (k[None, :, None] * dyd[:, None, None] + k[None, None, :] * dxd[:, None, None]))
+    phase = xp.exp(
+        -2j
+        * np.pi
+        * (k[None, :, None] * dyd[:, None, None] + k[None, None, :] * dxd[:, None, None])
+    )
     P = be.fft.ifft2(be.fft.fft2(K.astype(xp.complex128), axes=(1, 2)) * phase, axes=(1, 2)).real
     return P / P.sum(axis=(1, 2), keepdims=True)
 
@@ -228,28 +265,41 @@ def _psf_moments(psf: Psf, x: np.ndarray, y: np.ndarray, cell: int = 128) -> tup
     if getattr(psf, "spatially_constant", False):  # one image everywhere: one measurement
         m = np.asarray(psf.moments(float(x[0]), float(y[0])), dtype=np.float64)
         return tuple(np.full(x.size, v) for v in m)
-    gx = np.arange(np.floor(x.min()), x.max() + cell, cell) if np.ptp(x) > 0 else np.array([x.min()])
-    gy = np.arange(np.floor(y.min()), y.max() + cell, cell) if np.ptp(y) > 0 else np.array([y.min()])
+    gx = (
+        np.arange(np.floor(x.min()), x.max() + cell, cell) if np.ptp(x) > 0 else np.array([x.min()])
+    )
+    gy = (
+        np.arange(np.floor(y.min()), y.max() + cell, cell) if np.ptp(y) > 0 else np.array([y.min()])
+    )
     mom = np.array([[psf.moments(float(a), float(b)) for a in gx] for b in gy], dtype=np.float64)
     if gx.size == 1 or gy.size == 1:  # degenerate lattice: nearest node
         ix = np.clip(np.searchsorted(gx, x), 0, gx.size - 1)
         iy = np.clip(np.searchsorted(gy, y), 0, gy.size - 1)
         out = mom[iy, ix]
     else:
-        out = RegularGridInterpolator((gy, gx), mom, bounds_error=False, fill_value=None)(np.stack([y, x], 1))
+        out = RegularGridInterpolator((gy, gx), mom, bounds_error=False, fill_value=None)(
+            np.stack([y, x], 1)
+        )
     return out[:, 0], out[:, 1], out[:, 2]
 
 
-def _measure(be, sign, d, var, good, mask, snr, labels, n_fp, py, px, psf, bbox, stamp, sigma_w, weighting):
+def _measure(
+    be, sign, d, var, good, mask, snr, labels, n_fp, py, px, psf, bbox, stamp, sigma_w, weighting
+):
     """Measure the peaks (py, px) of one polarity; returns a dict of host columns."""
     xp, nd, host = be.xp, be.ndimage, be.asnumpy
     sd = xp.where(good, d * sign, 0)  # sources are positive in sd
     # Peak refinement on the smoothed S/N (log-parabola, exact for a Gaussian peak): the
     # start and the fallback of the Gaussian-weighted centroid on the unsmoothed image.
     lg = host(xp.log(xp.maximum(gather_stamps(be, snr * sign, py, px, 1, fill=0.0)[0], 1e-30)))
-    dx0, dy0 = _parabola(lg[:, 1, 1], lg[:, 1, 0], lg[:, 1, 2]), _parabola(lg[:, 1, 1], lg[:, 0, 1], lg[:, 2, 1])
+    dx0, dy0 = (
+        _parabola(lg[:, 1, 1], lg[:, 1, 0], lg[:, 1, 2]),
+        _parabola(lg[:, 1, 1], lg[:, 0, 1], lg[:, 2, 1]),
+    )
     st = gather_stamps(be, sd, py, px, max(2, int(math.ceil(3 * sigma_w))), fill=0.0)[0]
-    cx, cy, ok_c = (host(a) for a in weighted_centroid(be, st, be.asarray(dx0), be.asarray(dy0), sigma_w))
+    cx, cy, ok_c = (
+        host(a) for a in weighted_centroid(be, st, be.asarray(dx0), be.asarray(dy0), sigma_w)
+    )
     fx, fy = np.where(ok_c, cx, dx0) + host(px), np.where(ok_c, cy, dy0) + host(py)
     # PSF flux, moments and mask bits in the PSF-sized stamp on the nearest pixel.
     rx, ry = np.rint(fx).astype(np.int64), np.rint(fy).astype(np.int64)
@@ -257,12 +307,23 @@ def _measure(be, sign, d, var, good, mask, snr, labels, n_fp, py, px, psf, bbox,
     var_st = gather_stamps(be, xp.where(good, var, 0), ry, rx, stamp // 2, fill=0.0)[0]
     ok_pix = gather_stamps(be, good, ry, rx, stamp // 2, fill=False)[0] & inside
     n, nan = fx.size, np.full(fx.size, np.nan)
-    c: dict[str, Any] = dict(psf_flux=nan, psf_flux_err=nan, flag_psf_flux=np.ones(n, bool), psf_ixx=nan,
-                             psf_iyy=nan, psf_ixy=nan)
-    sm = [host(a) for a in adaptive_moments_batch(be, img_st, ok_pix, sigma_w ** 2)]
+    c: dict[str, Any] = dict(
+        psf_flux=nan,
+        psf_flux_err=nan,
+        flag_psf_flux=np.ones(n, bool),
+        psf_ixx=nan,
+        psf_iyy=nan,
+        psf_ixy=nan,
+    )
+    sm = [host(a) for a in adaptive_moments_batch(be, img_st, ok_pix, sigma_w**2)]
     ok_m = sm[5]
-    c.update(ixx=np.where(ok_m, sm[2], np.nan), iyy=np.where(ok_m, sm[3], np.nan),
-             ixy=np.where(ok_m, sm[4], np.nan), extendedness=nan, flag_shape=~ok_m)
+    c.update(
+        ixx=np.where(ok_m, sm[2], np.nan),
+        iyy=np.where(ok_m, sm[3], np.nan),
+        ixy=np.where(ok_m, sm[4], np.nan),
+        extendedness=nan,
+        flag_shape=~ok_m,
+    )
     if psf is not None:
         P = _psf_stamps(be, psf, bbox, rx + bbox.x0, ry + bbox.y0, fx - rx, fy - ry, stamp)
         w = ok_pix.astype(xp.float64)
@@ -273,11 +334,18 @@ def _measure(be, sign, d, var, good, mask, snr, labels, n_fp, py, px, psf, bbox,
         flux = host((P * img_st * w).sum(axis=(1, 2)) / den_s)
         err = host(xp.sqrt((P * P * w * w * var_st).sum(axis=(1, 2))) / den_s)
         okf = host(den > 0) & (err > 0) & np.isfinite(flux)
-        c.update(psf_flux=np.where(okf, sign * flux, np.nan), psf_flux_err=np.where(okf, err, np.nan),
-                 flag_psf_flux=~okf)
+        c.update(
+            psf_flux=np.where(okf, sign * flux, np.nan),
+            psf_flux_err=np.where(okf, err, np.nan),
+            flag_psf_flux=~okf,
+        )
         pm = _psf_moments(psf, rx + bbox.x0, ry + bbox.y0)
-        c.update(psf_ixx=pm[0], psf_iyy=pm[1], psf_ixy=pm[2],
-                 extendedness=np.where(ok_m, (sm[2] + sm[3]) / (pm[0] + pm[1]) - 1.0, np.nan))
+        c.update(
+            psf_ixx=pm[0],
+            psf_iyy=pm[1],
+            psf_ixy=pm[2],
+            extendedness=np.where(ok_m, (sm[2] + sm[3]) / (pm[0] + pm[1]) - 1.0, np.nan),
+        )
     m5 = gather_stamps(be, mask, ry, rx, 2, fill=0)[0].astype(xp.int64)
     centre = xp.zeros(n, dtype=xp.int64)
     for i in range(25):  # taps, not sources
@@ -287,23 +355,52 @@ def _measure(be, sign, d, var, good, mask, snr, labels, n_fp, py, px, psf, bbox,
     fy_all, fx_all = xp.nonzero(labels)
     lab, idx = labels[fy_all, fx_all], xp.arange(1, n_fp + 1)
     hid = host(ids) - 1
-    box = [host(be.asarray(f(v, lab, idx))).astype(np.int64)[hid]
-           for f, v in ((nd.minimum, fx_all), (nd.minimum, fy_all), (nd.maximum, fx_all), (nd.maximum, fy_all))]
-    c.update(x=fx, y=fy, peak_x=host(px), peak_y=host(py), peak_significance=host(snr[py, px]).astype(np.float64),
-             flag_edge=~host(inside.all(axis=(1, 2))), flag_centroid=~ok_c, flag_negative=np.full(n, sign < 0),
-             mask_center=host(centre).astype(np.int32), _fp=host(ids), _box=box,
-             mask_footprint=_or_in_footprints(be, mask, labels, n_fp, ids).astype(np.int32),
-             footprint_npix=host(xp.bincount(labels.ravel(), minlength=n_fp + 1)[ids]).astype(np.int64))
+    box = [
+        host(be.asarray(f(v, lab, idx))).astype(np.int64)[hid]
+        for f, v in (
+            (nd.minimum, fx_all),
+            (nd.minimum, fy_all),
+            (nd.maximum, fx_all),
+            (nd.maximum, fy_all),
+        )
+    ]
+    c.update(
+        x=fx,
+        y=fy,
+        peak_x=host(px),
+        peak_y=host(py),
+        peak_significance=host(snr[py, px]).astype(np.float64),
+        flag_edge=~host(inside.all(axis=(1, 2))),
+        flag_centroid=~ok_c,
+        flag_negative=np.full(n, sign < 0),
+        mask_center=host(centre).astype(np.int32),
+        _fp=host(ids),
+        _box=box,
+        mask_footprint=_or_in_footprints(be, mask, labels, n_fp, ids).astype(np.int32),
+        footprint_npix=host(xp.bincount(labels.ravel(), minlength=n_fp + 1)[ids]).astype(np.int64),
+    )
     return c
 
 
-def detect_sources(mi: MaskedImage | Exposure, psf: Psf | None = None, *, threshold: float = 5.0,
-                   polarity: str = "positive", smooth: bool = True, bad_planes: Iterable[str] = ("NO_DATA",),
-                   background: Any = "estimate", footprint_grow: int = 0, min_pixels: int = 1,
-                   isolation_radius: float | None = None, isolation_fraction: float = 0.1,
-                   extended_nsigma: float = 3.0, extended_min: float = 0.1,
-                   psf_flux_weighting: str = "uniform", flag_planes: Iterable[str] = FLAG_PLANES,
-                   backend: Backend | str | None = None) -> DetectionResult:
+def detect_sources(
+    mi: MaskedImage | Exposure,
+    psf: Psf | None = None,
+    *,
+    threshold: float = 5.0,
+    polarity: str = "positive",
+    smooth: bool = True,
+    bad_planes: Iterable[str] = ("NO_DATA",),
+    background: Any = "estimate",
+    footprint_grow: int = 0,
+    min_pixels: int = 1,
+    isolation_radius: float | None = None,
+    isolation_fraction: float = 0.1,
+    extended_nsigma: float = 3.0,
+    extended_min: float = 0.1,
+    psf_flux_weighting: str = "uniform",
+    flag_planes: Iterable[str] = FLAG_PLANES,
+    backend: Backend | str | None = None,
+) -> DetectionResult:
     """Detect and measure sources above ``threshold`` × the matched-filter noise.
 
     Parameters
@@ -363,15 +460,30 @@ def detect_sources(mi: MaskedImage | Exposure, psf: Psf | None = None, *, thresh
     if isinstance(mi, Exposure):
         psf = mi.psf if psf is None else psf
         mi = mi.masked_image
-    for bad, what in ((not isinstance(mi, MaskedImage), f"needs a MaskedImage or Exposure, got {type(mi).__name__}"),
-                      (polarity not in _POLARITIES, f"polarity must be one of {tuple(_POLARITIES)}, got {polarity!r}"),
-                      (psf_flux_weighting not in ("uniform", "inverse_variance"),
-                       f"psf_flux_weighting must be 'uniform' or 'inverse_variance', got {psf_flux_weighting!r}"),
-                      (not (threshold > 0 and math.isfinite(threshold)), f"threshold must be > 0, got {threshold!r}")):
+    for bad, what in (
+        (
+            not isinstance(mi, MaskedImage),
+            f"needs a MaskedImage or Exposure, got {type(mi).__name__}",
+        ),
+        (
+            polarity not in _POLARITIES,
+            f"polarity must be one of {tuple(_POLARITIES)}, got {polarity!r}",
+        ),
+        (
+            psf_flux_weighting not in ("uniform", "inverse_variance"),
+            f"psf_flux_weighting must be 'uniform' or 'inverse_variance', got {psf_flux_weighting!r}",
+        ),
+        (
+            not (threshold > 0 and math.isfinite(threshold)),
+            f"threshold must be > 0, got {threshold!r}",
+        ),
+    ):
         if bad:
             raise InvalidInputError(f"detect_sources: {what}")
     if smooth and psf is None:
-        raise PsfError("detect_sources: smoothing needs a PSF (pass psf=, an Exposure with a PSF, or smooth=False)")
+        raise PsfError(
+            "detect_sources: smoothing needs a PSF (pass psf=, an Exposure with a PSF, or smooth=False)"
+        )
     be = resolve_backend(backend if backend is not None else mi.backend)
     if be.name != mi.backend.name:
         mi = mi.to_backend(be)
@@ -399,14 +511,31 @@ def detect_sources(mi: MaskedImage | Exposure, psf: Psf | None = None, *, thresh
     snr = xp.where(good & (v > vmin), s / xp.sqrt(xp.maximum(v, vmin)), 0).astype(xp.float32)
     peak_radius = max(1, int(round(sigma_w)))
     mask = mi.mask & ~np.int32(det_bit | neg_bit)
+
     def one_sign(sign: int):
         signed = snr if sign > 0 else -snr
         labels, n_fp = _label(be, signed >= threshold, int(min_pixels), int(footprint_grow))
         if n_fp == 0:
             return None
         py, px = _peaks(be, signed, labels, peak_radius)
-        cols = _measure(be, sign, d, var, good, mi.mask, snr, labels, n_fp, py, px, psf, mi.bbox, stamp,
-                        sigma_w, psf_flux_weighting)
+        cols = _measure(
+            be,
+            sign,
+            d,
+            var,
+            good,
+            mi.mask,
+            snr,
+            labels,
+            n_fp,
+            py,
+            px,
+            psf,
+            mi.bbox,
+            stamp,
+            sigma_w,
+            psf_flux_weighting,
+        )
         return labels, cols
 
     signs = _POLARITIES[polarity]
@@ -420,60 +549,150 @@ def detect_sources(mi: MaskedImage | Exposure, psf: Psf | None = None, *, thresh
         mask = xp.where(labels > 0, mask | np.int32(det_bit if sign > 0 else neg_bit), mask)
         cols["_fp"] = cols["_fp"] + (0 if not parts else max(int(p["_fp"].max()) for p in parts))
         parts.append(cols)
-    cat = _assemble(parts, planes, x0, y0, stamp if isolation_radius is None else isolation_radius,
-                    isolation_fraction, extended_nsigma, extended_min, flag_planes)
-    cat.meta.update({"threshold": float(threshold), "polarity": polarity, "smooth": bool(smooth),
-                     "psf_sigma": sigma_w, "x0": x0, "y0": y0, "width": W, "height": H})
-    return DetectionResult(catalog=cat, mask=mask.astype(xp.int32), mask_planes=planes, significance=snr,
-                           background=bg)
+    cat = _assemble(
+        parts,
+        planes,
+        x0,
+        y0,
+        stamp if isolation_radius is None else isolation_radius,
+        isolation_fraction,
+        extended_nsigma,
+        extended_min,
+        flag_planes,
+    )
+    cat.meta.update(
+        {
+            "threshold": float(threshold),
+            "polarity": polarity,
+            "smooth": bool(smooth),
+            "psf_sigma": sigma_w,
+            "x0": x0,
+            "y0": y0,
+            "width": W,
+            "height": H,
+        }
+    )
+    return DetectionResult(
+        catalog=cat, mask=mask.astype(xp.int32), mask_planes=planes, significance=snr, background=bg
+    )
 
 
-_COLUMNS = ("id", "footprint_id", "n_peaks", "x", "y", "peak_x", "peak_y", "peak_significance", "psf_flux",
-            "psf_flux_err", "snr", "ixx", "iyy", "ixy", "psf_ixx", "psf_iyy", "psf_ixy", "extendedness",
-            "footprint_npix", "footprint_x0", "footprint_y0", "footprint_x1", "footprint_y1", "mask_center",
-            "mask_footprint", "masked_planes", "flag_edge", "flag_masked", "flag_saturated", "flag_negative",
-            "flag_centroid", "flag_shape", "flag_psf_flux", "is_extended", "isolated")
+_COLUMNS = (
+    "id",
+    "footprint_id",
+    "n_peaks",
+    "x",
+    "y",
+    "peak_x",
+    "peak_y",
+    "peak_significance",
+    "psf_flux",
+    "psf_flux_err",
+    "snr",
+    "ixx",
+    "iyy",
+    "ixy",
+    "psf_ixx",
+    "psf_iyy",
+    "psf_ixy",
+    "extendedness",
+    "footprint_npix",
+    "footprint_x0",
+    "footprint_y0",
+    "footprint_x1",
+    "footprint_y1",
+    "mask_center",
+    "mask_footprint",
+    "masked_planes",
+    "flag_edge",
+    "flag_masked",
+    "flag_saturated",
+    "flag_negative",
+    "flag_centroid",
+    "flag_shape",
+    "flag_psf_flux",
+    "is_extended",
+    "isolated",
+)
 
 
-def _assemble(parts, planes: MaskPlanes, x0: int, y0: int, iso_radius: float, iso_fraction: float,
-              ext_nsigma: float, ext_min: float, flag_planes) -> Table:
+def _assemble(
+    parts,
+    planes: MaskPlanes,
+    x0: int,
+    y0: int,
+    iso_radius: float,
+    iso_fraction: float,
+    ext_nsigma: float,
+    ext_min: float,
+    flag_planes,
+) -> Table:
     """Concatenate the polarities; add parent offsets, ids and the derived flags."""
     if not parts:
         kind = {"masked_planes": str, "flag": bool, "is_e": bool, "isol": bool}
-        return Table({k: np.zeros(0, dtype=kind.get(k, kind.get(k[:4], np.float64))) for k in _COLUMNS})
+        return Table(
+            {k: np.zeros(0, dtype=kind.get(k, kind.get(k[:4], np.float64))) for k in _COLUMNS}
+        )
     c = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "_box"}
     order = np.argsort(-np.abs(c["peak_significance"]), kind="stable")
     c = {k: v[order] for k, v in c.items()}
     box = [np.concatenate([p["_box"][i] for p in parts])[order] for i in range(4)]
     c["footprint_x0"], c["footprint_y0"], c["footprint_x1"], c["footprint_y1"] = (
-        box[0] + x0, box[1] + y0, box[2] + x0 + 1, box[3] + y0 + 1)
+        box[0] + x0,
+        box[1] + y0,
+        box[2] + x0 + 1,
+        box[3] + y0 + 1,
+    )
     n = order.size
     fid = np.unique(c.pop("_fp"), return_inverse=True)[1].reshape(-1).astype(np.int64) + 1
-    c.update(id=np.arange(1, n + 1, dtype=np.int64), footprint_id=fid, n_peaks=np.bincount(fid)[fid].astype(np.int64),
-             x=c["x"] + x0, y=c["y"] + y0, peak_x=c["peak_x"].astype(np.int64) + x0,
-             peak_y=c["peak_y"].astype(np.int64) + y0)
+    c.update(
+        id=np.arange(1, n + 1, dtype=np.int64),
+        footprint_id=fid,
+        n_peaks=np.bincount(fid)[fid].astype(np.int64),
+        x=c["x"] + x0,
+        y=c["y"] + y0,
+        peak_x=c["peak_x"].astype(np.int64) + x0,
+        peak_y=c["peak_y"].astype(np.int64) + y0,
+    )
     with np.errstate(invalid="ignore", divide="ignore"):
         c["snr"] = snr = c["psf_flux"] / c["psf_flux_err"]
         tol = np.maximum(ext_min, ext_nsigma * _SIZE_NOISE / np.abs(snr))
-        c["is_extended"] = np.isfinite(c["extendedness"]) & np.isfinite(snr) & (c["extendedness"] > tol)
-    flagged = (c["mask_center"] | c["mask_footprint"]) & planes.bitmask_if_present(list(flag_planes))
+        c["is_extended"] = (
+            np.isfinite(c["extendedness"]) & np.isfinite(snr) & (c["extendedness"] > tol)
+        )
+    flagged = (c["mask_center"] | c["mask_footprint"]) & planes.bitmask_if_present(
+        list(flag_planes)
+    )
     names = np.empty(n, dtype=object)
     for v in np.unique(flagged):  # distinct bit patterns, not sources
         names[flagged == v] = ",".join(planes.interpret(int(v)))
     c["masked_planes"] = names.astype(str)
     c["flag_masked"] = flagged != 0
-    c["flag_saturated"] = ((c["mask_center"] | c["mask_footprint"]) & planes.bitmask_if_present(["SAT"])) != 0
-    bright = np.where(np.isfinite(c["psf_flux"]), np.abs(c["psf_flux"]), np.abs(c["peak_significance"]))
+    c["flag_saturated"] = (
+        (c["mask_center"] | c["mask_footprint"]) & planes.bitmask_if_present(["SAT"])
+    ) != 0
+    bright = np.where(
+        np.isfinite(c["psf_flux"]), np.abs(c["psf_flux"]), np.abs(c["peak_significance"])
+    )
     c["isolated"] = _isolated(c["x"], c["y"], bright, float(iso_radius), float(iso_fraction))
     return Table({k: c[k] for k in _COLUMNS})
 
 
-def select_kernel_sources(catalog: Table, image_box: Box, *, snr_min: float = 10.0, snr_max: float = 500.0,
-                          max_sources: int | None = None, edge_buffer: int = 0,
-                          isolation_radius: float | None = None, isolation_fraction: float = 0.1,
-                          require_isolated: bool = True, require_unresolved: bool = True,
-                          exclude_flags: Iterable[str] = KERNEL_EXCLUDE_FLAGS) -> Table:
-    """PSF-matching kernel sources from a detection catalog (spec §4.2 ``_sourceSelector``).
+def select_kernel_sources(
+    catalog: Table,
+    image_box: Box,
+    *,
+    snr_min: float = 10.0,
+    snr_max: float = 500.0,
+    max_sources: int | None = None,
+    edge_buffer: int = 0,
+    isolation_radius: float | None = None,
+    isolation_fraction: float = 0.1,
+    require_isolated: bool = True,
+    require_unresolved: bool = True,
+    exclude_flags: Iterable[str] = KERNEL_EXCLUDE_FLAGS,
+) -> Table:
+    """PSF-matching kernel sources from a detection catalog (docs/algorithms.md §4.2 ``_sourceSelector``).
 
     Keeps sources with snr_min ≤ psf_flux/psf_flux_err ≤ snr_max, isolated, unresolved,
     whose (2·edge_buffer+1)² box around the centroid pixel lies in ``image_box`` and with
@@ -508,7 +727,11 @@ def select_kernel_sources(catalog: Table, image_box: Box, *, snr_min: float = 10
     """
     if not isinstance(catalog, Table):
         raise InvalidInputError(f"catalog must be an astropy Table, got {type(catalog).__name__}")
-    if missing := [c for c in ("x", "y", "psf_flux", "psf_flux_err", *exclude_flags) if c not in catalog.colnames]:
+    if missing := [
+        c
+        for c in ("x", "y", "psf_flux", "psf_flux_err", *exclude_flags)
+        if c not in catalog.colnames
+    ]:
         raise InvalidInputError(f"select_kernel_sources: catalog lacks column(s) {missing}")
     x, y = np.asarray(catalog["x"], float), np.asarray(catalog["y"], float)
     flux, err = np.asarray(catalog["psf_flux"], float), np.asarray(catalog["psf_flux_err"], float)
@@ -521,12 +744,22 @@ def select_kernel_sources(catalog: Table, image_box: Box, *, snr_min: float = 10
         keep &= ~np.asarray(catalog["is_extended"], dtype=bool)
     if require_isolated:
         if isolation_radius is not None:
-            keep &= _isolated(x, y, np.nan_to_num(np.abs(flux)), float(isolation_radius), float(isolation_fraction))
+            keep &= _isolated(
+                x,
+                y,
+                np.nan_to_num(np.abs(flux)),
+                float(isolation_radius),
+                float(isolation_fraction),
+            )
         elif "isolated" in catalog.colnames:
             keep &= np.asarray(catalog["isolated"], dtype=bool)
     eb, rx, ry = int(edge_buffer), np.rint(x), np.rint(y)
-    keep &= ((rx - eb >= image_box.x0) & (rx + eb <= image_box.x1 - 1)
-             & (ry - eb >= image_box.y0) & (ry + eb <= image_box.y1 - 1))
+    keep &= (
+        (rx - eb >= image_box.x0)
+        & (rx + eb <= image_box.x1 - 1)
+        & (ry - eb >= image_box.y0)
+        & (ry + eb <= image_box.y1 - 1)
+    )
     idx = np.nonzero(keep)[0]
     idx = idx[np.argsort(-snr[idx], kind="stable")]
     if max_sources is not None and max_sources >= 0:

@@ -14,8 +14,15 @@ from .stats import gather_stamps
 __all__ = ["forced_psf_flux"]
 
 
-def forced_psf_flux(mi: MaskedImage, psf: Psf, x: Any, y: Any, *, bad_planes=("NO_DATA", "EDGE", "BAD", "SAT"),
-                    backend: Backend | str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def forced_psf_flux(
+    mi: MaskedImage,
+    psf: Psf,
+    x: Any,
+    y: Any,
+    *,
+    bad_planes=("NO_DATA", "EDGE", "BAD", "SAT"),
+    backend: Backend | str | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """PSF fluxes at fixed parent positions: F = ΣP·I/ΣP², σ_F = sqrt(ΣP²·V)/ΣP².
 
     LSST's unweighted PSF-flux estimator (unbiased when the variance comes from the data).
@@ -59,5 +66,5 @@ def forced_psf_flux(mi: MaskedImage, psf: Psf, x: Any, y: Any, *, bad_planes=("N
     flux = xp.where(ok, (P * si).sum(axis=(1, 2)) / denom, xp.nan)
     err = xp.where(ok, xp.sqrt((P * P * sv).sum(axis=(1, 2))) / denom, xp.nan)
     c = half
-    core_bad = ~good[:, c - 1:c + 2, c - 1:c + 2].all(axis=(1, 2))
+    core_bad = ~good[:, c - 1 : c + 2, c - 1 : c + 2].all(axis=(1, 2))
     return be.asnumpy(flux), be.asnumpy(err), be.asnumpy(core_bad | ~ok)

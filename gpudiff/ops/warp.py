@@ -1,4 +1,4 @@
-"""Resampling an exposure onto another WCS and pixel grid (afw ``warpExposure``, spec §8).
+"""Resampling an exposure onto another WCS and pixel grid (afw ``warpExposure``, docs/algorithms.md §8).
 
 :func:`warp_exposure` maps every destination pixel to the source image (destination pixel
 → sky → source pixel, evaluated exactly with astropy on a coarse grid every
@@ -115,13 +115,18 @@ def wcs_overlap(wcs_a, box_a: Box, wcs_b, box_b: Box) -> Box | None:
     # Pixel i covers [i − 0.5, i + 0.5): the pixels touched by [min, max] (1e-6 px slack
     # absorbs the sky round trip, so an exact pixel edge does not pull in a neighbour).
     eps = 1e-6
-    hull = Box(int(math.floor(u.min() + 0.5 + eps)), int(math.floor(v.min() + 0.5 + eps)),
-               int(math.ceil(u.max() + 0.5 - eps)), int(math.ceil(v.max() + 0.5 - eps)))
+    hull = Box(
+        int(math.floor(u.min() + 0.5 + eps)),
+        int(math.floor(v.min() + 0.5 + eps)),
+        int(math.ceil(u.max() + 0.5 - eps)),
+        int(math.ceil(v.max() + 0.5 - eps)),
+    )
     return hull.intersection(box_a)
 
 
-def check_overlap(wcs_a, box_a: Box, wcs_b, box_b: Box, *, name_a: str = "image A",
-                  name_b: str = "image B") -> Box:
+def check_overlap(
+    wcs_a, box_a: Box, wcs_b, box_b: Box, *, name_a: str = "image A", name_b: str = "image B"
+) -> Box:
     """:func:`wcs_overlap`, raising :class:`~gpudiff.errors.NoOverlapError` when empty.
 
     Returns
@@ -130,16 +135,20 @@ def check_overlap(wcs_a, box_a: Box, wcs_b, box_b: Box, *, name_a: str = "image 
         The overlap in a's parent coordinates.
     """
     if wcs_a is None or wcs_b is None:
-        raise InvalidInputError(f"cannot compare {name_a} and {name_b}: "
-                                f"{name_a if wcs_a is None else name_b} has no WCS")
+        raise InvalidInputError(
+            f"cannot compare {name_a} and {name_b}: "
+            f"{name_a if wcs_a is None else name_b} has no WCS"
+        )
     box = wcs_overlap(wcs_a, box_a, wcs_b, box_b)
     if box is None:
-        raise NoOverlapError(f"{name_b} (box {box_b}) does not overlap {name_a} (box {box_a}) on the sky")
+        raise NoOverlapError(
+            f"{name_b} (box {box_b}) does not overlap {name_a} (box {box_a}) on the sky"
+        )
     return box
 
 
 def wcs_equal(wcs_a, box_a: Box, wcs_b, box_b: Box, tol_pix: float = 1e-3) -> bool:
-    """Whether two images share their pixel grid on the sky (spec §8 ``_validateWcs``).
+    """Whether two images share their pixel grid on the sky (docs/algorithms.md §8 ``_validateWcs``).
 
     True when the dimensions agree and the four corner pixels of a land, through the
     sky, within ``tol_pix`` of the same corner pixels of b: no warping is needed.
@@ -198,13 +207,23 @@ def _kernel(name: str):
             for k in range(2 * a):
                 m = a - 1 - k
                 t = f + m
-                num = (a * (-1.0) ** m) * s1 * (sa * math.cos(m * np.pi / a) + ca * math.sin(m * np.pi / a))
-                taps.append(xp.where(xp.abs(t) < 1e-9, 1.0, num / (np.pi * np.pi * xp.maximum(t * t, 1e-18))))
+                num = (
+                    (a * (-1.0) ** m)
+                    * s1
+                    * (sa * math.cos(m * np.pi / a) + ca * math.sin(m * np.pi / a))
+                )
+                taps.append(
+                    xp.where(
+                        xp.abs(t) < 1e-9, 1.0, num / (np.pi * np.pi * xp.maximum(t * t, 1e-18))
+                    )
+                )
             w = xp.stack(taps)  # (taps, ...): each tap's weights contiguous
             return w / w.sum(axis=0)
 
         return 2 * a, weights
-    raise InvalidInputError(f"unknown warping kernel {name!r}; use 'lanczosN' (e.g. 'lanczos3') or 'bilinear'")
+    raise InvalidInputError(
+        f"unknown warping kernel {name!r}; use 'lanczosN' (e.g. 'lanczos3') or 'bilinear'"
+    )
 
 
 def _warp_band(be: Backend, u, v, src: dict, ntaps: int, wfun):
@@ -252,7 +271,7 @@ def _warp_band(be: Backend, u, v, src: dict, ntaps: int, wfun):
         for dx, okx in ((0, 1.0 - fx > _MASK_EPS), (1, fx > _MASK_EPS)):
             idx = xp.clip(iv + dy, 0, Hs - 1) * Ws + xp.clip(iu + dx, 0, Ws - 1)
             msk |= xp.where(oky & okx, xp.take(src["mask"], idx), 0)
-    touch = (aux & np.int32(-(2 ** 31))) != 0  # bit 31 carries "bad source pixel"
+    touch = (aux & np.int32(-(2**31))) != 0  # bit 31 carries "bad source pixel"
     return img, var, msk, off, touch
 
 
@@ -303,8 +322,9 @@ def _take(xp, a, idx, axis: int):
     return xp.take(a, idx, axis=axis)
 
 
-def _warp_separable(be: Backend, ux, vy, src: dict, ntaps: int, wfun, outs, no_data: int,
-                    exact_shift: bool = False) -> None:
+def _warp_separable(
+    be: Backend, ux, vy, src: dict, ntaps: int, wfun, outs, no_data: int, exact_shift: bool = False
+) -> None:
     """Resample an axis-aligned mapping into ``outs`` = (image, variance, mask).
 
     ``ux`` (W,) source column of each destination column, ``vy`` (H,) source row of each
@@ -383,7 +403,7 @@ def _warp_separable(be: Backend, ux, vy, src: dict, ntaps: int, wfun, outs, no_d
             rc = _index_or_slice(be, np.clip(iv[r0:r1], 0, Hs - 1))
             aux = _take(xp, _take(xp, aux2, rc, 0), c_ctr, 1)
             msk = aux & grow
-            touch = (aux & np.int32(-(2 ** 31))) != 0
+            touch = (aux & np.int32(-(2**31))) != 0
         for dy in (0, 1):
             if not nby[dy][r0:r1].any():
                 continue
@@ -414,8 +434,9 @@ def _warp_separable(be: Backend, ux, vy, src: dict, ntaps: int, wfun, outs, no_d
     parallel_map(one, starts, cpu_workers(len(starts), parallel=not be.is_gpu))
 
 
-def _warp_general(be: Backend, xs, ys, u, v, src: dict, ntaps: int, wfun, outs,
-                  no_data: int) -> None:
+def _warp_general(
+    be: Backend, xs, ys, u, v, src: dict, ntaps: int, wfun, outs, no_data: int
+) -> None:
     """Resample any mapping into ``outs`` = (image, variance, mask): per row band, the
     mapping interpolated bilinearly between nodes, then 36 gathers per pixel."""
     xp = be.xp
@@ -462,7 +483,9 @@ def _warped_psf(psf: Psf | None, src_wcs, src_box: Box, dest_wcs, dest_box: Box)
     u, v = _to_sky_to(dest_wcs, src_wcs, [cx - 1, cx + 1, cx, cx], [cy, cy, cy - 1, cy + 1])
     J = np.array([[u[1] - u[0], u[3] - u[2]], [v[1] - v[0], v[3] - v[2]]]) / 2.0
     if not np.isfinite(J).all():
-        raise InvalidInputError("cannot warp the PSF: the WCS mapping is undefined at the destination centre")
+        raise InvalidInputError(
+            "cannot warp the PSF: the WCS mapping is undefined at the destination centre"
+        )
     if np.abs(J - np.eye(2)).max() <= _PSF_TOL:
         return psf
     from scipy import ndimage
@@ -479,9 +502,18 @@ def _warped_psf(psf: Psf | None, src_wcs, src_box: Box, dest_wcs, dest_box: Box)
     return ImagePsf(img, average_position=(cx + dest_box.x0, cy + dest_box.y0))
 
 
-def warp_exposure(exposure: Exposure, dest_wcs, dest_box: Box, *, kernel: str = "lanczos3",
-                  interp_length: int = 10, grow_full_mask: Iterable[str] = ("EDGE",), name: str = "exposure",
-                  dest_name: str = "destination", backend: Backend | str | None = None) -> Exposure:
+def warp_exposure(
+    exposure: Exposure,
+    dest_wcs,
+    dest_box: Box,
+    *,
+    kernel: str = "lanczos3",
+    interp_length: int = 10,
+    grow_full_mask: Iterable[str] = ("EDGE",),
+    name: str = "exposure",
+    dest_name: str = "destination",
+    backend: Backend | str | None = None,
+) -> Exposure:
     """Resample an exposure onto another WCS and pixel box.
 
     Parameters
@@ -521,19 +553,29 @@ def warp_exposure(exposure: Exposure, dest_wcs, dest_box: Box, *, kernel: str = 
     if not isinstance(exposure, Exposure):
         raise InvalidInputError(f"warp_exposure needs an Exposure, got {type(exposure).__name__}")
     if exposure.wcs is None or dest_wcs is None:
-        raise InvalidInputError(f"warp_exposure: {name if exposure.wcs is None else dest_name} has no WCS")
+        raise InvalidInputError(
+            f"warp_exposure: {name if exposure.wcs is None else dest_name} has no WCS"
+        )
     if not isinstance(dest_box, Box) or dest_box.width < 1 or dest_box.height < 1:
-        raise InvalidInputError(f"warp_exposure: dest_box must be a non-empty Box, got {dest_box!r}")
+        raise InvalidInputError(
+            f"warp_exposure: dest_box must be a non-empty Box, got {dest_box!r}"
+        )
     ntaps, wfun = _kernel(kernel)
     check_overlap(dest_wcs, dest_box, exposure.wcs, exposure.bbox, name_a=dest_name, name_b=name)
     be = resolve_backend(backend if backend is not None else exposure.backend)
-    mi = exposure.masked_image if be.name == exposure.backend.name else exposure.masked_image.to_backend(be)
+    mi = (
+        exposure.masked_image
+        if be.name == exposure.backend.name
+        else exposure.masked_image.to_backend(be)
+    )
     xp = be.xp
     planes = mi.mask_planes.copy()
     no_data = 1 << planes.add("NO_DATA")
     grow = planes.bitmask_if_present(list(grow_full_mask))
     bad = ((mi.mask & no_data) != 0) | ~xp.isfinite(mi.image) | ~xp.isfinite(mi.variance)
-    aux = (mi.mask & np.int32(grow)) | xp.where(bad, np.int32(-(2 ** 31)), np.int32(0)).astype(xp.int32)
+    aux = (mi.mask & np.int32(grow)) | xp.where(bad, np.int32(-(2**31)), np.int32(0)).astype(
+        xp.int32
+    )
     aux_any = bool((aux != 0).any())  # one host sync, for the whole warp
     if aux_any:
         # OR over the ntaps×ntaps footprint [floor − lo, floor − lo + ntaps) of every pixel:
@@ -550,7 +592,7 @@ def warp_exposure(exposure: Exposure, dest_wcs, dest_box: Box, *, kernel: str = 
         "mask": mi.mask.ravel(),
         "grow": grow,
         # int32 indices when they fit: half the index traffic of the 36 gathers.
-        "itype": xp.int32 if mi.shape[0] * mi.shape[1] < 2 ** 31 - 1 else xp.int64,
+        "itype": xp.int32 if mi.shape[0] * mi.shape[1] < 2**31 - 1 else xp.int64,
     }
     xs, ys, u, v = pixel_mapping(exposure.wcs, dest_wcs, dest_box, interp_length)
     H, W = dest_box.shape
@@ -560,19 +602,33 @@ def warp_exposure(exposure: Exposure, dest_wcs, dest_box: Box, *, kernel: str = 
     shift = _integer_offset(xs, ys, u, v)
     sep = None if shift is not None else _separable_axes(xs, ys, u, v, W, H)
     if shift is not None:
-        log.info("warp of %s skipped: its grid is the destination's moved by (%d, %d) px "
-                 "within %g px; pixels copied", name, shift[0], shift[1], _GRID_TOL)
+        log.info(
+            "warp of %s skipped: its grid is the destination's moved by (%d, %d) px "
+            "within %g px; pixels copied",
+            name,
+            shift[0],
+            shift[1],
+            _GRID_TOL,
+        )
         ux = np.arange(W, dtype=np.float64) + shift[0]
         vy = np.arange(H, dtype=np.float64) + shift[1]
-        _warp_separable(be, ux, vy, src, ntaps, wfun, (out_i, out_v, out_m), no_data,
-                        exact_shift=True)
+        _warp_separable(
+            be, ux, vy, src, ntaps, wfun, (out_i, out_v, out_m), no_data, exact_shift=True
+        )
     elif sep is not None:
         _warp_separable(be, sep[0], sep[1], src, ntaps, wfun, (out_i, out_v, out_m), no_data)
     else:
         # interleaved (N, 2): one gather fetches a pixel's image and variance
         src["iv"] = xp.stack(planes_iv, axis=-1).astype(xp.float32, copy=False).reshape(-1, 2)
         _warp_general(be, xs, ys, u, v, src, ntaps, wfun, (out_i, out_v, out_m), no_data)
-    out = MaskedImage(out_i, out_v, out_m, xy0=(dest_box.x0, dest_box.y0), mask_planes=planes, backend=be)
+    out = MaskedImage(
+        out_i, out_v, out_m, xy0=(dest_box.x0, dest_box.y0), mask_planes=planes, backend=be
+    )
     psf = _warped_psf(exposure.psf, exposure.wcs, exposure.bbox, dest_wcs, dest_box)
-    return Exposure(out, psf=psf, wcs=copy.deepcopy(dest_wcs), photo_calib=exposure.photo_calib,
-                    metadata=exposure.metadata)
+    return Exposure(
+        out,
+        psf=psf,
+        wcs=copy.deepcopy(dest_wcs),
+        photo_calib=exposure.photo_calib,
+        metadata=exposure.metadata,
+    )

@@ -86,8 +86,12 @@ class _Cells:
     def count_le(self, v):
         """Samples <= v in every window."""
         xp = self.xp
-        return sum(xp.minimum(_search(xp, self.s, self.groups[:, j], v, True), self.n_cell[self.groups[:, j]])
-                   for j in range(self.groups.shape[1]))
+        return sum(
+            xp.minimum(
+                _search(xp, self.s, self.groups[:, j], v, True), self.n_cell[self.groups[:, j]]
+            )
+            for j in range(self.groups.shape[1])
+        )
 
     def kth(self, k):
         """The k-th smallest (0-based) valid sample of every window (k < n), exactly: the
@@ -156,7 +160,9 @@ class _Cells:
         cs = xp.where(ok, cf, 1.0)
         mz = xp.where(ok, s1 / cs, xp.nan)
         ok2 = cnt > 1
-        var = xp.where(ok2, xp.maximum(s2 / cs - mz * mz, 0.0) * (cs / xp.where(ok2, cs - 1.0, 1.0)), xp.nan)
+        var = xp.where(
+            ok2, xp.maximum(s2 / cs - mz * mz, 0.0) * (cs / xp.where(ok2, cs - 1.0, 1.0)), xp.nan
+        )
         return mz + centre, var, cnt
 
 
@@ -180,9 +186,19 @@ def _statistics(xp, cells: _Cells, statistic: str, nsigma: float, niter: int):
     return mean, var, cnt
 
 
-def window_statistics(image: Any, good: Any, row_starts: Any, col_starts: Any, size: Any, *, span: int = 1,
-                      statistic: str = "MEANCLIP", nsigma: float = 3.0, niter: int = 3,
-                      backend: Backend | str | None = None) -> dict:
+def window_statistics(
+    image: Any,
+    good: Any,
+    row_starts: Any,
+    col_starts: Any,
+    size: Any,
+    *,
+    span: int = 1,
+    statistic: str = "MEANCLIP",
+    nsigma: float = 3.0,
+    niter: int = 3,
+    backend: Backend | str | None = None,
+) -> dict:
     """Statistics of windows made of ``span`` × ``span`` blocks of cells of an image.
 
     Cell (i, j) covers rows ``row_starts[i] : row_starts[i] + heights[i]`` and columns
@@ -222,8 +238,10 @@ def window_statistics(image: Any, good: Any, row_starts: Any, col_starts: Any, s
     img = be.asarray(image)
     ok = be.asarray(good)
     if img.ndim != 2 or tuple(ok.shape) != tuple(img.shape):
-        raise ShapeMismatchError(f"window_statistics: image {tuple(img.shape)} and good {tuple(ok.shape)} "
-                                 "must be 2-D arrays of one shape")
+        raise ShapeMismatchError(
+            f"window_statistics: image {tuple(img.shape)} and good {tuple(ok.shape)} "
+            "must be 2-D arrays of one shape"
+        )
     # The cell geometry is host-side index arithmetic (device arrays are brought back).
     rs = np.asarray(be.asnumpy(row_starts), dtype=np.int64).ravel()
     cs = np.asarray(be.asnumpy(col_starts), dtype=np.int64).ravel()
@@ -231,12 +249,19 @@ def window_statistics(image: Any, good: Any, row_starts: Any, col_starts: Any, s
     hs = np.broadcast_to(np.asarray(be.asnumpy(size[0]), dtype=np.int64), (ny,))
     ws = np.broadcast_to(np.asarray(be.asnumpy(size[1]), dtype=np.int64), (nx,))
     if (hs < 1).any() or (ws < 1).any() or int(span) < 1:
-        raise InvalidInputError(f"cell sizes and span must be positive, got {size!r}, span {span!r}")
+        raise InvalidInputError(
+            f"cell sizes and span must be positive, got {size!r}, span {span!r}"
+        )
     if (np.diff(rs) < hs[:-1]).any() or (np.diff(cs) < ws[:-1]).any():
         raise InvalidInputError("window_statistics: cells must be increasing and must not overlap")
     wy, wx = ny - span + 1, nx - span + 1
-    out = {k: np.full((max(wy, 0), max(wx, 0)), np.nan) for k in ("mean", "variance", "row_mean", "col_mean")}
-    out.update({k: np.zeros((max(wy, 0), max(wx, 0)), dtype=np.int64) for k in ("n_point", "n_used")})
+    out = {
+        k: np.full((max(wy, 0), max(wx, 0)), np.nan)
+        for k in ("mean", "variance", "row_mean", "col_mean")
+    }
+    out.update(
+        {k: np.zeros((max(wy, 0), max(wx, 0)), dtype=np.int64) for k in ("n_point", "n_used")}
+    )
     if wy < 1 or wx < 1:
         return out
     H, W = img.shape
@@ -247,8 +272,12 @@ def window_statistics(image: Any, good: Any, row_starts: Any, col_starts: Any, s
     a = xp.where(ok & xp.isfinite(img), img.astype(xp.float32), xp.float32(np.inf))
     a = xp.pad(a, ((pt, pb), (pl, pr)), constant_values=np.inf)
     inf_r, inf_c = a.shape[0] - 1, a.shape[1] - 1  # padding samples of smaller cells read these
-    ri = np.where(np.arange(ch)[None, :] < hs[:, None], (rs + pt)[:, None] + np.arange(ch)[None, :], inf_r)
-    ci = np.where(np.arange(cw)[None, :] < ws[:, None], (cs + pl)[:, None] + np.arange(cw)[None, :], inf_c)
+    ri = np.where(
+        np.arange(ch)[None, :] < hs[:, None], (rs + pt)[:, None] + np.arange(ch)[None, :], inf_r
+    )
+    ci = np.where(
+        np.arange(cw)[None, :] < ws[:, None], (cs + pl)[:, None] + np.arange(cw)[None, :], inf_c
+    )
     blk = a[be.asarray(ri)[:, :, None, None], be.asarray(ci)[None, None, :, :]]  # (ny, ch, nx, cw)
     _centroids(be, blk, ri, ci, pt, pl, span, out)
     s = xp.ascontiguousarray(blk.transpose(0, 2, 1, 3)).reshape(ny * nx, ch * cw)
@@ -256,7 +285,9 @@ def window_statistics(image: Any, good: Any, row_starts: Any, col_starts: Any, s
     s.sort(axis=1)
     # window (i, j) = cells (i + di, j + dj), di, dj < span
     wi, wj = np.meshgrid(np.arange(wy), np.arange(wx), indexing="ij")
-    groups = np.stack([((wi + di) * nx + (wj + dj)).ravel() for di in range(span) for dj in range(span)], axis=1)
+    groups = np.stack(
+        [((wi + di) * nx + (wj + dj)).ravel() for di in range(span) for dj in range(span)], axis=1
+    )
     cells = _Cells(xp, s, be.asarray(groups))
     mean, var, cnt = _statistics(xp, cells, statistic, float(nsigma), int(niter))
     out["mean"] = be.asnumpy(mean).reshape(wy, wx)
@@ -266,7 +297,9 @@ def window_statistics(image: Any, good: Any, row_starts: Any, col_starts: Any, s
     return out
 
 
-def _centroids(be: Backend, blk, ri: np.ndarray, ci: np.ndarray, pt: int, pl: int, span: int, out: dict) -> None:
+def _centroids(
+    be: Backend, blk, ri: np.ndarray, ci: np.ndarray, pt: int, pl: int, span: int, out: dict
+) -> None:
     """Mean row/column of the usable pixels of every window, from per-cell counts of the
     usable samples of the gathered (ny, ch, nx, cw) block and their row/column sums."""
     xp = be.xp
@@ -283,7 +316,7 @@ def _centroids(be: Backend, blk, ri: np.ndarray, ci: np.ndarray, pt: int, pl: in
     wy, wx = out["mean"].shape
 
     def block(x):
-        return sum(x[di:di + wy, dj:dj + wx] for di in range(span) for dj in range(span))
+        return sum(x[di : di + wy, dj : dj + wx] for di in range(span) for dj in range(span))
 
     n = block(n_c)
     ok = n > 0

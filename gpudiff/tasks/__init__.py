@@ -1,6 +1,11 @@
 """The LSST-named tasks: dataclass configs in, dataclass results out; no file I/O."""
 
-from .assemble_coadd import AssembleCoaddConfig, AssembleCoaddResult, AssembleCoaddTask, unpack_input_map
+from .assemble_coadd import (
+    AssembleCoaddConfig,
+    AssembleCoaddResult,
+    AssembleCoaddTask,
+    unpack_input_map,
+)
 from .coadd_warps import ExposureWarp, FitsWarp, as_warp
 from .compare_warp import (
     ArtifactDetectionConfig,
@@ -8,8 +13,17 @@ from .compare_warp import (
     CompareWarpAssembleCoaddResult,
     CompareWarpAssembleCoaddTask,
 )
-from .match_background_pair import BackgroundMatchPairConfig, BackgroundMatchPairResult, match_background_pair
-from .match_backgrounds import MatchBackgroundsConfig, MatchBackgroundsResult, MatchBackgroundsTask, WarpBackground
+from .match_background_pair import (
+    BackgroundMatchPairConfig,
+    BackgroundMatchPairResult,
+    match_background_pair,
+)
+from .match_backgrounds import (
+    MatchBackgroundsConfig,
+    MatchBackgroundsResult,
+    MatchBackgroundsTask,
+    WarpBackground,
+)
 from .tract_background import (
     ChooseReferenceVisitConfig,
     ChooseReferenceVisitTask,

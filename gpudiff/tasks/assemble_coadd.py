@@ -1,10 +1,10 @@
-"""AssembleCoaddTask: stack warps on a common grid into a coadd (drp_tasks, spec §10.1–§10.3).
+"""AssembleCoaddTask: stack warps on a common grid into a coadd (drp_tasks, docs/algorithms.md §10.1–§10.3).
 
 Per warp a weight 1/MEANCLIP(variance) (:meth:`AssembleCoaddTask.prepare_inputs`); then,
 one **row band** at a time, the N warps' pixels of that band are stacked along a new epoch
 axis and reduced per pixel with the configured statistic:
 
-- ``MEANCLIP``: the weighted afw clipped mean (spec §0.5), by the registered
+- ``MEANCLIP``: the weighted afw clipped mean (docs/algorithms.md §0.5), by the registered
   ``clipped_stack`` kernel (CUDA on a GPU, its NumPy twin on the CPU), which also returns
   which inputs survived the clipping;
 - ``MEAN``: the weighted mean of the unmasked inputs (axis-0 reductions), or, with
@@ -47,14 +47,20 @@ from ..image import Box, Exposure, ImagePsf, MaskedImage, MaskPlanes, Psf
 from ..ops.stats import clipped_mean_std
 from .coadd_warps import as_warp, read_padded
 
-__all__ = ["AssembleCoaddConfig", "AssembleCoaddResult", "AssembleCoaddTask", "COADD_PLANES",
-           "STATISTICS", "unpack_input_map"]
+__all__ = [
+    "AssembleCoaddConfig",
+    "AssembleCoaddResult",
+    "AssembleCoaddTask",
+    "COADD_PLANES",
+    "STATISTICS",
+    "unpack_input_map",
+]
 
 log = logging.getLogger("gpudiff.tasks.assemble_coadd")
 
 #: The statistics this task can stack with.
 STATISTICS = ("MEAN", "MEANCLIP", "MEDIAN")
-#: Planes the coadd always defines (spec §10.3 step 1, §12).
+#: Planes the coadd always defines (docs/algorithms.md §10.3 step 1, §12).
 COADD_PLANES = ("NO_DATA", "REJECTED", "CLIPPED", "SENSOR_EDGE", "INEXACT_PSF")
 
 #: Working bytes per pixel per warp of one band: image, variance and mask stacks (12),
@@ -67,7 +73,7 @@ _CPU_BAND_THREADS = 8
 
 @dataclass(frozen=True)
 class AssembleCoaddConfig:
-    """Configuration of :class:`AssembleCoaddTask` (LSST ``AssembleCoaddConfig``, spec §10.1).
+    """Configuration of :class:`AssembleCoaddTask` (LSST ``AssembleCoaddConfig``, docs/algorithms.md §10.1).
 
     Attributes
     ----------
@@ -125,24 +131,36 @@ class AssembleCoaddConfig:
     def __post_init__(self):
         stat = str(self.statistic).upper()
         if stat not in STATISTICS:
-            raise InvalidInputError(f"statistic must be one of {STATISTICS}, got {self.statistic!r}")
+            raise InvalidInputError(
+                f"statistic must be one of {STATISTICS}, got {self.statistic!r}"
+            )
         object.__setattr__(self, "statistic", stat)
         if self.warp_type not in ("direct", "psfMatched"):
-            raise InvalidInputError(f"warp_type must be 'direct' or 'psfMatched', got {self.warp_type!r}")
+            raise InvalidInputError(
+                f"warp_type must be 'direct' or 'psfMatched', got {self.warp_type!r}"
+            )
         if not (math.isfinite(float(self.sigma_clip)) and self.sigma_clip > 0):
             raise InvalidInputError(f"sigma_clip must be > 0, got {self.sigma_clip!r}")
-        if isinstance(self.clip_iter, bool) or not isinstance(self.clip_iter, (int, np.integer)) or self.clip_iter < 1:
+        if (
+            isinstance(self.clip_iter, bool)
+            or not isinstance(self.clip_iter, (int, np.integer))
+            or self.clip_iter < 1
+        ):
             raise InvalidInputError(f"clip_iter must be an integer >= 1, got {self.clip_iter!r}")
         for name in ("remove_mask_planes", "bad_mask_planes"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         thr = dict(self.mask_propagation_thresholds)
         for plane, t in thr.items():
             if not (isinstance(t, (int, float)) and 0 <= t <= 1):
-                raise InvalidInputError(f"mask_propagation_thresholds[{plane!r}] must be in [0, 1], got {t!r}")
+                raise InvalidInputError(
+                    f"mask_propagation_thresholds[{plane!r}] must be in [0, 1], got {t!r}"
+                )
         object.__setattr__(self, "mask_propagation_thresholds", thr)
         for name in ("max_band_bytes", "max_weight_samples"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+            if v is not None and (
+                isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
+            ):
                 raise InvalidInputError(f"{name} must be a positive integer or None, got {v!r}")
 
 
@@ -183,7 +201,9 @@ def unpack_input_map(input_map: Any, n_inputs: int, backend: Backend | str | Non
     xp = be.xp
     m = be.asarray(input_map)
     if m.ndim != 3 or m.shape[0] * 8 < n_inputs:
-        raise InvalidInputError(f"input_map of shape {tuple(m.shape)} cannot hold {n_inputs} inputs")
+        raise InvalidInputError(
+            f"input_map of shape {tuple(m.shape)} cannot hold {n_inputs} inputs"
+        )
     k = xp.arange(n_inputs)
     return ((m[k // 8] >> (k % 8).astype(xp.uint8)[:, None, None]) & 1).astype(bool)
 
@@ -194,7 +214,12 @@ def unpack_input_map(input_map: Any, n_inputs: int, backend: Backend | str | Non
 
 
 def _union(boxes: Sequence[Box]) -> Box:
-    return Box(min(b.x0 for b in boxes), min(b.y0 for b in boxes), max(b.x1 for b in boxes), max(b.y1 for b in boxes))
+    return Box(
+        min(b.x0 for b in boxes),
+        min(b.y0 for b in boxes),
+        max(b.x1 for b in boxes),
+        max(b.y1 for b in boxes),
+    )
 
 
 def _band_rows(be: Backend, n: int, width: int, max_bytes: int | None) -> int:
@@ -214,7 +239,9 @@ def _shift_wcs(wcs, from_box: Box, to_box: Box):
     if wcs is None or (from_box.x0, from_box.y0) == (to_box.x0, to_box.y0):
         return None if wcs is None else wcs.deepcopy()
     out = wcs.deepcopy()
-    out.wcs.crpix = out.wcs.crpix - np.array([to_box.x0 - from_box.x0, to_box.y0 - from_box.y0], dtype=float)
+    out.wcs.crpix = out.wcs.crpix - np.array(
+        [to_box.x0 - from_box.x0, to_box.y0 - from_box.y0], dtype=float
+    )
     out.wcs.set()
     return out
 
@@ -235,14 +262,23 @@ class _Bits:
     """The coadd's mask bits used by the stacking (ints, for the coadd's plane definition)."""
 
     def __init__(self, planes: MaskPlanes, cfg: AssembleCoaddConfig, extra_bad: Sequence[str] = ()):
-        for name in (*COADD_PLANES, *cfg.bad_mask_planes, *extra_bad, cfg.no_good_pixels_mask,
-                     *cfg.mask_propagation_thresholds):
+        for name in (
+            *COADD_PLANES,
+            *cfg.bad_mask_planes,
+            *extra_bad,
+            cfg.no_good_pixels_mask,
+            *cfg.mask_propagation_thresholds,
+        ):
             planes.add(name)
         self.planes = planes
         self.and_mask = planes.bitmask([*cfg.bad_mask_planes, *extra_bad])
         b = planes.bitmask
         self.no_data, self.edge = b("NO_DATA"), planes.bitmask_if_present("EDGE")
-        self.clipped, self.rejected, self.sensor_edge = b("CLIPPED"), b("REJECTED"), b("SENSOR_EDGE")
+        self.clipped, self.rejected, self.sensor_edge = (
+            b("CLIPPED"),
+            b("REJECTED"),
+            b("SENSOR_EDGE"),
+        )
         self.inexact = b("INEXACT_PSF")
         self.no_good = b(cfg.no_good_pixels_mask)
         self.reject_src = self.and_mask & ~(self.no_data | self.edge | self.clipped)
@@ -256,7 +292,7 @@ class _Bits:
 
 
 class AssembleCoaddTask:
-    """Coadd warps that share a pixel grid (LSST ``AssembleCoaddTask``, spec §10).
+    """Coadd warps that share a pixel grid (LSST ``AssembleCoaddTask``, docs/algorithms.md §10).
 
     Parameters
     ----------
@@ -270,15 +306,19 @@ class AssembleCoaddTask:
     >>> res.coadd_exposure.write("coadd.fits")                              # doctest: +SKIP
     """
 
-    def __init__(self, config: AssembleCoaddConfig | None = None, backend: Backend | str | None = None):
+    def __init__(
+        self, config: AssembleCoaddConfig | None = None, backend: Backend | str | None = None
+    ):
         self.config = AssembleCoaddConfig() if config is None else config
         if not isinstance(self.config, AssembleCoaddConfig):
-            raise InvalidInputError(f"config must be an AssembleCoaddConfig, got {type(self.config).__name__}")
+            raise InvalidInputError(
+                f"config must be an AssembleCoaddConfig, got {type(self.config).__name__}"
+            )
         self.backend = resolve_backend(backend)
 
     # --- inputs ----------------------------------------------------------------------------
     def compute_weight(self, warp: Any) -> tuple[float, str]:
-        """(weight, reason): 1/MEANCLIP(variance) of the unmasked pixels (spec §10.2); weight 0
+        """(weight, reason): 1/MEANCLIP(variance) of the unmasked pixels (docs/algorithms.md §10.2); weight 0
         and a reason when the warp is all NaN or its mean variance is not positive and finite."""
         cfg, be = self.config, self.backend
         mi = warp.read(warp.bbox)
@@ -292,14 +332,19 @@ class AssembleCoaddTask:
             var, bad = var[::step], bad[::step]
         mean_var, _, n = clipped_mean_std(var, cfg.sigma_clip, cfg.clip_iter, bad=bad, backend=be)
         if not (math.isfinite(mean_var) and mean_var > 0):
-            return 0.0, f"mean variance of the unmasked pixels is {mean_var:.3g} (must be finite and > 0)"
+            return (
+                0.0,
+                f"mean variance of the unmasked pixels is {mean_var:.3g} (must be finite and > 0)",
+            )
         return 1.0 / mean_var, ""
 
     def prepare_inputs(self, warps: Sequence[Any]) -> tuple[list, np.ndarray, dict]:
         """Warp sources, their weights (0 = skipped) and the skipped inputs with reasons."""
         if isinstance(warps, (str, bytes)) or not isinstance(warps, Sequence) or len(warps) == 0:
             raise InvalidInputError("AssembleCoaddTask needs a non-empty list of warps")
-        sources = [None if w is None else as_warp(w, name=f"input {i}") for i, w in enumerate(warps)]
+        sources = [
+            None if w is None else as_warp(w, name=f"input {i}") for i, w in enumerate(warps)
+        ]
         weights = np.zeros(len(sources))
         skipped: dict = {}
         for i, src in enumerate(sources):
@@ -320,13 +365,22 @@ class AssembleCoaddTask:
                 continue
             c = s.photo_calib.calibration_mean
             if not math.isclose(c, cal, rel_tol=1e-6):
-                raise InvalidInputError(f"{s.name}: photometric calibration {c:g} differs from {ref.name}'s "
-                                        f"{cal:g}; warps must share their flux units (LSST requires nJy)")
+                raise InvalidInputError(
+                    f"{s.name}: photometric calibration {c:g} differs from {ref.name}'s "
+                    f"{cal:g}; warps must share their flux units (LSST requires nJy)"
+                )
 
     # --- run -------------------------------------------------------------------------------
-    def run(self, warps: Sequence[Any], *, bbox: Box | None = None, weights: Sequence[float] | None = None,
-            alt_masks: Sequence[Mapping[str, Any] | None] | None = None, psf: Psf | None = None,
-            extra_bad_planes: Sequence[str] = ()) -> AssembleCoaddResult:
+    def run(
+        self,
+        warps: Sequence[Any],
+        *,
+        bbox: Box | None = None,
+        weights: Sequence[float] | None = None,
+        alt_masks: Sequence[Mapping[str, Any] | None] | None = None,
+        psf: Psf | None = None,
+        extra_bad_planes: Sequence[str] = (),
+    ) -> AssembleCoaddResult:
         """Coadd ``warps``.
 
         Parameters
@@ -356,16 +410,31 @@ class AssembleCoaddTask:
         t0 = time.perf_counter()
         cfg, be = self.config, self.backend
         xp = be.xp
-        sources, w_auto, skipped = self.prepare_inputs(warps) if weights is None else (None, None, {})
+        sources, w_auto, skipped = (
+            self.prepare_inputs(warps) if weights is None else (None, None, {})
+        )
         if sources is None:
-            sources = [None if w is None else as_warp(w, name=f"input {i}") for i, w in enumerate(warps)]
+            sources = [
+                None if w is None else as_warp(w, name=f"input {i}") for i, w in enumerate(warps)
+            ]
             w_auto = np.asarray(weights, dtype=np.float64)
-            if w_auto.shape != (len(sources),) or not np.all(np.isfinite(w_auto)) or np.any(w_auto < 0):
-                raise InvalidInputError(f"weights must be {len(sources)} finite values >= 0, got {weights!r}")
-            skipped = {(s.name if s is not None else f"input {i}"): "weight 0" for i, s in enumerate(sources)
-                       if s is None or w_auto[i] == 0}
+            if (
+                w_auto.shape != (len(sources),)
+                or not np.all(np.isfinite(w_auto))
+                or np.any(w_auto < 0)
+            ):
+                raise InvalidInputError(
+                    f"weights must be {len(sources)} finite values >= 0, got {weights!r}"
+                )
+            skipped = {
+                (s.name if s is not None else f"input {i}"): "weight 0"
+                for i, s in enumerate(sources)
+                if s is None or w_auto[i] == 0
+            }
         if alt_masks is not None and len(alt_masks) != len(sources):
-            raise InvalidInputError(f"alt_masks has {len(alt_masks)} entries for {len(sources)} warps")
+            raise InvalidInputError(
+                f"alt_masks has {len(alt_masks)} entries for {len(sources)} warps"
+            )
         active = [i for i, s in enumerate(sources) if s is not None and w_auto[i] > 0]
         if not active:
             raise NoWorkFound(f"no usable input among {len(sources)} warps: {skipped}")
@@ -382,15 +451,19 @@ class AssembleCoaddTask:
         # loops and sorts; the bands write disjoint rows), each within its share of the band
         # memory.  On a GPU the device is the parallelism: one band at a time.
         n_threads = cpu_workers(H, _CPU_BAND_THREADS, parallel=not be.is_gpu)
-        budget = cfg.max_band_bytes if cfg.max_band_bytes is not None or be.is_gpu else _CPU_BAND_BYTES
+        budget = (
+            cfg.max_band_bytes if cfg.max_band_bytes is not None or be.is_gpu else _CPU_BAND_BYTES
+        )
         rows = min(H, _band_rows(be, n, W, None if budget is None else budget // n_threads))
         image = xp.empty((H, W), dtype=xp.float32)
         variance = xp.empty((H, W), dtype=xp.float32)
         mask = xp.empty((H, W), dtype=xp.int32)
         n_image = xp.zeros((H, W), dtype=xp.int32)
-        imap = xp.zeros(((len(sources) + 7) // 8, H, W), dtype=xp.uint8) if cfg.do_input_map else None
+        imap = (
+            xp.zeros(((len(sources) + 7) // 8, H, W), dtype=xp.uint8) if cfg.do_input_map else None
+        )
         for am in alt_masks or ():  # planes added up front: the band threads only read them
-            for plane in (am or {}):
+            for plane in am or {}:
                 bits.planes.add(plane)
 
         def one_band(y: int) -> float:
@@ -413,39 +486,77 @@ class AssembleCoaddTask:
 
         t_read = sum(parallel_map(one_band, range(bbox.y0, bbox.y1, rows), n_threads))
         # INEXACT_PSF where the CoaddPsf is inexact (setInexactPsf)
-        mask |= xp.where((mask & np.int32(bits.sensor_edge | bits.clipped | bits.rejected)) != 0,
-                         np.int32(bits.inexact), np.int32(0))
-        coadd_psf = psf if psf is not None else self._coadd_psf([sources[i] for i in active], w, bbox)
+        mask |= xp.where(
+            (mask & np.int32(bits.sensor_edge | bits.clipped | bits.rejected)) != 0,
+            np.int32(bits.inexact),
+            np.int32(0),
+        )
+        coadd_psf = (
+            psf if psf is not None else self._coadd_psf([sources[i] for i in active], w, bbox)
+        )
         ref = sources[active[0]]
         meta_hdr = fits.Header()
         meta_hdr["NINPUTS"] = (n, "inputs coadded")
-        meta_hdr["COADDST"] = (cfg.statistic if not (cfg.do_online_for_mean and cfg.statistic == "MEAN")
-                               else "MEAN (online)", "coadd statistic")
-        exposure = Exposure(MaskedImage(image, variance, mask, xy0=(bbox.x0, bbox.y0), mask_planes=bits.planes,
-                                        backend=be),
-                            psf=coadd_psf, wcs=_shift_wcs(ref.wcs, ref.bbox, bbox), photo_calib=ref.photo_calib,
-                            metadata=meta_hdr)
+        meta_hdr["COADDST"] = (
+            cfg.statistic
+            if not (cfg.do_online_for_mean and cfg.statistic == "MEAN")
+            else "MEAN (online)",
+            "coadd statistic",
+        )
+        exposure = Exposure(
+            MaskedImage(
+                image, variance, mask, xy0=(bbox.x0, bbox.y0), mask_planes=bits.planes, backend=be
+            ),
+            psf=coadd_psf,
+            wcs=_shift_wcs(ref.wcs, ref.bbox, bbox),
+            photo_calib=ref.photo_calib,
+            metadata=meta_hdr,
+        )
         n_clipped = int(((mask & np.int32(bits.clipped)) != 0).sum())
         n_nodata = int(((mask & np.int32(bits.no_good)) != 0).sum())
         be.synchronize()
-        meta = dict(statistic=cfg.statistic, n_inputs=n, band_rows=rows, n_bands=-(-H // rows),
-                    n_clipped_pixels=n_clipped, n_no_data_pixels=n_nodata, time_read=t_read,
-                    time_total=time.perf_counter() - t0)
-        log.info("AssembleCoadd: %d inputs, %s, %dx%d in %d bands of %d rows; %d clipped, %d no-data pixels",
-                 n, cfg.statistic, W, H, meta["n_bands"], rows, n_clipped, n_nodata)
+        meta = dict(
+            statistic=cfg.statistic,
+            n_inputs=n,
+            band_rows=rows,
+            n_bands=-(-H // rows),
+            n_clipped_pixels=n_clipped,
+            n_no_data_pixels=n_nodata,
+            time_read=t_read,
+            time_total=time.perf_counter() - t0,
+        )
+        log.info(
+            "AssembleCoadd: %d inputs, %s, %dx%d in %d bands of %d rows; %d clipped, %d no-data pixels",
+            n,
+            cfg.statistic,
+            W,
+            H,
+            meta["n_bands"],
+            rows,
+            n_clipped,
+            n_nodata,
+        )
         names = [s.name if s is not None else f"input {i}" for i, s in enumerate(sources)]
-        return AssembleCoaddResult(coadd_exposure=exposure, n_image=n_image if cfg.do_n_image else None,
-                                   input_map=imap, weights=np.where(np.isin(np.arange(len(sources)), active),
-                                                                    w_auto, 0.0),
-                                   input_names=names, skipped=skipped, metadata=meta)
+        return AssembleCoaddResult(
+            coadd_exposure=exposure,
+            n_image=n_image if cfg.do_n_image else None,
+            input_map=imap,
+            weights=np.where(np.isin(np.arange(len(sources)), active), w_auto, 0.0),
+            input_names=names,
+            skipped=skipped,
+            metadata=meta,
+        )
 
     def _conform(self, mi: MaskedImage | None, box: Box, bits: _Bits, alt: dict) -> tuple:
         """(image, variance, mask) of one warp's band on the coadd's planes, alt masks applied
         and ``remove_mask_planes`` cleared."""
         xp = self.backend.xp
         if mi is None:  # the warp does not reach this band
-            return (xp.full(box.shape, xp.nan, xp.float32), xp.full(box.shape, xp.inf, xp.float32),
-                    xp.full(box.shape, np.int32(bits.no_data), xp.int32))
+            return (
+                xp.full(box.shape, xp.nan, xp.float32),
+                xp.full(box.shape, xp.inf, xp.float32),
+                xp.full(box.shape, np.int32(bits.no_data), xp.int32),
+            )
         m = bits.planes.conform(mi.mask, mi.mask_planes, xp)
         if alt:
             flat = m.reshape(-1)
@@ -465,7 +576,9 @@ class AssembleCoaddTask:
         cx, cy = bbox.x0 + (bbox.width - 1) / 2.0, bbox.y0 + (bbox.height - 1) / 2.0
         size = max(p.size for p, _ in psfs)
         size += 1 - size % 2
-        img = sum(wi * np.asarray(p.kernel_image(cx, cy, size=size), dtype=np.float64) for p, wi in psfs)
+        img = sum(
+            wi * np.asarray(p.kernel_image(cx, cy, size=size), dtype=np.float64) for p, wi in psfs
+        )
         return ImagePsf(img / sum(wi for _, wi in psfs), average_position=(cx, cy))
 
 
@@ -474,7 +587,9 @@ class AssembleCoaddTask:
 # ----------------------------------------------------------------------------------------
 
 
-def _stack_band(be: Backend, cfg: AssembleCoaddConfig, bits: _Bits, bands: list, w: np.ndarray) -> tuple:
+def _stack_band(
+    be: Backend, cfg: AssembleCoaddConfig, bits: _Bits, bands: list, w: np.ndarray
+) -> tuple:
     """Reduce one band of N warps: (image, variance, mask, n_image, contributing (N, h, W))."""
     xp = be.xp
     n = len(bands)
@@ -491,8 +606,15 @@ def _stack_band(be: Backend, cfg: AssembleCoaddConfig, bits: _Bits, bands: list,
         else:
             data = xp.stack([b[0] for b in bands])
             if cfg.statistic == "MEANCLIP":
-                mean, vclip, _, used = clipped_stack(data, ~valid, w.astype(np.float32), cfg.sigma_clip,
-                                                     cfg.clip_iter, return_used=True, backend=be)
+                mean, vclip, _, used = clipped_stack(
+                    data,
+                    ~valid,
+                    w.astype(np.float32),
+                    cfg.sigma_clip,
+                    cfg.clip_iter,
+                    return_used=True,
+                    backend=be,
+                )
             else:
                 used = valid
                 if cfg.statistic == "MEDIAN":
@@ -510,8 +632,13 @@ def _stack_band(be: Backend, cfg: AssembleCoaddConfig, bits: _Bits, bands: list,
         mean = xp.where(none, xp.nan, mean)
         # setCoaddEdgeBits: no usable variance is no data
         mask = xp.where(none | ~(var_out > 0), mask | np.int32(bits.no_good), mask)
-    return (mean.astype(xp.float32), var_out.astype(xp.float32), mask.astype(xp.int32),
-            valid.sum(axis=0).astype(xp.int32), valid)
+    return (
+        mean.astype(xp.float32),
+        var_out.astype(xp.float32),
+        mask.astype(xp.int32),
+        valid.sum(axis=0).astype(xp.int32),
+        valid,
+    )
 
 
 def _online_mean(be: Backend, bands: list, valid, w64: np.ndarray):
@@ -527,7 +654,9 @@ def _online_mean(be: Backend, bands: list, valid, w64: np.ndarray):
     return sx / sw, sv / (sw * sw), valid
 
 
-def _propagated_variance(be: Backend, cfg: AssembleCoaddConfig, bands: list, used, w64: np.ndarray, data, mean):
+def _propagated_variance(
+    be: Backend, cfg: AssembleCoaddConfig, bands: list, used, w64: np.ndarray, data, mean
+):
     """Σw²σ²/(Σw)² over the used inputs, or their scatter / n_used (calc_error_from_input_variance)."""
     xp = be.xp
     shape = bands[0][0].shape
@@ -552,7 +681,9 @@ def _propagated_variance(be: Backend, cfg: AssembleCoaddConfig, bands: list, use
     return var / used.sum(axis=0)
 
 
-def _band_mask(be: Backend, cfg: AssembleCoaddConfig, bits: _Bits, bands: list, valid, used, w64: np.ndarray):
+def _band_mask(
+    be: Backend, cfg: AssembleCoaddConfig, bits: _Bits, bands: list, valid, used, w64: np.ndarray
+):
     """OR of the used inputs' masks, the LSST mask map, the propagation thresholds, CLIPPED."""
     xp = be.xp
     shape = bands[0][0].shape
@@ -564,9 +695,13 @@ def _band_mask(be: Backend, cfg: AssembleCoaddConfig, bits: _Bits, bands: list, 
     for k, (img, _, m) in enumerate(bands):
         out |= xp.where(used[k], m, zero)
         excl = (m & and_mask) != 0
-        out |= xp.where(excl & ((m & np.int32(bits.reject_src)) != 0), np.int32(bits.rejected), zero)
+        out |= xp.where(
+            excl & ((m & np.int32(bits.reject_src)) != 0), np.int32(bits.rejected), zero
+        )
         if bits.edge:
-            out |= xp.where(excl & ((m & np.int32(bits.edge)) != 0), np.int32(bits.sensor_edge), zero)
+            out |= xp.where(
+                excl & ((m & np.int32(bits.edge)) != 0), np.int32(bits.sensor_edge), zero
+            )
         out |= xp.where(excl & ((m & np.int32(bits.clipped)) != 0), np.int32(bits.clipped), zero)
         if bits.thresholds:
             covered = xp.isfinite(img) & ((m & nd) == 0)

@@ -62,7 +62,9 @@ class ExposureWarp:
     are sliced on the device without a transfer.
     """
 
-    def __init__(self, image: Exposure | MaskedImage, name: str | None = None, psf: Psf | None = None):
+    def __init__(
+        self, image: Exposure | MaskedImage, name: str | None = None, psf: Psf | None = None
+    ):
         if isinstance(image, Exposure):
             self._mi = image.masked_image
             self.psf = image.psf if psf is None else psf
@@ -70,10 +72,20 @@ class ExposureWarp:
             self.photo_calib = image.photo_calib
             visit = image.metadata.get("VISIT")
         elif isinstance(image, MaskedImage):
-            self._mi, self.psf, self.wcs, self.photo_calib, visit = image, psf, None, PhotoCalib(), None
+            self._mi, self.psf, self.wcs, self.photo_calib, visit = (
+                image,
+                psf,
+                None,
+                PhotoCalib(),
+                None,
+            )
         else:
-            raise InvalidInputError(f"ExposureWarp needs an Exposure or MaskedImage, got {type(image).__name__}")
-        self.name = name if name is not None else (f"visit {visit}" if visit is not None else "warp")
+            raise InvalidInputError(
+                f"ExposureWarp needs an Exposure or MaskedImage, got {type(image).__name__}"
+            )
+        self.name = (
+            name if name is not None else (f"visit {visit}" if visit is not None else "warp")
+        )
         self.bbox = self._mi.bbox
         self.mask_planes = self._mi.mask_planes
 
@@ -110,8 +122,10 @@ class FitsWarp:
         self.name = name if name is not None else self.path
         self._whole: Exposure | None = None
         if not os.path.isfile(self.path):
-            raise FitsReadError(f"{self.path}: " + ("not a regular file" if os.path.exists(self.path)
-                                                    else "no such file"))
+            raise FitsReadError(
+                f"{self.path}: "
+                + ("not a regular file" if os.path.exists(self.path) else "no such file")
+            )
         try:
             with fits.open(self.path, memmap=True) as hdul:
                 names = [str(h.name).upper() for h in hdul]
@@ -121,22 +135,32 @@ class FitsWarp:
                 hdr = hdul["IMAGE"].header
                 shape = (int(hdr.get("NAXIS2", 0)), int(hdr.get("NAXIS1", 0)))
                 if hdr.get("NAXIS", 0) != 2 or min(shape) <= 0:
-                    raise FitsReadError(f"{self.path}[IMAGE]: not a 2-D image (NAXIS={hdr.get('NAXIS')})")
+                    raise FitsReadError(
+                        f"{self.path}[IMAGE]: not a 2-D image (NAXIS={hdr.get('NAXIS')})"
+                    )
                 for other in ("VARIANCE", "MASK"):
                     if other in names and tuple(hdul[other].shape) != shape:
-                        raise FitsReadError(f"{self.path}[{other}]: shape {hdul[other].shape} differs from "
-                                            f"the IMAGE shape {shape}")
+                        raise FitsReadError(
+                            f"{self.path}[{other}]: shape {hdul[other].shape} differs from "
+                            f"the IMAGE shape {shape}"
+                        )
                 x0, y0 = _io.read_xy0(hdr)
                 self.bbox = Box(x0, y0, x0 + shape[1], y0 + shape[0])
-                self.mask_planes = MaskPlanes.from_header(hdul["MASK"].header) if "MASK" in names else MaskPlanes()
+                self.mask_planes = (
+                    MaskPlanes.from_header(hdul["MASK"].header) if "MASK" in names else MaskPlanes()
+                )
                 self._has_mask = "MASK" in names
                 self.psf = _io.psf_from_hdus(hdul)
                 self.wcs = _io.read_wcs(self.path, hdr, hdul)
                 self.photo_calib = _io.read_photocalib(hdul[0].header, hdr)
         except GpudiffError as exc:
-            raise exc if isinstance(exc, FitsReadError) else FitsReadError(f"{self.path}: {exc}") from exc
+            raise (
+                exc if isinstance(exc, FitsReadError) else FitsReadError(f"{self.path}: {exc}")
+            ) from exc
         except Exception as exc:
-            raise FitsReadError(f"{self.path}: cannot open as a warp ({type(exc).__name__}: {exc})") from exc
+            raise FitsReadError(
+                f"{self.path}: cannot open as a warp ({type(exc).__name__}: {exc})"
+            ) from exc
 
     def _adopt(self, exposure: Exposure) -> None:
         self._whole = exposure
@@ -145,7 +169,9 @@ class FitsWarp:
 
     def read(self, box: Box) -> MaskedImage:
         if not self.bbox.contains(box):
-            raise InvalidInputError(f"{self.path}: box {box} is not inside the warp box {self.bbox}")
+            raise InvalidInputError(
+                f"{self.path}: box {box} is not inside the warp box {self.bbox}"
+            )
         if self._whole is not None:
             return self._whole.masked_image.subimage(box)
         x0, y0 = self.bbox.x0, self.bbox.y0
@@ -156,12 +182,19 @@ class FitsWarp:
                 with fits.open(self.path, memmap=True) as hdul:
                     img = np.asarray(hdul["IMAGE"].section[sl], dtype=np.float32)
                     var = np.asarray(hdul["VARIANCE"].section[sl], dtype=np.float32)
-                    msk = (np.asarray(hdul["MASK"].section[sl]).astype(np.int32) if self._has_mask
-                           else np.zeros(img.shape, np.int32))
+                    msk = (
+                        np.asarray(hdul["MASK"].section[sl]).astype(np.int32)
+                        if self._has_mask
+                        else np.zeros(img.shape, np.int32)
+                    )
         except Exception as exc:
-            raise FitsReadError(f"{self.path}: cannot read rows {box.y0}..{box.y1 - 1} "
-                                f"({type(exc).__name__}: {exc}); the file is truncated or corrupt") from exc
-        return MaskedImage(img, var, msk, xy0=(box.x0, box.y0), mask_planes=self.mask_planes, backend="numpy")
+            raise FitsReadError(
+                f"{self.path}: cannot read rows {box.y0}..{box.y1 - 1} "
+                f"({type(exc).__name__}: {exc}); the file is truncated or corrupt"
+            ) from exc
+        return MaskedImage(
+            img, var, msk, xy0=(box.x0, box.y0), mask_planes=self.mask_planes, backend="numpy"
+        )
 
     def __repr__(self) -> str:
         return f"FitsWarp({self.path!r}, bbox={self.bbox})"
@@ -186,8 +219,10 @@ def as_warp(obj: Any, name: str | None = None) -> Any:
     if all(hasattr(obj, a) for a in ("read", "bbox", "mask_planes")):
         return obj
     what = f"{name}: " if name else ""
-    raise InvalidInputError(f"{what}a warp must be a FITS path, an Exposure, a MaskedImage or an object with "
-                            f"read(box), bbox and mask_planes; got {type(obj).__name__}")
+    raise InvalidInputError(
+        f"{what}a warp must be a FITS path, an Exposure, a MaskedImage or an object with "
+        f"read(box), bbox and mask_planes; got {type(obj).__name__}"
+    )
 
 
 def read_padded(warp: Any, box: Box, be: Backend) -> MaskedImage | None:
@@ -198,7 +233,9 @@ def read_padded(warp: Any, box: Box, be: Backend) -> MaskedImage | None:
         return None
     mi = warp.read(inter)
     if not isinstance(mi, MaskedImage) or mi.bbox != inter:
-        raise InvalidInputError(f"{warp.name}: read({inter}) returned {mi!r}, not a MaskedImage on that box")
+        raise InvalidInputError(
+            f"{warp.name}: read({inter}) returned {mi!r}, not a MaskedImage on that box"
+        )
     if mi.backend.name != be.name:
         mi = mi.to_backend(be)
     if inter == box:

@@ -1,10 +1,10 @@
-"""CompareWarpAssembleCoaddTask: a coadd free of transient artifacts (drp_tasks, spec §10.4–§10.5).
+"""CompareWarpAssembleCoaddTask: a coadd free of transient artifacts (drp_tasks, docs/algorithms.md §10.4–§10.5).
 
 Satellite trails, cosmic rays and ghosts appear in one or a few epochs; real sources in
 all of them.  The task
 
 1. builds a **static-sky model** from the PSF-matched warps: an :class:`AssembleCoaddTask`
-   with the spec's MEANCLIP (2.5σ, 3 passes; not a median);
+   with docs/algorithms.md's MEANCLIP (2.5σ, 3 passes; not a median);
 2. for every PSF-matched warp (variance rescaled by :class:`ScaleVarianceTask`), detects
    footprints on warp − model at 7.5σ per pixel, both polarities, at least 4 pixels,
    grown by 0.4 × the PSF's determinant radius; drops footprints that are mostly bad
@@ -41,8 +41,13 @@ from .assemble_coadd import AssembleCoaddConfig, AssembleCoaddResult, AssembleCo
 from .coadd_warps import as_warp, read_padded
 from .scale_variance import ScaleVarianceConfig, ScaleVarianceTask
 
-__all__ = ["ArtifactDetectionConfig", "CompareWarpAssembleCoaddConfig", "CompareWarpAssembleCoaddResult",
-           "CompareWarpAssembleCoaddTask", "effective_max_num_epochs"]
+__all__ = [
+    "ArtifactDetectionConfig",
+    "CompareWarpAssembleCoaddConfig",
+    "CompareWarpAssembleCoaddResult",
+    "CompareWarpAssembleCoaddTask",
+    "effective_max_num_epochs",
+]
 
 log = logging.getLogger("gpudiff.tasks.compare_warp")
 
@@ -77,14 +82,20 @@ class ArtifactDetectionConfig:
 
 
 def _static_sky_config() -> AssembleCoaddConfig:
-    # spec §10.4: MEANCLIP (not a median), 2.5 sigma, 3 passes, only NO_DATA bad
-    return AssembleCoaddConfig(warp_type="psfMatched", statistic="MEANCLIP", sigma_clip=2.5, clip_iter=3,
-                               bad_mask_planes=("NO_DATA",), calc_error_from_input_variance=True)
+    # docs/algorithms.md §10.4: MEANCLIP (not a median), 2.5 sigma, 3 passes, only NO_DATA bad
+    return AssembleCoaddConfig(
+        warp_type="psfMatched",
+        statistic="MEANCLIP",
+        sigma_clip=2.5,
+        clip_iter=3,
+        bad_mask_planes=("NO_DATA",),
+        calc_error_from_input_variance=True,
+    )
 
 
 @dataclass(frozen=True)
 class CompareWarpAssembleCoaddConfig(AssembleCoaddConfig):
-    """Configuration of :class:`CompareWarpAssembleCoaddTask` (spec §10.4).
+    """Configuration of :class:`CompareWarpAssembleCoaddTask` (docs/algorithms.md §10.4).
 
     The inherited :class:`AssembleCoaddConfig` fields configure the **final** stack of the
     direct warps, with CompareWarp's defaults: MEAN, bad planes (NO_DATA, BAD, SAT), EDGE
@@ -120,8 +131,10 @@ class CompareWarpAssembleCoaddConfig(AssembleCoaddConfig):
     assemble_static_sky_model: AssembleCoaddConfig = field(default_factory=_static_sky_config)
     detect: ArtifactDetectionConfig = field(default_factory=ArtifactDetectionConfig)
     detect_template: ArtifactDetectionConfig = field(
-        default_factory=lambda: ArtifactDetectionConfig(threshold_value=300.0, n_sigma_to_grow=2.4,
-                                                        polarity="positive"))
+        default_factory=lambda: ArtifactDetectionConfig(
+            threshold_value=300.0, n_sigma_to_grow=2.4, polarity="positive"
+        )
+    )
     max_num_epochs: int = 2
     max_fraction_epochs_low: float = 0.4
     max_fraction_epochs_high: float = 0.03
@@ -134,23 +147,36 @@ class CompareWarpAssembleCoaddConfig(AssembleCoaddConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name, cls in (("assemble_static_sky_model", AssembleCoaddConfig),
-                          ("detect", ArtifactDetectionConfig), ("detect_template", ArtifactDetectionConfig)):
+        for name, cls in (
+            ("assemble_static_sky_model", AssembleCoaddConfig),
+            ("detect", ArtifactDetectionConfig),
+            ("detect_template", ArtifactDetectionConfig),
+        ):
             if not isinstance(getattr(self, name), cls):
-                raise InvalidInputError(f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+                raise InvalidInputError(
+                    f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}"
+                )
         if not 0 <= self.spatial_threshold <= 1:
-            raise InvalidInputError(f"spatial_threshold must be in [0, 1], got {self.spatial_threshold!r}")
-        object.__setattr__(self, "prefilter_artifacts_mask_planes", tuple(self.prefilter_artifacts_mask_planes))
+            raise InvalidInputError(
+                f"spatial_threshold must be in [0, 1], got {self.spatial_threshold!r}"
+            )
+        object.__setattr__(
+            self, "prefilter_artifacts_mask_planes", tuple(self.prefilter_artifacts_mask_planes)
+        )
 
     def final_config(self) -> AssembleCoaddConfig:
         """The :class:`AssembleCoaddConfig` of the final stack (the inherited fields)."""
-        return AssembleCoaddConfig(**{f.name: getattr(self, f.name) for f in fields(AssembleCoaddConfig)})
+        return AssembleCoaddConfig(
+            **{f.name: getattr(self, f.name) for f in fields(AssembleCoaddConfig)}
+        )
 
 
 def effective_max_num_epochs(mean_n: Any, cfg: CompareWarpAssembleCoaddConfig) -> Any:
-    """``int(min(low·N̄, maxNumEpochs + high·N̄))`` (spec §10.5 step 4.3), elementwise."""
-    a = np.minimum(cfg.max_fraction_epochs_low * np.asarray(mean_n, dtype=np.float64),
-                   cfg.max_num_epochs + cfg.max_fraction_epochs_high * np.asarray(mean_n, dtype=np.float64))
+    """``int(min(low·N̄, maxNumEpochs + high·N̄))`` (docs/algorithms.md §10.5 step 4.3), elementwise."""
+    a = np.minimum(
+        cfg.max_fraction_epochs_low * np.asarray(mean_n, dtype=np.float64),
+        cfg.max_num_epochs + cfg.max_fraction_epochs_high * np.asarray(mean_n, dtype=np.float64),
+    )
     return np.floor(a).astype(np.int64)  # int() truncation; a >= 0
 
 
@@ -179,7 +205,7 @@ class CompareWarpAssembleCoaddResult(AssembleCoaddResult):
 
 
 class CompareWarpAssembleCoaddTask:
-    """Coadd direct warps, masking what appears in only a few PSF-matched epochs (spec §10.5).
+    """Coadd direct warps, masking what appears in only a few PSF-matched epochs (docs/algorithms.md §10.5).
 
     Parameters
     ----------
@@ -193,16 +219,26 @@ class CompareWarpAssembleCoaddTask:
     >>> res.coadd_exposure, res.metadata["n_clipped_footprints"]               # doctest: +SKIP
     """
 
-    def __init__(self, config: CompareWarpAssembleCoaddConfig | None = None, backend: Backend | str | None = None):
+    def __init__(
+        self,
+        config: CompareWarpAssembleCoaddConfig | None = None,
+        backend: Backend | str | None = None,
+    ):
         self.config = CompareWarpAssembleCoaddConfig() if config is None else config
         if not isinstance(self.config, CompareWarpAssembleCoaddConfig):
             raise InvalidInputError(
-                f"config must be a CompareWarpAssembleCoaddConfig, got {type(self.config).__name__}")
+                f"config must be a CompareWarpAssembleCoaddConfig, got {type(self.config).__name__}"
+            )
         self.assemble = AssembleCoaddTask(self.config.final_config(), backend=backend)
         self.backend = self.assemble.backend
 
-    def run(self, direct_warps: Sequence[Any], psf_matched_warps: Sequence[Any], *,
-            bbox: Box | None = None) -> CompareWarpAssembleCoaddResult:
+    def run(
+        self,
+        direct_warps: Sequence[Any],
+        psf_matched_warps: Sequence[Any],
+        *,
+        bbox: Box | None = None,
+    ) -> CompareWarpAssembleCoaddResult:
         """Coadd ``direct_warps`` with artifacts found by comparing ``psf_matched_warps``.
 
         Parameters
@@ -222,50 +258,88 @@ class CompareWarpAssembleCoaddTask:
         """
         t0 = time.perf_counter()
         if len(direct_warps) != len(psf_matched_warps):
-            raise InvalidInputError(f"{len(direct_warps)} direct warps but {len(psf_matched_warps)} "
-                                    "PSF-matched warps; give one PSF-matched warp per direct warp (None if missing)")
-        direct = [None if w is None else as_warp(w, name=f"direct warp {i}") for i, w in enumerate(direct_warps)]
-        matched = [None if w is None else as_warp(w, name=f"PSF-matched warp {i}")
-                   for i, w in enumerate(psf_matched_warps)]
+            raise InvalidInputError(
+                f"{len(direct_warps)} direct warps but {len(psf_matched_warps)} "
+                "PSF-matched warps; give one PSF-matched warp per direct warp (None if missing)"
+            )
+        direct = [
+            None if w is None else as_warp(w, name=f"direct warp {i}")
+            for i, w in enumerate(direct_warps)
+        ]
+        matched = [
+            None if w is None else as_warp(w, name=f"PSF-matched warp {i}")
+            for i, w in enumerate(psf_matched_warps)
+        ]
         if bbox is None:
             boxes = [s.bbox for s in direct if s is not None]
             if not boxes:
                 raise InvalidInputError("CompareWarpAssembleCoaddTask: every direct warp is None")
             bbox = _union(boxes)
-        static_cfg = replace(self.config.assemble_static_sky_model, do_n_image=False, do_input_map=False)
+        static_cfg = replace(
+            self.config.assemble_static_sky_model, do_n_image=False, do_input_map=False
+        )
         static = AssembleCoaddTask(static_cfg, backend=self.backend).run(matched, bbox=bbox)
         t1 = time.perf_counter()
-        alt_masks, epoch, edge_any, template_fp, stats = self.find_artifacts(static.coadd_exposure, matched)
+        alt_masks, epoch, edge_any, template_fp, stats = self.find_artifacts(
+            static.coadd_exposure, matched
+        )
         t2 = time.perf_counter()
-        res = self.assemble.run(direct, bbox=bbox, alt_masks=alt_masks, extra_bad_planes=("CLIPPED",))
+        res = self.assemble.run(
+            direct, bbox=bbox, alt_masks=alt_masks, extra_bad_planes=("CLIPPED",)
+        )
         exp = res.coadd_exposure
         planes = exp.mask_planes
         # applyAltEdgeMask: a PSF-matched warp's chip edge makes the coadd PSF inexact there
         flag = np.int32(planes.bitmask(["SENSOR_EDGE", "INEXACT_PSF"]))
         exp.masked_image.mask = exp.mask | self.backend.xp.where(edge_any, flag, np.int32(0))
-        meta = dict(res.metadata, **stats, time_static_sky_model=t1 - t0, time_find_artifacts=t2 - t1,
-                    time_final_stack=time.perf_counter() - t2, time_total=time.perf_counter() - t0)
+        meta = dict(
+            res.metadata,
+            **stats,
+            time_static_sky_model=t1 - t0,
+            time_find_artifacts=t2 - t1,
+            time_final_stack=time.perf_counter() - t2,
+            time_total=time.perf_counter() - t0,
+        )
         return CompareWarpAssembleCoaddResult(
-            coadd_exposure=exp, n_image=res.n_image, input_map=res.input_map, weights=res.weights,
-            input_names=res.input_names, skipped={**res.skipped, **{f"psf-matched {k}": v
-                                                                   for k, v in static.skipped.items()}},
-            metadata=meta, static_sky_model=static.coadd_exposure, alt_mask_list=alt_masks,
-            epoch_count_image=epoch, template_footprints=template_fp)
+            coadd_exposure=exp,
+            n_image=res.n_image,
+            input_map=res.input_map,
+            weights=res.weights,
+            input_names=res.input_names,
+            skipped={**res.skipped, **{f"psf-matched {k}": v for k, v in static.skipped.items()}},
+            metadata=meta,
+            static_sky_model=static.coadd_exposure,
+            alt_mask_list=alt_masks,
+            epoch_count_image=epoch,
+            template_footprints=template_fp,
+        )
 
     # --- findArtifacts ---------------------------------------------------------------------
     def _template_footprints(self, model: Exposure) -> Any:
         """Bool (H, W): pixels of 300σ detections on the model (bright-source protection)."""
         xp, cfg = self.backend.xp, self.config.detect_template
         mi = model.masked_image
-        clean = MaskedImage(mi.image, mi.variance, None, xy0=mi.xy0, backend=self.backend)  # planes cleared
+        clean = MaskedImage(
+            mi.image, mi.variance, None, xy0=mi.xy0, backend=self.backend
+        )  # planes cleared
         psf = model.psf
         grow = int(cfg.n_sigma_to_grow * psf.determinant_radius() + 0.5) if psf is not None else 0
         try:
-            det = detect_sources(clean, psf, threshold=cfg.threshold_value, polarity="positive",
-                                 smooth=psf is not None, background="estimate", footprint_grow=grow,
-                                 min_pixels=cfg.min_pixels, backend=self.backend)
+            det = detect_sources(
+                clean,
+                psf,
+                threshold=cfg.threshold_value,
+                polarity="positive",
+                smooth=psf is not None,
+                background="estimate",
+                footprint_grow=grow,
+                min_pixels=cfg.min_pixels,
+                backend=self.backend,
+            )
         except GpudiffError as exc:  # e.g. a model without enough sky for a background
-            log.warning("CompareWarp: template detection failed (%s); no bright-source protection", exc)
+            log.warning(
+                "CompareWarp: template detection failed (%s); no bright-source protection", exc
+            )
             return xp.zeros(mi.shape, dtype=bool)
         return (det.mask & np.int32(det.mask_planes.bitmask("DETECTED"))) != 0
 
@@ -279,11 +353,13 @@ class CompareWarpAssembleCoaddTask:
         grow = int(cfg.n_sigma_to_grow * psf.determinant_radius() + 0.5) if psf is not None else 0
         eight = be.asarray(np.ones((3, 3), dtype=bool))
         on = None
-        for sign in ((1, -1) if cfg.polarity == "both" else (1,)):
+        for sign in (1, -1) if cfg.polarity == "both" else (1,):
             # footprints of each polarity, those with fewer than min_pixels dropped (before
             # growing, per polarity, as SourceDetectionTask does)
-            lab, n = be.ndimage.label(snr >= cfg.threshold_value if sign > 0 else snr <= -cfg.threshold_value,
-                                      structure=eight)
+            lab, n = be.ndimage.label(
+                snr >= cfg.threshold_value if sign > 0 else snr <= -cfg.threshold_value,
+                structure=eight,
+            )
             if not int(n):
                 continue
             kept, n_kept = _drop_small(be, lab, int(n), int(cfg.min_pixels))
@@ -298,21 +374,28 @@ class CompareWarpAssembleCoaddTask:
         labels, n = be.ndimage.label(on, structure=eight)
         return labels, int(n)
 
-    def find_artifacts(self, model: Exposure, matched: Sequence[Any]) -> tuple[list, Any, Any, Any, dict]:
-        """Spec §10.5: (alt masks per warp, epoch count image, any-EDGE image, template
+    def find_artifacts(
+        self, model: Exposure, matched: Sequence[Any]
+    ) -> tuple[list, Any, Any, Any, dict]:
+        """docs/algorithms.md §10.5: (alt masks per warp, epoch count image, any-EDGE image, template
         footprints or None, statistics)."""
         be, cfg = self.backend, self.config
         xp = be.xp
         bbox = model.bbox
         H, W = bbox.shape
-        template_fp = self._template_footprints(model) if cfg.do_preserve_contained_by_source else None
+        template_fp = (
+            self._template_footprints(model) if cfg.do_preserve_contained_by_source else None
+        )
         epoch = xp.zeros((H, W), dtype=xp.int32)
         n_image = xp.zeros((H, W), dtype=xp.int32)
         edge_any = xp.zeros((H, W), dtype=bool)
         # 2^20 regularly spaced samples per warp: the factor to ~0.1 % (it only sets the
         # 7.5σ threshold) at a fraction of the cost of every pixel of a 4096² warp
-        scaler = (ScaleVarianceTask(ScaleVarianceConfig(max_samples=1 << 20), backend=be)
-                  if cfg.do_scale_warp_variance else None)
+        scaler = (
+            ScaleVarianceTask(ScaleVarianceConfig(max_samples=1 << 20), backend=be)
+            if cfg.do_scale_warp_variance
+            else None
+        )
         records: list = [None] * len(matched)
         counts = {"cand": 0, "pre": 0}
         lock = threading.Lock()  # guards the shared accumulators; the rest is per warp
@@ -327,7 +410,9 @@ class CompareWarpAssembleCoaddTask:
                 try:
                     var = var * np.float32(scaler.run(mi))
                 except GpudiffError as exc:
-                    log.warning("CompareWarp: ScaleVariance of %s failed (%s); variance kept", src.name, exc)
+                    log.warning(
+                        "CompareWarp: ScaleVariance of %s failed (%s); variance kept", src.name, exc
+                    )
             diff_img = mi.image - model.image
             diff_var = var + model.variance
             planes = mi.mask_planes
@@ -337,20 +422,28 @@ class CompareWarpAssembleCoaddTask:
             edge_bit = planes.bitmask_if_present("EDGE")
             edge = (mi.mask & np.int32(edge_bit)) != 0 if edge_bit else None
             nodata_idx = be.asnumpy(xp.flatnonzero(~finite))
-            labels, n = self._detect(diff_img, diff_var, src.psf if src.psf is not None else model.psf)
+            labels, n = self._detect(
+                diff_img, diff_var, src.psf if src.psf is not None else model.psf
+            )
             fp, n_pre = None, 0
             if n:
                 keep = xp.ones(n + 1, dtype=bool)
                 keep[0] = False
                 if cfg.do_prefilter_artifacts:
-                    pre = np.int32(planes.bitmask_if_present(list(cfg.prefilter_artifacts_mask_planes)))
+                    pre = np.int32(
+                        planes.bitmask_if_present(list(cfg.prefilter_artifacts_mask_planes))
+                    )
                     area = xp.bincount(labels.ravel(), minlength=n + 1)
                     good = xp.bincount(labels[(mi.mask & pre) == 0], minlength=n + 1)
                     keep &= good > cfg.prefilter_artifacts_ratio * xp.maximum(area, 1)
                     n_pre = int(n - int(keep.sum()))
                 fp = keep[labels]
                 idx = xp.flatnonzero(fp)
-                records[i] = (be.asnumpy(idx), be.asnumpy(labels.ravel()[idx]).astype(np.int64), nodata_idx)
+                records[i] = (
+                    be.asnumpy(idx),
+                    be.asnumpy(labels.ravel()[idx]).astype(np.int64),
+                    nodata_idx,
+                )
             else:
                 records[i] = (np.zeros(0, np.int64), np.zeros(0, np.int64), nodata_idx)
             with lock:
@@ -364,13 +457,24 @@ class CompareWarpAssembleCoaddTask:
 
         # On the CPU one thread per core works on its own warp (NumPy releases the GIL in
         # its loops); the integer accumulators make the result independent of the order.
-        parallel_map(one_warp, range(len(matched)), cpu_workers(len(matched), 4, parallel=not be.is_gpu))
+        parallel_map(
+            one_warp, range(len(matched)), cpu_workers(len(matched), 4, parallel=not be.is_gpu)
+        )
         n_cand, n_prefiltered = counts["cand"], counts["pre"]
         alt_masks, n_clipped_fp, n_protected = self._filter(records, epoch, n_image, template_fp)
-        stats = dict(n_artifact_candidates=n_cand, n_prefiltered=n_prefiltered,
-                     n_clipped_footprints=n_clipped_fp, n_protected_footprints=n_protected)
-        log.info("CompareWarp: %d candidate footprints, %d prefiltered, %d clipped, %d kept as bright sources",
-                 n_cand, n_prefiltered, n_clipped_fp, n_protected)
+        stats = dict(
+            n_artifact_candidates=n_cand,
+            n_prefiltered=n_prefiltered,
+            n_clipped_footprints=n_clipped_fp,
+            n_protected_footprints=n_protected,
+        )
+        log.info(
+            "CompareWarp: %d candidate footprints, %d prefiltered, %d clipped, %d kept as bright sources",
+            n_cand,
+            n_prefiltered,
+            n_clipped_fp,
+            n_protected,
+        )
         return alt_masks, epoch, edge_any, template_fp, stats
 
     def _filter(self, records: list, epoch, n_image, template_fp) -> tuple[list, int, int]:

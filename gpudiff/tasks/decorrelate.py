@@ -1,6 +1,6 @@
 """DecorrelateALKernelTask: undo the pixel correlation that PSF matching puts in a difference.
 
-ip_diffim's ``DecorrelateALKernelTask`` (spec §5).  Convolving the template with the
+ip_diffim's ``DecorrelateALKernelTask`` (docs/algorithms.md §5).  Convolving the template with the
 matching kernel κ correlates its noise, so the difference D = S − T ⊗ κ has the noise
 power spectrum σ_S² + σ_T²·|κ̂(k)|², not white.  Multiplying D̂ by
 
@@ -11,7 +11,7 @@ swaps the roles of σ_S² and σ_T² (§5.2); for a score (preconvolved) differe
 is the square-root-free form of §5.3.  The variance plane is rebuilt from the **input**
 variance planes (the difference's own plane is already correlated and is discarded).
 
-Everything follows the LSST code as the spec describes it, with two implementation
+Everything follows the LSST code as docs/algorithms.md describes it, with two implementation
 choices that change no result:
 
 - The FFT size is LSST's ``computeCommonShape`` (the two largest shapes summed, minus one,
@@ -36,7 +36,13 @@ import numpy as np
 
 from ..backend import Backend, resolve_backend
 from ..backend.threads import run_concurrently
-from ..errors import AllMaskedError, InvalidInputError, InvalidVarianceError, PsfError, ShapeMismatchError
+from ..errors import (
+    AllMaskedError,
+    InvalidInputError,
+    InvalidVarianceError,
+    PsfError,
+    ShapeMismatchError,
+)
 from ..image import Exposure, MaskedImage
 from ..image.psf import Psf
 from ..ops.stats import image_statistics
@@ -47,12 +53,20 @@ log = logging.getLogger("gpudiff.tasks.decorrelate")
 
 #: ip_diffim ``DecorrelateALKernelConfig.ignoreMaskPlanes`` default.
 DECORRELATION_IGNORE_MASK_PLANES: tuple[str, ...] = (
-    "INTRP", "EDGE", "DETECTED", "SAT", "CR", "BAD", "NO_DATA", "DETECTED_NEGATIVE")
+    "INTRP",
+    "EDGE",
+    "DETECTED",
+    "SAT",
+    "CR",
+    "BAD",
+    "NO_DATA",
+    "DETECTED_NEGATIVE",
+)
 
 
 @dataclass(frozen=True)
 class DecorrelateALKernelConfig:
-    """Configuration of :class:`DecorrelateALKernelTask` (spec §5).
+    """Configuration of :class:`DecorrelateALKernelTask` (docs/algorithms.md §5).
 
     Attributes
     ----------
@@ -79,7 +93,9 @@ class DecorrelateALKernelConfig:
         object.__setattr__(self, "ignore_mask_planes", tuple(self.ignore_mask_planes))
         object.__setattr__(self, "grow_mask_planes", tuple(self.grow_mask_planes))
         if not 0 < float(self.grow_mask_threshold) <= 1:
-            raise InvalidInputError(f"grow_mask_threshold must lie in (0, 1], got {self.grow_mask_threshold!r}")
+            raise InvalidInputError(
+                f"grow_mask_threshold must lie in (0, 1], got {self.grow_mask_threshold!r}"
+            )
 
 
 @dataclass
@@ -146,7 +162,7 @@ def _kernel_array(kernel: Any, x: float, y: float, name: str) -> np.ndarray:
 
 
 class DecorrelateALKernelTask:
-    """Decorrelate an Alard–Lupton difference (or score) image (spec §5).
+    """Decorrelate an Alard–Lupton difference (or score) image (docs/algorithms.md §5).
 
     Parameters
     ----------
@@ -160,7 +176,9 @@ class DecorrelateALKernelTask:
     >>> res.corrected_exposure.variance                                              # doctest: +SKIP
     """
 
-    def __init__(self, config: DecorrelateALKernelConfig | None = None, backend: Backend | str | None = None):
+    def __init__(
+        self, config: DecorrelateALKernelConfig | None = None, backend: Backend | str | None = None
+    ):
         self.config = DecorrelateALKernelConfig() if config is None else config
         self.backend = resolve_backend(backend)
 
@@ -169,8 +187,12 @@ class DecorrelateALKernelTask:
         """MEANCLIP (3σ, 3 passes) of the variance plane over pixels without an ignored
         plane; NaN when no pixel is usable (afw returns NaN there)."""
         try:
-            return image_statistics(mi, bad_planes=self.config.ignore_mask_planes, use_variance=True,
-                                    backend=self.backend)["mean"]
+            return image_statistics(
+                mi,
+                bad_planes=self.config.ignore_mask_planes,
+                use_variance=True,
+                backend=self.backend,
+            )["mean"]
         except AllMaskedError:
             return float("nan")
 
@@ -190,7 +212,7 @@ class DecorrelateALKernelTask:
         """mean_k |a(k)|² over the full N_y·N_x spectrum, from the rfft half of a Hermitian
         spectrum: interior columns stand for two frequencies, columns 0 and N_x/2 for one."""
         xp = self.backend.xp
-        p = (a.real ** 2 + a.imag ** 2) if xp.iscomplexobj(a) else a * a
+        p = (a.real**2 + a.imag**2) if xp.iscomplexobj(a) else a * a
         w = xp.full(p.shape[1], 2.0)
         w[0] = 1.0
         if shape[1] % 2 == 0:
@@ -213,11 +235,22 @@ class DecorrelateALKernelTask:
         return out
 
     # --- the task ----------------------------------------------------------------------
-    def run(self, science: Exposure, template: Exposure, subtracted: Exposure, psf_matching_kernel: Any, *,
-            template_matched: bool = True, pre_conv_mode: bool = False, pre_conv_kernel: Any = None,
-            x: float | None = None, y: float | None = None, svar: float | None = None,
-            tvar: float | None = None) -> DecorrelationResult:
-        """Decorrelate ``subtracted`` (spec §5.1–§5.4).
+    def run(
+        self,
+        science: Exposure,
+        template: Exposure,
+        subtracted: Exposure,
+        psf_matching_kernel: Any,
+        *,
+        template_matched: bool = True,
+        pre_conv_mode: bool = False,
+        pre_conv_kernel: Any = None,
+        x: float | None = None,
+        y: float | None = None,
+        svar: float | None = None,
+        tvar: float | None = None,
+    ) -> DecorrelationResult:
+        """Decorrelate ``subtracted`` (docs/algorithms.md §5.1–§5.4).
 
         Parameters
         ----------
@@ -266,10 +299,14 @@ class DecorrelateALKernelTask:
         sci, diff = self._mi(science, "science"), self._mi(subtracted, "subtracted")
         tmpl = self._mi(template, "template")
         if diff.bbox != sci.bbox:
-            raise ShapeMismatchError(f"subtracted box {diff.bbox} differs from the science box {sci.bbox}")
+            raise ShapeMismatchError(
+                f"subtracted box {diff.bbox} differs from the science box {sci.bbox}"
+            )
         if tmpl.bbox != sci.bbox:
             if not tmpl.bbox.contains(sci.bbox):
-                raise ShapeMismatchError(f"template box {tmpl.bbox} does not cover the science box {sci.bbox}")
+                raise ShapeMismatchError(
+                    f"template box {tmpl.bbox} does not cover the science box {sci.bbox}"
+                )
             tmpl = tmpl.subimage(sci.bbox)
         box = diff.bbox
         xc = 0.5 * (box.x0 + box.x1) if x is None else float(x)
@@ -295,16 +332,23 @@ class DecorrelateALKernelTask:
         # two independent full-image MEANCLIPs: one CPU thread each
         svar, tvar = run_concurrently(
             lambda: self.compute_variance_mean(sci) if svar is None else float(svar),
-            lambda: self.compute_variance_mean(tmpl) if tvar is None else float(tvar), parallel=not be.is_gpu)
+            lambda: self.compute_variance_mean(tmpl) if tvar is None else float(tvar),
+            parallel=not be.is_gpu,
+        )
         log.info("variance plane means: science %.5e, template %.5e", svar, tvar)
         if math.isnan(svar) or math.isnan(tvar):
             if bool(xp.isnan(sci.image).all()) or bool(xp.isnan(tmpl.image).all()):
                 log.warning("template or science image is entirely NaN: skipping decorrelation")
-                return DecorrelationResult(corrected_exposure=subtracted.to_backend(be), svar=svar, tvar=tvar,
-                                           kernel_sum=ksum)
+                return DecorrelationResult(
+                    corrected_exposure=subtracted.to_backend(be),
+                    svar=svar,
+                    tvar=tvar,
+                    kernel_sum=ksum,
+                )
             raise AllMaskedError(
                 f"variance mean undefined (science {svar}, template {tvar}): every pixel is masked by "
-                f"{', '.join(self.config.ignore_mask_planes)} or has non-finite variance")
+                f"{', '.join(self.config.ignore_mask_planes)} or has non-finite variance"
+            )
 
         # "var_mean" belongs to the image that was not convolved, "target" to the one that was.
         if template_matched:
@@ -313,9 +357,13 @@ class DecorrelateALKernelTask:
             var_mean, target_mean, plane1, plane2 = tvar, svar, tmpl.variance, sci.variance
         if not (var_mean > 0 and target_mean >= 0):
             raise InvalidVarianceError(
-                f"decorrelation needs positive variance means, got science {svar:.4g}, template {tvar:.4g}")
+                f"decorrelation needs positive variance means, got science {svar:.4g}, template {tvar:.4g}"
+            )
         if target_mean / var_mean > 1e8:
-            log.warning("diverging correction: convolved/unconvolved variance ratio %.2e", target_mean / var_mean)
+            log.warning(
+                "diverging correction: convolved/unconvolved variance ratio %.2e",
+                target_mean / var_mean,
+            )
 
         shapes = [kappa.shape]
         if subtracted.psf is not None:
@@ -329,14 +377,14 @@ class DecorrelateALKernelTask:
 
         # Frequency-space filters in float64: |κ̂|² and the ratio can span many decades.
         kft = self._rfft(_wrap_kernel(xp, be.asarray(kappa), shape), shape)
-        k2 = kft.real ** 2 + kft.imag ** 2
+        k2 = kft.real**2 + kft.imag**2
         num = var_mean + target_mean * ksum * ksum
         if pre is None:
             corr = xp.sqrt(num / (var_mean + target_mean * k2))
             cnft = corr
         else:
             pft = self._rfft(_wrap_kernel(xp, be.asarray(pre), shape), shape)
-            p2 = pft.real ** 2 + pft.imag ** 2
+            p2 = pft.real**2 + pft.imag**2
             tiny = np.finfo(np.float64).tiny * 1000.0
             p2 = xp.where(p2 < tiny, tiny, p2)
             # num / (σ² + σ_t²·|κ̂|²/|P̂|²), no square root (§5.3), multiplied through by
@@ -353,7 +401,9 @@ class DecorrelateALKernelTask:
 
         w1, w2 = self._half_mean_sq(cnft, shape), self._half_mean_sq(crft, shape)
         if self.config.complete_var_plane_propagation:
-            new_var = self._propagate(plane1, cnft, var_mean, shape) + self._propagate(plane2, crft, target_mean, shape)
+            new_var = self._propagate(plane1, cnft, var_mean, shape) + self._propagate(
+                plane2, crft, target_mean, shape
+            )
         else:
             new_var = plane1.astype(np.float64) * w1 + plane2.astype(np.float64) * w2
         if not template_matched:
@@ -363,19 +413,35 @@ class DecorrelateALKernelTask:
 
         half = max(max(kappa.shape), max(pre.shape) if pre is not None else 0)
         cut = self._cutout(corr, shape, half)
-        out_mi = MaskedImage(new_img.astype(np.float32), new_var.astype(np.float32),
-                             self._grow_mask(diff, cut), xy0=diff.xy0, mask_planes=diff.mask_planes,
-                             backend=be)
+        out_mi = MaskedImage(
+            new_img.astype(np.float32),
+            new_var.astype(np.float32),
+            self._grow_mask(diff, cut),
+            xy0=diff.xy0,
+            mask_planes=diff.mask_planes,
+            backend=be,
+        )
         # §5.4: the difference PSF is not updated.  A difference without one gets the PSF
         # the subtraction would have given it: the science's, or the template's (§5.2).
         psf = subtracted.psf
         if psf is None:
             psf = science.psf if template_matched else template.psf
-        out = Exposure(out_mi, psf=psf, wcs=copy.deepcopy(subtracted.wcs), photo_calib=subtracted.photo_calib,
-                       metadata=subtracted.metadata)
-        return DecorrelationResult(corrected_exposure=out, correction_kernel=cut,
-                                   svar=svar, tvar=tvar, variance_weights=(w1, w2), fft_shape=shape,
-                                   kernel_sum=ksum)
+        out = Exposure(
+            out_mi,
+            psf=psf,
+            wcs=copy.deepcopy(subtracted.wcs),
+            photo_calib=subtracted.photo_calib,
+            metadata=subtracted.metadata,
+        )
+        return DecorrelationResult(
+            corrected_exposure=out,
+            correction_kernel=cut,
+            svar=svar,
+            tvar=tvar,
+            variance_weights=(w1, w2),
+            fft_shape=shape,
+            kernel_sum=ksum,
+        )
 
     def _grow_mask(self, diff: MaskedImage, cut: np.ndarray) -> Any:
         """The difference's mask with ``grow_mask_planes`` dilated by the filter footprint."""
@@ -392,19 +458,25 @@ class DecorrelateALKernelTask:
         """plane ⊗ c² with c = IFFT(filt_ft) (LSST ``calculateVariancePlane``, one term)."""
         xp = self.backend.xp
         # corr alone is a real array: make it a spectrum explicitly for the inverse rfft.
-        c = self._irfft(filt_ft if xp.iscomplexobj(filt_ft) else filt_ft.astype(np.complex128), shape)
+        c = self._irfft(
+            filt_ft if xp.iscomplexobj(filt_ft) else filt_ft.astype(np.complex128), shape
+        )
         return self._filter_plane(plane, self._rfft(c * c, shape), shape, fill)
 
     def _cutout(self, corr: Any, shape: tuple[int, int], half: int) -> np.ndarray:
         """The centred (2·half+1)² cut-out of IFFT(corr) on the host."""
         xp = self.backend.xp
         h = min(half, shape[0] // 2 - 1, shape[1] // 2 - 1)
-        c = xp.roll(self._irfft(corr, shape), (h, h), axis=(0, 1))[:2 * h + 1, :2 * h + 1]
+        c = xp.roll(self._irfft(corr, shape), (h, h), axis=(0, 1))[: 2 * h + 1, : 2 * h + 1]
         return np.array(self.backend.asnumpy(c), dtype=np.float64)
 
     @staticmethod
-    def compute_corrected_diffim_psf(corr_rfft: Any, psf_image: np.ndarray, shape: tuple[int, int],
-                                     backend: Backend | str | None = None) -> np.ndarray:
+    def compute_corrected_diffim_psf(
+        corr_rfft: Any,
+        psf_image: np.ndarray,
+        shape: tuple[int, int],
+        backend: Backend | str | None = None,
+    ) -> np.ndarray:
         """The PSF of a decorrelated difference, IFFT(FFT(psf)·corr), normalized to sum 1.
 
         LSST's ``computeCorrectedDiffimPsf``: it exists but :meth:`run` does not call it,
@@ -424,6 +496,8 @@ class DecorrelateALKernelTask:
         psf = np.asarray(psf_image, dtype=np.float64)
         ph, pw = psf.shape
         ft = be.fft.rfft2(_wrap_kernel(xp, be.asarray(psf), shape), s=shape)
-        new = xp.roll(be.fft.irfft2(ft * be.asarray(corr_rfft), s=shape), (ph // 2, pw // 2), axis=(0, 1))[:ph, :pw]
+        new = xp.roll(
+            be.fft.irfft2(ft * be.asarray(corr_rfft), s=shape), (ph // 2, pw // 2), axis=(0, 1)
+        )[:ph, :pw]
         new = np.array(be.asnumpy(new), dtype=np.float64)
         return new / new.sum()

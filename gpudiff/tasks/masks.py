@@ -1,4 +1,4 @@
-"""Mask handling of the subtraction tasks (spec §4.2 steps 2, 4 and 11; §12).
+"""Mask handling of the subtraction tasks (docs/algorithms.md §4.2 steps 2, 4 and 11; §12).
 
 Every function returns new objects; inputs are never modified.
 """
@@ -16,8 +16,12 @@ __all__ = ["template_coverage", "update_masks", "convolve_preserving", "mask_non
 
 
 def template_coverage(template: Exposure, science: Exposure) -> float:
-    """Fraction of the science box where neither image is NO_DATA (spec §4.2 step 2)."""
-    t = template.masked_image.subimage(science.bbox) if template.bbox != science.bbox else template.masked_image
+    """Fraction of the science box where neither image is NO_DATA (docs/algorithms.md §4.2 step 2)."""
+    t = (
+        template.masked_image.subimage(science.bbox)
+        if template.bbox != science.bbox
+        else template.masked_image
+    )
     s = science.masked_image
     xp = s.backend.xp
     nd_t = t.mask_planes.bitmask_if_present("NO_DATA")
@@ -42,8 +46,14 @@ def mask_non_finite(exposure: Exposure) -> Exposure:
     if not bool(bad.any()):
         return exposure
     mi = mi.with_plane_set("NO_DATA", bad)
-    mi = MaskedImage(xp.where(bad, xp.float32(np.nan), mi.image), xp.where(bad, xp.float32(np.inf), mi.variance),
-                     mi.mask, xy0=mi.xy0, mask_planes=mi.mask_planes, backend=mi.backend)
+    mi = MaskedImage(
+        xp.where(bad, xp.float32(np.nan), mi.image),
+        xp.where(bad, xp.float32(np.inf), mi.variance),
+        mi.mask,
+        xy0=mi.xy0,
+        mask_planes=mi.mask_planes,
+        backend=mi.backend,
+    )
     return Exposure(mi, exposure.psf, exposure.wcs, exposure.photo_calib, exposure.metadata)
 
 
@@ -51,9 +61,13 @@ def _copy_plane(mi: MaskedImage, src: str, dst: str) -> MaskedImage:
     return mi.with_plane_set(dst, (mi.mask & (1 << mi.mask_planes[src])) != 0)
 
 
-def update_masks(template: Exposure, science: Exposure, rename_template_mask: Iterable[str],
-                 preserve_template_mask: Iterable[str]) -> tuple[Exposure, Exposure]:
-    """LSST's ``updateMasks`` (spec §4.2 step 4).
+def update_masks(
+    template: Exposure,
+    science: Exposure,
+    rename_template_mask: Iterable[str],
+    preserve_template_mask: Iterable[str],
+) -> tuple[Exposure, Exposure]:
+    """LSST's ``updateMasks`` (docs/algorithms.md §4.2 step 4).
 
     Science: DETECTED and DETECTED_NEGATIVE cleared; FAKE becomes INJECTED.  Template:
     FAKE becomes INJECTED_TEMPLATE; each ``rename_template_mask`` plane present is copied
@@ -71,20 +85,28 @@ def update_masks(template: Exposure, science: Exposure, rename_template_mask: It
         if name in tmi.mask_planes:
             tmi = _copy_plane(tmi, name, f"{name}_TEMPLATE")
             renamed.append(f"{name}_TEMPLATE")
-    keep = set(preserve_template_mask) | set(renamed) | ({"INJECTED_TEMPLATE"} if "FAKE" in template.mask_planes else set())
+    keep = (
+        set(preserve_template_mask)
+        | set(renamed)
+        | ({"INJECTED_TEMPLATE"} if "FAKE" in template.mask_planes else set())
+    )
     tmi = tmi.with_planes_cleared([n for n in tmi.mask_planes if n not in keep])
-    return (Exposure(tmi, template.psf, template.wcs, template.photo_calib, template.metadata),
-            Exposure(smi, science.psf, science.wcs, science.photo_calib, science.metadata))
+    return (
+        Exposure(tmi, template.psf, template.wcs, template.photo_calib, template.metadata),
+        Exposure(smi, science.psf, science.wcs, science.photo_calib, science.metadata),
+    )
 
 
-def convolve_preserving(kernel: SpatialKernel, mi: MaskedImage, preserve: Iterable[str],
-                        **kwargs) -> MaskedImage:
-    """Convolve with ``doCopyEdge=True``, keeping ``preserve`` planes undilated (spec §4.2
+def convolve_preserving(
+    kernel: SpatialKernel, mi: MaskedImage, preserve: Iterable[str], **kwargs
+) -> MaskedImage:
+    """Convolve with ``doCopyEdge=True``, keeping ``preserve`` planes undilated (docs/algorithms.md §4.2
     step 11: injection markers are snapshotted, cleared after the convolution, restored)."""
     out = kernel.convolve(mi, do_copy_edge=True, **kwargs)
     bm = mi.mask_planes.bitmask_if_present(list(preserve))
     if not bm:
         return out
     mask = (out.mask & ~bm) | (mi.mask & bm)
-    return MaskedImage(out.image, out.variance, mask, xy0=out.xy0, mask_planes=out.mask_planes,
-                       backend=out.backend)
+    return MaskedImage(
+        out.image, out.variance, mask, xy0=out.xy0, mask_planes=out.mask_planes, backend=out.backend
+    )

@@ -1,4 +1,4 @@
-"""The legacy per-pair background matcher (spec §9.3: Gen2 ``MatchBackgroundsTask.matchBackgrounds``).
+"""The legacy per-pair background matcher (docs/algorithms.md §9.3: Gen2 ``MatchBackgroundsTask.matchBackgrounds``).
 
 ``match_background_pair(reference, science)`` bins the difference reference − science
 (afw's nearly equal bins, ceil(W / bin_size) × ceil(H / bin_size)), and models it either
@@ -33,7 +33,7 @@ _UNDERSAMPLE = ("THROW_EXCEPTION", "REDUCE_INTERP_ORDER", "INCREASE_NXNYSAMPLE")
 
 @dataclass(frozen=True)
 class BackgroundMatchPairConfig:
-    """The legacy ``MatchBackgroundsConfig`` (spec §9.3; Gen2, 2036049f).
+    """The legacy ``MatchBackgroundsConfig`` (docs/algorithms.md §9.3; Gen2, 2036049f).
 
     Attributes
     ----------
@@ -61,7 +61,15 @@ class BackgroundMatchPairConfig:
 
     use_polynomial: bool = False
     order: int = 8
-    bad_mask_planes: tuple[str, ...] = ("NO_DATA", "DETECTED", "DETECTED_NEGATIVE", "SAT", "BAD", "INTRP", "CR")
+    bad_mask_planes: tuple[str, ...] = (
+        "NO_DATA",
+        "DETECTED",
+        "DETECTED_NEGATIVE",
+        "SAT",
+        "BAD",
+        "INTRP",
+        "CR",
+    )
     grid_statistic: str = "MEAN"
     undersample_style: str = "REDUCE_INTERP_ORDER"
     bin_size: int = 256
@@ -76,13 +84,20 @@ class BackgroundMatchPairConfig:
             v = getattr(self, name)
             lo = 0 if name == "order" else 1
             if isinstance(v, bool) or int(v) != v or int(v) < lo:
-                raise InvalidInputError(f"BackgroundMatchPairConfig.{name} must be an integer >= {lo}, got {v!r}")
-        for name, allowed in (("grid_statistic", ("MEAN", "MEANCLIP")), ("undersample_style", _UNDERSAMPLE),
-                              ("interp_style", tuple(INTERPOLATION_STYLES))):
+                raise InvalidInputError(
+                    f"BackgroundMatchPairConfig.{name} must be an integer >= {lo}, got {v!r}"
+                )
+        for name, allowed in (
+            ("grid_statistic", ("MEAN", "MEANCLIP")),
+            ("undersample_style", _UNDERSAMPLE),
+            ("interp_style", tuple(INTERPOLATION_STYLES)),
+        ):
             v = str(getattr(self, name)).strip().upper()
             if v not in allowed:
-                raise InvalidInputError(f"BackgroundMatchPairConfig.{name} must be one of {allowed}, got "
-                                        f"{getattr(self, name)!r}")
+                raise InvalidInputError(
+                    f"BackgroundMatchPairConfig.{name} must be one of {allowed}, got "
+                    f"{getattr(self, name)!r}"
+                )
             object.__setattr__(self, name, v)
         object.__setattr__(self, "bad_mask_planes", tuple(self.bad_mask_planes))
 
@@ -128,16 +143,28 @@ def _as_mi(x: Any, what: str) -> MaskedImage:
 def _bins(be, diff, good, shape, bin_size, cfg):
     H, W = shape
     ye, xe = _bin_edges(H, bin_size), _bin_edges(W, bin_size)
-    st = window_statistics(diff, good, ye[:-1], xe[:-1], (np.diff(ye), np.diff(xe)), statistic=cfg.grid_statistic,
-                           nsigma=cfg.num_sigma_clip, niter=cfg.num_iter, backend=be)
+    st = window_statistics(
+        diff,
+        good,
+        ye[:-1],
+        xe[:-1],
+        (np.diff(ye), np.diff(xe)),
+        statistic=cfg.grid_statistic,
+        nsigma=cfg.num_sigma_clip,
+        niter=cfg.num_iter,
+        backend=be,
+    )
     yc, xc = 0.5 * (ye[:-1] + ye[1:] - 1), 0.5 * (xe[:-1] + xe[1:] - 1)
     ok = np.isfinite(st["mean"]) & (st["n_point"] >= 2)
     return st, ok, yc, xc
 
 
-def match_background_pair(reference: Exposure | MaskedImage, science: Exposure | MaskedImage,
-                          config: BackgroundMatchPairConfig | None = None,
-                          backend: Backend | str | None = None) -> BackgroundMatchPairResult:
+def match_background_pair(
+    reference: Exposure | MaskedImage,
+    science: Exposure | MaskedImage,
+    config: BackgroundMatchPairConfig | None = None,
+    backend: Backend | str | None = None,
+) -> BackgroundMatchPairResult:
     """Match the background of ``science`` to ``reference`` (LSST legacy ``matchBackgrounds``).
 
     Parameters
@@ -168,19 +195,25 @@ def match_background_pair(reference: Exposure | MaskedImage, science: Exposure |
     ref_mi, sci_mi = _as_mi(reference, "reference"), _as_mi(science, "science")
     be = resolve_backend(backend if backend is not None else sci_mi.backend)
     if ref_mi.shape != sci_mi.shape:
-        raise ShapeMismatchError(f"reference is {ref_mi.shape[1]}x{ref_mi.shape[0]} but science is "
-                                 f"{sci_mi.shape[1]}x{sci_mi.shape[0]}; background matching needs equal dimensions")
+        raise ShapeMismatchError(
+            f"reference is {ref_mi.shape[1]}x{ref_mi.shape[0]} but science is "
+            f"{sci_mi.shape[1]}x{sci_mi.shape[0]}; background matching needs equal dimensions"
+        )
     H, W = sci_mi.shape
     short = min(H, W)
     bin_size, order = int(cfg.bin_size), int(cfg.order)
     if cfg.use_polynomial:
         if short < bin_size:
-            raise InvalidInputError(f"bin_size {bin_size} is larger than the image's short side {short} "
-                                    "(polynomial background matching)")
+            raise InvalidInputError(
+                f"bin_size {bin_size} is larger than the image's short side {short} "
+                "(polynomial background matching)"
+            )
         npoints = -(-short // bin_size)
         if order > npoints - 1:
-            raise InvalidInputError(f"order {order} needs more than the {npoints} bins of {bin_size} px along the "
-                                    f"short side ({short} px); use order <= {npoints - 1} or smaller bins")
+            raise InvalidInputError(
+                f"order {order} needs more than the {npoints} bins of {bin_size} px along the "
+                f"short side ({short} px); use order <= {npoints - 1} or smaller bins"
+            )
     planes = list(cfg.bad_mask_planes)
     if ref_mi.backend.name != be.name:
         ref_mi = ref_mi.to_backend(be)
@@ -190,7 +223,9 @@ def match_background_pair(reference: Exposure | MaskedImage, science: Exposure |
     good = ref_mi.good_pixels(planes) & sci_mi.good_pixels(planes)
     st, ok, yc, xc = _bins(be, diff, good, (H, W), bin_size, cfg)
     if not ok.any():
-        raise NoOverlapError("no bin has usable pixels in both the reference and the science image; nothing to match")
+        raise NoOverlapError(
+            "no bin has usable pixels in both the reference and the science image; nothing to match"
+        )
     used_order = None
     if cfg.use_polynomial:
         while True:
@@ -198,15 +233,19 @@ def match_background_pair(reference: Exposure | MaskedImage, science: Exposure |
             if order < n_min:
                 break
             if cfg.undersample_style == "THROW_EXCEPTION":
-                raise InvalidInputError(f"the science image covers only {n_min} bins of {bin_size} px along an "
-                                        f"axis: too few for order {order} (undersample_style THROW_EXCEPTION)")
+                raise InvalidInputError(
+                    f"the science image covers only {n_min} bins of {bin_size} px along an "
+                    f"axis: too few for order {order} (undersample_style THROW_EXCEPTION)"
+                )
             if cfg.undersample_style == "REDUCE_INTERP_ORDER":
                 order = n_min - 1
                 break
             # INCREASE_NXNYSAMPLE: smaller bins (LSST: minPoints·binSize // (order + 1))
             new = (n_min * bin_size) // (order + 1)
             if new < 2 or new >= bin_size:
-                raise InvalidInputError(f"cannot shrink the {bin_size} px bins enough for order {order}")
+                raise InvalidInputError(
+                    f"cannot shrink the {bin_size} px bins enough for order {order}"
+                )
             bin_size = new
             st, ok, yc, xc = _bins(be, diff, good, (H, W), bin_size, cfg)
         used_order = order
@@ -216,7 +255,9 @@ def match_background_pair(reference: Exposure | MaskedImage, science: Exposure |
         z = st["mean"][ok]
         sd = np.maximum(np.sqrt(np.nan_to_num(st["variance"][ok], nan=0.0)), cfg.grid_stdev_epsilon)
         weighted = cfg.approx_weighting and not (sd <= cfg.grid_stdev_epsilon).all()
-        w = np.sqrt(st["n_point"][ok]) / sd if weighted else np.ones(z.size)  # 1/σ_bin, σ_bin = sd/√N
+        w = (
+            np.sqrt(st["n_point"][ok]) / sd if weighted else np.ones(z.size)
+        )  # 1/σ_bin, σ_bin = sd/√N
         coef, *_ = np.linalg.lstsq(a * w[:, None], z * w, rcond=None)
         fit_at_bins = a @ coef
         # Separable full-resolution evaluation: Σ c_ij T_i(x') T_j(y') = Ty · C · Txᵀ.
@@ -233,23 +274,56 @@ def match_background_pair(reference: Exposure | MaskedImage, science: Exposure |
         model = (be.asarray(ty @ cmat) @ be.asarray(tx.T)).astype(np.float32)
         fit_rms = float(np.sqrt(np.mean((z - fit_at_bins) ** 2)))
     else:
-        grid = fill_bad_bins(st["mean"], ok, yc, xc, "akima" if cfg.interp_style == "AKIMA_SPLINE" else "linear")
+        grid = fill_bad_bins(
+            st["mean"], ok, yc, xc, "akima" if cfg.interp_style == "AKIMA_SPLINE" else "linear"
+        )
         interp = INTERPOLATION_STYLES[cfg.interp_style]
-        undersample = "THROW_EXCEPTION" if cfg.undersample_style == "THROW_EXCEPTION" else "REDUCE_INTERP_ORDER"
-        model = evaluate_bin_grid(grid, yc, xc, np.arange(H), np.arange(W), interp, "linear", undersample, be)
+        undersample = (
+            "THROW_EXCEPTION"
+            if cfg.undersample_style == "THROW_EXCEPTION"
+            else "REDUCE_INTERP_ORDER"
+        )
+        model = evaluate_bin_grid(
+            grid, yc, xc, np.arange(H), np.arange(W), interp, "linear", undersample, be
+        )
         at = be.asnumpy(evaluate_bin_grid(grid, yc, xc, yc, xc, interp, "linear", undersample, be))
         fit_rms = float(np.sqrt(np.mean((st["mean"] - at)[ok] ** 2)))
-    matched_mi = MaskedImage(sci_mi.image + model, sci_mi.variance, sci_mi.mask, xy0=sci_mi.xy0,
-                             mask_planes=sci_mi.mask_planes, backend=be)
-    matched = matched_mi if isinstance(science, MaskedImage) else Exposure(
-        matched_mi, psf=science.psf, wcs=science.wcs, photo_calib=science.photo_calib, metadata=science.metadata)
+    matched_mi = MaskedImage(
+        sci_mi.image + model,
+        sci_mi.variance,
+        sci_mi.mask,
+        xy0=sci_mi.xy0,
+        mask_planes=sci_mi.mask_planes,
+        backend=be,
+    )
+    matched = (
+        matched_mi
+        if isinstance(science, MaskedImage)
+        else Exposure(
+            matched_mi,
+            psf=science.psf,
+            wcs=science.wcs,
+            photo_calib=science.photo_calib,
+            metadata=science.metadata,
+        )
+    )
     # §9.3 diagnostics: diffImVar = MEANCLIP of the difference variance; matchedMSE =
     # MEANSQUARE of the difference after matching (both over the and-masked pixels).
     var = ref_mi.variance + sci_mi.variance
-    vs = window_statistics(var, good, [0], [0], (H, W), statistic="MEANCLIP", nsigma=cfg.num_sigma_clip,
-                           niter=cfg.num_iter, backend=be)
+    vs = window_statistics(
+        var,
+        good,
+        [0],
+        [0],
+        (H, W),
+        statistic="MEANCLIP",
+        nsigma=cfg.num_sigma_clip,
+        niter=cfg.num_iter,
+        backend=be,
+    )
     resid = be.xp.where(good, diff - model, 0).astype(np.float64)
     n = int(good.sum())
     mse = float((resid * resid).sum()) / n if n else math.nan
-    return BackgroundMatchPairResult(model, matched, fit_rms, mse, float(vs["mean"][0, 0]), False, used_order,
-                                     bin_size)
+    return BackgroundMatchPairResult(
+        model, matched, fit_rms, mse, float(vs["mean"][0, 0]), False, used_order, bin_size
+    )

@@ -1,4 +1,4 @@
-"""MatchBackgroundsTask: match the backgrounds of a tract's warps to a reference visit (spec §9).
+"""MatchBackgroundsTask: match the backgrounds of a tract's warps to a reference visit (docs/algorithms.md §9).
 
 The current LSST design (§9.1): choose a reference visit (:class:`ChooseReferenceVisitTask`,
 or ``ref_visit``); for every other visit, bin the differences "reference-visit warp −
@@ -32,10 +32,21 @@ from ..image import Box, Exposure, MaskedImage
 from ..image.tract import TractGrid
 from ..ops.background import evaluate_bin_grid
 from ..ops.window_stats import window_statistics
-from .tract_background import (INTERPOLATION_STYLES, ChooseReferenceVisitConfig, ChooseReferenceVisitTask,
-                               ReferenceChoice, TractBackground, TractBackgroundConfig)
+from .tract_background import (
+    INTERPOLATION_STYLES,
+    ChooseReferenceVisitConfig,
+    ChooseReferenceVisitTask,
+    ReferenceChoice,
+    TractBackground,
+    TractBackgroundConfig,
+)
 
-__all__ = ["MatchBackgroundsConfig", "MatchBackgroundsResult", "MatchBackgroundsTask", "WarpBackground"]
+__all__ = [
+    "MatchBackgroundsConfig",
+    "MatchBackgroundsResult",
+    "MatchBackgroundsTask",
+    "WarpBackground",
+]
 
 log = logging.getLogger("gpudiff.tasks.match_backgrounds")
 
@@ -44,7 +55,7 @@ _UNDERSAMPLE = ("REDUCE_INTERP_ORDER", "THROW_EXCEPTION")
 
 @dataclass(frozen=True)
 class MatchBackgroundsConfig:
-    """LSST ``MatchBackgroundsConfig`` (spec §9.1).
+    """LSST ``MatchBackgroundsConfig`` (docs/algorithms.md §9.1).
 
     Attributes
     ----------
@@ -70,13 +81,19 @@ class MatchBackgroundsConfig:
     def __post_init__(self):
         u = str(self.undersample_style).strip().upper()
         if u not in _UNDERSAMPLE:
-            raise InvalidInputError(f"undersample_style must be one of {_UNDERSAMPLE} for tract matching, got "
-                                    f"{self.undersample_style!r}")
+            raise InvalidInputError(
+                f"undersample_style must be one of {_UNDERSAMPLE} for tract matching, got "
+                f"{self.undersample_style!r}"
+            )
         object.__setattr__(self, "undersample_style", u)
         if not isinstance(self.tract_bg_model, TractBackgroundConfig):
-            raise InvalidInputError("MatchBackgroundsConfig.tract_bg_model must be a TractBackgroundConfig")
+            raise InvalidInputError(
+                "MatchBackgroundsConfig.tract_bg_model must be a TractBackgroundConfig"
+            )
         if not isinstance(self.choose_reference, ChooseReferenceVisitConfig):
-            raise InvalidInputError("MatchBackgroundsConfig.choose_reference must be a ChooseReferenceVisitConfig")
+            raise InvalidInputError(
+                "MatchBackgroundsConfig.choose_reference must be a ChooseReferenceVisitConfig"
+            )
         if not str(self.visit_key).strip():
             raise InvalidInputError("MatchBackgroundsConfig.visit_key must be a header keyword")
 
@@ -147,9 +164,10 @@ def _visit_id(value: Any, where: str) -> int:
 def _difference(ref: MaskedImage, warp: MaskedImage, box: Box, planes: Sequence[str]):
     """(ref − warp) image, usable-pixel mask and variance over ``box`` (afw arithmetic:
     variances add; a pixel is usable only where both are)."""
+
     def cut(mi, a):
         x0, y0 = mi.xy0
-        return a[box.y0 - y0:box.y1 - y0, box.x0 - x0:box.x1 - x0]
+        return a[box.y0 - y0 : box.y1 - y0, box.x0 - x0 : box.x1 - x0]
 
     planes = list(planes)
     image = cut(ref, ref.image) - cut(warp, warp.image)
@@ -173,14 +191,20 @@ class MatchBackgroundsTask:
     >>> res.reference_visit, res.diagnostics                         # doctest: +SKIP
     """
 
-    def __init__(self, config: MatchBackgroundsConfig | None = None, backend: Backend | str | None = None):
+    def __init__(
+        self, config: MatchBackgroundsConfig | None = None, backend: Backend | str | None = None
+    ):
         self.config = MatchBackgroundsConfig() if config is None else config
         if not isinstance(self.config, MatchBackgroundsConfig):
-            raise InvalidInputError(f"config must be a MatchBackgroundsConfig, got {type(self.config).__name__}")
+            raise InvalidInputError(
+                f"config must be a MatchBackgroundsConfig, got {type(self.config).__name__}"
+            )
         self.backend = resolve_backend(backend)
 
     # --- input handling ----------------------------------------------------------------
-    def group_warps(self, warps: Sequence[Exposure], tract: TractGrid, visits: Sequence[int] | None = None) -> dict:
+    def group_warps(
+        self, warps: Sequence[Exposure], tract: TractGrid, visits: Sequence[int] | None = None
+    ) -> dict:
         """{visit: [(index, patch, warp), ...]} with every warp checked against the tract."""
         if not isinstance(tract, TractGrid):
             raise InvalidInputError(f"tract must be a TractGrid, got {type(tract).__name__}")
@@ -200,7 +224,9 @@ class MatchBackgroundsTask:
             elif key in w.metadata:
                 visit = _visit_id(w.metadata[key], f"warp {i} header {key}")
             else:
-                raise InvalidInputError(f"warp {i} has no {key!r} metadata card and no visit id was given")
+                raise InvalidInputError(
+                    f"warp {i} has no {key!r} metadata card and no visit id was given"
+                )
             try:
                 patch = tract.patch_of(w.bbox)
             except NoOverlapError as exc:
@@ -214,8 +240,13 @@ class MatchBackgroundsTask:
         return groups
 
     # --- the task ----------------------------------------------------------------------
-    def run(self, warps: Sequence[Exposure], tract: TractGrid, ref_visit: int | None = None,
-            visits: Sequence[int] | None = None) -> MatchBackgroundsResult:
+    def run(
+        self,
+        warps: Sequence[Exposure],
+        tract: TractGrid,
+        ref_visit: int | None = None,
+        visits: Sequence[int] | None = None,
+    ) -> MatchBackgroundsResult:
         """Match every warp's background to the reference visit's.
 
         Parameters
@@ -247,12 +278,16 @@ class MatchBackgroundsTask:
         ref = ref_visit if ref_visit is not None else cfg.ref_warp_visit
         if ref is None:
             chooser = ChooseReferenceVisitTask(cfg.choose_reference, cfg.tract_bg_model, be)
-            choice = chooser.run({v: [w for _, _, w in items] for v, items in groups.items()}, tract)
+            choice = chooser.run(
+                {v: [w for _, _, w in items] for v, items in groups.items()}, tract
+            )
             ref = choice.reference_visit
             log.info("reference visit %d (cost %s)", ref, np.round(choice.cost, 3))
         ref = _visit_id(ref, "ref_visit")
         if ref not in groups:
-            raise InvalidInputError(f"reference visit {ref} is not among the warps' visits {sorted(groups)}")
+            raise InvalidInputError(
+                f"reference visit {ref} is not among the warps' visits {sorted(groups)}"
+            )
         ref_by_patch = {p: w.masked_image for _, p, w in groups[ref]}
         n = sum(len(items) for items in groups.values())
         backgrounds: list = [None] * n
@@ -262,35 +297,72 @@ class MatchBackgroundsTask:
             visit, items = item
             if visit == ref:
                 for i, p, w in items:
-                    backgrounds[i] = WarpBackground(visit, p, w.bbox, be.xp.zeros(w.shape, dtype=np.float32), True)
+                    backgrounds[i] = WarpBackground(
+                        visit, p, w.bbox, be.xp.zeros(w.shape, dtype=np.float32), True
+                    )
                     matched[i] = w.to_backend(be)
                 return (visit, len(items), True, 0.0, math.nan, math.nan)
             tb, pairs = self._difference_model(visit, items, ref, ref_by_patch, tract)
             stats = tb.stats_image()
             order = INTERPOLATION_STYLES[cfg.tract_bg_model.interpolation]
-            at_centres = be.asnumpy(evaluate_bin_grid(stats, tb.y_centres, tb.x_centres, tb.y_centres,
-                                                      tb.x_centres, order, "linear", cfg.undersample_style, be))
+            at_centres = be.asnumpy(
+                evaluate_bin_grid(
+                    stats,
+                    tb.y_centres,
+                    tb.x_centres,
+                    tb.y_centres,
+                    tb.x_centres,
+                    order,
+                    "linear",
+                    cfg.undersample_style,
+                    be,
+                )
+            )
             good = tb.good_bins
             fit_rms = float(np.sqrt(np.mean((tb.centred_stats_image() - at_centres)[good] ** 2)))
             models = {}
             for i, p, w in items:
                 model = tb.evaluate(w.bbox, stats)
                 models[i] = model
-                backgrounds[i] = WarpBackground(visit, p, w.bbox, model, False, stats, tb.x_centres, tb.y_centres)
+                backgrounds[i] = WarpBackground(
+                    visit, p, w.bbox, model, False, stats, tb.x_centres, tb.y_centres
+                )
                 mi = w.masked_image
                 img = mi.image + model  # the matched image: warp + (ref − warp) model
-                matched[i] = Exposure(MaskedImage(img, mi.variance, mi.mask, xy0=mi.xy0,
-                                                  mask_planes=mi.mask_planes, backend=be),
-                                      psf=w.psf, wcs=w.wcs, photo_calib=w.photo_calib, metadata=w.metadata)
+                matched[i] = Exposure(
+                    MaskedImage(
+                        img,
+                        mi.variance,
+                        mi.mask,
+                        xy0=mi.xy0,
+                        mask_planes=mi.mask_planes,
+                        backend=be,
+                    ),
+                    psf=w.psf,
+                    wcs=w.wcs,
+                    photo_calib=w.photo_calib,
+                    metadata=w.metadata,
+                )
             mse, dvar = self._residual_diagnostics(items, pairs, models, ref_by_patch)
-            log.info("visit %d: fit RMS %.4g, matched MSE %.4g, diff variance %.4g", visit, fit_rms, mse, dvar)
+            log.info(
+                "visit %d: fit RMS %.4g, matched MSE %.4g, diff variance %.4g",
+                visit,
+                fit_rms,
+                mse,
+                dvar,
+            )
             return (visit, len(items), False, fit_rms, mse, dvar)
 
         # Visits are matched independently (each writes only its own warps' slots): on the
         # CPU one thread per core; map keeps the visits' order for the diagnostics table.
-        rows = parallel_map(one_visit, groups.items(), cpu_workers(len(groups), 4, parallel=not be.is_gpu))
-        diag = Table(rows=rows, names=("visit", "n_warps", "is_reference", "fit_rms", "matched_mse", "diff_im_var"),
-                     dtype=(np.int64, np.int64, bool, np.float64, np.float64, np.float64))
+        rows = parallel_map(
+            one_visit, groups.items(), cpu_workers(len(groups), 4, parallel=not be.is_gpu)
+        )
+        diag = Table(
+            rows=rows,
+            names=("visit", "n_warps", "is_reference", "fit_rms", "matched_mse", "diff_im_var"),
+            dtype=(np.int64, np.int64, bool, np.float64, np.float64, np.float64),
+        )
         if choice is not None:
             order = [choice.visits.index(v) for v in diag["visit"]]
             for name in ("chi2", "variance", "coverage", "cost"):
@@ -312,8 +384,10 @@ class MatchBackgroundsTask:
             tb.add_image(image, good, (box.x0, box.y0))
             pairs[i] = box
         if not tb.good_bins.any():
-            raise NoOverlapError(f"visit {visit} shares no usable pixels with reference visit {ref} "
-                                 f"(no patch in common, or all masked); it cannot be matched")
+            raise NoOverlapError(
+                f"visit {visit} shares no usable pixels with reference visit {ref} "
+                f"(no patch in common, or all masked); it cannot be matched"
+            )
         return tb, pairs
 
     def _residual_diagnostics(self, items, pairs, models, ref_by_patch) -> tuple[float, float]:
@@ -326,15 +400,27 @@ class MatchBackgroundsTask:
             if i not in pairs:
                 continue
             box = pairs[i]
-            image, good, var = _difference(ref_by_patch[p], w.masked_image, box, cfg.tract_bg_model.mask)
-            m = models[i][box.y0 - w.xy0[1]:box.y1 - w.xy0[1], box.x0 - w.xy0[0]:box.x1 - w.xy0[0]]
+            image, good, var = _difference(
+                ref_by_patch[p], w.masked_image, box, cfg.tract_bg_model.mask
+            )
+            m = models[i][
+                box.y0 - w.xy0[1] : box.y1 - w.xy0[1], box.x0 - w.xy0[0] : box.x1 - w.xy0[0]
+            ]
             resid = be.xp.where(good, image - m, 0).astype(np.float64)
             k = int(good.sum())
             sq += float((resid * resid).sum())
             n_sq += k
-            st = window_statistics(var, good, [0], [0], var.shape, statistic="MEANCLIP",
-                                   nsigma=cfg.tract_bg_model.num_sigma_clip, niter=cfg.tract_bg_model.num_iter,
-                                   backend=be)
+            st = window_statistics(
+                var,
+                good,
+                [0],
+                [0],
+                var.shape,
+                statistic="MEANCLIP",
+                nsigma=cfg.tract_bg_model.num_sigma_clip,
+                niter=cfg.tract_bg_model.num_iter,
+                backend=be,
+            )
             if np.isfinite(st["mean"][0, 0]):
                 var_sum += st["mean"][0, 0] * k
                 var_n += k

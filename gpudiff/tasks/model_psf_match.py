@@ -1,4 +1,4 @@
-"""ModelPsfMatchTask: match an exposure's PSF to a reference PSF *model* (spec §7).
+"""ModelPsfMatchTask: match an exposure's PSF to a reference PSF *model* (docs/algorithms.md §7).
 
 This is the step that makes PSF-matched warps for coadds.  Instead of stars, the kernel
 candidates are the two PSF models themselves, realized on a grid of cells over the
@@ -24,8 +24,23 @@ from astropy.table import Table
 
 from ..backend import Backend, resolve_backend
 from ..backend.fallback import with_memory_fallback
-from ..errors import InsufficientKernelSourcesError, InvalidInputError, KernelTooLargeError, PsfError
-from ..image import Box, DoubleGaussianPsf, Exposure, GaussianPsf, GridPsf, ImagePsf, MaskedImage, MoffatPsf, Psf
+from ..errors import (
+    InsufficientKernelSourcesError,
+    InvalidInputError,
+    KernelTooLargeError,
+    PsfError,
+)
+from ..image import (
+    Box,
+    DoubleGaussianPsf,
+    Exposure,
+    GaussianPsf,
+    GridPsf,
+    ImagePsf,
+    MaskedImage,
+    MoffatPsf,
+    Psf,
+)
 from ..image.psf import FWHM_PER_SIGMA
 from ..ops.convolution import kernel_centre, process_in_row_bands
 from ..ops.stats import adaptive_moments_batch
@@ -36,8 +51,15 @@ from ..psfmatch.fit import KernelFit, fit_spatial_kernel
 from ..psfmatch.solve import good_region, valid_correlate
 from ..psfmatch.spatial import SpatialKernel
 
-__all__ = ["CellSet", "ModelPsfMatchConfig", "ModelPsfMatchResult", "ModelPsfMatchTask",
-           "model_psf_match_kernel_config", "next_odd_integer", "resized_psf"]
+__all__ = [
+    "CellSet",
+    "ModelPsfMatchConfig",
+    "ModelPsfMatchResult",
+    "ModelPsfMatchTask",
+    "model_psf_match_kernel_config",
+    "next_odd_integer",
+    "resized_psf",
+]
 
 log = logging.getLogger("gpudiff.tasks.model_psf_match")
 
@@ -49,21 +71,27 @@ _WIDTH_GRID = 12
 
 
 def model_psf_match_kernel_config(**overrides: Any) -> PsfMatchConfig:
-    """LSST ``ModelPsfMatchConfig.setDefaults`` applied to the AL ``PsfMatchConfig`` (spec §7).
+    """LSST ``ModelPsfMatchConfig.setDefaults`` applied to the AL ``PsfMatchConfig`` (docs/algorithms.md §7).
 
     No clipping or condition check (noiseless PSF stamps: residual statistics mean
     nothing), constant variance weighting, no FWHM scaling: the basis is the configured
     (0.7, 1.5, 3.0) px Gaussians of degrees (4, 2, 2) on a ``kernel_size`` (21) px kernel.
     """
-    base = dict(single_kernel_clipping=False, kernel_sum_clipping=False, spatial_kernel_clipping=False,
-                check_condition_number=False, constant_variance_weighting=True, scale_by_fwhm=False)
+    base = dict(
+        single_kernel_clipping=False,
+        kernel_sum_clipping=False,
+        spatial_kernel_clipping=False,
+        check_condition_number=False,
+        constant_variance_weighting=True,
+        scale_by_fwhm=False,
+    )
     base.update(overrides)
     return PsfMatchConfig(**base)
 
 
 @dataclass(frozen=True)
 class ModelPsfMatchConfig:
-    """Configuration of :class:`ModelPsfMatchTask` (LSST ``ModelPsfMatchConfig``, spec §7).
+    """Configuration of :class:`ModelPsfMatchTask` (LSST ``ModelPsfMatchConfig``, docs/algorithms.md §7).
 
     Attributes
     ----------
@@ -87,16 +115,24 @@ class ModelPsfMatchConfig:
     def __post_init__(self):
         if not isinstance(self.kernel, PsfMatchConfig):
             raise InvalidInputError(
-                f"ModelPsfMatchConfig.kernel must be a PsfMatchConfig, got {type(self.kernel).__name__}")
+                f"ModelPsfMatchConfig.kernel must be a PsfMatchConfig, got {type(self.kernel).__name__}"
+            )
         if self.kernel.kernel_basis_set != "alard-lupton":
             # LSST's kernel ConfigChoiceField offers AL only; forcing the kernel sum relies
-            # on ΣB_0 = 1 and ΣB_i = 0 (spec §1.3).
+            # on ΣB_0 = 1 and ΣB_i = 0 (docs/algorithms.md §1.3).
             raise InvalidInputError("ModelPsfMatchConfig.kernel must use the 'alard-lupton' basis")
         if not 1.0 <= float(self.auto_pad_psf_to) <= 2.0:
-            raise InvalidInputError(f"auto_pad_psf_to must lie in [1.0, 2.0], got {self.auto_pad_psf_to}")
-        if not isinstance(self.pad_psf_by, (int, np.integer)) or isinstance(self.pad_psf_by, bool) \
-                or self.pad_psf_by < 0:
-            raise InvalidInputError(f"pad_psf_by must be a non-negative even integer, got {self.pad_psf_by!r}")
+            raise InvalidInputError(
+                f"auto_pad_psf_to must lie in [1.0, 2.0], got {self.auto_pad_psf_to}"
+            )
+        if (
+            not isinstance(self.pad_psf_by, (int, np.integer))
+            or isinstance(self.pad_psf_by, bool)
+            or self.pad_psf_by < 0
+        ):
+            raise InvalidInputError(
+                f"pad_psf_by must be a non-negative even integer, got {self.pad_psf_by!r}"
+            )
 
 
 @dataclass
@@ -162,10 +198,10 @@ def _centred(img: np.ndarray, size: int) -> np.ndarray:
     n = img.shape[-1]
     if n >= size:
         c = (n - size) // 2
-        return img[..., c:c + size, c:c + size]
+        return img[..., c : c + size, c : c + size]
     out = np.zeros(img.shape[:-2] + (size, size), dtype=img.dtype)
     c = (size - n) // 2
-    out[..., c:c + n, c:c + n] = img
+    out[..., c : c + n, c : c + n] = img
     return out
 
 
@@ -183,14 +219,31 @@ def resized_psf(psf: Psf, size: int) -> Psf:
     pos = psf.average_position
     t = type(psf)
     if t is GaussianPsf:
-        return GaussianPsf(sigma=psf.sigma, sigma_y=psf.sigma_y, theta=psf.theta, size=size,
-                           oversample=psf.oversample, average_position=pos)
+        return GaussianPsf(
+            sigma=psf.sigma,
+            sigma_y=psf.sigma_y,
+            theta=psf.theta,
+            size=size,
+            oversample=psf.oversample,
+            average_position=pos,
+        )
     if t is DoubleGaussianPsf:
-        return DoubleGaussianPsf(psf.sigma1, psf.sigma2, psf.b, size=size, oversample=psf.oversample,
-                                 average_position=pos)
+        return DoubleGaussianPsf(
+            psf.sigma1,
+            psf.sigma2,
+            psf.b,
+            size=size,
+            oversample=psf.oversample,
+            average_position=pos,
+        )
     if t is MoffatPsf:
-        return MoffatPsf(psf.profile_fwhm, beta=psf.beta, size=size, oversample=psf.oversample,
-                         average_position=pos)
+        return MoffatPsf(
+            psf.profile_fwhm,
+            beta=psf.beta,
+            size=size,
+            oversample=psf.oversample,
+            average_position=pos,
+        )
     if t is ImagePsf:
         return ImagePsf(_centred(psf.image, size), average_position=pos)
     if t is GridPsf:
@@ -202,7 +255,12 @@ def resized_psf(psf: Psf, size: int) -> Psf:
 def _realize(psf: Psf, xs: np.ndarray, ys: np.ndarray, what: str) -> list[np.ndarray]:
     """Kernel images of ``psf`` at every grid point (row-major: y outer, x inner)."""
     try:
-        if type(psf) in (GaussianPsf, DoubleGaussianPsf, MoffatPsf, ImagePsf):  # position-independent
+        if type(psf) in (
+            GaussianPsf,
+            DoubleGaussianPsf,
+            MoffatPsf,
+            ImagePsf,
+        ):  # position-independent
             img = psf.kernel_image(float(xs[0]), float(ys[0]))
             return [img] * (xs.size * ys.size)
         # a loop over the ~10x10 cells, not over pixels: each call is one small image
@@ -223,21 +281,25 @@ class ModelPsfMatchTask:
     Notes
     -----
     When the reference is narrower than the exposure's PSF anywhere on the grid the
-    least-squares fit still runs, as in LSST (spec §7): the kernel has to sharpen, which
+    least-squares fit still runs, as in LSST (docs/algorithms.md §7): the kernel has to sharpen, which
     the Gaussian-times-polynomial basis does only approximately (negative lobes), so the
     output PSF only approximates the reference and its noise is amplified.  LSST is
     silent about it; this task issues a ``UserWarning``.  Typical use:
     ``ModelPsfMatchTask().run(exposure, GaussianPsf(fwhm=5.0)).psf_matched_exposure``.
     """
 
-    def __init__(self, config: ModelPsfMatchConfig | None = None, backend: Backend | str | None = None):
+    def __init__(
+        self, config: ModelPsfMatchConfig | None = None, backend: Backend | str | None = None
+    ):
         self.config = ModelPsfMatchConfig() if config is None else config
         if not isinstance(self.config, ModelPsfMatchConfig):
-            raise InvalidInputError(f"config must be a ModelPsfMatchConfig, got {type(self.config).__name__}")
+            raise InvalidInputError(
+                f"config must be a ModelPsfMatchConfig, got {type(self.config).__name__}"
+            )
         self.backend = resolve_backend(backend)
 
     def cell_grid(self, bbox: Box) -> tuple[Box, np.ndarray, np.ndarray]:
-        """The region (bbox grown by one cell on each side) and the cell centres (spec §7.2)."""
+        """The region (bbox grown by one cell on each side) and the cell centres (docs/algorithms.md §7.2)."""
         kc = self.config.kernel
         sx, sy = int(kc.size_cell_x), int(kc.size_cell_y)
         region = Box(bbox.x0 - sx, bbox.y0 - sy, bbox.x1 + sx, bbox.y1 + sy)
@@ -247,24 +309,29 @@ class ModelPsfMatchTask:
         return region, xs.astype(np.float64), ys.astype(np.float64)
 
     def _psf_size(self, native: int, kernel_size: int) -> tuple[int, int]:
-        """(padded PSF size, padding) per spec §7.4–§7.5; raises KernelTooLargeError."""
+        """(padded PSF size, padding) per docs/algorithms.md §7.4–§7.5; raises KernelTooLargeError."""
         cfg = self.config
         if cfg.do_auto_pad_psf:
             pad = max(0, next_odd_integer(kernel_size * cfg.auto_pad_psf_to) - native)
         else:
             if cfg.pad_psf_by % 2:
-                raise InvalidInputError(f"pad_psf_by ({cfg.pad_psf_by} pixels) must be an even number")
+                raise InvalidInputError(
+                    f"pad_psf_by ({cfg.pad_psf_by} pixels) must be an even number"
+                )
             pad = int(cfg.pad_psf_by)
         size = native + pad
         max_kernel = size - 1 if (size - 1) % 2 else size - 2  # the largest odd number < size
         if kernel_size > max_kernel:
             raise KernelTooLargeError(
                 f"the {kernel_size}-px matching kernel is too big for {size}-px PSF images (at most "
-                f"{max_kernel} px fits): reduce kernel_size, enable do_auto_pad_psf or raise pad_psf_by")
+                f"{max_kernel} px fits): reduce kernel_size, enable do_auto_pad_psf or raise pad_psf_by"
+            )
         return size, pad
 
-    def run(self, exposure: Exposure, reference_psf: Psf, kernel_sum: float = 1.0) -> ModelPsfMatchResult:
-        """PSF-match ``exposure`` to ``reference_psf`` (spec §7).
+    def run(
+        self, exposure: Exposure, reference_psf: Psf, kernel_sum: float = 1.0
+    ) -> ModelPsfMatchResult:
+        """PSF-match ``exposure`` to ``reference_psf`` (docs/algorithms.md §7).
 
         Parameters
         ----------
@@ -300,14 +367,19 @@ class ModelPsfMatchTask:
         :class:`~gpudiff.errors.GpudiffFallbackWarning`
         (:func:`~gpudiff.backend.fallback.with_memory_fallback`).
         """
-        return with_memory_fallback(f"{type(self).__name__}.run",
-                                    lambda be: self._on(be)._run(exposure, reference_psf, kernel_sum), self.backend)
+        return with_memory_fallback(
+            f"{type(self).__name__}.run",
+            lambda be: self._on(be)._run(exposure, reference_psf, kernel_sum),
+            self.backend,
+        )
 
     def _on(self, backend: Backend) -> "ModelPsfMatchTask":
         """This task, or a copy with the same config on ``backend``."""
         return self if backend is self.backend else type(self)(self.config, backend=backend)
 
-    def _run(self, exposure: Exposure, reference_psf: Psf, kernel_sum: float) -> ModelPsfMatchResult:
+    def _run(
+        self, exposure: Exposure, reference_psf: Psf, kernel_sum: float
+    ) -> ModelPsfMatchResult:
         kernel_sum = float(kernel_sum)
         if not (math.isfinite(kernel_sum) and kernel_sum != 0.0):
             raise InvalidInputError(f"kernel_sum must be finite and non-zero, got {kernel_sum}")
@@ -317,46 +389,88 @@ class ModelPsfMatchTask:
         fit, kernel = self.fit_kernel(cell_set, kernel_sum)
         cy, cx = kernel_centre(kernel.shape)
         matched = with_memory_fallback(
-            f"{type(self).__name__}.apply_kernel", lambda be: self._on(be).apply_kernel(exposure, kernel),
-            self.backend, banded=lambda be, n: process_in_row_bands(
-                exposure.masked_image.to_backend(be), lambda band: kernel.convolve(band, do_normalize=True),
-                n, (cy, kernel.shape[0] - 1 - cy)))
-        out = Exposure(matched, psf=cell_set.reference_psf, wcs=copy.deepcopy(exposure.wcs),
-                       photo_calib=exposure.photo_calib, metadata=exposure.metadata)
+            f"{type(self).__name__}.apply_kernel",
+            lambda be: self._on(be).apply_kernel(exposure, kernel),
+            self.backend,
+            banded=lambda be, n: process_in_row_bands(
+                exposure.masked_image.to_backend(be),
+                lambda band: kernel.convolve(band, do_normalize=True),
+                n,
+                (cy, kernel.shape[0] - 1 - cy),
+            ),
+        )
+        out = Exposure(
+            matched,
+            psf=cell_set.reference_psf,
+            wcs=copy.deepcopy(exposure.wcs),
+            photo_calib=exposure.photo_calib,
+            metadata=exposure.metadata,
+        )
         fitted_sum = fit.kernel.kernel_sum()
         resid = _relative_residuals(self.backend, cands, kernel, 1.0 / kernel_sum)
         basis = cell_set.basis
         meta = dict(
-            kernel_size=basis.size, basis_sigmas=basis.sigmas, basis_degrees=basis.degrees,
-            spatial_kernel_order=self.config.kernel.spatial_kernel_order, psf_native_size=cell_set.native_size,
-            psf_size=cell_set.psf_size, psf_padding=cell_set.padding, n_cells_x=cell_set.n_cells_x,
-            n_cells_y=cell_set.n_cells_y, n_candidates=fit.n_used, n_iterations=fit.n_iterations,
-            spatial_condition_number=fit.spatial_condition, fitted_kernel_sum=fitted_sum,
-            kernel_sum=kernel.kernel_sum(), science_fwhm=cell_set.science_fwhm,
-            reference_fwhm=cell_set.reference_fwhm, **widths,
-            residual_max=float(np.max(resid)), residual_median=float(np.median(resid)))
-        log.info("ModelPsfMatch: %dx%d cells, %d-px kernel in %d-px PSF images (pad %d), fitted kernel "
-                 "sum %.5g, relative residual max %.3g", cell_set.n_cells_x, cell_set.n_cells_y, basis.size,
-                 cell_set.psf_size, cell_set.padding, fitted_sum, meta["residual_max"])
-        return ModelPsfMatchResult(psf_matched_exposure=out, psf_matching_kernel=kernel,
-                                   kernel_cell_set=cands, kernel_fit=fit, metadata=meta)
+            kernel_size=basis.size,
+            basis_sigmas=basis.sigmas,
+            basis_degrees=basis.degrees,
+            spatial_kernel_order=self.config.kernel.spatial_kernel_order,
+            psf_native_size=cell_set.native_size,
+            psf_size=cell_set.psf_size,
+            psf_padding=cell_set.padding,
+            n_cells_x=cell_set.n_cells_x,
+            n_cells_y=cell_set.n_cells_y,
+            n_candidates=fit.n_used,
+            n_iterations=fit.n_iterations,
+            spatial_condition_number=fit.spatial_condition,
+            fitted_kernel_sum=fitted_sum,
+            kernel_sum=kernel.kernel_sum(),
+            science_fwhm=cell_set.science_fwhm,
+            reference_fwhm=cell_set.reference_fwhm,
+            **widths,
+            residual_max=float(np.max(resid)),
+            residual_median=float(np.median(resid)),
+        )
+        log.info(
+            "ModelPsfMatch: %dx%d cells, %d-px kernel in %d-px PSF images (pad %d), fitted kernel "
+            "sum %.5g, relative residual max %.3g",
+            cell_set.n_cells_x,
+            cell_set.n_cells_y,
+            basis.size,
+            cell_set.psf_size,
+            cell_set.padding,
+            fitted_sum,
+            meta["residual_max"],
+        )
+        return ModelPsfMatchResult(
+            psf_matched_exposure=out,
+            psf_matching_kernel=kernel,
+            kernel_cell_set=cands,
+            kernel_fit=fit,
+            metadata=meta,
+        )
 
     # --- the three steps of run(), public for benchmarks and diagnostics --------------------
     def build_cell_set(self, exposure: Exposure, reference_psf: Psf) -> CellSet:
-        """Realize both PSFs on the cell grid and make one candidate per cell (spec §7.2–§7.8)."""
+        """Realize both PSFs on the cell grid and make one candidate per cell (docs/algorithms.md §7.2–§7.8)."""
         if not isinstance(exposure, Exposure):
             raise InvalidInputError(f"exposure must be an Exposure, got {type(exposure).__name__}")
         if not isinstance(reference_psf, Psf):
-            raise InvalidInputError(f"reference_psf must be a gpudiff Psf, got {type(reference_psf).__name__}")
+            raise InvalidInputError(
+                f"reference_psf must be a gpudiff Psf, got {type(reference_psf).__name__}"
+            )
         if exposure.psf is None:
-            raise PsfError("the exposure has no PSF to match; attach one (e.g. gpudiff.image.estimate_psf)")
+            raise PsfError(
+                "the exposure has no PSF to match; attach one (e.g. gpudiff.image.estimate_psf)"
+            )
         kc = self.config.kernel
         # Basis first: its size sets the padding (with scale_by_fwhm off, as by default,
         # it is kernel_size, exactly LSST's order of checks).
         sci_fwhm, ref_fwhm = _fwhm(exposure.psf), _fwhm(reference_psf)
         basis = make_kernel_basis(kc, sci_fwhm, ref_fwhm)
         if basis.size > min(exposure.shape):
-            raise KernelTooLargeError(f"the {basis.size}-px kernel is larger than the image {exposure.shape}")
+            raise KernelTooLargeError(
+                f"the {basis.size}-px kernel is larger than the image {exposure.shape}"
+            )
         region, xs, ys = self.cell_grid(exposure.bbox)
         if xs.size * ys.size < kc.n_spatial_kernel_terms:
             # LSST would solve this underdetermined system by pseudo-inverse; the fit here
@@ -364,7 +478,8 @@ class ModelPsfMatchTask:
             raise InsufficientKernelSourcesError(
                 f"a {exposure.shape[1]}x{exposure.shape[0]} exposure gives only {xs.size}x{ys.size} cells of "
                 f"{kc.size_cell_x}x{kc.size_cell_y} px for a spatial kernel model with "
-                f"{kc.n_spatial_kernel_terms} terms; lower spatial_kernel_order or size_cell_x/y")
+                f"{kc.n_spatial_kernel_terms} terms; lower spatial_kernel_order or size_cell_x/y"
+            )
         sci_imgs = _realize(exposure.psf, xs, ys, "exposure")
         native = max(max(im.shape) for im in sci_imgs)
         size, pad = self._psf_size(native, basis.size)
@@ -373,29 +488,51 @@ class ModelPsfMatchTask:
         template = np.stack([_centred(im, size) for im in sci_imgs])
         science = np.stack([_centred(im, size) for im in ref_imgs])
         gx, gy = np.meshgrid(xs, ys)
-        cands = _candidates(self.backend, template, science, gx.ravel(), gy.ravel(), region, kc, basis.size)
-        return CellSet(candidates=cands, basis=basis, region=region, reference_psf=ref, native_size=native,
-                       psf_size=size, padding=pad, n_cells_x=xs.size, n_cells_y=ys.size,
-                       science_fwhm=sci_fwhm, reference_fwhm=ref_fwhm)
+        cands = _candidates(
+            self.backend, template, science, gx.ravel(), gy.ravel(), region, kc, basis.size
+        )
+        return CellSet(
+            candidates=cands,
+            basis=basis,
+            region=region,
+            reference_psf=ref,
+            native_size=native,
+            psf_size=size,
+            padding=pad,
+            n_cells_x=xs.size,
+            n_cells_y=ys.size,
+            science_fwhm=sci_fwhm,
+            reference_fwhm=ref_fwhm,
+        )
 
-    def fit_kernel(self, cell_set: CellSet, kernel_sum: float = 1.0) -> tuple[KernelFit, SpatialKernel]:
-        """Solve K(x, y) without clipping and force its sum (spec §7.9–§7.10)."""
+    def fit_kernel(
+        self, cell_set: CellSet, kernel_sum: float = 1.0
+    ) -> tuple[KernelFit, SpatialKernel]:
+        """Solve K(x, y) without clipping and force its sum (docs/algorithms.md §7.9–§7.10)."""
         with warnings.catch_warnings():
             # Noiseless, smooth PSF stamps leave some AL bases unconstrained, so the spatial
             # system is routinely (near-)singular; the pseudo-inverse then gives the
             # minimum-norm kernel, which is what LSST uses too (it only logs this).  The
             # condition number goes into the metadata instead of a warning on every run.
-            warnings.filterwarnings("ignore", message="spatial kernel system is ill-conditioned",
-                                    category=RuntimeWarning)
-            fit = fit_spatial_kernel(cell_set.candidates, cell_set.basis, self.config.kernel,
-                                     cell_set.region, self.backend)
+            warnings.filterwarnings(
+                "ignore",
+                message="spatial kernel system is ill-conditioned",
+                category=RuntimeWarning,
+            )
+            fit = fit_spatial_kernel(
+                cell_set.candidates,
+                cell_set.basis,
+                self.config.kernel,
+                cell_set.region,
+                self.backend,
+            )
         coeffs = np.array(fit.kernel.coefficients, dtype=np.float64, copy=True)
         # B_0 sums to 1 and every other basis to 0, so this sets ΣK everywhere.
         coeffs[0, 0] = float(kernel_sum)
         return fit, replace(fit.kernel, coefficients=coeffs)
 
     def apply_kernel(self, exposure: Exposure, kernel: SpatialKernel) -> MaskedImage:
-        """Convolve the exposure's pixels with K normalized per pixel (spec §7.11)."""
+        """Convolve the exposure's pixels with K normalized per pixel (docs/algorithms.md §7.11)."""
         mi = exposure.masked_image
         mi = mi.to_backend(self.backend) if mi.backend.name != self.backend.name else mi
         return kernel.convolve(mi, do_normalize=True)
@@ -414,7 +551,9 @@ class ModelPsfMatchTask:
         sel = xp.asarray((iy[:, None] * ncx + ix[None, :]).ravel())  # candidates are row-major
         n = int(sel.size)
         stamps = xp.concatenate([cands.template[sel], cands.science[sel]])
-        _, _, ixx, iyy, ixy, ok = adaptive_moments_batch(be, stamps, xp.ones(stamps.shape, dtype=bool), 4.0)
+        _, _, ixx, iyy, ixy, ok = adaptive_moments_batch(
+            be, stamps, xp.ones(stamps.shape, dtype=bool), 4.0
+        )
         det = be.asnumpy(ixx * iyy - ixy * ixy)
         ok = be.asnumpy(ok) & (det > 0)
         fw = FWHM_PER_SIGMA * np.where(ok, np.abs(det), np.nan) ** 0.25
@@ -423,43 +562,69 @@ class ModelPsfMatchTask:
 
         with warnings.catch_warnings():  # all-NaN slices (moments failed everywhere) give NaN
             warnings.simplefilter("ignore", RuntimeWarning)
-            out = dict(science_fwhm_min=float(np.nanmin(f_sci)), science_fwhm_max=float(np.nanmax(f_sci)),
-                       reference_fwhm_grid=float(np.nanmedian(f_ref)), n_cells_checked=n,
-                       n_cells_narrower=int(narrower.sum()))
+            out = dict(
+                science_fwhm_min=float(np.nanmin(f_sci)),
+                science_fwhm_max=float(np.nanmax(f_sci)),
+                reference_fwhm_grid=float(np.nanmedian(f_ref)),
+                n_cells_checked=n,
+                n_cells_narrower=int(narrower.sum()),
+            )
         if narrower.any():
             warnings.warn(
                 f"the reference PSF (FWHM {np.nanmin(f_ref[narrower]):.3g} px) is narrower than the exposure's "
                 f"PSF (FWHM up to {np.nanmax(f_sci[narrower]):.3g} px) in {int(narrower.sum())} of {n} cells "
                 "checked: the kernel must sharpen (a deconvolution-like fit), so the output PSF only "
-                "approximates the reference and the noise is amplified", UserWarning, stacklevel=3)
+                "approximates the reference and the noise is amplified",
+                UserWarning,
+                stacklevel=3,
+            )
         return out
 
 
 def _fwhm(psf: Psf) -> float | None:
-    """Determinant-radius FWHM at the model's average position (spec §7.8); None if it fails."""
+    """Determinant-radius FWHM at the model's average position (docs/algorithms.md §7.8); None if it fails."""
     try:
         return FWHM_PER_SIGMA * psf.determinant_radius()
     except PsfError:  # only used to scale the basis, and LSST falls back to the config then
         return None
 
 
-def _candidates(be: Backend, template: np.ndarray, science: np.ndarray, x: np.ndarray, y: np.ndarray,
-                region: Box, kc: PsfMatchConfig, kernel_size: int) -> KernelCandidates:
-    """One candidate per cell: mask 0 and variance 1 everywhere (spec §7.7)."""
+def _candidates(
+    be: Backend,
+    template: np.ndarray,
+    science: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    region: Box,
+    kc: PsfMatchConfig,
+    kernel_size: int,
+) -> KernelCandidates:
+    """One candidate per cell: mask 0 and variance 1 everywhere (docs/algorithms.md §7.7)."""
     xp = be.xp
     S = template.shape[-1]
     c, r = S // 2, min(3, S // 2)
     # afw's position-only rating: mean of image/√var over the central (2r+1)² pixels.
-    rating = science[:, c - r:c + r + 1, c - r:c + r + 1].mean(axis=(1, 2))
+    rating = science[:, c - r : c + r + 1, c - r : c + r + 1].mean(axis=(1, 2))
     cell, n_cells = cell_index(x, y, region, kc.size_cell_x, kc.size_cell_y)
     ones = xp.ones(template.shape, dtype=np.float64)
     return KernelCandidates(
-        x=x, y=y, rating=rating, source_index=np.arange(x.size), template=be.asarray(template, dtype=np.float64),
-        science=be.asarray(science, dtype=np.float64), template_var=ones, science_var=ones.copy(),
-        cell=cell, n_cells=n_cells, kernel_size=int(kernel_size))
+        x=x,
+        y=y,
+        rating=rating,
+        source_index=np.arange(x.size),
+        template=be.asarray(template, dtype=np.float64),
+        science=be.asarray(science, dtype=np.float64),
+        template_var=ones,
+        science_var=ones.copy(),
+        cell=cell,
+        n_cells=n_cells,
+        kernel_size=int(kernel_size),
+    )
 
 
-def _relative_residuals(be: Backend, cands: KernelCandidates, kernel: SpatialKernel, scale: float) -> np.ndarray:
+def _relative_residuals(
+    be: Backend, cands: KernelCandidates, kernel: SpatialKernel, scale: float
+) -> np.ndarray:
     """‖PSF_ref − PSF_exp ⊗ scale·K(x_c, y_c)‖₂ / ‖PSF_ref‖₂ over each cell's good region.
 
     With scale = 1/ΣK this is the kernel the normalized convolution applies, so it says

@@ -1,4 +1,4 @@
-"""Tract-level binned backgrounds and the choice of a reference visit (spec §9.1).
+"""Tract-level binned backgrounds and the choice of a reference visit (docs/algorithms.md §9.1).
 
 :class:`TractBackground` is LSST's ``TractBackground``: a grid of bins over the whole tract
 with three accumulators (Σ mean·N, Σ N, Σ variance·N).  Adding a warp measures, for every
@@ -8,7 +8,7 @@ grid is smooth); merging warps or patches is plain addition, so overlaps are N-w
 Bins with too little coverage are filled by interpolation and the grid is evaluated onto
 any warp by a smooth (Akima by default) interpolant.
 
-:class:`ChooseReferenceVisitTask` scores every visit by the spec's weighted cost of
+:class:`ChooseReferenceVisitTask` scores every visit by docs/algorithms.md's weighted cost of
 plane-fit χ², mean variance and coverage and picks the cheapest.
 """
 
@@ -29,8 +29,15 @@ from ..image.tract import TractGrid
 from ..ops.background import evaluate_bin_grid, fill_bad_bins
 from ..ops.window_stats import window_statistics
 
-__all__ = ["TractBackgroundConfig", "TractBackground", "ChooseReferenceVisitConfig", "ReferenceChoice",
-           "ChooseReferenceVisitTask", "INTERPOLATION_STYLES", "chebyshev_design"]
+__all__ = [
+    "TractBackgroundConfig",
+    "TractBackground",
+    "ChooseReferenceVisitConfig",
+    "ReferenceChoice",
+    "ChooseReferenceVisitTask",
+    "INTERPOLATION_STYLES",
+    "chebyshev_design",
+]
 
 #: afw interpolation styles → :func:`gpudiff.ops.background.evaluate_bin_grid` orders.
 INTERPOLATION_STYLES = {"AKIMA_SPLINE": "akima", "CUBIC_SPLINE": "cubic", "LINEAR": "linear"}
@@ -46,7 +53,7 @@ def _check_choice(name: str, value: str, allowed) -> str:
 
 @dataclass(frozen=True)
 class TractBackgroundConfig:
-    """LSST ``TractBackgroundConfig`` (spec §9.1) plus the bin statistic's clipping.
+    """LSST ``TractBackgroundConfig`` (docs/algorithms.md §9.1) plus the bin statistic's clipping.
 
     Attributes
     ----------
@@ -88,15 +95,28 @@ class TractBackgroundConfig:
         for name in ("x_bin", "y_bin", "num_iter"):
             v = getattr(self, name)
             if isinstance(v, bool) or int(v) != v or int(v) < 1:
-                raise InvalidInputError(f"TractBackgroundConfig.{name} must be a positive integer, got {v!r}")
+                raise InvalidInputError(
+                    f"TractBackgroundConfig.{name} must be a positive integer, got {v!r}"
+                )
         if not 0.0 <= float(self.min_frac) <= 4.0:
-            raise InvalidInputError(f"TractBackgroundConfig.min_frac must lie in [0, 4], got {self.min_frac!r}")
+            raise InvalidInputError(
+                f"TractBackgroundConfig.min_frac must lie in [0, 4], got {self.min_frac!r}"
+            )
         if not (float(self.num_sigma_clip) > 0 and float(self.smooth_scale) > 0):
-            raise InvalidInputError("TractBackgroundConfig num_sigma_clip and smooth_scale must be > 0")
-        object.__setattr__(self, "interpolation",
-                           _check_choice("interpolation", self.interpolation, INTERPOLATION_STYLES))
-        object.__setattr__(self, "statistic", _check_choice("statistic", self.statistic, _STATISTICS))
-        object.__setattr__(self, "mask", tuple([self.mask] if isinstance(self.mask, str) else self.mask))
+            raise InvalidInputError(
+                "TractBackgroundConfig num_sigma_clip and smooth_scale must be > 0"
+            )
+        object.__setattr__(
+            self,
+            "interpolation",
+            _check_choice("interpolation", self.interpolation, INTERPOLATION_STYLES),
+        )
+        object.__setattr__(
+            self, "statistic", _check_choice("statistic", self.statistic, _STATISTICS)
+        )
+        object.__setattr__(
+            self, "mask", tuple([self.mask] if isinstance(self.mask, str) else self.mask)
+        )
 
 
 def _masked_image(warp: Any, what: str) -> MaskedImage:
@@ -123,15 +143,21 @@ class TractBackground:
         Σ mean·N, Σ N and Σ variance·N over everything added (host arrays).
     """
 
-    def __init__(self, tract: TractGrid, config: TractBackgroundConfig | None = None,
-                 backend: Backend | str | None = None):
+    def __init__(
+        self,
+        tract: TractGrid,
+        config: TractBackgroundConfig | None = None,
+        backend: Backend | str | None = None,
+    ):
         if not isinstance(tract, TractGrid):
-            raise InvalidInputError(f"TractBackground needs a TractGrid, got {type(tract).__name__}")
+            raise InvalidInputError(
+                f"TractBackground needs a TractGrid, got {type(tract).__name__}"
+            )
         self.tract = tract
         self.config = TractBackgroundConfig() if config is None else config
         self.backend = resolve_backend(backend)
         b = tract.bbox
-        # ceil: every tract pixel belongs to a bin (the spec leaves truncation unverified)
+        # ceil: every tract pixel belongs to a bin (docs/algorithms.md leaves truncation unverified)
         self.nx = -(-b.width // self.config.x_bin)
         self.ny = -(-b.height // self.config.y_bin)
         self.values = np.zeros((self.ny, self.nx))
@@ -145,11 +171,19 @@ class TractBackground:
     @property
     def x_centres(self) -> np.ndarray:
         """Tract x of each bin centre (pixel-centre convention)."""
-        return self.tract.bbox.x0 + self.config.x_bin * np.arange(self.nx) + 0.5 * (self.config.x_bin - 1)
+        return (
+            self.tract.bbox.x0
+            + self.config.x_bin * np.arange(self.nx)
+            + 0.5 * (self.config.x_bin - 1)
+        )
 
     @property
     def y_centres(self) -> np.ndarray:
-        return self.tract.bbox.y0 + self.config.y_bin * np.arange(self.ny) + 0.5 * (self.config.y_bin - 1)
+        return (
+            self.tract.bbox.y0
+            + self.config.y_bin * np.arange(self.ny)
+            + 0.5 * (self.config.y_bin - 1)
+        )
 
     def _window_range(self, lo: int, hi: int, origin: int, size: int, n: int) -> np.ndarray:
         """Bins whose window [origin + size·i − size/2, … + 2·size) meets [lo, hi)."""
@@ -179,7 +213,9 @@ class TractBackground:
         H, W = image.shape
         x0, y0 = int(xy0[0]), int(xy0[1])
         if not b.contains(Box(x0, y0, x0 + W, y0 + H)):
-            raise InvalidInputError(f"image at xy0 {xy0} of shape {(H, W)} is not inside the tract {b}")
+            raise InvalidInputError(
+                f"image at xy0 {xy0} of shape {(H, W)} is not inside the tract {b}"
+            )
         ix = self._window_range(x0, x0 + W, b.x0, cfg.x_bin, self.nx)
         iy = self._window_range(y0, y0 + H, b.y0, cfg.y_bin, self.ny)
         if ix.size == 0 or iy.size == 0:
@@ -189,8 +225,18 @@ class TractBackground:
         kx, ky = np.arange(ix[0], ix[-1] + 2), np.arange(iy[0], iy[-1] + 2)
         cs = b.x0 + cfg.x_bin * kx - cfg.x_bin // 2 - x0
         rs = b.y0 + cfg.y_bin * ky - cfg.y_bin // 2 - y0
-        st = window_statistics(image, good, rs, cs, (cfg.y_bin, cfg.x_bin), span=2, statistic=cfg.statistic,
-                               nsigma=cfg.num_sigma_clip, niter=cfg.num_iter, backend=self.backend)
+        st = window_statistics(
+            image,
+            good,
+            rs,
+            cs,
+            (cfg.y_bin, cfg.x_bin),
+            span=2,
+            statistic=cfg.statistic,
+            nsigma=cfg.num_sigma_clip,
+            niter=cfg.num_iter,
+            backend=self.backend,
+        )
         n = st["n_point"].astype(np.float64)
         ok = np.isfinite(st["mean"]) & (n > 0)
         var = np.where(np.isfinite(st["variance"]), st["variance"], 0.0)
@@ -204,9 +250,14 @@ class TractBackground:
 
     def merge(self, other: "TractBackground") -> "TractBackground":
         """Add another accumulator on the same tract and bins (in place; returns self)."""
-        if not isinstance(other, TractBackground) or other.tract != self.tract or \
-                (other.config.x_bin, other.config.y_bin) != (self.config.x_bin, self.config.y_bin):
-            raise ShapeMismatchError("can only merge TractBackgrounds of the same tract and bin size")
+        if (
+            not isinstance(other, TractBackground)
+            or other.tract != self.tract
+            or (other.config.x_bin, other.config.y_bin) != (self.config.x_bin, self.config.y_bin)
+        ):
+            raise ShapeMismatchError(
+                "can only merge TractBackgrounds of the same tract and bin size"
+            )
         self.values += other.values
         self.numbers += other.numbers
         self.variances += other.variances
@@ -218,12 +269,16 @@ class TractBackground:
     @property
     def good_bins(self) -> np.ndarray:
         """Bins measured well enough to keep their own value (NPOINT ≥ min_frac·bin area)."""
-        return (self.numbers >= self.config.min_frac * self.config.x_bin * self.config.y_bin) & (self.numbers > 0)
+        return (self.numbers >= self.config.min_frac * self.config.x_bin * self.config.y_bin) & (
+            self.numbers > 0
+        )
 
     def raw_stats_image(self) -> np.ndarray:
         """values / numbers (NaN where nothing was measured)."""
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.numbers > 0, self.values / np.where(self.numbers > 0, self.numbers, 1), np.nan)
+            return np.where(
+                self.numbers > 0, self.values / np.where(self.numbers > 0, self.numbers, 1), np.nan
+            )
 
     def _fill(self, values: np.ndarray) -> np.ndarray:
         method = "akima" if self.config.interpolation == "AKIMA_SPLINE" else "linear"
@@ -231,8 +286,15 @@ class TractBackground:
         # extrapolated from both neighbouring patches with a slope that is not just the
         # difference of two (partly covered, noisy) edge bins.  (LSST: Akima along one
         # direction.)
-        return fill_bad_bins(values, self.good_bins, self.y_centres, self.x_centres, method, symmetric=True,
-                             end_points=4)
+        return fill_bad_bins(
+            values,
+            self.good_bins,
+            self.y_centres,
+            self.x_centres,
+            method,
+            symmetric=True,
+            end_points=4,
+        )
 
     def centred_stats_image(self) -> np.ndarray:
         """values / numbers moved to the bin centres (NaN where nothing was measured).
@@ -275,8 +337,10 @@ class TractBackground:
         """
         good = self.good_bins
         if not good.any():
-            raise AllMaskedError("TractBackground: no bin has enough usable pixels; nothing was added, "
-                                 "or everything added was masked")
+            raise AllMaskedError(
+                "TractBackground: no bin has enough usable pixels; nothing was added, "
+                "or everything added was masked"
+            )
         out = self._fill(self.centred_stats_image())
         if self.config.do_smooth:
             from scipy.ndimage import gaussian_filter
@@ -287,7 +351,11 @@ class TractBackground:
     def variance_image(self) -> np.ndarray:
         """variances / numbers: the mean pixel variance of each bin (NaN where empty)."""
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.numbers > 0, self.variances / np.where(self.numbers > 0, self.numbers, 1), np.nan)
+            return np.where(
+                self.numbers > 0,
+                self.variances / np.where(self.numbers > 0, self.numbers, 1),
+                np.nan,
+            )
 
     def evaluate(self, box, stats: np.ndarray | None = None) -> Any:
         """The smooth model over a box of the tract (float32, on the backend).
@@ -302,10 +370,20 @@ class TractBackground:
         g = self.stats_image() if stats is None else stats
         order = INTERPOLATION_STYLES[self.config.interpolation]
         # Linear continuation past the outer bin centres (half a bin at the tract edge).
-        return evaluate_bin_grid(g, self.y_centres, self.x_centres, np.arange(box.y0, box.y1),
-                                 np.arange(box.x0, box.x1), order, "linear", backend=self.backend)
+        return evaluate_bin_grid(
+            g,
+            self.y_centres,
+            self.x_centres,
+            np.arange(box.y0, box.y1),
+            np.arange(box.x0, box.x1),
+            order,
+            "linear",
+            backend=self.backend,
+        )
 
-    def to_warp_background(self, warp: Exposure | MaskedImage, stats: np.ndarray | None = None) -> Any:
+    def to_warp_background(
+        self, warp: Exposure | MaskedImage, stats: np.ndarray | None = None
+    ) -> Any:
         """The model evaluated on a warp's pixels (LSST ``toWarpBackground``)."""
         return self.evaluate(_masked_image(warp, "warp").bbox, stats)
 
@@ -318,19 +396,25 @@ def chebyshev_design(x: np.ndarray, y: np.ndarray, order: int, box) -> np.ndarra
     ys = (np.asarray(y, np.float64) - 0.5 * (ymin + ymax)) * 2.0 / (ymax - ymin)
     tx = np.polynomial.chebyshev.chebvander(xs, order)
     ty = np.polynomial.chebyshev.chebvander(ys, order)
-    return np.stack([tx[:, d - j] * ty[:, j] for d in range(order + 1) for j in range(d + 1)], axis=1)
+    return np.stack(
+        [tx[:, d - j] * ty[:, j] for d in range(order + 1) for j in range(d + 1)], axis=1
+    )
 
 
 @dataclass(frozen=True)
 class ChooseReferenceVisitConfig:
-    """LSST ``ChooseReferenceVisitConfig`` (spec §9.1): the weights of the cost terms."""
+    """LSST ``ChooseReferenceVisitConfig`` (docs/algorithms.md §9.1): the weights of the cost terms."""
 
     best_ref_weight_chi2: float = 0.3
     best_ref_weight_variance: float = 0.3
     best_ref_weight_global_coverage: float = 0.4
 
     def __post_init__(self):
-        w = (self.best_ref_weight_chi2, self.best_ref_weight_variance, self.best_ref_weight_global_coverage)
+        w = (
+            self.best_ref_weight_chi2,
+            self.best_ref_weight_variance,
+            self.best_ref_weight_global_coverage,
+        )
         if not all(math.isfinite(float(v)) and float(v) >= 0 for v in w) or sum(w) <= 0:
             raise InvalidInputError(f"reference-visit weights must be >= 0 and not all 0, got {w}")
 
@@ -372,7 +456,7 @@ class ReferenceChoice:
 
 
 class ChooseReferenceVisitTask:
-    """Pick the reference visit (LSST ``ChooseReferenceVisitTask``, spec §9.1).
+    """Pick the reference visit (LSST ``ChooseReferenceVisitTask``, docs/algorithms.md §9.1).
 
     Parameters
     ----------
@@ -381,16 +465,23 @@ class ChooseReferenceVisitTask:
     backend : Backend or str, optional
     """
 
-    def __init__(self, config: ChooseReferenceVisitConfig | None = None,
-                 tract_background: TractBackgroundConfig | None = None, backend: Backend | str | None = None):
+    def __init__(
+        self,
+        config: ChooseReferenceVisitConfig | None = None,
+        tract_background: TractBackgroundConfig | None = None,
+        backend: Backend | str | None = None,
+    ):
         self.config = ChooseReferenceVisitConfig() if config is None else config
-        self.tract_background = TractBackgroundConfig() if tract_background is None else tract_background
+        self.tract_background = (
+            TractBackgroundConfig() if tract_background is None else tract_background
+        )
         self.backend = resolve_backend(backend)
 
     def run(self, warps_by_visit: Mapping[int, list], tract: TractGrid) -> ReferenceChoice:
         """Bin every visit's warps on the tract and score the visits."""
         if not warps_by_visit:
             raise InvalidInputError("ChooseReferenceVisitTask: no visits given")
+
         def one_visit(item):
             visit, warps = item
             tb = TractBackground(tract, self.tract_background, self.backend)
@@ -437,9 +528,21 @@ class ChooseReferenceVisitTask:
         c = self.config
         with np.errstate(divide="ignore", invalid="ignore"):
             covfrac = np.where(cov > 0, cov[cov > 0].min() / np.where(cov > 0, cov, 1), np.nan)
-        chi2frac = np.where(np.isfinite(chi2), frac(chi2), 0.0 if not np.isfinite(chi2).any() else np.nan)
-        cost = (c.best_ref_weight_chi2 * chi2frac + c.best_ref_weight_variance * frac(var)
-                + c.best_ref_weight_global_coverage * covfrac)
+        chi2frac = np.where(
+            np.isfinite(chi2), frac(chi2), 0.0 if not np.isfinite(chi2).any() else np.nan
+        )
+        cost = (
+            c.best_ref_weight_chi2 * chi2frac
+            + c.best_ref_weight_variance * frac(var)
+            + c.best_ref_weight_global_coverage * covfrac
+        )
         ref = visits[int(np.nanargmin(cost))]
-        return ReferenceChoice(reference_visit=ref, visits=visits, chi2=chi2, variance=var, coverage=cov,
-                               cost=cost, tract_backgrounds=dict(tract_backgrounds))
+        return ReferenceChoice(
+            reference_visit=ref,
+            visits=visits,
+            chi2=chi2,
+            variance=var,
+            coverage=cov,
+            cost=cost,
+            tract_backgrounds=dict(tract_backgrounds),
+        )

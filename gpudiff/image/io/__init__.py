@@ -18,8 +18,18 @@ Arrays leave this package native-endian; astropy objects never hold device array
 from __future__ import annotations
 
 from .. import exposure as _exposure
-from ._common import (PHOTCAL_ERR_KEY, PHOTCAL_KEY, FormatWarning, atomic_write_hdus, fget, fset, read_photocalib,
-                      read_wcs, read_xy0, write_xy0)
+from ._common import (
+    PHOTCAL_ERR_KEY,
+    PHOTCAL_KEY,
+    FormatWarning,
+    atomic_write_hdus,
+    fget,
+    fset,
+    read_photocalib,
+    read_wcs,
+    read_xy0,
+    write_xy0,
+)
 from .ccddata import exposure_from_ccddata, exposure_to_ccddata
 from .jwst import DQ_FLAGS, DQ_TO_PLANES
 from .native import write_exposure
@@ -29,13 +39,40 @@ from .psf_models import CellPsf, PiffPsf, piff_available
 from .registry import LAYOUTS, detect_layout, read_exposure
 
 __all__ = [
-    "read_exposure", "write_exposure", "read_psf", "write_psf", "psf_to_hdus", "psf_from_hdus",
-    "exposure_from_ccddata", "exposure_to_ccddata", "estimate_variance", "detect_layout", "LAYOUTS",
-    "read_xy0", "write_xy0", "read_wcs", "read_photocalib", "atomic_write_hdus", "fset", "fget",
-    "FormatWarning", "PiffPsf", "CellPsf", "piff_available", "DQ_FLAGS", "DQ_TO_PLANES",
-    "PHOTCAL_KEY", "PHOTCAL_ERR_KEY", "PSF_EXTNAME", "PSFGRID_EXTNAME",
+    "read_exposure",
+    "write_exposure",
+    "read_psf",
+    "write_psf",
+    "psf_to_hdus",
+    "psf_from_hdus",
+    "exposure_from_ccddata",
+    "exposure_to_ccddata",
+    "estimate_variance",
+    "detect_layout",
+    "LAYOUTS",
+    "read_xy0",
+    "write_xy0",
+    "read_wcs",
+    "read_photocalib",
+    "atomic_write_hdus",
+    "fset",
+    "fget",
+    "FormatWarning",
+    "PiffPsf",
+    "CellPsf",
+    "piff_available",
+    "DQ_FLAGS",
+    "DQ_TO_PLANES",
+    "PHOTCAL_KEY",
+    "PHOTCAL_ERR_KEY",
+    "PSF_EXTNAME",
+    "PSFGRID_EXTNAME",
 ]
 
 # Exposure.read/write/from_ccddata/to_ccddata delegate here (exposure.py never imports this package).
-_exposure._IO.update(read_exposure=read_exposure, write_exposure=write_exposure,
-                     exposure_from_ccddata=exposure_from_ccddata, exposure_to_ccddata=exposure_to_ccddata)
+_exposure._IO.update(
+    read_exposure=read_exposure,
+    write_exposure=write_exposure,
+    exposure_from_ccddata=exposure_from_ccddata,
+    exposure_to_ccddata=exposure_to_ccddata,
+)

@@ -22,21 +22,24 @@ from ..exposure import PhotoCalib
 
 log = logging.getLogger("gpudiff.image.io")
 
-PHOTCAL_KEY = "PHOTCAL"        #: primary-header card of PhotoCalib.calibration_mean (nJy/unit)
-PHOTCAL_ERR_KEY = "PHOTCALE"   #: primary-header card of PhotoCalib.calibration_err
+PHOTCAL_KEY = "PHOTCAL"  #: primary-header card of PhotoCalib.calibration_mean (nJy/unit)
+PHOTCAL_ERR_KEY = "PHOTCALE"  #: primary-header card of PhotoCalib.calibration_err
 
 # Cards that describe an HDU rather than the observation: never carried as metadata.
 STRUCTURAL = re.compile(
     r"^(SIMPLE|BITPIX|NAXIS\d*|EXTEND|XTENSION|PCOUNT|GCOUNT|EXTNAME|EXTVER|EXTLEVEL|EXTTYPE"
-    r"|INHERIT|BSCALE|BZERO|BLANK|CHECKSUM|DATASUM|UTYPE|PHOTCALE?)$")
+    r"|INHERIT|BSCALE|BZERO|BLANK|CHECKSUM|DATASUM|UTYPE|PHOTCALE?)$"
+)
 # xy0 cards (IRAF/LSST LTV, LSST's 'A' pixel WCS): they become MaskedImage.xy0.
 XY0_KEYS = re.compile(r"^(LTV[12]|LTM[12]_[12]|(CRVAL|CRPIX|CTYPE|CUNIT|CDELT)[12]A|WCSNAMEA)$")
 # Mask-plane cards (afw's MP_*, lsst-images' MSKN/MSKM/MSKD): they become MaskedImage.mask_planes.
 MP_KEYS = re.compile(r"^(MP_|MSK[NMD]\d{4}$)")
 # Celestial WCS cards: held by Exposure.wcs, so dropped from the metadata of 1-HDU files.
-WCS_KEYS = re.compile(r"^((WCSAXES|(CRPIX|CRVAL|CDELT|CTYPE|CUNIT|CROTA)\d+|(CD|PC|PV|PS)\d+_\d+|LONPOLE"
-                      r"|LATPOLE|RADESYS|EQUINOX|WCSNAME)[A-Z]?|RADECSYS|MJDREF|DATEREF|WCSDIM|WAT\d_\d+"
-                      r"|[AB]P?_(ORDER|DMAX|\d+_\d+))$")
+WCS_KEYS = re.compile(
+    r"^((WCSAXES|(CRPIX|CRVAL|CDELT|CTYPE|CUNIT|CROTA)\d+|(CD|PC|PV|PS)\d+_\d+|LONPOLE"
+    r"|LATPOLE|RADESYS|EQUINOX|WCSNAME)[A-Z]?|RADECSYS|MJDREF|DATEREF|WCSDIM|WAT\d_\d+"
+    r"|[AB]P?_(ORDER|DMAX|\d+_\d+))$"
+)
 
 
 class FormatWarning(UserWarning):
@@ -54,13 +57,17 @@ def warn(path: str, message: str) -> None:
 def open_fits(path: str):
     """Open ``path`` with every header parsed now; any failure becomes a FitsReadError."""
     if not os.path.isfile(path):
-        raise FitsReadError(f"{path}: " + ("not a regular file" if os.path.exists(path) else "no such file"))
+        raise FitsReadError(
+            f"{path}: " + ("not a regular file" if os.path.exists(path) else "no such file")
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:  # memmap=False: short data fail when read; lazy_load_hdus=False: cut headers show now
             hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
         except Exception as exc:
-            with open(path, "rb") as f:  # a FITS start cut short (e.g. in a header): truncated, not foreign
+            with open(
+                path, "rb"
+            ) as f:  # a FITS start cut short (e.g. in a header): truncated, not foreign
                 fits_start = f.read(9) == b"SIMPLE  ="
             what = "FITS file is truncated or corrupt" if fits_start else "not a readable FITS file"
             raise FitsReadError(f"{path}: {what} ({type(exc).__name__}: {exc})") from exc
@@ -103,8 +110,14 @@ class Hdus:
 
     def get(self, role: str, ver: int = 1):
         """The HDU of ``role`` and ``EXTVER`` ``ver`` (1 when absent); None if there is none."""
-        return next((h for h, r in zip(self.hdul, self.roles)
-                     if r == role.upper() and int(h.header.get("EXTVER", 1) or 1) == ver), None)
+        return next(
+            (
+                h
+                for h, r in zip(self.hdul, self.roles)
+                if r == role.upper() and int(h.header.get("EXTVER", 1) or 1) == ver
+            ),
+            None,
+        )
 
     def all(self, role: str) -> list:
         """Every HDU of ``role``, by ``EXTVER``."""
@@ -125,8 +138,10 @@ def load(path: str, h) -> np.ndarray | None:
     try:
         return None if h.data is None else np.asarray(h.data)
     except Exception as exc:
-        raise FitsReadError(f"{path}[{role_of(h)}]: cannot read the data, the file is truncated or corrupt "
-                            f"({type(exc).__name__}: {exc})") from exc
+        raise FitsReadError(
+            f"{path}[{role_of(h)}]: cannot read the data, the file is truncated or corrupt "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def plane(path: str, h, what: str, dtype, data=None, shape=None) -> np.ndarray:
@@ -140,10 +155,14 @@ def plane(path: str, h, what: str, dtype, data=None, shape=None) -> np.ndarray:
     if data.ndim != 2:
         raise FitsReadError(f"{path}[{name}]: the {what} must be 2-D, got shape {data.shape}")
     if shape is not None and data.shape != shape:
-        raise FitsReadError(f"{path}[{name}]: shape {data.shape} differs from the image shape {shape}")
+        raise FitsReadError(
+            f"{path}[{name}]: shape {data.shape} differs from the image shape {shape}"
+        )
     if data.dtype.kind not in "fiub" or (np.dtype(dtype).kind == "i" and data.dtype.kind == "f"):
-        raise FitsReadError(f"{path}[{name}]: the {what} has dtype {data.dtype}, but must be "
-                            + ("integer" if np.dtype(dtype).kind == "i" else "numeric"))
+        raise FitsReadError(
+            f"{path}[{name}]: the {what} has dtype {data.dtype}, but must be "
+            + ("integer" if np.dtype(dtype).kind == "i" else "numeric")
+        )
     return data.astype(dtype)  # a native dtype: this also swaps big-endian bytes
 
 
@@ -158,20 +177,32 @@ def mask_bits(path: str, h, shape) -> np.ndarray:
 def strip(header, *patterns) -> fits.Header:
     """A copy of ``header`` without structural cards and cards matching ``patterns``."""
     out = header.copy(strip=True)
-    for key in {k for k in out.keys() if k and any(p.match(k.upper()) for p in (STRUCTURAL, *patterns))}:
+    for key in {
+        k for k in out.keys() if k and any(p.match(k.upper()) for p in (STRUCTURAL, *patterns))
+    }:
         out.remove(key, ignore_missing=True, remove_all=True)
     return out
 
 
 def read_xy0(header) -> tuple[int, int]:
     """xy0 from LSST's 'A' pixel WCS (as afw reads it), else −LTV (if LTM is the identity), else 0."""
-    with contextlib.suppress(TypeError, ValueError, KeyError, OverflowError):  # malformed cards: the origin
+    with contextlib.suppress(
+        TypeError, ValueError, KeyError, OverflowError
+    ):  # malformed cards: the origin
         if str(header.get("CTYPE1A", "")).upper().startswith("LINEAR") and "CRVAL1A" in header:
-            return tuple(int(round(float(header[f"CRVAL{i}A"]) - float(header.get(f"CRPIX{i}A", 1.0)) + 1))
-                         for i in (1, 2))  # type: ignore[return-value]
-        ltm = [float(header.get(k, d)) for k, d in (("LTM1_1", 1), ("LTM2_2", 1), ("LTM1_2", 0), ("LTM2_1", 0))]
+            return tuple(
+                int(round(float(header[f"CRVAL{i}A"]) - float(header.get(f"CRPIX{i}A", 1.0)) + 1))
+                for i in (1, 2)
+            )  # type: ignore[return-value]
+        ltm = [
+            float(header.get(k, d))
+            for k, d in (("LTM1_1", 1), ("LTM2_2", 1), ("LTM1_2", 0), ("LTM2_1", 0))
+        ]
         if ltm == [1.0, 1.0, 0.0, 0.0]:
-            return (-int(round(float(header.get("LTV1", 0)))), -int(round(float(header.get("LTV2", 0)))))
+            return (
+                -int(round(float(header.get("LTV1", 0)))),
+                -int(round(float(header.get("LTV2", 0)))),
+            )
     return (0, 0)
 
 
@@ -187,6 +218,7 @@ def write_xy0(header, xy0) -> None:
 def read_wcs(path: str, header, hdul=None):
     """The 2-D celestial WCS of ``header`` or ``None``; an unparsable WCS is ignored, with a warning."""
     from astropy.wcs import WCS
+
     if not any(k in header for k in ("CTYPE1", "CRVAL1", "CD1_1", "PC1_1")):
         return None  # no primary WCS (only the 'A' pixel-offset WCS, or none at all)
     try:
@@ -196,7 +228,11 @@ def read_wcs(path: str, header, hdul=None):
             wcs = wcs.celestial if wcs.has_celestial and wcs.naxis != 2 else wcs
         return wcs if wcs.has_celestial and wcs.naxis == 2 else None
     except Exception as exc:
-        warnings.warn(f"{path}: ignoring unreadable WCS ({type(exc).__name__}: {exc})", FormatWarning, stacklevel=4)
+        warnings.warn(
+            f"{path}: ignoring unreadable WCS ({type(exc).__name__}: {exc})",
+            FormatWarning,
+            stacklevel=4,
+        )
         return None
 
 
@@ -205,7 +241,9 @@ def read_photocalib(*headers) -> PhotoCalib:
     for h in headers:
         if PHOTCAL_KEY in h:
             try:
-                return PhotoCalib(fget(h, PHOTCAL_KEY), fget(h, PHOTCAL_ERR_KEY) if PHOTCAL_ERR_KEY in h else 0.0)
+                return PhotoCalib(
+                    fget(h, PHOTCAL_KEY), fget(h, PHOTCAL_ERR_KEY) if PHOTCAL_ERR_KEY in h else 0.0
+                )
             except (TypeError, ValueError, GpudiffError) as exc:
                 raise InvalidInputError(f"bad {PHOTCAL_KEY}={h[PHOTCAL_KEY]!r} ({exc})") from exc
     return PhotoCalib()
@@ -214,8 +252,16 @@ def read_photocalib(*headers) -> PhotoCalib:
 def gain_from(header) -> float | None:
     """GAIN, else the mean of the per-amplifier GAINA/GAINB (DECam), if positive."""
     with contextlib.suppress(TypeError, ValueError):
-        g = float(np.mean([float(header[k]) for k in (("GAIN",) if "GAIN" in header else ("GAINA", "GAINB"))
-                           if k in header] or [math.nan]))
+        g = float(
+            np.mean(
+                [
+                    float(header[k])
+                    for k in (("GAIN",) if "GAIN" in header else ("GAINA", "GAINB"))
+                    if k in header
+                ]
+                or [math.nan]
+            )
+        )
         return g if math.isfinite(g) and g > 0 else None
     return None
 
@@ -242,6 +288,7 @@ def fget(header, key: str) -> float:
 def atomic_write_hdus(hdul: fits.HDUList, path, overwrite: bool) -> None:
     """Write ``hdul`` atomically (:func:`gpudiff.image.atomic.atomic_write`): never a
     truncated ``path``, and a failed overwrite keeps the old file."""
+
     def write(f):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # VerifyWarning about HIERARCH cards

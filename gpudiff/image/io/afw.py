@@ -26,7 +26,7 @@ from ...errors import FitsReadError
 from ..exposure import Exposure, PhotoCalib
 from ..masked_image import Box
 from ..psf import DoubleGaussianPsf, GaussianPsf, ImagePsf, Psf
-from ._common import (Hdus, log, plane, read_photocalib, read_wcs, read_xy0, role_of, strip, warn)
+from ._common import Hdus, log, plane, read_photocalib, read_wcs, read_xy0, role_of, strip, warn
 from .masks import read_mask
 from .plain import estimate_variance
 from .psf_models import PiffPsf, load_piff_pickle, piff_available, piff_average_position
@@ -37,9 +37,11 @@ NAME = "afw"
 _AFW_TYPES = ("IMAGE", "MASK", "VARIANCE", "ARCHIVE_INDEX", "ARCHIVE_DATA")
 # Primary cards that point into the archive (or at its HDU): meaningless once the file is
 # rewritten without that archive, so they are not metadata.
-_ARCHIVE_POINTERS = re.compile(r"^(AR_HDU|ARCHIVE_ID_[A-Z0-9_]+|(PSF|SKYWCS|WCS|DETECTOR|PHOTOCALIB|CALIB|FILTER"
-                               r"|FILTERLABEL|APCORR|VALIDPOLYGON|TRANSMISSIONCURVE|COADDINPUTS|VISITINFO"
-                               r"|SUMMARYSTATS|BACKGROUND)_ID)$")
+_ARCHIVE_POINTERS = re.compile(
+    r"^(AR_HDU|ARCHIVE_ID_[A-Z0-9_]+|(PSF|SKYWCS|WCS|DETECTOR|PHOTOCALIB|CALIB|FILTER"
+    r"|FILTERLABEL|APCORR|VALIDPOLYGON|TRANSMISSIONCURVE|COADDINPUTS|VISITINFO"
+    r"|SUMMARYSTATS|BACKGROUND)_ID)$"
+)
 _AB_NJY = 3631e9  # nJy of an AB magnitude-0 source (afw's FLUXMAG0 reference)
 
 
@@ -52,31 +54,48 @@ def read(hdus: Hdus, backend) -> Exposure:
     path = hdus.path
     img_hdu = hdus.get("IMAGE")
     if img_hdu is None:
-        raise FitsReadError(f"{path}: an afw file (EXTTYPE cards) without an IMAGE HDU; the HDUs are {hdus.listing()}")
+        raise FitsReadError(
+            f"{path}: an afw file (EXTTYPE cards) without an IMAGE HDU; the HDUs are {hdus.listing()}"
+        )
     image = plane(path, img_hdu, "IMAGE", np.float32)
     xy0 = read_xy0(img_hdu.header)
     var_hdu, mask_hdu = hdus.get("VARIANCE"), hdus.get("MASK")
     for what, h in (("MASK", mask_hdu), ("VARIANCE", var_hdu)):
         if h is not None and read_xy0(h.header) != xy0 and _has_xy0(h.header):
-            warn(path, f"the {what} HDU says xy0 = {read_xy0(h.header)}, the IMAGE HDU {xy0}; used the IMAGE's")
+            warn(
+                path,
+                f"the {what} HDU says xy0 = {read_xy0(h.header)}, the IMAGE HDU {xy0}; used the IMAGE's",
+            )
     metadata = strip(hdus.primary, _ARCHIVE_POINTERS)
     if var_hdu is not None:
         variance = plane(path, var_hdu, "VARIANCE", np.float32, shape=image.shape)
     else:
         variance, _, sigma = estimate_variance(image)
         metadata["GDVAREST"] = ("sky", "variance estimated by gpudiff")
-        warn(path, f"afw file without a VARIANCE HDU: variance estimated from the sky noise (sigma {sigma:.4g})")
+        warn(
+            path,
+            f"afw file without a VARIANCE HDU: variance estimated from the sky noise (sigma {sigma:.4g})",
+        )
     if mask_hdu is not None:
         mask, planes = read_mask(path, [mask_hdu], image.shape)
     else:
         from ..maskplanes import MaskPlanes
+
         mask, planes = np.zeros(image.shape, np.int32), MaskPlanes()
     bbox = Box(xy0[0], xy0[1], xy0[0] + image.shape[1], xy0[1] + image.shape[0])
     archive = AfwArchive.find(hdus)
     return Exposure.from_arrays(
-        image, variance, mask, xy0=xy0, mask_planes=planes, psf=read_psf_of(hdus, archive, bbox),
-        wcs=read_wcs(path, img_hdu.header, hdus.hdul), photo_calib=_photocalib(hdus, archive),
-        metadata=metadata, backend=backend)
+        image,
+        variance,
+        mask,
+        xy0=xy0,
+        mask_planes=planes,
+        psf=read_psf_of(hdus, archive, bbox),
+        wcs=read_wcs(path, img_hdu.header, hdus.hdul),
+        photo_calib=_photocalib(hdus, archive),
+        metadata=metadata,
+        backend=backend,
+    )
 
 
 def _has_xy0(header) -> bool:
@@ -88,18 +107,30 @@ class AfwArchive:
     """afw's object archive: an ``ARCHIVE_INDEX`` table and ``ARCHIVE_DATA`` tables (``AR_CATN``)."""
 
     def __init__(self, index, catalogs: dict):
-        self.index = index          # FITS_rec with id, cat.archive, cat.persistable, row0, nrows, name
-        self.catalogs = catalogs    # AR_CATN -> BinTableHDU
+        self.index = index  # FITS_rec with id, cat.archive, cat.persistable, row0, nrows, name
+        self.catalogs = catalogs  # AR_CATN -> BinTableHDU
 
     @classmethod
     def find(cls, hdus: Hdus) -> "AfwArchive | None":
-        index = next((h for h in hdus.hdul if isinstance(h, fits.BinTableHDU)
-                      and (str(h.header.get("EXTTYPE", "")).strip().upper() == "ARCHIVE_INDEX"
-                           or role_of(h) == "ARCHIVE_INDEX")), None)
+        index = next(
+            (
+                h
+                for h in hdus.hdul
+                if isinstance(h, fits.BinTableHDU)
+                and (
+                    str(h.header.get("EXTTYPE", "")).strip().upper() == "ARCHIVE_INDEX"
+                    or role_of(h) == "ARCHIVE_INDEX"
+                )
+            ),
+            None,
+        )
         if index is None or index.data is None:
             return None
-        cats = {int(h.header["AR_CATN"]): h for h in hdus.hdul
-                if isinstance(h, fits.BinTableHDU) and "AR_CATN" in h.header and h is not index}
+        cats = {
+            int(h.header["AR_CATN"]): h
+            for h in hdus.hdul
+            if isinstance(h, fits.BinTableHDU) and "AR_CATN" in h.header and h is not index
+        }
         return cls(index.data, cats)
 
     def class_of(self, obj_id: int) -> str | None:
@@ -113,12 +144,20 @@ class AfwArchive:
         for r in sorted(rows, key=lambda r: int(r["cat.persistable"])):
             hdu = self.catalogs.get(int(r["cat.archive"]))
             if hdu is None or hdu.data is None:
-                raise FitsReadError(f"afw archive catalog {int(r['cat.archive'])} of object {obj_id} is missing")
-            out.append(hdu.data[int(r["row0"]): int(r["row0"]) + int(r["nrows"])])
+                raise FitsReadError(
+                    f"afw archive catalog {int(r['cat.archive'])} of object {obj_id} is missing"
+                )
+            out.append(hdu.data[int(r["row0"]) : int(r["row0"]) + int(r["nrows"])])
         return out
 
     def ids_of_class(self, *names: str) -> list[int]:
-        return sorted({int(i) for i, n in zip(self.index["id"], self.index["name"]) if str(n).strip() in names})
+        return sorted(
+            {
+                int(i)
+                for i, n in zip(self.index["id"], self.index["name"])
+                if str(n).strip() in names
+            }
+        )
 
 
 def _archive_id(primary, what: str) -> int | None:
@@ -149,7 +188,9 @@ def _dimension(rec) -> int:
         return 0
 
 
-def read_psf_of(hdus: Hdus, archive: "AfwArchive | None" = None, bbox: Box | None = None) -> Psf | None:
+def read_psf_of(
+    hdus: Hdus, archive: "AfwArchive | None" = None, bbox: Box | None = None
+) -> Psf | None:
     """The PSF of an afw file's archive (module docstring); None, with a warning saying why,
     when the file has one that cannot be read; None, logged, when it has none."""
     path = hdus.path
@@ -157,14 +198,28 @@ def read_psf_of(hdus: Hdus, archive: "AfwArchive | None" = None, bbox: Box | Non
     psf_id = _archive_id(hdus.primary, "PSF")
     if archive is None:
         if psf_id is not None:
-            warn(path, f"the primary header points at a PSF (archive id {psf_id}) but the file has no afw "
-                       "archive: no PSF read")
+            warn(
+                path,
+                f"the primary header points at a PSF (archive id {psf_id}) but the file has no afw "
+                "archive: no PSF read",
+            )
         else:
             log.info("%s: no PSF in this afw file", path)
         return None
     if psf_id is None:  # files whose primary lost the pointer: any PSF-like object of the archive
-        ids = [i for i in archive.ids_of_class("PiffPsf", "KernelPsf", "GaussianPsf", "SingleGaussianPsf",
-                                               "DoubleGaussianPsf", "CoaddPsf", "PcaPsf", "PsfexPsf")]
+        ids = [
+            i
+            for i in archive.ids_of_class(
+                "PiffPsf",
+                "KernelPsf",
+                "GaussianPsf",
+                "SingleGaussianPsf",
+                "DoubleGaussianPsf",
+                "CoaddPsf",
+                "PcaPsf",
+                "PsfexPsf",
+            )
+        ]
         if not ids:
             log.info("%s: no PSF in this afw file", path)
             return None
@@ -176,7 +231,10 @@ def read_psf_of(hdus: Hdus, archive: "AfwArchive | None" = None, bbox: Box | Non
     try:
         psf = _decode(archive, psf_id, cls, path, bbox)
     except Exception as exc:  # a malformed table: say so, never a silent None
-        warn(path, f"the {cls} PSF in the afw archive could not be read ({type(exc).__name__}: {exc}); no PSF read")
+        warn(
+            path,
+            f"the {cls} PSF in the afw archive could not be read ({type(exc).__name__}: {exc}); no PSF read",
+        )
         return None
     if psf is not None:
         log.info("%s: PSF read from the afw archive (%s)", path, cls)
@@ -185,15 +243,27 @@ def read_psf_of(hdus: Hdus, archive: "AfwArchive | None" = None, bbox: Box | Non
 
 def _decode(archive: AfwArchive, obj_id: int, cls: str, path: str, bbox) -> Psf | None:
     (rec, *_), *_ = archive.records(obj_id)
-    avg = (bbox.x0 + (bbox.width - 1) / 2.0, bbox.y0 + (bbox.height - 1) / 2.0) if bbox is not None else (0.0, 0.0)
+    avg = (
+        (bbox.x0 + (bbox.width - 1) / 2.0, bbox.y0 + (bbox.height - 1) / 2.0)
+        if bbox is not None
+        else (0.0, 0.0)
+    )
     if cls in ("GaussianPsf", "SingleGaussianPsf"):
         size = _dimension(rec)
-        return GaussianPsf(sigma=float(_field(rec, "sigma")), size=size if size % 2 == 1 else None,
-                           average_position=avg)
+        return GaussianPsf(
+            sigma=float(_field(rec, "sigma")),
+            size=size if size % 2 == 1 else None,
+            average_position=avg,
+        )
     if cls == "DoubleGaussianPsf":
         size = _dimension(rec)
-        return DoubleGaussianPsf(float(_field(rec, "sigma1")), float(_field(rec, "sigma2")), b=float(_field(rec, "b")),
-                                 size=size if size % 2 == 1 else None, average_position=avg)
+        return DoubleGaussianPsf(
+            float(_field(rec, "sigma1")),
+            float(_field(rec, "sigma2")),
+            b=float(_field(rec, "b")),
+            size=size if size % 2 == 1 else None,
+            average_position=avg,
+        )
     if cls == "KernelPsf":
         kernel_id = int(_field(rec, "kernel"))
         kcls = archive.class_of(kernel_id)
@@ -201,20 +271,31 @@ def _decode(archive: AfwArchive, obj_id: int, cls: str, path: str, bbox) -> Psf 
             warn(path, f"the KernelPsf's kernel is a {kcls}, which only afw evaluates: no PSF read")
             return None
         (krec, *_), *_ = archive.records(kernel_id)
-        w, h = int(_field(krec, "dimensions_x", "width")), int(_field(krec, "dimensions_y", "height"))
+        w, h = (
+            int(_field(krec, "dimensions_x", "width")),
+            int(_field(krec, "dimensions_y", "height")),
+        )
         img = np.asarray(_field(krec, "image"), dtype=np.float64).reshape(h, w)
-        with_avg = (float(_field(rec, "averagePosition_x", default=avg[0])),
-                    float(_field(rec, "averagePosition_y", default=avg[1])))
+        with_avg = (
+            float(_field(rec, "averagePosition_x", default=avg[0])),
+            float(_field(rec, "averagePosition_y", default=avg[1])),
+        )
         return ImagePsf(img, average_position=with_avg)
     if cls == "PiffPsf":
         if not piff_available():
-            warn(path, "the PSF is a PiffPsf (a pickled Piff model); reading it needs the optional 'piff' "
-                       "package, which is not installed: no PSF read (install piff, or give the PSF separately)")
+            warn(
+                path,
+                "the PSF is a PiffPsf (a pickled Piff model); reading it needs the optional 'piff' "
+                "package, which is not installed: no PSF read (install piff, or give the PSF separately)",
+            )
             return None
         width, _, model = load_piff_pickle(bytes(np.asarray(_field(rec, "bytes"), dtype=np.uint8)))
         return PiffPsf(model, width, piff_average_position(model, avg), bbox=bbox)
-    warn(path, f"the PSF is an afw {cls}, which gpudiff cannot rebuild without afw: no PSF read "
-               "(give the PSF separately)")
+    warn(
+        path,
+        f"the PSF is an afw {cls}, which gpudiff cannot rebuild without afw: no PSF read "
+        "(give the PSF separately)",
+    )
     return None
 
 
@@ -228,7 +309,10 @@ def _photocalib(hdus: Hdus, archive: "AfwArchive | None") -> PhotoCalib:
             if math.isfinite(mean) and mean > 0:
                 return PhotoCalib(mean, err if math.isfinite(err) and err >= 0 else 0.0)
         except Exception as exc:
-            warn(hdus.path, f"the afw PhotoCalib could not be read ({type(exc).__name__}: {exc}); calibration 1")
+            warn(
+                hdus.path,
+                f"the afw PhotoCalib could not be read ({type(exc).__name__}: {exc}); calibration 1",
+            )
     p = hdus.primary
     try:
         f0 = float(p.get("FLUXMAG0", 0.0) or 0.0)

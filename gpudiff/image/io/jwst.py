@@ -21,7 +21,19 @@ import numpy as np
 from ...errors import FitsReadError
 from ..exposure import Exposure
 from ..maskplanes import MaskPlanes
-from ._common import MP_KEYS, WCS_KEYS, XY0_KEYS, Hdus, load, plane, read_photocalib, read_wcs, read_xy0, strip, warn
+from ._common import (
+    MP_KEYS,
+    WCS_KEYS,
+    XY0_KEYS,
+    Hdus,
+    load,
+    plane,
+    read_photocalib,
+    read_wcs,
+    read_xy0,
+    strip,
+    warn,
+)
 from .plain import assemble
 from .psf_io import gpudiff_psf
 
@@ -33,11 +45,38 @@ _JWST_EXTS = ("ERR", "DQ", "WHT", "CON", "VAR_POISSON", "VAR_RNOISE", "VAR_FLAT"
 
 #: JWST data-quality flags by bit (jwst/stcal ``dqflags``).
 DQ_FLAGS: tuple[str, ...] = (
-    "DO_NOT_USE", "SATURATED", "JUMP_DET", "DROPOUT", "OUTLIER", "PERSISTENCE", "AD_FLOOR", "CHARGELOSS",
-    "UNRELIABLE_ERROR", "NON_SCIENCE", "DEAD", "HOT", "WARM", "LOW_QE", "RC", "TELEGRAPH", "NONLINEAR",
-    "BAD_REF_PIXEL", "NO_FLAT_FIELD", "NO_GAIN_VALUE", "NO_LIN_CORR", "NO_SAT_CHECK", "UNRELIABLE_BIAS",
-    "UNRELIABLE_DARK", "UNRELIABLE_SLOPE", "UNRELIABLE_FLAT", "OPEN", "ADJ_OPEN", "FLUX_ESTIMATED",
-    "MSA_FAILED_OPEN", "OTHER_BAD_PIXEL", "REFERENCE_PIXEL",
+    "DO_NOT_USE",
+    "SATURATED",
+    "JUMP_DET",
+    "DROPOUT",
+    "OUTLIER",
+    "PERSISTENCE",
+    "AD_FLOOR",
+    "CHARGELOSS",
+    "UNRELIABLE_ERROR",
+    "NON_SCIENCE",
+    "DEAD",
+    "HOT",
+    "WARM",
+    "LOW_QE",
+    "RC",
+    "TELEGRAPH",
+    "NONLINEAR",
+    "BAD_REF_PIXEL",
+    "NO_FLAT_FIELD",
+    "NO_GAIN_VALUE",
+    "NO_LIN_CORR",
+    "NO_SAT_CHECK",
+    "UNRELIABLE_BIAS",
+    "UNRELIABLE_DARK",
+    "UNRELIABLE_SLOPE",
+    "UNRELIABLE_FLAT",
+    "OPEN",
+    "ADJ_OPEN",
+    "FLUX_ESTIMATED",
+    "MSA_FAILED_OPEN",
+    "OTHER_BAD_PIXEL",
+    "REFERENCE_PIXEL",
 )
 
 #: The gpudiff (LSST) planes a JWST flag sets; flags not listed keep their own name.
@@ -49,13 +88,18 @@ DQ_TO_PLANES: dict[str, tuple[str, ...]] = {
     "NON_SCIENCE": ("NO_DATA",),
     "REFERENCE_PIXEL": ("NO_DATA",),
     "NONLINEAR": ("SUSPECT",),
-    **{f: ("BAD",) for f in ("DEAD", "HOT", "LOW_QE", "RC", "TELEGRAPH", "OPEN", "ADJ_OPEN", "OTHER_BAD_PIXEL")},
+    **{
+        f: ("BAD",)
+        for f in ("DEAD", "HOT", "LOW_QE", "RC", "TELEGRAPH", "OPEN", "ADJ_OPEN", "OTHER_BAD_PIXEL")
+    },
 }
 
 
 def _is_jwst(header) -> bool:
-    return (str(header.get("TELESCOP", "")).strip().upper() == "JWST"
-            or str(header.get("INSTRUME", "")).strip().upper() in JWST_INSTRUMENTS)
+    return (
+        str(header.get("TELESCOP", "")).strip().upper() == "JWST"
+        or str(header.get("INSTRUME", "")).strip().upper() in JWST_INSTRUMENTS
+    )
 
 
 def detect(hdus: Hdus) -> bool:
@@ -86,9 +130,15 @@ def dq_to_mask(dq: np.ndarray, planes: MaskPlanes, path: str = "") -> np.ndarray
         for name in targets:
             mask[hit] |= np.int64(1) << np.int64(planes.add(name))
     if present >> len(DQ_FLAGS):
-        raise FitsReadError(f"{path}[DQ]: bits above {len(DQ_FLAGS) - 1} are set; JWST defines none")
+        raise FitsReadError(
+            f"{path}[DQ]: bits above {len(DQ_FLAGS) - 1} are set; JWST defines none"
+        )
     if own:
-        warn(path, "JWST DQ flags without an LSST mask plane are kept as planes of their own name: " + ", ".join(own))
+        warn(
+            path,
+            "JWST DQ flags without an LSST mask plane are kept as planes of their own name: "
+            + ", ".join(own),
+        )
     return mask
 
 
@@ -103,19 +153,30 @@ def read(hdus: Hdus, idx, gain, backend) -> Exposure:
     if hdus.get("ERR") is not None:
         unc, kind = plane(path, hdus.get("ERR"), "ERR", np.float64, shape=image.shape), "std"
     elif any(hdus.get(v) is not None for v in ("VAR_POISSON", "VAR_RNOISE", "VAR_FLAT")):
-        unc, kind = sum(plane(path, hdus.get(v), v, np.float64, shape=image.shape)
-                        for v in ("VAR_POISSON", "VAR_RNOISE", "VAR_FLAT") if hdus.get(v) is not None), "var"
+        unc, kind = (
+            sum(
+                plane(path, hdus.get(v), v, np.float64, shape=image.shape)
+                for v in ("VAR_POISSON", "VAR_RNOISE", "VAR_FLAT")
+                if hdus.get(v) is not None
+            ),
+            "var",
+        )
     else:
-        warn(path, "JWST image without ERR or VAR_* extensions: variance estimated from the sky noise "
-                   "(give the noise map separately, e.g. the ERR extension of the full product)")
+        warn(
+            path,
+            "JWST image without ERR or VAR_* extensions: variance estimated from the sky noise "
+            "(give the noise map separately, e.g. the ERR extension of the full product)",
+        )
     planes = MaskPlanes()  # afw's defaults, as for any image: DQ flags land on them
     flags = None
     if hdus.get("DQ") is not None:
         dq_hdu = hdus.get("DQ")
         dq = load(path, dq_hdu)
         if dq is None or dq.shape != image.shape:
-            raise FitsReadError(f"{path}[DQ]: shape {None if dq is None else dq.shape} differs from the SCI "
-                                f"shape {image.shape}")
+            raise FitsReadError(
+                f"{path}[DQ]: shape {None if dq is None else dq.shape} differs from the SCI "
+                f"shape {image.shape}"
+            )
         flags = dq_to_mask(dq, planes, path)
     wht = hdus.get("WHT")
     if wht is not None:
@@ -127,6 +188,20 @@ def read(hdus: Hdus, idx, gain, backend) -> Exposure:
     # DO_NOT_USE & co. (NO_DATA) pixels keep their values; the mask says not to use them.
     wcs = read_wcs(path, sci.header, hdul)
     meta = strip(header, XY0_KEYS, MP_KEYS, *([WCS_KEYS] if wcs is not None else []))
-    return assemble(image, unc, kind, flags, None, header, meta, gain, backend, xy0=read_xy0(sci.header),
-                    planes=planes, path=path, wcs=wcs, psf=gpudiff_psf(hdul),
-                    photo_calib=read_photocalib(hdul[0].header))
+    return assemble(
+        image,
+        unc,
+        kind,
+        flags,
+        None,
+        header,
+        meta,
+        gain,
+        backend,
+        xy0=read_xy0(sci.header),
+        planes=planes,
+        path=path,
+        wcs=wcs,
+        psf=gpudiff_psf(hdul),
+        photo_calib=read_photocalib(hdul[0].header),
+    )

@@ -55,8 +55,11 @@ def json_tree(hdus: Hdus) -> dict:
     try:
         return json.loads(bytes(np.asarray(h.data[0][0], dtype=np.uint8)).decode("utf-8"))
     except Exception as exc:
-        warn(hdus.path, f"the JSON tree of this lsst-images file could not be parsed ({type(exc).__name__}: {exc}); "
-                        "its PSF is not read")
+        warn(
+            hdus.path,
+            f"the JSON tree of this lsst-images file could not be parsed ({type(exc).__name__}: {exc}); "
+            "its PSF is not read",
+        )
         return {}
 
 
@@ -68,7 +71,10 @@ def read(hdus: Hdus, backend) -> Exposure:
     tree = json_tree(hdus)
     yx0 = ((tree.get("image") or {}).get("yx0")) if isinstance(tree.get("image"), dict) else None
     if yx0 is not None and tuple(int(v) for v in yx0[::-1]) != xy0:
-        warn(path, f"the 'A' WCS gives xy0 = {xy0}, the JSON tree {tuple(yx0[::-1])}; used the 'A' WCS")
+        warn(
+            path,
+            f"the 'A' WCS gives xy0 = {xy0}, the JSON tree {tuple(yx0[::-1])}; used the 'A' WCS",
+        )
     metadata = strip(hdus.primary, _CONTAINER)
     if "BUNIT" in img_hdu.header and "BUNIT" not in metadata:
         metadata["BUNIT"] = (img_hdu.header["BUNIT"], "unit of the IMAGE pixels")
@@ -78,21 +84,33 @@ def read(hdus: Hdus, backend) -> Exposure:
     else:
         variance, _, sigma = estimate_variance(image)
         metadata["GDVAREST"] = ("sky", "variance estimated by gpudiff")
-        warn(path, f"lsst-images file without a VARIANCE HDU: variance estimated from the sky noise (sigma {sigma:.4g})")
+        warn(
+            path,
+            f"lsst-images file without a VARIANCE HDU: variance estimated from the sky noise (sigma {sigma:.4g})",
+        )
     masks = hdus.all("MASK")
     if masks:
         mask, planes = read_mask(path, masks, image.shape)
     else:
         from ..maskplanes import MaskPlanes
+
         mask, planes = np.zeros(image.shape, np.int32), MaskPlanes()
     skipped = [r for r in hdus.roles if r not in _OWN and not r.startswith("PSF/")]
     if skipped:
         log.info("%s: HDUs not part of an exposure, not read: %s", path, ", ".join(skipped))
     bbox = Box(xy0[0], xy0[1], xy0[0] + image.shape[1], xy0[1] + image.shape[0])
     return Exposure.from_arrays(
-        image, variance, mask, xy0=xy0, mask_planes=planes, psf=read_psf_of(hdus, tree, bbox),
-        wcs=read_wcs(path, img_hdu.header, hdus.hdul), photo_calib=PhotoCalib(), metadata=metadata,
-        backend=backend)
+        image,
+        variance,
+        mask,
+        xy0=xy0,
+        mask_planes=planes,
+        psf=read_psf_of(hdus, tree, bbox),
+        wcs=read_wcs(path, img_hdu.header, hdus.hdul),
+        photo_calib=PhotoCalib(),
+        metadata=metadata,
+        backend=backend,
+    )
 
 
 def _bbox_from(hdus: Hdus) -> Box | None:
@@ -118,13 +136,21 @@ def read_psf_of(hdus: Hdus, tree: dict | None = None, bbox: Box | None = None) -
             log.info("%s: no PSF in this lsst-images file", path)
         return None
     schema = str(psf.get("schema_url", ""))
-    centre = ((bbox.x0 + (bbox.width - 1) / 2.0, bbox.y0 + (bbox.height - 1) / 2.0) if bbox is not None
-              else (0.0, 0.0))
+    centre = (
+        (bbox.x0 + (bbox.width - 1) / 2.0, bbox.y0 + (bbox.height - 1) / 2.0)
+        if bbox is not None
+        else (0.0, 0.0)
+    )
     try:
-        if "gaussian_psf" in schema or ("sigma" in psf and "piff" not in psf and "array" not in psf):
+        if "gaussian_psf" in schema or (
+            "sigma" in psf and "piff" not in psf and "array" not in psf
+        ):
             size = int(psf.get("stamp_size", 0) or 0)
-            return GaussianPsf(sigma=float(psf["sigma"]), size=size if size % 2 == 1 else None,
-                               average_position=centre)
+            return GaussianPsf(
+                sigma=float(psf["sigma"]),
+                size=size if size % 2 == 1 else None,
+                average_position=centre,
+            )
         if "cell_psf" in schema or "array" in psf:
             return _cell_psf(hdus, psf)
         if "piff_psf" in schema or "piff" in psf:
@@ -132,11 +158,17 @@ def read_psf_of(hdus: Hdus, tree: dict | None = None, bbox: Box | None = None) -
     except FitsReadError:
         raise
     except Exception as exc:
-        warn(path, f"the PSF ({schema or 'unknown type'}) could not be read ({type(exc).__name__}: {exc}); "
-                   "no PSF read")
+        warn(
+            path,
+            f"the PSF ({schema or 'unknown type'}) could not be read ({type(exc).__name__}: {exc}); "
+            "no PSF read",
+        )
         return None
-    warn(path, f"the PSF is of a type gpudiff does not read ({schema or list(psf)}): no PSF read "
-               "(give the PSF separately)")
+    warn(
+        path,
+        f"the PSF is of a type gpudiff does not read ({schema or list(psf)}): no PSF read "
+        "(give the PSF separately)",
+    )
     return None
 
 
@@ -147,7 +179,9 @@ def _cell_psf(hdus: Hdus, psf: dict) -> CellPsf:
         raise FitsReadError(f"{hdus.path}: the cell PSF's array ({src}) is not in the file")
     data = np.asarray(h.data, dtype=np.float64)
     if data.ndim != 4:
-        raise FitsReadError(f"{hdus.path}[PSF]: a cell PSF must be 4-D (cells × kernel), got shape {data.shape}")
+        raise FitsReadError(
+            f"{hdus.path}[PSF]: a cell PSF must be 4-D (cells × kernel), got shape {data.shape}"
+        )
     bounds = psf["bounds"]
     grid, box = bounds["grid"], bounds["bbox"]
     cy, cx = int(grid["cell_shape"]["y"]), int(grid["cell_shape"]["x"])
@@ -193,6 +227,7 @@ class _PiffTreeReader:
 
     def read_wcs_map(self, name, logger=None):
         import galsim
+
         w = (self._m.get("wcs") or {}).get(name)
         if w is None:
             return None, None
@@ -202,7 +237,9 @@ class _PiffTreeReader:
 
     @contextlib.contextmanager
     def nested(self, name):
-        yield _PiffTreeReader((self._m.get("objects") or {})[name], self._hdus, self.get_full_name(name))
+        yield _PiffTreeReader(
+            (self._m.get("objects") or {})[name], self._hdus, self.get_full_name(name)
+        )
 
     def get_full_name(self, name):
         return f"{self._base}/{name}"
@@ -210,13 +247,27 @@ class _PiffTreeReader:
 
 def _piff_psf(hdus: Hdus, psf: dict, bbox, centre) -> Psf | None:
     if not piff_available():
-        warn(hdus.path, "the PSF is a Piff model; reading it needs the optional 'piff' package, which is not "
-                        "installed: no PSF read (install piff, or give the PSF separately)")
+        warn(
+            hdus.path,
+            "the PSF is a Piff model; reading it needs the optional 'piff' package, which is not "
+            "installed: no PSF read (install piff, or give the PSF separately)",
+        )
         return None
     import piff
     from piff.config import PiffLogger
-    model = piff.PSF._read(_PiffTreeReader(psf["piff"], hdus), "piff", PiffLogger(logging.getLogger("gpudiff.piff")))
-    stars = [s for s in psf.get("stars") or [] if not s.get("is_flagged") and not s.get("is_reserve")]
-    avg = ((float(np.mean([s["image_pos"]["x"] for s in stars])), float(np.mean([s["image_pos"]["y"] for s in stars])))
-           if stars else centre)
+
+    model = piff.PSF._read(
+        _PiffTreeReader(psf["piff"], hdus), "piff", PiffLogger(logging.getLogger("gpudiff.piff"))
+    )
+    stars = [
+        s for s in psf.get("stars") or [] if not s.get("is_flagged") and not s.get("is_reserve")
+    ]
+    avg = (
+        (
+            float(np.mean([s["image_pos"]["x"] for s in stars])),
+            float(np.mean([s["image_pos"]["y"] for s in stars])),
+        )
+        if stars
+        else centre
+    )
     return PiffPsf(model, int(psf.get("stamp_size", 25)), avg, bbox=bbox)

@@ -9,14 +9,21 @@ import numpy as np
 from astropy.io import fits
 
 from ...errors import FitsReadError, MaskPlaneError
-from ..maskplanes import DEFAULT_MASK_PLANES, INT32_MASK_PLANES, KNOWN_PLANES, MAX_MASK_PLANES, MaskPlanes
+from ..maskplanes import (
+    DEFAULT_MASK_PLANES,
+    INT32_MASK_PLANES,
+    KNOWN_PLANES,
+    MAX_MASK_PLANES,
+    MaskPlanes,
+)
 from ._common import mask_bits, role_of, warn
 
 __all__ = ["read_mask", "mask_hdus"]
 
 
-def read_mask(path: str, hdus: list, shape: tuple[int, int], headers: list | None = None, foreign: bool = True
-              ) -> tuple[np.ndarray, MaskPlanes]:
+def read_mask(
+    path: str, hdus: list, shape: tuple[int, int], headers: list | None = None, foreign: bool = True
+) -> tuple[np.ndarray, MaskPlanes]:
     """The mask (int64 bits) and planes of the ``MASK`` HDUs ``hdus`` (EXTVER order).
 
     HDU k (EXTVER k + 1) holds planes 31k…31k+30 (lsst-images' split of a wide mask).  Plane
@@ -33,22 +40,33 @@ def read_mask(path: str, hdus: list, shape: tuple[int, int], headers: list | Non
     if not any(kinds):
         planes = MaskPlanes()
         if len(hdus) > 1:
-            raise FitsReadError(f"{path}: {len(hdus)} MASK HDUs but none names its planes (no MP_* or MSK* cards)")
-        warn(path, f"{role_of(hdus[0]) or 'MASK'} HDU has no MP_* or MSK* cards naming its planes: assumed afw's "
-                   "default bits " + ", ".join(f"{n}={b}" for b, n in enumerate(DEFAULT_MASK_PLANES)))
+            raise FitsReadError(
+                f"{path}: {len(hdus)} MASK HDUs but none names its planes (no MP_* or MSK* cards)"
+            )
+        warn(
+            path,
+            f"{role_of(hdus[0]) or 'MASK'} HDU has no MP_* or MSK* cards naming its planes: assumed afw's "
+            "default bits " + ", ".join(f"{n}={b}" for b, n in enumerate(DEFAULT_MASK_PLANES)),
+        )
         entries = [(0, n, b, b) for n, b in planes.items()]
     else:
         entries, merged = [], {}
         for k, h in enumerate(headers):
             if kinds[k] is None:
-                warn(path, f"MASK HDU EXTVER {k + 1} has no MP_* or MSK* cards: its bits are kept as BIT<n> planes")
+                warn(
+                    path,
+                    f"MASK HDU EXTVER {k + 1} has no MP_* or MSK* cards: its bits are kept as BIT<n> planes",
+                )
                 continue
             hp = MaskPlanes.from_header(h, default=False, word=k)
             if kinds[k] == "MSK" and _has_mp(h):
                 mp = MaskPlanes.from_header(_only_mp(h), default=False)
                 if dict(mp) != {n: b for n, b in hp.items() if b < INT32_MASK_PLANES}:
-                    warn(path, f"MASK HDU EXTVER {k + 1}: its MP_* cards {dict(mp)} disagree with its MSK* cards "
-                               f"{dict(hp)}; used the MSK* cards")
+                    warn(
+                        path,
+                        f"MASK HDU EXTVER {k + 1}: its MP_* cards {dict(mp)} disagree with its MSK* cards "
+                        f"{dict(hp)}; used the MSK* cards",
+                    )
             for name, bit in hp.items():
                 file_bit = bit - INT32_MASK_PLANES * k if kinds[k] == "MSK" else bit
                 if name in merged:
@@ -56,13 +74,22 @@ def read_mask(path: str, hdus: list, shape: tuple[int, int], headers: list | Non
                 merged[name] = (bit, hp.descriptions.get(name))
                 entries.append((k, name, file_bit, bit))
         try:
-            planes = MaskPlanes({n: b for n, (b, _) in merged.items()}, {n: d for n, (_, d) in merged.items() if d})
+            planes = MaskPlanes(
+                {n: b for n, (b, _) in merged.items()}, {n: d for n, (_, d) in merged.items() if d}
+            )
         except MaskPlaneError as exc:
-            raise FitsReadError(f"{path}: the MASK HDUs' plane cards are inconsistent ({exc})") from exc
-    unknown = [n for n in planes if foreign and n not in KNOWN_PLANES and not re.fullmatch(r"BIT\d+", n)]
+            raise FitsReadError(
+                f"{path}: the MASK HDUs' plane cards are inconsistent ({exc})"
+            ) from exc
+    unknown = [
+        n for n in planes if foreign and n not in KNOWN_PLANES and not re.fullmatch(r"BIT\d+", n)
+    ]
     if unknown:
-        warn(path, "mask planes with no LSST meaning known to gpudiff are kept under their own names: "
-                   + ", ".join(unknown))
+        warn(
+            path,
+            "mask planes with no LSST meaning known to gpudiff are kept under their own names: "
+            + ", ".join(unknown),
+        )
     identity = len(raws) == 1 and all(fb == b for _, _, fb, b in entries)
     mask = raws[0] if identity else np.zeros(shape, np.int64)
     if not identity:
@@ -87,7 +114,10 @@ def read_mask(path: str, hdus: list, shape: tuple[int, int], headers: list | Non
             hit = ((raw >> fb) & 1).astype(bool)
             mask[hit] |= np.int64(1) << np.int64(planes[name])
             kept.append(f"{name} ({int(hit.sum())} px)")
-        warn(path, f"MASK HDU EXTVER {k + 1} has bits no card names; kept as planes " + ", ".join(kept))
+        warn(
+            path,
+            f"MASK HDU EXTVER {k + 1} has bits no card names; kept as planes " + ", ".join(kept),
+        )
     return mask, planes
 
 
@@ -113,6 +143,8 @@ def mask_hdus(mask, planes: MaskPlanes, header: fits.Header) -> list:
             data = mask.astype(np.int32)
         else:
             planes.to_header(hdr, word=k)
-            data = ((mask.astype(np.int64) >> (INT32_MASK_PLANES * k)) & ((1 << INT32_MASK_PLANES) - 1)).astype(np.int32)
+            data = (
+                (mask.astype(np.int64) >> (INT32_MASK_PLANES * k)) & ((1 << INT32_MASK_PLANES) - 1)
+            ).astype(np.int32)
         out.append(fits.ImageHDU(data, hdr, name="MASK", ver=k + 1 if n > 1 else None))
     return out

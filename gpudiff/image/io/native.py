@@ -18,8 +18,19 @@ from astropy.io import fits
 
 from ...errors import FitsReadError, InvalidInputError
 from ..exposure import Exposure
-from ._common import (PHOTCAL_ERR_KEY, PHOTCAL_KEY, Hdus, atomic_write_hdus, fset, plane, read_photocalib,
-                      read_wcs, read_xy0, strip, write_xy0)
+from ._common import (
+    PHOTCAL_ERR_KEY,
+    PHOTCAL_KEY,
+    Hdus,
+    atomic_write_hdus,
+    fset,
+    plane,
+    read_photocalib,
+    read_wcs,
+    read_xy0,
+    strip,
+    write_xy0,
+)
 from .masks import mask_hdus, read_mask
 from .psf_io import gpudiff_psf, psf_to_hdus
 
@@ -37,8 +48,10 @@ def detect(hdus: Hdus) -> bool:
 def read(hdus: Hdus, backend) -> Exposure:
     path = hdus.path
     if "VARIANCE" not in hdus:
-        raise FitsReadError(f"{path}[IMAGE]: an IMAGE HDU without a VARIANCE HDU (the LSST layout "
-                            f"needs IMAGE, MASK, VARIANCE); the HDUs are {hdus.listing()}")
+        raise FitsReadError(
+            f"{path}[IMAGE]: an IMAGE HDU without a VARIANCE HDU (the LSST layout "
+            f"needs IMAGE, MASK, VARIANCE); the HDUs are {hdus.listing()}"
+        )
     img_hdu = hdus.get("IMAGE")
     image = plane(path, img_hdu, "IMAGE", np.float32)
     variance = plane(path, hdus.get("VARIANCE"), "VARIANCE", np.float32, shape=image.shape)
@@ -47,11 +60,20 @@ def read(hdus: Hdus, backend) -> Exposure:
         mask, planes = read_mask(path, masks, image.shape, foreign=False)
     else:
         from ..maskplanes import MaskPlanes
+
         mask, planes = np.zeros(image.shape, np.int32), MaskPlanes()
     return Exposure.from_arrays(
-        image, variance, mask, xy0=read_xy0(img_hdu.header), mask_planes=planes, psf=gpudiff_psf(hdus.hdul),
-        wcs=read_wcs(path, img_hdu.header, hdus.hdul), photo_calib=read_photocalib(hdus.primary, img_hdu.header),
-        metadata=strip(hdus.primary), backend=backend)
+        image,
+        variance,
+        mask,
+        xy0=read_xy0(img_hdu.header),
+        mask_planes=planes,
+        psf=gpudiff_psf(hdus.hdul),
+        wcs=read_wcs(path, img_hdu.header, hdus.hdul),
+        photo_calib=read_photocalib(hdus.primary, img_hdu.header),
+        metadata=strip(hdus.primary),
+        backend=backend,
+    )
 
 
 def write_exposure(path, exposure: Exposure, overwrite: bool = False) -> None:
@@ -82,9 +104,16 @@ def write_exposure(path, exposure: Exposure, overwrite: bool = False) -> None:
             warnings.simplefilter("ignore")
             common.extend(exposure.wcs.to_header(relax=True))  # relax keeps '-SIP' and its terms
     write_xy0(common, exposure.xy0)
-    image = fits.ImageHDU(np.asarray(be.asnumpy(exposure.image), dtype=np.float32), common, name="IMAGE")
+    image = fits.ImageHDU(
+        np.asarray(be.asnumpy(exposure.image), dtype=np.float32), common, name="IMAGE"
+    )
     masks = mask_hdus(be.asnumpy(exposure.mask), exposure.mask_planes, common)
-    variance = fits.ImageHDU(np.asarray(be.asnumpy(exposure.variance), dtype=np.float32), common, name="VARIANCE")
+    variance = fits.ImageHDU(
+        np.asarray(be.asnumpy(exposure.variance), dtype=np.float32), common, name="VARIANCE"
+    )
     hdus = [primary, image, masks[0], variance, *masks[1:]]
-    atomic_write_hdus(fits.HDUList(hdus + (psf_to_hdus(exposure.psf) if exposure.psf is not None else [])),
-                      path, overwrite)
+    atomic_write_hdus(
+        fits.HDUList(hdus + (psf_to_hdus(exposure.psf) if exposure.psf is not None else [])),
+        path,
+        overwrite,
+    )

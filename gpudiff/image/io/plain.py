@@ -36,11 +36,16 @@ def estimate_variance(image, gain: float | None = None) -> tuple[np.ndarray, flo
     sky, sigma : float (NaN when no pixel is finite)
     """
     from astropy.stats import sigma_clipped_stats
+
     img = np.asarray(image, dtype=np.float64)
     finite = np.isfinite(img)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # no finite pixel: NaN statistics, and all variance +inf below
-        _, sky, sigma = sigma_clipped_stats(img[finite], sigma=3.5, maxiters=10, cenfunc="median", stdfunc="mad_std")
+        warnings.simplefilter(
+            "ignore"
+        )  # no finite pixel: NaN statistics, and all variance +inf below
+        _, sky, sigma = sigma_clipped_stats(
+            img[finite], sigma=3.5, maxiters=10, cenfunc="median", stdfunc="mad_std"
+        )
     var = np.full(img.shape, float(sigma) ** 2)
     if gain is not None:
         var[finite] += np.clip(img[finite] - sky, 0.0, None) / float(gain)
@@ -48,8 +53,22 @@ def estimate_variance(image, gain: float | None = None) -> tuple[np.ndarray, flo
     return var.astype(np.float32), float(sky), float(sigma)
 
 
-def assemble(image, unc, kind, flags, bad, header, meta, gain, backend, *, xy0, planes: MaskPlanes | None = None,
-             path: str = "", **kwargs) -> Exposure:
+def assemble(
+    image,
+    unc,
+    kind,
+    flags,
+    bad,
+    header,
+    meta,
+    gain,
+    backend,
+    *,
+    xy0,
+    planes: MaskPlanes | None = None,
+    path: str = "",
+    **kwargs,
+) -> Exposure:
     """Exposure from one image and what came with it: σ/σ²/1/σ² ``unc`` (``kind`` std/var/ivar;
     None: estimated, and said so), bit ``flags`` named by ``planes`` (default: the header's),
     ``bad`` → BAD; pixels without a finite value or a usable variance → NO_DATA."""
@@ -60,17 +79,31 @@ def assemble(image, unc, kind, flags, bad, header, meta, gain, backend, *, xy0, 
         mask[bad & (mask == 0)] |= mask.dtype.type(planes.bitmask("BAD"))
     if unc is not None:
         with np.errstate(divide="ignore", invalid="ignore"):  # ivar <= 0 means no data: +inf
-            variance = (unc * unc if kind == "std" else unc if kind == "var" else
-                        np.where(unc > 0, 1.0 / unc, np.inf)).astype(np.float32)
+            variance = (
+                unc * unc
+                if kind == "std"
+                else unc
+                if kind == "var"
+                else np.where(unc > 0, 1.0 / unc, np.inf)
+            ).astype(np.float32)
     else:
         g = gain if gain is not None else gain_from(header)
         variance, sky, sigma = estimate_variance(image, g)
         meta["GDVAREST"] = ("sky+poisson" if g else "sky", "variance estimated by gpudiff")
-        for key, v, what in (("GDSKYLEV", sky, "sky level"), ("GDSKYSIG", sigma, "sky noise"), ("GDGAIN", g, "gain")):
+        for key, v, what in (
+            ("GDSKYLEV", sky, "sky level"),
+            ("GDSKYSIG", sigma, "sky noise"),
+            ("GDGAIN", g, "gain"),
+        ):
             if v is not None and math.isfinite(v):  # FITS cards cannot hold NaN
                 meta[key] = (v, f"{what} of the estimated variance")
-        log.info("%s: no noise in the file; variance estimated (%s, sky sigma %.4g%s)", path or "image",
-                 meta["GDVAREST"], sigma, f", gain {g:g}" if g else "")
+        log.info(
+            "%s: no noise in the file; variance estimated (%s, sky sigma %.4g%s)",
+            path or "image",
+            meta["GDVAREST"],
+            sigma,
+            f", gain {g:g}" if g else "",
+        )
     # A pixel without a finite value or without a usable (> 0, finite) uncertainty carries no
     # information: flag it NO_DATA rather than hand a task an unmasked zero/inf variance.
     with np.errstate(invalid="ignore"):
@@ -80,5 +113,6 @@ def assemble(image, unc, kind, flags, bad, header, meta, gain, backend, *, xy0, 
         mask = mask.astype(planes.dtype)
         mask[nodata] |= mask.dtype.type(planes.bitmask("NO_DATA"))
         image[nodata], variance[nodata] = np.nan, np.inf
-    return Exposure.from_arrays(image, variance, mask, xy0=xy0, mask_planes=planes, metadata=meta,
-                                backend=backend, **kwargs)
+    return Exposure.from_arrays(
+        image, variance, mask, xy0=xy0, mask_planes=planes, metadata=meta, backend=backend, **kwargs
+    )

@@ -11,26 +11,56 @@ from astropy.io import fits
 
 from ...errors import FitsReadError, InvalidInputError, PsfError
 from ..psf import DoubleGaussianPsf, GaussianPsf, GridPsf, ImagePsf, MoffatPsf, Psf
-from ._common import atomic_write_hdus, fget, fset, has_image, hdu_list, load, log, open_fits, role_of, strip
+from ._common import (
+    atomic_write_hdus,
+    fget,
+    fset,
+    has_image,
+    hdu_list,
+    load,
+    log,
+    open_fits,
+    role_of,
+    strip,
+)
 from .psf_models import CellPsf, PiffPsf
 
-__all__ = ["psf_to_hdus", "psf_from_hdus", "read_psf", "write_psf", "decode_psf", "PSF_EXTNAME",
-           "PSFGRID_EXTNAME", "PSF_NAMES"]
+__all__ = [
+    "psf_to_hdus",
+    "psf_from_hdus",
+    "read_psf",
+    "write_psf",
+    "decode_psf",
+    "PSF_EXTNAME",
+    "PSFGRID_EXTNAME",
+    "PSF_NAMES",
+]
 
 PSF_EXTNAME = "PSF"
 PSFGRID_EXTNAME = "PSFGRID"
 PSF_NAMES = (PSF_EXTNAME, "PSFIMAGE")  # ours, then astropy CCDData's
 
-_ANALYTIC = {GaussianPsf: ("GAUSSIAN", ("PSFSIGX", "sigma"), ("PSFSIGY", "sigma_y"), ("PSFTHETA", "theta")),
-             DoubleGaussianPsf: ("DOUBLEGAUSSIAN", ("PSFSIG1", "sigma1"), ("PSFSIG2", "sigma2"), ("PSFB", "b")),
-             MoffatPsf: ("MOFFAT", ("PSFFWHM", "profile_fwhm"), ("PSFBETA", "beta"))}
+_ANALYTIC = {
+    GaussianPsf: ("GAUSSIAN", ("PSFSIGX", "sigma"), ("PSFSIGY", "sigma_y"), ("PSFTHETA", "theta")),
+    DoubleGaussianPsf: (
+        "DOUBLEGAUSSIAN",
+        ("PSFSIG1", "sigma1"),
+        ("PSFSIG2", "sigma2"),
+        ("PSFB", "b"),
+    ),
+    MoffatPsf: ("MOFFAT", ("PSFFWHM", "profile_fwhm"), ("PSFBETA", "beta")),
+}
 _PIFF_GRID = 5  # nodes per axis of the grid a Piff model is written as
 
 
 def _grid_hdu(xs, ys) -> fits.BinTableHDU:
     return fits.BinTableHDU.from_columns(
-        [fits.Column("XS", f"{len(xs)}D", array=np.asarray(xs, np.float64)[None, :]),
-         fits.Column("YS", f"{len(ys)}D", array=np.asarray(ys, np.float64)[None, :])], name=PSFGRID_EXTNAME)
+        [
+            fits.Column("XS", f"{len(xs)}D", array=np.asarray(xs, np.float64)[None, :]),
+            fits.Column("YS", f"{len(ys)}D", array=np.asarray(ys, np.float64)[None, :]),
+        ],
+        name=PSFGRID_EXTNAME,
+    )
 
 
 def psf_to_hdus(psf: Psf) -> list:
@@ -62,8 +92,14 @@ def psf_to_hdus(psf: Psf) -> list:
         data, hdr["PSFTYPE"] = psf.image, "IMAGE"
     elif isinstance(psf, CellPsf):
         data, hdr["PSFTYPE"] = psf.images, "CELLS"
-        hdr["PSFCX0"], hdr["PSFCY0"] = (psf.x0, "x of the first cell's first pixel"), (psf.y0, "its y")
-        hdr["PSFCW"], hdr["PSFCH"] = (psf.cell_width, "cell width [pix]"), (psf.cell_height, "cell height [pix]")
+        hdr["PSFCX0"], hdr["PSFCY0"] = (
+            (psf.x0, "x of the first cell's first pixel"),
+            (psf.y0, "its y"),
+        )
+        hdr["PSFCW"], hdr["PSFCH"] = (
+            (psf.cell_width, "cell width [pix]"),
+            (psf.cell_height, "cell height [pix]"),
+        )
     elif isinstance(psf, PiffPsf) and psf.bbox is not None:
         b = psf.bbox
         xs = np.linspace(b.x0, b.x1 - 1, _PIFF_GRID) if b.width > 1 else np.array([float(b.x0)])
@@ -71,9 +107,13 @@ def psf_to_hdus(psf: Psf) -> list:
         data = np.array([[psf.kernel_image(x, y) for x in xs] for y in ys])
         hdr["PSFTYPE"], hdr["PSFSRC"] = "GRID", ("PIFF", "a Piff model, realized on this grid")
         extra.append(_grid_hdu(xs, ys))
-        log.info("writing a Piff PSF as its kernel images on a %dx%d grid over %s", len(ys), len(xs), b)
+        log.info(
+            "writing a Piff PSF as its kernel images on a %dx%d grid over %s", len(ys), len(xs), b
+        )
     elif isinstance(psf, Psf):
-        warnings.warn(f"{type(psf).__name__} has no FITS form; writing its kernel image (lossy)", stacklevel=2)
+        warnings.warn(
+            f"{type(psf).__name__} has no FITS form; writing its kernel image (lossy)", stacklevel=2
+        )
         data, hdr["PSFTYPE"] = psf.kernel_image(), "IMAGE"
     else:
         raise InvalidInputError(f"psf_to_hdus needs a gpudiff Psf, got {type(psf).__name__}")
@@ -86,7 +126,9 @@ def psf_to_hdus(psf: Psf) -> list:
 def _exact(psf: Psf, attr: str, data: np.ndarray) -> Psf:
     # The constructors renormalize to unit sum; dividing by a sum of 1 ± 1 ulp can flip
     # last bits, so put back the stored, already normalized values verbatim.
-    if getattr(psf, attr).shape == data.shape and np.allclose(data.sum(axis=(-2, -1)), 1.0, rtol=1e-12):
+    if getattr(psf, attr).shape == data.shape and np.allclose(
+        data.sum(axis=(-2, -1)), 1.0, rtol=1e-12
+    ):
         setattr(psf, attr, data.copy())
     return psf
 
@@ -99,9 +141,15 @@ def decode_psf(h, grid_hdu=None) -> Psf:
     avg = (fget(hdr, "PSFAVGX"), fget(hdr, "PSFAVGY")) if "PSFAVGX" in hdr else (0.0, 0.0)
     for cls, (name, *cards) in _ANALYTIC.items():
         if kind == name:
-            params = {attr.replace("profile_", ""): fget(hdr, key) for key, attr in cards}  # Moffat: fwhm=
-            return cls(**params, size=int(hdr["PSFSIZE"]), oversample=int(hdr.get("PSFOVSMP", 1)),
-                       average_position=avg)
+            params = {
+                attr.replace("profile_", ""): fget(hdr, key) for key, attr in cards
+            }  # Moffat: fwhm=
+            return cls(
+                **params,
+                size=int(hdr["PSFSIZE"]),
+                oversample=int(hdr.get("PSFOVSMP", 1)),
+                average_position=avg,
+            )
     if kind == "GRID":
         if grid_hdu is None or data is None or data.ndim != 4:
             raise PsfError(f"PSFTYPE=GRID needs 4-D data and a {PSFGRID_EXTNAME} table HDU")
@@ -110,11 +158,16 @@ def decode_psf(h, grid_hdu=None) -> Psf:
     if kind == "CELLS":
         if data is None or data.ndim != 4:
             raise PsfError("PSFTYPE=CELLS needs 4-D data (cells × kernel)")
-        psf = CellPsf(data, int(hdr["PSFCX0"]), int(hdr["PSFCY0"]), int(hdr["PSFCW"]), int(hdr["PSFCH"]))
+        psf = CellPsf(
+            data, int(hdr["PSFCX0"]), int(hdr["PSFCY0"]), int(hdr["PSFCW"]), int(hdr["PSFCH"])
+        )
         psf.average_position = avg if "PSFAVGX" in hdr else psf.average_position
         ok = psf.valid
-        if (psf.images.shape == data.shape and np.allclose(data.sum(axis=(-2, -1))[ok], 1.0, rtol=1e-12)
-                and np.isnan(data[~ok]).all()):
+        if (
+            psf.images.shape == data.shape
+            and np.allclose(data.sum(axis=(-2, -1))[ok], 1.0, rtol=1e-12)
+            and np.isnan(data[~ok]).all()
+        ):
             psf.images = data.copy()  # the stored, normalized values verbatim (see _exact)
         return psf
     if kind not in ("IMAGE", ""):
@@ -122,9 +175,14 @@ def decode_psf(h, grid_hdu=None) -> Psf:
     while data is not None and data.ndim > 2 and data.shape[0] == 1:
         data = data[0]
     if data is None or data.ndim != 2:  # IMAGE, or a foreign PSF image without PSFTYPE
-        raise PsfError(f"a PSF image must be 2-D, got {'no data' if data is None else data.shape}"
-                       + (" (a cube of PSF images needs PSFTYPE = 'GRID' or 'CELLS')"
-                          if data is not None and data.ndim > 2 else ""))
+        raise PsfError(
+            f"a PSF image must be 2-D, got {'no data' if data is None else data.shape}"
+            + (
+                " (a cube of PSF images needs PSFTYPE = 'GRID' or 'CELLS')"
+                if data is not None and data.ndim > 2
+                else ""
+            )
+        )
     return _exact(ImagePsf(data, average_position=avg), "image", data)
 
 
@@ -138,6 +196,7 @@ def psf_from_hdus(hdul: Sequence) -> Psf | None:
     :class:`ImagePsf`.  Raises :class:`PsfError` if malformed.
     """
     from .registry import layout_psf
+
     handled, psf = layout_psf(hdul)
     if handled:
         return psf
@@ -166,12 +225,16 @@ def read_psf(path) -> Psf:
     path = os.fspath(path)
     with open_fits(path) as hdul:
         names = [role_of(h) for h in hdul]
-        pick = next((names.index(n) for n in (PSF_EXTNAME, "DET_SAMP", "PSFIMAGE") if n in names),
-                    next((i for i, h in enumerate(hdul) if has_image(h)), None))
+        pick = next(
+            (names.index(n) for n in (PSF_EXTNAME, "DET_SAMP", "PSFIMAGE") if n in names),
+            next((i for i, h in enumerate(hdul) if has_image(h)), None),
+        )
         if pick is None or load(path, hdul[pick]) is None:
             raise FitsReadError(f"{path}: no HDU with a PSF image; the HDUs are {hdu_list(hdul)}")
         try:
-            return decode_psf(hdul[pick], hdul[PSFGRID_EXTNAME] if PSFGRID_EXTNAME in names else None)
+            return decode_psf(
+                hdul[pick], hdul[PSFGRID_EXTNAME] if PSFGRID_EXTNAME in names else None
+            )
         except Exception as exc:
             raise FitsReadError(f"{path}[{hdul[pick].name}]: not a usable PSF ({exc})") from exc
 

@@ -60,10 +60,14 @@ class PiffPsf(Psf):
 
     def _draw(self, x: float, y: float, size: int) -> np.ndarray:
         try:
-            img = np.array(self.model.draw(float(x), float(y), stamp_size=int(size), center=True).array,
-                           dtype=np.float64)
+            img = np.array(
+                self.model.draw(float(x), float(y), stamp_size=int(size), center=True).array,
+                dtype=np.float64,
+            )
         except Exception as exc:  # Piff raises its own types (e.g. chromatic models)
-            raise PsfError(f"Piff could not draw the PSF at ({x}, {y}): {type(exc).__name__}: {exc}") from exc
+            raise PsfError(
+                f"Piff could not draw the PSF at ({x}, {y}): {type(exc).__name__}: {exc}"
+            ) from exc
         s = img.sum()
         if not (np.isfinite(img).all() and s > 0):
             raise PsfError(f"Piff drew a PSF at ({x}, {y}) with sum {s}")
@@ -113,23 +117,38 @@ class CellPsf(Psf):
         if imgs.ndim != 4 or imgs.shape[2] != imgs.shape[3]:
             raise PsfError(f"CellPsf images must have shape (ny, nx, s, s), got {imgs.shape}")
         if cell_width <= 0 or cell_height <= 0:
-            raise PsfError(f"CellPsf cells must have a positive size, got {cell_width}x{cell_height}")
+            raise PsfError(
+                f"CellPsf cells must have a positive size, got {cell_width}x{cell_height}"
+            )
         if imgs.shape[2] % 2 == 0:  # odd kernels, afw's centre convention
             imgs = np.stack([np.stack([_odd(im) for im in row]) for row in imgs])
         sums = imgs.sum(axis=(2, 3))
         self.valid = np.isfinite(imgs).all(axis=(2, 3)) & (sums > 0)
         if not self.valid.any():
             raise PsfError("CellPsf has no cell with a usable PSF image")
-        self.images = np.where(self.valid[..., None, None], imgs / np.where(self.valid, sums, 1.0)[..., None, None],
-                               np.nan)
-        self.x0, self.y0, self.cell_width, self.cell_height = int(x0), int(y0), int(cell_width), int(cell_height)
+        self.images = np.where(
+            self.valid[..., None, None],
+            imgs / np.where(self.valid, sums, 1.0)[..., None, None],
+            np.nan,
+        )
+        self.x0, self.y0, self.cell_width, self.cell_height = (
+            int(x0),
+            int(y0),
+            int(cell_width),
+            int(cell_height),
+        )
         ny, nx = self.valid.shape
         cy, cx = (ny - 1) / 2.0, (nx - 1) / 2.0
-        i, j = min(zip(*np.nonzero(self.valid)), key=lambda ij: (ij[0] - cy) ** 2 + (ij[1] - cx) ** 2)
+        i, j = min(
+            zip(*np.nonzero(self.valid)), key=lambda ij: (ij[0] - cy) ** 2 + (ij[1] - cx) ** 2
+        )
         self.average_position = self._centre(int(i), int(j))
 
     def _centre(self, i: int, j: int) -> tuple[float, float]:
-        return (self.x0 + (j + 0.5) * self.cell_width - 0.5, self.y0 + (i + 0.5) * self.cell_height - 0.5)
+        return (
+            self.x0 + (j + 0.5) * self.cell_width - 0.5,
+            self.y0 + (i + 0.5) * self.cell_height - 0.5,
+        )
 
     @property
     def size(self) -> int:
@@ -172,10 +191,31 @@ def _odd(img: np.ndarray) -> np.ndarray:
 # afw stores a PiffPsf as a pickle of (width, height, piff.PSF).  Unpickling runs code named
 # by the file, so only the classes such a pickle needs are let through.
 _PICKLE_MODULES = ("piff", "galsim", "numpy", "coord", "treecorr")
-_PICKLE_BUILTINS = {("builtins", n) for n in ("set", "frozenset", "dict", "list", "tuple", "slice", "complex",
-                                                "range", "bytearray", "object", "bool", "int", "float", "str")}
-_PICKLE_OTHER = {("copyreg", "_reconstructor"), ("collections", "OrderedDict"), ("_codecs", "encode"),
-                 ("functools", "partial")}
+_PICKLE_BUILTINS = {
+    ("builtins", n)
+    for n in (
+        "set",
+        "frozenset",
+        "dict",
+        "list",
+        "tuple",
+        "slice",
+        "complex",
+        "range",
+        "bytearray",
+        "object",
+        "bool",
+        "int",
+        "float",
+        "str",
+    )
+}
+_PICKLE_OTHER = {
+    ("copyreg", "_reconstructor"),
+    ("collections", "OrderedDict"),
+    ("_codecs", "encode"),
+    ("functools", "partial"),
+}
 
 
 class _PiffUnpickler(pickle.Unpickler):
@@ -183,8 +223,10 @@ class _PiffUnpickler(pickle.Unpickler):
         top = module.split(".")[0]
         if top in _PICKLE_MODULES or (module, name) in _PICKLE_BUILTINS | _PICKLE_OTHER:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a PSF pickle "
-                                     "(only Piff, GalSim and NumPy classes are allowed)")
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name} from a PSF pickle "
+            "(only Piff, GalSim and NumPy classes are allowed)"
+        )
 
 
 def load_piff_pickle(data: bytes):
@@ -208,7 +250,11 @@ def load_piff_pickle(data: bytes):
 def piff_average_position(model, default):
     """The mean position of a Piff model's unflagged, unreserved stars (afw's choice), else ``default``."""
     try:
-        pos = [(s.image_pos.x, s.image_pos.y) for s in model.stars if not s.is_flagged and not s.is_reserve]
+        pos = [
+            (s.image_pos.x, s.image_pos.y)
+            for s in model.stars
+            if not s.is_flagged and not s.is_reserve
+        ]
     except Exception:
         pos = []
     if not pos:

@@ -50,12 +50,26 @@ def _fixed(module):
 
 
 LAYOUTS: list[Layout] = [
-    Layout(lsst_images.NAME, lsst_images.detect, _fixed(lsst_images), lsst_images.read_psf_of, ("IMAGE",)),
+    Layout(
+        lsst_images.NAME,
+        lsst_images.detect,
+        _fixed(lsst_images),
+        lsst_images.read_psf_of,
+        ("IMAGE",),
+    ),
     Layout(afw.NAME, afw.detect, _fixed(afw), afw.read_psf_of, ("IMAGE",)),
     Layout(jwst.NAME, jwst.detect, jwst.read, None, ("SCI",)),
     Layout(native.NAME, native.detect, _fixed(native), None, ("IMAGE",)),
-    Layout(ccddata.NAME, ccddata.detect, lambda hdus, idx, gain, be: ccddata.read_single(hdus, idx, gain, be)),
-    Layout("plain", lambda hdus: True, lambda hdus, idx, gain, be: ccddata.read_single(hdus, idx, gain, be)),
+    Layout(
+        ccddata.NAME,
+        ccddata.detect,
+        lambda hdus, idx, gain, be: ccddata.read_single(hdus, idx, gain, be),
+    ),
+    Layout(
+        "plain",
+        lambda hdus: True,
+        lambda hdus, idx, gain, be: ccddata.read_single(hdus, idx, gain, be),
+    ),
 ]
 _BY_NAME = {layout.name: layout for layout in LAYOUTS}
 
@@ -137,7 +151,9 @@ def read_exposure(path, *, hdu=None, gain: float | None = None, backend=None) ->
         ``gain`` is not a positive number.
     """
     path = os.fspath(path)
-    if gain is not None and not (isinstance(gain, (int, float, np.number)) and math.isfinite(gain) and gain > 0):
+    if gain is not None and not (
+        isinstance(gain, (int, float, np.number)) and math.isfinite(gain) and gain > 0
+    ):
         raise InvalidInputError(f"gain must be a positive number of e-/ADU, got {gain!r}")
     try:
         with open_fits(path) as hdul:
@@ -145,12 +161,16 @@ def read_exposure(path, *, hdu=None, gain: float | None = None, backend=None) ->
             try:
                 idx = None if hdu is None else hdul.index_of(hdu)
             except (KeyError, IndexError, TypeError, ValueError):
-                raise FitsReadError(f"{path}: no HDU {hdu!r}; the HDUs are {hdus.listing()}") from None
+                raise FitsReadError(
+                    f"{path}: no HDU {hdu!r}; the HDUs are {hdus.listing()}"
+                ) from None
             layout = _detect(hdus)
             if idx is not None and hdus.roles[idx] not in layout.pixel_roles and layout.pixel_roles:
                 layout = _BY_NAME["plain"]  # another HDU named: read it as a single image
             elif idx is None and layout.name in ("ccddata", "plain") and "VARIANCE" in hdus.roles:
-                raise FitsReadError(f"{path}: a VARIANCE HDU but no IMAGE HDU; the HDUs are {hdus.listing()}")
+                raise FitsReadError(
+                    f"{path}: a VARIANCE HDU but no IMAGE HDU; the HDUs are {hdus.listing()}"
+                )
             log.info("%s: read as the %s layout", path, layout.name)
             return layout.read(hdus, idx, gain, backend)
     except (FitsReadError, BackendUnavailableError):
@@ -158,4 +178,6 @@ def read_exposure(path, *, hdu=None, gain: float | None = None, backend=None) ->
     except GpudiffError as exc:  # a bad PSF, mask card or PHOTCAL: name the file
         raise FitsReadError(f"{path}: {exc}") from exc
     except Exception as exc:  # nothing raw from astropy or numpy escapes
-        raise FitsReadError(f"{path}: cannot read an exposure ({type(exc).__name__}: {exc})") from exc
+        raise FitsReadError(
+            f"{path}: cannot read an exposure ({type(exc).__name__}: {exc})"
+        ) from exc
