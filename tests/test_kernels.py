@@ -712,3 +712,71 @@ def test_gpu_modules_are_cached():
     m1 = K.load_module("clipped_stack.cu")
     m2 = K.load_module("clipped_stack.cu")
     assert m1 is m2
+
+
+def _moment_stamps(rng, n=300, s=21):
+    """Elliptical Gaussians (S/N 0-1000 at the peak over unit noise, random shape, offset
+    up to 1.5 px), an empty, a negative and an off-centre stamp; ~8 % of pixels masked."""
+    c = np.arange(s) - s // 2
+    X, Y = np.meshgrid(c, c)
+    st = np.empty((n, s, s), np.float32)
+    for i in range(n):
+        sx, sy, th = rng.uniform(0.9, 3.0), rng.uniform(0.9, 3.0), rng.uniform(0, np.pi)
+        x0, y0 = rng.uniform(-1.5, 1.5, 2)
+        u = (X - x0) * np.cos(th) + (Y - y0) * np.sin(th)
+        v = -(X - x0) * np.sin(th) + (Y - y0) * np.cos(th)
+        amp = [0.0, 3.0, 10.0, 100.0, 1000.0][i % 5]
+        st[i] = amp * np.exp(-0.5 * (u * u / sx ** 2 + v * v / sy ** 2)) + rng.normal(0, 1, (s, s))
+    st[0], st[1] = 0.0, -100.0 * np.exp(-0.5 * (X ** 2 + Y ** 2) / 4)
+    st[2] = 100.0 * np.exp(-0.5 * ((X - 4) ** 2 + Y ** 2) / 2)
+    return st, rng.random(st.shape) > 0.08
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("max_iter,tol", [(60, 1e-6), (6, 1e-3)])
+def test_gpu_adaptive_moments_parity(rng, max_iter, tol):
+    import cupy
+
+    st, valid = _moment_stamps(rng)
+    ref = K.adaptive_moments_twin(st, valid, 3.0, max_iter, tol)
+    got = K.get_kernel("adaptive_moments", "cupy")(cupy.asarray(st), cupy.asarray(valid), 3.0,
+                                                    max_iter, tol)
+    assert all(isinstance(g, cupy.ndarray) for g in got)
+    got = [cupy.asnumpy(g) for g in got]
+    # The block sums add in a tree, the twin in NumPy's order: rounding (~1e-13) can move a
+    # row across a convergence threshold only when it lies within that of it; allow 1 %.
+    same = got[5] == ref[5]
+    assert same.mean() > 0.99 and ref[5].sum() >= 50
+    for j in range(5):
+        # a threshold flip changes the step count by one: ≤ tol·(wxx + wyy) ≈ 1e-5 px²
+        np.testing.assert_allclose(got[j][same], ref[j][same], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_weighted_centroid_parity(rng):
+    import cupy
+
+    st, valid = _moment_stamps(rng)
+    st = np.where(valid, st, 0).astype(np.float32)
+    x0, y0 = rng.uniform(-0.5, 0.5, len(st)), rng.uniform(-0.5, 0.5, len(st))
+    ref = K.weighted_centroid_twin(st, x0, y0, 1.6)
+    got = [cupy.asnumpy(g) for g in K.get_kernel("weighted_centroid", "cupy")(
+        cupy.asarray(st), cupy.asarray(x0), cupy.asarray(y0), 1.6)]
+    same = got[2] == ref[2]
+    assert same.mean() > 0.99 and ref[2].sum() >= 50
+    np.testing.assert_allclose(got[0][same], ref[0][same], atol=1e-9)  # 20 fixed steps: rounding
+    np.testing.assert_allclose(got[1][same], ref[1][same], atol=1e-9)
+
+
+def test_stamp_kernels_registered_and_validated(rng):
+    """Both stamp kernels are in the registry with a launcher and their .cu symbols, and
+    the twins reject stamps that are not (n, s, s)."""
+    for name, sym in (("adaptive_moments", "adaptive_moments_f64"),
+                      ("weighted_centroid", "weighted_centroid_f64")):
+        spec = K.get_spec(name)
+        assert spec.cuda_launcher is not None and spec.symbols == (sym,)
+        assert sym in K.read_cuda_source(spec.source)
+    with pytest.raises(ShapeMismatchError):
+        K.adaptive_moments_twin(np.zeros((3, 5, 6)), np.ones((3, 5, 6), bool), 2.0)
+    with pytest.raises(ShapeMismatchError):
+        K.weighted_centroid_twin(np.zeros((3, 5, 5)), np.zeros(2), np.zeros(3), 1.0)

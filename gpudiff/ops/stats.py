@@ -27,6 +27,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..backend import Backend, resolve_backend
+from ..backend.kernels import get_kernel
 from ..errors import AllMaskedError, InvalidInputError, ShapeMismatchError
 from ..image import Exposure, MaskedImage, MaskPlanes
 
@@ -421,11 +422,6 @@ def gather_stamps(be: Backend, image: Any, rows: Any, cols: Any, half: int, fill
     return xp.where(inside, st, xp.asarray(fill, dtype=st.dtype)), inside
 
 
-def _offsets(be: Backend, s: int):
-    """Pixel offsets from the central pixel of a side-``s`` stamp, float64 (s,)."""
-    return be.xp.arange(s, dtype=be.xp.float64) - (s // 2)
-
-
 def weighted_centroid(be: Backend, stamps: Any, x0: Any, y0: Any, sigma: float, niter: int = 20,
                       max_shift: float = 2.0):
     """Iterated Gaussian-weighted centroids of a stack of stamps.
@@ -435,11 +431,10 @@ def weighted_centroid(be: Backend, stamps: Any, x0: Any, y0: Any, sigma: float, 
     unbiased; with ``sigma`` the PSF's σ it is close to the optimal (matched-filter)
     centroid in the sky-noise limit.
 
-    All stamps are iterated together for exactly ``niter`` steps (a fixed budget: no host
-    synchronisation inside the loop); a stamp that fails stops moving (masked update).
-    The round weight is separable, w = g(x)·g(y), so each step is two batched matrix
-    products of the stamps with the (n, 2, s) weight rows [g, g·offset] instead of
-    full-stamp weight images: about 15 whole-batch array operations per step.
+    All stamps are iterated together for exactly ``niter`` steps with masked updates (a
+    stamp that fails stops moving) and no host synchronisation: the registered kernel
+    ``weighted_centroid`` (one CUDA block per source on a GPU; on the CPU its NumPy twin,
+    :func:`gpudiff.backend.kernels.weighted_centroid_twin`).
 
     Parameters
     ----------
@@ -458,78 +453,8 @@ def weighted_centroid(be: Backend, stamps: Any, x0: Any, y0: Any, sigma: float, 
         Offsets from the central pixel.
     ok : bool array (n,)
     """
-    xp = be.xp
-    n, s = int(stamps.shape[0]), int(stamps.shape[1])
-    c = _offsets(be, s)
-    c2 = xp.stack([xp.ones(s), c])  # (2, s): the weight rows' factors 1 and offset
-    img = stamps.astype(xp.float64)
-    # p: (n, 2) current (x, y); starting values as given
-    p = xp.stack([be.asarray(x0).astype(xp.float64), be.asarray(y0).astype(xp.float64)], axis=1)
-    ok = xp.ones(n, dtype=bool)
-    step = xp.zeros(n)
-    k = -0.5 / (sigma * sigma)
-    with np.errstate(all="ignore"):  # failed stamps give 0/0 or inf: masked out below
-        for it in range(niter):
-            d = c[None, None, :] - p[:, :, None]  # (n, 2, s): offsets from the current centre
-            g = xp.exp(xp.square(d) * k)  # (n, 2, s): g(x - x_c), g(y - y_c)
-            w = g[:, :, None, :] * c2[None, None, :, :]  # (n, axis, [1, offset], s)
-            a = img @ w[:, 0].transpose(0, 2, 1)  # (n, s_rows, 2): Σ_col I·g·[1, X]
-            m = w[:, 1] @ a  # (n, 2, 2): [[Σ wI, Σ wIX], [Σ wIY, ·]]
-            s0 = m[:, 0, 0]
-            q = xp.stack([m[:, 0, 1], m[:, 1, 0]], axis=1) / s0[:, None]  # new (x, y)
-            good = (s0 > 0) & (xp.abs(q) <= max_shift).all(axis=1)  # NaN compares False
-            ok &= good
-            if it == niter - 1:  # the convergence test only needs the last step
-                step = xp.where(ok, xp.abs(q - p).sum(axis=1), 0.0)
-            p = xp.where(ok[:, None], q, p)
-    return p[:, 0], p[:, 1], ok & (step < 1e-3)
-
-
-def _moment_basis(be: Backend, s: int):
-    """(s², 6) float64 [1, X, Y, X², Y², XY] over the pixels of a side-``s`` stamp (row-major),
-    so that ``w.reshape(n, s²) @ basis`` gives every raw moment of a batch in one product."""
-    xp = be.xp
-    c = _offsets(be, s)
-    X = xp.broadcast_to(c[None, :], (s, s)).reshape(-1)
-    Y = xp.broadcast_to(c[:, None], (s, s)).reshape(-1)
-    return xp.stack([xp.ones(s * s), X, Y, X * X, Y * Y, X * Y], axis=1)
-
-
-def _adaptive_step(xp, im, basis, dxg, dyg, st, ok, change, act, lo, hi, tol):
-    """One fixed-point step W ← 2·Q for every row; only rows in ``act`` change.
-
-    ``st`` is (m, 5) [xc, yc, wxx, wyy, wxy]; returns the updated (st, ok, change, act).
-    Raw moments come from one matrix product with ``basis``; the central moments are
-    Σw(X−x̄)²/Σw = ΣwX²/Σw − x̄² (exact algebra; the cancellation costs < 1e-14 here)."""
-    m, s = int(im.shape[0]), int(im.shape[1])
-    det = st[:, 2] * st[:, 3] - st[:, 4] * st[:, 4]
-    h = (-0.5 / det)[:, None, None]
-    # -q/2 = -(wyy·dx² - 2·wxy·dx·dy + wxx·dy²) / (2·det), with dx (m, 1, s), dy (m, s, 1)
-    dx = dxg - st[:, 0][:, None, None]
-    dy = dyg - st[:, 1][:, None, None]
-    # the (m, 1, s) and (m, s, 1) factors first: three full-stamp operations, not six
-    e = ((dx * dx * (st[:, 3][:, None, None] * h) + dy * dy * (st[:, 2][:, None, None] * h))
-         + (dx * (st[:, 4][:, None, None] * (-2.0 * h))) * dy)
-    wd = xp.exp(e) * im
-    # einsum, not @: NumPy sends @ to a multithreaded BLAS, ~10x slower for these shapes
-    # on two busy cores; on a GPU both are one launch
-    mom = xp.einsum("nk,kj->nj", wd.reshape(m, s * s), basis)  # (m, 6) raw moments
-    s0 = mom[:, 0]
-    good = s0 > 0
-    r = mom[:, 1:] / xp.where(good, s0, 1.0)[:, None]  # [x̄, ȳ, Σ wX²/Σw, Σ wY²/Σw, Σ wXY/Σw]
-    cen = 2.0 * (r[:, 2:] - r[:, [0, 1, 0]] * r[:, [0, 1, 1]])
-    dia = xp.clip(cen[:, :2], lo, hi)
-    lim = 0.99 * xp.sqrt(dia[:, 0] * dia[:, 1])
-    nxy = xp.clip(cen[:, 2], -lim, lim)
-    new = xp.concatenate([r[:, :2], dia, nxy[:, None]], axis=1)
-    good &= (xp.abs(r[:, :2]) <= 2.0).all(axis=1)
-    ok = ok & (good | ~act)  # rows not iterated keep their flag
-    upd = ok & act
-    ch = xp.abs(new[:, 2:] - st[:, 2:]).sum(axis=1)
-    change = xp.where(upd, ch, change)
-    st = xp.where(upd[:, None], new, st)
-    act = upd & (change >= tol * (st[:, 2] + st[:, 3]))
-    return st, ok, change, act
+    f = get_kernel("weighted_centroid", be)
+    return f(be.asarray(stamps), be.asarray(x0), be.asarray(y0), sigma, niter, max_shift)
 
 
 def adaptive_moments_batch(be: Backend, stamps: Any, valid: Any, w_init: float, max_iter: int = 60,
@@ -539,13 +464,12 @@ def adaptive_moments_batch(be: Backend, stamps: Any, valid: Any, w_init: float, 
     The fixed point W = 2·Q of :func:`gpudiff.image.adaptive_moments` (the ``SdssShape``
     definition: a Gaussian of covariance C gives exactly C), iterated for all stamps at
     once; the weight is bounded (σ² ≥ 0.04 px², |ρ| < 0.99) so noise cannot make it
-    diverge.
+    diverge.  A stamp stops at its first failure (Σ w·I ≤ 0 or a centroid beyond 2 px),
+    keeping its last state, or when its moments move by less than tol·(wxx + wyy).
 
-    Convergence is masked: every step updates all rows still moving with whole-batch array
-    operations (no host synchronisation inside a step), and a row that converged or failed
-    stops changing.  Every ``check_every`` steps the host learns which rows still move (one
-    synchronisation), stops when none does and iterates only those from then on.  A row's
-    result does not depend on ``check_every`` (frozen rows are never updated).
+    Runs the registered kernel ``adaptive_moments``: on a GPU one CUDA block per source,
+    one launch; on the CPU its NumPy twin
+    (:func:`gpudiff.backend.kernels.adaptive_moments_twin`), masked whole-batch steps.
 
     Parameters
     ----------
@@ -558,12 +482,10 @@ def adaptive_moments_batch(be: Backend, stamps: Any, valid: Any, w_init: float, 
     max_iter : int
         The iteration budget.
     tol : float
-        A row converged when its moments move by less than tol·(wxx + wyy) in a step.
+        Convergence tolerance (relative to wxx + wyy).
     check_every : int, optional
-        Steps between checks of the set of moving rows.  Default: 1 on the CPU (a check
-        is free there and compacting the batch saves work: most rows converge in ~10 steps,
-        a few noisy ones use the whole budget), 10 on a GPU (each check is a host sync; a
-        masked step costs ~45 launches whatever the number of rows).
+        The twin's steps between host checks of the rows still moving (see
+        :func:`gpudiff.backend.kernels.adaptive_moments_twin`); results do not depend on it.
 
     Returns
     -------
@@ -572,42 +494,7 @@ def adaptive_moments_batch(be: Backend, stamps: Any, valid: Any, w_init: float, 
     ok : bool array (n,)
         Converged, with positive weighted flux and a centroid within 2 px.
     """
-    xp = be.xp
-    n, s = int(stamps.shape[0]), int(stamps.shape[1])
-    k = int(check_every) if check_every else (10 if be.is_gpu else 1)
-    if k < 1:
+    if check_every is not None and int(check_every) < 1:
         raise InvalidInputError(f"check_every must be >= 1, got {check_every}")
-    c = _offsets(be, s)
-    dxg, dyg = c[None, None, :], c[None, :, None]
-    basis = _moment_basis(be, s)
-    img = xp.where(valid, stamps, 0).astype(xp.float64)
-    lo, hi = 0.04, float(s * s)
-    w0 = float(w_init)
-    st = xp.zeros((n, 5)) + be.asarray(np.array([0.0, 0.0, w0, w0, 0.0]))
-    ok = xp.ones(n, dtype=bool)
-    change = xp.full(n, xp.inf)
-    act = xp.ones(n, dtype=bool)
-    rows = None  # the rows iterated (None: all)
-    done = 0
-    with np.errstate(all="ignore"):  # failed rows give 0/0 or inf: masked out
-        while done < max_iter:
-            if rows is None:
-                sub = (img, st, ok, change, act)
-            else:
-                sub = (img[rows], st[rows], ok[rows], change[rows], act[rows])
-            im, sst, sok, sch, sact = sub
-            for _ in range(min(k, max_iter - done)):
-                sst, sok, sch, sact = _adaptive_step(xp, im, basis, dxg, dyg, sst, sok, sch, sact,
-                                                     lo, hi, tol)
-                done += 1
-            if rows is None:
-                st, ok, change, act = sst, sok, sch, sact
-            else:
-                st[rows], ok[rows], change[rows], act[rows] = sst, sok, sch, sact
-            if done >= max_iter:
-                break
-            rows = xp.nonzero(act)[0]  # the check: one host sync
-            if int(rows.shape[0]) == 0:
-                break
-    ok &= change < tol * (st[:, 2] + st[:, 3]) * 10
-    return st[:, 0], st[:, 1], st[:, 2], st[:, 3], st[:, 4], ok
+    f = get_kernel("adaptive_moments", be)
+    return f(be.asarray(stamps), be.asarray(valid), w_init, max_iter, tol, check_every=check_every)
