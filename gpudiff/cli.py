@@ -9,11 +9,14 @@ and ``run(args) -> int``, imported only when it is used.  Errors of gpudiff
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import sys
 
 from .backend import BACKEND_NAMES
+from .backend.threads import ENV_THREADS, num_threads
 from .errors import GpudiffError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
@@ -52,6 +55,36 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+@contextlib.contextmanager
+def _thread_setting(n: int | None):
+    """``--threads N`` for the command: the setting of this process (a ``num_threads``
+    block) and ``$GPUDIFF_NUM_THREADS`` for the processes it starts (``batch`` workers),
+    both restored afterwards (``main`` may be called in-process, as the tests do)."""
+    if n is None:
+        yield
+        return
+    old = os.environ.get(ENV_THREADS)
+    os.environ[ENV_THREADS] = str(n)
+    try:
+        with num_threads(n):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_THREADS, None)
+        else:
+            os.environ[ENV_THREADS] = old
+
+
 def _command(name: str):
     return importlib.import_module(f"gpudiff.commands.{COMMANDS[name]}")
 
@@ -65,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="array backend (default: $GPUDIFF_BACKEND or auto)",
     )
+    # --threads is also accepted before the command (``gpudiff --threads 1 info``); after it,
+    # its default must not overwrite the value given before (argparse fills sub-parser
+    # defaults in after the main parser's).
+    common.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=argparse.SUPPRESS,
+        metavar="N",
+        help=f"host threads per process for thread pools and FFTs (default: ${ENV_THREADS}, "
+        "else one per core; batch workers: 1 each)",
+    )
     common.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
     )
@@ -73,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gpudiff", description="Astronomical image differencing on GPUs (LSST algorithms)."
     )
     parser.add_argument("--version", action=_VersionAction)
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help=f"host threads per process for thread pools and FFTs (default: ${ENV_THREADS}, "
+        "else one per core; batch workers: 1 each)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
@@ -93,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _command(args.command).run(args)
+        with _thread_setting(args.threads):
+            return _command(args.command).run(args)
     except GpudiffError as exc:
         print(f"gpudiff {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..errors import BackendUnavailableError, InvalidInputError
+from .threads import get_num_threads
 
 __all__ = [
     "Backend",
@@ -88,8 +89,9 @@ class Backend:
 
     @property
     def fft_kwargs(self) -> dict:
-        """Extra keyword arguments for ``fft`` calls: all CPU cores for scipy.fft."""
-        return {"workers": -1} if self.name == "numpy" else {}
+        """Extra keyword arguments for ``fft`` calls: scipy.fft gets the thread setting
+        (:func:`gpudiff.backend.threads.get_num_threads`) as ``workers``."""
+        return {"workers": get_num_threads()} if self.name == "numpy" else {}
 
     def asarray(self, a: Any, dtype: Any = None) -> Any:
         """Convert ``a`` to an array of this backend.

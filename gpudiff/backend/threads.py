@@ -1,40 +1,201 @@
-"""Host threads for independent pieces of CPU work (bands, warps, visits, image planes).
+"""Host threads for independent pieces of CPU work (bands, warps, visits, image planes), and
+the one thread setting that every pool and every SciPy FFT of gpudiff obeys.
 
 NumPy releases the GIL inside its ufunc loops, sorts and reductions, so on the CPU
 independent pieces of array work run about N× faster on N cores when each gets a thread.
 On a GPU the device already runs in parallel and threads would only contend for it, so
 callers pass ``parallel=not backend.is_gpu``.  Every piece must write only its own
 outputs: results are then the same bits as a sequential run.
+
+The thread setting
+------------------
+:func:`get_num_threads` is the number of host threads gpudiff may use at once: the thread
+pools here (:func:`cpu_workers`, :func:`parallel_map`, :func:`run_concurrently`) and the
+``workers`` of every ``scipy.fft`` call (:attr:`gpudiff.Backend.fft_kwargs`).  It is, in
+order of precedence, the innermost ``with num_threads(n)`` of the calling context, else
+:func:`set_num_threads`'s value, else the environment variable ``GPUDIFF_NUM_THREADS``, else
+``os.cpu_count()``.  Several processes on one machine (Dask workers, a job array) should
+each get their share, or they oversubscribe the cores: ``gpudiff batch`` workers default
+to one thread each.
+
+A pool divides the setting between its threads: each of ``w`` pool threads runs its piece
+with ``num_threads(max(1, n // w))``, so an FFT inside a piece of a parallel map does not
+start another ``n`` threads.  The ``with`` setting lives in a :mod:`contextvars` variable,
+which the pools here carry into their threads, so concurrent callers (the threads of one
+Dask worker) may each use their own setting.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import inspect
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
-__all__ = ["cpu_workers", "parallel_map", "run_concurrently"]
+__all__ = [
+    "ENV_THREADS",
+    "get_num_threads",
+    "set_num_threads",
+    "num_threads",
+    "accepts_threads",
+    "cpu_workers",
+    "parallel_map",
+    "run_concurrently",
+]
+
+#: Environment variable giving the default thread setting.
+ENV_THREADS = "GPUDIFF_NUM_THREADS"
+
+# The process-wide value of set_num_threads (None: the environment, else the core count),
+# and the per-context value of ``with num_threads(n)`` (None: the process-wide one).
+_process_threads: int | None = None
+_context_threads: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "gpudiff_num_threads", default=None
+)
+
+
+def _check(n: Any, what: str) -> int:
+    """``n`` as a positive int, else InvalidInputError naming ``what``."""
+    try:
+        ok = not isinstance(n, bool) and int(n) == float(n) and int(n) >= 1
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        from ..errors import InvalidInputError
+
+        raise InvalidInputError(f"{what} must be a positive integer, got {n!r}")
+    return int(n)
+
+
+def _env_threads() -> int | None:
+    text = os.environ.get(ENV_THREADS, "").strip()
+    return _check(text, f"${ENV_THREADS}") if text else None
+
+
+def get_num_threads() -> int:
+    """The number of host threads gpudiff may use at once (pools and ``scipy.fft``).
+
+    Returns
+    -------
+    int
+        The innermost ``with num_threads(n)``, else :func:`set_num_threads`'s value, else
+        ``$GPUDIFF_NUM_THREADS``, else ``os.cpu_count()``.
+
+    Raises
+    ------
+    gpudiff.InvalidInputError
+        ``$GPUDIFF_NUM_THREADS`` is set but is not a positive integer.
+    """
+    n = _context_threads.get()
+    if n is None:
+        n = _process_threads
+    if n is None:
+        n = _env_threads()
+    return n if n is not None else (os.cpu_count() or 1)
+
+
+def set_num_threads(n: int | None) -> None:
+    """Set the process-wide thread setting (see :func:`get_num_threads`).
+
+    Parameters
+    ----------
+    n : int or None
+        Positive number of threads; ``None`` goes back to ``$GPUDIFF_NUM_THREADS``, else
+        ``os.cpu_count()``.  A ``with num_threads(m)`` block still wins inside it.
+
+    Raises
+    ------
+    gpudiff.InvalidInputError
+        ``n`` is not a positive integer.
+    """
+    global _process_threads
+    _process_threads = None if n is None else _check(n, "threads")
+
+
+@contextlib.contextmanager
+def num_threads(n: int | None) -> Iterator[int]:
+    """Context manager: use ``n`` threads inside the block (in this thread and the pools it
+    starts through this module), then the previous setting again.
+
+    Parameters
+    ----------
+    n : int or None
+        Positive number of threads; ``None`` leaves the setting as it is.
+
+    Yields
+    ------
+    int
+        The setting inside the block.
+
+    Raises
+    ------
+    gpudiff.InvalidInputError
+        ``n`` is not a positive integer.
+    """
+    if n is None:
+        yield get_num_threads()
+        return
+    token = _context_threads.set(_check(n, "threads"))
+    try:
+        yield int(n)
+    finally:
+        _context_threads.reset(token)
+
+
+def accepts_threads(fn: Callable) -> Callable:
+    """Decorator: ``fn`` gains a keyword-only ``threads=None`` and runs inside
+    ``with num_threads(threads)`` (the ``threads=`` of the file-level API functions)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, threads: int | None = None, **kwargs):
+        with num_threads(threads):
+            return fn(*args, **kwargs)
+
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())
+    extra = inspect.Parameter("threads", inspect.Parameter.KEYWORD_ONLY, default=None)
+    at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+    wrapper.__signature__ = sig.replace(parameters=[*params[:at], extra, *params[at:]])
+    return wrapper
 
 
 def cpu_workers(n_items: int, limit: int | None = None, *, parallel: bool = True) -> int:
-    """Threads to use for ``n_items`` pieces: one per core, at most ``limit``; 1 when not
-    ``parallel`` or with fewer than two pieces."""
+    """Threads to use for ``n_items`` pieces: one per thread of :func:`get_num_threads`, at
+    most ``limit``; 1 when not ``parallel`` or with fewer than two pieces."""
     if not parallel or n_items < 2:
         return 1
-    n = min(os.cpu_count() or 1, n_items)
+    n = min(get_num_threads(), n_items)
     return max(1, n if limit is None else min(n, int(limit)))
 
 
 def parallel_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> list:
     """``[fn(x) for x in items]``, on ``workers`` threads when more than one (order kept;
-    the first exception is raised)."""
+    the first exception is raised).
+
+    ``workers`` is capped by :func:`get_num_threads`, and each piece runs with the setting
+    divided between the threads, so the pieces' own FFTs and pools stay within it.
+    """
     items = list(items)
+    workers = min(int(workers), get_num_threads())
     if workers <= 1 or len(items) < 2:
         return [fn(x) for x in items]
+    share = max(1, get_num_threads() // workers)
+
+    def run(x):
+        with num_threads(share):
+            return fn(x)
+
+    # A Context can be entered by one thread at a time: one copy per piece, each carrying
+    # the caller's ``with num_threads`` setting into the pool thread.
+    contexts = [contextvars.copy_context() for _ in items]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(fn, items))
+        return list(pool.map(lambda c, x: c.run(run, x), contexts, items))
 
 
 def run_concurrently(*calls: Callable[[], Any], parallel: bool = True) -> list:
-    """The results of the zero-argument ``calls``, run on one thread each when ``parallel``."""
+    """The results of the zero-argument ``calls``, run on one thread each when ``parallel``
+    (at most :func:`get_num_threads` at a time)."""
     return parallel_map(lambda call: call(), calls, cpu_workers(len(calls), parallel=parallel))

@@ -66,7 +66,10 @@ def start_local_cluster(
         CPU worker processes (default: one per core, as Dask counts them), one thread each:
         the array work is NumPy/SciPy, which releases the GIL only in parts, and a process
         per core keeps the cores busy without oversubscribing BLAS (Dask sets
-        ``OMP_NUM_THREADS=1`` in its workers).
+        ``OMP_NUM_THREADS=1`` in its workers).  For the same reason each row runs with
+        gpudiff's thread setting at 1 (its pools and FFTs), unless ``GPUDIFF_NUM_THREADS``
+        is set for the workers (``gpudiff --threads N batch`` sets it):
+        :func:`gpudiff.batch.task.worker_threads`.
     gpus : list of str, optional
         One worker per listed GPU.  Uses ``dask_cuda.LocalCUDACluster`` when importable,
         else a Dask ``SpecCluster`` whose workers each get ``CUDA_VISIBLE_DEVICES`` set to

@@ -16,9 +16,10 @@ import socket
 import time
 import warnings
 
+from ..backend.threads import ENV_THREADS, get_num_threads, num_threads
 from ..errors import GpudiffError, ManifestError
 
-__all__ = ["run_job", "output_status", "remove_stale_temporaries"]
+__all__ = ["run_job", "worker_threads", "output_status", "remove_stale_temporaries"]
 
 #: The FITS HDUs every gpudiff exposure output has (the LSST-style layout).
 EXPOSURE_HDUS = ("IMAGE", "MASK", "VARIANCE")
@@ -192,7 +193,20 @@ def _coadd(job, backend, overwrite, note) -> dict:
 _RUNNERS = {"subtract": _subtract, "match-psf": _match_psf, "coadd": _coadd}
 
 
-def run_job(job, backend=None, overwrite: bool = False) -> dict:
+def worker_threads(threads: int | None = None) -> int:
+    """The thread setting of one batch row: ``threads`` if given, else the worker's
+    ``$GPUDIFF_NUM_THREADS`` if set, else 1.
+
+    A batch runs one row per worker process (or per GPU-worker thread) on every core, so a
+    row that also took every core for its pools and FFTs would oversubscribe the machine
+    ``workers``-fold: one thread per row is the default, unless asked otherwise.
+    """
+    if threads is not None:
+        return int(threads)
+    return get_num_threads() if os.environ.get(ENV_THREADS, "").strip() else 1
+
+
+def run_job(job, backend=None, overwrite: bool = False, threads: int | None = None) -> dict:
     """Run one manifest row here (on a Dask worker, or in-process); its summary.
 
     Parameters
@@ -202,6 +216,9 @@ def run_job(job, backend=None, overwrite: bool = False) -> dict:
         Backend name (None: the worker's ``GPUDIFF_BACKEND`` or auto).
     overwrite : bool
         Replace an existing output (``--overwrite``, or an invalid one found by ``--resume``).
+    threads : int, optional
+        Host threads for the row's pools and FFTs (default: the worker's
+        ``$GPUDIFF_NUM_THREADS``, else 1; :func:`worker_threads`).
 
     Returns
     -------
@@ -238,7 +255,8 @@ def run_job(job, backend=None, overwrite: bool = False) -> dict:
                     "removed the temporary files of an interrupted write of "
                     f"{os.path.basename(extra)}"
                 )
-        res = _RUNNERS[job.kind](job, backend, overwrite, notes.append)
+        with num_threads(worker_threads(threads)):
+            res = _RUNNERS[job.kind](job, backend, overwrite, notes.append)
         quality = res.pop("quality", None) or []
         if quality:  # written, but its own quality check failed: as the CLI's exit status 3
             out["error"] = "quality check failed: " + "; ".join(quality)
