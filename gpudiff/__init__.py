@@ -8,6 +8,7 @@ variable ``GPUDIFF_BACKEND``).
 import importlib as _importlib
 
 from .backend import Backend, get_backend, use_backend
+from .backend.threads import get_num_threads, num_threads, set_num_threads
 from .errors import *  # noqa: F401,F403  (the exception hierarchy is public API)
 from .errors import __all__ as _errors_all
 
@@ -75,6 +76,9 @@ __all__ = [
     "Psf",
     "estimate_psf",
     "get_backend",
+    "get_num_threads",
+    "num_threads",
+    "set_num_threads",
     "use_backend",
     *_errors_all,
 ]

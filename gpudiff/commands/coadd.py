@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import get_backend
+from ..backend.threads import accepts_threads
 from ..errors import FitsWriteError, InvalidInputError, PsfError
 
 HELP = "coadd warps into a deep template, masking artifacts (CompareWarpAssembleCoaddTask)"
@@ -112,6 +113,7 @@ def _write(output: str, exposure, n_image, overwrite: bool) -> None:
             os.unlink(tmp)
 
 
+@accepts_threads
 def coadd_files(
     warps: list[str],
     output: str,
@@ -145,6 +147,9 @@ def coadd_files(
     overrides : dict, optional
         Config fields (nested dicts for nested configs), as ``--config``/``--set``.
     backend : Backend or str, optional
+    threads : int, optional
+        Host threads for thread pools and FFTs during the call (default: the process's
+        setting, :func:`gpudiff.backend.threads.get_num_threads`).
     overwrite : bool
     psf, noise, variance, ivar, mask, mask_bits, fwhm : optional
         What the warps' files lack (:mod:`gpudiff.image.inputs`): each one value for every

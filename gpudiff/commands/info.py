@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     """Print versions, the resolved backend, CUDA devices and where kernels come from."""
     from .. import __version__  # here, not at import: importlib.metadata slows `gpudiff --help`
     from ..backend.kernels import cuda_source_dir, list_kernels
+    from ..backend.threads import get_num_threads
 
     ok, reason = cupy_status()
     try:
@@ -63,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         ("cupy", _cupy_version()),
         ("backend requested", args.backend or os.environ.get("GPUDIFF_BACKEND", "auto")),
         ("backend resolved", resolved),
+        ("host threads", get_num_threads()),
         ("CUDA", reason if ok else f"no ({reason})"),
         ("CUDA kernel sources", src),
         ("registered kernels", ", ".join(list_kernels())),

@@ -23,6 +23,7 @@ import os
 import time
 from dataclasses import replace
 
+from ..backend.threads import accepts_threads
 from ..errors import FitsWriteError
 
 HELP = "match an exposure's PSF to a reference PSF model (ModelPsfMatchTask)"
@@ -105,6 +106,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_input_options(parser, roles=())
 
 
+@accepts_threads
 def match_psf_file(
     exposure,
     output,
@@ -140,6 +142,9 @@ def match_psf_file(
     overrides : dict, optional
         ``ModelPsfMatchConfig`` fields (nested mappings for nested configs).
     backend : Backend or str, optional
+    threads : int, optional
+        Host threads for thread pools and FFTs during the call (default: the process's
+        setting, :func:`gpudiff.backend.threads.get_num_threads`).
     overwrite : bool
         Replace ``output``; otherwise an existing ``output`` fails before any work.
     log : callable

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ..backend import resolve_backend
+from ..backend.threads import accepts_threads
 from ..errors import InvalidInputError
 
 HELP = "PSF-match and subtract a template from a science image, detect DIA sources"
@@ -113,6 +114,7 @@ def write_table_atomic(table, path, overwrite: bool = False) -> None:
     atomic_write(path, lambda f: table.write(f, format=fmt), overwrite, text=fmt != "fits")
 
 
+@accepts_threads
 def subtract_files(
     science,
     template,
@@ -167,6 +169,9 @@ def subtract_files(
     detect : bool
         Run DIA source detection (the difference then carries the detection mask planes).
     backend : Backend or str, optional
+    threads : int, optional
+        Host threads for thread pools and FFTs during the call (default: the process's
+        setting, :func:`gpudiff.backend.threads.get_num_threads`).
     overwrite : bool
         Replace existing outputs; otherwise an existing ``output`` fails before any work.
     log : callable
