@@ -168,12 +168,14 @@ def main() -> int:
             print("  (no GPU found: no GPU row)")
     print()
     print(
-        f"| cluster | workers | start-up | wall ({args.pairs} pairs) | pairs/min | s/pair on a worker | speed-up |"
+        f"| cluster | workers | start-up | wall ({args.pairs} pairs) | pairs/min | s/pair on a "
+        "worker | speed-up |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['label']} | {r['workers']} | {r['startup']:.1f} s | {r['wall']:.2f} s | {r['per_min']:.1f} | "
+            f"| {r['label']} | {r['workers']} | {r['startup']:.1f} s | {r['wall']:.2f} s | "
+            f"{r['per_min']:.1f} | "
             f"{r['per_pair']:.3f} | {r['per_min'] / rows[0]['per_min']:.2f}× |"
         )
     return 0

@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     names = available_backends() if args.backend == "all" else [args.backend]
     print(
-        f"ceilings on a float32 {args.size}² image ({args.size * args.size * 4 / 2**20:.0f} MiB), median of {args.repeat}"
+        f"ceilings on a float32 {args.size}² image ({args.size * args.size * 4 / 2**20:.0f} MiB), "
+        f"median of {args.repeat}"
     )
     print(f"{'backend':8s} {'probe':8s} {'time':>12s}  figure")
     for name in names:

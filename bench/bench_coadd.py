@@ -20,6 +20,7 @@ band stack (256 MiB on the CPU, a quarter of the free device memory on a GPU).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 from pathlib import Path
@@ -68,6 +69,31 @@ def make_warps(size: int, nwarp: int, seed: int, nstars: int = 400):
     return out
 
 
+def _bench_backend(be, host, methods, args) -> None:
+    """Time each of ``methods`` on backend ``be``; its copies of the warps are freed on return."""
+    direct = [
+        Exposure.from_arrays(i, v, m, psf=GaussianPsf(sigma=s), backend=be) for i, v, m, s in host
+    ]
+    common = GaussianPsf(sigma=2.2)
+    matched = [Exposure(d.masked_image, psf=common) for d in direct]
+    for method in methods:
+        if method == "compare-warp":
+            task = CompareWarpAssembleCoaddTask(CompareWarpAssembleCoaddConfig(), backend=be)
+            run = functools.partial(task.run, direct, matched)
+        else:
+            task = AssembleCoaddTask(AssembleCoaddConfig(statistic=method.upper()), backend=be)
+            run = functools.partial(task.run, direct)
+        last = {}
+
+        def call():
+            last["r"] = run()
+
+        t = statistics.median(time_call(be, call, args.repeat, args.warmup))
+        rate = args.nwarp * args.size**2 / 1e6 / t
+        n_bands = last["r"].metadata["n_bands"]
+        print(f"{be.name:8s} {method:13s} {t:9.3f} {rate:12.1f} {n_bands:6d}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", default="all", help="numpy, cupy or all (the backends present)")
@@ -87,31 +113,7 @@ def main(argv=None) -> int:
     )
     print(f"{'backend':8s} {'method':13s} {'time [s]':>9s} {'Mpix*warp/s':>12s} {'bands':>6s}")
     for name in names:
-        be = get_backend(name)
-        direct = [
-            Exposure.from_arrays(i, v, m, psf=GaussianPsf(sigma=s), backend=be)
-            for i, v, m, s in host
-        ]
-        common = GaussianPsf(sigma=2.2)
-        matched = [Exposure(d.masked_image, psf=common) for d in direct]
-        for method in methods:
-            if method == "compare-warp":
-                task = CompareWarpAssembleCoaddTask(CompareWarpAssembleCoaddConfig(), backend=be)
-                fn = lambda: task.run(direct, matched)  # noqa: E731
-            else:
-                task = AssembleCoaddTask(AssembleCoaddConfig(statistic=method.upper()), backend=be)
-                fn = lambda: task.run(direct)  # noqa: E731
-            last = {}
-
-            def call():
-                last["r"] = fn()
-
-            t = statistics.median(time_call(be, call, args.repeat, args.warmup))
-            rate = args.nwarp * args.size**2 / 1e6 / t
-            print(
-                f"{be.name:8s} {method:13s} {t:9.3f} {rate:12.1f} {last['r'].metadata['n_bands']:6d}"
-            )
-        del direct, matched
+        _bench_backend(get_backend(name), host, methods, args)
     return 0
 
 

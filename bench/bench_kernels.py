@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -168,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             del call
 
-    hdr = f"{'backend':<7} {'kernel':<15} {'shape':<22} {'median ms':>10} {'min ms':>10} {'Mpix/s':>9} {'GB/s':>8} {'of peak':>8}"
+    hdr = (
+        f"{'backend':<7} {'kernel':<15} {'shape':<22} {'median ms':>10} {'min ms':>10} "
+        f"{'Mpix/s':>9} {'GB/s':>8} {'of peak':>8}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
@@ -180,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         f"(repeat={args.repeat}, warmup={args.warmup}, nsigma={args.nsigma}, niter={args.niter}, "
-        f"weighted={args.weighted}; GB/s = minimal bytes moved / median time; peak {args.peak_tbs} TB/s)"
+        f"weighted={args.weighted}; GB/s = minimal bytes moved / median time; peak {args.peak_tbs} "
+        "TB/s)"
     )
 
     if args.verify:

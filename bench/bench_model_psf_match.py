@@ -86,7 +86,8 @@ def run_backend(name: str, args, exposure, reference, rows: list) -> None:
     add("run() total", time_call(be, lambda: task.run(exp_b, reference), args.repeat))
     meta = task.run(exp_b, reference).metadata
     print(
-        f"         PSF images {meta['psf_size']} px, fitted kernel sum {meta['fitted_kernel_sum']:.5f}, "
+        f"         PSF images {meta['psf_size']} px, fitted kernel sum "
+        f"{meta['fitted_kernel_sum']:.5f}, "
         f"PSF residual max {100 * meta['residual_max']:.2f} %",
         flush=True,
     )
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     exposure, reference = make_exposure(args.size, args.seed)
     print(
-        f"exposure: {args.size}² with {exposure.psf!r} simulated in {time.perf_counter() - t0:.1f} s; "
+        f"exposure: {args.size}² with {exposure.psf!r} simulated in {time.perf_counter() - t0:.1f} "
+        "s; "
         f"reference {reference!r}; median of {args.repeat} after 1 warm-up",
         flush=True,
     )

@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     pair, xs, ys = make_field(args.size, args.candidates, args.seed)
     print(
-        f"field: {args.size}² pair with {len(xs)} stars simulated in {time.perf_counter() - t0:.1f} s; "
+        f"field: {args.size}² pair with {len(xs)} stars simulated in "
+        f"{time.perf_counter() - t0:.1f} s; "
         f"median of {args.repeat} after 1 warm-up",
         flush=True,
     )

@@ -138,8 +138,10 @@ def run_backend(name: str, size: int, sci: Path, tmpl: Path, folder: Path, repea
     med = {s: statistics.median(r[s] for r in timed) for s in (*STAGES, "subtract")}
     med["end-to-end"] = statistics.median(totals)
     print(
-        f"  {name:6s} {size}²: end-to-end {med['end-to-end']:.2f} s (median of {repeat}); {info['mode']}, "
-        f"{info['selected']} kernel sources selected, {info['used']} used, kernel sum {info['ksum']:.4f}, "
+        f"  {name:6s} {size}²: end-to-end {med['end-to-end']:.2f} s (median of {repeat}); "
+        f"{info['mode']}, "
+        f"{info['selected']} kernel sources selected, {info['used']} used, kernel sum "
+        f"{info['ksum']:.4f}, "
         f"{info['dia']} DIA sources",
         flush=True,
     )
@@ -203,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             "" if size == TARGET_SIZE else f" (the {TARGET_S:g} s at {TARGET_SIZE}² scaled by area)"
         )
         print(
-            f"target {name} {size}²: end-to-end {med['end-to-end']:.2f} s vs ≤ {target:.2f} s{scaled}: {verdict}"
+            f"target {name} {size}²: end-to-end {med['end-to-end']:.2f} s vs ≤ {target:.2f} "
+            f"s{scaled}: {verdict}"
             + ("" if name == "numpy" else " [the target is for 2 CPU cores with NumPy]")
         )
     return 0

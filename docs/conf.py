@@ -7,6 +7,7 @@ Build with ``docs/build.sh`` (warnings are errors).  Needs the ``docs`` extra:
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 # Document the checkout this file sits in, even without an editable install.
@@ -64,8 +65,6 @@ html_static_path: list[str] = []
 # referenced").  Rather than change how the code's docstrings are written, the bars are
 # escaped when autodoc reads a docstring -- outside inline literals, roles, literal
 # blocks and tables -- so they render as the absolute-value bars they mean.
-import re
-
 _LITERAL_SPAN = re.compile(r"(``.*?``|`[^`]*`)")
 _BAR = re.compile(r"(?<!\\)\|")  # a bar not already escaped
 

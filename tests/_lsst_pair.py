@@ -1,5 +1,5 @@
-"""LSST's test pair (docs/algorithms.md §11.1) shared by the reliability tests: science σ_PSF 2.4 px,
-template 2.0 px with a 20-px border, and the truth catalog as kernel sources."""
+"""LSST's test pair (docs/algorithms.md §11.1) shared by the reliability tests: science σ_PSF 2.4
+px, template 2.0 px with a 20-px border, and the truth catalog as kernel sources."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from gpudiff.sim import make_test_image
 
 @functools.lru_cache(maxsize=None)
 def cached_test_image(**kw):
-    """``make_test_image(**kw)``, made once per argument set (callers must copy before modifying)."""
+    """``make_test_image(**kw)``, made once per argument set (callers must copy before
+    modifying)."""
     return make_test_image(**kw)
 
 

@@ -1,4 +1,5 @@
-"""AssembleCoaddTask: LSST's drp_tasks tests (docs/algorithms.md §11.7) and the stacking rules of §10.1–§10.3.
+"""AssembleCoaddTask: LSST's drp_tasks tests (docs/algorithms.md §11.7) and the stacking rules of
+§10.1–§10.3.
 
 The mock data follow ``MockCoaddTestData``: a 201×301 box at (−123, −45), 10 visits
 (100–109), 37 Gaussian sources, per-visit PSF σ ~ U(1.5, 3.0) (PSF-matched: σ = 3.0),

@@ -1,4 +1,5 @@
-"""Kernel bases: Alard–Lupton, delta-function, regularization, PCA (docs/algorithms.md §1, §3.3, §11.6)."""
+"""Kernel bases: Alard–Lupton, delta-function, regularization, PCA (docs/algorithms.md §1, §3.3,
+§11.6)."""
 
 from __future__ import annotations
 
@@ -91,7 +92,8 @@ def test_renormalize_gaussians():
 
 
 def test_worked_example_convolution():
-    """docs/algorithms.md §1.2: σ_T = 2.0, σ_S = 2.4 → σ_k = 1.327 → sigmas [0.7, 1.4, 2.8], size 21."""
+    """docs/algorithms.md §1.2: σ_T = 2.0, σ_S = 2.4 → σ_k = 1.327 → sigmas [0.7, 1.4, 2.8], size
+    21."""
     cfg = PsfMatchConfig()
     sig, deg, size, mode = alard_lupton_parameters(cfg, 2.0 * FWHM_PER_SIGMA, 2.4 * FWHM_PER_SIGMA)
     assert mode == "convolution" and size == 21 and deg == (4, 2, 2)
@@ -163,7 +165,8 @@ def test_term_order_and_odd_terms():
 
 
 def test_afw_convolution_is_correlation():
-    """afw "convolution" is a correlation (docs/algorithms.md §0.1): out[r,c] = Σ K[i,j] in[r-ctr+i, c-ctr+j].
+    """afw "convolution" is a correlation (docs/algorithms.md §0.1): out[r,c] = Σ K[i,j] in[r-ctr+i,
+    c-ctr+j].
 
     Correlating a centred delta picks K[ctr + (R - r), ctr + (C - c)], i.e. the kernel
     rotated by 180°.  A true convolution would reproduce K itself; the odd x term

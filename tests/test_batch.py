@@ -455,7 +455,8 @@ def test_one_worker_per_gpu_sets_cuda_visible_devices():
     try:
         assert is_gpu
         with distributed.Client(cluster) as client:
-            # a lambda (pickled by value), not os.environ.get: that would carry this process's environ
+            # a lambda (pickled by value), not os.environ.get: that would carry this process's
+            # environ
             env = client.run(lambda: __import__("os").environ.get("CUDA_VISIBLE_DEVICES"))
             assert sorted(env.values()) == ["0", "1"]
             # tasks_per_gpu rows at once per GPU, each thread on its own CUDA stream

@@ -157,7 +157,8 @@ def test_artifacts_are_clipped_and_absent(field):
         frac = clipped[strong].mean()
         zi = _integrated_z(exp, field.truth, strong)
         print(
-            f"warp {i}: {a.sum()} artifact px ({(a & excl).sum()} protected), {strong.sum()} > 3σ, CLIPPED {frac:.4f}; integrated "
+            f"warp {i}: {a.sum()} artifact px ({(a & excl).sum()} protected), {strong.sum()} > 3σ, "
+            f"CLIPPED {frac:.4f}; integrated "
             f"residual {zi:+.2f}σ; |z|>3 in {np.mean(np.abs(z[a]) > 3):.4f} of all, max |z| "
             f"{np.nanmax(np.abs(z[a])):.2f}"
         )

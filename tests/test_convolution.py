@@ -17,7 +17,8 @@ from gpudiff.ops import (
 
 
 def brute_correlate(img, k):
-    """docs/algorithms.md §0.1 literally: out[r,c] = Σ K[i,j]·in[r−ctrY+i, c−ctrX+j], zero outside."""
+    """docs/algorithms.md §0.1 literally: out[r,c] = Σ K[i,j]·in[r−ctrY+i, c−ctrX+j], zero
+    outside."""
     H, W = img.shape
     kh, kw = k.shape
     cy, cx = (kh - 1) // 2, (kw - 1) // 2

@@ -1,4 +1,5 @@
-"""DecorrelateALKernelTask (docs/algorithms.md §5), mirroring ip_diffim's test_imageDecorrelation.py (§11.4).
+"""DecorrelateALKernelTask (docs/algorithms.md §5), mirroring ip_diffim's test_imageDecorrelation.py
+(§11.4).
 
 Scenario (``makeFakeImages``): 256² images at parent −128..127, science PSF σ 3.3, template
 PSF σ 2.2, white noise of variance svar / tvar, an analytic Gaussian matching kernel of
@@ -53,13 +54,12 @@ def _fake(backend, svar, tvar, seed=66, n_src=50, n=256, s_sigma=3.3, t_sigma=2.
         sflux[np.argmin((xs - n / 2) ** 2 + (ys - n / 2) ** 2)] *= 1 + 1 / 50
     sci = _render(n, xs, ys, sflux, s_sigma) + rng.normal(0, np.sqrt(svar), (n, n))
     tmp = _render(n, xs, ys, flux, t_sigma) + rng.normal(0, np.sqrt(tvar), (n, n))
-    mk = lambda img, v, s: Exposure.from_arrays(
-        img,
-        np.full((n, n), v),
-        xy0=(X0, X0),  # noqa: E731
-        psf=GaussianPsf(s, size=25),
-        backend=backend,
-    )
+
+    def mk(img, v, s):
+        return Exposure.from_arrays(
+            img, np.full((n, n), v), xy0=(X0, X0), psf=GaussianPsf(s, size=25), backend=backend
+        )
+
     return mk(sci, svar, s_sigma), mk(tmp, tvar, t_sigma)
 
 

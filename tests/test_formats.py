@@ -177,7 +177,8 @@ def test_lsst_images_dp_pieces(formats, name, tmp_path):
     assert dict(exp.mask_planes) == truth["bits"]
     for plane_name, n in truth["counts"].items():
         assert plane_count(exp, plane_name) == n, plane_name
-    # afw spellings find the lsst-images planes (the DP1 piece: 186 INTERPOLATED, not DETECTED)
+    # afw spellings find the lsst-images planes (the DP1 piece: 186 INTERPOLATED, not
+    # DETECTED)
     assert plane_count(exp, "INTRP") == truth["counts"]["INTERPOLATED"] == plane_count(exp, "BAD")
     assert plane_count(exp, "EDGE") == truth["counts"]["DETECTION_EDGE"]
     assert plane_count(exp, "DETECTED") == 0
@@ -479,7 +480,7 @@ def test_afw_archive_psfs(tmp_path):
     )
 
 
-# ----------------------------------------------------------------------------- masks: what is assumed
+# --------------------------------------------------------------------------- masks: what is assumed
 def test_mask_without_names_and_unnamed_bits(tmp_path):
     shape = (4, 6)
     mask = np.zeros(shape, np.int32)
@@ -613,7 +614,7 @@ def test_jwst_full_product(jwst_pair, tmp_path):
     np.testing.assert_allclose(exp2.variance[good], exp.variance[good], rtol=1e-6)
 
 
-# ----------------------------------------------------------------------------- gpudiff's own, and FitsWarp
+# ---------------------------------------------------------------------- gpudiff's own, and FitsWarp
 def test_gpudiff_output_and_warp_reader(formats, tmp_path):
     from gpudiff.tasks.coadd_warps import FitsWarp
 

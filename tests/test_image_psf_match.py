@@ -1,4 +1,5 @@
-"""ImagePsfMatchTask end to end on simulated pairs: difference noise, transient fluxes, modes, errors."""
+"""ImagePsfMatchTask end to end on simulated pairs: difference noise, transient fluxes, modes,
+errors."""
 
 from __future__ import annotations
 

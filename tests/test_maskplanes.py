@@ -118,7 +118,7 @@ def test_conform_round_trip_is_lossless(perm, values):
         assert sorted(default.interpret(v)) == sorted(shuffled.interpret(t))
 
 
-# --------------------------------------------------------------------------- aliases (afw ≡ lsst-images spellings)
+# ------------------------------------------------------------ aliases (afw ≡ lsst-images spellings)
 def test_aliases_resolve_at_the_single_lookup():
     li = MaskPlanes(
         {
@@ -170,7 +170,7 @@ def test_merge_and_conform_across_spellings():
     )
 
 
-# --------------------------------------------------------------------------- more than 31 planes, MSK cards
+# ------------------------------------------------------------------- more than 31 planes, MSK cards
 def test_wide_definitions_are_int64():
     mp = MaskPlanes({f"P{i}": i for i in range(31)})
     assert mp.dtype == np.int32 and mp.n_words == 1

@@ -1,4 +1,5 @@
-"""Legacy per-pair background matching: mirrors of pipe_tasks test_matchBackgrounds.py (docs/algorithms.md §11.8).
+"""Legacy per-pair background matching: mirrors of pipe_tasks test_matchBackgrounds.py
+(docs/algorithms.md §11.8).
 
 Images are 600², variance 1: vanilla = N(0, 1) + 50, chipGap = N(0, 1) + 10 with columns
 200–299 NaN, lowCover = N(0, 1) + 20 with columns ≥ 200 NaN.  ``check_accuracy`` is LSST's

@@ -256,7 +256,8 @@ def test_star_fluxes_unchanged(scenario):
         pulls.append((f1 - f)[ok] / e1[ok])
     deltas, pulls = np.concatenate(deltas), np.concatenate(pulls)
     print(
-        f"{deltas.size} stars: median |Δ|/σ_F {np.median(np.abs(deltas)):.4f}, max {np.abs(deltas).max():.3f}; "
+        f"{deltas.size} stars: median |Δ|/σ_F {np.median(np.abs(deltas)):.4f}, max "
+        f"{np.abs(deltas).max():.3f}; "
         f"pulls median {np.median(pulls):.3f}, std {np.std(pulls):.3f}"
     )
     assert deltas.size > 200

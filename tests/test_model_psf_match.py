@@ -1,5 +1,5 @@
-"""ModelPsfMatchTask and ``gpudiff match-psf``: LSST's test_modelPsfMatch.py (docs/algorithms.md §11.5),
-the issue's evidence on a simulated field with a varying Moffat PSF, and the CLI."""
+"""ModelPsfMatchTask and ``gpudiff match-psf``: LSST's test_modelPsfMatch.py (docs/algorithms.md
+§11.5), the issue's evidence on a simulated field with a varying Moffat PSF, and the CLI."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ from gpudiff.tasks.model_psf_match import (
     resized_psf,
 )
 
-# --- LSST test_modelPsfMatch.py (docs/algorithms.md §11.5) ----------------------------------------------
+# --- LSST test_modelPsfMatch.py (docs/algorithms.md §11.5) ----------------------------------------
 KSIZE, SIGMA1, SIGMA2 = 11, 2.0, 3.7
 
 

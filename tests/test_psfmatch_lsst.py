@@ -1,13 +1,14 @@
-"""Kernel-level tests mirroring LSST ip_diffim's own (docs/algorithms.md §11.6), with LSST's tolerances.
+"""Kernel-level tests mirroring LSST ip_diffim's own (docs/algorithms.md §11.6), with LSST's
+tolerances.
 
 Each test names the LSST test it mirrors and says where gpudiff departs from it.  Two
 geometric differences recur:
 
 * LSST builds a ``KernelCandidate`` from two free-standing MaskedImages (the "stamp" is
   the whole image), while gpudiff cuts (2·kernel_size+1)² stamps around source positions
-  out of a template/science pair (:func:`make_candidates`, docs/algorithms.md §2.1).  Where LSST uses
-  several free-standing 51² images, the tests here put the stamps side by side in one
-  image (one per 128-px spatial cell, like LSST's ``testVisit``) and run the whole
+  out of a template/science pair (:func:`make_candidates`, docs/algorithms.md §2.1).  Where LSST
+  uses several free-standing 51² images, the tests here put the stamps side by side in one image
+  (one per 128-px spatial cell, like LSST's ``testVisit``) and run the whole
   :func:`fit_spatial_kernel` loop, asserting on its public outputs.
 * LSST's ``BuildSingleKernelVisitor`` / ``KernelSumVisitor`` are separate objects; in
   gpudiff they are steps of :func:`fit_spatial_kernel`.  The kernel-sum clipping step is
@@ -428,7 +429,8 @@ def _gaussian_stamp(size, sigma):
 
 # The LSST geometry crowds the 25 candidates into a 41-px corner of a 510-px region, so
 # the Chebyshev terms 1, x', x'² are nearly collinear there; with a background fit the
-# spatial system's condition number exceeds 1e10 and gpudiff (like LSST, docs/algorithms.md §3) warns.
+# spatial system's condition number exceeds 1e10 and gpudiff (like LSST, docs/algorithms.md §3)
+# warns.
 @pytest.mark.filterwarnings("ignore:spatial kernel system is ill-conditioned:RuntimeWarning")
 @pytest.mark.parametrize("fit_bg", [False, True])
 def test_buildSpatialKernelVisitor_parameter_counts(backend, fit_bg):
@@ -526,8 +528,8 @@ def test_buildSpatialKernelVisitor_parameter_counts(backend, fit_bg):
 
 
 def _image_statistics(be, z_or_value, var, core=None):
-    """gpudiff's ImageStatistics (docs/algorithms.md §2.3) on a residual image: residual_statistics with
-    a zero kernel, so D = science and var_D = science variance."""
+    """gpudiff's ImageStatistics (docs/algorithms.md §2.3) on a residual image: residual_statistics
+    with a zero kernel, so D = science and var_D = science variance."""
     xp = be.xp
     G = z_or_value.shape[0]
     C = xp.zeros((1, G * G, 1))

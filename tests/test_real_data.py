@@ -9,7 +9,6 @@ noise maps (variance = ERR²).
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from astropy.io import fits
 
 from gpudiff.cli import main

@@ -144,7 +144,8 @@ def test_preconvolve_writes_score(pair_files, tmp_path, capsys):
     assert rc == 0, err
     assert "wrote" in stdout
     score = read_exposure(out)
-    # The score's PSF is the science PSF (docs/algorithms.md §4.3), its variance the decorrelated one.
+    # The score's PSF is the science PSF (docs/algorithms.md §4.3), its variance the decorrelated
+    # one.
     np.testing.assert_allclose(score.psf.kernel_image(), pair.science.psf.kernel_image(), atol=1e-7)
     edge = (score.mask & score.mask_planes.bitmask("EDGE")) != 0
     assert edge[0].all() and edge[-1].all() and not edge[256, 256]

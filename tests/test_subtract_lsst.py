@@ -1,13 +1,13 @@
 """AlardLuptonSubtractTask and AlardLuptonPreconvolveSubtractTask against LSST's own tests.
 
-Mirrors ``ip_diffim/tests/test_subtractTask.py`` (docs/algorithms.md §11.2, §11.3) with its scenarios and
-tolerances, on images from :func:`gpudiff.sim.make_test_image` (LSST's ``makeTestImage``,
-docs/algorithms.md §11.1).  As in LSST's ``_setup_subtraction``: ``doSubtractBackground=False``,
-``restrictKernelEdgeSources=False``, the selector reads the truth fluxes
-(``fluxField=truth_instFlux``, ``errField=truth_instFluxErr`` → ``psf_flux`` and
-``psf_flux_err`` here) and rejects flagged sources (``doFlags`` with
-``bad=[base_PsfFlux_flag]`` → a boolean ``flag_psf_flux`` column).  PSF widths (σ, px)
-follow docs/algorithms.md: good 2.0, mid 2.4, bad 2.8.
+Mirrors ``ip_diffim/tests/test_subtractTask.py`` (docs/algorithms.md §11.2, §11.3) with its
+scenarios and tolerances, on images from :func:`gpudiff.sim.make_test_image` (LSST's
+``makeTestImage``, docs/algorithms.md §11.1).  As in LSST's ``_setup_subtraction``:
+``doSubtractBackground=False``, ``restrictKernelEdgeSources=False``, the selector reads the truth
+fluxes (``fluxField=truth_instFlux``, ``errField=truth_instFluxErr`` → ``psf_flux`` and
+``psf_flux_err`` here) and rejects flagged sources (``doFlags`` with ``bad=[base_PsfFlux_flag]`` → a
+boolean ``flag_psf_flux`` column).  PSF widths (σ, px) follow docs/algorithms.md: good 2.0, mid 2.4,
+bad 2.8.
 
 ``makeStats`` is afw MEANCLIP (``image_statistics``) and afw STDEV (the plain standard
 deviation of the unmasked pixels, :func:`_stdev`); its default and-mask is
@@ -413,10 +413,10 @@ def test_exposure_properties(mode, sci_sigma, tmpl_sigma, do_decorrelation):
     (convolveScience); WCS, photometric calibration and header (band) come from the
     science exposure.
 
-    gpudiff departs from current LSST (docs/algorithms.md §5.4) on purpose: a decorrelated difference
-    carries the nominal PSF convolved with the decorrelation filter (sharper).  As LSST
-    with decorrelation, the test asserts equal FWHMs within a tolerance (measured: 5–7 %
-    narrower); without decorrelation the kernel images are equal.
+    gpudiff departs from current LSST (docs/algorithms.md §5.4) on purpose: a decorrelated
+    difference carries the nominal PSF convolved with the decorrelation filter (sharper).  As LSST
+    with decorrelation, the test asserts equal FWHMs within a tolerance (measured: 5–7 % narrower);
+    without decorrelation the kernel images are equal.
     """
     science, template, sources = _pair(sci_sigma, tmpl_sigma)
     out = _subtract(template, science, sources, mode=mode, do_decorrelation=do_decorrelation)

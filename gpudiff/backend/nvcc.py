@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m gpudiff.backend --check | --list``."""
     ap = argparse.ArgumentParser(
         prog="python -m gpudiff.backend",
-        description="gpudiff CUDA kernel registry: list kernels, or compile every cuda/*.cu with nvcc.",
+        description=(
+            "gpudiff CUDA kernel registry: list kernels, or compile every cuda/*.cu with nvcc."
+        ),
     )
     ap.add_argument(
         "--check", action="store_true", help="compile every .cu with nvcc -cubin (no GPU needed)"

@@ -123,7 +123,8 @@ def validate_clipped_stack(data, bad, weights=None, nsigma=3.0, niter=3) -> _Cli
     bad = xp.asarray(bad)
     if tuple(bad.shape) != tuple(data.shape):
         raise ShapeMismatchError(
-            f"clipped_stack: bad has shape {tuple(bad.shape)} but data has shape {tuple(data.shape)}"
+            f"clipped_stack: bad has shape {tuple(bad.shape)} but data has shape "
+            f"{tuple(data.shape)}"
         )
     if bad.dtype.kind not in "biuf":
         raise InvalidInputError(

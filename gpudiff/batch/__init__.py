@@ -176,7 +176,8 @@ def _print_summary(res: BatchResult, out=print) -> None:
 
 
 def _collect(client, futures: dict, progress: str, log_fn) -> dict:
-    """row → result dict for every ``futures`` (row → (job, future)); errored ones become failed rows."""
+    """row → result dict for every ``futures`` (row → (job, future)); errored ones become failed
+    rows."""
     from distributed import as_completed
 
     rows: dict[int, dict] = {}
@@ -198,7 +199,9 @@ def _collect(client, futures: dict, progress: str, log_fn) -> dict:
         job = by_future[fut]
         if fut.status == "finished":
             r = fut.result()
-        else:  # retried and still raising, or KilledWorker (its worker died more than allowed_failures times)
+        else:
+            # retried and still raising, or KilledWorker (its worker died more than
+            # allowed_failures times)
             exc = fut.exception()
             r = {
                 "row": job.row,

@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     be = get_backend(args.backend)
     n_stars = max(50, int(500 * (args.size / 512) ** 2))
     print(
-        f"gpudiff demo: simulating a {args.size}x{args.size} pair (seed {args.seed}, {n_stars} stars) ..."
+        f"gpudiff demo: simulating a {args.size}x{args.size} pair (seed {args.seed}, {n_stars} "
+        "stars) ..."
     )
     pair = simulate_pair(
         size=args.size,
@@ -96,11 +97,13 @@ def run(args: argparse.Namespace) -> int:
     m = res.metadata
     print(
         f"  AlardLuptonSubtractTask ({res.mode}): kernel sum {m['kernel_sum']:.4f} (truth "
-        f"{1.0:.4f}), {m['n_candidates_used']} kernel candidates used, {m['n_candidates_rejected']} "
+        f"{1.0:.4f}), {m['n_candidates_used']} kernel candidates used, "
+        f"{m['n_candidates_rejected']} "
         f"rejected; {m['time_total']:.2f} s"
     )
     print(
-        f"  difference noise {robust:.3f} sigma of its variance plane (1 expected); wrote {diff_path}"
+        f"  difference noise {robust:.3f} sigma of its variance plane (1 expected); wrote "
+        f"{diff_path}"
     )
     tr = pair.transients
     f, e, _ = forced_psf_flux(d, diff_exp.psf, tr["x"], tr["y"])
@@ -116,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     )
     for row, fl, er, hit in zip(tr, f, e, found):
         print(
-            f"    transient at ({row['x']:7.1f}, {row['y']:7.1f}): injected {row['delta_flux']:8.0f}, "
+            f"    transient at ({row['x']:7.1f}, {row['y']:7.1f}): injected "
+            f"{row['delta_flux']:8.0f}, "
             f"PSF flux {fl:8.0f} ± {er:5.0f}  {'detected' if hit else 'missed'}"
         )
     return 0

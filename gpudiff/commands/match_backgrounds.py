@@ -6,16 +6,17 @@
                               [--visit-key KEY] [--patch-size N] [--patch-overlap N]
                               [--tract-box X0,Y0,X1,Y1] [--mask-detected]
                               [--noise|--variance|--ivar FILE...] [--mask FILE... [--mask-bits B]]
-                              [--config FILE] [--set FIELD=VALUE ...] [--overwrite] [--backend ...] [-v]
+                              [--config FILE] [--set FIELD=VALUE ...] [--overwrite] [--backend ...]
+                              [-v]
 
 Runs :class:`gpudiff.tasks.MatchBackgroundsTask` (LSST's tract-level ``MatchBackgroundsTask``,
-docs/algorithms.md §9.1).  Each warp is an exposure in tract pixel coordinates (its xy0) whose header
-card ``--visit-key`` (default ``VISIT``) holds its visit id.  Writes, for every input
+docs/algorithms.md §9.1).  Each warp is an exposure in tract pixel coordinates (its xy0) whose
+header card ``--visit-key`` (default ``VISIT``) holds its visit id.  Writes, for every input
 ``NAME.fits``: ``DIR/NAME.matched.fits`` (the matched warp, LSST layout) and
-``DIR/NAME.background.fits`` (the model added: a float32 image with xy0 cards, and a
-``BINNED`` HDU with the visit's tract bin grid); and ``DIR/match_backgrounds.ecsv``, the
-per-visit table (reference-choice costs and diagnostics), which is also printed.  All
-files are written atomically; existing outputs need ``--overwrite``.
+``DIR/NAME.background.fits`` (the model added: a float32 image with xy0 cards, and a ``BINNED`` HDU
+with the visit's tract bin grid); and ``DIR/match_backgrounds.ecsv``, the per-visit table
+(reference-choice costs and diagnostics), which is also printed.  All files are written atomically;
+existing outputs need ``--overwrite``.
 
 ``--noise``/``--variance``/``--ivar``/``--mask`` take one file for every warp or exactly one
 per warp, in the warps' order (:mod:`gpudiff.image.inputs`); the matched warps' ``GDNOISRC``

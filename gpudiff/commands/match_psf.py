@@ -7,11 +7,11 @@
                       [--fwhm F] [--kernel-size N] [--config FILE] [--set FIELD=VALUE ...]
                       [--overwrite] [--backend ...] [-v]
 
-Runs :class:`gpudiff.tasks.ModelPsfMatchTask` (LSST ``ModelPsfMatchTask``, docs/algorithms.md §7).  The
-output is written in the LSST-style layout with the reference PSF as its ``PSF`` HDU and
-the fit's figures as ``MPM*`` header cards, and ``GDPSFSRC``/``GDNOISRC`` saying where the
-input's PSF and variance came from.  Exit status 3 when the output fails its quality
-check (fitted kernel sum outside 0.5-2, PSF residual > 1, non-finite unmasked pixels;
+Runs :class:`gpudiff.tasks.ModelPsfMatchTask` (LSST ``ModelPsfMatchTask``, docs/algorithms.md §7).
+The output is written in the LSST-style layout with the reference PSF as its ``PSF`` HDU and the
+fit's figures as ``MPM*`` header cards, and ``GDPSFSRC``/``GDNOISRC`` saying where the input's PSF
+and variance came from.  Exit status 3 when the output fails its quality check (fitted kernel sum
+outside 0.5-2, PSF residual > 1, non-finite unmasked pixels;
 :mod:`gpudiff.commands._quality`); the output is still written for inspection.
 """
 

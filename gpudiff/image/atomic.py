@@ -19,7 +19,8 @@ __all__ = ["atomic_write", "check_writable", "temporary_name"]
 
 
 def temporary_name(path) -> str:
-    """The hidden temporary ``.NAME.<random>.tmp`` beside ``path`` that :func:`atomic_write` uses."""
+    """The hidden temporary ``.NAME.<random>.tmp`` beside ``path`` that :func:`atomic_write`
+    uses."""
     folder, name = os.path.split(os.path.abspath(os.fspath(path)))
     return os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
 

@@ -176,11 +176,13 @@ class Exposure:
 
     @classmethod
     def from_ccddata(cls, ccd, **kwargs) -> "Exposure":
-        """Build from an ``astropy.nddata.CCDData``; see :func:`gpudiff.image.io.exposure_from_ccddata`."""
+        """Build from an ``astropy.nddata.CCDData``; see
+        :func:`gpudiff.image.io.exposure_from_ccddata`."""
         return _io("exposure_from_ccddata")(ccd, **kwargs)
 
     def to_ccddata(self):
-        """Convert to ``astropy.nddata.CCDData``; see :func:`gpudiff.image.io.exposure_to_ccddata`."""
+        """Convert to ``astropy.nddata.CCDData``; see
+        :func:`gpudiff.image.io.exposure_to_ccddata`."""
         return _io("exposure_to_ccddata")(self)
 
     def __repr__(self) -> str:

@@ -130,7 +130,8 @@ class MaskedImage:
         for name, arr in (("variance", var), ("mask", msk)):
             if tuple(arr.shape) != tuple(img.shape):
                 raise ShapeMismatchError(
-                    f"MaskedImage {name} has shape {tuple(arr.shape)} but image has shape {tuple(img.shape)}"
+                    f"MaskedImage {name} has shape {tuple(arr.shape)} but image has shape "
+                    f"{tuple(img.shape)}"
                 )
         self.image = img
         self.variance = var
@@ -231,7 +232,8 @@ class MaskedImage:
         return (self.mask & self.mask.dtype.type(bm)) != 0
 
     def with_plane_set(self, name: str, where: Any) -> "MaskedImage":
-        """A copy with plane ``name`` (added if undefined; an alias counts) set where ``where`` is True."""
+        """A copy with plane ``name`` (added if undefined; an alias counts) set where ``where`` is
+        True."""
         planes = self.mask_planes.copy()
         bit = planes.add(name)
         dtype = mask_dtype(planes)  # a plane on bit 31+ widens the mask to int64
@@ -270,7 +272,8 @@ class MaskedImage:
         n_ok = int(unmasked.sum())
         if n_ok == 0:
             raise AllMaskedError(
-                f"{name}: every pixel is masked ({', '.join(bad_planes)}) or non-finite; nothing to work with"
+                f"{name}: every pixel is masked ({', '.join(bad_planes)}) or non-finite; nothing "
+                "to work with"
             )
         bad_var = unmasked & ~(xp.isfinite(self.variance) & (self.variance > 0))
         n_bad = int(bad_var.sum())

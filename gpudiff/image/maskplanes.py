@@ -1,8 +1,8 @@
 """Mask-plane definitions: the name ↔ bit dictionary of an LSST-style integer mask.
 
-Mask planes are addressed by **name**, never by bit number (docs/algorithms.md §0.6, §12).  Two masks
-made by different software may use different bits for the same name; :meth:`MaskPlanes.conform`
-re-maps one mask's bits onto another's definition.
+Mask planes are addressed by **name**, never by bit number (docs/algorithms.md §0.6, §12).  Two
+masks made by different software may use different bits for the same name;
+:meth:`MaskPlanes.conform` re-maps one mask's bits onto another's definition.
 
 **Names and aliases.**  A plane keeps the spelling of the file it came from; afw's and
 lsst-images' spellings of the same plane are aliases (:data:`MASK_PLANE_ALIASES`: ``SAT`` ≡
@@ -237,7 +237,8 @@ class MaskPlanes(Mapping[str, int]):
         return self[name]
 
     def bitmask(self, names: str | Iterable[str]) -> int:
-        """The OR of ``1 << bit`` over ``names`` and their defined aliases (LSST's ``getPlaneBitMask``).
+        """The OR of ``1 << bit`` over ``names`` and their defined aliases (LSST's
+        ``getPlaneBitMask``).
 
         Unknown names raise :class:`MaskPlaneError`; use :meth:`bitmask_if_present` when
         a plane may legitimately be absent (e.g. ``SAT_TEMPLATE``).

@@ -209,7 +209,8 @@ class _AnalyticPsf(Psf):
         h = size // 2
         fx, fy = x - round(x), y - round(y)
         n = self.oversample
-        # Sub-pixel sample offsets within a pixel (pixel-centre convention, docs/algorithms.md §0.4).
+        # Sub-pixel sample offsets within a pixel (pixel-centre convention, docs/algorithms.md
+        # §0.4).
         sub = (np.arange(n) + 0.5) / n - 0.5
         grid = np.arange(-h, h + 1, dtype=np.float64)
         gx = (grid[None, :, None, None] + sub[None, None, None, :]) - fx
@@ -276,7 +277,10 @@ class GaussianPsf(_AnalyticPsf):
         return self.covariance()
 
     def __repr__(self):
-        return f"GaussianPsf(sigma={self.sigma:.4g}, sigma_y={self.sigma_y:.4g}, theta={self.theta:.3g}, size={self.size})"
+        return (
+            f"GaussianPsf(sigma={self.sigma:.4g}, sigma_y={self.sigma_y:.4g}, "
+            f"theta={self.theta:.3g}, size={self.size})"
+        )
 
 
 class DoubleGaussianPsf(_AnalyticPsf):
@@ -288,7 +292,8 @@ class DoubleGaussianPsf(_AnalyticPsf):
     def __init__(self, sigma1, sigma2, b=0.1, size=None, oversample=1, average_position=(0.0, 0.0)):
         if not (sigma1 > 0 and sigma2 > 0 and b >= 0):
             raise PsfError(
-                f"DoubleGaussianPsf needs sigma1, sigma2 > 0 and b >= 0, got {sigma1}, {sigma2}, {b}"
+                f"DoubleGaussianPsf needs sigma1, sigma2 > 0 and b >= 0, got {sigma1}, {sigma2}, "
+                f"{b}"
             )
         self.sigma1, self.sigma2, self.b = float(sigma1), float(sigma2), float(b)
         size = (
@@ -301,7 +306,10 @@ class DoubleGaussianPsf(_AnalyticPsf):
         return np.exp(-0.5 * r2 / self.sigma1**2) + self.b * np.exp(-0.5 * r2 / self.sigma2**2)
 
     def __repr__(self):
-        return f"DoubleGaussianPsf(sigma1={self.sigma1:.4g}, sigma2={self.sigma2:.4g}, b={self.b:.3g}, size={self.size})"
+        return (
+            f"DoubleGaussianPsf(sigma1={self.sigma1:.4g}, sigma2={self.sigma2:.4g}, "
+            f"b={self.b:.3g}, size={self.size})"
+        )
 
 
 class MoffatPsf(_AnalyticPsf):
@@ -433,7 +441,8 @@ class GridPsf(Psf):
         ys = np.asarray(ys, dtype=np.float64)
         if imgs.ndim != 4 or imgs.shape[0] != ys.size or imgs.shape[1] != xs.size:
             raise PsfError(
-                f"GridPsf images must have shape (len(ys), len(xs), s, s); got {imgs.shape} for {ys.size}x{xs.size} positions"
+                f"GridPsf images must have shape (len(ys), len(xs), s, s); got {imgs.shape} for "
+                f"{ys.size}x{xs.size} positions"
             )
         if imgs.shape[2] != imgs.shape[3] or imgs.shape[2] % 2 == 0:
             raise PsfError(f"GridPsf images must be odd squares, got {imgs.shape[2:]}")

@@ -4,8 +4,8 @@
 K²), a per-pixel S/N threshold, connected footprints and their peaks, then batched
 measurement of every peak (Gaussian-weighted centroid, PSF flux, adaptive moments and
 extendedness, mask flags, isolation).  :func:`select_kernel_sources` is the pure table
-filter of docs/algorithms.md §4.2 choosing PSF-matching kernel sources.  Image work runs on the image's
-backend; per-source work on stacks of stamps (n, s, s), never in a loop over sources.
+filter of docs/algorithms.md §4.2 choosing PSF-matching kernel sources.  Image work runs on the
+image's backend; per-source work on stacks of stamps (n, s, s), never in a loop over sources.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ __all__ = [
 #: Mask planes that make a source ``flag_masked`` when set in its footprint or central 5×5.
 FLAG_PLANES: tuple[str, ...] = ("BAD", "SAT", "NO_DATA", "CR", "EDGE", "SUSPECT")
 
-#: Catalog flags that disqualify a kernel source (docs/algorithms.md §4.2: away from edges and masks).
+#: Catalog flags that disqualify a kernel source (docs/algorithms.md §4.2: away from edges and
+#: masks).
 KERNEL_EXCLUDE_FLAGS = (
     "flag_edge",
     "flag_masked",
@@ -471,7 +472,8 @@ def detect_sources(
         ),
         (
             psf_flux_weighting not in ("uniform", "inverse_variance"),
-            f"psf_flux_weighting must be 'uniform' or 'inverse_variance', got {psf_flux_weighting!r}",
+            "psf_flux_weighting must be 'uniform' or 'inverse_variance', got "
+            f"{psf_flux_weighting!r}",
         ),
         (
             not (threshold > 0 and math.isfinite(threshold)),
@@ -482,7 +484,8 @@ def detect_sources(
             raise InvalidInputError(f"detect_sources: {what}")
     if smooth and psf is None:
         raise PsfError(
-            "detect_sources: smoothing needs a PSF (pass psf=, an Exposure with a PSF, or smooth=False)"
+            "detect_sources: smoothing needs a PSF (pass psf=, an Exposure with a PSF, or "
+            "smooth=False)"
         )
     be = resolve_backend(backend if backend is not None else mi.backend)
     if be.name != mi.backend.name:
@@ -692,7 +695,8 @@ def select_kernel_sources(
     require_unresolved: bool = True,
     exclude_flags: Iterable[str] = KERNEL_EXCLUDE_FLAGS,
 ) -> Table:
-    """PSF-matching kernel sources from a detection catalog (docs/algorithms.md §4.2 ``_sourceSelector``).
+    """PSF-matching kernel sources from a detection catalog (docs/algorithms.md §4.2
+    ``_sourceSelector``).
 
     Keeps sources with snr_min ≤ psf_flux/psf_flux_err ≤ snr_max, isolated, unresolved,
     whose (2·edge_buffer+1)² box around the centroid pixel lies in ``image_box`` and with

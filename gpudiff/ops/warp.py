@@ -1,4 +1,5 @@
-"""Resampling an exposure onto another WCS and pixel grid (afw ``warpExposure``, docs/algorithms.md §8).
+"""Resampling an exposure onto another WCS and pixel grid (afw ``warpExposure``, docs/algorithms.md
+§8).
 
 :func:`warp_exposure` maps every destination pixel to the source image (destination pixel
 → sky → source pixel, evaluated exactly with astropy on a coarse grid every
@@ -148,7 +149,8 @@ def check_overlap(
 
 
 def wcs_equal(wcs_a, box_a: Box, wcs_b, box_b: Box, tol_pix: float = 1e-3) -> bool:
-    """Whether two images share their pixel grid on the sky (docs/algorithms.md §8 ``_validateWcs``).
+    """Whether two images share their pixel grid on the sky (docs/algorithms.md §8
+    ``_validateWcs``).
 
     True when the dimensions agree and the four corner pixels of a land, through the
     sky, within ``tol_pix`` of the same corner pixels of b: no warping is needed.

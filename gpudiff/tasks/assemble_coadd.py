@@ -1,4 +1,5 @@
-"""AssembleCoaddTask: stack warps on a common grid into a coadd (drp_tasks, docs/algorithms.md §10.1–§10.3).
+"""AssembleCoaddTask: stack warps on a common grid into a coadd (drp_tasks, docs/algorithms.md
+§10.1–§10.3).
 
 Per warp a weight 1/MEANCLIP(variance) (:meth:`AssembleCoaddTask.prepare_inputs`); then,
 one **row band** at a time, the N warps' pixels of that band are stacked along a new epoch
@@ -73,7 +74,8 @@ _CPU_BAND_THREADS = 8
 
 @dataclass(frozen=True)
 class AssembleCoaddConfig:
-    """Configuration of :class:`AssembleCoaddTask` (LSST ``AssembleCoaddConfig``, docs/algorithms.md §10.1).
+    """Configuration of :class:`AssembleCoaddTask` (LSST ``AssembleCoaddConfig``, docs/algorithms.md
+    §10.1).
 
     Attributes
     ----------
@@ -196,7 +198,8 @@ class AssembleCoaddResult:
 
 
 def unpack_input_map(input_map: Any, n_inputs: int, backend: Backend | str | None = None) -> Any:
-    """Expand a packed input map to a bool array (n_inputs, H, W): True where input k contributes."""
+    """Expand a packed input map to a bool array (n_inputs, H, W): True where input k
+    contributes."""
     be = resolve_backend(backend)
     xp = be.xp
     m = be.asarray(input_map)
@@ -318,8 +321,9 @@ class AssembleCoaddTask:
 
     # --- inputs ----------------------------------------------------------------------------
     def compute_weight(self, warp: Any) -> tuple[float, str]:
-        """(weight, reason): 1/MEANCLIP(variance) of the unmasked pixels (docs/algorithms.md §10.2); weight 0
-        and a reason when the warp is all NaN or its mean variance is not positive and finite."""
+        """(weight, reason): 1/MEANCLIP(variance) of the unmasked pixels (docs/algorithms.md §10.2);
+        weight 0 and a reason when the warp is all NaN or its mean variance is not positive and
+        finite."""
         cfg, be = self.config, self.backend
         mi = warp.read(warp.bbox)
         xp = mi.backend.xp
@@ -526,7 +530,8 @@ class AssembleCoaddTask:
             time_total=time.perf_counter() - t0,
         )
         log.info(
-            "AssembleCoadd: %d inputs, %s, %dx%d in %d bands of %d rows; %d clipped, %d no-data pixels",
+            "AssembleCoadd: %d inputs, %s, %dx%d in %d bands of %d rows; %d clipped, %d no-data "
+            "pixels",
             n,
             cfg.statistic,
             W,
@@ -657,7 +662,8 @@ def _online_mean(be: Backend, bands: list, valid, w64: np.ndarray):
 def _propagated_variance(
     be: Backend, cfg: AssembleCoaddConfig, bands: list, used, w64: np.ndarray, data, mean
 ):
-    """Σw²σ²/(Σw)² over the used inputs, or their scatter / n_used (calc_error_from_input_variance)."""
+    """Σw²σ²/(Σw)² over the used inputs, or their scatter / n_used
+    (calc_error_from_input_variance)."""
     xp = be.xp
     shape = bands[0][0].shape
     sw = xp.zeros(shape, dtype=xp.float64)

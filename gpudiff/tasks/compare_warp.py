@@ -1,4 +1,5 @@
-"""CompareWarpAssembleCoaddTask: a coadd free of transient artifacts (drp_tasks, docs/algorithms.md §10.4–§10.5).
+"""CompareWarpAssembleCoaddTask: a coadd free of transient artifacts (drp_tasks, docs/algorithms.md
+§10.4–§10.5).
 
 Satellite trails, cosmic rays and ghosts appear in one or a few epochs; real sources in
 all of them.  The task
@@ -172,7 +173,8 @@ class CompareWarpAssembleCoaddConfig(AssembleCoaddConfig):
 
 
 def effective_max_num_epochs(mean_n: Any, cfg: CompareWarpAssembleCoaddConfig) -> Any:
-    """``int(min(low·N̄, maxNumEpochs + high·N̄))`` (docs/algorithms.md §10.5 step 4.3), elementwise."""
+    """``int(min(low·N̄, maxNumEpochs + high·N̄))`` (docs/algorithms.md §10.5 step 4.3),
+    elementwise."""
     a = np.minimum(
         cfg.max_fraction_epochs_low * np.asarray(mean_n, dtype=np.float64),
         cfg.max_num_epochs + cfg.max_fraction_epochs_high * np.asarray(mean_n, dtype=np.float64),
@@ -205,7 +207,8 @@ class CompareWarpAssembleCoaddResult(AssembleCoaddResult):
 
 
 class CompareWarpAssembleCoaddTask:
-    """Coadd direct warps, masking what appears in only a few PSF-matched epochs (docs/algorithms.md §10.5).
+    """Coadd direct warps, masking what appears in only a few PSF-matched epochs (docs/algorithms.md
+    §10.5).
 
     Parameters
     ----------
@@ -377,8 +380,8 @@ class CompareWarpAssembleCoaddTask:
     def find_artifacts(
         self, model: Exposure, matched: Sequence[Any]
     ) -> tuple[list, Any, Any, Any, dict]:
-        """docs/algorithms.md §10.5: (alt masks per warp, epoch count image, any-EDGE image, template
-        footprints or None, statistics)."""
+        """docs/algorithms.md §10.5: (alt masks per warp, epoch count image, any-EDGE image,
+        template footprints or None, statistics)."""
         be, cfg = self.backend, self.config
         xp = be.xp
         bbox = model.bbox
@@ -469,7 +472,8 @@ class CompareWarpAssembleCoaddTask:
             n_protected_footprints=n_protected,
         )
         log.info(
-            "CompareWarp: %d candidate footprints, %d prefiltered, %d clipped, %d kept as bright sources",
+            "CompareWarp: %d candidate footprints, %d prefiltered, %d clipped, %d kept as bright "
+            "sources",
             n_cand,
             n_prefiltered,
             n_clipped_fp,

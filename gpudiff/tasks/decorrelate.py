@@ -138,7 +138,8 @@ def common_shape(*shapes: tuple[int, int]) -> tuple[int, int]:
 
 
 def _wrap_kernel(xp: Any, k: Any, shape: tuple[int, int]) -> Any:
-    """Zero-pad ``k`` to ``shape`` with its pixel (kh//2, kw//2) on [0, 0] (LSST padCenterOriginArray)."""
+    """Zero-pad ``k`` to ``shape`` with its pixel (kh//2, kw//2) on [0, 0] (LSST
+    padCenterOriginArray)."""
     out = xp.zeros(shape, dtype=np.float64)
     kh, kw = k.shape
     out[:kh, :kw] = k
@@ -173,7 +174,7 @@ class DecorrelateALKernelTask:
     Examples
     --------
     >>> res = DecorrelateALKernelTask().run(science, template, difference, kernel)  # doctest: +SKIP
-    >>> res.corrected_exposure.variance                                              # doctest: +SKIP
+    >>> res.corrected_exposure.variance  # doctest: +SKIP
     """
 
     def __init__(
@@ -346,7 +347,8 @@ class DecorrelateALKernelTask:
                     kernel_sum=ksum,
                 )
             raise AllMaskedError(
-                f"variance mean undefined (science {svar}, template {tvar}): every pixel is masked by "
+                f"variance mean undefined (science {svar}, template {tvar}): every pixel is masked "
+                "by "
                 f"{', '.join(self.config.ignore_mask_planes)} or has non-finite variance"
             )
 
@@ -357,7 +359,8 @@ class DecorrelateALKernelTask:
             var_mean, target_mean, plane1, plane2 = tvar, svar, tmpl.variance, sci.variance
         if not (var_mean > 0 and target_mean >= 0):
             raise InvalidVarianceError(
-                f"decorrelation needs positive variance means, got science {svar:.4g}, template {tvar:.4g}"
+                f"decorrelation needs positive variance means, got science {svar:.4g}, template "
+                f"{tvar:.4g}"
             )
         if target_mean / var_mean > 1e8:
             log.warning(

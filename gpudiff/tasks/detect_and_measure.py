@@ -1,8 +1,8 @@
 """DetectAndMeasureTask and DetectAndMeasureScoreTask: DIA sources on a difference image.
 
 Detection runs on the difference with PSF smoothing (or on the preconvolved score image
-without smoothing), at 5σ, both polarities (docs/algorithms.md §4.3 "DetectAndMeasureScoreTask"); the
-DIA source catalog is measured on the difference.  After detection:
+without smoothing), at 5σ, both polarities (docs/algorithms.md §4.3 "DetectAndMeasureScoreTask");
+the DIA source catalog is measured on the difference.  After detection:
 
 - linear trails are found (:func:`gpudiff.ops.streaks.find_streaks`), masked ``STREAK`` (as
   LSST's ``MaskStreaksTask``), and every peak on one trail becomes **one** record with
@@ -284,7 +284,8 @@ class DetectAndMeasureScoreTask(DetectAndMeasureTask):
             raise InvalidInputError("the difference exposure has no PSF to measure with")
         diff = self._mark_cosmic_rays(self._clean(difference), difference.psf)
         sc = self._clean(score)
-        # Cosmic rays are found on the difference and ORed into the score mask (docs/algorithms.md §4.3).
+        # Cosmic rays are found on the difference and ORed into the score mask (docs/algorithms.md
+        # §4.3).
         cr = diff.mask_planes.bitmask_if_present("CR")
         if cr:
             planes = sc.mask_planes.merge(diff.mask_planes)
@@ -320,7 +321,8 @@ class DetectAndMeasureScoreTask(DetectAndMeasureTask):
             dp = det.mask_planes
             pos = (det.mask & (1 << dp["DETECTED"])) != 0
             neg = (det.mask & (1 << dp["DETECTED_NEGATIVE"])) != 0
-            # m: the difference's mask with the score's EDGE copied (docs/algorithms.md §4.3 step 5).
+            # m: the difference's mask with the score's EDGE copied (docs/algorithms.md §4.3 step
+            # 5).
             _mask_bits_on_difference(det.catalog, m, pos, neg, planes, diff)
         det.mask, det.mask_planes = m, planes
         return self._finish(difference, diff, det, sc_mi, bright_sources)

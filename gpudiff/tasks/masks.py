@@ -16,7 +16,8 @@ __all__ = ["template_coverage", "update_masks", "convolve_preserving", "mask_non
 
 
 def template_coverage(template: Exposure, science: Exposure) -> float:
-    """Fraction of the science box where neither image is NO_DATA (docs/algorithms.md §4.2 step 2)."""
+    """Fraction of the science box where neither image is NO_DATA (docs/algorithms.md §4.2 step
+    2)."""
     t = (
         template.masked_image.subimage(science.bbox)
         if template.bbox != science.bbox
@@ -100,8 +101,8 @@ def update_masks(
 def convolve_preserving(
     kernel: SpatialKernel, mi: MaskedImage, preserve: Iterable[str], **kwargs
 ) -> MaskedImage:
-    """Convolve with ``doCopyEdge=True``, keeping ``preserve`` planes undilated (docs/algorithms.md §4.2
-    step 11: injection markers are snapshotted, cleared after the convolution, restored)."""
+    """Convolve with ``doCopyEdge=True``, keeping ``preserve`` planes undilated (docs/algorithms.md
+    §4.2 step 11: injection markers are snapshotted, cleared after the convolution, restored)."""
     out = kernel.convolve(mi, do_copy_edge=True, **kwargs)
     bm = mi.mask_planes.bitmask_if_present(list(preserve))
     if not bm:

@@ -1,4 +1,5 @@
-"""The legacy per-pair background matcher (docs/algorithms.md §9.3: Gen2 ``MatchBackgroundsTask.matchBackgrounds``).
+"""The legacy per-pair background matcher (docs/algorithms.md §9.3: Gen2
+``MatchBackgroundsTask.matchBackgrounds``).
 
 ``match_background_pair(reference, science)`` bins the difference reference − science
 (afw's nearly equal bins, ceil(W / bin_size) × ceil(H / bin_size)), and models it either

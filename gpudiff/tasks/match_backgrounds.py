@@ -1,4 +1,5 @@
-"""MatchBackgroundsTask: match the backgrounds of a tract's warps to a reference visit (docs/algorithms.md §9).
+"""MatchBackgroundsTask: match the backgrounds of a tract's warps to a reference visit
+(docs/algorithms.md §9).
 
 The current LSST design (§9.1): choose a reference visit (:class:`ChooseReferenceVisitTask`,
 or ``ref_visit``); for every other visit, bin the differences "reference-visit warp −
@@ -176,7 +177,8 @@ def _difference(ref: MaskedImage, warp: MaskedImage, box: Box, planes: Sequence[
 
 
 class MatchBackgroundsTask:
-    """Match the backgrounds of a tract's warps to a reference visit (LSST ``MatchBackgroundsTask``).
+    """Match the backgrounds of a tract's warps to a reference visit (LSST
+    ``MatchBackgroundsTask``).
 
     Parameters
     ----------

@@ -71,7 +71,8 @@ _WIDTH_GRID = 12
 
 
 def model_psf_match_kernel_config(**overrides: Any) -> PsfMatchConfig:
-    """LSST ``ModelPsfMatchConfig.setDefaults`` applied to the AL ``PsfMatchConfig`` (docs/algorithms.md §7).
+    """LSST ``ModelPsfMatchConfig.setDefaults`` applied to the AL ``PsfMatchConfig``
+    (docs/algorithms.md §7).
 
     No clipping or condition check (noiseless PSF stamps: residual statistics mean
     nothing), constant variance weighting, no FWHM scaling: the basis is the configured
@@ -91,7 +92,8 @@ def model_psf_match_kernel_config(**overrides: Any) -> PsfMatchConfig:
 
 @dataclass(frozen=True)
 class ModelPsfMatchConfig:
-    """Configuration of :class:`ModelPsfMatchTask` (LSST ``ModelPsfMatchConfig``, docs/algorithms.md §7).
+    """Configuration of :class:`ModelPsfMatchTask` (LSST ``ModelPsfMatchConfig``, docs/algorithms.md
+    §7).
 
     Attributes
     ----------
@@ -115,7 +117,8 @@ class ModelPsfMatchConfig:
     def __post_init__(self):
         if not isinstance(self.kernel, PsfMatchConfig):
             raise InvalidInputError(
-                f"ModelPsfMatchConfig.kernel must be a PsfMatchConfig, got {type(self.kernel).__name__}"
+                "ModelPsfMatchConfig.kernel must be a PsfMatchConfig, got "
+                f"{type(self.kernel).__name__}"
             )
         if self.kernel.kernel_basis_set != "alard-lupton":
             # LSST's kernel ConfigChoiceField offers AL only; forcing the kernel sum relies
@@ -281,10 +284,10 @@ class ModelPsfMatchTask:
     Notes
     -----
     When the reference is narrower than the exposure's PSF anywhere on the grid the
-    least-squares fit still runs, as in LSST (docs/algorithms.md §7): the kernel has to sharpen, which
-    the Gaussian-times-polynomial basis does only approximately (negative lobes), so the
-    output PSF only approximates the reference and its noise is amplified.  LSST is
-    silent about it; this task issues a ``UserWarning``.  Typical use:
+    least-squares fit still runs, as in LSST (docs/algorithms.md §7): the kernel has to sharpen,
+    which the Gaussian-times-polynomial basis does only approximately (negative lobes), so the
+    output PSF only approximates the reference and its noise is amplified.  LSST is silent about it;
+    this task issues a ``UserWarning``.  Typical use:
     ``ModelPsfMatchTask().run(exposure, GaussianPsf(fwhm=5.0)).psf_matched_exposure``.
     """
 
@@ -299,7 +302,8 @@ class ModelPsfMatchTask:
         self.backend = resolve_backend(backend)
 
     def cell_grid(self, bbox: Box) -> tuple[Box, np.ndarray, np.ndarray]:
-        """The region (bbox grown by one cell on each side) and the cell centres (docs/algorithms.md §7.2)."""
+        """The region (bbox grown by one cell on each side) and the cell centres (docs/algorithms.md
+        §7.2)."""
         kc = self.config.kernel
         sx, sy = int(kc.size_cell_x), int(kc.size_cell_y)
         region = Box(bbox.x0 - sx, bbox.y0 - sy, bbox.x1 + sx, bbox.y1 + sy)
@@ -309,7 +313,8 @@ class ModelPsfMatchTask:
         return region, xs.astype(np.float64), ys.astype(np.float64)
 
     def _psf_size(self, native: int, kernel_size: int) -> tuple[int, int]:
-        """(padded PSF size, padding) per docs/algorithms.md §7.4–§7.5; raises KernelTooLargeError."""
+        """(padded PSF size, padding) per docs/algorithms.md §7.4–§7.5; raises
+        KernelTooLargeError."""
         cfg = self.config
         if cfg.do_auto_pad_psf:
             pad = max(0, next_odd_integer(kernel_size * cfg.auto_pad_psf_to) - native)
@@ -323,8 +328,10 @@ class ModelPsfMatchTask:
         max_kernel = size - 1 if (size - 1) % 2 else size - 2  # the largest odd number < size
         if kernel_size > max_kernel:
             raise KernelTooLargeError(
-                f"the {kernel_size}-px matching kernel is too big for {size}-px PSF images (at most "
-                f"{max_kernel} px fits): reduce kernel_size, enable do_auto_pad_psf or raise pad_psf_by"
+                f"the {kernel_size}-px matching kernel is too big for {size}-px PSF images (at "
+                "most "
+                f"{max_kernel} px fits): reduce kernel_size, enable do_auto_pad_psf or raise "
+                "pad_psf_by"
             )
         return size, pad
 
@@ -451,7 +458,8 @@ class ModelPsfMatchTask:
 
     # --- the three steps of run(), public for benchmarks and diagnostics --------------------
     def build_cell_set(self, exposure: Exposure, reference_psf: Psf) -> CellSet:
-        """Realize both PSFs on the cell grid and make one candidate per cell (docs/algorithms.md §7.2–§7.8)."""
+        """Realize both PSFs on the cell grid and make one candidate per cell (docs/algorithms.md
+        §7.2–§7.8)."""
         if not isinstance(exposure, Exposure):
             raise InvalidInputError(f"exposure must be an Exposure, got {type(exposure).__name__}")
         if not isinstance(reference_psf, Psf):
@@ -476,7 +484,8 @@ class ModelPsfMatchTask:
             # LSST would solve this underdetermined system by pseudo-inverse; the fit here
             # refuses fewer candidates than spatial terms rather than invent a kernel.
             raise InsufficientKernelSourcesError(
-                f"a {exposure.shape[1]}x{exposure.shape[0]} exposure gives only {xs.size}x{ys.size} cells of "
+                f"a {exposure.shape[1]}x{exposure.shape[0]} exposure gives only "
+                f"{xs.size}x{ys.size} cells of "
                 f"{kc.size_cell_x}x{kc.size_cell_y} px for a spatial kernel model with "
                 f"{kc.n_spatial_kernel_terms} terms; lower spatial_kernel_order or size_cell_x/y"
             )
@@ -571,9 +580,12 @@ class ModelPsfMatchTask:
             )
         if narrower.any():
             warnings.warn(
-                f"the reference PSF (FWHM {np.nanmin(f_ref[narrower]):.3g} px) is narrower than the exposure's "
-                f"PSF (FWHM up to {np.nanmax(f_sci[narrower]):.3g} px) in {int(narrower.sum())} of {n} cells "
-                "checked: the kernel must sharpen (a deconvolution-like fit), so the output PSF only "
+                f"the reference PSF (FWHM {np.nanmin(f_ref[narrower]):.3g} px) is narrower than "
+                "the exposure's "
+                f"PSF (FWHM up to {np.nanmax(f_sci[narrower]):.3g} px) in {int(narrower.sum())} of "
+                f"{n} cells "
+                "checked: the kernel must sharpen (a deconvolution-like fit), so the output PSF "
+                "only "
                 "approximates the reference and the noise is amplified",
                 UserWarning,
                 stacklevel=3,
@@ -582,7 +594,8 @@ class ModelPsfMatchTask:
 
 
 def _fwhm(psf: Psf) -> float | None:
-    """Determinant-radius FWHM at the model's average position (docs/algorithms.md §7.8); None if it fails."""
+    """Determinant-radius FWHM at the model's average position (docs/algorithms.md §7.8); None if it
+    fails."""
     try:
         return FWHM_PER_SIGMA * psf.determinant_radius()
     except PsfError:  # only used to scale the basis, and LSST falls back to the config then

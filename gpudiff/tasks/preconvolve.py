@@ -1,4 +1,5 @@
-"""AlardLuptonPreconvolveSubtractTask: the score image for maximum-likelihood detection (docs/algorithms.md §4.3).
+"""AlardLuptonPreconvolveSubtractTask: the score image for maximum-likelihood detection
+(docs/algorithms.md §4.3).
 
 The science image is first correlated with its own PSF (a matched filter); the template is
 then PSF-matched to that preconvolved image and subtracted.  After decorrelation in
@@ -45,9 +46,9 @@ class AlardLuptonPreconvolveSubtractConfig(AlardLuptonSubtractConfig):
     """As :class:`AlardLuptonSubtractConfig`; the ``interpolate_mask_planes`` of both inputs
     are interpolated (:func:`gpudiff.ops.interpolate_over_defects`) before the
     preconvolution and the matching convolution, where LSST fills ``bad_mask_planes`` with
-    the image median (docs/algorithms.md §4.2 step 11), a fill that leaves a step at every defect's edge
-    which the two convolutions turn into ±stripes.  The fitted background is subtracted
-    from the score image (``do_subtract_background``, True by default here, see
+    the image median (docs/algorithms.md §4.2 step 11), a fill that leaves a step at every defect's
+    edge which the two convolutions turn into ±stripes.  The fitted background is subtracted from
+    the score image (``do_subtract_background``, True by default here, see
     :class:`AlardLuptonSubtractConfig`).  ``compute_difference``: also
     return the plain difference, on which DetectAndMeasureScoreTask measures (as LSST)."""
 
@@ -70,8 +71,8 @@ class PreconvolveResult:
 
 
 def preconvolution_kernel(exposure: Exposure) -> np.ndarray:
-    """P̃: the PSF at its average position, unit sum, **reflected** (docs/algorithms.md §4.3 step 2), so that
-    afw "convolution" (a correlation) with it is a convolution with the PSF."""
+    """P̃: the PSF at its average position, unit sum, **reflected** (docs/algorithms.md §4.3 step
+    2), so that afw "convolution" (a correlation) with it is a convolution with the PSF."""
     k = np.asarray(exposure.psf.kernel_image(), dtype=np.float64)
     if k.shape[0] % 2 == 0 or k.shape[1] % 2 == 0:
         raise PsfError(f"the preconvolution kernel must have odd dimensions, got {k.shape}")

@@ -403,7 +403,8 @@ def chebyshev_design(x: np.ndarray, y: np.ndarray, order: int, box) -> np.ndarra
 
 @dataclass(frozen=True)
 class ChooseReferenceVisitConfig:
-    """LSST ``ChooseReferenceVisitConfig`` (docs/algorithms.md §9.1): the weights of the cost terms."""
+    """LSST ``ChooseReferenceVisitConfig`` (docs/algorithms.md §9.1): the weights of the cost
+    terms."""
 
     best_ref_weight_chi2: float = 0.3
     best_ref_weight_variance: float = 0.3

@@ -69,7 +69,8 @@ __all__ = [
     "PSFGRID_EXTNAME",
 ]
 
-# Exposure.read/write/from_ccddata/to_ccddata delegate here (exposure.py never imports this package).
+# Exposure.read/write/from_ccddata/to_ccddata delegate here (exposure.py never imports this
+# package).
 _exposure._IO.update(
     read_exposure=read_exposure,
     write_exposure=write_exposure,

@@ -48,7 +48,8 @@ class FormatWarning(UserWarning):
 
 
 def warn(path: str, message: str) -> None:
-    """Warn (:class:`FormatWarning`) about ``path`` (and log it at DEBUG on ``gpudiff.image.io``)."""
+    """Warn (:class:`FormatWarning`) about ``path`` (and log it at DEBUG on
+    ``gpudiff.image.io``)."""
     log.debug("%s: %s", path, message)
     warnings.warn(f"{path}: {message}", FormatWarning, stacklevel=3)
 
@@ -86,7 +87,8 @@ def hdu_list(hdul) -> str:
 
 
 def role_of(h) -> str:
-    """An HDU's role: its EXTNAME, else afw's ``EXTTYPE`` (files written before 2021), upper case."""
+    """An HDU's role: its EXTNAME, else afw's ``EXTTYPE`` (files written before 2021), upper
+    case."""
     name = str(getattr(h, "name", "") or "").strip().upper()
     if name and name != "PRIMARY":
         return name
@@ -185,7 +187,8 @@ def strip(header, *patterns) -> fits.Header:
 
 
 def read_xy0(header) -> tuple[int, int]:
-    """xy0 from LSST's 'A' pixel WCS (as afw reads it), else −LTV (if LTM is the identity), else 0."""
+    """xy0 from LSST's 'A' pixel WCS (as afw reads it), else −LTV (if LTM is the identity), else
+    0."""
     with contextlib.suppress(
         TypeError, ValueError, KeyError, OverflowError
     ):  # malformed cards: the origin
@@ -216,7 +219,8 @@ def write_xy0(header, xy0) -> None:
 
 
 def read_wcs(path: str, header, hdul=None):
-    """The 2-D celestial WCS of ``header`` or ``None``; an unparsable WCS is ignored, with a warning."""
+    """The 2-D celestial WCS of ``header`` or ``None``; an unparsable WCS is ignored, with a
+    warning."""
     from astropy.wcs import WCS
 
     if not any(k in header for k in ("CTYPE1", "CRVAL1", "CD1_1", "PC1_1")):
@@ -267,7 +271,8 @@ def gain_from(header) -> float | None:
 
 
 def fset(header, key: str, value: float, comment: str) -> None:
-    """Set a float card; where its ≤ 20 characters round the value, add the exact hex to the comment."""
+    """Set a float card; where its ≤ 20 characters round the value, add the exact hex to the
+    comment."""
     value = float(value)
     if fits.Card.fromstring(fits.Card(key, value).image).value != value:
         comment = f"{comment} exact={value.hex()}"

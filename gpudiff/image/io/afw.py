@@ -55,7 +55,8 @@ def read(hdus: Hdus, backend) -> Exposure:
     img_hdu = hdus.get("IMAGE")
     if img_hdu is None:
         raise FitsReadError(
-            f"{path}: an afw file (EXTTYPE cards) without an IMAGE HDU; the HDUs are {hdus.listing()}"
+            f"{path}: an afw file (EXTTYPE cards) without an IMAGE HDU; the HDUs are "
+            f"{hdus.listing()}"
         )
     image = plane(path, img_hdu, "IMAGE", np.float32)
     xy0 = read_xy0(img_hdu.header)
@@ -64,7 +65,8 @@ def read(hdus: Hdus, backend) -> Exposure:
         if h is not None and read_xy0(h.header) != xy0 and _has_xy0(h.header):
             warn(
                 path,
-                f"the {what} HDU says xy0 = {read_xy0(h.header)}, the IMAGE HDU {xy0}; used the IMAGE's",
+                f"the {what} HDU says xy0 = {read_xy0(h.header)}, the IMAGE HDU {xy0}; used the "
+                "IMAGE's",
             )
     metadata = strip(hdus.primary, _ARCHIVE_POINTERS)
     if var_hdu is not None:
@@ -74,7 +76,8 @@ def read(hdus: Hdus, backend) -> Exposure:
         metadata["GDVAREST"] = ("sky", "variance estimated by gpudiff")
         warn(
             path,
-            f"afw file without a VARIANCE HDU: variance estimated from the sky noise (sigma {sigma:.4g})",
+            "afw file without a VARIANCE HDU: variance estimated from the sky noise (sigma "
+            f"{sigma:.4g})",
         )
     if mask_hdu is not None:
         mask, planes = read_mask(path, [mask_hdu], image.shape)
@@ -104,7 +107,8 @@ def _has_xy0(header) -> bool:
 
 # ------------------------------------------------------------------------------ archive
 class AfwArchive:
-    """afw's object archive: an ``ARCHIVE_INDEX`` table and ``ARCHIVE_DATA`` tables (``AR_CATN``)."""
+    """afw's object archive: an ``ARCHIVE_INDEX`` table and ``ARCHIVE_DATA`` tables
+    (``AR_CATN``)."""
 
     def __init__(self, index, catalogs: dict):
         self.index = index  # FITS_rec with id, cat.archive, cat.persistable, row0, nrows, name
@@ -233,7 +237,8 @@ def read_psf_of(
     except Exception as exc:  # a malformed table: say so, never a silent None
         warn(
             path,
-            f"the {cls} PSF in the afw archive could not be read ({type(exc).__name__}: {exc}); no PSF read",
+            f"the {cls} PSF in the afw archive could not be read ({type(exc).__name__}: {exc}); no "
+            "PSF read",
         )
         return None
     if psf is not None:
@@ -286,7 +291,8 @@ def _decode(archive: AfwArchive, obj_id: int, cls: str, path: str, bbox) -> Psf 
             warn(
                 path,
                 "the PSF is a PiffPsf (a pickled Piff model); reading it needs the optional 'piff' "
-                "package, which is not installed: no PSF read (install piff, or give the PSF separately)",
+                "package, which is not installed: no PSF read (install piff, or give the PSF "
+                "separately)",
             )
             return None
         width, _, model = load_piff_pickle(bytes(np.asarray(_field(rec, "bytes"), dtype=np.uint8)))
@@ -300,7 +306,8 @@ def _decode(archive: AfwArchive, obj_id: int, cls: str, path: str, bbox) -> Psf 
 
 
 def _photocalib(hdus: Hdus, archive: "AfwArchive | None") -> PhotoCalib:
-    """The archive's ``PhotoCalib`` (its mean), else ``FLUXMAG0``, else gpudiff's ``PHOTCAL``, else 1."""
+    """The archive's ``PhotoCalib`` (its mean), else ``FLUXMAG0``, else gpudiff's ``PHOTCAL``, else
+    1."""
     pid = _archive_id(hdus.primary, "PHOTOCALIB")
     if archive is not None and pid is not None and archive.class_of(pid) == "PhotoCalib":
         try:
@@ -311,7 +318,8 @@ def _photocalib(hdus: Hdus, archive: "AfwArchive | None") -> PhotoCalib:
         except Exception as exc:
             warn(
                 hdus.path,
-                f"the afw PhotoCalib could not be read ({type(exc).__name__}: {exc}); calibration 1",
+                f"the afw PhotoCalib could not be read ({type(exc).__name__}: {exc}); calibration "
+                "1",
             )
     p = hdus.primary
     try:

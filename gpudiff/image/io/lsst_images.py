@@ -57,7 +57,8 @@ def json_tree(hdus: Hdus) -> dict:
     except Exception as exc:
         warn(
             hdus.path,
-            f"the JSON tree of this lsst-images file could not be parsed ({type(exc).__name__}: {exc}); "
+            f"the JSON tree of this lsst-images file could not be parsed ({type(exc).__name__}: "
+            f"{exc}); "
             "its PSF is not read",
         )
         return {}
@@ -86,7 +87,8 @@ def read(hdus: Hdus, backend) -> Exposure:
         metadata["GDVAREST"] = ("sky", "variance estimated by gpudiff")
         warn(
             path,
-            f"lsst-images file without a VARIANCE HDU: variance estimated from the sky noise (sigma {sigma:.4g})",
+            "lsst-images file without a VARIANCE HDU: variance estimated from the sky noise "
+            f"(sigma {sigma:.4g})",
         )
     masks = hdus.all("MASK")
     if masks:
@@ -160,7 +162,8 @@ def read_psf_of(hdus: Hdus, tree: dict | None = None, bbox: Box | None = None) -
     except Exception as exc:
         warn(
             path,
-            f"the PSF ({schema or 'unknown type'}) could not be read ({type(exc).__name__}: {exc}); "
+            f"the PSF ({schema or 'unknown type'}) could not be read ({type(exc).__name__}: "
+            f"{exc}); "
             "no PSF read",
         )
         return None

@@ -45,7 +45,8 @@ def read_mask(
             )
         warn(
             path,
-            f"{role_of(hdus[0]) or 'MASK'} HDU has no MP_* or MSK* cards naming its planes: assumed afw's "
+            f"{role_of(hdus[0]) or 'MASK'} HDU has no MP_* or MSK* cards naming its planes: "
+            "assumed afw's "
             "default bits " + ", ".join(f"{n}={b}" for b, n in enumerate(DEFAULT_MASK_PLANES)),
         )
         entries = [(0, n, b, b) for n, b in planes.items()]
@@ -55,7 +56,8 @@ def read_mask(
             if kinds[k] is None:
                 warn(
                     path,
-                    f"MASK HDU EXTVER {k + 1} has no MP_* or MSK* cards: its bits are kept as BIT<n> planes",
+                    f"MASK HDU EXTVER {k + 1} has no MP_* or MSK* cards: its bits are kept as "
+                    "BIT<n> planes",
                 )
                 continue
             hp = MaskPlanes.from_header(h, default=False, word=k)
@@ -64,7 +66,8 @@ def read_mask(
                 if dict(mp) != {n: b for n, b in hp.items() if b < INT32_MASK_PLANES}:
                     warn(
                         path,
-                        f"MASK HDU EXTVER {k + 1}: its MP_* cards {dict(mp)} disagree with its MSK* cards "
+                        f"MASK HDU EXTVER {k + 1}: its MP_* cards {dict(mp)} disagree with its "
+                        "MSK* cards "
                         f"{dict(hp)}; used the MSK* cards",
                     )
             for name, bit in hp.items():

@@ -180,7 +180,8 @@ class CellPsf(Psf):
 
 
 def _odd(img: np.ndarray) -> np.ndarray:
-    """An even square kernel padded to odd, input pixel (n-1)//2 on the centre (afw's, as ImagePsf)."""
+    """An even square kernel padded to odd, input pixel (n-1)//2 on the centre (afw's, as
+    ImagePsf)."""
     n = img.shape[0]
     out = np.zeros((n + 1, n + 1))
     out[1:, 1:] = img
@@ -248,7 +249,8 @@ def load_piff_pickle(data: bytes):
 
 
 def piff_average_position(model, default):
-    """The mean position of a Piff model's unflagged, unreserved stars (afw's choice), else ``default``."""
+    """The mean position of a Piff model's unflagged, unreserved stars (afw's choice), else
+    ``default``."""
     try:
         pos = [
             (s.image_pos.x, s.image_pos.y)
