@@ -182,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         f"(repeat={args.repeat}, warmup={args.warmup}, nsigma={args.nsigma}, niter={args.niter}, "
-        f"weighted={args.weighted}; GB/s = minimal bytes moved / median time; peak {args.peak_tbs} "
-        "TB/s)"
+        f"weighted={args.weighted}; GB/s = minimal bytes moved / median time; "
+        f"peak {args.peak_tbs} TB/s)"
     )
 
     if args.verify:

@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     exposure, reference = make_exposure(args.size, args.seed)
     print(
-        f"exposure: {args.size}² with {exposure.psf!r} simulated in {time.perf_counter() - t0:.1f} "
-        "s; "
+        f"exposure: {args.size}² with {exposure.psf!r} simulated in "
+        f"{time.perf_counter() - t0:.1f} s; "
         f"reference {reference!r}; median of {args.repeat} after 1 warm-up",
         flush=True,
     )

@@ -46,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
     be = get_backend(args.backend)
     n_stars = max(50, int(500 * (args.size / 512) ** 2))
     print(
-        f"gpudiff demo: simulating a {args.size}x{args.size} pair (seed {args.seed}, {n_stars} "
-        "stars) ..."
+        f"gpudiff demo: simulating a {args.size}x{args.size} pair "
+        f"(seed {args.seed}, {n_stars} stars) ..."
     )
     pair = simulate_pair(
         size=args.size,

@@ -347,8 +347,8 @@ class DecorrelateALKernelTask:
                     kernel_sum=ksum,
                 )
             raise AllMaskedError(
-                f"variance mean undefined (science {svar}, template {tvar}): every pixel is masked "
-                "by "
+                f"variance mean undefined (science {svar}, template {tvar}): "
+                "every pixel is masked by "
                 f"{', '.join(self.config.ignore_mask_planes)} or has non-finite variance"
             )
 

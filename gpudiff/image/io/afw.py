@@ -65,8 +65,8 @@ def read(hdus: Hdus, backend) -> Exposure:
         if h is not None and read_xy0(h.header) != xy0 and _has_xy0(h.header):
             warn(
                 path,
-                f"the {what} HDU says xy0 = {read_xy0(h.header)}, the IMAGE HDU {xy0}; used the "
-                "IMAGE's",
+                f"the {what} HDU says xy0 = {read_xy0(h.header)}, the IMAGE HDU {xy0}; "
+                "used the IMAGE's",
             )
     metadata = strip(hdus.primary, _ARCHIVE_POINTERS)
     if var_hdu is not None:
@@ -318,8 +318,8 @@ def _photocalib(hdus: Hdus, archive: "AfwArchive | None") -> PhotoCalib:
         except Exception as exc:
             warn(
                 hdus.path,
-                f"the afw PhotoCalib could not be read ({type(exc).__name__}: {exc}); calibration "
-                "1",
+                f"the afw PhotoCalib could not be read ({type(exc).__name__}: {exc}); "
+                "calibration 1",
             )
     p = hdus.primary
     try:
