@@ -211,10 +211,12 @@ def _quantiles(be: Backend, samples, valid, fractions):
         vals = _radix_select_rows(xp, V, valid, rows, xp.concatenate([lo, hi]))
         vlo, vhi = vals[:m], vals[m:]
     else:
-        ranks = xp.concatenate([lo, hi])
-        got = xp.stack([_order_statistics(be, v, valid, n, ranks) for v in samples])  # (k, 2m)
-        at = np.arange(m)
-        vlo, vhi = got[rows_h, at], got[rows_h, m + at]
+        # each sample selects only its own ranks (every extra kth is another partition pass)
+        vlo, vhi = xp.empty(m), xp.empty(m)
+        for i, v in enumerate(samples):
+            at = np.flatnonzero(rows_h == i)
+            got = _order_statistics(be, v, valid, n, xp.concatenate([lo[at], hi[at]]))
+            vlo[at], vhi[at] = got[: at.size], got[at.size:]
     lo_f = lo.astype(xp.float64)
     out = (lo_f + 1.0 - idx) * vlo + (idx - lo_f) * vhi
     return xp.where(n > 0, out, xp.nan)
