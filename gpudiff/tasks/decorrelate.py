@@ -498,9 +498,12 @@ class DecorrelateALKernelTask:
         xp = be.xp
         psf = np.asarray(psf_image, dtype=np.float64)
         ph, pw = psf.shape
-        ft = be.fft.rfft2(_wrap_kernel(xp, be.asarray(psf), shape), s=shape)
+        fkw = be.fft_kwargs
+        ft = be.fft.rfft2(_wrap_kernel(xp, be.asarray(psf), shape), s=shape, **fkw)
         new = xp.roll(
-            be.fft.irfft2(ft * be.asarray(corr_rfft), s=shape), (ph // 2, pw // 2), axis=(0, 1)
+            be.fft.irfft2(ft * be.asarray(corr_rfft), s=shape, **fkw),
+            (ph // 2, pw // 2),
+            axis=(0, 1),
         )[:ph, :pw]
         new = np.array(be.asnumpy(new), dtype=np.float64)
         return new / new.sum()
