@@ -328,7 +328,8 @@ class AlardLuptonSubtractTask:
             det = detect_sources(science.masked_image, science.psf, threshold=cfg.detection_threshold,
                                  polarity="positive", background="estimate", backend=self.backend)
             sources = det.catalog
-        table = reclassify_extended(_normalize_sources(sources))  # PSF model vs the stars
+        table = _flag_center_planes(_normalize_sources(sources), science.masked_image)
+        table = reclassify_extended(table)  # PSF model vs the stars
         box = science.bbox
         if cfg.restrict_kernel_edge_sources:
             box = Box(box.x0 + edge_buffer, box.y0 + edge_buffer, box.x1 - edge_buffer, box.y1 - edge_buffer)
@@ -612,6 +613,53 @@ def decorrelated_psf(psf, correction_kernel: np.ndarray):
         imgs = np.array([[filt(im) for im in row] for row in psf.images])
         return GridPsf(imgs, psf.xs, psf.ys)
     return ImagePsf(filt(psf.kernel_image()), average_position=psf.average_position)
+
+
+#: Planes whose bit within 1 px of a source's centre excludes it from the kernel sources.
+#: A departure from LSST (its production selector does not test pixel flags): LSST's
+#: sources are measured on calexps whose cosmic rays were found and interpolated before
+#: detection, so none of them is a ray; gpudiff detects before it finds the rays.
+_CENTER_FLAG_PLANES = {"flag_cr_center": "CR"}
+
+
+def _flag_center_planes(table: Table, mi: MaskedImage) -> Table:
+    """``table`` with a boolean ``flag_cr_center`` column: a CR bit in the 3×3 pixels
+    around the source's centre in ``mi`` (added only when absent and ``mi`` has a CR plane).
+
+    The science detections are made before the cosmic rays are found, and a ray that was
+    not flagged on input is detected as a compact source of S/N 50–100.  Its pixels are
+    interpolated before the fit, so its stamp holds no source (a kernel-sum outlier at best),
+    and a few such rays below the stars' size once dragged the stellar locus of
+    :func:`~gpudiff.psfmatch.candidates.reclassify_extended` to 0.61 × the PSF's trace:
+    every star was judged extended and the kernel sum came out 0.71 for a true 1.00
+    (issue 14, 2048² raw pairs).  Flagged rows are dropped by the selector (every
+    ``flag*`` column) and left out of the stellar locus.
+    """
+    planes = {c: p for c, p in _CENTER_FLAG_PLANES.items()
+              if c not in table.colnames and mi.mask_planes.bitmask_if_present((p,))}
+    if not planes or len(table) == 0:
+        return table
+    mask = mi.backend.asnumpy(mi.mask)
+    h, w = mask.shape
+    with np.errstate(invalid="ignore"):
+        xi = np.rint(np.asarray(table["x"], float) - mi.xy0[0])
+        yi = np.rint(np.asarray(table["y"], float) - mi.xy0[1])
+    ok = np.isfinite(xi) & np.isfinite(yi)
+    xi = np.where(ok, xi, 0).astype(np.int64)
+    yi = np.where(ok, yi, 0).astype(np.int64)
+    out = table.copy(copy_data=False)
+    for col, plane in planes.items():
+        bit = mi.mask_planes.bitmask_if_present((plane,))
+        hit = np.zeros(len(table), dtype=bool)
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                yy, xx = yi + dy, xi + dx
+                inside = ok & (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+                v = np.zeros(len(table), dtype=mask.dtype)
+                v[inside] = mask[yy[inside], xx[inside]]
+                hit |= (v & bit) != 0
+        out[col] = hit
+    return out
 
 
 def _normalize_sources(sources: Any) -> Table:
