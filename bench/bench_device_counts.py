@@ -50,7 +50,6 @@ try:
 except ImportError:  # running from a source checkout without installation
     sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 
 import strict_device as sd  # noqa: E402
 
@@ -129,7 +128,8 @@ def _print_report(title: str, rep: dict, exclude_upload: bool = True) -> dict:
     for lab, c in stages.items():
         est, _ = sd.estimate_seconds(c["calls"], c["syncs"], c["touched"], c["h2d"] + c["d2h"])
         print(
-            f"{lab[-56:]:56s} {c['calls']:7d} {c['syncs']:6d} {c['h2d'] / 1e6:8.1f} {c['d2h'] / 1e6:8.1f} "
+            f"{lab[-56:]:56s} {c['calls']:7d} {c['syncs']:6d} {c['h2d'] / 1e6:8.1f} "
+            f"{c['d2h'] / 1e6:8.1f} "
             f"{c['touched'] / 1e9:10.2f} {est * 1e3:7.1f}"
         )
         if not (exclude_upload and lab.startswith("upload")):
@@ -139,7 +139,8 @@ def _print_report(title: str, rep: dict, exclude_upload: bool = True) -> dict:
         tot["calls"], tot["syncs"], tot["touched"], tot["h2d"] + tot["d2h"]
     )
     print(
-        f"{'TOTAL after the input upload':56s} {tot['calls']:7d} {tot['syncs']:6d} {tot['h2d'] / 1e6:8.1f} "
+        f"{'TOTAL after the input upload':56s} {tot['calls']:7d} {tot['syncs']:6d} "
+        f"{tot['h2d'] / 1e6:8.1f} "
         f"{tot['d2h'] / 1e6:8.1f} {tot['touched'] / 1e9:10.2f} {est * 1e3:7.1f}"
     )
     print(
@@ -275,7 +276,8 @@ def main(argv=None) -> int:
         )
     if sd.VIOLATIONS:
         print(
-            f"\nWARNING: {len(sd.VIOLATIONS)} device-discipline violations; first: {sd.VIOLATIONS[0][0]}"
+            f"\nWARNING: {len(sd.VIOLATIONS)} device-discipline violations; "
+            f"first: {sd.VIOLATIONS[0][0]}"
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))

@@ -113,12 +113,16 @@ def brute_force(data, bad, weights=None, nsigma=3.0, niter=3):
     return m.reshape(shp), v.reshape(shp), n.reshape(shp), used.reshape(data.shape)
 
 
-def make_stack(rng, nep=12, shape=(6, 7), outlier_frac=0.08, bad_frac=0.1, nonfinite=True, ties=False):
+def make_stack(
+    rng, nep=12, shape=(6, 7), outlier_frac=0.08, bad_frac=0.1, nonfinite=True, ties=False
+):
     data = rng.normal(100.0, 5.0, size=(nep,) + shape)
     if ties:
         data = np.round(data / 5.0) * 5.0
     out = rng.random(data.shape) < outlier_frac
-    data[out] += rng.choice([-1.0, 1.0], size=out.sum()) * rng.uniform(20, 200, size=out.sum()) * 5.0
+    data[out] += (
+        rng.choice([-1.0, 1.0], size=out.sum()) * rng.uniform(20, 200, size=out.sum()) * 5.0
+    )
     bad = rng.random(data.shape) < bad_frac
     if nonfinite:
         nf = rng.random(data.shape) < 0.03
@@ -183,7 +187,9 @@ def test_quartiles_are_numpy_linear_percentiles(rng):
         cnt = np.array([n])
         for frac in (0.25, 0.5, 0.75):
             got = R._quantile_sorted(np, srt, cnt, frac)[0]
-            assert got == pytest.approx(np.percentile(x.astype(np.float64), 100 * frac), rel=1e-12, abs=1e-12)
+            assert got == pytest.approx(
+                np.percentile(x.astype(np.float64), 100 * frac), rel=1e-12, abs=1e-12
+            )
 
 
 # ----------------------------------------------------------------------------------------
@@ -327,7 +333,10 @@ def test_float64_input_is_read_as_float32(rng):
     "kwargs,exc",
     [
         (dict(bad=np.zeros((5, 3, 3), bool)), ShapeMismatchError),
-        (dict(data=np.zeros((0, 3, 4), np.float32), bad=np.zeros((0, 3, 4), bool)), InvalidInputError),
+        (
+            dict(data=np.zeros((0, 3, 4), np.float32), bad=np.zeros((0, 3, 4), bool)),
+            InvalidInputError,
+        ),
         (dict(weights=np.ones(4, np.float32)), InvalidInputError),
         (dict(weights=np.ones((5, 1), np.float32)), InvalidInputError),
         (dict(weights=np.array([1, 1, -1, 1, 1], np.float32)), InvalidInputError),
@@ -343,8 +352,13 @@ def test_float64_input_is_read_as_float32(rng):
     ],
 )
 def test_validation_errors(kwargs, exc):
-    args = dict(data=np.zeros((5, 3, 4), np.float32), bad=np.zeros((5, 3, 4), bool), weights=None,
-                nsigma=3.0, niter=3)
+    args = dict(
+        data=np.zeros((5, 3, 4), np.float32),
+        bad=np.zeros((5, 3, 4), bool),
+        weights=None,
+        nsigma=3.0,
+        niter=3,
+    )
     args.update(kwargs)
     with pytest.raises(exc):
         R.clipped_stack(**args)
@@ -390,7 +404,9 @@ def test_mask_dilate_or_matches_bruteforce(rng, fpshape):
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, brute_dilate(mask, fp))
     np.testing.assert_array_equal(R.mask_dilate_or(mask.view(np.uint32), fp), got)
-    np.testing.assert_array_equal(K.mask_dilate_or(mask, fp.astype(np.float32), backend="numpy"), got)
+    np.testing.assert_array_equal(
+        K.mask_dilate_or(mask, fp.astype(np.float32), backend="numpy"), got
+    )
 
 
 def test_mask_dilate_or_correlation_convention():
@@ -479,9 +495,17 @@ def test_cuda_source_dir_error_lists_places(monkeypatch, tmp_path):
 
 
 def test_importing_gpudiff_does_not_import_cupy():
-    code = "import sys, gpudiff, gpudiff.backend.kernels, gpudiff.backend.reference; print('cupy' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    code = (
+        "import sys, gpudiff, gpudiff.backend.kernels, gpudiff.backend.reference; "
+        "print('cupy' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=True,
+    )
     assert out.stdout.strip() == "False"
 
 
@@ -586,17 +610,28 @@ def host_harness(tmp_path_factory):
     cdir = K.cuda_source_dir()
     src.write_text(_HOST_HARNESS.format(clip=cdir / "clipped_stack.cu", mask=cdir / "mask_ops.cu"))
     exe = d / "harness"
-    proc = subprocess.run(["nvcc", "-std=c++17", "-O2", "-o", str(exe), str(src)],
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        ["nvcc", "-std=c++17", "-O2", "-o", str(exe), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     if proc.returncode != 0:
         pytest.fail("host build of the CUDA sources failed:\n" + proc.stdout + proc.stderr)
     return exe
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed,weighted,nsigma,niter", [
-    (0, False, 3.0, 3), (1, True, 3.0, 3), (2, True, 2.5, 3), (3, False, 1.5, 5), (4, True, 3.0, 1),
-])
+@pytest.mark.parametrize(
+    "seed,weighted,nsigma,niter",
+    [
+        (0, False, 3.0, 3),
+        (1, True, 3.0, 3),
+        (2, True, 2.5, 3),
+        (3, False, 1.5, 5),
+        (4, True, 3.0, 1),
+    ],
+)
 def test_cuda_code_on_host_matches_twin(host_harness, tmp_path, seed, weighted, nsigma, niter):
     rng = np.random.default_rng(seed)
     data, bad = make_stack(rng, nep=[7, 20, 33, 2, 1][seed], shape=(17, 19), ties=(seed == 2))
@@ -605,13 +640,18 @@ def test_cuda_code_on_host_matches_twin(host_harness, tmp_path, seed, weighted, 
     data.tofile(tmp_path / "data.bin")
     bad.astype(np.uint8).tofile(tmp_path / "bad.bin")
     w.tofile(tmp_path / "w.bin")
-    subprocess.run([str(host_harness), "clip", str(tmp_path), str(nep), str(npix), repr(nsigma), str(niter)],
-                   check=True, timeout=60)
+    subprocess.run(
+        [str(host_harness), "clip", str(tmp_path), str(nep), str(npix), repr(nsigma), str(niter)],
+        check=True,
+        timeout=60,
+    )
     mean = np.fromfile(tmp_path / "mean.bin", np.float32)
     var = np.fromfile(tmp_path / "var.bin", np.float32)
     n = np.fromfile(tmp_path / "n.bin", np.int32)
     used = np.fromfile(tmp_path / "used.bin", np.uint8).reshape(nep, npix).astype(bool)
-    rm, rv, rn, ru = R.clipped_stack(data, bad, w if weighted else None, nsigma, niter, return_used=True)
+    rm, rv, rn, ru = R.clipped_stack(
+        data, bad, w if weighted else None, nsigma, niter, return_used=True
+    )
     np.testing.assert_array_equal(n, rn.ravel())
     np.testing.assert_array_equal(used, ru.reshape(nep, npix))
     # same float64 arithmetic in the same order: identical bits
@@ -621,14 +661,20 @@ def test_cuda_code_on_host_matches_twin(host_harness, tmp_path, seed, weighted, 
 
 @pytest.mark.slow
 def test_cuda_mask_code_on_host_matches_twin(host_harness, tmp_path, rng):
-    mask = np.where(rng.random((23, 29)) < 0.1, 1 << rng.integers(0, 32, (23, 29)), 0).astype(np.int64)
+    mask = np.where(rng.random((23, 29)) < 0.1, 1 << rng.integers(0, 32, (23, 29)), 0).astype(
+        np.int64
+    )
     mask = mask.astype(np.uint32).view(np.int32)
     fp = rng.random((5, 4)) < 0.5
     dy, dx = R.footprint_offsets(fp)
     mask.tofile(tmp_path / "mask.bin")
     dy.tofile(tmp_path / "dy.bin")
     dx.tofile(tmp_path / "dx.bin")
-    subprocess.run([str(host_harness), "dilate", str(tmp_path), "23", "29", str(dy.size)], check=True, timeout=60)
+    subprocess.run(
+        [str(host_harness), "dilate", str(tmp_path), "23", "29", str(dy.size)],
+        check=True,
+        timeout=60,
+    )
     out = np.fromfile(tmp_path / "out.bin", np.int32).reshape(23, 29)
     np.testing.assert_array_equal(out, R.mask_dilate_or(mask, fp))
 
@@ -663,15 +709,24 @@ def test_gpu_clipped_stack_parity(rng, nep, weighted):
     np.testing.assert_array_equal(gu[:, same], ru[:, same])
     np.testing.assert_allclose(gm[same], rm[same], rtol=1e-5, atol=1e-6, equal_nan=True)
     np.testing.assert_allclose(gv[same], rv[same], rtol=1e-4, atol=1e-6, equal_nan=True)
-    assert gm.dtype == np.float32 and gv.dtype == np.float32 and gn.dtype == np.int32 and gu.dtype == bool
+    assert (
+        gm.dtype == np.float32
+        and gv.dtype == np.float32
+        and gn.dtype == np.int32
+        and gu.dtype == bool
+    )
 
 
 @pytest.mark.gpu
 def test_gpu_clipped_stack_special_pixels():
     import cupy
 
-    data = np.array([[1.0, 5.0, np.nan, 4.0], [2.0, np.inf, 3.0, 4.0], [3.0, 7.0, -np.inf, 4.0]], np.float32)
-    bad = np.array([[True, False, False, False], [True, True, False, False], [True, True, True, False]])
+    data = np.array(
+        [[1.0, 5.0, np.nan, 4.0], [2.0, np.inf, 3.0, 4.0], [3.0, 7.0, -np.inf, 4.0]], np.float32
+    )
+    bad = np.array(
+        [[True, False, False, False], [True, True, False, False], [True, True, True, False]]
+    )
     m, v, n = (cupy.asnumpy(a) for a in K.clipped_stack(data, bad, backend="cupy"))
     assert np.isnan(m[0]) and np.isnan(v[0]) and n[0] == 0
     assert m[1] == 5.0 and np.isnan(v[1]) and n[1] == 1
@@ -726,9 +781,9 @@ def _moment_stamps(rng, n=300, s=21):
         u = (X - x0) * np.cos(th) + (Y - y0) * np.sin(th)
         v = -(X - x0) * np.sin(th) + (Y - y0) * np.cos(th)
         amp = [0.0, 3.0, 10.0, 100.0, 1000.0][i % 5]
-        st[i] = amp * np.exp(-0.5 * (u * u / sx ** 2 + v * v / sy ** 2)) + rng.normal(0, 1, (s, s))
-    st[0], st[1] = 0.0, -100.0 * np.exp(-0.5 * (X ** 2 + Y ** 2) / 4)
-    st[2] = 100.0 * np.exp(-0.5 * ((X - 4) ** 2 + Y ** 2) / 2)
+        st[i] = amp * np.exp(-0.5 * (u * u / sx**2 + v * v / sy**2)) + rng.normal(0, 1, (s, s))
+    st[0], st[1] = 0.0, -100.0 * np.exp(-0.5 * (X**2 + Y**2) / 4)
+    st[2] = 100.0 * np.exp(-0.5 * ((X - 4) ** 2 + Y**2) / 2)
     return st, rng.random(st.shape) > 0.08
 
 
@@ -739,8 +794,9 @@ def test_gpu_adaptive_moments_parity(rng, max_iter, tol):
 
     st, valid = _moment_stamps(rng)
     ref = K.adaptive_moments_twin(st, valid, 3.0, max_iter, tol)
-    got = K.get_kernel("adaptive_moments", "cupy")(cupy.asarray(st), cupy.asarray(valid), 3.0,
-                                                    max_iter, tol)
+    got = K.get_kernel("adaptive_moments", "cupy")(
+        cupy.asarray(st), cupy.asarray(valid), 3.0, max_iter, tol
+    )
     assert all(isinstance(g, cupy.ndarray) for g in got)
     got = [cupy.asnumpy(g) for g in got]
     # The block sums add in a tree, the twin in NumPy's order: rounding (~1e-13) can move a
@@ -760,8 +816,12 @@ def test_gpu_weighted_centroid_parity(rng):
     st = np.where(valid, st, 0).astype(np.float32)
     x0, y0 = rng.uniform(-0.5, 0.5, len(st)), rng.uniform(-0.5, 0.5, len(st))
     ref = K.weighted_centroid_twin(st, x0, y0, 1.6)
-    got = [cupy.asnumpy(g) for g in K.get_kernel("weighted_centroid", "cupy")(
-        cupy.asarray(st), cupy.asarray(x0), cupy.asarray(y0), 1.6)]
+    got = [
+        cupy.asnumpy(g)
+        for g in K.get_kernel("weighted_centroid", "cupy")(
+            cupy.asarray(st), cupy.asarray(x0), cupy.asarray(y0), 1.6
+        )
+    ]
     same = got[2] == ref[2]
     assert same.mean() > 0.99 and ref[2].sum() >= 50
     np.testing.assert_allclose(got[0][same], ref[0][same], atol=1e-9)  # 20 fixed steps: rounding
@@ -771,8 +831,10 @@ def test_gpu_weighted_centroid_parity(rng):
 def test_stamp_kernels_registered_and_validated(rng):
     """Both stamp kernels are in the registry with a launcher and their .cu symbols, and
     the twins reject stamps that are not (n, s, s)."""
-    for name, sym in (("adaptive_moments", "adaptive_moments_f64"),
-                      ("weighted_centroid", "weighted_centroid_f64")):
+    for name, sym in (
+        ("adaptive_moments", "adaptive_moments_f64"),
+        ("weighted_centroid", "weighted_centroid_f64"),
+    ):
         spec = K.get_spec(name)
         assert spec.cuda_launcher is not None and spec.symbols == (sym,)
         assert sym in K.read_cuda_source(spec.source)

@@ -1,4 +1,5 @@
-"""ScaleVarianceTask (spec §6): recovered factors, ignored planes, fallbacks and limits."""
+"""ScaleVarianceTask (docs/algorithms.md §6): recovered factors, ignored planes, fallbacks and
+limits."""
 
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ def test_recovers_known_factor(backend):
     # −0.35 % that LSST's 0.74 constant costs.
     mi = _noise(backend, n=2048)
     f = ScaleVarianceTask(backend=backend).run(mi)
-    assert abs(f / 1.3 ** 2 - 1) < 0.01
-    assert abs(f / (1.3 ** 2 * BIAS) - 1) < 0.005  # the 0.74 constant, reproduced
+    assert abs(f / 1.3**2 - 1) < 0.01
+    assert abs(f / (1.3**2 * BIAS) - 1) < 0.005  # the 0.74 constant, reproduced
 
 
 def test_no_lower_limit(backend):
@@ -51,7 +52,7 @@ def test_background_gradient_is_removed(backend):
     yy, xx = np.mgrid[0:n, 0:n]
     sky = 50.0 + 40.0 * 1.3 * (xx + 0.5 * yy) / n
     f = ScaleVarianceTask(backend=backend).run(_noise(backend, n=n, extra=sky))
-    assert abs(f / 1.3 ** 2 - 1) < 0.02
+    assert abs(f / 1.3**2 - 1) < 0.02
 
 
 def test_input_unchanged_and_apply(backend):
@@ -92,7 +93,9 @@ def test_masked_pixels_ignored(backend):
 def _with_sources(n, rng, nsrc=150):
     yy, xx = np.mgrid[0:n, 0:n]
     src = np.zeros((n, n))
-    for x, y, f in zip(rng.uniform(0, n, nsrc), rng.uniform(0, n, nsrc), rng.uniform(2e3, 2e4, nsrc)):
+    for x, y, f in zip(
+        rng.uniform(0, n, nsrc), rng.uniform(0, n, nsrc), rng.uniform(2e3, 2e4, nsrc)
+    ):
         src += f / (2 * np.pi * 4.0) * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 8.0)
     return src
 
@@ -104,8 +107,10 @@ def test_sources_detected_or_not(backend):
     assert 0.05 < det.mean() < 0.2
     task = ScaleVarianceTask(backend=backend)
     clean = task.run(_noise(backend, n=n, seed=5))
-    f = task.run(_noise(backend, n=n, seed=5, extra=src, mask=np.where(det, 1 << 5, 0).astype(np.int32)))
-    assert abs(f / 1.3 ** 2 - 1) < 0.01 and abs(f / clean - 1) < 0.005
+    f = task.run(
+        _noise(backend, n=n, seed=5, extra=src, mask=np.where(det, 1 << 5, 0).astype(np.int32))
+    )
+    assert abs(f / 1.3**2 - 1) < 0.01 and abs(f / clean - 1) < 0.005
     # The same sources not masked do bias it ...
     assert task.run(_noise(backend, n=n, seed=5, extra=src)) > 1.1 * clean
     # ... though the IQR keeps sparse ones (~1 % of the pixels) to a few %.
@@ -153,7 +158,7 @@ def test_small_image_and_constant_background(backend):
     for algo in ("AKIMA_SPLINE", "LINEAR", "CONSTANT"):
         cfg = ScaleVarianceConfig(background=ScaleVarianceBackgroundConfig(algorithm=algo))
         f = ScaleVarianceTask(cfg, backend=backend).run(mi)
-        assert abs(f / 1.3 ** 2 - 1) < 0.1
+        assert abs(f / 1.3**2 - 1) < 0.1
 
 
 def test_config_validation():
@@ -178,8 +183,10 @@ def test_max_samples_matches_every_pixel(backend, max_samples):
     sky = 50.0 + 40.0 * 1.3 * (xx + 0.5 * yy) / n
     mi = _noise(backend, n=n, extra=sky, seed=7)
     full = ScaleVarianceTask(backend=backend).run(mi)
-    sampled = ScaleVarianceTask(ScaleVarianceConfig(max_samples=max_samples), backend=backend).run(mi)
+    sampled = ScaleVarianceTask(ScaleVarianceConfig(max_samples=max_samples), backend=backend).run(
+        mi
+    )
     assert abs(sampled / full - 1) < 3 * 2.2 / np.sqrt(max_samples)
-    assert abs(full / 1.3 ** 2 - 1) < 0.01
+    assert abs(full / 1.3**2 - 1) < 0.01
     with pytest.raises(InvalidInputError, match="max_samples"):
         ScaleVarianceConfig(max_samples=10)

@@ -20,8 +20,8 @@ from gpudiff.ops.stats import (
 
 
 def afw_meanclip(x, nsigma=3.0, niter=3):
-    """Spec §0.5 literally: pass 0 median ± nσ·0.7413·IQR, later passes re-clip the full
-    sample around the clipped mean with the clipped (ddof=1) stdev."""
+    """docs/algorithms.md §0.5 literally: pass 0 median ± nσ·0.7413·IQR, later passes re-clip
+    the full sample around the clipped mean with the clipped (ddof=1) stdev."""
     x = np.asarray(x, float)
     x = x[np.isfinite(x)]
     q1, med, q3 = np.percentile(x, [25, 50, 75])
@@ -70,7 +70,8 @@ def test_robust_sigma(backend, rng):
     y[:2000] = 1e5  # 10 % outliers barely move the MAD
     assert robust_sigma(y, backend=backend) == pytest.approx(3.0, rel=0.2)
     assert robust_sigma(y, bad=np.arange(y.size) < 2000, backend=backend) == pytest.approx(
-        robust_sigma(x[2000:], backend=backend), rel=1e-6)
+        robust_sigma(x[2000:], backend=backend), rel=1e-6
+    )
     assert math.isnan(robust_sigma([np.nan, np.inf], backend=backend))
 
 
@@ -92,7 +93,7 @@ def test_image_statistics_masked_image(backend, rng):
     assert st["std"] == pytest.approx(rs, rel=1e-4)
     assert st["n_used"] == rn
     assert st["median"] == pytest.approx(np.median(img[usable]), rel=1e-6)
-    assert st["variance"] == pytest.approx(rs ** 2, rel=2e-4)
+    assert st["variance"] == pytest.approx(rs**2, rel=2e-4)
     # without the and-mask the blob drags the median up
     st_all = image_statistics(mi, bad_planes=(), median=True)
     assert st_all["n"] == int(np.isfinite(img).sum())
@@ -107,7 +108,9 @@ def test_image_statistics_array_with_mask(backend, rng):
     mask = np.zeros(img.shape, np.int64)
     mask[:32] = 1 << 3
     img[:32] = 50.0
-    st = image_statistics(img, mask=mask, mask_planes=mp, bad_planes=("FOO", "NOT_A_PLANE"), backend=backend)
+    st = image_statistics(
+        img, mask=mask, mask_planes=mp, bad_planes=("FOO", "NOT_A_PLANE"), backend=backend
+    )
     assert st["n"] == 32 * 64
     assert abs(st["mean"]) < 0.1
     with pytest.raises(AllMaskedError):
@@ -121,7 +124,9 @@ def test_image_statistics_array_with_mask(backend, rng):
 
 def test_gather_stamps_edges(backend):
     img = np.arange(30, dtype=np.float32).reshape(5, 6)
-    st, inside = gather_stamps(backend, backend.asarray(img), np.array([0, 2]), np.array([0, 5]), 1, fill=-1)
+    st, inside = gather_stamps(
+        backend, backend.asarray(img), np.array([0, 2]), np.array([0, 5]), 1, fill=-1
+    )
     st, inside = backend.asnumpy(st), backend.asnumpy(inside)
     assert st.shape == (2, 3, 3)
     np.testing.assert_array_equal(st[0], [[-1, -1, -1], [-1, 0, 1], [-1, 6, 7]])
@@ -134,7 +139,9 @@ def test_weighted_centroid_and_adaptive_moments(backend):
     psf = GaussianPsf(sigma=2.0, sigma_y=1.4, theta=0.5, size=25, oversample=5)
     stamps = np.array([psf.compute_image(100 + dx, 200 + dy) for dx, dy in offsets]) * 1e4
     d = backend.asarray(stamps)
-    x, y, ok = weighted_centroid(backend, d, backend.asarray(np.zeros(3)), backend.asarray(np.zeros(3)), 1.7)
+    x, y, ok = weighted_centroid(
+        backend, d, backend.asarray(np.zeros(3)), backend.asarray(np.zeros(3)), 1.7
+    )
     np.testing.assert_allclose(backend.asnumpy(x), [o[0] for o in offsets], atol=2e-3)
     np.testing.assert_allclose(backend.asnumpy(y), [o[1] for o in offsets], atol=2e-3)
     assert backend.asnumpy(ok).all()
@@ -144,7 +151,9 @@ def test_weighted_centroid_and_adaptive_moments(backend):
         xc, yc, ixx, iyy, ixy = adaptive_moments(st)
         assert out[0][k] == pytest.approx(xc - 12, abs=1e-4)
         assert out[1][k] == pytest.approx(yc - 12, abs=1e-4)
-        np.testing.assert_allclose([out[2][k], out[3][k], out[4][k]], [ixx, iyy, ixy], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            [out[2][k], out[3][k], out[4][k]], [ixx, iyy, ixy], rtol=1e-4, atol=1e-5
+        )
     assert out[5].all()
     # an empty (all-zero) stamp fails instead of returning garbage
     z = backend.asarray(np.zeros((1, 9, 9)))
@@ -166,13 +175,13 @@ def test_sort_free_clip_matches_the_stack_twin(rng, n):
     x = rng.normal(10.0, 2.0, n).astype(np.float32)
     if n > 10:  # outliers on both sides, ties, ±0, a NaN and an excluded block
         x[: n // 20] = 1e4
-        x[n // 20: n // 10] = -3e3
-        x[n // 10: n // 10 + 5] = 10.0
+        x[n // 20 : n // 10] = -3e3
+        x[n // 10 : n // 10 + 5] = 10.0
         x[n // 10 + 5] = -0.0
         x[n // 10 + 6] = 0.0
         x[-1] = np.nan
     bad = np.zeros(n, bool)
-    bad[n // 3: n // 3 + n // 50] = True
+    bad[n // 3 : n // 3 + n // 50] = True
     bad |= all_bad
     excl = bad | ~np.isfinite(x)
     ref = clipped_stack(x[:, None], bad[:, None], None, 3.0, 3)
@@ -192,8 +201,14 @@ def test_sort_free_clip_matches_the_stack_twin(rng, n):
 def test_radix_select_is_exact_order_statistics(rng):
     from gpudiff.ops.stats import _radix_select
 
-    v = np.concatenate([rng.normal(0, 1, 5000), rng.uniform(-1e30, 1e30, 100),
-                        [0.0, -0.0, 1e-40, -1e-40], np.full(50, 3.25)]).astype(np.float32)
+    v = np.concatenate(
+        [
+            rng.normal(0, 1, 5000),
+            rng.uniform(-1e30, 1e30, 100),
+            [0.0, -0.0, 1e-40, -1e-40],
+            np.full(50, 3.25),
+        ]
+    ).astype(np.float32)
     valid = rng.uniform(size=v.size) > 0.1
     good = np.sort(v[valid])
     ranks = np.array([0, 1, good.size // 4, good.size // 2, good.size - 1], np.int64)
@@ -207,8 +222,12 @@ def test_psf_moments_measured_once_per_rounded_position(monkeypatch):
     import gpudiff.image.psf as P
     from gpudiff.image import GaussianPsf, GridPsf, adaptive_moments
 
-    imgs = np.array([[GaussianPsf(sigma=s, size=21).kernel_image() for s in (1.5, 2.5)],
-                     [GaussianPsf(sigma=s, size=21).kernel_image() for s in (2.0, 3.0)]])
+    imgs = np.array(
+        [
+            [GaussianPsf(sigma=s, size=21).kernel_image() for s in (1.5, 2.5)],
+            [GaussianPsf(sigma=s, size=21).kernel_image() for s in (2.0, 3.0)],
+        ]
+    )
     psf = GridPsf(imgs, [0.0, 1000.0], [0.0, 1000.0])
     calls = []
     real = P.adaptive_moments
@@ -295,10 +314,10 @@ def _stamp_zoo(rng, n=60, s=19):
         u = (X - x0) * np.cos(th) + (Y - y0) * np.sin(th)
         v = -(X - x0) * np.sin(th) + (Y - y0) * np.cos(th)
         amp = [0.0, 2.0, 10.0, 100.0, 1000.0][i % 5]
-        st[i] = amp * np.exp(-0.5 * (u * u / sx ** 2 + v * v / sy ** 2)) + rng.normal(0, 1, (s, s))
+        st[i] = amp * np.exp(-0.5 * (u * u / sx**2 + v * v / sy**2)) + rng.normal(0, 1, (s, s))
     st[0] = 0.0  # empty: Σw·I = 0
-    st[1] = -100.0 * np.exp(-0.5 * (X ** 2 + Y ** 2) / 4)  # negative: Σw·I < 0
-    st[2] = 100.0 * np.exp(-0.5 * ((X - 4) ** 2 + Y ** 2) / 2)  # centroid beyond 2 px
+    st[1] = -100.0 * np.exp(-0.5 * (X**2 + Y**2) / 4)  # negative: Σw·I < 0
+    st[2] = 100.0 * np.exp(-0.5 * ((X - 4) ** 2 + Y**2) / 2)  # centroid beyond 2 px
     valid = rng.random(st.shape) > 0.08
     valid[3:9, 2:6, 2:6] = False
     return st, valid
@@ -334,7 +353,9 @@ def test_weighted_centroid_matches_per_source_loop(backend, rng):
     ref = np.array([_ref_centroid(a.astype(np.float64), x, y, 1.6) for a, x, y in zip(st, x0, y0)])
     ref_ok = ref[:, 2].astype(bool)
     assert ref_ok.sum() >= 10 and (~ref_ok).sum() >= 3
-    got = weighted_centroid(backend, backend.asarray(st), backend.asarray(x0), backend.asarray(y0), 1.6)
+    got = weighted_centroid(
+        backend, backend.asarray(st), backend.asarray(x0), backend.asarray(y0), 1.6
+    )
     x, y, ok = (backend.asnumpy(a) for a in got)
     np.testing.assert_array_equal(ok, ref_ok)
     # separable weights and matrix products: the same sums in another order (≤ 1e-12 px)
@@ -358,8 +379,12 @@ def test_batched_radix_quantiles_match_percentile(rng):
     rows = np.repeat(np.arange(3), [2, 3, 2])
     m = int(keep.sum())
     for samples in ([a, b, c], [a.astype(np.float64), b.astype(np.float64), c.astype(np.float64)]):
-        want = np.concatenate([np.percentile(s[keep].astype(np.float64), 100 * np.asarray(f))
-                               for s, f in zip(samples, fr)])
+        want = np.concatenate(
+            [
+                np.percentile(s[keep].astype(np.float64), 100 * np.asarray(f))
+                for s, f in zip(samples, fr)
+            ]
+        )
         got = _quantiles(be, samples, keep, fr)  # CPU: partition
         np.testing.assert_allclose(got, want, rtol=1e-15, atol=0)
         # device path: exact order statistics of the float32 values

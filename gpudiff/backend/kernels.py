@@ -109,9 +109,7 @@ def cuda_source_dir() -> Path:
         p = Path(env).expanduser()
         if _has_cu(p):
             return p.resolve()
-        raise KernelRegistryError(
-            f"{CUDA_DIR_ENV}={env!r} does not name a folder with .cu files"
-        )
+        raise KernelRegistryError(f"{CUDA_DIR_ENV}={env!r} does not name a folder with .cu files")
     try:
         from importlib.resources import files
 
@@ -348,27 +346,51 @@ def _clipped_stack_cupy(data, bad, weights=None, nsigma=3.0, niter=3, *, return_
     a = reference.validate_clipped_stack(_dev(cupy, data), _dev(cupy, bad), weights, nsigma, niter)
     nep, npix = a.data.shape
     if nep > CLIPPED_STACK_MAX_N:
-        log.debug("clipped_stack: N=%d > %d, using the vectorized CuPy path", nep, CLIPPED_STACK_MAX_N)
-        return reference.clipped_stack(a.data.reshape((nep,) + a.spatial_shape),
-                                       a.bad.reshape((nep,) + a.spatial_shape),
-                                       a.weights, a.nsigma, a.niter, return_used=return_used)
+        log.debug(
+            "clipped_stack: N=%d > %d, using the vectorized CuPy path", nep, CLIPPED_STACK_MAX_N
+        )
+        return reference.clipped_stack(
+            a.data.reshape((nep,) + a.spatial_shape),
+            a.bad.reshape((nep,) + a.spatial_shape),
+            a.weights,
+            a.nsigma,
+            a.niter,
+            return_used=return_used,
+        )
     variant = next(v for v in _CLIPPED_STACK_VARIANTS if v >= nep)
     fn = get_function("clipped_stack.cu", f"clipped_stack_f32_n{variant}")
-    w = cupy.ones(nep, dtype=cupy.float32) if a.weights is None else cupy.ascontiguousarray(a.weights)
+    w = (
+        cupy.ones(nep, dtype=cupy.float32)
+        if a.weights is None
+        else cupy.ascontiguousarray(a.weights)
+    )
     bad_u8 = a.bad.view(cupy.uint8)  # bool and uint8 share the 1-byte layout
     mean = cupy.empty(npix, dtype=cupy.float32)
     var = cupy.empty(npix, dtype=cupy.float32)
     n_used = cupy.empty(npix, dtype=cupy.int32)
-    used = cupy.empty((nep, npix), dtype=cupy.uint8) if return_used else cupy.empty(1, dtype=cupy.uint8)
+    used = (
+        cupy.empty((nep, npix), dtype=cupy.uint8)
+        if return_used
+        else cupy.empty(1, dtype=cupy.uint8)
+    )
     if npix > 0:
         grid = ((npix + _CLIP_BLOCK - 1) // _CLIP_BLOCK,)
         fn(
             grid,
             (_CLIP_BLOCK,),
             (
-                a.data, bad_u8, w,
-                np.int32(nep), np.int64(npix), np.float64(a.nsigma), np.int32(a.niter),
-                mean, var, n_used, used, np.int32(1 if return_used else 0),
+                a.data,
+                bad_u8,
+                w,
+                np.int32(nep),
+                np.int64(npix),
+                np.float64(a.nsigma),
+                np.int32(a.niter),
+                mean,
+                var,
+                n_used,
+                used,
+                np.int32(1 if return_used else 0),
             ),
         )
     shp = a.spatial_shape
@@ -423,8 +445,15 @@ def _mask_dilate_or_cupy(mask, footprint):
     fn(
         grid,
         (bx, by),
-        (m, np.int32(height), np.int32(width), cupy.asarray(dy), cupy.asarray(dx),
-         np.int32(dy.size), out),
+        (
+            m,
+            np.int32(height),
+            np.int32(width),
+            cupy.asarray(dy),
+            cupy.asarray(dx),
+            np.int32(dy.size),
+            out,
+        ),
     )
     return out
 
@@ -527,8 +556,9 @@ def _adaptive_step(xp, im, basis, dxg, dyg, st, ok, change, act, lo, hi, tol):
     dx = dxg - st[:, 0][:, None, None]
     dy = dyg - st[:, 1][:, None, None]
     # the (m, 1, s) and (m, s, 1) factors first: three full-stamp operations, not six
-    e = ((dx * dx * (st[:, 3][:, None, None] * h) + dy * dy * (st[:, 2][:, None, None] * h))
-         + (dx * (st[:, 4][:, None, None] * (-2.0 * h))) * dy)
+    e = (dx * dx * (st[:, 3][:, None, None] * h) + dy * dy * (st[:, 2][:, None, None] * h)) + (
+        dx * (st[:, 4][:, None, None] * (-2.0 * h))
+    ) * dy
     wd = xp.exp(e) * im
     # einsum, not @: NumPy sends @ to a multithreaded BLAS, ~10x slower for these shapes
     # on two busy cores; on a GPU both are one launch
@@ -551,8 +581,15 @@ def _adaptive_step(xp, im, basis, dxg, dyg, st, ok, change, act, lo, hi, tol):
     return st, ok, change, act
 
 
-def adaptive_moments_twin(stamps, valid, w_init: float, max_iter: int = 60, tol: float = 1e-6, *,
-                          check_every: int | None = None):
+def adaptive_moments_twin(
+    stamps,
+    valid,
+    w_init: float,
+    max_iter: int = 60,
+    tol: float = 1e-6,
+    *,
+    check_every: int | None = None,
+):
     """NumPy twin of ``adaptive_moments_f64`` (also runs on CuPy arrays): adaptive moments
     of a stack of stamps by masked whole-batch iterations.
 
@@ -596,8 +633,9 @@ def adaptive_moments_twin(stamps, valid, w_init: float, max_iter: int = 60, tol:
                 sub = (img[rows], st[rows], ok[rows], change[rows], act[rows])
             im, sst, sok, sch, sact = sub
             for _ in range(min(k, max_iter - done)):
-                sst, sok, sch, sact = _adaptive_step(xp, im, basis, dxg, dyg, sst, sok, sch, sact,
-                                                     lo, hi, tol)
+                sst, sok, sch, sact = _adaptive_step(
+                    xp, im, basis, dxg, dyg, sst, sok, sch, sact, lo, hi, tol
+                )
                 done += 1
             if rows is None:
                 st, ok, change, act = sst, sok, sch, sact
@@ -612,8 +650,15 @@ def adaptive_moments_twin(stamps, valid, w_init: float, max_iter: int = 60, tol:
     return st[:, 0], st[:, 1], st[:, 2], st[:, 3], st[:, 4], ok
 
 
-def _adaptive_moments_cupy(stamps, valid, w_init: float, max_iter: int = 60, tol: float = 1e-6, *,
-                           check_every: int | None = None):
+def _adaptive_moments_cupy(
+    stamps,
+    valid,
+    w_init: float,
+    max_iter: int = 60,
+    tol: float = 1e-6,
+    *,
+    check_every: int | None = None,
+):
     """CuPy launcher of ``adaptive_moments_f64``; same signature and results as
     :func:`adaptive_moments_twin` (``check_every`` is accepted and unused: each block runs
     its own source to the end, one launch for the batch)."""
@@ -627,8 +672,16 @@ def _adaptive_moments_cupy(stamps, valid, w_init: float, max_iter: int = 60, tol
     ok = cupy.zeros(n, dtype=cupy.uint8)
     if n > 0 and s > 0:
         fn = get_function("stamp_moments.cu", "adaptive_moments_f64")
-        args = (img, np.int32(n), np.int32(s), np.float64(w_init), np.int32(max_iter),
-                np.float64(tol), out, ok)
+        args = (
+            img,
+            np.int32(n),
+            np.int32(s),
+            np.float64(w_init),
+            np.int32(max_iter),
+            np.float64(tol),
+            out,
+            ok,
+        )
         fn((n,), (_MOM_BLOCK,), args)
     return out[:, 0], out[:, 1], out[:, 2], out[:, 3], out[:, 4], ok.view(cupy.bool_)
 
@@ -648,8 +701,18 @@ def _weighted_centroid_cupy(stamps, x0, y0, sigma: float, niter: int = 20, max_s
     ok = cupy.zeros(n, dtype=cupy.uint8)
     if n > 0 and s > 0:
         fn = get_function("stamp_moments.cu", "weighted_centroid_f64")
-        args = (img, np.int32(n), np.int32(s), x0, y0, np.float64(sigma), np.int32(niter),
-                np.float64(max_shift), out, ok)
+        args = (
+            img,
+            np.int32(n),
+            np.int32(s),
+            x0,
+            y0,
+            np.float64(sigma),
+            np.int32(niter),
+            np.float64(max_shift),
+            out,
+            ok,
+        )
         fn((n,), (_MOM_BLOCK,), args)
     return out[:, 0], out[:, 1], ok.view(cupy.bool_)
 
@@ -686,8 +749,16 @@ def _to_backend(be: Backend, a):
     return None if a is None else be.asarray(a)
 
 
-def clipped_stack(data, bad, weights=None, nsigma: float = 3.0, niter: int = 3, *,
-                  return_used: bool = False, backend: Backend | str | None = None):
+def clipped_stack(
+    data,
+    bad,
+    weights=None,
+    nsigma: float = 3.0,
+    niter: int = 3,
+    *,
+    return_used: bool = False,
+    backend: Backend | str | None = None,
+):
     """afw ``MEANCLIP`` statistics along axis 0 of a stack, on ``backend``.
 
     See :func:`gpudiff.backend.reference.clipped_stack` for the parameters and the exact
@@ -697,8 +768,14 @@ def clipped_stack(data, bad, weights=None, nsigma: float = 3.0, niter: int = 3, 
     """
     be = resolve_backend(backend)
     f = get_kernel("clipped_stack", be)
-    return f(_to_backend(be, data), _to_backend(be, bad), _to_backend(be, weights),
-             nsigma, niter, return_used=return_used)
+    return f(
+        _to_backend(be, data),
+        _to_backend(be, bad),
+        _to_backend(be, weights),
+        nsigma,
+        niter,
+        return_used=return_used,
+    )
 
 
 def mask_dilate_or(mask, footprint, *, backend: Backend | str | None = None):

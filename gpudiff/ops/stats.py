@@ -1,4 +1,5 @@
-"""afw-style statistics of samples and masked images (spec §0.5), and batched moments of stamps.
+"""afw-style statistics of samples and masked images (docs/algorithms.md §0.5), and batched
+moments of stamps.
 
 ``MEANCLIP`` / ``STDEVCLIP`` follow the registered ``clipped_stack`` kernel (CUDA on CuPy,
 its NumPy twin on the CPU), which implements afw's semantics exactly: pass 0
@@ -48,7 +49,15 @@ MAD_TO_SIGMA = 1.482602218505602
 #: Planes excluded from image statistics by default: defects, saturation, missing data,
 #: edges and everything that is not sky (detections, cosmic rays, interpolated pixels).
 STATS_BAD_PLANES: tuple[str, ...] = (
-    "BAD", "SAT", "NO_DATA", "EDGE", "DETECTED", "DETECTED_NEGATIVE", "CR", "INTRP", "SUSPECT",
+    "BAD",
+    "SAT",
+    "NO_DATA",
+    "EDGE",
+    "DETECTED",
+    "DETECTED_NEGATIVE",
+    "CR",
+    "INTRP",
+    "SUSPECT",
 )
 
 
@@ -69,8 +78,14 @@ def _flat_sample(values: Any, bad: Any, be: Backend):
     return v, excl
 
 
-def clipped_mean_std(values: Any, nsigma: float = 3.0, niter: int = 3, *, bad: Any = None,
-                     backend: Backend | str | None = None) -> tuple[float, float, int]:
+def clipped_mean_std(
+    values: Any,
+    nsigma: float = 3.0,
+    niter: int = 3,
+    *,
+    bad: Any = None,
+    backend: Backend | str | None = None,
+) -> tuple[float, float, int]:
     """afw ``MEANCLIP`` and ``STDEVCLIP`` of a sample.
 
     Parameters
@@ -171,8 +186,9 @@ def _radix_select_rows(xp, V, valid, rows, ranks):
     nr = int(ranks.shape[0])
     ks = keys[rows]  # (nr, N): each rank's own row
     members = ((ks >> 16).astype(xp.int64) == b[:, None]).ravel().astype(xp.float64)
-    slot = ((ks & xp.uint32(0xFFFF)).astype(xp.int64)
-            + (xp.arange(nr, dtype=xp.int64) << 16)[:, None])
+    slot = (ks & xp.uint32(0xFFFF)).astype(xp.int64) + (xp.arange(nr, dtype=xp.int64) << 16)[
+        :, None
+    ]
     h2 = xp.bincount(slot.ravel(), weights=members, minlength=nr << 16)
     c2 = xp.cumsum(h2.reshape(nr, 1 << 16), axis=1)
     lo = (c2 <= r_in.astype(xp.float64)[:, None]).sum(axis=1)
@@ -216,7 +232,7 @@ def _quantiles(be: Backend, samples, valid, fractions):
         for i, v in enumerate(samples):
             at = np.flatnonzero(rows_h == i)
             got = _order_statistics(be, v, valid, n, xp.concatenate([lo[at], hi[at]]))
-            vlo[at], vhi[at] = got[: at.size], got[at.size:]
+            vlo[at], vhi[at] = got[: at.size], got[at.size :]
     lo_f = lo.astype(xp.float64)
     out = (lo_f + 1.0 - idx) * vlo + (idx - lo_f) * vhi
     return xp.where(n > 0, out, xp.nan)
@@ -269,8 +285,14 @@ def _clip_sample(be: Backend, v, excl, nsigma: float, niter: int, *, _select=Non
             mean = mean_d + center
     # float32 results, as the stack kernel returns them
     f32 = (mean.astype(xp.float32), var.astype(xp.float32))
-    out = xp.stack([f32[0].astype(xp.float64), f32[1].astype(xp.float64),
-                    sel.sum().astype(xp.float64), n.astype(xp.float64)])
+    out = xp.stack(
+        [
+            f32[0].astype(xp.float64),
+            f32[1].astype(xp.float64),
+            sel.sum().astype(xp.float64),
+            n.astype(xp.float64),
+        ]
+    )
     m, s2, nu, nv = (float(a) for a in be.asnumpy(out))  # the one host sync
     if nv == 0:
         m = s2 = float("nan")
@@ -306,10 +328,18 @@ def _resolve_planes(mask_planes: MaskPlanes | None) -> MaskPlanes:
     return MaskPlanes() if mask_planes is None else mask_planes
 
 
-def image_statistics(image: Any, *, mask: Any = None, mask_planes: MaskPlanes | None = None,
-                     bad_planes: Iterable[str] = STATS_BAD_PLANES, nsigma: float = 3.0,
-                     niter: int = 3, use_variance: bool = False, median: bool = False,
-                     backend: Backend | str | None = None) -> dict:
+def image_statistics(
+    image: Any,
+    *,
+    mask: Any = None,
+    mask_planes: MaskPlanes | None = None,
+    bad_planes: Iterable[str] = STATS_BAD_PLANES,
+    nsigma: float = 3.0,
+    niter: int = 3,
+    use_variance: bool = False,
+    median: bool = False,
+    backend: Backend | str | None = None,
+) -> dict:
     """Clipped statistics of the unmasked, finite pixels of an image (afw ``makeStatistics``).
 
     Parameters
@@ -352,7 +382,9 @@ def image_statistics(image: Any, *, mask: Any = None, mask_planes: MaskPlanes | 
         image = image.masked_image
     if isinstance(image, MaskedImage):
         if mask is not None or mask_planes is not None:
-            raise InvalidInputError("image_statistics: a MaskedImage carries its own mask; omit mask/mask_planes")
+            raise InvalidInputError(
+                "image_statistics: a MaskedImage carries its own mask; omit mask/mask_planes"
+            )
         be = resolve_backend(backend if backend is not None else image.backend)
         xp = be.xp
         data = be.asarray(image.variance if use_variance else image.image)
@@ -369,14 +401,18 @@ def image_statistics(image: Any, *, mask: Any = None, mask_planes: MaskPlanes | 
         if mask is not None:
             m = be.asarray(mask)
             if tuple(m.shape) != tuple(data.shape):
-                raise ShapeMismatchError(f"mask has shape {tuple(m.shape)} but image has shape {tuple(data.shape)}")
+                raise ShapeMismatchError(
+                    f"mask has shape {tuple(m.shape)} but image has shape {tuple(data.shape)}"
+                )
             bm = _resolve_planes(mask_planes).bitmask_if_present(list(bad_planes))
             bad = (m.astype(xp.int64) & bm) != 0
     v, excl = _flat_sample(data, bad, be)
     mean, s2, n_used, n_valid = _clip_sample(be, v, excl, nsigma, niter)
     if n_valid == 0:
         raise AllMaskedError(
-            f"image_statistics: no usable pixel (all non-finite or masked by {', '.join(bad_planes)})")
+            "image_statistics: no usable pixel (all non-finite or masked by "
+            f"{', '.join(bad_planes)})"
+        )
     out = {
         "mean": mean,
         "std": math.sqrt(s2) if s2 >= 0 else float("nan"),
@@ -424,8 +460,15 @@ def gather_stamps(be: Backend, image: Any, rows: Any, cols: Any, half: int, fill
     return xp.where(inside, st, xp.asarray(fill, dtype=st.dtype)), inside
 
 
-def weighted_centroid(be: Backend, stamps: Any, x0: Any, y0: Any, sigma: float, niter: int = 20,
-                      max_shift: float = 2.0):
+def weighted_centroid(
+    be: Backend,
+    stamps: Any,
+    x0: Any,
+    y0: Any,
+    sigma: float,
+    niter: int = 20,
+    max_shift: float = 2.0,
+):
     """Iterated Gaussian-weighted centroids of a stack of stamps.
 
     x ← Σ w·I·x / Σ w·I with w a round Gaussian of ``sigma`` centred on the current x.
@@ -459,8 +502,16 @@ def weighted_centroid(be: Backend, stamps: Any, x0: Any, y0: Any, sigma: float, 
     return f(be.asarray(stamps), be.asarray(x0), be.asarray(y0), sigma, niter, max_shift)
 
 
-def adaptive_moments_batch(be: Backend, stamps: Any, valid: Any, w_init: float, max_iter: int = 60,
-                           tol: float = 1e-6, *, check_every: int | None = None):
+def adaptive_moments_batch(
+    be: Backend,
+    stamps: Any,
+    valid: Any,
+    w_init: float,
+    max_iter: int = 60,
+    tol: float = 1e-6,
+    *,
+    check_every: int | None = None,
+):
     """Adaptive (elliptical-Gaussian-weighted) moments of a stack of stamps.
 
     The fixed point W = 2·Q of :func:`gpudiff.image.adaptive_moments` (the ``SdssShape``

@@ -1,4 +1,5 @@
-"""ScaleVarianceTask: rescale a variance plane so it matches the pixel noise (spec §6).
+"""ScaleVarianceTask: rescale a variance plane so it matches the pixel noise
+(docs/algorithms.md §6).
 
 meas_algorithms' ``ScaleVarianceTask``.  The variance planes that reach image differencing
 (instrument-signature removal, warping, coaddition) are often off by a constant factor;
@@ -43,17 +44,30 @@ __all__ = [
 
 log = logging.getLogger("gpudiff.tasks.scale_variance")
 
-#: LSST's IQR → σ constant (deliberately not 0.741301109; spec §6, §13 "fidelity traps").
+#: LSST's IQR → σ constant (deliberately not 0.741301109; docs/algorithms.md §6, §13
+#: "fidelity traps").
 IQR_TO_SIGMA = 0.74
 
 #: meas_algorithms ``ScaleVarianceConfig.maskPlanes`` default.
-SCALE_VARIANCE_MASK_PLANES: tuple[str, ...] = ("DETECTED", "DETECTED_NEGATIVE", "BAD", "SAT", "NO_DATA", "INTRP")
+SCALE_VARIANCE_MASK_PLANES: tuple[str, ...] = (
+    "DETECTED",
+    "DETECTED_NEGATIVE",
+    "BAD",
+    "SAT",
+    "NO_DATA",
+    "INTRP",
+)
 
 # afw interpolation styles → gpudiff's background interpolants.  gpudiff has no Akima
 # spline; the not-a-knot cubic spline is the closest smooth interpolant (they differ only
 # where the bin values have kinks, and the factor is insensitive to such detail).
-_ALGORITHMS = {"AKIMA_SPLINE": "cubic", "CUBIC_SPLINE": "cubic", "NATURAL_SPLINE": "cubic",
-               "LINEAR": "linear", "CONSTANT": "constant"}
+_ALGORITHMS = {
+    "AKIMA_SPLINE": "cubic",
+    "CUBIC_SPLINE": "cubic",
+    "NATURAL_SPLINE": "cubic",
+    "LINEAR": "linear",
+    "CONSTANT": "constant",
+}
 
 
 @dataclass(frozen=True)
@@ -85,15 +99,18 @@ class ScaleVarianceBackgroundConfig:
         if int(self.bin_size) < 1:
             raise InvalidInputError(f"background bin_size must be >= 1, got {self.bin_size}")
         if self.statistic.upper() != "MEANCLIP":
-            raise InvalidInputError(f"background statistic {self.statistic!r} is not implemented (MEANCLIP only)")
+            raise InvalidInputError(
+                f"background statistic {self.statistic!r} is not implemented (MEANCLIP only)"
+            )
         if self.algorithm.upper() not in _ALGORITHMS:
             raise InvalidInputError(
-                f"background algorithm must be one of {sorted(_ALGORITHMS)}, got {self.algorithm!r}")
+                f"background algorithm must be one of {sorted(_ALGORITHMS)}, got {self.algorithm!r}"
+            )
 
 
 @dataclass(frozen=True)
 class ScaleVarianceConfig:
-    """Configuration of :class:`ScaleVarianceTask` (spec §6).
+    """Configuration of :class:`ScaleVarianceTask` (docs/algorithms.md §6).
 
     Attributes
     ----------
@@ -122,7 +139,9 @@ class ScaleVarianceConfig:
         if not (self.limit > 0):
             raise InvalidInputError(f"limit must be > 0, got {self.limit}")
         if self.max_samples is not None and int(self.max_samples) < 1024:
-            raise InvalidInputError(f"max_samples must be None or >= 1024, got {self.max_samples!r}")
+            raise InvalidInputError(
+                f"max_samples must be None or >= 1024, got {self.max_samples!r}"
+            )
         object.__setattr__(self, "mask_planes", tuple(self.mask_planes))
 
 
@@ -161,7 +180,9 @@ class ScaleVarianceTask:
     >>> rescaled, factor = task.apply(exposure.masked_image)         # doctest: +SKIP
     """
 
-    def __init__(self, config: ScaleVarianceConfig | None = None, backend: Backend | str | None = None):
+    def __init__(
+        self, config: ScaleVarianceConfig | None = None, backend: Backend | str | None = None
+    ):
         self.config = ScaleVarianceConfig() if config is None else config
         self.backend = resolve_backend(backend)
 
@@ -170,7 +191,9 @@ class ScaleVarianceTask:
         if isinstance(mi, Exposure):
             mi = mi.masked_image
         if not isinstance(mi, MaskedImage):
-            raise InvalidInputError(f"ScaleVarianceTask needs a MaskedImage or Exposure, got {type(mi).__name__}")
+            raise InvalidInputError(
+                f"ScaleVarianceTask needs a MaskedImage or Exposure, got {type(mi).__name__}"
+            )
         # Same backend: use it as is (we only read it); otherwise a copy on ours.
         return mi if mi.backend.name == self.backend.name else mi.to_backend(self.backend)
 
@@ -180,8 +203,13 @@ class ScaleVarianceTask:
         if cap is None or mi.image.size <= cap:
             return mi
         s = math.ceil(math.sqrt(mi.image.size / int(cap)))
-        return MaskedImage(mi.image[::s, ::s], mi.variance[::s, ::s], mi.mask[::s, ::s],
-                           mask_planes=mi.mask_planes, backend=self.backend)
+        return MaskedImage(
+            mi.image[::s, ::s],
+            mi.variance[::s, ::s],
+            mi.mask[::s, ::s],
+            mask_planes=mi.mask_planes,
+            backend=self.backend,
+        )
 
     def _background(self, mi: MaskedImage, good, n_good: int):
         """The background model (float64 backend array or scalar) to subtract."""
@@ -190,7 +218,9 @@ class ScaleVarianceTask:
         order = _ALGORITHMS[bc.algorithm.upper()]
         if order != "constant":
             try:
-                return estimate_background(mi, int(bc.bin_size), bad_planes=planes, order=order).astype(np.float64)
+                return estimate_background(
+                    mi, int(bc.bin_size), bad_planes=planes, order=order
+                ).astype(np.float64)
             except AllMaskedError:
                 # No bin has enough usable pixels (a tiny or mostly masked image): reduce
                 # the interpolation order all the way, to one constant level.
@@ -202,7 +232,8 @@ class ScaleVarianceTask:
         return _quantiles(self.backend, [mi.image.astype(np.float64)], good, [(0.5,)])[0]
 
     def compute_scale_factors(self, masked_image: MaskedImage | Exposure) -> ScaleVarianceFactors:
-        """Both estimates of the factor, without checking the limit (spec §6 steps 1–4).
+        """Both estimates of the factor, without checking the limit
+        (docs/algorithms.md §6 steps 1–4).
 
         Parameters
         ----------
@@ -216,8 +247,12 @@ class ScaleVarianceTask:
         mi = self._decimate(self._on_backend(masked_image))
         xp = self.backend.xp
         bm = mi.mask_planes.bitmask_if_present(list(self.config.mask_planes))
-        good = (((mi.mask & bm) == 0) & xp.isfinite(mi.image) & xp.isfinite(mi.variance)
-                & (mi.variance > 0))
+        good = (
+            ((mi.mask & bm) == 0)
+            & xp.isfinite(mi.image)
+            & xp.isfinite(mi.variance)
+            & (mi.variance > 0)
+        )
         n_good = int(good.sum())
         if n_good < 2:
             return ScaleVarianceFactors(float("nan"), float("nan"), n_good)
@@ -240,7 +275,7 @@ class ScaleVarianceTask:
 
     # --- API ---------------------------------------------------------------------------
     def run(self, masked_image: MaskedImage | Exposure) -> float:
-        """The factor by which the variance plane should be multiplied (spec §6).
+        """The factor by which the variance plane should be multiplied (docs/algorithms.md §6).
 
         Parameters
         ----------
@@ -266,14 +301,18 @@ class ScaleVarianceTask:
         if f.pixel_factor <= limit:
             log.info("variance scale factor (pixel-based): %.4g", f.pixel_factor)
             return f.pixel_factor
-        log.warning("pixel-based variance factor %.4g exceeds the limit %.4g; trying the image-based one",
-                    f.pixel_factor, limit)
+        log.warning(
+            "pixel-based variance factor %.4g exceeds the limit %.4g; trying the image-based one",
+            f.pixel_factor,
+            limit,
+        )
         if f.image_factor <= limit:
             log.info("variance scale factor (image-based): %.4g", f.image_factor)
             return f.image_factor
         raise ExceedsMaxVarianceScaleError(
             f"variance scale factor exceeds the limit {limit:g}: pixel-based {f.pixel_factor:.4g}, "
-            f"image-based {f.image_factor:.4g} (is the variance plane in the image's units?)")
+            f"image-based {f.image_factor:.4g} (is the variance plane in the image's units?)"
+        )
 
     def apply(self, masked_image: MaskedImage | Exposure) -> tuple[MaskedImage, float]:
         """A copy of the image with its variance multiplied by :meth:`run`'s factor.
@@ -291,6 +330,12 @@ class ScaleVarianceTask:
         """
         mi = self._on_backend(masked_image)
         factor = self.run(mi)
-        scaled = MaskedImage(mi.image, mi.variance * np.float32(factor), mi.mask, xy0=mi.xy0,
-                             mask_planes=mi.mask_planes, backend=self.backend)
+        scaled = MaskedImage(
+            mi.image,
+            mi.variance * np.float32(factor),
+            mi.mask,
+            xy0=mi.xy0,
+            mask_planes=mi.mask_planes,
+            backend=self.backend,
+        )
         return scaled, factor
