@@ -497,6 +497,8 @@ def check_kernel_sum(kernel: SpatialKernel, cands: KernelCandidates, which: np.n
     logged and False returned (the caller records it as a failed quality check).
     """
     if not np.isfinite(ratio) or ratio <= 0:
+        log.info("kernel-sum check not made: fewer than %d kernel candidates with an aperture "
+                 "S/N >= %g in both images", _RATIO_MIN_STARS, _RATIO_MIN_SNR)
         return True
     ks = float(np.mean([kernel.kernel_sum(float(x), float(y))
                         for x, y in zip(cands.x[which], cands.y[which])]))
