@@ -17,7 +17,6 @@ model describes.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from astropy.table import Table
 
 from gpudiff.image import MaskedImage
