@@ -117,8 +117,11 @@ def test_non_finite_pixels_are_masked_no_data(which, value):
     d = res.difference
     nodata = (d.mask & d.mask_planes.bitmask("NO_DATA")) != 0
     assert nodata[120:126, 120:126].all()
-    # Nothing else is lost: the template's bad box spreads over the kernel footprint only.
-    assert nodata.sum() <= (6 + res.psf_matching_kernel.shape[0]) ** 2
+    # Nothing else is lost: the bad box spreads over the matching kernel's footprint, grown
+    # once more by the decorrelation filter's footprint (its pixels >= 1 % of its peak: at most
+    # 5x5 for this pair's near-equal PSFs; issue 14 asks that every mask be grown by each
+    # kernel that touched it, so a defect's reach is always flagged).
+    assert nodata.sum() <= (6 + res.psf_matching_kernel.shape[0] - 1 + 4) ** 2
     assert np.isfinite(d.image[~nodata]).all() and np.isfinite(d.variance[~nodata]).all()
     np.testing.assert_array_equal(bad.image, img)  # the input is not modified
 

@@ -49,9 +49,33 @@ def _mask_dilate_or_case(rng):
     return (mask, footprint), {}
 
 
+def _stamps(rng, n=64, s=21):
+    """Elliptical Gaussians of random size, shape and sub-pixel centre, with noise."""
+    yy, xx = np.mgrid[:s, :s].astype(np.float64) - s // 2
+    cx, cy = rng.uniform(-1.5, 1.5, (2, n, 1, 1))
+    sx, sy = rng.uniform(1.2, 3.0, (2, n, 1, 1))
+    img = 1e3 * np.exp(-0.5 * (((xx - cx) / sx) ** 2 + ((yy - cy) / sy) ** 2))
+    return img + rng.normal(0.0, 1.0, img.shape)
+
+
+def _adaptive_moments_case(rng):
+    stamps = _stamps(rng)
+    valid = rng.random(stamps.shape) > 0.02  # a few masked pixels per stamp
+    valid[0] = False  # a stamp with nothing usable must fail the same way on both
+    return (stamps, valid), dict(w_init=4.0, max_iter=60, tol=1e-6)
+
+
+def _weighted_centroid_case(rng):
+    stamps = _stamps(rng)
+    x0, y0 = np.zeros(len(stamps)), np.zeros(len(stamps))  # offsets from the central pixel
+    return (stamps, x0, y0), dict(sigma=2.0, niter=20, max_shift=2.0)
+
+
 KERNEL_CASES = {
     "clipped_stack": _clipped_stack_case,
     "mask_dilate_or": _mask_dilate_or_case,
+    "adaptive_moments": _adaptive_moments_case,
+    "weighted_centroid": _weighted_centroid_case,
 }
 
 
