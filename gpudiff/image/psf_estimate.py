@@ -23,7 +23,7 @@ __all__ = ["estimate_psf"]
 
 log = logging.getLogger("gpudiff.image.psf_estimate")
 
-_IQR_TO_SIGMA = 0.741301109  # spec §0.5
+_IQR_TO_SIGMA = 0.741301109  # docs/algorithms.md §0.5
 _MAD_TO_SIGMA = 1.4826
 _SMOOTH_SIGMA = 1.0  # detection smoothing (px): light, so close pairs stay separate peaks
 _SAT_MARGIN = 0.8  # pixels above 0.8·saturation are already non-linear on most detectors
@@ -37,15 +37,25 @@ _COMBINE_NSIGMA = 4.0
 _MODEL_FRACTION = 0.05  # per-pixel model error: PSF variation, centroid error, star photon noise
 _CHUNK = 1024
 
-_REASONS = ("near the image edge", "with failed moments", "near masked pixels", "near saturation",
-            "below the S/N cut", "not isolated", "size outliers (extended, or sharper than the PSF)")
+_REASONS = (
+    "near the image edge",
+    "with failed moments",
+    "near masked pixels",
+    "near saturation",
+    "below the S/N cut",
+    "not isolated",
+    "size outliers (extended, or sharper than the PSF)",
+)
 
 
 def _clipped_stats(values: np.ndarray, nsigma: float = 3.0, n_iter: int = 3) -> tuple[float, float]:
-    """afw-style clipped mean and standard deviation (spec §0.5): each pass re-clips all values."""
+    """afw-style clipped mean and standard deviation (docs/algorithms.md §0.5): each pass
+    re-clips all values."""
     v = values[np.isfinite(values)]
     if v.size < 10:
-        raise PsfError(f"estimate_psf: only {v.size} unmasked finite pixels; cannot measure the sky")
+        raise PsfError(
+            f"estimate_psf: only {v.size} unmasked finite pixels; cannot measure the sky"
+        )
     if v.size > 2_000_000:  # a strided subsample is plenty for two numbers
         v = v[:: v.size // 1_000_000]
     q1, med, q3 = np.percentile(v, [25.0, 50.0, 75.0])
@@ -81,7 +91,7 @@ def _stellar_locus(t: np.ndarray) -> float:
     if first.size == 0:
         return float(np.median(t))
     i = int(first[0])
-    return float(np.median(t[i:hi[i]]))
+    return float(np.median(t[i : hi[i]]))
 
 
 def _cut(a: np.ndarray, ys: np.ndarray, xs: np.ndarray, h: int) -> np.ndarray:
@@ -111,13 +121,23 @@ def _moments_batch(stamps: np.ndarray, w_init: float = 2.0, max_iter: int = 60, 
     c = np.arange(s, dtype=np.float64) - s // 2
     X, Y = c[None, None, :], c[None, :, None]
     lo, hi = 0.04, float(s * s)
-    xc, yc, wxy, wxx, wyy = np.zeros(n), np.zeros(n), np.zeros(n), np.full(n, w_init), np.full(n, w_init)
+    xc, yc, wxy, wxx, wyy = (
+        np.zeros(n),
+        np.zeros(n),
+        np.zeros(n),
+        np.full(n, w_init),
+        np.full(n, w_init),
+    )
     ok, active = np.ones(n, bool), np.ones(n, bool)
 
     def weights(xc, yc, wxx, wyy, wxy):
         det = (wxx * wyy - wxy * wxy)[:, None, None]
         dx, dy = X - xc[:, None, None], Y - yc[:, None, None]
-        q = (wyy[:, None, None] * dx * dx - 2 * wxy[:, None, None] * dx * dy + wxx[:, None, None] * dy * dy) / det
+        q = (
+            wyy[:, None, None] * dx * dx
+            - 2 * wxy[:, None, None] * dx * dy
+            + wxx[:, None, None] * dy * dy
+        ) / det
         return np.exp(-0.5 * q)
 
     for _ in range(max_iter):
@@ -141,14 +161,29 @@ def _moments_batch(stamps: np.ndarray, w_init: float = 2.0, max_iter: int = 60, 
         active[a[~good | (change < tol * (nxx + nyy))]] = False
     ok &= ~active  # not converged within max_iter
     w = weights(xc, yc, wxx, wyy, wxy)
-    return xc, yc, wxx, wyy, wxy, (w * stamps).sum(axis=(1, 2)), np.sqrt((w * w).sum(axis=(1, 2))), ok
+    return (
+        xc,
+        yc,
+        wxx,
+        wyy,
+        wxy,
+        (w * stamps).sum(axis=(1, 2)),
+        np.sqrt((w * w).sum(axis=(1, 2))),
+        ok,
+    )
 
 
 def _measure(d, ys, xs, h, w_init):
     """Batched moments of (2h+1)² boxes around the peaks, in chunks to bound memory."""
-    parts = [_moments_batch(_cut(d, ys[i:i + _CHUNK], xs[i:i + _CHUNK], h), w_init)
-             for i in range(0, ys.size, _CHUNK)]
-    return [np.concatenate(p) for p in zip(*parts)] if parts else [np.zeros(0)] * 7 + [np.zeros(0, bool)]
+    parts = [
+        _moments_batch(_cut(d, ys[i : i + _CHUNK], xs[i : i + _CHUNK], h), w_init)
+        for i in range(0, ys.size, _CHUNK)
+    ]
+    return (
+        [np.concatenate(p) for p in zip(*parts)]
+        if parts
+        else [np.zeros(0)] * 7 + [np.zeros(0, bool)]
+    )
 
 
 def _fourier_shift(stamps: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
@@ -158,7 +193,9 @@ def _fourier_shift(stamps: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.nda
     after sky subtraction, so the periodic wrap only touches the margin, which is cropped.
     """
     k = _fft.fftfreq(stamps.shape[1])
-    phase = np.exp(2j * np.pi * (k[None, :, None] * dy[:, None, None] + k[None, None, :] * dx[:, None, None]))
+    phase = np.exp(
+        2j * np.pi * (k[None, :, None] * dy[:, None, None] + k[None, None, :] * dx[:, None, None])
+    )
     return _fft.ifft2(_fft.fft2(stamps, axes=(1, 2)) * phase, axes=(1, 2)).real
 
 
@@ -181,12 +218,22 @@ def _saturation_level(exposure, saturation):
     return value if math.isfinite(value) and value > 0 else None
 
 
-def _select_stars(exposure, kernel_size, max_stars, min_stars, snr_min, bad_planes, saturation,
-                  radius_fwhm: float = 4.0) -> _Selection:
+def _select_stars(
+    exposure,
+    kernel_size,
+    max_stars,
+    min_stars,
+    snr_min,
+    bad_planes,
+    saturation,
+    radius_fwhm: float = 4.0,
+) -> _Selection:
     be = exposure.backend
     img = np.array(be.asnumpy(exposure.image), dtype=np.float64)  # a copy: inputs stay untouched
     msk = np.asarray(be.asnumpy(exposure.mask))
-    sat_bits = exposure.mask_planes.bitmask_if_present([p for p in bad_planes if str(p).strip().upper() == "SAT"])
+    sat_bits = exposure.mask_planes.bitmask_if_present(
+        [p for p in bad_planes if str(p).strip().upper() == "SAT"]
+    )
     other_bits = exposure.mask_planes.bitmask_if_present(bad_planes) & ~sat_bits
     finite = np.isfinite(img)
     masked = ((msk & other_bits) != 0) | ~finite
@@ -216,8 +263,10 @@ def _select_stars(exposure, kernel_size, max_stars, min_stars, snr_min, bad_plan
         py, px = py[keep], px[keep]
     pk, n = sm[py, px], py.size
     if n == 0:
-        raise PsfError(f"estimate_psf: no peaks above {thresh:.3g} (sky {sky:.4g} ± {sigma:.3g} per pixel); "
-                       "no stars to build a PSF from")
+        raise PsfError(
+            f"estimate_psf: no peaks above {thresh:.3g} (sky {sky:.4g} ± {sigma:.3g} per pixel); "
+            "no stars to build a PSF from"
+        )
 
     # --- stage 1: sizes.  Measure the moments in a box that grows with the PSF. --------
     hm, w_init = 8, 2.0
@@ -226,7 +275,9 @@ def _select_stars(exposure, kernel_size, max_stars, min_stars, snr_min, bad_plan
         idx = np.nonzero(inbox)[0]  # peaks whose measurement box fits
         dxo, dyo, ixx, iyy, ixy, flux, wnorm = (np.full(n, np.nan) for _ in range(7))
         ok = np.zeros(n, bool)
-        for arr, val in zip((dxo, dyo, ixx, iyy, ixy, flux, wnorm, ok), _measure(d, py[idx], px[idx], hm, w_init)):
+        for arr, val in zip(
+            (dxo, dyo, ixx, iyy, ixy, flux, wnorm, ok), _measure(d, py[idx], px[idx], hm, w_init)
+        ):
             arr[idx] = val
         snr = np.where(ok, flux / (sigma * np.where(ok, wnorm, 1.0)), 0.0)
         trial = ok & (snr >= snr_min)
@@ -244,13 +295,18 @@ def _select_stars(exposure, kernel_size, max_stars, min_stars, snr_min, bad_plan
         hm = need
     counts = {"detected": n}
     if not trial.any():
-        raise PsfError(f"estimate_psf: {n} peak(s) detected but none is unmasked, unsaturated, measurable "
-                       f"and has S/N ≥ {snr_min:g}; cannot even estimate the PSF size")
+        raise PsfError(
+            f"estimate_psf: {n} peak(s) detected but none is unmasked, unsaturated, measurable "
+            f"and has S/N ≥ {snr_min:g}; cannot even estimate the PSF size"
+        )
 
     if kernel_size is None:
         kernel_size = max(15, 2 * int(math.ceil(radius_fwhm * fwhm_guess)) + 1)
     h = kernel_size // 2
-    cy, cx = py + np.rint(np.nan_to_num(dyo)).astype(int), px + np.rint(np.nan_to_num(dxo)).astype(int)
+    cy, cx = (
+        py + np.rint(np.nan_to_num(dyo)).astype(int),
+        px + np.rint(np.nan_to_num(dxo)).astype(int),
+    )
 
     # --- stage 2: reject, in order; each star is counted at its first failed test. ----
     why = np.zeros(n, int)
@@ -289,7 +345,9 @@ def _select_stars(exposure, kernel_size, max_stars, min_stars, snr_min, bad_plan
             break
         med = locus if it == 0 and math.isfinite(locus) else float(np.median(t[keep]))
         spread = 0.0 if it == 0 else _MAD_TO_SIGMA * float(np.median(np.abs(t[keep] - med)))
-        tol = _SIZE_NSIGMA * np.maximum(spread, med * np.maximum(_SIZE_NOISE / np.maximum(snr, 1e-9), _SIZE_FLOOR))
+        tol = _SIZE_NSIGMA * np.maximum(
+            spread, med * np.maximum(_SIZE_NOISE / np.maximum(snr, 1e-9), _SIZE_FLOOR)
+        )
         keep = live & (np.abs(t - med) <= tol)
     reject(live & ~keep, 7)
 
@@ -298,9 +356,12 @@ def _select_stars(exposure, kernel_size, max_stars, min_stars, snr_min, bad_plan
     chosen = np.nonzero(why == 0)[0]
     if chosen.size < min_stars:
         rej = "; ".join(f"{k} {r}" for r, k in counts.items() if r != "detected")
-        raise PsfError(f"estimate_psf: {chosen.size} usable star(s), fewer than min_stars={min_stars}. "
-                       f"{n} peak(s) detected above {thresh:.3g} (sky {sky:.4g} ± {sigma:.3g}); rejected: {rej} "
-                       f"(S/N cut {snr_min:g}, kernel size {kernel_size})")
+        raise PsfError(
+            f"estimate_psf: {chosen.size} usable star(s), fewer than min_stars={min_stars}. "
+            f"{n} peak(s) detected above {thresh:.3g} (sky {sky:.4g} ± {sigma:.3g}); "
+            f"rejected: {rej} "
+            f"(S/N cut {snr_min:g}, kernel size {kernel_size})"
+        )
     chosen = chosen[np.argsort(-flux[chosen], kind="stable")][:max_stars]
     counts["used"] = int(chosen.size)
 
@@ -317,8 +378,15 @@ def _select_stars(exposure, kernel_size, max_stars, min_stars, snr_min, bad_plan
     cut = np.where(cbad, 0.0, cut - local[:, None, None])
     fy, fx = py[chosen] + dyo[chosen] - cy[chosen], px[chosen] + dxo[chosen] - cx[chosen]
     stamps = _fourier_shift(cut, fy, fx)[:, _MARGIN:-_MARGIN, _MARGIN:-_MARGIN]
-    return _Selection(stamps=stamps, x=exposure.xy0[0] + cx[chosen] + fx, y=exposure.xy0[1] + cy[chosen] + fy,
-                      snr=snr[chosen], sigma=sigma, fwhm_guess=fwhm_guess, counts=counts)
+    return _Selection(
+        stamps=stamps,
+        x=exposure.xy0[0] + cx[chosen] + fx,
+        y=exposure.xy0[1] + cy[chosen] + fy,
+        snr=snr[chosen],
+        sigma=sigma,
+        fwhm_guess=fwhm_guess,
+        counts=counts,
+    )
 
 
 def _combine(stamps: np.ndarray, sigma: float, n_iter: int = 3) -> np.ndarray:
@@ -334,13 +402,13 @@ def _combine(stamps: np.ndarray, sigma: float, n_iter: int = 3) -> np.ndarray:
     a = np.maximum(stamps.sum(axis=(1, 2)), 1e-30)
     s = stamps / a[:, None, None]
     m = np.median(s, axis=0)
-    em2 = 0.5 * math.pi * float(((sigma / a) ** 2).sum()) / n ** 2  # variance of a median
+    em2 = 0.5 * math.pi * float(((sigma / a) ** 2).sum()) / n**2  # variance of a median
     for _ in range(n_iter):
         m = m / m.sum()
         a = np.maximum((stamps * m).sum(axis=(1, 2)) / (m * m).sum(), 1e-30)
         s = stamps / a[:, None, None]
         e2 = ((sigma / a) ** 2)[:, None, None]
-        tol2 = _COMBINE_NSIGMA ** 2 * (e2 + em2 + (_MODEL_FRACTION * m) ** 2)
+        tol2 = _COMBINE_NSIGMA**2 * (e2 + em2 + (_MODEL_FRACTION * m) ** 2)
         w = ((s - m) ** 2 <= tol2) / e2
         wsum = w.sum(axis=0)
         has, safe = wsum > 0, np.where(wsum > 0, wsum, 1.0)
@@ -355,10 +423,16 @@ def _combine(stamps: np.ndarray, sigma: float, n_iter: int = 3) -> np.ndarray:
     return m / m.sum()
 
 
-def estimate_psf(exposure, *, kernel_size: int | None = None, max_stars: int = 50, min_stars: int = 5,
-                 snr_min: float = 50.0,
-                 bad_planes=("BAD", "SAT", "CR", "EDGE", "NO_DATA", "SUSPECT", "INTRP"),
-                 saturation: float | None = None) -> ImagePsf:
+def estimate_psf(
+    exposure,
+    *,
+    kernel_size: int | None = None,
+    max_stars: int = 50,
+    min_stars: int = 5,
+    snr_min: float = 50.0,
+    bad_planes=("BAD", "SAT", "CR", "EDGE", "NO_DATA", "SUSPECT", "INTRP"),
+    saturation: float | None = None,
+) -> ImagePsf:
     """Build an empirical PSF from the bright, isolated, unsaturated stars of an exposure.
 
     Parameters
@@ -419,10 +493,16 @@ def estimate_psf(exposure, *, kernel_size: int | None = None, max_stars: int = 5
 
     The PSF is assumed constant over the exposure.
     """
-    if kernel_size is not None and (int(kernel_size) != kernel_size or kernel_size < 3 or kernel_size % 2 == 0):
-        raise InvalidInputError(f"estimate_psf kernel_size must be an odd integer >= 3, got {kernel_size}")
+    if kernel_size is not None and (
+        int(kernel_size) != kernel_size or kernel_size < 3 or kernel_size % 2 == 0
+    ):
+        raise InvalidInputError(
+            f"estimate_psf kernel_size must be an odd integer >= 3, got {kernel_size}"
+        )
     if max_stars < 1 or min_stars < 1:
-        raise InvalidInputError(f"estimate_psf needs max_stars, min_stars >= 1, got {max_stars}, {min_stars}")
+        raise InvalidInputError(
+            f"estimate_psf needs max_stars, min_stars >= 1, got {max_stars}, {min_stars}"
+        )
     if not (snr_min >= 0 and math.isfinite(snr_min)):
         raise InvalidInputError(f"estimate_psf snr_min must be finite and >= 0, got {snr_min}")
     bad_planes = (bad_planes,) if isinstance(bad_planes, str) else tuple(bad_planes)
@@ -435,10 +515,14 @@ def estimate_psf(exposure, *, kernel_size: int | None = None, max_stars: int = 5
         # A small cutout (DECam 256², ~8 stars) loses half its stars to the edge with
         # ±4 FWHM stamps; ±3 FWHM still holds > 99 % of a Gaussian or β ≥ 3 Moffat PSF.
         sel = _select_stars(exposure, None, *args, radius_fwhm=3.0)
-        log.info("estimate_psf: too few stars with ±4 FWHM stamps; used ±3 FWHM (%d px)",
-                 sel.stamps.shape[1])
+        log.info(
+            "estimate_psf: too few stars with ±4 FWHM stamps; used ±3 FWHM (%d px)",
+            sel.stamps.shape[1],
+        )
     stack = _combine(sel.stamps, sel.sigma)
     box = exposure.bbox  # pixel-centre convention: the centre of pixels x0 … x1-1
     centre = (box.x0 + 0.5 * (box.width - 1), box.y0 + 0.5 * (box.height - 1))
-    log.debug("estimate_psf: %s; FWHM guess %.3f px, size %d", sel.counts, sel.fwhm_guess, stack.shape[0])
+    log.debug(
+        "estimate_psf: %s; FWHM guess %.3f px, size %d", sel.counts, sel.fwhm_guess, stack.shape[0]
+    )
     return ImagePsf(stack, average_position=centre)

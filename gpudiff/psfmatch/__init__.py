@@ -1,4 +1,5 @@
-"""PSF-matching core: kernel bases, candidates, batched per-stamp solves, clipping, spatial model."""
+"""PSF-matching core: kernel bases, candidates, batched per-stamp solves, clipping, spatial
+model."""
 
 from .basis import (
     KernelBasis,

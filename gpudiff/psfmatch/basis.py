@@ -1,11 +1,11 @@
 """Kernel bases for PSF matching: Alard–Lupton, delta-function (+ regularization), PCA.
 
-Re-implements ip_diffim's ``makeKernelBasisList.py`` and ``BasisLists.cc`` (spec §1)
-and the PCA basis of ``usePcaForSpatialKernel`` (spec §3.3).  Bases are small, so they
+Re-implements ip_diffim's ``makeKernelBasisList.py`` and ``BasisLists.cc`` (docs/algorithms.md §1)
+and the PCA basis of ``usePcaForSpatialKernel`` (docs/algorithms.md §3.3).  Bases are small, so they
 are built on the host as float64 NumPy arrays of shape ``(n_bases, height, width)``; the
 solver moves them to the device.  Kernels are stored in afw orientation: index
 ``[row, col]`` = offset ``(v, u) = (row - ctr, col - ctr)`` and they are applied as a
-**correlation** (afw "convolution", spec §0.1), never flipped.
+**correlation** (afw "convolution", docs/algorithms.md §0.1), never flipped.
 """
 
 from __future__ import annotations
@@ -19,10 +19,19 @@ import numpy as np
 from ..errors import InvalidInputError, NonFiniteDataError, PsfMatchingError
 from ..image.psf import FWHM_PER_SIGMA
 
-__all__ = ["KernelBasis", "alard_lupton_parameters", "make_alard_lupton_basis",
-           "make_alard_lupton_kernel_basis", "renormalize_kernel_list",
-           "make_delta_function_basis", "make_kernel_basis", "make_regularization_operator",
-           "make_regularization_matrix", "regularization_lambda", "pca_basis"]
+__all__ = [
+    "KernelBasis",
+    "alard_lupton_parameters",
+    "make_alard_lupton_basis",
+    "make_alard_lupton_kernel_basis",
+    "renormalize_kernel_list",
+    "make_delta_function_basis",
+    "make_kernel_basis",
+    "make_regularization_operator",
+    "make_regularization_matrix",
+    "regularization_lambda",
+    "pca_basis",
+]
 
 #: float32 epsilon: renormalizeKernelList uses the float limit even on double kernels,
 #: because a ~1e-16 sum of an odd term would otherwise blow the kernel up when divided.
@@ -70,7 +79,9 @@ class KernelBasis:
             raise InvalidInputError(f"KernelBasis.kind must be one of {_KINDS}, got {self.kind!r}")
         k = np.array(self.kernels, dtype=np.float64, copy=True)
         if k.ndim != 3 or 0 in k.shape:
-            raise InvalidInputError(f"KernelBasis.kernels must be a non-empty 3-D array, got shape {k.shape}")
+            raise InvalidInputError(
+                f"KernelBasis.kernels must be a non-empty 3-D array, got shape {k.shape}"
+            )
         k.setflags(write=False)  # a basis is shared by solver, spatial model and results
         object.__setattr__(self, "kernels", k)
         object.__setattr__(self, "sigmas", tuple(float(s) for s in self.sigmas))
@@ -83,23 +94,42 @@ class KernelBasis:
         if all(p is None for p in parts):
             return
         if any(p is None for p in parts):
-            raise InvalidInputError("separable_x, separable_y, raw_index and mixing must be given together")
+            raise InvalidInputError(
+                "separable_x, separable_y, raw_index and mixing must be given together"
+            )
         fx = np.array(self.separable_x, dtype=np.float64, copy=True)
         fy = np.array(self.separable_y, dtype=np.float64, copy=True)
         idx = np.array(self.raw_index, copy=True)
         mix = np.array(self.mixing, dtype=np.float64, copy=True)
         nb, kh, kw = self.kernels.shape
-        if (fx.ndim != 2 or fx.shape[1] != kw or fx.shape[0] == 0 or fy.ndim != 2 or fy.shape[1] != kh
-                or fy.shape[0] == 0):
-            raise InvalidInputError(f"separable_x/separable_y must be (n, {kw}) and (n, {kh}), got "
-                                    f"{fx.shape} and {fy.shape}")
-        if idx.ndim != 2 or idx.shape[1] != 2 or idx.shape[0] == 0 or not np.issubdtype(idx.dtype, np.integer):
-            raise InvalidInputError(f"raw_index must be a non-empty (n_raw, 2) integer array, got {idx.shape}")
+        if (
+            fx.ndim != 2
+            or fx.shape[1] != kw
+            or fx.shape[0] == 0
+            or fy.ndim != 2
+            or fy.shape[1] != kh
+            or fy.shape[0] == 0
+        ):
+            raise InvalidInputError(
+                f"separable_x/separable_y must be (n, {kw}) and (n, {kh}), got "
+                f"{fx.shape} and {fy.shape}"
+            )
+        if (
+            idx.ndim != 2
+            or idx.shape[1] != 2
+            or idx.shape[0] == 0
+            or not np.issubdtype(idx.dtype, np.integer)
+        ):
+            raise InvalidInputError(
+                f"raw_index must be a non-empty (n_raw, 2) integer array, got {idx.shape}"
+            )
         idx = idx.astype(np.intp)
-        if (idx.min() < 0 or idx[:, 0].max() >= fx.shape[0] or idx[:, 1].max() >= fy.shape[0]):
+        if idx.min() < 0 or idx[:, 0].max() >= fx.shape[0] or idx[:, 1].max() >= fy.shape[0]:
             raise InvalidInputError("raw_index refers to factors that do not exist")
         if mix.shape != (idx.shape[0], nb):
-            raise InvalidInputError(f"mixing must be (n_raw, n_bases) = ({idx.shape[0]}, {nb}), got {mix.shape}")
+            raise InvalidInputError(
+                f"mixing must be (n_raw, n_bases) = ({idx.shape[0]}, {nb}), got {mix.shape}"
+            )
         if not (np.all(np.isfinite(fx)) and np.all(np.isfinite(fy)) and np.all(np.isfinite(mix))):
             raise NonFiniteDataError("separable factors contain NaN or inf")
         raw = fy[idx[:, 1], :, None] * fx[idx[:, 0], None, :]
@@ -107,8 +137,15 @@ class KernelBasis:
         scale = max(float(np.abs(self.kernels).max()), np.finfo(np.float64).tiny)
         err = float(np.abs(recon - self.kernels).max()) / scale
         if not err <= 1e-9:  # round-off is ~1e-15; anything larger means mismatched factors
-            raise InvalidInputError(f"separable factors do not reproduce the kernels (max rel. error {err:.3g})")
-        for name, arr in (("separable_x", fx), ("separable_y", fy), ("raw_index", idx), ("mixing", mix)):
+            raise InvalidInputError(
+                f"separable factors do not reproduce the kernels (max rel. error {err:.3g})"
+            )
+        for name, arr in (
+            ("separable_x", fx),
+            ("separable_y", fy),
+            ("raw_index", idx),
+            ("mixing", mix),
+        ):
             arr.setflags(write=False)
             object.__setattr__(self, name, arr)
 
@@ -136,16 +173,18 @@ class KernelBasis:
 
     @property
     def constant_first_term(self) -> bool:
-        """True when ``B_0`` gets a single constant spatial coefficient (AL, PCA; spec §3)."""
+        """True when ``B_0`` gets a single constant spatial coefficient (AL, PCA;
+        docs/algorithms.md §3)."""
         return self.kind in ("alard-lupton", "pca")
 
 
 # --- Alard–Lupton --------------------------------------------------------------------
 
-def alard_lupton_parameters(config: Any, target_fwhm: float | None = None,
-                            reference_fwhm: float | None = None
-                            ) -> tuple[tuple[float, ...], tuple[int, ...], int, str]:
-    """Gaussian widths, degrees and kernel size of the AL basis (spec §1.2).
+
+def alard_lupton_parameters(
+    config: Any, target_fwhm: float | None = None, reference_fwhm: float | None = None
+) -> tuple[tuple[float, ...], tuple[int, ...], int, str]:
+    """Gaussian widths, degrees and kernel size of the AL basis (docs/algorithms.md §1.2).
 
     Parameters
     ----------
@@ -172,12 +211,15 @@ def alard_lupton_parameters(config: Any, target_fwhm: float | None = None,
     if n_gauss < 1 or len(sig_cfg) != n_gauss or len(degrees) != n_gauss:
         raise InvalidInputError(
             f"alard_sig_gauss ({len(sig_cfg)}) and alard_deg_gauss ({len(degrees)}) need "
-            f"alard_n_gauss={n_gauss} entries")
+            f"alard_n_gauss={n_gauss} entries"
+        )
 
     if target_fwhm is None or reference_fwhm is None or not config.scale_by_fwhm:
         size = int(config.kernel_size)
         if size % 2 == 0:
-            raise InvalidInputError(f"Only odd-sized Alard-Lupton bases are allowed, kernel_size={size}")
+            raise InvalidInputError(
+                f"Only odd-sized Alard-Lupton bases are allowed, kernel_size={size}"
+            )
         return sig_cfg, degrees, size, "config"
 
     for name, v in (("target_fwhm", target_fwhm), ("reference_fwhm", reference_fwhm)):
@@ -206,12 +248,14 @@ def alard_lupton_parameters(config: Any, target_fwhm: float | None = None,
     size += 0 if size % 2 else 1  # make it odd
     size = min(int(config.kernel_size_max), max(size, int(config.kernel_size_min)))
     if size % 2 == 0:  # only possible with an even kernel_size_min/max
-        raise InvalidInputError(f"Alard-Lupton kernel size {size} is even; check kernel_size_min/max")
+        raise InvalidInputError(
+            f"Alard-Lupton kernel size {size} is even; check kernel_size_min/max"
+        )
     return sigmas, degrees, size, mode
 
 
 def make_alard_lupton_basis(half_width: int, sigmas, degrees) -> np.ndarray:
-    """Renormalized Alard–Lupton basis (spec §1.3).
+    """Renormalized Alard–Lupton basis (docs/algorithms.md §1.3).
 
     Parameters
     ----------
@@ -238,17 +282,32 @@ def make_alard_lupton_kernel_basis(half_width: int, sigmas, degrees) -> KernelBa
     array :func:`make_alard_lupton_basis` returns.
     """
     kernels, fx, fy, idx, mix = _alard_lupton(half_width, sigmas, degrees)
-    return KernelBasis(kernels, "alard-lupton", tuple(sigmas), tuple(degrees),
-                       separable_x=fx, separable_y=fy, raw_index=idx, mixing=mix)
+    return KernelBasis(
+        kernels,
+        "alard-lupton",
+        tuple(sigmas),
+        tuple(degrees),
+        separable_x=fx,
+        separable_y=fy,
+        raw_index=idx,
+        mixing=mix,
+    )
 
 
 def _alard_lupton(half_width: int, sigmas, degrees):
     """Kernels, x factors, y factors, raw index and mixing of the AL basis."""
     h, sigmas, degrees = int(half_width), [float(s) for s in sigmas], [int(d) for d in degrees]
-    if (h < 1 or not sigmas or len(sigmas) != len(degrees) or min(degrees) < 0
-            or not all(math.isfinite(s) and s > 0 for s in sigmas)):
-        raise InvalidInputError(f"need half_width >= 1 and one degree >= 0 per sigma > 0, got "
-                                f"half_width={half_width}, sigmas={sigmas}, degrees={degrees}")
+    if (
+        h < 1
+        or not sigmas
+        or len(sigmas) != len(degrees)
+        or min(degrees) < 0
+        or not all(math.isfinite(s) and s > 0 for s in sigmas)
+    ):
+        raise InvalidInputError(
+            f"need half_width >= 1 and one degree >= 0 per sigma > 0, got "
+            f"half_width={half_width}, sigmas={sigmas}, degrees={degrees}"
+        )
     off = np.arange(-h, h + 1, dtype=np.float64)
     u, v = off[None, :], off[:, None]  # u = column offset = x, v = row offset = y
     us, vs = u / h, v / h  # the polynomial spans [-1, 1] across the stamp, not sigma units
@@ -263,7 +322,7 @@ def _alard_lupton(half_width: int, sigmas, degrees):
         factors.extend(g1 * (off / h) ** p for p in range(deg + 1))
         # afw PolynomialFunction2 term order: 1, x, y, x², xy, y², x³, x²y, xy², y³, ...
         for px, py in [(d - j, j) for d in range(deg + 1) for j in range(d + 1)]:
-            raw.append(g * (us ** px) * (vs ** py))
+            raw.append(g * (us**px) * (vs**py))
             index.append((first + px, first + py))
     kernels, mixing = _renormalize(np.stack(raw))
     fac = np.stack(factors)
@@ -271,7 +330,7 @@ def _alard_lupton(half_width: int, sigmas, degrees):
 
 
 def renormalize_kernel_list(kernels: np.ndarray) -> np.ndarray:
-    """ip_diffim ``renormalizeKernelList`` (spec §1.3).
+    """ip_diffim ``renormalizeKernelList`` (docs/algorithms.md §1.3).
 
     ``B_0`` is scaled to unit sum.  Every later kernel with ``|sum| > 1.1920929e-7``
     is scaled to unit sum and has ``B_0`` subtracted; kernels whose sum is already ~0
@@ -320,8 +379,9 @@ def _renormalize(kernels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # --- Delta function ------------------------------------------------------------------
 
+
 def make_delta_function_basis(width: int, height: int) -> np.ndarray:
-    """``width*height`` kernels, each a single 1, enumerated row-major (spec §1.4).
+    """``width*height`` kernels, each a single 1, enumerated row-major (docs/algorithms.md §1.4).
 
     Kernel ``m`` has its 1 at ``(row, col) = divmod(m, width)``; they are not
     renormalized (each sums to 1).
@@ -333,8 +393,9 @@ def make_delta_function_basis(width: int, height: int) -> np.ndarray:
     return np.eye(w * h, dtype=np.float64).reshape(w * h, h, w)
 
 
-def make_kernel_basis(config: Any, target_fwhm: float | None = None,
-                      reference_fwhm: float | None = None) -> KernelBasis:
+def make_kernel_basis(
+    config: Any, target_fwhm: float | None = None, reference_fwhm: float | None = None
+) -> KernelBasis:
     """The basis named by ``config.kernel_basis_set`` (``makeKernelBasisList``).
 
     Alard–Lupton widths and size follow :func:`alard_lupton_parameters`.  The
@@ -351,7 +412,9 @@ def make_kernel_basis(config: Any, target_fwhm: float | None = None,
     if kind == "delta-function":
         size = int(config.kernel_size)
         if size < 1 or size % 2 == 0:
-            raise InvalidInputError(f"delta-function kernel_size must be odd and positive, got {size}")
+            raise InvalidInputError(
+                f"delta-function kernel_size must be odd and positive, got {size}"
+            )
         return KernelBasis(make_delta_function_basis(size, size), kind)
     raise InvalidInputError(f"Cannot generate {kind!r} basis set")
 
@@ -384,7 +447,8 @@ def _central_difference(w: int, h: int, stencil: int, penalty: float) -> np.ndar
 
 
 def _forward_difference(w: int, h: int, orders, penalty: float) -> np.ndarray:
-    """LSST's ``makeForwardDifferenceMatrix`` construction (spec §1.4, "partially read").
+    """LSST's ``makeForwardDifferenceMatrix`` construction (docs/algorithms.md §1.4,
+    "partially read").
 
     For each requested order o and pixel i = (x0, y0), row i of B receives the
     forward difference along x, with order ``min(o, w-1-x0)``, placed at columns
@@ -407,8 +471,9 @@ def _forward_difference(w: int, h: int, orders, penalty: float) -> np.ndarray:
     return b
 
 
-def make_regularization_operator(config: Any, width: int, height: int,
-                                 fit_for_background: bool) -> np.ndarray:
+def make_regularization_operator(
+    config: Any, width: int, height: int, fit_for_background: bool
+) -> np.ndarray:
     """The finite-difference operator ``B`` whose ``BᵀB`` is the regularization matrix.
 
     Rows and columns index delta-function kernels row-major (``i = row*width + col``);
@@ -428,7 +493,9 @@ def make_regularization_operator(config: Any, width: int, height: int,
     elif rtype == "forwardDifference":
         orders = tuple(config.forward_regularization_orders)
         if not orders or any(isinstance(o, bool) or o not in _FORWARD for o in orders):
-            raise InvalidInputError(f"forward_regularization_orders must be within 1..3, got {orders}")
+            raise InvalidInputError(
+                f"forward_regularization_orders must be within 1..3, got {orders}"
+            )
         b = _forward_difference(w, h, [int(o) for o in orders], penalty)
     else:
         raise InvalidInputError(f"regularization_type {rtype!r} not recognized")
@@ -437,9 +504,10 @@ def make_regularization_operator(config: Any, width: int, height: int,
     return b
 
 
-def make_regularization_matrix(config: Any, width: int, height: int,
-                               fit_for_background: bool) -> np.ndarray:
-    """``H = BᵀB`` (spec §1.4); the regularized solve is ``(M + λH) a = b``.
+def make_regularization_matrix(
+    config: Any, width: int, height: int, fit_for_background: bool
+) -> np.ndarray:
+    """``H = BᵀB`` (docs/algorithms.md §1.4); the regularized solve is ``(M + λH) a = b``.
 
     Returns an ``(n, n)`` float64 symmetric positive semi-definite matrix,
     ``n = width*height (+1 with fit_for_background)``; see
@@ -457,7 +525,7 @@ def regularization_lambda(config: Any, M, H) -> float:
     ``lambda_scaling · tr(M) / tr(H)`` ("relative").
 
     ``M`` and ``H`` may be NumPy or CuPy 2-D arrays.  The risk-minimizing types are
-    not supported (upstream reads config keys that do not exist; spec §1.4).
+    not supported (upstream reads config keys that do not exist; docs/algorithms.md §1.4).
     """
     ltype = config.lambda_type
     if ltype == "absolute":
@@ -472,9 +540,14 @@ def regularization_lambda(config: Any, M, H) -> float:
 
 # --- PCA -----------------------------------------------------------------------------
 
-def pca_basis(kernel_images: np.ndarray, n_components: int = 5, subtract_mean: bool = True,
-              normalize_sums: bool = True) -> KernelBasis:
-    """Karhunen–Loève (PCA) basis of per-candidate kernel images (spec §3.3).
+
+def pca_basis(
+    kernel_images: np.ndarray,
+    n_components: int = 5,
+    subtract_mean: bool = True,
+    normalize_sums: bool = True,
+) -> KernelBasis:
+    """Karhunen–Loève (PCA) basis of per-candidate kernel images (docs/algorithms.md §3.3).
 
     Parameters
     ----------
@@ -505,8 +578,10 @@ def pca_basis(kernel_images: np.ndarray, n_components: int = 5, subtract_mean: b
     """
     x = np.array(kernel_images, dtype=np.float64, copy=True)
     if x.ndim != 3 or 0 in x.shape or int(n_components) < 1:
-        raise InvalidInputError(f"need (n, height, width) images and n_components >= 1, got "
-                                f"shape {x.shape}, n_components={n_components}")
+        raise InvalidInputError(
+            f"need (n, height, width) images and n_components >= 1, got "
+            f"shape {x.shape}, n_components={n_components}"
+        )
     if not np.all(np.isfinite(x)):
         raise NonFiniteDataError("kernel_images contain NaN or inf")
     n_img, kh, kw = x.shape
@@ -515,7 +590,9 @@ def pca_basis(kernel_images: np.ndarray, n_components: int = 5, subtract_mean: b
         sums = flat.sum(axis=1)
         bad = np.flatnonzero(np.abs(sums) <= _KSUM_EPS)
         if bad.size:
-            raise InvalidInputError(f"kernel images {bad.tolist()} sum to ~0 and cannot be normalized")
+            raise InvalidInputError(
+                f"kernel images {bad.tolist()} sum to ~0 and cannot be normalized"
+            )
         flat = flat / sums[:, None]
     scale = float(np.linalg.norm(flat))
     kernels = []

@@ -1,4 +1,5 @@
-"""Kernel candidates: stamps around sources, rejection, ratings and spatial cells (spec §2.1, §2.5).
+"""Kernel candidates: stamps around sources, rejection, ratings and spatial cells
+(docs/algorithms.md §2.1, §2.5).
 
 All candidates live in one set of arrays (a "structure of arrays"): stamps are stacked as
 ``(n, S, S)`` arrays on the backend so every later step is one batched operation.
@@ -16,9 +17,18 @@ from ..backend import Backend
 from ..errors import InsufficientKernelSourcesError, InvalidInputError, ShapeMismatchError
 from ..image import Box, MaskedImage
 
-__all__ = ["KernelCandidates", "make_candidates", "cell_index", "visit_order", "selection_counts",
-           "stellar_locus", "reclassify_extended",
-           "GOOD", "BAD", "UNKNOWN"]
+__all__ = [
+    "KernelCandidates",
+    "make_candidates",
+    "cell_index",
+    "visit_order",
+    "selection_counts",
+    "stellar_locus",
+    "reclassify_extended",
+    "GOOD",
+    "BAD",
+    "UNKNOWN",
+]
 
 # Candidate states (afw's KernelCandidate status).
 UNKNOWN, GOOD, BAD = 0, 1, 2
@@ -79,14 +89,20 @@ class KernelCandidates:
 
     def reject(self, which: np.ndarray, reason: str) -> None:
         """Mark candidates ``which`` (indices or boolean mask) BAD with ``reason``."""
-        idx = np.flatnonzero(which) if np.asarray(which).dtype == bool else np.asarray(which, dtype=int)
+        idx = (
+            np.flatnonzero(which)
+            if np.asarray(which).dtype == bool
+            else np.asarray(which, dtype=int)
+        )
         for i in idx:
             if self.status[i] != BAD:
                 self.status[i] = BAD
                 self.reason[i] = reason
 
 
-def cell_index(x: np.ndarray, y: np.ndarray, region: Box, size_x: int, size_y: int) -> tuple[np.ndarray, int]:
+def cell_index(
+    x: np.ndarray, y: np.ndarray, region: Box, size_x: int, size_y: int
+) -> tuple[np.ndarray, int]:
     """Cell of each position in a grid of ``size_x`` × ``size_y`` cells over ``region``.
 
     There are ceil(W/size) cells per axis; the last one is the partial remainder.
@@ -122,11 +138,20 @@ def _gather(be: Backend, arr: Any, r0: np.ndarray, c0: np.ndarray, size: int) ->
     return arr[rows, cols]
 
 
-def make_candidates(template: MaskedImage, science: MaskedImage, x: Any, y: Any, *,
-                    kernel_size: int, bad_mask_planes=("NO_DATA", "EDGE", "SAT"),
-                    rating: Any = None, region: Box | None = None,
-                    size_cell_x: int = 128, size_cell_y: int = 128) -> KernelCandidates:
-    """Cut (2·kernel_size+1)² stamps of both images around each source (spec §2.1).
+def make_candidates(
+    template: MaskedImage,
+    science: MaskedImage,
+    x: Any,
+    y: Any,
+    *,
+    kernel_size: int,
+    bad_mask_planes=("NO_DATA", "EDGE", "SAT"),
+    rating: Any = None,
+    region: Box | None = None,
+    size_cell_x: int = 128,
+    size_cell_y: int = 128,
+) -> KernelCandidates:
+    """Cut (2·kernel_size+1)² stamps of both images around each source (docs/algorithms.md §2.1).
 
     A source is rejected (with its reason recorded) when its box is not fully inside both
     images, when any pixel of the box has a ``bad_mask_planes`` bit in either image, or
@@ -142,7 +167,7 @@ def make_candidates(template: MaskedImage, science: MaskedImage, x: Any, y: Any,
         Kernel width; the stamp side is 2·kernel_size + 1.
     rating : array-like, optional
         Sort key (e.g. PSF flux).  Default: mean of image/√var over the central 7×7 of
-        the science stamp (afw's position-only candidate rating, spec §2.1).
+        the science stamp (afw's position-only candidate rating, docs/algorithms.md §2.1).
     region : Box, optional
         Box tiled by the spatial cells; default the template's box.
 
@@ -156,7 +181,8 @@ def make_candidates(template: MaskedImage, science: MaskedImage, x: Any, y: Any,
     if template.bbox != science.bbox:
         raise ShapeMismatchError(
             f"template box {template.bbox} and science box {science.bbox} differ; "
-            "warp or crop them onto one pixel grid first")
+            "warp or crop them onto one pixel grid first"
+        )
     be = template.backend
     xp = be.xp
     x = np.asarray(x, dtype=np.float64).ravel()
@@ -164,7 +190,9 @@ def make_candidates(template: MaskedImage, science: MaskedImage, x: Any, y: Any,
     if x.shape != y.shape:
         raise InvalidInputError(f"source x and y have different lengths ({x.size}, {y.size})")
     if x.size == 0:
-        raise InsufficientKernelSourcesError("no sources were given to build kernel candidates from")
+        raise InsufficientKernelSourcesError(
+            "no sources were given to build kernel candidates from"
+        )
     S = 2 * int(kernel_size) + 1
     h = S // 2
     box = template.bbox
@@ -179,17 +207,21 @@ def make_candidates(template: MaskedImage, science: MaskedImage, x: Any, y: Any,
     inside = (xc - h >= box.x0) & (xc + h < box.x1) & (yc - h >= box.y0) & (yc + h < box.y1)
     reasons[(reasons == "") & ~inside] = "stamp not fully inside the image"
     ok = reasons == ""
-    r0 = (yc[ok] - h - y0)
-    c0 = (xc[ok] - h - x0)
+    r0 = yc[ok] - h - y0
+    c0 = xc[ok] - h - x0
     idx = np.flatnonzero(ok)
     if idx.size:
         bm_t = template.mask_planes.bitmask_if_present(bad_mask_planes)
         bm_s = science.mask_planes.bitmask_if_present(bad_mask_planes)
         mt = _gather(be, template.mask, r0, c0, S)
         ms = _gather(be, science.mask, r0, c0, S)
-        masked = be.asnumpy(((mt & bm_t) != 0).any(axis=(1, 2)) | ((ms & bm_s) != 0).any(axis=(1, 2)))
-        stamps = [_gather(be, a, r0, c0, S).astype(xp.float64)
-                  for a in (template.image, science.image, template.variance, science.variance)]
+        masked = be.asnumpy(
+            ((mt & bm_t) != 0).any(axis=(1, 2)) | ((ms & bm_s) != 0).any(axis=(1, 2))
+        )
+        stamps = [
+            _gather(be, a, r0, c0, S).astype(xp.float64)
+            for a in (template.image, science.image, template.variance, science.variance)
+        ]
         finite = xp.ones(idx.size, dtype=bool)
         for s in stamps:
             finite &= xp.isfinite(s).all(axis=(1, 2))
@@ -207,7 +239,8 @@ def make_candidates(template: MaskedImage, science: MaskedImage, x: Any, y: Any,
     if keep.size == 0:
         detail = "; ".join(sorted({r for _, r in rejected}))
         raise InsufficientKernelSourcesError(
-            f"none of the {x.size} sources gives a usable kernel candidate ({detail})")
+            f"none of the {x.size} sources gives a usable kernel candidate ({detail})"
+        )
     sel = xp.asarray(np.flatnonzero(keep_local))
     tmpl, sci, tvar, svar = (s[sel] for s in stamps)
     if rating is None:
@@ -223,14 +256,32 @@ def make_candidates(template: MaskedImage, science: MaskedImage, x: Any, y: Any,
     region = box if region is None else region
     cell, n_cells = cell_index(xc[keep], yc[keep], region, size_cell_x, size_cell_y)
     return KernelCandidates(
-        x=xc[keep].astype(np.float64), y=yc[keep].astype(np.float64), rating=rate,
-        source_index=keep, template=tmpl, science=sci, template_var=tvar, science_var=svar,
-        cell=cell, n_cells=n_cells, kernel_size=int(kernel_size), rejected=rejected)
+        x=xc[keep].astype(np.float64),
+        y=yc[keep].astype(np.float64),
+        rating=rate,
+        source_index=keep,
+        template=tmpl,
+        science=sci,
+        template_var=tvar,
+        science_var=svar,
+        cell=cell,
+        n_cells=n_cells,
+        kernel_size=int(kernel_size),
+        rejected=rejected,
+    )
 
 
-def selection_counts(table: Any, box: Box, *, snr_min: float, snr_max: float, edge_buffer: int,
-                     require_isolated: bool = True, require_unresolved: bool = True,
-                     exclude_flags=()) -> dict[str, int]:
+def selection_counts(
+    table: Any,
+    box: Box,
+    *,
+    snr_min: float,
+    snr_max: float,
+    edge_buffer: int,
+    require_isolated: bool = True,
+    require_unresolved: bool = True,
+    exclude_flags=(),
+) -> dict[str, int]:
     """How many rows of a kernel-source table each selection test removes.
 
     The tests of :func:`gpudiff.ops.detection.select_kernel_sources`, applied in its order
@@ -261,15 +312,21 @@ def selection_counts(table: Any, box: Box, *, snr_min: float, snr_max: float, ed
             flagged |= np.asarray(table[f], dtype=bool)
     test("flags/masks", flagged)
     with np.errstate(invalid="ignore"):
-        test(f"S/N outside {snr_min:g}-{snr_max:g}", ~(np.isfinite(snr) & (snr >= snr_min)
-                                                     & (snr <= snr_max)))
+        test(
+            f"S/N outside {snr_min:g}-{snr_max:g}",
+            ~(np.isfinite(snr) & (snr >= snr_min) & (snr <= snr_max)),
+        )
     if require_unresolved and "is_extended" in cols:
         test("extended (size/shape)", np.asarray(table["is_extended"], dtype=bool))
     if require_isolated and "isolated" in cols:
         test("not isolated (blended)", ~np.asarray(table["isolated"], dtype=bool))
     eb, rx, ry = int(edge_buffer), np.rint(x), np.rint(y)
-    inside = ((rx - eb >= box.x0) & (rx + eb <= box.x1 - 1)
-              & (ry - eb >= box.y0) & (ry + eb <= box.y1 - 1))
+    inside = (
+        (rx - eb >= box.x0)
+        & (rx + eb <= box.x1 - 1)
+        & (ry - eb >= box.y0)
+        & (ry + eb <= box.y1 - 1)
+    )
     test("too close to the edge", ~inside)
     counts["passed"] = int(alive.sum())
     return counts
@@ -290,8 +347,9 @@ def _trace_ratio_snr(table: Any) -> tuple[np.ndarray, np.ndarray] | None:
     if not all(c in cols for c in ("ixx", "iyy", "psf_ixx", "psf_iyy")):
         return None
     with np.errstate(invalid="ignore", divide="ignore"):
-        tr = ((np.asarray(table["ixx"], float) + np.asarray(table["iyy"], float))
-              / (np.asarray(table["psf_ixx"], float) + np.asarray(table["psf_iyy"], float)))
+        tr = (np.asarray(table["ixx"], float) + np.asarray(table["iyy"], float)) / (
+            np.asarray(table["psf_ixx"], float) + np.asarray(table["psf_iyy"], float)
+        )
         if "snr" in cols:
             snr = np.asarray(table["snr"], float)
         else:
@@ -325,7 +383,7 @@ def _locus_group(t: np.ndarray) -> tuple[float, int]:
     if first.size == 0:
         return float("nan"), 0
     i = int(first[0])
-    return float(np.median(t[i:hi[i]])), int(hi[i] - i)
+    return float(np.median(t[i : hi[i]])), int(hi[i] - i)
 
 
 def stellar_locus(table: Any) -> float:
@@ -372,13 +430,19 @@ def reclassify_extended(table: Any) -> Any:
 
     logging.getLogger("gpudiff.psfmatch").warning(
         "the PSF model's size disagrees with the image's stars (their trace is %.2f x the "
-        "model's): kernel sources are judged extended against the stars instead", locus)
+        "model's): kernel sources are judged extended against the stars instead",
+        locus,
+    )
     out = table.copy(copy_data=True)
     with np.errstate(invalid="ignore", divide="ignore"):
-        tr = ((np.asarray(out["ixx"], float) + np.asarray(out["iyy"], float))
-              / (np.asarray(out["psf_ixx"], float) + np.asarray(out["psf_iyy"], float)))
-        snr = (np.asarray(out["snr"], float) if "snr" in out.colnames else
-               np.asarray(out["psf_flux"], float) / np.asarray(out["psf_flux_err"], float))
+        tr = (np.asarray(out["ixx"], float) + np.asarray(out["iyy"], float)) / (
+            np.asarray(out["psf_ixx"], float) + np.asarray(out["psf_iyy"], float)
+        )
+        snr = (
+            np.asarray(out["snr"], float)
+            if "snr" in out.colnames
+            else np.asarray(out["psf_flux"], float) / np.asarray(out["psf_flux_err"], float)
+        )
         ext = tr / locus - 1.0
         tol = np.maximum(0.1, 3.0 * 3.5 / np.abs(snr))
         out["is_extended"] = np.isfinite(ext) & np.isfinite(snr) & (ext > tol)

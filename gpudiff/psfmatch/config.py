@@ -1,7 +1,7 @@
 """PSF-matching configuration: LSST's ``PsfMatchConfig`` (+ AL and DF variants), snake_case.
 
 Field names are the snake_case of the LSST config names and the defaults are LSST's
-(spec §1.1).  ``PsfMatchConfig()`` is the Alard–Lupton default; use
+(docs/algorithms.md §1.1).  ``PsfMatchConfig()`` is the Alard–Lupton default; use
 :meth:`PsfMatchConfig.delta_function` for the delta-function defaults.
 """
 
@@ -23,7 +23,7 @@ _COND_TYPES = ("EIGENVALUE", "SVD")
 
 @dataclass(frozen=True)
 class PsfMatchConfig:
-    """Configuration of the PSF-matching kernel fit (spec §1.1, §2, §3).
+    """Configuration of the PSF-matching kernel fit (docs/algorithms.md §1.1, §2, §3).
 
     Every field is the snake_case of an LSST ``PsfMatchConfig`` / ``PsfMatchConfigAL`` /
     ``PsfMatchConfigDF`` field with its LSST default.  Validation runs on construction.
@@ -88,7 +88,10 @@ class PsfMatchConfig:
         if self.kernel_basis_set not in _BASIS_SETS:
             bad(f"kernel_basis_set must be one of {_BASIS_SETS}, got {self.kernel_basis_set!r}")
         if self.spatial_model_type not in _SPATIAL_MODELS:
-            bad(f"spatial_model_type must be one of {_SPATIAL_MODELS}, got {self.spatial_model_type!r}")
+            bad(
+                f"spatial_model_type must be one of {_SPATIAL_MODELS}, "
+                f"got {self.spatial_model_type!r}"
+            )
         if self.kernel_size < 1:
             bad(f"kernel_size must be positive, got {self.kernel_size}")
         if self.kernel_basis_set == "alard-lupton" and self.kernel_size % 2 == 0:
@@ -107,19 +110,38 @@ class PsfMatchConfig:
             bad(f"n_star_per_cell must be >= 1 or -1 (all), got {self.n_star_per_cell}")
         if self.num_principal_components < 3:
             bad(f"num_principal_components must be >= 3, got {self.num_principal_components}")
-        if len(self.alard_deg_gauss) != self.alard_n_gauss or len(self.alard_sig_gauss) != self.alard_n_gauss:
-            bad(f"alard_deg_gauss and alard_sig_gauss need alard_n_gauss={self.alard_n_gauss} entries")
+        if (
+            len(self.alard_deg_gauss) != self.alard_n_gauss
+            or len(self.alard_sig_gauss) != self.alard_n_gauss
+        ):
+            bad(
+                f"alard_deg_gauss and alard_sig_gauss need "
+                f"alard_n_gauss={self.alard_n_gauss} entries"
+            )
         if self.regularization_type not in _REG_TYPES:
-            bad(f"regularization_type must be one of {_REG_TYPES}, got {self.regularization_type!r}")
+            bad(
+                f"regularization_type must be one of {_REG_TYPES}, got {self.regularization_type!r}"
+            )
         if self.central_regularization_stencil not in (5, 9):
-            bad(f"central_regularization_stencil must be 5 or 9, got {self.central_regularization_stencil}")
-        if not self.forward_regularization_orders or any(o not in (1, 2, 3) for o in self.forward_regularization_orders):
-            bad(f"forward_regularization_orders must be within 1..3, got {self.forward_regularization_orders}")
+            bad(
+                f"central_regularization_stencil must be 5 or 9, "
+                f"got {self.central_regularization_stencil}"
+            )
+        if not self.forward_regularization_orders or any(
+            o not in (1, 2, 3) for o in self.forward_regularization_orders
+        ):
+            bad(
+                f"forward_regularization_orders must be within 1..3, "
+                f"got {self.forward_regularization_orders}"
+            )
         if self.regularization_border_penalty < 0:
-            bad(f"regularization_border_penalty must be >= 0, got {self.regularization_border_penalty}")
+            bad(
+                f"regularization_border_penalty must be >= 0, "
+                f"got {self.regularization_border_penalty}"
+            )
         if self.lambda_type not in _LAMBDA_TYPES:
             # LSST's risk-minimizing lambda types read config keys that do not exist
-            # (spec §1.4 caveat); they are not offered here.
+            # (docs/algorithms.md §1.4 caveat); they are not offered here.
             bad(f"lambda_type must be one of {_LAMBDA_TYPES}, got {self.lambda_type!r}")
         if self.condition_number_type not in _COND_TYPES:
             bad(f"condition_number_type must be one of {_COND_TYPES}")
@@ -129,8 +151,11 @@ class PsfMatchConfig:
     @classmethod
     def delta_function(cls, **overrides: Any) -> "PsfMatchConfig":
         """LSST's ``PsfMatchConfigDF`` defaults (delta-function basis, PCA, regularization)."""
-        base = dict(kernel_basis_set="delta-function", max_condition_number=5e6,
-                    use_pca_for_spatial_kernel=True)
+        base = dict(
+            kernel_basis_set="delta-function",
+            max_condition_number=5e6,
+            use_pca_for_spatial_kernel=True,
+        )
         base.update(overrides)
         return cls(**base)
 
@@ -153,4 +178,3 @@ class PsfMatchConfig:
             return 0
         o = self.spatial_bg_order
         return (o + 1) * (o + 2) // 2
-

@@ -1,4 +1,4 @@
-"""The PSF-matching fit: single kernels, clipping, the spatial model (spec §2.3–§3).
+"""The PSF-matching fit: single kernels, clipping, the spatial model (docs/algorithms.md §2.3–§3).
 
 :func:`fit_spatial_kernel` runs LSST's ``PsfMatchTask._solve`` loop on a
 :class:`~gpudiff.psfmatch.candidates.KernelCandidates` set.  Single-kernel solutions are
@@ -25,8 +25,15 @@ from .config import PsfMatchConfig
 from .solve import design_matrices, fit_stamps, good_region, residual_statistics, solve_symmetric
 from .spatial import SpatialFunctions, SpatialKernel
 
-__all__ = ["KernelFit", "fit_spatial_kernel", "spatial_expansion", "rejection_counts",
-           "kernel_star_flux_ratio", "check_kernel_sum", "KERNEL_SUM_TOLERANCE"]
+__all__ = [
+    "KernelFit",
+    "fit_spatial_kernel",
+    "spatial_expansion",
+    "rejection_counts",
+    "kernel_star_flux_ratio",
+    "check_kernel_sum",
+    "KERNEL_SUM_TOLERANCE",
+]
 
 log = logging.getLogger("gpudiff.psfmatch")
 
@@ -83,29 +90,46 @@ class KernelFit:
     def quality_metadata(self) -> dict:
         """Figures for a result's metadata: the spatial orders used and the photometric
         check of the kernel sum (``kernel_sum_check_failed`` True = a failed quality check)."""
-        return {"spatial_kernel_order_used": int(self.spatial_kernel_order_used),
-                "spatial_bg_order_used": int(self.spatial_bg_order_used),
-                "kernel_star_flux_ratio": float(self.flux_ratio),
-                "kernel_star_flux_ratio_err": float(self.flux_ratio_err),
-                "kernel_sum_check_failed": not self.kernel_sum_ok}
+        return {
+            "spatial_kernel_order_used": int(self.spatial_kernel_order_used),
+            "spatial_bg_order_used": int(self.spatial_bg_order_used),
+            "kernel_star_flux_ratio": float(self.flux_ratio),
+            "kernel_star_flux_ratio_err": float(self.flux_ratio_err),
+            "kernel_sum_check_failed": not self.kernel_sum_ok,
+        }
 
     def candidate_table(self) -> Table:
         """One row per candidate: position, rating, status, reason, single-kernel figures."""
         c = self.candidates
         status = np.where(c.status == BAD, "BAD", np.where(c.status == GOOD, "GOOD", "UNKNOWN"))
-        return Table({
-            "source_index": c.source_index, "x": c.x, "y": c.y, "rating": c.rating,
-            "status": status, "used": self.used, "reason": np.array(c.reason, dtype=str),
-            "kernel_sum": self.single_kernel_sum, "background": self.single_background,
-            "residual_mean": self.residual_mean, "residual_rms": self.residual_rms,
-        })
+        return Table(
+            {
+                "source_index": c.source_index,
+                "x": c.x,
+                "y": c.y,
+                "rating": c.rating,
+                "status": status,
+                "used": self.used,
+                "reason": np.array(c.reason, dtype=str),
+                "kernel_sum": self.single_kernel_sum,
+                "background": self.single_background,
+                "residual_mean": self.residual_mean,
+                "residual_rms": self.residual_rms,
+            }
+        )
 
 
 class _Stage:
     """Design matrices, good-region data and solutions of candidates for one basis."""
 
-    def __init__(self, be: Backend, cands: KernelCandidates, idx: np.ndarray, basis: KernelBasis,
-                 config: PsfMatchConfig):
+    def __init__(
+        self,
+        be: Backend,
+        cands: KernelCandidates,
+        idx: np.ndarray,
+        basis: KernelBasis,
+        config: PsfMatchConfig,
+    ):
         xp = be.xp
         self.be, self.idx, self.basis = be, idx, basis
         sel = xp.asarray(idx)
@@ -122,11 +146,19 @@ class _Stage:
         if basis.kind == "delta-function" and config.use_regularization:
             H = make_regularization_matrix(config, basis.width, basis.height, fit_bg)
         self.fit = fit_stamps(
-            be, self.C, self.sci, var_sum, basis.kernels.sum(axis=(1, 2)),
+            be,
+            self.C,
+            self.sci,
+            var_sum,
+            basis.kernels.sum(axis=(1, 2)),
             constant_variance_weighting=config.constant_variance_weighting,
-            fit_for_background=fit_bg, regularization=H, lambda_type=config.lambda_type,
-            lambda_value=config.lambda_value, lambda_scaling=config.lambda_scaling,
-            condition_type=config.condition_number_type if config.check_condition_number else None)
+            fit_for_background=fit_bg,
+            regularization=H,
+            lambda_type=config.lambda_type,
+            lambda_value=config.lambda_value,
+            lambda_scaling=config.lambda_scaling,
+            condition_type=config.condition_number_type if config.check_condition_number else None,
+        )
         self.core = config.candidate_core_radius if config.use_core_stats else None
 
     def rows(self, which: np.ndarray) -> np.ndarray:
@@ -136,33 +168,52 @@ class _Stage:
     def stats(self, coeffs: Any, rows: np.ndarray):
         be = self.be
         r = be.xp.asarray(rows)
-        return residual_statistics(be, self.C[r], coeffs, self.sci[r], self.sci_var[r],
-                                   self.tmpl_var[r], self.kernels, self.core)
+        return residual_statistics(
+            be,
+            self.C[r],
+            coeffs,
+            self.sci[r],
+            self.sci_var[r],
+            self.tmpl_var[r],
+            self.kernels,
+            self.core,
+        )
 
 
-def _clip_single(cands: KernelCandidates, which: np.ndarray, mean: np.ndarray, rms: np.ndarray,
-                 config: PsfMatchConfig, what: str) -> int:
-    """Spec §2.3 thresholds; returns the number rejected."""
+def _clip_single(
+    cands: KernelCandidates,
+    which: np.ndarray,
+    mean: np.ndarray,
+    rms: np.ndarray,
+    config: PsfMatchConfig,
+    what: str,
+) -> int:
+    """docs/algorithms.md §2.3 thresholds; returns the number rejected."""
     bad_nan = ~(np.isfinite(mean) & np.isfinite(rms))
     cands.reject(which[bad_nan], f"{what} residual statistics are NaN")
     n = int(bad_nan.sum())
-    clip = config.single_kernel_clipping if what == "single-kernel" else config.spatial_kernel_clipping
+    clip = (
+        config.single_kernel_clipping if what == "single-kernel" else config.spatial_kernel_clipping
+    )
     if clip:
         hi_mean = ~bad_nan & (np.abs(mean) > config.candidate_residual_mean_max)
         hi_rms = ~bad_nan & ~hi_mean & (rms > config.candidate_residual_std_max)
-        cands.reject(which[hi_mean], f"{what} residual |mean| > {config.candidate_residual_mean_max}")
+        cands.reject(
+            which[hi_mean], f"{what} residual |mean| > {config.candidate_residual_mean_max}"
+        )
         cands.reject(which[hi_rms], f"{what} residual rms > {config.candidate_residual_std_max}")
         n += int(hi_mean.sum() + hi_rms.sum())
     return n
 
 
-def spatial_expansion(basis: KernelBasis, x: np.ndarray, y: np.ndarray, config: PsfMatchConfig,
-                      region: Box) -> tuple[np.ndarray, SpatialFunctions, SpatialFunctions | None]:
+def spatial_expansion(
+    basis: KernelBasis, x: np.ndarray, y: np.ndarray, config: PsfMatchConfig, region: Box
+) -> tuple[np.ndarray, SpatialFunctions, SpatialFunctions | None]:
     """E (n, p, N): per-candidate coefficients a = E·c of the global spatial unknowns c.
 
     a_m(x, y) = Σ_k c_mk p_k(x, y) (a single constant c_00 for m = 0 with a constant first
-    term) and bg(x, y) = Σ c_b p_b(x, y): the normal-equation accumulation of spec §3 is
-    then Σ_c E_cᵀ M_c E_c, one batched contraction.
+    term) and bg(x, y) = Σ c_b p_b(x, y): the normal-equation accumulation of
+    docs/algorithms.md §3 is then Σ_c E_cᵀ M_c E_c, one batched contraction.
     """
     fk = SpatialFunctions(config.spatial_model_type, config.spatial_kernel_order, region)
     pk = fk.matrix(x, y)
@@ -182,15 +233,21 @@ def spatial_expansion(basis: KernelBasis, x: np.ndarray, y: np.ndarray, config: 
             E[:, 0, 0] = 1.0
             col = 1
         else:
-            E[:, m, col:col + nk] = pk
+            E[:, m, col : col + nk] = pk
             col += nk
     if fb is not None:
-        E[:, nb, col:col + nbg] = fb.matrix(x, y)
+        E[:, nb, col : col + nbg] = fb.matrix(x, y)
     return E, fk, fb
 
 
-def _spatial_solve(be: Backend, stage: _Stage, which: np.ndarray, cands: KernelCandidates,
-                   config: PsfMatchConfig, region: Box):
+def _spatial_solve(
+    be: Backend,
+    stage: _Stage,
+    which: np.ndarray,
+    cands: KernelCandidates,
+    config: PsfMatchConfig,
+    region: Box,
+):
     xp = be.xp
     rows = stage.rows(which)
     E, fk, fb = spatial_expansion(stage.basis, cands.x[which], cands.y[which], config, region)
@@ -218,15 +275,21 @@ def _spatial_solve(be: Backend, stage: _Stage, which: np.ndarray, cands: KernelC
             K[0, 0] = ch[0]
             col = 1
         else:
-            K[m] = ch[col:col + nk]
+            K[m] = ch[col : col + nk]
             col += nk
     bgc = ch[col:] if fb is not None else None
     kernel = SpatialKernel(stage.basis, K, fk, bgc, fb)
     return kernel, coeffs_per_cand, cond
 
 
-def _solve_lowering(be: Backend, stage: _Stage, which: np.ndarray, cands: KernelCandidates,
-                    config: PsfMatchConfig, region: Box):
+def _solve_lowering(
+    be: Backend,
+    stage: _Stage,
+    which: np.ndarray,
+    cands: KernelCandidates,
+    config: PsfMatchConfig,
+    region: Box,
+):
     """The spatial solve, with LSST's warning when its system is ill-conditioned.
 
     The orders are not lowered on the condition number: the AL basis makes even a
@@ -236,13 +299,19 @@ def _solve_lowering(be: Backend, stage: _Stage, which: np.ndarray, cands: Kernel
     """
     kernel, coeffs, cond = _spatial_solve(be, stage, which, cands, config, region)
     if cond > config.max_spatial_condition_number:
-        warnings.warn(f"spatial kernel system is ill-conditioned (condition number {cond:.3g} > "
-                      f"{config.max_spatial_condition_number:.3g})", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"spatial kernel system is ill-conditioned (condition number {cond:.3g} > "
+            f"{config.max_spatial_condition_number:.3g})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return kernel, coeffs, cond, config
 
 
-def _ksum_clip(cands: KernelCandidates, which: np.ndarray, ksum: np.ndarray, config: PsfMatchConfig) -> int:
-    """Spec §2.4: reject |kSum − MEANCLIP| > max_ksum_sigma · STDEVCLIP."""
+def _ksum_clip(
+    cands: KernelCandidates, which: np.ndarray, ksum: np.ndarray, config: PsfMatchConfig
+) -> int:
+    """docs/algorithms.md §2.4: reject |kSum − MEANCLIP| > max_ksum_sigma · STDEVCLIP."""
     if not config.kernel_sum_clipping or which.size < 2:
         return 0
     # The stack kernel works in float32: clip the deviations from the median so their
@@ -285,8 +354,9 @@ def _n_terms(order: int) -> int:
     return (order + 1) * (order + 2) // 2
 
 
-def _well_posed(x: np.ndarray, y: np.ndarray, order: int, config: PsfMatchConfig,
-                region: Box) -> bool:
+def _well_posed(
+    x: np.ndarray, y: np.ndarray, order: int, config: PsfMatchConfig, region: Box
+) -> bool:
     """Whether candidates at (x, y) constrain a spatial polynomial of ``order`` well
     enough when the orders are being lowered: one candidate more than terms, and
     positions that are not (nearly) degenerate for it (three collinear stars cannot fix a
@@ -310,8 +380,13 @@ def _well_posed(x: np.ndarray, y: np.ndarray, order: int, config: PsfMatchConfig
 _MIN_SPATIAL_SV = 0.05
 
 
-def _fit_orders(cands: KernelCandidates, which: np.ndarray, config: PsfMatchConfig,
-                region: Box, lowered: bool = False) -> PsfMatchConfig:
+def _fit_orders(
+    cands: KernelCandidates,
+    which: np.ndarray,
+    config: PsfMatchConfig,
+    region: Box,
+    lowered: bool = False,
+) -> PsfMatchConfig:
     """``config``, or a copy with lower spatial orders that the candidates can constrain.
 
     Departure from LSST (which raises when there are fewer candidates than spatial terms):
@@ -338,7 +413,8 @@ def _fit_orders(cands: KernelCandidates, which: np.ndarray, config: PsfMatchConf
             f"{which.size} usable kernel candidate(s): a constant kernel and background need "
             f"at least {_n_terms(0) + 1} ({len(cands)} candidates, {len(cands.rejected)} "
             f"sources rejected before fitting); "
-            f"removed by each test: {detail}")
+            f"removed by each test: {detail}"
+        )
     while True:
         k_ok = _well_posed(x, y, ko, config, region)
         b_ok = not fit_bg or _well_posed(x, y, bo, config, region)
@@ -351,18 +427,32 @@ def _fit_orders(cands: KernelCandidates, which: np.ndarray, config: PsfMatchConf
         else:
             ko -= 1
     if (ko, bo) != (config.spatial_kernel_order, config.spatial_bg_order):
-        changes = [f"{name} order {a} -> {b}" for name, a, b in
-                   (("spatial kernel", config.spatial_kernel_order, ko),
-                    ("background", config.spatial_bg_order, bo)) if a != b]
-        log.warning("only %d usable kernel candidate(s) for the spatial model: %s",
-                    which.size, ", ".join(changes))
+        changes = [
+            f"{name} order {a} -> {b}"
+            for name, a, b in (
+                ("spatial kernel", config.spatial_kernel_order, ko),
+                ("background", config.spatial_bg_order, bo),
+            )
+            if a != b
+        ]
+        log.warning(
+            "only %d usable kernel candidate(s) for the spatial model: %s",
+            which.size,
+            ", ".join(changes),
+        )
         config = config.with_overrides(spatial_kernel_order=ko, spatial_bg_order=bo)
     return config
 
 
-def fit_spatial_kernel(cands: KernelCandidates, basis: KernelBasis, config: PsfMatchConfig,
-                       region: Box, backend: Backend) -> KernelFit:
-    """Solve the spatially varying matching kernel with LSST's clipping loop (spec §2.5).
+def fit_spatial_kernel(
+    cands: KernelCandidates,
+    basis: KernelBasis,
+    config: PsfMatchConfig,
+    region: Box,
+    backend: Backend,
+) -> KernelFit:
+    """Solve the spatially varying matching kernel with LSST's clipping loop
+    (docs/algorithms.md §2.5).
 
     Raises
     ------
@@ -377,8 +467,10 @@ def fit_spatial_kernel(cands: KernelCandidates, basis: KernelBasis, config: PsfM
     mean, rms, _ = single.stats(single.fit.coeffs, everyone)
     _clip_single(cands, everyone, mean, rms, config, "single-kernel")
     if config.check_condition_number:
-        cands.reject(everyone[single.fit.condition > config.max_condition_number],
-                     f"single-kernel condition number > {config.max_condition_number:.3g}")
+        cands.reject(
+            everyone[single.fit.condition > config.max_condition_number],
+            f"single-kernel condition number > {config.max_condition_number:.3g}",
+        )
     residual_mean, residual_rms = mean.copy(), rms.copy()
     stage = single
     n_iter, n_rej, kernel, cond = 0, 0, None, float("nan")
@@ -416,16 +508,30 @@ def fit_spatial_kernel(cands: KernelCandidates, basis: KernelBasis, config: PsfM
     used[which] = True
     ratio, ratio_err = kernel_star_flux_ratio(be, cands, which)
     ksum_ok = check_kernel_sum(kernel, cands, which, ratio, ratio_err)
-    log.info("kernel fit: %d candidates used, %d rejected, %d spatial iterations, kernel sum %.5g",
-             which.size, int((cands.status == BAD).sum()), n_iter, kernel.kernel_sum())
-    return KernelFit(kernel=kernel, candidates=cands, n_iterations=n_iter, n_used=int(which.size),
-                     spatial_condition=cond, single_kernel_sum=ks_all,
-                     single_background=single.fit.background, residual_mean=residual_mean,
-                     residual_rms=residual_rms, used=used,
-                     spatial_kernel_order_used=config.spatial_kernel_order,
-                     spatial_bg_order_used=(config.spatial_bg_order if config.fit_for_background
-                                            else -1),
-                     flux_ratio=ratio, flux_ratio_err=ratio_err, kernel_sum_ok=ksum_ok)
+    log.info(
+        "kernel fit: %d candidates used, %d rejected, %d spatial iterations, kernel sum %.5g",
+        which.size,
+        int((cands.status == BAD).sum()),
+        n_iter,
+        kernel.kernel_sum(),
+    )
+    return KernelFit(
+        kernel=kernel,
+        candidates=cands,
+        n_iterations=n_iter,
+        n_used=int(which.size),
+        spatial_condition=cond,
+        single_kernel_sum=ks_all,
+        single_background=single.fit.background,
+        residual_mean=residual_mean,
+        residual_rms=residual_rms,
+        used=used,
+        spatial_kernel_order_used=config.spatial_kernel_order,
+        spatial_bg_order_used=(config.spatial_bg_order if config.fit_for_background else -1),
+        flux_ratio=ratio,
+        flux_ratio_err=ratio_err,
+        kernel_sum_ok=ksum_ok,
+    )
 
 
 #: Largest relative disagreement tolerated between the kernel sum and the kernel stars'
@@ -440,8 +546,9 @@ _RATIO_MIN_STARS = 3
 _MAD_TO_SIGMA = 1.4826
 
 
-def kernel_star_flux_ratio(be: Backend, cands: KernelCandidates, which: np.ndarray
-                           ) -> tuple[float, float]:
+def kernel_star_flux_ratio(
+    be: Backend, cands: KernelCandidates, which: np.ndarray
+) -> tuple[float, float]:
     """Aperture-flux ratio reference/convolved of the candidates ``which``, and its error.
 
     The aperture is a circle of radius ``_APERTURE_FRACTION`` × kernel_size (the kernel
@@ -473,8 +580,14 @@ def kernel_star_flux_ratio(be: Backend, cands: KernelCandidates, which: np.ndarr
     # ±10 % each.  The median of the per-star ratios, so that one variable star or one
     # candidate on a galaxy's halo (a biased local sky) does not move it: hence ≥ 3 stars.
     with np.errstate(divide="ignore", invalid="ignore"):
-        ok = (np.isfinite(fr) & np.isfinite(fc) & (vr > 0) & (vc > 0)
-              & (fc > _RATIO_MIN_SNR * np.sqrt(vc)) & (fr > _RATIO_MIN_SNR * np.sqrt(vr)))
+        ok = (
+            np.isfinite(fr)
+            & np.isfinite(fc)
+            & (vr > 0)
+            & (vc > 0)
+            & (fc > _RATIO_MIN_SNR * np.sqrt(vc))
+            & (fr > _RATIO_MIN_SNR * np.sqrt(vr))
+        )
         r = fr[ok] / fc[ok]
         e = np.abs(r) * np.sqrt(vr[ok] / fr[ok] ** 2 + vc[ok] / fc[ok] ** 2)
     if r.size < _RATIO_MIN_STARS:
@@ -486,8 +599,13 @@ def kernel_star_flux_ratio(be: Backend, cands: KernelCandidates, which: np.ndarr
     return med, 1.2533 * sig / np.sqrt(r.size)
 
 
-def check_kernel_sum(kernel: SpatialKernel, cands: KernelCandidates, which: np.ndarray,
-                     ratio: float, ratio_err: float) -> bool:
+def check_kernel_sum(
+    kernel: SpatialKernel,
+    cands: KernelCandidates,
+    which: np.ndarray,
+    ratio: float,
+    ratio_err: float,
+) -> bool:
     """Whether the kernel sum agrees with the kernel stars' photometric ratio.
 
     The kernel sum (evaluated at the candidates and averaged) must match the median
@@ -497,24 +615,39 @@ def check_kernel_sum(kernel: SpatialKernel, cands: KernelCandidates, which: np.n
     logged and False returned (the caller records it as a failed quality check).
     """
     if not np.isfinite(ratio) or ratio <= 0:
-        log.info("kernel-sum check not made: fewer than %d kernel candidates with an aperture "
-                 "S/N >= %g in both images", _RATIO_MIN_STARS, _RATIO_MIN_SNR)
+        log.info(
+            "kernel-sum check not made: fewer than %d kernel candidates with an aperture "
+            "S/N >= %g in both images",
+            _RATIO_MIN_STARS,
+            _RATIO_MIN_SNR,
+        )
         return True
-    ks = float(np.mean([kernel.kernel_sum(float(x), float(y))
-                        for x, y in zip(cands.x[which], cands.y[which])]))
+    ks = float(
+        np.mean(
+            [kernel.kernel_sum(float(x), float(y)) for x, y in zip(cands.x[which], cands.y[which])]
+        )
+    )
     rel = abs(ks / ratio - 1.0)
     noise = 3.0 * ratio_err / ratio if np.isfinite(ratio_err) else 0.0
     if rel > KERNEL_SUM_TOLERANCE and rel > noise:
-        log.warning("kernel sum %.4f disagrees with the kernel stars' flux ratio %.4f ± %.4f "
-                    "(%.1f %% > %.0f %%): the kernel does not preserve the photometry",
-                    ks, ratio, ratio_err, 100 * rel, 100 * KERNEL_SUM_TOLERANCE)
+        log.warning(
+            "kernel sum %.4f disagrees with the kernel stars' flux ratio %.4f ± %.4f "
+            "(%.1f %% > %.0f %%): the kernel does not preserve the photometry",
+            ks,
+            ratio,
+            ratio_err,
+            100 * rel,
+            100 * KERNEL_SUM_TOLERANCE,
+        )
         return False
     return True
 
 
-def _pca_stage(be: Backend, cands: KernelCandidates, which: np.ndarray, single: _Stage,
-               config: PsfMatchConfig) -> _Stage:
-    """Spec §3.3: a PCA basis from the visited candidates' own kernels, then refit them."""
+def _pca_stage(
+    be: Backend, cands: KernelCandidates, which: np.ndarray, single: _Stage, config: PsfMatchConfig
+) -> _Stage:
+    """docs/algorithms.md §3.3: a PCA basis from the visited candidates' own kernels, then
+    refit them."""
     nb = single.basis.n_bases
     coeffs = be.asnumpy(single.fit.coeffs[be.xp.asarray(single.rows(which))])[:, :nb]
     images = np.einsum("ni,ijk->njk", coeffs, single.basis.kernels)

@@ -1,4 +1,5 @@
-"""The spatial model of the matching kernel and its exact application (spec §3, §0.2–§0.4).
+"""The spatial model of the matching kernel and its exact application
+(docs/algorithms.md §3, §0.2–§0.4).
 
 K(x, y) = Σ_m a_m(x, y)·B_m with a_m(x, y) = Σ_k c_mk·p_k(x, y), the p_k being Chebyshev
 (or plain polynomial) terms of the position.  Regrouping by spatial term gives
@@ -18,7 +19,12 @@ from ..backend import Backend
 from ..backend.threads import run_concurrently
 from ..errors import InvalidInputError, KernelTooLargeError
 from ..image import Box, MaskedImage
-from ..ops.convolution import dilate_mask, finish_masked_output, prepare_masked_input, varying_correlate
+from ..ops.convolution import (
+    dilate_mask,
+    finish_masked_output,
+    prepare_masked_input,
+    varying_correlate,
+)
 from .basis import KernelBasis
 
 __all__ = ["SpatialFunctions", "SpatialKernel"]
@@ -34,7 +40,7 @@ def _term_powers(order: int) -> list[tuple[int, int]]:
 class SpatialFunctions:
     """Spatial basis functions p_k(x, y) of a given order over a region.
 
-    ``kind`` "chebyshev1" maps the region's Box2D (pixel edges, spec §0.4) to [−1, 1];
+    ``kind`` "chebyshev1" maps the region's Box2D (pixel edges, docs/algorithms.md §0.4) to [−1, 1];
     "polynomial" uses raw parent coordinates.
     """
 
@@ -58,8 +64,10 @@ class SpatialFunctions:
         r = self.region
         min_x, max_x = r.x0 - 0.5, r.x1 - 0.5
         min_y, max_y = r.y0 - 0.5, r.y1 - 0.5
-        return ((x - 0.5 * (min_x + max_x)) * 2.0 / (max_x - min_x),
-                (y - 0.5 * (min_y + max_y)) * 2.0 / (max_y - min_y))
+        return (
+            (x - 0.5 * (min_x + max_x)) * 2.0 / (max_x - min_x),
+            (y - 0.5 * (min_y + max_y)) * 2.0 / (max_y - min_y),
+        )
 
     def evaluate(self, x: Any, y: Any, xp: Any = np) -> list[Any]:
         """The n_terms values p_k(x, y) (arrays broadcast like x and y)."""
@@ -131,8 +139,10 @@ class SpatialKernel:
 
     def _centre(self, x, y):
         r = self.functions.region
-        return (0.5 * (r.x0 + r.x1 - 1) if x is None else float(x),
-                0.5 * (r.y0 + r.y1 - 1) if y is None else float(y))
+        return (
+            0.5 * (r.x0 + r.x1 - 1) if x is None else float(x),
+            0.5 * (r.y0 + r.y1 - 1) if y is None else float(y),
+        )
 
     def background(self, x: Any, y: Any, xp: Any = np) -> Any:
         """The differential background at parent positions (0 when not fitted)."""
@@ -152,7 +162,9 @@ class SpatialKernel:
             out += float(c) * t
         return out.astype(np.float32)
 
-    def convolve(self, mi: MaskedImage, *, do_normalize: bool = False, do_copy_edge: bool = False) -> MaskedImage:
+    def convolve(
+        self, mi: MaskedImage, *, do_normalize: bool = False, do_copy_edge: bool = False
+    ) -> MaskedImage:
         """Convolve (afw sense: correlate) a MaskedImage with K(x, y) exactly.
 
         Image: Σ_k p_k·(I ⊗ K_k).  Variance: Σ_k Σ_l p_k p_l·(V ⊗ K_k K_l), i.e. V ⊗ K(x, y)²
@@ -178,14 +190,16 @@ class SpatialKernel:
         else:
             p = [np.float32(1.0)]
         img, var, msk = prepare_masked_input(mi)
-        pairs = [(k, l) for i, k in enumerate(used) for l in used[i:]]
+        pairs = [(k, k2) for i, k in enumerate(used) for k2 in used[i:]]
         # V ⊗ K(x,y)² = Σ_k Σ_l p_k p_l (V ⊗ K_k K_l); the k ≠ l pairs appear twice.
-        vweights = [(1.0 if k == l else 2.0) * (p[k] * p[l]) for k, l in pairs]
-        vkernels = np.stack([kt[k] * kt[l] for k, l in pairs])
+        vweights = [(1.0 if k == k2 else 2.0) * (p[k] * p[k2]) for k, k2 in pairs]
+        vkernels = np.stack([kt[k] * kt[k2] for k, k2 in pairs])
         # Image and variance planes are independent: on the CPU one thread each.
         out_img, out_var = run_concurrently(
             lambda: varying_correlate(img, kt[used], [p[k] for k in used], be),
-            lambda: varying_correlate(var, vkernels, vweights, be), parallel=not be.is_gpu)
+            lambda: varying_correlate(var, vkernels, vweights, be),
+            parallel=not be.is_gpu,
+        )
         if do_normalize:
             ksum = sum(p[k] * np.float32(kt[k].sum()) for k in used)
             out_img = out_img / ksum
@@ -195,4 +209,3 @@ class SpatialKernel:
         footprint = np.any(kt[used] != 0, axis=0)
         out_msk = dilate_mask(msk, footprint, be)
         return finish_masked_output(mi, out_img, out_var, out_msk, (kh, kw), do_copy_edge)
-

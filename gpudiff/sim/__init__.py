@@ -43,7 +43,8 @@ Building blocks
   bad columns, saturated stars with Moffat wings beyond the matching kernel, a satellite
   trail, a residual sky plane of ~0.3σ, masked and unmasked cosmic rays, a NO_DATA strip,
   and optionally a field with fewer than 10 usable stars.
-- :func:`make_test_image` — LSST's ``ip_diffim/tests/utils.makeTestImage`` (spec §11.1).
+- :func:`make_test_image` — LSST's ``ip_diffim/tests/utils.makeTestImage``
+  (docs/algorithms.md §11.1).
 
 Several epochs of one field (visits, warps, patches) are made by drawing one catalog with
 :func:`make_catalog` and calling :func:`simulate_exposure` once per epoch with its own

@@ -22,7 +22,9 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     """A real number (Python or NumPy int or float), but not a bool."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
 
 
 def _seed_entropy(seed: Any) -> list[int]:
@@ -81,7 +83,9 @@ def _range(name: str, value: Any, *, positive: bool = True) -> tuple[float, floa
     try:
         lo, hi = value
     except (TypeError, ValueError):
-        raise InvalidInputError(f"{name} must be a number or a (min, max) pair, got {value!r}") from None
+        raise InvalidInputError(
+            f"{name} must be a number or a (min, max) pair, got {value!r}"
+        ) from None
     lo = _finite_number(f"{name}[0]", lo, positive=positive)
     hi = _finite_number(f"{name}[1]", hi, positive=positive)
     if hi < lo:
@@ -109,7 +113,9 @@ def _as_box(size: Any, xy0: Any = (0, 0)) -> Box:
         try:
             ny, nx = size
         except (TypeError, ValueError):
-            raise InvalidInputError(f"size must be an int, a (ny, nx) pair or a Box, got {size!r}") from None
+            raise InvalidInputError(
+                f"size must be an int, a (ny, nx) pair or a Box, got {size!r}"
+            ) from None
         if not all(_is_int(v) for v in (ny, nx)):
             raise InvalidInputError(f"size must hold integers, got {size!r}")
         ny, nx = int(ny), int(nx)
@@ -138,7 +144,8 @@ def _inside(x, y, box: Box) -> np.ndarray:
 
 
 def _grid_nodes(box: Box, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` evenly spaced node coordinates per axis from the first to the last pixel centre of ``box``."""
+    """``n`` evenly spaced node coordinates per axis from the first to the last pixel centre
+    of ``box``."""
     return np.linspace(box.x0, box.x1 - 1, n), np.linspace(box.y0, box.y1 - 1, n)
 
 
@@ -158,7 +165,9 @@ def _loguniform(rng: np.random.Generator, lo: float, hi: float, n: int) -> np.nd
     return np.exp(rng.uniform(math.log(lo), math.log(hi), n))
 
 
-def _power_law(rng: np.random.Generator, n: int, f_min: float, f_max: float, alpha: float) -> np.ndarray:
+def _power_law(
+    rng: np.random.Generator, n: int, f_min: float, f_max: float, alpha: float
+) -> np.ndarray:
     """Draw from dN/dF ∝ F^-alpha on [f_min, f_max] by inverting the CDF."""
     u = rng.uniform(0.0, 1.0, n)
     if f_min == f_max:
@@ -166,5 +175,5 @@ def _power_law(rng: np.random.Generator, n: int, f_min: float, f_max: float, alp
     if abs(alpha - 1.0) < 1e-12:
         return f_min * (f_max / f_min) ** u
     p = 1.0 - alpha
-    a, b = f_min ** p, f_max ** p
+    a, b = f_min**p, f_max**p
     return (a + u * (b - a)) ** (1.0 / p)

@@ -1,4 +1,5 @@
-"""Detector and optical artefacts: satellite trails, ghosts, cosmic rays, bad columns and NO_DATA regions."""
+"""Detector and optical artefacts: satellite trails, ghosts, cosmic rays, bad columns and
+NO_DATA regions."""
 
 from __future__ import annotations
 
@@ -85,27 +86,35 @@ def _render_trails(trails: Sequence[Trail], box: Box) -> tuple[np.ndarray, np.nd
         ang = math.radians(t.angle)
         ca, sa = math.cos(ang), math.sin(ang)
         reach = 6.0 * t.width
-        if abs(ca) >= abs(sa):      # mostly horizontal: one window of rows per column
+        if abs(ca) >= abs(sa):  # mostly horizontal: one window of rows per column
             cols = np.arange(W)
             xc = cols + box.x0
             yc = t.y + (xc - t.x) * sa / ca
             half = int(math.ceil(reach / abs(ca))) + 1
-            rows = np.round(yc).astype(np.int64)[:, None] + np.arange(-half, half + 1)[None, :] - box.y0
+            rows = (
+                np.round(yc).astype(np.int64)[:, None]
+                + np.arange(-half, half + 1)[None, :]
+                - box.y0
+            )
             ci = np.broadcast_to(cols[:, None], rows.shape)
             ok = (rows >= 0) & (rows < H)
             ri, ci = rows[ok], ci[ok]
-        else:                        # mostly vertical: one window of columns per row
+        else:  # mostly vertical: one window of columns per row
             rws = np.arange(H)
             yc = rws + box.y0
             xc = t.x + (yc - t.y) * ca / sa
             half = int(math.ceil(reach / abs(sa))) + 1
-            cols = np.round(xc).astype(np.int64)[:, None] + np.arange(-half, half + 1)[None, :] - box.x0
+            cols = (
+                np.round(xc).astype(np.int64)[:, None]
+                + np.arange(-half, half + 1)[None, :]
+                - box.x0
+            )
             ri = np.broadcast_to(rws[:, None], cols.shape)
             ok = (cols >= 0) & (cols < W)
             ri, ci = ri[ok], cols[ok]
         d = -sa * (ci + box.x0 - t.x) + ca * (ri + box.y0 - t.y)
         val = t.brightness * np.exp(-0.5 * (d / t.width) ** 2)
-        light[ri, ci] += val         # (row, column) pairs are unique within one trail
+        light[ri, ci] += val  # (row, column) pairs are unique within one trail
         mask[ri[np.abs(d) <= 3 * t.width], ci[np.abs(d) <= 3 * t.width]] = True
     return light, mask
 
@@ -116,8 +125,14 @@ def _render_ghosts(ghosts: Sequence[Ghost], box: Box) -> tuple[np.ndarray, np.nd
     mask = np.zeros((H, W), dtype=bool)
     for g in ghosts:
         reach = g.radius + 6 * g.softness
-        xa, xb = max(box.x0, int(math.floor(g.x - reach))), min(box.x1, int(math.ceil(g.x + reach)) + 1)
-        ya, yb = max(box.y0, int(math.floor(g.y - reach))), min(box.y1, int(math.ceil(g.y + reach)) + 1)
+        xa, xb = (
+            max(box.x0, int(math.floor(g.x - reach))),
+            min(box.x1, int(math.ceil(g.x + reach)) + 1),
+        )
+        ya, yb = (
+            max(box.y0, int(math.floor(g.y - reach))),
+            min(box.y1, int(math.ceil(g.y + reach)) + 1),
+        )
         if xa >= xb or ya >= yb:
             continue
         xx = np.arange(xa, xb, dtype=np.float64)[None, :]
@@ -133,8 +148,9 @@ def _render_ghosts(ghosts: Sequence[Ghost], box: Box) -> tuple[np.ndarray, np.nd
     return light, mask
 
 
-def _cosmic_rays(rng: np.random.Generator, n: int, box: Box, amplitude: tuple[float, float],
-                 max_length: float) -> np.ndarray:
+def _cosmic_rays(
+    rng: np.random.Generator, n: int, box: Box, amplitude: tuple[float, float], max_length: float
+) -> np.ndarray:
     """Cosmic-ray charge (ADU) per pixel: straight, one-pixel-wide tracks and point hits.
 
     Each ray has a uniformly random start, direction and length in [0, max_length]
@@ -171,8 +187,11 @@ def _no_data_mask(spec: Any, box: Box) -> np.ndarray:
             raise InvalidInputError(f"no_data array has shape {spec.shape}, the image {(H, W)}")
         return spec.astype(bool)
     out = np.zeros((H, W), dtype=bool)
-    if isinstance(spec, Box) or (isinstance(spec, tuple) and len(spec) == 4
-                                 and all(isinstance(v, (int, np.integer)) for v in spec)):
+    if isinstance(spec, Box) or (
+        isinstance(spec, tuple)
+        and len(spec) == 4
+        and all(isinstance(v, (int, np.integer)) for v in spec)
+    ):
         spec = [spec]
     for region in spec:
         if isinstance(region, Box):
@@ -181,7 +200,9 @@ def _no_data_mask(spec: Any, box: Box) -> np.ndarray:
             try:
                 x0, y0, x1, y1 = (int(v) for v in region)
             except (TypeError, ValueError):
-                raise InvalidInputError(f"no_data regions must be Box or (x0, y0, x1, y1), got {region!r}") from None
+                raise InvalidInputError(
+                    f"no_data regions must be Box or (x0, y0, x1, y1), got {region!r}"
+                ) from None
         xa, xb = max(x0, box.x0) - box.x0, min(x1, box.x1) - box.x0
         ya, yb = max(y0, box.y0) - box.y0, min(y1, box.y1) - box.y0
         if xa < xb and ya < yb:

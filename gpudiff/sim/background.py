@@ -46,7 +46,9 @@ class PolynomialBackground:
     def __post_init__(self):
         _finite_number("PolynomialBackground offset", self.offset)
         if len(tuple(self.gradient)) != 2 or len(tuple(self.quadratic)) != 3:
-            raise InvalidInputError("PolynomialBackground needs 2 gradient and 3 quadratic coefficients")
+            raise InvalidInputError(
+                "PolynomialBackground needs 2 gradient and 3 quadratic coefficients"
+            )
         for v in (*self.gradient, *self.quadratic):
             _finite_number("PolynomialBackground coefficient", v)
 
@@ -62,7 +64,9 @@ class PolynomialBackground:
             sc = np.broadcast_to(np.asarray(self.scale, dtype=np.float64), (2,))
             sx, sy = float(sc[0]), float(sc[1])
             if not (sx > 0 and sy > 0):
-                raise InvalidInputError(f"PolynomialBackground scale must be > 0, got {self.scale!r}")
+                raise InvalidInputError(
+                    f"PolynomialBackground scale must be > 0, got {self.scale!r}"
+                )
         elif box is not None:
             sx, sy = max(0.5 * (box.width - 1), 0.5), max(0.5 * (box.height - 1), 0.5)
         else:
@@ -79,7 +83,7 @@ class PolynomialBackground:
 
 @dataclass(frozen=True)
 class ChebyshevBackground:
-    """An afw ``Chebyshev1Function2D`` background (spec §0.4, §11.2).
+    """An afw ``Chebyshev1Function2D`` background (docs/algorithms.md §0.4, §11.2).
 
     f(x, y) = Σ_k c_k T_i(x') T_j(y'), terms ordered by total degree d = i + j and, within
     a degree, by decreasing i: (0,0), (1,0), (0,1), (2,0), (1,1), (0,2), ...  x', y' map
@@ -101,7 +105,9 @@ class ChebyshevBackground:
         n = len(c)
         order = int(round((math.sqrt(8 * n + 1) - 3) / 2))
         if n == 0 or (order + 1) * (order + 2) // 2 != n:
-            raise InvalidInputError(f"ChebyshevBackground needs (order+1)(order+2)/2 coefficients, got {n}")
+            raise InvalidInputError(
+                f"ChebyshevBackground needs (order+1)(order+2)/2 coefficients, got {n}"
+            )
         object.__setattr__(self, "coefficients", c)
 
     @property
@@ -152,13 +158,17 @@ def _eval_background(bkg: Any, box: Box) -> np.ndarray:
         val = bkg
     else:
         raise InvalidInputError(
-            f"background must be None, a number, an array, a PolynomialBackground/ChebyshevBackground or a callable; "
-            f"got {type(bkg).__name__}")
+            f"background must be None, a number, an array, a "
+            f"PolynomialBackground/ChebyshevBackground or a callable; "
+            f"got {type(bkg).__name__}"
+        )
     try:
         out = np.array(np.broadcast_to(np.asarray(val, dtype=np.float64), shape))
     except ValueError:
         raise InvalidInputError(
-            f"background evaluates to shape {np.shape(val)}, not broadcastable to the image shape {shape}") from None
+            f"background evaluates to shape {np.shape(val)}, not broadcastable to the image "
+            f"shape {shape}"
+        ) from None
     if not np.isfinite(out).all():
         raise InvalidInputError("background has non-finite values")
     return out
@@ -183,4 +193,4 @@ def _background_at(bkg: Any, box: Box, x, y) -> np.ndarray:
 def _bkg_var_at(obs: ObsConfig, box: Box, x, y) -> np.ndarray:
     """Expected variance (ADU²) of the sky + background at parent points (x, y)."""
     b = _background_at(obs.background, box, x, y) + obs.sky
-    return (np.clip(b, 0, None) * obs.gain + obs.read_noise ** 2) / obs.gain ** 2
+    return (np.clip(b, 0, None) * obs.gain + obs.read_noise**2) / obs.gain**2

@@ -90,11 +90,15 @@ class FieldConfig:
         object.__setattr__(self, "galaxy_r_eff", _range("galaxy_r_eff", self.galaxy_r_eff))
         sn = _range("galaxy_sersic_n", self.galaxy_sersic_n)
         if sn[0] < 0.3 or sn[1] > 8:
-            raise InvalidInputError(f"galaxy_sersic_n must lie in [0.3, 8], got {self.galaxy_sersic_n!r}")
+            raise InvalidInputError(
+                f"galaxy_sersic_n must lie in [0.3, 8], got {self.galaxy_sersic_n!r}"
+            )
         object.__setattr__(self, "galaxy_sersic_n", sn)
         q = _range("galaxy_axis_ratio", self.galaxy_axis_ratio)
         if q[1] > 1:
-            raise InvalidInputError(f"galaxy_axis_ratio must lie in (0, 1], got {self.galaxy_axis_ratio!r}")
+            raise InvalidInputError(
+                f"galaxy_axis_ratio must lie in (0, 1], got {self.galaxy_axis_ratio!r}"
+            )
         object.__setattr__(self, "galaxy_axis_ratio", q)
         _count("n_bright_stars", self.n_bright_stars)
         object.__setattr__(self, "bright_flux", _range("bright_flux", self.bright_flux))
@@ -199,7 +203,9 @@ class ObsConfig:
         _finite_number("read_noise", self.read_noise, nonneg=True)
         noise = str(self.noise).strip().lower()
         if noise not in ("poisson", "gaussian", "none"):
-            raise InvalidInputError(f"noise must be 'poisson', 'gaussian' or 'none', got {self.noise!r}")
+            raise InvalidInputError(
+                f"noise must be 'poisson', 'gaussian' or 'none', got {self.noise!r}"
+            )
         object.__setattr__(self, "noise", noise)
         if self.saturation is not None:
             _finite_number("saturation", self.saturation, positive=True)
@@ -208,20 +214,27 @@ class ObsConfig:
                 cols = tuple(int(c) for c in self.bad_columns)
             except (TypeError, ValueError):
                 raise InvalidInputError(
-                    f"bad_columns must be a count or a sequence of column numbers, got {self.bad_columns!r}") from None
+                    f"bad_columns must be a count or a sequence of column numbers, "
+                    f"got {self.bad_columns!r}"
+                ) from None
             object.__setattr__(self, "bad_columns", cols)
         else:
             _count("bad_columns", self.bad_columns)
         if isinstance(self.bad_column_value, (tuple, list)):
-            object.__setattr__(self, "bad_column_value",
-                               _range("bad_column_value", self.bad_column_value, positive=False))
+            object.__setattr__(
+                self,
+                "bad_column_value",
+                _range("bad_column_value", self.bad_column_value, positive=False),
+            )
         else:
             _finite_number("bad_column_value", self.bad_column_value)
         if not isinstance(self.mask_cosmic_rays, (bool, np.bool_)):
             frac = _finite_number("mask_cosmic_rays", self.mask_cosmic_rays, nonneg=True)
             if frac > 1:
                 raise InvalidInputError(
-                    f"mask_cosmic_rays must be a bool or a fraction in [0, 1], got {self.mask_cosmic_rays!r}")
+                    f"mask_cosmic_rays must be a bool or a fraction in [0, 1], "
+                    f"got {self.mask_cosmic_rays!r}"
+                )
             object.__setattr__(self, "mask_cosmic_rays", frac)
         _count("cosmic_rays", self.cosmic_rays)
         object.__setattr__(self, "cr_amplitude", _range("cr_amplitude", self.cr_amplitude))
@@ -238,11 +251,15 @@ class ObsConfig:
             raise InvalidInputError(f"dec must lie in [-90, 90], got {self.dec!r}")
         _finite_number("pixel_scale", self.pixel_scale, positive=True)
         if _is_number(self.psf):
-            object.__setattr__(self, "psf", PsfSpec(fwhm=_finite_number("psf", self.psf, positive=True)))
+            object.__setattr__(
+                self, "psf", PsfSpec(fwhm=_finite_number("psf", self.psf, positive=True))
+            )
         elif not (isinstance(self.psf, (PsfSpec, Psf)) or callable(self.psf)):
             raise InvalidInputError(
-                f"psf must be a FWHM (float), a PsfSpec, a gpudiff Psf or a callable (x, y) -> Psf; "
-                f"got {type(self.psf).__name__}")
+                "psf must be a FWHM (float), a PsfSpec, a gpudiff Psf or a callable "
+                "(x, y) -> Psf; "
+                f"got {type(self.psf).__name__}"
+            )
 
     @classmethod
     def realistic(cls, **kwargs) -> "ObsConfig":
@@ -251,8 +268,14 @@ class ObsConfig:
         A Moffat PSF (FWHM 3.5 px, β 3), gain 1.5, read noise 6 e⁻, saturation 60000 ADU,
         two bad columns and 10 cosmic rays; ``kwargs`` override any field.
         """
-        base = dict(psf=PsfSpec(kind="moffat", fwhm=3.5, beta=3.0), gain=1.5, read_noise=6.0,
-                    saturation=60000.0, bad_columns=2, cosmic_rays=10)
+        base = dict(
+            psf=PsfSpec(kind="moffat", fwhm=3.5, beta=3.0),
+            gain=1.5,
+            read_noise=6.0,
+            saturation=60000.0,
+            bad_columns=2,
+            cosmic_rays=10,
+        )
         base.update(kwargs)
         return cls(**base)
 
@@ -261,22 +284,27 @@ _FIELD_NAMES = frozenset(f.name for f in fields(FieldConfig))
 _OBS_NAMES = frozenset(f.name for f in fields(ObsConfig))
 
 
-def _split_overrides(field_cfg: FieldConfig | None, obs_cfg: ObsConfig | None,
-                     overrides: Mapping[str, Any]) -> tuple[FieldConfig, ObsConfig]:
+def _split_overrides(
+    field_cfg: FieldConfig | None, obs_cfg: ObsConfig | None, overrides: Mapping[str, Any]
+) -> tuple[FieldConfig, ObsConfig]:
     f_kw = {k: v for k, v in overrides.items() if k in _FIELD_NAMES}
     o_kw = {k: v for k, v in overrides.items() if k in _OBS_NAMES}
     unknown = sorted(set(overrides) - _FIELD_NAMES - _OBS_NAMES)
     if unknown:
         raise InvalidInputError(
             f"unknown simulation option(s) {unknown}; FieldConfig takes {sorted(_FIELD_NAMES)}, "
-            f"ObsConfig takes {sorted(_OBS_NAMES)}")
+            f"ObsConfig takes {sorted(_OBS_NAMES)}"
+        )
     field_cfg = FieldConfig() if field_cfg is None else field_cfg
     obs_cfg = ObsConfig() if obs_cfg is None else obs_cfg
     if not isinstance(field_cfg, FieldConfig):
         raise InvalidInputError(f"field must be a FieldConfig, got {type(field_cfg).__name__}")
     if not isinstance(obs_cfg, ObsConfig):
         raise InvalidInputError(f"obs must be an ObsConfig, got {type(obs_cfg).__name__}")
-    return (replace(field_cfg, **f_kw) if f_kw else field_cfg, replace(obs_cfg, **o_kw) if o_kw else obs_cfg)
+    return (
+        replace(field_cfg, **f_kw) if f_kw else field_cfg,
+        replace(obs_cfg, **o_kw) if o_kw else obs_cfg,
+    )
 
 
 def _obs_from(value: Any, default: ObsConfig, name: str) -> ObsConfig:
@@ -287,6 +315,10 @@ def _obs_from(value: Any, default: ObsConfig, name: str) -> ObsConfig:
     if isinstance(value, Mapping):
         unknown = sorted(set(value) - _OBS_NAMES)
         if unknown:
-            raise InvalidInputError(f"unknown {name} option(s) {unknown}; ObsConfig takes {sorted(_OBS_NAMES)}")
+            raise InvalidInputError(
+                f"unknown {name} option(s) {unknown}; ObsConfig takes {sorted(_OBS_NAMES)}"
+            )
         return replace(default, **dict(value))
-    raise InvalidInputError(f"{name} must be an ObsConfig or a mapping of ObsConfig fields, got {type(value).__name__}")
+    raise InvalidInputError(
+        f"{name} must be an ObsConfig or a mapping of ObsConfig fields, got {type(value).__name__}"
+    )

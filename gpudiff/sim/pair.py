@@ -11,8 +11,21 @@ from astropy.table import Table
 
 from ..errors import InvalidInputError
 from ..image.exposure import Exposure
-from ._util import (_as_box, _box_centre, _count, _finite_number, _grow, _inside, _is_int, _loguniform, _range, _rng,
-                    _seed_card, _seed_entropy, _sub_seed)
+from ._util import (
+    _as_box,
+    _box_centre,
+    _count,
+    _finite_number,
+    _grow,
+    _inside,
+    _is_int,
+    _loguniform,
+    _range,
+    _rng,
+    _seed_card,
+    _seed_entropy,
+    _sub_seed,
+)
 from .background import _bkg_var_at
 from .catalog import _GALAXY_COLUMNS, _catalog_table, _check_catalog, _place, make_catalog
 from .config import _OBS_NAMES, FieldConfig, ObsConfig, _obs_from, _split_overrides
@@ -81,14 +94,27 @@ _SCIENCE_DEFAULT = ObsConfig(psf=PsfSpec(fwhm=3.5))
 _TEMPLATE_DEFAULT = ObsConfig(psf=PsfSpec(fwhm=2.5))
 
 
-def simulate_pair(size: Any = 512, *, xy0=(0, 0), field: FieldConfig | None = None,
-                  science: ObsConfig | Mapping[str, Any] | None = None,
-                  template: ObsConfig | Mapping[str, Any] | None = None,
-                  template_border: int = 0, dx: float = 0.0, dy: float = 0.0, flux_scale: float = 1.0,
-                  n_transients: int = 5, transient_snr: Any = (10.0, 100.0),
-                  transient_fluxes: Sequence[float] | None = None, transients: Table | None = None,
-                  n_vanished: int = 0, transient_isolation: float = 0.0, transient_margin: int | None = None,
-                  seed: Any = 0, **field_overrides) -> SimPair:
+def simulate_pair(
+    size: Any = 512,
+    *,
+    xy0=(0, 0),
+    field: FieldConfig | None = None,
+    science: ObsConfig | Mapping[str, Any] | None = None,
+    template: ObsConfig | Mapping[str, Any] | None = None,
+    template_border: int = 0,
+    dx: float = 0.0,
+    dy: float = 0.0,
+    flux_scale: float = 1.0,
+    n_transients: int = 5,
+    transient_snr: Any = (10.0, 100.0),
+    transient_fluxes: Sequence[float] | None = None,
+    transients: Table | None = None,
+    n_vanished: int = 0,
+    transient_isolation: float = 0.0,
+    transient_margin: int | None = None,
+    seed: Any = 0,
+    **field_overrides,
+) -> SimPair:
     """Simulate a science/template pair of one field with injected transients.
 
     Parameters
@@ -141,7 +167,9 @@ def simulate_pair(size: Any = 512, *, xy0=(0, 0), field: FieldConfig | None = No
     """
     sci_box = _as_box(size, xy0)
     if not _is_int(template_border) or template_border < 0:
-        raise InvalidInputError(f"template_border must be a non-negative integer, got {template_border!r}")
+        raise InvalidInputError(
+            f"template_border must be a non-negative integer, got {template_border!r}"
+        )
     tpl_box = _grow(sci_box, int(template_border))
     dx = _finite_number("dx", dx)
     dy = _finite_number("dy", dy)
@@ -153,7 +181,9 @@ def simulate_pair(size: Any = 512, *, xy0=(0, 0), field: FieldConfig | None = No
     field_cfg, _ = _split_overrides(field, None, field_overrides)
     if set(field_overrides) & _OBS_NAMES:
         raise InvalidInputError(
-            f"simulate_pair takes observing options through science= / template=, not {sorted(set(field_overrides) & _OBS_NAMES)}")
+            "simulate_pair takes observing options through science= / template=, "
+            f"not {sorted(set(field_overrides) & _OBS_NAMES)}"
+        )
     sci_obs = _obs_from(science, _SCIENCE_DEFAULT, "science")
     tpl_obs = _obs_from(template, _TEMPLATE_DEFAULT, "template")
     ref = _box_centre(sci_box)
@@ -165,7 +195,11 @@ def simulate_pair(size: Any = 512, *, xy0=(0, 0), field: FieldConfig | None = No
 
     sci_r = _make_renderer(sci_obs.psf, sci_box)
     tpl_r = _make_renderer(tpl_obs.psf, tpl_box)
-    margin = (max(sci_r.size, tpl_r.size) // 2 + 1) if transient_margin is None else int(transient_margin)
+    margin = (
+        (max(sci_r.size, tpl_r.size) // 2 + 1)
+        if transient_margin is None
+        else int(transient_margin)
+    )
     lo = (sci_box.x0 + margin - 0.5, sci_box.y0 + margin - 0.5)
     hi = (sci_box.x1 - margin - 0.5, sci_box.y1 - margin - 0.5)
 
@@ -184,7 +218,9 @@ def simulate_pair(size: Any = 512, *, xy0=(0, 0), field: FieldConfig | None = No
         t_snr = np.full(len(tr), np.nan)
     else:
         if transient_fluxes is not None:
-            t_flux = np.asarray([_finite_number("transient_fluxes", f) for f in transient_fluxes], float)
+            t_flux = np.asarray(
+                [_finite_number("transient_fluxes", f) for f in transient_fluxes], float
+            )
             n_new = t_flux.size
         else:
             n_new = n_transients
@@ -193,7 +229,11 @@ def simulate_pair(size: Any = 512, *, xy0=(0, 0), field: FieldConfig | None = No
             s_lo, s_hi = _range("transient_snr", transient_snr)
             t_snr = _loguniform(trng, s_lo, s_hi, n_new)
             bvar = _bkg_var_at(sci_obs, sci_box, t_xy[:, 0], t_xy[:, 1])
-            t_flux = flux_for_snr(t_snr, sci_r.kernels(t_xy[:, 0], t_xy[:, 1]), bvar, sci_obs.gain) if n_new else np.zeros(0)
+            t_flux = (
+                flux_for_snr(t_snr, sci_r.kernels(t_xy[:, 0], t_xy[:, 1]), bvar, sci_obs.gain)
+                if n_new
+                else np.zeros(0)
+            )
         else:
             t_snr = np.full(n_new, np.nan)
     n_new = len(t_flux)
@@ -201,8 +241,13 @@ def simulate_pair(size: Any = 512, *, xy0=(0, 0), field: FieldConfig | None = No
     # --- vanished stars ------------------------------------------------------------------
     van_idx = np.zeros(0, dtype=np.int64)
     if n_vanished:
-        inside = (np.asarray(base["is_star"], bool) & (xs_sci >= lo[0]) & (xs_sci < hi[0])
-                  & (ys_sci >= lo[1]) & (ys_sci < hi[1]))
+        inside = (
+            np.asarray(base["is_star"], bool)
+            & (xs_sci >= lo[0])
+            & (xs_sci < hi[0])
+            & (ys_sci >= lo[1])
+            & (ys_sci < hi[1])
+        )
         if iso > 0 and n_base > 1:
             from scipy.spatial import cKDTree
 
@@ -213,11 +258,17 @@ def simulate_pair(size: Any = 512, *, xy0=(0, 0), field: FieldConfig | None = No
                 inside &= dn >= iso
         cand = np.flatnonzero(inside)
         if cand.size < n_vanished:
-            raise InvalidInputError(f"only {cand.size} stars qualify to vanish, {n_vanished} requested")
+            raise InvalidInputError(
+                f"only {cand.size} stars qualify to vanish, {n_vanished} requested"
+            )
         # Prefer stars whose disappearance is as significant as the new transients.
         s_lo = _range("transient_snr", transient_snr)[0]
-        c_snr = psf_snr(np.asarray(base["flux"], float)[cand] * flux_scale, sci_r.kernels(xs_sci[cand], ys_sci[cand]),
-                        _bkg_var_at(sci_obs, sci_box, xs_sci[cand], ys_sci[cand]), sci_obs.gain)
+        c_snr = psf_snr(
+            np.asarray(base["flux"], float)[cand] * flux_scale,
+            sci_r.kernels(xs_sci[cand], ys_sci[cand]),
+            _bkg_var_at(sci_obs, sci_box, xs_sci[cand], ys_sci[cand]),
+            sci_obs.gain,
+        )
         pool = cand[c_snr >= s_lo]
         if pool.size < n_vanished:
             pool = cand[np.argsort(-c_snr, kind="stable")[:n_vanished]]
@@ -239,10 +290,24 @@ def simulate_pair(size: Any = 512, *, xy0=(0, 0), field: FieldConfig | None = No
 
     sci_cat = vstack([sci_cat, new], metadata_conflicts="silent") if n_new else sci_cat
 
-    sci = _simulate(sci_box, sci_cat, sci_obs, offset=(dx, dy), flux_scale=flux_scale, seed=_sub_seed(seed, 1),
-                    renderer=sci_r, extra_meta={"SIMROLE": "science"})
-    tpl = _simulate(tpl_box, tpl_cat, tpl_obs, seed=_sub_seed(seed, 2), renderer=tpl_r,
-                    extra_meta={"SIMROLE": "template"})
+    sci = _simulate(
+        sci_box,
+        sci_cat,
+        sci_obs,
+        offset=(dx, dy),
+        flux_scale=flux_scale,
+        seed=_sub_seed(seed, 1),
+        renderer=sci_r,
+        extra_meta={"SIMROLE": "science"},
+    )
+    tpl = _simulate(
+        tpl_box,
+        tpl_cat,
+        tpl_obs,
+        seed=_sub_seed(seed, 2),
+        renderer=tpl_r,
+        extra_meta={"SIMROLE": "template"},
+    )
     # --- truth ---------------------------------------------------------------------------
     all_cat = vstack([base, new], metadata_conflicts="silent") if n_new else base.copy()
     n_all = len(all_cat)
@@ -267,13 +332,22 @@ def simulate_pair(size: Any = 512, *, xy0=(0, 0), field: FieldConfig | None = No
     truth["is_transient"] = kind != ""
     truth["transient_kind"] = kind
 
-    truth["in_science"] = _inside(np.asarray(truth["x_science"]), np.asarray(truth["y_science"]), sci_box)
+    truth["in_science"] = _inside(
+        np.asarray(truth["x_science"]), np.asarray(truth["y_science"]), sci_box
+    )
     truth["in_template"] = _inside(np.asarray(truth["x"]), np.asarray(truth["y"]), tpl_box)
     for col in _GALAXY_COLUMNS:
         truth[col] = np.asarray(all_cat[col], float)
-    truth.meta.update({"seed": str(_seed_card(seed)), "dx": dx, "dy": dy, "flux_scale": flux_scale,
-                       "template_border": int(template_border),
-                       "units": "flux in ADU of each image; x, y template (reference) parent coordinates"})
+    truth.meta.update(
+        {
+            "seed": str(_seed_card(seed)),
+            "dx": dx,
+            "dy": dy,
+            "flux_scale": flux_scale,
+            "template_border": int(template_border),
+            "units": "flux in ADU of each image; x, y template (reference) parent coordinates",
+        }
+    )
 
     # --- transients table ----------------------------------------------------------------
     sel = np.concatenate([van_idx, np.arange(n_base, n_all)]).astype(np.int64)
@@ -283,8 +357,12 @@ def simulate_pair(size: Any = 512, *, xy0=(0, 0), field: FieldConfig | None = No
         xs_t = np.asarray(truth["x_science"])[sel[todo]]
         ys_t = np.asarray(truth["y_science"])[sel[todo]]
         dflux = np.abs(flux_s[sel[todo]] - flux_scale * flux_t[sel[todo]])
-        snr[todo] = psf_snr(dflux, sci_r.kernels(xs_t, ys_t), _bkg_var_at(sci_obs, sci_box, xs_t, ys_t),
-                            sci_obs.gain)
+        snr[todo] = psf_snr(
+            dflux,
+            sci_r.kernels(xs_t, ys_t),
+            _bkg_var_at(sci_obs, sci_box, xs_t, ys_t),
+            sci_obs.gain,
+        )
     tt = Table()
     tt["id"] = truth["id"][sel]
     tt["x"] = np.asarray(truth["x_science"])[sel]
@@ -296,8 +374,20 @@ def simulate_pair(size: Any = 512, *, xy0=(0, 0), field: FieldConfig | None = No
     tt["delta_flux"] = flux_s[sel] - flux_scale * flux_t[sel]
     tt["snr"] = snr
     tt["kind"] = kind[sel]
-    tt.meta.update({"units": "x, y science parent coordinates; fluxes in ADU; delta_flux in science ADU"})
+    tt.meta.update(
+        {"units": "x, y science parent coordinates; fluxes in ADU; delta_flux in science ADU"}
+    )
 
-    return SimPair(science=sci.exposure, template=tpl.exposure, truth=truth, science_model=sci.model,
-                   template_model=tpl.model, transients=tt, science_result=sci, template_result=tpl,
-                   dx=dx, dy=dy, flux_scale=flux_scale)
+    return SimPair(
+        science=sci.exposure,
+        template=tpl.exposure,
+        truth=truth,
+        science_model=sci.model,
+        template_model=tpl.model,
+        transients=tt,
+        science_result=sci,
+        template_result=tpl,
+        dx=dx,
+        dy=dy,
+        flux_scale=flux_scale,
+    )

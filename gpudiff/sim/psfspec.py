@@ -11,8 +11,16 @@ import numpy as np
 from ..errors import InvalidInputError
 from ..image.masked_image import Box
 from ..image.psf import FWHM_PER_SIGMA, GaussianPsf, GridPsf, MoffatPsf, Psf
-from ._util import (_CHUNK_ELEMENTS, _box_centre, _finite_number, _grid_nodes, _is_int, _is_number, _normalized_coords,
-                    _odd)
+from ._util import (
+    _CHUNK_ELEMENTS,
+    _box_centre,
+    _finite_number,
+    _grid_nodes,
+    _is_int,
+    _is_number,
+    _normalized_coords,
+    _odd,
+)
 
 
 @dataclass(frozen=True)
@@ -66,20 +74,28 @@ class PsfSpec:
     def __post_init__(self):
         kind = str(self.kind).strip().lower()
         if kind not in ("gaussian", "moffat"):
-            raise InvalidInputError(f"PsfSpec kind must be 'gaussian' or 'moffat', got {self.kind!r}")
+            raise InvalidInputError(
+                f"PsfSpec kind must be 'gaussian' or 'moffat', got {self.kind!r}"
+            )
         object.__setattr__(self, "kind", kind)
         _finite_number("PsfSpec fwhm", self.fwhm, positive=True)
         if not (_finite_number("PsfSpec beta", self.beta) > 1):
             raise InvalidInputError(f"PsfSpec beta must be > 1, got {self.beta!r}")
         q = _finite_number("PsfSpec axis_ratio", self.axis_ratio, positive=True)
         if q > 1:
-            raise InvalidInputError(f"PsfSpec axis_ratio must be in (0, 1], got {self.axis_ratio!r}")
+            raise InvalidInputError(
+                f"PsfSpec axis_ratio must be in (0, 1], got {self.axis_ratio!r}"
+            )
         if kind == "moffat" and q != 1.0:
             raise InvalidInputError("PsfSpec: Moffat PSFs are round; axis_ratio must be 1")
         _finite_number("PsfSpec theta", self.theta)
         if not _is_int(self.oversample) or self.oversample < 1:
-            raise InvalidInputError(f"PsfSpec oversample must be an integer >= 1, got {self.oversample!r}")
-        if self.size is not None and (not isinstance(self.size, (int, np.integer)) or self.size < 3 or self.size % 2 == 0):
+            raise InvalidInputError(
+                f"PsfSpec oversample must be an integer >= 1, got {self.oversample!r}"
+            )
+        if self.size is not None and (
+            not isinstance(self.size, (int, np.integer)) or self.size < 3 or self.size % 2 == 0
+        ):
             raise InvalidInputError(f"PsfSpec size must be an odd integer >= 3, got {self.size!r}")
         if not _is_int(self.grid) or self.grid < 2:
             raise InvalidInputError(f"PsfSpec grid must be an integer >= 2, got {self.grid!r}")
@@ -88,11 +104,14 @@ class PsfSpec:
                 coeffs = tuple(float(c) for c in self.variation)
             except (TypeError, ValueError):
                 raise InvalidInputError(
-                    f"PsfSpec variation must be a sequence of up to 5 numbers or a callable, got {self.variation!r}"
+                    "PsfSpec variation must be a sequence of up to 5 numbers or a callable, "
+                    f"got {self.variation!r}"
                 ) from None
             if len(coeffs) > 5 or not all(math.isfinite(c) for c in coeffs):
                 raise InvalidInputError(
-                    f"PsfSpec variation takes up to 5 finite coefficients (x', y', x'², x'y', y'²), got {self.variation!r}")
+                    "PsfSpec variation takes up to 5 finite coefficients "
+                    f"(x', y', x'², x'y', y'²), got {self.variation!r}"
+                )
             object.__setattr__(self, "variation", coeffs)
 
     @property
@@ -111,7 +130,9 @@ class PsfSpec:
             c = list(self.variation) + [0.0] * (5 - len(self.variation))
             m = 1.0 + c[0] * xn + c[1] * yn + c[2] * xn * xn + c[3] * xn * yn + c[4] * yn * yn
         if not (np.isfinite(m).all() and (m > 0).all()):
-            raise InvalidInputError("PsfSpec variation gives a non-positive or non-finite FWHM somewhere in the field")
+            raise InvalidInputError(
+                "PsfSpec variation gives a non-positive or non-finite FWHM somewhere in the field"
+            )
         return m
 
     def fwhm_at(self, x, y, box: Box) -> np.ndarray:
@@ -138,10 +159,21 @@ class PsfSpec:
         """The gpudiff PSF model of this family with profile FWHM ``fwhm``."""
         if self.kind == "gaussian":
             sigma = float(fwhm) / FWHM_PER_SIGMA
-            return GaussianPsf(sigma=sigma, sigma_y=sigma * self.axis_ratio, theta=self.theta, size=size,
-                               oversample=int(self.oversample), average_position=average_position)
-        return MoffatPsf(fwhm=float(fwhm), beta=self.beta, size=size, oversample=int(self.oversample),
-                         average_position=average_position)
+            return GaussianPsf(
+                sigma=sigma,
+                sigma_y=sigma * self.axis_ratio,
+                theta=self.theta,
+                size=size,
+                oversample=int(self.oversample),
+                average_position=average_position,
+            )
+        return MoffatPsf(
+            fwhm=float(fwhm),
+            beta=self.beta,
+            size=size,
+            oversample=int(self.oversample),
+            average_position=average_position,
+        )
 
 
 def _sample_offsets(size: int, oversample: int) -> np.ndarray:
@@ -184,15 +216,25 @@ class _AnalyticRenderer(_Renderer):
     normalized to unit sum.
     """
 
-    def __init__(self, kind: str, size: int, oversample: int, params: Callable, psf: Psf,
-                 fwhm_fn: Callable, beta: float = 3.0):
+    def __init__(
+        self,
+        kind: str,
+        size: int,
+        oversample: int,
+        params: Callable,
+        psf: Psf,
+        fwhm_fn: Callable,
+        beta: float = 3.0,
+    ):
         self.kind, self.size, self.oversample = kind, int(size), int(oversample)
         self._params, self.psf, self._fwhm_fn, self.beta = params, psf, fwhm_fn, float(beta)
         self._off = _sample_offsets(self.size, self.oversample)
 
     def profile_fwhm(self, x, y):
-        return np.broadcast_to(np.asarray(self._fwhm_fn(np.asarray(x, float), np.asarray(y, float)), float),
-                               np.shape(x)).copy()
+        return np.broadcast_to(
+            np.asarray(self._fwhm_fn(np.asarray(x, float), np.asarray(y, float)), float),
+            np.shape(x),
+        ).copy()
 
     def stamps(self, x, y):
         x = np.atleast_1d(np.asarray(x, dtype=np.float64))
@@ -207,7 +249,7 @@ class _AnalyticRenderer(_Renderer):
             fy = ys - np.round(ys)
             p = self._params(xs, ys)
             c = b - a
-            gx = off[None, :] - fx[:, None]            # (c, S n)
+            gx = off[None, :] - fx[:, None]  # (c, S n)
             gy = off[None, :] - fy[:, None]
             if self.kind == "gaussian":
                 ixx, iyy, ixy = (np.broadcast_to(np.asarray(v, np.float64), (c,)) for v in p)
@@ -219,8 +261,11 @@ class _AnalyticRenderer(_Renderer):
                 else:
                     det = (ixx * iyy - ixy * ixy)[:, None, None]
                     X, Y = gx[:, None, :], gy[:, :, None]
-                    q = (iyy[:, None, None] * X * X - 2 * ixy[:, None, None] * X * Y
-                         + ixx[:, None, None] * Y * Y) / det
+                    q = (
+                        iyy[:, None, None] * X * X
+                        - 2 * ixy[:, None, None] * X * Y
+                        + ixx[:, None, None] * Y * Y
+                    ) / det
                     q *= -0.5
                     np.exp(q, out=q)
                     img = q.reshape(c, S, n, S, n).mean(axis=(2, 4))
@@ -241,7 +286,13 @@ class _AnalyticRenderer(_Renderer):
 class _LoopRenderer(_Renderer):
     """Stamps from ``psf_at(x, y).compute_image(x, y, size)``, one star at a time."""
 
-    def __init__(self, psf_at: Callable[[float, float], Psf], size: int, psf: Psf, fwhm_fn: Callable | None = None):
+    def __init__(
+        self,
+        psf_at: Callable[[float, float], Psf],
+        size: int,
+        psf: Psf,
+        fwhm_fn: Callable | None = None,
+    ):
         self._psf_at, self.size, self.psf, self._fwhm_fn = psf_at, int(size), psf, fwhm_fn
 
     def profile_fwhm(self, x, y):
@@ -259,7 +310,9 @@ class _LoopRenderer(_Renderer):
             for i in range(a, b):
                 p = self._psf_at(float(x[i]), float(y[i]))
                 if not isinstance(p, Psf):
-                    raise InvalidInputError(f"the PSF callable returned {type(p).__name__}, not a gpudiff Psf")
+                    raise InvalidInputError(
+                        f"the PSF callable returned {type(p).__name__}, not a gpudiff Psf"
+                    )
                 out[i - a] = p.compute_image(float(x[i]), float(y[i]), size=self.size)
             yield a, b, out
 
@@ -279,11 +332,24 @@ def _renderer_from_psf(psf: Psf) -> _Renderer:
     """A renderer for a constant gpudiff Psf instance (rendering exactly that model)."""
     if type(psf) is GaussianPsf:
         ixx, iyy, ixy = psf.covariance()
-        return _AnalyticRenderer("gaussian", psf.size, psf.oversample, lambda x, y: (ixx, iyy, ixy), psf,
-                                 lambda x, y: FWHM_PER_SIGMA * math.sqrt(psf.sigma * psf.sigma_y))
+        return _AnalyticRenderer(
+            "gaussian",
+            psf.size,
+            psf.oversample,
+            lambda x, y: (ixx, iyy, ixy),
+            psf,
+            lambda x, y: FWHM_PER_SIGMA * math.sqrt(psf.sigma * psf.sigma_y),
+        )
     if type(psf) is MoffatPsf:
-        return _AnalyticRenderer("moffat", psf.size, psf.oversample, lambda x, y: (psf.alpha,), psf,
-                                 lambda x, y: psf.profile_fwhm, beta=psf.beta)
+        return _AnalyticRenderer(
+            "moffat",
+            psf.size,
+            psf.oversample,
+            lambda x, y: (psf.alpha,),
+            psf,
+            lambda x, y: psf.profile_fwhm,
+            beta=psf.beta,
+        )
     return _LoopRenderer(lambda x, y: psf, psf.size, psf)
 
 
@@ -298,27 +364,41 @@ def _make_renderer(psf: Any, box: Box) -> _Renderer:
             return _renderer_from_psf(psf.make_psf(psf.fwhm, size, average_position=centre))
         xs, ys = _grid_nodes(box, psf.grid)
         grid_psf = GridPsf.from_function(
-            lambda x, y: psf.make_psf(float(psf.fwhm_at(x, y, box)), size), xs, ys, size=size)
+            lambda x, y: psf.make_psf(float(psf.fwhm_at(x, y, box)), size), xs, ys, size=size
+        )
 
         def fwhm_fn(x, y):
             return psf.fwhm_at(x, y, box)
 
         if psf.kind == "gaussian":
-            params = _gaussian_params(lambda x, y: fwhm_fn(x, y) / FWHM_PER_SIGMA, psf.axis_ratio, psf.theta)
+            params = _gaussian_params(
+                lambda x, y: fwhm_fn(x, y) / FWHM_PER_SIGMA, psf.axis_ratio, psf.theta
+            )
             return _AnalyticRenderer("gaussian", size, psf.oversample, params, grid_psf, fwhm_fn)
         k = 2.0 * math.sqrt(2.0 ** (1.0 / psf.beta) - 1.0)
-        return _AnalyticRenderer("moffat", size, psf.oversample, lambda x, y: (fwhm_fn(x, y) / k,), grid_psf,
-                                 fwhm_fn, beta=psf.beta)
+        return _AnalyticRenderer(
+            "moffat",
+            size,
+            psf.oversample,
+            lambda x, y: (fwhm_fn(x, y) / k,),
+            grid_psf,
+            fwhm_fn,
+            beta=psf.beta,
+        )
     if isinstance(psf, Psf):
         return _renderer_from_psf(psf)
     if callable(psf):
         first = psf(*centre)
         if not isinstance(first, Psf):
-            raise InvalidInputError(f"the PSF callable must return a gpudiff Psf, got {type(first).__name__}")
+            raise InvalidInputError(
+                f"the PSF callable must return a gpudiff Psf, got {type(first).__name__}"
+            )
         size = first.size
         grid = 8
         xs, ys = _grid_nodes(box, grid)
         grid_psf = GridPsf.from_function(psf, xs, ys, size=size)
         return _LoopRenderer(psf, size, grid_psf)
     raise InvalidInputError(
-        f"psf must be a FWHM (float), a PsfSpec, a gpudiff Psf or a callable (x, y) -> Psf; got {type(psf).__name__}")
+        "psf must be a FWHM (float), a PsfSpec, a gpudiff Psf or a callable (x, y) -> Psf; "
+        f"got {type(psf).__name__}"
+    )

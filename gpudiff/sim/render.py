@@ -62,8 +62,11 @@ class _Canvas:
 
     def flush(self) -> None:
         if self._pending:
-            self.flat += np.bincount(np.concatenate(self._idx), weights=np.concatenate(self._val),
-                                     minlength=self.H * self.W)
+            self.flat += np.bincount(
+                np.concatenate(self._idx),
+                weights=np.concatenate(self._val),
+                minlength=self.H * self.W,
+            )
         self._idx, self._val, self._pending = [], [], 0
 
     def image(self) -> np.ndarray:
@@ -73,7 +76,12 @@ class _Canvas:
 
 def _overlapping(x: np.ndarray, y: np.ndarray, half: int, box: Box) -> np.ndarray:
     cx, cy = np.round(x), np.round(y)
-    return (cx + half >= box.x0) & (cx - half <= box.x1 - 1) & (cy + half >= box.y0) & (cy - half <= box.y1 - 1)
+    return (
+        (cx + half >= box.x0)
+        & (cx - half <= box.x1 - 1)
+        & (cy + half >= box.y0)
+        & (cy - half <= box.y1 - 1)
+    )
 
 
 def _render_points(canvas: _Canvas, renderer: _Renderer, x, y, flux) -> None:
@@ -88,17 +96,30 @@ def _render_points(canvas: _Canvas, renderer: _Renderer, x, y, flux) -> None:
 
 
 def _sersic_b(n: np.ndarray) -> np.ndarray:
-    """b_n with I(r) ∝ exp(−b_n (r/r_e)^(1/n)) enclosing half the light within r_e (Ciotti & Bertin)."""
+    """b_n with I(r) ∝ exp(−b_n (r/r_e)^(1/n)) enclosing half the light within r_e
+    (Ciotti & Bertin)."""
     return 2.0 * n - 1.0 / 3.0 + 4.0 / (405.0 * n) + 46.0 / (25515.0 * n * n)
 
 
 def _galaxy_stamp_size(r_max: float, truncation: float = 5.0) -> int:
-    """Odd side of the (unconvolved) galaxy stamps reaching ``truncation``·``r_max`` from the centre."""
+    """Odd side of the (unconvolved) galaxy stamps reaching ``truncation``·``r_max`` from the
+    centre."""
     return _odd(2 * math.ceil(truncation * r_max) + 1)
 
 
-def _render_galaxies(canvas: _Canvas, renderer: _Renderer, x, y, flux, r_eff, sersic_n, axis_ratio, theta,
-                     oversample: int = 5, truncation: float = 5.0) -> None:
+def _render_galaxies(
+    canvas: _Canvas,
+    renderer: _Renderer,
+    x,
+    y,
+    flux,
+    r_eff,
+    sersic_n,
+    axis_ratio,
+    theta,
+    oversample: int = 5,
+    truncation: float = 5.0,
+) -> None:
     """Add elliptical Sérsic galaxies convolved with the local PSF.
 
     Each profile is rendered, pixel-integrated by ``oversample``, on a stamp reaching
@@ -108,7 +129,8 @@ def _render_galaxies(canvas: _Canvas, renderer: _Renderer, x, y, flux, r_eff, se
     from scipy import fft as sfft
 
     x, y, flux, r_eff, sersic_n, axis_ratio, theta = (
-        np.asarray(v, dtype=np.float64) for v in (x, y, flux, r_eff, sersic_n, axis_ratio, theta))
+        np.asarray(v, dtype=np.float64) for v in (x, y, flux, r_eff, sersic_n, axis_ratio, theta)
+    )
     if x.size == 0:
         return
     G = max(_galaxy_stamp_size(float(r_eff.max()), truncation), 3)
@@ -118,7 +140,8 @@ def _render_galaxies(canvas: _Canvas, renderer: _Renderer, x, y, flux, r_eff, se
     if not keep.any():
         return
     x, y, flux, r_eff, sersic_n, axis_ratio, theta = (
-        v[keep] for v in (x, y, flux, r_eff, sersic_n, axis_ratio, theta))
+        v[keep] for v in (x, y, flux, r_eff, sersic_n, axis_ratio, theta)
+    )
     cx, cy = np.round(x).astype(np.int64), np.round(y).astype(np.int64)
     off = _sample_offsets(G, oversample)
     chunk = max(1, _CHUNK_ELEMENTS // (G * oversample) ** 2)

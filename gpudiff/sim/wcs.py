@@ -10,8 +10,15 @@ from ..image.masked_image import Box
 from ._util import _as_box, _box_centre
 
 
-def make_wcs(box: Any, *, ra: float = 150.0, dec: float = 2.2, pixel_scale: float = 0.2,
-             reference: tuple[float, float] | None = None, xy0=(0, 0)) -> WCS:
+def make_wcs(
+    box: Any,
+    *,
+    ra: float = 150.0,
+    dec: float = 2.2,
+    pixel_scale: float = 0.2,
+    reference: tuple[float, float] | None = None,
+    xy0=(0, 0),
+) -> WCS:
     """A TAN WCS (north up, east left) for an exposure covering ``box``.
 
     ``reference`` is the parent pixel at (ra, dec) (default: the box centre).  As
@@ -26,7 +33,8 @@ def make_wcs(box: Any, *, ra: float = 150.0, dec: float = 2.2, pixel_scale: floa
 
 
 def _tan_wcs(box: Box, crval, reference, cd) -> WCS:
-    """A TAN WCS of the array pixels of ``box``, with parent pixel ``reference`` at sky position ``crval``."""
+    """A TAN WCS of the array pixels of ``box``, with parent pixel ``reference`` at sky
+    position ``crval``."""
     w = WCS(naxis=2)
     w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
     w.wcs.cunit = ["deg", "deg"]

@@ -1,7 +1,7 @@
 """ImagePsfMatchTask: match one image's PSF to another's with a spatially varying kernel.
 
-LSST's legacy ``ImagePsfMatchTask`` (spec §8; removed from ip_diffim main but the engine
-of the modern subtraction).  The task takes images already in memory and never touches
+LSST's legacy ``ImagePsfMatchTask`` (docs/algorithms.md §8; removed from ip_diffim main but
+the engine of the modern subtraction).  The task takes images already in memory and never touches
 files; the CLI and batch layers do I/O.
 """
 
@@ -32,7 +32,7 @@ log = logging.getLogger("gpudiff.tasks.image_psf_match")
 
 @dataclass(frozen=True)
 class ImagePsfMatchConfig:
-    """Configuration of :class:`ImagePsfMatchTask` (spec §1.1, §2.1, §8).
+    """Configuration of :class:`ImagePsfMatchTask` (docs/algorithms.md §1.1, §2.1, §8).
 
     Attributes
     ----------
@@ -107,7 +107,9 @@ def sources_from_table(table: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray |
         cols = list(table.dtype.names)
         get = table.__getitem__
     else:
-        raise InvalidInputError(f"kernel sources must be a Table, dict or record array, got {type(table).__name__}")
+        raise InvalidInputError(
+            f"kernel sources must be a Table, dict or record array, got {type(table).__name__}"
+        )
     for c in ("x", "y"):
         if c not in cols:
             raise InvalidInputError(f"kernel source table has no {c!r} column (columns: {cols})")
@@ -143,19 +145,27 @@ class ImagePsfMatchTask:
     >>> res.difference, res.psf_matching_kernel.kernel_sum()         # doctest: +SKIP
     """
 
-    def __init__(self, config: ImagePsfMatchConfig | None = None, backend: Backend | str | None = None):
+    def __init__(
+        self, config: ImagePsfMatchConfig | None = None, backend: Backend | str | None = None
+    ):
         self.config = ImagePsfMatchConfig() if config is None else config
         self.backend = resolve_backend(backend)
 
     # --- sources and candidates --------------------------------------------------------
     def get_select_sources(self, exposure: Exposure) -> Table:
         """Detect kernel sources: background fit and subtraction, PSF-smoothed detection
-        at ``det_threshold``, measurement (spec §8 ``getSelectSources``).  Sources that
-        are flagged (edge, masked, saturated, extended, not isolated) are dropped."""
+        at ``det_threshold``, measurement (docs/algorithms.md §8 ``getSelectSources``).
+        Sources that are flagged (edge, masked, saturated, extended, not isolated) are dropped."""
         mi = exposure.masked_image.to_backend(self.backend)
         psf = exposure.psf if exposure.psf is not None else estimate_psf(exposure)
-        det = detect_sources(mi, psf, threshold=self.config.det_threshold, polarity="positive",
-                             background="estimate", backend=self.backend)
+        det = detect_sources(
+            mi,
+            psf,
+            threshold=self.config.det_threshold,
+            polarity="positive",
+            background="estimate",
+            backend=self.backend,
+        )
         # A PSF model that disagrees with the image's stars (a WebbPSF model on a drizzled
         # mosaic) would mark every star extended: judge against the stars instead.
         cat = reclassify_extended(det.catalog)
@@ -170,33 +180,47 @@ class ImagePsfMatchTask:
             out["flux"] = out["psf_flux"]
         return out
 
-    def make_candidate_list(self, template: MaskedImage, science: MaskedImage, kernel_size: int,
-                            candidate_list: Any) -> KernelCandidates:
-        """Kernel candidates from a source list (spec §2.1): (2·kernel_size+1)² stamps."""
+    def make_candidate_list(
+        self, template: MaskedImage, science: MaskedImage, kernel_size: int, candidate_list: Any
+    ) -> KernelCandidates:
+        """Kernel candidates from a source list (docs/algorithms.md §2.1): (2·kernel_size+1)²
+        stamps."""
         x, y, flux, keep = sources_from_table(candidate_list)
         if not keep.any():
             raise InsufficientKernelSourcesError("every source in the candidate list is flagged")
         kc = self.config.kernel
         cands = make_candidates(
-            template, science, x[keep], y[keep], kernel_size=kernel_size,
+            template,
+            science,
+            x[keep],
+            y[keep],
+            kernel_size=kernel_size,
             bad_mask_planes=self.config.bad_mask_planes,
             rating=None if flux is None else flux[keep],
-            size_cell_x=kc.size_cell_x, size_cell_y=kc.size_cell_y)
+            size_cell_x=kc.size_cell_x,
+            size_cell_y=kc.size_cell_y,
+        )
         # Report indices in the caller's table, flagged rows included.
         orig = np.flatnonzero(keep)
         cands.source_index = orig[cands.source_index]
-        cands.rejected = [(int(orig[i]), r) for i, r in cands.rejected] + \
-                         [(int(i), "flagged in the source table") for i in np.flatnonzero(~keep)]
+        cands.rejected = [(int(orig[i]), r) for i, r in cands.rejected] + [
+            (int(i), "flagged in the source table") for i in np.flatnonzero(~keep)
+        ]
         return cands
 
     # --- masked images -----------------------------------------------------------------
     def _basis(self, target_fwhm, reference_fwhm) -> KernelBasis:
         return make_kernel_basis(self.config.kernel, target_fwhm, reference_fwhm)
 
-    def match_masked_images(self, template: MaskedImage, science: MaskedImage, candidate_list: Any,
-                            template_fwhm: float | None = None, science_fwhm: float | None = None
-                            ) -> ImagePsfMatchResult:
-        """Convolve ``template`` so its PSF matches ``science``'s (spec §8).
+    def match_masked_images(
+        self,
+        template: MaskedImage,
+        science: MaskedImage,
+        candidate_list: Any,
+        template_fwhm: float | None = None,
+        science_fwhm: float | None = None,
+    ) -> ImagePsfMatchResult:
+        """Convolve ``template`` so its PSF matches ``science``'s (docs/algorithms.md §8).
 
         Parameters
         ----------
@@ -211,52 +235,87 @@ class ImagePsfMatchTask:
         if template.shape != science.shape or template.xy0 != science.xy0:
             raise ShapeMismatchError(
                 f"template {template.shape} at {template.xy0} and science {science.shape} at "
-                f"{science.xy0} must cover the same pixels")
+                f"{science.xy0} must cover the same pixels"
+            )
         template = template.to_backend(be) if template.backend.name != be.name else template
         science = science.to_backend(be) if science.backend.name != be.name else science
         basis = self._basis(template_fwhm, science_fwhm)
         if 2 * basis.size + 1 > min(template.shape):
             raise InvalidInputError(
                 f"the {basis.size}-px kernel needs stamps of {2 * basis.size + 1} px, larger "
-                f"than the image {template.shape}")
+                f"than the image {template.shape}"
+            )
         cands = self.make_candidate_list(template, science, basis.size, candidate_list)
         fit = fit_spatial_kernel(cands, basis, self.config.kernel, template.bbox, be)
         matched = fit.kernel.convolve(template)
         bg = fit.kernel.background_image(template.bbox, be)
-        return ImagePsfMatchResult(matched_image=matched, psf_matching_kernel=fit.kernel,
-                                   background_model=bg, kernel_fit=fit)
+        return ImagePsfMatchResult(
+            matched_image=matched,
+            psf_matching_kernel=fit.kernel,
+            background_model=bg,
+            kernel_fit=fit,
+        )
 
-    def subtract_masked_images(self, template: MaskedImage, science: MaskedImage, candidate_list: Any,
-                               template_fwhm: float | None = None, science_fwhm: float | None = None
-                               ) -> ImagePsfMatchResult:
-        """D = S − (T ⊗ K) − bg(x, y) (spec §8 ``subtractMaskedImages``).
+    def subtract_masked_images(
+        self,
+        template: MaskedImage,
+        science: MaskedImage,
+        candidate_list: Any,
+        template_fwhm: float | None = None,
+        science_fwhm: float | None = None,
+    ) -> ImagePsfMatchResult:
+        """D = S − (T ⊗ K) − bg(x, y) (docs/algorithms.md §8 ``subtractMaskedImages``).
 
         The variance is var_S + var_T ⊗ K²; the mask is the OR of the science mask and the
         dilated template mask.
         """
-        res = self.match_masked_images(template, science, candidate_list, template_fwhm, science_fwhm)
-        sci = science.to_backend(self.backend) if science.backend.name != self.backend.name else science
+        res = self.match_masked_images(
+            template, science, candidate_list, template_fwhm, science_fwhm
+        )
+        sci = (
+            science.to_backend(self.backend)
+            if science.backend.name != self.backend.name
+            else science
+        )
         res.difference = sci.subtract(res.matched_image, res.background_model)
         return res
 
     # --- exposures ---------------------------------------------------------------------
-    def _align(self, template: Exposure, science: Exposure, do_warping: bool) -> tuple[Exposure, Exposure | None]:
-        """The template on the science pixel grid (spec §8 step 1)."""
+    def _align(
+        self, template: Exposure, science: Exposure, do_warping: bool
+    ) -> tuple[Exposure, Exposure | None]:
+        """The template on the science pixel grid (docs/algorithms.md §8 step 1)."""
         if template.wcs is None or science.wcs is None:
             if template.bbox != science.bbox:
                 raise ShapeMismatchError(
                     f"template box {template.bbox} and science box {science.bbox} differ and "
-                    "at least one exposure has no WCS to warp with")
+                    "at least one exposure has no WCS to warp with"
+                )
             return template, None
-        check_overlap(template.wcs, template.bbox, science.wcs, science.bbox,
-                      name_a="template", name_b="science")
-        if template.bbox == science.bbox and wcs_equal(template.wcs, template.bbox, science.wcs, science.bbox):
+        check_overlap(
+            template.wcs,
+            template.bbox,
+            science.wcs,
+            science.bbox,
+            name_a="template",
+            name_b="science",
+        )
+        if template.bbox == science.bbox and wcs_equal(
+            template.wcs, template.bbox, science.wcs, science.bbox
+        ):
             return template, None
         if not do_warping:
             raise InvalidInputError("template and science WCSs differ and do_warping is False")
-        warped = warp_exposure(template, science.wcs, science.bbox, kernel=self.config.warping_kernel,
-                               interp_length=self.config.interp_length, name="template",
-                               dest_name="science", backend=self.backend)
+        warped = warp_exposure(
+            template,
+            science.wcs,
+            science.bbox,
+            kernel=self.config.warping_kernel,
+            interp_length=self.config.interp_length,
+            name="template",
+            dest_name="science",
+            backend=self.backend,
+        )
         return warped, warped
 
     @staticmethod
@@ -265,10 +324,18 @@ class ImagePsfMatchTask:
             raise PsfError(f"the {name} exposure has no PSF; attach one or give its FWHM")
         return exposure.psf.fwhm()
 
-    def match_exposures(self, template: Exposure, science: Exposure, template_fwhm: float | None = None,
-                        science_fwhm: float | None = None, candidate_list: Any = None,
-                        do_warping: bool = True, convolve_template: bool = True) -> ImagePsfMatchResult:
-        """Warp the template onto the science grid if needed, then PSF-match (spec §8).
+    def match_exposures(
+        self,
+        template: Exposure,
+        science: Exposure,
+        template_fwhm: float | None = None,
+        science_fwhm: float | None = None,
+        candidate_list: Any = None,
+        do_warping: bool = True,
+        convolve_template: bool = True,
+    ) -> ImagePsfMatchResult:
+        """Warp the template onto the science grid if needed, then PSF-match
+        (docs/algorithms.md §8).
 
         With ``convolve_template`` the template is convolved to the science PSF; otherwise
         the science is convolved to the template PSF.  With no ``candidate_list``, sources
@@ -285,21 +352,40 @@ class ImagePsfMatchTask:
             candidate_list = self.get_select_sources(ref)
         res = self.match_masked_images(conv.masked_image, ref.masked_image, candidate_list, *fwhms)
         res.warped_exposure = warped
-        res.matched_exposure = Exposure(res.matched_image, psf=ref.psf, wcs=science.wcs,
-                                        photo_calib=science.photo_calib, metadata=conv.metadata)
+        res.matched_exposure = Exposure(
+            res.matched_image,
+            psf=ref.psf,
+            wcs=science.wcs,
+            photo_calib=science.photo_calib,
+            metadata=conv.metadata,
+        )
         return res
 
-    def subtract_exposures(self, template: Exposure, science: Exposure, template_fwhm: float | None = None,
-                           science_fwhm: float | None = None, candidate_list: Any = None,
-                           do_warping: bool = True, convolve_template: bool = True) -> ImagePsfMatchResult:
-        """The difference exposure, in the science exposure's flux units (spec §8).
+    def subtract_exposures(
+        self,
+        template: Exposure,
+        science: Exposure,
+        template_fwhm: float | None = None,
+        science_fwhm: float | None = None,
+        candidate_list: Any = None,
+        do_warping: bool = True,
+        convolve_template: bool = True,
+    ) -> ImagePsfMatchResult:
+        """The difference exposure, in the science exposure's flux units (docs/algorithms.md §8).
 
         convolveTemplate: D = S − T ⊗ K − bg.  Otherwise D = −(T − S ⊗ K − bg)/ΣK, so that
         the difference stays in science units; ΣK is the kernel sum at the centre of the
         image (constant for AL, whereas legacy LSST evaluated it at the origin).
         """
-        res = self.match_exposures(template, science, template_fwhm, science_fwhm, candidate_list,
-                                   do_warping, convolve_template)
+        res = self.match_exposures(
+            template,
+            science,
+            template_fwhm,
+            science_fwhm,
+            candidate_list,
+            do_warping,
+            convolve_template,
+        )
         be = self.backend
         if convolve_template:
             sci = science.masked_image.to_backend(be)
@@ -309,10 +395,21 @@ class ImagePsfMatchTask:
             tmpl = (res.warped_exposure or template).masked_image.to_backend(be)
             d = tmpl.subtract(res.matched_image, res.background_model)
             ksum = res.psf_matching_kernel.kernel_sum()
-            diff = MaskedImage(-d.image / np.float32(ksum), d.variance / np.float32(ksum * ksum), d.mask,
-                               xy0=d.xy0, mask_planes=d.mask_planes, backend=be)
+            diff = MaskedImage(
+                -d.image / np.float32(ksum),
+                d.variance / np.float32(ksum * ksum),
+                d.mask,
+                xy0=d.xy0,
+                mask_planes=d.mask_planes,
+                backend=be,
+            )
             psf = (res.warped_exposure or template).psf
         res.difference = diff
-        res.subtracted_exposure = Exposure(diff, psf=psf, wcs=science.wcs, photo_calib=science.photo_calib,
-                                           metadata=science.metadata)
+        res.subtracted_exposure = Exposure(
+            diff,
+            psf=psf,
+            wcs=science.wcs,
+            photo_calib=science.photo_calib,
+            metadata=science.metadata,
+        )
         return res

@@ -1,4 +1,5 @@
-"""AlardLuptonSubtractTask: difference an exposure against a template (spec §4.1–§4.2).
+"""AlardLuptonSubtractTask: difference an exposure against a template
+(docs/algorithms.md §4.1–§4.2).
 
 The order of operations follows LSST's ``subtractImages.py``: validate, template coverage,
 variance scaling, mask updates, PSF sizes, the choice of which image to convolve, kernel
@@ -20,8 +21,14 @@ from astropy.table import Table
 from ..backend import Backend, resolve_backend
 from ..backend.fallback import with_memory_fallback
 from ..backend.threads import run_concurrently
-from ..errors import (AllMaskedError, InsufficientKernelSourcesError, InvalidInputError, NoWorkFound, PsfError,
-                      ShapeMismatchError)
+from ..errors import (
+    AllMaskedError,
+    InsufficientKernelSourcesError,
+    InvalidInputError,
+    NoWorkFound,
+    PsfError,
+    ShapeMismatchError,
+)
 from ..image import Box, Exposure, GridPsf, ImagePsf, MaskedImage, evaluate_mean_fwhm
 from ..ops.convolution import correlate
 from ..ops.cosmic_rays import find_cosmic_rays
@@ -35,8 +42,15 @@ from .decorrelate import DecorrelateALKernelConfig, DecorrelateALKernelTask
 from .masks import convolve_preserving, mask_non_finite, template_coverage, update_masks
 from .scale_variance import ScaleVarianceConfig, ScaleVarianceTask
 
-__all__ = ["AlardLuptonSubtractConfig", "SubtractionResult", "AlardLuptonSubtractTask",
-           "choose_convolution_method", "decorrelated_psf", "psf_fwhm", "residual_background"]
+__all__ = [
+    "AlardLuptonSubtractConfig",
+    "SubtractionResult",
+    "AlardLuptonSubtractTask",
+    "choose_convolution_method",
+    "decorrelated_psf",
+    "psf_fwhm",
+    "residual_background",
+]
 
 log = logging.getLogger("gpudiff.tasks.subtract")
 
@@ -44,13 +58,13 @@ _MODES = ("convolveTemplate", "convolveScience", "auto")
 
 
 def _default_make_kernel() -> PsfMatchConfig:
-    # AlardLuptonSubtractTask.setDefaults (spec §1.1 "Important").
+    # AlardLuptonSubtractTask.setDefaults (docs/algorithms.md §1.1 "Important").
     return PsfMatchConfig(fit_for_background=True, spatial_kernel_order=1, spatial_bg_order=2)
 
 
 @dataclass(frozen=True)
 class AlardLuptonSubtractConfig:
-    """``AlardLuptonSubtractConfig`` (spec §4.1), snake_case, LSST defaults.
+    """``AlardLuptonSubtractConfig`` (docs/algorithms.md §4.1), snake_case, LSST defaults.
 
     The kernel-source selector is LSST's ``ScienceSourceSelector``: unresolved, isolated,
     S/N in [``source_snr_min``, ``source_snr_max``] from PSF flux.
@@ -85,12 +99,23 @@ class AlardLuptonSubtractConfig:
     restrict_kernel_edge_sources: bool = True
     max_kernel_sources: int = 1000
     min_kernel_sources: int = 3
-    exclude_mask_planes: tuple[str, ...] = ("NO_DATA", "BAD", "SAT", "EDGE", "FAKE", "HIGH_VARIANCE")
+    exclude_mask_planes: tuple[str, ...] = (
+        "NO_DATA",
+        "BAD",
+        "SAT",
+        "EDGE",
+        "FAKE",
+        "HIGH_VARIANCE",
+    )
     bad_mask_planes: tuple[str, ...] = ("NO_DATA", "BAD", "SAT", "EDGE")
     preserve_template_mask: tuple[str, ...] = ("NO_DATA", "BAD", "HIGH_VARIANCE")
     rename_template_mask: tuple[str, ...] = ("SAT", "INJECTED", "INJECTED_CORE")
-    preserve_mask_planes: tuple[str, ...] = ("INJECTED", "INJECTED_CORE", "INJECTED_TEMPLATE",
-                                             "INJECTED_CORE_TEMPLATE")
+    preserve_mask_planes: tuple[str, ...] = (
+        "INJECTED",
+        "INJECTED_CORE",
+        "INJECTED_TEMPLATE",
+        "INJECTED_CORE_TEMPLATE",
+    )
     allow_kernel_source_detection: bool = False
     find_science_cosmic_rays: bool = True
     source_snr_min: float = 10.0
@@ -146,19 +171,23 @@ class SubtractionResult:
 
 def psf_fwhm(exposure: Exposure, name: str, average: bool = True):
     """The PSF FWHM (trace radius, or per axis) at the average position, falling back to
-    the mean over a 10×10 grid (spec §1.2 ``_checkPsfWidths``)."""
+    the mean over a 10×10 grid (docs/algorithms.md §1.2 ``_checkPsfWidths``)."""
     if exposure.psf is None:
-        raise PsfError(f"the {name} exposure has no PSF; attach one or estimate it (gpudiff.estimate_psf)")
+        raise PsfError(
+            f"the {name} exposure has no PSF; attach one or estimate it (gpudiff.estimate_psf)"
+        )
     try:
         return exposure.psf.fwhm() if average else exposure.psf.fwhm_xy()
     except PsfError:
-        log.warning("Unable to evaluate the %s PSF at the average position; using the grid mean", name)
+        log.warning(
+            "Unable to evaluate the %s PSF at the average position; using the grid mean", name
+        )
         f = evaluate_mean_fwhm(exposure.psf, exposure.bbox)
         return f if average else (f, f)
 
 
 def choose_convolution_method(template: Exposure, science: Exposure) -> bool:
-    """``auto`` mode (spec §4.2 step 7): True = convolve the template.
+    """``auto`` mode (docs/algorithms.md §4.2 step 7): True = convolve the template.
 
     Convolve the science image only if the template PSF is strictly wider on **both**
     axes: convolveTemplate = (T_x ≤ S_x) OR (T_y ≤ S_y).
@@ -180,7 +209,9 @@ class AlardLuptonSubtractTask:
     backend : Backend or str, optional
     """
 
-    def __init__(self, config: AlardLuptonSubtractConfig | None = None, backend: Backend | str | None = None):
+    def __init__(
+        self, config: AlardLuptonSubtractConfig | None = None, backend: Backend | str | None = None
+    ):
         self.config = AlardLuptonSubtractConfig() if config is None else config
         self.backend = resolve_backend(backend)
 
@@ -190,14 +221,19 @@ class AlardLuptonSubtractTask:
         if not template.bbox.contains(science.bbox):
             raise ShapeMismatchError(
                 f"the template box {template.bbox} must contain the science box {science.bbox}; "
-                "warp the template onto the science pixel grid first (gpudiff.ops.warp_exposure)")
+                "warp the template onto the science pixel grid first (gpudiff.ops.warp_exposure)"
+            )
         bands = [e.metadata.get("BAND", e.metadata.get("FILTER")) for e in (science, template)]
         if None not in bands and str(bands[0]).strip() != str(bands[1]).strip():
-            raise InvalidInputError(f"science band {bands[0]!r} and template band {bands[1]!r} differ")
+            raise InvalidInputError(
+                f"science band {bands[0]!r} and template band {bands[1]!r} differ"
+            )
         for name, exp in (("science", science), ("template", template)):
             if exp.psf is None:
-                raise PsfError(f"the {name} exposure has no PSF and gpudiff does not guess one "
-                               "silently; attach one or call gpudiff.estimate_psf")
+                raise PsfError(
+                    f"the {name} exposure has no PSF and gpudiff does not guess one "
+                    "silently; attach one or call gpudiff.estimate_psf"
+                )
         # Non-finite pixels are no data (LSST's convention); a usable pixel must have a
         # positive, finite variance, else every weight and S/N downstream is wrong.
         template = mask_non_finite(template.to_backend(be))
@@ -216,22 +252,33 @@ class AlardLuptonSubtractTask:
         cov = template_coverage(template, science)
         meta["template_coverage"] = cov
         if cov < cfg.required_template_fraction:
-            raise NoWorkFound(f"template covers {cov:.1%} of the science image (pixels where neither image "
-                              f"is NO_DATA), less than required_template_fraction="
-                              f"{cfg.required_template_fraction:.0%}")
+            raise NoWorkFound(
+                f"template covers {cov:.1%} of the science image (pixels where neither image "
+                f"is NO_DATA), less than required_template_fraction="
+                f"{cfg.required_template_fraction:.0%}"
+            )
         if cfg.do_scale_variance:
             # The two images are independent: on the CPU each gets a core.
             (template, tfac, _), (science, sfac, cat) = run_concurrently(
                 lambda: self._scale_variance(template, need_catalog=False),
-                lambda: self._scale_variance(science, need_catalog=True), parallel=not self.backend.is_gpu)
+                lambda: self._scale_variance(science, need_catalog=True),
+                parallel=not self.backend.is_gpu,
+            )
             # Reused for kernel-source selection (one detection of the science, not two).
             meta["science_detections"] = cat
             meta["scale_template_variance_factor"] = tfac
             meta["scale_science_variance_factor"] = sfac
-        template, science = update_masks(template, science, cfg.rename_template_mask, cfg.preserve_template_mask)
+        template, science = update_masks(
+            template, science, cfg.rename_template_mask, cfg.preserve_template_mask
+        )
         if t_filled is not None:
-            template = Exposure(template.masked_image.with_plane_set("INTRP", t_filled), template.psf,
-                                template.wcs, template.photo_calib, template.metadata)
+            template = Exposure(
+                template.masked_image.with_plane_set("INTRP", t_filled),
+                template.psf,
+                template.wcs,
+                template.photo_calib,
+                template.metadata,
+            )
         if cfg.find_science_cosmic_rays:
             science = self._mask_cosmic_rays(science)
             if "CR" in cfg.interpolate_mask_planes:
@@ -239,8 +286,9 @@ class AlardLuptonSubtractTask:
                 science, _ = self._interpolate(science, ("CR",))
         for name, exp in (("template", template), ("science", science)):
             intrp = exp.masked_image.mask_planes.bitmask_if_present("INTRP")
-            meta[f"n_interpolated_{name}"] = int(be.xp.count_nonzero(exp.masked_image.mask & intrp)) \
-                if intrp else 0
+            meta[f"n_interpolated_{name}"] = (
+                int(be.xp.count_nonzero(exp.masked_image.mask & intrp)) if intrp else 0
+            )
         return template, science, meta
 
     def _interpolate(self, exp: Exposure, planes=None) -> tuple[Exposure, Any]:
@@ -265,8 +313,8 @@ class AlardLuptonSubtractTask:
         """Set the CR plane on the cosmic rays of the science image not flagged yet.
 
         LSST's calexps come with cosmic rays found (and interpolated) by
-        calibrateImage; a plain FITS or a simulation does not, or not all of them.  Once the science is
-        convolved (convolveScience) a cosmic ray is smeared into a PSF-like blob that no
+        calibrateImage; a plain FITS or a simulation does not, or not all of them.  Once the
+        science is convolved (convolveScience) a cosmic ray is smeared into a PSF-like blob that no
         sharpness test can recognise, so they are found here, before any convolution,
         and the CR bits travel (dilated) into the difference.
         """
@@ -280,10 +328,17 @@ class AlardLuptonSubtractTask:
             cr &= (mi.mask & cr_bit) == 0
         if not bool(cr.any()):
             return science
-        return Exposure(mi.with_plane_set("CR", cr), science.psf, science.wcs, science.photo_calib,
-                        science.metadata)
+        return Exposure(
+            mi.with_plane_set("CR", cr),
+            science.psf,
+            science.wcs,
+            science.photo_calib,
+            science.metadata,
+        )
 
-    def _scale_variance(self, exp: Exposure, need_catalog: bool) -> tuple[Exposure, float, Table | None]:
+    def _scale_variance(
+        self, exp: Exposure, need_catalog: bool
+    ) -> tuple[Exposure, float, Table | None]:
         """ScaleVarianceTask's factor, applied to a copy of the exposure.
 
         LSST inputs carry DETECTED masks, which ScaleVariance ignores.  When an input has no
@@ -297,17 +352,35 @@ class AlardLuptonSubtractTask:
         det_bit = mi.mask_planes.bitmask_if_present("DETECTED")
         if (not det_bit or not bool((mi.mask & det_bit).any())) and need_catalog:
             # The science's detections are reused for kernel-source selection.
-            det = detect_sources(mi, exp.psf, threshold=self.config.detection_threshold, polarity="both",
-                                 background="estimate", backend=self.backend)
-            probe = MaskedImage(mi.image, mi.variance, det.mask, xy0=mi.xy0, mask_planes=det.mask_planes,
-                                backend=self.backend)
+            det = detect_sources(
+                mi,
+                exp.psf,
+                threshold=self.config.detection_threshold,
+                polarity="both",
+                background="estimate",
+                backend=self.backend,
+            )
+            probe = MaskedImage(
+                mi.image,
+                mi.variance,
+                det.mask,
+                xy0=mi.xy0,
+                mask_planes=det.mask_planes,
+                backend=self.backend,
+            )
             catalog = det.catalog
         elif not det_bit or not bool((mi.mask & det_bit).any()):
             probe = _with_source_mask(mi, exp.psf)
         sv_config = ScaleVarianceConfig(max_samples=self.config.scale_variance_max_samples)
         factor = float(ScaleVarianceTask(sv_config, backend=self.backend).run(probe))
-        scaled = MaskedImage(mi.image, mi.variance * np.float32(factor), mi.mask, xy0=mi.xy0,
-                             mask_planes=mi.mask_planes, backend=self.backend)
+        scaled = MaskedImage(
+            mi.image,
+            mi.variance * np.float32(factor),
+            mi.mask,
+            xy0=mi.xy0,
+            mask_planes=mi.mask_planes,
+            backend=self.backend,
+        )
         if catalog is not None and len(catalog):
             # Measured with the unscaled variance: put the errors on the scaled footing.
             root = float(np.sqrt(factor))
@@ -316,41 +389,71 @@ class AlardLuptonSubtractTask:
         return Exposure(scaled, exp.psf, exp.wcs, exp.photo_calib, exp.metadata), factor, catalog
 
     # --- sources -----------------------------------------------------------------------
-    def select_sources(self, science: Exposure, template: Exposure, sources: Any, kernel_size: int,
-                       edge_buffer: int) -> Table:
-        """Kernel sources (spec §4.2 step 9): the selector, then the box and mask test.
+    def select_sources(
+        self,
+        science: Exposure,
+        template: Exposure,
+        sources: Any,
+        kernel_size: int,
+        edge_buffer: int,
+    ) -> Table:
+        """Kernel sources (docs/algorithms.md §4.2 step 9): the selector, then the box and mask
+        test.
 
         ``sources`` is a table with ``x``, ``y`` and ``psf_flux``/``psf_flux_err`` (or
         ``flux``/``flux_err``, or ``snr``) columns; ``None`` detects on the science image.
         """
         cfg = self.config
         if sources is None:
-            det = detect_sources(science.masked_image, science.psf, threshold=cfg.detection_threshold,
-                                 polarity="positive", background="estimate", backend=self.backend)
+            det = detect_sources(
+                science.masked_image,
+                science.psf,
+                threshold=cfg.detection_threshold,
+                polarity="positive",
+                background="estimate",
+                backend=self.backend,
+            )
             sources = det.catalog
         table = _flag_center_planes(_normalize_sources(sources), science.masked_image)
         table = reclassify_extended(table)  # PSF model vs the stars
         box = science.bbox
         if cfg.restrict_kernel_edge_sources:
-            box = Box(box.x0 + edge_buffer, box.y0 + edge_buffer, box.x1 - edge_buffer, box.y1 - edge_buffer)
+            box = Box(
+                box.x0 + edge_buffer,
+                box.y0 + edge_buffer,
+                box.x1 - edge_buffer,
+                box.y1 - edge_buffer,
+            )
         selected = select_kernel_sources(
-            table, box, snr_min=cfg.source_snr_min, snr_max=cfg.source_snr_max,
-            max_sources=None, edge_buffer=kernel_size,
+            table,
+            box,
+            snr_min=cfg.source_snr_min,
+            snr_max=cfg.source_snr_max,
+            max_sources=None,
+            edge_buffer=kernel_size,
             require_isolated="isolated" in table.colnames,
             require_unresolved="is_extended" in table.colnames,
-            exclude_flags=[c for c in table.colnames if c.startswith("flag")])
+            exclude_flags=[c for c in table.colnames if c.startswith("flag")],
+        )
         if cfg.max_kernel_sources > 0 and len(selected) > cfg.max_kernel_sources:
             order = np.argsort(-np.asarray(selected["snr"]), kind="stable")
-            selected = selected[np.sort(order[:cfg.max_kernel_sources])]
+            selected = selected[np.sort(order[: cfg.max_kernel_sources])]
         if len(selected) < cfg.min_kernel_sources:
-            removed = selection_counts(table, box, snr_min=cfg.source_snr_min, snr_max=cfg.source_snr_max,
-                                       edge_buffer=kernel_size,
-                                       exclude_flags=[c for c in table.colnames if c.startswith("flag")])
+            removed = selection_counts(
+                table,
+                box,
+                snr_min=cfg.source_snr_min,
+                snr_max=cfg.source_snr_max,
+                edge_buffer=kernel_size,
+                exclude_flags=[c for c in table.colnames if c.startswith("flag")],
+            )
             raise InsufficientKernelSourcesError(
                 f"{len(selected)} kernel source(s) pass the selection (S/N {cfg.source_snr_min:g}–"
                 f"{cfg.source_snr_max:g}, isolated, unresolved, inside the kernel-edge box) out of "
-                f"{len(table)}; at least min_kernel_sources={cfg.min_kernel_sources} are needed; removed "
-                f"by each test: {removed}")
+                f"{len(table)}; at least min_kernel_sources={cfg.min_kernel_sources} are needed; "
+                f"removed "
+                f"by each test: {removed}"
+            )
         return selected
 
     # --- run ---------------------------------------------------------------------------
@@ -386,8 +489,11 @@ class AlardLuptonSubtractTask:
         DeviceMemoryError
             Out of memory on the GPU and on the CPU fallback.
         """
-        return with_memory_fallback(f"{type(self).__name__}.run",
-                                    lambda be: self._on(be)._run(template, science, sources), self.backend)
+        return with_memory_fallback(
+            f"{type(self).__name__}.run",
+            lambda be: self._on(be)._run(template, science, sources),
+            self.backend,
+        )
 
     def _on(self, backend: Backend) -> "AlardLuptonSubtractTask":
         """This task, or a copy with the same config on ``backend``."""
@@ -409,11 +515,15 @@ class AlardLuptonSubtractTask:
             # needs a deconvolution, which the kernel can only approximate (ringing,
             # amplified noise).  Not an error (LSST does it when told to), but said.
             meta["science_sharper_than_template"] = True
-            log.warning("the science PSF (FWHM %.2f px) is sharper than the template's (%.2f px) "
-                        "under convolveTemplate: the kernel must deconvolve; use mode='auto' or "
-                        "'convolveScience'", s_fwhm, t_fwhm)
+            log.warning(
+                "the science PSF (FWHM %.2f px) is sharper than the template's (%.2f px) "
+                "under convolveTemplate: the kernel must deconvolve; use mode='auto' or "
+                "'convolveScience'",
+                s_fwhm,
+                t_fwhm,
+            )
         matched_size = s_fwhm if conv_template else t_fwhm
-        # Stamp size from the basis LSST would build (spec §4.2 step 9.2).
+        # Stamp size from the basis LSST would build (docs/algorithms.md §4.2 step 9.2).
         k_size = make_kernel_basis(cfg.make_kernel, t_fwhm, matched_size).size
         t1 = time.perf_counter()
         if sources is None:
@@ -433,7 +543,9 @@ class AlardLuptonSubtractTask:
         if conv_template:
             matched = convolve_preserving(kernel, template.masked_image, cfg.preserve_mask_planes)
             matched = matched.subimage(science.bbox)
-            matched_template = Exposure(matched, science.psf, science.wcs, science.photo_calib, template.metadata)
+            matched_template = Exposure(
+                matched, science.psf, science.wcs, science.photo_calib, template.metadata
+            )
             matched_science = science
             minuend = science.masked_image
             diff = minuend.subtract(matched)
@@ -441,78 +553,150 @@ class AlardLuptonSubtractTask:
         else:
             norm = kernel.kernel_sum()
             ms = convolve_preserving(kernel, science.masked_image, cfg.preserve_mask_planes)
-            ms = MaskedImage(ms.image / np.float32(norm), ms.variance / np.float32(norm * norm), ms.mask,
-                             xy0=ms.xy0, mask_planes=ms.mask_planes, backend=be)
-            matched_science = Exposure(ms, template.psf, science.wcs, science.photo_calib, science.metadata)
+            ms = MaskedImage(
+                ms.image / np.float32(norm),
+                ms.variance / np.float32(norm * norm),
+                ms.mask,
+                xy0=ms.xy0,
+                mask_planes=ms.mask_planes,
+                backend=be,
+            )
+            matched_science = Exposure(
+                ms, template.psf, science.wcs, science.photo_calib, science.metadata
+            )
             # K maps science to template flux units (ΣK = template/science flux ratio), so
             # the template is divided by ΣK too: D = (S⊗K − T)/ΣK is in science units, as in
             # the legacy ImagePsfMatchTask.  (LSST's subtractImages subtracts T as it is,
             # which is right only for ΣK ≈ 1, i.e. calibrated inputs; its decorrelation
-            # formula, spec §5.2, assumes D = (S⊗K − T)/ΣK.)
+            # formula, docs/algorithms.md §5.2, assumes D = (S⊗K − T)/ΣK.)
             t = tmpl_on_sci.masked_image
-            t = MaskedImage(t.image / np.float32(norm), t.variance / np.float32(norm * norm), t.mask,
-                            xy0=t.xy0, mask_planes=t.mask_planes, backend=be)
-            matched_template = Exposure(t, template.psf, science.wcs, science.photo_calib, template.metadata)
+            t = MaskedImage(
+                t.image / np.float32(norm),
+                t.variance / np.float32(norm * norm),
+                t.mask,
+                xy0=t.xy0,
+                mask_planes=t.mask_planes,
+                backend=be,
+            )
+            matched_template = Exposure(
+                t, template.psf, science.wcs, science.photo_calib, template.metadata
+            )
             diff = ms.subtract(t)
             psf = template.psf
         if cfg.do_subtract_background:
             sign = 1.0 if conv_template else -1.0 / kernel.kernel_sum()
             bg = kernel.background_image(science.bbox, be) * np.float32(sign)
-            diff = MaskedImage(diff.image - bg, diff.variance, diff.mask, xy0=diff.xy0,
-                               mask_planes=diff.mask_planes, backend=be)
-            diff, meta["residual_background_rms"] = residual_background(diff, psf, cfg.make_kernel.spatial_bg_order)
+            diff = MaskedImage(
+                diff.image - bg,
+                diff.variance,
+                diff.mask,
+                xy0=diff.xy0,
+                mask_planes=diff.mask_planes,
+                backend=be,
+            )
+            diff, meta["residual_background_rms"] = residual_background(
+                diff, psf, cfg.make_kernel.spatial_bg_order
+            )
         diff = _no_data_nan(diff)
         meta["time_convolution"] = time.perf_counter() - t1
         # LSST returns the background with all parameters negated when the science was
-        # convolved (spec §4.2 step 13): it is then a model of template − science.
-        background_model = kernel if conv_template or kernel.background_coefficients is None else \
-            dataclasses.replace(kernel, background_coefficients=-kernel.background_coefficients)
+        # convolved (docs/algorithms.md §4.2 step 13): it is then a model of template − science.
+        background_model = (
+            kernel
+            if conv_template or kernel.background_coefficients is None
+            else dataclasses.replace(
+                kernel, background_coefficients=-kernel.background_coefficients
+            )
+        )
         difference = Exposure(diff, psf, science.wcs, science.photo_calib, science.metadata)
         if cfg.do_decorrelation:
             t1 = time.perf_counter()
             dec = DecorrelateALKernelTask(self._decorrelation_config(), backend=be).run(
-                science, tmpl_on_sci, difference, kernel, template_matched=conv_template)
+                science, tmpl_on_sci, difference, kernel, template_matched=conv_template
+            )
             difference = dec.corrected_exposure
             if dec.correction_kernel is not None:
-                difference = Exposure(difference.masked_image, decorrelated_psf(psf, dec.correction_kernel),
-                                      difference.wcs, difference.photo_calib, difference.metadata)
+                difference = Exposure(
+                    difference.masked_image,
+                    decorrelated_psf(psf, dec.correction_kernel),
+                    difference.wcs,
+                    difference.photo_calib,
+                    difference.metadata,
+                )
             meta["time_decorrelation"] = time.perf_counter() - t1
-        meta.update(mode=mode, kernel_sum=kernel.kernel_sum(), n_kernel_sources=len(sel),
-                    n_candidates_used=fit.n_used,
-                    n_candidates_rejected=int((fit.candidate_table()["status"] == "BAD").sum()),
-                    template_fwhm=t_fwhm, science_fwhm=s_fwhm, time_total=time.perf_counter() - t0)
+        meta.update(
+            mode=mode,
+            kernel_sum=kernel.kernel_sum(),
+            n_kernel_sources=len(sel),
+            n_candidates_used=fit.n_used,
+            n_candidates_rejected=int((fit.candidate_table()["status"] == "BAD").sum()),
+            template_fwhm=t_fwhm,
+            science_fwhm=s_fwhm,
+            time_total=time.perf_counter() - t0,
+        )
         meta.update(fit.quality_metadata())  # spatial orders used, kernel-sum photometric check
         return SubtractionResult(
-            difference=difference, matched_template=matched_template, matched_science=matched_science,
-            background_model=background_model if cfg.do_subtract_background else None, psf_matching_kernel=kernel,
-            kernel_sources=fit.candidate_table(), mode=mode, kernel_fit=fit, metadata=meta)
+            difference=difference,
+            matched_template=matched_template,
+            matched_science=matched_science,
+            background_model=background_model if cfg.do_subtract_background else None,
+            psf_matching_kernel=kernel,
+            kernel_sources=fit.candidate_table(),
+            mode=mode,
+            kernel_fit=fit,
+            metadata=meta,
+        )
 
     def _decorrelation_config(self) -> DecorrelateALKernelConfig:
         """Decorrelation that grows the defect planes by its filter's footprint (so that no
         unflagged pixel holds what the filter spread from a defect)."""
         # EDGE is left out: its pixels hold copied data, not defects, and the tasks size
         # their EDGE frames themselves (the preconvolution's frame was measured).
-        planes = tuple(p for p in dict.fromkeys((*self.config.interpolate_mask_planes,
-                                                 *self.config.bad_mask_planes, "INTRP", "SAT_TEMPLATE"))
-                       if p != "EDGE")
+        planes = tuple(
+            p
+            for p in dict.fromkeys(
+                (
+                    *self.config.interpolate_mask_planes,
+                    *self.config.bad_mask_planes,
+                    "INTRP",
+                    "SAT_TEMPLATE",
+                )
+            )
+            if p != "EDGE"
+        )
         return DecorrelateALKernelConfig(grow_mask_planes=planes)
 
-    def _fit(self, conv: Exposure, ref: Exposure, sel: Table, fwhms, template: Exposure,
-             science: Exposure) -> KernelFit:
+    def _fit(
+        self,
+        conv: Exposure,
+        ref: Exposure,
+        sel: Table,
+        fwhms,
+        template: Exposure,
+        science: Exposure,
+    ) -> KernelFit:
         cfg = self.config
         basis = make_kernel_basis(cfg.make_kernel, *fwhms)
         try:
-            cands = make_candidates(conv.masked_image, ref.masked_image, sel["x"], sel["y"],
-                                    kernel_size=basis.size, bad_mask_planes=cfg.exclude_mask_planes,
-                                    rating=sel["snr"], size_cell_x=cfg.make_kernel.size_cell_x,
-                                    size_cell_y=cfg.make_kernel.size_cell_y)
+            cands = make_candidates(
+                conv.masked_image,
+                ref.masked_image,
+                sel["x"],
+                sel["y"],
+                kernel_size=basis.size,
+                bad_mask_planes=cfg.exclude_mask_planes,
+                rating=sel["snr"],
+                size_cell_x=cfg.make_kernel.size_cell_x,
+                size_cell_y=cfg.make_kernel.size_cell_y,
+            )
             return fit_spatial_kernel(cands, basis, cfg.make_kernel, ref.bbox, self.backend)
         except InsufficientKernelSourcesError:
             cov = template_coverage(template, science)
             if cov < cfg.min_template_fraction_for_expected_success:
                 raise NoWorkFound(
                     f"the kernel fit failed and the template covers only {cov:.1%} of the science "
-                    f"image (< {cfg.min_template_fraction_for_expected_success:.0%})") from None
+                    f"image (< {cfg.min_template_fraction_for_expected_success:.0%})"
+                ) from None
             raise
 
 
@@ -529,7 +713,9 @@ def _with_source_mask(mi: MaskedImage, psf) -> MaskedImage:
     return mi.with_plane_set("DETECTED", grown)
 
 
-def residual_background(mi: MaskedImage, psf, order: int, bin_size: int = 64) -> tuple[MaskedImage, float]:
+def residual_background(
+    mi: MaskedImage, psf, order: int, bin_size: int = 64
+) -> tuple[MaskedImage, float]:
     """``mi`` minus a polynomial (total degree ``order``) fitted to the clipped means of
     its source-free bins, and the rms of that polynomial over the image.
 
@@ -558,7 +744,7 @@ def residual_background(mi: MaskedImage, psf, order: int, bin_size: int = 64) ->
     yc, xc = np.meshgrid(bins.y_centres, bins.x_centres, indexing="ij")
 
     def design(u, v):
-        return [u ** i * v ** j for i in range(order + 1) for j in range(order + 1 - i)]
+        return [u**i * v**j for i in range(order + 1) for j in range(order + 1 - i)]
 
     def norm(c, n):
         return (c - 0.5 * (n - 1)) / max(0.5 * (n - 1), 1.0)
@@ -571,8 +757,14 @@ def residual_background(mi: MaskedImage, psf, order: int, bin_size: int = 64) ->
     model = sum(float(c) * t for c, t in zip(coef, design(u, v)))
     model = xp.broadcast_to(xp.asarray(model, dtype=np.float64), (H, W))
     rms = float(xp.sqrt(xp.mean(model * model)))
-    out = MaskedImage((mi.image - model).astype(np.float32), mi.variance, mi.mask, xy0=mi.xy0,
-                      mask_planes=mi.mask_planes, backend=mi.backend)
+    out = MaskedImage(
+        (mi.image - model).astype(np.float32),
+        mi.variance,
+        mi.mask,
+        xy0=mi.xy0,
+        mask_planes=mi.mask_planes,
+        backend=mi.backend,
+    )
     return out, rms
 
 
@@ -588,14 +780,20 @@ def _no_data_nan(mi: MaskedImage) -> MaskedImage:
     bad = (mi.mask & nd) != 0
     if not bool(bad.any()):
         return mi
-    return MaskedImage(xp.where(bad, xp.float32(np.nan), mi.image), xp.where(bad, xp.float32(np.inf), mi.variance),
-                       mi.mask, xy0=mi.xy0, mask_planes=mi.mask_planes, backend=mi.backend)
+    return MaskedImage(
+        xp.where(bad, xp.float32(np.nan), mi.image),
+        xp.where(bad, xp.float32(np.inf), mi.variance),
+        mi.mask,
+        xy0=mi.xy0,
+        mask_planes=mi.mask_planes,
+        backend=mi.backend,
+    )
 
 
 def decorrelated_psf(psf, correction_kernel: np.ndarray):
     """The PSF of the decorrelated difference: PSF ⊗ correction filter, unit sum.
 
-    Departure from current LSST (spec §5.4, where the update is disabled pending
+    Departure from current LSST (docs/algorithms.md §5.4, where the update is disabled pending
     DM-47461): decorrelation sharpens point sources, and PSF photometry with the
     undecorrelated PSF then overestimates fluxes (measured +13 % for equal template and
     science depths).  The filter is real and even, so correlating with it is convolving.
@@ -605,8 +803,11 @@ def decorrelated_psf(psf, correction_kernel: np.ndarray):
     h = correction_kernel.shape[0] // 2
 
     def filt(img):
-        new = np.asarray(correlate(np.pad(np.asarray(img, np.float64), h), correction_kernel, "numpy",
-                                   dtype=np.float64))
+        new = np.asarray(
+            correlate(
+                np.pad(np.asarray(img, np.float64), h), correction_kernel, "numpy", dtype=np.float64
+            )
+        )
         return new / new.sum()
 
     if isinstance(psf, GridPsf):
@@ -635,8 +836,11 @@ def _flag_center_planes(table: Table, mi: MaskedImage) -> Table:
     (issue 14, 2048² raw pairs).  Flagged rows are dropped by the selector (every
     ``flag*`` column) and left out of the stellar locus.
     """
-    planes = {c: p for c, p in _CENTER_FLAG_PLANES.items()
-              if c not in table.colnames and mi.mask_planes.bitmask_if_present((p,))}
+    planes = {
+        c: p
+        for c, p in _CENTER_FLAG_PLANES.items()
+        if c not in table.colnames and mi.mask_planes.bitmask_if_present((p,))
+    }
     if not planes or len(table) == 0:
         return table
     mask = mi.backend.asnumpy(mi.mask)
@@ -667,21 +871,29 @@ def _normalize_sources(sources: Any) -> Table:
     t = Table(sources) if not isinstance(sources, Table) else sources.copy(copy_data=False)
     for c in ("x", "y"):
         if c not in t.colnames:
-            raise InvalidInputError(f"kernel source table has no {c!r} column (columns: {t.colnames})")
+            raise InvalidInputError(
+                f"kernel source table has no {c!r} column (columns: {t.colnames})"
+            )
     if "n_peaks" in t.colnames:
         # LSST's doIsolated means "not blended" (parent == 0 and no deblended children):
         # a footprint with a single peak.  Neighbours inside a stamp are in both images
         # and are matched by the kernel like the star itself.
         t["isolated"] = np.asarray(t["n_peaks"]) == 1
     if "snr" not in t.colnames:
-        for f, e in (("psf_flux", "psf_flux_err"), ("flux", "flux_err"), ("inst_flux", "inst_flux_err")):
+        for f, e in (
+            ("psf_flux", "psf_flux_err"),
+            ("flux", "flux_err"),
+            ("inst_flux", "inst_flux_err"),
+        ):
             if f in t.colnames and e in t.colnames:
                 with np.errstate(divide="ignore", invalid="ignore"):
                     t["snr"] = np.asarray(t[f], float) / np.asarray(t[e], float)
                 break
         else:
-            raise InvalidInputError("kernel source table needs an 'snr' column or flux and flux-error "
-                                    "columns (psf_flux/psf_flux_err or flux/flux_err)")
+            raise InvalidInputError(
+                "kernel source table needs an 'snr' column or flux and flux-error "
+                "columns (psf_flux/psf_flux_err or flux/flux_err)"
+            )
     if "psf_flux" not in t.colnames or "psf_flux_err" not in t.colnames:
         # The selector ranks and cuts on S/N only; give it flux columns that carry it.
         t["psf_flux"], t["psf_flux_err"] = np.asarray(t["snr"], dtype=float), np.ones(len(t))
