@@ -30,10 +30,19 @@ def _catalog(traces, snrs) -> Table:
     """A detection-like table: a PSF of trace 2 px², sources of the given trace ratios."""
     traces, snrs = np.asarray(traces, float), np.asarray(snrs, float)
     n = traces.size
-    return Table({"x": np.arange(n, dtype=float), "y": np.zeros(n), "snr": snrs,
-                  "ixx": traces, "iyy": traces, "psf_ixx": np.ones(n), "psf_iyy": np.ones(n),
-                  "flag_edge": np.zeros(n, bool),
-                  "is_extended": np.abs(traces - 1.0) > 0.1})
+    return Table(
+        {
+            "x": np.arange(n, dtype=float),
+            "y": np.zeros(n),
+            "snr": snrs,
+            "ixx": traces,
+            "iyy": traces,
+            "psf_ixx": np.ones(n),
+            "psf_iyy": np.ones(n),
+            "flag_edge": np.zeros(n, bool),
+            "is_extended": np.abs(traces - 1.0) > 0.1,
+        }
+    )
 
 
 def test_a_few_compact_outliers_do_not_overrule_the_psf_model():

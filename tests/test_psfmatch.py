@@ -31,28 +31,51 @@ def sigma_science(x, y):
 
 
 def true_kernel(x, y, size):
-    sk = np.sqrt(sigma_science(x, y) ** 2 - S_T ** 2)
+    sk = np.sqrt(sigma_science(x, y) ** 2 - S_T**2)
     h = size // 2
-    yy, xx = np.mgrid[-h:h + 1, -h:h + 1]
-    g = np.exp(-(xx ** 2 + yy ** 2) / (2 * sk ** 2))
+    yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
+    g = np.exp(-(xx**2 + yy**2) / (2 * sk**2))
     return g / g.sum() * SCALE
 
 
 def make_pair(noise: str, seed=11, **kw):
-    sci = dict(psf=PsfSpec(kind="gaussian", fwhm=S_S * FWHM, variation=VARIATION),
-               sky_subtracted=True, background=BKG, noise=noise)
+    sci = dict(
+        psf=PsfSpec(kind="gaussian", fwhm=S_S * FWHM, variation=VARIATION),
+        sky_subtracted=True,
+        background=BKG,
+        noise=noise,
+    )
     tmpl = dict(psf=PsfSpec(kind="gaussian", fwhm=S_T * FWHM), sky_subtracted=True, noise=noise)
-    return simulate_pair(size=1024, seed=seed, science=sci, template=tmpl, flux_scale=SCALE,
-                         n_stars=300, flux_min=5e4, flux_max=2e6, n_transients=0, min_separation=40, **kw)
+    return simulate_pair(
+        size=1024,
+        seed=seed,
+        science=sci,
+        template=tmpl,
+        flux_scale=SCALE,
+        n_stars=300,
+        flux_min=5e4,
+        flux_max=2e6,
+        n_transients=0,
+        min_separation=40,
+        **kw,
+    )
 
 
 def fit_pair(pair, backend, config=None, science_image=None):
-    config = config or PsfMatchConfig(fit_for_background=True, spatial_kernel_order=2, spatial_bg_order=1)
+    config = config or PsfMatchConfig(
+        fit_for_background=True, spatial_kernel_order=2, spatial_bg_order=1
+    )
     basis = make_kernel_basis(config, S_T * FWHM, S_S * FWHM)
     stars = pair.truth[pair.truth["is_star"]]
     sci = pair.science.masked_image if science_image is None else science_image
-    cands = make_candidates(pair.template.masked_image.to_backend(backend), sci.to_backend(backend),
-                            stars["x"], stars["y"], kernel_size=basis.size, rating=stars["flux_template"])
+    cands = make_candidates(
+        pair.template.masked_image.to_backend(backend),
+        sci.to_backend(backend),
+        stars["x"],
+        stars["y"],
+        kernel_size=basis.size,
+        rating=stars["flux_template"],
+    )
     return fit_spatial_kernel(cands, basis, config, pair.template.bbox, backend)
 
 
@@ -110,7 +133,7 @@ def _add_variables_and_cosmic_rays(pair, rng, frac=0.10):
         psf = GaussianPsf(sigma=sigma_science(x, y), size=31, oversample=5).compute_image(x, y)
         xi, yi = int(round(x)), int(round(y))
         if 15 <= xi < 1024 - 15 and 15 <= yi < 1024 - 15:
-            img[yi - 15:yi + 16, xi - 15:xi + 16] += 0.3 * float(stars["flux_science"][i]) * psf
+            img[yi - 15 : yi + 16, xi - 15 : xi + 16] += 0.3 * float(stars["flux_science"][i]) * psf
     cr_idx = rng.choice(np.setdiff1d(np.arange(n), var_idx), int(frac * n), replace=False)
     for i in cr_idx:
         xi, yi = int(round(float(stars["x"][i]))) + 6, int(round(float(stars["y"][i]))) - 5
@@ -128,9 +151,14 @@ def test_clipping_rejects_variables_and_cosmic_rays(backend):
     assert abs(dirty.kernel_sum / clean.kernel_sum - 1) < 0.005
     # Without clipping the same stamps bias the kernel sum by several per cent (measured
     # 4.7 %): the spoiled stamps matter, and clipping is what removes them.
-    off = PsfMatchConfig(fit_for_background=True, spatial_kernel_order=2, spatial_bg_order=1,
-                         single_kernel_clipping=False, kernel_sum_clipping=False,
-                         spatial_kernel_clipping=False)
+    off = PsfMatchConfig(
+        fit_for_background=True,
+        spatial_kernel_order=2,
+        spatial_bg_order=1,
+        single_kernel_clipping=False,
+        kernel_sum_clipping=False,
+        spatial_kernel_clipping=False,
+    )
     unclipped = fit_pair(pair, backend, config=off, science_image=dirty_img)
     assert abs(unclipped.kernel_sum / SCALE - 1) > 0.02
     assert abs(dirty.kernel_sum / SCALE - 1) < 0.005
@@ -148,14 +176,22 @@ def test_bad_input_raises_gpudiff_errors(backend):
     pair = make_pair("none")
     cfg = PsfMatchConfig(fit_for_background=True)
     basis = make_kernel_basis(cfg, S_T * FWHM, S_S * FWHM)
-    t, s = pair.template.masked_image.to_backend(backend), pair.science.masked_image.to_backend(backend)
+    t, s = (
+        pair.template.masked_image.to_backend(backend),
+        pair.science.masked_image.to_backend(backend),
+    )
     with pytest.raises(InsufficientKernelSourcesError, match="no sources"):
         make_candidates(t, s, [], [], kernel_size=basis.size)
     with pytest.raises(InsufficientKernelSourcesError, match="not fully inside"):
         make_candidates(t, s, [3.0, 1020.0], [3.0, 500.0], kernel_size=basis.size)
     with pytest.raises(ShapeMismatchError):
-        make_candidates(t, s.subimage(pair_box().__class__(0, 0, 1000, 1000)), [500.0], [500.0],
-                        kernel_size=basis.size)
+        make_candidates(
+            t,
+            s.subimage(pair_box().__class__(0, 0, 1000, 1000)),
+            [500.0],
+            [500.0],
+            kernel_size=basis.size,
+        )
     # Everything masked: every stamp has a bad bit.
     nd = s.mask_planes.bitmask("NO_DATA")
     masked = MaskedImage(s.image, s.variance, s.mask | nd, xy0=s.xy0, backend=backend)

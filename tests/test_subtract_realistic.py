@@ -30,9 +30,16 @@ BAD = ("NO_DATA", "EDGE", "SAT", "BAD", "CR", "DETECTED", "DETECTED_NEGATIVE")
 
 
 def _obs(fwhm, **kw):
-    base = dict(psf=PsfSpec(kind="moffat", fwhm=fwhm, beta=3.0, variation=(0.05, 0.05)), sky=800.0, gain=1.5,
-                read_noise=6.0, sky_subtracted=True, saturation=60000.0, bad_columns=1,
-                cosmic_rays=int(10 * (N / 1024) ** 2))
+    base = dict(
+        psf=PsfSpec(kind="moffat", fwhm=fwhm, beta=3.0, variation=(0.05, 0.05)),
+        sky=800.0,
+        gain=1.5,
+        read_noise=6.0,
+        sky_subtracted=True,
+        saturation=60000.0,
+        bad_columns=1,
+        cosmic_rays=int(10 * (N / 1024) ** 2),
+    )
     base.update(kw)
     return base
 
@@ -40,11 +47,24 @@ def _obs(fwhm, **kw):
 def _pair(ratio: float, seed: int):
     scale = (N / 1024) ** 2
     return simulate_pair(
-        size=N, seed=seed, template_border=20, dx=0.2, dy=-0.1, flux_scale=1.05,
-        science=_obs(FT * ratio, background=PolynomialBackground(offset=0.0, gradient=(15.0, -10.0))),
+        size=N,
+        seed=seed,
+        template_border=20,
+        dx=0.2,
+        dy=-0.1,
+        flux_scale=1.05,
+        science=_obs(
+            FT * ratio, background=PolynomialBackground(offset=0.0, gradient=(15.0, -10.0))
+        ),
         template=_obs(FT, gain=6.0, no_data=[(-20, N // 2, 40, N // 2 + 60)], cosmic_rays=0),
-        n_stars=int(1500 * scale), flux_min=1e3, flux_max=3e6, n_galaxies=int(100 * scale),
-        n_transients=60, transient_snr=(5, 100), transient_isolation=25)
+        n_stars=int(1500 * scale),
+        flux_min=1e3,
+        flux_max=3e6,
+        n_galaxies=int(100 * scale),
+        n_transients=60,
+        transient_snr=(5, 100),
+        transient_isolation=25,
+    )
 
 
 @pytest.fixture(scope="module", params=[1.4, 0.75], ids=["science-broader", "science-narrower"])
@@ -70,8 +90,9 @@ def _match(cat, x, y, r=3.0):
     """For each (x, y): is a catalog row within r px?  And each catalog row: near a (x, y)?"""
     if len(cat) == 0:
         return np.zeros(len(x), bool), np.zeros(0, bool)
-    d2 = (np.asarray(x)[:, None] - np.asarray(cat["x"])[None, :]) ** 2 + \
-         (np.asarray(y)[:, None] - np.asarray(cat["y"])[None, :]) ** 2
+    d2 = (np.asarray(x)[:, None] - np.asarray(cat["x"])[None, :]) ** 2 + (
+        np.asarray(y)[:, None] - np.asarray(cat["y"])[None, :]
+    ) ** 2
     return d2.min(axis=1) < r * r, d2.min(axis=0) < r * r
 
 
@@ -112,12 +133,17 @@ def test_difference_quality(case):
     # Bright, non-variable stars subtract to the noise: median χ²/pixel within 2 FWHM over
     # the sky's own χ² ≤ 1.10.
     t = pair.truth
-    stars = t[t["is_star"] & ~t["is_transient"] & (t["flux_science"] > 3e4) & (t["flux_science"] < 3e5)]
+    stars = t[
+        t["is_star"] & ~t["is_transient"] & (t["flux_science"] > 3e4) & (t["flux_science"] < 3e5)
+    ]
     r = int(2 * fwhm)
     chis = []
     for x, y in zip(np.round(stars["x"]).astype(int), np.round(stars["y"]).astype(int)):
         if r < x < N - r and r < y < N - r:
-            zz, bb = z[y - r:y + r + 1, x - r:x + r + 1], bad[y - r:y + r + 1, x - r:x + r + 1]
+            zz, bb = (
+                z[y - r : y + r + 1, x - r : x + r + 1],
+                bad[y - r : y + r + 1, x - r : x + r + 1],
+            )
             if (~bb).sum() > 10:
                 chis.append(np.mean(zz[~bb] ** 2))
     assert len(chis) >= 50 and np.median(chis) / np.mean(z[sky] ** 2) <= 1.10

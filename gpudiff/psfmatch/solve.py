@@ -1,4 +1,4 @@
-"""Batched per-candidate kernel solutions (spec §2.2–§2.4).
+"""Batched per-candidate kernel solutions (docs/algorithms.md §2.2–§2.4).
 
 Every step works on all candidates at once: the basis correlations of every template stamp
 (separable 1-D correlations as GEMMs for Alard–Lupton bases, batched FFTs otherwise), the
@@ -16,8 +16,14 @@ import numpy as np
 from ..backend import Backend
 from ..ops.convolution import kernel_centre
 
-__all__ = ["StampFit", "valid_correlate", "design_matrices", "fit_stamps", "residual_statistics",
-           "solve_symmetric"]
+__all__ = [
+    "StampFit",
+    "valid_correlate",
+    "design_matrices",
+    "fit_stamps",
+    "residual_statistics",
+    "solve_symmetric",
+]
 
 #: Candidates per FFT chunk: bounds the (chunk, n_bases, F) complex temporary.
 _CHUNK = 128
@@ -46,14 +52,18 @@ def valid_correlate(be: Backend, stamps: Any, kernels: Any, per_stamp: bool = Fa
     fk = xp.conj(fft.rfft2(kernels, s=(F, F), axes=(-2, -1), **fkw))
     outs = []
     for start in range(0, n, _CHUNK):
-        fs = fft.rfft2(stamps[start:start + _CHUNK], s=(F, F), axes=(-2, -1), **fkw)
+        fs = fft.rfft2(stamps[start : start + _CHUNK], s=(F, F), axes=(-2, -1), **fkw)
         if per_stamp:
-            prod = fs * fk[start:start + _CHUNK]
+            prod = fs * fk[start : start + _CHUNK]
         else:
             prod = fs[:, None] * fk[None]
         full = fft.irfft2(prod, s=(F, F), axes=(-2, -1), **fkw)
         outs.append(full[..., :G, :G])
-    return xp.concatenate(outs, axis=0) if outs else xp.zeros((0,) + ((G, G) if per_stamp else (kernels.shape[0], G, G)))
+    return (
+        xp.concatenate(outs, axis=0)
+        if outs
+        else xp.zeros((0,) + ((G, G) if per_stamp else (kernels.shape[0], G, G)))
+    )
 
 
 def design_matrices(be: Backend, template: Any, basis: Any, fit_for_background: bool) -> Any:
@@ -98,7 +108,7 @@ def _toeplitz(factors: np.ndarray, n_in: int) -> np.ndarray:
 
 
 def _separable_design(be: Backend, template: Any, basis: Any, fit_for_background: bool) -> Any:
-    """Design matrices from the separable factors of ``basis`` (spec §2.2, §1.3).
+    """Design matrices from the separable factors of ``basis`` (docs/algorithms.md §2.2, §1.3).
 
     With raw functions ``raw_r = outer(fy_{j_r}, fx_{i_r})`` and ``B_m = Σ_r A[r, m] raw_r``:
 
@@ -143,16 +153,16 @@ def _separable_design(be: Backend, template: Any, basis: Any, fit_for_background
 
     C = xp.empty((n, Gy * Gx, nc_out), dtype=np.float64)
     for start in range(0, n, chunk):
-        t = be.asarray(template[start:start + chunk], dtype=np.float64)
+        t = be.asarray(template[start : start + chunk], dtype=np.float64)
         m = t.shape[0]
         # (1) row-wise correlations: X[i, y, f·Gx + c] = Σ_u T[i, y, c + u] fx_f[u]
         X = xp.matmul(t.reshape(m * Sy, Sx), tx_all).reshape(m, Sy, nxf * Gx)
         # (2) column-wise correlations of each raw function: R[i, r, y', c]
         R = xp.empty((m, n_raw, Gy, Gx), dtype=np.float64)
         for f, r0, r1, tyf in groups:
-            R[:, r0:r1] = xp.matmul(tyf, X[:, :, f * Gx:(f + 1) * Gx]).reshape(m, r1 - r0, Gy, Gx)
+            R[:, r0:r1] = xp.matmul(tyf, X[:, :, f * Gx : (f + 1) * Gx]).reshape(m, r1 - r0, Gy, Gx)
         # (3) renormalization map: C[i, p, j] = Σ_r R[i, r, p] A[r, j]
-        xp.matmul(xp.swapaxes(R.reshape(m, n_raw, Gy * Gx), 1, 2), a_dev, out=C[start:start + m])
+        xp.matmul(xp.swapaxes(R.reshape(m, n_raw, Gy * Gx), 1, 2), a_dev, out=C[start : start + m])
     if fit_for_background:
         C[:, :, nb] = 1.0
     return C
@@ -163,7 +173,7 @@ def good_region(stamps: Any, kernel_shape) -> Any:
     cy, cx = kernel_centre(kernel_shape)
     S = stamps.shape[-1]
     G = S - kernel_shape[0] + 1
-    g = stamps[:, cy:cy + G, cx:cx + G]
+    g = stamps[:, cy : cy + G, cx : cx + G]
     return g.reshape(g.shape[0], G * G)
 
 
@@ -203,20 +213,31 @@ def solve_symmetric(be: Backend, M: Any, b: Any) -> tuple[Any, np.ndarray]:
 class StampFit:
     """Single-kernel solutions of a batch of candidates (host float64 unless noted)."""
 
-    coeffs: Any            # (n, p) backend float64: basis coefficients (+ background last)
+    coeffs: Any  # (n, p) backend float64: basis coefficients (+ background last)
     kernel_sum: np.ndarray  # (n,)
     background: np.ndarray  # (n,) (0 when not fitted)
-    condition: np.ndarray   # (n,) eigenvalue or SVD condition number (NaN when not computed)
-    used_pinv: np.ndarray   # (n,) bool
-    M: Any                  # (n, p, p) backend: normal matrices (reused by the spatial fit)
-    b: Any                  # (n, p) backend
+    condition: np.ndarray  # (n,) eigenvalue or SVD condition number (NaN when not computed)
+    used_pinv: np.ndarray  # (n,) bool
+    M: Any  # (n, p, p) backend: normal matrices (reused by the spatial fit)
+    b: Any  # (n, p) backend
 
 
-def fit_stamps(be: Backend, C: Any, science_good: Any, variance_good: Any, basis_sums: np.ndarray,
-               *, constant_variance_weighting: bool = True, fit_for_background: bool = False,
-               regularization: Any = None, lambda_type: str = "absolute", lambda_value: float = 0.2,
-               lambda_scaling: float = 1e-4, condition_type: str | None = None) -> StampFit:
-    """Normal equations and solutions of every candidate (spec §2.2).
+def fit_stamps(
+    be: Backend,
+    C: Any,
+    science_good: Any,
+    variance_good: Any,
+    basis_sums: np.ndarray,
+    *,
+    constant_variance_weighting: bool = True,
+    fit_for_background: bool = False,
+    regularization: Any = None,
+    lambda_type: str = "absolute",
+    lambda_value: float = 0.2,
+    lambda_scaling: float = 1e-4,
+    condition_type: str | None = None,
+) -> StampFit:
+    """Normal equations and solutions of every candidate (docs/algorithms.md §2.2).
 
     ``variance_good`` is var_I + var_T on the good region.  With constant weighting the
     weight is 1/median(V) per candidate (1 when the median is not positive).
@@ -254,13 +275,22 @@ def fit_stamps(be: Backend, C: Any, science_good: Any, variance_good: Any, basis
     elif condition_type == "SVD":
         s = be.linalg.svd(Msolve, compute_uv=False)
         cond = be.asnumpy(s.max(axis=1) / s.min(axis=1))
-    return StampFit(coeffs=a, kernel_sum=ksum, background=bg, condition=cond, used_pinv=pinv, M=M, b=b)
+    return StampFit(
+        coeffs=a, kernel_sum=ksum, background=bg, condition=cond, used_pinv=pinv, M=M, b=b
+    )
 
 
-def residual_statistics(be: Backend, C: Any, coeffs: Any, science_good: Any, science_var_good: Any,
-                        template_var: Any, kernels: Any, core_radius: int | None = None
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and rms of z = D/√var_D over each candidate's good region (spec §2.3).
+def residual_statistics(
+    be: Backend,
+    C: Any,
+    coeffs: Any,
+    science_good: Any,
+    science_var_good: Any,
+    template_var: Any,
+    kernels: Any,
+    core_radius: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and rms of z = D/√var_D over each candidate's good region (docs/algorithms.md §2.3).
 
     D = I − (K ⊗ T + bg) = I − C·a and var_D = var_I + K² ⊗ var_T, K = Σ_j a_j B_j the
     kernel of each candidate.  ``core_radius`` restricts the statistics to the central
@@ -280,7 +310,10 @@ def residual_statistics(be: Backend, C: Any, coeffs: Any, science_good: Any, sci
     if core_radius is not None:
         c = G // 2
         core = xp.zeros((G, G), dtype=bool)
-        core[max(c - core_radius, 0):c + core_radius + 1, max(c - core_radius, 0):c + core_radius + 1] = True
+        core[
+            max(c - core_radius, 0) : c + core_radius + 1,
+            max(c - core_radius, 0) : c + core_radius + 1,
+        ] = True
         ok &= core.reshape(1, -1)
     npix = ok.sum(axis=1)
     zz = xp.where(ok, z, 0.0)

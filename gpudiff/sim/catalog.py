@@ -14,15 +14,24 @@ from ._util import _as_box, _loguniform, _power_law, _rng, _seed_card
 from .config import _FIELD_NAMES, FieldConfig
 
 
-def _place(rng: np.random.Generator, n: int, lo: tuple[float, float], hi: tuple[float, float],
-           min_sep: float, avoid: np.ndarray | None = None, avoid_sep: float = 0.0) -> np.ndarray:
+def _place(
+    rng: np.random.Generator,
+    n: int,
+    lo: tuple[float, float],
+    hi: tuple[float, float],
+    min_sep: float,
+    avoid: np.ndarray | None = None,
+    avoid_sep: float = 0.0,
+) -> np.ndarray:
     """n uniform positions in [lo, hi) with pairwise distance >= min_sep and distance >=
     avoid_sep from the points ``avoid`` (greedy rejection sampling, deterministic)."""
     if n == 0:
         return np.zeros((0, 2))
     lo_a, hi_a = np.asarray(lo, float), np.asarray(hi, float)
     if not (hi_a > lo_a).all():
-        raise InvalidInputError(f"no room to place sources: the placement region {tuple(lo)}..{tuple(hi)} is empty")
+        raise InvalidInputError(
+            f"no room to place sources: the placement region {tuple(lo)}..{tuple(hi)} is empty"
+        )
     if min_sep <= 0 and (avoid is None or len(avoid) == 0 or avoid_sep <= 0):
         return lo_a + rng.uniform(0.0, 1.0, (n, 2)) * (hi_a - lo_a)
     from scipy.spatial import cKDTree
@@ -51,7 +60,8 @@ def _place(rng: np.random.Generator, n: int, lo: tuple[float, float], hi: tuple[
     if len(accepted) < n:
         raise InvalidInputError(
             f"could only place {len(accepted)} of {n} sources with min_separation={min_sep:g} px "
-            f"(avoiding others by {avoid_sep:g} px); lower the density or the separation")
+            f"(avoiding others by {avoid_sep:g} px); lower the density or the separation"
+        )
     return accepted[:n]
 
 
@@ -76,10 +86,21 @@ def _catalog_table(n: int) -> Table:
 #: The shape parameters of galaxies (NaN for stars).
 _GALAXY_COLUMNS = ("r_eff", "sersic_n", "axis_ratio", "theta")
 
-_CATALOG_COLUMNS = ("id", "x", "y", "flux", "is_star", "is_galaxy", "is_transient", *_GALAXY_COLUMNS)
+_CATALOG_COLUMNS = (
+    "id",
+    "x",
+    "y",
+    "flux",
+    "is_star",
+    "is_galaxy",
+    "is_transient",
+    *_GALAXY_COLUMNS,
+)
 
 
-def make_catalog(box: Any, *, field: FieldConfig | None = None, seed: Any = 0, xy0=(0, 0), **overrides) -> Table:
+def make_catalog(
+    box: Any, *, field: FieldConfig | None = None, seed: Any = 0, xy0=(0, 0), **overrides
+) -> Table:
     """Draw the sources of a field.
 
     Parameters
@@ -103,7 +124,9 @@ def make_catalog(box: Any, *, field: FieldConfig | None = None, seed: Any = 0, x
     box = _as_box(box, xy0)
     unknown = sorted(set(overrides) - _FIELD_NAMES)
     if unknown:
-        raise InvalidInputError(f"unknown FieldConfig option(s) {unknown}; valid: {sorted(_FIELD_NAMES)}")
+        raise InvalidInputError(
+            f"unknown FieldConfig option(s) {unknown}; valid: {sorted(_FIELD_NAMES)}"
+        )
     cfg = FieldConfig() if field is None else field
     if not isinstance(cfg, FieldConfig):
         raise InvalidInputError(f"field must be a FieldConfig, got {type(cfg).__name__}")
@@ -123,7 +146,9 @@ def make_catalog(box: Any, *, field: FieldConfig | None = None, seed: Any = 0, x
     t["is_star"][:n_stars] = True
     t["is_galaxy"][n_stars:] = True
     t["flux"][:n_stars] = _power_law(rng, n_stars, cfg.flux_min, cfg.flux_max, cfg.flux_alpha)
-    t["flux"][n_stars:] = _power_law(rng, n_gal, cfg.galaxy_flux_min, cfg.galaxy_flux_max, cfg.galaxy_flux_alpha)
+    t["flux"][n_stars:] = _power_law(
+        rng, n_gal, cfg.galaxy_flux_min, cfg.galaxy_flux_max, cfg.galaxy_flux_alpha
+    )
     if n_gal:
         t["r_eff"][n_stars:] = _loguniform(rng, *cfg.galaxy_r_eff, n_gal)
         t["sersic_n"][n_stars:] = rng.uniform(*cfg.galaxy_sersic_n, n_gal)
@@ -142,8 +167,15 @@ def make_catalog(box: Any, *, field: FieldConfig | None = None, seed: Any = 0, x
         from astropy.table import vstack
 
         t = vstack([t, bt], metadata_conflicts="silent")
-    t.meta.update({"seed": str(_seed_card(seed)), "x0": box.x0, "y0": box.y0, "width": box.width,
-                   "height": box.height})
+    t.meta.update(
+        {
+            "seed": str(_seed_card(seed)),
+            "x0": box.x0,
+            "y0": box.y0,
+            "width": box.width,
+            "height": box.height,
+        }
+    )
     return t
 
 
@@ -168,7 +200,9 @@ def _check_catalog(cat: Any) -> Table:
             v = np.asarray(out[col], float)[gal]
             if not np.isfinite(v).all():
                 raise InvalidInputError(f"catalog galaxies need finite {col!r}")
-        if (np.asarray(out["r_eff"])[gal] <= 0).any() or (np.asarray(out["axis_ratio"])[gal] <= 0).any():
+        if (np.asarray(out["r_eff"])[gal] <= 0).any() or (
+            np.asarray(out["axis_ratio"])[gal] <= 0
+        ).any():
             raise InvalidInputError("catalog galaxies need r_eff > 0 and axis_ratio > 0")
     out.meta.update(cat.meta)
     return out

@@ -65,7 +65,9 @@ class SimResult:
         return self.model - self.background
 
 
-def _flagged_cosmic_rays(cr_mask: np.ndarray, spec: Any, rng: np.random.Generator) -> np.ndarray | None:
+def _flagged_cosmic_rays(
+    cr_mask: np.ndarray, spec: Any, rng: np.random.Generator
+) -> np.ndarray | None:
     """The cosmic-ray pixels to flag CR: all (True), none (False) or whole tracks chosen at
     random with probability ``spec`` (a fraction)."""
     if isinstance(spec, (bool, np.bool_)):
@@ -81,9 +83,18 @@ def _flagged_cosmic_rays(cr_mask: np.ndarray, spec: Any, rng: np.random.Generato
     return keep[labels]
 
 
-def _simulate(box: Box, catalog: Table, obs: ObsConfig, *, offset=(0.0, 0.0), flux_scale: float = 1.0,
-              seed: Any = 0, renderer: _Renderer | None = None, extra_meta: Mapping[str, Any] | None = None,
-              galaxy_oversample: int | None = None) -> SimResult:
+def _simulate(
+    box: Box,
+    catalog: Table,
+    obs: ObsConfig,
+    *,
+    offset=(0.0, 0.0),
+    flux_scale: float = 1.0,
+    seed: Any = 0,
+    renderer: _Renderer | None = None,
+    extra_meta: Mapping[str, Any] | None = None,
+    galaxy_oversample: int | None = None,
+) -> SimResult:
     H, W = box.shape
     dx = _finite_number("offset[0]", offset[0])
     dy = _finite_number("offset[1]", offset[1])
@@ -100,11 +111,23 @@ def _simulate(box: Box, catalog: Table, obs: ObsConfig, *, offset=(0.0, 0.0), fl
     star = ~is_gal
     _render_points(canvas, renderer, xs[star], ys[star], flux[star])
     if is_gal.any():
-        ov = galaxy_oversample or getattr(obs.psf, "oversample", None) or getattr(renderer.psf, "oversample", 5)
-        _render_galaxies(canvas, renderer, xs[is_gal], ys[is_gal], flux[is_gal],
-                         np.asarray(catalog["r_eff"])[is_gal], np.asarray(catalog["sersic_n"])[is_gal],
-                         np.asarray(catalog["axis_ratio"])[is_gal], np.asarray(catalog["theta"])[is_gal],
-                         oversample=int(ov))
+        ov = (
+            galaxy_oversample
+            or getattr(obs.psf, "oversample", None)
+            or getattr(renderer.psf, "oversample", 5)
+        )
+        _render_galaxies(
+            canvas,
+            renderer,
+            xs[is_gal],
+            ys[is_gal],
+            flux[is_gal],
+            np.asarray(catalog["r_eff"])[is_gal],
+            np.asarray(catalog["sersic_n"])[is_gal],
+            np.asarray(catalog["axis_ratio"])[is_gal],
+            np.asarray(catalog["theta"])[is_gal],
+            oversample=int(ov),
+        )
     sources = canvas.image()
 
     # --- background, trails, ghosts ------------------------------------------------------
@@ -194,7 +217,9 @@ def _simulate(box: Box, catalog: Table, obs: ObsConfig, *, offset=(0.0, 0.0), fl
         cr_mask &= ~nodata
 
     # --- PSF, WCS, calibration, metadata -------------------------------------------------
-    wcs = make_wcs(box, ra=obs.ra, dec=obs.dec, pixel_scale=obs.pixel_scale, reference=obs.wcs_reference)
+    wcs = make_wcs(
+        box, ra=obs.ra, dec=obs.dec, pixel_scale=obs.pixel_scale, reference=obs.wcs_reference
+    )
     cx, cy = _box_centre(box)
     hdr = fits.Header()
     hdr["BUNIT"] = ("adu", "image units")
@@ -217,9 +242,18 @@ def _simulate(box: Box, catalog: Table, obs: ObsConfig, *, offset=(0.0, 0.0), fl
 
     image = image.astype(np.float32)
     variance = variance.astype(np.float32)
-    exposure = Exposure.from_arrays(image, variance, mask, xy0=(box.x0, box.y0), mask_planes=mp,
-                                    psf=renderer.psf, wcs=wcs, photo_calib=PhotoCalib(obs.photo_calib),
-                                    metadata=hdr, backend="numpy")
+    exposure = Exposure.from_arrays(
+        image,
+        variance,
+        mask,
+        xy0=(box.x0, box.y0),
+        mask_planes=mp,
+        psf=renderer.psf,
+        wcs=wcs,
+        photo_calib=PhotoCalib(obs.photo_calib),
+        metadata=hdr,
+        backend="numpy",
+    )
     del image, variance
 
     # --- truth ---------------------------------------------------------------------------
@@ -239,21 +273,48 @@ def _simulate(box: Box, catalog: Table, obs: ObsConfig, *, offset=(0.0, 0.0), fl
     truth["psf_fwhm"] = renderer.profile_fwhm(np.asarray(truth["x"]), np.asarray(truth["y"]))
     for col in _GALAXY_COLUMNS:
         truth[col] = np.asarray(catalog[col], dtype=np.float64)[touched]
-    truth.meta.update({"seed": str(_seed_card(seed)), "gain": g, "read_noise": rn, "sky": float(obs.sky),
-                       "units": "flux in ADU; x, y parent pixel coordinates (integer = pixel centre)"})
+    truth.meta.update(
+        {
+            "seed": str(_seed_card(seed)),
+            "gain": g,
+            "read_noise": rn,
+            "sky": float(obs.sky),
+            "units": "flux in ADU; x, y parent pixel coordinates (integer = pixel centre)",
+        }
+    )
 
     empty = np.zeros((H, W), dtype=bool)
-    masks = {"cosmic_ray": cr_mask, "saturated": sat, "bad_column": bad, "no_data": nodata,
-             "trail": empty if trail_mask is None else trail_mask,
-             "ghost": empty if ghost_mask is None else ghost_mask}
-    return SimResult(exposure=exposure, truth=truth, model=model.astype(np.float32),
-                     background=background.astype(np.float32), cr_mask=cr_mask, masks=masks, seed=seed)
+    masks = {
+        "cosmic_ray": cr_mask,
+        "saturated": sat,
+        "bad_column": bad,
+        "no_data": nodata,
+        "trail": empty if trail_mask is None else trail_mask,
+        "ghost": empty if ghost_mask is None else ghost_mask,
+    }
+    return SimResult(
+        exposure=exposure,
+        truth=truth,
+        model=model.astype(np.float32),
+        background=background.astype(np.float32),
+        cr_mask=cr_mask,
+        masks=masks,
+        seed=seed,
+    )
 
 
-def simulate_exposure(size: Any = 512, *, xy0=(0, 0), catalog: Table | None = None,
-                      field: FieldConfig | None = None, obs: ObsConfig | None = None,
-                      offset: tuple[float, float] = (0.0, 0.0), flux_scale: float = 1.0,
-                      seed: Any = 0, **overrides) -> SimResult:
+def simulate_exposure(
+    size: Any = 512,
+    *,
+    xy0=(0, 0),
+    catalog: Table | None = None,
+    field: FieldConfig | None = None,
+    obs: ObsConfig | None = None,
+    offset: tuple[float, float] = (0.0, 0.0),
+    flux_scale: float = 1.0,
+    seed: Any = 0,
+    **overrides,
+) -> SimResult:
     """Simulate one exposure of a field, with its noiseless model and truth.
 
     Parameters

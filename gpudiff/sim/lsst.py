@@ -1,4 +1,4 @@
-"""LSST's ``ip_diffim`` test-image generator ``makeTestImage`` (spec §11.1)."""
+"""LSST's ``ip_diffim`` test-image generator ``makeTestImage`` (docs/algorithms.md §11.1)."""
 
 from __future__ import annotations
 
@@ -23,12 +23,22 @@ from .wcs import _tan_wcs
 
 def _lsst_fake_wcs(box: Box) -> WCS:
     """LSST's ``makeFakeWcs``: an affine TAN WCS (CRPIX in parent pixels 123.45, 678.9)."""
-    return _tan_wcs(box, (0.1, 0.1), (123.45, 678.9),
-                    [[5.19513851e-05, -2.81124812e-07], [-3.25186974e-07, -5.19112119e-05]])
+    return _tan_wcs(
+        box,
+        (0.1, 0.1),
+        (123.45, 678.9),
+        [[5.19513851e-05, -2.81124812e-07], [-3.25186974e-07, -5.19112119e-05]],
+    )
 
 
-def _detect_positive(image: np.ndarray, variance: np.ndarray, sigma: float, threshold: float = 5.0,
-                     n_sigma_to_grow: float = 2.4, n_sigma_for_kernel: float = 7.0) -> np.ndarray:
+def _detect_positive(
+    image: np.ndarray,
+    variance: np.ndarray,
+    sigma: float,
+    threshold: float = 5.0,
+    n_sigma_to_grow: float = 2.4,
+    n_sigma_for_kernel: float = 7.0,
+) -> np.ndarray:
     """An approximation of LSST's default SourceDetectionTask (positive polarity).
 
     Smooth with a unit-sum Gaussian of the PSF σ (width 2·int(7σ + 0.5) + 1), smooth the
@@ -53,18 +63,31 @@ def _detect_positive(image: np.ndarray, variance: np.ndarray, sigma: float, thre
     det[inner] = det_inner
     grow = int(n_sigma_to_grow * sigma + 0.5)
     if grow > 0 and det.any():
-        yy, xx = np.mgrid[-grow:grow + 1, -grow:grow + 1]
+        yy, xx = np.mgrid[-grow : grow + 1, -grow : grow + 1]
         det = ndimage.binary_dilation(det, structure=(xx * xx + yy * yy) <= grow * grow)
     return det
 
 
-def make_test_image(seed: int = 5, n_src: int = 20, psf_size: float = 2.0, noise_level: float = 5.0,
-                    noise_seed: int = 6, flux_level: float = 500.0, flux_range: float = 2.0,
-                    kernel_size: int = 31, template_border_size: int = 0, background: Any = None,
-                    x_size: int = 256, y_size: int = 256, x0: int = 12345, y0: int = 67890,
-                    calibration: float = 1.0, apply_calibration: bool = False,
-                    detect: bool = True) -> tuple[Exposure, Table]:
-    """LSST's ``ip_diffim`` test-image generator ``makeTestImage`` (spec §11.1).
+def make_test_image(
+    seed: int = 5,
+    n_src: int = 20,
+    psf_size: float = 2.0,
+    noise_level: float = 5.0,
+    noise_seed: int = 6,
+    flux_level: float = 500.0,
+    flux_range: float = 2.0,
+    kernel_size: int = 31,
+    template_border_size: int = 0,
+    background: Any = None,
+    x_size: int = 256,
+    y_size: int = 256,
+    x0: int = 12345,
+    y0: int = 67890,
+    calibration: float = 1.0,
+    apply_calibration: bool = False,
+    detect: bool = True,
+) -> tuple[Exposure, Table]:
+    """LSST's ``ip_diffim`` test-image generator ``makeTestImage`` (docs/algorithms.md §11.1).
 
     Steps, as in LSST:
 
@@ -115,7 +138,9 @@ def make_test_image(seed: int = 5, n_src: int = 20, psf_size: float = 2.0, noise
     buffer = kernel_size // 2 + border + 1
     W, H = box.width, box.height
     if W - 2 * buffer <= 0 or H - 2 * buffer <= 0:
-        raise InvalidInputError(f"image {x_size}x{y_size} is too small for kernel_size {kernel_size}")
+        raise InvalidInputError(
+            f"image {x_size}x{y_size} is too small for kernel_size {kernel_size}"
+        )
     for name, s in (("seed", seed), ("noise_seed", noise_seed)):
         if not _is_int(s) or s < 0:
             raise InvalidInputError(f"{name} must be a non-negative integer, got {s!r}")
@@ -131,7 +156,7 @@ def make_test_image(seed: int = 5, n_src: int = 20, psf_size: float = 2.0, noise
     model = canvas.image()
     noise = rng_noise.randn(H, W) * noise_level
     noise -= np.mean(noise)
-    variance = np.sqrt(np.abs(model)) + noise_level ** 2
+    variance = np.sqrt(np.abs(model)) + noise_level**2
     image = model + noise
 
     mp = MaskPlanes()
@@ -141,11 +166,11 @@ def make_test_image(seed: int = 5, n_src: int = 20, psf_size: float = 2.0, noise
     if background is not None:
         image += _eval_background(background, box)
     image /= calibration
-    variance /= calibration ** 2
+    variance /= calibration**2
     photo = PhotoCalib(calibration)
     if apply_calibration:
         image *= calibration
-        variance *= calibration ** 2
+        variance *= calibration**2
         photo = PhotoCalib(1.0)
 
     hdr = fits.Header()
@@ -153,8 +178,18 @@ def make_test_image(seed: int = 5, n_src: int = 20, psf_size: float = 2.0, noise
     hdr["NOISESD"] = (int(noise_seed), "makeTestImage noise seed")
     hdr["BAND"] = "g"
     hdr["FILTER"] = "g"
-    exposure = Exposure.from_arrays(image, variance, mask, xy0=(box.x0, box.y0), mask_planes=mp, psf=psf,
-                                    wcs=_lsst_fake_wcs(box), photo_calib=photo, metadata=hdr, backend="numpy")
+    exposure = Exposure.from_arrays(
+        image,
+        variance,
+        mask,
+        xy0=(box.x0, box.y0),
+        mask_planes=mp,
+        psf=psf,
+        wcs=_lsst_fake_wcs(box),
+        photo_calib=photo,
+        metadata=hdr,
+        backend="numpy",
+    )
     cat = Table()
     cat["id"] = np.arange(1, n_src + 1, dtype=np.int64)
     cat["x"] = x_loc
@@ -165,6 +200,11 @@ def make_test_image(seed: int = 5, n_src: int = 20, psf_size: float = 2.0, noise
     cat["is_isolated"] = np.ones(n_src, dtype=bool)
     cat["is_primary"] = np.ones(n_src, dtype=bool)
     cat["is_unresolved"] = np.ones(n_src, dtype=bool)
-    cat.meta.update({"seed": int(seed), "noise_seed": int(noise_seed),
-                     "lsst_names": "flux=truth_instFlux, flux_err=truth_instFluxErr"})
+    cat.meta.update(
+        {
+            "seed": int(seed),
+            "noise_seed": int(noise_seed),
+            "lsst_names": "flux=truth_instFlux, flux_err=truth_instFluxErr",
+        }
+    )
     return exposure, cat

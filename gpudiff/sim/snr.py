@@ -10,7 +10,7 @@ from ..errors import InvalidInputError
 def _psf_sums(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Σ P² and Σ P³ of a PSF image P (or of each image of a stack)."""
     P = np.asarray(kernel, dtype=np.float64)
-    return (P * P).sum(axis=(-2, -1)), (P ** 3).sum(axis=(-2, -1))
+    return (P * P).sum(axis=(-2, -1)), (P**3).sum(axis=(-2, -1))
 
 
 def psf_snr(flux, kernel: np.ndarray, background_variance, gain: float = 1.0):
