@@ -28,7 +28,7 @@ from ..masked_image import Box
 from ..psf import DoubleGaussianPsf, GaussianPsf, ImagePsf, Psf
 from ._common import Hdus, log, plane, read_photocalib, read_wcs, read_xy0, role_of, strip, warn
 from .masks import read_mask
-from .plain import estimate_variance
+from .plain import variance_plane
 from .psf_models import PiffPsf, load_piff_pickle, piff_available, piff_average_position
 
 __all__ = ["detect", "read", "read_psf_of", "AfwArchive"]
@@ -69,16 +69,7 @@ def read(hdus: Hdus, backend) -> Exposure:
                 "used the IMAGE's",
             )
     metadata = strip(hdus.primary, _ARCHIVE_POINTERS)
-    if var_hdu is not None:
-        variance = plane(path, var_hdu, "VARIANCE", np.float32, shape=image.shape)
-    else:
-        variance, _, sigma = estimate_variance(image)
-        metadata["GDVAREST"] = ("sky", "variance estimated by gpudiff")
-        warn(
-            path,
-            "afw file without a VARIANCE HDU: variance estimated from the sky noise (sigma "
-            f"{sigma:.4g})",
-        )
+    variance = variance_plane(path, var_hdu, image, metadata, "afw")
     if mask_hdu is not None:
         mask, planes = read_mask(path, [mask_hdu], image.shape)
     else:

@@ -30,7 +30,7 @@ from ..masked_image import Box
 from ..psf import GaussianPsf, Psf
 from ._common import Hdus, log, plane, read_wcs, read_xy0, strip, warn
 from .masks import read_mask
-from .plain import estimate_variance
+from .plain import variance_plane
 from .psf_models import CellPsf, PiffPsf, piff_available
 
 __all__ = ["detect", "read", "read_psf_of", "json_tree"]
@@ -80,16 +80,7 @@ def read(hdus: Hdus, backend) -> Exposure:
     if "BUNIT" in img_hdu.header and "BUNIT" not in metadata:
         metadata["BUNIT"] = (img_hdu.header["BUNIT"], "unit of the IMAGE pixels")
     var_hdu = hdus.get("VARIANCE")
-    if var_hdu is not None:
-        variance = plane(path, var_hdu, "VARIANCE", np.float32, shape=image.shape)
-    else:
-        variance, _, sigma = estimate_variance(image)
-        metadata["GDVAREST"] = ("sky", "variance estimated by gpudiff")
-        warn(
-            path,
-            "lsst-images file without a VARIANCE HDU: variance estimated from the sky noise "
-            f"(sigma {sigma:.4g})",
-        )
+    variance = variance_plane(path, var_hdu, image, metadata, "lsst-images")
     masks = hdus.all("MASK")
     if masks:
         mask, planes = read_mask(path, masks, image.shape)

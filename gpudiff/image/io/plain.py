@@ -16,9 +16,9 @@ import numpy as np
 
 from ..exposure import Exposure
 from ..maskplanes import MaskPlanes
-from ._common import gain_from, log
+from ._common import gain_from, log, plane, warn
 
-__all__ = ["estimate_variance", "assemble"]
+__all__ = ["estimate_variance", "variance_plane", "assemble"]
 
 NAME = "plain"
 
@@ -51,6 +51,25 @@ def estimate_variance(image, gain: float | None = None) -> tuple[np.ndarray, flo
         var[finite] += np.clip(img[finite] - sky, 0.0, None) / float(gain)
     var[~finite] = np.inf
     return var.astype(np.float32), float(sky), float(sigma)
+
+
+def variance_plane(path: str, var_hdu, image, metadata, layout: str) -> np.ndarray:
+    """The file's VARIANCE plane, or (none in the file) :func:`estimate_variance`'s.
+
+    A file that has a VARIANCE HDU is never re-estimated.  An estimate is recorded in
+    ``metadata`` (``GDVAREST``) and announced with a warning naming ``layout``, so a
+    variance the file did not carry is never taken silently.
+    """
+    if var_hdu is not None:
+        return plane(path, var_hdu, "VARIANCE", np.float32, shape=image.shape)
+    variance, _, sigma = estimate_variance(image)
+    metadata["GDVAREST"] = ("sky", "variance estimated by gpudiff")
+    warn(
+        path,
+        f"{layout} file without a VARIANCE HDU: variance estimated from the sky noise "
+        f"(sigma {sigma:.4g})",
+    )
+    return variance
 
 
 def assemble(
