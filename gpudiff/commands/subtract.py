@@ -292,9 +292,16 @@ def subtract_files(
     if detect:
         t = time.perf_counter()
         if preconvolve:  # detected on the score, measured on the plain difference (as LSST)
-            dia = DetectAndMeasureScoreTask(backend=be).run(res.difference, result_exp).dia_sources
+            dia = (
+                DetectAndMeasureScoreTask(backend=be)
+                .run(res.difference, result_exp, bright_sources=res.science_sources)
+                .dia_sources
+            )
         else:
-            dm = DetectAndMeasureTask(backend=be).run(result_exp)
+            # The science sources flag residuals inside bright stars' halos (issue 14).
+            dm = DetectAndMeasureTask(backend=be).run(
+                result_exp, bright_sources=res.science_sources
+            )
             result_exp, dia = dm.subtracted_measured_exposure, dm.dia_sources
         timings["detect"] = time.perf_counter() - t
     m = res.metadata

@@ -68,6 +68,8 @@ class PreconvolveResult:
     kernel_fit: KernelFit
     metadata: dict = field(default_factory=dict)
     difference: Exposure | None = None
+    #: Sources detected on the science image (see ``SubtractionResult.science_sources``).
+    science_sources: object = None
 
 
 def preconvolution_kernel(exposure: Exposure) -> np.ndarray:
@@ -113,9 +115,9 @@ class AlardLuptonPreconvolveSubtractTask(AlardLuptonSubtractTask):
         k_size = make_kernel_basis(cfg.make_kernel, t_fwhm, matched_size).size
         # Sources are detected and measured on the science image itself (LSST passes a catalog
         # measured there); the preconvolved image is broader than its PSF attribute.
+        science_sources = meta.pop("science_detections", None)
         if sources is None:
-            sources = meta.pop("science_detections", None)
-        meta.pop("science_detections", None)
+            sources = science_sources
         try:
             sel = self.select_sources(science, template, sources, k_size, 2 * k_size)
         except InsufficientKernelSourcesError:
@@ -204,4 +206,5 @@ class AlardLuptonPreconvolveSubtractTask(AlardLuptonSubtractTask):
             kernel_fit=fit,
             metadata=meta,
             difference=plain,
+            science_sources=science_sources,
         )
