@@ -9,6 +9,7 @@ noise maps (variance = ERR²).
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from astropy.io import fits
 
 from gpudiff.cli import main
@@ -117,3 +118,44 @@ def test_jwst_pair_with_webbpsf_and_noise_maps(shared_data):
     # of the whole difference is the sky noise; within 10 % of the variance plane.
     assert abs(_robust(z) - 1) < 0.10
     assert res.kernel_fit.n_used >= 3
+
+
+# Some of these 256² cutouts hold 4-6 stars: the spatial kernel system of a pair can be
+# ill-conditioned, which the fit reports as a RuntimeWarning (the CLI prints it) and the
+# condition-number fallback handles; it is not what this test is about.
+@pytest.mark.filterwarnings("ignore:spatial kernel system is ill-conditioned:RuntimeWarning")
+def test_decam_same_epoch_pairs_via_cli_have_few_clean_sources(shared_data, tmp_path):
+    """Issue 14's real-data target: all 20 same-epoch DECam pairs (exposures minutes
+    apart, so nearly every DIA source is false) through the command line with its
+    defaults give ≤ 5 clean DIA sources per Mpix; the transient of OBS04a − OBS18a at
+    array pixel ≈ (129, 129) is found clean.
+
+    Measured: 23 clean sources on the 20 pairs (17.5 per Mpix) before template cosmic
+    rays were found (12 of the 23), bright-star residuals were flagged from the science
+    sources and the threshold was put in units of the measured (correlated) noise of
+    these resampled cutouts; 5 after (3.8 per Mpix; 15 pairs with none).
+    """
+    import itertools
+
+    from astropy.table import Table
+
+    d = shared_data / "decam_sfft_mini" / "input"
+    n_clean, n_pairs = 0, 0
+    for ep in ("04", "18"):
+        for a, b in itertools.combinations("abcde", 2):
+            out, cat = tmp_path / f"{ep}{a}{b}.fits", tmp_path / f"{ep}{a}{b}.ecsv"
+            sci, tmpl = d / f"DEC-OBS{ep}{a}.mini.fits", d / f"DEC-OBS{ep}{b}.mini.fits"
+            argv = ["subtract", str(sci), str(tmpl), "-o", str(out), "--sources-out", str(cat)]
+            assert main(argv + ["--backend", "numpy"]) == 0
+            t = Table.read(cat)
+            n_clean += int(t["clean"].sum()) if len(t) else 0
+            n_pairs += 1
+    mpix = n_pairs * 256 * 256 / 1e6
+    assert n_pairs == 20 and n_clean / mpix <= 5.0, (n_clean, n_clean / mpix)
+
+    out, cat = tmp_path / "x.fits", tmp_path / "x.ecsv"
+    argv = [str(d / "DEC-OBS04a.mini.fits"), str(d / "DEC-OBS18a.mini.fits")]
+    assert main(["subtract", *argv, "-o", str(out), "--sources-out", str(cat)]) == 0
+    t = Table.read(cat)
+    near = np.hypot(np.asarray(t["x_array"]) - 129, np.asarray(t["y_array"]) - 129) < 3
+    assert near.any() and bool(t["clean"][near].any())
