@@ -143,11 +143,16 @@ def measure_pair(
             AlardLuptonPreconvolveSubtractConfig(mode=mode, **cfg_kw)
         ).run(tpl, sci)
         diff, score = res.difference, res.score_exposure
-        dia = DetectAndMeasureScoreTask().run(diff, score).dia_sources
+        # As the command line: the science sources flag bright-star halo residuals.
+        dia = (
+            DetectAndMeasureScoreTask()
+            .run(diff, score, bright_sources=res.science_sources)
+            .dia_sources
+        )
     else:
         res = AlardLuptonSubtractTask(AlardLuptonSubtractConfig(mode=mode, **cfg_kw)).run(tpl, sci)
         diff = res.difference
-        dia = DetectAndMeasureTask().run(diff).dia_sources
+        dia = DetectAndMeasureTask().run(diff, bright_sources=res.science_sources).dia_sources
     img, var, mask = (np.asarray(diff.image), np.asarray(diff.variance), np.asarray(diff.mask))
     z = img / np.sqrt(var)
     # Source-free sky: no source light above 1 % of the sky σ in either noiseless model (the

@@ -109,9 +109,15 @@ def write_table_atomic(table, path, overwrite: bool = False) -> None:
 
     from ..image.atomic import atomic_write
 
+    import warnings
+
     path = os.fspath(path)
     fmt = "fits" if path.lower().endswith((".fits", ".fit")) else "ascii.ecsv"
-    atomic_write(path, lambda f: table.write(f, format=fmt), overwrite, text=fmt != "fits")
+    with warnings.catch_warnings():
+        # Catalog metadata keys longer than 8 characters become HIERARCH cards, which
+        # astropy reads back as they were: nothing for the user to act on.
+        warnings.filterwarnings("ignore", message="Keyword name .* HIERARCH card")
+        atomic_write(path, lambda f: table.write(f, format=fmt), overwrite, text=fmt != "fits")
 
 
 @accepts_threads
