@@ -217,6 +217,17 @@ def measure_pair(
     out["completeness_snr8_away"] = (
         float(found_clean[sel8 & nd].mean()) if (sel8 & nd).any() else float("nan")
     )
+    # Injections whose centre lies on a pixel a defect reached (the difference's flagging
+    # planes, grown by every kernel) cannot be clean by construction (issue 14, item 1).
+    fmask = diff.masked_image.mask_planes.bitmask_if_present(
+        ["BAD", "SAT", "CR", "EDGE", "NO_DATA", "SUSPECT", "INTRP"]
+    )
+    ix = np.clip(np.rint(tx).astype(int) - sci.bbox.x0, 0, mask.shape[1] - 1)
+    iy = np.clip(np.rint(ty).astype(int) - sci.bbox.y0, 0, mask.shape[0] - 1)
+    reached = (mask[iy, ix] & fmask) != 0
+    out["completeness_snr8_unmasked"] = (
+        float(found_clean[sel8 & ~reached].mean()) if (sel8 & ~reached).any() else float("nan")
+    )
     bright = (snr > 20) & found
     if bright.any():
         f = np.asarray(dia["psf_flux"], float)[nearest[bright]]

@@ -82,6 +82,10 @@ def _header(res, backend, timings: dict) -> dict:
     ):
         if m.get(key) is not None:
             cards[card] = (int(m[key]), what)
+    if m.get("kernel_star_flux_ratio") is not None:
+        # The photometric check of the kernel sum: flux ratio measured on the kernel stars.
+        cards["GDKRAT"] = (float(m["kernel_star_flux_ratio"]), "kernel stars' flux ratio")
+        cards["GDKRATE"] = (float(m["kernel_star_flux_ratio_err"]), "its uncertainty")
     if "scale_science_variance_factor" in m:
         cards["GDSVSCI"] = (float(m["scale_science_variance_factor"]), "science variance scale")
         cards["GDSVTMP"] = (float(m["scale_template_variance_factor"]), "template variance scale")
@@ -327,6 +331,9 @@ def subtract_files(
     cards = _header(res, be.name, timings)
     cards.update(input_cards(sci_src, "science"))
     cards.update(input_cards(tmpl_src, "template"))
+    if dia is not None and "noise_excess" in dia.meta:
+        # > 1: correlated noise; the DIA threshold and S/N are in measured-noise units.
+        cards["GDNOISEX"] = (float(dia.meta["noise_excess"]), "detection noise / variance plane's")
     for key, card in cards.items():
         result_exp.metadata[key] = card
     t = time.perf_counter()

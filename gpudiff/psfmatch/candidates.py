@@ -25,6 +25,7 @@ __all__ = [
     "selection_counts",
     "stellar_locus",
     "reclassify_extended",
+    "template_presence_snr",
     "GOOD",
     "BAD",
     "UNKNOWN",
@@ -447,3 +448,70 @@ def reclassify_extended(table: Any) -> Any:
         tol = np.maximum(0.1, 3.0 * 3.5 / np.abs(snr))
         out["is_extended"] = np.isfinite(ext) & np.isfinite(snr) & (ext > tol)
     return out
+
+
+def template_presence_snr(
+    template: MaskedImage, psf_image: np.ndarray, x: Any, y: Any, fwhm: float
+) -> np.ndarray:
+    """S/N of each source in the template: a PSF-weighted flux above the local background.
+
+    A kernel source must be a source in **both** images: one that is new in the science
+    (a transient, a moving object) has no counterpart to match, and its stamp's kernel sum
+    is ~0.  LSST selects kernel sources from the science catalog only, and its clipping
+    assumes such stamps are rare; on a pair where they are not (measured: 183 of 394
+    candidates on a realistic 2048² pair with 300 injected transients) they pulled the
+    kernel sum to 0.76 (stars' flux ratio 1.0).
+
+    Parameters
+    ----------
+    template : MaskedImage
+        The template (parent coordinates; any backend).
+    psf_image : ndarray (s, s)
+        The template's PSF kernel image (odd side, centred, unit sum).
+    x, y : array_like (n,)
+        Parent positions.
+    fwhm : float
+        Template PSF FWHM, pixels: the background is the median of the stamp pixels beyond
+        2 FWHM.
+
+    Returns
+    -------
+    ndarray (n,)
+        F/σ_F with F = ΣP(I − b)/ΣP², σ_F = √(ΣP²V)/ΣP² over finite, unmasked pixels
+        (the PSF centred on the nearest pixel: a presence test, not photometry); NaN
+        where no pixel is usable.
+    """
+    from ..ops.stats import gather_stamps
+
+    be = template.backend
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.size == 0:
+        return np.zeros(0)
+    p = np.asarray(psf_image, dtype=np.float64)
+    half = max(p.shape[0] // 2, int(math.ceil(3 * fwhm)))
+    side = 2 * half + 1
+    pp = np.zeros((side, side))
+    o = half - p.shape[0] // 2
+    if o >= 0:
+        pp[o : o + p.shape[0], o : o + p.shape[0]] = p
+    else:
+        pp = p[-o : -o + side, -o : -o + side]
+    rows = np.rint(y).astype(np.int64) - template.xy0[1]
+    cols = np.rint(x).astype(np.int64) - template.xy0[0]
+    img, inside = gather_stamps(be, template.image, rows, cols, half, fill=np.nan)
+    var, _ = gather_stamps(be, template.variance, rows, cols, half, fill=np.nan)
+    msk, _ = gather_stamps(be, template.mask, rows, cols, half, fill=0)
+    img, var, msk, inside = (be.asnumpy(a) for a in (img, var, msk, inside))  # one transfer
+    ok = inside & (msk == 0) & np.isfinite(img) & np.isfinite(var) & (var > 0)
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
+    outer = (np.hypot(xx, yy) > 2 * fwhm)[None] & ok
+    with np.errstate(invalid="ignore", divide="ignore"):
+        b = np.nanmedian(np.where(outer, img, np.nan).reshape(x.size, -1), axis=1)
+        b = np.where(np.isfinite(b), b, 0.0)
+        w = np.where(ok, pp[None], 0.0)
+        s2 = (w * w).sum(axis=(1, 2))
+        f = (w * (np.where(ok, img, 0.0) - b[:, None, None])).sum(axis=(1, 2)) / s2
+        e = np.sqrt((w * w * np.where(ok, var, 0.0)).sum(axis=(1, 2))) / s2
+        snr = f / e
+    return np.where(s2 > 0, snr, np.nan)

@@ -35,7 +35,11 @@ from ..ops.cosmic_rays import find_cosmic_rays
 from ..ops.detection import detect_sources, select_kernel_sources
 from ..ops.interpolate import DEFAULT_INTERPOLATE_PLANES, defect_pixels, interpolate_over_defects
 from ..psfmatch import PsfMatchConfig, fit_spatial_kernel, make_candidates, make_kernel_basis
-from ..psfmatch.candidates import reclassify_extended, selection_counts
+from ..psfmatch.candidates import (
+    reclassify_extended,
+    selection_counts,
+    template_presence_snr,
+)
 from ..psfmatch.fit import KernelFit
 from ..psfmatch.spatial import SpatialKernel
 from .decorrelate import DecorrelateALKernelConfig, DecorrelateALKernelTask
@@ -124,6 +128,12 @@ class AlardLuptonSubtractConfig:
     #: becomes a clean negative DIA source (measured: 12 of the 23 clean false sources of
     #: the 20 same-epoch DECam cutout pairs).
     find_template_cosmic_rays: bool = True
+    #: gpudiff only: a kernel source must also be a source in the template, at this S/N
+    #: (PSF-weighted, above the local background; None: no test, LSST's behaviour).  A
+    #: source new in the science (transient, moving object) has nothing to match, and
+    #: where such sources are common among the candidates LSST's clipping lets them pull
+    #: the kernel sum down (see :func:`gpudiff.psfmatch.candidates.template_presence_snr`).
+    template_source_snr_min: float | None = 3.0
     source_snr_min: float = 10.0
     source_snr_max: float = 500.0
     detection_threshold: float = 5.0
@@ -431,6 +441,8 @@ class AlardLuptonSubtractTask:
             sources = det.catalog
         table = _flag_center_planes(_normalize_sources(sources), science.masked_image)
         table = reclassify_extended(table)  # PSF model vs the stars
+        if cfg.template_source_snr_min is not None and len(table):
+            table = self._flag_not_in_template(table, template)
         box = science.bbox
         if cfg.restrict_kernel_edge_sources:
             box = Box(
@@ -470,6 +482,27 @@ class AlardLuptonSubtractTask:
                 f"by each test: {removed}"
             )
         return selected
+
+    def _flag_not_in_template(self, table: Table, template: Exposure) -> Table:
+        """``table`` with ``template_snr`` and ``flag_not_in_template`` (S/N below
+        ``template_source_snr_min``) for the rows in the selector's S/N range."""
+        cfg = self.config
+        snr = np.asarray(table["snr"], dtype=np.float64)
+        rows = np.flatnonzero((snr >= cfg.source_snr_min) & (snr <= cfg.source_snr_max))
+        tsnr = np.full(len(table), np.nan)
+        tsnr[rows] = template_presence_snr(
+            template.masked_image,
+            template.psf.kernel_image(),
+            np.asarray(table["x"], dtype=np.float64)[rows],
+            np.asarray(table["y"], dtype=np.float64)[rows],
+            psf_fwhm(template, "template"),
+        )
+        table = table.copy(copy_data=False)
+        table["template_snr"] = tsnr
+        flag = np.zeros(len(table), dtype=bool)
+        flag[rows] = ~(tsnr[rows] >= cfg.template_source_snr_min)
+        table["flag_not_in_template"] = flag
+        return table
 
     # --- run ---------------------------------------------------------------------------
     def run(self, template: Exposure, science: Exposure, sources: Any = None) -> SubtractionResult:
