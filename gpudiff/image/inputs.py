@@ -7,32 +7,21 @@ an :class:`~gpudiff.image.Exposure`, always returning a **new** exposure (the in
 never modified), and records where each ingredient came from so that the commands can
 say it in their log and in the output header.
 
-PSF fallback order (:func:`resolve_psf`), first that applies wins:
+What each ingredient can be, and how it is recognised:
 
-1. ``option``      -- a PSF given by the caller (``--science-psf FILE``, a Psf, an array);
-2. ``file``        -- the PSF stored in the image file;
-3. ``stars``       -- estimated from the image's stars (:func:`gpudiff.image.estimate_psf`);
-4. ``header-fwhm`` -- a Gaussian of the header's ``FWHM`` card (pixels);
-5. ``fwhm-option`` -- a Gaussian of the caller's ``--fwhm`` (the last resort).
+- a PSF (:mod:`gpudiff.image.input_psf`): a PSF file, an array or a Psf, else the file's
+  PSF, else one estimated from the stars, else a Gaussian of a FWHM — the fallback order
+  of :func:`resolve_psf`;
+- a noise map (:mod:`gpudiff.image.input_maps`): σ, variance or inverse variance, the
+  file's header correcting the caller's kind (:func:`read_noise_map`); it replaces the
+  variance plane;
+- a mask (:mod:`gpudiff.image.input_maps`): integer planes named by the caller, by the
+  file's ``MP_*`` cards or nonzero → ``BAD`` (:func:`read_mask`); the planes are OR-ed
+  into the exposure's own mask (its planes keep their bits).
 
-Noise maps: ``sigma`` (1σ per pixel, e.g. JWST ``ERR``), ``variance`` or ``ivar``
-(inverse variance, e.g. a ``WHT`` map).  The caller's option says which it expects; the
-file's header, when it says what it is, wins (and the note says so): ``UTYPE``
-(``StdDevUncertainty`` / ``VarianceUncertainty`` / ``InverseVariance``, astropy's CCDData),
-then ``EXTNAME`` (``ERR``/``SIGMA``/``RMS``/... ; ``VAR*``/``VARIANCE``; ``WHT``/``IVAR``/
-``INVVAR``/``WEIGHT``), then ``BUNIT`` compared with the image's ``BUNIT`` (same unit: σ;
-squared: variance; inverse square: inverse variance).  Pixels whose σ or variance is not
-finite and > 0 (inverse variance ≤ 0) get +inf variance and ``NO_DATA``.
-
-Masks: the first 2-D HDU of integer (or integral-valued float) pixels.  Bits are named by
-the caller (``"BAD=0,SAT=1"`` or a mapping), else by the file's ``MP_*`` cards; without
-either, every nonzero pixel is ``BAD`` (astropy's convention).  A set bit that no name
-covers is kept as plane ``BIT<n>`` and a warning says so.  The planes are OR-ed into the
-exposure's own mask (its planes keep their bits).
-
-The readers live in :mod:`gpudiff.image.input_psf` (PSF files and the fallback chain) and
-:mod:`gpudiff.image.input_maps` (noise maps and masks); their public names are re-exported
-here.
+After a noise map or a mask is attached, pixels without a finite value or a usable
+variance (+inf) are ``NO_DATA``, as the FITS readers make them.  The readers' public names
+are re-exported here.
 """
 
 from __future__ import annotations
