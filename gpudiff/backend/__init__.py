@@ -24,6 +24,10 @@ from .kernels import (
     register_kernel,
 )
 
+# Registers the CUDA launchers with their NumPy twins: importing any module of this package
+# runs this file first, so ``kernels.get_kernel`` always sees every kernel.
+from . import launchers as _launchers  # noqa: F401
+
 __all__ = [
     "KernelSpec",
     "clipped_stack",

@@ -4,6 +4,7 @@
 :class:`~gpudiff.psfmatch.candidates.KernelCandidates` set.  Single-kernel solutions are
 computed for every candidate in one batch up front: a candidate's solution does not depend
 on the others, so this visits exactly the candidates afw's cell visitor would, in one pass.
+The photometric check of the kernel sum is in :mod:`gpudiff.psfmatch.kernel_sum`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..image import Box
 from .basis import KernelBasis, make_regularization_matrix, pca_basis
 from .candidates import BAD, GOOD, KernelCandidates, visit_order
 from .config import PsfMatchConfig
+from .kernel_sum import KERNEL_SUM_TOLERANCE, check_kernel_sum, kernel_star_flux_ratio
 from .solve import design_matrices, fit_stamps, good_region, residual_statistics, solve_symmetric
 from .spatial import SpatialFunctions, SpatialKernel
 
@@ -534,115 +536,6 @@ def fit_spatial_kernel(
     )
 
 
-#: Largest relative disagreement tolerated between the kernel sum and the kernel stars'
-#: photometric ratio (issue 14: a kernel that scales fluxes by 0.8 passes every residual
-#: test when its candidates are faint, but biases every difference flux).
-KERNEL_SUM_TOLERANCE = 0.02
-
-
-_APERTURE_FRACTION = 0.5
-_RATIO_MIN_SNR = 20.0
-_RATIO_MIN_STARS = 3
-_MAD_TO_SIGMA = 1.4826
-
-
-def kernel_star_flux_ratio(
-    be: Backend, cands: KernelCandidates, which: np.ndarray
-) -> tuple[float, float]:
-    """Aperture-flux ratio reference/convolved of the candidates ``which``, and its error.
-
-    The aperture is a circle of radius ``_APERTURE_FRACTION`` × kernel_size (the kernel
-    spans ≥ 6 FWHM of the matched PSF, so ≥ 3 FWHM: the flux of both PSFs; a larger
-    aperture in a crowded field adds neighbours' noise), the local sky the median of the
-    stamp's 2-px border, in each image separately (a differential background does not
-    enter the ratio).  NaN when fewer than 3 candidates have an aperture S/N ≥ 20 in
-    both images (the check is then not made).
-    """
-    if which.size == 0:
-        return float("nan"), float("nan")
-    S = int(cands.science.shape[-1])  # ModelPsfMatch stamps are PSF-sized, not 2k+1
-    o = np.arange(S)
-    edge = np.minimum(o, S - 1 - o)
-    # The sky from the median of the stamp's 2-px border.
-    ring = np.minimum(edge[:, None], edge[None, :]) < 2
-    h = S // 2
-    ap = np.hypot(*np.meshgrid(o - h, o - h)) <= _APERTURE_FRACTION * h
-    sel = be.xp.asarray(which)
-    flux, var = [], []
-    for arr, varr in ((cands.science, cands.science_var), (cands.template, cands.template_var)):
-        st = be.asnumpy(arr[sel])
-        sky = np.median(st[:, ring], axis=1)
-        flux.append((st[:, ap] - sky[:, None]).sum(axis=1))
-        var.append(be.asnumpy(varr[sel])[:, ap].sum(axis=1))
-    fr, fc, vr, vc = flux[0], flux[1], var[0], var[1]
-    # Only stars whose aperture flux is measured to S/N ≥ 20 in both images: fainter
-    # candidates (a deep field's S/N-10 compact sources) measure the ratio to no better than
-    # ±10 % each.  The median of the per-star ratios, so that one variable star or one
-    # candidate on a galaxy's halo (a biased local sky) does not move it: hence ≥ 3 stars.
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ok = (
-            np.isfinite(fr)
-            & np.isfinite(fc)
-            & (vr > 0)
-            & (vc > 0)
-            & (fc > _RATIO_MIN_SNR * np.sqrt(vc))
-            & (fr > _RATIO_MIN_SNR * np.sqrt(vr))
-        )
-        r = fr[ok] / fc[ok]
-        e = np.abs(r) * np.sqrt(vr[ok] / fr[ok] ** 2 + vc[ok] / fc[ok] ** 2)
-    if r.size < _RATIO_MIN_STARS:
-        return float("nan"), float("nan")
-    med = float(np.median(r))
-    # Standard error of a median (1.2533 σ/√n), σ the larger of the ratios' MAD scatter
-    # and their own measurement errors.
-    sig = max(_MAD_TO_SIGMA * float(np.median(np.abs(r - med))), float(np.median(e)))
-    return med, 1.2533 * sig / np.sqrt(r.size)
-
-
-def check_kernel_sum(
-    kernel: SpatialKernel,
-    cands: KernelCandidates,
-    which: np.ndarray,
-    ratio: float,
-    ratio_err: float,
-) -> bool:
-    """Whether the kernel sum agrees with the kernel stars' photometric ratio.
-
-    The kernel sum (evaluated at the candidates and averaged) must match the median
-    aperture-flux ratio within ``KERNEL_SUM_TOLERANCE`` (2 %).  A disagreement also
-    within 3 standard errors of the ratio is not evidence of a bad kernel (a few faint
-    stars measure the ratio to no better than that) and passes; otherwise a warning is
-    logged and False returned (the caller records it as a failed quality check).
-    """
-    if not np.isfinite(ratio) or ratio <= 0:
-        log.info(
-            "kernel-sum check not made: fewer than %d kernel candidates with an aperture "
-            "S/N >= %g in both images",
-            _RATIO_MIN_STARS,
-            _RATIO_MIN_SNR,
-        )
-        return True
-    ks = float(
-        np.mean(
-            [kernel.kernel_sum(float(x), float(y)) for x, y in zip(cands.x[which], cands.y[which])]
-        )
-    )
-    rel = abs(ks / ratio - 1.0)
-    noise = 3.0 * ratio_err / ratio if np.isfinite(ratio_err) else 0.0
-    if rel > KERNEL_SUM_TOLERANCE and rel > noise:
-        log.warning(
-            "kernel sum %.4f disagrees with the kernel stars' flux ratio %.4f ± %.4f "
-            "(%.1f %% > %.0f %%): the kernel does not preserve the photometry",
-            ks,
-            ratio,
-            ratio_err,
-            100 * rel,
-            100 * KERNEL_SUM_TOLERANCE,
-        )
-        return False
-    return True
-
-
 def _pca_stage(
     be: Backend, cands: KernelCandidates, which: np.ndarray, single: _Stage, config: PsfMatchConfig
 ) -> _Stage:
@@ -651,5 +544,7 @@ def _pca_stage(
     nb = single.basis.n_bases
     coeffs = be.asnumpy(single.fit.coeffs[be.xp.asarray(single.rows(which))])[:, :nb]
     images = np.einsum("ni,ijk->njk", coeffs, single.basis.kernels)
-    basis = pca_basis(images, config.num_principal_components, config.subtract_mean_for_pca)
+    basis = pca_basis(
+        images, config.num_principal_components, subtract_mean=config.subtract_mean_for_pca
+    )
     return _Stage(be, cands, which, basis, config)
