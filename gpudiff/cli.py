@@ -21,15 +21,17 @@ from .errors import GpudiffError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
-#: Subcommand name → module in gpudiff.commands.
+#: Subcommand name → its module under gpudiff.  ``batch`` lives with the batch package,
+#: which runs the other commands' file functions: ``gpudiff.commands`` never imports it,
+#: so the two packages do not import each other.
 COMMANDS: dict[str, str] = {
-    "info": "info",
-    "demo": "demo",
-    "subtract": "subtract",
-    "match-psf": "match_psf",
-    "match-backgrounds": "match_backgrounds",
-    "coadd": "coadd",
-    "batch": "batch",
+    "info": "commands.info",
+    "demo": "commands.demo",
+    "subtract": "commands.subtract",
+    "match-psf": "commands.match_psf",
+    "match-backgrounds": "commands.match_backgrounds",
+    "coadd": "commands.coadd",
+    "batch": "batch.command",
 }
 
 
@@ -86,7 +88,7 @@ def _thread_setting(n: int | None):
 
 
 def _command(name: str):
-    return importlib.import_module(f"gpudiff.commands.{COMMANDS[name]}")
+    return importlib.import_module(f"gpudiff.{COMMANDS[name]}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,10 +22,11 @@ Every ``import`` statement of every module is read with :mod:`ast`, the lazy one
 functions included (a lazy import that climbs a layer is still a dependency, only a later
 one).  The layer order is checked on all of them; the cycle check on the module-level
 imports, which run when a module is first imported and so could leave one module half
-initialised when another needs it.  ``commands`` and ``batch`` share the top layer: the
-``gpudiff batch`` command (``gpudiff.commands.batch``) starts a batch, whose workers run the
-file functions of ``gpudiff.commands.subtract``/``match_psf``/``coadd``; those modules never
-import the batch package, so the modules themselves form no circle.
+initialised when another needs it.  Between the top layer's packages no import
+circle is allowed even through lazy imports: ``batch`` runs the file functions of
+``gpudiff.commands.subtract``/``match_psf``/``coadd``, so the ``gpudiff batch`` command
+lives in the batch package (``gpudiff.batch.command``) and ``gpudiff.commands`` never
+imports ``gpudiff.batch``.
 """
 
 from __future__ import annotations
@@ -192,6 +193,22 @@ def test_no_import_cycles_at_module_level():
             graph[a].add(b)
     cycle = _find_cycle(graph)
     assert cycle is None, "module-level import circle: " + " -> ".join(cycle)
+
+
+def test_no_import_circles_between_packages():
+    """Package level (``gpudiff.X``), lazy imports included: no two packages of the tree
+    import each other, directly or round a longer circle (within a package, lazy imports
+    may go both ways)."""
+    graph: dict[str, set[str]] = {}
+    for a, b, _, _ in _all_edges():
+        pa, pb = ".".join(a.split(".")[:2]), ".".join(b.split(".")[:2])
+        graph.setdefault(pa, set())
+        graph.setdefault(pb, set())
+        if pa != pb:
+            graph[pa].add(pb)
+    cycle = _find_cycle(graph)
+    assert cycle is None, "package-level import circle: " + " -> ".join(cycle)
+    assert "gpudiff.batch" not in graph["gpudiff.commands"]
 
 
 def test_only_the_backend_imports_cupy():

@@ -485,7 +485,7 @@ def test_cli_through_gpudiff_main(small_field, tmp_path, monkeypatch, capsys):
     from gpudiff import cli
 
     # gpudiff.cli registers the command as "match-psf"; make sure it is, whatever its state
-    monkeypatch.setitem(cli.COMMANDS, "match-psf", "match_psf")
+    monkeypatch.setitem(cli.COMMANDS, "match-psf", "commands.match_psf")
     _, path = small_field
     out_path = tmp_path / "out.fits"
     assert (

@@ -35,7 +35,7 @@ def _int_at_least(minimum: int):
 
 
 def _gpus(text: str) -> list[str]:
-    from ..batch.cluster import parse_gpus
+    from .cluster import parse_gpus
     from ..errors import InvalidInputError
 
     try:
@@ -110,7 +110,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..batch import run as run_batch
+    from . import run as run_batch
     from ..errors import InvalidInputError
 
     if args.job is None and args.njobs > 1:
