@@ -8,6 +8,7 @@ All candidates live in one set of arrays (a "structure of arrays"): stamps are s
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -506,7 +507,9 @@ def template_presence_snr(
     ok = inside & (msk == 0) & np.isfinite(img) & np.isfinite(var) & (var > 0)
     yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
     outer = (np.hypot(xx, yy) > 2 * fwhm)[None] & ok
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        # A stamp with no usable annulus pixel: background taken as 0 below.
+        warnings.simplefilter("ignore", RuntimeWarning)
         b = np.nanmedian(np.where(outer, img, np.nan).reshape(x.size, -1), axis=1)
         b = np.where(np.isfinite(b), b, 0.0)
         w = np.where(ok, pp[None], 0.0)
