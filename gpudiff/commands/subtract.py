@@ -4,6 +4,7 @@ DIA source detection, outputs in the LSST-style layout with the figures in the h
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -335,6 +336,9 @@ def subtract_files(
         # > 1: correlated noise; the DIA threshold and S/N are in measured-noise units.
         cards["GDNOISEX"] = (float(dia.meta["noise_excess"]), "detection noise / variance plane's")
     for key, card in cards.items():
+        value = card[0]
+        if isinstance(value, float) and not math.isfinite(value):
+            continue  # FITS headers cannot hold NaN or inf: an unmeasured figure is left out
         result_exp.metadata[key] = card
     t = time.perf_counter()
     result_exp.to_backend("numpy").write(out, overwrite=True)
