@@ -39,8 +39,7 @@ def _awkward_stack(seed: int, n: int = 300, b: int = 40):
 def test_clip_columns_equals_clipped_stack(seed, nsigma, niter):
     data, good = _awkward_stack(seed)
     be = get_backend("numpy")
-    with np.errstate(all="ignore"):
-        m, v, nu, ng = _clip_columns(be, data, good, nsigma, niter)
+    m, v, nu, ng = _clip_columns(be, data, good, nsigma, niter)  # no warning either
     rm, rv, rnu = clipped_stack(data, ~good, None, nsigma, niter)
     assert m.dtype == rm.dtype and v.dtype == rv.dtype and nu.dtype == rnu.dtype
     np.testing.assert_array_equal(m, rm)  # NaN where NaN, the same bits elsewhere
@@ -49,6 +48,10 @@ def test_clip_columns_equals_clipped_stack(seed, nsigma, niter):
     np.testing.assert_array_equal(ng, good.sum(axis=0))
     assert np.isnan(m[0]) and nu[0] == 0 and m[1] == data[5, 1] and np.isnan(v[1])
     assert np.isfinite(m[3:]).all() and (v[3] == 0)
+    m2, v2, nu2, _ = _clip_columns(be, data, good, nsigma, niter, want_var=False)
+    assert v2 is None
+    np.testing.assert_array_equal(m2, rm)
+    np.testing.assert_array_equal(nu2, rnu)
 
 
 def test_clip_columns_checks_parameters_as_clipped_stack():

@@ -220,9 +220,11 @@ def measure_peaks(
     (s_st, d_st, g_st), _ = gather_stamps_many(be, [snr, d, good], py, px, hc, [0.0, 0.0, False])
     # Peak refinement on the smoothed S/N (log-parabola, exact for a Gaussian peak): the
     # start and the fallback of the Gaussian-weighted centroid on the unsmoothed image.
-    lg = xp.log(xp.maximum(s_st[:, hc - 1 : hc + 2, hc - 1 : hc + 2] * sign, 1e-30))
-    dx0 = _parabola(xp, lg[:, 1, 1], lg[:, 1, 0], lg[:, 1, 2])
-    dy0 = _parabola(xp, lg[:, 1, 1], lg[:, 0, 1], lg[:, 2, 1])
+    # The 3×3 flattened: 4 = centre, (3, 5) its row neighbours, (1, 7) its column ones;
+    # both axes in one pass, column 0 x and column 1 y.
+    lg = xp.log(xp.maximum(s_st[:, hc - 1 : hc + 2, hc - 1 : hc + 2] * sign, 1e-30)).reshape(n, 9)
+    d0 = _parabola(xp, lg[:, 4:5], lg[:, [3, 1]], lg[:, [5, 7]])
+    dx0, dy0 = d0[:, 0], d0[:, 1]
     st = xp.where(g_st, d_st * sign, 0)
     cx, cy, ok_c = weighted_centroid(be, st, dx0, dy0, sigma_w)
     h = _fetch(be, fx=xp.where(ok_c, cx, dx0) + px, fy=xp.where(ok_c, cy, dy0) + py, ok_c=ok_c)

@@ -303,7 +303,9 @@ def _clip_sample(be: Backend, v, excl, nsigma: float, niter: int, *, _select=Non
     return m, s2, int(nu), int(nv)
 
 
-def _clip_columns(be: Backend, data: Any, good: Any, nsigma: float = 3.0, niter: int = 3):
+def _clip_columns(
+    be: Backend, data: Any, good: Any, nsigma: float = 3.0, niter: int = 3, *, want_var=True
+):
     """afw MEANCLIP / VARIANCECLIP of every column of a deep (N, B) stack, unit weights.
 
     The same numbers as the registered ``clipped_stack`` on ``(data, ~good)`` (bit for bit:
@@ -324,6 +326,8 @@ def _clip_columns(be: Backend, data: Any, good: Any, nsigma: float = 3.0, niter:
         True = sample used (non-finite samples are dropped as well).
     nsigma, niter : float, int
         As ``clipped_stack``.
+    want_var : bool
+        Return the final pass's variance (else None, and that pass skips it).
 
     Returns
     -------
@@ -356,9 +360,12 @@ def _clip_columns(be: Backend, data: Any, good: Any, nsigma: float = 3.0, niter:
     v_lo = xp.take_along_axis(s, lo, axis=0).astype(xp.float64)
     v_hi = xp.take_along_axis(s, hi, axis=0).astype(xp.float64)
     del s
-    q = xp.where(n > 0, w_lo * v_lo + w_hi * v_hi, xp.nan)
+    # an empty column reads +inf at rank 0: 1·inf + 0·inf = NaN, the twin's NaN
+    with np.errstate(invalid="ignore"):
+        q = w_lo * v_lo + w_hi * v_hi
     iqr_width = (nsigma * IQ_TO_STDEV) * (q[2] - q[0])
-    x = xp.where(valid, data, xp.float32(0)).astype(xp.float64)
+    # invalid samples NaN: |d| <= width is then False for them, no mask needed per pass
+    x = xp.where(valid, data, xp.float32(np.nan)).astype(xp.float64)
     center, hwidth = q[1], iqr_width
     many = n > 1
     mean = var = sel = None
@@ -368,20 +375,20 @@ def _clip_columns(be: Backend, data: Any, good: Any, nsigma: float = 3.0, niter:
                 center = mean
                 hwidth = xp.where(many, nsigma * xp.sqrt(var), iqr_width)
             d = x - center[None, :]
-            sel = (xp.abs(d) <= hwidth[None, :]) & valid  # False for a NaN centre or width
+            sel = xp.abs(d) <= hwidth[None, :]  # False for a NaN sample, centre or width
             # Sequential sums along axis 0, as the twin's; a non-survivor adds a zero (its
             # sign cannot matter: a column with a survivor has a +0 or nonzero term).
             sumw = sel.sum(axis=0, dtype=xp.float64)
             t = xp.where(sel, d, 0.0)
-            sumx = t.sum(axis=0)
-            sumx2 = (t * d).sum(axis=0)
-            mean_d = sumx / sumw  # no survivor: 0/0 = NaN, as the twin's mask
-            w2 = sumw * sumw
-            var = (sumx2 / sumw - mean_d * mean_d) * (w2 / (w2 - sumw))  # one: 0·∞ = NaN
+            mean_d = t.sum(axis=0) / sumw  # no survivor: 0/0 = NaN, as the twin's mask
+            if want_var or it < niter - 1:
+                sumx2 = (t * t).sum(axis=0)  # t·t = d·d on the survivors, as the twin's t·d
+                w2 = sumw * sumw
+                var = (sumx2 / sumw - mean_d * mean_d) * (w2 / (w2 - sumw))  # one: 0·∞ = NaN
             mean = mean_d + center
     return (
         mean.astype(xp.float32),
-        var.astype(xp.float32),
+        var.astype(xp.float32) if want_var else None,
         sel.sum(axis=0, dtype=xp.int32),
         good.sum(axis=0, dtype=xp.int64),
     )
@@ -527,9 +534,9 @@ def _stamp_index(be: Backend, rows: Any, cols: Any, half: int, shape: tuple[int,
     o = xp.arange(-half, half + 1, dtype=xp.int64)
     r = be.asarray(rows).astype(xp.int64, copy=False)[:, None] + o[None, :]
     c = be.asarray(cols).astype(xp.int64, copy=False)[:, None] + o[None, :]
-    inside = ((r >= 0) & (r < H))[:, :, None] & ((c >= 0) & (c < W))[:, None, :]
-    flat = (xp.clip(r, 0, H - 1) * W)[:, :, None] + xp.clip(c, 0, W - 1)[:, None, :]
-    return flat, inside
+    rc, cc = xp.clip(r, 0, H - 1), xp.clip(c, 0, W - 1)
+    inside = (rc == r)[:, :, None] & (cc == c)[:, None, :]  # clipping moved it: outside
+    return (rc * W)[:, :, None] + cc[:, None, :], inside
 
 
 def gather_stamps_many(
