@@ -267,22 +267,25 @@ def _clip_sample(be: Backend, v, excl, nsigma: float, niter: int, *, _select=Non
     k = len(_QUARTILES)
     qv = ((q1 + 1).astype(xp.float64) - idx) * vals[:k] + (idx - q1.astype(xp.float64)) * vals[k:]
     iqr_width = (nsigma * IQ_TO_STDEV) * (qv[2] - qv[0])
-    x = xp.where(valid, v32, xp.float32(0)).astype(xp.float64)
+    # invalid samples NaN: |d| <= width is then False for them, no mask needed per pass
+    x = xp.where(valid, v32, xp.float32(np.nan)).astype(xp.float64)
     center, hwidth = qv[1], iqr_width
     many = n > 1
     mean = var = sel = None
-    # Device calls are the cost here (the sample is one pass of bandwidth): the three sums
-    # travel as one vector and the scalar updates use IEEE rules instead of masks — no
-    # survivor gives 0/0 = NaN, one survivor (d² − d²)·(1/0) = NaN, as the twin's masks do.
+    # Device calls are the cost here (the sample is one pass of bandwidth): the scalar
+    # updates use IEEE rules instead of masks — no survivor gives 0/0 = NaN, one survivor
+    # (d² − d²)·(1/0) = NaN, as the twin's masks do.
     with np.errstate(all="ignore"):
         for it in range(niter):
             if it > 0:
                 center = mean
                 hwidth = xp.where(many, nsigma * xp.sqrt(var), iqr_width)
             d = x - center
-            sel = (xp.abs(d) <= hwidth) & valid  # False for a NaN centre or width, as afw
+            sel = xp.abs(d) <= hwidth  # False for a NaN sample, centre or width, as afw
             t = xp.where(sel, d, 0.0)
-            sumw, sumx, sumx2 = xp.stack([sel.sum(dtype=xp.float64), t.sum(), (t * d).sum()])
+            # t·t = d·d on the survivors; elsewhere a zero, whose sign cannot matter (a
+            # sample with a survivor has a +0 or nonzero term)
+            sumw, sumx, sumx2 = sel.sum(dtype=xp.float64), t.sum(), (t * t).sum()
             mean_d = sumx / sumw
             w2 = sumw * sumw
             var = (sumx2 / sumw - mean_d * mean_d) * (w2 / (w2 - sumw))
