@@ -60,3 +60,38 @@ def test_clip_columns_checks_parameters_as_clipped_stack():
     for kw in (dict(nsigma=0.0), dict(nsigma=np.inf), dict(niter=0)):
         with pytest.raises(InvalidInputError):
             _clip_columns(be, data, good, **{"nsigma": 3.0, "niter": 3, **kw})
+
+
+def _select_sample(seed: int, n: int):
+    """n values with ties, ±0, subnormals, ±inf and huge values; NaNs marked invalid."""
+    rng = np.random.default_rng(seed)
+    special = np.array(
+        [np.inf, -np.inf, np.nan, 3.0e38, 1e-42, -1e-42, 0.0, -0.0], dtype=np.float32
+    )
+    v = rng.normal(0.0, 3.0, max(n, 16)).astype(np.float32)
+    v[::7] = np.round(v[::7])  # ties
+    v[: special.size] = special
+    v = rng.permutation(v)[:n]
+    valid = (rng.random(n) > 0.1) & ~np.isnan(v)
+    return v, valid
+
+
+@pytest.mark.parametrize("seed, n", [(0, 1), (1, 2), (2, 37), (3, 5000)])
+def test_radix_select_equals_sorting(seed, n):
+    """The device order statistics (run here with NumPy as the array module) pick exactly
+    the sorted values, at every rank, for every float class the keys must order."""
+    from gpudiff.ops.stats import _radix_select, _radix_select_rows
+
+    v, ok = _select_sample(seed, n)
+    ok[0] = True if not np.isnan(v[0]) else ok[0]
+    good = np.sort(v[ok]).astype(np.float64)
+    if good.size == 0:
+        pytest.skip("no valid sample drawn")
+    ranks = np.unique(np.r_[0, good.size - 1, np.arange(0, good.size, max(1, good.size // 23))])
+    np.testing.assert_array_equal(_radix_select(np, v, ok, ranks), good[ranks])
+    # several rows (the row-major histogram), one validity mask
+    V = np.stack([v, -v, v * np.float32(0.5)])
+    rows = np.repeat(np.arange(3), ranks.size)
+    got = _radix_select_rows(np, V, ok, rows, np.tile(ranks, 3))
+    want = np.concatenate([np.sort(V[r][ok]).astype(np.float64)[ranks] for r in range(3)])
+    np.testing.assert_array_equal(got, want)

@@ -129,35 +129,39 @@ _QUARTILES = (0.25, 0.50, 0.75)
 def _sortable_keys(xp, v):
     """float32 → uint32 keys in the order of the values (sign bit flipped for positives,
     all bits for negatives): the radix select's view of the sample."""
-    u = v.view(xp.uint32)
-    return xp.where((u >> 31) != 0, ~u, u | xp.uint32(0x80000000))
+    # the arithmetic shift of the sign bit gives 0 or all ones: the flip mask in 3 launches
+    flip = (v.view(xp.int32) >> 31) | xp.int32(-(1 << 31))
+    return v.view(xp.uint32) ^ flip.view(xp.uint32)
 
 
 def _keys_to_float(xp, k):
-    u = xp.where((k >> 31) != 0, k & xp.uint32(0x7FFFFFFF), ~k)
-    return u.astype(xp.uint32).view(xp.float32)
+    """Inverse of :func:`_sortable_keys`."""
+    flip = ~(k.view(xp.int32) >> 31) | xp.int32(-(1 << 31))
+    return (k ^ flip.view(xp.uint32)).view(xp.float32)
 
 
 def _radix_select(xp, v, valid, ranks):
     """Values of ``v[valid]`` at 0-based sorted positions ``ranks`` (device int64 array),
     without sorting: histogram the top 16 bits of the keys, locate each rank's bin by a
     prefix sum, then histogram the low 16 bits of every rank's bin members at once
-    (rank-major bins).  About 20 device calls whatever the number of ranks, no host sync
+    (rank-major bins).  About 25 device calls whatever the number of ranks, no host sync
     (the ranks may be device values)."""
     keys = xp.where(valid, _sortable_keys(xp, v), xp.uint32(0xFFFFFFFF))  # invalid: last
     hi = (keys >> 16).astype(xp.int64)
-    c1 = xp.cumsum(xp.bincount(hi, minlength=1 << 16))
-    b = xp.searchsorted(c1, ranks, side="right")  # first bin whose cumulative count > rank
-    below = xp.where(b > 0, c1[xp.maximum(b - 1, 0)], 0)
+    # cumulative counts behind a leading 0: c0[b] is the count below high bin b
+    c0 = xp.zeros((1 << 16) + 1, dtype=xp.int64)
+    xp.cumsum(xp.bincount(hi, minlength=1 << 16), out=c0[1:])
+    b = xp.searchsorted(c0[1:], ranks, side="right")  # first bin whose count > rank
     nr = int(ranks.shape[0])
     members = hi[None, :] == b[:, None]  # (ranks, N)
-    slot = (keys & xp.uint32(0xFFFF)).astype(xp.int64)[None, :] + (xp.arange(nr) << 16)[:, None]
+    slot = (keys & xp.uint32(0xFFFF))[None, :] + xp.arange(0, nr << 16, 1 << 16, dtype=xp.int64)[
+        :, None
+    ]
     h2 = xp.bincount(slot.ravel(), weights=members.ravel().astype(xp.float64), minlength=nr << 16)
     c2 = xp.cumsum(h2.reshape(nr, 1 << 16), axis=1)
     # first low bin whose cumulative count exceeds the rank within its high bin
-    lo = (c2 <= (ranks - below).astype(xp.float64)[:, None]).sum(axis=1)
-    k = (b.astype(xp.uint32) << xp.uint32(16)) | lo.astype(xp.uint32)
-    return _keys_to_float(xp, k).astype(xp.float64)
+    lo = (c2 <= (ranks - c0[b])[:, None]).sum(axis=1)
+    return _keys_to_float(xp, ((b << 16) | lo).astype(xp.uint32)).astype(xp.float64)
 
 
 def _order_statistics(be: Backend, v, valid, n, ranks):
@@ -181,23 +185,23 @@ def _radix_select_rows(xp, V, valid, rows, ranks):
     keys, the invalid ones last); the low-16-bit pass histograms each rank's row."""
     k, N = int(V.shape[0]), int(V.shape[1])
     keys = xp.where(valid[None, :], _sortable_keys(xp, V), xp.uint32(0xFFFFFFFF))
-    hi = (keys >> 16).astype(xp.int64) + (xp.arange(k, dtype=xp.int64) << 16)[:, None]
-    c1 = xp.cumsum(xp.bincount(hi.ravel(), minlength=k << 16))
+    hi = (keys >> 16) + xp.arange(0, k << 16, 1 << 16, dtype=xp.int64)[
+        :, None
+    ]  # uint32 + int64: int64
+    c0 = xp.zeros((k << 16) + 1, dtype=xp.int64)  # a leading 0, as in _radix_select
+    xp.cumsum(xp.bincount(hi.ravel(), minlength=k << 16), out=c0[1:])
     g = ranks + rows * N  # ranks in the row-major concatenation
-    b = xp.searchsorted(c1, g, side="right")
-    r_in = g - xp.where(b > 0, c1[xp.maximum(b - 1, 0)], 0)  # rank inside its high bin
+    b = xp.searchsorted(c0[1:], g, side="right")
+    r_in = g - c0[b]  # rank inside its high bin
     b = b - (rows << 16)  # the high bin within its row
     nr = int(ranks.shape[0])
     ks = keys[rows]  # (nr, N): each rank's own row
-    members = ((ks >> 16).astype(xp.int64) == b[:, None]).ravel().astype(xp.float64)
-    slot = (ks & xp.uint32(0xFFFF)).astype(xp.int64) + (xp.arange(nr, dtype=xp.int64) << 16)[
-        :, None
-    ]
+    members = ((ks >> 16) == b[:, None]).ravel().astype(xp.float64)
+    slot = (ks & xp.uint32(0xFFFF)) + xp.arange(0, nr << 16, 1 << 16, dtype=xp.int64)[:, None]
     h2 = xp.bincount(slot.ravel(), weights=members, minlength=nr << 16)
     c2 = xp.cumsum(h2.reshape(nr, 1 << 16), axis=1)
-    lo = (c2 <= r_in.astype(xp.float64)[:, None]).sum(axis=1)
-    key = (b.astype(xp.uint32) << xp.uint32(16)) | lo.astype(xp.uint32)
-    return _keys_to_float(xp, key).astype(xp.float64)
+    lo = (c2 <= r_in[:, None]).sum(axis=1)
+    return _keys_to_float(xp, ((b << 16) | lo).astype(xp.uint32)).astype(xp.float64)
 
 
 def _quantiles(be: Backend, samples, valid, fractions):
