@@ -52,12 +52,11 @@ def _or_in_footprints(be: Backend, mask, lab, fy, fx, n: int):
     labels ``lab``: one histogram of (footprint, bit) pairs, no host sync."""
     xp = be.xp
     bits = xp.arange(_FOOTPRINT_BITS, dtype=xp.int64)
-    m = mask[fy, fx].astype(xp.int64, copy=False)
-    hit = ((m[:, None] >> bits[None, :]) & 1) != 0
+    hit = (mask[fy, fx][:, None] & (1 << bits)[None, :]) != 0  # (pixels, bits)
     dump = (n + 1) * _FOOTPRINT_BITS  # pairs whose bit is clear land past the table
-    key = xp.where(hit, (lab.astype(xp.int64) * _FOOTPRINT_BITS)[:, None] + bits[None, :], dump)
+    key = xp.where(hit, lab[:, None] * _FOOTPRINT_BITS + bits[None, :], dump)  # int64
     cnt = xp.bincount(key.ravel(), minlength=dump + 1)[:dump].reshape(n + 1, _FOOTPRINT_BITS)
-    return ((cnt > 0).astype(xp.int64) << bits[None, :]).sum(axis=1)
+    return ((cnt > 0) << bits[None, :]).sum(axis=1)
 
 
 def _fetch(be: Backend, **cols) -> dict[str, np.ndarray]:
