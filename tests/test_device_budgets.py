@@ -79,6 +79,27 @@ def _child(out_path: str) -> None:
     for r in (1, 3):
         c, _ = _count(lambda: _peaks(be, snr, labels, r))
         res[f"peaks_{r}"] = c
+    # the device path gives the NumPy path's catalog bit for bit (masks, both signs)
+    from test_measurement import masked_two_sign_scene
+
+    img, var, mask, psf, planes = masked_two_sign_scene()
+    cats = {}
+    for name in ("numpy", "device"):
+        exp = Exposure.from_arrays(
+            img, var, mask, psf=psf, mask_planes=planes, backend=be if name == "device" else "numpy"
+        )
+        r = detect_sources(exp, polarity="both", background="estimate", footprint_grow=1)
+        cats[name] = (r.catalog, r.mask.get() if name == "device" else r.mask)
+    (a, ma), (b, mb) = cats["numpy"], cats["device"]
+    res["exact_mismatch"] = [
+        c
+        for c in a.colnames
+        if a[c].dtype != b[c].dtype
+        or not np.array_equal(
+            np.asarray(a[c]), np.asarray(b[c]), equal_nan=np.asarray(a[c]).dtype.kind == "f"
+        )
+    ] + ([] if np.array_equal(ma, mb) else ["mask"])
+    res["exact_n"] = len(a)
     res["violations"] = len(sd.VIOLATIONS)
     Path(out_path).write_text(json.dumps(res))
 
@@ -105,6 +126,10 @@ def counts(tmp_path_factory):
 
 def test_no_device_violation(counts):
     assert counts["violations"] == 0
+
+
+def test_device_detection_is_the_numpy_detection_bit_for_bit(counts):
+    assert counts["exact_n"] > 20 and counts["exact_mismatch"] == []
 
 
 def test_detection_cost_does_not_grow_with_the_sources(counts):
