@@ -52,6 +52,11 @@ def test_clip_columns_equals_clipped_stack(seed, nsigma, niter):
     assert v2 is None
     np.testing.assert_array_equal(m2, rm)
     np.testing.assert_array_equal(nu2, rnu)
+    # with the non-finite samples already out of ``good`` (as good_pixels does)
+    fin = good & np.isfinite(data)
+    m3, v3, nu3, ng3 = _clip_columns(be, data, fin, nsigma, niter, good_is_finite=True)
+    for got, want in zip((m3, v3, nu3, ng3), (rm, rv, rnu, fin.sum(axis=0))):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_clip_columns_checks_parameters_as_clipped_stack():

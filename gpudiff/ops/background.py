@@ -198,7 +198,16 @@ def bin_background(
         # A bin is a stack of hmax·wmax samples, deeper than the CUDA kernel takes, where
         # clipped_stack runs its vectorized twin on the device: _clip_columns gives the same
         # bits in half the launches.  The three vectors then cross in one transfer.
-        mean, _, n_used, n_good = _clip_columns(be, data, ok_st, nsigma, niter, want_var=False)
+        mean, _, n_used, n_good = _clip_columns(
+            be,
+            data,
+            ok_st,
+            nsigma,
+            niter,
+            want_var=False,
+            # good_pixels excludes non-finite pixels: finite as float32 if stored so
+            good_is_finite=mi.image.dtype == np.float32,
+        )
         h = be.asnumpy(be.xp.stack([mean.astype(np.float64), n_used.astype(np.float64), n_good]))
         raw, n_used, n_valid = h[0], h[1].astype(np.int32), h[2].astype(np.int64)
     else:

@@ -269,7 +269,8 @@ def _clip_sample(be: Backend, v, excl, nsigma: float, niter: int, *, _select=Non
     q2 = xp.minimum(q1 + 1, nm1)
     vals = (_select or _order_statistics)(be, v32, valid, n, xp.concatenate([q1, q2]))
     k = len(_QUARTILES)
-    qv = ((q1 + 1).astype(xp.float64) - idx) * vals[:k] + (idx - q1.astype(xp.float64)) * vals[k:]
+    w_hi = idx - q1.astype(xp.float64)
+    qv = (1.0 - w_hi) * vals[:k] + w_hi * vals[k:]  # 1 − w_hi == (q1 + 1) − idx exactly
     iqr_width = (nsigma * IQ_TO_STDEV) * (qv[2] - qv[0])
     # invalid samples NaN: |d| <= width is then False for them, no mask needed per pass
     x = xp.where(valid, v32, xp.float32(np.nan)).astype(xp.float64)
@@ -311,7 +312,14 @@ def _clip_sample(be: Backend, v, excl, nsigma: float, niter: int, *, _select=Non
 
 
 def _clip_columns(
-    be: Backend, data: Any, good: Any, nsigma: float = 3.0, niter: int = 3, *, want_var=True
+    be: Backend,
+    data: Any,
+    good: Any,
+    nsigma: float = 3.0,
+    niter: int = 3,
+    *,
+    want_var: bool = True,
+    good_is_finite: bool = False,
 ):
     """afw MEANCLIP / VARIANCECLIP of every column of a deep (N, B) stack, unit weights.
 
@@ -335,6 +343,9 @@ def _clip_columns(
         As ``clipped_stack``.
     want_var : bool
         Return the final pass's variance (else None, and that pass skips it).
+    good_is_finite : bool
+        The caller guarantees ``data`` (as float32) is finite wherever ``good`` is True
+        (e.g. ``MaskedImage.good_pixels`` of a float32 image): no finiteness pass.
 
     Returns
     -------
@@ -353,7 +364,7 @@ def _clip_columns(
     )
     nsigma, niter = a.nsigma, a.niter
     data = data.astype(xp.float32, copy=False)
-    valid = good & xp.isfinite(data)
+    valid = good if good_is_finite else good & xp.isfinite(data)
     n = valid.sum(axis=0, dtype=xp.int64)
     s = xp.sort(xp.where(valid, data, xp.float32(np.inf)), axis=0)
     # q1, median, q3 (afw medianAndQuartiles, linear interpolation) in one gather per side
@@ -362,8 +373,8 @@ def _clip_columns(
     idx = fr * nm1.astype(xp.float64)[None, :]
     lo = idx.astype(xp.int64)
     hi = xp.minimum(lo + 1, nm1[None, :])
-    w_lo = (lo + 1).astype(xp.float64) - idx
     w_hi = idx - lo.astype(xp.float64)
+    w_lo = 1.0 - w_hi  # == (lo + 1) - idx exactly: both are exact in float64
     v_lo = xp.take_along_axis(s, lo, axis=0).astype(xp.float64)
     v_hi = xp.take_along_axis(s, hi, axis=0).astype(xp.float64)
     del s
@@ -396,8 +407,8 @@ def _clip_columns(
     return (
         mean.astype(xp.float32),
         var.astype(xp.float32) if want_var else None,
-        sel.sum(axis=0, dtype=xp.int32),
-        good.sum(axis=0, dtype=xp.int64),
+        sumw.astype(xp.int32),  # the final pass's survivors
+        n if good_is_finite else good.sum(axis=0, dtype=xp.int64),
     )
 
 
