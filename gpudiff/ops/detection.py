@@ -1,9 +1,10 @@
 """Source detection and measurement (meas_algorithms ``SourceDetectionTask`` style).
 
 :func:`detect_sources`: background subtraction, matched filter (image ⊗ PSF, variance ⊗
-K²), a per-pixel S/N threshold, connected footprints and their peaks, then batched
-measurement of every peak (Gaussian-weighted centroid, PSF flux, adaptive moments and
-extendedness, mask flags, isolation).  :func:`select_kernel_sources` is the pure table
+K²), a per-pixel S/N threshold, connected footprints (:mod:`gpudiff.ops.footprints`) and
+their peaks, then batched measurement of every peak (:mod:`gpudiff.ops.measurement`:
+Gaussian-weighted centroid, PSF flux, adaptive moments and extendedness, mask flags) and
+isolation.  :func:`select_kernel_sources` is the pure table
 filter of docs/algorithms.md §4.2 choosing PSF-matching kernel sources.  Image work runs on the
 image's backend; per-source work on stacks of stamps (n, s, s), never in a loop over sources.
 """
