@@ -117,6 +117,25 @@ def _label_stages():
             setattr(cls, m, wrap())
 
 
+#: Issue 16's targets, after the input upload: (calls, syncs, host<->device MB or None).
+TARGETS = {"subtraction_4096": (1500, 40, 300.0), "compare_warp_20x2048": (3000, 60, None)}
+
+
+def _print_targets(key: str, out: dict) -> None:
+    """One line: the scenario's totals against issue 16's targets, when it has some."""
+    if key not in TARGETS:
+        return
+    tot, (calls, syncs, mb) = out["total_after_upload"], TARGETS[key]
+    got = [("calls", tot["calls"], calls), ("syncs", tot["syncs"], syncs)]
+    if mb is not None:
+        got.append(("MB", (tot["h2d"] + tot["d2h"]) / 1e6, mb))
+    out["targets"] = {k: {"got": v, "target": t, "met": v <= t} for k, v, t in got}
+    print(
+        f"issue-16 targets ({key}): "
+        + ", ".join(f"{k} {v:.0f} <= {t:g} {'met' if v <= t else 'NOT met'}" for k, v, t in got)
+    )
+
+
 def _print_report(title: str, rep: dict, exclude_upload: bool = True) -> dict:
     stages = rep["stages"]
     print(f"\n## {title}")
@@ -270,10 +289,11 @@ def main(argv=None) -> int:
     results = {"model": sd.H200_MODEL}
     for n in args.sizes:
         results[f"subtraction_{n}"] = subtraction(be, n, args.stars_per_mpx, args.seed)
+        _print_targets(f"subtraction_{n}", results[f"subtraction_{n}"])
     if not args.no_coadd:
-        results[f"compare_warp_{args.nwarp}x{args.coadd_size}"] = compare_warp(
-            be, args.coadd_size, args.nwarp, args.seed
-        )
+        key = f"compare_warp_{args.nwarp}x{args.coadd_size}"
+        results[key] = compare_warp(be, args.coadd_size, args.nwarp, args.seed)
+        _print_targets(key, results[key])
     if sd.VIOLATIONS:
         print(
             f"\nWARNING: {len(sd.VIOLATIONS)} device-discipline violations; "

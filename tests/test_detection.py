@@ -312,14 +312,14 @@ def test_dilate_disk_matches_binary_dilation(backend, shape, radius):
     """The shifted-slice disk dilation used to grow footprints is exactly ndimage's."""
     import scipy.ndimage as ndi
 
-    from gpudiff.ops.detection import _dilate_disk
+    from gpudiff.ops.footprints import dilate_disk
 
     on = np.random.default_rng(radius).random(shape) < 0.05
     on.flat[0] = True  # a corner pixel: the slices must clip at the edges, not wrap
     o = np.arange(-radius, radius + 1)
     disk = o[:, None] ** 2 + o[None, :] ** 2 <= radius * radius
     dev = backend.asarray(on)
-    got = backend.asnumpy(_dilate_disk(backend, dev, radius))
+    got = backend.asnumpy(dilate_disk(backend, dev, radius))
     assert np.array_equal(got, ndi.binary_dilation(on, structure=disk))
     assert np.array_equal(backend.asnumpy(dev), on)  # the input is not modified
 

@@ -1,9 +1,10 @@
 """Source detection and measurement (meas_algorithms ``SourceDetectionTask`` style).
 
 :func:`detect_sources`: background subtraction, matched filter (image ⊗ PSF, variance ⊗
-K²), a per-pixel S/N threshold, connected footprints and their peaks, then batched
-measurement of every peak (Gaussian-weighted centroid, PSF flux, adaptive moments and
-extendedness, mask flags, isolation).  :func:`select_kernel_sources` is the pure table
+K²), a per-pixel S/N threshold, connected footprints (:mod:`gpudiff.ops.footprints`) and
+their peaks, then batched measurement of every peak (:mod:`gpudiff.ops.measurement`:
+Gaussian-weighted centroid, PSF flux, adaptive moments and extendedness, mask flags) and
+isolation.  :func:`select_kernel_sources` is the pure table
 filter of docs/algorithms.md §4.2 choosing PSF-matching kernel sources.  Image work runs on the
 image's backend; per-source work on stacks of stamps (n, s, s), never in a loop over sources.
 """
@@ -24,7 +25,8 @@ from ..errors import InvalidInputError, PsfError
 from ..image import Box, Exposure, MaskedImage, MaskPlanes, Psf
 from .background import estimate_background
 from .convolution import correlate
-from .stats import adaptive_moments_batch, gather_stamps, weighted_centroid
+from .footprints import dilate_disk, drop_small
+from .measurement import measure_peaks
 
 __all__ = [
     "DetectionResult",
@@ -87,94 +89,64 @@ def _label(be: Backend, on, min_pixels: int, grow: int):
     nd = be.ndimage
     eight = be.asarray(np.ones((3, 3), dtype=bool))
     labels, n = nd.label(on, structure=eight)
-    if int(n) and min_pixels > 1:
-        on, n_kept = _drop_small(be, labels, int(n), min_pixels)
-        if grow > 0 and n_kept:
-            n = n_kept  # the grown footprints are labelled below: no relabelling here
-        else:
+    n = int(n)
+    if n and min_pixels > 1:
+        # Without a count (a host sync): growing an empty mask labels nothing anyway.
+        on, _ = drop_small(be, labels, n, min_pixels, count=False)
+        if grow <= 0:
             labels, n = nd.label(on, structure=eight)
     if int(n) and grow > 0:
-        labels, n = nd.label(_dilate_disk(be, on, grow), structure=eight)
+        labels, n = nd.label(dilate_disk(be, on, grow), structure=eight)
     return labels, int(n)
 
 
-def _drop_small(be: Backend, labels, n: int, min_pixels: int):
-    """(bool mask of the labelled footprints with at least ``min_pixels`` pixels, their count)."""
-    keep = be.xp.bincount(labels.ravel(), minlength=n + 1) >= min_pixels
-    keep[0] = False
-    return keep[labels], int(keep.sum())
+#: Footprint pixels × window offsets compared per pass of :func:`_peaks` (bounds its
+#: scratch memory: 2²⁵ float32 values and their int64 indices, ~400 MB).
+_PEAK_CHUNK = 1 << 25
 
 
-def _dilate_disk(be: Backend, on, radius: int):
-    """Binary dilation of ``on`` by the disk x² + y² ≤ radius² (pixels outside are False).
+def _peaks(be: Backend, snr, labels, radius: int, footprint_pixels=None, sign: int = 1):
+    """(rows, cols) of the local maxima of ``sign``·``snr`` inside footprints, one per
+    plateau (its first pixel in raster order).
 
-    Disks up to radius 10 (footprint growth is usually 1–5 px) as an OR of shifted
-    slices: bandwidth-bound passes instead of ndimage's generic structuring-element loop,
-    10–25× faster on a sparse 4096² mask (measured: r = 2 in 13 ms against 195 ms);
-    larger ones through ``binary_dilation``.
+    A pixel is a peak when no pixel of its (2r+1)² window (inside the image) is larger:
+    ndimage's maximum_filter over the whole image, but evaluated only at footprint pixels
+    (a few per cent of a 4096² image) by gathering every window offset at once from a copy
+    of the image padded with −∞ (+∞ for ``sign`` −1), which the image border then never
+    beats.  Equal neighbouring maxima (flat tops) are one peak: the candidates are
+    labelled and each label's smallest raster index kept.  About 20 device calls and
+    two host syncs (the footprint pixels' and the plateaus' counts) whatever the radius.
     """
-    o = np.arange(-radius, radius + 1)
-    disk = o[:, None] ** 2 + o[None, :] ** 2 <= radius * radius
-    if radius > 10:
-        return be.ndimage.binary_dilation(on, structure=be.asarray(disk))
-    out = on.copy()
-    H, W = on.shape
-    for dy, dx in zip(*np.nonzero(disk)):
-        dy, dx = int(dy) - radius, int(dx) - radius
-        if (dy, dx) == (0, 0) or abs(dy) >= H or abs(dx) >= W:
-            continue
-        # out[y, x] |= on[y - dy, x - dx]
-        out[max(dy, 0) : H + min(dy, 0), max(dx, 0) : W + min(dx, 0)] |= on[
-            max(-dy, 0) : H + min(-dy, 0), max(-dx, 0) : W + min(-dx, 0)
-        ]
-    return out
-
-
-def _peaks(be: Backend, snr, labels, radius: int):
-    """(rows, cols) of the local maxima of ``snr`` inside footprints, one per plateau."""
     xp, nd = be.xp, be.ndimage
-    # A pixel is a peak when no pixel of its (2r+1)² window (inside the image) is larger:
-    # ndimage's maximum_filter over the whole image, but evaluated only at footprint
-    # pixels (a few per cent of a 4096² image) by gathering the window's offsets.
     H, W = snr.shape
-    ys, xs = xp.nonzero(labels > 0)
-    v = snr[ys, xs]
-    ok = xp.ones(v.shape, dtype=bool)
-    for dy in range(-radius, radius + 1):
-        yy = ys + dy
-        iny = (yy >= 0) & (yy < H)
-        yy = xp.clip(yy, 0, H - 1)
-        for dx in range(-radius, radius + 1):
-            if dy == 0 and dx == 0:
-                continue
-            xx = xs + dx
-            inside = iny & (xx >= 0) & (xx < W)
-            ok &= ~inside | (v >= snr[yy, xp.clip(xx, 0, W - 1)])
+    ys, xs = xp.nonzero(labels) if footprint_pixels is None else footprint_pixels
+    r = int(radius)
+    Wp = W + 2 * r
+    pad = xp.pad(snr, r, mode="constant", constant_values=-np.inf if sign > 0 else np.inf)
+    flat = pad.reshape(-1)
+    centre = (ys + r) * Wp + (xs + r)
+    v = flat[centre]
+    offs = [dy * Wp + dx for dy in range(-r, r + 1) for dx in range(-r, r + 1) if dy or dx]
+    n = int(ys.shape[0])
+    step = max(1, _PEAK_CHUNK // max(n, 1))
+    ok = None
+    for k in range(0, len(offs), step):
+        nb = flat[centre[:, None] + be.asarray(np.asarray(offs[k : k + step], np.int64))[None, :]]
+        part = (v[:, None] >= nb if sign > 0 else v[:, None] <= nb).all(axis=1)
+        ok = part if ok is None else ok & part
     cand = xp.zeros((H, W), dtype=bool)
-    cand[ys[ok], xs[ok]] = True
-    # Equal neighbouring maxima (flat tops) are one peak: keep the first pixel of each.
-    plab, _ = nd.label(cand, structure=be.asarray(np.ones((3, 3), dtype=bool)))
-    ys, xs = xp.nonzero(plab)
-    _, first = xp.unique(plab[ys, xs], return_index=True)
-    return ys[first], xs[first]
-
-
-def _parabola(c, lo, hi):
-    """Vertex offset of the parabola through (−1, lo), (0, c), (1, hi), clipped to ±1."""
-    den = lo - 2 * c + hi
-    return np.clip(
-        np.where(den < 0, 0.5 * (lo - hi) / np.where(den < 0, den, -1.0), 0.0), -1.0, 1.0
-    )
-
-
-def _or_in_footprints(be: Backend, mask, labels, n: int, ids):
-    """Per footprint, the OR of the mask bits over its pixels; gathered at ``ids``."""
-    sel = (labels > 0) & (mask != 0)  # usually few pixels: reduce those on the host
-    lab, m = be.asnumpy(labels[sel]), be.asnumpy(mask[sel]).astype(np.int64)
-    out = np.zeros(n + 1, dtype=np.int64)
-    for b in range(31):  # bits, not sources
-        out |= (np.bincount(lab[(m & (1 << b)) != 0], minlength=n + 1) > 0).astype(np.int64) << b
-    return out[be.asnumpy(ids)]
+    if ok is None:  # radius 0: every footprint pixel
+        cand[ys, xs] = True
+    else:
+        cand[ys, xs] = ok
+    plab, npk = nd.label(cand, structure=be.asarray(np.ones((3, 3), dtype=bool)))
+    npk = int(npk)
+    if npk == 0:
+        return ys[:0], xs[:0]
+    # nonzero() lists pixels in raster order, so the smallest flat index of a plateau is
+    # its first pixel (as numpy.unique(..., return_index=True) over nonzero(plab) finds).
+    first = nd.minimum(ys * W + xs, plab[ys, xs], xp.arange(1, npk + 1))
+    return first // W, first % W
 
 
 def _isolated(x, y, bright, radius: float, fraction: float) -> np.ndarray:
@@ -205,182 +177,6 @@ def _background(mi: MaskedImage, background, be: Backend):
             f"background must be None, 'estimate', a scalar or an array of shape {mi.shape}"
         )
     return None if bg is None else be.xp.broadcast_to(bg, mi.shape)
-
-
-def _psf_stamps(be: Backend, psf: Psf, bbox: Box, cx, cy, dx, dy, size: int):
-    """Unit-sum PSF images at sub-pixel offsets (dx, dy) from the parent pixels (cx, cy).
-
-    Kernel images on a lattice (one node for a constant PSF, else 8×8 host calls, not one
-    per source), bilinearly interpolated to each source, then shifted by a phase ramp on
-    the backend: exact for a band-limited PSF, ~1e-4 of the peak from
-    ``psf.compute_image`` for the pixel-integrated models when FWHM ≳ 2.5 px.
-    """
-    xp = be.xp
-    probe = [
-        (bbox.x0, bbox.y0),
-        (bbox.x1 - 1, bbox.y1 - 1),
-        (bbox.x0, bbox.y1 - 1),
-        (bbox.x1 - 1, bbox.y0),
-    ]
-    k0 = psf.kernel_image(*probe[0], size=size)
-    if all(np.array_equal(psf.kernel_image(x, y, size=size), k0) for x, y in probe[1:]):
-        K = be.asarray(np.broadcast_to(k0, (len(cx), size, size)))
-    else:
-        g = 8
-        xs, ys = np.linspace(bbox.x0, bbox.x1 - 1, g), np.linspace(bbox.y0, bbox.y1 - 1, g)
-        lat = np.array(
-            [[psf.kernel_image(x, y, size=size) for x in xs] for y in ys]
-        )  # 64 host calls
-
-        def w1(nodes, v):
-            i = np.clip(np.searchsorted(nodes, v) - 1, 0, g - 2)
-            return i, np.clip((v - nodes[i]) / (nodes[i + 1] - nodes[i]), 0.0, 1.0)
-
-        (i, ty), (j, tx) = w1(ys, np.asarray(cy, float)), w1(xs, np.asarray(cx, float))
-        ty, tx = ty[:, None, None], tx[:, None, None]
-        K = be.asarray(
-            (1 - ty) * ((1 - tx) * lat[i, j] + tx * lat[i, j + 1])
-            + ty * ((1 - tx) * lat[i + 1, j] + tx * lat[i + 1, j + 1])
-        )
-    k = be.asarray(np.fft.fftfreq(size))
-    dxd, dyd = be.asarray(np.asarray(dx, float)), be.asarray(np.asarray(dy, float))
-    # out(q) = K(q − d): the star sits d from the central pixel, as in compute_image.
-    phase = xp.exp(
-        -2j
-        * np.pi
-        * (k[None, :, None] * dyd[:, None, None] + k[None, None, :] * dxd[:, None, None])
-    )
-    P = be.fft.ifft2(be.fft.fft2(K.astype(xp.complex128), axes=(1, 2)) * phase, axes=(1, 2)).real
-    return P / P.sum(axis=(1, 2), keepdims=True)
-
-
-def _psf_moments(psf: Psf, x: np.ndarray, y: np.ndarray, cell: int = 128) -> tuple[np.ndarray, ...]:
-    """PSF moments (Ixx, Iyy, Ixy) at each source, bilinearly interpolated from a lattice
-    of ``cell``-px spacing: the PSF varies slowly, and per-source adaptive moments of PSF
-    stamps cost more than the rest of the measurement together."""
-    from scipy.interpolate import RegularGridInterpolator
-
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if x.size == 0:
-        return np.zeros(0), np.zeros(0), np.zeros(0)
-    if getattr(psf, "spatially_constant", False):  # one image everywhere: one measurement
-        m = np.asarray(psf.moments(float(x[0]), float(y[0])), dtype=np.float64)
-        return tuple(np.full(x.size, v) for v in m)
-    gx = (
-        np.arange(np.floor(x.min()), x.max() + cell, cell) if np.ptp(x) > 0 else np.array([x.min()])
-    )
-    gy = (
-        np.arange(np.floor(y.min()), y.max() + cell, cell) if np.ptp(y) > 0 else np.array([y.min()])
-    )
-    mom = np.array([[psf.moments(float(a), float(b)) for a in gx] for b in gy], dtype=np.float64)
-    if gx.size == 1 or gy.size == 1:  # degenerate lattice: nearest node
-        ix = np.clip(np.searchsorted(gx, x), 0, gx.size - 1)
-        iy = np.clip(np.searchsorted(gy, y), 0, gy.size - 1)
-        out = mom[iy, ix]
-    else:
-        out = RegularGridInterpolator((gy, gx), mom, bounds_error=False, fill_value=None)(
-            np.stack([y, x], 1)
-        )
-    return out[:, 0], out[:, 1], out[:, 2]
-
-
-def _measure(
-    be, sign, d, var, good, mask, snr, labels, n_fp, py, px, psf, bbox, stamp, sigma_w, weighting
-):
-    """Measure the peaks (py, px) of one polarity; returns a dict of host columns."""
-    xp, nd, host = be.xp, be.ndimage, be.asnumpy
-    sd = xp.where(good, d * sign, 0)  # sources are positive in sd
-    # Peak refinement on the smoothed S/N (log-parabola, exact for a Gaussian peak): the
-    # start and the fallback of the Gaussian-weighted centroid on the unsmoothed image.
-    lg = host(xp.log(xp.maximum(gather_stamps(be, snr * sign, py, px, 1, fill=0.0)[0], 1e-30)))
-    dx0, dy0 = (
-        _parabola(lg[:, 1, 1], lg[:, 1, 0], lg[:, 1, 2]),
-        _parabola(lg[:, 1, 1], lg[:, 0, 1], lg[:, 2, 1]),
-    )
-    st = gather_stamps(be, sd, py, px, max(2, int(math.ceil(3 * sigma_w))), fill=0.0)[0]
-    cx, cy, ok_c = (
-        host(a) for a in weighted_centroid(be, st, be.asarray(dx0), be.asarray(dy0), sigma_w)
-    )
-    fx, fy = np.where(ok_c, cx, dx0) + host(px), np.where(ok_c, cy, dy0) + host(py)
-    # PSF flux, moments and mask bits in the PSF-sized stamp on the nearest pixel.
-    rx, ry = np.rint(fx).astype(np.int64), np.rint(fy).astype(np.int64)
-    img_st, inside = gather_stamps(be, sd, ry, rx, stamp // 2, fill=0.0)
-    var_st = gather_stamps(be, xp.where(good, var, 0), ry, rx, stamp // 2, fill=0.0)[0]
-    ok_pix = gather_stamps(be, good, ry, rx, stamp // 2, fill=False)[0] & inside
-    n, nan = fx.size, np.full(fx.size, np.nan)
-    c: dict[str, Any] = dict(
-        psf_flux=nan,
-        psf_flux_err=nan,
-        flag_psf_flux=np.ones(n, bool),
-        psf_ixx=nan,
-        psf_iyy=nan,
-        psf_ixy=nan,
-    )
-    sm = [host(a) for a in adaptive_moments_batch(be, img_st, ok_pix, sigma_w**2)]
-    ok_m = sm[5]
-    c.update(
-        ixx=np.where(ok_m, sm[2], np.nan),
-        iyy=np.where(ok_m, sm[3], np.nan),
-        ixy=np.where(ok_m, sm[4], np.nan),
-        extendedness=nan,
-        flag_shape=~ok_m,
-    )
-    if psf is not None:
-        P = _psf_stamps(be, psf, bbox, rx + bbox.x0, ry + bbox.y0, fx - rx, fy - ry, stamp)
-        w = ok_pix.astype(xp.float64)
-        if weighting == "inverse_variance":
-            w = w / xp.where(var_st > 0, var_st, xp.inf)
-        den = (P * P * w).sum(axis=(1, 2))
-        den_s = xp.where(den > 0, den, 1.0)
-        flux = host((P * img_st * w).sum(axis=(1, 2)) / den_s)
-        err = host(xp.sqrt((P * P * w * w * var_st).sum(axis=(1, 2))) / den_s)
-        okf = host(den > 0) & (err > 0) & np.isfinite(flux)
-        c.update(
-            psf_flux=np.where(okf, sign * flux, np.nan),
-            psf_flux_err=np.where(okf, err, np.nan),
-            flag_psf_flux=~okf,
-        )
-        pm = _psf_moments(psf, rx + bbox.x0, ry + bbox.y0)
-        c.update(
-            psf_ixx=pm[0],
-            psf_iyy=pm[1],
-            psf_ixy=pm[2],
-            extendedness=np.where(ok_m, (sm[2] + sm[3]) / (pm[0] + pm[1]) - 1.0, np.nan),
-        )
-    m5 = gather_stamps(be, mask, ry, rx, 2, fill=0)[0].astype(xp.int64)
-    centre = xp.zeros(n, dtype=xp.int64)
-    for i in range(25):  # taps, not sources
-        centre |= m5[:, i // 5, i % 5]
-    ids = labels[py, px]
-    # Footprint sizes and boxes: reductions over the labelled pixels, per label.
-    fy_all, fx_all = xp.nonzero(labels)
-    lab, idx = labels[fy_all, fx_all], xp.arange(1, n_fp + 1)
-    hid = host(ids) - 1
-    box = [
-        host(be.asarray(f(v, lab, idx))).astype(np.int64)[hid]
-        for f, v in (
-            (nd.minimum, fx_all),
-            (nd.minimum, fy_all),
-            (nd.maximum, fx_all),
-            (nd.maximum, fy_all),
-        )
-    ]
-    c.update(
-        x=fx,
-        y=fy,
-        peak_x=host(px),
-        peak_y=host(py),
-        peak_significance=host(snr[py, px]).astype(np.float64),
-        flag_edge=~host(inside.all(axis=(1, 2))),
-        flag_centroid=~ok_c,
-        flag_negative=np.full(n, sign < 0),
-        mask_center=host(centre).astype(np.int32),
-        _fp=host(ids),
-        _box=box,
-        mask_footprint=_or_in_footprints(be, mask, labels, n_fp, ids).astype(np.int32),
-        footprint_npix=host(xp.bincount(labels.ravel(), minlength=n_fp + 1)[ids]).astype(np.int64),
-    )
-    return c
 
 
 def detect_sources(
@@ -510,18 +306,21 @@ def detect_sources(
         stamp = min(kimg.shape[0], max(25, 2 * int(math.ceil(10 * sigma_w)) + 1))
     s, v = (correlate(d, kimg, be), correlate(var, kimg * kimg, be)) if smooth else (d, var)
     # FFT rounding leaves ~1e-7·max residue where the variance is zero: not data.
-    vmin = 1e-6 * float(xp.max(v)) if v.size else 0.0
+    # (kept on the device, rounded to v's dtype as the Python float it replaces would be)
+    vmin = (xp.max(v).astype(xp.float64) * 1e-6).astype(v.dtype) if v.size else 0.0
     snr = xp.where(good & (v > vmin), s / xp.sqrt(xp.maximum(v, vmin)), 0).astype(xp.float32)
     peak_radius = max(1, int(round(sigma_w)))
     mask = mi.mask & ~np.int32(det_bit | neg_bit)
 
     def one_sign(sign: int):
-        signed = snr if sign > 0 else -snr
-        labels, n_fp = _label(be, signed >= threshold, int(min_pixels), int(footprint_grow))
+        # snr <= -threshold is -snr >= threshold: no negated copy of the image
+        on = snr >= threshold if sign > 0 else snr <= -threshold
+        labels, n_fp = _label(be, on, int(min_pixels), int(footprint_grow))
         if n_fp == 0:
             return None
-        py, px = _peaks(be, signed, labels, peak_radius)
-        cols = _measure(
+        fp = xp.nonzero(labels)  # footprint pixels, shared by the peaks and the measurement
+        py, px = _peaks(be, snr, labels, peak_radius, fp, sign)
+        cols = measure_peaks(
             be,
             sign,
             d,
@@ -538,6 +337,7 @@ def detect_sources(
             stamp,
             sigma_w,
             psf_flux_weighting,
+            footprint_pixels=fp,
         )
         return labels, cols
 

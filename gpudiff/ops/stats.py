@@ -41,6 +41,7 @@ __all__ = [
     "adaptive_moments_batch",
     "clipped_mean_std",
     "gather_stamps",
+    "gather_stamps_many",
     "image_statistics",
     "robust_sigma",
     "weighted_centroid",
@@ -128,35 +129,39 @@ _QUARTILES = (0.25, 0.50, 0.75)
 def _sortable_keys(xp, v):
     """float32 → uint32 keys in the order of the values (sign bit flipped for positives,
     all bits for negatives): the radix select's view of the sample."""
-    u = v.view(xp.uint32)
-    return xp.where((u >> 31) != 0, ~u, u | xp.uint32(0x80000000))
+    # the arithmetic shift of the sign bit gives 0 or all ones: the flip mask in 3 launches
+    flip = (v.view(xp.int32) >> 31) | xp.int32(-(1 << 31))
+    return v.view(xp.uint32) ^ flip.view(xp.uint32)
 
 
 def _keys_to_float(xp, k):
-    u = xp.where((k >> 31) != 0, k & xp.uint32(0x7FFFFFFF), ~k)
-    return u.astype(xp.uint32).view(xp.float32)
+    """Inverse of :func:`_sortable_keys`."""
+    flip = ~(k.view(xp.int32) >> 31) | xp.int32(-(1 << 31))
+    return (k ^ flip.view(xp.uint32)).view(xp.float32)
 
 
 def _radix_select(xp, v, valid, ranks):
     """Values of ``v[valid]`` at 0-based sorted positions ``ranks`` (device int64 array),
     without sorting: histogram the top 16 bits of the keys, locate each rank's bin by a
     prefix sum, then histogram the low 16 bits of every rank's bin members at once
-    (rank-major bins).  About 20 device calls whatever the number of ranks, no host sync
+    (rank-major bins).  About 25 device calls whatever the number of ranks, no host sync
     (the ranks may be device values)."""
     keys = xp.where(valid, _sortable_keys(xp, v), xp.uint32(0xFFFFFFFF))  # invalid: last
     hi = (keys >> 16).astype(xp.int64)
-    c1 = xp.cumsum(xp.bincount(hi, minlength=1 << 16))
-    b = xp.searchsorted(c1, ranks, side="right")  # first bin whose cumulative count > rank
-    below = xp.where(b > 0, c1[xp.maximum(b - 1, 0)], 0)
+    # cumulative counts behind a leading 0: c0[b] is the count below high bin b
+    c0 = xp.zeros((1 << 16) + 1, dtype=xp.int64)
+    xp.cumsum(xp.bincount(hi, minlength=1 << 16), out=c0[1:])
+    b = xp.searchsorted(c0[1:], ranks, side="right")  # first bin whose count > rank
     nr = int(ranks.shape[0])
     members = hi[None, :] == b[:, None]  # (ranks, N)
-    slot = (keys & xp.uint32(0xFFFF)).astype(xp.int64)[None, :] + (xp.arange(nr) << 16)[:, None]
+    slot = (keys & xp.uint32(0xFFFF))[None, :] + xp.arange(0, nr << 16, 1 << 16, dtype=xp.int64)[
+        :, None
+    ]
     h2 = xp.bincount(slot.ravel(), weights=members.ravel().astype(xp.float64), minlength=nr << 16)
     c2 = xp.cumsum(h2.reshape(nr, 1 << 16), axis=1)
     # first low bin whose cumulative count exceeds the rank within its high bin
-    lo = (c2 <= (ranks - below).astype(xp.float64)[:, None]).sum(axis=1)
-    k = (b.astype(xp.uint32) << xp.uint32(16)) | lo.astype(xp.uint32)
-    return _keys_to_float(xp, k).astype(xp.float64)
+    lo = (c2 <= (ranks - c0[b])[:, None]).sum(axis=1)
+    return _keys_to_float(xp, ((b << 16) | lo).astype(xp.uint32)).astype(xp.float64)
 
 
 def _order_statistics(be: Backend, v, valid, n, ranks):
@@ -180,23 +185,23 @@ def _radix_select_rows(xp, V, valid, rows, ranks):
     keys, the invalid ones last); the low-16-bit pass histograms each rank's row."""
     k, N = int(V.shape[0]), int(V.shape[1])
     keys = xp.where(valid[None, :], _sortable_keys(xp, V), xp.uint32(0xFFFFFFFF))
-    hi = (keys >> 16).astype(xp.int64) + (xp.arange(k, dtype=xp.int64) << 16)[:, None]
-    c1 = xp.cumsum(xp.bincount(hi.ravel(), minlength=k << 16))
+    hi = (keys >> 16) + xp.arange(0, k << 16, 1 << 16, dtype=xp.int64)[
+        :, None
+    ]  # uint32 + int64: int64
+    c0 = xp.zeros((k << 16) + 1, dtype=xp.int64)  # a leading 0, as in _radix_select
+    xp.cumsum(xp.bincount(hi.ravel(), minlength=k << 16), out=c0[1:])
     g = ranks + rows * N  # ranks in the row-major concatenation
-    b = xp.searchsorted(c1, g, side="right")
-    r_in = g - xp.where(b > 0, c1[xp.maximum(b - 1, 0)], 0)  # rank inside its high bin
+    b = xp.searchsorted(c0[1:], g, side="right")
+    r_in = g - c0[b]  # rank inside its high bin
     b = b - (rows << 16)  # the high bin within its row
     nr = int(ranks.shape[0])
     ks = keys[rows]  # (nr, N): each rank's own row
-    members = ((ks >> 16).astype(xp.int64) == b[:, None]).ravel().astype(xp.float64)
-    slot = (ks & xp.uint32(0xFFFF)).astype(xp.int64) + (xp.arange(nr, dtype=xp.int64) << 16)[
-        :, None
-    ]
+    members = ((ks >> 16) == b[:, None]).ravel().astype(xp.float64)
+    slot = (ks & xp.uint32(0xFFFF)) + xp.arange(0, nr << 16, 1 << 16, dtype=xp.int64)[:, None]
     h2 = xp.bincount(slot.ravel(), weights=members, minlength=nr << 16)
     c2 = xp.cumsum(h2.reshape(nr, 1 << 16), axis=1)
-    lo = (c2 <= r_in.astype(xp.float64)[:, None]).sum(axis=1)
-    key = (b.astype(xp.uint32) << xp.uint32(16)) | lo.astype(xp.uint32)
-    return _keys_to_float(xp, key).astype(xp.float64)
+    lo = (c2 <= r_in[:, None]).sum(axis=1)
+    return _keys_to_float(xp, ((b << 16) | lo).astype(xp.uint32)).astype(xp.float64)
 
 
 def _quantiles(be: Backend, samples, valid, fractions):
@@ -264,24 +269,28 @@ def _clip_sample(be: Backend, v, excl, nsigma: float, niter: int, *, _select=Non
     q2 = xp.minimum(q1 + 1, nm1)
     vals = (_select or _order_statistics)(be, v32, valid, n, xp.concatenate([q1, q2]))
     k = len(_QUARTILES)
-    qv = ((q1 + 1).astype(xp.float64) - idx) * vals[:k] + (idx - q1.astype(xp.float64)) * vals[k:]
+    w_hi = idx - q1.astype(xp.float64)
+    qv = (1.0 - w_hi) * vals[:k] + w_hi * vals[k:]  # 1 − w_hi == (q1 + 1) − idx exactly
     iqr_width = (nsigma * IQ_TO_STDEV) * (qv[2] - qv[0])
-    x = xp.where(valid, v32, xp.float32(0)).astype(xp.float64)
+    # invalid samples NaN: |d| <= width is then False for them, no mask needed per pass
+    x = xp.where(valid, v32, xp.float32(np.nan)).astype(xp.float64)
     center, hwidth = qv[1], iqr_width
     many = n > 1
     mean = var = sel = None
-    # Device calls are the cost here (the sample is one pass of bandwidth): the three sums
-    # travel as one vector and the scalar updates use IEEE rules instead of masks — no
-    # survivor gives 0/0 = NaN, one survivor (d² − d²)·(1/0) = NaN, as the twin's masks do.
+    # Device calls are the cost here (the sample is one pass of bandwidth): the scalar
+    # updates use IEEE rules instead of masks — no survivor gives 0/0 = NaN, one survivor
+    # (d² − d²)·(1/0) = NaN, as the twin's masks do.
     with np.errstate(all="ignore"):
         for it in range(niter):
             if it > 0:
                 center = mean
                 hwidth = xp.where(many, nsigma * xp.sqrt(var), iqr_width)
             d = x - center
-            sel = (xp.abs(d) <= hwidth) & valid  # False for a NaN centre or width, as afw
+            sel = xp.abs(d) <= hwidth  # False for a NaN sample, centre or width, as afw
             t = xp.where(sel, d, 0.0)
-            sumw, sumx, sumx2 = xp.stack([sel.sum(dtype=xp.float64), t.sum(), (t * d).sum()])
+            # t·t = d·d on the survivors; elsewhere a zero, whose sign cannot matter (a
+            # sample with a survivor has a +0 or nonzero term)
+            sumw, sumx, sumx2 = sel.sum(dtype=xp.float64), t.sum(), (t * t).sum()
             mean_d = sumx / sumw
             w2 = sumw * sumw
             var = (sumx2 / sumw - mean_d * mean_d) * (w2 / (w2 - sumw))
@@ -300,6 +309,107 @@ def _clip_sample(be: Backend, v, excl, nsigma: float, niter: int, *, _select=Non
     if nv == 0:
         m = s2 = float("nan")
     return m, s2, int(nu), int(nv)
+
+
+def _clip_columns(
+    be: Backend,
+    data: Any,
+    good: Any,
+    nsigma: float = 3.0,
+    niter: int = 3,
+    *,
+    want_var: bool = True,
+    good_is_finite: bool = False,
+):
+    """afw MEANCLIP / VARIANCECLIP of every column of a deep (N, B) stack, unit weights.
+
+    The same numbers as the registered ``clipped_stack`` on ``(data, ~good)`` (bit for bit:
+    the same float64 operations in the same order as its vectorized twin,
+    :func:`gpudiff.backend.reference.clipped_stack`), in about half its device calls: the
+    three quartiles are gathered at once from the sorted columns, and the per-column
+    scalar updates follow IEEE rules (0/0, 0·∞ = NaN) instead of masks, as
+    :func:`_clip_sample` does.  Meant for stacks deeper than the CUDA kernel's register
+    budget (the binned background: a 128² bin is a column of 16384), where ``clipped_stack``
+    runs that twin on the device anyway.
+
+    Parameters
+    ----------
+    be : Backend
+    data : array (N, B)
+        Samples along axis 0 (converted to float32, as the kernel reads them).
+    good : bool array (N, B)
+        True = sample used (non-finite samples are dropped as well).
+    nsigma, niter : float, int
+        As ``clipped_stack``.
+    want_var : bool
+        Return the final pass's variance (else None, and that pass skips it).
+    good_is_finite : bool
+        The caller guarantees ``data`` (as float32) is finite wherever ``good`` is True
+        (e.g. ``MaskedImage.good_pixels`` of a float32 image): no finiteness pass.
+
+    Returns
+    -------
+    mean, var : float32 arrays (B,)
+    n_used : int32 array (B,)
+        Survivors of the final pass.
+    n_good : int64 array (B,)
+        True entries of ``good`` per column (afw NPOINT when ``good`` implies finite).
+    """
+    from ..backend.reference import IQ_TO_STDEV, validate_clipped_stack
+
+    xp = be.xp
+    # clipped_stack's parameter checks and messages, on a host dummy (no device work)
+    a = validate_clipped_stack(
+        np.zeros((1, 1), np.float32), np.zeros((1, 1), bool), None, nsigma, niter
+    )
+    nsigma, niter = a.nsigma, a.niter
+    data = data.astype(xp.float32, copy=False)
+    valid = good if good_is_finite else good & xp.isfinite(data)
+    n = valid.sum(axis=0, dtype=xp.int64)
+    s = xp.sort(xp.where(valid, data, xp.float32(np.inf)), axis=0)
+    # q1, median, q3 (afw medianAndQuartiles, linear interpolation) in one gather per side
+    fr = be.asarray(np.asarray(_QUARTILES, dtype=np.float64)[:, None])
+    nm1 = xp.maximum(n - 1, 0)
+    idx = fr * nm1.astype(xp.float64)[None, :]
+    lo = idx.astype(xp.int64)
+    hi = xp.minimum(lo + 1, nm1[None, :])
+    w_hi = idx - lo.astype(xp.float64)
+    w_lo = 1.0 - w_hi  # == (lo + 1) - idx exactly: both are exact in float64
+    v_lo = xp.take_along_axis(s, lo, axis=0).astype(xp.float64)
+    v_hi = xp.take_along_axis(s, hi, axis=0).astype(xp.float64)
+    del s
+    # an empty column reads +inf at rank 0: 1·inf + 0·inf = NaN, the twin's NaN
+    with np.errstate(invalid="ignore"):
+        q = w_lo * v_lo + w_hi * v_hi
+    iqr_width = (nsigma * IQ_TO_STDEV) * (q[2] - q[0])
+    # invalid samples NaN: |d| <= width is then False for them, no mask needed per pass
+    x = xp.where(valid, data, xp.float32(np.nan)).astype(xp.float64)
+    center, hwidth = q[1], iqr_width
+    many = n > 1
+    mean = var = sel = None
+    with np.errstate(all="ignore"):
+        for it in range(niter):
+            if it > 0:
+                center = mean
+                hwidth = xp.where(many, nsigma * xp.sqrt(var), iqr_width)
+            d = x - center[None, :]
+            sel = xp.abs(d) <= hwidth[None, :]  # False for a NaN sample, centre or width
+            # Sequential sums along axis 0, as the twin's; a non-survivor adds a zero (its
+            # sign cannot matter: a column with a survivor has a +0 or nonzero term).
+            sumw = sel.sum(axis=0, dtype=xp.float64)
+            t = xp.where(sel, d, 0.0)
+            mean_d = t.sum(axis=0) / sumw  # no survivor: 0/0 = NaN, as the twin's mask
+            if want_var or it < niter - 1:
+                sumx2 = (t * t).sum(axis=0)  # t·t = d·d on the survivors, as the twin's t·d
+                w2 = sumw * sumw
+                var = (sumx2 / sumw - mean_d * mean_d) * (w2 / (w2 - sumw))  # one: 0·∞ = NaN
+            mean = mean_d + center
+    return (
+        mean.astype(xp.float32),
+        var.astype(xp.float32) if want_var else None,
+        sumw.astype(xp.int32),  # the final pass's survivors
+        n if good_is_finite else good.sum(axis=0, dtype=xp.int64),
+    )
 
 
 def robust_sigma(values: Any, *, bad: Any = None, backend: Backend | str | None = None) -> float:
@@ -434,6 +544,62 @@ def image_statistics(
 # ----------------------------------------------------------------------------------------
 
 
+def _stamp_index(be: Backend, rows: Any, cols: Any, half: int, shape: tuple[int, int]):
+    """(flat index (n, s, s) into a C-ordered (H, W) image, clipped to it; inside (n, s, s))
+    of the cut-outs of side s = 2·half+1 centred on (rows, cols)."""
+    xp = be.xp
+    H, W = shape
+    o = xp.arange(-half, half + 1, dtype=xp.int64)
+    r = be.asarray(rows).astype(xp.int64, copy=False)[:, None] + o[None, :]
+    c = be.asarray(cols).astype(xp.int64, copy=False)[:, None] + o[None, :]
+    rc, cc = xp.clip(r, 0, H - 1), xp.clip(c, 0, W - 1)
+    inside = (rc == r)[:, :, None] & (cc == c)[:, None, :]  # clipping moved it: outside
+    return (rc * W)[:, :, None] + cc[:, None, :], inside
+
+
+def gather_stamps_many(
+    be: Backend, images: Iterable[Any], rows: Any, cols: Any, half: int, fills: Iterable[Any]
+):
+    """Cut-outs of several images of one shape at the same centres, the index built once.
+
+    A source measurement cuts stamps of the image, the variance, the good-pixel map and
+    the mask at the same centres: the index arithmetic (about a dozen device calls) is
+    shared, and each image then costs one gather and one fill.
+
+    Parameters
+    ----------
+    be : Backend
+    images : sequence of 2-D arrays on ``be``
+        All of the same shape (H, W).
+    rows, cols : integer arrays (n,)
+        Centre pixels (array indices); may lie anywhere, even off the image.
+    half : int
+        The stamps have side 2·half+1.
+    fills : sequence of scalars
+        Per image, the value of the stamp pixels that fall outside the image.
+
+    Returns
+    -------
+    stamps : list of arrays (n, s, s)
+        One per image, in its dtype.
+    inside : bool array (n, s, s)
+        Which stamp pixels lie in the image.
+    """
+    xp = be.xp
+    images, fills = list(images), list(fills)
+    if len(images) != len(fills) or not images:
+        raise InvalidInputError("gather_stamps_many: one fill value per image, at least one")
+    shape = tuple(images[0].shape)
+    if any(tuple(im.shape) != shape for im in images) or len(shape) != 2:
+        raise ShapeMismatchError(f"gather_stamps_many: images must share one 2-D shape {shape}")
+    flat, inside = _stamp_index(be, rows, cols, half, shape)
+    out = []
+    for im, fill in zip(images, fills):
+        st = im.reshape(-1)[flat]  # a view of a C-ordered image; else one copy
+        out.append(xp.where(inside, st, xp.asarray(fill, dtype=st.dtype)))
+    return out, inside
+
+
 def gather_stamps(be: Backend, image: Any, rows: Any, cols: Any, half: int, fill: Any = 0):
     """Cut-outs of side 2·half+1 centred on integer pixels, in one gather.
 
@@ -452,15 +618,13 @@ def gather_stamps(be: Backend, image: Any, rows: Any, cols: Any, half: int, fill
     stamps : array (n, s, s)
     inside : bool array (n, s, s)
         Which stamp pixels lie in the image.
+
+    See Also
+    --------
+    gather_stamps_many : several images at the same centres.
     """
-    xp = be.xp
-    H, W = image.shape
-    o = xp.arange(-half, half + 1)
-    r = be.asarray(rows).astype(xp.int64)[:, None] + o[None, :]
-    c = be.asarray(cols).astype(xp.int64)[:, None] + o[None, :]
-    inside = ((r >= 0) & (r < H))[:, :, None] & ((c >= 0) & (c < W))[:, None, :]
-    st = image[xp.clip(r, 0, H - 1)[:, :, None], xp.clip(c, 0, W - 1)[:, None, :]]
-    return xp.where(inside, st, xp.asarray(fill, dtype=st.dtype)), inside
+    (st,), inside = gather_stamps_many(be, [image], rows, cols, half, [fill])
+    return st, inside
 
 
 def weighted_centroid(

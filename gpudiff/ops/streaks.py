@@ -34,7 +34,7 @@ import numpy as np
 from ..backend import Backend, resolve_backend
 from ..errors import InvalidInputError
 from ..image import MaskedImage
-from .detection import _dilate_disk
+from .footprints import dilate_disk as _dilate_disk
 
 __all__ = ["Streak", "StreakResult", "find_streaks"]
 

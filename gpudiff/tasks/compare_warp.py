@@ -37,7 +37,9 @@ from ..backend import Backend
 from ..backend.threads import cpu_workers, parallel_map
 from ..errors import GpudiffError, InvalidInputError
 from ..image import Box, Exposure, MaskedImage
-from ..ops.detection import _dilate_disk, _drop_small, detect_sources
+from ..ops.detection import detect_sources
+from ..ops.footprints import dilate_disk as _dilate_disk
+from ..ops.footprints import drop_small as _drop_small
 from .assemble_coadd import AssembleCoaddConfig, AssembleCoaddResult, AssembleCoaddTask, _union
 from .coadd_warps import as_warp, read_padded
 from .scale_variance import ScaleVarianceConfig, ScaleVarianceTask

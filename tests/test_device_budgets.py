@@ -1,0 +1,174 @@
+"""Device-call and host-sync budgets of detection, measurement and the binned background.
+
+A GPU pays ~8 µs per launch and ~10 µs per host sync whatever the work, so these stages
+must cost a fixed number of launches and syncs, not some per source, per window offset or
+per bin.  Counted on the strict fake device of :mod:`strict_device` (as
+``bench/bench_device_counts.py`` does), in a subprocess: installing it patches gpudiff's
+backend factory for good.  The budgets are the counts reached (issue 16) with a small
+margin; the source-count independence is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+def _count(fn):
+    import strict_device as sd
+
+    with sd.counting():
+        with sd.stage("x"):
+            out = fn()
+        st = sd.report()["stages"].get("x", {"calls": 0, "syncs": 0})
+    return {"calls": st["calls"], "syncs": st["syncs"]}, out
+
+
+def _child(out_path: str) -> None:
+    """Run in a fresh interpreter: count each case on the fake device, write JSON."""
+    import numpy as np
+    import strict_device as sd
+
+    be = sd.install()
+    from gpudiff.ops.background import bin_background
+    from gpudiff.ops.detection import _peaks, detect_sources
+    from gpudiff.image import Exposure
+    from gpudiff.ops.footprints import dilate_disk
+    from gpudiff.sim import simulate_pair
+
+    res: dict = {}
+    for n_stars in (30, 300):
+        pair = simulate_pair(
+            size=384,
+            n_stars=n_stars,
+            flux_min=2e3,
+            flux_max=5e5,
+            seed=4,
+            science=dict(sky_subtracted=False),
+            template=dict(sky_subtracted=True),
+        )
+        sci = pair.science.to_backend(be)
+        c, det = _count(lambda: detect_sources(sci))
+        res[f"detect_positive_{n_stars}"] = dict(c, n=len(det.catalog))
+        # a difference-like image: the stars of the left half negative
+        tm = pair.template
+        flip = np.where(np.arange(tm.shape[1]) < tm.shape[1] // 2, -1.0, 1.0).astype(np.float32)
+        diff = Exposure.from_arrays(tm.image * flip, tm.variance, tm.mask, psf=tm.psf, backend=be)
+        c, det = _count(lambda: detect_sources(diff, polarity="both", background=None))
+        neg = int(np.asarray(det.catalog["flag_negative"]).sum())
+        res[f"detect_both_{n_stars}"] = dict(c, n=len(det.catalog), n_negative=neg)
+        c, _ = _count(lambda: detect_sources(sci, footprint_grow=3, min_pixels=5))
+        res[f"detect_grow_{n_stars}"] = c
+        c, _ = _count(lambda: bin_background(sci, 64))
+        res[f"bin_background_{n_stars}"] = c
+    rng = np.random.default_rng(1)
+    on = be.asarray(rng.random((200, 150)) < 0.02)
+    for r in (1, 2, 5, 10):
+        c, _ = _count(lambda: dilate_disk(be, on, r))
+        res[f"dilate_{r}"] = c
+    snr = be.asarray(rng.normal(size=(200, 150)).astype(np.float32))
+    labels = be.ndimage.label(snr > 1.0)[0]
+    for r in (1, 3):
+        c, _ = _count(lambda: _peaks(be, snr, labels, r))
+        res[f"peaks_{r}"] = c
+    # the device path gives the NumPy path's catalog bit for bit (masks, both signs)
+    from test_measurement import masked_two_sign_scene
+
+    img, var, mask, psf, planes = masked_two_sign_scene()
+    cats = {}
+    for name in ("numpy", "device"):
+        exp = Exposure.from_arrays(
+            img, var, mask, psf=psf, mask_planes=planes, backend=be if name == "device" else "numpy"
+        )
+        r = detect_sources(exp, polarity="both", background="estimate", footprint_grow=1)
+        cats[name] = (r.catalog, r.mask.get() if name == "device" else r.mask)
+    (a, ma), (b, mb) = cats["numpy"], cats["device"]
+    res["exact_mismatch"] = [
+        c
+        for c in a.colnames
+        if a[c].dtype != b[c].dtype
+        or not np.array_equal(
+            np.asarray(a[c]), np.asarray(b[c]), equal_nan=np.asarray(a[c]).dtype.kind == "f"
+        )
+    ] + ([] if np.array_equal(ma, mb) else ["mask"])
+    res["exact_n"] = len(a)
+    res["violations"] = len(sd.VIOLATIONS)
+    Path(out_path).write_text(json.dumps(res))
+
+
+@pytest.fixture(scope="module")
+def counts(tmp_path_factory):
+    out = tmp_path_factory.mktemp("budgets") / "counts.json"
+    env = dict(os.environ)
+    extra = [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS)] + extra)
+    env.pop("GPUDIFF_BACKEND", None)
+    code = f"import test_device_budgets as t; t._child({str(out)!r})"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=str(ROOT),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(out.read_text())
+
+
+def test_no_device_violation(counts):
+    assert counts["violations"] == 0
+
+
+def test_device_detection_is_the_numpy_detection_bit_for_bit(counts):
+    assert counts["exact_n"] > 20 and counts["exact_mismatch"] == []
+
+
+def test_detection_cost_does_not_grow_with_the_sources(counts):
+    few, many = counts["detect_positive_30"], counts["detect_positive_300"]
+    assert many["n"] > 3 * few["n"] > 0  # the scenes differ where it matters
+    assert (many["calls"], many["syncs"]) == (few["calls"], few["syncs"])
+    few, many = counts["detect_both_30"], counts["detect_both_300"]
+    assert many["n_negative"] > 3 * few["n_negative"] > 0
+    assert (many["calls"], many["syncs"]) == (few["calls"], few["syncs"])
+    assert counts["detect_grow_300"] == counts["detect_grow_30"]
+
+
+@pytest.mark.parametrize("n_stars", [30, 300])
+def test_detection_budget(counts, n_stars):
+    """Measured (384², every launch of detect_sources, ~20 launches and 6 syncs of them in
+    ops/convolution's matched filter): positive with the background 292 calls / 12 syncs,
+    both polarities 357 / 16, grown footprints 312 / 13 (were ~540 / 51 for positive)."""
+    pos, both = counts[f"detect_positive_{n_stars}"], counts[f"detect_both_{n_stars}"]
+    assert pos["calls"] <= 300 and pos["syncs"] <= 12
+    assert both["calls"] <= 365 and both["syncs"] <= 16
+    grow = counts[f"detect_grow_{n_stars}"]
+    assert grow["calls"] <= 320 and grow["syncs"] <= 13
+
+
+@pytest.mark.parametrize("n_stars", [30, 300])
+def test_bin_background_budget(counts, n_stars):
+    """Every bin clipped at once, one transfer: 86 calls, 1 sync (were 183 and 3)."""
+    c = counts[f"bin_background_{n_stars}"]
+    assert c["calls"] <= 88 and c["syncs"] == 1
+
+
+@pytest.mark.parametrize("r", [1, 2, 5, 10])
+def test_dilate_disk_passes(counts, r):
+    """4r + 3 launches (were two per disk pixel, ~2πr²), no sync."""
+    assert counts[f"dilate_{r}"] == {"calls": 4 * r + 3, "syncs": 0}
+
+
+def test_peaks_budget(counts):
+    """Every window offset in one gather: the same launches for radius 1 and 3 (were ~5
+    per offset), two syncs (the footprint pixels' and the plateaus' counts)."""
+    assert counts["peaks_1"] == counts["peaks_3"]
+    assert counts["peaks_1"]["calls"] <= 21 and counts["peaks_1"]["syncs"] == 2

@@ -1,0 +1,102 @@
+"""The few-launch device paths of the statistics equal the registered kernels bit for bit.
+
+:func:`gpudiff.ops.stats._clip_columns` (the binned background's MEANCLIP on a device)
+re-derives the vectorized twin of ``clipped_stack`` with fewer launches; the twin is the
+reference, on the awkward columns too: nothing usable, one sample, two, equal values,
+non-finite samples, outliers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpudiff.backend import get_backend
+from gpudiff.backend.reference import clipped_stack
+from gpudiff.errors import InvalidInputError
+from gpudiff.ops.stats import _clip_columns
+
+
+def _awkward_stack(seed: int, n: int = 300, b: int = 40):
+    rng = np.random.default_rng(seed)
+    data = rng.normal(10.0, 2.0, (n, b)).astype(np.float32)
+    data[rng.random((n, b)) < 0.02] += 200.0  # outliers the clip must drop
+    good = rng.random((n, b)) > 0.3
+    good[:, 0] = False  # nothing usable
+    good[:, 1] = False
+    good[5, 1] = True  # a single sample
+    good[:, 2] = False
+    good[[3, 9], 2] = True  # two samples
+    data[:, 3] = 7.25  # all equal: zero width
+    data[::17, 4] = np.nan  # non-finite samples marked good: dropped all the same
+    data[::23, 5] = np.inf
+    data[:, 6] = np.round(data[:, 6])  # ties at the quartiles
+    return data, good
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("nsigma, niter", [(3.0, 3), (2.5, 1), (3.0, 5)])
+def test_clip_columns_equals_clipped_stack(seed, nsigma, niter):
+    data, good = _awkward_stack(seed)
+    be = get_backend("numpy")
+    m, v, nu, ng = _clip_columns(be, data, good, nsigma, niter)  # no warning either
+    rm, rv, rnu = clipped_stack(data, ~good, None, nsigma, niter)
+    assert m.dtype == rm.dtype and v.dtype == rv.dtype and nu.dtype == rnu.dtype
+    np.testing.assert_array_equal(m, rm)  # NaN where NaN, the same bits elsewhere
+    np.testing.assert_array_equal(v, rv)
+    np.testing.assert_array_equal(nu, rnu)
+    np.testing.assert_array_equal(ng, good.sum(axis=0))
+    assert np.isnan(m[0]) and nu[0] == 0 and m[1] == data[5, 1] and np.isnan(v[1])
+    assert np.isfinite(m[3:]).all() and (v[3] == 0)
+    m2, v2, nu2, _ = _clip_columns(be, data, good, nsigma, niter, want_var=False)
+    assert v2 is None
+    np.testing.assert_array_equal(m2, rm)
+    np.testing.assert_array_equal(nu2, rnu)
+    # with the non-finite samples already out of ``good`` (as good_pixels does)
+    fin = good & np.isfinite(data)
+    m3, v3, nu3, ng3 = _clip_columns(be, data, fin, nsigma, niter, good_is_finite=True)
+    for got, want in zip((m3, v3, nu3, ng3), (rm, rv, rnu, fin.sum(axis=0))):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_clip_columns_checks_parameters_as_clipped_stack():
+    be = get_backend("numpy")
+    data, good = _awkward_stack(0, 20)
+    for kw in (dict(nsigma=0.0), dict(nsigma=np.inf), dict(niter=0)):
+        with pytest.raises(InvalidInputError):
+            _clip_columns(be, data, good, **{"nsigma": 3.0, "niter": 3, **kw})
+
+
+def _select_sample(seed: int, n: int):
+    """n values with ties, ±0, subnormals, ±inf and huge values; NaNs marked invalid."""
+    rng = np.random.default_rng(seed)
+    special = np.array(
+        [np.inf, -np.inf, np.nan, 3.0e38, 1e-42, -1e-42, 0.0, -0.0], dtype=np.float32
+    )
+    v = rng.normal(0.0, 3.0, max(n, 16)).astype(np.float32)
+    v[::7] = np.round(v[::7])  # ties
+    v[: special.size] = special
+    v = rng.permutation(v)[:n]
+    valid = (rng.random(n) > 0.1) & ~np.isnan(v)
+    return v, valid
+
+
+@pytest.mark.parametrize("seed, n", [(0, 1), (1, 2), (2, 37), (3, 5000)])
+def test_radix_select_equals_sorting(seed, n):
+    """The device order statistics (run here with NumPy as the array module) pick exactly
+    the sorted values, at every rank, for every float class the keys must order."""
+    from gpudiff.ops.stats import _radix_select, _radix_select_rows
+
+    v, ok = _select_sample(seed, n)
+    ok[0] = True if not np.isnan(v[0]) else ok[0]
+    good = np.sort(v[ok]).astype(np.float64)
+    if good.size == 0:
+        pytest.skip("no valid sample drawn")
+    ranks = np.unique(np.r_[0, good.size - 1, np.arange(0, good.size, max(1, good.size // 23))])
+    np.testing.assert_array_equal(_radix_select(np, v, ok, ranks), good[ranks])
+    # several rows (the row-major histogram), one validity mask
+    V = np.stack([v, -v, v * np.float32(0.5)])
+    rows = np.repeat(np.arange(3), ranks.size)
+    got = _radix_select_rows(np, V, ok, rows, np.tile(ranks, 3))
+    want = np.concatenate([np.sort(V[r][ok]).astype(np.float64)[ranks] for r in range(3)])
+    np.testing.assert_array_equal(got, want)
