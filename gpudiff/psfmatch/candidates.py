@@ -478,7 +478,8 @@ def template_presence_snr(
     Returns
     -------
     ndarray (n,)
-        F/σ_F with F = ΣP(I − b)/ΣP², σ_F = √(ΣP²V)/ΣP² over finite, unmasked pixels
+        F/σ_F with F = ΣP(I − b)/ΣP², σ_F = √(ΣP²V)/ΣP² over finite pixels free of defects
+        (NO_DATA, BAD, SAT, EDGE, CR)
         (the PSF centred on the nearest pixel: a presence test, not photometry); NaN
         where no pixel is usable.
     """
@@ -506,7 +507,9 @@ def template_presence_snr(
     var, _ = gather_stamps(be, template.variance, rows, cols, half, fill=np.nan)
     msk, _ = gather_stamps(be, template.mask, rows, cols, half, fill=0)
     img, var, msk, inside = (be.asnumpy(a) for a in (img, var, msk, inside))  # one transfer
-    ok = inside & (msk == 0) & np.isfinite(img) & np.isfinite(var) & (var > 0)
+    # Defects only: LSST's inputs carry DETECTED over every source, which must count.
+    bad = template.mask_planes.bitmask_if_present(["NO_DATA", "BAD", "SAT", "EDGE", "CR"])
+    ok = inside & ((msk & bad) == 0) & np.isfinite(img) & np.isfinite(var) & (var > 0)
     yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
     outer = (np.hypot(xx, yy) > 2 * fwhm)[None] & ok
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
