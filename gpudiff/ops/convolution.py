@@ -66,12 +66,16 @@ def _fft_shape(shape, kshape) -> tuple[int, int]:
 
 
 def _check_kernels(kernels, be: Backend, ndim: int):
+    # Kernels usually arrive as host arrays: check them there, before the upload (on a
+    # device the finiteness test is a launch and a host sync per call).
+    on_host = isinstance(kernels, np.ndarray)
     k = be.asarray(kernels)
     if k.ndim != ndim:
         raise InvalidInputError(f"kernel array must be {ndim}-D, got shape {tuple(k.shape)}")
     if k.shape[-1] < 1 or k.shape[-2] < 1:
         raise InvalidInputError(f"kernel shape {tuple(k.shape)} is empty")
-    if not bool(be.xp.isfinite(k).all()):
+    finite = np.isfinite(kernels).all() if on_host else be.xp.isfinite(k).all()
+    if not bool(finite):
         raise NonFiniteDataError(
             f"kernel array of shape {tuple(k.shape)} contains NaN or inf values"
         )

@@ -248,44 +248,53 @@ def find_streaks(
         return StreakResult([], labels_out)
     b = max(1, -(-max(H, W) // _HOUGH_GRID))
     onb = _bin_max(be, on, b)
-    yb, xb = xp.nonzero(onb)
-    xb = (xb.astype(xp.float64) + 0.5) * b - 0.5  # block centres in full-resolution pixels
-    yb = (yb.astype(xp.float64) + 0.5) * b - 0.5
+    # The voting pixels (those of elongated components: few) go to the host in one
+    # transfer, and the Hough search runs there: on a device its loop of small steps
+    # cost ~300 launches and ~100 host syncs per image.  Only a line that passes the
+    # fit is profiled on the device, on the full image.
+    hb = resolve_backend("numpy")
+    ys_d, xs_d = xp.nonzero(on)
+    yb, xb, ys_all, xs_all, sig_on = (
+        be.asnumpy(a) for a in (*xp.nonzero(onb), ys_d, xs_d, xp.abs(sig[ys_d, xs_d]))
+    )
+    xb = (xb.astype(np.float64) + 0.5) * b - 0.5  # block centres in full-resolution pixels
+    yb = (yb.astype(np.float64) + 0.5) * b - 0.5
     d = math.hypot(H, W)
     rho_min, n_rho = -d - b, int(math.ceil((2 * d + 2 * b) / b)) + 1
     n_theta = int(min(1440, max(180, math.ceil(math.pi * d / b / 2))))
-    thetas = xp.asarray(np.linspace(0.0, math.pi, n_theta, endpoint=False))
+    thetas = np.linspace(0.0, math.pi, n_theta, endpoint=False)
     # ρ in binned units: scale the coordinates so a bin is b full pixels.
-    acc = _hough(be, xb / b, yb / b, thetas, n_rho, rho_min / b)
+    acc = _hough(hb, xb / b, yb / b, thetas, n_rho, rho_min / b)
     # A line of width ≲ b straddles two ρ bins: score cells by the sum of three.
-    ys_all, xs_all = xp.nonzero(on)
-    sig_on = xp.abs(sig[ys_all, xs_all]).astype(xp.float64)
-    xs_all, ys_all = xs_all.astype(xp.float64), ys_all.astype(xp.float64)
+    sig_on = sig_on.astype(np.float64)
+    xs_all, ys_all = xs_all.astype(np.float64), ys_all.astype(np.float64)
     min_votes = 0.5 * min_length / b
-    img = xp.where(xp.isfinite(mi.image), mi.image, 0).astype(xp.float64)
-    yy, xx = xp.mgrid[0:H, 0:W]
+    img = yy = xx = None  # full-image arrays, made when a line first passes the fit
     streaks: list[Streak] = []
     for _ in range(4 * max_streaks):
         score = acc.copy()
         score[:, 1:] += acc[:, :-1]
         score[:, :-1] += acc[:, 1:]
-        k = int(xp.argmax(score))
+        k = int(np.argmax(score))
         it, ir = divmod(k, n_rho)
         if float(score[it, ir]) / 3.0 < min_votes or len(streaks) >= max_streaks:
             break
         th = float(thetas[it])
         rho = (ir + 0.5) * b + rho_min
         # Remove this cell's binned votes whether the candidate is kept or not.
-        pb = xp.abs(xb * math.cos(th) + yb * math.sin(th) - rho) <= 1.5 * b
-        if bool(pb.any()):
-            acc -= _hough(be, xb[pb] / b, yb[pb] / b, thetas, n_rho, rho_min / b)
+        pb = np.abs(xb * math.cos(th) + yb * math.sin(th) - rho) <= 1.5 * b
+        if pb.any():
+            acc -= _hough(hb, xb[pb] / b, yb[pb] / b, thetas, n_rho, rho_min / b)
         acc[max(0, it - 1) : it + 2, max(0, ir - 1) : ir + 2] = 0
         st = _fit_streak(
-            be, xs_all, ys_all, sig_on, th, rho, b, psf_sigma, min_length, min_aspect, min_coverage
+            hb, xs_all, ys_all, sig_on, th, rho, b, psf_sigma, min_length, min_aspect, min_coverage
         )
         if st is None:
             continue
         mx, my, ux, uy, t0, t1, cov = st
+        if img is None:
+            img = xp.where(xp.isfinite(mi.image), mi.image, 0).astype(xp.float64)
+            yy, xx = xp.mgrid[0:H, 0:W]
         streak, band = _profile(
             be,
             img,
@@ -307,8 +316,10 @@ def find_streaks(
             continue
         streaks.append(streak)
         labels_out = xp.where(band & (labels_out == 0), len(streaks), labels_out).astype(xp.int32)
-        # Its pixels vote no more.
-        keep = ~band[ys_all.astype(xp.int64), xs_all.astype(xp.int64)]
+        # Its pixels vote no more (one transfer per accepted trail).
+        keep = ~be.asnumpy(
+            band[be.asarray(ys_all.astype(np.int64)), be.asarray(xs_all.astype(np.int64))]
+        )
         xs_all, ys_all, sig_on = xs_all[keep], ys_all[keep], sig_on[keep]
     return StreakResult(streaks, labels_out)
 
