@@ -101,8 +101,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="override a config field, e.g. kernel.spatial_kernel_order=1 (repeatable)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT.fits if it exists")
+    from ._config import add_show_config
     from ._inputs import add_input_options
 
+    add_show_config(parser, "ModelPsfMatchConfig")
     add_input_options(parser, roles=())
 
 
@@ -172,7 +174,7 @@ def match_psf_file(
     from ..image import GaussianPsf, read_exposure, read_psf, write_exposure
     from ..image.inputs import attach_inputs, input_cards
     from ._quality import check_model_psf_match
-    from ..tasks.model_psf_match import ModelPsfMatchConfig, ModelPsfMatchTask
+    from ..tasks.model_psf_match import ModelPsfMatchTask
 
     exposure, output = str(exposure), str(output)
     if (reference_fwhm is None) == (reference_psf is None):
@@ -194,13 +196,7 @@ def match_psf_file(
     from ..image.atomic import check_writable
 
     check_writable(output, overwrite=True)  # a missing or read-only folder fails before the work
-    config = ModelPsfMatchConfig()
-    if overrides:
-        from ._config import apply_overrides
-
-        config = apply_overrides(config, overrides, "ModelPsfMatchConfig")
-    if kernel_size is not None:  # the explicit option wins over --config/--set
-        config = replace(config, kernel=config.kernel.with_overrides(kernel_size=int(kernel_size)))
+    config = task_config(overrides, kernel_size)
     be = resolve_backend(backend)
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -252,6 +248,21 @@ def match_psf_file(
     return summary
 
 
+def task_config(overrides: dict | None = None, kernel_size: int | None = None):
+    """The ``ModelPsfMatchConfig`` that ``match_psf_file`` runs with: ``overrides`` (nested
+    mappings for nested configs) applied, then ``kernel_size``, which wins over them."""
+    from ..tasks.model_psf_match import ModelPsfMatchConfig
+
+    config = ModelPsfMatchConfig()
+    if overrides:
+        from ._config import apply_overrides
+
+        config = apply_overrides(config, overrides, "ModelPsfMatchConfig")
+    if kernel_size is not None:  # the explicit option wins over --config/--set
+        config = replace(config, kernel=config.kernel.with_overrides(kernel_size=int(kernel_size)))
+    return config
+
+
 def run(args: argparse.Namespace) -> int:
     """Read, PSF-match, write; print a summary.  Errors are raised as GpudiffError."""
     t0 = time.perf_counter()
@@ -261,6 +272,10 @@ def run(args: argparse.Namespace) -> int:
         from .subtract import merge_overrides
 
         overrides = merge_overrides(load_config_file(args.config), parse_set(args.set))
+    if args.show_config:
+        from ._config import show_config
+
+        return show_config(task_config(overrides, args.kernel_size), args.config_format)
     meta = match_psf_file(
         args.exposure,
         args.output,
