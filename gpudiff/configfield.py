@@ -295,40 +295,40 @@ def _check_scalar(value: Any, spec: FieldSpec | None, where: str) -> Any:
     return value
 
 
-def _check(value: Any, t: _Type, spec: FieldSpec | None, where: str) -> Any:
+def _check(value: Any, t: _Type, spec: FieldSpec | None, where: str, none: str = "") -> Any:
     """``value`` checked against the annotation and the spec, possibly normalized (list →
-    tuple, case-folded choice)."""
+    tuple, case-folded choice).  ``none``: appended to the expected type (" or None")."""
     kind = t.kind
     if kind == "optional":
-        return None if value is None else _check(value, t.inner, spec, where)
+        return None if value is None else _check(value, t.inner, spec, where, " or None")
     if kind == "bool":
         if not (isinstance(value, bool) or type(value).__name__ == "bool_"):
-            _fail(where, "a bool", value)
+            _fail(where, "a bool" + none, value)
         return value
     if kind == "int":
         if not _is_int(value):
-            _fail(where, "an int", value)
+            _fail(where, "an int" + none, value)
         return _check_scalar(value, spec, where)
     if kind == "float":
         if not _is_real(value):
-            _fail(where, "a float (or int)", value)
+            _fail(where, "a float (or int)" + none, value)
         return _check_scalar(value, spec, where)
     if kind == "str":
         if not isinstance(value, str):
-            _fail(where, "a str", value)
+            _fail(where, "a str" + none, value)
         return _check_scalar(value, spec, where)
     if kind == "tuple":
         if isinstance(value, str) and t.inner.kind == "str":
             value = (value,)
         if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, typing.Iterable):
-            _fail(where, _describe_type(t), value)
+            _fail(where, _describe_type(t) + none, value)
         items = tuple(value)
         out = tuple(_check(v, t.inner, spec, f"{where}[{i}]") for i, v in enumerate(items))
         same = type(value) is tuple and all(a is b for a, b in zip(out, items))
         return value if same else out
     if kind == "mapping":
         if not isinstance(value, Mapping):
-            _fail(where, _describe_type(t), value)
+            _fail(where, _describe_type(t) + none, value)
         out = {}
         for k, v in value.items():
             if not isinstance(k, str):
@@ -337,10 +337,10 @@ def _check(value: Any, t: _Type, spec: FieldSpec | None, where: str) -> Any:
         return out
     if kind == "config":
         if not isinstance(value, t.inner):
-            _fail(where, _describe_type(t), value)
+            _fail(where, _describe_type(t) + none, value)
         return value
     if t.inner is not None and not isinstance(value, t.inner):
-        _fail(where, _describe_type(t), value)
+        _fail(where, _describe_type(t) + none, value)
     return _check_scalar(value, spec, where)
 
 
