@@ -183,6 +183,8 @@ class _Type(NamedTuple):
 
 
 def _parse(tp: Any) -> _Type:
+    if tp is typing.Any:  # a class since Python 3.11, but not one isinstance accepts
+        return _Type("any", None)
     if tp in (bool, int, float, str):
         return _Type(tp.__name__)
     origin = typing.get_origin(tp)
@@ -381,7 +383,13 @@ class ConfigRow(NamedTuple):
 
 
 def _is_config(value: Any) -> bool:
-    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+    """A config dataclass instance (one with :func:`option` fields): expanded with dotted
+    names; other dataclass values (e.g. a simulation's PsfSpec) are shown whole."""
+    return (
+        dataclasses.is_dataclass(value)
+        and not isinstance(value, type)
+        and any(_META_KEY in f.metadata for f in dataclasses.fields(value))
+    )
 
 
 def _default_of(cfg: Any) -> Any:

@@ -47,6 +47,8 @@ EXPECTED = {
     "ModelPsfMatchConfig",
     "TractBackgroundConfig",
     "ChooseReferenceVisitConfig",
+    "FieldConfig",
+    "ObsConfig",
 }
 
 
