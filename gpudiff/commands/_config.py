@@ -130,7 +130,9 @@ def _optional_inputs_with(parser: argparse.ArgumentParser, flag: str) -> None:
 
     def parse_known_args(args=None, namespace=None):
         words = list(sys.argv[1:] if args is None else args)
-        if flag not in (words[: words.index("--")] if "--" in words else words):
+        words = words[: words.index("--")] if "--" in words else words
+        # argparse also takes an unambiguous prefix (--show); "--s" alone is ambiguous
+        if not any(len(w) > 3 and flag.startswith(w) for w in words):
             return parse(args, namespace)
         actions = [a for a in parser._actions if a.required]
         groups = [g for g in parser._mutually_exclusive_groups if g.required]

@@ -6,6 +6,7 @@
                   [--method compare-warp|meanclip|mean|median] [--psf FILE...] [--fwhm F...]
                   [--noise|--variance|--ivar FILE...] [--mask FILE... [--mask-bits B]]
                   [--config FILE] [--set FIELD=VALUE ...] [--overwrite] [--backend ...] [-v]
+    gpudiff coadd [--method ...] [--config FILE] [--set ...] --show-config [--format toml]
 
 ``compare-warp`` (the default) runs :class:`gpudiff.tasks.compare_warp.CompareWarpAssembleCoaddTask`
 (docs/algorithms.md §10.4–§10.5); when no ``--psf-matched`` warps are given they are made with

@@ -8,6 +8,7 @@
                               [--noise|--variance|--ivar FILE...] [--mask FILE... [--mask-bits B]]
                               [--config FILE] [--set FIELD=VALUE ...] [--overwrite] [--backend ...]
                               [-v]
+    gpudiff match-backgrounds [--config FILE] [--set ...] --show-config [--format toml]
 
 Runs :class:`gpudiff.tasks.MatchBackgroundsTask` (LSST's tract-level ``MatchBackgroundsTask``,
 docs/algorithms.md §9.1).  Each warp is an exposure in tract pixel coordinates (its xy0) whose

@@ -6,6 +6,7 @@
                       [--psf FILE] [--noise|--variance|--ivar FILE] [--mask FILE [--mask-bits B]]
                       [--fwhm F] [--kernel-size N] [--config FILE] [--set FIELD=VALUE ...]
                       [--overwrite] [--backend ...] [-v]
+    gpudiff match-psf [--kernel-size N] [--config FILE] [--set ...] --show-config [--format toml]
 
 Runs :class:`gpudiff.tasks.ModelPsfMatchTask` (LSST ``ModelPsfMatchTask``, docs/algorithms.md §7).
 The output is written in the LSST-style layout with the reference PSF as its ``PSF`` HDU and the
