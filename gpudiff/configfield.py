@@ -279,10 +279,8 @@ def _check_scalar(value: Any, spec: FieldSpec | None, where: str) -> Any:
             for c in spec.choices:
                 if isinstance(c, str) and c.upper() == folded:
                     return c
-        raise InvalidInputError(
-            f"{where} must be one of {spec.choices}, got {value!r}"
-            + (" (case-insensitive)" if spec.fold_case else "")
-        )
+        fold = " (any case)" if spec.fold_case else ""
+        raise InvalidInputError(f"{where} must be one of {spec.choices}{fold}, got {value!r}")
     if _is_real(value):
         if spec.finite and not math.isfinite(value):
             raise InvalidInputError(f"{where} must be finite, got {value!r}")

@@ -198,7 +198,8 @@ BAD_CHOICE = [
     (
         ScaleVarianceBackgroundConfig,
         {"statistic": "MEDIAN"},
-        "ScaleVarianceBackgroundConfig.statistic must be one of ('MEANCLIP',), got 'MEDIAN'",
+        "ScaleVarianceBackgroundConfig.statistic must be one of ('MEANCLIP',) (any case), "
+        "got 'MEDIAN'",
     ),
     (
         MatchBackgroundsConfig,
