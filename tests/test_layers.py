@@ -7,6 +7,7 @@ import its own layer and the layers below it, never one above:
 rank  packages
 ====  ======================================================================================
 0     ``gpudiff.errors``: the exception hierarchy; imports nothing of gpudiff
+      ``gpudiff.configfield``: config-field metadata and validation (imports only errors)
 1     ``gpudiff.backend``: the array backends and the CUDA kernels (the only CuPy importer)
 2     ``gpudiff.image``: the data model, FITS input and output, the inputs beside an image
 3     ``gpudiff.ops``: array algorithms
@@ -40,6 +41,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gpudiff"
 #: Rank of each top-level part of the package ("" is ``gpudiff/__init__.py`` itself).
 LAYERS = {
     "errors": 0,
+    "configfield": 0,
     "backend": 1,
     "image": 2,
     "ops": 3,

@@ -6,6 +6,7 @@
                   [--method compare-warp|meanclip|mean|median] [--psf FILE...] [--fwhm F...]
                   [--noise|--variance|--ivar FILE...] [--mask FILE... [--mask-bits B]]
                   [--config FILE] [--set FIELD=VALUE ...] [--overwrite] [--backend ...] [-v]
+    gpudiff coadd [--method ...] [--config FILE] [--set ...] --show-config [--format toml]
 
 ``compare-warp`` (the default) runs :class:`gpudiff.tasks.compare_warp.CompareWarpAssembleCoaddTask`
 (docs/algorithms.md §10.4–§10.5); when no ``--psf-matched`` warps are given they are made with
@@ -172,11 +173,10 @@ def coadd_files(
         where its PSF and variance came from; summarised in the ``GDPSFSRC``/``GDNOISRC``
         cards) and ``quality`` (failed quality checks; the coadd is written either way).
     """
-    from ._config import apply_overrides
     from ._quality import check_coadd
-    from ..tasks.assemble_coadd import AssembleCoaddConfig, AssembleCoaddTask
+    from ..tasks.assemble_coadd import AssembleCoaddTask
     from ..tasks.coadd_warps import FitsWarp
-    from ..tasks.compare_warp import CompareWarpAssembleCoaddConfig, CompareWarpAssembleCoaddTask
+    from ..tasks.compare_warp import CompareWarpAssembleCoaddTask
 
     t0 = time.perf_counter()
     if method not in METHODS:
@@ -218,10 +218,7 @@ def coadd_files(
     tmpdir = None
     try:
         if method == "compare-warp":
-            config = apply_overrides(
-                CompareWarpAssembleCoaddConfig(), overrides or {}, "CompareWarpAssembleCoaddConfig"
-            )
-            config = _with_n_image(config)
+            config = task_config(method, overrides)
             if psf_matched is None:
                 tmpdir = tempfile.mkdtemp(
                     prefix=".gpudiff-coadd-", dir=os.path.dirname(os.path.abspath(output))
@@ -232,8 +229,7 @@ def coadd_files(
             matched = [FitsWarp(p) for p in psf_matched]
             res = CompareWarpAssembleCoaddTask(config, backend=be).run(sources, matched)
         else:
-            base = AssembleCoaddConfig(statistic=METHODS[method])
-            config = _with_n_image(apply_overrides(base, overrides or {}, "AssembleCoaddConfig"))
+            config = task_config(method, overrides)
             res = AssembleCoaddTask(config, backend=be).run(sources)
         meta = res.metadata
         exp = res.coadd_exposure
@@ -317,6 +313,23 @@ def _attach(
     return out, inputs
 
 
+def task_config(method: str = "compare-warp", overrides: dict | None = None):
+    """The config ``coadd_files`` runs with: ``CompareWarpAssembleCoaddConfig`` for
+    compare-warp, else ``AssembleCoaddConfig`` with the method's statistic; ``overrides``
+    (nested mappings for nested configs) applied; ``do_n_image`` on (the NIMAGE HDU)."""
+    from ..tasks.assemble_coadd import AssembleCoaddConfig
+    from ..tasks.compare_warp import CompareWarpAssembleCoaddConfig
+    from ._config import apply_overrides
+
+    if method not in METHODS:
+        raise InvalidInputError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    if method == "compare-warp":
+        base, name = CompareWarpAssembleCoaddConfig(), "CompareWarpAssembleCoaddConfig"
+    else:
+        base, name = AssembleCoaddConfig(statistic=METHODS[method]), "AssembleCoaddConfig"
+    return _with_n_image(apply_overrides(base, overrides or {}, name))
+
+
 def _with_n_image(config):
     from dataclasses import replace
 
@@ -353,8 +366,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="override a config field, e.g. detect.threshold_value=6 (repeatable)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace COADD.fits if it exists")
+    from ._config import add_show_config
     from ._inputs import add_input_options
 
+    add_show_config(
+        parser,
+        "CompareWarpAssembleCoaddConfig (with --method meanclip/mean/median: AssembleCoaddConfig)",
+    )
     add_input_options(parser, roles=(), nargs="+")
 
 
@@ -368,6 +386,10 @@ def run(args: argparse.Namespace) -> int:
             overrides[key] = {**overrides[key], **value}
         else:
             overrides[key] = value
+    if getattr(args, "show_config", False):
+        from ._config import show_config
+
+        return show_config(task_config(args.method, overrides), args.config_format)
     s = coadd_files(
         args.warps,
         args.output,

@@ -8,6 +8,7 @@
                               [--noise|--variance|--ivar FILE...] [--mask FILE... [--mask-bits B]]
                               [--config FILE] [--set FIELD=VALUE ...] [--overwrite] [--backend ...]
                               [-v]
+    gpudiff match-backgrounds [--config FILE] [--set ...] --show-config [--format toml]
 
 Runs :class:`gpudiff.tasks.MatchBackgroundsTask` (LSST's tract-level ``MatchBackgroundsTask``,
 docs/algorithms.md §9.1).  Each warp is an exposure in tract pixel coordinates (its xy0) whose
@@ -113,8 +114,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="override a config field, e.g. tract_bg_model.interpolation=LINEAR (repeatable)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    from ._config import add_show_config
     from ._inputs import add_input_options
 
+    add_show_config(parser, "MatchBackgroundsConfig")
     # Background matching uses no PSF: only the noise and mask inputs apply.
     add_input_options(parser, roles=(), nargs="+", psf=False)
 
@@ -171,15 +174,11 @@ def _background_hdus(bkg, reference: int):
     return fits.HDUList(hdus)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Read the warps, match, write; print the per-visit summary.  Errors are GpudiffErrors."""
-    from ..backend import get_backend
-    from ..image import Box, read_exposure, write_exposure
-    from ..image.atomic import atomic_write, check_writable
-    from ..image.tract import TractGrid
-    from ..tasks.match_backgrounds import MatchBackgroundsConfig, MatchBackgroundsTask
+def task_config(args: argparse.Namespace):
+    """The ``MatchBackgroundsConfig`` of the command line: ``--visit-key``, then ``--config``
+    and ``--set``, then ``--bin-size`` and ``--mask-detected`` (which win)."""
+    from ..tasks.match_backgrounds import MatchBackgroundsConfig
 
-    t0 = time.perf_counter()
     config = MatchBackgroundsConfig(visit_key=args.visit_key)
     if getattr(args, "config", None) or getattr(args, "set", None):
         from ._config import apply_overrides, load_config_file, parse_set
@@ -191,7 +190,23 @@ def run(args: argparse.Namespace) -> int:
         tb = replace(tb, x_bin=args.bin_size, y_bin=args.bin_size)
     if args.mask_detected and "DETECTED" not in tb.mask:
         tb = replace(tb, mask=tb.mask + ("DETECTED",))
-    config = replace(config, tract_bg_model=tb)
+    return replace(config, tract_bg_model=tb)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Read the warps, match, write; print the per-visit summary.  Errors are GpudiffErrors."""
+    from ..backend import get_backend
+    from ..image import Box, read_exposure, write_exposure
+    from ..image.atomic import atomic_write, check_writable
+    from ..image.tract import TractGrid
+    from ..tasks.match_backgrounds import MatchBackgroundsTask
+
+    t0 = time.perf_counter()
+    config = task_config(args)
+    if getattr(args, "show_config", False):
+        from ._config import show_config
+
+        return show_config(config, args.config_format)
     if args.patch_overlap < 0:
         raise InvalidInputError(f"--patch-overlap must be >= 0, got {args.patch_overlap}")
 

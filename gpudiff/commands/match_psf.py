@@ -6,6 +6,7 @@
                       [--psf FILE] [--noise|--variance|--ivar FILE] [--mask FILE [--mask-bits B]]
                       [--fwhm F] [--kernel-size N] [--config FILE] [--set FIELD=VALUE ...]
                       [--overwrite] [--backend ...] [-v]
+    gpudiff match-psf [--kernel-size N] [--config FILE] [--set ...] --show-config [--format toml]
 
 Runs :class:`gpudiff.tasks.ModelPsfMatchTask` (LSST ``ModelPsfMatchTask``, docs/algorithms.md §7).
 The output is written in the LSST-style layout with the reference PSF as its ``PSF`` HDU and the
@@ -101,8 +102,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="override a config field, e.g. kernel.spatial_kernel_order=1 (repeatable)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT.fits if it exists")
+    from ._config import add_show_config
     from ._inputs import add_input_options
 
+    add_show_config(parser, "ModelPsfMatchConfig")
     add_input_options(parser, roles=())
 
 
@@ -172,7 +175,7 @@ def match_psf_file(
     from ..image import GaussianPsf, read_exposure, read_psf, write_exposure
     from ..image.inputs import attach_inputs, input_cards
     from ._quality import check_model_psf_match
-    from ..tasks.model_psf_match import ModelPsfMatchConfig, ModelPsfMatchTask
+    from ..tasks.model_psf_match import ModelPsfMatchTask
 
     exposure, output = str(exposure), str(output)
     if (reference_fwhm is None) == (reference_psf is None):
@@ -194,13 +197,7 @@ def match_psf_file(
     from ..image.atomic import check_writable
 
     check_writable(output, overwrite=True)  # a missing or read-only folder fails before the work
-    config = ModelPsfMatchConfig()
-    if overrides:
-        from ._config import apply_overrides
-
-        config = apply_overrides(config, overrides, "ModelPsfMatchConfig")
-    if kernel_size is not None:  # the explicit option wins over --config/--set
-        config = replace(config, kernel=config.kernel.with_overrides(kernel_size=int(kernel_size)))
+    config = task_config(overrides, kernel_size)
     be = resolve_backend(backend)
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -252,6 +249,21 @@ def match_psf_file(
     return summary
 
 
+def task_config(overrides: dict | None = None, kernel_size: int | None = None):
+    """The ``ModelPsfMatchConfig`` that ``match_psf_file`` runs with: ``overrides`` (nested
+    mappings for nested configs) applied, then ``kernel_size``, which wins over them."""
+    from ..tasks.model_psf_match import ModelPsfMatchConfig
+
+    config = ModelPsfMatchConfig()
+    if overrides:
+        from ._config import apply_overrides
+
+        config = apply_overrides(config, overrides, "ModelPsfMatchConfig")
+    if kernel_size is not None:  # the explicit option wins over --config/--set
+        config = replace(config, kernel=config.kernel.with_overrides(kernel_size=int(kernel_size)))
+    return config
+
+
 def run(args: argparse.Namespace) -> int:
     """Read, PSF-match, write; print a summary.  Errors are raised as GpudiffError."""
     t0 = time.perf_counter()
@@ -261,6 +273,10 @@ def run(args: argparse.Namespace) -> int:
         from .subtract import merge_overrides
 
         overrides = merge_overrides(load_config_file(args.config), parse_set(args.set))
+    if args.show_config:
+        from ._config import show_config
+
+        return show_config(task_config(overrides, args.kernel_size), args.config_format)
     meta = match_psf_file(
         args.exposure,
         args.output,

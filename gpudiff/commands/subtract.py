@@ -51,8 +51,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="FIELD=VALUE",
         help="override one config field (dotted for nested, repeatable)",
     )
+    from ._config import add_show_config
     from ._inputs import add_input_options
 
+    add_show_config(
+        parser, "AlardLuptonSubtractConfig (with --preconvolve: the preconvolve config)"
+    )
     add_input_options(parser, roles=("science", "template"))
 
 
@@ -212,15 +216,12 @@ def subtract_files(
     from ..image.inputs import attach_inputs, input_cards
     from ..ops.warp import warp_exposure, wcs_equal
     from ..tasks import (
-        AlardLuptonPreconvolveSubtractConfig,
         AlardLuptonPreconvolveSubtractTask,
-        AlardLuptonSubtractConfig,
         AlardLuptonSubtractTask,
         DetectAndMeasureScoreTask,
         DetectAndMeasureTask,
     )
     from ..image.atomic import check_writable
-    from ._config import apply_overrides
     from ._quality import check_subtraction
 
     science, template, out = str(science), str(template), Path(output)
@@ -275,9 +276,7 @@ def subtract_files(
             tmpl_exp, sci_exp.wcs, sci_exp.bbox, name="template", dest_name="science", backend=be
         )
         timings["warp"] = time.perf_counter() - t
-    cfg_cls = AlardLuptonPreconvolveSubtractConfig if preconvolve else AlardLuptonSubtractConfig
-    overrides = merge_overrides(overrides, {"mode": mode} if mode else None)
-    config = apply_overrides(cfg_cls(), overrides)
+    config = task_config(overrides, mode, preconvolve)
     src_table = None
     if sources:
         from astropy.table import Table
@@ -381,6 +380,17 @@ def subtract_files(
     }
 
 
+def task_config(overrides: dict | None = None, mode: str | None = None, preconvolve: bool = False):
+    """The task config ``subtract_files`` runs with: ``AlardLuptonSubtractConfig`` (or the
+    preconvolve config) with ``overrides`` (nested mappings for nested configs) and ``mode``
+    (which wins over the overrides' mode) applied."""
+    from ..tasks import AlardLuptonPreconvolveSubtractConfig, AlardLuptonSubtractConfig
+    from ._config import apply_overrides
+
+    cfg_cls = AlardLuptonPreconvolveSubtractConfig if preconvolve else AlardLuptonSubtractConfig
+    return apply_overrides(cfg_cls(), merge_overrides(overrides, {"mode": mode} if mode else None))
+
+
 def cli_mode(mode: str | None, overrides: dict | None) -> str | None:
     """The command line's mode: the option, else the config's if it sets one, else ``auto``
     (the Python API keeps the config's default, LSST's convolveTemplate)."""
@@ -395,6 +405,11 @@ def run(args: argparse.Namespace) -> int:
     from ._quality import report
 
     overrides = merge_overrides(load_config_file(args.config), parse_set(args.set))
+    if args.show_config:
+        from ._config import show_config
+
+        config = task_config(overrides, cli_mode(args.mode, overrides), args.preconvolve)
+        return show_config(config, args.config_format)
     s = subtract_files(
         args.science,
         args.template,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from ..configfield import option, validate_config
 from ..errors import InvalidInputError
 
 __all__ = ["PsfMatchConfig"]
@@ -30,86 +31,210 @@ class PsfMatchConfig:
     """
 
     # --- PsfMatchConfig --------------------------------------------------------------
-    kernel_basis_set: str = "alard-lupton"
-    kernel_size: int = 21
-    scale_by_fwhm: bool = True
-    kernel_size_fwhm_scaling: float = 6.0
-    kernel_size_min: int = 21
-    kernel_size_max: int = 35
-    spatial_model_type: str = "chebyshev1"
-    spatial_kernel_order: int = 2
-    spatial_bg_order: int = 1
-    fit_for_background: bool = False
-    size_cell_x: int = 128
-    size_cell_y: int = 128
-    n_star_per_cell: int = 5
-    max_spatial_iterations: int = 3
-    use_pca_for_spatial_kernel: bool = False
-    subtract_mean_for_pca: bool = True
-    num_principal_components: int = 5
-    single_kernel_clipping: bool = True
-    kernel_sum_clipping: bool = True
-    spatial_kernel_clipping: bool = True
-    check_condition_number: bool = False
-    bad_mask_planes: tuple[str, ...] = ("NO_DATA", "EDGE", "SAT")
-    candidate_residual_mean_max: float = 0.25
-    candidate_residual_std_max: float = 1.50
-    use_core_stats: bool = False
-    candidate_core_radius: int = 3
-    max_ksum_sigma: float = 3.0
-    max_condition_number: float = 5e7
-    condition_number_type: str = "EIGENVALUE"
-    max_spatial_condition_number: float = 1e10
-    iterate_single_kernel: bool = False
-    constant_variance_weighting: bool = True
-    calculate_kernel_uncertainty: bool = False
-    use_bic_for_kernel_basis: bool = False
+    kernel_basis_set: str = option(
+        "alard-lupton",
+        doc="Kernel basis: sums of Gaussians times polynomials (Alard-Lupton) or one basis "
+        "per kernel pixel (delta-function).",
+        choices=_BASIS_SETS,
+    )
+    kernel_size: int = option(
+        21,
+        doc="Kernel width and height in pixels (odd for Alard-Lupton); replaced by the "
+        "FWHM-scaled size when scale_by_fwhm is set.",
+        min=1,
+    )
+    scale_by_fwhm: bool = option(
+        True, doc="Scale the kernel size and the AL Gaussian widths with the PSF FWHMs."
+    )
+    kernel_size_fwhm_scaling: float = option(
+        6.0,
+        doc="Kernel size = this x the widest AL Gaussian sigma (with scale_by_fwhm).",
+        min=1,
+    )
+    kernel_size_min: int = option(21, doc="Smallest FWHM-scaled kernel size in pixels.")
+    kernel_size_max: int = option(35, doc="Largest FWHM-scaled kernel size in pixels.")
+    spatial_model_type: str = option(
+        "chebyshev1",
+        doc="Functions of the spatial variation of kernel and background: Chebyshev (first "
+        "kind) or plain polynomials.",
+        choices=_SPATIAL_MODELS,
+    )
+    spatial_kernel_order: int = option(
+        2, doc="Polynomial order of the kernel's variation across the image.", min=0
+    )
+    spatial_bg_order: int = option(
+        1, doc="Polynomial order of the differential background's variation.", min=0
+    )
+    fit_for_background: bool = option(
+        False, doc="Fit a differential background together with the kernel."
+    )
+    size_cell_x: int = option(
+        128, doc="Width in pixels of the spatial cells that spread kernel candidates.", min=32
+    )
+    size_cell_y: int = option(
+        128, doc="Height in pixels of the spatial cells that spread kernel candidates.", min=32
+    )
+    n_star_per_cell: int = option(
+        5,
+        doc="Kernel candidates used per spatial cell in the spatial fit (-1: all).",
+        min=-1,
+    )
+    max_spatial_iterations: int = option(
+        3,
+        doc="Rounds of rejecting bad candidates and refitting the spatial model.",
+        min=1,
+        max=5,
+    )
+    use_pca_for_spatial_kernel: bool = option(
+        False,
+        doc="Reduce the candidates' kernels to principal components before the spatial fit "
+        "(the delta-function default).",
+    )
+    subtract_mean_for_pca: bool = option(
+        True, doc="Subtract the mean kernel before the principal-component analysis."
+    )
+    num_principal_components: int = option(
+        5, doc="Principal components kept (the mean kernel included).", min=3
+    )
+    single_kernel_clipping: bool = option(
+        True, doc="Reject candidates whose own difference stamp has bad residual statistics."
+    )
+    kernel_sum_clipping: bool = option(
+        True, doc="Reject candidates whose kernel sum is an outlier of the ensemble."
+    )
+    spatial_kernel_clipping: bool = option(
+        True, doc="Reject candidates whose stamp is badly subtracted by the spatial model."
+    )
+    check_condition_number: bool = option(
+        False,
+        doc="Reject candidates whose normal matrix has a condition number above "
+        "max_condition_number.",
+    )
+    bad_mask_planes: tuple[str, ...] = option(
+        ("NO_DATA", "EDGE", "SAT"),
+        doc="Mask planes whose pixels are left out of the candidates' residual statistics.",
+    )
+    candidate_residual_mean_max: float = option(
+        0.25,
+        doc="Largest |mean| of a candidate's difference/sqrt(variance) before it is rejected.",
+    )
+    candidate_residual_std_max: float = option(
+        1.50,
+        doc="Largest std of a candidate's difference/sqrt(variance) before it is rejected.",
+    )
+    use_core_stats: bool = option(
+        False,
+        doc="Compute the candidates' residual statistics in the stamp's core only "
+        "(radius candidate_core_radius).",
+    )
+    candidate_core_radius: int = option(
+        3, doc="Radius in pixels of the stamp core used with use_core_stats.", min=0
+    )
+    max_ksum_sigma: float = option(
+        3.0,
+        doc="Kernel-sum clipping threshold, in robust sigmas of the candidates' kernel sums.",
+        lsst="maxKsumSigma",
+    )
+    max_condition_number: float = option(
+        5e7, doc="Largest condition number of a candidate's normal matrix (check_condition_number)."
+    )
+    condition_number_type: str = option(
+        "EIGENVALUE",
+        doc="Condition number from the eigenvalues or the singular values of the matrix.",
+        choices=_COND_TYPES,
+    )
+    max_spatial_condition_number: float = option(
+        1e10, doc="Largest condition number of the spatial fit's normal matrix."
+    )
+    iterate_single_kernel: bool = option(
+        False,
+        doc="LSST: refit each candidate with a better variance estimate; accepted for "
+        "compatibility, no effect in gpudiff.",
+    )
+    constant_variance_weighting: bool = option(
+        True,
+        doc="Weight the single-kernel fits by one constant variance instead of the "
+        "per-pixel variance.",
+    )
+    calculate_kernel_uncertainty: bool = option(
+        False,
+        doc="LSST: compute kernel and background uncertainties per candidate; accepted for "
+        "compatibility, no effect in gpudiff.",
+    )
+    use_bic_for_kernel_basis: bool = option(
+        False,
+        doc="LSST: choose the number of basis terms by the Bayesian information criterion; "
+        "accepted for compatibility, no effect in gpudiff.",
+    )
     # --- PsfMatchConfigAL ------------------------------------------------------------
-    alard_n_gauss: int = 3
-    alard_deg_gauss: tuple[int, ...] = (4, 2, 2)
-    alard_sig_gauss: tuple[float, ...] = (0.7, 1.5, 3.0)
-    alard_gauss_beta: float = 2.0
-    alard_min_sig: float = 0.7
-    alard_min_sig_deconv: float = 0.4
+    alard_n_gauss: int = option(
+        3, doc="Number of Gaussians of the Alard-Lupton basis.", min=1, lsst="alardNGauss"
+    )
+    alard_deg_gauss: tuple[int, ...] = option(
+        (4, 2, 2),
+        doc="Polynomial degree that multiplies each AL Gaussian (alard_n_gauss entries).",
+        min=0,
+    )
+    alard_sig_gauss: tuple[float, ...] = option(
+        (0.7, 1.5, 3.0),
+        doc="Sigmas in pixels of the AL Gaussians when they are not scaled by the FWHMs "
+        "(alard_n_gauss entries).",
+    )
+    alard_gauss_beta: float = option(
+        2.0, doc="Ratio of adjacent AL Gaussian sigmas when they are scaled by the FWHMs."
+    )
+    alard_min_sig: float = option(0.7, doc="Smallest FWHM-scaled AL Gaussian sigma in pixels.")
+    alard_min_sig_deconv: float = option(
+        0.4,
+        doc="Smallest FWHM-scaled AL Gaussian sigma in pixels when the kernel must "
+        "deconvolve (the convolved image's PSF is the sharper).",
+    )
     # --- PsfMatchConfigDF ------------------------------------------------------------
-    use_regularization: bool = True
-    regularization_type: str = "centralDifference"
-    central_regularization_stencil: int = 9
-    forward_regularization_orders: tuple[int, ...] = (1, 2)
-    regularization_border_penalty: float = 3.0
-    lambda_type: str = "absolute"
-    lambda_value: float = 0.2
-    lambda_scaling: float = 1e-4
+    use_regularization: bool = option(
+        True, doc="Regularize (smooth) the delta-function kernel fit."
+    )
+    regularization_type: str = option(
+        "centralDifference",
+        doc="Regularization by a central-difference stencil or by forward differences.",
+        choices=_REG_TYPES,
+    )
+    central_regularization_stencil: int = option(
+        9, doc="Points of the central-difference Laplacian stencil.", choices=(5, 9)
+    )
+    forward_regularization_orders: tuple[int, ...] = option(
+        (1, 2),
+        doc="Orders of the forward differences that are penalized (forwardDifference).",
+        choices=(1, 2, 3),
+    )
+    regularization_border_penalty: float = option(
+        3.0, doc="Extra penalty on the kernel's border pixels in the regularization.", min=0
+    )
+    # LSST's risk-minimizing lambda types read config keys that do not exist
+    # (docs/algorithms.md §1.4 caveat); they are not offered here.
+    lambda_type: str = option(
+        "absolute",
+        doc="How the regularization strength is set: lambda_value as is, or relative to "
+        "the normal matrix's trace ratio (x lambda_scaling).",
+        choices=_LAMBDA_TYPES,
+    )
+    lambda_value: float = option(0.2, doc="Regularization strength with lambda_type 'absolute'.")
+    lambda_scaling: float = option(
+        1e-4, doc="Fraction of the trace-ratio strength used with lambda_type 'relative'."
+    )
 
     def __post_init__(self):
+        validate_config(self)
+
+        # Rules over several fields (the single-field ones are in the field options).
         def bad(msg: str):
             raise InvalidInputError(f"PsfMatchConfig: {msg}")
 
-        if self.kernel_basis_set not in _BASIS_SETS:
-            bad(f"kernel_basis_set must be one of {_BASIS_SETS}, got {self.kernel_basis_set!r}")
-        if self.spatial_model_type not in _SPATIAL_MODELS:
-            bad(
-                f"spatial_model_type must be one of {_SPATIAL_MODELS}, "
-                f"got {self.spatial_model_type!r}"
-            )
-        if self.kernel_size < 1:
-            bad(f"kernel_size must be positive, got {self.kernel_size}")
         if self.kernel_basis_set == "alard-lupton" and self.kernel_size % 2 == 0:
             bad(f"kernel_size must be odd for the Alard-Lupton basis, got {self.kernel_size}")
-        if self.kernel_size_fwhm_scaling < 1:
-            bad(f"kernel_size_fwhm_scaling must be >= 1, got {self.kernel_size_fwhm_scaling}")
         if self.kernel_size_min > self.kernel_size_max:
             bad(f"kernel_size_min {self.kernel_size_min} > kernel_size_max {self.kernel_size_max}")
-        if self.size_cell_x < 32 or self.size_cell_y < 32:
-            bad(f"size_cell_x/y must be >= 32, got {self.size_cell_x}, {self.size_cell_y}")
-        if not 1 <= self.max_spatial_iterations <= 5:
-            bad(f"max_spatial_iterations must be in 1..5, got {self.max_spatial_iterations}")
-        if self.spatial_kernel_order < 0 or self.spatial_bg_order < 0:
-            bad("spatial orders must be >= 0")
-        if self.n_star_per_cell == 0 or self.n_star_per_cell < -1:
+        if self.n_star_per_cell == 0:
             bad(f"n_star_per_cell must be >= 1 or -1 (all), got {self.n_star_per_cell}")
-        if self.num_principal_components < 3:
-            bad(f"num_principal_components must be >= 3, got {self.num_principal_components}")
         if (
             len(self.alard_deg_gauss) != self.alard_n_gauss
             or len(self.alard_sig_gauss) != self.alard_n_gauss
@@ -118,35 +243,11 @@ class PsfMatchConfig:
                 f"alard_deg_gauss and alard_sig_gauss need "
                 f"alard_n_gauss={self.alard_n_gauss} entries"
             )
-        if self.regularization_type not in _REG_TYPES:
-            bad(
-                f"regularization_type must be one of {_REG_TYPES}, got {self.regularization_type!r}"
-            )
-        if self.central_regularization_stencil not in (5, 9):
-            bad(
-                f"central_regularization_stencil must be 5 or 9, "
-                f"got {self.central_regularization_stencil}"
-            )
-        if not self.forward_regularization_orders or any(
-            o not in (1, 2, 3) for o in self.forward_regularization_orders
-        ):
+        if not self.forward_regularization_orders:
             bad(
                 f"forward_regularization_orders must be within 1..3, "
                 f"got {self.forward_regularization_orders}"
             )
-        if self.regularization_border_penalty < 0:
-            bad(
-                f"regularization_border_penalty must be >= 0, "
-                f"got {self.regularization_border_penalty}"
-            )
-        if self.lambda_type not in _LAMBDA_TYPES:
-            # LSST's risk-minimizing lambda types read config keys that do not exist
-            # (docs/algorithms.md §1.4 caveat); they are not offered here.
-            bad(f"lambda_type must be one of {_LAMBDA_TYPES}, got {self.lambda_type!r}")
-        if self.condition_number_type not in _COND_TYPES:
-            bad(f"condition_number_type must be one of {_COND_TYPES}")
-        if self.candidate_core_radius < 0:
-            bad("candidate_core_radius must be >= 0")
 
     @classmethod
     def delta_function(cls, **overrides: Any) -> "PsfMatchConfig":

@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..configfield import option, validate_config
 from ..errors import InvalidInputError
 from ..image.psf import Psf
 from ._util import _count, _finite_number, _is_number, _range
@@ -53,24 +54,66 @@ class FieldConfig:
         Flux range of the bright stars, ADU.
     """
 
-    n_stars: int | None = None
-    star_density: float = 4e-4
-    flux_min: float = 200.0
-    flux_max: float = 2.0e5
-    flux_alpha: float = 2.0
-    min_separation: float = 0.0
-    margin: float = 0.0
-    n_galaxies: int = 0
-    galaxy_flux_min: float = 500.0
-    galaxy_flux_max: float = 5.0e4
-    galaxy_flux_alpha: float = 2.0
-    galaxy_r_eff: tuple[float, float] = (1.5, 4.0)
-    galaxy_sersic_n: tuple[float, float] = (1.0, 1.0)
-    galaxy_axis_ratio: tuple[float, float] = (0.4, 1.0)
-    n_bright_stars: int = 0
-    bright_flux: tuple[float, float] = (1.0e6, 1.0e7)
+    n_stars: int | None = option(
+        None, doc="Number of stars (None: round(star_density x area)).", gpudiff_only=True
+    )
+    star_density: float = option(
+        4e-4, doc="Stars per square pixel when n_stars is None.", gpudiff_only=True
+    )
+    flux_min: float = option(
+        200.0, doc="Faintest star flux, ADU (total counts in the image).", gpudiff_only=True
+    )
+    flux_max: float = option(2.0e5, doc="Brightest star flux, ADU.", gpudiff_only=True)
+    flux_alpha: float = option(
+        2.0,
+        doc="Power-law index of the star fluxes: dN/dF ~ F^-alpha (2.5 is Euclidean).",
+        gpudiff_only=True,
+    )
+    min_separation: float = option(
+        0.0,
+        doc="Minimum distance between any two sources, pixels (0: none).",
+        gpudiff_only=True,
+    )
+    margin: float = option(
+        0.0,
+        doc="Sources are placed over the box grown by this many pixels per side (negative: "
+        "kept that far from the edges).",
+        gpudiff_only=True,
+    )
+    n_galaxies: int = option(
+        0, doc="Number of galaxies (Sersic profiles convolved with the PSF).", gpudiff_only=True
+    )
+    galaxy_flux_min: float = option(500.0, doc="Faintest galaxy flux, ADU.", gpudiff_only=True)
+    galaxy_flux_max: float = option(5.0e4, doc="Brightest galaxy flux, ADU.", gpudiff_only=True)
+    galaxy_flux_alpha: float = option(
+        2.0, doc="Power-law index of the galaxy fluxes.", gpudiff_only=True
+    )
+    galaxy_r_eff: tuple[float, float] = option(
+        (1.5, 4.0),
+        doc="Range of major-axis half-light radii, pixels (log-uniform).",
+        gpudiff_only=True,
+    )
+    galaxy_sersic_n: tuple[float, float] = option(
+        (1.0, 1.0),
+        doc="Range of Sersic indices (uniform; (1, 1): exponential disks).",
+        gpudiff_only=True,
+    )
+    galaxy_axis_ratio: tuple[float, float] = option(
+        (0.4, 1.0),
+        doc="Range of minor/major axis ratios (uniform); position angles are uniform.",
+        gpudiff_only=True,
+    )
+    n_bright_stars: int = option(
+        0,
+        doc="Extra bright (e.g. saturated) stars, from their own random stream.",
+        gpudiff_only=True,
+    )
+    bright_flux: tuple[float, float] = option(
+        (1.0e6, 1.0e7), doc="Flux range of the bright stars, ADU (log-uniform).", gpudiff_only=True
+    )
 
     def __post_init__(self):
+        validate_config(self)
         if self.n_stars is not None:
             _count("n_stars", self.n_stars)
         _finite_number("star_density", self.star_density, nonneg=True)
@@ -172,32 +215,94 @@ class ObsConfig:
         Written as ``BAND`` and ``FILTER``.
     """
 
-    psf: Any = PsfSpec()
-    sky: float = 1000.0
-    background: Any = None
-    gain: float = 1.0
-    read_noise: float = 5.0
-    noise: str = "poisson"
-    sky_subtracted: bool = False
-    saturation: float | None = None
-    bad_columns: Any = 0
-    bad_column_value: Any = 0.0
-    cosmic_rays: int = 0
-    cr_amplitude: tuple[float, float] = (100.0, 3000.0)
-    cr_max_length: float = 15.0
-    mask_cosmic_rays: Any = False
-    no_data: Any = ()
-    trails: Sequence[Trail] = ()
-    ghosts: Sequence[Ghost] = ()
-    photo_calib: float = 1.0
-    ra: float = 150.0
-    dec: float = 2.2
-    pixel_scale: float = 0.2
-    wcs_reference: tuple[float, float] | None = None
-    visit: int | None = None
-    band: str = "r"
+    psf: Any = option(
+        PsfSpec(),
+        doc="The PSF: a FWHM in pixels (Gaussian), a PsfSpec, a constant Psf, or a callable "
+        "(x, y) -> Psf.",
+        gpudiff_only=True,
+    )
+    sky: float = option(1000.0, doc="Sky level, ADU per pixel.", gpudiff_only=True)
+    background: Any = option(
+        None,
+        doc="Extra background on top of sky: a number, a Polynomial/ChebyshevBackground, a "
+        "callable (x, y) or an array.",
+        gpudiff_only=True,
+    )
+    gain: float = option(1.0, doc="Detector gain, e- per ADU.", gpudiff_only=True)
+    read_noise: float = option(5.0, doc="Read noise, e- rms.", gpudiff_only=True)
+    noise: str = option(
+        "poisson",
+        doc="Poisson photon + Gaussian read noise, a Gaussian of the same variance, or none.",
+        gpudiff_only=True,
+    )
+    sky_subtracted: bool = option(
+        False,
+        doc="Return image - sky (variance unchanged; the background term is kept).",
+        gpudiff_only=True,
+    )
+    saturation: float | None = option(
+        None,
+        doc="Saturation level of the raw image, ADU: pixels at or above are clipped and "
+        "flagged SAT (None: none).",
+        gpudiff_only=True,
+    )
+    bad_columns: Any = option(
+        0,
+        doc="Number of random bad columns, or the parent column numbers of whole bad "
+        "columns (flagged BAD).",
+        gpudiff_only=True,
+    )
+    bad_column_value: Any = option(
+        0.0,
+        doc="Image value of bad-column pixels, or a (lo, hi) range drawn per pixel.",
+        gpudiff_only=True,
+    )
+    cosmic_rays: int = option(0, doc="Number of cosmic rays added to the image.", gpudiff_only=True)
+    cr_amplitude: tuple[float, float] = option(
+        (100.0, 3000.0),
+        doc="Per-pixel charge range of cosmic rays, ADU (log-uniform).",
+        gpudiff_only=True,
+    )
+    cr_max_length: float = option(15.0, doc="Longest cosmic-ray track, pixels.", gpudiff_only=True)
+    mask_cosmic_rays: Any = option(
+        False,
+        doc="Flag the cosmic rays CR: a bool, or the fraction of the rays flagged.",
+        gpudiff_only=True,
+    )
+    no_data: Any = option(
+        (),
+        doc="Regions without data (boxes in parent coordinates, or a bool array): NaN, "
+        "infinite variance, NO_DATA.",
+        gpudiff_only=True,
+    )
+    trails: Sequence[Trail] = option(
+        (), doc="Satellite trails (part of the model: they carry photon noise).", gpudiff_only=True
+    )
+    ghosts: Sequence[Ghost] = option(
+        (), doc="Optical ghosts (part of the model: they carry photon noise).", gpudiff_only=True
+    )
+    photo_calib: float = option(
+        1.0, doc="PhotoCalib calibration mean, nJy per ADU.", gpudiff_only=True
+    )
+    ra: float = option(
+        150.0, doc="Right ascension of the WCS reference pixel, degrees.", gpudiff_only=True
+    )
+    dec: float = option(
+        2.2, doc="Declination of the WCS reference pixel, degrees.", gpudiff_only=True
+    )
+    pixel_scale: float = option(
+        0.2, doc="Arcseconds per pixel (TAN, north up, east left).", gpudiff_only=True
+    )
+    wcs_reference: tuple[float, float] | None = option(
+        None,
+        doc="Parent pixel at (ra, dec) (None: the exposure's centre).",
+        gpudiff_only=True,
+    )
+    visit: int | None = option(None, doc="Written as VISIT in the metadata.", gpudiff_only=True)
+    band: str = option("r", doc="Written as BAND and FILTER in the metadata.", gpudiff_only=True)
 
     def __post_init__(self):
+        validate_config(self)
         _finite_number("sky", self.sky, nonneg=True)
         _finite_number("gain", self.gain, positive=True)
         _finite_number("read_noise", self.read_noise, nonneg=True)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -43,6 +43,7 @@ from astropy.io import fits
 from ..backend import Backend, resolve_backend
 from ..backend.kernels import clipped_stack
 from ..backend.threads import cpu_workers, parallel_map
+from ..configfield import option, validate_config
 from ..errors import InvalidInputError, NoWorkFound
 from ..image import Box, Exposure, ImagePsf, MaskedImage, MaskPlanes, Psf
 from ..ops.stats import clipped_mean_std
@@ -115,55 +116,77 @@ class AssembleCoaddConfig:
         warp, at a sixteenth of the cost.
     """
 
-    warp_type: str = "direct"
-    statistic: str = "MEANCLIP"
-    do_online_for_mean: bool = False
-    sigma_clip: float = 3.0
-    clip_iter: int = 2
-    calc_error_from_input_variance: bool = True
-    do_n_image: bool = False
-    mask_propagation_thresholds: Mapping[str, float] = field(default_factory=lambda: {"SAT": 0.1})
-    remove_mask_planes: tuple[str, ...] = ("NOT_DEBLENDED",)
-    do_input_map: bool = False
-    bad_mask_planes: tuple[str, ...] = ("NO_DATA", "BAD", "SAT", "EDGE")
-    no_good_pixels_mask: str = "NO_DATA"
-    max_band_bytes: int | None = None
-    max_weight_samples: int | None = 1 << 20
+    warp_type: str = option(
+        "direct",
+        doc="Kind of warps: sets the output PSF (weighted mean of the inputs' PSFs for "
+        "direct warps, the widest input PSF for PSF-matched ones).",
+        choices=("direct", "psfMatched"),
+    )
+    statistic: str = option(
+        "MEANCLIP",
+        doc="Per-pixel statistic of the stack.",
+        choices=STATISTICS,
+        fold_case=True,
+    )
+    do_online_for_mean: bool = option(
+        False, doc="With MEAN: accumulate warp by warp instead of stacking (same result)."
+    )
+    sigma_clip: float = option(
+        3.0,
+        doc="Clipping threshold in sigmas of MEANCLIP and of the weight statistic.",
+        min=0,
+        inclusive_min=False,
+        finite=True,
+    )
+    clip_iter: int = option(
+        2, doc="Clipping passes of MEANCLIP and of the weight statistic.", min=1
+    )
+    calc_error_from_input_variance: bool = option(
+        True,
+        doc="Coadd variance from the inputs' variance planes (True) or from the scatter "
+        "of the stacked values (False).",
+    )
+    do_n_image: bool = option(
+        False, doc="Return n_image, the number of inputs contributing to each pixel."
+    )
+    mask_propagation_thresholds: Mapping[str, float] = option(
+        doc="Plane -> fraction of the weight rejected for that plane above which the plane "
+        "is set in the coadd.",
+        min=0,
+        max=1,
+        default_factory=lambda: {"SAT": 0.1},
+    )
+    remove_mask_planes: tuple[str, ...] = option(
+        ("NOT_DEBLENDED",), doc="Planes cleared from every warp before stacking."
+    )
+    do_input_map: bool = option(
+        False, doc="Return the per-pixel bit map of the contributing inputs."
+    )
+    bad_mask_planes: tuple[str, ...] = option(
+        ("NO_DATA", "BAD", "SAT", "EDGE"),
+        doc="An input pixel with any of these planes is left out of the stack (afw andMask).",
+    )
+    no_good_pixels_mask: str = option(
+        "NO_DATA", doc="Plane set on coadd pixels to which no input contributes."
+    )
+    max_band_bytes: int | None = option(
+        None,
+        doc="Memory in bytes for one row band's stack (None: 256 MiB on the CPU, a quarter "
+        "of the free device memory on a GPU); replaces LSST's subregionSize.",
+        min=1,
+        gpudiff_only=True,
+    )
+    max_weight_samples: int | None = option(
+        1 << 20,
+        doc="The weight statistic uses every k-th pixel so that at most this many enter it "
+        "(None: all, as LSST).",
+        min=1,
+        gpudiff_only=True,
+    )
 
     def __post_init__(self):
-        stat = str(self.statistic).upper()
-        if stat not in STATISTICS:
-            raise InvalidInputError(
-                f"statistic must be one of {STATISTICS}, got {self.statistic!r}"
-            )
-        object.__setattr__(self, "statistic", stat)
-        if self.warp_type not in ("direct", "psfMatched"):
-            raise InvalidInputError(
-                f"warp_type must be 'direct' or 'psfMatched', got {self.warp_type!r}"
-            )
-        if not (math.isfinite(float(self.sigma_clip)) and self.sigma_clip > 0):
-            raise InvalidInputError(f"sigma_clip must be > 0, got {self.sigma_clip!r}")
-        if (
-            isinstance(self.clip_iter, bool)
-            or not isinstance(self.clip_iter, (int, np.integer))
-            or self.clip_iter < 1
-        ):
-            raise InvalidInputError(f"clip_iter must be an integer >= 1, got {self.clip_iter!r}")
-        for name in ("remove_mask_planes", "bad_mask_planes"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        thr = dict(self.mask_propagation_thresholds)
-        for plane, t in thr.items():
-            if not (isinstance(t, (int, float)) and 0 <= t <= 1):
-                raise InvalidInputError(
-                    f"mask_propagation_thresholds[{plane!r}] must be in [0, 1], got {t!r}"
-                )
-        object.__setattr__(self, "mask_propagation_thresholds", thr)
-        for name in ("max_band_bytes", "max_weight_samples"):
-            v = getattr(self, name)
-            if v is not None and (
-                isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
-            ):
-                raise InvalidInputError(f"{name} must be a positive integer or None, got {v!r}")
+        # Every rule is a single-field one (the field options).
+        validate_config(self)
 
 
 @dataclass

@@ -25,7 +25,6 @@ only the model, two count images and one warp are ever held whole.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -35,12 +34,19 @@ import numpy as np
 
 from ..backend import Backend
 from ..backend.threads import cpu_workers, parallel_map
+from ..configfield import option, validate_config
 from ..errors import GpudiffError, InvalidInputError
 from ..image import Box, Exposure, MaskedImage
 from ..ops.detection import detect_sources
 from ..ops.footprints import dilate_disk as _dilate_disk
 from ..ops.footprints import drop_small as _drop_small
-from .assemble_coadd import AssembleCoaddConfig, AssembleCoaddResult, AssembleCoaddTask, _union
+from .assemble_coadd import (
+    STATISTICS,
+    AssembleCoaddConfig,
+    AssembleCoaddResult,
+    AssembleCoaddTask,
+    _union,
+)
 from .coadd_warps import as_warp, read_padded
 from .scale_variance import ScaleVarianceConfig, ScaleVarianceTask
 
@@ -70,18 +76,30 @@ class ArtifactDetectionConfig:
     polarity : {"both", "positive"}
     """
 
-    threshold_value: float = 7.5
-    min_pixels: int = 4
-    n_sigma_to_grow: float = 0.4
-    polarity: str = "both"
+    threshold_value: float = option(
+        7.5,
+        doc="Detection threshold per pixel, in units of sqrt(variance) (pixel_stdev).",
+        min=0,
+        inclusive_min=False,
+        finite=True,
+    )
+    min_pixels: int = option(
+        4, doc="Footprints with fewer pixels (before growing) are dropped.", min=1
+    )
+    n_sigma_to_grow: float = option(
+        0.4,
+        doc="Footprints are grown by int(n_sigma_to_grow * PSF sigma + 0.5) pixels.",
+        min=0,
+    )
+    polarity: str = option(
+        "both",
+        doc="Detect positive footprints only, or positive and negative ones.",
+        choices=("both", "positive"),
+        lsst="thresholdPolarity",
+    )
 
     def __post_init__(self):
-        if not (math.isfinite(self.threshold_value) and self.threshold_value > 0):
-            raise InvalidInputError(f"threshold_value must be > 0, got {self.threshold_value!r}")
-        if self.polarity not in ("both", "positive"):
-            raise InvalidInputError(f"polarity must be 'both' or 'positive', got {self.polarity!r}")
-        if int(self.min_pixels) < 1 or self.n_sigma_to_grow < 0:
-            raise InvalidInputError("min_pixels must be >= 1 and n_sigma_to_grow >= 0")
+        validate_config(self)
 
 
 def _static_sky_config() -> AssembleCoaddConfig:
@@ -128,44 +146,75 @@ class CompareWarpAssembleCoaddConfig(AssembleCoaddConfig):
         Drop a footprint whose fraction of pixels free of these planes is ≤ the ratio.
     """
 
-    statistic: str = "MEAN"
-    bad_mask_planes: tuple[str, ...] = ("NO_DATA", "BAD", "SAT")
-    remove_mask_planes: tuple[str, ...] = ("NOT_DEBLENDED", "EDGE")
-    assemble_static_sky_model: AssembleCoaddConfig = field(default_factory=_static_sky_config)
-    detect: ArtifactDetectionConfig = field(default_factory=ArtifactDetectionConfig)
-    detect_template: ArtifactDetectionConfig = field(
+    statistic: str = option(
+        "MEAN",
+        doc="Per-pixel statistic of the final stack of the direct warps.",
+        choices=STATISTICS,
+        fold_case=True,
+    )
+    bad_mask_planes: tuple[str, ...] = option(
+        ("NO_DATA", "BAD", "SAT"),
+        doc="An input pixel with any of these planes is left out of the final stack.",
+    )
+    remove_mask_planes: tuple[str, ...] = option(
+        ("NOT_DEBLENDED", "EDGE"),
+        doc="Planes cleared from every direct warp before the final stack.",
+    )
+    assemble_static_sky_model: AssembleCoaddConfig = option(
+        doc="The static-sky model stack of the PSF-matched warps (MEANCLIP 2.5 sigma x 3).",
+        default_factory=_static_sky_config,
+    )
+    detect: ArtifactDetectionConfig = option(
+        doc="Detection of artifact candidates on each PSF-matched warp minus the model.",
+        default_factory=ArtifactDetectionConfig,
+    )
+    detect_template: ArtifactDetectionConfig = option(
+        doc="300-sigma positive detection on the model: footprints inside one are kept "
+        "(do_preserve_contained_by_source).",
         default_factory=lambda: ArtifactDetectionConfig(
             threshold_value=300.0, n_sigma_to_grow=2.4, polarity="positive"
-        )
+        ),
     )
-    max_num_epochs: int = 2
-    max_fraction_epochs_low: float = 0.4
-    max_fraction_epochs_high: float = 0.03
-    spatial_threshold: float = 0.5
-    do_scale_warp_variance: bool = True
-    do_preserve_contained_by_source: bool = True
-    do_prefilter_artifacts: bool = True
-    prefilter_artifacts_mask_planes: tuple[str, ...] = ("NO_DATA", "BAD", "SUSPECT")
-    prefilter_artifacts_ratio: float = 0.05
+    max_num_epochs: int = option(
+        2,
+        doc="effMax = int(min(max_fraction_epochs_low*N, max_num_epochs + "
+        "max_fraction_epochs_high*N)): the most epochs an artifact may appear in.",
+    )
+    max_fraction_epochs_low: float = option(
+        0.4, doc="Fraction of the N inputs in the first term of effMax (see max_num_epochs)."
+    )
+    max_fraction_epochs_high: float = option(
+        0.03, doc="Fraction of the N inputs added to max_num_epochs in effMax."
+    )
+    spatial_threshold: float = option(
+        0.5,
+        doc="A footprint is an artifact when more than this fraction of its pixels are "
+        "outliers in 1..effMax epochs.",
+        min=0,
+        max=1,
+    )
+    do_scale_warp_variance: bool = option(
+        True,
+        doc="Rescale each PSF-matched warp's variance (ScaleVarianceTask) before "
+        "differencing; failures are logged and ignored.",
+    )
+    do_preserve_contained_by_source: bool = option(
+        True, doc="Keep footprints entirely inside a detection on the model (bright stars)."
+    )
+    do_prefilter_artifacts: bool = option(
+        True,
+        doc="Drop footprints mostly made of pixels with prefilter_artifacts_mask_planes.",
+    )
+    prefilter_artifacts_mask_planes: tuple[str, ...] = option(
+        ("NO_DATA", "BAD", "SUSPECT"), doc="Planes of the pixels counted as bad by the prefilter."
+    )
+    prefilter_artifacts_ratio: float = option(
+        0.05,
+        doc="A footprint whose fraction of pixels free of the prefilter planes is at most "
+        "this is dropped.",
+    )
 
-    def __post_init__(self):
-        super().__post_init__()
-        for name, cls in (
-            ("assemble_static_sky_model", AssembleCoaddConfig),
-            ("detect", ArtifactDetectionConfig),
-            ("detect_template", ArtifactDetectionConfig),
-        ):
-            if not isinstance(getattr(self, name), cls):
-                raise InvalidInputError(
-                    f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}"
-                )
-        if not 0 <= self.spatial_threshold <= 1:
-            raise InvalidInputError(
-                f"spatial_threshold must be in [0, 1], got {self.spatial_threshold!r}"
-            )
-        object.__setattr__(
-            self, "prefilter_artifacts_mask_planes", tuple(self.prefilter_artifacts_mask_planes)
-        )
+    # AssembleCoaddConfig.__post_init__ validates every field, these ones too.
 
     def final_config(self) -> AssembleCoaddConfig:
         """The :class:`AssembleCoaddConfig` of the final stack (the inherited fields)."""

@@ -36,6 +36,7 @@ import numpy as np
 
 from ..backend import Backend, resolve_backend
 from ..backend.threads import run_concurrently
+from ..configfield import option, validate_config
 from ..errors import (
     AllMaskedError,
     InvalidInputError,
@@ -84,18 +85,33 @@ class DecorrelateALKernelConfig:
         See ``grow_mask_planes``; in (0, 1].
     """
 
-    ignore_mask_planes: tuple[str, ...] = DECORRELATION_IGNORE_MASK_PLANES
-    complete_var_plane_propagation: bool = False
-    grow_mask_planes: tuple[str, ...] = ()
-    grow_mask_threshold: float = 0.01
+    ignore_mask_planes: tuple[str, ...] = option(
+        DECORRELATION_IGNORE_MASK_PLANES,
+        doc="Pixels with these planes are left out of the clipped variance means of the "
+        "science and the template.",
+    )
+    complete_var_plane_propagation: bool = option(
+        False,
+        doc="Propagate the variance planes through the squared correction filters (True) "
+        "instead of scaling them by the filters' mean squares (False).",
+    )
+    grow_mask_planes: tuple[str, ...] = option(
+        (),
+        doc="Planes of the difference's mask dilated by the correction filter's footprint "
+        "(empty: the mask is left alone, as LSST).",
+        gpudiff_only=True,
+    )
+    grow_mask_threshold: float = option(
+        0.01,
+        doc="The filter's footprint for grow_mask_planes: pixels where |c| >= this x max |c|.",
+        min=0,
+        max=1,
+        inclusive_min=False,
+        gpudiff_only=True,
+    )
 
     def __post_init__(self):
-        object.__setattr__(self, "ignore_mask_planes", tuple(self.ignore_mask_planes))
-        object.__setattr__(self, "grow_mask_planes", tuple(self.grow_mask_planes))
-        if not 0 < float(self.grow_mask_threshold) <= 1:
-            raise InvalidInputError(
-                f"grow_mask_threshold must lie in (0, 1], got {self.grow_mask_threshold!r}"
-            )
+        validate_config(self)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from astropy import units as u
 from astropy.table import Table
 
 from ..backend import Backend, resolve_backend
+from ..configfield import option, validate_config
 from ..errors import InvalidInputError
 from ..image import Exposure, MaskedImage
 from ..ops.cosmic_rays import find_cosmic_rays
@@ -94,50 +95,135 @@ class DetectAndMeasureConfig:
     (see :func:`bright_star_halos`).
     """
 
-    threshold: float = 5.0
-    polarity: str = "both"
-    do_subtract_background: bool = True
-    dipole_separation_fwhm: float = 2.5
-    find_cosmic_rays: bool = True
-    flag_planes: tuple[str, ...] = ("BAD", "SAT", "CR", "EDGE", "NO_DATA", "SUSPECT", "INTRP")
-    find_streaks: bool = True
-    streak_threshold: float = 3.0
-    multi_peak_separation_fwhm: float = 1.0
-    halo_sat_factor: float = 4.0
-    halo_residual_fraction: float = 0.1
-    halo_nsigma: float = 0.5
-    halo_beta: float = 2.0
-    halo_max_factor: float = 5.0
-    halo_annulus_snr: float = 2.5
-    halo_annulus_fraction: float = 0.1
-    halo_residual_snr: float = 20.0
-    #: A record inside a catalog star's halo is not flagged by that star when its |PSF
-    #: flux| is at least this fraction of the star's flux: it is the change itself (a
-    #: transient detected on the science is in the science catalog too), not a residual
-    #: of a few per cent.  Measured: 35 of 254 S/N >= 8 injections of a 2048² realistic
-    #: pair were flagged by their own halo without it.
-    halo_own_flux_fraction: float = 0.3
-    #: gpudiff only (LSST thresholds on the variance plane alone): when the robust std of
-    #: the detection image's S/N, measured off the footprints, exceeds 1 by more than
-    #: this, the threshold and the S/N are put in units of that measured noise.  Resampled
-    #: or drizzled inputs (the shared DECam cutouts, JWST i2d) carry pixel-to-pixel noise
-    #: correlations the variance plane cannot hold: the per-pixel noise is right but the
-    #: PSF-smoothed noise is 1.07–1.2× (DECam) and ~2× (JWST) the prediction, and a 5σ
-    #: threshold then passes noise peaks.  None switches it off (LSST's behaviour).
-    max_noise_excess: float | None = 0.05
+    threshold: float = option(
+        5.0,
+        doc="Detection threshold in sigmas of the detection image.",
+        min=0,
+        inclusive_min=False,
+        lsst="detection.thresholdValue",
+    )
+    polarity: str = option(
+        "both",
+        doc="Detect positive sources, negative ones, or both.",
+        choices=("positive", "negative", "both"),
+        lsst="detection.thresholdPolarity",
+    )
+    do_subtract_background: bool = option(
+        True,
+        doc="Subtract a binned background from the detection image first (a difference "
+        "keeps any differential background that was fitted but not subtracted).",
+        gpudiff_only=True,
+    )
+    dipole_separation_fwhm: float = option(
+        2.5,
+        doc="A positive and a negative detection closer than this x FWHM are flagged flag_dipole.",
+        gpudiff_only=True,
+    )
+    find_cosmic_rays: bool = option(
+        True,
+        doc="Find cosmic rays on the difference and flag sources on them (flag_cr).",
+        gpudiff_only=True,
+    )
+    flag_planes: tuple[str, ...] = option(
+        ("BAD", "SAT", "CR", "EDGE", "NO_DATA", "SUSPECT", "INTRP"),
+        doc="Mask planes that flag a source (flag_masked) when set in its central 5x5 pixels "
+        "(those in the rest of its footprint are listed in masked_planes).",
+        gpudiff_only=True,
+    )
+    find_streaks: bool = option(
+        True,
+        doc="Find linear trails, mask them STREAK and make each trail one flag_streak record.",
+        lsst="doMaskStreaks",
+    )
+    streak_threshold: float = option(
+        3.0,
+        doc="Significance (sigma) of the pixels searched for trails; below the detection "
+        "threshold so that a trail broken into pieces is one line.",
+        min=0,
+        inclusive_min=False,
+        gpudiff_only=True,
+    )
+    multi_peak_separation_fwhm: float = option(
+        1.0,
+        doc="Peaks of one footprint further apart than this x FWHM set flag_multi_peak.",
+        gpudiff_only=True,
+    )
+    halo_sat_factor: float = option(
+        4.0,
+        doc="A saturated footprint of equivalent radius r_sat flags sources within this x "
+        "r_sat + FWHM (bright-star halo).",
+        min=0,
+        gpudiff_only=True,
+    )
+    halo_residual_fraction: float = option(
+        0.1,
+        doc="Fraction of a bright star's wing assumed left in the difference when sizing its halo.",
+        min=0,
+        inclusive_min=False,
+        gpudiff_only=True,
+    )
+    halo_nsigma: float = option(
+        0.5,
+        doc="A catalog star's halo reaches where its residual wing exceeds this x the sky sigma.",
+        min=0,
+        inclusive_min=False,
+        gpudiff_only=True,
+    )
+    halo_beta: float = option(
+        2.0,
+        doc="Moffat beta of the wing model of a catalog star's halo.",
+        min=1,
+        inclusive_min=False,
+        gpudiff_only=True,
+    )
+    halo_max_factor: float = option(
+        5.0,
+        doc="Halo radii are widened to the measured extent of the residual, out to this x "
+        "the model radius.",
+        gpudiff_only=True,
+    )
+    halo_annulus_snr: float = option(
+        2.5,
+        doc="|S/N| a pixel needs to count in the measured extent of a residual.",
+        gpudiff_only=True,
+    )
+    halo_annulus_fraction: float = option(
+        0.1,
+        doc="The residual extends to the outermost annulus with more than this fraction of "
+        "its pixels at |S/N| >= halo_annulus_snr.",
+        gpudiff_only=True,
+    )
+    halo_residual_snr: float = option(
+        20.0,
+        doc="A record at least this significant that is not a clean point source (a bright "
+        "star's residual) gets a halo of at least 2 FWHM.",
+        gpudiff_only=True,
+    )
+    #: A transient detected on the science is in the science catalog too.  Measured: 35 of
+    #: 254 S/N >= 8 injections of a 2048² realistic pair were flagged by their own halo
+    #: without it.
+    halo_own_flux_fraction: float = option(
+        0.3,
+        doc="A record whose |PSF flux| is at least this fraction of a catalog star's flux is "
+        "not flagged by that star's halo (it is the change itself, not a residual).",
+        gpudiff_only=True,
+    )
+    #: LSST thresholds on the variance plane alone.  Resampled or drizzled inputs (the
+    #: shared DECam cutouts, JWST i2d) carry pixel-to-pixel noise correlations the variance
+    #: plane cannot hold: the per-pixel noise is right but the PSF-smoothed noise is
+    #: 1.07–1.2× (DECam) and ~2× (JWST) the prediction, and a 5σ threshold then passes
+    #: noise peaks.
+    max_noise_excess: float | None = option(
+        0.05,
+        doc="When the robust std of the detection image's S/N off the footprints exceeds 1 "
+        "by more than this, the threshold and the S/N are put in units of that measured "
+        "noise (None: off, as LSST).",
+        gpudiff_only=True,
+    )
 
     def __post_init__(self):
-        if self.threshold <= 0:
-            raise InvalidInputError(f"threshold must be > 0, got {self.threshold}")
-        if self.polarity not in ("positive", "negative", "both"):
-            raise InvalidInputError(
-                f"polarity must be positive, negative or both, got {self.polarity!r}"
-            )
-        for name in ("streak_threshold", "halo_residual_fraction", "halo_nsigma"):
-            if not getattr(self, name) > 0:
-                raise InvalidInputError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.halo_sat_factor < 0 or self.halo_beta <= 1:
-            raise InvalidInputError("halo_sat_factor must be >= 0 and halo_beta > 1")
+        # Every rule is a single-field one (the field options).
+        validate_config(self)
 
 
 @dataclass

@@ -8,13 +8,14 @@ files; the CLI and batch layers do I/O.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from astropy.table import Table
 
 from ..backend import Backend, resolve_backend
+from ..configfield import option, validate_config
 from ..errors import InsufficientKernelSourcesError, InvalidInputError, PsfError, ShapeMismatchError
 from ..image import Exposure, MaskedImage, estimate_psf
 from ..ops.detection import detect_sources
@@ -49,15 +50,36 @@ class ImagePsfMatchConfig:
         Spacing (px) of exact WCS evaluations when warping (afw ``interpLength``).
     """
 
-    kernel: PsfMatchConfig = field(default_factory=PsfMatchConfig)
-    det_threshold: float = 10.0
-    bad_mask_planes: tuple[str, ...] = ("NO_DATA", "EDGE", "SAT")
-    warping_kernel: str = "lanczos3"
-    interp_length: int = 10
+    kernel: PsfMatchConfig = option(
+        doc="The kernel-fit configuration (Alard-Lupton by default).",
+        lsst="kernel.active",
+        default_factory=PsfMatchConfig,
+    )
+    det_threshold: float = option(
+        10.0,
+        doc="Detection threshold (sigma of the PSF-smoothed image) of the kernel sources "
+        "found when no candidate list is given.",
+        min=3,
+        lsst="kernel.active.detectionConfig.detThreshold",
+    )
+    bad_mask_planes: tuple[str, ...] = option(
+        ("NO_DATA", "EDGE", "SAT"),
+        doc="Mask planes that exclude a kernel-candidate stamp.",
+        lsst="kernel.active.detectionConfig.badMaskPlanes",
+    )
+    warping_kernel: str = option(
+        "lanczos3",
+        doc="Resampling kernel of match_exposures when the two WCSs differ.",
+        lsst="warpingConfig.warpingKernelName",
+    )
+    interp_length: int = option(
+        10,
+        doc="Spacing in pixels of the exact WCS evaluations when warping (<= 1: every pixel).",
+        lsst="warpingConfig.interpLength",
+    )
 
     def __post_init__(self):
-        if self.det_threshold < 3:
-            raise InvalidInputError(f"det_threshold must be >= 3, got {self.det_threshold}")
+        validate_config(self)
 
 
 @dataclass

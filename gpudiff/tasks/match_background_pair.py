@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import Backend, resolve_backend
+from ..configfield import option, validate_config
 from ..errors import InvalidInputError, NoOverlapError, ShapeMismatchError
 from ..image import Box, Exposure, MaskedImage
 from ..ops.background import _bin_edges, evaluate_bin_grid, fill_bad_bins
@@ -60,47 +61,44 @@ class BackgroundMatchPairConfig:
         Floor of the bin stdev; with every bin at the floor the fit is unweighted.
     """
 
-    use_polynomial: bool = False
-    order: int = 8
-    bad_mask_planes: tuple[str, ...] = (
-        "NO_DATA",
-        "DETECTED",
-        "DETECTED_NEGATIVE",
-        "SAT",
-        "BAD",
-        "INTRP",
-        "CR",
+    use_polynomial: bool = option(
+        False, doc="Fit a Chebyshev polynomial to the bin means instead of interpolating them."
     )
-    grid_statistic: str = "MEAN"
-    undersample_style: str = "REDUCE_INTERP_ORDER"
-    bin_size: int = 256
-    interp_style: str = "AKIMA_SPLINE"
-    num_sigma_clip: float = 3.0
-    num_iter: int = 2
-    approx_weighting: bool = True
-    grid_stdev_epsilon: float = 1e-8
+    order: int = option(8, doc="Total degree of the Chebyshev polynomial (use_polynomial).", min=0)
+    bad_mask_planes: tuple[str, ...] = option(
+        ("NO_DATA", "DETECTED", "DETECTED_NEGATIVE", "SAT", "BAD", "INTRP", "CR"),
+        doc="Pixels with any of these planes are left out of the bins.",
+    )
+    grid_statistic: str = option(
+        "MEAN", doc="Statistic of each bin.", choices=("MEAN", "MEANCLIP"), fold_case=True
+    )
+    undersample_style: str = option(
+        "REDUCE_INTERP_ORDER",
+        doc="Too few bins for the order / interpolation: lower the order, raise, or "
+        "(polynomial only) use smaller bins until there are enough.",
+        choices=_UNDERSAMPLE,
+        fold_case=True,
+    )
+    bin_size: int = option(256, doc="Bin size in pixels.", min=1)
+    interp_style: str = option(
+        "AKIMA_SPLINE",
+        doc="Interpolation of the bin grid (without use_polynomial).",
+        choices=tuple(INTERPOLATION_STYLES),
+        fold_case=True,
+    )
+    num_sigma_clip: float = option(3.0, doc="Clipping threshold in sigmas of MEANCLIP.")
+    num_iter: int = option(2, doc="Clipping passes of MEANCLIP.", min=1)
+    approx_weighting: bool = option(
+        True, doc="Weight the polynomial fit by 1/sigma_bin^2 (sigma_bin = stdev/sqrt(N))."
+    )
+    grid_stdev_epsilon: float = option(
+        1e-8,
+        doc="Floor of the bin stdev in the weights; with every bin at the floor the fit is "
+        "unweighted.",
+    )
 
     def __post_init__(self):
-        for name in ("order", "bin_size", "num_iter"):
-            v = getattr(self, name)
-            lo = 0 if name == "order" else 1
-            if isinstance(v, bool) or int(v) != v or int(v) < lo:
-                raise InvalidInputError(
-                    f"BackgroundMatchPairConfig.{name} must be an integer >= {lo}, got {v!r}"
-                )
-        for name, allowed in (
-            ("grid_statistic", ("MEAN", "MEANCLIP")),
-            ("undersample_style", _UNDERSAMPLE),
-            ("interp_style", tuple(INTERPOLATION_STYLES)),
-        ):
-            v = str(getattr(self, name)).strip().upper()
-            if v not in allowed:
-                raise InvalidInputError(
-                    f"BackgroundMatchPairConfig.{name} must be one of {allowed}, got "
-                    f"{getattr(self, name)!r}"
-                )
-            object.__setattr__(self, name, v)
-        object.__setattr__(self, "bad_mask_planes", tuple(self.bad_mask_planes))
+        validate_config(self)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,6 +28,7 @@ from astropy.table import Table
 
 from ..backend import Backend, resolve_backend
 from ..backend.threads import cpu_workers, parallel_map
+from ..configfield import option, validate_config
 from ..errors import InvalidInputError, NoOverlapError
 from ..image import Box, Exposure, MaskedImage
 from ..image.tract import TractGrid
@@ -73,29 +74,32 @@ class MatchBackgroundsConfig:
         Metadata card holding a warp's visit id (not an LSST field: LSST has data ids).
     """
 
-    ref_warp_visit: int | None = None
-    tract_bg_model: TractBackgroundConfig = field(default_factory=TractBackgroundConfig)
-    choose_reference: ChooseReferenceVisitConfig = field(default_factory=ChooseReferenceVisitConfig)
-    undersample_style: str = "REDUCE_INTERP_ORDER"
-    visit_key: str = "VISIT"
+    ref_warp_visit: int | None = option(
+        None, doc="Use this visit as the reference instead of choosing one (None: choose)."
+    )
+    tract_bg_model: TractBackgroundConfig = option(
+        doc="Tract bins, their statistic, masks and interpolation (the difference model).",
+        default_factory=TractBackgroundConfig,
+    )
+    choose_reference: ChooseReferenceVisitConfig = option(
+        doc="Weights of the reference-visit cost (chi2, variance, coverage).",
+        default_factory=ChooseReferenceVisitConfig,
+    )
+    undersample_style: str = option(
+        "REDUCE_INTERP_ORDER",
+        doc="Too few bins along an axis for the interpolation: reduce its order, or raise.",
+        choices=_UNDERSAMPLE,
+        fold_case=True,
+    )
+    visit_key: str = option(
+        "VISIT",
+        doc="Header card holding a warp's visit id (LSST has data ids instead).",
+        gpudiff_only=True,
+    )
 
     def __post_init__(self):
-        u = str(self.undersample_style).strip().upper()
-        if u not in _UNDERSAMPLE:
-            raise InvalidInputError(
-                f"undersample_style must be one of {_UNDERSAMPLE} for tract matching, got "
-                f"{self.undersample_style!r}"
-            )
-        object.__setattr__(self, "undersample_style", u)
-        if not isinstance(self.tract_bg_model, TractBackgroundConfig):
-            raise InvalidInputError(
-                "MatchBackgroundsConfig.tract_bg_model must be a TractBackgroundConfig"
-            )
-        if not isinstance(self.choose_reference, ChooseReferenceVisitConfig):
-            raise InvalidInputError(
-                "MatchBackgroundsConfig.choose_reference must be a ChooseReferenceVisitConfig"
-            )
-        if not str(self.visit_key).strip():
+        validate_config(self)
+        if not self.visit_key.strip():
             raise InvalidInputError("MatchBackgroundsConfig.visit_key must be a header keyword")
 
 

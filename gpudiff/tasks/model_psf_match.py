@@ -16,7 +16,7 @@ import copy
 import logging
 import math
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,7 @@ from astropy.table import Table
 
 from ..backend import Backend, resolve_backend
 from ..backend.fallback import with_memory_fallback
+from ..configfield import option, validate_config
 from ..errors import (
     InsufficientKernelSourcesError,
     InvalidInputError,
@@ -109,33 +110,34 @@ class ModelPsfMatchConfig:
         Even number of pixels added to the PSF images when ``do_auto_pad_psf`` is off.
     """
 
-    kernel: PsfMatchConfig = field(default_factory=model_psf_match_kernel_config)
-    do_auto_pad_psf: bool = True
-    auto_pad_psf_to: float = 1.4
-    pad_psf_by: int = 0
+    kernel: PsfMatchConfig = option(
+        doc="The kernel fit, Alard-Lupton only (no clipping, no FWHM scaling, spatial order 2).",
+        lsst="kernel.active",
+        default_factory=model_psf_match_kernel_config,
+    )
+    do_auto_pad_psf: bool = option(
+        True,
+        doc="Pad the PSF images to at least kernel_size x auto_pad_psf_to (next odd "
+        "integer) so the kernel fits in them with room for a good region.",
+    )
+    auto_pad_psf_to: float = option(
+        1.4,
+        doc="Minimum PSF image size as a multiple of the kernel size (do_auto_pad_psf).",
+        min=1.0,
+        max=2.0,
+    )
+    pad_psf_by: int = option(
+        0,
+        doc="Even number of pixels added to the PSF images when do_auto_pad_psf is off.",
+        min=0,
+    )
 
     def __post_init__(self):
-        if not isinstance(self.kernel, PsfMatchConfig):
-            raise InvalidInputError(
-                "ModelPsfMatchConfig.kernel must be a PsfMatchConfig, got "
-                f"{type(self.kernel).__name__}"
-            )
+        validate_config(self)
         if self.kernel.kernel_basis_set != "alard-lupton":
             # LSST's kernel ConfigChoiceField offers AL only; forcing the kernel sum relies
             # on ΣB_0 = 1 and ΣB_i = 0 (docs/algorithms.md §1.3).
             raise InvalidInputError("ModelPsfMatchConfig.kernel must use the 'alard-lupton' basis")
-        if not 1.0 <= float(self.auto_pad_psf_to) <= 2.0:
-            raise InvalidInputError(
-                f"auto_pad_psf_to must lie in [1.0, 2.0], got {self.auto_pad_psf_to}"
-            )
-        if (
-            not isinstance(self.pad_psf_by, (int, np.integer))
-            or isinstance(self.pad_psf_by, bool)
-            or self.pad_psf_by < 0
-        ):
-            raise InvalidInputError(
-                f"pad_psf_by must be a non-negative even integer, got {self.pad_psf_by!r}"
-            )
 
 
 @dataclass

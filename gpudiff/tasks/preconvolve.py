@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..configfield import option
 from ..errors import InsufficientKernelSourcesError, InvalidInputError, PsfError
 from ..image import Box, Exposure, MaskedImage
 from ..ops.convolution import convolve_masked_image
@@ -52,7 +53,12 @@ class AlardLuptonPreconvolveSubtractConfig(AlardLuptonSubtractConfig):
     :class:`AlardLuptonSubtractConfig`).  ``compute_difference``: also
     return the plain difference, on which DetectAndMeasureScoreTask measures (as LSST)."""
 
-    compute_difference: bool = True
+    compute_difference: bool = option(
+        True,
+        doc="Also return the plain difference, on which DetectAndMeasureScoreTask measures "
+        "(as LSST).",
+        gpudiff_only=True,
+    )
 
 
 @dataclass

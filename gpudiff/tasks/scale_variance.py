@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..backend import Backend, resolve_backend
+from ..configfield import option, validate_config
 from ..errors import AllMaskedError, ExceedsMaxVarianceScaleError, InvalidInputError
 from ..image import Exposure, MaskedImage
 from ..ops.background import estimate_background
@@ -90,22 +91,28 @@ class ScaleVarianceBackgroundConfig:
         (as ``ScaleVarianceConfig.setDefaults`` does).
     """
 
-    bin_size: int = 32
-    statistic: str = "MEANCLIP"
-    algorithm: str = "AKIMA_SPLINE"
-    ignored_pixel_mask: tuple[str, ...] | None = None
+    bin_size: int = option(32, doc="Background bin size in pixels.", min=1)
+    statistic: str = option(
+        "MEANCLIP",
+        doc="Per-bin statistic (only MEANCLIP is implemented).",
+        choices=("MEANCLIP",),
+        fold_case=True,
+    )
+    algorithm: str = option(
+        "AKIMA_SPLINE",
+        doc="afw interpolation style of the bin grid (Akima is computed with a cubic "
+        "spline); with too few bins the order is reduced.",
+        choices=tuple(_ALGORITHMS),
+        fold_case=True,
+    )
+    ignored_pixel_mask: tuple[str, ...] | None = option(
+        None,
+        doc="Planes ignored by the bin statistics (None: the task's mask_planes).",
+        lsst="ignoredPixelMask",
+    )
 
     def __post_init__(self):
-        if int(self.bin_size) < 1:
-            raise InvalidInputError(f"background bin_size must be >= 1, got {self.bin_size}")
-        if self.statistic.upper() != "MEANCLIP":
-            raise InvalidInputError(
-                f"background statistic {self.statistic!r} is not implemented (MEANCLIP only)"
-            )
-        if self.algorithm.upper() not in _ALGORITHMS:
-            raise InvalidInputError(
-                f"background algorithm must be one of {sorted(_ALGORITHMS)}, got {self.algorithm!r}"
-            )
+        validate_config(self)
 
 
 @dataclass(frozen=True)
@@ -130,19 +137,31 @@ class ScaleVarianceConfig:
         field of LSST's config; CompareWarp uses it for its per-warp rescaling.
     """
 
-    mask_planes: tuple[str, ...] = SCALE_VARIANCE_MASK_PLANES
-    limit: float = 10.0
-    background: ScaleVarianceBackgroundConfig = field(default_factory=ScaleVarianceBackgroundConfig)
-    max_samples: int | None = None
+    mask_planes: tuple[str, ...] = option(
+        SCALE_VARIANCE_MASK_PLANES,
+        doc="Pixels with any of these planes are ignored (planes an image lacks are skipped).",
+    )
+    limit: float = option(
+        10.0,
+        doc="Largest acceptable factor: above it the image-based estimate is tried, above "
+        "that too an error is raised.",
+        min=0,
+        inclusive_min=False,
+    )
+    background: ScaleVarianceBackgroundConfig = option(
+        doc="The background subtracted (on a working copy) before the statistics.",
+        default_factory=ScaleVarianceBackgroundConfig,
+    )
+    max_samples: int | None = option(
+        None,
+        doc="Statistics on a regular grid of at most this many pixels (None: every pixel, "
+        "as LSST).",
+        min=1024,
+        gpudiff_only=True,
+    )
 
     def __post_init__(self):
-        if not (self.limit > 0):
-            raise InvalidInputError(f"limit must be > 0, got {self.limit}")
-        if self.max_samples is not None and int(self.max_samples) < 1024:
-            raise InvalidInputError(
-                f"max_samples must be None or >= 1024, got {self.max_samples!r}"
-            )
-        object.__setattr__(self, "mask_planes", tuple(self.mask_planes))
+        validate_config(self)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from astropy.table import Table
 
 from ..backend import Backend, resolve_backend
 from ..backend.threads import cpu_workers, parallel_map
+from ..configfield import option, validate_config
 from ..errors import AllMaskedError, InvalidInputError, ShapeMismatchError
 from ..image import Box, Exposure, MaskedImage
 from ..image.tract import TractGrid
@@ -42,13 +43,6 @@ __all__ = [
 #: afw interpolation styles → :func:`gpudiff.ops.background.evaluate_bin_grid` orders.
 INTERPOLATION_STYLES = {"AKIMA_SPLINE": "akima", "CUBIC_SPLINE": "cubic", "LINEAR": "linear"}
 _STATISTICS = ("MEANCLIP", "MEAN")
-
-
-def _check_choice(name: str, value: str, allowed) -> str:
-    v = str(value).strip().upper()
-    if v not in allowed:
-        raise InvalidInputError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
-    return v
 
 
 @dataclass(frozen=True)
@@ -79,44 +73,62 @@ class TractBackgroundConfig:
         LSST; see :meth:`TractBackground.centred_stats_image`).
     """
 
-    x_bin: int = 128
-    y_bin: int = 128
-    min_frac: float = 0.1
-    mask: tuple[str, ...] = ("BAD", "SAT", "EDGE", "NO_DATA")
-    interpolation: str = "AKIMA_SPLINE"
-    do_smooth: bool = False
-    smooth_scale: float = 2.0
-    statistic: str = "MEANCLIP"
-    num_sigma_clip: float = 3.0
-    num_iter: int = 3
-    do_centre_correction: bool = True
+    x_bin: int = option(
+        128, doc="Bin width in pixels (statistics over a window twice that, centred).", min=1
+    )
+    y_bin: int = option(
+        128, doc="Bin height in pixels (statistics over a window twice that, centred).", min=1
+    )
+    min_frac: float = option(
+        0.1,
+        doc="A bin is measured (not interpolated) when its NPOINT reaches min_frac x "
+        "x_bin x y_bin.",
+        min=0.0,
+        max=4.0,
+    )
+    mask: tuple[str, ...] = option(
+        ("BAD", "SAT", "EDGE", "NO_DATA"),
+        doc="Pixels with these planes are ignored (add DETECTED to keep bins off sources).",
+    )
+    interpolation: str = option(
+        "AKIMA_SPLINE",
+        doc="Filling of bad bins and evaluation of the grid onto the warps.",
+        choices=tuple(INTERPOLATION_STYLES),
+        fold_case=True,
+    )
+    do_smooth: bool = option(False, doc="Gaussian-smooth the filled bin grid.")
+    smooth_scale: float = option(
+        2.0,
+        doc="Sigma of the smoothing, in bins (do_smooth).",
+        min=0,
+        inclusive_min=False,
+    )
+    statistic: str = option(
+        "MEANCLIP",
+        doc="Bin statistic.",
+        choices=_STATISTICS,
+        fold_case=True,
+        gpudiff_only=True,
+    )
+    num_sigma_clip: float = option(
+        3.0,
+        doc="Clipping threshold in sigmas of each window's MEANCLIP.",
+        min=0,
+        inclusive_min=False,
+        gpudiff_only=True,
+    )
+    num_iter: int = option(
+        3, doc="Clipping passes of each window's MEANCLIP.", min=1, gpudiff_only=True
+    )
+    do_centre_correction: bool = option(
+        True,
+        doc="Move each bin value from the centroid of its pixels to the bin centre and "
+        "remove the window's curvature bias.",
+        gpudiff_only=True,
+    )
 
     def __post_init__(self):
-        for name in ("x_bin", "y_bin", "num_iter"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or int(v) != v or int(v) < 1:
-                raise InvalidInputError(
-                    f"TractBackgroundConfig.{name} must be a positive integer, got {v!r}"
-                )
-        if not 0.0 <= float(self.min_frac) <= 4.0:
-            raise InvalidInputError(
-                f"TractBackgroundConfig.min_frac must lie in [0, 4], got {self.min_frac!r}"
-            )
-        if not (float(self.num_sigma_clip) > 0 and float(self.smooth_scale) > 0):
-            raise InvalidInputError(
-                "TractBackgroundConfig num_sigma_clip and smooth_scale must be > 0"
-            )
-        object.__setattr__(
-            self,
-            "interpolation",
-            _check_choice("interpolation", self.interpolation, INTERPOLATION_STYLES),
-        )
-        object.__setattr__(
-            self, "statistic", _check_choice("statistic", self.statistic, _STATISTICS)
-        )
-        object.__setattr__(
-            self, "mask", tuple([self.mask] if isinstance(self.mask, str) else self.mask)
-        )
+        validate_config(self)
 
 
 def _masked_image(warp: Any, what: str) -> MaskedImage:
@@ -406,17 +418,24 @@ class ChooseReferenceVisitConfig:
     """LSST ``ChooseReferenceVisitConfig`` (docs/algorithms.md §9.1): the weights of the cost
     terms."""
 
-    best_ref_weight_chi2: float = 0.3
-    best_ref_weight_variance: float = 0.3
-    best_ref_weight_global_coverage: float = 0.4
+    best_ref_weight_chi2: float = option(
+        0.3, doc="Weight of the plane-fit chi2 in a visit's cost.", min=0, finite=True
+    )
+    best_ref_weight_variance: float = option(
+        0.3, doc="Weight of the mean variance in a visit's cost.", min=0, finite=True
+    )
+    best_ref_weight_global_coverage: float = option(
+        0.4, doc="Weight of the (lack of) coverage in a visit's cost.", min=0, finite=True
+    )
 
     def __post_init__(self):
+        validate_config(self)
         w = (
             self.best_ref_weight_chi2,
             self.best_ref_weight_variance,
             self.best_ref_weight_global_coverage,
         )
-        if not all(math.isfinite(float(v)) and float(v) >= 0 for v in w) or sum(w) <= 0:
+        if sum(w) <= 0:
             raise InvalidInputError(f"reference-visit weights must be >= 0 and not all 0, got {w}")
 
 
