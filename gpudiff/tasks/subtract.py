@@ -48,6 +48,8 @@ from .subtract_finalize import (
     residual_background,
 )
 from .subtract_inputs import PreparedInputs, choose_convolution_method, prepare_inputs, psf_fwhm
+
+# Re-exported: importable from here as before the split (tests/test_kernel_sum.py).
 from .subtract_sources import _flag_center_planes as _flag_center_planes
 from .subtract_sources import select_sources
 
