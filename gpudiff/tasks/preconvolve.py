@@ -26,13 +26,9 @@ from ..psfmatch.fit import KernelFit
 from ..psfmatch.spatial import SpatialKernel
 from .decorrelate import DecorrelateALKernelTask
 from .masks import convolve_preserving
-from .subtract import (
-    AlardLuptonSubtractConfig,
-    AlardLuptonSubtractTask,
-    _no_data_nan,
-    psf_fwhm,
-    residual_background,
-)
+from .subtract import AlardLuptonSubtractConfig, AlardLuptonSubtractTask
+from .subtract_finalize import no_data_nan, residual_background
+from .subtract_inputs import psf_fwhm
 
 __all__ = [
     "AlardLuptonPreconvolveSubtractConfig",
@@ -106,7 +102,8 @@ class AlardLuptonPreconvolveSubtractTask(AlardLuptonSubtractTask):
             if cfg.compute_difference
             else None
         )
-        template, science, meta = self._prepare(template, science)
+        prepared = self._prepare(template, science)
+        template, science, meta = prepared.template, prepared.science, prepared.metadata
         pk = preconvolution_kernel(science)
         half = pk.shape[0] // 2
         # _prepare interpolated the defects of both inputs (flagged INTRP, original planes
@@ -121,7 +118,7 @@ class AlardLuptonPreconvolveSubtractTask(AlardLuptonSubtractTask):
         k_size = make_kernel_basis(cfg.make_kernel, t_fwhm, matched_size).size
         # Sources are detected and measured on the science image itself (LSST passes a catalog
         # measured there); the preconvolved image is broader than its PSF attribute.
-        science_sources = meta.pop("science_detections", None)
+        science_sources = prepared.science_sources
         if sources is None:
             sources = science_sources
         try:
@@ -158,7 +155,7 @@ class AlardLuptonPreconvolveSubtractTask(AlardLuptonSubtractTask):
             score, meta["residual_background_rms"] = residual_background(
                 score, science.psf, cfg.make_kernel.spatial_bg_order
             )
-        score = _no_data_nan(score)
+        score = no_data_nan(score)
         score_exp = Exposure(score, science.psf, science.wcs, science.photo_calib, science.metadata)
         if cfg.do_decorrelation:
             dec = DecorrelateALKernelTask(self._decorrelation_config(), backend=be).run(

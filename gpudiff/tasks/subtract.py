@@ -5,6 +5,13 @@ The order of operations follows LSST's ``subtractImages.py``: validate, template
 variance scaling, mask updates, PSF sizes, the choice of which image to convolve, kernel
 source selection, the kernel fit, the convolution, the subtraction in the **science**
 exposure's flux units, and decorrelation.  Tasks never touch files.
+
+The seams are LSST's: the inputs are prepared (:mod:`~gpudiff.tasks.subtract_inputs`), the
+kernel sources selected (:mod:`~gpudiff.tasks.subtract_sources`) and the kernel fitted,
+then :meth:`AlardLuptonSubtractTask.run_convolve_template` or
+:meth:`~AlardLuptonSubtractTask.run_convolve_science` matches one image to the other and
+subtracts, and :meth:`~AlardLuptonSubtractTask.finalize` removes the backgrounds, blanks
+NO_DATA and decorrelates (:mod:`~gpudiff.tasks.subtract_finalize`).
 """
 
 from __future__ import annotations
@@ -20,37 +27,39 @@ from astropy.table import Table
 
 from ..backend import Backend, resolve_backend
 from ..backend.fallback import with_memory_fallback
-from ..backend.threads import run_concurrently
 from ..configfield import option, validate_config
 from ..errors import (
-    AllMaskedError,
     InsufficientKernelSourcesError,
-    InvalidInputError,
     NoWorkFound,
-    PsfError,
-    ShapeMismatchError,
 )
-from ..image import Box, Exposure, GridPsf, ImagePsf, MaskedImage, evaluate_mean_fwhm
-from ..ops.convolution import correlate
-from ..ops.cosmic_rays import find_cosmic_rays
-from ..ops.detection import detect_sources, select_kernel_sources
-from ..ops.interpolate import DEFAULT_INTERPOLATE_PLANES, defect_pixels, interpolate_over_defects
+from ..image import Exposure, MaskedImage
+from ..ops.interpolate import DEFAULT_INTERPOLATE_PLANES
 from ..psfmatch import PsfMatchConfig, fit_spatial_kernel, make_candidates, make_kernel_basis
-from ..psfmatch.candidates import (
-    reclassify_extended,
-    selection_counts,
-    template_presence_snr,
-)
 from ..psfmatch.fit import KernelFit
 from ..psfmatch.spatial import SpatialKernel
 from .decorrelate import DecorrelateALKernelConfig, DecorrelateALKernelTask
-from .masks import convolve_preserving, mask_non_finite, template_coverage, update_masks
-from .scale_variance import ScaleVarianceConfig, ScaleVarianceTask
+from .masks import convolve_preserving, template_coverage
+from .subtract_finalize import (
+    ConvolutionResult,
+    FinalizedDifference,
+    decorrelated_psf,
+    decorrelation_config,
+    no_data_nan,
+    residual_background,
+)
+from .subtract_inputs import PreparedInputs, choose_convolution_method, prepare_inputs, psf_fwhm
+
+# Re-exported: importable from here as before the split (tests/test_kernel_sum.py).
+from .subtract_sources import _flag_center_planes as _flag_center_planes
+from .subtract_sources import select_sources
 
 __all__ = [
     "AlardLuptonSubtractConfig",
     "SubtractionResult",
     "AlardLuptonSubtractTask",
+    "ConvolutionResult",
+    "FinalizedDifference",
+    "PreparedInputs",
     "choose_convolution_method",
     "decorrelated_psf",
     "psf_fwhm",
@@ -261,37 +270,6 @@ class SubtractionResult:
     science_sources: Table | None = None
 
 
-def psf_fwhm(exposure: Exposure, name: str, average: bool = True):
-    """The PSF FWHM (trace radius, or per axis) at the average position, falling back to
-    the mean over a 10×10 grid (docs/algorithms.md §1.2 ``_checkPsfWidths``)."""
-    if exposure.psf is None:
-        raise PsfError(
-            f"the {name} exposure has no PSF; attach one or estimate it (gpudiff.estimate_psf)"
-        )
-    try:
-        return exposure.psf.fwhm() if average else exposure.psf.fwhm_xy()
-    except PsfError:
-        log.warning(
-            "Unable to evaluate the %s PSF at the average position; using the grid mean", name
-        )
-        f = evaluate_mean_fwhm(exposure.psf, exposure.bbox)
-        return f if average else (f, f)
-
-
-def choose_convolution_method(template: Exposure, science: Exposure) -> bool:
-    """``auto`` mode (docs/algorithms.md §4.2 step 7): True = convolve the template.
-
-    Convolve the science image only if the template PSF is strictly wider on **both**
-    axes: convolveTemplate = (T_x ≤ S_x) OR (T_y ≤ S_y).
-    """
-    try:
-        tx, ty = template.psf.fwhm_xy()
-        sx, sy = science.psf.fwhm_xy()
-        return (tx <= sx) or (ty <= sy)
-    except PsfError:
-        return psf_fwhm(template, "template") <= psf_fwhm(science, "science")
-
-
 class AlardLuptonSubtractTask:
     """Subtract a template from a science exposure with Alard–Lupton PSF matching.
 
@@ -308,183 +286,11 @@ class AlardLuptonSubtractTask:
         self.backend = resolve_backend(backend)
 
     # --- inputs ------------------------------------------------------------------------
-    def _prepare(self, template: Exposure, science: Exposure) -> tuple[Exposure, Exposure, dict]:
-        cfg, be = self.config, self.backend
-        if not template.bbox.contains(science.bbox):
-            raise ShapeMismatchError(
-                f"the template box {template.bbox} must contain the science box {science.bbox}; "
-                "warp the template onto the science pixel grid first (gpudiff.ops.warp_exposure)"
-            )
-        bands = [e.metadata.get("BAND", e.metadata.get("FILTER")) for e in (science, template)]
-        if None not in bands and str(bands[0]).strip() != str(bands[1]).strip():
-            raise InvalidInputError(
-                f"science band {bands[0]!r} and template band {bands[1]!r} differ"
-            )
-        for name, exp in (("science", science), ("template", template)):
-            if exp.psf is None:
-                raise PsfError(
-                    f"the {name} exposure has no PSF and gpudiff does not guess one "
-                    "silently; attach one or call gpudiff.estimate_psf"
-                )
-        # Non-finite pixels are no data (LSST's convention); a usable pixel must have a
-        # positive, finite variance, else every weight and S/N downstream is wrong.
-        template = mask_non_finite(template.to_backend(be))
-        science = mask_non_finite(science.to_backend(be))
-        science.masked_image.validate("science", bad_planes=cfg.bad_mask_planes)
-        try:
-            template.masked_image.validate("template", bad_planes=cfg.bad_mask_planes)
-        except AllMaskedError:
-            pass  # no template data at all: LSST's NoWorkFound from the coverage check below
-        meta: dict[str, Any] = {}
-        # Defects are interpolated before anything looks at the pixels (detection, variance
-        # scaling, kernel fit, convolution, decorrelation).  The template is filled before
-        # update_masks clears its SAT/CR planes; its INTRP marks are restored after.
-        if cfg.find_template_cosmic_rays:
-            # Before the interpolation, which then fills the rays like the other defects.
-            template = self._mask_cosmic_rays(template)
-        template, t_filled = self._interpolate(template)
-        science, _ = self._interpolate(science)
-        cov = template_coverage(template, science)
-        meta["template_coverage"] = cov
-        if cov < cfg.required_template_fraction:
-            raise NoWorkFound(
-                f"template covers {cov:.1%} of the science image (pixels where neither image "
-                f"is NO_DATA), less than required_template_fraction="
-                f"{cfg.required_template_fraction:.0%}"
-            )
-        if cfg.do_scale_variance:
-            # The two images are independent: on the CPU each gets a core.
-            (template, tfac, _), (science, sfac, cat) = run_concurrently(
-                lambda: self._scale_variance(template, need_catalog=False),
-                lambda: self._scale_variance(science, need_catalog=True),
-                parallel=not self.backend.is_gpu,
-            )
-            # Reused for kernel-source selection (one detection of the science, not two).
-            meta["science_detections"] = cat
-            meta["scale_template_variance_factor"] = tfac
-            meta["scale_science_variance_factor"] = sfac
-        template, science = update_masks(
-            template, science, cfg.rename_template_mask, cfg.preserve_template_mask
-        )
-        if t_filled is not None:
-            template = Exposure(
-                template.masked_image.with_plane_set("INTRP", t_filled),
-                template.psf,
-                template.wcs,
-                template.photo_calib,
-                template.metadata,
-            )
-        if cfg.find_science_cosmic_rays:
-            science = self._mask_cosmic_rays(science)
-            if "CR" in cfg.interpolate_mask_planes:
-                # Cosmic rays found just now: filled like the defects that came flagged.
-                science, _ = self._interpolate(science, ("CR",))
-        for name, exp in (("template", template), ("science", science)):
-            intrp = exp.masked_image.mask_planes.bitmask_if_present("INTRP")
-            meta[f"n_interpolated_{name}"] = (
-                int(be.xp.count_nonzero(exp.masked_image.mask & intrp)) if intrp else 0
-            )
-        return template, science, meta
+    def _prepare(self, template: Exposure, science: Exposure) -> PreparedInputs:
+        """The validated, conditioned pair and the science detections made on the way
+        (:func:`~gpudiff.tasks.subtract_inputs.prepare_inputs`)."""
+        return prepare_inputs(template, science, self.config, self.backend)
 
-    def _interpolate(self, exp: Exposure, planes=None) -> tuple[Exposure, Any]:
-        """``exp`` with its defects interpolated (``interpolate_mask_planes`` or ``planes``,
-        plus non-finite pixels) and flagged INTRP, and the boolean array of the filled
-        pixels (None when nothing was filled or interpolation is off)."""
-        planes = self.config.interpolate_mask_planes if planes is None else tuple(planes)
-        if not planes:
-            return exp, None
-        mi = exp.masked_image
-        bad = defect_pixels(mi, planes)
-        if not bool(bad.any()):
-            return exp, None
-        try:
-            fwhm = float(exp.psf.fwhm())
-        except PsfError:
-            fwhm = 3.0  # only sets the smoothing scale of the large-blob fallback
-        filled = interpolate_over_defects(mi, planes, fwhm=fwhm, backend=self.backend)
-        return Exposure(filled, exp.psf, exp.wcs, exp.photo_calib, exp.metadata), bad
-
-    def _mask_cosmic_rays(self, science: Exposure) -> Exposure:
-        """Set the CR plane on the cosmic rays of an image (the science, or a
-        single-exposure template) not flagged yet.
-
-        LSST's calexps come with cosmic rays found (and interpolated) by
-        calibrateImage; a plain FITS or a simulation does not, or not all of them.  Once the
-        science is convolved (convolveScience) a cosmic ray is smeared into a PSF-like blob that no
-        sharpness test can recognise, so they are found here, before any convolution,
-        and the CR bits travel (dilated) into the difference.
-        """
-        mi = science.masked_image
-        cr = find_cosmic_rays(mi, science.psf, backend=self.backend)
-        cr_bit = mi.mask_planes.bitmask_if_present("CR")
-        if cr_bit:
-            # A CR plane that came with the image is kept and completed: a repair step that
-            # found some rays (issue 14's raw pairs: half of them) leaves the rest, which
-            # convolveScience would smear into PSF-like false sources.
-            cr &= (mi.mask & cr_bit) == 0
-        if not bool(cr.any()):
-            return science
-        return Exposure(
-            mi.with_plane_set("CR", cr),
-            science.psf,
-            science.wcs,
-            science.photo_calib,
-            science.metadata,
-        )
-
-    def _scale_variance(
-        self, exp: Exposure, need_catalog: bool
-    ) -> tuple[Exposure, float, Table | None]:
-        """ScaleVarianceTask's factor, applied to a copy of the exposure.
-
-        LSST inputs carry DETECTED masks, which ScaleVariance ignores.  When an input has no
-        DETECTED pixel at all (a plain FITS, a simulation) the sources would bias the
-        factor upwards (measured +6 to +9 % on a crowded field), so gpudiff detects them at
-        5σ for this estimate only (a documented departure: LSST would use the unmasked
-        image as it comes).
-        """
-        mi = exp.masked_image
-        probe, catalog = mi, None
-        det_bit = mi.mask_planes.bitmask_if_present("DETECTED")
-        if (not det_bit or not bool((mi.mask & det_bit).any())) and need_catalog:
-            # The science's detections are reused for kernel-source selection.
-            det = detect_sources(
-                mi,
-                exp.psf,
-                threshold=self.config.detection_threshold,
-                polarity="both",
-                background="estimate",
-                backend=self.backend,
-            )
-            probe = MaskedImage(
-                mi.image,
-                mi.variance,
-                det.mask,
-                xy0=mi.xy0,
-                mask_planes=det.mask_planes,
-                backend=self.backend,
-            )
-            catalog = det.catalog
-        elif not det_bit or not bool((mi.mask & det_bit).any()):
-            probe = _with_source_mask(mi, exp.psf)
-        sv_config = ScaleVarianceConfig(max_samples=self.config.scale_variance_max_samples)
-        factor = float(ScaleVarianceTask(sv_config, backend=self.backend).run(probe))
-        scaled = MaskedImage(
-            mi.image,
-            mi.variance * np.float32(factor),
-            mi.mask,
-            xy0=mi.xy0,
-            mask_planes=mi.mask_planes,
-            backend=self.backend,
-        )
-        if catalog is not None and len(catalog):
-            # Measured with the unscaled variance: put the errors on the scaled footing.
-            root = float(np.sqrt(factor))
-            catalog["psf_flux_err"] = np.asarray(catalog["psf_flux_err"]) * root
-            catalog["snr"] = np.asarray(catalog["snr"]) / root
-        return Exposure(scaled, exp.psf, exp.wcs, exp.photo_calib, exp.metadata), factor, catalog
-
-    # --- sources -----------------------------------------------------------------------
     def select_sources(
         self,
         science: Exposure,
@@ -498,82 +304,11 @@ class AlardLuptonSubtractTask:
 
         ``sources`` is a table with ``x``, ``y`` and ``psf_flux``/``psf_flux_err`` (or
         ``flux``/``flux_err``, or ``snr``) columns; ``None`` detects on the science image.
+        See :func:`gpudiff.tasks.subtract_sources.select_sources`.
         """
-        cfg = self.config
-        if sources is None:
-            det = detect_sources(
-                science.masked_image,
-                science.psf,
-                threshold=cfg.detection_threshold,
-                polarity="positive",
-                background="estimate",
-                backend=self.backend,
-            )
-            sources = det.catalog
-        table = _flag_center_planes(_normalize_sources(sources), science.masked_image)
-        table = reclassify_extended(table)  # PSF model vs the stars
-        if cfg.template_source_snr_min is not None and len(table):
-            table = self._flag_not_in_template(table, template)
-        box = science.bbox
-        if cfg.restrict_kernel_edge_sources:
-            box = Box(
-                box.x0 + edge_buffer,
-                box.y0 + edge_buffer,
-                box.x1 - edge_buffer,
-                box.y1 - edge_buffer,
-            )
-        selected = select_kernel_sources(
-            table,
-            box,
-            snr_min=cfg.source_snr_min,
-            snr_max=cfg.source_snr_max,
-            max_sources=None,
-            edge_buffer=kernel_size,
-            require_isolated="isolated" in table.colnames,
-            require_unresolved="is_extended" in table.colnames,
-            exclude_flags=[c for c in table.colnames if c.startswith("flag")],
+        return select_sources(
+            science, template, sources, kernel_size, edge_buffer, self.config, self.backend
         )
-        if cfg.max_kernel_sources > 0 and len(selected) > cfg.max_kernel_sources:
-            order = np.argsort(-np.asarray(selected["snr"]), kind="stable")
-            selected = selected[np.sort(order[: cfg.max_kernel_sources])]
-        if len(selected) < cfg.min_kernel_sources:
-            removed = selection_counts(
-                table,
-                box,
-                snr_min=cfg.source_snr_min,
-                snr_max=cfg.source_snr_max,
-                edge_buffer=kernel_size,
-                exclude_flags=[c for c in table.colnames if c.startswith("flag")],
-            )
-            raise InsufficientKernelSourcesError(
-                f"{len(selected)} kernel source(s) pass the selection (S/N {cfg.source_snr_min:g}–"
-                f"{cfg.source_snr_max:g}, isolated, unresolved, inside the kernel-edge box) out of "
-                f"{len(table)}; at least min_kernel_sources={cfg.min_kernel_sources} are needed; "
-                f"removed "
-                f"by each test: {removed}"
-            )
-        return selected
-
-    def _flag_not_in_template(self, table: Table, template: Exposure) -> Table:
-        """``table`` with ``template_snr`` and ``flag_not_in_template`` (S/N below
-        ``template_source_snr_min``) for the rows in the selector's S/N range."""
-        cfg = self.config
-        snr = np.asarray(table["snr"], dtype=np.float64)
-        rows = np.flatnonzero((snr >= cfg.source_snr_min) & (snr <= cfg.source_snr_max))
-        tsnr = np.full(len(table), np.nan)
-        tsnr[rows] = template_presence_snr(
-            template.masked_image,
-            template.psf.kernel_image(),
-            np.asarray(table["x"], dtype=np.float64)[rows],
-            np.asarray(table["y"], dtype=np.float64)[rows],
-            psf_fwhm(template, "template"),
-        )
-        table = table.copy(copy_data=False)
-        table["template_snr"] = tsnr
-        flag = np.zeros(len(table), dtype=bool)
-        flag[rows] = ~(tsnr[rows] >= cfg.template_source_snr_min)
-        table["flag_not_in_template"] = flag
-        return table
 
     # --- run ---------------------------------------------------------------------------
     def run(self, template: Exposure, science: Exposure, sources: Any = None) -> SubtractionResult:
@@ -621,13 +356,13 @@ class AlardLuptonSubtractTask:
     def _run(self, template: Exposure, science: Exposure, sources: Any = None) -> SubtractionResult:
         cfg = self.config
         t0 = time.perf_counter()
-        template, science, meta = self._prepare(template, science)
+        prepared = self._prepare(template, science)
+        template, science, meta = prepared.template, prepared.science, prepared.metadata
         t_fwhm, s_fwhm = psf_fwhm(template, "template"), psf_fwhm(science, "science")
         if cfg.mode == "auto":
             conv_template = choose_convolution_method(template, science)
         else:
             conv_template = cfg.mode == "convolveTemplate"
-        mode = "convolveTemplate" if conv_template else "convolveScience"
         meta["science_sharper_than_template"] = False
         if conv_template and not choose_convolution_method(template, science):
             # The template is strictly wider on both axes: matching it to the science
@@ -645,9 +380,8 @@ class AlardLuptonSubtractTask:
         # Stamp size from the basis LSST would build (docs/algorithms.md §4.2 step 9.2).
         k_size = make_kernel_basis(cfg.make_kernel, t_fwhm, matched_size).size
         t1 = time.perf_counter()
-        science_sources = meta.pop("science_detections", None)
         if sources is None:
-            sources = science_sources
+            sources = prepared.science_sources
         sel = self.select_sources(science, template, sources, k_size, k_size)
         meta["time_source_selection"] = time.perf_counter() - t1
         tmpl_on_sci = template.subimage(science.bbox)
@@ -657,52 +391,167 @@ class AlardLuptonSubtractTask:
         fit = self._fit(conv, ref, sel, fwhms, template, science)
         meta["time_kernel_fit"] = time.perf_counter() - t1
         kernel = fit.kernel
-        t1 = time.perf_counter()
-        be = self.backend
         if conv_template:
-            matched = convolve_preserving(kernel, template.masked_image, cfg.preserve_mask_planes)
-            matched = matched.subimage(science.bbox)
-            matched_template = Exposure(
-                matched, science.psf, science.wcs, science.photo_calib, template.metadata
-            )
-            matched_science = science
-            minuend = science.masked_image
-            diff = minuend.subtract(matched)
-            psf = science.psf
+            convolved = self.run_convolve_template(template, science, kernel)
         else:
-            norm = kernel.kernel_sum()
-            ms = convolve_preserving(kernel, science.masked_image, cfg.preserve_mask_planes)
-            ms = MaskedImage(
-                ms.image / np.float32(norm),
-                ms.variance / np.float32(norm * norm),
-                ms.mask,
-                xy0=ms.xy0,
-                mask_planes=ms.mask_planes,
-                backend=be,
-            )
-            matched_science = Exposure(
-                ms, template.psf, science.wcs, science.photo_calib, science.metadata
-            )
-            # K maps science to template flux units (ΣK = template/science flux ratio), so
-            # the template is divided by ΣK too: D = (S⊗K − T)/ΣK is in science units, as in
-            # the legacy ImagePsfMatchTask.  (LSST's subtractImages subtracts T as it is,
-            # which is right only for ΣK ≈ 1, i.e. calibrated inputs; its decorrelation
-            # formula, docs/algorithms.md §5.2, assumes D = (S⊗K − T)/ΣK.)
-            t = tmpl_on_sci.masked_image
-            t = MaskedImage(
-                t.image / np.float32(norm),
-                t.variance / np.float32(norm * norm),
-                t.mask,
-                xy0=t.xy0,
-                mask_planes=t.mask_planes,
-                backend=be,
-            )
-            matched_template = Exposure(
-                t, template.psf, science.wcs, science.photo_calib, template.metadata
-            )
-            diff = ms.subtract(t)
-            psf = template.psf
+            convolved = self.run_convolve_science(template, science, kernel)
+        final = self.finalize(template, science, convolved, kernel)
+        meta.update(final.metadata)
+        meta.update(
+            mode=convolved.mode,
+            kernel_sum=kernel.kernel_sum(),
+            n_kernel_sources=len(sel),
+            n_candidates_used=fit.n_used,
+            n_candidates_rejected=int((fit.candidate_table()["status"] == "BAD").sum()),
+            template_fwhm=t_fwhm,
+            science_fwhm=s_fwhm,
+            time_total=time.perf_counter() - t0,
+        )
+        meta.update(fit.quality_metadata())  # spatial orders used, kernel-sum photometric check
+        return SubtractionResult(
+            difference=final.difference,
+            matched_template=convolved.matched_template,
+            matched_science=convolved.matched_science,
+            background_model=final.background_model,
+            psf_matching_kernel=kernel,
+            kernel_sources=fit.candidate_table(),
+            mode=convolved.mode,
+            kernel_fit=fit,
+            metadata=meta,
+            science_sources=prepared.science_sources,
+        )
+
+    # --- the two convolution modes and the finish (LSST's runConvolveTemplate,
+    # runConvolveScience and finalize) --------------------------------------------------
+    def run_convolve_template(
+        self, template: Exposure, science: Exposure, kernel: SpatialKernel
+    ) -> ConvolutionResult:
+        """Convolve the template with the matching kernel and subtract it from the science
+        (docs/algorithms.md §4.2 steps 11–12, ``runConvolveTemplate``).
+
+        Parameters
+        ----------
+        template, science : Exposure
+            The prepared pair (:meth:`_prepare`); the template's box contains the science's
+            (its border feeds the convolution).
+        kernel : SpatialKernel
+            Fitted to map the template onto the science.
+
+        Returns
+        -------
+        ConvolutionResult
+            ``difference`` = S − K⊗T; the matched template carries the science's PSF and
+            the template's metadata; the matched science is ``science``.
+        """
+        t0 = time.perf_counter()
+        matched = convolve_preserving(
+            kernel, template.masked_image, self.config.preserve_mask_planes
+        )
+        matched = matched.subimage(science.bbox)
+        matched_template = Exposure(
+            matched, science.psf, science.wcs, science.photo_calib, template.metadata
+        )
+        diff = science.masked_image.subtract(matched)
+        return ConvolutionResult(
+            diff,
+            matched_template,
+            science,
+            science.psf,
+            "convolveTemplate",
+            time.perf_counter() - t0,
+        )
+
+    def run_convolve_science(
+        self, template: Exposure, science: Exposure, kernel: SpatialKernel
+    ) -> ConvolutionResult:
+        """Convolve the science with the matching kernel and subtract the template
+        (docs/algorithms.md §4.2 steps 11–12, ``runConvolveScience``).
+
+        Parameters
+        ----------
+        template, science : Exposure
+            The prepared pair (:meth:`_prepare`).
+        kernel : SpatialKernel
+            Fitted to map the science onto the template.
+
+        Returns
+        -------
+        ConvolutionResult
+            ``difference`` = (K⊗S − T)/ΣK, in the science's flux units; both matched
+            images are divided by ΣK and carry the template's PSF.
+        """
+        be = self.backend
+        t0 = time.perf_counter()
+        norm = kernel.kernel_sum()
+        ms = convolve_preserving(kernel, science.masked_image, self.config.preserve_mask_planes)
+        ms = MaskedImage(
+            ms.image / np.float32(norm),
+            ms.variance / np.float32(norm * norm),
+            ms.mask,
+            xy0=ms.xy0,
+            mask_planes=ms.mask_planes,
+            backend=be,
+        )
+        matched_science = Exposure(
+            ms, template.psf, science.wcs, science.photo_calib, science.metadata
+        )
+        # K maps science to template flux units (ΣK = template/science flux ratio), so
+        # the template is divided by ΣK too: D = (S⊗K − T)/ΣK is in science units, as in
+        # the legacy ImagePsfMatchTask.  (LSST's subtractImages subtracts T as it is,
+        # which is right only for ΣK ≈ 1, i.e. calibrated inputs; its decorrelation
+        # formula, docs/algorithms.md §5.2, assumes D = (S⊗K − T)/ΣK.)
+        t = template.subimage(science.bbox).masked_image
+        t = MaskedImage(
+            t.image / np.float32(norm),
+            t.variance / np.float32(norm * norm),
+            t.mask,
+            xy0=t.xy0,
+            mask_planes=t.mask_planes,
+            backend=be,
+        )
+        matched_template = Exposure(
+            t, template.psf, science.wcs, science.photo_calib, template.metadata
+        )
+        return ConvolutionResult(
+            ms.subtract(t),
+            matched_template,
+            matched_science,
+            template.psf,
+            "convolveScience",
+            time.perf_counter() - t0,
+        )
+
+    def finalize(
+        self,
+        template: Exposure,
+        science: Exposure,
+        convolved: ConvolutionResult,
+        kernel: SpatialKernel,
+    ) -> FinalizedDifference:
+        """The difference as returned: backgrounds out, NO_DATA blank, decorrelated
+        (LSST's ``finalize``, with gpudiff's background steps before it).
+
+        Parameters
+        ----------
+        template, science : Exposure
+            The prepared pair (:meth:`_prepare`).
+        convolved : ConvolutionResult
+            From :meth:`run_convolve_template` or :meth:`run_convolve_science`.
+        kernel : SpatialKernel
+            The matching kernel, with its fitted background.
+
+        Returns
+        -------
+        FinalizedDifference
+        """
+        cfg, be = self.config, self.backend
+        conv_template = convolved.mode == "convolveTemplate"
+        meta: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        diff, psf = convolved.difference, convolved.psf
         if cfg.do_subtract_background:
+            # The fit models the reference as K⊗conv + B.  convolveTemplate: S − K⊗T
+            # holds +B.  convolveScience: (K⊗S − T)/ΣK holds −B/ΣK.
             sign = 1.0 if conv_template else -1.0 / kernel.kernel_sum()
             bg = kernel.background_image(science.bbox, be) * np.float32(sign)
             diff = MaskedImage(
@@ -716,8 +565,10 @@ class AlardLuptonSubtractTask:
             diff, meta["residual_background_rms"] = residual_background(
                 diff, psf, cfg.make_kernel.spatial_bg_order
             )
-        diff = _no_data_nan(diff)
-        meta["time_convolution"] = time.perf_counter() - t1
+        diff = no_data_nan(diff)
+        # As before the seams were cut: the convolution stage's time includes the
+        # background steps (bench/bench_subtract.py reports it so).
+        meta["time_convolution"] = convolved.seconds + (time.perf_counter() - t0)
         # LSST returns the background with all parameters negated when the science was
         # convolved (docs/algorithms.md §4.2 step 13): it is then a model of template − science.
         background_model = (
@@ -731,7 +582,11 @@ class AlardLuptonSubtractTask:
         if cfg.do_decorrelation:
             t1 = time.perf_counter()
             dec = DecorrelateALKernelTask(self._decorrelation_config(), backend=be).run(
-                science, tmpl_on_sci, difference, kernel, template_matched=conv_template
+                science,
+                template.subimage(science.bbox),
+                difference,
+                kernel,
+                template_matched=conv_template,
             )
             difference = dec.corrected_exposure
             if dec.correction_kernel is not None:
@@ -743,48 +598,14 @@ class AlardLuptonSubtractTask:
                     difference.metadata,
                 )
             meta["time_decorrelation"] = time.perf_counter() - t1
-        meta.update(
-            mode=mode,
-            kernel_sum=kernel.kernel_sum(),
-            n_kernel_sources=len(sel),
-            n_candidates_used=fit.n_used,
-            n_candidates_rejected=int((fit.candidate_table()["status"] == "BAD").sum()),
-            template_fwhm=t_fwhm,
-            science_fwhm=s_fwhm,
-            time_total=time.perf_counter() - t0,
-        )
-        meta.update(fit.quality_metadata())  # spatial orders used, kernel-sum photometric check
-        return SubtractionResult(
-            difference=difference,
-            matched_template=matched_template,
-            matched_science=matched_science,
-            background_model=background_model if cfg.do_subtract_background else None,
-            psf_matching_kernel=kernel,
-            kernel_sources=fit.candidate_table(),
-            mode=mode,
-            kernel_fit=fit,
-            metadata=meta,
-            science_sources=science_sources,
+        return FinalizedDifference(
+            difference, background_model if cfg.do_subtract_background else None, meta
         )
 
     def _decorrelation_config(self) -> DecorrelateALKernelConfig:
-        """Decorrelation that grows the defect planes by its filter's footprint (so that no
-        unflagged pixel holds what the filter spread from a defect)."""
-        # EDGE is left out: its pixels hold copied data, not defects, and the tasks size
-        # their EDGE frames themselves (the preconvolution's frame was measured).
-        planes = tuple(
-            p
-            for p in dict.fromkeys(
-                (
-                    *self.config.interpolate_mask_planes,
-                    *self.config.bad_mask_planes,
-                    "INTRP",
-                    "SAT_TEMPLATE",
-                )
-            )
-            if p != "EDGE"
-        )
-        return DecorrelateALKernelConfig(grow_mask_planes=planes)
+        """The decorrelation's config
+        (:func:`~gpudiff.tasks.subtract_finalize.decorrelation_config`)."""
+        return decorrelation_config(self.config)
 
     def _fit(
         self,
@@ -818,203 +639,3 @@ class AlardLuptonSubtractTask:
                     f"image (< {cfg.min_template_fraction_for_expected_success:.0%})"
                 ) from None
             raise
-
-
-def _with_source_mask(mi: MaskedImage, psf) -> MaskedImage:
-    """``mi`` with DETECTED set on pixels more than 5σ from the median, grown by ~2 FWHM:
-    a cheap source mask, enough for ScaleVariance (which only needs sources excluded)."""
-    xp = mi.backend.xp
-    finite = xp.isfinite(mi.image) & xp.isfinite(mi.variance) & (mi.variance > 0)
-    med = xp.median(mi.image[finite]) if bool(finite.any()) else 0.0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        on = finite & (xp.abs(mi.image - med) > 5.0 * xp.sqrt(mi.variance))
-    r = max(2, int(round(2 * psf.fwhm())))
-    grown = mi.backend.ndimage.maximum_filter(on.astype(np.uint8), size=2 * r + 1) > 0
-    return mi.with_plane_set("DETECTED", grown)
-
-
-def residual_background(
-    mi: MaskedImage, psf, order: int, bin_size: int = 64
-) -> tuple[MaskedImage, float]:
-    """``mi`` minus a polynomial (total degree ``order``) fitted to the clipped means of
-    its source-free bins, and the rms of that polynomial over the image.
-
-    A departure from LSST, part of ``do_subtract_background``: the kernel fit's background
-    term is constrained only by the kernel stamps (a dozen on a 1024² field) and absorbs
-    the parts of bright stars' wings the kernel cannot match, so it leaves a residual sky
-    of a few hundredths of σ (measured −0.05σ in one quadrant of a 1024² raw pair).  The
-    difference itself has every sky pixel: sources (> 5σ, grown by 2 FWHM) and defect
-    planes are left out, each ``bin_size``² bin gives a 3σ-clipped mean, and the
-    polynomial is weighted by the usable pixels of each bin.
-    """
-    from ..ops.background import BACKGROUND_BAD_PLANES, bin_background
-    from ..errors import AllMaskedError
-
-    xp = mi.backend.xp
-    probe = _with_source_mask(mi, psf)
-    try:
-        bins = bin_background(probe, bin_size, bad_planes=BACKGROUND_BAD_PLANES)
-    except AllMaskedError:
-        return mi, 0.0
-    ok = bins.good & np.isfinite(bins.raw)
-    n_terms = (order + 1) * (order + 2) // 2
-    if int(ok.sum()) < 2 * n_terms:
-        return mi, 0.0
-    H, W = mi.shape
-    yc, xc = np.meshgrid(bins.y_centres, bins.x_centres, indexing="ij")
-
-    def design(u, v):
-        return [u**i * v**j for i in range(order + 1) for j in range(order + 1 - i)]
-
-    def norm(c, n):
-        return (c - 0.5 * (n - 1)) / max(0.5 * (n - 1), 1.0)
-
-    a = np.stack([t.ravel() for t in design(norm(xc[ok], W), norm(yc[ok], H))], axis=1)
-    w = np.sqrt(bins.n_valid[ok].astype(np.float64))
-    coef, *_ = np.linalg.lstsq(a * w[:, None], bins.raw[ok] * w, rcond=None)
-    u = xp.asarray(norm(np.arange(W, dtype=np.float64), W))[None, :]
-    v = xp.asarray(norm(np.arange(H, dtype=np.float64), H))[:, None]
-    model = sum(float(c) * t for c, t in zip(coef, design(u, v)))
-    model = xp.broadcast_to(xp.asarray(model, dtype=np.float64), (H, W))
-    rms = float(xp.sqrt(xp.mean(model * model)))
-    out = MaskedImage(
-        (mi.image - model).astype(np.float32),
-        mi.variance,
-        mi.mask,
-        xy0=mi.xy0,
-        mask_planes=mi.mask_planes,
-        backend=mi.backend,
-    )
-    return out, rms
-
-
-def _no_data_nan(mi: MaskedImage) -> MaskedImage:
-    """NO_DATA pixels as NaN image / +inf variance (the convention of
-    :func:`~gpudiff.tasks.masks.mask_non_finite`): the inputs' NO_DATA pixels were
-    interpolated so that no convolution spreads garbage, but a difference there is no
-    measurement."""
-    xp = mi.backend.xp
-    nd = mi.mask_planes.bitmask_if_present("NO_DATA")
-    if not nd:
-        return mi
-    bad = (mi.mask & nd) != 0
-    if not bool(bad.any()):
-        return mi
-    return MaskedImage(
-        xp.where(bad, xp.float32(np.nan), mi.image),
-        xp.where(bad, xp.float32(np.inf), mi.variance),
-        mi.mask,
-        xy0=mi.xy0,
-        mask_planes=mi.mask_planes,
-        backend=mi.backend,
-    )
-
-
-def decorrelated_psf(psf, correction_kernel: np.ndarray):
-    """The PSF of the decorrelated difference: PSF ⊗ correction filter, unit sum.
-
-    Departure from current LSST (docs/algorithms.md §5.4, where the update is disabled pending
-    DM-47461): decorrelation sharpens point sources, and PSF photometry with the
-    undecorrelated PSF then overestimates fluxes (measured +13 % for equal template and
-    science depths).  The filter is real and even, so correlating with it is convolving.
-    A spatially varying :class:`~gpudiff.image.GridPsf` stays one (each node filtered);
-    any other model becomes an :class:`~gpudiff.image.ImagePsf` at its average position.
-    """
-    h = correction_kernel.shape[0] // 2
-
-    def filt(img):
-        new = np.asarray(
-            correlate(
-                np.pad(np.asarray(img, np.float64), h), correction_kernel, "numpy", dtype=np.float64
-            )
-        )
-        return new / new.sum()
-
-    if isinstance(psf, GridPsf):
-        imgs = np.array([[filt(im) for im in row] for row in psf.images])
-        return GridPsf(imgs, psf.xs, psf.ys)
-    return ImagePsf(filt(psf.kernel_image()), average_position=psf.average_position)
-
-
-#: Planes whose bit within 1 px of a source's centre excludes it from the kernel sources.
-#: A departure from LSST (its production selector does not test pixel flags): LSST's
-#: sources are measured on calexps whose cosmic rays were found and interpolated before
-#: detection, so none of them is a ray; gpudiff detects before it finds the rays.
-_CENTER_FLAG_PLANES = {"flag_cr_center": "CR"}
-
-
-def _flag_center_planes(table: Table, mi: MaskedImage) -> Table:
-    """``table`` with a boolean ``flag_cr_center`` column: a CR bit in the 3×3 pixels
-    around the source's centre in ``mi`` (added only when absent and ``mi`` has a CR plane).
-
-    The science detections are made before the cosmic rays are found, and a ray that was
-    not flagged on input is detected as a compact source of S/N 50–100.  Its pixels are
-    interpolated before the fit, so its stamp holds no source (a kernel-sum outlier at best),
-    and a few such rays below the stars' size once dragged the stellar locus of
-    :func:`~gpudiff.psfmatch.candidates.reclassify_extended` to 0.61 × the PSF's trace:
-    every star was judged extended and the kernel sum came out 0.71 for a true 1.00
-    (issue 14, 2048² raw pairs).  Flagged rows are dropped by the selector (every
-    ``flag*`` column) and left out of the stellar locus.
-    """
-    planes = {
-        c: p
-        for c, p in _CENTER_FLAG_PLANES.items()
-        if c not in table.colnames and mi.mask_planes.bitmask_if_present((p,))
-    }
-    if not planes or len(table) == 0:
-        return table
-    mask = mi.backend.asnumpy(mi.mask)
-    h, w = mask.shape
-    with np.errstate(invalid="ignore"):
-        xi = np.rint(np.asarray(table["x"], float) - mi.xy0[0])
-        yi = np.rint(np.asarray(table["y"], float) - mi.xy0[1])
-    ok = np.isfinite(xi) & np.isfinite(yi)
-    xi = np.where(ok, xi, 0).astype(np.int64)
-    yi = np.where(ok, yi, 0).astype(np.int64)
-    out = table.copy(copy_data=False)
-    for col, plane in planes.items():
-        bit = mi.mask_planes.bitmask_if_present((plane,))
-        hit = np.zeros(len(table), dtype=bool)
-        for dy in (-1, 0, 1):
-            for dx in (-1, 0, 1):
-                yy, xx = yi + dy, xi + dx
-                inside = ok & (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
-                v = np.zeros(len(table), dtype=mask.dtype)
-                v[inside] = mask[yy[inside], xx[inside]]
-                hit |= (v & bit) != 0
-        out[col] = hit
-    return out
-
-
-def _normalize_sources(sources: Any) -> Table:
-    """A Table with x, y and snr from any supported source table."""
-    t = Table(sources) if not isinstance(sources, Table) else sources.copy(copy_data=False)
-    for c in ("x", "y"):
-        if c not in t.colnames:
-            raise InvalidInputError(
-                f"kernel source table has no {c!r} column (columns: {t.colnames})"
-            )
-    if "n_peaks" in t.colnames:
-        # LSST's doIsolated means "not blended" (parent == 0 and no deblended children):
-        # a footprint with a single peak.  Neighbours inside a stamp are in both images
-        # and are matched by the kernel like the star itself.
-        t["isolated"] = np.asarray(t["n_peaks"]) == 1
-    if "snr" not in t.colnames:
-        for f, e in (
-            ("psf_flux", "psf_flux_err"),
-            ("flux", "flux_err"),
-            ("inst_flux", "inst_flux_err"),
-        ):
-            if f in t.colnames and e in t.colnames:
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    t["snr"] = np.asarray(t[f], float) / np.asarray(t[e], float)
-                break
-        else:
-            raise InvalidInputError(
-                "kernel source table needs an 'snr' column or flux and flux-error "
-                "columns (psf_flux/psf_flux_err or flux/flux_err)"
-            )
-    if "psf_flux" not in t.colnames or "psf_flux_err" not in t.colnames:
-        # The selector ranks and cuts on S/N only; give it flux columns that carry it.
-        t["psf_flux"], t["psf_flux_err"] = np.asarray(t["snr"], dtype=float), np.ones(len(t))
-    return t

@@ -1,0 +1,373 @@
+"""Input preparation of the subtraction tasks (docs/algorithms.md §4.2 steps 1–5).
+
+LSST's ``subtractImages.py`` checks and conditions its inputs before any source is
+selected or kernel fitted: the validation of boxes, bands and PSFs, the template coverage,
+variance scaling and the mask updates.  gpudiff adds the steps its rawer inputs need
+(documented departures, see :class:`~gpudiff.tasks.subtract.AlardLuptonSubtractConfig`):
+defects and non-finite pixels interpolated, cosmic rays found on the science and the
+template, and a source mask (or a detection) for the variance scaling of images that come
+without a DETECTED plane.  :func:`prepare_inputs` runs them in LSST's order and returns
+the conditioned pair with the science detections it made on the way.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from astropy.table import Table
+
+from ..backend import Backend
+from ..backend.threads import run_concurrently
+from ..errors import AllMaskedError, InvalidInputError, NoWorkFound, PsfError, ShapeMismatchError
+from ..image import Exposure, MaskedImage, evaluate_mean_fwhm
+from ..ops.cosmic_rays import find_cosmic_rays
+from ..ops.detection import detect_sources
+from ..ops.interpolate import defect_pixels, interpolate_over_defects
+from .masks import mask_non_finite, template_coverage, update_masks
+from .scale_variance import ScaleVarianceConfig, ScaleVarianceTask
+
+if TYPE_CHECKING:  # the config lives with the task, which imports this module
+    from .subtract import AlardLuptonSubtractConfig
+
+__all__ = [
+    "PreparedInputs",
+    "prepare_inputs",
+    "psf_fwhm",
+    "choose_convolution_method",
+    "interpolate_defects",
+    "mask_cosmic_rays",
+    "scale_variance",
+    "with_source_mask",
+]
+
+# The subtraction's logger: its warnings are the subtraction's (tests capture them there).
+log = logging.getLogger("gpudiff.tasks.subtract")
+
+
+@dataclass
+class PreparedInputs:
+    """The pair as the kernel fit and the convolution see it.
+
+    Attributes
+    ----------
+    template, science : Exposure
+        On the task's backend; non-finite pixels NO_DATA, defects (and cosmic rays)
+        interpolated and flagged INTRP, variances scaled, template masks renamed.
+    science_sources : astropy Table or None
+        The sources detected on the science image while scaling its variance (inputs
+        without a DETECTED plane); None when none were detected.  They serve as kernel
+        sources when none are given, and are returned as ``science_sources``.
+    metadata : dict
+        Template coverage, variance scale factors, interpolated pixel counts.
+    """
+
+    template: Exposure
+    science: Exposure
+    science_sources: Table | None = None
+    metadata: dict = field(default_factory=dict)
+
+
+def psf_fwhm(exposure: Exposure, name: str, average: bool = True):
+    """The PSF FWHM (trace radius, or per axis) at the average position, falling back to
+    the mean over a 10×10 grid (docs/algorithms.md §1.2 ``_checkPsfWidths``)."""
+    if exposure.psf is None:
+        raise PsfError(
+            f"the {name} exposure has no PSF; attach one or estimate it (gpudiff.estimate_psf)"
+        )
+    try:
+        return exposure.psf.fwhm() if average else exposure.psf.fwhm_xy()
+    except PsfError:
+        log.warning(
+            "Unable to evaluate the %s PSF at the average position; using the grid mean", name
+        )
+        f = evaluate_mean_fwhm(exposure.psf, exposure.bbox)
+        return f if average else (f, f)
+
+
+def choose_convolution_method(template: Exposure, science: Exposure) -> bool:
+    """``auto`` mode (docs/algorithms.md §4.2 step 7): True = convolve the template.
+
+    Convolve the science image only if the template PSF is strictly wider on **both**
+    axes: convolveTemplate = (T_x ≤ S_x) OR (T_y ≤ S_y).
+    """
+    try:
+        tx, ty = template.psf.fwhm_xy()
+        sx, sy = science.psf.fwhm_xy()
+        return (tx <= sx) or (ty <= sy)
+    except PsfError:
+        return psf_fwhm(template, "template") <= psf_fwhm(science, "science")
+
+
+def prepare_inputs(
+    template: Exposure,
+    science: Exposure,
+    config: AlardLuptonSubtractConfig,
+    backend: Backend,
+) -> PreparedInputs:
+    """Validate and condition a template–science pair for the subtraction.
+
+    Parameters
+    ----------
+    template : Exposure
+        On the science pixel grid, its box containing the science's.
+    science : Exposure
+    config : AlardLuptonSubtractConfig
+    backend : Backend
+
+    Returns
+    -------
+    PreparedInputs
+
+    Raises
+    ------
+    ShapeMismatchError, InvalidInputError, PsfError, AllMaskedError, InvalidVarianceError
+        Boxes, bands, PSFs or the science pixels are unusable.
+    NoWorkFound
+        The template covers less than ``required_template_fraction`` of the science.
+    """
+    cfg, be = config, backend
+    if not template.bbox.contains(science.bbox):
+        raise ShapeMismatchError(
+            f"the template box {template.bbox} must contain the science box {science.bbox}; "
+            "warp the template onto the science pixel grid first (gpudiff.ops.warp_exposure)"
+        )
+    bands = [e.metadata.get("BAND", e.metadata.get("FILTER")) for e in (science, template)]
+    if None not in bands and str(bands[0]).strip() != str(bands[1]).strip():
+        raise InvalidInputError(f"science band {bands[0]!r} and template band {bands[1]!r} differ")
+    for name, exp in (("science", science), ("template", template)):
+        if exp.psf is None:
+            raise PsfError(
+                f"the {name} exposure has no PSF and gpudiff does not guess one "
+                "silently; attach one or call gpudiff.estimate_psf"
+            )
+    # Non-finite pixels are no data (LSST's convention); a usable pixel must have a
+    # positive, finite variance, else every weight and S/N downstream is wrong.
+    template = mask_non_finite(template.to_backend(be))
+    science = mask_non_finite(science.to_backend(be))
+    science.masked_image.validate("science", bad_planes=cfg.bad_mask_planes)
+    try:
+        template.masked_image.validate("template", bad_planes=cfg.bad_mask_planes)
+    except AllMaskedError:
+        pass  # no template data at all: LSST's NoWorkFound from the coverage check below
+    meta: dict[str, Any] = {}
+    science_sources = None
+    planes = cfg.interpolate_mask_planes
+    # Defects are interpolated before anything looks at the pixels (detection, variance
+    # scaling, kernel fit, convolution, decorrelation).  The template is filled before
+    # update_masks clears its SAT/CR planes; its INTRP marks are restored after.
+    if cfg.find_template_cosmic_rays:
+        # Before the interpolation, which then fills the rays like the other defects.
+        template = mask_cosmic_rays(template, be)
+    template, t_filled = interpolate_defects(template, planes, be)
+    science, _ = interpolate_defects(science, planes, be)
+    cov = template_coverage(template, science)
+    meta["template_coverage"] = cov
+    if cov < cfg.required_template_fraction:
+        raise NoWorkFound(
+            f"template covers {cov:.1%} of the science image (pixels where neither image "
+            f"is NO_DATA), less than required_template_fraction="
+            f"{cfg.required_template_fraction:.0%}"
+        )
+    if cfg.do_scale_variance:
+        # The two images are independent: on the CPU each gets a core.
+        (template, tfac, _), (science, sfac, cat) = run_concurrently(
+            lambda: scale_variance(template, cfg, be, need_catalog=False),
+            lambda: scale_variance(science, cfg, be, need_catalog=True),
+            parallel=not be.is_gpu,
+        )
+        # Reused for kernel-source selection (one detection of the science, not two).
+        science_sources = cat
+        meta["scale_template_variance_factor"] = tfac
+        meta["scale_science_variance_factor"] = sfac
+    template, science = update_masks(
+        template, science, cfg.rename_template_mask, cfg.preserve_template_mask
+    )
+    if t_filled is not None:
+        template = Exposure(
+            template.masked_image.with_plane_set("INTRP", t_filled),
+            template.psf,
+            template.wcs,
+            template.photo_calib,
+            template.metadata,
+        )
+    if cfg.find_science_cosmic_rays:
+        science = mask_cosmic_rays(science, be)
+        if "CR" in planes:
+            # Cosmic rays found just now: filled like the defects that came flagged.
+            science, _ = interpolate_defects(science, ("CR",), be)
+    for name, exp in (("template", template), ("science", science)):
+        intrp = exp.masked_image.mask_planes.bitmask_if_present("INTRP")
+        meta[f"n_interpolated_{name}"] = (
+            int(be.xp.count_nonzero(exp.masked_image.mask & intrp)) if intrp else 0
+        )
+    return PreparedInputs(template, science, science_sources, meta)
+
+
+def interpolate_defects(exp: Exposure, planes, backend: Backend) -> tuple[Exposure, Any]:
+    """``exp`` with its defects interpolated and flagged INTRP.
+
+    Parameters
+    ----------
+    exp : Exposure
+    planes : sequence of str
+        The defect mask planes; non-finite pixels are defects too.  Empty: nothing is done.
+    backend : Backend
+
+    Returns
+    -------
+    exposure : Exposure
+    filled : array of bool or None
+        The filled pixels; None when nothing was filled.
+    """
+    planes = tuple(planes)
+    if not planes:
+        return exp, None
+    mi = exp.masked_image
+    bad = defect_pixels(mi, planes)
+    if not bool(bad.any()):
+        return exp, None
+    try:
+        fwhm = float(exp.psf.fwhm())
+    except PsfError:
+        fwhm = 3.0  # only sets the smoothing scale of the large-blob fallback
+    filled = interpolate_over_defects(mi, planes, fwhm=fwhm, backend=backend)
+    return Exposure(filled, exp.psf, exp.wcs, exp.photo_calib, exp.metadata), bad
+
+
+def mask_cosmic_rays(exposure: Exposure, backend: Backend) -> Exposure:
+    """Set the CR plane on the cosmic rays of an image (the science, or a
+    single-exposure template) not flagged yet.
+
+    LSST's calexps come with cosmic rays found (and interpolated) by
+    calibrateImage; a plain FITS or a simulation does not, or not all of them.  Once the
+    science is convolved (convolveScience) a cosmic ray is smeared into a PSF-like blob that
+    no sharpness test can recognise, so they are found here, before any convolution,
+    and the CR bits travel (dilated) into the difference.
+
+    Parameters
+    ----------
+    exposure : Exposure
+    backend : Backend
+
+    Returns
+    -------
+    Exposure
+        ``exposure`` itself when no new ray was found.
+    """
+    mi = exposure.masked_image
+    cr = find_cosmic_rays(mi, exposure.psf, backend=backend)
+    cr_bit = mi.mask_planes.bitmask_if_present("CR")
+    if cr_bit:
+        # A CR plane that came with the image is kept and completed: a repair step that
+        # found some rays (issue 14's raw pairs: half of them) leaves the rest, which
+        # convolveScience would smear into PSF-like false sources.
+        cr &= (mi.mask & cr_bit) == 0
+    if not bool(cr.any()):
+        return exposure
+    return Exposure(
+        mi.with_plane_set("CR", cr),
+        exposure.psf,
+        exposure.wcs,
+        exposure.photo_calib,
+        exposure.metadata,
+    )
+
+
+def scale_variance(
+    exp: Exposure, config: AlardLuptonSubtractConfig, backend: Backend, need_catalog: bool
+) -> tuple[Exposure, float, Table | None]:
+    """ScaleVarianceTask's factor, applied to a copy of the exposure.
+
+    LSST inputs carry DETECTED masks, which ScaleVariance ignores.  When an input has no
+    DETECTED pixel at all (a plain FITS, a simulation) the sources would bias the
+    factor upwards (measured +6 to +9 % on a crowded field), so gpudiff detects them at
+    5σ for this estimate only (a documented departure: LSST would use the unmasked
+    image as it comes).
+
+    Parameters
+    ----------
+    exp : Exposure
+    config : AlardLuptonSubtractConfig
+        ``detection_threshold`` and ``scale_variance_max_samples``.
+    backend : Backend
+    need_catalog : bool
+        Detect the sources (and return them) when the image has no DETECTED pixel; else a
+        cheap source mask (:func:`with_source_mask`) is enough.
+
+    Returns
+    -------
+    exposure : Exposure
+        Variance multiplied by the factor.
+    factor : float
+    catalog : astropy Table or None
+        The detections (errors and S/N on the scaled variance's footing), if made.
+    """
+    mi = exp.masked_image
+    probe, catalog = mi, None
+    det_bit = mi.mask_planes.bitmask_if_present("DETECTED")
+    if (not det_bit or not bool((mi.mask & det_bit).any())) and need_catalog:
+        # The science's detections are reused for kernel-source selection.
+        det = detect_sources(
+            mi,
+            exp.psf,
+            threshold=config.detection_threshold,
+            polarity="both",
+            background="estimate",
+            backend=backend,
+        )
+        probe = MaskedImage(
+            mi.image,
+            mi.variance,
+            det.mask,
+            xy0=mi.xy0,
+            mask_planes=det.mask_planes,
+            backend=backend,
+        )
+        catalog = det.catalog
+    elif not det_bit or not bool((mi.mask & det_bit).any()):
+        probe = with_source_mask(mi, exp.psf)
+    sv_config = ScaleVarianceConfig(max_samples=config.scale_variance_max_samples)
+    factor = float(ScaleVarianceTask(sv_config, backend=backend).run(probe))
+    scaled = MaskedImage(
+        mi.image,
+        mi.variance * np.float32(factor),
+        mi.mask,
+        xy0=mi.xy0,
+        mask_planes=mi.mask_planes,
+        backend=backend,
+    )
+    if catalog is not None and len(catalog):
+        # Measured with the unscaled variance: put the errors on the scaled footing.
+        root = float(np.sqrt(factor))
+        catalog["psf_flux_err"] = np.asarray(catalog["psf_flux_err"]) * root
+        catalog["snr"] = np.asarray(catalog["snr"]) / root
+    return Exposure(scaled, exp.psf, exp.wcs, exp.photo_calib, exp.metadata), factor, catalog
+
+
+def with_source_mask(mi: MaskedImage, psf) -> MaskedImage:
+    """``mi`` with DETECTED set on pixels more than 5σ from the median, grown by ~2 FWHM.
+
+    A cheap source mask, enough for statistics that only need sources excluded
+    (ScaleVariance, :func:`~gpudiff.tasks.subtract_finalize.residual_background`).
+
+    Parameters
+    ----------
+    mi : MaskedImage
+    psf
+        Any PSF model with ``fwhm()``.
+
+    Returns
+    -------
+    MaskedImage
+    """
+    xp = mi.backend.xp
+    finite = xp.isfinite(mi.image) & xp.isfinite(mi.variance) & (mi.variance > 0)
+    med = xp.median(mi.image[finite]) if bool(finite.any()) else 0.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        on = finite & (xp.abs(mi.image - med) > 5.0 * xp.sqrt(mi.variance))
+    r = max(2, int(round(2 * psf.fwhm())))
+    grown = mi.backend.ndimage.maximum_filter(on.astype(np.uint8), size=2 * r + 1) > 0
+    return mi.with_plane_set("DETECTED", grown)
