@@ -78,7 +78,7 @@ def run_backend(name: str, args, exposure, reference, rows: list) -> None:
         f"fit_kernel ({cell_set.n_cells_x}x{cell_set.n_cells_y} cells, 27 bases)",
         time_call(be, lambda: task.fit_kernel(cell_set), args.repeat),
     )
-    _, kernel = task.fit_kernel(cell_set)
+    kernel = task.fit_kernel(cell_set).kernel
     add(
         f"apply_kernel ({args.size}² img+var+mask, order 2)",
         time_call(be, lambda: task.apply_kernel(exp_b, kernel), args.repeat),

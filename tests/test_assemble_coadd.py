@@ -219,8 +219,9 @@ def _stack(exps):
 def test_weights_are_inverse_clipped_mean_variance(mock):
     direct, _ = mock
     task = AssembleCoaddTask(AssembleCoaddConfig(max_weight_samples=None))
-    _, w, skipped = task.prepare_inputs(direct)
-    assert not skipped
+    inputs = task.prepare_inputs(direct)
+    w = inputs.weights
+    assert not inputs.skipped
     for e, wk in zip(direct, w):
         m, _, _ = clipped_mean_std(
             e.variance,
@@ -230,8 +231,10 @@ def test_weights_are_inverse_clipped_mean_variance(mock):
         )
         assert wk == pytest.approx(1.0 / m, rel=1e-12)
     # the strided sample (every k-th pixel) changes weights by far less than their spread
-    _, w_sub, _ = AssembleCoaddTask(AssembleCoaddConfig(max_weight_samples=5000)).prepare_inputs(
-        direct
+    w_sub = (
+        AssembleCoaddTask(AssembleCoaddConfig(max_weight_samples=5000))
+        .prepare_inputs(direct)
+        .weights
     )
     np.testing.assert_allclose(w_sub, w, rtol=2e-2)
 

@@ -161,10 +161,10 @@ def test_config_defaults_and_validation():
 def test_cell_grid_follows_lsst():
     from gpudiff.image import Box
 
-    region, xs, ys = ModelPsfMatchTask().cell_grid(Box(100, 200, 100 + 300, 200 + 256))
-    assert region == Box(-28, 72, 528, 584)
-    assert xs.tolist() == [128 * c + 64 - 28 for c in range(556 // 128)]  # floor: 4 cells
-    assert ys.tolist() == [128 * r + 64 + 72 for r in range(4)]
+    grid = ModelPsfMatchTask().cell_grid(Box(100, 200, 100 + 300, 200 + 256))
+    assert grid.region == Box(-28, 72, 528, 584)
+    assert grid.xs.tolist() == [128 * c + 64 - 28 for c in range(556 // 128)]  # floor: 4 cells
+    assert grid.ys.tolist() == [128 * r + 64 + 72 for r in range(4)]
 
 
 def test_errors(lsst_exposure):

@@ -379,6 +379,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Coadd, write, print a summary.  Errors are raised as GpudiffError."""
     from ._config import load_config_file, parse_set
+    from ._forward import file_options
 
     overrides = load_config_file(getattr(args, "config", None))
     for key, value in parse_set(getattr(args, "set", None)).items():
@@ -396,15 +397,7 @@ def run(args: argparse.Namespace) -> int:
         psf_matched=args.psf_matched,
         method=args.method,
         overrides=overrides,
-        backend=getattr(args, "backend", None),
-        overwrite=args.overwrite,
-        psf=args.psf,
-        noise=args.noise,
-        variance=args.variance,
-        ivar=args.ivar,
-        mask=args.mask,
-        mask_bits=args.mask_bits,
-        fwhm=args.fwhm,
+        **file_options(args),
     )
     print(f"gpudiff coadd: {s['n_used']} of {s['n_inputs']} warps, method {s['method']}")
     for note in s["notes"]:

@@ -266,6 +266,8 @@ def task_config(overrides: dict | None = None, kernel_size: int | None = None):
 
 def run(args: argparse.Namespace) -> int:
     """Read, PSF-match, write; print a summary.  Errors are raised as GpudiffError."""
+    from ._forward import file_options
+
     t0 = time.perf_counter()
     overrides = None
     if getattr(args, "config", None) or getattr(args, "set", None):
@@ -284,15 +286,7 @@ def run(args: argparse.Namespace) -> int:
         reference_psf=args.reference_psf,
         kernel_size=args.kernel_size,
         overrides=overrides,
-        backend=getattr(args, "backend", None),
-        overwrite=args.overwrite,
-        psf=args.psf,
-        noise=args.noise,
-        variance=args.variance,
-        ivar=args.ivar,
-        mask=args.mask,
-        mask_bits=args.mask_bits,
-        fwhm=args.fwhm,
+        **file_options(args),
     )
     ny, nx = meta["shape"]
     fw = (

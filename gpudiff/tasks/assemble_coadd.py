@@ -32,7 +32,6 @@ GPU), so an N-warp coadd never holds N warps in memory.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -41,19 +40,27 @@ import numpy as np
 from astropy.io import fits
 
 from ..backend import Backend, resolve_backend
-from ..backend.kernels import clipped_stack
-from ..backend.threads import cpu_workers, parallel_map
+from ..backend.threads import cpu_workers
 from ..configfield import option, validate_config
 from ..errors import InvalidInputError, NoWorkFound
 from ..image import Box, Exposure, ImagePsf, MaskedImage, MaskPlanes, Psf
-from ..ops.stats import clipped_mean_std
-from .coadd_warps import as_warp, read_padded
+from .coadd_inputs import (
+    CoaddInputs,
+    InputWeight,
+    check_calibration,
+    given_weights,
+    warp_weight,
+    weigh_inputs,
+)
+from .coadd_stack import COADD_PLANES, BandPlan, CoaddBits, StackedCoadd, stack_bands
 
 __all__ = [
     "AssembleCoaddConfig",
     "AssembleCoaddResult",
     "AssembleCoaddTask",
     "COADD_PLANES",
+    "CoaddInputs",
+    "InputWeight",
     "STATISTICS",
     "unpack_input_map",
 ]
@@ -62,8 +69,6 @@ log = logging.getLogger("gpudiff.tasks.assemble_coadd")
 
 #: The statistics this task can stack with.
 STATISTICS = ("MEAN", "MEANCLIP", "MEDIAN")
-#: Planes the coadd always defines (docs/algorithms.md §10.3 step 1, §12).
-COADD_PLANES = ("NO_DATA", "REJECTED", "CLIPPED", "SENSOR_EDGE", "INEXACT_PSF")
 
 #: Working bytes per pixel per warp of one band: image, variance and mask stacks (12),
 #: the bool masks (3) and the float64 temporaries of the reductions (3 × 8), rounded up.
@@ -272,46 +277,6 @@ def _shift_wcs(wcs, from_box: Box, to_box: Box):
     return out
 
 
-def _alt_indices(be: Backend, alt: Mapping[str, Any] | None, lo: int, hi: int) -> dict:
-    """The flat indices (within [lo, hi), shifted by lo) of each plane of one warp's alt
-    mask, on the host (the caller's index arrays may be on the device)."""
-    out = {}
-    for plane, idx in (alt or {}).items():
-        idx = np.asarray(be.asnumpy(idx))
-        a, b = np.searchsorted(idx, [lo, hi])
-        if b > a:
-            out[plane] = idx[a:b] - lo
-    return out
-
-
-class _Bits:
-    """The coadd's mask bits used by the stacking (ints, for the coadd's plane definition)."""
-
-    def __init__(self, planes: MaskPlanes, cfg: AssembleCoaddConfig, extra_bad: Sequence[str] = ()):
-        for name in (
-            *COADD_PLANES,
-            *cfg.bad_mask_planes,
-            *extra_bad,
-            cfg.no_good_pixels_mask,
-            *cfg.mask_propagation_thresholds,
-        ):
-            planes.add(name)
-        self.planes = planes
-        self.and_mask = planes.bitmask([*cfg.bad_mask_planes, *extra_bad])
-        b = planes.bitmask
-        self.no_data, self.edge = b("NO_DATA"), planes.bitmask_if_present("EDGE")
-        self.clipped, self.rejected, self.sensor_edge = (
-            b("CLIPPED"),
-            b("REJECTED"),
-            b("SENSOR_EDGE"),
-        )
-        self.inexact = b("INEXACT_PSF")
-        self.no_good = b(cfg.no_good_pixels_mask)
-        self.reject_src = self.and_mask & ~(self.no_data | self.edge | self.clipped)
-        self.remove = planes.bitmask_if_present(list(cfg.remove_mask_planes))
-        self.thresholds = [(b(p), float(t)) for p, t in cfg.mask_propagation_thresholds.items()]
-
-
 # ----------------------------------------------------------------------------------------
 # the task
 # ----------------------------------------------------------------------------------------
@@ -343,59 +308,25 @@ class AssembleCoaddTask:
         self.backend = resolve_backend(backend)
 
     # --- inputs ----------------------------------------------------------------------------
-    def compute_weight(self, warp: Any) -> tuple[float, str]:
-        """(weight, reason): 1/MEANCLIP(variance) of the unmasked pixels (docs/algorithms.md §10.2);
-        weight 0 and a reason when the warp is all NaN or its mean variance is not positive and
-        finite."""
-        cfg, be = self.config, self.backend
-        mi = warp.read(warp.bbox)
-        xp = mi.backend.xp
-        bm = mi.mask_planes.bitmask_if_present(list(cfg.bad_mask_planes))
-        if not bool(xp.any(xp.isfinite(mi.image))):
-            return 0.0, "every pixel is NaN"
-        var, bad = mi.variance.reshape(-1), (mi.mask & np.int32(bm)).reshape(-1) != 0
-        if cfg.max_weight_samples is not None and var.size > cfg.max_weight_samples:
-            step = -(-var.size // cfg.max_weight_samples)  # regular stride: deterministic
-            var, bad = var[::step], bad[::step]
-        mean_var, _, n = clipped_mean_std(var, cfg.sigma_clip, cfg.clip_iter, bad=bad, backend=be)
-        if not (math.isfinite(mean_var) and mean_var > 0):
-            return (
-                0.0,
-                f"mean variance of the unmasked pixels is {mean_var:.3g} (must be finite and > 0)",
-            )
-        return 1.0 / mean_var, ""
+    def compute_weight(self, warp: Any) -> InputWeight:
+        """1/MEANCLIP(variance) of the unmasked pixels (docs/algorithms.md §10.2).
 
-    def prepare_inputs(self, warps: Sequence[Any]) -> tuple[list, np.ndarray, dict]:
-        """Warp sources, their weights (0 = skipped) and the skipped inputs with reasons."""
-        if isinstance(warps, (str, bytes)) or not isinstance(warps, Sequence) or len(warps) == 0:
-            raise InvalidInputError("AssembleCoaddTask needs a non-empty list of warps")
-        sources = [
-            None if w is None else as_warp(w, name=f"input {i}") for i, w in enumerate(warps)
-        ]
-        weights = np.zeros(len(sources))
-        skipped: dict = {}
-        for i, src in enumerate(sources):
-            if src is None:
-                skipped[f"input {i}"] = "missing"
-                continue
-            weights[i], why = self.compute_weight(src)
-            if why:
-                skipped[src.name] = why
-                log.warning("AssembleCoadd: skipping %s: %s", src.name, why)
-        return sources, weights, skipped
+        Returns
+        -------
+        InputWeight
+            Weight 0 and a reason when the warp is all NaN or its mean variance is not
+            positive and finite (:func:`~gpudiff.tasks.coadd_inputs.warp_weight`).
+        """
+        return warp_weight(self.config, self.backend, warp)
 
-    def _check_grid(self, sources: Sequence[Any]) -> None:
-        ref = next(s for s in sources if s is not None)
-        cal = ref.photo_calib.calibration_mean
-        for s in sources:
-            if s is None:
-                continue
-            c = s.photo_calib.calibration_mean
-            if not math.isclose(c, cal, rel_tol=1e-6):
-                raise InvalidInputError(
-                    f"{s.name}: photometric calibration {c:g} differs from {ref.name}'s "
-                    f"{cal:g}; warps must share their flux units (LSST requires nJy)"
-                )
+    def prepare_inputs(self, warps: Sequence[Any]) -> CoaddInputs:
+        """Warp sources, their weights (0 = skipped) and the skipped inputs with reasons.
+
+        Returns
+        -------
+        CoaddInputs
+        """
+        return weigh_inputs(self.config, self.backend, warps)
 
     # --- run -------------------------------------------------------------------------------
     def run(
@@ -435,121 +366,127 @@ class AssembleCoaddTask:
             No input has usable data.
         """
         t0 = time.perf_counter()
+        inputs = self.prepare_inputs(warps) if weights is None else given_weights(warps, weights)
+        plan = self._plan(inputs, bbox, alt_masks, extra_bad_planes)
+        stacked = stack_bands(self.backend, self.config, inputs.sources, plan, alt_masks)
+        self._flag_inexact_psf(stacked.mask, plan.bits)
+        exposure = self._make_exposure(inputs.sources, plan, stacked, psf)
+        return self._result(inputs, plan, stacked, exposure, t0)
+
+    def _plan(
+        self,
+        inputs: CoaddInputs,
+        bbox: Box | None,
+        alt_masks: Sequence[Mapping[str, Any] | None] | None,
+        extra_bad_planes: Sequence[str],
+    ) -> BandPlan:
+        """Check the inputs and fix the box, the mask bits and the bands of the stacking."""
         cfg, be = self.config, self.backend
-        xp = be.xp
-        sources, w_auto, skipped = (
-            self.prepare_inputs(warps) if weights is None else (None, None, {})
-        )
-        if sources is None:
-            sources = [
-                None if w is None else as_warp(w, name=f"input {i}") for i, w in enumerate(warps)
-            ]
-            w_auto = np.asarray(weights, dtype=np.float64)
-            if (
-                w_auto.shape != (len(sources),)
-                or not np.all(np.isfinite(w_auto))
-                or np.any(w_auto < 0)
-            ):
-                raise InvalidInputError(
-                    f"weights must be {len(sources)} finite values >= 0, got {weights!r}"
-                )
-            skipped = {
-                (s.name if s is not None else f"input {i}"): "weight 0"
-                for i, s in enumerate(sources)
-                if s is None or w_auto[i] == 0
-            }
+        sources = inputs.sources
         if alt_masks is not None and len(alt_masks) != len(sources):
             raise InvalidInputError(
                 f"alt_masks has {len(alt_masks)} entries for {len(sources)} warps"
             )
-        active = [i for i, s in enumerate(sources) if s is not None and w_auto[i] > 0]
+        active = [i for i, s in enumerate(sources) if s is not None and inputs.weights[i] > 0]
         if not active:
-            raise NoWorkFound(f"no usable input among {len(sources)} warps: {skipped}")
-        self._check_grid([sources[i] for i in active])
+            raise NoWorkFound(f"no usable input among {len(sources)} warps: {inputs.skipped}")
+        check_calibration([sources[i] for i in active])
         bbox = _union([sources[i].bbox for i in active]) if bbox is None else bbox
         planes = MaskPlanes()
         for i in active:
             planes = planes.merge(sources[i].mask_planes)
-        bits = _Bits(planes, cfg, extra_bad_planes)
+        bits = CoaddBits(planes, cfg, extra_bad_planes)
+        for am in alt_masks or ():  # planes added up front: the band threads only read them
+            for plane in am or {}:
+                bits.planes.add(plane)
         H, W = bbox.shape
-        n = len(active)
-        w = w_auto[active]
         # On the CPU, bands are reduced by one thread per core (NumPy releases the GIL in its
-        # loops and sorts; the bands write disjoint rows), each within its share of the band
-        # memory.  On a GPU the device is the parallelism: one band at a time.
+        # loops and sorts), each within its share of the band memory.  On a GPU the device
+        # is the parallelism: one band at a time.
         n_threads = cpu_workers(H, _CPU_BAND_THREADS, parallel=not be.is_gpu)
         budget = (
             cfg.max_band_bytes if cfg.max_band_bytes is not None or be.is_gpu else _CPU_BAND_BYTES
         )
-        rows = min(H, _band_rows(be, n, W, None if budget is None else budget // n_threads))
-        image = xp.empty((H, W), dtype=xp.float32)
-        variance = xp.empty((H, W), dtype=xp.float32)
-        mask = xp.empty((H, W), dtype=xp.int32)
-        n_image = xp.zeros((H, W), dtype=xp.int32)
-        imap = (
-            xp.zeros(((len(sources) + 7) // 8, H, W), dtype=xp.uint8) if cfg.do_input_map else None
+        rows = min(
+            H, _band_rows(be, len(active), W, None if budget is None else budget // n_threads)
         )
-        for am in alt_masks or ():  # planes added up front: the band threads only read them
-            for plane in am or {}:
-                bits.planes.add(plane)
+        return BandPlan(
+            bbox=bbox,
+            active=tuple(active),
+            weights=inputs.weights[active],
+            bits=bits,
+            rows=rows,
+            n_threads=n_threads,
+            n_inputs=len(sources),
+        )
 
-        def one_band(y: int) -> float:
-            box = Box(bbox.x0, y, bbox.x1, min(y + rows, bbox.y1))
-            r0, r1 = y - bbox.y0, box.y1 - bbox.y0
-            lo, hi = r0 * W, r1 * W
-            ta = time.perf_counter()
-            bands = []
-            for i in active:
-                mi = read_padded(sources[i], box, be)
-                alt = _alt_indices(be, alt_masks[i] if alt_masks is not None else None, lo, hi)
-                bands.append(self._conform(mi, box, bits, alt))
-            t = time.perf_counter() - ta
-            out = _stack_band(be, cfg, bits, bands, w)
-            image[r0:r1], variance[r0:r1], mask[r0:r1], n_image[r0:r1] = out[:4]
-            if imap is not None:
-                for j, i in enumerate(active):
-                    imap[i // 8, r0:r1] |= out[4][j].astype(xp.uint8) << np.uint8(i % 8)
-            return t
-
-        t_read = sum(parallel_map(one_band, range(bbox.y0, bbox.y1, rows), n_threads))
-        # INEXACT_PSF where the CoaddPsf is inexact (setInexactPsf)
+    def _flag_inexact_psf(self, mask: Any, bits: CoaddBits) -> None:
+        """Set INEXACT_PSF, in place, where the CoaddPsf is inexact (LSST ``setInexactPsf``:
+        on ``SENSOR_EDGE | CLIPPED | REJECTED``)."""
+        xp = self.backend.xp
         mask |= xp.where(
             (mask & np.int32(bits.sensor_edge | bits.clipped | bits.rejected)) != 0,
             np.int32(bits.inexact),
             np.int32(0),
         )
-        coadd_psf = (
-            psf if psf is not None else self._coadd_psf([sources[i] for i in active], w, bbox)
-        )
-        ref = sources[active[0]]
+
+    def _make_exposure(
+        self, sources: Sequence[Any], plan: BandPlan, stacked: StackedCoadd, psf: Psf | None
+    ) -> Exposure:
+        """The coadd Exposure: the stacked planes, the output PSF, the first input's WCS
+        (shifted to the coadd box) and calibration, and a header naming the statistic."""
+        cfg, bbox = self.config, plan.bbox
+        active = [sources[i] for i in plan.active]
+        coadd_psf = psf if psf is not None else self._coadd_psf(active, plan.weights, bbox)
+        ref = active[0]
         meta_hdr = fits.Header()
-        meta_hdr["NINPUTS"] = (n, "inputs coadded")
+        meta_hdr["NINPUTS"] = (len(active), "inputs coadded")
         meta_hdr["COADDST"] = (
             cfg.statistic
             if not (cfg.do_online_for_mean and cfg.statistic == "MEAN")
             else "MEAN (online)",
             "coadd statistic",
         )
-        exposure = Exposure(
-            MaskedImage(
-                image, variance, mask, xy0=(bbox.x0, bbox.y0), mask_planes=bits.planes, backend=be
-            ),
+        mi = MaskedImage(
+            stacked.image,
+            stacked.variance,
+            stacked.mask,
+            xy0=(bbox.x0, bbox.y0),
+            mask_planes=plan.bits.planes,
+            backend=self.backend,
+        )
+        return Exposure(
+            mi,
             psf=coadd_psf,
             wcs=_shift_wcs(ref.wcs, ref.bbox, bbox),
             photo_calib=ref.photo_calib,
             metadata=meta_hdr,
         )
+
+    def _result(
+        self,
+        inputs: CoaddInputs,
+        plan: BandPlan,
+        stacked: StackedCoadd,
+        exposure: Exposure,
+        t0: float,
+    ) -> AssembleCoaddResult:
+        """The run's result: counts of clipped and no-data pixels, timings, a log line."""
+        cfg, be, bits = self.config, self.backend, plan.bits
+        mask = stacked.mask
+        n = len(plan.active)
+        H, W = plan.bbox.shape
         n_clipped = int(((mask & np.int32(bits.clipped)) != 0).sum())
         n_nodata = int(((mask & np.int32(bits.no_good)) != 0).sum())
         be.synchronize()
         meta = dict(
             statistic=cfg.statistic,
             n_inputs=n,
-            band_rows=rows,
-            n_bands=-(-H // rows),
+            band_rows=plan.rows,
+            n_bands=-(-H // plan.rows),
             n_clipped_pixels=n_clipped,
             n_no_data_pixels=n_nodata,
-            time_read=t_read,
+            time_read=stacked.time_read,
             time_total=time.perf_counter() - t0,
         )
         log.info(
@@ -560,39 +497,21 @@ class AssembleCoaddTask:
             W,
             H,
             meta["n_bands"],
-            rows,
+            plan.rows,
             n_clipped,
             n_nodata,
         )
+        sources = inputs.sources
         names = [s.name if s is not None else f"input {i}" for i, s in enumerate(sources)]
         return AssembleCoaddResult(
             coadd_exposure=exposure,
-            n_image=n_image if cfg.do_n_image else None,
-            input_map=imap,
-            weights=np.where(np.isin(np.arange(len(sources)), active), w_auto, 0.0),
+            n_image=stacked.n_image if cfg.do_n_image else None,
+            input_map=stacked.input_map,
+            weights=np.where(np.isin(np.arange(len(sources)), plan.active), inputs.weights, 0.0),
             input_names=names,
-            skipped=skipped,
+            skipped=inputs.skipped,
             metadata=meta,
         )
-
-    def _conform(self, mi: MaskedImage | None, box: Box, bits: _Bits, alt: dict) -> tuple:
-        """(image, variance, mask) of one warp's band on the coadd's planes, alt masks applied
-        and ``remove_mask_planes`` cleared."""
-        xp = self.backend.xp
-        if mi is None:  # the warp does not reach this band
-            return (
-                xp.full(box.shape, xp.nan, xp.float32),
-                xp.full(box.shape, xp.inf, xp.float32),
-                xp.full(box.shape, np.int32(bits.no_data), xp.int32),
-            )
-        m = bits.planes.conform(mi.mask, mi.mask_planes, xp)
-        if alt:
-            flat = m.reshape(-1)
-            for plane, idx in alt.items():
-                flat[self.backend.asarray(idx)] |= np.int32(1 << bits.planes.add(plane))
-        if bits.remove:
-            m &= np.int32(~bits.remove)
-        return mi.image, mi.variance, m
 
     def _coadd_psf(self, sources: Sequence[Any], w: np.ndarray, bbox: Box) -> Psf | None:
         psfs = [(s.psf, wi) for s, wi in zip(sources, w) if s.psf is not None]
@@ -608,137 +527,3 @@ class AssembleCoaddTask:
             wi * np.asarray(p.kernel_image(cx, cy, size=size), dtype=np.float64) for p, wi in psfs
         )
         return ImagePsf(img / sum(wi for _, wi in psfs), average_position=(cx, cy))
-
-
-# ----------------------------------------------------------------------------------------
-# the per-band reduction (the hot loop: whole-band array operations, never per pixel)
-# ----------------------------------------------------------------------------------------
-
-
-def _stack_band(
-    be: Backend, cfg: AssembleCoaddConfig, bits: _Bits, bands: list, w: np.ndarray
-) -> tuple:
-    """Reduce one band of N warps: (image, variance, mask, n_image, contributing (N, h, W))."""
-    xp = be.xp
-    n = len(bands)
-    shape = bands[0][0].shape
-    and_mask = np.int32(bits.and_mask)
-    w64 = w.astype(np.float64)
-    online = cfg.statistic == "MEAN" and cfg.do_online_for_mean
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        valid = xp.empty((n,) + shape, dtype=bool)
-        for k, (img, var, m) in enumerate(bands):
-            valid[k] = ((m & and_mask) == 0) & xp.isfinite(img) & xp.isfinite(var)
-        if online:
-            mean, var_out, used = _online_mean(be, bands, valid, w64)
-        else:
-            data = xp.stack([b[0] for b in bands])
-            if cfg.statistic == "MEANCLIP":
-                mean, vclip, _, used = clipped_stack(
-                    data,
-                    ~valid,
-                    w.astype(np.float32),
-                    cfg.sigma_clip,
-                    cfg.clip_iter,
-                    return_used=True,
-                    backend=be,
-                )
-            else:
-                used = valid
-                if cfg.statistic == "MEDIAN":
-                    mean = xp.nanmedian(xp.where(valid, data, xp.nan), axis=0).astype(xp.float32)
-                else:
-                    wu = xp.where(used, be.asarray(w64)[:, None, None], 0.0)
-                    mean = ((wu * data).sum(axis=0) / wu.sum(axis=0)).astype(xp.float32)
-                    del wu
-            var_out = _propagated_variance(be, cfg, bands, used, w64, data, mean)
-            del data
-        n_used = used.sum(axis=0)
-        mask = _band_mask(be, cfg, bits, bands, valid, used, w64)
-        none = n_used == 0
-        var_out = xp.where(none, xp.inf, var_out)
-        mean = xp.where(none, xp.nan, mean)
-        # setCoaddEdgeBits: no usable variance is no data
-        mask = xp.where(none | ~(var_out > 0), mask | np.int32(bits.no_good), mask)
-    return (
-        mean.astype(xp.float32),
-        var_out.astype(xp.float32),
-        mask.astype(xp.int32),
-        valid.sum(axis=0).astype(xp.int32),
-        valid,
-    )
-
-
-def _online_mean(be: Backend, bands: list, valid, w64: np.ndarray):
-    """LSST ``AccumulatorMeanStack``: running Σw·x, Σw²·σ², Σw, one warp at a time."""
-    xp = be.xp
-    shape = bands[0][0].shape
-    sx, sv, sw = (xp.zeros(shape, dtype=xp.float64) for _ in range(3))
-    for k, (img, var, _) in enumerate(bands):
-        wk = xp.where(valid[k], w64[k], 0.0)
-        sx += wk * xp.where(valid[k], img, 0)
-        sv += wk * wk * xp.where(valid[k], var, 0)
-        sw += wk
-    return sx / sw, sv / (sw * sw), valid
-
-
-def _propagated_variance(
-    be: Backend, cfg: AssembleCoaddConfig, bands: list, used, w64: np.ndarray, data, mean
-):
-    """Σw²σ²/(Σw)² over the used inputs, or their scatter / n_used
-    (calc_error_from_input_variance)."""
-    xp = be.xp
-    shape = bands[0][0].shape
-    sw = xp.zeros(shape, dtype=xp.float64)
-    acc = xp.zeros(shape, dtype=xp.float64)
-    if cfg.calc_error_from_input_variance:
-        for k, (_, var, _) in enumerate(bands):
-            wk = xp.where(used[k], w64[k], 0.0)
-            sw += wk
-            acc += wk * wk * xp.where(used[k], var, 0)
-        return acc / (sw * sw)
-    sw2 = xp.zeros(shape, dtype=xp.float64)
-    m64 = mean.astype(xp.float64)
-    for k in range(len(bands)):
-        wk = xp.where(used[k], w64[k], 0.0)
-        d = xp.where(used[k], data[k] - m64, 0.0)
-        sw += wk
-        sw2 += wk * wk
-        acc += wk * d * d
-    # reliability-weighted sample variance (afw VARIANCE), divided by the number used
-    var = acc / sw * (sw * sw) / (sw * sw - sw2)
-    return var / used.sum(axis=0)
-
-
-def _band_mask(
-    be: Backend, cfg: AssembleCoaddConfig, bits: _Bits, bands: list, valid, used, w64: np.ndarray
-):
-    """OR of the used inputs' masks, the LSST mask map, the propagation thresholds, CLIPPED."""
-    xp = be.xp
-    shape = bands[0][0].shape
-    out = xp.zeros(shape, dtype=xp.int32)
-    and_mask, nd = np.int32(bits.and_mask), np.int32(bits.no_data)
-    rej_w = [xp.zeros(shape, dtype=xp.float64) for _ in bits.thresholds]
-    tot_w = xp.zeros(shape, dtype=xp.float64) if bits.thresholds else None
-    zero = np.int32(0)
-    for k, (img, _, m) in enumerate(bands):
-        out |= xp.where(used[k], m, zero)
-        excl = (m & and_mask) != 0
-        out |= xp.where(
-            excl & ((m & np.int32(bits.reject_src)) != 0), np.int32(bits.rejected), zero
-        )
-        if bits.edge:
-            out |= xp.where(
-                excl & ((m & np.int32(bits.edge)) != 0), np.int32(bits.sensor_edge), zero
-            )
-        out |= xp.where(excl & ((m & np.int32(bits.clipped)) != 0), np.int32(bits.clipped), zero)
-        if bits.thresholds:
-            covered = xp.isfinite(img) & ((m & nd) == 0)
-            tot_w += xp.where(covered, w64[k], 0.0)
-            for acc, (bit, _) in zip(rej_w, bits.thresholds):
-                acc += xp.where(excl & ((m & np.int32(bit)) != 0), w64[k], 0.0)
-    if cfg.statistic == "MEANCLIP":  # an input dropped by the sigma clipping
-        out |= xp.where((valid & ~used).any(axis=0), np.int32(bits.clipped), zero)
-    for acc, (bit, t) in zip(rej_w, bits.thresholds):
-        out |= xp.where(acc > t * tot_w, np.int32(bit), zero)
-    return out

@@ -27,17 +27,18 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 from astropy.io import fits
 
 from ..backend import Backend
+from ..backend.threads import parallel_map
 from ..errors import FitsReadError, GpudiffError, InvalidInputError
 from ..image import Box, Exposure, MaskedImage, MaskPlanes, PhotoCalib, Psf
 from ..image import io as _io
 
-__all__ = ["WarpSource", "ExposureWarp", "FitsWarp", "as_warp", "read_padded"]
+__all__ = ["WarpSource", "ExposureWarp", "FitsWarp", "as_warp", "read_padded", "stream_map"]
 
 
 @runtime_checkable
@@ -249,3 +250,31 @@ def read_padded(warp: Any, box: Box, be: Backend) -> MaskedImage | None:
     sl = (slice(inter.y0 - box.y0, inter.y1 - box.y0), slice(inter.x0 - box.x0, inter.x1 - box.x0))
     img[sl], var[sl], msk[sl] = mi.image, mi.variance, mi.mask
     return MaskedImage(img, var, msk, xy0=(box.x0, box.y0), mask_planes=planes, backend=be)
+
+
+def stream_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
+    """``fn(x)`` for each of ``items``, in order, computed ``workers`` at a time.
+
+    The coadd tasks' per-band and per-warp workers *return* their results (they write no
+    shared arrays), and the caller folds each into its outputs as it comes.  Handing them
+    over one batch of ``workers`` at a time, rather than all at the end, keeps at most
+    ``workers`` results alive: a per-warp result is a coadd-sized image, so N of them would
+    undo the point of reading warps band by band.
+
+    Parameters
+    ----------
+    fn : callable
+    items : iterable
+    workers : int
+        Threads per batch (:func:`gpudiff.backend.threads.parallel_map`); 1 runs the
+        items one by one on the calling thread.
+
+    Yields
+    ------
+    object
+        ``fn(x)``, in the order of ``items``.
+    """
+    items = list(items)
+    step = max(1, int(workers))
+    for k in range(0, len(items), step):
+        yield from parallel_map(fn, items[k : k + step], step)

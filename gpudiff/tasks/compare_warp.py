@@ -24,8 +24,8 @@ only the model, two count images and one warp are ever held whole.
 
 from __future__ import annotations
 
+import functools
 import logging
-import threading
 import time
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Sequence
@@ -33,13 +33,19 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..backend import Backend
-from ..backend.threads import cpu_workers, parallel_map
+from ..backend.threads import cpu_workers
 from ..configfield import option, validate_config
 from ..errors import GpudiffError, InvalidInputError
 from ..image import Box, Exposure, MaskedImage
 from ..ops.detection import detect_sources
 from ..ops.footprints import dilate_disk as _dilate_disk
 from ..ops.footprints import drop_small as _drop_small
+from .artifact_filter import (
+    ArtifactCandidates,
+    FilteredArtifacts,
+    effective_max_num_epochs,
+    filter_artifacts,
+)
 from .assemble_coadd import (
     STATISTICS,
     AssembleCoaddConfig,
@@ -47,11 +53,12 @@ from .assemble_coadd import (
     AssembleCoaddTask,
     _union,
 )
-from .coadd_warps import as_warp, read_padded
+from .coadd_warps import as_warp, read_padded, stream_map
 from .scale_variance import ScaleVarianceConfig, ScaleVarianceTask
 
 __all__ = [
     "ArtifactDetectionConfig",
+    "ArtifactSearch",
     "CompareWarpAssembleCoaddConfig",
     "CompareWarpAssembleCoaddResult",
     "CompareWarpAssembleCoaddTask",
@@ -223,16 +230,6 @@ class CompareWarpAssembleCoaddConfig(AssembleCoaddConfig):
         )
 
 
-def effective_max_num_epochs(mean_n: Any, cfg: CompareWarpAssembleCoaddConfig) -> Any:
-    """``int(min(low·N̄, maxNumEpochs + high·N̄))`` (docs/algorithms.md §10.5 step 4.3),
-    elementwise."""
-    a = np.minimum(
-        cfg.max_fraction_epochs_low * np.asarray(mean_n, dtype=np.float64),
-        cfg.max_num_epochs + cfg.max_fraction_epochs_high * np.asarray(mean_n, dtype=np.float64),
-    )
-    return np.floor(a).astype(np.int64)  # int() truncation; a >= 0
-
-
 @dataclass
 class CompareWarpAssembleCoaddResult(AssembleCoaddResult):
     """:class:`AssembleCoaddResult` plus what the artifact search found.
@@ -255,6 +252,54 @@ class CompareWarpAssembleCoaddResult(AssembleCoaddResult):
     alt_mask_list: list = field(default_factory=list)
     epoch_count_image: Any = None
     template_footprints: Any = None
+
+
+@dataclass(frozen=True)
+class ArtifactSearch:
+    """What :meth:`CompareWarpAssembleCoaddTask.find_artifacts` returns.
+
+    Attributes
+    ----------
+    alt_masks : list of dict or None
+        Per input: ``{"CLIPPED": idx, "NO_DATA": idx}``, sorted flat indices into the coadd
+        box (None for a missing PSF-matched warp).
+    epoch_count_image : int32 array (H, W)
+        Epochs in which each pixel lay in a (prefiltered) artifact candidate.
+    edge_image : bool array (H, W)
+        True where any PSF-matched warp had ``EDGE``.
+    template_footprints : bool array (H, W) or None
+        The 300σ detections on the model (``do_preserve_contained_by_source``).
+    stats : dict
+        ``n_artifact_candidates``, ``n_prefiltered``, ``n_clipped_footprints``,
+        ``n_protected_footprints``.
+    """
+
+    alt_masks: list
+    epoch_count_image: Any
+    edge_image: Any
+    template_footprints: Any
+    stats: dict
+
+
+@dataclass(frozen=True)
+class _Footprints:
+    """Labelled footprints of one warp − model difference (``labels`` 0 is background)."""
+
+    labels: Any
+    count: int
+
+
+@dataclass(frozen=True)
+class _WarpArtifacts:
+    """What the per-warp worker of :meth:`CompareWarpAssembleCoaddTask.find_artifacts`
+    returns: its candidates and its share of the shared count images."""
+
+    candidates: ArtifactCandidates
+    counted: Any  # int32 (H, W): 1 where the warp has data that is not bad
+    edge: Any  # bool (H, W) of its EDGE plane, or None without one
+    footprints: Any  # bool (H, W) of its kept candidates, or None without any
+    n_candidates: int
+    n_prefiltered: int
 
 
 class CompareWarpAssembleCoaddTask:
@@ -334,21 +379,21 @@ class CompareWarpAssembleCoaddTask:
         )
         static = AssembleCoaddTask(static_cfg, backend=self.backend).run(matched, bbox=bbox)
         t1 = time.perf_counter()
-        alt_masks, epoch, edge_any, template_fp, stats = self.find_artifacts(
-            static.coadd_exposure, matched
-        )
+        found = self.find_artifacts(static.coadd_exposure, matched)
         t2 = time.perf_counter()
         res = self.assemble.run(
-            direct, bbox=bbox, alt_masks=alt_masks, extra_bad_planes=("CLIPPED",)
+            direct, bbox=bbox, alt_masks=found.alt_masks, extra_bad_planes=("CLIPPED",)
         )
         exp = res.coadd_exposure
         planes = exp.mask_planes
         # applyAltEdgeMask: a PSF-matched warp's chip edge makes the coadd PSF inexact there
         flag = np.int32(planes.bitmask(["SENSOR_EDGE", "INEXACT_PSF"]))
-        exp.masked_image.mask = exp.mask | self.backend.xp.where(edge_any, flag, np.int32(0))
+        exp.masked_image.mask = exp.mask | self.backend.xp.where(
+            found.edge_image, flag, np.int32(0)
+        )
         meta = dict(
             res.metadata,
-            **stats,
+            **found.stats,
             time_static_sky_model=t1 - t0,
             time_find_artifacts=t2 - t1,
             time_final_stack=time.perf_counter() - t2,
@@ -363,9 +408,9 @@ class CompareWarpAssembleCoaddTask:
             skipped={**res.skipped, **{f"psf-matched {k}": v for k, v in static.skipped.items()}},
             metadata=meta,
             static_sky_model=static.coadd_exposure,
-            alt_mask_list=alt_masks,
-            epoch_count_image=epoch,
-            template_footprints=template_fp,
+            alt_mask_list=found.alt_masks,
+            epoch_count_image=found.epoch_count_image,
+            template_footprints=found.template_footprints,
         )
 
     # --- findArtifacts ---------------------------------------------------------------------
@@ -397,7 +442,7 @@ class CompareWarpAssembleCoaddTask:
             return xp.zeros(mi.shape, dtype=bool)
         return (det.mask & np.int32(det.mask_planes.bitmask("DETECTED"))) != 0
 
-    def _detect(self, diff_img, diff_var, psf) -> tuple[Any, int]:
+    def _detect(self, diff_img, diff_var, psf) -> _Footprints:
         """Labels (H, W) of the merged ±threshold footprints of a warp − model difference."""
         be, cfg = self.backend, self.config.detect
         xp = be.xp
@@ -420,23 +465,31 @@ class CompareWarpAssembleCoaddTask:
             if n_kept:
                 on = kept if on is None else on | kept
         if on is None:
-            return None, 0
+            return _Footprints(None, 0)
         # Growing distributes over the union, so one dilation and one labelling serve both
         # polarities; positive and negative footprints that overlap or touch merge into one.
         if grow > 0:
             on = _dilate_disk(be, on, grow)
         labels, n = be.ndimage.label(on, structure=eight)
-        return labels, int(n)
+        return _Footprints(labels, int(n))
 
-    def find_artifacts(
-        self, model: Exposure, matched: Sequence[Any]
-    ) -> tuple[list, Any, Any, Any, dict]:
-        """docs/algorithms.md §10.5: (alt masks per warp, epoch count image, any-EDGE image,
-        template footprints or None, statistics)."""
+    def find_artifacts(self, model: Exposure, matched: Sequence[Any]) -> ArtifactSearch:
+        """Find the transient artifacts of the PSF-matched warps (docs/algorithms.md §10.5).
+
+        Parameters
+        ----------
+        model : Exposure
+            The static-sky model on the coadd box.
+        matched : sequence
+            PSF-matched warp sources (None for a missing warp).
+
+        Returns
+        -------
+        ArtifactSearch
+        """
         be, cfg = self.backend, self.config
         xp = be.xp
-        bbox = model.bbox
-        H, W = bbox.shape
+        H, W = model.bbox.shape
         template_fp = (
             self._template_footprints(model) if cfg.do_preserve_contained_by_source else None
         )
@@ -450,116 +503,100 @@ class CompareWarpAssembleCoaddTask:
             if cfg.do_scale_warp_variance
             else None
         )
-        records: list = [None] * len(matched)
-        counts = {"cand": 0, "pre": 0}
-        lock = threading.Lock()  # guards the shared accumulators; the rest is per warp
-
-        def one_warp(i: int) -> None:
-            src = matched[i]
-            mi = read_padded(src, bbox, be) if src is not None else None
-            if mi is None:
-                return
-            var = mi.variance
-            if scaler is not None:
-                try:
-                    var = var * np.float32(scaler.run(mi))
-                except GpudiffError as exc:
-                    log.warning(
-                        "CompareWarp: ScaleVariance of %s failed (%s); variance kept", src.name, exc
-                    )
-            diff_img = mi.image - model.image
-            diff_var = var + model.variance
-            planes = mi.mask_planes
-            bad = np.int32(planes.bitmask_if_present(list(cfg.bad_mask_planes)))
-            finite = xp.isfinite(diff_img)
-            counted = (finite & ((mi.mask & bad) == 0)).astype(xp.int32)
-            edge_bit = planes.bitmask_if_present("EDGE")
-            edge = (mi.mask & np.int32(edge_bit)) != 0 if edge_bit else None
-            nodata_idx = be.asnumpy(xp.flatnonzero(~finite))
-            labels, n = self._detect(
-                diff_img, diff_var, src.psf if src.psf is not None else model.psf
-            )
-            fp, n_pre = None, 0
-            if n:
-                keep = xp.ones(n + 1, dtype=bool)
-                keep[0] = False
-                if cfg.do_prefilter_artifacts:
-                    pre = np.int32(
-                        planes.bitmask_if_present(list(cfg.prefilter_artifacts_mask_planes))
-                    )
-                    area = xp.bincount(labels.ravel(), minlength=n + 1)
-                    good = xp.bincount(labels[(mi.mask & pre) == 0], minlength=n + 1)
-                    keep &= good > cfg.prefilter_artifacts_ratio * xp.maximum(area, 1)
-                    n_pre = int(n - int(keep.sum()))
-                fp = keep[labels]
-                idx = xp.flatnonzero(fp)
-                records[i] = (
-                    be.asnumpy(idx),
-                    be.asnumpy(labels.ravel()[idx]).astype(np.int64),
-                    nodata_idx,
-                )
-            else:
-                records[i] = (np.zeros(0, np.int64), np.zeros(0, np.int64), nodata_idx)
-            with lock:
-                n_image[...] += counted
-                if edge is not None:
-                    edge_any[...] |= edge
-                if fp is not None:
-                    epoch[...] += fp.astype(xp.int32)
-                counts["cand"] += n
-                counts["pre"] += n_pre
-
+        records: list = []
+        n_cand = n_prefiltered = 0
         # On the CPU one thread per core works on its own warp (NumPy releases the GIL in
-        # its loops); the integer accumulators make the result independent of the order.
-        parallel_map(
-            one_warp, range(len(matched)), cpu_workers(len(matched), 4, parallel=not be.is_gpu)
-        )
-        n_cand, n_prefiltered = counts["cand"], counts["pre"]
-        alt_masks, n_clipped_fp, n_protected = self._filter(records, epoch, n_image, template_fp)
+        # its loops) and returns its counts; only this loop adds them up, and the integer
+        # accumulators make the result independent of the order.
+        worker = functools.partial(self._warp_artifacts, model, scaler)
+        workers = cpu_workers(len(matched), 4, parallel=not be.is_gpu)
+        for found in stream_map(worker, matched, workers):
+            if found is None:  # a missing warp, or one that does not reach the coadd box
+                records.append(None)
+                continue
+            n_image += found.counted
+            if found.edge is not None:
+                edge_any |= found.edge
+            if found.footprints is not None:
+                epoch += found.footprints.astype(xp.int32)
+            n_cand += found.n_candidates
+            n_prefiltered += found.n_prefiltered
+            records.append(found.candidates)
+        filtered = self._filter(records, epoch, n_image, template_fp)
         stats = dict(
             n_artifact_candidates=n_cand,
             n_prefiltered=n_prefiltered,
-            n_clipped_footprints=n_clipped_fp,
-            n_protected_footprints=n_protected,
+            n_clipped_footprints=filtered.n_clipped,
+            n_protected_footprints=filtered.n_protected,
         )
         log.info(
             "CompareWarp: %d candidate footprints, %d prefiltered, %d clipped, %d kept as bright "
             "sources",
             n_cand,
             n_prefiltered,
-            n_clipped_fp,
-            n_protected,
+            filtered.n_clipped,
+            filtered.n_protected,
         )
-        return alt_masks, epoch, edge_any, template_fp, stats
+        return ArtifactSearch(filtered.alt_masks, epoch, edge_any, template_fp, stats)
 
-    def _filter(self, records: list, epoch, n_image, template_fp) -> tuple[list, int, int]:
-        """Pass 2 (``filterArtifacts``): the temporal/spatial test and bright-source protection."""
-        cfg, be = self.config, self.backend
-        epoch_h = be.asnumpy(epoch).ravel()
-        nimg_h = be.asnumpy(n_image).ravel()
-        tfp_h = None if template_fp is None else be.asnumpy(template_fp).ravel()
-        alt_masks: list = []
-        n_clipped = n_protected = 0
-        for rec in records:
-            if rec is None:
-                alt_masks.append(None)
-                continue
-            idx, lab, nodata_idx = rec
-            clipped = np.zeros(0, np.int64)
-            if idx.size:
-                uniq, inv = np.unique(lab, return_inverse=True)
-                npix = np.bincount(inv).astype(np.float64)
-                outlier_n, total_n = epoch_h[idx], nimg_h[idx]
-                eff_max = effective_max_num_epochs(np.bincount(inv, weights=total_n) / npix, cfg)
-                below = (outlier_n > 0) & (outlier_n <= eff_max[inv])
-                frac = np.bincount(inv, weights=below.astype(np.float64)) / npix
-                is_artifact = frac > cfg.spatial_threshold
-                if tfp_h is not None:
-                    outside = np.bincount(inv, weights=(~tfp_h[idx]).astype(np.float64))
-                    contained = is_artifact & (outside == 0)
-                    n_protected += int(contained.sum())
-                    is_artifact &= ~contained
-                n_clipped += int(is_artifact.sum())
-                clipped = np.sort(idx[is_artifact[inv]])
-            alt_masks.append({"CLIPPED": clipped, "NO_DATA": nodata_idx})
-        return alt_masks, n_clipped, n_protected
+    def _warp_artifacts(
+        self, model: Exposure, scaler: ScaleVarianceTask | None, src: Any
+    ) -> _WarpArtifacts | None:
+        """Pass 1 for one PSF-matched warp: footprints of warp − model, prefiltered (one
+        worker of :meth:`find_artifacts`); None for a warp without pixels in the box."""
+        be, cfg = self.backend, self.config
+        xp = be.xp
+        mi = read_padded(src, model.bbox, be) if src is not None else None
+        if mi is None:
+            return None
+        var = mi.variance
+        if scaler is not None:
+            try:
+                var = var * np.float32(scaler.run(mi))
+            except GpudiffError as exc:
+                log.warning(
+                    "CompareWarp: ScaleVariance of %s failed (%s); variance kept", src.name, exc
+                )
+        diff_img = mi.image - model.image
+        diff_var = var + model.variance
+        planes = mi.mask_planes
+        bad = np.int32(planes.bitmask_if_present(list(cfg.bad_mask_planes)))
+        finite = xp.isfinite(diff_img)
+        counted = (finite & ((mi.mask & bad) == 0)).astype(xp.int32)
+        edge_bit = planes.bitmask_if_present("EDGE")
+        edge = (mi.mask & np.int32(edge_bit)) != 0 if edge_bit else None
+        nodata_idx = be.asnumpy(xp.flatnonzero(~finite))
+        det = self._detect(diff_img, diff_var, src.psf if src.psf is not None else model.psf)
+        n = det.count
+        if not n:
+            empty = np.zeros(0, np.int64)
+            return _WarpArtifacts(
+                ArtifactCandidates(empty, empty, nodata_idx), counted, edge, None, 0, 0
+            )
+        labels, n_pre = det.labels, 0
+        keep = xp.ones(n + 1, dtype=bool)
+        keep[0] = False
+        if cfg.do_prefilter_artifacts:
+            pre = np.int32(planes.bitmask_if_present(list(cfg.prefilter_artifacts_mask_planes)))
+            area = xp.bincount(labels.ravel(), minlength=n + 1)
+            good = xp.bincount(labels[(mi.mask & pre) == 0], minlength=n + 1)
+            keep &= good > cfg.prefilter_artifacts_ratio * xp.maximum(area, 1)
+            n_pre = int(n - int(keep.sum()))
+        fp = keep[labels]
+        idx = xp.flatnonzero(fp)
+        cands = ArtifactCandidates(
+            be.asnumpy(idx), be.asnumpy(labels.ravel()[idx]).astype(np.int64), nodata_idx
+        )
+        return _WarpArtifacts(cands, counted, edge, fp, n, n_pre)
+
+    def _filter(self, records: list, epoch, n_image, template_fp) -> FilteredArtifacts:
+        """Pass 2 (``filterArtifacts``, :func:`~gpudiff.tasks.artifact_filter.filter_artifacts`)
+        on the host copies of the count images."""
+        be = self.backend
+        return filter_artifacts(
+            records,
+            be.asnumpy(epoch).ravel(),
+            be.asnumpy(n_image).ravel(),
+            None if template_fp is None else be.asnumpy(template_fp).ravel(),
+            self.config,
+        )

@@ -26,34 +26,35 @@ from ..backend import Backend, resolve_backend
 from ..backend.fallback import with_memory_fallback
 from ..configfield import option, validate_config
 from ..errors import (
-    InsufficientKernelSourcesError,
     InvalidInputError,
-    KernelTooLargeError,
-    PsfError,
 )
 from ..image import (
     Box,
-    DoubleGaussianPsf,
     Exposure,
-    GaussianPsf,
-    GridPsf,
-    ImagePsf,
     MaskedImage,
-    MoffatPsf,
     Psf,
 )
 from ..image.psf import FWHM_PER_SIGMA
 from ..ops.convolution import kernel_centre, process_in_row_bands
 from ..ops.stats import adaptive_moments_batch
-from ..psfmatch.basis import KernelBasis, make_kernel_basis
-from ..psfmatch.candidates import KernelCandidates, cell_index
+from ..psfmatch.candidates import KernelCandidates
 from ..psfmatch.config import PsfMatchConfig
 from ..psfmatch.fit import KernelFit, fit_spatial_kernel
 from ..psfmatch.solve import good_region, valid_correlate
 from ..psfmatch.spatial import SpatialKernel
+from .model_psf_grid import (
+    CellGrid,
+    CellSet,
+    build_cell_set,
+    cell_grid,
+    next_odd_integer,
+    resized_psf,
+)
 
 __all__ = [
+    "CellGrid",
     "CellSet",
+    "FittedKernel",
     "ModelPsfMatchConfig",
     "ModelPsfMatchResult",
     "ModelPsfMatchTask",
@@ -140,21 +141,20 @@ class ModelPsfMatchConfig:
             raise InvalidInputError("ModelPsfMatchConfig.kernel must use the 'alard-lupton' basis")
 
 
-@dataclass
-class CellSet:
-    """The realized PSF grid (LSST ``_buildCellSet``): candidates, basis and sizes."""
+@dataclass(frozen=True)
+class FittedKernel:
+    """What :meth:`ModelPsfMatchTask.fit_kernel` returns.
 
-    candidates: KernelCandidates
-    basis: KernelBasis
-    region: Box
-    reference_psf: Psf
-    native_size: int
-    psf_size: int
-    padding: int
-    n_cells_x: int
-    n_cells_y: int
-    science_fwhm: float | None
-    reference_fwhm: float | None
+    Attributes
+    ----------
+    fit : KernelFit
+        The fit as solved (its kernel with the fitted sum).
+    kernel : SpatialKernel
+        The fitted kernel with its sum forced to the requested value.
+    """
+
+    fit: KernelFit
+    kernel: SpatialKernel
 
 
 @dataclass
@@ -189,91 +189,6 @@ class ModelPsfMatchResult:
         return self.kernel_fit.candidate_table()
 
 
-def next_odd_integer(x: float) -> int:
-    """LSST ``nextOddInteger``: ceil(x), plus one if even."""
-    n = int(math.ceil(x))
-    return n + 1 if n % 2 == 0 else n
-
-
-def _centred(img: np.ndarray, size: int) -> np.ndarray:
-    """Crop or zero-pad the last two axes of an odd-square stack to odd ``size``, centred.
-
-    Every gpudiff PSF image is an odd square, so the centres line up exactly.
-    """
-    n = img.shape[-1]
-    if n >= size:
-        c = (n - size) // 2
-        return img[..., c : c + size, c : c + size]
-    out = np.zeros(img.shape[:-2] + (size, size), dtype=img.dtype)
-    c = (size - n) // 2
-    out[..., c : c + n, c : c + n] = img
-    return out
-
-
-def resized_psf(psf: Psf, size: int) -> Psf:
-    """LSST ``Psf.resized``: the same model with ``size``² kernel images.
-
-    Analytic models are rebuilt with the new size (so they keep their parameters);
-    pixelized ones are centre-cropped or zero-padded and renormalized.  A model of
-    another type becomes a constant :class:`ImagePsf` of its image at its average
-    position (LSST's fallback: the image zero-padded or clipped with centring).
-    """
-    size = int(size)
-    if psf.size == size:
-        return psf
-    pos = psf.average_position
-    t = type(psf)
-    if t is GaussianPsf:
-        return GaussianPsf(
-            sigma=psf.sigma,
-            sigma_y=psf.sigma_y,
-            theta=psf.theta,
-            size=size,
-            oversample=psf.oversample,
-            average_position=pos,
-        )
-    if t is DoubleGaussianPsf:
-        return DoubleGaussianPsf(
-            psf.sigma1,
-            psf.sigma2,
-            psf.b,
-            size=size,
-            oversample=psf.oversample,
-            average_position=pos,
-        )
-    if t is MoffatPsf:
-        return MoffatPsf(
-            psf.profile_fwhm,
-            beta=psf.beta,
-            size=size,
-            oversample=psf.oversample,
-            average_position=pos,
-        )
-    if t is ImagePsf:
-        return ImagePsf(_centred(psf.image, size), average_position=pos)
-    if t is GridPsf:
-        return GridPsf(_centred(psf.images, size), psf.xs, psf.ys)
-    log.info("resizing a %s by centring its image at %s into %d px", t.__name__, pos, size)
-    return ImagePsf(_centred(psf.kernel_image(*pos), size), average_position=pos)
-
-
-def _realize(psf: Psf, xs: np.ndarray, ys: np.ndarray, what: str) -> list[np.ndarray]:
-    """Kernel images of ``psf`` at every grid point (row-major: y outer, x inner)."""
-    try:
-        if type(psf) in (
-            GaussianPsf,
-            DoubleGaussianPsf,
-            MoffatPsf,
-            ImagePsf,
-        ):  # position-independent
-            img = psf.kernel_image(float(xs[0]), float(ys[0]))
-            return [img] * (xs.size * ys.size)
-        # a loop over the ~10x10 cells, not over pixels: each call is one small image
-        return [psf.kernel_image(float(x), float(y)) for y in ys for x in xs]
-    except PsfError as exc:
-        raise PsfError(f"cannot realize the {what} PSF on the cell grid: {exc}") from exc
-
-
 class ModelPsfMatchTask:
     """Convolve an exposure so that its PSF becomes a given reference PSF model.
 
@@ -303,39 +218,15 @@ class ModelPsfMatchTask:
             )
         self.backend = resolve_backend(backend)
 
-    def cell_grid(self, bbox: Box) -> tuple[Box, np.ndarray, np.ndarray]:
-        """The region (bbox grown by one cell on each side) and the cell centres (docs/algorithms.md
-        §7.2)."""
-        kc = self.config.kernel
-        sx, sy = int(kc.size_cell_x), int(kc.size_cell_y)
-        region = Box(bbox.x0 - sx, bbox.y0 - sy, bbox.x1 + sx, bbox.y1 + sy)
-        ncx, ncy = region.width // sx, region.height // sy  # >= 2: the region is grown by a cell
-        xs = sx * np.arange(ncx) + sx // 2 + region.x0
-        ys = sy * np.arange(ncy) + sy // 2 + region.y0
-        return region, xs.astype(np.float64), ys.astype(np.float64)
+    def cell_grid(self, bbox: Box) -> CellGrid:
+        """The region (bbox grown by one cell on each side) and the cell centres
+        (docs/algorithms.md §7.2; :func:`~gpudiff.tasks.model_psf_grid.cell_grid`).
 
-    def _psf_size(self, native: int, kernel_size: int) -> tuple[int, int]:
-        """(padded PSF size, padding) per docs/algorithms.md §7.4–§7.5; raises
-        KernelTooLargeError."""
-        cfg = self.config
-        if cfg.do_auto_pad_psf:
-            pad = max(0, next_odd_integer(kernel_size * cfg.auto_pad_psf_to) - native)
-        else:
-            if cfg.pad_psf_by % 2:
-                raise InvalidInputError(
-                    f"pad_psf_by ({cfg.pad_psf_by} pixels) must be an even number"
-                )
-            pad = int(cfg.pad_psf_by)
-        size = native + pad
-        max_kernel = size - 1 if (size - 1) % 2 else size - 2  # the largest odd number < size
-        if kernel_size > max_kernel:
-            raise KernelTooLargeError(
-                f"the {kernel_size}-px matching kernel is too big for {size}-px PSF images (at "
-                "most "
-                f"{max_kernel} px fits): reduce kernel_size, enable do_auto_pad_psf or raise "
-                "pad_psf_by"
-            )
-        return size, pad
+        Returns
+        -------
+        CellGrid
+        """
+        return cell_grid(self.config.kernel, bbox)
 
     def run(
         self, exposure: Exposure, reference_psf: Psf, kernel_sum: float = 1.0
@@ -395,7 +286,8 @@ class ModelPsfMatchTask:
         cell_set = self.build_cell_set(exposure, reference_psf)
         cands = cell_set.candidates
         widths = self._check_widths(cell_set)
-        fit, kernel = self.fit_kernel(cell_set, kernel_sum)
+        fitted = self.fit_kernel(cell_set, kernel_sum)
+        fit, kernel = fitted.fit, fitted.kernel
         cy, cx = kernel_centre(kernel.shape)
         matched = with_memory_fallback(
             f"{type(self).__name__}.apply_kernel",
@@ -461,65 +353,16 @@ class ModelPsfMatchTask:
     # --- the three steps of run(), public for benchmarks and diagnostics --------------------
     def build_cell_set(self, exposure: Exposure, reference_psf: Psf) -> CellSet:
         """Realize both PSFs on the cell grid and make one candidate per cell (docs/algorithms.md
-        §7.2–§7.8)."""
-        if not isinstance(exposure, Exposure):
-            raise InvalidInputError(f"exposure must be an Exposure, got {type(exposure).__name__}")
-        if not isinstance(reference_psf, Psf):
-            raise InvalidInputError(
-                f"reference_psf must be a gpudiff Psf, got {type(reference_psf).__name__}"
-            )
-        if exposure.psf is None:
-            raise PsfError(
-                "the exposure has no PSF to match; attach one (e.g. gpudiff.image.estimate_psf)"
-            )
-        kc = self.config.kernel
-        # Basis first: its size sets the padding (with scale_by_fwhm off, as by default,
-        # it is kernel_size, exactly LSST's order of checks).
-        sci_fwhm, ref_fwhm = _fwhm(exposure.psf), _fwhm(reference_psf)
-        basis = make_kernel_basis(kc, sci_fwhm, ref_fwhm)
-        if basis.size > min(exposure.shape):
-            raise KernelTooLargeError(
-                f"the {basis.size}-px kernel is larger than the image {exposure.shape}"
-            )
-        region, xs, ys = self.cell_grid(exposure.bbox)
-        if xs.size * ys.size < kc.n_spatial_kernel_terms:
-            # LSST would solve this underdetermined system by pseudo-inverse; the fit here
-            # refuses fewer candidates than spatial terms rather than invent a kernel.
-            raise InsufficientKernelSourcesError(
-                f"a {exposure.shape[1]}x{exposure.shape[0]} exposure gives only "
-                f"{xs.size}x{ys.size} cells of "
-                f"{kc.size_cell_x}x{kc.size_cell_y} px for a spatial kernel model with "
-                f"{kc.n_spatial_kernel_terms} terms; lower spatial_kernel_order or size_cell_x/y"
-            )
-        sci_imgs = _realize(exposure.psf, xs, ys, "exposure")
-        native = max(max(im.shape) for im in sci_imgs)
-        size, pad = self._psf_size(native, basis.size)
-        ref = resized_psf(reference_psf, size)
-        ref_imgs = _realize(ref, xs, ys, "reference")
-        template = np.stack([_centred(im, size) for im in sci_imgs])
-        science = np.stack([_centred(im, size) for im in ref_imgs])
-        gx, gy = np.meshgrid(xs, ys)
-        cands = _candidates(
-            self.backend, template, science, gx.ravel(), gy.ravel(), region, kc, basis.size
-        )
-        return CellSet(
-            candidates=cands,
-            basis=basis,
-            region=region,
-            reference_psf=ref,
-            native_size=native,
-            psf_size=size,
-            padding=pad,
-            n_cells_x=xs.size,
-            n_cells_y=ys.size,
-            science_fwhm=sci_fwhm,
-            reference_fwhm=ref_fwhm,
-        )
+        §7.2–§7.8; :func:`~gpudiff.tasks.model_psf_grid.build_cell_set`)."""
+        return build_cell_set(self.config, self.backend, exposure, reference_psf)
 
-    def fit_kernel(
-        self, cell_set: CellSet, kernel_sum: float = 1.0
-    ) -> tuple[KernelFit, SpatialKernel]:
-        """Solve K(x, y) without clipping and force its sum (docs/algorithms.md §7.9–§7.10)."""
+    def fit_kernel(self, cell_set: CellSet, kernel_sum: float = 1.0) -> FittedKernel:
+        """Solve K(x, y) without clipping and force its sum (docs/algorithms.md §7.9–§7.10).
+
+        Returns
+        -------
+        FittedKernel
+        """
         with warnings.catch_warnings():
             # Noiseless, smooth PSF stamps leave some AL bases unconstrained, so the spatial
             # system is routinely (near-)singular; the pseudo-inverse then gives the
@@ -540,7 +383,7 @@ class ModelPsfMatchTask:
         coeffs = np.array(fit.kernel.coefficients, dtype=np.float64, copy=True)
         # B_0 sums to 1 and every other basis to 0, so this sets ΣK everywhere.
         coeffs[0, 0] = float(kernel_sum)
-        return fit, replace(fit.kernel, coefficients=coeffs)
+        return FittedKernel(fit, replace(fit.kernel, coefficients=coeffs))
 
     def apply_kernel(self, exposure: Exposure, kernel: SpatialKernel) -> MaskedImage:
         """Convolve the exposure's pixels with K normalized per pixel (docs/algorithms.md §7.11)."""
@@ -593,48 +436,6 @@ class ModelPsfMatchTask:
                 stacklevel=3,
             )
         return out
-
-
-def _fwhm(psf: Psf) -> float | None:
-    """Determinant-radius FWHM at the model's average position (docs/algorithms.md §7.8); None if it
-    fails."""
-    try:
-        return FWHM_PER_SIGMA * psf.determinant_radius()
-    except PsfError:  # only used to scale the basis, and LSST falls back to the config then
-        return None
-
-
-def _candidates(
-    be: Backend,
-    template: np.ndarray,
-    science: np.ndarray,
-    x: np.ndarray,
-    y: np.ndarray,
-    region: Box,
-    kc: PsfMatchConfig,
-    kernel_size: int,
-) -> KernelCandidates:
-    """One candidate per cell: mask 0 and variance 1 everywhere (docs/algorithms.md §7.7)."""
-    xp = be.xp
-    S = template.shape[-1]
-    c, r = S // 2, min(3, S // 2)
-    # afw's position-only rating: mean of image/√var over the central (2r+1)² pixels.
-    rating = science[:, c - r : c + r + 1, c - r : c + r + 1].mean(axis=(1, 2))
-    cell, n_cells = cell_index(x, y, region, kc.size_cell_x, kc.size_cell_y)
-    ones = xp.ones(template.shape, dtype=np.float64)
-    return KernelCandidates(
-        x=x,
-        y=y,
-        rating=rating,
-        source_index=np.arange(x.size),
-        template=be.asarray(template, dtype=np.float64),
-        science=be.asarray(science, dtype=np.float64),
-        template_var=ones,
-        science_var=ones.copy(),
-        cell=cell,
-        n_cells=n_cells,
-        kernel_size=int(kernel_size),
-    )
 
 
 def _relative_residuals(
