@@ -205,6 +205,18 @@ class DetectAndMeasureConfig:
         "noise (None: off, as LSST).",
         gpudiff_only=True,
     )
+    #: A faint source's footprint is its core (a few to ~25 px): a defect-reached pixel
+    #: inside it is at the source, and on the DECam cutouts such records were the
+    #: unrepaired ends of cosmic-ray tracks beside the repaired part.  A bright source's
+    #: footprint reaches 10-20 px into its wings, where a grown defect plane does not
+    #: make it suspect (11 of 44 S/N >= 8 injections of a 2048² pair were lost so).
+    masked_footprint_snr: float = option(
+        10.0,
+        doc="Records with |S/N| below this are flagged flag_masked when a flagging plane "
+        "lies anywhere in their footprint; brighter ones only when it reaches their centre.",
+        min=0.0,
+        gpudiff_only=True,
+    )
 
     def __post_init__(self):
         # Every rule is a single-field one (the field options).

@@ -350,20 +350,22 @@ def dia_catalog(
     planes = det.mask_planes
     if m:
         bits = or_bits(np.asarray(cat["mask_center"]) | np.asarray(cat["mask_footprint"]))
-        fl = bits & planes.bitmask_if_present(list(cfg.flag_planes))
+        fl_mask = planes.bitmask_if_present(list(cfg.flag_planes))
+        fl = bits & fl_mask
         names = np.empty(m, dtype=object)
         for v in np.unique(fl):  # distinct bit patterns, not sources
             names[fl == v] = ",".join(planes.interpret(int(v)))
         out["masked_planes"] = names.astype(str)
         out["flag_edge"] = any_of(cat["flag_edge"])
         # A defect (or what a kernel spread from it: the planes are grown by each kernel's
-        # footprint) that reached the source's centre.  Bits elsewhere in the footprint
-        # are listed in masked_planes but do not flag: a bright transient's footprint
-        # reaches 10-20 px, and a template bad column's plane is grown by the matching
-        # kernel to ~20 px, so footprint flags cost 11 of 44 S/N >= 8 injections of a
-        # realistic 2048² pair (none of them affected by the defect).
+        # footprint) that reached the source's centre; for faint sources, anywhere in the
+        # footprint (``masked_footprint_snr``).  A bright transient's footprint reaches
+        # 10-20 px, and a template bad column's plane is grown by the matching kernel to
+        # ~20 px, so footprint flags on every source cost 11 of 44 S/N >= 8 injections of
+        # a realistic 2048² pair (none of them affected by the defect).
         centre = or_bits(np.asarray(cat["mask_center"]))
-        out["flag_masked"] = (centre & planes.bitmask_if_present(list(cfg.flag_planes))) != 0
+        faint = np.abs(np.asarray(out["snr"], float)) < cfg.masked_footprint_snr
+        out["flag_masked"] = (np.where(faint, bits, centre) & fl_mask) != 0
         out["flag_saturated"] = any_of(cat["flag_saturated"])
         cr = planes.bitmask_if_present("CR")
         out["flag_cr"] = (
