@@ -35,6 +35,18 @@ from ..backend import kernels as _kernels
 from ..errors import AllMaskedError, InvalidInputError, ShapeMismatchError
 from ..image import Exposure, MaskedImage, MaskPlanes
 
+# Order statistics live in ops.selection; these names stay importable from here.
+from .selection import (  # noqa: F401
+    _QUARTILES,
+    _clip_columns,
+    _keys_to_float,
+    _order_statistics,
+    _quantiles,
+    _radix_select,
+    _radix_select_rows,
+    _sortable_keys,
+)
+
 __all__ = [
     "MAD_TO_SIGMA",
     "STATS_BAD_PLANES",
@@ -123,129 +135,6 @@ def clipped_mean_std(
 
 
 #: Fractions of the pass-0 quantiles (afw ``medianAndQuartiles``): q1, median, q3.
-_QUARTILES = (0.25, 0.50, 0.75)
-
-
-def _sortable_keys(xp, v):
-    """float32 → uint32 keys in the order of the values (sign bit flipped for positives,
-    all bits for negatives): the radix select's view of the sample."""
-    # the arithmetic shift of the sign bit gives 0 or all ones: the flip mask in 3 launches
-    flip = (v.view(xp.int32) >> 31) | xp.int32(-(1 << 31))
-    return v.view(xp.uint32) ^ flip.view(xp.uint32)
-
-
-def _keys_to_float(xp, k):
-    """Inverse of :func:`_sortable_keys`."""
-    flip = ~(k.view(xp.int32) >> 31) | xp.int32(-(1 << 31))
-    return (k ^ flip.view(xp.uint32)).view(xp.float32)
-
-
-def _radix_select(xp, v, valid, ranks):
-    """Values of ``v[valid]`` at 0-based sorted positions ``ranks`` (device int64 array),
-    without sorting: histogram the top 16 bits of the keys, locate each rank's bin by a
-    prefix sum, then histogram the low 16 bits of every rank's bin members at once
-    (rank-major bins).  About 25 device calls whatever the number of ranks, no host sync
-    (the ranks may be device values)."""
-    keys = xp.where(valid, _sortable_keys(xp, v), xp.uint32(0xFFFFFFFF))  # invalid: last
-    hi = (keys >> 16).astype(xp.int64)
-    # cumulative counts behind a leading 0: c0[b] is the count below high bin b
-    c0 = xp.zeros((1 << 16) + 1, dtype=xp.int64)
-    xp.cumsum(xp.bincount(hi, minlength=1 << 16), out=c0[1:])
-    b = xp.searchsorted(c0[1:], ranks, side="right")  # first bin whose count > rank
-    nr = int(ranks.shape[0])
-    members = hi[None, :] == b[:, None]  # (ranks, N)
-    slot = (keys & xp.uint32(0xFFFF))[None, :] + xp.arange(0, nr << 16, 1 << 16, dtype=xp.int64)[
-        :, None
-    ]
-    h2 = xp.bincount(slot.ravel(), weights=members.ravel().astype(xp.float64), minlength=nr << 16)
-    c2 = xp.cumsum(h2.reshape(nr, 1 << 16), axis=1)
-    # first low bin whose cumulative count exceeds the rank within its high bin
-    lo = (c2 <= (ranks - c0[b])[:, None]).sum(axis=1)
-    return _keys_to_float(xp, ((b << 16) | lo).astype(xp.uint32)).astype(xp.float64)
-
-
-def _order_statistics(be: Backend, v, valid, n, ranks):
-    """float64 ``sorted(v[valid])[ranks]`` by selection (never a full sort)."""
-    xp = be.xp
-    if be.is_gpu:
-        return _radix_select(xp, v, valid, ranks)
-    good = v[valid]  # the CPU knows n: np.partition is a linear-time selection
-    r = be.asnumpy(ranks)
-    if good.size == 0:
-        return xp.zeros(r.shape, dtype=xp.float64)
-    kth = sorted(set(int(k) for k in r))
-    return xp.partition(good, kth)[r].astype(xp.float64)
-
-
-def _radix_select_rows(xp, V, valid, rows, ranks):
-    """:func:`_radix_select` of several samples at once: ``V`` (k, N) float32 with one
-    ``valid`` mask (N,) for all rows; returns ``sorted(V[rows[j]][valid])[ranks[j]]`` for
-    every j, float64.  The high-16-bit histogram of all rows is one bincount over k·2¹⁶
-    bins (row-major, so one cumulative sum locates every rank: each row holds exactly N
-    keys, the invalid ones last); the low-16-bit pass histograms each rank's row."""
-    k, N = int(V.shape[0]), int(V.shape[1])
-    keys = xp.where(valid[None, :], _sortable_keys(xp, V), xp.uint32(0xFFFFFFFF))
-    hi = (keys >> 16) + xp.arange(0, k << 16, 1 << 16, dtype=xp.int64)[
-        :, None
-    ]  # uint32 + int64: int64
-    c0 = xp.zeros((k << 16) + 1, dtype=xp.int64)  # a leading 0, as in _radix_select
-    xp.cumsum(xp.bincount(hi.ravel(), minlength=k << 16), out=c0[1:])
-    g = ranks + rows * N  # ranks in the row-major concatenation
-    b = xp.searchsorted(c0[1:], g, side="right")
-    r_in = g - c0[b]  # rank inside its high bin
-    b = b - (rows << 16)  # the high bin within its row
-    nr = int(ranks.shape[0])
-    ks = keys[rows]  # (nr, N): each rank's own row
-    members = ((ks >> 16) == b[:, None]).ravel().astype(xp.float64)
-    slot = (ks & xp.uint32(0xFFFF)) + xp.arange(0, nr << 16, 1 << 16, dtype=xp.int64)[:, None]
-    h2 = xp.bincount(slot.ravel(), weights=members, minlength=nr << 16)
-    c2 = xp.cumsum(h2.reshape(nr, 1 << 16), axis=1)
-    lo = (c2 <= r_in[:, None]).sum(axis=1)
-    return _keys_to_float(xp, ((b << 16) | lo).astype(xp.uint32)).astype(xp.float64)
-
-
-def _quantiles(be: Backend, samples, valid, fractions):
-    """NumPy's default (linear) percentiles of ``v[valid]`` for every array ``v`` of
-    ``samples`` (same shape, one ``valid`` mask), at ``fractions[i]`` (a tuple of values in
-    0–1) for sample i: a float64 backend vector of all of them in order, by selection and
-    without a host sync.
-
-    On the CPU the selection (``numpy.partition``) runs on each sample as given (float64
-    stays exact); on a device all samples go through one batched radix select of float32
-    keys (about 25 launches whatever their number), so the result is within float32
-    rounding of the float64 percentile.  An empty sample gives NaN.
-    """
-    xp = be.xp
-    valid = valid.reshape(-1)
-    samples = [v.reshape(-1) for v in samples]
-    if len(fractions) != len(samples):
-        raise InvalidInputError("_quantiles: one tuple of fractions per sample")
-    n = valid.sum().astype(xp.int64)
-    fr_h = np.concatenate([np.asarray(f, dtype=np.float64).reshape(-1) for f in fractions])
-    rows_h = np.concatenate([np.full(len(f), i, dtype=np.int64) for i, f in enumerate(fractions)])
-    fr = be.asarray(fr_h)
-    nm1 = xp.maximum(n - 1, 0)
-    idx = fr * nm1.astype(xp.float64)
-    lo = idx.astype(xp.int64)
-    hi = xp.minimum(lo + 1, nm1)
-    m = int(fr_h.size)
-    if be.is_gpu:
-        V = xp.stack([v.astype(xp.float32, copy=False) for v in samples])
-        rows = be.asarray(np.concatenate([rows_h, rows_h]))
-        vals = _radix_select_rows(xp, V, valid, rows, xp.concatenate([lo, hi]))
-        vlo, vhi = vals[:m], vals[m:]
-    else:
-        # each sample selects only its own ranks (every extra kth is another partition pass)
-        vlo, vhi = xp.empty(m), xp.empty(m)
-        for i, v in enumerate(samples):
-            at = np.flatnonzero(rows_h == i)
-            got = _order_statistics(be, v, valid, n, xp.concatenate([lo[at], hi[at]]))
-            vlo[at], vhi[at] = got[: at.size], got[at.size :]
-    lo_f = lo.astype(xp.float64)
-    out = (lo_f + 1.0 - idx) * vlo + (idx - lo_f) * vhi
-    return xp.where(n > 0, out, xp.nan)
-
-
 def _clip_sample(be: Backend, v, excl, nsigma: float, niter: int, *, _select=None):
     """afw MEANCLIP / VARIANCECLIP of one 1-D sample: (mean, variance, n_used, n_valid).
 
@@ -309,107 +198,6 @@ def _clip_sample(be: Backend, v, excl, nsigma: float, niter: int, *, _select=Non
     if nv == 0:
         m = s2 = float("nan")
     return m, s2, int(nu), int(nv)
-
-
-def _clip_columns(
-    be: Backend,
-    data: Any,
-    good: Any,
-    nsigma: float = 3.0,
-    niter: int = 3,
-    *,
-    want_var: bool = True,
-    good_is_finite: bool = False,
-):
-    """afw MEANCLIP / VARIANCECLIP of every column of a deep (N, B) stack, unit weights.
-
-    The same numbers as the registered ``clipped_stack`` on ``(data, ~good)`` (bit for bit:
-    the same float64 operations in the same order as its vectorized twin,
-    :func:`gpudiff.backend.reference.clipped_stack`), in about half its device calls: the
-    three quartiles are gathered at once from the sorted columns, and the per-column
-    scalar updates follow IEEE rules (0/0, 0·∞ = NaN) instead of masks, as
-    :func:`_clip_sample` does.  Meant for stacks deeper than the CUDA kernel's register
-    budget (the binned background: a 128² bin is a column of 16384), where ``clipped_stack``
-    runs that twin on the device anyway.
-
-    Parameters
-    ----------
-    be : Backend
-    data : array (N, B)
-        Samples along axis 0 (converted to float32, as the kernel reads them).
-    good : bool array (N, B)
-        True = sample used (non-finite samples are dropped as well).
-    nsigma, niter : float, int
-        As ``clipped_stack``.
-    want_var : bool
-        Return the final pass's variance (else None, and that pass skips it).
-    good_is_finite : bool
-        The caller guarantees ``data`` (as float32) is finite wherever ``good`` is True
-        (e.g. ``MaskedImage.good_pixels`` of a float32 image): no finiteness pass.
-
-    Returns
-    -------
-    mean, var : float32 arrays (B,)
-    n_used : int32 array (B,)
-        Survivors of the final pass.
-    n_good : int64 array (B,)
-        True entries of ``good`` per column (afw NPOINT when ``good`` implies finite).
-    """
-    from ..backend.reference import IQ_TO_STDEV, validate_clipped_stack
-
-    xp = be.xp
-    # clipped_stack's parameter checks and messages, on a host dummy (no device work)
-    a = validate_clipped_stack(
-        np.zeros((1, 1), np.float32), np.zeros((1, 1), bool), None, nsigma, niter
-    )
-    nsigma, niter = a.nsigma, a.niter
-    data = data.astype(xp.float32, copy=False)
-    valid = good if good_is_finite else good & xp.isfinite(data)
-    n = valid.sum(axis=0, dtype=xp.int64)
-    s = xp.sort(xp.where(valid, data, xp.float32(np.inf)), axis=0)
-    # q1, median, q3 (afw medianAndQuartiles, linear interpolation) in one gather per side
-    fr = be.asarray(np.asarray(_QUARTILES, dtype=np.float64)[:, None])
-    nm1 = xp.maximum(n - 1, 0)
-    idx = fr * nm1.astype(xp.float64)[None, :]
-    lo = idx.astype(xp.int64)
-    hi = xp.minimum(lo + 1, nm1[None, :])
-    w_hi = idx - lo.astype(xp.float64)
-    w_lo = 1.0 - w_hi  # == (lo + 1) - idx exactly: both are exact in float64
-    v_lo = xp.take_along_axis(s, lo, axis=0).astype(xp.float64)
-    v_hi = xp.take_along_axis(s, hi, axis=0).astype(xp.float64)
-    del s
-    # an empty column reads +inf at rank 0: 1·inf + 0·inf = NaN, the twin's NaN
-    with np.errstate(invalid="ignore"):
-        q = w_lo * v_lo + w_hi * v_hi
-    iqr_width = (nsigma * IQ_TO_STDEV) * (q[2] - q[0])
-    # invalid samples NaN: |d| <= width is then False for them, no mask needed per pass
-    x = xp.where(valid, data, xp.float32(np.nan)).astype(xp.float64)
-    center, hwidth = q[1], iqr_width
-    many = n > 1
-    mean = var = sel = None
-    with np.errstate(all="ignore"):
-        for it in range(niter):
-            if it > 0:
-                center = mean
-                hwidth = xp.where(many, nsigma * xp.sqrt(var), iqr_width)
-            d = x - center[None, :]
-            sel = xp.abs(d) <= hwidth[None, :]  # False for a NaN sample, centre or width
-            # Sequential sums along axis 0, as the twin's; a non-survivor adds a zero (its
-            # sign cannot matter: a column with a survivor has a +0 or nonzero term).
-            sumw = sel.sum(axis=0, dtype=xp.float64)
-            t = xp.where(sel, d, 0.0)
-            mean_d = t.sum(axis=0) / sumw  # no survivor: 0/0 = NaN, as the twin's mask
-            if want_var or it < niter - 1:
-                sumx2 = (t * t).sum(axis=0)  # t·t = d·d on the survivors, as the twin's t·d
-                w2 = sumw * sumw
-                var = (sumx2 / sumw - mean_d * mean_d) * (w2 / (w2 - sumw))  # one: 0·∞ = NaN
-            mean = mean_d + center
-    return (
-        mean.astype(xp.float32),
-        var.astype(xp.float32) if want_var else None,
-        sumw.astype(xp.int32),  # the final pass's survivors
-        n if good_is_finite else good.sum(axis=0, dtype=xp.int64),
-    )
 
 
 def robust_sigma(values: Any, *, bad: Any = None, backend: Backend | str | None = None) -> float:
