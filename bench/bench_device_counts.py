@@ -61,12 +61,19 @@ STAGE_METHODS = (
         "AlardLuptonSubtractTask",
         (
             "_prepare",
-            "_interpolate",
-            "_mask_cosmic_rays",
-            "_scale_variance",
             "select_sources",
             "_fit",
+            "run_convolve_template",
+            "run_convolve_science",
+            "finalize",
         ),
+    ),
+    # Module functions (class None): the input preparation steps, called by name in
+    # their module, so the module attribute is what is wrapped.
+    (
+        "gpudiff.tasks.subtract_inputs",
+        None,
+        ("interpolate_defects", "mask_cosmic_rays", "scale_variance"),
     ),
     ("gpudiff.tasks.decorrelate", "DecorrelateALKernelTask", ("run",)),
     (
@@ -97,15 +104,17 @@ def _label_stages():
 
     for mod_name, cls_name, methods in STAGE_METHODS:
         try:
-            cls = getattr(importlib.import_module(mod_name), cls_name)
+            mod = importlib.import_module(mod_name)
+            cls = mod if cls_name is None else getattr(mod, cls_name)
         except (ImportError, AttributeError):
             continue
+        prefix = "AL" if cls_name is None else _SHORT.get(cls_name, cls_name)
         for m in methods:
             f = cls.__dict__.get(m)
             if f is None or getattr(f, "_stage_labelled", False):
                 continue
 
-            def wrap(f=f, label=f"{_SHORT.get(cls_name, cls_name)}.{m}"):
+            def wrap(f=f, label=f"{prefix}.{m}"):
                 @functools.wraps(f)
                 def g(*a, **k):
                     with sd.stage(label):
