@@ -3,54 +3,16 @@ working: every name here is :mod:`gpudiff.image.io`'s (one module per file layou
 
 from __future__ import annotations
 
-from .io import (
-    PHOTCAL_ERR_KEY,
-    PHOTCAL_KEY,
-    PSF_EXTNAME,
-    PSFGRID_EXTNAME,
-    FormatWarning,
-    atomic_write_hdus,
-    detect_layout,
-    estimate_variance,
-    exposure_from_ccddata,
-    exposure_to_ccddata,
-    fget,
-    fset,
-    psf_from_hdus,
-    psf_to_hdus,
-    read_exposure,
-    read_photocalib,
-    read_psf,
-    read_wcs,
-    read_xy0,
-    write_exposure,
-    write_psf,
-    write_xy0,
-)
+from . import io as _io
+from .io import *  # noqa: F403  (the same public names, one list: gpudiff.image.io.__all__)
 
-__all__ = [
-    "read_exposure",
-    "write_exposure",
-    "read_psf",
-    "write_psf",
-    "psf_to_hdus",
-    "psf_from_hdus",
-    "exposure_from_ccddata",
-    "exposure_to_ccddata",
-    "estimate_variance",
-    "detect_layout",
-    "FormatWarning",
-    "PHOTCAL_KEY",
-    "PHOTCAL_ERR_KEY",
-    "PSF_EXTNAME",
-    "PSFGRID_EXTNAME",
-]
+__all__ = list(_io.__all__)
 
 # The private names other modules used before gpudiff.image.io existed (aliases).
-_read_xy0 = read_xy0
-_write_xy0 = write_xy0
-_read_wcs = read_wcs
-_read_photocalib = read_photocalib
-_atomic_write = atomic_write_hdus
-_fset = fset
-_fget = fget
+_read_xy0 = _io.read_xy0
+_write_xy0 = _io.write_xy0
+_read_wcs = _io.read_wcs
+_read_photocalib = _io.read_photocalib
+_atomic_write = _io.atomic_write_hdus
+_fset = _io.fset
+_fget = _io.fget
