@@ -23,13 +23,13 @@ __all__ = ["dilate_disk", "drop_small"]
 _SLICED_MAX_RADIUS = 10
 
 
-def drop_small(be: Backend, labels: Any, n: int, min_pixels: int, *, count: bool = True):
+def drop_small(backend: Backend, labels: Any, n: int, min_pixels: int, *, count: bool = True):
     """Footprints of a label image that have at least ``min_pixels`` pixels.
 
     Parameters
     ----------
-    be : Backend
-    labels : integer array (H, W) on ``be``
+    backend : Backend
+    labels : integer array (H, W) on ``backend``
         Connected-component labels, 0 = background, 1..n the footprints.
     n : int
         Number of labels.
@@ -40,12 +40,12 @@ def drop_small(be: Backend, labels: Any, n: int, min_pixels: int, *, count: bool
 
     Returns
     -------
-    kept : bool array (H, W) on ``be``
+    kept : bool array (H, W) on ``backend``
         Pixels of the kept footprints.
     n_kept : int or None
         Number of kept footprints; None when ``count`` is False.
     """
-    keep = be.xp.bincount(labels.ravel(), minlength=n + 1) >= min_pixels
+    keep = backend.xp.bincount(labels.ravel(), minlength=n + 1) >= min_pixels
     keep[0] = False
     return keep[labels], (int(keep.sum()) if count else None)
 
@@ -55,7 +55,7 @@ def _disk_half_widths(radius: int) -> list[int]:
     return [math.isqrt(radius * radius - dy * dy) for dy in range(radius + 1)]
 
 
-def dilate_disk(be: Backend, on: Any, radius: int) -> Any:
+def dilate_disk(backend: Backend, on: Any, radius: int) -> Any:
     """Binary dilation of a mask by the disk x² + y² ≤ radius² (pixels outside are False).
 
     The disk is a stack of horizontal segments, one per row offset dy, of half-width
@@ -68,25 +68,25 @@ def dilate_disk(be: Backend, on: Any, radius: int) -> Any:
 
     Parameters
     ----------
-    be : Backend
-    on : bool array (H, W) on ``be``
+    backend : Backend
+    on : bool array (H, W) on ``backend``
         Not modified.
     radius : int
         Disk radius in pixels; ≤ 0 returns a copy.
 
     Returns
     -------
-    bool array (H, W) on ``be``
+    bool array (H, W) on ``backend``
         Equal to ``binary_dilation(on, structure=disk)`` with the image outside False.
     """
-    xp = be.xp
+    xp = backend.xp
     radius = int(radius)
     if radius <= 0:
         return on.copy()
     if radius > _SLICED_MAX_RADIUS:
         o = np.arange(-radius, radius + 1)
         disk = o[:, None] ** 2 + o[None, :] ** 2 <= radius * radius
-        return be.ndimage.binary_dilation(on, structure=be.asarray(disk))
+        return backend.ndimage.binary_dilation(on, structure=backend.asarray(disk))
     H, W = on.shape
     widths = _disk_half_widths(radius)
     out = xp.zeros_like(on)

@@ -150,7 +150,7 @@ def _psf_moments(psf: Psf, x: np.ndarray, y: np.ndarray, cell: int = 128) -> tup
 
 
 def measure_peaks(
-    be: Backend,
+    backend: Backend,
     sign: int,
     d: Any,
     var: Any,
@@ -172,10 +172,10 @@ def measure_peaks(
 
     Parameters
     ----------
-    be : Backend
+    backend : Backend
     sign : {1, -1}
         The polarity: sources are ``sign`` × the image.
-    d, var : float32 arrays (H, W) on ``be``
+    d, var : float32 arrays (H, W) on ``backend``
         Background-subtracted image and variance, zero where not ``good``.
     good : bool array (H, W)
         Pixels with weight.
@@ -186,7 +186,7 @@ def measure_peaks(
     labels : integer array (H, W)
         Footprints 1..``n_fp`` of this polarity.
     n_fp : int
-    py, px : int64 arrays (n,) on ``be``
+    py, px : int64 arrays (n,) on ``backend``
         The peak pixels.
     psf : Psf or None
         Model of the PSF flux and extendedness (None: those columns are NaN).
@@ -211,12 +211,14 @@ def measure_peaks(
         ``flag_shape``, ``flag_psf_flux``, and ``_fp`` (footprint label) and ``_box``
         (footprint x0, y0, x1, y1, inclusive) for the catalog assembly.
     """
-    xp, nd = be.xp, be.ndimage
+    xp, nd = backend.xp, backend.ndimage
     n = int(py.shape[0])
     # Centroid stamps (sources positive, pixels without weight zeroed) and, cropped from
     # the same gather, the 3×3 of the smoothed S/N around the peak.
     hc = max(2, int(math.ceil(3 * sigma_w)))
-    (s_st, d_st, g_st), _ = gather_stamps_many(be, [snr, d, good], py, px, hc, [0.0, 0.0, False])
+    (s_st, d_st, g_st), _ = gather_stamps_many(
+        backend, [snr, d, good], py, px, hc, [0.0, 0.0, False]
+    )
     # Peak refinement on the smoothed S/N (log-parabola, exact for a Gaussian peak): the
     # start and the fallback of the Gaussian-weighted centroid on the unsmoothed image.
     # The 3×3 flattened: 4 = centre, (3, 5) its row neighbours, (1, 7) its column ones;
@@ -225,26 +227,26 @@ def measure_peaks(
     d0 = _parabola(xp, lg[:, 4:5], lg[:, [3, 1]], lg[:, [5, 7]])
     dx0, dy0 = d0[:, 0], d0[:, 1]
     st = xp.where(g_st, d_st * sign, 0)
-    cx, cy, ok_c = weighted_centroid(be, st, dx0, dy0, sigma_w)
-    h = _fetch(be, fx=xp.where(ok_c, cx, dx0) + px, fy=xp.where(ok_c, cy, dy0) + py, ok_c=ok_c)
+    cx, cy, ok_c = weighted_centroid(backend, st, dx0, dy0, sigma_w)
+    h = _fetch(backend, fx=xp.where(ok_c, cx, dx0) + px, fy=xp.where(ok_c, cy, dy0) + py, ok_c=ok_c)
     fx, fy, ok_c = h["fx"], h["fy"], h["ok_c"]
     # PSF flux, moments and mask bits in the PSF-sized stamp on the nearest pixel.
     rx, ry = np.rint(fx).astype(np.int64), np.rint(fy).astype(np.int64)
     hs = stamp // 2
     (d2, v2, ok_pix, m2), inside = gather_stamps_many(
-        be, [d, var, good, mask], ry, rx, hs, [0.0, 0.0, False, 0]
+        backend, [d, var, good, mask], ry, rx, hs, [0.0, 0.0, False, 0]
     )
     img_st = xp.where(ok_pix, d2 * sign, 0)
     var_st = xp.where(ok_pix, v2, 0)
     if hs >= 2:
         m5 = m2[:, hs - 2 : hs + 3, hs - 2 : hs + 3]
     else:
-        (m5,), _ = gather_stamps_many(be, [mask], ry, rx, 2, [0])
+        (m5,), _ = gather_stamps_many(backend, [mask], ry, rx, 2, [0])
     dev: dict[str, Any] = {}
-    sm = adaptive_moments_batch(be, img_st, ok_pix, sigma_w**2)
+    sm = adaptive_moments_batch(backend, img_st, ok_pix, sigma_w**2)
     dev.update(ixx=sm[2], iyy=sm[3], ixy=sm[4], ok_m=sm[5])
     if psf is not None:
-        P = _psf_stamps(be, psf, bbox, rx + bbox.x0, ry + bbox.y0, fx - rx, fy - ry, stamp)
+        P = _psf_stamps(backend, psf, bbox, rx + bbox.x0, ry + bbox.y0, fx - rx, fy - ry, stamp)
         w = ok_pix.astype(xp.float64)
         if weighting == "inverse_variance":
             w = w / xp.where(var_st > 0, var_st, xp.inf)
@@ -279,10 +281,10 @@ def measure_peaks(
         box1=box[1],
         box2=box[2],
         box3=box[3],
-        mask_footprint=_or_in_footprints(be, mask, lab, fy_all, fx_all, n_fp)[ids],
+        mask_footprint=_or_in_footprints(backend, mask, lab, fy_all, fx_all, n_fp)[ids],
         npix=xp.bincount(lab, minlength=n_fp + 1)[ids],
     )
-    h = _fetch(be, **dev)  # every remaining column in one transfer
+    h = _fetch(backend, **dev)  # every remaining column in one transfer
     nan = np.full(n, np.nan)
     c: dict[str, Any] = dict(
         psf_flux=nan,

@@ -147,7 +147,7 @@ def _take(xp, a, idx, axis: int):
 
 
 def resample_separable(
-    be: Backend,
+    backend: Backend,
     ux,
     vy,
     src: dict,
@@ -162,7 +162,7 @@ def resample_separable(
 
     Parameters
     ----------
-    be : Backend
+    backend : Backend
         Where the source arrays and ``outs`` live.
     ux : numpy.ndarray (W,)
         Source column of each destination column.
@@ -189,7 +189,7 @@ def resample_separable(
     The sums run in the general path's order (Σ_i wy_i Σ_j wx_j S), so the two agree to
     float32 round-off.
     """
-    xp = be.xp
+    xp = backend.xp
     Hs, Ws = src["shape"]
     lo = ntaps // 2 - 1
     out_i, out_v, out_m = outs
@@ -218,17 +218,17 @@ def resample_separable(
 
     iu, offx, wx, nbx = axis(ux, Ws)
     iv, offy, wy, nby = axis(vy, Hs)
-    cols = [_index_or_slice(be, np.clip(iu + (j - lo), 0, Ws - 1)) for j in range(ntaps)]
-    wxp = be.asarray(np.stack([wx, wx * wx], axis=1))  # (ntaps, 2, W): (w, w²)
-    wyp = be.asarray(np.stack([wy, wy * wy], axis=-1))[:, :, :, None]  # (ntaps, H, 2, 1)
-    c_ctr = _index_or_slice(be, np.clip(iu, 0, Ws - 1))
-    c_nb = [_index_or_slice(be, np.clip(iu + d, 0, Ws - 1)) for d in (0, 1)]
+    cols = [_index_or_slice(backend, np.clip(iu + (j - lo), 0, Ws - 1)) for j in range(ntaps)]
+    wxp = backend.asarray(np.stack([wx, wx * wx], axis=1))  # (ntaps, 2, W): (w, w²)
+    wyp = backend.asarray(np.stack([wy, wy * wy], axis=-1))[:, :, :, None]  # (ntaps, H, 2, 1)
+    c_ctr = _index_or_slice(backend, np.clip(iu, 0, Ws - 1))
+    c_nb = [_index_or_slice(backend, np.clip(iu + d, 0, Ws - 1)) for d in (0, 1)]
     # Row and column factors of the off-image and neighbour masks; their (band, W) outer
     # products are formed on the device only where needed.
-    offy_d, offx_d = be.asarray(offy[:, None]), be.asarray(offx[None, :])
-    nby_d = [be.asarray(m[:, None]) for m in nby]
-    nbx_d = [be.asarray(m[None, :]) for m in nbx]
-    band = max(1, _SEP_BAND_PIXELS.get(be.name, 1 << 17) // W)
+    offy_d, offx_d = backend.asarray(offy[:, None]), backend.asarray(offx[None, :])
+    nby_d = [backend.asarray(m[:, None]) for m in nby]
+    nbx_d = [backend.asarray(m[None, :]) for m in nbx]
+    band = max(1, _SEP_BAND_PIXELS.get(backend.name, 1 << 17) // W)
     grow = np.int32(src["grow"])
     nod = np.int32(no_data)
 
@@ -239,29 +239,29 @@ def resample_separable(
         Sb = S[s0:s1]
         if exact_shift:  # one tap of weight 1: a copy
             hb = _take(xp, Sb, c_ctr, 2)
-            acc = _take(xp, hb, _index_or_slice(be, rows[:, lo] - s0), 0)
+            acc = _take(xp, hb, _index_or_slice(backend, rows[:, lo] - s0), 0)
         else:
             hb = _take(xp, Sb, cols[0], 2) * wxp[0]
             for j in range(1, ntaps):
                 g = _take(xp, Sb, cols[j], 2) * wxp[j]
                 hb += g
-            acc = _take(xp, hb, _index_or_slice(be, rows[:, 0] - s0), 0) * wyp[0, r0:r1]
+            acc = _take(xp, hb, _index_or_slice(backend, rows[:, 0] - s0), 0) * wyp[0, r0:r1]
             for i in range(1, ntaps):
-                g = _take(xp, hb, _index_or_slice(be, rows[:, i] - s0), 0) * wyp[i, r0:r1]
+                g = _take(xp, hb, _index_or_slice(backend, rows[:, i] - s0), 0) * wyp[i, r0:r1]
                 acc += g
         # What is known on the host is not computed on the device: no pre-dilated bits at
         # all (``aux_any``), neighbours whose weight is zero everywhere (exact shifts),
         # footprints inside the source (``off`` all false).
         touch, msk = None, None
         if src["aux_any"]:
-            rc = _index_or_slice(be, np.clip(iv[r0:r1], 0, Hs - 1))
+            rc = _index_or_slice(backend, np.clip(iv[r0:r1], 0, Hs - 1))
             aux = _take(xp, _take(xp, aux2, rc, 0), c_ctr, 1)
             msk = aux & grow
             touch = (aux & np.int32(-(2**31))) != 0
         for dy in (0, 1):
             if not nby[dy][r0:r1].any():
                 continue
-            mrow = _take(xp, mask2, _index_or_slice(be, np.clip(iv[r0:r1] + dy, 0, Hs - 1)), 0)
+            mrow = _take(xp, mask2, _index_or_slice(backend, np.clip(iv[r0:r1] + dy, 0, Hs - 1)), 0)
             for dx in (0, 1):
                 if not nbx[dx].any():
                     continue
@@ -285,18 +285,18 @@ def resample_separable(
         out_m[r0:r1] = msk if off is None else xp.where(off, nod, msk)
 
     starts = list(range(0, H, band))
-    parallel_map(one, starts, cpu_workers(len(starts), parallel=not be.is_gpu))
+    parallel_map(one, starts, cpu_workers(len(starts), parallel=not backend.is_gpu))
 
 
 def resample_general(
-    be: Backend, xs, ys, u, v, src: dict, ntaps: int, wfun, outs, no_data: int
+    backend: Backend, xs, ys, u, v, src: dict, ntaps: int, wfun, outs, no_data: int
 ) -> None:
     """Resample any mapping into ``outs`` = (image, variance, mask): per row band, the
     mapping interpolated bilinearly between nodes, then ntaps² (36) gathers per pixel.
 
     Parameters
     ----------
-    be : Backend
+    backend : Backend
         Where the source arrays and ``outs`` live.
     xs, ys : numpy.ndarray
         Destination columns / rows of the mapping's nodes.
@@ -313,25 +313,25 @@ def resample_general(
     no_data : int
         The NO_DATA bitmask.
     """
-    xp = be.xp
+    xp = backend.xp
     out_i, out_v, out_m = outs
     H, W = out_i.shape
-    ud, vd = be.asarray(u), be.asarray(v)
+    ud, vd = backend.asarray(u), backend.asarray(v)
     kx0, kx1, tx = interp_index(xs, np.arange(W, dtype=np.float64))
-    kx0, kx1, tx = be.asarray(kx0), be.asarray(kx1), be.asarray(tx)[None, :]
-    band = max(1, _BAND_PIXELS.get(be.name, 1 << 15) // W)
+    kx0, kx1, tx = backend.asarray(kx0), backend.asarray(kx1), backend.asarray(tx)[None, :]
+    band = max(1, _BAND_PIXELS.get(backend.name, 1 << 15) // W)
 
     def one(r0):  # row bands bound the memory; each writes only its own rows
         r1 = min(H, r0 + band)
         rows = np.arange(r0, r1, dtype=np.float64)
-        ky0, ky1, ty = (be.asarray(a) for a in interp_index(ys, rows))
+        ky0, ky1, ty = (backend.asarray(a) for a in interp_index(ys, rows))
         ty = ty[:, None]
 
         def lerp(g):
             top = (1 - tx) * g[ky0][:, kx0] + tx * g[ky0][:, kx1]
             return (1 - ty) * top + ty * ((1 - tx) * g[ky1][:, kx0] + tx * g[ky1][:, kx1])
 
-        img, var, msk, off, touch = _warp_band(be, lerp(ud), lerp(vd), src, ntaps, wfun)
+        img, var, msk, off, touch = _warp_band(backend, lerp(ud), lerp(vd), src, ntaps, wfun)
         nod = off | touch
         out_i[r0:r1] = xp.where(nod, xp.float32(np.nan), img)
         out_v[r0:r1] = xp.where(nod, xp.float32(np.inf), var)
@@ -340,4 +340,4 @@ def resample_general(
         out_m[r0:r1] = xp.where(off, nd, xp.where(touch, msk | nd, msk))
 
     starts = list(range(0, H, band))
-    parallel_map(one, starts, cpu_workers(len(starts), parallel=not be.is_gpu))
+    parallel_map(one, starts, cpu_workers(len(starts), parallel=not backend.is_gpu))

@@ -346,7 +346,7 @@ def _stamp_index(be: Backend, rows: Any, cols: Any, half: int, shape: tuple[int,
 
 
 def gather_stamps_many(
-    be: Backend, images: Iterable[Any], rows: Any, cols: Any, half: int, fills: Iterable[Any]
+    backend: Backend, images: Iterable[Any], rows: Any, cols: Any, half: int, fills: Iterable[Any]
 ):
     """Cut-outs of several images of one shape at the same centres, the index built once.
 
@@ -356,8 +356,8 @@ def gather_stamps_many(
 
     Parameters
     ----------
-    be : Backend
-    images : sequence of 2-D arrays on ``be``
+    backend : Backend
+    images : sequence of 2-D arrays on ``backend``
         All of the same shape (H, W).
     rows, cols : integer arrays (n,)
         Centre pixels (array indices); may lie anywhere, even off the image.
@@ -373,14 +373,14 @@ def gather_stamps_many(
     inside : bool array (n, s, s)
         Which stamp pixels lie in the image.
     """
-    xp = be.xp
+    xp = backend.xp
     images, fills = list(images), list(fills)
     if len(images) != len(fills) or not images:
         raise InvalidInputError("gather_stamps_many: one fill value per image, at least one")
     shape = tuple(images[0].shape)
     if any(tuple(im.shape) != shape for im in images) or len(shape) != 2:
         raise ShapeMismatchError(f"gather_stamps_many: images must share one 2-D shape {shape}")
-    flat, inside = _stamp_index(be, rows, cols, half, shape)
+    flat, inside = _stamp_index(backend, rows, cols, half, shape)
     out = []
     for im, fill in zip(images, fills):
         st = im.reshape(-1)[flat]  # a view of a C-ordered image; else one copy
@@ -388,13 +388,13 @@ def gather_stamps_many(
     return out, inside
 
 
-def gather_stamps(be: Backend, image: Any, rows: Any, cols: Any, half: int, fill: Any = 0):
+def gather_stamps(backend: Backend, image: Any, rows: Any, cols: Any, half: int, fill: Any = 0):
     """Cut-outs of side 2·half+1 centred on integer pixels, in one gather.
 
     Parameters
     ----------
-    be : Backend
-    image : 2-D array on ``be``
+    backend : Backend
+    image : 2-D array on ``backend``
     rows, cols : integer arrays (n,)
         Centre pixels (array indices); may lie anywhere, even off the image.
     half : int
@@ -411,12 +411,12 @@ def gather_stamps(be: Backend, image: Any, rows: Any, cols: Any, half: int, fill
     --------
     gather_stamps_many : several images at the same centres.
     """
-    (st,), inside = gather_stamps_many(be, [image], rows, cols, half, [fill])
+    (st,), inside = gather_stamps_many(backend, [image], rows, cols, half, [fill])
     return st, inside
 
 
 def weighted_centroid(
-    be: Backend,
+    backend: Backend,
     stamps: Any,
     x0: Any,
     y0: Any,
@@ -453,12 +453,14 @@ def weighted_centroid(
         Offsets from the central pixel.
     ok : bool array (n,)
     """
-    f = _kernels.get_kernel("weighted_centroid", be)
-    return f(be.asarray(stamps), be.asarray(x0), be.asarray(y0), sigma, niter, max_shift)
+    f = _kernels.get_kernel("weighted_centroid", backend)
+    return f(
+        backend.asarray(stamps), backend.asarray(x0), backend.asarray(y0), sigma, niter, max_shift
+    )
 
 
 def adaptive_moments_batch(
-    be: Backend,
+    backend: Backend,
     stamps: Any,
     valid: Any,
     w_init: float,
@@ -504,5 +506,12 @@ def adaptive_moments_batch(
     """
     if check_every is not None and int(check_every) < 1:
         raise InvalidInputError(f"check_every must be >= 1, got {check_every}")
-    f = _kernels.get_kernel("adaptive_moments", be)
-    return f(be.asarray(stamps), be.asarray(valid), w_init, max_iter, tol, check_every=check_every)
+    f = _kernels.get_kernel("adaptive_moments", backend)
+    return f(
+        backend.asarray(stamps),
+        backend.asarray(valid),
+        w_init,
+        max_iter,
+        tol,
+        check_every=check_every,
+    )

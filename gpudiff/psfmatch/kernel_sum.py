@@ -36,7 +36,7 @@ _MAD_TO_SIGMA = 1.4826
 
 
 def kernel_star_flux_ratio(
-    be: Backend, cands: KernelCandidates, which: np.ndarray
+    backend: Backend, cands: KernelCandidates, which: np.ndarray
 ) -> tuple[float, float]:
     """Aperture-flux ratio reference/convolved of the candidates ``which``, and its error.
 
@@ -56,13 +56,13 @@ def kernel_star_flux_ratio(
     ring = np.minimum(edge[:, None], edge[None, :]) < 2
     h = S // 2
     ap = np.hypot(*np.meshgrid(o - h, o - h)) <= _APERTURE_FRACTION * h
-    sel = be.xp.asarray(which)
+    sel = backend.xp.asarray(which)
     flux, var = [], []
     for arr, varr in ((cands.science, cands.science_var), (cands.template, cands.template_var)):
-        st = be.asnumpy(arr[sel])
+        st = backend.asnumpy(arr[sel])
         sky = np.median(st[:, ring], axis=1)
         flux.append((st[:, ap] - sky[:, None]).sum(axis=1))
-        var.append(be.asnumpy(varr[sel])[:, ap].sum(axis=1))
+        var.append(backend.asnumpy(varr[sel])[:, ap].sum(axis=1))
     fr, fc, vr, vc = flux[0], flux[1], var[0], var[1]
     # Only stars whose aperture flux is measured to S/N ≥ 20 in both images: fainter
     # candidates (a deep field's S/N-10 compact sources) measure the ratio to no better than

@@ -29,7 +29,7 @@ __all__ = [
 _CHUNK = 128
 
 
-def valid_correlate(be: Backend, stamps: Any, kernels: Any, per_stamp: bool = False) -> Any:
+def valid_correlate(backend: Backend, stamps: Any, kernels: Any, per_stamp: bool = False) -> Any:
     """'Valid' afw correlations of stamps with kernels, batched by FFT, in float64.
 
     Parameters
@@ -42,13 +42,13 @@ def valid_correlate(be: Backend, stamps: Any, kernels: Any, per_stamp: bool = Fa
     (n, m, G, G) or, with ``per_stamp``, (n, G, G); G = S − k + 1.  Output [r, c]
     corresponds to stamp pixel (r + ctrY, c + ctrX).
     """
-    xp, fft = be.xp, be.fft
+    xp, fft = backend.xp, backend.fft
     n, S, _ = stamps.shape
     k = kernels.shape[-1]
     G = S - k + 1
     # A circular correlation of length >= S has no wrap-around in its first G outputs.
     F = fft.next_fast_len(S, True) if hasattr(fft, "next_fast_len") else S
-    fkw = be.fft_kwargs
+    fkw = backend.fft_kwargs
     fk = xp.conj(fft.rfft2(kernels, s=(F, F), axes=(-2, -1), **fkw))
     outs = []
     for start in range(0, n, _CHUNK):
@@ -66,7 +66,7 @@ def valid_correlate(be: Backend, stamps: Any, kernels: Any, per_stamp: bool = Fa
     )
 
 
-def design_matrices(be: Backend, template: Any, basis: Any, fit_for_background: bool) -> Any:
+def design_matrices(backend: Backend, template: Any, basis: Any, fit_for_background: bool) -> Any:
     """C of every candidate: (n, G², n_bases [+1]) — template ⊗ B_j on the good region,
     plus a column of ones for the differential background.
 
@@ -76,12 +76,12 @@ def design_matrices(be: Backend, template: Any, basis: Any, fit_for_background: 
     :func:`_separable_design`); anything else the batched FFTs of :func:`valid_correlate`.
     Both agree to float64 round-off.
     """
-    xp = be.xp
+    xp = backend.xp
     if getattr(basis, "mixing", None) is not None:
-        return _separable_design(be, template, basis, fit_for_background)
+        return _separable_design(backend, template, basis, fit_for_background)
     kernels = getattr(basis, "kernels", basis)
-    kernels = be.asarray(kernels, dtype=np.float64)
-    conv = valid_correlate(be, template, kernels)  # (n, nb, G, G)
+    kernels = backend.asarray(kernels, dtype=np.float64)
+    conv = valid_correlate(backend, template, kernels)  # (n, nb, G, G)
     n, nb, G, _ = conv.shape
     C = xp.moveaxis(conv.reshape(n, nb, G * G), 1, 2)
     if fit_for_background:
@@ -177,19 +177,19 @@ def good_region(stamps: Any, kernel_shape) -> Any:
     return g.reshape(g.shape[0], G * G)
 
 
-def solve_symmetric(be: Backend, M: Any, b: Any) -> tuple[Any, np.ndarray]:
+def solve_symmetric(backend: Backend, M: Any, b: Any) -> tuple[Any, np.ndarray]:
     """Solve a batch of symmetric systems M a = b in float64.
 
     LU first (afw: full-pivot LU); systems whose LU fails or gives non-finite values are
     solved with the eigen pseudo-inverse (1/λ for λ above round-off, 0 otherwise), as afw
     does for non-invertible matrices.  Returns (a, used_pinv flags on the host).
     """
-    xp = be.xp
+    xp = backend.xp
     n = M.shape[0]
     pinv = np.zeros(n, dtype=bool)
     try:
-        a = be.linalg.solve(M, b[..., None])[..., 0]
-        bad = ~be.asnumpy(xp.isfinite(a).all(axis=-1))
+        a = backend.linalg.solve(M, b[..., None])[..., 0]
+        bad = ~backend.asnumpy(xp.isfinite(a).all(axis=-1))
     except np.linalg.LinAlgError:
         a = xp.zeros_like(b)
         bad = np.ones(n, dtype=bool)
@@ -200,7 +200,7 @@ def solve_symmetric(be: Backend, M: Any, b: Any) -> tuple[Any, np.ndarray]:
         bad = np.ones(n, dtype=bool)
     if bad.any():
         sel = xp.asarray(np.flatnonzero(bad))
-        w, v = be.linalg.eigh(M[sel])
+        w, v = backend.linalg.eigh(M[sel])
         tol = xp.abs(w).max(axis=-1, keepdims=True) * (M.shape[-1] * np.finfo(np.float64).eps)
         inv = xp.where(xp.abs(w) > tol, 1.0 / xp.where(w == 0, 1.0, w), 0.0)
         vt_b = xp.einsum("nji,nj->ni", v, b[sel])
@@ -223,7 +223,7 @@ class StampFit:
 
 
 def fit_stamps(
-    be: Backend,
+    backend: Backend,
     C: Any,
     science_good: Any,
     variance_good: Any,
@@ -243,7 +243,7 @@ def fit_stamps(
     weight is 1/median(V) per candidate (1 when the median is not positive).
     ``regularization`` (H, delta-function basis) adds λH to M.
     """
-    xp = be.xp
+    xp = backend.xp
     if constant_variance_weighting:
         med = xp.median(variance_good, axis=1)
         wgt = 1.0 / xp.where(med > 0, med, 1.0)
@@ -264,24 +264,24 @@ def fit_stamps(
         else:
             lam = xp.full(M.shape[0], float(lambda_value))
         Msolve = M + lam[:, None, None] * H[None]
-    a, pinv = solve_symmetric(be, Msolve, b)
+    a, pinv = solve_symmetric(backend, Msolve, b)
     nb = len(basis_sums)
-    ksum = be.asnumpy(a[:, :nb] @ xp.asarray(basis_sums, dtype=np.float64))
-    bg = be.asnumpy(a[:, nb]) if fit_for_background else np.zeros(a.shape[0])
+    ksum = backend.asnumpy(a[:, :nb] @ xp.asarray(basis_sums, dtype=np.float64))
+    bg = backend.asnumpy(a[:, nb]) if fit_for_background else np.zeros(a.shape[0])
     cond = np.full(a.shape[0], np.nan)
     if condition_type == "EIGENVALUE":
-        w = xp.abs(be.linalg.eigvalsh(Msolve))
-        cond = be.asnumpy(w.max(axis=1) / w.min(axis=1))
+        w = xp.abs(backend.linalg.eigvalsh(Msolve))
+        cond = backend.asnumpy(w.max(axis=1) / w.min(axis=1))
     elif condition_type == "SVD":
-        s = be.linalg.svd(Msolve, compute_uv=False)
-        cond = be.asnumpy(s.max(axis=1) / s.min(axis=1))
+        s = backend.linalg.svd(Msolve, compute_uv=False)
+        cond = backend.asnumpy(s.max(axis=1) / s.min(axis=1))
     return StampFit(
         coeffs=a, kernel_sum=ksum, background=bg, condition=cond, used_pinv=pinv, M=M, b=b
     )
 
 
 def residual_statistics(
-    be: Backend,
+    backend: Backend,
     C: Any,
     coeffs: Any,
     science_good: Any,
@@ -296,12 +296,12 @@ def residual_statistics(
     kernel of each candidate.  ``core_radius`` restricts the statistics to the central
     (2r+1)² box (``useCoreStats``).  Returns host (mean, rms, npix).
     """
-    xp = be.xp
+    xp = backend.xp
     nb = kernels.shape[0]
     n = C.shape[0]
     D = science_good - xp.matmul(C, coeffs[..., None])[..., 0]
     K = xp.einsum("ni,ijk->njk", coeffs[:, :nb], kernels)
-    kvar = valid_correlate(be, template_var, K * K, per_stamp=True).reshape(n, -1)
+    kvar = valid_correlate(backend, template_var, K * K, per_stamp=True).reshape(n, -1)
     var = science_var_good + kvar
     with np.errstate(divide="ignore", invalid="ignore"):  # var <= 0 or NaN: excluded below
         z = D / xp.sqrt(var)
@@ -324,4 +324,4 @@ def residual_statistics(
     rms = xp.sqrt(xp.maximum(varz, 0))
     mean = xp.where(npix > 0, mean, xp.nan)
     rms = xp.where(npix > 1, rms, xp.nan)
-    return be.asnumpy(mean), be.asnumpy(rms), be.asnumpy(npix)
+    return backend.asnumpy(mean), backend.asnumpy(rms), backend.asnumpy(npix)

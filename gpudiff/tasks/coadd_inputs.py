@@ -85,14 +85,14 @@ def warp_sources(warps: Sequence[Any]) -> list:
     return [None if w is None else as_warp(w, name=f"input {i}") for i, w in enumerate(warps)]
 
 
-def warp_weight(cfg: AssembleCoaddConfig, be: Backend, warp: Any) -> InputWeight:
+def warp_weight(cfg: AssembleCoaddConfig, backend: Backend, warp: Any) -> InputWeight:
     """1/MEANCLIP(variance) of the unmasked pixels of ``warp`` (docs/algorithms.md §10.2).
 
     Parameters
     ----------
     cfg : AssembleCoaddConfig
         ``bad_mask_planes``, ``sigma_clip``, ``clip_iter`` and ``max_weight_samples``.
-    be : Backend
+    backend : Backend
         Where the clipped mean is computed.
     warp : warp source
 
@@ -111,7 +111,7 @@ def warp_weight(cfg: AssembleCoaddConfig, be: Backend, warp: Any) -> InputWeight
     if cfg.max_weight_samples is not None and var.size > cfg.max_weight_samples:
         step = -(-var.size // cfg.max_weight_samples)  # regular stride: deterministic
         var, bad = var[::step], bad[::step]
-    mean_var, _, _ = clipped_mean_std(var, cfg.sigma_clip, cfg.clip_iter, bad=bad, backend=be)
+    mean_var, _, _ = clipped_mean_std(var, cfg.sigma_clip, cfg.clip_iter, bad=bad, backend=backend)
     if not (math.isfinite(mean_var) and mean_var > 0):
         return InputWeight(
             0.0,
@@ -120,7 +120,7 @@ def warp_weight(cfg: AssembleCoaddConfig, be: Backend, warp: Any) -> InputWeight
     return InputWeight(1.0 / mean_var, "")
 
 
-def weigh_inputs(cfg: AssembleCoaddConfig, be: Backend, warps: Sequence[Any]) -> CoaddInputs:
+def weigh_inputs(cfg: AssembleCoaddConfig, backend: Backend, warps: Sequence[Any]) -> CoaddInputs:
     """The warp sources of ``warps`` with their :func:`warp_weight` (0 = skipped).
 
     Returns
@@ -135,7 +135,7 @@ def weigh_inputs(cfg: AssembleCoaddConfig, be: Backend, warps: Sequence[Any]) ->
         if src is None:
             skipped[f"input {i}"] = "missing"
             continue
-        iw = warp_weight(cfg, be, src)
+        iw = warp_weight(cfg, backend, src)
         weights[i] = iw.weight
         if iw.reason:
             skipped[src.name] = iw.reason

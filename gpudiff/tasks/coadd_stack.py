@@ -201,7 +201,7 @@ class _CoaddBand:
 
 
 def stack_bands(
-    be: Backend,
+    backend: Backend,
     cfg: AssembleCoaddConfig,
     sources: Sequence[Any],
     plan: BandPlan,
@@ -211,7 +211,7 @@ def stack_bands(
 
     Parameters
     ----------
-    be : Backend
+    backend : Backend
     cfg : AssembleCoaddConfig
     sources : sequence
         All inputs' warp sources (``plan.active`` indexes them).
@@ -224,7 +224,7 @@ def stack_bands(
     -------
     StackedCoadd
     """
-    xp = be.xp
+    xp = backend.xp
     H, W = plan.bbox.shape
     n_planes = (plan.n_inputs + 7) // 8
     image = xp.empty((H, W), dtype=xp.float32)
@@ -235,7 +235,7 @@ def stack_bands(
     t_read = 0.0
     # The band workers return their bands and only this loop writes the outputs, so the
     # workers share nothing but read-only inputs.
-    worker = functools.partial(_stack_one_band, be, cfg, sources, plan, alt_masks)
+    worker = functools.partial(_stack_one_band, backend, cfg, sources, plan, alt_masks)
     for band in stream_map(worker, range(plan.bbox.y0, plan.bbox.y1, plan.rows), plan.n_threads):
         rows, st = band.rows, band.stack
         image[rows], variance[rows], mask[rows] = st.image, st.variance, st.mask
@@ -287,7 +287,7 @@ def _alt_indices(be: Backend, alt: Mapping[str, Any] | None, lo: int, hi: int) -
 
 
 def read_warp_band(
-    be: Backend,
+    backend: Backend,
     source: Any,
     box: Box,
     bbox: Box,
@@ -298,7 +298,7 @@ def read_warp_band(
 
     Parameters
     ----------
-    be : Backend
+    backend : Backend
         Where the band goes.
     source : warp source
         See :mod:`gpudiff.tasks.coadd_warps`.
@@ -317,8 +317,8 @@ def read_warp_band(
         NaN image, +inf variance and NO_DATA where the warp does not reach; alt masks
         applied and ``remove_mask_planes`` cleared.
     """
-    xp = be.xp
-    mi = read_padded(source, box, be)
+    xp = backend.xp
+    mi = read_padded(source, box, backend)
     if mi is None:  # the warp does not reach this band
         return WarpBand(
             xp.full(box.shape, xp.nan, xp.float32),
@@ -326,8 +326,8 @@ def read_warp_band(
             xp.full(box.shape, np.int32(bits.no_data), xp.int32),
         )
     lo = (box.y0 - bbox.y0) * bbox.width
-    alt = _alt_indices(be, alt_mask, lo, lo + box.height * bbox.width)
-    return _conform(be, mi, bits, alt)
+    alt = _alt_indices(backend, alt_mask, lo, lo + box.height * bbox.width)
+    return _conform(backend, mi, bits, alt)
 
 
 def _conform(be: Backend, mi: MaskedImage, bits: CoaddBits, alt: dict) -> WarpBand:
@@ -343,7 +343,7 @@ def _conform(be: Backend, mi: MaskedImage, bits: CoaddBits, alt: dict) -> WarpBa
 
 
 def stack_band(
-    be: Backend,
+    backend: Backend,
     cfg: AssembleCoaddConfig,
     bits: CoaddBits,
     bands: Sequence[WarpBand],
@@ -353,7 +353,7 @@ def stack_band(
 
     Parameters
     ----------
-    be : Backend
+    backend : Backend
     cfg : AssembleCoaddConfig
     bits : CoaddBits
     bands : sequence of WarpBand
@@ -365,7 +365,7 @@ def stack_band(
     -------
     BandStack
     """
-    xp = be.xp
+    xp = backend.xp
     n = len(bands)
     shape = bands[0].image.shape
     and_mask = np.int32(bits.and_mask)
@@ -376,12 +376,12 @@ def stack_band(
         for k, b in enumerate(bands):
             valid[k] = ((b.mask & and_mask) == 0) & xp.isfinite(b.image) & xp.isfinite(b.variance)
         if online:
-            red = _online_mean(be, bands, valid, w64)
+            red = _online_mean(backend, bands, valid, w64)
         else:
-            red = _stacked_statistic(be, cfg, bands, valid, w, w64)
+            red = _stacked_statistic(backend, cfg, bands, valid, w, w64)
         mean, var_out, used = red.mean, red.variance, red.used
         n_used = used.sum(axis=0)
-        mask = _band_mask(be, cfg, bits, bands, valid, used, w64)
+        mask = _band_mask(backend, cfg, bits, bands, valid, used, w64)
         none = n_used == 0
         var_out = xp.where(none, xp.inf, var_out)
         mean = xp.where(none, xp.nan, mean)

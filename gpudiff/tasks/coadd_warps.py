@@ -226,9 +226,9 @@ def as_warp(obj: Any, name: str | None = None) -> Any:
     )
 
 
-def read_padded(warp: Any, box: Box, be: Backend) -> MaskedImage | None:
+def read_padded(warp: Any, box: Box, backend: Backend) -> MaskedImage | None:
     """``warp.read`` of the part of ``box`` the warp covers, padded to ``box`` with no-data
-    pixels (image NaN, variance +inf, ``NO_DATA``), on backend ``be``; None without overlap."""
+    pixels (image NaN, variance +inf, ``NO_DATA``), on backend ``backend``; None without overlap."""
     inter = warp.bbox.intersection(box)
     if inter is None:
         return None
@@ -237,11 +237,11 @@ def read_padded(warp: Any, box: Box, be: Backend) -> MaskedImage | None:
         raise InvalidInputError(
             f"{warp.name}: read({inter}) returned {mi!r}, not a MaskedImage on that box"
         )
-    if mi.backend.name != be.name:
-        mi = mi.to_backend(be)
+    if mi.backend.name != backend.name:
+        mi = mi.to_backend(backend)
     if inter == box:
         return mi
-    xp = be.xp
+    xp = backend.xp
     planes = mi.mask_planes.copy()
     nd = np.int32(1 << planes.add("NO_DATA"))
     img = xp.full(box.shape, xp.nan, dtype=xp.float32)
@@ -249,7 +249,7 @@ def read_padded(warp: Any, box: Box, be: Backend) -> MaskedImage | None:
     msk = xp.full(box.shape, nd, dtype=xp.int32)
     sl = (slice(inter.y0 - box.y0, inter.y1 - box.y0), slice(inter.x0 - box.x0, inter.x1 - box.x0))
     img[sl], var[sl], msk[sl] = mi.image, mi.variance, mi.mask
-    return MaskedImage(img, var, msk, xy0=(box.x0, box.y0), mask_planes=planes, backend=be)
+    return MaskedImage(img, var, msk, xy0=(box.x0, box.y0), mask_planes=planes, backend=backend)
 
 
 def stream_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:

@@ -187,7 +187,7 @@ def padded_psf_size(cfg: ModelPsfMatchConfig, native: int, kernel_size: int) -> 
 
 
 def build_cell_set(
-    cfg: ModelPsfMatchConfig, be: Backend, exposure: Exposure, reference_psf: Psf
+    cfg: ModelPsfMatchConfig, backend: Backend, exposure: Exposure, reference_psf: Psf
 ) -> CellSet:
     """Realize both PSFs on the cell grid and make one candidate per cell
     (docs/algorithms.md §7.2–§7.8).
@@ -195,7 +195,7 @@ def build_cell_set(
     Parameters
     ----------
     cfg : ModelPsfMatchConfig
-    be : Backend
+    backend : Backend
         Where the candidates' stamps go.
     exposure : Exposure
         Must carry a PSF.
@@ -249,7 +249,9 @@ def build_cell_set(
     template = np.stack([_centred(im, size) for im in sci_imgs])
     science = np.stack([_centred(im, size) for im in ref_imgs])
     gx, gy = np.meshgrid(xs, ys)
-    cands = _candidates(be, template, science, gx.ravel(), gy.ravel(), grid.region, kc, basis.size)
+    cands = _candidates(
+        backend, template, science, gx.ravel(), gy.ravel(), grid.region, kc, basis.size
+    )
     return CellSet(
         candidates=cands,
         basis=basis,
