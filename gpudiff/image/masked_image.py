@@ -190,6 +190,12 @@ class MaskedImage:
         return self._new(self.image[sl], self.variance[sl], self.mask[sl], xy0=(box.x0, box.y0))
 
     # --- arithmetic -------------------------------------------------------------------
+    def divided_by(self, divisor: float) -> "MaskedImage":
+        """A copy with the image divided by ``divisor`` and the variance by its square
+        (afw ``MaskedImage /= c``); the mask is kept."""
+        d = float(divisor)
+        return self._new(self.image / np.float32(d), self.variance / np.float32(d * d), self.mask)
+
     def subtract(self, other: "MaskedImage", background: Any = None) -> "MaskedImage":
         """self − other (− background) as afw MaskedImage arithmetic.
 

@@ -483,7 +483,7 @@ def template_presence_snr(
         (the PSF centred on the nearest pixel: a presence test, not photometry); NaN
         where no pixel is usable.
     """
-    from ..ops.stats import gather_stamps
+    from ..ops.stats import gather_stamps_many
 
     be = template.backend
     x = np.asarray(x, dtype=np.float64)
@@ -503,10 +503,9 @@ def template_presence_snr(
         pp = p[-o : -o + side, -o : -o + side]
     rows = np.rint(y).astype(np.int64) - template.xy0[1]
     cols = np.rint(x).astype(np.int64) - template.xy0[0]
-    img, inside = gather_stamps(be, template.image, rows, cols, half, fill=np.nan)
-    var, _ = gather_stamps(be, template.variance, rows, cols, half, fill=np.nan)
-    msk, _ = gather_stamps(be, template.mask, rows, cols, half, fill=0)
-    img, var, msk, inside = (be.asnumpy(a) for a in (img, var, msk, inside))  # one transfer
+    planes = [template.image, template.variance, template.mask]
+    (img, var, msk), inside = gather_stamps_many(be, planes, rows, cols, half, [np.nan, np.nan, 0])
+    img, var, msk, inside = (be.asnumpy(a) for a in (img, var, msk, inside))  # to the host
     # Defects only: LSST's inputs carry DETECTED over every source, which must count.
     bad = template.mask_planes.bitmask_if_present(["NO_DATA", "BAD", "SAT", "EDGE", "CR"])
     ok = inside & ((msk & bad) == 0) & np.isfinite(img) & np.isfinite(var) & (var > 0)

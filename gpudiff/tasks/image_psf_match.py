@@ -417,14 +417,7 @@ class ImagePsfMatchTask:
             tmpl = (res.warped_exposure or template).masked_image.to_backend(be)
             d = tmpl.subtract(res.matched_image, res.background_model)
             ksum = res.psf_matching_kernel.kernel_sum()
-            diff = MaskedImage(
-                -d.image / np.float32(ksum),
-                d.variance / np.float32(ksum * ksum),
-                d.mask,
-                xy0=d.xy0,
-                mask_planes=d.mask_planes,
-                backend=be,
-            )
+            diff = d.divided_by(-ksum)  # D = (S⊗K − T)/ΣK
             psf = (res.warped_exposure or template).psf
         res.difference = diff
         res.subtracted_exposure = Exposure(

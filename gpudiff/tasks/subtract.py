@@ -317,18 +317,11 @@ class AlardLuptonSubtractTask:
             ``difference`` = (K⊗S − T)/ΣK, in the science's flux units; both matched
             images are divided by ΣK and carry the template's PSF.
         """
-        be = self.backend
         t0 = time.perf_counter()
         norm = kernel.kernel_sum()
-        ms = convolve_preserving(kernel, science.masked_image, self.config.preserve_mask_planes)
-        ms = MaskedImage(
-            ms.image / np.float32(norm),
-            ms.variance / np.float32(norm * norm),
-            ms.mask,
-            xy0=ms.xy0,
-            mask_planes=ms.mask_planes,
-            backend=be,
-        )
+        ms = convolve_preserving(
+            kernel, science.masked_image, self.config.preserve_mask_planes
+        ).divided_by(norm)
         matched_science = Exposure(
             ms, template.psf, science.wcs, science.photo_calib, science.metadata
         )
@@ -337,15 +330,7 @@ class AlardLuptonSubtractTask:
         # the legacy ImagePsfMatchTask.  (LSST's subtractImages subtracts T as it is,
         # which is right only for ΣK ≈ 1, i.e. calibrated inputs; its decorrelation
         # formula, docs/algorithms.md §5.2, assumes D = (S⊗K − T)/ΣK.)
-        t = template.subimage(science.bbox).masked_image
-        t = MaskedImage(
-            t.image / np.float32(norm),
-            t.variance / np.float32(norm * norm),
-            t.mask,
-            xy0=t.xy0,
-            mask_planes=t.mask_planes,
-            backend=be,
-        )
+        t = template.subimage(science.bbox).masked_image.divided_by(norm)
         matched_template = Exposure(
             t, template.psf, science.wcs, science.photo_calib, template.metadata
         )
