@@ -3,7 +3,8 @@
 Each subcommand is a module of :mod:`gpudiff.commands` with ``HELP``, ``configure(parser)``
 and ``run(args) -> int``, imported only when it is used.  Errors of gpudiff
 (``GpudiffError``) are printed as one line and give exit status 1; usage errors give 2
-(argparse's convention).
+(argparse's convention).  On the console (:func:`console_main`) warnings are one line
+each as well.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
 from .backend import BACKEND_NAMES
 from .backend.threads import ENV_THREADS, num_threads
 from .errors import GpudiffError
 
-__all__ = ["main", "build_parser", "COMMANDS"]
+__all__ = ["main", "console_main", "build_parser", "COMMANDS"]
 
 #: Subcommand name → its module under gpudiff.  ``batch`` lives with the batch package,
 #: which runs the other commands' file functions: ``gpudiff.commands`` never imports it,
@@ -152,3 +154,20 @@ def main(argv: list[str] | None = None) -> int:
     except GpudiffError as exc:
         print(f"gpudiff {args.command}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # gpudiff's warnings already say what and where (a reader names the file); the
+    # source line of the warnings.warn call is noise to a command-line user.
+    own = category.__module__.split(".")[0] == "gpudiff"
+    kind = "" if own else f" ({category.__name__})"
+    print(f"gpudiff: warning: {message}{kind}", file=sys.stderr if file is None else file)
+
+
+def console_main() -> int:
+    """The ``gpudiff`` console script and ``python -m gpudiff``: :func:`main` with every
+    warning printed as one line (``gpudiff: warning: ...``) instead of Python's
+    two-line format.  Library callers of :func:`main` keep Python's warning machinery."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        return main()

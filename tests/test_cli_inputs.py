@@ -482,3 +482,50 @@ def test_subtract_cli_options_reach_the_inputs(tmp_path, monkeypatch, capsys):
     assert main([*argv, "--mask-bits", "CR=3"]) == 0
     assert seen["science_mask_bits"] == "BAD=0" and seen["template_mask_bits"] == "CR=3"
     assert "PSF from option" in capsys.readouterr().out
+
+
+def test_given_noise_map_supersedes_the_variance_estimate_warning(tmp_path, capsys):
+    """An image without noise: the reader estimates the variance and says so
+    (VarianceEstimatedWarning); with a noise map beside it that estimate is replaced, so
+    the warning would mislead and is not raised.  On the console every warning is one line
+    (``gpudiff: warning: ...``)."""
+    import sys
+    import warnings
+
+    from astropy.io import fits
+
+    from gpudiff.cli import console_main
+    from gpudiff.image import GaussianPsf
+    from gpudiff.image.inputs import read_with_inputs
+    from gpudiff.image.io import VarianceEstimatedWarning
+
+    rng = np.random.default_rng(2)
+    img = rng.normal(0, 3.0, (64, 64)).astype(np.float32)
+    # A JWST i2d-like file with its SCI plane only (no ERR / VAR_* extensions).
+    primary = fits.PrimaryHDU()
+    primary.header["TELESCOP"], primary.header["INSTRUME"] = "JWST", "NIRCAM"
+    fits.HDUList([primary, fits.ImageHDU(img, name="SCI")]).writeto(tmp_path / "img.fits")
+    fits.writeto(tmp_path / "err.fits", np.full((64, 64), 3.0, np.float32))
+    psf = GaussianPsf(sigma=1.5)
+    with pytest.warns(VarianceEstimatedWarning):
+        read_with_inputs(tmp_path / "img.fits", psf=psf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VarianceEstimatedWarning)
+        exp, src = read_with_inputs(tmp_path / "img.fits", psf=psf, noise=tmp_path / "err.fits")
+    assert np.allclose(np.asarray(exp.variance), 9.0)
+
+    argv = sys.argv
+    # A pure-noise pair has no kernel sources: the run fails (status 1) after the read.
+    img_path = str(tmp_path / "img.fits")
+    sys.argv = ["gpudiff", "subtract", img_path, img_path, "-o", str(tmp_path / "d.fits")]
+    sys.argv += ["--fwhm", "3", "--no-detect"]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            assert console_main() == 1
+    finally:
+        sys.argv = argv
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if "variance estimated" in ln)
+    assert line.startswith("gpudiff: warning: ") and str(tmp_path / "img.fits") in line
+    assert "warnings.warn" not in err

@@ -277,8 +277,7 @@ def _attach(
 ) -> tuple:
     """Attach the per-warp inputs; warps given any (or lacking a PSF that compare-warp needs)
     are read whole and wrapped as in-memory warps.  (sources, per-warp source dicts)."""
-    from ..image import read_exposure
-    from ..image.inputs import attach_inputs
+    from ..image.inputs import read_with_inputs
     from ..tasks.coadd_warps import ExposureWarp
     from ._inputs import per_input
 
@@ -305,9 +304,7 @@ def _attach(
                 }
             )
             continue
-        exp, src = attach_inputs(
-            read_exposure(p, backend=be), p, need_psf=needs_psf, log=say, **mine
-        )
+        exp, src = read_with_inputs(p, backend=be, need_psf=needs_psf, log=say, **mine)
         out.append(ExposureWarp(exp, name=s.name))
         inputs.append(src.as_dict())
     return out, inputs

@@ -172,8 +172,8 @@ def match_psf_file(
     """
     from ..backend import resolve_backend
     from ..errors import InvalidInputError
-    from ..image import GaussianPsf, read_exposure, read_psf, write_exposure
-    from ..image.inputs import attach_inputs, input_cards
+    from ..image import GaussianPsf, read_psf, write_exposure
+    from ..image.inputs import input_cards, read_with_inputs
     from ._quality import check_model_psf_match
     from ..tasks.model_psf_match import ModelPsfMatchTask
 
@@ -201,10 +201,9 @@ def match_psf_file(
     be = resolve_backend(backend)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    exp = read_exposure(exposure, backend=be)
-    exp, src = attach_inputs(
-        exp,
+    exp, src = read_with_inputs(
         exposure,
+        backend=be,
         psf=psf,
         noise=noise,
         variance=variance,

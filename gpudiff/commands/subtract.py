@@ -212,8 +212,7 @@ def subtract_files(
         (the failed quality checks, :mod:`gpudiff.commands._quality`; empty when passed —
         the output is written either way).
     """
-    from ..image import read_exposure
-    from ..image.inputs import attach_inputs, input_cards
+    from ..image.inputs import input_cards, read_with_inputs
     from ..ops.warp import warp_exposure, wcs_equal
     from ..tasks import (
         AlardLuptonPreconvolveSubtractTask,
@@ -233,12 +232,10 @@ def subtract_files(
     be = resolve_backend(backend)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    sci_exp = read_exposure(science, backend=be)
-    tmpl_exp = read_exposure(template, backend=be)
     note = lambda m: log("  " + m)  # noqa: E731
-    sci_exp, sci_src = attach_inputs(
-        sci_exp,
+    sci_exp, sci_src = read_with_inputs(
         science,
+        backend=be,
         psf=science_psf,
         noise=science_noise,
         variance=science_variance,
@@ -248,9 +245,9 @@ def subtract_files(
         fwhm=science_fwhm if science_fwhm is not None else fwhm,
         log=note,
     )
-    tmpl_exp, tmpl_src = attach_inputs(
-        tmpl_exp,
+    tmpl_exp, tmpl_src = read_with_inputs(
         template,
+        backend=be,
         psf=template_psf,
         noise=template_noise,
         variance=template_variance,

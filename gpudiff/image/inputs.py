@@ -27,6 +27,7 @@ are re-exported here.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -56,6 +57,7 @@ __all__ = [
     "read_mask",
     "read_noise_map",
     "read_psf_file",
+    "read_with_inputs",
     "resolve_psf",
 ]
 
@@ -266,3 +268,29 @@ def input_cards(sources: InputSources, role: str = "science") -> dict:
         cards[psf_key] = (sources.psf, f"{role} PSF: {sources.psf_detail}"[:46])
     cards[noise_key] = (sources.noise, f"{role} variance: {sources.noise_detail}"[:46])
     return cards
+
+
+def read_with_inputs(path, *, backend=None, **inputs) -> tuple[Exposure, InputSources]:
+    """Read an exposure and attach what was given beside it (:func:`attach_inputs`).
+
+    When a noise, variance or inverse-variance map is given, the reader's
+    :class:`~gpudiff.image.io.VarianceEstimatedWarning` is not raised: the estimate it
+    announces is replaced by the map (the sources say where the variance came from).
+    Every other reader warning passes.
+
+    Parameters
+    ----------
+    path : str or path-like
+    backend : Backend or str, optional
+    **inputs
+        :func:`attach_inputs`' keyword arguments (``psf``, ``noise``, ``variance``,
+        ``ivar``, ``mask``, ``mask_bits``, ``fwhm``, ``need_psf``, ``log``, ...).
+    """
+    from .io import VarianceEstimatedWarning, read_exposure
+
+    replaced = any(inputs.get(k) is not None for k in ("noise", "variance", "ivar"))
+    with warnings.catch_warnings():
+        if replaced:
+            warnings.filterwarnings("ignore", category=VarianceEstimatedWarning)
+        exposure = read_exposure(path, backend=backend)
+    return attach_inputs(exposure, str(path), **inputs)

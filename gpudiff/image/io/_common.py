@@ -47,11 +47,17 @@ class FormatWarning(UserWarning):
     (mask planes without names, a PSF it cannot decode, an unmapped plane, ...)."""
 
 
-def warn(path: str, message: str) -> None:
-    """Warn (:class:`FormatWarning`) about ``path`` (and log it at DEBUG on
-    ``gpudiff.image.io``)."""
+class VarianceEstimatedWarning(FormatWarning):
+    """The file carries no noise: its variance plane was estimated from the sky.  A noise,
+    variance or weight map given beside the image supersedes the estimate, so callers
+    that attach one (:func:`gpudiff.image.inputs.read_with_inputs`) drop this warning."""
+
+
+def warn(path: str, message: str, category: type[Warning] = FormatWarning) -> None:
+    """Warn (``category``, a :class:`FormatWarning` by default) about ``path`` (and log
+    it at DEBUG on ``gpudiff.image.io``)."""
     log.debug("%s: %s", path, message)
-    warnings.warn(f"{path}: {message}", FormatWarning, stacklevel=3)
+    warnings.warn(f"{path}: {message}", category, stacklevel=3)
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ from ...errors import FitsReadError
 from ..exposure import Exposure
 from ..maskplanes import MaskPlanes
 from ._common import (
+    VarianceEstimatedWarning,
     MP_KEYS,
     WCS_KEYS,
     XY0_KEYS,
@@ -166,6 +167,7 @@ def read(hdus: Hdus, idx, gain, backend) -> Exposure:
             path,
             "JWST image without ERR or VAR_* extensions: variance estimated from the sky noise "
             "(give the noise map separately, e.g. the ERR extension of the full product)",
+            VarianceEstimatedWarning,
         )
     planes = MaskPlanes()  # afw's defaults, as for any image: DQ flags land on them
     flags = None

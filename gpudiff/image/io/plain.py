@@ -16,7 +16,7 @@ import numpy as np
 
 from ..exposure import Exposure
 from ..maskplanes import MaskPlanes
-from ._common import gain_from, log, plane, warn
+from ._common import VarianceEstimatedWarning, gain_from, log, plane, warn
 
 __all__ = ["estimate_variance", "variance_plane", "assemble"]
 
@@ -68,6 +68,7 @@ def variance_plane(path: str, var_hdu, image, metadata, layout: str) -> np.ndarr
         path,
         f"{layout} file without a VARIANCE HDU: variance estimated from the sky noise "
         f"(sigma {sigma:.4g})",
+        VarianceEstimatedWarning,
     )
     return variance
 
