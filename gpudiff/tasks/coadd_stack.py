@@ -20,6 +20,7 @@ import numpy as np
 from ..backend import Backend
 from ..backend.kernels import clipped_stack
 from ..image import Box, MaskedImage, MaskPlanes
+from . import coadd_fused as fused
 from .coadd_warps import read_padded, stream_map
 
 if TYPE_CHECKING:  # only for annotations: assemble_coadd imports this module
@@ -267,7 +268,9 @@ def _stack_one_band(
     t = time.perf_counter() - ta
     stack = stack_band(be, cfg, plan.bits, bands, plan.weights)
     packed = None
-    if cfg.do_input_map:  # packed here, in the worker: the bands' bits are independent
+    if cfg.do_input_map and be.is_gpu:
+        packed = fused.packed_input_map(be, stack.contributing, plan.active, plan.n_inputs)
+    elif cfg.do_input_map:  # packed here, in the worker: the bands' bits are independent
         packed = be.xp.zeros(((plan.n_inputs + 7) // 8,) + box.shape, dtype=be.xp.uint8)
         for j, i in enumerate(plan.active):
             packed[i // 8] |= stack.contributing[j].astype(be.xp.uint8) << np.uint8(i % 8)
@@ -372,16 +375,22 @@ def stack_band(
     w64 = w.astype(np.float64)
     online = cfg.statistic == "MEAN" and cfg.do_online_for_mean
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        valid = xp.empty((n,) + shape, dtype=bool)
-        for k, b in enumerate(bands):
-            valid[k] = ((b.mask & and_mask) == 0) & xp.isfinite(b.image) & xp.isfinite(b.variance)
-        if online:
-            red = _online_mean(backend, bands, valid, w64)
+        if backend.is_gpu:
+            # the same reductions on the stacked band: launches per band independent of N
+            valid, red, mask = _stack_band_fused(backend, cfg, bits, bands, w, w64, online)
         else:
-            red = _stacked_statistic(backend, cfg, bands, valid, w, w64)
+            valid = xp.empty((n,) + shape, dtype=bool)
+            for k, b in enumerate(bands):
+                valid[k] = (
+                    ((b.mask & and_mask) == 0) & xp.isfinite(b.image) & xp.isfinite(b.variance)
+                )
+            if online:
+                red = _online_mean(backend, bands, valid, w64)
+            else:
+                red = _stacked_statistic(backend, cfg, bands, valid, w, w64)
+            mask = _band_mask(backend, cfg, bits, bands, valid, red.used, w64)
         mean, var_out, used = red.mean, red.variance, red.used
         n_used = used.sum(axis=0)
-        mask = _band_mask(backend, cfg, bits, bands, valid, used, w64)
         none = n_used == 0
         var_out = xp.where(none, xp.inf, var_out)
         mean = xp.where(none, xp.nan, mean)
@@ -396,6 +405,30 @@ def stack_band(
     )
 
 
+def _stack_band_fused(
+    be: Backend,
+    cfg: AssembleCoaddConfig,
+    bits: CoaddBits,
+    bands: Sequence[WarpBand],
+    w: np.ndarray,
+    w64: np.ndarray,
+    online: bool,
+):
+    """(valid, reduction, mask) of one band from its stacked (N, h, W) planes (a device)."""
+    xp = be.xp
+    images = xp.stack([b.image for b in bands])
+    variances = xp.stack([b.variance for b in bands])
+    masks = xp.stack([b.mask for b in bands])
+    valid = fused.stacked_valid(xp, images, variances, masks, bits.and_mask)
+    if online:
+        mean, var = fused.stacked_online_mean(be, images, variances, valid, w64)
+        red = _Reduction(mean, var, valid)
+    else:
+        red = _stacked_statistic(be, cfg, bands, valid, w, w64, stacked=(images, variances))
+    mask = fused.stacked_band_mask(be, cfg, bits, images, masks, valid, red.used, w64)
+    return valid, red, mask
+
+
 def _stacked_statistic(
     be: Backend,
     cfg: AssembleCoaddConfig,
@@ -403,10 +436,12 @@ def _stacked_statistic(
     valid,
     w: np.ndarray,
     w64: np.ndarray,
+    stacked: tuple | None = None,
 ) -> _Reduction:
-    """MEANCLIP, MEAN or MEDIAN of the N-deep stack of the band, and its variance."""
+    """MEANCLIP, MEAN or MEDIAN of the N-deep stack of the band, and its variance
+    (``stacked``: the band's (images, variances) already stacked, on a device)."""
     xp = be.xp
-    data = xp.stack([b.image for b in bands])
+    data = xp.stack([b.image for b in bands]) if stacked is None else stacked[0]
     if cfg.statistic == "MEANCLIP":
         mean, _, _, used = clipped_stack(
             data,
@@ -425,7 +460,10 @@ def _stacked_statistic(
             wu = xp.where(used, be.asarray(w64)[:, None, None], 0.0)
             mean = ((wu * data).sum(axis=0) / wu.sum(axis=0)).astype(xp.float32)
             del wu
-    var_out = _propagated_variance(be, cfg, bands, used, w64, data, mean)
+    if stacked is None:
+        var_out = _propagated_variance(be, cfg, bands, used, w64, data, mean)
+    else:
+        var_out = fused.stacked_variance(be, cfg, stacked[1], used, w64, data, mean)
     return _Reduction(mean, var_out, used)
 
 
