@@ -113,3 +113,30 @@ def test_packed_input_map_sets_one_bit_per_contributing_input():
     absent = [i for i in range(18) if i not in active]
     for i in absent:
         assert not ((got[i // 8] >> (i % 8)) & 1).any()
+
+
+def test_batched_warp_weights_equal_the_one_warp_weights():
+    """weigh_inputs on a device clips all warps' variance samples as the columns of one
+    stack; the weights equal warp_weight's to float32 rounding, for warps of different
+    sizes (padded columns), a sampled warp, and an all-NaN warp (weight 0, same reason)."""
+    from gpudiff.image import Exposure
+    from gpudiff.tasks.coadd_inputs import warp_sources, warp_weight, weigh_inputs
+
+    rng = np.random.default_rng(4)
+    planes, _ = _bands(1)
+    warps = []
+    for k, shape in enumerate([(40, 50), (30, 50), (40, 50), (25, 20)]):
+        var = rng.gamma(20.0, 1.0 + k, shape).astype(np.float32)
+        var[rng.random(shape) < 0.02] *= 50.0  # outliers the clipping must drop
+        img = rng.normal(0.0, 1.0, shape).astype(np.float32)
+        if k == 3:
+            img[:] = np.nan
+        mask = np.where(rng.random(shape) < 0.1, planes.bitmask("BAD"), 0).astype(np.int32)
+        warps.append(Exposure.from_arrays(img, var, mask, mask_planes=planes.copy()))
+    cfg = AssembleCoaddConfig(max_weight_samples=1000)  # the 40 x 50 warps are sampled
+    one = [warp_weight(cfg, get_backend("numpy"), s) for s in warp_sources(warps)]
+    batched = weigh_inputs(cfg, _stacked_numpy(), warps)
+    np.testing.assert_allclose(batched.weights, [w.weight for w in one], rtol=1e-6)
+    assert batched.weights[3] == 0 and one[3].reason == "every pixel is NaN"
+    assert batched.skipped == {"input 3": "every pixel is NaN"}
+    assert np.all(batched.weights[:3] > 0)
