@@ -140,3 +140,76 @@ def test_batched_warp_weights_equal_the_one_warp_weights():
     assert batched.weights[3] == 0 and one[3].reason == "every pixel is NaN"
     assert batched.skipped == {"input 3": "every pixel is NaN"}
     assert np.all(batched.weights[:3] > 0)
+
+
+def _artifact_warps(n=6, shape=(64, 72), seed=8):
+    """PSF-matched warps with a static source, transients in single epochs at the top and
+    bottom edges (in the stacked layout, warp 0's top row and warp 1's bottom row face
+    each other across the empty rows), a satellite-like bar and a no-data corner."""
+    from gpudiff.image import Exposure, GaussianPsf
+
+    rng = np.random.default_rng(seed)
+    H, W = shape
+    yy, xx = np.mgrid[:H, :W]
+    planes, _ = _bands(1)
+
+    def blob(x, y, f, s=2.0):
+        return f / (2 * np.pi * s * s) * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s * s))
+
+    warps = []
+    for k in range(n):
+        img = 50.0 + rng.normal(0.0, 3.0, shape) + blob(30, 30, 2e4)
+        mask = np.zeros(shape, np.int32)
+        if k == 0:  # on the top row, above warp 1's first one across the empty rows
+            img += blob(10, H - 1, 3e3)
+        if k == 1:
+            img += blob(10, 1, 3e3) + blob(20, 1, 3e3)  # two transients on the bottom row
+        if k == 2:
+            img += blob(60, H - 2, 4e3)  # on the top row
+            img[40:42, 5:60] += 80.0  # a trail
+        if k == 3:
+            img -= blob(50, 12, 3e3)  # a negative one
+            img[:8, :8] = np.nan
+            mask[:8, :8] = planes.bitmask("NO_DATA")
+        warps.append(
+            Exposure.from_arrays(
+                img.astype(np.float32),
+                np.full(shape, 9.0, np.float32),
+                mask,
+                mask_planes=planes.copy(),
+                psf=GaussianPsf(sigma=2.0, size=15),
+            )
+        )
+    return warps
+
+
+def test_stacked_artifact_pass_equals_the_per_warp_pass():
+    """CompareWarp pass 1 over all warps in one tall layout finds, per warp, the same
+    candidate pixels grouped into the same footprints, the same no-data pixels and the
+    same count images and statistics as the per-warp pass."""
+    from gpudiff.tasks import AssembleCoaddConfig, AssembleCoaddTask, CompareWarpAssembleCoaddTask
+    from gpudiff.tasks.coadd_warps import as_warp
+    from gpudiff.tasks.compare_warp_stacked import stacked_warp_artifacts
+
+    warps = _artifact_warps()
+    matched = [as_warp(w, name=f"m{i}") for i, w in enumerate(warps)] + [None]
+    model = AssembleCoaddTask(AssembleCoaddConfig(statistic="MEDIAN")).run(matched).coadd_exposure
+    task = CompareWarpAssembleCoaddTask(backend="numpy")
+    got = stacked_warp_artifacts(task, model, None, matched)
+    want = [task._warp_artifacts(model, None, s) if s is not None else None for s in matched]
+    assert got.records[-1] is None and want[-1] is None
+    n_cand = 0
+    for rec, w in zip(got.records[:-1], want[:-1]):
+        np.testing.assert_array_equal(rec.indices, w.candidates.indices)
+        np.testing.assert_array_equal(rec.no_data, w.candidates.no_data)
+        # the same partition of the pixels into footprints (label numbers differ)
+        _, a = np.unique(rec.labels, return_inverse=True)
+        _, b = np.unique(w.candidates.labels, return_inverse=True)
+        np.testing.assert_array_equal(a, b)
+        n_cand += w.n_candidates
+    assert got.n_candidates == n_cand > 4  # the transients and the trail were found
+    assert got.n_prefiltered == sum(w.n_prefiltered for w in want[:-1])
+    np.testing.assert_array_equal(got.n_image, sum(w.counted for w in want[:-1]))
+    epoch = sum(w.footprints.astype(np.int32) for w in want[:-1] if w.footprints is not None)
+    np.testing.assert_array_equal(got.epoch, epoch)
+    assert got.records[1].indices.size and got.records[2].indices.size

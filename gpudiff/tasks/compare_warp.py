@@ -39,6 +39,7 @@ from ..image import Box, Exposure, MaskedImage
 from ..ops.detection import detect_sources
 from ..ops.footprints import dilate_disk as _dilate_disk
 from ..ops.footprints import drop_small as _drop_small
+from .compare_warp_stacked import stacked_warp_artifacts
 from .artifact_filter import (
     ArtifactCandidates,
     FilteredArtifacts,
@@ -341,23 +342,32 @@ class CompareWarpAssembleCoaddTask:
         )
         records: list = []
         n_cand = n_prefiltered = 0
-        # On the CPU one thread per core works on its own warp (NumPy releases the GIL in
-        # its loops) and returns its counts; only this loop adds them up, and the integer
-        # accumulators make the result independent of the order.
-        worker = functools.partial(self._warp_artifacts, model, scaler)
-        workers = cpu_workers(len(matched), 4, parallel=not be.is_gpu)
-        for found in stream_map(worker, matched, workers):
-            if found is None:  # a missing warp, or one that does not reach the coadd box
-                records.append(None)
-                continue
-            n_image += found.counted
-            if found.edge is not None:
-                edge_any |= found.edge
-            if found.footprints is not None:
-                epoch += found.footprints.astype(xp.int32)
-            n_cand += found.n_candidates
-            n_prefiltered += found.n_prefiltered
-            records.append(found.candidates)
+        stacked = stacked_warp_artifacts(self, model, scaler, matched) if be.is_gpu else None
+        if stacked is not None:  # a device: all warps in one pass, a few syncs in all
+            records, n_cand, n_prefiltered = (
+                stacked.records,
+                stacked.n_candidates,
+                stacked.n_prefiltered,
+            )
+            epoch, n_image, edge_any = stacked.epoch, stacked.n_image, stacked.edge_any
+        else:
+            # On the CPU one thread per core works on its own warp (NumPy releases the GIL in
+            # its loops) and returns its counts; only this loop adds them up, and the integer
+            # accumulators make the result independent of the order.
+            worker = functools.partial(self._warp_artifacts, model, scaler)
+            workers = cpu_workers(len(matched), 4, parallel=not be.is_gpu)
+            for found in stream_map(worker, matched, workers):
+                if found is None:  # a missing warp, or one that does not reach the coadd box
+                    records.append(None)
+                    continue
+                n_image += found.counted
+                if found.edge is not None:
+                    edge_any |= found.edge
+                if found.footprints is not None:
+                    epoch += found.footprints.astype(xp.int32)
+                n_cand += found.n_candidates
+                n_prefiltered += found.n_prefiltered
+                records.append(found.candidates)
         filtered = self._filter(records, epoch, n_image, template_fp)
         stats = dict(
             n_artifact_candidates=n_cand,

@@ -1,0 +1,156 @@
+"""CompareWarp's pass 1 for all PSF-matched warps at once, on a device (docs/algorithms.md
+§10.5 steps 2–3).
+
+The per-warp pass (:meth:`~gpudiff.tasks.compare_warp.CompareWarpAssembleCoaddTask._warp_artifacts`)
+labels each warp − model difference twice (per polarity) and its grown union once, counts
+the footprints and fetches its candidates: ~10 host syncs per warp, 200 of the 400 syncs of
+a 20-warp CompareWarp coadd (``bench/bench_device_counts.py``).  Here the N warps' planes
+are laid one under the other in one tall image, separated by empty rows at least as many
+as the growing radius, so that one labelling, one size cut, one dilation and one
+labelling serve every warp and polarity; a footprint cannot cross the empty rows (they
+are background for the 8-connected labelling and wider than the disk).  The candidates of
+all warps cross to the host in one transfer and are split there by warp.
+
+The footprints are the per-warp pass's exactly (labelling, the ``min_pixels`` cut and the
+disk dilation act on each plane alone); labels are numbered across the whole stack, which
+:func:`~gpudiff.tasks.artifact_filter.filter_artifacts` does not mind (it groups a warp's
+pixels by label).  ``tests/test_device_discipline.py`` compares the CompareWarp coadd on
+the strict fake device with the NumPy one, and ``tests/test_coadd_fused.py`` the candidates.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import GpudiffError
+from ..ops.footprints import dilate_disk
+from .artifact_filter import ArtifactCandidates
+from .coadd_warps import read_padded
+
+__all__ = ["StackedArtifacts", "stacked_warp_artifacts"]
+
+log = logging.getLogger("gpudiff.tasks.compare_warp")
+
+
+@dataclass(frozen=True)
+class StackedArtifacts:
+    """Pass 1 over all warps: per-warp candidate records (None for a missing warp) and the
+    summed count images, as :meth:`find_artifacts`'s loop accumulates them."""
+
+    records: list
+    epoch: Any
+    n_image: Any
+    edge_any: Any
+    n_candidates: int
+    n_prefiltered: int
+
+
+def _grow_of(cfg, psf) -> int:
+    return int(cfg.n_sigma_to_grow * psf.determinant_radius() + 0.5) if psf is not None else 0
+
+
+def stacked_warp_artifacts(task, model, scaler, matched: Sequence[Any]) -> StackedArtifacts | None:
+    """Pass 1 of :meth:`CompareWarpAssembleCoaddTask.find_artifacts` on the stacked warps.
+
+    Returns None (the caller then walks the warps one by one) when the warps would be
+    grown by different radii (PSF-matched warps share one PSF, so they normally agree).
+    """
+    be, cfg = task.backend, task.config
+    xp = be.xp
+    det_cfg = cfg.detect
+    H, W = model.bbox.shape
+    present = []
+    for j, src in enumerate(matched):
+        mi = read_padded(src, model.bbox, be) if src is not None else None
+        if mi is not None:
+            present.append((j, src, mi))
+    grows = {
+        _grow_of(det_cfg, src.psf if src.psf is not None else model.psf) for _, src, _ in present
+    }
+    if len(grows) > 1:
+        return None
+    records: list = [None] * len(matched)
+    epoch = xp.zeros((H, W), dtype=xp.int32)
+    n_image = xp.zeros((H, W), dtype=xp.int32)
+    edge_any = xp.zeros((H, W), dtype=bool)
+    if not present:
+        return StackedArtifacts(records, epoch, n_image, edge_any, 0, 0)
+    grow = grows.pop()
+    gap = max(grow, 1)
+    n = len(present)
+    snr = xp.zeros((n, H + gap, W), dtype=xp.float32)  # the tall layout, empty rows below
+    prebad = xp.zeros((n, H + gap, W), dtype=bool)
+    nodata = xp.empty((n, H, W), dtype=bool)
+    for k, (_, src, mi) in enumerate(present):
+        var = mi.variance
+        if scaler is not None:
+            try:
+                var = var * np.float32(scaler.run(mi))
+            except GpudiffError as exc:
+                log.warning(
+                    "CompareWarp: ScaleVariance of %s failed (%s); variance kept", src.name, exc
+                )
+        planes = mi.mask_planes
+        diff_img = mi.image - model.image
+        diff_var = var + model.variance
+        finite = xp.isfinite(diff_img)
+        nodata[k] = ~finite
+        bad = np.int32(planes.bitmask_if_present(list(cfg.bad_mask_planes)))
+        n_image += (finite & ((mi.mask & bad) == 0)).astype(xp.int32)
+        edge_bit = planes.bitmask_if_present("EDGE")
+        if edge_bit:
+            edge_any |= (mi.mask & np.int32(edge_bit)) != 0
+        if cfg.do_prefilter_artifacts:
+            pre = np.int32(planes.bitmask_if_present(list(cfg.prefilter_artifacts_mask_planes)))
+            prebad[k, :H] = (mi.mask & pre) != 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ok = finite & xp.isfinite(diff_var) & (diff_var > 0)
+            snr[k, :H] = xp.where(ok, diff_img / xp.sqrt(xp.where(ok, diff_var, 1.0)), 0.0)
+    eight = be.asarray(np.ones((3, 3), dtype=bool))
+    tall = (n * (H + gap), W)
+    t = float(det_cfg.threshold_value)
+    both = det_cfg.polarity == "both"
+    # per polarity, footprints with fewer than min_pixels dropped before growing
+    above = xp.concatenate([snr >= t, snr <= -t]) if both else snr >= t
+    lab, nlab = be.ndimage.label(above.reshape(-1, W), structure=eight)
+    keep = xp.bincount(lab.ravel(), minlength=int(nlab) + 1) >= int(det_cfg.min_pixels)
+    keep[0] = False
+    on = keep[lab].reshape(above.shape)
+    on = on[:n] | on[n:] if both else on
+    if grow > 0:
+        on = dilate_disk(be, on.reshape(tall), grow).reshape(on.shape)
+        # what grew into the empty rows is outside the warp (the per-warp dilation drops
+        # it at the image edge); cleared, it cannot join footprints along the edge
+        on[:, H:] = False
+    labels, nfp = be.ndimage.label(on.reshape(tall), structure=eight)
+    nfp = int(nfp)
+    labels = labels.reshape(n, H + gap, W)
+    keep = xp.ones(nfp + 1, dtype=bool)
+    keep[0] = False
+    if cfg.do_prefilter_artifacts:
+        flat = labels.ravel()
+        area = xp.bincount(flat, minlength=nfp + 1)
+        good = xp.bincount(flat, weights=(~prebad).ravel(), minlength=nfp + 1)
+        keep &= good > cfg.prefilter_artifacts_ratio * xp.maximum(area, 1)
+    fp = keep[labels[:, :H]]
+    epoch += fp.sum(axis=0, dtype=xp.int32)
+    idx = xp.flatnonzero(fp)
+    nd = xp.flatnonzero(nodata)
+    host = be.asnumpy(xp.concatenate([idx, labels[:, :H].ravel()[idx], nd, keep.sum()[None]]))
+    m = idx.size
+    idx_h, lab_h, nd_h, n_kept = host[:m], host[m : 2 * m], host[2 * m : -1], int(host[-1])
+    npix = H * W
+    cut = np.searchsorted(idx_h, np.arange(n + 1) * npix)
+    cut_nd = np.searchsorted(nd_h, np.arange(n + 1) * npix)
+    for k, (j, _, _) in enumerate(present):
+        a, b = cut[k], cut[k + 1]
+        records[j] = ArtifactCandidates(
+            idx_h[a:b] - k * npix,
+            lab_h[a:b].astype(np.int64),
+            nd_h[cut_nd[k] : cut_nd[k + 1]] - k * npix,
+        )
+    return StackedArtifacts(records, epoch, n_image, edge_any, nfp, nfp - n_kept)
