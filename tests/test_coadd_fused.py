@@ -183,13 +183,18 @@ def _artifact_warps(n=6, shape=(64, 72), seed=8):
     return warps
 
 
-def test_stacked_artifact_pass_equals_the_per_warp_pass():
-    """CompareWarp pass 1 over all warps in one tall layout finds, per warp, the same
-    candidate pixels grouped into the same footprints, the same no-data pixels and the
-    same count images and statistics as the per-warp pass."""
+@pytest.mark.parametrize("per_batch", [None, 2, 4])
+def test_stacked_artifact_pass_equals_the_per_warp_pass(per_batch, monkeypatch):
+    """CompareWarp pass 1 over all warps in one tall layout (or in batches of warps) finds,
+    per warp, the same candidate pixels grouped into the same footprints, the same no-data
+    pixels and the same count images and statistics as the per-warp pass."""
     from gpudiff.tasks import AssembleCoaddConfig, AssembleCoaddTask, CompareWarpAssembleCoaddTask
+    from gpudiff.tasks import compare_warp_stacked
     from gpudiff.tasks.coadd_warps import as_warp
     from gpudiff.tasks.compare_warp_stacked import stacked_warp_artifacts
+
+    if per_batch is not None:
+        monkeypatch.setattr(compare_warp_stacked, "MAX_STACK_PIXELS", per_batch * 64 * 72)
 
     warps = _artifact_warps()
     matched = [as_warp(w, name=f"m{i}") for i, w in enumerate(warps)] + [None]

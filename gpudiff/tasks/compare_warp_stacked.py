@@ -53,33 +53,57 @@ def _grow_of(cfg, psf) -> int:
     return int(cfg.n_sigma_to_grow * psf.determinant_radius() + 0.5) if psf is not None else 0
 
 
+#: Pixels of warp planes stacked at once (2²⁸: 16 warps of 4096², ~6 GB of temporaries in
+#: the labelling); more warps are taken in several such batches.
+MAX_STACK_PIXELS = 1 << 28
+
+
 def stacked_warp_artifacts(task, model, scaler, matched: Sequence[Any]) -> StackedArtifacts | None:
     """Pass 1 of :meth:`CompareWarpAssembleCoaddTask.find_artifacts` on the stacked warps.
 
     Returns None (the caller then walks the warps one by one) when the warps would be
     grown by different radii (PSF-matched warps share one PSF, so they normally agree).
     """
+    xp = task.backend.xp
+    H, W = model.bbox.shape
+    given = [(j, src) for j, src in enumerate(matched) if src is not None]
+    grows = {
+        _grow_of(task.config.detect, src.psf if src.psf is not None else model.psf)
+        for _, src in given
+    }
+    if len(grows) > 1:
+        return None
+    grow = next(iter(grows), 0)
+    out = StackedArtifacts(
+        [None] * len(matched),
+        xp.zeros((H, W), dtype=xp.int32),
+        xp.zeros((H, W), dtype=xp.int32),
+        xp.zeros((H, W), dtype=bool),
+        0,
+        0,
+    )
+    per_batch = max(1, MAX_STACK_PIXELS // (H * W))
+    n_cand = n_pre = 0
+    for b0 in range(0, len(given), per_batch):
+        present = []
+        for j, src in given[b0 : b0 + per_batch]:
+            mi = read_padded(src, model.bbox, task.backend)
+            if mi is not None:  # None: the warp does not reach the coadd box
+                present.append((j, src, mi))
+        if present:
+            c, p = _batch(task, model, scaler, present, grow, out)
+            n_cand, n_pre = n_cand + c, n_pre + p
+    return StackedArtifacts(out.records, out.epoch, out.n_image, out.edge_any, n_cand, n_pre)
+
+
+def _batch(task, model, scaler, present: list, grow: int, out: StackedArtifacts):
+    """One batch of warps through the tall layout; records and count images go into
+    ``out``.  Returns (candidate footprints, prefiltered footprints)."""
     be, cfg = task.backend, task.config
     xp = be.xp
     det_cfg = cfg.detect
     H, W = model.bbox.shape
-    present = []
-    for j, src in enumerate(matched):
-        mi = read_padded(src, model.bbox, be) if src is not None else None
-        if mi is not None:
-            present.append((j, src, mi))
-    grows = {
-        _grow_of(det_cfg, src.psf if src.psf is not None else model.psf) for _, src, _ in present
-    }
-    if len(grows) > 1:
-        return None
-    records: list = [None] * len(matched)
-    epoch = xp.zeros((H, W), dtype=xp.int32)
-    n_image = xp.zeros((H, W), dtype=xp.int32)
-    edge_any = xp.zeros((H, W), dtype=bool)
-    if not present:
-        return StackedArtifacts(records, epoch, n_image, edge_any, 0, 0)
-    grow = grows.pop()
+    epoch, n_image, edge_any = out.epoch, out.n_image, out.edge_any  # added to in place
     gap = max(grow, 1)
     n = len(present)
     snr = xp.zeros((n, H + gap, W), dtype=xp.float32)  # the tall layout, empty rows below
@@ -148,9 +172,9 @@ def stacked_warp_artifacts(task, model, scaler, matched: Sequence[Any]) -> Stack
     cut_nd = np.searchsorted(nd_h, np.arange(n + 1) * npix)
     for k, (j, _, _) in enumerate(present):
         a, b = cut[k], cut[k + 1]
-        records[j] = ArtifactCandidates(
+        out.records[j] = ArtifactCandidates(
             idx_h[a:b] - k * npix,
             lab_h[a:b].astype(np.int64),
             nd_h[cut_nd[k] : cut_nd[k + 1]] - k * npix,
         )
-    return StackedArtifacts(records, epoch, n_image, edge_any, nfp, nfp - n_kept)
+    return nfp, nfp - n_kept
