@@ -842,3 +842,262 @@ def test_stamp_kernels_registered_and_validated(rng):
         K.adaptive_moments_twin(np.zeros((3, 5, 6)), np.ones((3, 5, 6), bool), 2.0)
     with pytest.raises(ShapeMismatchError):
         K.weighted_centroid_twin(np.zeros((3, 5, 5)), np.zeros(2), np.zeros(3), 1.0)
+
+
+# ----------------------------------------------------------------------------------------
+# clipped_columns: deep columns (background bins, the whole-image clip), sort-free
+# ----------------------------------------------------------------------------------------
+
+
+def _deep_columns(seed: int, n: int = 3000, b: int = 12):
+    """Columns of sky noise with outliers, ties, ±0, non-finite samples marked good, and
+    the awkward columns: nothing usable, one sample, two, all equal."""
+    rng = np.random.default_rng(seed)
+    data = rng.normal(10.0, 2.0, (n, b)).astype(np.float32)
+    data[rng.random((n, b)) < 0.03] += 300.0
+    data[rng.random((n, b)) < 0.01] -= 80.0
+    good = rng.random((n, b)) > 0.25
+    good[:, 0] = False  # nothing usable
+    good[:, 1] = False
+    good[7, 1] = True  # a single sample
+    good[:, 2] = False
+    good[[3, n - 1], 2] = True  # two samples
+    data[:, 3] = 7.25  # all equal: zero width
+    data[::17, 4] = np.nan  # non-finite samples marked good: dropped all the same
+    data[::23, 5] = np.inf
+    data[:, 6] = np.round(data[:, 6])  # ties at the quartiles
+    data[::5, 7] = 0.0
+    data[1::5, 7] = -0.0
+    return data, good
+
+
+def _sorted_reference(data, good, nsigma, niter):
+    """afw MEANCLIP per column from the sorted valid samples, plain float64 loops."""
+    out = []
+    for c in range(data.shape[1]):
+        col = data[:, c]
+        ok = good[:, c] & np.isfinite(col)
+        m, v, nu, _ = afw_meanclip_pixel(col, ~ok, None, nsigma, niter)
+        out.append((m, v, nu, int(good[:, c].sum())))
+    return [np.array(x) for x in zip(*out)]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("nsigma,niter", [(3.0, 3), (2.5, 1), (3.0, 5)])
+def test_clipped_columns_twin_is_clipped_stack_and_afw(seed, nsigma, niter):
+    """The twin gives clipped_stack's bits (today's CPU path) and afw's numbers from the
+    sorted samples; the kernel is registered with it."""
+    data, good = _deep_columns(seed)
+    m, v, nu, ng = K.get_kernel("clipped_columns", "numpy")(data, good, nsigma, niter)
+    rm, rv, rnu = R.clipped_stack(data, ~good, None, nsigma, niter)
+    np.testing.assert_array_equal(m, rm)
+    np.testing.assert_array_equal(v, rv)
+    np.testing.assert_array_equal(nu, rnu)
+    np.testing.assert_array_equal(ng, good.sum(axis=0))
+    sm, sv, snu, sng = _sorted_reference(data, good, nsigma, niter)
+    np.testing.assert_array_equal(nu, snu)
+    np.testing.assert_array_equal(ng, sng)
+    assert_same(m, sm, rtol=1e-6)
+    assert_same(v, sv, rtol=1e-5)
+    assert np.isnan(m[0]) and nu[0] == 0 and m[1] == data[7, 1] and np.isnan(v[1])
+    assert v[3] == 0 and m[3] == np.float32(7.25)
+
+
+def test_clipped_columns_registered_and_validated():
+    spec = K.get_spec("clipped_columns")
+    assert spec.numpy_impl is R.clipped_columns and spec.symbols == ("clipped_columns_f32",)
+    assert "clipped_columns_f32" in K.read_cuda_source(spec.source)
+    data, good = _deep_columns(0, 40)
+    with pytest.raises(ShapeMismatchError):
+        R.clipped_columns(data, good[:, :2])
+    with pytest.raises(InvalidInputError):
+        R.clipped_columns(data[:, 0], good[:, 0])
+    for kw in (dict(nsigma=0.0), dict(nsigma=np.inf), dict(niter=0)):
+        with pytest.raises(InvalidInputError):
+            R.clipped_columns(data, good, **{"nsigma": 3.0, "niter": 3, **kw})
+
+
+_COLS_HARNESS = r"""
+#include "{src}"
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+template <typename T> static std::vector<T> slurp(const char* path, size_t n) {{
+    std::vector<T> v(n);
+    FILE* f = std::fopen(path, "rb");
+    if (!f || std::fread(v.data(), sizeof(T), n, f) != n) {{ std::fprintf(stderr, "read %s\n", path); std::exit(2); }}
+    std::fclose(f);
+    return v;
+}}
+template <typename T> static void spit(const char* path, const std::vector<T>& v) {{
+    FILE* f = std::fopen(path, "wb");
+    std::fwrite(v.data(), sizeof(T), v.size(), f);
+    std::fclose(f);
+}}
+
+// DIR N B NSPLIT NSIGMA NITER GOOD_IS_FINITE COLUMN_MAJOR: every phase, every column, the
+// blocks of a column in order, one thread per block (gd_cc's host build).
+int main(int argc, char** argv) {{
+    if (argc < 9) return 2;
+    const char* d = argv[1];
+    const long long n = std::atoll(argv[2]);
+    const int B = std::atoi(argv[3]), nsplit = std::atoi(argv[4]);
+    const double nsigma = std::atof(argv[5]);
+    const int niter = std::atoi(argv[6]), gif = std::atoi(argv[7]), cmaj = std::atoi(argv[8]);
+    char path[4096];
+    std::snprintf(path, sizeof path, "%s/data.bin", d); auto data = slurp<float>(path, n * B);
+    std::snprintf(path, sizeof path, "%s/good.bin", d); auto good = slurp<unsigned char>(path, n * B);
+    const long long ss = cmaj ? 1 : B, sc = cmaj ? n : 1;
+    std::vector<unsigned int> ghist((size_t)B * gd_cc::kRanks * gd_cc::kBins, 0u);
+    std::vector<long long> st_i((size_t)B * gd_cc::kSI, 0);
+    std::vector<double> st_d((size_t)B * gd_cc::kSD, 0.0), part((size_t)B * nsplit * 2);
+    std::vector<float> mean(B), var(B);
+    std::vector<int> nu(B);
+    std::vector<long long> ng(B);
+    const gd_cc::Args a{{data.data(), good.data(), n, ss, sc, ss, sc, nsplit, nsigma, niter, gif,
+                         ghist.data(), st_i.data(), st_d.data(), part.data(), mean.data(),
+                         var.data(), nu.data(), ng.data()}};
+    std::vector<unsigned int> sh_hist(gd_cc::kRanks * gd_cc::kBins);
+    long long sh_i[32];
+    double sh_d[32];
+    int flag = 0;
+    const gd_cc::Block blk{{0, 1, sh_hist.data(), sh_i, sh_d, &flag}};
+    for (int ph = 0; ph < gd_cc::kSelectPhases + niter; ++ph)
+        for (int c = 0; c < B; ++c)
+            for (int g = 0; g < nsplit; ++g) gd_cc::run_phase(blk, a, c, g, ph);
+    std::snprintf(path, sizeof path, "%s/mean.bin", d); spit(path, mean);
+    std::snprintf(path, sizeof path, "%s/var.bin", d); spit(path, var);
+    std::snprintf(path, sizeof path, "%s/n.bin", d); spit(path, nu);
+    std::snprintf(path, sizeof path, "%s/ng.bin", d); spit(path, ng);
+    return 0;
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def cols_harness(tmp_path_factory):
+    """cuda/clipped_columns.cu's block code compiled for the CPU with nvcc."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed")
+    d = tmp_path_factory.mktemp("cols_harness")
+    src = d / "harness.cu"
+    src.write_text(_COLS_HARNESS.format(src=K.cuda_source_dir() / "clipped_columns.cu"))
+    exe = d / "harness"
+    proc = subprocess.run(
+        ["nvcc", "-std=c++17", "-O2", "-o", str(exe), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    if proc.returncode != 0:
+        pytest.fail("host build of clipped_columns.cu failed:\n" + proc.stdout + proc.stderr)
+    return exe
+
+
+def _run_cols_harness(exe, tmp_path, data, good, nsplit, nsigma, niter, gif, column_major):
+    n, b = data.shape
+    (np.ascontiguousarray(data.T) if column_major else data).tofile(tmp_path / "data.bin")
+    g8 = good.astype(np.uint8)
+    (np.ascontiguousarray(g8.T) if column_major else g8).tofile(tmp_path / "good.bin")
+    args = [n, b, nsplit, repr(nsigma), niter, int(gif), int(column_major)]
+    subprocess.run([str(exe), str(tmp_path), *map(str, args)], check=True, timeout=120)
+    return (
+        np.fromfile(tmp_path / "mean.bin", np.float32),
+        np.fromfile(tmp_path / "var.bin", np.float32),
+        np.fromfile(tmp_path / "n.bin", np.int32),
+        np.fromfile(tmp_path / "ng.bin", np.int64),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "seed,nsplit,nsigma,niter,gif,column_major",
+    [
+        (0, 1, 3.0, 3, False, False),
+        (1, 1, 2.5, 1, False, True),
+        (2, 1, 3.0, 5, True, False),
+        (3, 4, 3.0, 3, False, True),
+        (4, 7, 2.0, 4, True, True),
+    ],
+)
+def test_clipped_columns_cuda_code_on_host(
+    cols_harness, tmp_path, seed, nsplit, nsigma, niter, gif, column_major
+):
+    """The kernel's radix select, phases and arrival-counter folds (one thread per block on
+    the host) against the twin: with one block per column the sums run in sample order, so
+    the bits are the twin's; split columns add per-chunk partials, float32-close."""
+    data, good = _deep_columns(seed, n=2001 + 37 * seed)
+    if gif:
+        good &= np.isfinite(data)
+    got = _run_cols_harness(
+        cols_harness, tmp_path, data, good, nsplit, nsigma, niter, gif, column_major
+    )
+    ref = R.clipped_columns(data, good, nsigma, niter, good_is_finite=gif)
+    np.testing.assert_array_equal(got[2], ref[2])
+    np.testing.assert_array_equal(got[3], ref[3])
+    if nsplit == 1:
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1], ref[1])
+    else:
+        assert_same(got[0], ref[0], rtol=1e-6)
+        assert_same(got[1], ref[1], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_clipped_columns_cuda_code_on_host_one_deep_column(cols_harness, tmp_path, rng):
+    """The whole-image case: one column of 2²⁰ samples split over 16 blocks, against a
+    sorted reference (numpy.percentile quartiles and the afw passes in float64)."""
+    n = 1 << 20
+    x = rng.normal(100.0, 7.0, n).astype(np.float32)
+    x[rng.random(n) < 0.02] = 1e5
+    good = rng.random(n) > 0.1
+    got = _run_cols_harness(
+        cols_harness, tmp_path, x[:, None], good[:, None], 16, 3.0, 3, True, True
+    )
+    ref = R.clipped_columns(x[:, None], good[:, None], 3.0, 3, good_is_finite=True)
+    assert got[2][0] == ref[2][0] and got[3][0] == good.sum()
+    assert got[0][0] == pytest.approx(float(ref[0][0]), rel=1e-6)
+    assert got[1][0] == pytest.approx(float(ref[1][0]), rel=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,b", [(1, 9), (37, 10), (16384, 64), (3000, 300), (1 << 21, 1)])
+@pytest.mark.parametrize("gif", [False, True])
+def test_gpu_clipped_columns_parity(n, b, gif):
+    """The CUDA kernel (one block per column, or a deep column split over blocks) against
+    the twin to float32 rounding, C-ordered and as a transposed view."""
+    import cupy
+
+    data, good = _deep_columns(n + b, max(n, 8), max(b, 8))
+    data, good = data[:n, :b], good[:n, :b]
+    if gif:
+        good = good & np.isfinite(data)
+    ref = R.clipped_columns(data, good, 3.0, 3, good_is_finite=gif)
+    f = K.get_kernel("clipped_columns", "cupy")
+    for d, g in (
+        (cupy.asarray(data), cupy.asarray(good)),
+        (cupy.asarray(data.T.copy()).T, cupy.asarray(good.T.copy()).T),
+    ):
+        got = [cupy.asnumpy(a) for a in f(d, g, 3.0, 3, good_is_finite=gif)]
+        assert [a.dtype for a in got] == [np.float32, np.float32, np.int32, np.int64]
+        np.testing.assert_array_equal(got[3], ref[3])
+        # a borderline sample may flip with the summation order: rare, and then ±1 survivor
+        assert np.mean(got[2] != ref[2]) <= 0.02
+        same = got[2] == ref[2]
+        assert_same(got[0][same], ref[0][same], rtol=2e-6)
+        assert_same(got[1][same], ref[1][same], rtol=2e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_clipped_columns_deterministic_and_no_var():
+    import cupy
+
+    data, good = _deep_columns(5, 1 << 18, 2)
+    f = K.get_kernel("clipped_columns", "cupy")
+    d, g = cupy.asarray(data), cupy.asarray(good)
+    a = [cupy.asnumpy(x) for x in f(d, g)]
+    b = f(d, g, want_var=False)
+    assert b[1] is None
+    np.testing.assert_array_equal(a[0], cupy.asnumpy(b[0]))
+    np.testing.assert_array_equal(a[2], cupy.asnumpy(b[2]))

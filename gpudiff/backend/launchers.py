@@ -126,6 +126,106 @@ register_kernel(
 
 
 # ----------------------------------------------------------------------------------------
+# kernel: clipped_columns
+# ----------------------------------------------------------------------------------------
+
+_COLS_BLOCK = 256  # threads per block of clipped_columns_f32
+#: Ranks, histogram bins and radix phases of cuda/clipped_columns.cu (gd_cc::kRanks ...).
+_COLS_RANKS, _COLS_BINS, _COLS_SELECT_PHASES = 6, 256, 4
+#: Per-column state words of the kernel (gd_cc::kSI int64, gd_cc::kSD float64).
+_COLS_SI, _COLS_SD = 16, 4
+#: Blocks the launcher aims for (a few per SM of an H100/H200) when columns are few: a
+#: column is then split over several blocks, each phase a launch of its own.
+_COLS_TARGET_BLOCKS = 512
+#: The fewest samples per block worth a split (below, the launches cost more than they save).
+_COLS_MIN_CHUNK = 1 << 14
+
+
+def _cols_split(n: int, ncols: int) -> int:
+    """Blocks per column: 1 (one launch for every phase) unless the columns are too few to
+    fill the device and deep enough to share (the whole-image clip: one column of H·W)."""
+    if ncols >= _COLS_TARGET_BLOCKS // 2 or n < 2 * _COLS_MIN_CHUNK:
+        return 1
+    return int(max(1, min(_blocks(_COLS_TARGET_BLOCKS, ncols), n // _COLS_MIN_CHUNK)))
+
+
+def _clipped_columns_cupy(data, good, nsigma=3.0, niter=3, *, want_var=True, good_is_finite=False):
+    """CuPy launcher of ``clipped_columns_f32``; same signature and semantics as
+    :func:`gpudiff.backend.reference.clipped_columns` (equal to float32 rounding: the
+    block reductions sum in another order).  Any strides: a column is read with its own."""
+    import cupy
+
+    d, gd = _dev(cupy, data), _dev(cupy, good)
+    _, nsigma, niter = reference.validate_clipped_columns(d, gd, nsigma, niter)
+    if d.dtype != cupy.float32:
+        d = d.astype(cupy.float32)
+    # bool and uint8 share the 1-byte layout; other dtypes become 0/1 bytes
+    g8 = gd.view(cupy.uint8) if gd.dtype == cupy.bool_ else (gd != 0).view(cupy.uint8)
+    n, ncols = (int(s) for s in d.shape)
+    mean = cupy.empty(ncols, dtype=cupy.float32)
+    var = cupy.empty(ncols, dtype=cupy.float32)
+    n_used = cupy.empty(ncols, dtype=cupy.int32)
+    n_good = cupy.empty(ncols, dtype=cupy.int64)
+    if ncols > 0:
+        nsplit = _cols_split(n, ncols)
+        # one zeroed workspace (one memset): int64 state, float64 state, histograms
+        n_si, n_sd = ncols * _COLS_SI, ncols * _COLS_SD
+        n_h = ncols * _COLS_RANKS * _COLS_BINS // 2  # uint32 pairs
+        ws = cupy.zeros(n_si + n_sd + n_h, dtype=cupy.int64)
+        st_i = ws[:n_si]
+        st_d = ws[n_si : n_si + n_sd].view(cupy.float64)
+        ghist = ws[n_si + n_sd :].view(cupy.uint32)
+        part = cupy.empty(ncols * nsplit * 2, dtype=cupy.float64)
+        fn = get_function("clipped_columns.cu", "clipped_columns_f32")
+        nphase = _COLS_SELECT_PHASES + niter
+        # with one block per column a launch runs every phase; split columns need a launch
+        # boundary between phases (their blocks fold each other's partial results)
+        spans = [(0, nphase)] if nsplit == 1 else [(p, p + 1) for p in range(nphase)]
+        for p0, p1 in spans:
+            fn(
+                (ncols * nsplit,),
+                (_COLS_BLOCK,),
+                (
+                    d,
+                    g8,
+                    np.int64(n),
+                    np.int32(ncols),
+                    np.int64(d.strides[0] // 4),
+                    np.int64(d.strides[1] // 4),
+                    np.int64(g8.strides[0]),
+                    np.int64(g8.strides[1]),
+                    np.int32(nsplit),
+                    np.float64(nsigma),
+                    np.int32(niter),
+                    np.int32(1 if good_is_finite else 0),
+                    np.int32(p0),
+                    np.int32(p1),
+                    ghist,
+                    st_i,
+                    st_d,
+                    part,
+                    mean,
+                    var,
+                    n_used,
+                    n_good,
+                ),
+            )
+    return mean, (var if want_var else None), n_used, n_good
+
+
+register_kernel(
+    KernelSpec(
+        name="clipped_columns",
+        numpy_impl=reference.clipped_columns,
+        cuda_launcher=_clipped_columns_cupy,
+        source="clipped_columns.cu",
+        symbols=("clipped_columns_f32",),
+        doc="afw MEANCLIP/VARIANCECLIP of every column of a deep (N, B) stack, sort-free",
+    )
+)
+
+
+# ----------------------------------------------------------------------------------------
 # kernel: mask_dilate_or
 # ----------------------------------------------------------------------------------------
 

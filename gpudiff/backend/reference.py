@@ -14,6 +14,9 @@ Kernels
 -------
 :func:`clipped_stack`
     afw ``MEANCLIP`` / ``VARIANCECLIP`` along axis 0 of a masked, weighted stack.
+:func:`clipped_columns`
+    afw ``MEANCLIP`` / ``VARIANCECLIP`` of every column of a deep (N, B) stack (unit
+    weights): the binned background's bins and the whole-image clip.
 :func:`mask_dilate_or`
     Bitwise OR of mask bits under a footprint (afw's mask convolution rule).
 """
@@ -31,8 +34,10 @@ from .threads import cpu_workers, parallel_map
 __all__ = [
     "IQ_TO_STDEV",
     "clipped_stack",
+    "clipped_columns",
     "mask_dilate_or",
     "validate_clipped_stack",
+    "validate_clipped_columns",
     "validate_mask_dilate_or",
     "footprint_offsets",
     "array_module",
@@ -351,6 +356,130 @@ def clipped_stack(data, bad, weights=None, nsigma=3.0, niter=3, *, return_used=F
     if return_used:
         return out + (used.reshape((nep,) + shp),)
     return out
+
+
+# ----------------------------------------------------------------------------------------
+# clipped_columns
+# ----------------------------------------------------------------------------------------
+
+#: Fractions of the pass-0 quantiles (afw ``medianAndQuartiles``): q1, median, q3.
+_QUARTILES = (0.25, 0.50, 0.75)
+
+
+def validate_clipped_columns(data, good, nsigma=3.0, niter=3):
+    """Check the arguments of :func:`clipped_columns` (both twins call this); returns
+    ``(xp, nsigma, niter)`` normalized.
+
+    Raises
+    ------
+    InvalidInputError
+        ``data`` is not a real 2-d array, ``nsigma`` or ``niter`` is invalid (the
+        messages of :func:`validate_clipped_stack`).
+    ShapeMismatchError
+        ``good`` does not have the shape of ``data``.
+    """
+    # clipped_stack's parameter checks and messages, on a host dummy (no device work)
+    a = validate_clipped_stack(
+        np.zeros((1, 1), np.float32), np.zeros((1, 1), bool), None, nsigma, niter
+    )
+    xp = array_module(data, good)
+    if data is None or good is None:
+        raise InvalidInputError("clipped_columns: data and good are required")
+    if len(data.shape) != 2 or data.dtype.kind not in "fiub":
+        raise InvalidInputError(
+            f"clipped_columns: data must be a real (N, B) array, got shape "
+            f"{tuple(data.shape)} dtype {data.dtype}"
+        )
+    if tuple(good.shape) != tuple(data.shape):
+        raise ShapeMismatchError(
+            f"clipped_columns: good has shape {tuple(good.shape)} but data has shape "
+            f"{tuple(data.shape)}"
+        )
+    return xp, a.nsigma, a.niter
+
+
+def clipped_columns(data, good, nsigma=3.0, niter=3, *, want_var=True, good_is_finite=False):
+    """afw MEANCLIP / VARIANCECLIP of every column of a deep (N, B) stack, unit weights.
+
+    NumPy twin of ``clipped_columns_f32`` in ``cuda/clipped_columns.cu``
+    (docs/algorithms.md §0.5).  The same numbers as :func:`clipped_stack` on
+    ``(data, ~good)`` (bit for bit: the same float64 operations in the same order as its
+    ``_clip_band``), in about half its array passes: the three quartiles are gathered at
+    once from the sorted columns, and the per-column scalar updates follow IEEE rules
+    (0/0, 0·∞ = NaN) instead of masks.  The CUDA kernel finds the quartiles by a radix
+    select instead of a sort (the same values) and sums in a block-reduction order, so it
+    agrees with this twin to float32 rounding.
+
+    Parameters
+    ----------
+    data : array (N, B)
+        Samples along axis 0 (converted to float32, as the kernel reads them).
+    good : bool array (N, B)
+        True = sample used (non-finite samples are dropped as well).
+    nsigma, niter : float, int
+        As :func:`clipped_stack`.
+    want_var : bool
+        Return the final pass's variance (else None, and that pass skips it).
+    good_is_finite : bool
+        The caller guarantees ``data`` (as float32) is finite wherever ``good`` is True
+        (e.g. ``MaskedImage.good_pixels`` of a float32 image): no finiteness pass.
+
+    Returns
+    -------
+    mean, var : float32 arrays (B,)
+    n_used : int32 array (B,)
+        Survivors of the final pass.
+    n_good : int64 array (B,)
+        True entries of ``good`` per column (afw NPOINT when ``good`` implies finite).
+    """
+    xp, nsigma, niter = validate_clipped_columns(data, good, nsigma, niter)
+    data = data.astype(xp.float32, copy=False)
+    valid = good if good_is_finite else good & xp.isfinite(data)
+    n = valid.sum(axis=0, dtype=xp.int64)
+    s = xp.sort(xp.where(valid, data, xp.float32(np.inf)), axis=0)
+    # q1, median, q3 (afw medianAndQuartiles, linear interpolation) in one gather per side
+    fr = xp.asarray(np.asarray(_QUARTILES, dtype=np.float64)[:, None])
+    nm1 = xp.maximum(n - 1, 0)
+    idx = fr * nm1.astype(xp.float64)[None, :]
+    lo = idx.astype(xp.int64)
+    hi = xp.minimum(lo + 1, nm1[None, :])
+    w_hi = idx - lo.astype(xp.float64)
+    w_lo = 1.0 - w_hi  # == (lo + 1) - idx exactly: both are exact in float64
+    v_lo = xp.take_along_axis(s, lo, axis=0).astype(xp.float64)
+    v_hi = xp.take_along_axis(s, hi, axis=0).astype(xp.float64)
+    del s
+    # an empty column reads +inf at rank 0: 1·inf + 0·inf = NaN, the twin's NaN
+    with np.errstate(invalid="ignore"):
+        q = w_lo * v_lo + w_hi * v_hi
+    iqr_width = (nsigma * IQ_TO_STDEV) * (q[2] - q[0])
+    # invalid samples NaN: |d| <= width is then False for them, no mask needed per pass
+    x = xp.where(valid, data, xp.float32(np.nan)).astype(xp.float64)
+    center, hwidth = q[1], iqr_width
+    many = n > 1
+    mean = var = sel = None
+    with np.errstate(all="ignore"):
+        for it in range(niter):
+            if it > 0:
+                center = mean
+                hwidth = xp.where(many, nsigma * xp.sqrt(var), iqr_width)
+            d = x - center[None, :]
+            sel = xp.abs(d) <= hwidth[None, :]  # False for a NaN sample, centre or width
+            # Sequential sums along axis 0, as the twin's; a non-survivor adds a zero (its
+            # sign cannot matter: a column with a survivor has a +0 or nonzero term).
+            sumw = sel.sum(axis=0, dtype=xp.float64)
+            t = xp.where(sel, d, 0.0)
+            mean_d = t.sum(axis=0) / sumw  # no survivor: 0/0 = NaN, as the twin's mask
+            if want_var or it < niter - 1:
+                sumx2 = (t * t).sum(axis=0)  # t·t = d·d on the survivors, as the twin's t·d
+                w2 = sumw * sumw
+                var = (sumx2 / sumw - mean_d * mean_d) * (w2 / (w2 - sumw))  # one: 0·∞ = NaN
+            mean = mean_d + center
+    return (
+        mean.astype(xp.float32),
+        var.astype(xp.float32) if want_var else None,
+        sumw.astype(xp.int32),  # the final pass's survivors
+        n if good_is_finite else good.sum(axis=0, dtype=xp.int64),
+    )
 
 
 # ----------------------------------------------------------------------------------------

@@ -186,17 +186,25 @@ def bin_background(
             padded.reshape(ny, hmax, nx, wmax).transpose(1, 3, 0, 2).reshape(hmax * wmax, ny * nx)
         )
 
+    def to_columns(padded):
+        # The same (hmax·wmax, ny·nx) stack as the transpose of a (bins, samples) copy: on a
+        # device each bin's samples are then contiguous for its block of the kernel.
+        return (
+            padded.reshape(ny, hmax, nx, wmax).transpose(0, 2, 1, 3).reshape(ny * nx, hmax * wmax).T
+        )
+
+    stack = to_columns if be.is_gpu else to_stack
     if rval.all() and cval.all():  # bins of equal size tile the image: no gather, no padding
-        data, ok_st = to_stack(mi.image), to_stack(good)
+        data, ok_st = stack(mi.image), stack(good)
     else:
         r_d, c_d = be.asarray(ridx), be.asarray(cidx)
-        data = to_stack(mi.image[r_d][:, c_d])
+        data = stack(mi.image[r_d][:, c_d])
         pad_ok = be.asarray(rval[:, None] & cval[None, :])  # False on the padding of smaller bins
-        ok_st = to_stack(good[r_d][:, c_d] & pad_ok)
+        ok_st = stack(good[r_d][:, c_d] & pad_ok)
     if be.is_gpu:
-        # A bin is a stack of hmax·wmax samples, deeper than the CUDA kernel takes, where
-        # clipped_stack runs its vectorized twin on the device: _clip_columns gives the same
-        # bits in half the launches.  The three vectors then cross in one transfer.
+        # A bin is a stack of hmax·wmax samples, deeper than clipped_stack's CUDA kernel
+        # takes: the clipped_columns kernel clips every bin in one launch (one block per
+        # bin, sort-free quartiles).  The three vectors then cross in one transfer.
         mean, _, n_used, n_good = _clip_columns(
             be,
             data,

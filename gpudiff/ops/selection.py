@@ -3,7 +3,8 @@
 The sort-free statistics of :mod:`gpudiff.ops.stats` (medians, quartiles, clipped
 samples) select ranks here: a few passes of histogramming the keys' bytes, the same on
 NumPy and on a device, exact (tests compare them with sorting).  ``_clip_columns`` is
-the binned background's MEANCLIP of many bin stacks at once (``clipped_stack``'s bits).
+the binned background's MEANCLIP of many bin stacks at once (the ``clipped_columns``
+kernel; its NumPy twin gives ``clipped_stack``'s bits).
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from typing import Any
 import numpy as np
 
 from ..backend import Backend
+
+# Through its module, so that a test's fake device (which swaps the registry's launchers
+# for counted NumPy twins) reaches it.
+from ..backend import kernels as _kernels
 from ..errors import InvalidInputError
 
 __all__: list[str] = []
@@ -153,26 +158,28 @@ def _clip_columns(
 ):
     """afw MEANCLIP / VARIANCECLIP of every column of a deep (N, B) stack, unit weights.
 
-    The same numbers as the registered ``clipped_stack`` on ``(data, ~good)`` (bit for bit:
-    the same float64 operations in the same order as its vectorized twin,
-    :func:`gpudiff.backend.reference.clipped_stack`), in about half its device calls: the
-    three quartiles are gathered at once from the sorted columns, and the per-column
-    scalar updates follow IEEE rules (0/0, 0·∞ = NaN) instead of masks, as
-    :func:`_clip_sample` does.  Meant for stacks deeper than the CUDA kernel's register
-    budget (the binned background: a 128² bin is a column of 16384), where ``clipped_stack``
-    runs that twin on the device anyway.
+    The registered kernel ``clipped_columns`` (docs/algorithms.md §0.5): on the CPU its
+    NumPy twin, :func:`gpudiff.backend.reference.clipped_columns`, the same numbers as the
+    registered ``clipped_stack`` on ``(data, ~good)`` bit for bit; on a device one CUDA
+    launch for every column (one block per column; a sort-free radix select of the
+    quartiles, then the clipping passes with block reductions in float64), equal to the
+    twin to float32 rounding.  Meant for stacks deeper than ``clipped_stack``'s register
+    budget (the binned background: a 128² bin is a column of 16384), where that kernel
+    runs a sort-based composition of ~50 launches instead.
 
     Parameters
     ----------
     be : Backend
     data : array (N, B)
-        Samples along axis 0 (converted to float32, as the kernel reads them).
+        Samples along axis 0 (converted to float32, as the kernel reads them); any
+        strides (a transposed view of a (B, N) stack reads each column contiguously on a
+        device).
     good : bool array (N, B)
         True = sample used (non-finite samples are dropped as well).
     nsigma, niter : float, int
         As ``clipped_stack``.
     want_var : bool
-        Return the final pass's variance (else None, and that pass skips it).
+        Return the final pass's variance (else None).
     good_is_finite : bool
         The caller guarantees ``data`` (as float32) is finite wherever ``good`` is True
         (e.g. ``MaskedImage.good_pixels`` of a float32 image): no finiteness pass.
@@ -185,58 +192,5 @@ def _clip_columns(
     n_good : int64 array (B,)
         True entries of ``good`` per column (afw NPOINT when ``good`` implies finite).
     """
-    from ..backend.reference import IQ_TO_STDEV, validate_clipped_stack
-
-    xp = be.xp
-    # clipped_stack's parameter checks and messages, on a host dummy (no device work)
-    a = validate_clipped_stack(
-        np.zeros((1, 1), np.float32), np.zeros((1, 1), bool), None, nsigma, niter
-    )
-    nsigma, niter = a.nsigma, a.niter
-    data = data.astype(xp.float32, copy=False)
-    valid = good if good_is_finite else good & xp.isfinite(data)
-    n = valid.sum(axis=0, dtype=xp.int64)
-    s = xp.sort(xp.where(valid, data, xp.float32(np.inf)), axis=0)
-    # q1, median, q3 (afw medianAndQuartiles, linear interpolation) in one gather per side
-    fr = be.asarray(np.asarray(_QUARTILES, dtype=np.float64)[:, None])
-    nm1 = xp.maximum(n - 1, 0)
-    idx = fr * nm1.astype(xp.float64)[None, :]
-    lo = idx.astype(xp.int64)
-    hi = xp.minimum(lo + 1, nm1[None, :])
-    w_hi = idx - lo.astype(xp.float64)
-    w_lo = 1.0 - w_hi  # == (lo + 1) - idx exactly: both are exact in float64
-    v_lo = xp.take_along_axis(s, lo, axis=0).astype(xp.float64)
-    v_hi = xp.take_along_axis(s, hi, axis=0).astype(xp.float64)
-    del s
-    # an empty column reads +inf at rank 0: 1·inf + 0·inf = NaN, the twin's NaN
-    with np.errstate(invalid="ignore"):
-        q = w_lo * v_lo + w_hi * v_hi
-    iqr_width = (nsigma * IQ_TO_STDEV) * (q[2] - q[0])
-    # invalid samples NaN: |d| <= width is then False for them, no mask needed per pass
-    x = xp.where(valid, data, xp.float32(np.nan)).astype(xp.float64)
-    center, hwidth = q[1], iqr_width
-    many = n > 1
-    mean = var = sel = None
-    with np.errstate(all="ignore"):
-        for it in range(niter):
-            if it > 0:
-                center = mean
-                hwidth = xp.where(many, nsigma * xp.sqrt(var), iqr_width)
-            d = x - center[None, :]
-            sel = xp.abs(d) <= hwidth[None, :]  # False for a NaN sample, centre or width
-            # Sequential sums along axis 0, as the twin's; a non-survivor adds a zero (its
-            # sign cannot matter: a column with a survivor has a +0 or nonzero term).
-            sumw = sel.sum(axis=0, dtype=xp.float64)
-            t = xp.where(sel, d, 0.0)
-            mean_d = t.sum(axis=0) / sumw  # no survivor: 0/0 = NaN, as the twin's mask
-            if want_var or it < niter - 1:
-                sumx2 = (t * t).sum(axis=0)  # t·t = d·d on the survivors, as the twin's t·d
-                w2 = sumw * sumw
-                var = (sumx2 / sumw - mean_d * mean_d) * (w2 / (w2 - sumw))  # one: 0·∞ = NaN
-            mean = mean_d + center
-    return (
-        mean.astype(xp.float32),
-        var.astype(xp.float32) if want_var else None,
-        sumw.astype(xp.int32),  # the final pass's survivors
-        n if good_is_finite else good.sum(axis=0, dtype=xp.int64),
-    )
+    f = _kernels.get_kernel("clipped_columns", be)
+    return f(data, good, nsigma, niter, want_var=want_var, good_is_finite=good_is_finite)
