@@ -30,6 +30,10 @@
 //               IEEE rules for the degenerate cases (no survivor: 0/0 = NaN; one survivor:
 //               0·∞ = NaN), exactly the twin's arithmetic.  A pass i > 0 uses the previous
 //               pass's mean and nsigma·sqrt(var) (the IQR width when n <= 1).
+// Select-only launches (phases 0-3, `fracs` and `out_q` given: the registered
+// ``quantile_columns``, twin gpudiff.backend.reference.quantile_columns) find up to three
+// caller-given fractions per column instead of the quartiles and write numpy's linear
+// percentiles (float64 from the exact float32 order statistics).
 // A phase's partial results (histograms, counts, partial sums) go to global memory; the
 // last block of a column to finish the phase (an arrival counter) folds them in a fixed
 // order and writes the column's state for the next phase, so every result is
@@ -221,6 +225,8 @@ struct Args {
     float* out_var;
     int* out_n;
     long long* out_ngood;
+    const double* fracs;  // [B][3] quantile fractions (< 0: unused), or null: the quartiles
+    double* out_q;        // [B][3] the quantiles (select-only launches), or null
 };
 
 struct Block {
@@ -246,11 +252,20 @@ __host__ __device__ inline bool last_to_arrive(const Block& b, const Args& a, lo
     return last;
 }
 
-__host__ __device__ inline void rank_of(long long n, int r, long long* rank) {
-    const double fr = (r % 3 == 0) ? 0.25 : ((r % 3 == 1) ? 0.50 : 0.75);
-    const long long nm1 = n > 0 ? n - 1 : 0;
+// Fraction j (0-2) of column col: the quartiles, or the caller's (< 0: unused).
+__host__ __device__ inline double fraction(const Args& a, int col, int j) {
+    if (a.fracs == nullptr) return j == 0 ? 0.25 : (j == 1 ? 0.50 : 0.75);
+    return a.fracs[(long long)col * 3 + j];
+}
+
+// Rank r of the column: lo (r < 3) or hi (r >= 3) neighbour of fraction r % 3 at
+// idx = f·(n-1), as numpy's linear percentile; -1 when there is none to find.
+__host__ __device__ inline long long rank_of(const Args& a, int col, long long n, int r) {
+    const double fr = fraction(a, col, r % 3);
+    if (n == 0 || !(fr >= 0.0)) return -1;
+    const long long nm1 = n - 1;
     const long long lo = (long long)mul(fr, (double)nm1);
-    *rank = (r < 3) ? lo : (lo + 1 < nm1 ? lo + 1 : nm1);
+    return (r < 3) ? lo : (lo + 1 < nm1 ? lo + 1 : nm1);
 }
 
 // Phases 0-3: one byte of the radix select.
@@ -316,8 +331,7 @@ __host__ __device__ inline void select_phase(const Block& b, const Args& a, int 
         long long rem;
         unsigned int prefix;
         if (level == 0) {
-            rank_of(n, r, &rem);
-            if (n == 0) rem = -1;
+            rem = rank_of(a, col, n, r);
             prefix = 0u;
         } else {
             rem = vsi[kRem + r];
@@ -342,7 +356,21 @@ __host__ __device__ inline void select_phase(const Block& b, const Args& a, int 
     block_sync();
     for (int i = b.tid; i < nr * kBins; i += b.nthr) gh[i] = 0u;
     if (b.tid == 0) {
-        if (level == kSelectPhases - 1) {
+        if (level == kSelectPhases - 1 && a.out_q != nullptr) {
+            // select-only: numpy's linear percentiles, (lo + 1 - idx)·v_lo + (idx - lo)·v_hi
+            for (int j = 0; j < 3; ++j) {
+                const double fr = fraction(a, col, j);
+                double q = nan_d();
+                if (n > 0 && fr >= 0.0) {
+                    const double idx = mul(fr, (double)(n - 1));
+                    const double lo_f = (double)(long long)idx;
+                    const double v_lo = (double)key_to_float((unsigned int)si[kPrefix + j]);
+                    const double v_hi = (double)key_to_float((unsigned int)si[kPrefix + 3 + j]);
+                    q = add(mul(sub(add(lo_f, 1.0), idx), v_lo), mul(sub(idx, lo_f), v_hi));
+                }
+                a.out_q[(long long)col * 3 + j] = q;
+            }
+        } else if (level == kSelectPhases - 1) {
             // pass 0 of the clip: median and IQR, as the twin's quartiles
             double q[3];
             for (int j = 0; j < 3; ++j) {
@@ -455,7 +483,7 @@ extern "C" __global__ void clipped_columns_f32(
     int ncols, long long s_sample, long long s_col, long long g_sample, long long g_col,
     int nsplit, double nsigma, int niter, int good_is_finite, int phase0, int phase1,
     unsigned int* ghist, long long* st_i, double* st_d, double* part, float* out_mean,
-    float* out_var, int* out_n, long long* out_ngood) {
+    float* out_var, int* out_n, long long* out_ngood, const double* fracs, double* out_q) {
     __shared__ unsigned int sh_hist[gd_cc::kRanks * gd_cc::kBins];
     __shared__ long long sh_i[32];
     __shared__ double sh_d[32];
@@ -465,7 +493,7 @@ extern "C" __global__ void clipped_columns_f32(
     if (col >= ncols) return;
     const gd_cc::Args a{data,   good,  n,        s_sample,       s_col,   g_sample, g_col,
                         nsplit, nsigma, niter,   good_is_finite, ghist,   st_i,     st_d,
-                        part,   out_mean, out_var, out_n,         out_ngood};
+                        part,   out_mean, out_var, out_n,         out_ngood, fracs, out_q};
     const gd_cc::Block b{(int)threadIdx.x, (int)blockDim.x, sh_hist, sh_i, sh_d, &sh_flag};
     for (int ph = phase0; ph < phase1; ++ph) gd_cc::run_phase(b, a, col, g, ph);
 }

@@ -936,40 +936,48 @@ template <typename T> static void spit(const char* path, const std::vector<T>& v
     std::fclose(f);
 }}
 
-// DIR N B NSPLIT NSIGMA NITER GOOD_IS_FINITE COLUMN_MAJOR: every phase, every column, the
-// blocks of a column in order, one thread per block (gd_cc's host build).
+// DIR N B NSPLIT NSIGMA NITER GOOD_IS_FINITE COLUMN_MAJOR QUANTILES SHARED_MASK: every
+// phase, every column, the blocks of a column in order, one thread per block (gd_cc's host
+// build).  QUANTILES: the selection phases only, fractions from fr.bin, out to q.bin.
 int main(int argc, char** argv) {{
-    if (argc < 9) return 2;
+    if (argc < 11) return 2;
     const char* d = argv[1];
     const long long n = std::atoll(argv[2]);
     const int B = std::atoi(argv[3]), nsplit = std::atoi(argv[4]);
     const double nsigma = std::atof(argv[5]);
     const int niter = std::atoi(argv[6]), gif = std::atoi(argv[7]), cmaj = std::atoi(argv[8]);
+    const int qmode = std::atoi(argv[9]), shared = std::atoi(argv[10]);
     char path[4096];
     std::snprintf(path, sizeof path, "%s/data.bin", d); auto data = slurp<float>(path, n * B);
-    std::snprintf(path, sizeof path, "%s/good.bin", d); auto good = slurp<unsigned char>(path, n * B);
+    std::snprintf(path, sizeof path, "%s/good.bin", d);
+    auto good = slurp<unsigned char>(path, shared ? n : n * B);
     const long long ss = cmaj ? 1 : B, sc = cmaj ? n : 1;
+    const long long gs = shared ? 1 : ss, gc = shared ? 0 : sc;
+    std::vector<double> fr(3 * (size_t)B, -1.0), q(3 * (size_t)B);
+    if (qmode) {{ std::snprintf(path, sizeof path, "%s/fr.bin", d); fr = slurp<double>(path, 3 * (size_t)B); }}
     std::vector<unsigned int> ghist((size_t)B * gd_cc::kRanks * gd_cc::kBins, 0u);
     std::vector<long long> st_i((size_t)B * gd_cc::kSI, 0);
     std::vector<double> st_d((size_t)B * gd_cc::kSD, 0.0), part((size_t)B * nsplit * 2);
     std::vector<float> mean(B), var(B);
     std::vector<int> nu(B);
     std::vector<long long> ng(B);
-    const gd_cc::Args a{{data.data(), good.data(), n, ss, sc, ss, sc, nsplit, nsigma, niter, gif,
+    const gd_cc::Args a{{data.data(), good.data(), n, ss, sc, gs, gc, nsplit, nsigma, niter, gif,
                          ghist.data(), st_i.data(), st_d.data(), part.data(), mean.data(),
-                         var.data(), nu.data(), ng.data()}};
+                         var.data(), nu.data(), ng.data(), qmode ? fr.data() : nullptr,
+                         qmode ? q.data() : nullptr}};
     std::vector<unsigned int> sh_hist(gd_cc::kRanks * gd_cc::kBins);
     long long sh_i[32];
     double sh_d[32];
     int flag = 0;
     const gd_cc::Block blk{{0, 1, sh_hist.data(), sh_i, sh_d, &flag}};
-    for (int ph = 0; ph < gd_cc::kSelectPhases + niter; ++ph)
+    for (int ph = 0; ph < gd_cc::kSelectPhases + (qmode ? 0 : niter); ++ph)
         for (int c = 0; c < B; ++c)
             for (int g = 0; g < nsplit; ++g) gd_cc::run_phase(blk, a, c, g, ph);
     std::snprintf(path, sizeof path, "%s/mean.bin", d); spit(path, mean);
     std::snprintf(path, sizeof path, "%s/var.bin", d); spit(path, var);
     std::snprintf(path, sizeof path, "%s/n.bin", d); spit(path, nu);
     std::snprintf(path, sizeof path, "%s/ng.bin", d); spit(path, ng);
+    std::snprintf(path, sizeof path, "%s/q.bin", d); spit(path, q);
     return 0;
 }}
 """
@@ -995,13 +1003,22 @@ def cols_harness(tmp_path_factory):
     return exe
 
 
-def _run_cols_harness(exe, tmp_path, data, good, nsplit, nsigma, niter, gif, column_major):
+def _run_cols_harness(
+    exe, tmp_path, data, good, nsplit, nsigma, niter, gif, column_major, fractions=None
+):
+    """Run the host build; ``fractions`` (B, 3, -1 = unused): the selection-only mode,
+    returning the (B, 3) quantiles; a 1-d ``good`` is one mask shared by every column."""
     n, b = data.shape
     (np.ascontiguousarray(data.T) if column_major else data).tofile(tmp_path / "data.bin")
     g8 = good.astype(np.uint8)
     (np.ascontiguousarray(g8.T) if column_major else g8).tofile(tmp_path / "good.bin")
+    if fractions is not None:
+        np.ascontiguousarray(fractions, np.float64).tofile(tmp_path / "fr.bin")
     args = [n, b, nsplit, repr(nsigma), niter, int(gif), int(column_major)]
+    args += [int(fractions is not None), int(good.ndim == 1)]
     subprocess.run([str(exe), str(tmp_path), *map(str, args)], check=True, timeout=120)
+    if fractions is not None:
+        return np.fromfile(tmp_path / "q.bin", np.float64).reshape(b, 3)
     return (
         np.fromfile(tmp_path / "mean.bin", np.float32),
         np.fromfile(tmp_path / "var.bin", np.float32),
@@ -1101,3 +1118,96 @@ def test_gpu_clipped_columns_deterministic_and_no_var():
     assert b[1] is None
     np.testing.assert_array_equal(a[0], cupy.asnumpy(b[0]))
     np.testing.assert_array_equal(a[2], cupy.asnumpy(b[2]))
+
+
+def _quantile_case(seed: int, n: int = 4001):
+    """Three samples under one mask: normal, wide Cauchy (both signs, ±0), heavy ties."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(0, 1, n).astype(np.float32)
+    b = (rng.standard_cauchy(n) * 1e3).astype(np.float32)
+    b[::11] = 0.0
+    b[1::11] = -0.0
+    c = rng.integers(-3, 4, n).astype(np.float32)
+    keep = rng.random(n) > 0.3
+    fr = np.array([[0.25, 0.75, np.nan], [0.0, 0.5, 1.0], [0.1, np.nan, 0.9]])
+    return np.stack([a, b, c], axis=1), keep, fr
+
+
+def test_quantile_columns_twin_is_numpy_percentile():
+    """The twin's quantiles are np.percentile of each column's kept float32 values; NaN for
+    unused fractions and for empty columns; one mask or one per column."""
+    data, keep, fr = _quantile_case(0)
+    got = K.get_kernel("quantile_columns", "numpy")(data, keep, fr)
+    assert got.shape == (3, 3) and got.dtype == np.float64
+    for c in range(3):
+        kept = data[keep, c].astype(np.float64)
+        for j in range(3):
+            if np.isnan(fr[c, j]):
+                assert np.isnan(got[c, j])
+            else:
+                # float64 interpolation of float32 order statistics: numpy's own formula
+                assert got[c, j] == pytest.approx(np.percentile(kept, 100 * fr[c, j]), rel=1e-15)
+    per_col = np.repeat(keep[:, None], 3, axis=1)
+    per_col[:, 2] = False
+    got2 = R.quantile_columns(data, per_col, fr)
+    np.testing.assert_array_equal(got2[:2], got[:2])
+    assert np.isnan(got2[2]).all()
+    with pytest.raises(InvalidInputError):
+        R.quantile_columns(data, keep, np.full((3, 4), 0.5))
+    with pytest.raises(InvalidInputError):
+        R.quantile_columns(data, keep, np.full((3, 1), 1.5))
+    with pytest.raises(ShapeMismatchError):
+        R.quantile_columns(data, keep[:-1], fr)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nsplit,column_major", [(1, True), (1, False), (5, True)])
+def test_quantile_columns_cuda_code_on_host(cols_harness, tmp_path, nsplit, column_major):
+    """The selection-only phases of the kernel code (host build) pick the twin's exact
+    order statistics: the same bits, one shared mask read with a zero column stride."""
+    data, keep, fr = _quantile_case(1 + nsplit)
+    got = _run_cols_harness(
+        cols_harness,
+        tmp_path,
+        data,
+        keep,
+        nsplit,
+        3.0,
+        1,
+        True,
+        column_major,
+        fractions=np.where(np.isnan(fr), -1.0, fr),
+    )
+    np.testing.assert_array_equal(got, R.quantile_columns(data, keep, fr))
+    empty = _run_cols_harness(
+        cols_harness,
+        tmp_path,
+        data,
+        np.zeros(len(keep), bool),
+        nsplit,
+        3.0,
+        1,
+        True,
+        column_major,
+        fractions=np.full((3, 3), 0.5),
+    )
+    assert np.isnan(empty).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 5000, 1 << 21])
+def test_gpu_quantile_columns_parity(n):
+    """The kernel's selection phases against the twin: exact order statistics, so equal
+    (±0 may differ in sign: compare as floats)."""
+    import cupy
+
+    data, keep, fr = _quantile_case(7, max(n, 2))
+    data, keep = data[:n], keep[:n]
+    keep[0] = True
+    ref = R.quantile_columns(data, keep, fr)
+    f = K.get_kernel("quantile_columns", "cupy")
+    dd = cupy.asarray(np.ascontiguousarray(data.T)).T  # columns contiguous, as _quantiles
+    got = cupy.asnumpy(f(dd, cupy.asarray(keep), fr))
+    np.testing.assert_array_equal(got, ref)
+    got_c = cupy.asnumpy(f(cupy.asarray(data), cupy.asarray(keep), fr))
+    np.testing.assert_array_equal(got_c, ref)

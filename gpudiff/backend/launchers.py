@@ -208,6 +208,8 @@ def _clipped_columns_cupy(data, good, nsigma=3.0, niter=3, *, want_var=True, goo
                     var,
                     n_used,
                     n_good,
+                    np.uint64(0),  # fracs: the quartiles
+                    np.uint64(0),  # out_q: clip
                 ),
             )
     return mean, (var if want_var else None), n_used, n_good
@@ -221,6 +223,84 @@ register_kernel(
         source="clipped_columns.cu",
         symbols=("clipped_columns_f32",),
         doc="afw MEANCLIP/VARIANCECLIP of every column of a deep (N, B) stack, sort-free",
+    )
+)
+
+
+def _quantile_columns_cupy(data, good, fractions):
+    """CuPy launcher of ``clipped_columns_f32``'s selection phases; same signature and
+    results as :func:`gpudiff.backend.reference.quantile_columns` (the order statistics are
+    exact, the interpolation the same float64 arithmetic)."""
+    import cupy
+
+    d, gd = _dev(cupy, data), _dev(cupy, good)
+    _, g2, fr = reference.validate_quantile_columns(d, gd, fractions)
+    if d.dtype != cupy.float32:
+        d = d.astype(cupy.float32)
+    g8 = g2.view(cupy.uint8) if g2.dtype == cupy.bool_ else (g2 != 0).view(cupy.uint8)
+    n, ncols = (int(s) for s in d.shape)
+    m = fr.shape[1]
+    out_q = cupy.empty((ncols, 3), dtype=cupy.float64)
+    if ncols > 0:
+        fr3 = np.full((ncols, 3), -1.0)  # the kernel's "unused"
+        fr3[:, :m] = np.where(np.isnan(fr), -1.0, fr)
+        fr_d = cupy.asarray(fr3)
+        nsplit = _cols_split(n, ncols)
+        n_si, n_sd = ncols * _COLS_SI, ncols * _COLS_SD
+        n_h = ncols * _COLS_RANKS * _COLS_BINS // 2
+        ws = cupy.zeros(n_si + n_sd + n_h, dtype=cupy.int64)
+        st_i = ws[:n_si]
+        st_d = ws[n_si : n_si + n_sd].view(cupy.float64)
+        ghist = ws[n_si + n_sd :].view(cupy.uint32)
+        dummy = cupy.empty(1, dtype=cupy.float64)  # the clip outputs are never written
+        fn = get_function("clipped_columns.cu", "clipped_columns_f32")
+        spans = (
+            [(0, _COLS_SELECT_PHASES)]
+            if nsplit == 1
+            else [(p, p + 1) for p in range(_COLS_SELECT_PHASES)]
+        )
+        for p0, p1 in spans:
+            fn(
+                (ncols * nsplit,),
+                (_COLS_BLOCK,),
+                (
+                    d,
+                    g8,
+                    np.int64(n),
+                    np.int32(ncols),
+                    np.int64(d.strides[0] // 4),
+                    np.int64(d.strides[1] // 4),
+                    np.int64(g8.strides[0]),
+                    np.int64(g8.strides[1]),  # 0 for one mask shared by every column
+                    np.int32(nsplit),
+                    np.float64(1.0),
+                    np.int32(1),
+                    np.int32(1),  # good taken as given
+                    np.int32(p0),
+                    np.int32(p1),
+                    ghist,
+                    st_i,
+                    st_d,
+                    dummy,
+                    dummy,
+                    dummy,
+                    dummy,
+                    dummy,
+                    fr_d,
+                    out_q,
+                ),
+            )
+    return out_q[:, :m]
+
+
+register_kernel(
+    KernelSpec(
+        name="quantile_columns",
+        numpy_impl=reference.quantile_columns,
+        cuda_launcher=_quantile_columns_cupy,
+        source="clipped_columns.cu",
+        symbols=("clipped_columns_f32",),
+        doc="linear percentiles of the columns of a stack under one mask, sort-free",
     )
 )
 

@@ -17,6 +17,9 @@ Kernels
 :func:`clipped_columns`
     afw ``MEANCLIP`` / ``VARIANCECLIP`` of every column of a deep (N, B) stack (unit
     weights): the binned background's bins and the whole-image clip.
+:func:`quantile_columns`
+    Linear percentiles of the columns of an (N, B) stack under one validity mask, from
+    exact float32 order statistics (the same kernel, its selection phases only).
 :func:`mask_dilate_or`
     Bitwise OR of mask bits under a footprint (afw's mask convolution rule).
 """
@@ -35,9 +38,12 @@ __all__ = [
     "IQ_TO_STDEV",
     "clipped_stack",
     "clipped_columns",
+    "quantile_columns",
     "mask_dilate_or",
     "validate_clipped_stack",
     "validate_clipped_columns",
+    "validate_quantile_columns",
+    "QUANTILE_COLUMNS_MAX_FRACTIONS",
     "validate_mask_dilate_or",
     "footprint_offsets",
     "array_module",
@@ -480,6 +486,94 @@ def clipped_columns(data, good, nsigma=3.0, niter=3, *, want_var=True, good_is_f
         sumw.astype(xp.int32),  # the final pass's survivors
         n if good_is_finite else good.sum(axis=0, dtype=xp.int64),
     )
+
+
+#: Fractions per column the ``quantile_columns`` kernel finds in one launch.
+QUANTILE_COLUMNS_MAX_FRACTIONS = 3
+
+
+def validate_quantile_columns(data, good, fractions):
+    """Check the arguments of :func:`quantile_columns` (both twins call this).
+
+    Returns ``(xp, good2d, fractions)``: ``good`` broadcast to the shape of ``data`` (a
+    view) and the fractions as a host float64 array (B, m).
+
+    Raises
+    ------
+    InvalidInputError
+        ``data`` is not a real (N, B) array, the fractions are not a (B, m) table with
+        m <= 3 of values in [0, 1] (NaN marks an unused entry).
+    ShapeMismatchError
+        ``good`` is neither (N,) nor (N, B).
+    """
+    xp = array_module(data, good)
+    if data is None or good is None or fractions is None:
+        raise InvalidInputError("quantile_columns: data, good and fractions are required")
+    if len(data.shape) != 2 or data.dtype.kind not in "fiub":
+        raise InvalidInputError(
+            f"quantile_columns: data must be a real (N, B) array, got shape "
+            f"{tuple(data.shape)} dtype {data.dtype}"
+        )
+    n, b = (int(s) for s in data.shape)
+    if tuple(good.shape) == (n,):
+        good = good[:, None]
+    if tuple(good.shape) not in ((n, 1), (n, b)):
+        raise ShapeMismatchError(
+            f"quantile_columns: good has shape {tuple(good.shape)}, data {tuple(data.shape)}"
+        )
+    good = xp.broadcast_to(good, (n, b))
+    fr = fractions.get() if hasattr(fractions, "__cuda_array_interface__") else fractions
+    fr = np.asarray(fr, dtype=np.float64)
+    if fr.ndim != 2 or fr.shape[0] != b or fr.shape[1] > QUANTILE_COLUMNS_MAX_FRACTIONS:
+        raise InvalidInputError(
+            f"quantile_columns: fractions must be a ({b}, m <= "
+            f"{QUANTILE_COLUMNS_MAX_FRACTIONS}) table, got shape {fr.shape}"
+        )
+    used = ~np.isnan(fr)
+    if ((fr[used] < 0.0) | (fr[used] > 1.0)).any():
+        raise InvalidInputError("quantile_columns: fractions must lie in [0, 1]")
+    return xp, good, fr
+
+
+def quantile_columns(data, good, fractions):
+    """NumPy's default (linear) percentiles of the valid samples of every column.
+
+    NumPy twin of the selection-only launch of ``clipped_columns_f32``
+    (``cuda/clipped_columns.cu``): the order statistics are exact float32 values (the
+    kernel selects them by a radix select, this twin by sorting), interpolated in float64
+    as ``(lo + 1 - idx)·v[lo] + (idx - lo)·v[lo + 1]`` with ``idx = f·(n - 1)``.
+
+    Parameters
+    ----------
+    data : array (N, B)
+        Samples along axis 0 (read as float32).
+    good : bool array (N,) or (N, B)
+        True = sample used (one mask for every column, or one per column).  Taken as
+        given: a non-finite value marked good is a sample.
+    fractions : array (B, m), m <= 3
+        Per column the fractions in [0, 1]; NaN marks an unused entry.  Host or device.
+
+    Returns
+    -------
+    float64 array (B, m)
+        NaN for unused entries and for columns without a valid sample.
+    """
+    xp, good, fr = validate_quantile_columns(data, good, fractions)
+    data = data.astype(xp.float32, copy=False)
+    n = good.sum(axis=0, dtype=xp.int64)
+    s = xp.sort(xp.where(good, data, xp.float32(np.inf)), axis=0)
+    frd = xp.asarray(np.nan_to_num(fr.T, nan=0.0))  # (m, B)
+    nm1 = xp.maximum(n - 1, 0)
+    idx = frd * nm1.astype(xp.float64)[None, :]
+    lo = idx.astype(xp.int64)
+    hi = xp.minimum(lo + 1, nm1[None, :])
+    lo_f = lo.astype(xp.float64)
+    with np.errstate(invalid="ignore"):
+        out = (lo_f + 1.0 - idx) * xp.take_along_axis(s, lo, axis=0).astype(xp.float64) + (
+            idx - lo_f
+        ) * xp.take_along_axis(s, hi, axis=0).astype(xp.float64)
+    out = xp.where((n > 0)[None, :] & xp.asarray(~np.isnan(fr.T)), out, xp.nan)
+    return xp.ascontiguousarray(out.T)
 
 
 # ----------------------------------------------------------------------------------------

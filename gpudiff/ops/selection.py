@@ -18,6 +18,7 @@ from ..backend import Backend
 # Through its module, so that a test's fake device (which swaps the registry's launchers
 # for counted NumPy twins) reaches it.
 from ..backend import kernels as _kernels
+from ..backend.reference import QUANTILE_COLUMNS_MAX_FRACTIONS
 from ..errors import InvalidInputError
 
 __all__: list[str] = []
@@ -111,15 +112,29 @@ def _quantiles(be: Backend, samples, valid, fractions):
     without a host sync.
 
     On the CPU the selection (``numpy.partition``) runs on each sample as given (float64
-    stays exact); on a device all samples go through one batched radix select of float32
-    keys (about 25 launches whatever their number), so the result is within float32
-    rounding of the float64 percentile.  An empty sample gives NaN.
+    stays exact); on a device all samples are the columns of one ``quantile_columns``
+    kernel launch (at most three fractions each; else one batched radix select of about
+    25 launches), exact order statistics of the float32 values, so the result is within
+    float32 rounding of the float64 percentile.  An empty sample gives NaN.
     """
     xp = be.xp
     valid = valid.reshape(-1)
     samples = [v.reshape(-1) for v in samples]
     if len(fractions) != len(samples):
         raise InvalidInputError("_quantiles: one tuple of fractions per sample")
+    fr_list = [np.asarray(f, dtype=np.float64).reshape(-1) for f in fractions]
+    mmax = max((f.size for f in fr_list), default=0)
+    if be.is_gpu and 0 < mmax <= QUANTILE_COLUMNS_MAX_FRACTIONS:
+        # The registered quantile_columns kernel: every sample a column of one launch (the
+        # selection phases of the clipped_columns kernel), the same exact float32 order
+        # statistics and float64 interpolation as the radix select below.
+        table = np.full((len(fr_list), mmax), np.nan)
+        for i, f in enumerate(fr_list):
+            table[i, : f.size] = f
+        V = xp.stack([v.astype(xp.float32, copy=False) for v in samples])
+        q = _kernels.get_kernel("quantile_columns", be)(V.T, valid, table)
+        at = np.concatenate([i * mmax + np.arange(f.size) for i, f in enumerate(fr_list)])
+        return q.reshape(-1) if at.size == q.size else q.reshape(-1)[be.asarray(at)]
     n = valid.sum().astype(xp.int64)
     fr_h = np.concatenate([np.asarray(f, dtype=np.float64).reshape(-1) for f in fractions])
     rows_h = np.concatenate([np.full(len(f), i, dtype=np.int64) for i, f in enumerate(fractions)])
