@@ -8,6 +8,8 @@ non-finite samples, outliers.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -15,6 +17,8 @@ from gpudiff.backend import get_backend
 from gpudiff.backend.reference import clipped_stack
 from gpudiff.errors import InvalidInputError
 from gpudiff.ops.stats import _clip_columns
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _awkward_stack(seed: int, n: int = 300, b: int = 40):
@@ -100,3 +104,99 @@ def test_radix_select_equals_sorting(seed, n):
     got = _radix_select_rows(np, V, ok, rows, np.tile(ranks, 3))
     want = np.concatenate([np.sort(V[r][ok]).astype(np.float64)[ranks] for r in range(3)])
     np.testing.assert_array_equal(got, want)
+
+
+def test_clip_columns_layout_does_not_change_the_bits():
+    """A transposed view (the device layout of the background bins) gives the C-ordered
+    stack's bits: the twin sums in sample order whatever the strides."""
+    data, good = _awkward_stack(4)
+    be = get_backend("numpy")
+    ref = _clip_columns(be, data, good, 3.0, 3)
+    got = _clip_columns(be, np.ascontiguousarray(data.T).T, np.ascontiguousarray(good.T).T)
+    for g, r in zip(got, ref):
+        np.testing.assert_array_equal(g, r)
+
+
+def _fake_device_child(out_path: str) -> None:
+    """On the strict fake device (a fresh interpreter): the device paths of the deep-column
+    statistics, their device calls and syncs, and their results beside the CPU's."""
+    import json
+
+    import strict_device as sd
+
+    from gpudiff.ops.stats import _clip_sample, _quantiles
+
+    be = sd.install()
+    cpu = get_backend("numpy")
+    res: dict = {}
+
+    def count(fn):
+        with sd.counting():
+            with sd.stage("x"):
+                out = fn()
+            st = sd.report()["stages"].get("x", {"calls": 0, "syncs": 0})
+        return out, {"calls": st["calls"], "syncs": st["syncs"]}
+
+    data, good = _awkward_stack(7, 2000, 12)
+    d_dev, g_dev = be.asarray(data), be.asarray(good)
+    out, res["clip_columns"] = count(lambda: _clip_columns(be, d_dev, g_dev, 3.0, 3))
+    ref = _clip_columns(cpu, data, good, 3.0, 3)
+    res["clip_columns_same"] = all(
+        np.array_equal(be.asnumpy(a), b, equal_nan=a.dtype.kind == "f") for a, b in zip(out, ref)
+    )
+    rng = np.random.default_rng(3)
+    x = rng.normal(5.0, 1.0, 50_000).astype(np.float32)
+    x[::97] = 300.0
+    excl = rng.random(x.size) < 0.1
+    out, res["clip_sample"] = count(
+        lambda: _clip_sample(be, be.asarray(x), be.asarray(excl), 3.0, 3)
+    )
+    ref = _clip_sample(cpu, x, excl, 3.0, 3)
+    res["clip_sample"].update(got=list(out), ref=list(ref))
+    samples = [x.astype(np.float64), -x, x * 2]
+    keep = ~excl
+    fr = [(0.25, 0.75), (0.5,), (0.1, 0.5, 0.9)]
+    q, res["quantiles"] = count(
+        lambda: _quantiles(be, [be.asarray(s) for s in samples], be.asarray(keep), fr)
+    )
+    res["quantiles"].update(
+        got=be.asnumpy(q).tolist(), ref=_quantiles(cpu, samples, keep, fr).tolist()
+    )
+    res["violations"] = len(sd.VIOLATIONS)
+    Path(out_path).write_text(json.dumps(res))
+
+
+def test_deep_column_statistics_on_the_fake_device(tmp_path):
+    """On a (fake) device the deep-column statistics are one registered kernel each plus a
+    few calls, one sync at most, with the CPU's numbers (the clip of columns bit for bit;
+    the 1-D clip and the quantiles to float32 rounding: float32 order statistics)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "res.json"
+    env = dict(os.environ)
+    extra = [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")] + extra)
+    env.pop("GPUDIFF_BACKEND", None)
+    code = f"import test_device_stats as t; t._fake_device_child({str(out)!r})"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=str(ROOT),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    res = json.loads(out.read_text())
+    assert res["violations"] == 0
+    assert res["clip_columns"] == {"calls": 1, "syncs": 0} and res["clip_columns_same"]  # was 88
+    cs = res["clip_sample"]
+    assert cs["calls"] <= 7 and cs["syncs"] == 1  # was 116 calls
+    assert cs["got"][2:] == cs["ref"][2:]  # survivors and valid samples
+    np.testing.assert_allclose(cs["got"][:2], cs["ref"][:2], rtol=1e-6)
+    qs = res["quantiles"]
+    assert qs["calls"] <= 3 and qs["syncs"] == 0  # was 57 calls
+    np.testing.assert_allclose(qs["got"], qs["ref"], rtol=1e-6)

@@ -439,7 +439,10 @@ def clipped_columns(data, good, nsigma=3.0, niter=3, *, want_var=True, good_is_f
         True entries of ``good`` per column (afw NPOINT when ``good`` implies finite).
     """
     xp, nsigma, niter = validate_clipped_columns(data, good, nsigma, niter)
-    data = data.astype(xp.float32, copy=False)
+    # C order (a no-op for C-ordered input): NumPy then sums along axis 0 in sample order,
+    # as clipped_stack's twin does, whatever layout the caller's view has
+    data = xp.ascontiguousarray(data.astype(xp.float32, copy=False))
+    good = xp.ascontiguousarray(good)
     valid = good if good_is_finite else good & xp.isfinite(data)
     n = valid.sum(axis=0, dtype=xp.int64)
     s = xp.sort(xp.where(valid, data, xp.float32(np.inf)), axis=0)

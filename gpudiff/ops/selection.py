@@ -131,10 +131,12 @@ def _quantiles(be: Backend, samples, valid, fractions):
         table = np.full((len(fr_list), mmax), np.nan)
         for i, f in enumerate(fr_list):
             table[i, : f.size] = f
-        V = xp.stack([v.astype(xp.float32, copy=False) for v in samples])
+        V = xp.stack(samples, dtype=xp.float32)  # the cast and the copy in one launch
         q = _kernels.get_kernel("quantile_columns", be)(V.T, valid, table)
-        at = np.concatenate([i * mmax + np.arange(f.size) for i, f in enumerate(fr_list)])
-        return q.reshape(-1) if at.size == q.size else q.reshape(-1)[be.asarray(at)]
+        # every sample's own fractions, in order, by one gather
+        ri = np.concatenate([np.full(f.size, i, dtype=np.int64) for i, f in enumerate(fr_list)])
+        ci = np.concatenate([np.arange(f.size, dtype=np.int64) for f in fr_list])
+        return q[be.asarray(ri), be.asarray(ci)]
     n = valid.sum().astype(xp.int64)
     fr_h = np.concatenate([np.asarray(f, dtype=np.float64).reshape(-1) for f in fractions])
     rows_h = np.concatenate([np.full(len(f), i, dtype=np.int64) for i, f in enumerate(fractions)])
