@@ -12,7 +12,9 @@
 //
 // Layout: sample k of column c is data[c * col_stride + k * sample_stride] (strides in
 // elements, so both (N, B) C-ordered stacks and transposed views work); good likewise
-// (uint8, nonzero = usable).  valid = good && (good_is_finite || isfinite(x)).
+// (uint8, nonzero = usable).  valid = good && (good_is_finite || isfinite(x)).  Bin mode
+// (the registered ``clipped_bins``): the columns are the bins of an image, read in place
+// (no stack copied), sample k of a bin its pixel (k / wmax, k % wmax).
 //
 // Algorithm (one column split over `nsplit` blocks, each taking a contiguous chunk):
 //   phases 0-3  exact order statistics by a radix select over the sortable uint32 keys of
@@ -227,7 +229,31 @@ struct Args {
     long long* out_ngood;
     const double* fracs;  // [B][3] quantile fractions (< 0: unused), or null: the quartiles
     double* out_q;        // [B][3] the quantiles (select-only launches), or null
+    // Bin mode (ye non-null): column c is bin (c / nx, c % nx) of an image, rows
+    // ye[by]..ye[by+1), columns xe[bx]..xe[bx+1); sample k is its pixel (k / wmax, k % wmax)
+    // (beyond the bin's own size: padding, not usable).  Pixel (r, x) of the image is
+    // data[r * s_col + x * s_sample], good[r * g_col + x * g_sample].
+    const long long* ye;
+    const long long* xe;
+    int nx;
+    long long wmax;
 };
+
+// Sample k of column col: its value, and whether it is flagged good.
+__host__ __device__ inline bool load(const Args& a, int col, long long k, float* v) {
+    if (a.ye == nullptr) {
+        *v = a.data[(long long)col * a.s_col + k * a.s_sample];
+        return a.good[(long long)col * a.g_col + k * a.g_sample] != 0;
+    }
+    const int by = col / a.nx, bx = col % a.nx;
+    const long long r = a.ye[by] + k / a.wmax, x = a.xe[bx] + k % a.wmax;
+    if (r >= a.ye[by + 1] || x >= a.xe[bx + 1]) {
+        *v = 0.0f;
+        return false;
+    }
+    *v = a.data[r * a.s_col + x * a.s_sample];
+    return a.good[r * a.g_col + x * a.g_sample] != 0;
+}
 
 struct Block {
     int tid, nthr;
@@ -288,15 +314,13 @@ __host__ __device__ inline void select_phase(const Block& b, const Args& a, int 
     const long long k0 = (long long)g * chunk;
     const long long k1 = (k0 + chunk < a.n) ? k0 + chunk : a.n;
     long long nvalid = 0, ngood = 0;
-    const float* dcol = a.data + (long long)col * a.s_col;
-    const unsigned char* gcol = a.good + (long long)col * a.g_col;
     for (long long base = k0; base < k1; base += b.nthr) {  // the same trips for every lane
         const long long k = base + b.tid;
         bool ok = false;
         unsigned int key = 0u;
         if (k < k1) {
-            const float v = dcol[k * a.s_sample];
-            const bool gd = gcol[k * a.g_sample] != 0;
+            float v;
+            const bool gd = load(a, col, k, &v);
             ok = gd && (a.good_is_finite || finite_f(v));
             key = sortable_key(v);
             ngood += gd ? 1 : 0;
@@ -408,13 +432,11 @@ __host__ __device__ inline void clip_phase(const Block& b, const Args& a, int co
     const long long chunk = (a.n + a.nsplit - 1) / a.nsplit;
     const long long k0 = (long long)g * chunk;
     const long long k1 = (k0 + chunk < a.n) ? k0 + chunk : a.n;
-    const float* dcol = a.data + (long long)col * a.s_col;
-    const unsigned char* gcol = a.good + (long long)col * a.g_col;
     long long cnt = 0;
     double sx = 0.0, sx2 = 0.0;
     for (long long k = k0 + b.tid; k < k1; k += b.nthr) {
-        const float v = dcol[k * a.s_sample];
-        if (gcol[k * a.g_sample] == 0 || !(a.good_is_finite || finite_f(v))) continue;
+        float v;
+        if (!load(a, col, k, &v) || !(a.good_is_finite || finite_f(v))) continue;
         const double d = sub((double)v, center);
         if (!(fabs(d) <= hwidth)) continue;  // NaN centre or width: nothing survives
         ++cnt;
@@ -483,7 +505,8 @@ extern "C" __global__ void clipped_columns_f32(
     int ncols, long long s_sample, long long s_col, long long g_sample, long long g_col,
     int nsplit, double nsigma, int niter, int good_is_finite, int phase0, int phase1,
     unsigned int* ghist, long long* st_i, double* st_d, double* part, float* out_mean,
-    float* out_var, int* out_n, long long* out_ngood, const double* fracs, double* out_q) {
+    float* out_var, int* out_n, long long* out_ngood, const double* fracs, double* out_q,
+    const long long* ye, const long long* xe, int nx, long long wmax) {
     __shared__ unsigned int sh_hist[gd_cc::kRanks * gd_cc::kBins];
     __shared__ long long sh_i[32];
     __shared__ double sh_d[32];
@@ -493,7 +516,8 @@ extern "C" __global__ void clipped_columns_f32(
     if (col >= ncols) return;
     const gd_cc::Args a{data,   good,  n,        s_sample,       s_col,   g_sample, g_col,
                         nsplit, nsigma, niter,   good_is_finite, ghist,   st_i,     st_d,
-                        part,   out_mean, out_var, out_n,         out_ngood, fracs, out_q};
+                        part,   out_mean, out_var, out_n,         out_ngood, fracs, out_q,
+                        ye,     xe,       nx,      wmax};
     const gd_cc::Block b{(int)threadIdx.x, (int)blockDim.x, sh_hist, sh_i, sh_d, &sh_flag};
     for (int ph = phase0; ph < phase1; ++ph) gd_cc::run_phase(b, a, col, g, ph);
 }

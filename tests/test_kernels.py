@@ -921,6 +921,7 @@ _COLS_HARNESS = r"""
 #include "{src}"
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
 #include <vector>
 
 template <typename T> static std::vector<T> slurp(const char* path, size_t n) {{
@@ -936,22 +937,35 @@ template <typename T> static void spit(const char* path, const std::vector<T>& v
     std::fclose(f);
 }}
 
-// DIR N B NSPLIT NSIGMA NITER GOOD_IS_FINITE COLUMN_MAJOR QUANTILES SHARED_MASK: every
-// phase, every column, the blocks of a column in order, one thread per block (gd_cc's host
-// build).  QUANTILES: the selection phases only, fractions from fr.bin, out to q.bin.
+// DIR N B NSPLIT NSIGMA NITER GOOD_IS_FINITE COLUMN_MAJOR QUANTILES SHARED_MASK NY NX:
+// every phase, every column, the blocks of a column in order, one thread per block (gd_cc's
+// host build).  QUANTILES: the selection phases only, fractions from fr.bin, out to q.bin.
+// NY > 0: bin mode, data.bin / good.bin an N x B image, bin edges from ye.bin / xe.bin.
 int main(int argc, char** argv) {{
-    if (argc < 11) return 2;
+    if (argc < 13) return 2;
     const char* d = argv[1];
-    const long long n = std::atoll(argv[2]);
-    const int B = std::atoi(argv[3]), nsplit = std::atoi(argv[4]);
+    const long long n_in = std::atoll(argv[2]);
+    const int B_in = std::atoi(argv[3]), nsplit = std::atoi(argv[4]);
+    const int ny = std::atoi(argv[11]), nx = std::atoi(argv[12]);
+    std::vector<long long> ye(ny + 1), xe(nx + 1);
+    long long hmax = 0, wmax = 0;
+    char path[4096];
+    if (ny > 0) {{
+        std::snprintf(path, sizeof path, "%s/ye.bin", d); ye = slurp<long long>(path, ny + 1);
+        std::snprintf(path, sizeof path, "%s/xe.bin", d); xe = slurp<long long>(path, nx + 1);
+        for (int i = 0; i < ny; ++i) hmax = std::max(hmax, ye[i + 1] - ye[i]);
+        for (int j = 0; j < nx; ++j) wmax = std::max(wmax, xe[j + 1] - xe[j]);
+    }}
+    const long long n = ny > 0 ? hmax * wmax : n_in;
+    const int B = ny > 0 ? ny * nx : B_in;
     const double nsigma = std::atof(argv[5]);
     const int niter = std::atoi(argv[6]), gif = std::atoi(argv[7]), cmaj = std::atoi(argv[8]);
     const int qmode = std::atoi(argv[9]), shared = std::atoi(argv[10]);
-    char path[4096];
-    std::snprintf(path, sizeof path, "%s/data.bin", d); auto data = slurp<float>(path, n * B);
+    std::snprintf(path, sizeof path, "%s/data.bin", d); auto data = slurp<float>(path, n_in * B_in);
     std::snprintf(path, sizeof path, "%s/good.bin", d);
-    auto good = slurp<unsigned char>(path, shared ? n : n * B);
-    const long long ss = cmaj ? 1 : B, sc = cmaj ? n : 1;
+    auto good = slurp<unsigned char>(path, shared ? n_in : n_in * B_in);
+    // bin mode: pixel stride 1, row stride W (= B_in)
+    const long long ss = ny > 0 ? 1 : (cmaj ? 1 : B), sc = ny > 0 ? B_in : (cmaj ? n : 1);
     const long long gs = shared ? 1 : ss, gc = shared ? 0 : sc;
     std::vector<double> fr(3 * (size_t)B, -1.0), q(3 * (size_t)B);
     if (qmode) {{ std::snprintf(path, sizeof path, "%s/fr.bin", d); fr = slurp<double>(path, 3 * (size_t)B); }}
@@ -964,7 +978,8 @@ int main(int argc, char** argv) {{
     const gd_cc::Args a{{data.data(), good.data(), n, ss, sc, gs, gc, nsplit, nsigma, niter, gif,
                          ghist.data(), st_i.data(), st_d.data(), part.data(), mean.data(),
                          var.data(), nu.data(), ng.data(), qmode ? fr.data() : nullptr,
-                         qmode ? q.data() : nullptr}};
+                         qmode ? q.data() : nullptr, ny > 0 ? ye.data() : nullptr,
+                         ny > 0 ? xe.data() : nullptr, nx > 0 ? nx : 1, wmax > 0 ? wmax : 1}};
     std::vector<unsigned int> sh_hist(gd_cc::kRanks * gd_cc::kBins);
     long long sh_i[32];
     double sh_d[32];
@@ -1004,21 +1019,28 @@ def cols_harness(tmp_path_factory):
 
 
 def _run_cols_harness(
-    exe, tmp_path, data, good, nsplit, nsigma, niter, gif, column_major, fractions=None
+    exe, tmp_path, data, good, nsplit, nsigma, niter, gif, column_major, fractions=None, edges=None
 ):
     """Run the host build; ``fractions`` (B, 3, -1 = unused): the selection-only mode,
-    returning the (B, 3) quantiles; a 1-d ``good`` is one mask shared by every column."""
+    returning the (B, 3) quantiles; a 1-d ``good`` is one mask shared by every column;
+    ``edges`` = (y_edges, x_edges): bin mode, ``data`` the (H, W) image."""
     n, b = data.shape
+    ny = nx = 0
+    if edges is not None:
+        ye, xe = (np.asarray(e, np.int64) for e in edges)
+        ye.tofile(tmp_path / "ye.bin")
+        xe.tofile(tmp_path / "xe.bin")
+        ny, nx = ye.size - 1, xe.size - 1
     (np.ascontiguousarray(data.T) if column_major else data).tofile(tmp_path / "data.bin")
     g8 = good.astype(np.uint8)
     (np.ascontiguousarray(g8.T) if column_major else g8).tofile(tmp_path / "good.bin")
     if fractions is not None:
         np.ascontiguousarray(fractions, np.float64).tofile(tmp_path / "fr.bin")
     args = [n, b, nsplit, repr(nsigma), niter, int(gif), int(column_major)]
-    args += [int(fractions is not None), int(good.ndim == 1)]
+    args += [int(fractions is not None), int(good.ndim == 1), ny, nx]
     subprocess.run([str(exe), str(tmp_path), *map(str, args)], check=True, timeout=120)
     if fractions is not None:
-        return np.fromfile(tmp_path / "q.bin", np.float64).reshape(b, 3)
+        return np.fromfile(tmp_path / "q.bin", np.float64).reshape(-1, 3)
     return (
         np.fromfile(tmp_path / "mean.bin", np.float32),
         np.fromfile(tmp_path / "var.bin", np.float32),
@@ -1211,3 +1233,65 @@ def test_gpu_quantile_columns_parity(n):
     np.testing.assert_array_equal(got, ref)
     got_c = cupy.asnumpy(f(cupy.asarray(data), cupy.asarray(keep), fr))
     np.testing.assert_array_equal(got_c, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape,bins", [((192, 256), (64, 64)), ((200, 251), (64, 48))])
+def test_clipped_bins_cuda_code_on_host(cols_harness, tmp_path, shape, bins):
+    """Bin mode (the background's bins read in place, uneven bins padded) of the kernel
+    code on the host against the twin (the bins gathered into a stack): the same bits."""
+    rng = np.random.default_rng(sum(shape))
+    img = rng.normal(50.0, 3.0, shape).astype(np.float32)
+    img[rng.random(shape) < 0.02] = 5e3
+    good = rng.random(shape) > 0.2
+    good[: bins[0], : bins[1]] = False  # an empty bin
+    ye = (np.arange(-(-shape[0] // bins[0]) + 1) * shape[0]) // (-(-shape[0] // bins[0]))
+    xe = (np.arange(-(-shape[1] // bins[1]) + 1) * shape[1]) // (-(-shape[1] // bins[1]))
+    got = _run_cols_harness(
+        cols_harness, tmp_path, img, good, 1, 3.0, 3, True, False, edges=(ye, xe)
+    )
+    ref = R.clipped_bins(img, good, ye, xe, 3.0, 3, good_is_finite=True)
+    assert got[0].size == (ye.size - 1) * (xe.size - 1) and np.isnan(ref[0][0])
+    for g, r in zip(got, ref):
+        np.testing.assert_array_equal(g, r)
+
+
+def test_clipped_bins_twin_and_validation(rng):
+    """The bins twin: the MEANCLIP of each bin's own pixels (uneven bins), and its checks."""
+    img = rng.normal(0, 1, (50, 45)).astype(np.float32)
+    good = rng.random(img.shape) > 0.1
+    ye, xe = np.array([0, 17, 34, 50]), np.array([0, 22, 45])
+    m, v, nu, ng = R.clipped_bins(img, good, ye, xe)
+    for i in range(3):
+        for j in range(2):
+            sl = (slice(ye[i], ye[i + 1]), slice(xe[j], xe[j + 1]))
+            rm, rv, rn = R.clipped_stack(img[sl].reshape(-1, 1), ~good[sl].reshape(-1, 1))
+            k = i * 2 + j
+            assert m[k] == rm[0] and v[k] == rv[0] and nu[k] == rn[0]
+            assert ng[k] == good[sl].sum()
+    for bad_edges in ([0, 17, 49], [1, 17, 50], [0, 30, 17, 50], [0.0, 50.0]):
+        with pytest.raises(InvalidInputError):
+            R.clipped_bins(img, good, np.array(bad_edges), xe)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,bins", [((512, 512), (128, 128)), ((1000, 777), (128, 100))])
+def test_gpu_clipped_bins_parity(shape, bins):
+    """Bin mode on the device (bins read in place) against the twin to float32 rounding."""
+    import cupy
+
+    rng = np.random.default_rng(shape[1])
+    img = rng.normal(50.0, 3.0, shape).astype(np.float32)
+    img[rng.random(shape) < 0.02] = 5e3
+    good = rng.random(shape) > 0.2
+    nyb, nxb = -(-shape[0] // bins[0]), -(-shape[1] // bins[1])
+    ye = (np.arange(nyb + 1) * shape[0]) // nyb
+    xe = (np.arange(nxb + 1) * shape[1]) // nxb
+    ref = R.clipped_bins(img, good, ye, xe, 3.0, 3, good_is_finite=True)
+    f = K.get_kernel("clipped_bins", "cupy")
+    got = [cupy.asnumpy(a) for a in f(cupy.asarray(img), cupy.asarray(good), ye, xe, 3.0, 3)]
+    np.testing.assert_array_equal(got[3], ref[3])
+    assert np.mean(got[2] != ref[2]) <= 0.05
+    same = got[2] == ref[2]
+    assert_same(got[0][same], ref[0][same], rtol=2e-6)
+    assert_same(got[1][same], ref[1][same], rtol=2e-5)

@@ -149,6 +149,79 @@ def _cols_split(n: int, ncols: int) -> int:
     return int(max(1, min(_blocks(_COLS_TARGET_BLOCKS, ncols), n // _COLS_MIN_CHUNK)))
 
 
+def _launch_columns(d, g8, n, ncols, strides, nsigma, niter, good_is_finite, nphase, **mode):
+    """Run phases ``[0, nphase)`` of ``clipped_columns_f32`` on ``ncols`` columns of ``n``
+    samples; returns ``(mean, var, n_used, n_good)`` (float32, float32, int32, int64).
+
+    ``strides`` = (data sample, data column, good sample, good column) in elements (bin
+    mode: image pixel and row strides).  ``mode``: ``fracs``/``out_q`` (device float64
+    (ncols, 3): selection-only quantiles) and ``bins`` = (ye, xe, nx, wmax) (device int64
+    edges: the columns are the bins of the image ``d``).
+    """
+    import cupy
+
+    mean = cupy.empty(ncols, dtype=cupy.float32)
+    var = cupy.empty(ncols, dtype=cupy.float32)
+    n_used = cupy.empty(ncols, dtype=cupy.int32)
+    n_good = cupy.empty(ncols, dtype=cupy.int64)
+    if ncols == 0:
+        return mean, var, n_used, n_good
+    nsplit = _cols_split(n, ncols)
+    # one zeroed workspace (one memset): int64 state, float64 state, histograms
+    n_si, n_sd = ncols * _COLS_SI, ncols * _COLS_SD
+    n_h = ncols * _COLS_RANKS * _COLS_BINS // 2  # uint32 pairs
+    ws = cupy.zeros(n_si + n_sd + n_h, dtype=cupy.int64)
+    st_i = ws[:n_si]
+    st_d = ws[n_si : n_si + n_sd].view(cupy.float64)
+    ghist = ws[n_si + n_sd :].view(cupy.uint32)
+    part = cupy.empty(ncols * nsplit * 2, dtype=cupy.float64)
+    null = np.uint64(0)  # a null pointer argument
+    fracs, out_q = mode.get("fracs"), mode.get("out_q")
+    ye, xe, nx, wmax = mode.get("bins") or (null, null, 1, 1)
+    fn = get_function("clipped_columns.cu", "clipped_columns_f32")
+    # with one block per column a launch runs every phase; split columns need a launch
+    # boundary between phases (their blocks fold each other's partial results)
+    spans = [(0, nphase)] if nsplit == 1 else [(p, p + 1) for p in range(nphase)]
+    for p0, p1 in spans:
+        fn(
+            (ncols * nsplit,),
+            (_COLS_BLOCK,),
+            (
+                d,
+                g8,
+                np.int64(n),
+                np.int32(ncols),
+                *(np.int64(x) for x in strides),
+                np.int32(nsplit),
+                np.float64(nsigma),
+                np.int32(niter),
+                np.int32(1 if good_is_finite else 0),
+                np.int32(p0),
+                np.int32(p1),
+                ghist,
+                st_i,
+                st_d,
+                part,
+                mean,
+                var,
+                n_used,
+                n_good,
+                null if fracs is None else fracs,
+                null if out_q is None else out_q,
+                ye,
+                xe,
+                np.int32(nx),
+                np.int64(wmax),
+            ),
+        )
+    return mean, var, n_used, n_good
+
+
+def _as_u8(cupy, good):
+    """``good`` as 0/1 bytes (a view for bool: bool and uint8 share the 1-byte layout)."""
+    return good.view(cupy.uint8) if good.dtype == cupy.bool_ else (good != 0).view(cupy.uint8)
+
+
 def _clipped_columns_cupy(data, good, nsigma=3.0, niter=3, *, want_var=True, good_is_finite=False):
     """CuPy launcher of ``clipped_columns_f32``; same signature and semantics as
     :func:`gpudiff.backend.reference.clipped_columns` (equal to float32 rounding: the
@@ -159,59 +232,12 @@ def _clipped_columns_cupy(data, good, nsigma=3.0, niter=3, *, want_var=True, goo
     _, nsigma, niter = reference.validate_clipped_columns(d, gd, nsigma, niter)
     if d.dtype != cupy.float32:
         d = d.astype(cupy.float32)
-    # bool and uint8 share the 1-byte layout; other dtypes become 0/1 bytes
-    g8 = gd.view(cupy.uint8) if gd.dtype == cupy.bool_ else (gd != 0).view(cupy.uint8)
+    g8 = _as_u8(cupy, gd)
     n, ncols = (int(s) for s in d.shape)
-    mean = cupy.empty(ncols, dtype=cupy.float32)
-    var = cupy.empty(ncols, dtype=cupy.float32)
-    n_used = cupy.empty(ncols, dtype=cupy.int32)
-    n_good = cupy.empty(ncols, dtype=cupy.int64)
-    if ncols > 0:
-        nsplit = _cols_split(n, ncols)
-        # one zeroed workspace (one memset): int64 state, float64 state, histograms
-        n_si, n_sd = ncols * _COLS_SI, ncols * _COLS_SD
-        n_h = ncols * _COLS_RANKS * _COLS_BINS // 2  # uint32 pairs
-        ws = cupy.zeros(n_si + n_sd + n_h, dtype=cupy.int64)
-        st_i = ws[:n_si]
-        st_d = ws[n_si : n_si + n_sd].view(cupy.float64)
-        ghist = ws[n_si + n_sd :].view(cupy.uint32)
-        part = cupy.empty(ncols * nsplit * 2, dtype=cupy.float64)
-        fn = get_function("clipped_columns.cu", "clipped_columns_f32")
-        nphase = _COLS_SELECT_PHASES + niter
-        # with one block per column a launch runs every phase; split columns need a launch
-        # boundary between phases (their blocks fold each other's partial results)
-        spans = [(0, nphase)] if nsplit == 1 else [(p, p + 1) for p in range(nphase)]
-        for p0, p1 in spans:
-            fn(
-                (ncols * nsplit,),
-                (_COLS_BLOCK,),
-                (
-                    d,
-                    g8,
-                    np.int64(n),
-                    np.int32(ncols),
-                    np.int64(d.strides[0] // 4),
-                    np.int64(d.strides[1] // 4),
-                    np.int64(g8.strides[0]),
-                    np.int64(g8.strides[1]),
-                    np.int32(nsplit),
-                    np.float64(nsigma),
-                    np.int32(niter),
-                    np.int32(1 if good_is_finite else 0),
-                    np.int32(p0),
-                    np.int32(p1),
-                    ghist,
-                    st_i,
-                    st_d,
-                    part,
-                    mean,
-                    var,
-                    n_used,
-                    n_good,
-                    np.uint64(0),  # fracs: the quartiles
-                    np.uint64(0),  # out_q: clip
-                ),
-            )
+    strides = (d.strides[0] // 4, d.strides[1] // 4, g8.strides[0], g8.strides[1])
+    mean, var, n_used, n_good = _launch_columns(
+        d, g8, n, ncols, strides, nsigma, niter, good_is_finite, _COLS_SELECT_PHASES + niter
+    )
     return mean, (var if want_var else None), n_used, n_good
 
 
@@ -237,59 +263,26 @@ def _quantile_columns_cupy(data, good, fractions):
     _, g2, fr = reference.validate_quantile_columns(d, gd, fractions)
     if d.dtype != cupy.float32:
         d = d.astype(cupy.float32)
-    g8 = g2.view(cupy.uint8) if g2.dtype == cupy.bool_ else (g2 != 0).view(cupy.uint8)
+    g8 = _as_u8(cupy, g2)  # a shared (N,) mask has column stride 0
     n, ncols = (int(s) for s in d.shape)
     m = fr.shape[1]
-    out_q = cupy.empty((ncols, 3), dtype=cupy.float64)
-    if ncols > 0:
-        fr3 = np.full((ncols, 3), -1.0)  # the kernel's "unused"
-        fr3[:, :m] = np.where(np.isnan(fr), -1.0, fr)
-        fr_d = cupy.asarray(fr3)
-        nsplit = _cols_split(n, ncols)
-        n_si, n_sd = ncols * _COLS_SI, ncols * _COLS_SD
-        n_h = ncols * _COLS_RANKS * _COLS_BINS // 2
-        ws = cupy.zeros(n_si + n_sd + n_h, dtype=cupy.int64)
-        st_i = ws[:n_si]
-        st_d = ws[n_si : n_si + n_sd].view(cupy.float64)
-        ghist = ws[n_si + n_sd :].view(cupy.uint32)
-        dummy = cupy.empty(1, dtype=cupy.float64)  # the clip outputs are never written
-        fn = get_function("clipped_columns.cu", "clipped_columns_f32")
-        spans = (
-            [(0, _COLS_SELECT_PHASES)]
-            if nsplit == 1
-            else [(p, p + 1) for p in range(_COLS_SELECT_PHASES)]
-        )
-        for p0, p1 in spans:
-            fn(
-                (ncols * nsplit,),
-                (_COLS_BLOCK,),
-                (
-                    d,
-                    g8,
-                    np.int64(n),
-                    np.int32(ncols),
-                    np.int64(d.strides[0] // 4),
-                    np.int64(d.strides[1] // 4),
-                    np.int64(g8.strides[0]),
-                    np.int64(g8.strides[1]),  # 0 for one mask shared by every column
-                    np.int32(nsplit),
-                    np.float64(1.0),
-                    np.int32(1),
-                    np.int32(1),  # good taken as given
-                    np.int32(p0),
-                    np.int32(p1),
-                    ghist,
-                    st_i,
-                    st_d,
-                    dummy,
-                    dummy,
-                    dummy,
-                    dummy,
-                    dummy,
-                    fr_d,
-                    out_q,
-                ),
-            )
+    fr3 = np.full((ncols, 3), -1.0)  # the kernel's "unused"
+    fr3[:, :m] = np.where(np.isnan(fr), -1.0, fr)
+    out_q = cupy.empty((ncols, 3), dtype=cupy.float64)  # every entry written (NaN: unused)
+    strides = (d.strides[0] // 4, d.strides[1] // 4, g8.strides[0], g8.strides[1])
+    _launch_columns(
+        d,
+        g8,
+        n,
+        ncols,
+        strides,
+        1.0,
+        1,
+        True,
+        _COLS_SELECT_PHASES,
+        fracs=cupy.asarray(fr3),
+        out_q=out_q,
+    )
     return out_q[:, :m]
 
 
@@ -301,6 +294,51 @@ register_kernel(
         source="clipped_columns.cu",
         symbols=("clipped_columns_f32",),
         doc="linear percentiles of the columns of a stack under one mask, sort-free",
+    )
+)
+
+
+def _clipped_bins_cupy(
+    image, good, y_edges, x_edges, nsigma=3.0, niter=3, *, want_var=True, good_is_finite=False
+):
+    """CuPy launcher of ``clipped_columns_f32`` in bin mode: the bins of the image read in
+    place, one block per bin; same signature and results (to float32 rounding) as
+    :func:`gpudiff.backend.reference.clipped_bins`."""
+    import cupy
+
+    im, gd = _dev(cupy, image), _dev(cupy, good)
+    _, nsigma, niter, ye, xe = reference.validate_clipped_bins(
+        im, gd, y_edges, x_edges, nsigma, niter
+    )
+    if im.dtype != cupy.float32:
+        im = im.astype(cupy.float32)
+    g8 = _as_u8(cupy, gd)
+    ny, nx = ye.size - 1, xe.size - 1
+    hmax, wmax = int(np.diff(ye).max()), int(np.diff(xe).max())
+    strides = (im.strides[1] // 4, im.strides[0] // 4, g8.strides[1], g8.strides[0])
+    mean, var, n_used, n_good = _launch_columns(
+        im,
+        g8,
+        hmax * wmax,
+        ny * nx,
+        strides,
+        nsigma,
+        niter,
+        good_is_finite,
+        _COLS_SELECT_PHASES + niter,
+        bins=(cupy.asarray(ye), cupy.asarray(xe), nx, wmax),
+    )
+    return mean, (var if want_var else None), n_used, n_good
+
+
+register_kernel(
+    KernelSpec(
+        name="clipped_bins",
+        numpy_impl=reference.clipped_bins,
+        cuda_launcher=_clipped_bins_cupy,
+        source="clipped_columns.cu",
+        symbols=("clipped_columns_f32",),
+        doc="afw MEANCLIP/VARIANCECLIP of every bin of an image, read in place, sort-free",
     )
 )
 

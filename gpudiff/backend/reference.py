@@ -17,6 +17,8 @@ Kernels
 :func:`clipped_columns`
     afw ``MEANCLIP`` / ``VARIANCECLIP`` of every column of a deep (N, B) stack (unit
     weights): the binned background's bins and the whole-image clip.
+:func:`clipped_bins`
+    :func:`clipped_columns` of the bins of an image (the kernel reads them in place).
 :func:`quantile_columns`
     Linear percentiles of the columns of an (N, B) stack under one validity mask, from
     exact float32 order statistics (the same kernel, its selection phases only).
@@ -39,10 +41,12 @@ __all__ = [
     "clipped_stack",
     "clipped_columns",
     "quantile_columns",
+    "clipped_bins",
     "mask_dilate_or",
     "validate_clipped_stack",
     "validate_clipped_columns",
     "validate_quantile_columns",
+    "validate_clipped_bins",
     "QUANTILE_COLUMNS_MAX_FRACTIONS",
     "validate_mask_dilate_or",
     "footprint_offsets",
@@ -488,6 +492,98 @@ def clipped_columns(data, good, nsigma=3.0, niter=3, *, want_var=True, good_is_f
         var.astype(xp.float32) if want_var else None,
         sumw.astype(xp.int32),  # the final pass's survivors
         n if good_is_finite else good.sum(axis=0, dtype=xp.int64),
+    )
+
+
+def validate_clipped_bins(image, good, y_edges, x_edges, nsigma=3.0, niter=3):
+    """Check the arguments of :func:`clipped_bins` (both twins call this); returns
+    ``(xp, nsigma, niter, y_edges, x_edges)``, the edges as host int64 arrays.
+
+    Raises
+    ------
+    InvalidInputError
+        ``image`` is not a real 2-d array, the edges do not increase strictly from 0 to
+        the image's size, ``nsigma`` or ``niter`` is invalid.
+    ShapeMismatchError
+        ``good`` does not have the shape of ``image``.
+    """
+    xp, nsigma, niter = validate_clipped_columns(image, good, nsigma, niter)
+    edges = []
+    for name, e, size in (
+        ("y_edges", y_edges, image.shape[0]),
+        ("x_edges", x_edges, image.shape[1]),
+    ):
+        e = np.asarray(e.get() if hasattr(e, "__cuda_array_interface__") else e)
+        if (
+            e.ndim != 1
+            or e.size < 2
+            or e.dtype.kind not in "iu"
+            or e[0] != 0
+            or e[-1] != size
+            or (np.diff(e) <= 0).any()
+        ):
+            raise InvalidInputError(
+                f"clipped_bins: {name} must be integers increasing strictly from 0 to {size}"
+            )
+        edges.append(e.astype(np.int64))
+    return xp, nsigma, niter, edges[0], edges[1]
+
+
+def _bin_gather_index(edges: np.ndarray):
+    """Row (or column) indices of every bin padded to the largest bin, their validity and
+    the largest bin's size."""
+    wmax = int(np.diff(edges).max())
+    idx = edges[:-1, None] + np.arange(wmax)[None, :]
+    valid = idx < edges[1:, None]
+    return np.minimum(idx, edges[-1] - 1).ravel(), valid.ravel(), wmax
+
+
+def clipped_bins(
+    image, good, y_edges, x_edges, nsigma=3.0, niter=3, *, want_var=True, good_is_finite=False
+):
+    """afw MEANCLIP / VARIANCECLIP of every bin of an image, unit weights.
+
+    NumPy twin of ``clipped_columns_f32`` in bin mode (``cuda/clipped_columns.cu``,
+    docs/algorithms.md §0.5), which reads the bins in place: here each bin's pixels, in
+    row-major order and padded to the largest bin (padding not usable), become a column
+    of a (hmax·wmax, ny·nx) stack for :func:`clipped_columns`.
+
+    Parameters
+    ----------
+    image : array (H, W)
+        Read as float32.
+    good : bool array (H, W)
+        True = pixel used (non-finite pixels are dropped as well).
+    y_edges, x_edges : integer arrays
+        Bin boundaries, strictly increasing from 0 to H (W): bin (i, j) covers rows
+        ``y_edges[i]:y_edges[i+1]`` and columns ``x_edges[j]:x_edges[j+1]``.
+    nsigma, niter, want_var, good_is_finite
+        As :func:`clipped_columns`.
+
+    Returns
+    -------
+    mean, var, n_used, n_good : arrays (ny·nx,)
+        As :func:`clipped_columns`, bins in row-major order.
+    """
+    xp, nsigma, niter, ye, xe = validate_clipped_bins(image, good, y_edges, x_edges, nsigma, niter)
+    ny, nx = ye.size - 1, xe.size - 1
+    ridx, rval, hmax = _bin_gather_index(ye)
+    cidx, cval, wmax = _bin_gather_index(xe)
+
+    def to_stack(padded):
+        # (ny*hmax, nx*wmax) -> (hmax*wmax, ny*nx): the pixels of a bin along axis 0
+        return (
+            padded.reshape(ny, hmax, nx, wmax).transpose(1, 3, 0, 2).reshape(hmax * wmax, ny * nx)
+        )
+
+    if rval.all() and cval.all():  # bins of equal size tile the image: no gather, no padding
+        data, ok = to_stack(image), to_stack(good)
+    else:
+        r_d, c_d = xp.asarray(ridx), xp.asarray(cidx)
+        data = to_stack(image[r_d][:, c_d])
+        ok = to_stack(good[r_d][:, c_d] & xp.asarray(rval[:, None] & cval[None, :]))
+    return clipped_columns(
+        data, ok, nsigma, niter, want_var=want_var, good_is_finite=good_is_finite
     )
 
 

@@ -22,11 +22,11 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..backend import Backend, resolve_backend
+from ..backend import kernels as _kernels
 from ..backend.kernels import clipped_stack
 from ..errors import AllMaskedError, InvalidInputError, NonFiniteDataError, ShapeMismatchError
 from ..image import Exposure, MaskedImage
 from .bin_interp import _MIN_NODES, _akima_slopes, _axis_order, _hermite_matrices, _interp_matrix
-from .selection import _clip_columns
 
 __all__ = [
     "BACKGROUND_BAD_PLANES",
@@ -180,35 +180,16 @@ def bin_background(
     cidx, cval, wmax = _gather_index(xe)
     good = mi.good_pixels(list(bad_planes))
 
-    def to_stack(padded):
-        # (ny*hmax, nx*wmax) -> (hmax*wmax, ny*nx): the pixels of a bin along axis 0.
-        return (
-            padded.reshape(ny, hmax, nx, wmax).transpose(1, 3, 0, 2).reshape(hmax * wmax, ny * nx)
-        )
-
-    def to_columns(padded):
-        # The same (hmax·wmax, ny·nx) stack as the transpose of a (bins, samples) copy: on a
-        # device each bin's samples are then contiguous for its block of the kernel.
-        return (
-            padded.reshape(ny, hmax, nx, wmax).transpose(0, 2, 1, 3).reshape(ny * nx, hmax * wmax).T
-        )
-
-    stack = to_columns if be.is_gpu else to_stack
-    if rval.all() and cval.all():  # bins of equal size tile the image: no gather, no padding
-        data, ok_st = stack(mi.image), stack(good)
-    else:
-        r_d, c_d = be.asarray(ridx), be.asarray(cidx)
-        data = stack(mi.image[r_d][:, c_d])
-        pad_ok = be.asarray(rval[:, None] & cval[None, :])  # False on the padding of smaller bins
-        ok_st = stack(good[r_d][:, c_d] & pad_ok)
     if be.is_gpu:
         # A bin is a stack of hmax·wmax samples, deeper than clipped_stack's CUDA kernel
-        # takes: the clipped_columns kernel clips every bin in one launch (one block per
-        # bin, sort-free quartiles).  The three vectors then cross in one transfer.
-        mean, _, n_used, n_good = _clip_columns(
-            be,
-            data,
-            ok_st,
+        # takes: the clipped_bins kernel clips every bin in one launch, reading the bins in
+        # place (one block per bin, sort-free quartiles; no stack copied).  The three
+        # vectors then cross in one transfer.
+        mean, _, n_used, n_good = _kernels.get_kernel("clipped_bins", be)(
+            mi.image,
+            good,
+            ye,
+            xe,
             nsigma,
             niter,
             want_var=False,
@@ -218,6 +199,22 @@ def bin_background(
         h = be.asnumpy(be.xp.stack([mean.astype(np.float64), n_used.astype(np.float64), n_good]))
         raw, n_used, n_valid = h[0], h[1].astype(np.int32), h[2].astype(np.int64)
     else:
+
+        def to_stack(padded):
+            # (ny*hmax, nx*wmax) -> (hmax*wmax, ny*nx): the pixels of a bin along axis 0.
+            return (
+                padded.reshape(ny, hmax, nx, wmax)
+                .transpose(1, 3, 0, 2)
+                .reshape(hmax * wmax, ny * nx)
+            )
+
+        if rval.all() and cval.all():  # bins of equal size tile the image: no gather
+            data, ok_st = to_stack(mi.image), to_stack(good)
+        else:
+            r_d, c_d = be.asarray(ridx), be.asarray(cidx)
+            data = to_stack(mi.image[r_d][:, c_d])
+            pad_ok = be.asarray(rval[:, None] & cval[None, :])  # False on smaller bins' padding
+            ok_st = to_stack(good[r_d][:, c_d] & pad_ok)
         mean, _, n_used = clipped_stack(data, ~ok_st, None, nsigma, niter, backend=be)
         raw, n_valid = be.asnumpy(mean).astype(np.float64), be.asnumpy(ok_st.sum(axis=0))
         n_used = be.asnumpy(n_used)
