@@ -181,8 +181,8 @@ def _clip_columns(
     launch for every column (one block per column; a sort-free radix select of the
     quartiles, then the clipping passes with block reductions in float64), equal to the
     twin to float32 rounding.  Meant for stacks deeper than ``clipped_stack``'s register
-    budget (the binned background: a 128² bin is a column of 16384), where that kernel
-    runs a sort-based composition of ~50 launches instead.
+    budget (a 128² background bin is a column of 16384; the whole-image clip one column of
+    H·W), where that kernel runs its sort-based vectorized twin on the device instead.
 
     Parameters
     ----------
