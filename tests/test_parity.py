@@ -71,8 +71,37 @@ def _weighted_centroid_case(rng):
     return (stamps, x0, y0), dict(sigma=2.0, niter=20, max_shift=2.0)
 
 
+def _clipped_columns_case(rng):
+    data = rng.normal(100.0, 5.0, size=(4096, 24)).astype(np.float32)
+    data[rng.random(data.shape) < 0.03] += 500.0  # outliers the clip must remove
+    good = rng.random(data.shape) > 0.2
+    good[:, 0] = False  # an empty column
+    return (data, good), dict(nsigma=3.0, niter=3)
+
+
+def _clipped_bins_case(rng):
+    image = rng.normal(100.0, 5.0, size=(300, 260)).astype(np.float32)
+    image[rng.random(image.shape) < 0.02] += 500.0
+    good = rng.random(image.shape) > 0.2
+    y_edges, x_edges = np.array([0, 100, 200, 300]), np.array([0, 87, 173, 260])  # uneven
+    return (image, good, y_edges, x_edges), dict(nsigma=3.0, niter=3, good_is_finite=True)
+
+
+def _quantile_columns_case(rng):
+    data = np.stack(
+        [rng.normal(0.0, 1.0, 5000), rng.standard_cauchy(5000), rng.integers(-3, 4, 5000)],
+        axis=1,
+    ).astype(np.float32)
+    keep = rng.random(5000) > 0.3  # one mask for every column
+    fractions = np.array([[0.25, 0.75], [0.5, np.nan], [0.1, 0.9]])
+    return (data, keep, fractions), {}
+
+
 KERNEL_CASES = {
     "clipped_stack": _clipped_stack_case,
+    "clipped_columns": _clipped_columns_case,
+    "clipped_bins": _clipped_bins_case,
+    "quantile_columns": _quantile_columns_case,
     "mask_dilate_or": _mask_dilate_or_case,
     "adaptive_moments": _adaptive_moments_case,
     "weighted_centroid": _weighted_centroid_case,
