@@ -17,6 +17,7 @@ import numpy as np
 from ..backend import Backend
 from ..errors import InsufficientKernelSourcesError, InvalidInputError, ShapeMismatchError
 from ..image import Box, MaskedImage
+from ..ops._host import fetch
 
 __all__ = [
     "KernelCandidates",
@@ -217,9 +218,7 @@ def make_candidates(
         bm_s = science.mask_planes.bitmask_if_present(bad_mask_planes)
         mt = _gather(be, template.mask, r0, c0, S)
         ms = _gather(be, science.mask, r0, c0, S)
-        masked = be.asnumpy(
-            ((mt & bm_t) != 0).any(axis=(1, 2)) | ((ms & bm_s) != 0).any(axis=(1, 2))
-        )
+        masked = ((mt & bm_t) != 0).any(axis=(1, 2)) | ((ms & bm_s) != 0).any(axis=(1, 2))
         stamps = [
             _gather(be, a, r0, c0, S).astype(xp.float64)
             for a in (template.image, science.image, template.variance, science.variance)
@@ -228,7 +227,8 @@ def make_candidates(
         for s in stamps:
             finite &= xp.isfinite(s).all(axis=(1, 2))
         positive = (stamps[2] > 0).all(axis=(1, 2)) & (stamps[3] > 0).all(axis=(1, 2))
-        finite, positive = be.asnumpy(finite), be.asnumpy(positive)
+        # The three per-stamp flags cross to the host in one transfer.
+        masked, finite, positive = fetch(be, masked, finite, positive)
         reasons[idx[masked]] = "bad mask bit (" + ", ".join(bad_mask_planes) + ") in the stamp"
         reasons[idx[~masked & ~finite]] = "non-finite pixel in the stamp"
         reasons[idx[~masked & finite & ~positive]] = "non-positive variance in the stamp"
@@ -505,7 +505,7 @@ def template_presence_snr(
     cols = np.rint(x).astype(np.int64) - template.xy0[0]
     planes = [template.image, template.variance, template.mask]
     (img, var, msk), inside = gather_stamps_many(be, planes, rows, cols, half, [np.nan, np.nan, 0])
-    img, var, msk, inside = (be.asnumpy(a) for a in (img, var, msk, inside))  # to the host
+    img, var, msk, inside = fetch(be, img, var, msk, inside)  # to the host, in one transfer
     # Defects only: LSST's inputs carry DETECTED over every source, which must count.
     bad = template.mask_planes.bitmask_if_present(["NO_DATA", "BAD", "SAT", "EDGE", "CR"])
     ok = inside & ((msk & bad) == 0) & np.isfinite(img) & np.isfinite(var) & (var > 0)

@@ -24,7 +24,13 @@ from .basis import KernelBasis, make_regularization_matrix, pca_basis
 from .candidates import BAD, GOOD, KernelCandidates, visit_order
 from .config import PsfMatchConfig
 from .kernel_sum import KERNEL_SUM_TOLERANCE, check_kernel_sum, kernel_star_flux_ratio
-from .solve import design_matrices, fit_stamps, good_region, residual_statistics, solve_symmetric
+from .solve import (
+    design_matrices,
+    fit_stamps,
+    good_region,
+    residual_statistics,
+    solve_symmetric_fetch,
+)
 from .spatial import SpatialFunctions, SpatialKernel
 
 __all__ = [
@@ -263,12 +269,13 @@ def _spatial_solve(
     A = Ef.T @ ME
     rhs = Ef.T @ stage.fit.b[r].reshape(n * p)
     A = 0.5 * (A + A.T)
-    c, _ = solve_symmetric(be, A[None], rhs[None])
+    # The solution, its finiteness and the eigenvalues cross to the host in one transfer.
+    c, _, (w, ch) = solve_symmetric_fetch(
+        be, A[None], rhs[None], lambda a: (xp.abs(be.linalg.eigvalsh(A)), a[0])
+    )
     c = c[0]
-    w = be.asnumpy(xp.abs(be.linalg.eigvalsh(A)))
     cond = float(w.max() / w.min()) if w.min() > 0 else float("inf")
     coeffs_per_cand = Ed @ c
-    ch = be.asnumpy(c)
     nb, nk = stage.basis.n_bases, fk.n_terms
     K = np.zeros((nb, nk))
     col = 0

@@ -15,6 +15,7 @@ import logging
 import numpy as np
 
 from ..backend import Backend
+from ..ops._host import fetch
 from .candidates import KernelCandidates
 from .spatial import SpatialKernel
 
@@ -57,12 +58,14 @@ def kernel_star_flux_ratio(
     h = S // 2
     ap = np.hypot(*np.meshgrid(o - h, o - h)) <= _APERTURE_FRACTION * h
     sel = backend.xp.asarray(which)
+    # The four stamp sets cross to the host in one transfer.
+    planes = (cands.science, cands.science_var, cands.template, cands.template_var)
+    host = fetch(backend, *(a[sel] for a in planes))
     flux, var = [], []
-    for arr, varr in ((cands.science, cands.science_var), (cands.template, cands.template_var)):
-        st = backend.asnumpy(arr[sel])
+    for st, vst in (host[:2], host[2:]):
         sky = np.median(st[:, ring], axis=1)
         flux.append((st[:, ap] - sky[:, None]).sum(axis=1))
-        var.append(backend.asnumpy(varr[sel])[:, ap].sum(axis=1))
+        var.append(vst[:, ap].sum(axis=1))
     fr, fc, vr, vc = flux[0], flux[1], var[0], var[1]
     # Only stars whose aperture flux is measured to S/N ≥ 20 in both images: fainter
     # candidates (a deep field's S/N-10 compact sources) measure the ratio to no better than

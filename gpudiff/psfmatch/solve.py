@@ -9,11 +9,12 @@ pseudo-inverse for the singular ones), and the residual statistics.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ..backend import Backend
+from ..ops._host import fetch
 from ..ops.convolution import kernel_centre
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "fit_stamps",
     "residual_statistics",
     "solve_symmetric",
+    "solve_symmetric_fetch",
 ]
 
 #: Candidates per FFT chunk: bounds the (chunk, n_bases, F) complex temporary.
@@ -184,20 +186,46 @@ def solve_symmetric(backend: Backend, M: Any, b: Any) -> tuple[Any, np.ndarray]:
     solved with the eigen pseudo-inverse (1/λ for λ above round-off, 0 otherwise), as afw
     does for non-invertible matrices.  Returns (a, used_pinv flags on the host).
     """
+    a, pinv, _ = solve_symmetric_fetch(backend, M, b)
+    return a, pinv
+
+
+def solve_symmetric_fetch(
+    backend: Backend, M: Any, b: Any, derive: Callable[[Any], Sequence[Any]] | None = None
+) -> tuple[Any, np.ndarray, tuple[np.ndarray, ...]]:
+    """:func:`solve_symmetric`, and host copies of ``derive(a)`` in the same transfer.
+
+    The solutions' finiteness flags cross to the host together with the arrays the caller
+    needs from them (kernel sums, backgrounds, eigenvalues…): one host sync instead of
+    one per array.  In the rare case that a system needs the pseudo-inverse, ``derive``
+    is evaluated again on the corrected solutions and fetched once more.
+
+    Returns
+    -------
+    a : backend array (n, p)
+    used_pinv : numpy.ndarray of bool (n,)
+    derived : tuple of numpy.ndarray
+        ``derive(a)`` on the host (empty without ``derive``).
+    """
     xp = backend.xp
     n = M.shape[0]
     pinv = np.zeros(n, dtype=bool)
+
+    def derived(a):
+        return tuple(derive(a)) if derive is not None else ()
+
     try:
         a = backend.linalg.solve(M, b[..., None])[..., 0]
-        bad = ~backend.asnumpy(xp.isfinite(a).all(axis=-1))
+        finite, *host = fetch(backend, xp.isfinite(a).all(axis=-1), *derived(a))
+        bad = ~finite
     except np.linalg.LinAlgError:
         a = xp.zeros_like(b)
-        bad = np.ones(n, dtype=bool)
+        bad, host = np.ones(n, dtype=bool), None
     except Exception as exc:  # CuPy raises its own LinAlgError type
         if type(exc).__name__ != "LinAlgError":
             raise
         a = xp.zeros_like(b)
-        bad = np.ones(n, dtype=bool)
+        bad, host = np.ones(n, dtype=bool), None
     if bad.any():
         sel = xp.asarray(np.flatnonzero(bad))
         w, v = backend.linalg.eigh(M[sel])
@@ -206,7 +234,10 @@ def solve_symmetric(backend: Backend, M: Any, b: Any) -> tuple[Any, np.ndarray]:
         vt_b = xp.einsum("nji,nj->ni", v, b[sel])
         a[sel] = xp.einsum("nij,nj->ni", v, inv * vt_b)
         pinv[bad] = True
-    return a, pinv
+        host = None
+    if host is None:
+        host = fetch(backend, *derived(a))
+    return a, pinv, tuple(host)
 
 
 @dataclass
@@ -264,10 +295,16 @@ def fit_stamps(
         else:
             lam = xp.full(M.shape[0], float(lambda_value))
         Msolve = M + lam[:, None, None] * H[None]
-    a, pinv = solve_symmetric(backend, Msolve, b)
     nb = len(basis_sums)
-    ksum = backend.asnumpy(a[:, :nb] @ xp.asarray(basis_sums, dtype=np.float64))
-    bg = backend.asnumpy(a[:, nb]) if fit_for_background else np.zeros(a.shape[0])
+    sums = xp.asarray(basis_sums, dtype=np.float64)
+
+    def derive(a):
+        # Kernel sums (and backgrounds) cross to the host with the solutions' flags.
+        return (a[:, :nb] @ sums,) + ((a[:, nb],) if fit_for_background else ())
+
+    a, pinv, got = solve_symmetric_fetch(backend, Msolve, b, derive)
+    ksum = got[0]
+    bg = got[1] if fit_for_background else np.zeros(a.shape[0])
     cond = np.full(a.shape[0], np.nan)
     if condition_type == "EIGENVALUE":
         w = xp.abs(backend.linalg.eigvalsh(Msolve))
@@ -324,4 +361,4 @@ def residual_statistics(
     rms = xp.sqrt(xp.maximum(varz, 0))
     mean = xp.where(npix > 0, mean, xp.nan)
     rms = xp.where(npix > 1, rms, xp.nan)
-    return backend.asnumpy(mean), backend.asnumpy(rms), backend.asnumpy(npix)
+    return fetch(backend, mean, rms, npix)  # one transfer
