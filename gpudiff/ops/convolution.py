@@ -83,7 +83,12 @@ def _check_kernels(kernels, be: Backend, ndim: int):
 
 
 def iter_correlations(
-    image: Any, kernels: Any, backend: Backend | str | None = None, dtype=np.float32
+    image: Any,
+    kernels: Any,
+    backend: Backend | str | None = None,
+    dtype=np.float32,
+    *,
+    check_finite: bool = True,
 ) -> Iterator[Any]:
     """Yield image ⊗ kernels[m] for each m, sharing one forward FFT of the image.
 
@@ -98,14 +103,24 @@ def iter_correlations(
         Kernels in afw orientation (not flipped).
     dtype : dtype
         Output dtype; the FFTs run in float64 when ``dtype`` is float64, else float32.
+    check_finite : bool
+        Refuse a non-finite image (:class:`~gpudiff.errors.NonFiniteDataError`).  Callers
+        whose image is finite by construction (zero-filled by
+        :func:`prepare_masked_input`) pass False: on a device the test is a host sync.
     """
     be = resolve_backend(backend)
+    ks = _check_kernels(kernels, be, 3)
+    return _correlations(image, ks, be, dtype, check_finite)
+
+
+def _correlations(image, ks, be: Backend, dtype, check_finite: bool) -> Iterator[Any]:
+    """:func:`iter_correlations` of kernels already checked by :func:`_check_kernels`."""
     xp = be.xp
     work = np.float64 if np.dtype(dtype) == np.float64 else np.float32
     img = be.asarray(image, dtype=work)
     if img.ndim != 2:
         raise InvalidInputError(f"image must be 2-D, got shape {tuple(img.shape)}")
-    if not bool(xp.isfinite(img).all()):
+    if check_finite and not bool(xp.isfinite(img).all()):
         # One NaN would spread over the whole FFT output: refuse rather than return an
         # all-NaN (silently wrong) image.  Masked images are zero-filled by the callers.
         n_bad = int((~xp.isfinite(img)).sum())
@@ -113,7 +128,10 @@ def iter_correlations(
             f"image to correlate has {n_bad} NaN/inf pixel(s); zero-fill and mask them "
             "first (convolve_masked_image does)"
         )
-    ks = _check_kernels(kernels, be, 3).astype(work, copy=False)
+    return _correlation_terms(img, ks.astype(work, copy=False), be, dtype)
+
+
+def _correlation_terms(img, ks, be: Backend, dtype) -> Iterator[Any]:
     n, kh, kw = ks.shape
     H, W = img.shape
     fy, fx = _fft_shape((H, W), (kh, kw))
@@ -135,7 +153,12 @@ def iter_correlations(
 
 
 def correlate_many(
-    image: Any, kernels: Any, backend: Backend | str | None = None, dtype=np.float32
+    image: Any,
+    kernels: Any,
+    backend: Backend | str | None = None,
+    dtype=np.float32,
+    *,
+    check_finite: bool = True,
 ) -> Any:
     """Correlate one image with a stack of kernels (n, kh, kw) → (n, H, W).
 
@@ -143,16 +166,26 @@ def correlate_many(
     forward FFT of the image is shared.  See :func:`iter_correlations`.
     """
     be = resolve_backend(backend)
-    return be.xp.stack(list(iter_correlations(image, kernels, be, dtype)))
+    terms = iter_correlations(image, kernels, be, dtype, check_finite=check_finite)
+    return be.xp.stack(list(terms))
 
 
 def correlate(
-    image: Any, kernel: Any, backend: Backend | str | None = None, dtype=np.float32
+    image: Any,
+    kernel: Any,
+    backend: Backend | str | None = None,
+    dtype=np.float32,
+    *,
+    check_finite: bool = True,
 ) -> Any:
-    """Correlate a 2-D image with one kernel (afw convention, zero outside the image)."""
+    """Correlate a 2-D image with one kernel (afw convention, zero outside the image).
+
+    ``check_finite`` as :func:`iter_correlations`.
+    """
     be = resolve_backend(backend)
+    # Checked here, where a host kernel is still on the host (no device test).
     k = _check_kernels(kernel, be, 2)
-    return correlate_many(image, k[None], be, dtype=dtype)[0]
+    return be.xp.stack(list(_correlations(image, k[None], be, dtype, check_finite)))[0]
 
 
 def dilate_mask(mask: Any, footprint: Any, backend: Backend | str | None = None) -> Any:
@@ -233,7 +266,12 @@ def convolve_masked_image(
         Copy input pixels into the border instead of NaN/NO_DATA.
     """
     be = mi.backend
-    k = be.asarray(kernel, dtype=np.float64)
+    # A host kernel stays on the host: its sum and finiteness are then tested there (on a
+    # device each test would be a host sync); correlate uploads it.
+    if isinstance(kernel, np.ndarray):
+        k = np.asarray(kernel, dtype=np.float64)
+    else:
+        k = be.asarray(kernel, dtype=np.float64)
     if k.ndim != 2:
         raise InvalidInputError(f"kernel must be 2-D, got shape {tuple(k.shape)}")
     if k.shape[0] > mi.shape[0] or k.shape[1] > mi.shape[1]:
@@ -244,14 +282,20 @@ def convolve_masked_image(
             raise InvalidInputError(f"cannot normalize a kernel whose sum is {s}")
         k = k / s
     img, var, msk = prepare_masked_input(mi)
-    out_img = correlate(img, k, be)
-    out_var = correlate(var, k * k, be)
+    # Zero-filled by prepare_masked_input: finite by construction.
+    out_img = correlate(img, k, be, check_finite=False)
+    out_var = correlate(var, k * k, be, check_finite=False)
     out_msk = dilate_mask(msk, k != 0, be)
     return finish_masked_output(mi, out_img, out_var, out_msk, k.shape, do_copy_edge)
 
 
 def varying_correlate(
-    image: Any, term_kernels: Any, term_weights: Sequence[Any], backend: Backend | str | None = None
+    image: Any,
+    term_kernels: Any,
+    term_weights: Sequence[Any],
+    backend: Backend | str | None = None,
+    *,
+    check_finite: bool = True,
 ) -> Any:
     """Exact spatially varying correlation Σ_k w_k(x, y) · (image ⊗ K_k), float32.
 
@@ -264,6 +308,8 @@ def varying_correlate(
     image : 2-D array (finite)
     term_kernels : array, shape (n_terms, kh, kw)
     term_weights : sequence of n_terms arrays broadcastable to the image, or scalars
+    check_finite : bool
+        As :func:`iter_correlations`.
     """
     be = resolve_backend(backend)
     xp = be.xp
@@ -271,7 +317,7 @@ def varying_correlate(
     if len(term_weights) != ks.shape[0]:
         raise InvalidInputError(f"{ks.shape[0]} term kernels but {len(term_weights)} weight images")
     out = None
-    for w, conv in zip(term_weights, iter_correlations(image, ks, be)):
+    for w, conv in zip(term_weights, _correlations(image, ks, be, np.float32, check_finite)):
         w = np.float32(w) if np.isscalar(w) else xp.asarray(w, dtype=np.float32)
         if out is None:
             out = conv * w  # a new contiguous array

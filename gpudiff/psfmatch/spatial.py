@@ -196,8 +196,9 @@ class SpatialKernel:
         vkernels = np.stack([kt[k] * kt[k2] for k, k2 in pairs])
         # Image and variance planes are independent: on the CPU one thread each.
         out_img, out_var = run_concurrently(
-            lambda: varying_correlate(img, kt[used], [p[k] for k in used], be),
-            lambda: varying_correlate(var, vkernels, vweights, be),
+            # Zero-filled by prepare_masked_input: finite by construction.
+            lambda: varying_correlate(img, kt[used], [p[k] for k in used], be, check_finite=False),
+            lambda: varying_correlate(var, vkernels, vweights, be, check_finite=False),
             parallel=not be.is_gpu,
         )
         if do_normalize:
