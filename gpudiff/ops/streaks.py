@@ -34,6 +34,7 @@ import numpy as np
 from ..backend import Backend, resolve_backend
 from ..errors import InvalidInputError
 from ..image import MaskedImage
+from ._host import fetch
 from .footprints import dilate_disk as _dilate_disk
 
 __all__ = ["Streak", "StreakResult", "find_streaks"]
@@ -89,37 +90,34 @@ class StreakResult:
     labels: Any
 
 
-def _bin_max(be: Backend, on, b: int):
-    """OR over b × b blocks (zero-padded)."""
-    xp = be.xp
-    H, W = on.shape
-    Hb, Wb = -(-H // b), -(-W // b)
-    pad = xp.zeros((Hb * b, Wb * b), dtype=bool)
-    pad[:H, :W] = on
-    return pad.reshape(Hb, b, Wb, b).any(axis=(1, 3))
-
-
 def _elongated(be: Backend, on, min_pixels: int, min_axis_ratio: float, min_length: float):
-    """Pixels of components that are elongated (principal axis ratio ≥ ``min_axis_ratio``)
-    or long (major axis ≥ ``min_length``), with at least ``min_pixels`` pixels."""
+    """The pixels of ``on`` and which of them belong to components that are elongated
+    (principal axis ratio ≥ ``min_axis_ratio``) or long (major axis ≥ ``min_length``), with
+    at least ``min_pixels`` pixels.
+
+    Returns (ys, xs, keep): backend arrays over every ``on`` pixel in row-major order, keep
+    True on those of the kept components; None when ``on`` has no pixel.  The caller
+    fetches them in one transfer rather than building the kept mask and finding its pixels
+    again (two more host syncs).
+    """
     xp, nd = be.xp, be.ndimage
     labels, n = nd.label(on, structure=be.asarray(np.ones((3, 3), dtype=bool)))
     n = int(n)
     if n == 0:
-        return on
+        return None
     ys, xs = xp.nonzero(labels)
     lab = labels[ys, xs]
-    xs, ys = xs.astype(xp.float64), ys.astype(xp.float64)
+    xf, yf = xs.astype(xp.float64), ys.astype(xp.float64)
 
     def s(v):
         return xp.bincount(lab, weights=v, minlength=n + 1)
 
     cnt = xp.bincount(lab, minlength=n + 1).astype(xp.float64)
     c = xp.maximum(cnt, 1.0)
-    mx, my = s(xs) / c, s(ys) / c
-    sxx = s(xs * xs) / c - mx * mx + 1.0 / 12  # + a pixel's own extent
-    syy = s(ys * ys) / c - my * my + 1.0 / 12
-    sxy = s(xs * ys) / c - mx * my
+    mx, my = s(xf) / c, s(yf) / c
+    sxx = s(xf * xf) / c - mx * mx + 1.0 / 12  # + a pixel's own extent
+    syy = s(yf * yf) / c - my * my + 1.0 / 12
+    sxy = s(xf * yf) / c - mx * my
     tr, det = sxx + syy, sxx * syy - sxy * sxy
     disc = xp.sqrt(xp.maximum(tr * tr / 4 - det, 0))
     l1, l2 = tr / 2 + disc, xp.maximum(tr / 2 - disc, 1e-12)
@@ -127,7 +125,7 @@ def _elongated(be: Backend, on, min_pixels: int, min_axis_ratio: float, min_leng
     # A uniform segment of length L has σ_major = L/√12.
     keep = (cnt >= min_pixels) & ((ratio >= min_axis_ratio) | (xp.sqrt(12 * l1) >= min_length))
     keep[0] = False
-    return keep[labels]
+    return ys, xs, keep[lab]
 
 
 def _hough(be: Backend, xs, ys, thetas, n_rho: int, rho_min: float, weights=None):
@@ -241,22 +239,25 @@ def find_streaks(
     # Compact blobs (stars, residual rings, CRs, noise) are not lines: a PSF-sized blob has
     # axis ratio ~1; a trail piece of length ≥ 3 × its thresholded width has ≥ 3 (the lobes
     # of a bright star's residual ring reach ~2.5 and lined up as false trails at 2).
-    on = _elongated(
+    got = _elongated(
         be, on, min_pixels=max(5, int(psf_sigma**2)), min_axis_ratio=3.0, min_length=min_length
     )
-    if not bool(on.any()):
+    if got is None:
         return StreakResult([], labels_out)
-    b = max(1, -(-max(H, W) // _HOUGH_GRID))
-    onb = _bin_max(be, on, b)
     # The voting pixels (those of elongated components: few) go to the host in one
-    # transfer, and the Hough search runs there: on a device its loop of small steps
-    # cost ~300 launches and ~100 host syncs per image.  Only a line that passes the
-    # fit is profiled on the device, on the full image.
+    # transfer with their |S/N|, and the Hough search runs there: on a device its loop of
+    # small steps cost ~300 launches and ~100 host syncs per image.  Only a line that
+    # passes the fit is profiled on the device, on the full image.
+    ys_d, xs_d, keep_d = got
+    ys_all, xs_all, kept, sig_on = fetch(be, ys_d, xs_d, keep_d, xp.abs(sig[ys_d, xs_d]))
+    ys_all, xs_all, sig_on = ys_all[kept], xs_all[kept], sig_on[kept]
+    if not ys_all.size:
+        return StreakResult([], labels_out)
     hb = resolve_backend("numpy")
-    ys_d, xs_d = xp.nonzero(on)
-    yb, xb, ys_all, xs_all, sig_on = (
-        be.asnumpy(a) for a in (*xp.nonzero(onb), ys_d, xs_d, xp.abs(sig[ys_d, xs_d]))
-    )
+    # The occupied b × b blocks, row-major (as the nonzero of their OR map).
+    b = max(1, -(-max(H, W) // _HOUGH_GRID))
+    Wb = -(-W // b)
+    yb, xb = np.divmod(np.unique((ys_all // b) * Wb + xs_all // b), Wb)
     xb = (xb.astype(np.float64) + 0.5) * b - 0.5  # block centres in full-resolution pixels
     yb = (yb.astype(np.float64) + 0.5) * b - 0.5
     d = math.hypot(H, W)
