@@ -275,14 +275,15 @@ class MaskedImage:
         xp = self.backend.xp
         bm = self.mask_planes.bitmask_if_present(bad_planes)
         unmasked = ((self.mask & bm) == 0) & xp.isfinite(self.image)
-        n_ok = int(unmasked.sum())
+        bad_var = unmasked & ~(xp.isfinite(self.variance) & (self.variance > 0))
+        # Both counts cross to the host together (one host sync on a device).
+        counts = xp.stack([unmasked.sum(), bad_var.sum()])
+        n_ok, n_bad = (int(v) for v in self.backend.asnumpy(counts))
         if n_ok == 0:
             raise AllMaskedError(
                 f"{name}: every pixel is masked ({', '.join(bad_planes)}) or non-finite; nothing "
                 "to work with"
             )
-        bad_var = unmasked & ~(xp.isfinite(self.variance) & (self.variance > 0))
-        n_bad = int(bad_var.sum())
         if n_bad:
             raise InvalidVarianceError(
                 f"{name}: {n_bad} unmasked pixel(s) have zero, negative or non-finite variance "

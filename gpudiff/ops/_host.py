@@ -31,7 +31,7 @@ def fetch(be: Backend, *arrays: Any) -> tuple[np.ndarray, ...]:
     tuple of numpy.ndarray
         In the order given; 0-d for scalar inputs.
     """
-    if not be.is_gpu:
+    if not be.is_gpu or not arrays:
         return tuple(be.asnumpy(a) for a in arrays)
     xp = be.xp
     dev = [be.asarray(a) for a in arrays]

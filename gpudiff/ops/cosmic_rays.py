@@ -61,6 +61,8 @@ def find_cosmic_rays(
         sb = spad[1 - dy : 1 - dy + H, 1 - dx : 1 - dx + W]
         nb = 0.5 * (a + b) + cond3 * 0.5 * (sa + sb)
         cr |= bright & (hi > ratio * nb)
-    if grow > 0 and bool(cr.any()):
+    if grow > 0:
+        # No emptiness test first (a host sync on a device): an empty mask dilates to
+        # itself.
         cr = be.ndimage.binary_dilation(cr, iterations=int(grow))
     return cr

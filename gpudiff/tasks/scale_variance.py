@@ -32,6 +32,7 @@ from ..backend import Backend, resolve_backend
 from ..configfield import option, validate_config
 from ..errors import AllMaskedError, ExceedsMaxVarianceScaleError, InvalidInputError
 from ..image import Exposure, MaskedImage
+from ..ops._host import fetch
 from ..ops.background import estimate_background
 from ..ops.stats import _quantiles
 
@@ -230,8 +231,9 @@ class ScaleVarianceTask:
             backend=self.backend,
         )
 
-    def _background(self, mi: MaskedImage, good, n_good: int):
-        """The background model (float64 backend array or scalar) to subtract."""
+    def _background(self, mi: MaskedImage, good, n_good: int | None):
+        """The background model (float64 backend array or scalar) to subtract
+        (``n_good`` None: not known on the host yet)."""
         bc = self.config.background
         planes = self.config.mask_planes if bc.ignored_pixel_mask is None else bc.ignored_pixel_mask
         order = _ALGORITHMS[bc.algorithm.upper()]
@@ -246,9 +248,25 @@ class ScaleVarianceTask:
                 log.debug("no background bin is usable; subtracting a constant level instead")
         # A constant cannot change an inter-quartile range; it only keeps the image
         # centred, so the median of the good pixels is as good as any level.
-        if not n_good:
+        if n_good == 0:
             return 0.0
         return _quantiles(self.backend, [mi.image.astype(np.float64)], good, [(0.5,)])[0]
+
+    def _quartiles(self, mi: MaskedImage, good, n_good: int | None):
+        """Backend vector (zq1, zq3, q1, q3, median variance) of the good pixels."""
+        xp = self.backend.xp
+        # The background is subtracted from a float64 working copy (LSST subtracts in place
+        # and adds it back; we never touch the input).  The quartiles are order statistics
+        # of the good pixels found by selection on the whole arrays under the ``good`` mask:
+        # no sort, no boolean-mask compaction (each one a host sync on a device), and the
+        # five numbers cross to the host together.
+        bg = self._background(mi, good, n_good)
+        img = mi.image.astype(np.float64) - bg
+        var = mi.variance.astype(np.float64)
+        with np.errstate(all="ignore"):  # bad pixels (var <= 0, NaN) are outside ``good``
+            z = img / xp.sqrt(var)
+        fr = (0.25, 0.75)  # NumPy's default (linear) percentiles, as LSST
+        return _quantiles(self.backend, [z, img, var], good, [fr, fr, (0.5,)])
 
     def compute_scale_factors(self, masked_image: MaskedImage | Exposure) -> ScaleVarianceFactors:
         """Both estimates of the factor, without checking the limit
@@ -272,22 +290,28 @@ class ScaleVarianceTask:
             & xp.isfinite(mi.variance)
             & (mi.variance > 0)
         )
-        n_good = int(good.sum())
-        if n_good < 2:
+        # On a device the good-pixel count crosses to the host with the five quartiles
+        # (one host sync, not two); fewer than two good pixels then give NaN quartiles,
+        # discarded below.  On the CPU the count is known first and such an image skips
+        # the statistics.
+        n_dev = good.sum() if self.backend.is_gpu else None
+        n_good = None if n_dev is not None else int(good.sum())
+        if n_good is not None and n_good < 2:
             return ScaleVarianceFactors(float("nan"), float("nan"), n_good)
-        # The background is subtracted from a float64 working copy (LSST subtracts in place
-        # and adds it back; we never touch the input).  The quartiles are order statistics
-        # of the good pixels found by selection on the whole arrays under the ``good`` mask:
-        # no sort, no boolean-mask compaction (each one a host sync on a device), and the
-        # five numbers cross to the host together.
-        bg = self._background(mi, good, n_good)
-        img = mi.image.astype(np.float64) - bg
-        var = mi.variance.astype(np.float64)
-        with np.errstate(all="ignore"):  # bad pixels (var <= 0, NaN) are outside ``good``
-            z = img / xp.sqrt(var)
-        fr = (0.25, 0.75)  # NumPy's default (linear) percentiles, as LSST
-        q = _quantiles(self.backend, [z, img, var], good, [fr, fr, (0.5,)])
-        zq1, zq3, q1, q3, median_var = (float(v) for v in self.backend.asnumpy(q))
+        try:
+            q = self._quartiles(mi, good, n_good)
+        except Exception:
+            if n_dev is not None and int(n_dev) < 2:  # nothing to measure: as on the CPU
+                return ScaleVarianceFactors(float("nan"), float("nan"), int(n_dev))
+            raise
+        if n_dev is None:
+            q = self.backend.asnumpy(q)
+        else:
+            q, n = fetch(self.backend, q, n_dev)
+            n_good = int(n)
+            if n_good < 2:
+                return ScaleVarianceFactors(float("nan"), float("nan"), n_good)
+        zq1, zq3, q1, q3, median_var = (float(v) for v in q)
         pixel_factor = (IQR_TO_SIGMA * (zq3 - zq1)) ** 2
         image_factor = float((IQR_TO_SIGMA * (q3 - q1) / math.sqrt(median_var)) ** 2)
         return ScaleVarianceFactors(pixel_factor, image_factor, n_good)

@@ -25,6 +25,7 @@ from ..errors import AllMaskedError, InvalidInputError, NoWorkFound, PsfError, S
 from ..image import Exposure, MaskedImage, evaluate_mean_fwhm
 from ..ops.cosmic_rays import find_cosmic_rays
 from ..ops.detection import detect_sources
+from ..ops._host import fetch
 from ..ops.interpolate import defect_pixels, interpolate_over_defects
 from .masks import mask_non_finite, template_coverage, update_masks
 from .scale_variance import ScaleVarianceConfig, ScaleVarianceTask
@@ -161,8 +162,21 @@ def prepare_inputs(
     if cfg.find_template_cosmic_rays:
         # Before the interpolation, which then fills the rays like the other defects.
         template = mask_cosmic_rays(template, be)
-    template, t_filled = interpolate_defects(template, planes, be)
-    science, _ = interpolate_defects(science, planes, be)
+    # What the next steps branch on crosses to the host in one transfer: whether each
+    # image has defects to fill, and whether it comes with DETECTED pixels (the
+    # interpolation leaves the DETECTED bits as they are).
+    t_bad = defect_pixels(template.masked_image, planes) if planes else None
+    s_bad = defect_pixels(science.masked_image, planes) if planes else None
+    flags = [] if t_bad is None else [t_bad.any(), s_bad.any()]
+    if cfg.do_scale_variance:
+        flags += [_has_detected(template.masked_image), _has_detected(science.masked_image)]
+    flags = [bool(f) for f in fetch(be, *flags)]
+    if planes:
+        t_any, s_any, *flags = flags
+        template, t_filled = interpolate_defects(template, planes, be, bad=(t_bad, t_any))
+        science, s_filled = interpolate_defects(science, planes, be, bad=(s_bad, s_any))
+    else:
+        t_filled = s_filled = None
     cov = template_coverage(template, science)
     meta["template_coverage"] = cov
     if cov < cfg.required_template_fraction:
@@ -173,9 +187,10 @@ def prepare_inputs(
         )
     if cfg.do_scale_variance:
         # The two images are independent: on the CPU each gets a core.
+        t_det, s_det = flags
         (template, tfac, _), (science, sfac, cat) = run_concurrently(
-            lambda: scale_variance(template, cfg, be, need_catalog=False),
-            lambda: scale_variance(science, cfg, be, need_catalog=True),
+            lambda: scale_variance(template, cfg, be, need_catalog=False, has_detected=t_det),
+            lambda: scale_variance(science, cfg, be, need_catalog=True, has_detected=s_det),
             parallel=not be.is_gpu,
         )
         # Reused for kernel-source selection (one detection of the science, not two).
@@ -194,19 +209,33 @@ def prepare_inputs(
             template.metadata,
         )
     if cfg.find_science_cosmic_rays:
+        before = science
         science = mask_cosmic_rays(science, be)
-        if "CR" in planes:
+        # Without a new ray and with nothing filled above (no CR bit, every pixel finite;
+        # the variance scaling and the mask update add neither) there is nothing to fill.
+        if "CR" in planes and (science is not before or s_filled is not None):
             # Cosmic rays found just now: filled like the defects that came flagged.
             science, _ = interpolate_defects(science, ("CR",), be)
+    counts = {}
     for name, exp in (("template", template), ("science", science)):
         intrp = exp.masked_image.mask_planes.bitmask_if_present("INTRP")
-        meta[f"n_interpolated_{name}"] = (
-            int(be.xp.count_nonzero(exp.masked_image.mask & intrp)) if intrp else 0
-        )
+        if intrp:
+            counts[name] = be.xp.count_nonzero(exp.masked_image.mask & intrp)
+    got = dict(zip(counts, fetch(be, *counts.values())))  # one transfer
+    for name in ("template", "science"):
+        meta[f"n_interpolated_{name}"] = int(got[name]) if name in got else 0
     return PreparedInputs(template, science, science_sources, meta)
 
 
-def interpolate_defects(exp: Exposure, planes, backend: Backend) -> tuple[Exposure, Any]:
+def _has_detected(mi: MaskedImage) -> Any:
+    """Whether any pixel has DETECTED set: a backend 0-d bool (False without the plane)."""
+    det_bit = mi.mask_planes.bitmask_if_present("DETECTED")
+    return (mi.mask & det_bit).any() if det_bit else np.False_
+
+
+def interpolate_defects(
+    exp: Exposure, planes, backend: Backend, *, bad: tuple[Any, bool] | None = None
+) -> tuple[Exposure, Any]:
     """``exp`` with its defects interpolated and flagged INTRP.
 
     Parameters
@@ -215,6 +244,9 @@ def interpolate_defects(exp: Exposure, planes, backend: Backend) -> tuple[Exposu
     planes : sequence of str
         The defect mask planes; non-finite pixels are defects too.  Empty: nothing is done.
     backend : Backend
+    bad : (array of bool, bool), optional
+        ``defect_pixels(exp.masked_image, planes)`` and whether it has any pixel, when the
+        caller has them (it fetched that flag with others: one host sync fewer).
 
     Returns
     -------
@@ -226,8 +258,12 @@ def interpolate_defects(exp: Exposure, planes, backend: Backend) -> tuple[Exposu
     if not planes:
         return exp, None
     mi = exp.masked_image
-    bad = defect_pixels(mi, planes)
-    if not bool(bad.any()):
+    if bad is None:
+        bad = defect_pixels(mi, planes)
+        any_bad = bool(bad.any())
+    else:
+        bad, any_bad = bad
+    if not any_bad:
         return exp, None
     try:
         fwhm = float(exp.psf.fwhm())
@@ -277,7 +313,11 @@ def mask_cosmic_rays(exposure: Exposure, backend: Backend) -> Exposure:
 
 
 def scale_variance(
-    exp: Exposure, config: AlardLuptonSubtractConfig, backend: Backend, need_catalog: bool
+    exp: Exposure,
+    config: AlardLuptonSubtractConfig,
+    backend: Backend,
+    need_catalog: bool,
+    has_detected: bool | None = None,
 ) -> tuple[Exposure, float, Table | None]:
     """ScaleVarianceTask's factor, applied to a copy of the exposure.
 
@@ -296,6 +336,8 @@ def scale_variance(
     need_catalog : bool
         Detect the sources (and return them) when the image has no DETECTED pixel; else a
         cheap source mask (:func:`with_source_mask`) is enough.
+    has_detected : bool, optional
+        Whether the image has a DETECTED pixel, when the caller knows (else tested here).
 
     Returns
     -------
@@ -307,8 +349,9 @@ def scale_variance(
     """
     mi = exp.masked_image
     probe, catalog = mi, None
-    det_bit = mi.mask_planes.bitmask_if_present("DETECTED")
-    if (not det_bit or not bool((mi.mask & det_bit).any())) and need_catalog:
+    if has_detected is None:
+        has_detected = bool(_has_detected(mi))
+    if not has_detected and need_catalog:
         # The science's detections are reused for kernel-source selection.
         det = detect_sources(
             mi,
@@ -327,7 +370,7 @@ def scale_variance(
             backend=backend,
         )
         catalog = det.catalog
-    elif not det_bit or not bool((mi.mask & det_bit).any()):
+    elif not has_detected:
         probe = with_source_mask(mi, exp.psf)
     sv_config = ScaleVarianceConfig(max_samples=config.scale_variance_max_samples)
     factor = float(ScaleVarianceTask(sv_config, backend=backend).run(probe))
@@ -365,7 +408,12 @@ def with_source_mask(mi: MaskedImage, psf) -> MaskedImage:
     """
     xp = mi.backend.xp
     finite = xp.isfinite(mi.image) & xp.isfinite(mi.variance) & (mi.variance > 0)
-    med = xp.median(mi.image[finite]) if bool(finite.any()) else 0.0
+    if mi.backend.is_gpu:
+        # The same median without a host sync (an emptiness test, a boolean-mask
+        # compaction): NaN outside ``finite``; NaN if nothing is, when ``on`` is all False.
+        med = xp.nanmedian(xp.where(finite, mi.image, xp.float32(np.nan)))
+    else:
+        med = xp.median(mi.image[finite]) if bool(finite.any()) else 0.0
     with np.errstate(invalid="ignore", divide="ignore"):
         on = finite & (xp.abs(mi.image - med) > 5.0 * xp.sqrt(mi.variance))
     r = max(2, int(round(2 * psf.fwhm())))
