@@ -153,6 +153,21 @@ class MaskedImage:
         return Box(x0, y0, x0 + self.shape[1], y0 + self.shape[0])
 
     # --- copies and transfers ---------------------------------------------------------
+    @classmethod
+    def _wrap(cls, image, variance, mask, *, xy0, mask_planes, backend) -> "MaskedImage":
+        """A MaskedImage holding these backend arrays as they are: no copy, no checks.
+
+        Library-internal, for planes the caller has just computed (or holds no other
+        reference to) with the right dtypes and shapes: the public constructor's three
+        copies are a device launch each.
+        """
+        out = cls.__new__(cls)
+        out.image, out.variance, out.mask = image, variance, mask
+        out.xy0 = (int(xy0[0]), int(xy0[1]))
+        out.mask_planes = mask_planes.copy()
+        out.backend = backend
+        return out
+
     def _new(
         self, image, variance, mask, xy0=None, mask_planes=None, backend=None
     ) -> "MaskedImage":
@@ -240,13 +255,18 @@ class MaskedImage:
     def with_plane_set(self, name: str, where: Any) -> "MaskedImage":
         """A copy with plane ``name`` (added if undefined; an alias counts) set where ``where`` is
         True."""
+        mask, planes = self._plane_set(name, where)
+        return self._new(self.image, self.variance, mask, mask_planes=planes)
+
+    def _plane_set(self, name: str, where: Any) -> tuple[Any, MaskPlanes]:
+        """The (mask, mask planes) of :meth:`with_plane_set`, not wrapped (nor copied)."""
         planes = self.mask_planes.copy()
         bit = planes.add(name)
         dtype = mask_dtype(planes)  # a plane on bit 31+ widens the mask to int64
         mask = self.mask.astype(dtype) | (
             self.backend.xp.asarray(where).astype(dtype) << dtype.type(bit)
         )
-        return self._new(self.image, self.variance, mask, mask_planes=planes)
+        return mask, planes
 
     def with_planes_cleared(self, names) -> "MaskedImage":
         """A copy with the named planes (those defined) cleared; ``self`` if none is."""
@@ -272,19 +292,31 @@ class MaskedImage:
             Some usable pixel (not in ``bad_planes``, finite image) has zero, negative or
             non-finite variance.
         """
+        counts = self.backend.asnumpy(self._validity_counts(bad_planes))
+        self._check_validity(name, counts, bad_planes)
+
+    def _validity_counts(self, bad_planes=("NO_DATA",)) -> Any:
+        """Backend vector (usable pixels, usable pixels with a bad variance) of
+        :meth:`validate`: callers validating several images fetch them together."""
         xp = self.backend.xp
         bm = self.mask_planes.bitmask_if_present(bad_planes)
         unmasked = ((self.mask & bm) == 0) & xp.isfinite(self.image)
         bad_var = unmasked & ~(xp.isfinite(self.variance) & (self.variance > 0))
-        # Both counts cross to the host together (one host sync on a device).
-        counts = xp.stack([unmasked.sum(), bad_var.sum()])
-        n_ok, n_bad = (int(v) for v in self.backend.asnumpy(counts))
+        return xp.stack([unmasked.sum(), bad_var.sum()])
+
+    def _check_validity(self, name: str, counts, bad_planes=("NO_DATA",)) -> None:
+        """:meth:`validate`'s verdict on its host ``counts``."""
+        n_ok, n_bad = (int(v) for v in counts)
         if n_ok == 0:
             raise AllMaskedError(
                 f"{name}: every pixel is masked ({', '.join(bad_planes)}) or non-finite; nothing "
                 "to work with"
             )
         if n_bad:
+            xp = self.backend.xp
+            bm = self.mask_planes.bitmask_if_present(bad_planes)
+            unmasked = ((self.mask & bm) == 0) & xp.isfinite(self.image)
+            bad_var = unmasked & ~(xp.isfinite(self.variance) & (self.variance > 0))
             raise InvalidVarianceError(
                 f"{name}: {n_bad} unmasked pixel(s) have zero, negative or non-finite variance "
                 f"(e.g. {float(self.variance[bad_var][0]):.3g} at the first one); "

@@ -14,17 +14,15 @@ __all__ = ["fetch"]
 def fetch(be: Backend, *arrays: Any) -> tuple[np.ndarray, ...]:
     """Host copies of ``arrays`` (device arrays, host arrays or scalars), in one transfer.
 
-    On a device every array is raveled, cast to float64 and concatenated, the one vector
-    crosses to the host, and each piece is cast back to its array's dtype and shape: exact
-    for bool, integers below 2⁵³ (mask planes, counts, indices) and float32/float64
-    values, which is all this library fetches.  On the CPU each array is returned as is
-    (no copy).
+    On a device the bytes of every array (made C-contiguous) are concatenated into one
+    byte vector, which crosses to the host, and each piece is viewed back as its array's
+    dtype and shape: exact for every dtype, and no more bytes than the arrays hold.  On
+    the CPU each array is returned as is (no copy).
 
     Parameters
     ----------
     be : Backend
     *arrays : array-like
-        Real-valued (not complex).
 
     Returns
     -------
@@ -35,13 +33,13 @@ def fetch(be: Backend, *arrays: Any) -> tuple[np.ndarray, ...]:
         return tuple(be.asnumpy(a) for a in arrays)
     xp = be.xp
     dev = [be.asarray(a) for a in arrays]
-    for a in dev:
-        if a.dtype.kind == "c":
-            raise TypeError("fetch: complex arrays are not supported")
-    flat = be.asnumpy(xp.concatenate([a.reshape(-1) for a in dev], dtype=xp.float64))
+    dev = [a if a.flags.c_contiguous else xp.ascontiguousarray(a) for a in dev]
+    flat = be.asnumpy(xp.concatenate([a.reshape(-1).view(xp.uint8) for a in dev]))
     out, at = [], 0
     for a in dev:
-        n = int(a.size)
-        out.append(flat[at : at + n].astype(a.dtype).reshape(a.shape))
+        n = int(a.nbytes)
+        # A copy: aligned and owned, as a plain transfer's result.
+        piece = flat[at : at + n].copy()
+        out.append(piece.view(np.dtype(a.dtype)).reshape(a.shape))
         at += n
     return tuple(out)

@@ -46,6 +46,7 @@ from ..errors import (
 )
 from ..image import Exposure, MaskedImage
 from ..image.psf import Psf
+from ..ops._host import fetch
 from ..ops.stats import image_statistics
 
 __all__ = ["DecorrelateALKernelConfig", "DecorrelateALKernelTask", "DecorrelationResult"]
@@ -228,22 +229,28 @@ class DecorrelateALKernelTask:
     def _half_mean_sq(self, a: Any, shape: tuple[int, int]) -> float:
         """mean_k |a(k)|² over the full N_y·N_x spectrum, from the rfft half of a Hermitian
         spectrum: interior columns stand for two frequencies, columns 0 and N_x/2 for one."""
+        return float(self._half_sum_sq(a, shape)) / (shape[0] * shape[1])
+
+    def _half_sum_sq(self, a: Any, shape: tuple[int, int]) -> Any:
+        """Σ_k |a(k)|² of :meth:`_half_mean_sq`, a backend scalar (not fetched)."""
         xp = self.backend.xp
         p = (a.real**2 + a.imag**2) if xp.iscomplexobj(a) else a * a
         w = xp.full(p.shape[1], 2.0)
         w[0] = 1.0
         if shape[1] % 2 == 0:
             w[-1] = 1.0
-        return float((p * w[None, :]).sum()) / (shape[0] * shape[1])
+        return (p * w[None, :]).sum()
 
-    def _filter_plane(self, plane: Any, filt_ft: Any, shape: tuple[int, int], fill: float) -> Any:
+    def _filter_plane(self, plane: Any, filt_ft: Any, shape: tuple[int, int], fill: Any) -> Any:
         """IFFT(FFT(plane)·filt_ft) cropped, with non-finite pixels filled by ``fill``
         for the transform and restored (NaN stays NaN, ±inf stays ±inf) afterwards."""
         xp = self.backend.xp
         H, W = plane.shape
         a = plane.astype(np.float64)
         bad = ~xp.isfinite(a)
-        has_bad = bool(bad.any())
+        # On a device the fill and restore run whether or not a pixel needs them (both
+        # are then identities): cheaper than the host sync of the test.
+        has_bad = self.backend.is_gpu or bool(bad.any())
         if has_bad:
             a = xp.where(bad, fill, a)
         out = self._irfft(self._rfft(a, shape) * filt_ft, shape)[:H, :W]
@@ -415,10 +422,25 @@ class DecorrelateALKernelTask:
         # The image: corr is real and even, so filtering keeps the image real.
         img = diff.image.astype(np.float64)
         finite = xp.isfinite(img)
-        fill = float(xp.mean(img[finite])) if bool(finite.any()) else 0.0
+        if be.is_gpu:
+            # The mean of the finite pixels without a host sync (an emptiness test, a
+            # boolean-mask compaction): a backend scalar, 0 when no pixel is finite.
+            n_fin = finite.sum()
+            fill = xp.where(n_fin > 0, xp.where(finite, img, 0.0).sum() / xp.maximum(n_fin, 1), 0.0)
+        else:
+            fill = float(xp.mean(img[finite])) if bool(finite.any()) else 0.0
         new_img = self._filter_plane(img, corr, shape, fill)
 
-        w1, w2 = self._half_mean_sq(cnft, shape), self._half_mean_sq(crft, shape)
+        # The filter's cut-out and the two variance weights cross to the host together.
+        half = max(max(kappa.shape), max(pre.shape) if pre is not None else 0)
+        cut, s1, s2 = fetch(
+            be,
+            self._cutout(corr, shape, half),
+            self._half_sum_sq(cnft, shape),
+            self._half_sum_sq(crft, shape),
+        )
+        cut = np.array(cut, dtype=np.float64)
+        w1, w2 = float(s1) / (shape[0] * shape[1]), float(s2) / (shape[0] * shape[1])
         if self.config.complete_var_plane_propagation:
             new_var = self._propagate(plane1, cnft, var_mean, shape) + self._propagate(
                 plane2, crft, target_mean, shape
@@ -430,8 +452,6 @@ class DecorrelateALKernelTask:
             # (template term included) by 1/kSum², and so do we.
             new_var = new_var / (ksum * ksum)
 
-        half = max(max(kappa.shape), max(pre.shape) if pre is not None else 0)
-        cut = self._cutout(corr, shape, half)
         out_mi = MaskedImage(
             new_img.astype(np.float32),
             new_var.astype(np.float32),
@@ -482,12 +502,11 @@ class DecorrelateALKernelTask:
         )
         return self._filter_plane(plane, self._rfft(c * c, shape), shape, fill)
 
-    def _cutout(self, corr: Any, shape: tuple[int, int], half: int) -> np.ndarray:
-        """The centred (2·half+1)² cut-out of IFFT(corr) on the host."""
+    def _cutout(self, corr: Any, shape: tuple[int, int], half: int) -> Any:
+        """The centred (2·half+1)² cut-out of IFFT(corr), on the backend (not fetched)."""
         xp = self.backend.xp
         h = min(half, shape[0] // 2 - 1, shape[1] // 2 - 1)
-        c = xp.roll(self._irfft(corr, shape), (h, h), axis=(0, 1))[: 2 * h + 1, : 2 * h + 1]
-        return np.array(self.backend.asnumpy(c), dtype=np.float64)
+        return xp.roll(self._irfft(corr, shape), (h, h), axis=(0, 1))[: 2 * h + 1, : 2 * h + 1]
 
     @staticmethod
     def compute_corrected_diffim_psf(

@@ -13,6 +13,7 @@ preconvolution task finishes its score image with the same functions.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -130,7 +131,23 @@ def residual_background(
     v = xp.asarray(norm(np.arange(H, dtype=np.float64), H))[:, None]
     model = sum(float(c) * t for c, t in zip(coef, design(u, v)))
     model = xp.broadcast_to(xp.asarray(model, dtype=np.float64), (H, W))
-    rms = float(xp.sqrt(xp.mean(model * model)))
+    if mi.backend.is_gpu:
+        # The grid mean of a product of powers of u and v factorizes: mean(model²) =
+        # Σ_ab c_a c_b mean(u^(i_a+i_b)) mean(v^(j_a+j_b)), on the host (no host sync);
+        # equal to the device mean to float64 rounding.
+        uh = norm(np.arange(W, dtype=np.float64), W)
+        vh = norm(np.arange(H, dtype=np.float64), H)
+        ij = [(i, j) for i in range(order + 1) for j in range(order + 1 - i)]
+        mu = [np.mean(uh**k) for k in range(2 * order + 1)]
+        mv = [np.mean(vh**k) for k in range(2 * order + 1)]
+        ms = sum(
+            float(ca) * float(cb) * mu[ia + ib] * mv[ja + jb]
+            for ca, (ia, ja) in zip(coef, ij)
+            for cb, (ib, jb) in zip(coef, ij)
+        )
+        rms = math.sqrt(max(ms, 0.0))
+    else:
+        rms = float(xp.sqrt(xp.mean(model * model)))
     out = MaskedImage(
         (mi.image - model).astype(np.float32),
         mi.variance,
@@ -163,6 +180,17 @@ def no_data_nan(mi: MaskedImage) -> MaskedImage:
     if not nd:
         return mi
     bad = (mi.mask & nd) != 0
+    if mi.backend.is_gpu:
+        # No emptiness test (a host sync): without a NO_DATA pixel the two fills are
+        # identities.  Fresh image and variance planes; the mask is the input's, unchanged.
+        return MaskedImage._wrap(
+            xp.where(bad, xp.float32(np.nan), mi.image),
+            xp.where(bad, xp.float32(np.inf), mi.variance),
+            mi.mask,
+            xy0=mi.xy0,
+            mask_planes=mi.mask_planes,
+            backend=mi.backend,
+        )
     if not bool(bad.any()):
         return mi
     return MaskedImage(

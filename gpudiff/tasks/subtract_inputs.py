@@ -148,29 +148,48 @@ def prepare_inputs(
     # positive, finite variance, else every weight and S/N downstream is wrong.
     template = mask_non_finite(template.to_backend(be))
     science = mask_non_finite(science.to_backend(be))
-    science.masked_image.validate("science", bad_planes=cfg.bad_mask_planes)
-    try:
-        template.masked_image.validate("template", bad_planes=cfg.bad_mask_planes)
-    except AllMaskedError:
-        pass  # no template data at all: LSST's NoWorkFound from the coverage check below
     meta: dict[str, Any] = {}
     science_sources = None
     planes = cfg.interpolate_mask_planes
+    smi, tmi, bad_planes = science.masked_image, template.masked_image, cfg.bad_mask_planes
     # Defects are interpolated before anything looks at the pixels (detection, variance
     # scaling, kernel fit, convolution, decorrelation).  The template is filled before
-    # update_masks clears its SAT/CR planes; its INTRP marks are restored after.
+    # update_masks clears its SAT/CR planes; its INTRP marks are restored after.  Its
+    # cosmic rays are found before the interpolation, which then fills them like the
+    # other defects: the defects are those of the template with its new rays marked.
+    t_cr = t_marked = None
+    t_probe = tmi
     if cfg.find_template_cosmic_rays:
-        # Before the interpolation, which then fills the rays like the other defects.
-        template = mask_cosmic_rays(template, be)
-    # What the next steps branch on crosses to the host in one transfer: whether each
-    # image has defects to fill, and whether it comes with DETECTED pixels (the
-    # interpolation leaves the DETECTED bits as they are).
-    t_bad = defect_pixels(template.masked_image, planes) if planes else None
-    s_bad = defect_pixels(science.masked_image, planes) if planes else None
-    flags = [] if t_bad is None else [t_bad.any(), s_bad.any()]
+        t_cr = _new_cosmic_rays(template, be)
+        t_marked = tmi._plane_set("CR", t_cr)
+        t_probe = MaskedImage._wrap(
+            tmi.image, tmi.variance, t_marked[0], mask_planes=t_marked[1], xy0=tmi.xy0, backend=be
+        )
+    # What the next steps branch on crosses to the host in one transfer: both images'
+    # validity counts, whether the template has new cosmic rays, whether each image has
+    # defects to fill, and whether it comes with DETECTED pixels (cosmic rays and the
+    # interpolation leave the DETECTED bits as they are).
+    t_bad = defect_pixels(t_probe, planes) if planes else None
+    s_bad = defect_pixels(smi, planes) if planes else None
+    flags = [] if t_cr is None else [t_cr.any()]
+    flags += [] if t_bad is None else [t_bad.any(), s_bad.any()]
     if cfg.do_scale_variance:
-        flags += [_has_detected(template.masked_image), _has_detected(science.masked_image)]
-    flags = [bool(f) for f in fetch(be, *flags)]
+        flags += [_has_detected(tmi), _has_detected(smi)]
+    s_counts, t_counts, *flags = fetch(
+        be, smi._validity_counts(bad_planes), tmi._validity_counts(bad_planes), *flags
+    )
+    smi._check_validity("science", s_counts, bad_planes)
+    try:
+        tmi._check_validity("template", t_counts, bad_planes)
+    except AllMaskedError:
+        pass  # no template data at all: LSST's NoWorkFound from the coverage check below
+    flags = [bool(f) for f in flags]
+    if t_cr is not None and flags.pop(0):
+        # New rays: the template as mask_cosmic_rays makes it (a copy with them marked).
+        t_mask, t_planes = t_marked
+        template = _replace_mi(
+            template, tmi._new(tmi.image, tmi.variance, t_mask, mask_planes=t_planes)
+        )
     if planes:
         t_any, s_any, *flags = flags
         template, t_filled = interpolate_defects(template, planes, be, bad=(t_bad, t_any))
@@ -208,23 +227,44 @@ def prepare_inputs(
             template.photo_calib,
             template.metadata,
         )
-    if cfg.find_science_cosmic_rays:
-        before = science
-        science = mask_cosmic_rays(science, be)
+    # Whether the science has new cosmic rays crosses to the host with the interpolated
+    # pixel counts; the science's is counted again if its rays are then filled.
+    s_cr = _new_cosmic_rays(science, be) if cfg.find_science_cosmic_rays else None
+    s_ray, n_interp = _fetch_with_counts(
+        be, [] if s_cr is None else [s_cr.any()], template, science
+    )
+    if s_cr is not None:
+        if s_ray[0]:
+            science = _with_cosmic_rays(science, s_cr)
         # Without a new ray and with nothing filled above (no CR bit, every pixel finite;
         # the variance scaling and the mask update add neither) there is nothing to fill.
-        if "CR" in planes and (science is not before or s_filled is not None):
+        if "CR" in planes and (s_ray[0] or s_filled is not None):
             # Cosmic rays found just now: filled like the defects that came flagged.
             science, _ = interpolate_defects(science, ("CR",), be)
+            n_interp["science"] = _fetch_with_counts(be, [], science)[1]["science"]
+    for name in ("template", "science"):
+        meta[f"n_interpolated_{name}"] = n_interp.get(name, 0)
+    return PreparedInputs(template, science, science_sources, meta)
+
+
+def _fetch_with_counts(be: Backend, arrays: list, *exposures: Exposure):
+    """Host copies of ``arrays`` and the INTRP pixel counts of ``exposures`` ("template",
+    "science" in this order; 0 without the plane), in one transfer."""
+    names = ("template", "science")[-len(exposures) :]
     counts = {}
-    for name, exp in (("template", template), ("science", science)):
+    for name, exp in zip(names, exposures):
         intrp = exp.masked_image.mask_planes.bitmask_if_present("INTRP")
         if intrp:
             counts[name] = be.xp.count_nonzero(exp.masked_image.mask & intrp)
-    got = dict(zip(counts, fetch(be, *counts.values())))  # one transfer
-    for name in ("template", "science"):
-        meta[f"n_interpolated_{name}"] = int(got[name]) if name in got else 0
-    return PreparedInputs(template, science, science_sources, meta)
+    got = fetch(be, *arrays, *counts.values())
+    host = [bool(v) for v in got[: len(arrays)]]
+    n = {name: int(v) for name, v in zip(counts, got[len(arrays) :])}
+    return host, {name: n.get(name, 0) for name in names}
+
+
+def _replace_mi(exp: Exposure, mi: MaskedImage) -> Exposure:
+    """``exp`` with its pixels replaced by ``mi``."""
+    return Exposure(mi, exp.psf, exp.wcs, exp.photo_calib, exp.metadata)
 
 
 def _has_detected(mi: MaskedImage) -> Any:
@@ -293,6 +333,15 @@ def mask_cosmic_rays(exposure: Exposure, backend: Backend) -> Exposure:
     Exposure
         ``exposure`` itself when no new ray was found.
     """
+    cr = _new_cosmic_rays(exposure, backend)
+    if not bool(cr.any()):
+        return exposure
+    return _with_cosmic_rays(exposure, cr)
+
+
+def _new_cosmic_rays(exposure: Exposure, backend: Backend) -> Any:
+    """The cosmic-ray pixels of :func:`mask_cosmic_rays` not flagged CR yet (a backend
+    bool array; not tested for emptiness, which callers fetch with other flags)."""
     mi = exposure.masked_image
     cr = find_cosmic_rays(mi, exposure.psf, backend=backend)
     cr_bit = mi.mask_planes.bitmask_if_present("CR")
@@ -301,15 +350,12 @@ def mask_cosmic_rays(exposure: Exposure, backend: Backend) -> Exposure:
         # found some rays (issue 14's raw pairs: half of them) leaves the rest, which
         # convolveScience would smear into PSF-like false sources.
         cr &= (mi.mask & cr_bit) == 0
-    if not bool(cr.any()):
-        return exposure
-    return Exposure(
-        mi.with_plane_set("CR", cr),
-        exposure.psf,
-        exposure.wcs,
-        exposure.photo_calib,
-        exposure.metadata,
-    )
+    return cr
+
+
+def _with_cosmic_rays(exposure: Exposure, cr: Any) -> Exposure:
+    """``exposure`` with the new rays ``cr`` set in its CR plane."""
+    return _replace_mi(exposure, exposure.masked_image.with_plane_set("CR", cr))
 
 
 def scale_variance(
