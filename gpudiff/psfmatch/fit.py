@@ -20,6 +20,7 @@ from astropy.table import Table
 from ..backend import Backend, clipped_stack
 from ..errors import InsufficientKernelSourcesError, PsfMatchingError
 from ..image import Box
+from ..ops._host import fetch
 from .basis import KernelBasis, make_regularization_matrix, pca_basis
 from .candidates import BAD, GOOD, KernelCandidates, visit_order
 from .config import PsfMatchConfig
@@ -28,7 +29,7 @@ from .solve import (
     design_matrices,
     fit_stamps,
     good_region,
-    residual_statistics,
+    residual_statistics_device,
     solve_symmetric_fetch,
 )
 from .spatial import SpatialFunctions, SpatialKernel
@@ -153,6 +154,8 @@ class _Stage:
         H = None
         if basis.kind == "delta-function" and config.use_regularization:
             H = make_regularization_matrix(config, basis.width, basis.height, fit_bg)
+        self.core = config.candidate_core_radius if config.use_core_stats else None
+        own_rows = self.rows(idx)
         self.fit = fit_stamps(
             be,
             self.C,
@@ -166,17 +169,27 @@ class _Stage:
             lambda_value=config.lambda_value,
             lambda_scaling=config.lambda_scaling,
             condition_type=config.condition_number_type if config.check_condition_number else None,
+            # The residual statistics of every candidate's own solution cross to the host
+            # with the kernel sums (one transfer).
+            also=lambda a: self.stats_device(a, own_rows),
         )
-        self.core = config.candidate_core_radius if config.use_core_stats else None
+        #: Host (mean, rms, npix) of every candidate's single-kernel solution.
+        self.own_stats = self.fit.also
 
     def rows(self, which: np.ndarray) -> np.ndarray:
         """Positions in this stage of candidate indices ``which``."""
         return np.searchsorted(self.idx, which)
 
     def stats(self, coeffs: Any, rows: np.ndarray):
+        """Host (mean, rms, npix) of the residuals of ``coeffs`` for the candidates at
+        ``rows`` (:func:`residual_statistics`)."""
+        return fetch(self.be, *self.stats_device(coeffs, rows))
+
+    def stats_device(self, coeffs: Any, rows: np.ndarray):
+        """:meth:`stats` as backend arrays (not fetched)."""
         be = self.be
         r = be.xp.asarray(rows)
-        return residual_statistics(
+        return residual_statistics_device(
             be,
             self.C[r],
             coeffs,
@@ -255,7 +268,11 @@ def _spatial_solve(
     cands: KernelCandidates,
     config: PsfMatchConfig,
     region: Box,
+    with_stats: bool = False,
 ):
+    """The spatial kernel, every candidate's coefficients under it (backend), the system's
+    condition number and, ``with_stats``, the candidates' host residual statistics
+    (:meth:`_Stage.stats`; fetched with the solution: one transfer)."""
     xp = be.xp
     rows = stage.rows(which)
     E, fk, fb = spatial_expansion(stage.basis, cands.x[which], cands.y[which], config, region)
@@ -269,13 +286,18 @@ def _spatial_solve(
     A = Ef.T @ ME
     rhs = Ef.T @ stage.fit.b[r].reshape(n * p)
     A = 0.5 * (A + A.T)
-    # The solution, its finiteness and the eigenvalues cross to the host in one transfer.
-    c, _, (w, ch) = solve_symmetric_fetch(
-        be, A[None], rhs[None], lambda a: (xp.abs(be.linalg.eigvalsh(A)), a[0])
-    )
-    c = c[0]
+    per_cand = []  # every candidate's coefficients under the (last) solution
+
+    def derive(a):
+        per_cand[:] = [Ed @ a[0]]
+        got = (xp.abs(be.linalg.eigvalsh(A)), a[0])
+        return got + (tuple(stage.stats_device(per_cand[0], rows)) if with_stats else ())
+
+    # The solution, its finiteness, the eigenvalues (and the residual statistics) cross to
+    # the host in one transfer.
+    c, _, (w, ch, *stats) = solve_symmetric_fetch(be, A[None], rhs[None], derive)
     cond = float(w.max() / w.min()) if w.min() > 0 else float("inf")
-    coeffs_per_cand = Ed @ c
+    coeffs_per_cand = per_cand[0]
     nb, nk = stage.basis.n_bases, fk.n_terms
     K = np.zeros((nb, nk))
     col = 0
@@ -288,7 +310,7 @@ def _spatial_solve(
             col += nk
     bgc = ch[col:] if fb is not None else None
     kernel = SpatialKernel(stage.basis, K, fk, bgc, fb)
-    return kernel, coeffs_per_cand, cond
+    return kernel, coeffs_per_cand, cond, (tuple(stats) if with_stats else None)
 
 
 def _solve_lowering(
@@ -298,6 +320,7 @@ def _solve_lowering(
     cands: KernelCandidates,
     config: PsfMatchConfig,
     region: Box,
+    with_stats: bool = False,
 ):
     """The spatial solve, with LSST's warning when its system is ill-conditioned.
 
@@ -306,7 +329,9 @@ def _solve_lowering(
     so it does not say that the spatial terms are unconstrained; :func:`_fit_orders`
     decides that from the candidates' number and positions.
     """
-    kernel, coeffs, cond = _spatial_solve(be, stage, which, cands, config, region)
+    kernel, coeffs, cond, stats = _spatial_solve(
+        be, stage, which, cands, config, region, with_stats
+    )
     if cond > config.max_spatial_condition_number:
         warnings.warn(
             f"spatial kernel system is ill-conditioned (condition number {cond:.3g} > "
@@ -314,7 +339,7 @@ def _solve_lowering(
             RuntimeWarning,
             stacklevel=3,
         )
-    return kernel, coeffs, cond, config
+    return kernel, coeffs, cond, config, stats
 
 
 def _ksum_clip(
@@ -473,7 +498,7 @@ def fit_spatial_kernel(
     everyone = np.arange(n)
     single = _Stage(be, cands, everyone, basis, config)
     ks_all = single.fit.kernel_sum
-    mean, rms, _ = single.stats(single.fit.coeffs, everyone)
+    mean, rms, _ = single.own_stats
     _clip_single(cands, everyone, mean, rms, config, "single-kernel")
     if config.check_condition_number:
         cands.reject(
@@ -496,11 +521,12 @@ def fit_spatial_kernel(
             continue
         if config.use_pca_for_spatial_kernel:
             stage = _pca_stage(be, cands, which, single, config)
-            m2, r2, _ = stage.stats(stage.fit.coeffs, stage.rows(which))
+            m2, r2, _ = stage.own_stats  # the PCA stage holds the candidates ``which``
             if _clip_single(cands, which, m2, r2, config, "PCA single-kernel"):
                 continue
-        kernel, coeffs, cond, config = _solve_lowering(be, stage, which, cands, config, region)
-        m3, r3, _ = stage.stats(coeffs, stage.rows(which))
+        kernel, coeffs, cond, config, (m3, r3, _) = _solve_lowering(
+            be, stage, which, cands, config, region, with_stats=True
+        )
         residual_mean[which], residual_rms[which] = m3, r3
         n_rej = _clip_single(cands, which, m3, r3, config, "spatial-kernel")
         if n_rej == 0:
@@ -511,7 +537,7 @@ def fit_spatial_kernel(
         config = _fit_orders(cands, which, config, region, config is not config0)
         if config.use_pca_for_spatial_kernel:
             stage = _pca_stage(be, cands, which, single, config)
-        kernel, _, cond, config = _solve_lowering(be, stage, which, cands, config, region)
+        kernel, _, cond, config, _ = _solve_lowering(be, stage, which, cands, config, region)
     cands.status[which] = GOOD
     used = np.zeros(n, dtype=bool)
     used[which] = True

@@ -23,6 +23,7 @@ __all__ = [
     "design_matrices",
     "fit_stamps",
     "residual_statistics",
+    "residual_statistics_device",
     "solve_symmetric",
     "solve_symmetric_fetch",
 ]
@@ -251,6 +252,7 @@ class StampFit:
     used_pinv: np.ndarray  # (n,) bool
     M: Any  # (n, p, p) backend: normal matrices (reused by the spatial fit)
     b: Any  # (n, p) backend
+    also: tuple = ()  # host copies of ``also(coeffs)`` (see fit_stamps)
 
 
 def fit_stamps(
@@ -267,12 +269,15 @@ def fit_stamps(
     lambda_value: float = 0.2,
     lambda_scaling: float = 1e-4,
     condition_type: str | None = None,
+    also: Callable[[Any], Sequence[Any]] | None = None,
 ) -> StampFit:
     """Normal equations and solutions of every candidate (docs/algorithms.md §2.2).
 
     ``variance_good`` is var_I + var_T on the good region.  With constant weighting the
     weight is 1/median(V) per candidate (1 when the median is not positive).
-    ``regularization`` (H, delta-function basis) adds λH to M.
+    ``regularization`` (H, delta-function basis) adds λH to M.  ``also(coeffs)``: backend
+    arrays derived from the solutions (e.g. :func:`residual_statistics_device`), fetched
+    with the kernel sums in one transfer into ``StampFit.also``.
     """
     xp = backend.xp
     if constant_variance_weighting:
@@ -298,9 +303,12 @@ def fit_stamps(
     nb = len(basis_sums)
     sums = xp.asarray(basis_sums, dtype=np.float64)
 
+    n_own = 2 if fit_for_background else 1
+
     def derive(a):
         # Kernel sums (and backgrounds) cross to the host with the solutions' flags.
-        return (a[:, :nb] @ sums,) + ((a[:, nb],) if fit_for_background else ())
+        own = (a[:, :nb] @ sums,) + ((a[:, nb],) if fit_for_background else ())
+        return own + (tuple(also(a)) if also is not None else ())
 
     a, pinv, got = solve_symmetric_fetch(backend, Msolve, b, derive)
     ksum = got[0]
@@ -313,7 +321,14 @@ def fit_stamps(
         s = backend.linalg.svd(Msolve, compute_uv=False)
         cond = backend.asnumpy(s.max(axis=1) / s.min(axis=1))
     return StampFit(
-        coeffs=a, kernel_sum=ksum, background=bg, condition=cond, used_pinv=pinv, M=M, b=b
+        coeffs=a,
+        kernel_sum=ksum,
+        background=bg,
+        condition=cond,
+        used_pinv=pinv,
+        M=M,
+        b=b,
+        also=tuple(got[n_own:]),
     )
 
 
@@ -333,6 +348,24 @@ def residual_statistics(
     kernel of each candidate.  ``core_radius`` restricts the statistics to the central
     (2r+1)² box (``useCoreStats``).  Returns host (mean, rms, npix).
     """
+    stats = residual_statistics_device(
+        backend, C, coeffs, science_good, science_var_good, template_var, kernels, core_radius
+    )
+    return fetch(backend, *stats)  # one transfer
+
+
+def residual_statistics_device(
+    backend: Backend,
+    C: Any,
+    coeffs: Any,
+    science_good: Any,
+    science_var_good: Any,
+    template_var: Any,
+    kernels: Any,
+    core_radius: int | None = None,
+) -> tuple[Any, Any, Any]:
+    """:func:`residual_statistics` as backend arrays (mean, rms, npix), not fetched: for
+    callers that fetch them with other arrays."""
     xp = backend.xp
     nb = kernels.shape[0]
     n = C.shape[0]
@@ -361,4 +394,4 @@ def residual_statistics(
     rms = xp.sqrt(xp.maximum(varz, 0))
     mean = xp.where(npix > 0, mean, xp.nan)
     rms = xp.where(npix > 1, rms, xp.nan)
-    return fetch(backend, mean, rms, npix)  # one transfer
+    return mean, rms, npix
