@@ -39,30 +39,92 @@ def find_cosmic_rays(
     """
     be = resolve_backend(backend) if backend is not None else mi.backend
     xp = be.xp
-    img = xp.where(xp.isfinite(mi.image), mi.image, 0).astype(np.float32)
+    img = xp.where(xp.isfinite(mi.image), mi.image, 0).astype(np.float32, copy=False)
     sig = xp.sqrt(
         xp.where(xp.isfinite(mi.variance) & (mi.variance > 0), mi.variance, np.inf)
-    ).astype(np.float32)
+    ).astype(np.float32, copy=False)
     k = np.asarray(psf.kernel_image(), dtype=np.float64)
     c = k.shape[0] // 2
     peak = k[c, c]
-    pad = xp.pad(img, 1, mode="edge")
-    spad = xp.pad(sig, 1, mode="edge")
-    H, W = img.shape
-    hi = img - cond3 * sig
+    # (dy, dx) of one neighbour of each opposite pair, and the PSF's peak-to-neighbour
+    # ratio there.
+    dirs = ((0, 1), (1, 0), (1, 1), (1, -1))
+    ratios = [np.float32(peak / max(k[c + dy, c + dx], 1e-12)) for dy, dx in dirs]
     bright = img > min_sigma * sig
-    cr = xp.zeros((H, W), dtype=bool)
-    # (dy, dx) of one neighbour of each opposite pair, and the PSF's value there.
-    for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
-        ratio = np.float32(peak / max(k[c + dy, c + dx], 1e-12))
-        a = pad[1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W]
-        b = pad[1 - dy : 1 - dy + H, 1 - dx : 1 - dx + W]
-        sa = spad[1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W]
-        sb = spad[1 - dy : 1 - dy + H, 1 - dx : 1 - dx + W]
-        nb = 0.5 * (a + b) + cond3 * 0.5 * (sa + sb)
-        cr |= bright & (hi > ratio * nb)
+    if not be.is_gpu:
+        # On the CPU only the bright pixels (a few percent) are tested and the few rays
+        # are grown in place: ~5x less time than the whole-image arrays.
+        rows, cols = _sharp_sparse(img, sig, bright, dirs, ratios, cond3)
+        return _grow_sparse(img.shape, rows, cols, int(grow))
+    cr = _sharp_dense(xp, img, sig, bright, dirs, ratios, cond3)
     if grow > 0:
         # No emptiness test first (a host sync on a device): an empty mask dilates to
         # itself.
         cr = be.ndimage.binary_dilation(cr, iterations=int(grow))
+    return cr
+
+
+# Both tests below evaluate, for each pair of opposite neighbours a, b (edge pixels
+# repeated beyond the border) with noise σ_a, σ_b, the same float32 expression
+#     img − cond3·σ > ratio · (½(a + b) + cond3·½(σ_a + σ_b))
+# on the bright pixels (img > min_sigma·σ): the same bits either way.
+
+
+def _sharp_dense(xp, img, sig, bright, dirs, ratios, cond3: float):
+    """The test on every pixel, the four directions stacked: ~25 device launches."""
+    H, W = img.shape
+    pad = xp.pad(img, 1, mode="edge")
+    spad = xp.pad(sig, 1, mode="edge")
+
+    def shifted(a, sign):
+        return xp.stack(
+            [
+                a[1 + sign * dy : 1 + sign * dy + H, 1 + sign * dx : 1 + sign * dx + W]
+                for dy, dx in dirs
+            ]
+        )
+
+    hi = img - cond3 * sig
+    nb = 0.5 * (shifted(pad, 1) + shifted(pad, -1)) + cond3 * 0.5 * (
+        shifted(spad, 1) + shifted(spad, -1)
+    )
+    ratio = xp.asarray(np.asarray(ratios, dtype=np.float32))[:, None, None]
+    return bright & (hi[None] > ratio * nb).any(axis=0)
+
+
+def _sharp_sparse(img, sig, bright, dirs, ratios, cond3: float):
+    """The test on the bright pixels only (NumPy): a few percent of the image.  Returns
+    the (rows, columns) of the sharp pixels, row-major."""
+    H, W = img.shape
+    idx = np.flatnonzero(bright)
+    r, c = np.divmod(idx, W)
+    hi = img.ravel()[idx] - cond3 * sig.ravel()[idx]
+    hit = np.zeros(idx.size, dtype=bool)
+    for (dy, dx), ratio in zip(dirs, ratios):
+        # Clamped coordinates: numpy.pad's "edge" mode.
+        ia = np.clip(r + dy, 0, H - 1) * W + np.clip(c + dx, 0, W - 1)
+        ib = np.clip(r - dy, 0, H - 1) * W + np.clip(c - dx, 0, W - 1)
+        a, b = img.ravel()[ia], img.ravel()[ib]
+        sa, sb = sig.ravel()[ia], sig.ravel()[ib]
+        nb = 0.5 * (a + b) + cond3 * 0.5 * (sa + sb)
+        hit |= hi > ratio * nb
+    return r[hit], c[hit]
+
+
+def _grow_sparse(shape, rows, cols, grow: int):
+    """The bool image of the pixels (rows, cols) grown ``grow`` times by the 4-connected
+    cross: ``scipy.ndimage.binary_dilation(cr, iterations=grow)`` (outside the image
+    counts as unset), from the few set pixels instead of the whole image."""
+    H, W = shape
+    cr = np.zeros((H, W), dtype=bool)
+    cr[rows, cols] = True
+    for _ in range(grow):
+        if not rows.size:
+            break
+        rr = np.concatenate([rows - 1, rows + 1, rows, rows])
+        cc = np.concatenate([cols, cols, cols - 1, cols + 1])
+        ok = (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W)
+        new = ~cr[rr[ok], cc[ok]]
+        rows, cols = rr[ok][new], cc[ok][new]  # the next pass grows only the new pixels
+        cr[rows, cols] = True
     return cr
