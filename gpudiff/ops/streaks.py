@@ -90,42 +90,45 @@ class StreakResult:
     labels: Any
 
 
-def _elongated(be: Backend, on, min_pixels: int, min_axis_ratio: float, min_length: float):
-    """The pixels of ``on`` and which of them belong to components that are elongated
-    (principal axis ratio ≥ ``min_axis_ratio``) or long (major axis ≥ ``min_length``), with
-    at least ``min_pixels`` pixels.
-
-    Returns (ys, xs, keep): backend arrays over every ``on`` pixel in row-major order, keep
-    True on those of the kept components; None when ``on`` has no pixel.  The caller
-    fetches them in one transfer rather than building the kept mask and finding its pixels
-    again (two more host syncs).
-    """
+def _components(be: Backend, on):
+    """The pixels of ``on`` (row-major) and their 8-connected component labels (1…n):
+    backend arrays (ys, xs, lab), or None when ``on`` has no pixel."""
     xp, nd = be.xp, be.ndimage
     labels, n = nd.label(on, structure=be.asarray(np.ones((3, 3), dtype=bool)))
-    n = int(n)
-    if n == 0:
+    if int(n) == 0:
         return None
     ys, xs = xp.nonzero(labels)
-    lab = labels[ys, xs]
-    xf, yf = xs.astype(xp.float64), ys.astype(xp.float64)
+    return ys, xs, labels[ys, xs]
+
+
+def _elongated(ys, xs, lab, min_pixels: int, min_axis_ratio: float, min_length: float):
+    """Which pixels (host arrays from :func:`_components`) belong to components that are
+    elongated (principal axis ratio ≥ ``min_axis_ratio``) or long (major axis ≥
+    ``min_length``), with at least ``min_pixels`` pixels.
+
+    On the host: the components' pixels cross to it anyway (for the Hough search), and
+    these moments are ~50 small launches on a device.
+    """
+    n = int(lab.max()) if lab.size else 0
+    xf, yf = xs.astype(np.float64), ys.astype(np.float64)
 
     def s(v):
-        return xp.bincount(lab, weights=v, minlength=n + 1)
+        return np.bincount(lab, weights=v, minlength=n + 1)
 
-    cnt = xp.bincount(lab, minlength=n + 1).astype(xp.float64)
-    c = xp.maximum(cnt, 1.0)
+    cnt = np.bincount(lab, minlength=n + 1).astype(np.float64)
+    c = np.maximum(cnt, 1.0)
     mx, my = s(xf) / c, s(yf) / c
     sxx = s(xf * xf) / c - mx * mx + 1.0 / 12  # + a pixel's own extent
     syy = s(yf * yf) / c - my * my + 1.0 / 12
     sxy = s(xf * yf) / c - mx * my
     tr, det = sxx + syy, sxx * syy - sxy * sxy
-    disc = xp.sqrt(xp.maximum(tr * tr / 4 - det, 0))
-    l1, l2 = tr / 2 + disc, xp.maximum(tr / 2 - disc, 1e-12)
-    ratio = xp.sqrt(l1 / l2)
+    disc = np.sqrt(np.maximum(tr * tr / 4 - det, 0))
+    l1, l2 = tr / 2 + disc, np.maximum(tr / 2 - disc, 1e-12)
+    ratio = np.sqrt(l1 / l2)
     # A uniform segment of length L has σ_major = L/√12.
-    keep = (cnt >= min_pixels) & ((ratio >= min_axis_ratio) | (xp.sqrt(12 * l1) >= min_length))
+    keep = (cnt >= min_pixels) & ((ratio >= min_axis_ratio) | (np.sqrt(12 * l1) >= min_length))
     keep[0] = False
-    return ys, xs, keep[lab]
+    return keep[lab]
 
 
 def _hough(be: Backend, xs, ys, thetas, n_rho: int, rho_min: float, weights=None):
@@ -239,17 +242,23 @@ def find_streaks(
     # Compact blobs (stars, residual rings, CRs, noise) are not lines: a PSF-sized blob has
     # axis ratio ~1; a trail piece of length ≥ 3 × its thresholded width has ≥ 3 (the lobes
     # of a bright star's residual ring reach ~2.5 and lined up as false trails at 2).
-    got = _elongated(
-        be, on, min_pixels=max(5, int(psf_sigma**2)), min_axis_ratio=3.0, min_length=min_length
-    )
+    got = _components(be, on)
     if got is None:
         return StreakResult([], labels_out)
-    # The voting pixels (those of elongated components: few) go to the host in one
-    # transfer with their |S/N|, and the Hough search runs there: on a device its loop of
-    # small steps cost ~300 launches and ~100 host syncs per image.  Only a line that
-    # passes the fit is profiled on the device, on the full image.
-    ys_d, xs_d, keep_d = got
-    ys_all, xs_all, kept, sig_on = fetch(be, ys_d, xs_d, keep_d, xp.abs(sig[ys_d, xs_d]))
+    # The candidate pixels go to the host in one transfer with their labels and |S/N|;
+    # the component shapes are measured there and the Hough search runs there: on a
+    # device its loop of small steps cost ~300 launches and ~100 host syncs per image.
+    # Only a line that passes the fit is profiled on the device, on the full image.
+    ys_d, xs_d, lab_d = got
+    ys_all, xs_all, lab, sig_on = fetch(be, ys_d, xs_d, lab_d, xp.abs(sig[ys_d, xs_d]))
+    kept = _elongated(
+        ys_all,
+        xs_all,
+        lab,
+        min_pixels=max(5, int(psf_sigma**2)),
+        min_axis_ratio=3.0,
+        min_length=min_length,
+    )
     ys_all, xs_all, sig_on = ys_all[kept], xs_all[kept], sig_on[kept]
     if not ys_all.size:
         return StreakResult([], labels_out)
