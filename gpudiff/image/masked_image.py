@@ -168,6 +168,30 @@ class MaskedImage:
         out.backend = backend
         return out
 
+    @classmethod
+    def _adopt(cls, image, variance, mask, *, xy0, mask_planes, backend) -> "MaskedImage":
+        """:meth:`_wrap` when the three planes are 2-D backend arrays of one shape with
+        the constructor's dtypes (float32, float32, the planes' mask dtype), else the
+        public constructor (which converts and copies them).  Library-internal: the
+        caller hands over planes nobody else holds."""
+        xp = backend.xp
+        shape = getattr(image, "shape", None)
+        if (
+            isinstance(image, xp.ndarray)
+            and isinstance(variance, xp.ndarray)
+            and isinstance(mask, xp.ndarray)
+            and len(shape) == 2
+            and variance.shape == shape
+            and mask.shape == shape
+            and image.dtype == np.float32
+            and variance.dtype == np.float32
+            and mask.dtype == mask_dtype(mask_planes)
+        ):
+            return cls._wrap(
+                image, variance, mask, xy0=xy0, mask_planes=mask_planes, backend=backend
+            )
+        return cls(image, variance, mask, xy0=xy0, mask_planes=mask_planes, backend=backend)
+
     def _new(
         self, image, variance, mask, xy0=None, mask_planes=None, backend=None
     ) -> "MaskedImage":
@@ -232,7 +256,8 @@ class MaskedImage:
         image = self.image - other.image
         if background is not None:
             image = image - background
-        return MaskedImage(
+        # Three new planes: held as they are (no copies) when their dtypes are right.
+        return MaskedImage._adopt(
             image,
             self.variance + other.variance,
             mask,

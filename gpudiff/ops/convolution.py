@@ -231,7 +231,9 @@ def finish_masked_output(mi: MaskedImage, img, var, msk, kshape, do_copy_edge: b
             img[sl] = np.nan
             var[sl] = np.inf
             msk[sl] = msk[sl] | no_data
-    return MaskedImage(img, var, msk, xy0=mi.xy0, mask_planes=planes, backend=mi.backend)
+    # The three planes are this function's to keep (it already wrote into them): held as
+    # they are when their dtypes are right, without the constructor's copies.
+    return MaskedImage._adopt(img, var, msk, xy0=mi.xy0, mask_planes=planes, backend=mi.backend)
 
 
 def prepare_masked_input(mi: MaskedImage):

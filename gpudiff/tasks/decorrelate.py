@@ -452,10 +452,13 @@ class DecorrelateALKernelTask:
             # (template term included) by 1/kSum², and so do we.
             new_var = new_var / (ksum * ksum)
 
-        out_mi = MaskedImage(
+        mask = self._grow_mask(diff, cut)
+        # New image and variance planes, held as they are (no copies); the mask too when
+        # it is new (not the input's own).
+        out_mi = MaskedImage._adopt(
             new_img.astype(np.float32),
             new_var.astype(np.float32),
-            self._grow_mask(diff, cut),
+            mask if mask is not diff.mask else mask.copy(),
             xy0=diff.xy0,
             mask_planes=diff.mask_planes,
             backend=be,

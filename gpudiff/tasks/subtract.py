@@ -376,7 +376,9 @@ class AlardLuptonSubtractTask:
             # holds +B.  convolveScience: (K⊗S − T)/ΣK holds −B/ΣK.
             sign = 1.0 if conv_template else -1.0 / kernel.kernel_sum()
             bg = kernel.background_image(science.bbox, be) * np.float32(sign)
-            diff = MaskedImage(
+            # The convolution's difference is this method's own: a new image plane and the
+            # others held as they are (no copies).
+            diff = MaskedImage._adopt(
                 diff.image - bg,
                 diff.variance,
                 diff.mask,

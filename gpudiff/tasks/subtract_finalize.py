@@ -183,7 +183,7 @@ def no_data_nan(mi: MaskedImage) -> MaskedImage:
     if mi.backend.is_gpu:
         # No emptiness test (a host sync): without a NO_DATA pixel the two fills are
         # identities.  Fresh image and variance planes; the mask is the input's, unchanged.
-        return MaskedImage._wrap(
+        return MaskedImage._adopt(
             xp.where(bad, xp.float32(np.nan), mi.image),
             xp.where(bad, xp.float32(np.inf), mi.variance),
             mi.mask,
