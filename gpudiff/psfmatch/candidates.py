@@ -132,13 +132,14 @@ def visit_order(cands: KernelCandidates, n_star_per_cell: int) -> np.ndarray:
     return np.sort(alive[rank < n_star_per_cell])
 
 
-def _gather(be: Backend, arr: Any, r0: np.ndarray, c0: np.ndarray, size: int) -> Any:
-    """Stack ``size``² stamps of ``arr`` with top-left corners (r0, c0): one fancy index."""
+def _gather(be: Backend, arrays, r0: np.ndarray, c0: np.ndarray, size: int) -> list:
+    """Stack ``size``² stamps of each of ``arrays`` with top-left corners (r0, c0): one
+    fancy index each, on index arrays made once."""
     xp = be.xp
     off = xp.arange(size)
     rows = xp.asarray(r0)[:, None, None] + off[None, :, None]
     cols = xp.asarray(c0)[:, None, None] + off[None, None, :]
-    return arr[rows, cols]
+    return [arr[rows, cols] for arr in arrays]
 
 
 def make_candidates(
@@ -216,16 +217,12 @@ def make_candidates(
     if idx.size:
         bm_t = template.mask_planes.bitmask_if_present(bad_mask_planes)
         bm_s = science.mask_planes.bitmask_if_present(bad_mask_planes)
-        mt = _gather(be, template.mask, r0, c0, S)
-        ms = _gather(be, science.mask, r0, c0, S)
+        planes = (template.image, science.image, template.variance, science.variance)
+        mt, ms, *stamps = _gather(be, (template.mask, science.mask, *planes), r0, c0, S)
         masked = ((mt & bm_t) != 0).any(axis=(1, 2)) | ((ms & bm_s) != 0).any(axis=(1, 2))
-        stamps = [
-            _gather(be, a, r0, c0, S).astype(xp.float64)
-            for a in (template.image, science.image, template.variance, science.variance)
-        ]
-        finite = xp.ones(idx.size, dtype=bool)
-        for s in stamps:
-            finite &= xp.isfinite(s).all(axis=(1, 2))
+        stamps = [a.astype(xp.float64) for a in stamps]
+        # One test over the four planes stacked (4 launches, not 13).
+        finite = xp.isfinite(xp.stack(stamps)).all(axis=(0, 2, 3))
         positive = (stamps[2] > 0).all(axis=(1, 2)) & (stamps[3] > 0).all(axis=(1, 2))
         # The three per-stamp flags cross to the host in one transfer.
         masked, finite, positive = fetch(be, masked, finite, positive)

@@ -28,8 +28,9 @@ __all__ = [
     "solve_symmetric_fetch",
 ]
 
-#: Candidates per FFT chunk: bounds the (chunk, n_bases, F) complex temporary.
-_CHUNK = 128
+#: Bytes of the complex (chunk, [n_bases,] F, F/2+1) product per FFT chunk: bounds that
+#: temporary.  Chunks of equal transforms, so the results do not depend on it.
+_CHUNK_BYTES = 1 << 28
 
 
 def valid_correlate(backend: Backend, stamps: Any, kernels: Any, per_stamp: bool = False) -> Any:
@@ -54,10 +55,12 @@ def valid_correlate(backend: Backend, stamps: Any, kernels: Any, per_stamp: bool
     fkw = backend.fft_kwargs
     fk = xp.conj(fft.rfft2(kernels, s=(F, F), axes=(-2, -1), **fkw))
     outs = []
-    for start in range(0, n, _CHUNK):
-        fs = fft.rfft2(stamps[start : start + _CHUNK], s=(F, F), axes=(-2, -1), **fkw)
+    per_cand = 16 * F * (F // 2 + 1) * (1 if per_stamp else int(kernels.shape[0]))
+    chunk = max(1, _CHUNK_BYTES // per_cand)
+    for start in range(0, n, chunk):
+        fs = fft.rfft2(stamps[start : start + chunk], s=(F, F), axes=(-2, -1), **fkw)
         if per_stamp:
-            prod = fs * fk[start : start + _CHUNK]
+            prod = fs * fk[start : start + chunk]
         else:
             prod = fs[:, None] * fk[None]
         full = fft.irfft2(prod, s=(F, F), axes=(-2, -1), **fkw)
