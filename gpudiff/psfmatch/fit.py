@@ -29,7 +29,8 @@ from .solve import (
     design_matrices,
     fit_stamps,
     good_region,
-    residual_statistics_device,
+    residual_moments,
+    residual_sums,
     solve_symmetric_fetch,
 )
 from .spatial import SpatialFunctions, SpatialKernel
@@ -174,7 +175,7 @@ class _Stage:
             also=lambda a: self.stats_device(a, own_rows),
         )
         #: Host (mean, rms, npix) of every candidate's single-kernel solution.
-        self.own_stats = self.fit.also
+        self.own_stats = residual_moments(*self.fit.also)
 
     def rows(self, which: np.ndarray) -> np.ndarray:
         """Positions in this stage of candidate indices ``which``."""
@@ -183,13 +184,13 @@ class _Stage:
     def stats(self, coeffs: Any, rows: np.ndarray):
         """Host (mean, rms, npix) of the residuals of ``coeffs`` for the candidates at
         ``rows`` (:func:`residual_statistics`)."""
-        return fetch(self.be, *self.stats_device(coeffs, rows))
+        return residual_moments(*fetch(self.be, *self.stats_device(coeffs, rows)))
 
     def stats_device(self, coeffs: Any, rows: np.ndarray):
-        """:meth:`stats` as backend arrays (not fetched)."""
+        """The backend sums behind :meth:`stats` (:func:`residual_sums`; not fetched)."""
         be = self.be
         r = be.xp.asarray(rows)
-        return residual_statistics_device(
+        return residual_sums(
             be,
             self.C[r],
             coeffs,
@@ -295,7 +296,7 @@ def _spatial_solve(
 
     # The solution, its finiteness, the eigenvalues (and the residual statistics) cross to
     # the host in one transfer.
-    c, _, (w, ch, *stats) = solve_symmetric_fetch(be, A[None], rhs[None], derive)
+    c, _, (w, ch, *sums) = solve_symmetric_fetch(be, A[None], rhs[None], derive)
     cond = float(w.max() / w.min()) if w.min() > 0 else float("inf")
     coeffs_per_cand = per_cand[0]
     nb, nk = stage.basis.n_bases, fk.n_terms
@@ -310,7 +311,7 @@ def _spatial_solve(
             col += nk
     bgc = ch[col:] if fb is not None else None
     kernel = SpatialKernel(stage.basis, K, fk, bgc, fb)
-    return kernel, coeffs_per_cand, cond, (tuple(stats) if with_stats else None)
+    return kernel, coeffs_per_cand, cond, (residual_moments(*sums) if with_stats else None)
 
 
 def _solve_lowering(

@@ -23,7 +23,8 @@ __all__ = [
     "design_matrices",
     "fit_stamps",
     "residual_statistics",
-    "residual_statistics_device",
+    "residual_sums",
+    "residual_moments",
     "solve_symmetric",
     "solve_symmetric_fetch",
 ]
@@ -279,7 +280,7 @@ def fit_stamps(
     ``variance_good`` is var_I + var_T on the good region.  With constant weighting the
     weight is 1/median(V) per candidate (1 when the median is not positive).
     ``regularization`` (H, delta-function basis) adds λH to M.  ``also(coeffs)``: backend
-    arrays derived from the solutions (e.g. :func:`residual_statistics_device`), fetched
+    arrays derived from the solutions (e.g. :func:`residual_sums`), fetched
     with the kernel sums in one transfer into ``StampFit.also``.
     """
     xp = backend.xp
@@ -351,13 +352,13 @@ def residual_statistics(
     kernel of each candidate.  ``core_radius`` restricts the statistics to the central
     (2r+1)² box (``useCoreStats``).  Returns host (mean, rms, npix).
     """
-    stats = residual_statistics_device(
+    sums = residual_sums(
         backend, C, coeffs, science_good, science_var_good, template_var, kernels, core_radius
     )
-    return fetch(backend, *stats)  # one transfer
+    return residual_moments(*fetch(backend, *sums))  # one transfer
 
 
-def residual_statistics_device(
+def residual_sums(
     backend: Backend,
     C: Any,
     coeffs: Any,
@@ -367,8 +368,10 @@ def residual_statistics_device(
     kernels: Any,
     core_radius: int | None = None,
 ) -> tuple[Any, Any, Any]:
-    """:func:`residual_statistics` as backend arrays (mean, rms, npix), not fetched: for
-    callers that fetch them with other arrays."""
+    """The per-candidate sums behind :func:`residual_statistics`, backend arrays (not
+    fetched): (Σz, Σz², npix) over the usable pixels.  :func:`residual_moments` turns
+    their host copies into (mean, rms, npix): those few per-candidate operations run on
+    the host rather than as a dozen small device launches."""
     xp = backend.xp
     nb = kernels.shape[0]
     n = C.shape[0]
@@ -382,19 +385,26 @@ def residual_statistics_device(
     ok = xp.isfinite(z) & (var > 0)
     if core_radius is not None:
         c = G // 2
-        core = xp.zeros((G, G), dtype=bool)
+        core = np.zeros((G, G), dtype=bool)
         core[
             max(c - core_radius, 0) : c + core_radius + 1,
             max(c - core_radius, 0) : c + core_radius + 1,
         ] = True
-        ok &= core.reshape(1, -1)
-    npix = ok.sum(axis=1)
+        ok &= backend.asarray(core.reshape(1, -1))
     zz = xp.where(ok, z, 0.0)
-    N = xp.maximum(npix, 1).astype(np.float64)
-    mean = zz.sum(axis=1) / N
-    varz = (zz * zz).sum(axis=1) / N - mean * mean
-    varz = varz * N / xp.maximum(N - 1, 1)
-    rms = xp.sqrt(xp.maximum(varz, 0))
-    mean = xp.where(npix > 0, mean, xp.nan)
-    rms = xp.where(npix > 1, rms, xp.nan)
+    return zz.sum(axis=1), (zz * zz).sum(axis=1), ok.sum(axis=1)
+
+
+def residual_moments(
+    s1: np.ndarray, s2: np.ndarray, npix: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Host (mean, rms, npix) from the sums of :func:`residual_sums`: NaN mean without a
+    usable pixel, NaN rms with fewer than two."""
+    N = np.maximum(npix, 1).astype(np.float64)
+    mean = s1 / N
+    varz = s2 / N - mean * mean
+    varz = varz * N / np.maximum(N - 1, 1)
+    rms = np.sqrt(np.maximum(varz, 0))
+    mean = np.where(npix > 0, mean, np.nan)
+    rms = np.where(npix > 1, rms, np.nan)
     return mean, rms, npix
