@@ -71,6 +71,11 @@ class SpatialFunctions:
 
     def evaluate(self, x: Any, y: Any, xp: Any = np) -> list[Any]:
         """The n_terms values p_k(x, y) (arrays broadcast like x and y)."""
+        pu, pv = self._factors(x, y, xp)
+        return [pu[i] * pv[j] for i, j in _term_powers(self.order)]
+
+    def _factors(self, x: Any, y: Any, xp: Any = np) -> tuple[list[Any], list[Any]]:
+        """The one-dimensional factors (T_i(u), T_j(v)) of the terms, i, j ≤ order."""
         x = xp.asarray(x, dtype=np.float64)
         y = xp.asarray(y, dtype=np.float64)
         u, v = self._scaled(xp, x, y)
@@ -82,6 +87,21 @@ class SpatialFunctions:
             else:
                 pu.append(pu[-1] * u)
                 pv.append(pv[-1] * v)
+        return pu, pv
+
+    def grid_factors(self, box: Box, backend: Backend) -> tuple[list[Any], list[Any]]:
+        """:meth:`_factors` on the pixel columns (1, W) and rows (H, 1) of ``box``:
+        evaluated on the host (a few vectors: on a device each step is a launch) and
+        uploaded; the same float64 operations either way."""
+        xs = np.arange(box.x0, box.x1, dtype=np.float64)[None, :]
+        ys = np.arange(box.y0, box.y1, dtype=np.float64)[:, None]
+        pu, pv = self._factors(xs, ys, np)
+        return [backend.asarray(a) for a in pu], [backend.asarray(a) for a in pv]
+
+    def grid_terms(self, box: Box, backend: Backend) -> list[Any]:
+        """The terms on every pixel of ``box`` as (H, W) backend arrays (as
+        :meth:`on_grid`), from :meth:`grid_factors`."""
+        pu, pv = self.grid_factors(box, backend)
         return [pu[i] * pv[j] for i, j in _term_powers(self.order)]
 
     def matrix(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -156,7 +176,7 @@ class SpatialKernel:
         xp = backend.xp
         if self.background_coefficients is None:
             return xp.zeros(box.shape, dtype=np.float32)
-        terms = self.background_functions.on_grid(box, xp)
+        terms = self.background_functions.grid_terms(box, backend)
         out = xp.zeros(box.shape, dtype=np.float64)
         for c, t in zip(self.background_coefficients, terms):
             out += float(c) * t
@@ -183,10 +203,7 @@ class SpatialKernel:
         if nk > 1:
             # Broadcastable (1, W) / (H, 1) / (H, W) float32 terms: no full-size float64
             # temporaries; Chebyshev terms lie in [−1, 1], so float32 loses nothing.
-            box = mi.bbox
-            xs = xp.arange(box.x0, box.x1, dtype=np.float64)[None, :]
-            ys = xp.arange(box.y0, box.y1, dtype=np.float64)[:, None]
-            p = [t.astype(np.float32) for t in self.functions.evaluate(xs, ys, xp)]
+            p = [t.astype(np.float32) for t in self.functions.grid_terms(mi.bbox, be)]
         else:
             p = [np.float32(1.0)]
         img, var, msk = prepare_masked_input(mi)

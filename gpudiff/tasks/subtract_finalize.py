@@ -127,9 +127,17 @@ def residual_background(
     a = np.stack([t.ravel() for t in design(norm(xc[ok], W), norm(yc[ok], H))], axis=1)
     w = np.sqrt(bins.n_valid[ok].astype(np.float64))
     coef, *_ = np.linalg.lstsq(a * w[:, None], bins.raw[ok] * w, rcond=None)
-    u = xp.asarray(norm(np.arange(W, dtype=np.float64), W))[None, :]
-    v = xp.asarray(norm(np.arange(H, dtype=np.float64), H))[:, None]
-    model = sum(float(c) * t for c, t in zip(coef, design(u, v)))
+    u = norm(np.arange(W, dtype=np.float64), W)[None, :]
+    v = norm(np.arange(H, dtype=np.float64), H)[:, None]
+    if mi.backend.is_gpu:
+        # The powers of the row and column coordinates on the host (a few vectors: on a
+        # device each is a launch), their products on the device.
+        pu = [xp.asarray(u**i) for i in range(order + 1)]
+        pv = [xp.asarray(v**j) for j in range(order + 1)]
+        terms = [pu[i] * pv[j] for i in range(order + 1) for j in range(order + 1 - i)]
+    else:
+        terms = design(u, v)
+    model = sum(float(c) * t for c, t in zip(coef, terms))
     model = xp.broadcast_to(xp.asarray(model, dtype=np.float64), (H, W))
     if mi.backend.is_gpu:
         # The grid mean of a product of powers of u and v factorizes: mean(model²) =
