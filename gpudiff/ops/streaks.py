@@ -304,7 +304,8 @@ def find_streaks(
         mx, my, ux, uy, t0, t1, cov = st
         if img is None:
             img = xp.where(xp.isfinite(mi.image), mi.image, 0).astype(xp.float64)
-            yy, xx = xp.mgrid[0:H, 0:W]
+            # Broadcast row and column indices (the (H, W) grid's values, without it).
+            yy, xx = xp.arange(H)[:, None], xp.arange(W)[None, :]
         streak, band = _profile(
             be,
             img,
