@@ -52,7 +52,13 @@ def _or_in_footprints(be: Backend, mask, lab, fy, fx, n: int):
     labels ``lab``: one histogram of (footprint, bit) pairs, no host sync."""
     xp = be.xp
     bits = xp.arange(_FOOTPRINT_BITS, dtype=xp.int64)
-    hit = (mask[fy, fx][:, None] & (1 << bits)[None, :]) != 0  # (pixels, bits)
+    mv = mask[fy, fx]
+    if not be.is_gpu:
+        # Pixels without a bit add nothing: on the host, where compacting costs no sync,
+        # histogram only the (usually few) masked ones.
+        sel = xp.flatnonzero(mv & ((1 << _FOOTPRINT_BITS) - 1))
+        mv, lab = mv[sel], lab[sel]
+    hit = (mv[:, None] & (1 << bits)[None, :]) != 0  # (pixels, bits)
     dump = (n + 1) * _FOOTPRINT_BITS  # pairs whose bit is clear land past the table
     key = xp.where(hit, lab[:, None] * _FOOTPRINT_BITS + bits[None, :], dump)  # int64
     cnt = xp.bincount(key.ravel(), minlength=dump + 1)[:dump].reshape(n + 1, _FOOTPRINT_BITS)
