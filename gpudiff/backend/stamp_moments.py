@@ -99,13 +99,11 @@ def _moment_basis(xp, s: int):
     return xp.stack([xp.ones(s * s), X, Y, X * X, Y * Y, X * Y], axis=1)
 
 
-def _adaptive_step(xp, im, basis, dxg, dyg, st, ok, change, act, lo, hi, tol):
-    """One fixed-point step W ← 2·Q for every row; only rows in ``act`` change.
-
-    ``st`` is (m, 5) [xc, yc, wxx, wyy, wxy]; returns the updated (st, ok, change, act).
-    Raw moments come from one matrix product with ``basis``; the central moments are
-    Σw(X−x̄)²/Σw = ΣwX²/Σw − x̄² (exact algebra; the cancellation costs < 1e-14 here)."""
-    m, s = int(im.shape[0]), int(im.shape[1])
+def _raw_moments_batch(xp, im, basis, dxg, dyg, st):
+    """Raw moments (m, 6) Σ w·I·[1, X, Y, X², Y², XY] of the stamps ``im`` (m, s, s) under
+    the elliptical Gaussian weights of ``st`` (m, 5) [xc, yc, wxx, wyy, wxy]: whole-batch
+    array operations (the device path; on NumPy see :func:`_raw_moments_columns`)."""
+    m = int(im.shape[0])
     det = st[:, 2] * st[:, 3] - st[:, 4] * st[:, 4]
     h = (-0.5 / det)[:, None, None]
     # -q/2 = -(wyy·dx² - 2·wxy·dx·dy + wxx·dy²) / (2·det), with dx (m, 1, s), dy (m, s, 1)
@@ -118,7 +116,94 @@ def _adaptive_step(xp, im, basis, dxg, dyg, st, ok, change, act, lo, hi, tol):
     wd = xp.exp(e) * im
     # einsum, not @: NumPy sends @ to a multithreaded BLAS, ~10x slower for these shapes
     # on two busy cores; on a GPU both are one launch
-    mom = xp.einsum("nk,kj->nj", wd.reshape(m, s * s), basis)  # (m, 6) raw moments
+    return xp.einsum("nk,kj->nj", wd.reshape(m, -1), basis)
+
+
+#: Bytes of the (s, s, columns) weight block of :func:`_raw_moments_columns` (cache-sized).
+_BLOCK_BYTES = 1 << 20
+
+#: OpenBLAS runs a GEMM on one thread when m·n·k ≤ 2¹⁸ (its SMP threshold); above it the
+#: GEMM goes multithreaded, ~10x slower for these shapes on two busy cores.
+_GEMM_ONE_THREAD = 1 << 18
+
+#: Largest |exponent| of a factor of :func:`_raw_moments_columns`'s row recurrence and of
+#: the weight anywhere in the stamp: within e^±600 every product stays a normal float64.
+_RECURRENCE_SAFE = 600.0
+
+
+def _raw_moments_columns(imT, basisT, c, st):
+    """NumPy: :func:`_raw_moments_batch` of stamps stored last, ``imT`` (s, s, m).
+
+    The weight's exponent is e = (ax + ay) + bx·dy with ax, bx functions of the column
+    offset dx, ay of the row offset dy.  One float64 ``exp`` per pixel cost more than the
+    rest of the step together (~7 ns without AVX-512).  Down a column e is quadratic in
+    dy, which steps by 1, so row j + 1 is row j times exp(bx)·exp(ky·(2·dy + 1)) (ky the
+    dy² coefficient): the weight is the exponential of the first row, then two products
+    per pixel, only 3·s exponentials per stamp.  The products add ≲ 2·s roundings (a few
+    1e-15 relative; the direct form's exponent carries ~1e-15).  A stamp whose weight or
+    factors leave e^±600 (a weight collapsed toward the 0.04 px² floor) takes the direct
+    form instead, as those factors could overflow.  With the stamps last, every per-stamp
+    coefficient is a contiguous run of the innermost axis, so all these operations run at
+    full vector speed on cache-sized blocks of stamps; the moments are then one GEMM
+    (6, s²) @ (s², columns) per piece small enough to stay on one thread."""
+    s, m = int(imT.shape[0]), int(imT.shape[2])
+    det = st[:, 2] * st[:, 3] - st[:, 4] * st[:, 4]
+    h = -0.5 / det
+    dx = c[:, None] - st[:, 0][None, :]  # (s, m): column offsets from the centre
+    dy = c[:, None] - st[:, 1][None, :]  # (s, m): row offsets
+    ky = st[:, 2] * h
+    ax = dx * dx * (st[:, 3] * h)
+    ay = dy * dy * ky
+    bx = dx * (st[:, 4] * (-2.0 * h))
+    lny = ky * (2.0 * dy[:-1] + 1.0)  # (s − 1, m): ay[j + 1] − ay[j]
+    # Overflowing factors (and their inf·0) belong to stamps that take the direct form.
+    quiet = dict(over="ignore", under="ignore", invalid="ignore")
+    with np.errstate(**quiet):
+        row0 = np.exp((ax + ay[0]) + bx * dy[0])  # the first row, as the direct form
+        qx = np.exp(bx)  # column factors
+        qy = np.exp(lny)  # row factors
+    # The weight is concave in (dx, dy): its smallest exponent is at a corner.
+    corner = np.minimum(
+        np.minimum((ax[0] + ay[0]) + bx[0] * dy[0], (ax[-1] + ay[0]) + bx[-1] * dy[0]),
+        np.minimum((ax[0] + ay[-1]) + bx[0] * dy[-1], (ax[-1] + ay[-1]) + bx[-1] * dy[-1]),
+    )
+    lim = _RECURRENCE_SAFE
+    safe = (corner > -lim) & (np.abs(bx).max(axis=0) < lim)
+    safe &= np.abs(lny).max(axis=0, initial=0.0) < lim
+    direct = np.flatnonzero(~safe)
+    mom = np.empty((6, m))
+    cols = max(1, _BLOCK_BYTES // (8 * s * s))
+    piece = max(1, _GEMM_ONE_THREAD // (6 * s * s))
+    W = np.empty((s, s, min(cols, m)))
+    for a in range(0, m, cols):
+        b = min(m, a + cols)
+        Wb = W[:, :, : b - a]
+        Wb[0] = row0[:, a:b]
+        q, r = qx[:, a:b], qy[:, a:b]
+        with np.errstate(**quiet):
+            for j in range(1, s):  # row j = row j − 1 × its factors
+                np.multiply(Wb[j - 1], q, out=Wb[j])
+                np.multiply(Wb[j], r[j - 1], out=Wb[j])
+        d = direct[(direct >= a) & (direct < b)]
+        if d.size:
+            Wb[:, :, d - a] = np.exp(
+                (ax[None, :, d] + ay[:, None, d]) + bx[None, :, d] * dy[:, None, d]
+            )
+        np.multiply(Wb, imT[:, :, a:b], out=Wb)
+        W2 = Wb.reshape(s * s, b - a)
+        for u in range(0, b - a, piece):
+            v = min(b - a, u + piece)
+            mom[:, a + u : a + v] = basisT @ W2[:, u:v]
+    return mom.T
+
+
+def _adaptive_step(xp, mom, st, ok, change, act, lo, hi, tol):
+    """One fixed-point step W ← 2·Q for every row from its raw moments ``mom`` (m, 6) under
+    the current weight; only rows in ``act`` change.
+
+    ``st`` is (m, 5) [xc, yc, wxx, wyy, wxy]; returns the updated (st, ok, change, act).
+    The central moments are Σw(X−x̄)²/Σw = ΣwX²/Σw − x̄² (exact algebra; the cancellation
+    costs < 1e-14 here)."""
     s0 = mom[:, 0]
     good = s0 > 0
     r = mom[:, 1:] / xp.where(good, s0, 1.0)[:, None]  # [x̄, ȳ, Σ wX²/Σw, Σ wY²/Σw, Σ wXY/Σw]
@@ -135,6 +220,12 @@ def _adaptive_step(xp, im, basis, dxg, dyg, st, ok, change, act, lo, hi, tol):
     st = xp.where(upd[:, None], new, st)
     act = upd & (change >= tol * (st[:, 2] + st[:, 3]))
     return st, ok, change, act
+
+
+#: NumPy: the stamps iterated are re-gathered once the rows still moving fall below this
+#: fraction of them (a gather of every stamp costs about one step; the rows that stopped
+#: are carried along masked until then, which does not change any row's result).
+_REGATHER = 0.8
 
 
 def adaptive_moments_twin(
@@ -170,9 +261,27 @@ def adaptive_moments_twin(
     if k < 1:
         raise InvalidInputError(f"check_every must be >= 1, got {check_every}")
     c = _offsets(xp, s)
-    dxg, dyg = c[None, None, :], c[None, :, None]
     basis = _moment_basis(xp, s)
     img = xp.where(valid, stamps, 0).astype(xp.float64)
+    if xp is np:  # stamps last: see _raw_moments_columns
+        img = np.ascontiguousarray(img.transpose(1, 2, 0))
+        basisT = np.ascontiguousarray(basis.T)
+
+        def raw(im, st):
+            return _raw_moments_columns(im, basisT, c, st)
+
+        def take(im, rows):
+            return im[:, :, rows]
+
+    else:
+        dxg, dyg = c[None, None, :], c[None, :, None]
+
+        def raw(im, st):
+            return _raw_moments_batch(xp, im, basis, dxg, dyg, st)
+
+        def take(im, rows):
+            return im[rows]
+
     lo, hi = 0.04, float(s * s)
     w0 = float(w_init)
     st = xp.zeros((n, 5)) + xp.asarray(np.array([0.0, 0.0, w0, w0, 0.0]))
@@ -180,17 +289,18 @@ def adaptive_moments_twin(
     change = xp.full(n, xp.inf)
     act = xp.ones(n, dtype=bool)
     rows = None  # the rows iterated (None: all)
+    gather = True
     done = 0
     with np.errstate(all="ignore"):  # failed rows give 0/0 or inf: masked out
         while done < max_iter:
             if rows is None:
-                sub = (img, st, ok, change, act)
-            else:
-                sub = (img[rows], st[rows], ok[rows], change[rows], act[rows])
-            im, sst, sok, sch, sact = sub
+                im, sst, sok, sch, sact = img, st, ok, change, act
+            elif gather:
+                im = take(img, rows)
+                sst, sok, sch, sact = st[rows], ok[rows], change[rows], act[rows]
             for _ in range(min(k, max_iter - done)):
                 sst, sok, sch, sact = _adaptive_step(
-                    xp, im, basis, dxg, dyg, sst, sok, sch, sact, lo, hi, tol
+                    xp, raw(im, sst), sst, sok, sch, sact, lo, hi, tol
                 )
                 done += 1
             if rows is None:
@@ -199,8 +309,13 @@ def adaptive_moments_twin(
                 st[rows], ok[rows], change[rows], act[rows] = sst, sok, sch, sact
             if done >= max_iter:
                 break
-            rows = xp.nonzero(act)[0]  # the check: one host sync
-            if int(rows.shape[0]) == 0:
+            moving = xp.nonzero(act)[0]  # the check: one host sync
+            m_now = int(moving.shape[0])
+            if m_now == 0:
                 break
+            size = n if rows is None else int(rows.shape[0])
+            gather = xp is not np or m_now < _REGATHER * size
+            if gather:
+                rows = moving
     ok &= change < tol * (st[:, 2] + st[:, 3]) * 10
     return st[:, 0], st[:, 1], st[:, 2], st[:, 3], st[:, 4], ok
