@@ -26,6 +26,7 @@ from gpudiff.tasks import (
     AlardLuptonSubtractTask,
 )
 from gpudiff.tasks.detect_and_measure import DetectAndMeasureScoreTask, DetectAndMeasureTask
+from gpudiff.tasks.masks import convolve_preserving, quiet_fills
 
 IQR_TO_SIGMA = 0.741301109
 
@@ -339,13 +340,18 @@ def test_sharper_science_under_convolve_template_warns(caplog):
 
 
 def test_masks_grown_and_inputs_unchanged():
-    """Every pixel the matching kernel carried a defect's value to is flagged: the BAD
-    column of the science (convolveScience) is dilated by the kernel's half-width at
-    least, and INTRP marks the interpolated pixels of both inputs in the difference."""
+    """Every pixel the matching kernel carried a defect's value to is flagged: where the
+    BAD column of the science (convolveScience) was filled over a source (not within 3σ
+    of the sky) it is dilated by the kernel's half-width at least; where it was filled
+    within the noise it keeps its bits at the column (docs/algorithms.md §14); INTRP marks
+    the interpolated pixels of both inputs in the difference."""
     pair = realistic_raw_pair(384, science_fwhm_ratio=0.75, seed=6, trail=False)
     sci, tpl = pair.science, pair.template
     before = [np.asarray(a).copy() for e in (sci, tpl) for a in (e.image, e.variance, e.mask)]
-    res = AlardLuptonSubtractTask(AlardLuptonSubtractConfig(mode="auto")).run(tpl, sci)
+    task = AlardLuptonSubtractTask(AlardLuptonSubtractConfig(mode="auto"))
+    prepared = task._prepare(tpl, sci).science.masked_image
+    quiet = np.asarray(quiet_fills(prepared))
+    res = task.run(tpl, sci)
     after = [np.asarray(a) for e in (sci, tpl) for a in (e.image, e.variance, e.mask)]
     for b, a in zip(before, after):
         np.testing.assert_array_equal(a, b)
@@ -354,10 +360,43 @@ def test_masks_grown_and_inputs_unchanged():
     bad = (np.asarray(d.mask) & d.mask_planes.bitmask("BAD")) != 0
     intrp = (np.asarray(d.mask) & d.mask_planes.bitmask("INTRP")) != 0
     half = res.psf_matching_kernel.shape[1] // 2
+    n_loud = n_narrow = 0
     for c in pair.artefacts["bad_columns_science"]:
         lo, hi = max(c - half, 0), min(c + half + 1, d.shape[1])
-        rows = slice(half, d.shape[0] - half)
-        assert bad[rows, lo:hi].all() and intrp[rows, lo:hi].all()
+        # Rows within a kernel half-height of a loud fill received its value.
+        loud = ~quiet[:, c]
+        reached = np.convolve(loud, np.ones(2 * half + 1), mode="same") > 0
+        rows = np.arange(half, d.shape[0] - half)
+        assert bad[rows, c].all() and intrp[rows, c].all()
+        r = rows[reached[rows]]
+        assert bad[np.ix_(r, np.arange(lo, hi))].all() and intrp[np.ix_(r, np.arange(lo, hi))].all()
+        n_loud += r.size
+        # Rows no loud fill reached: the band is the column ± the decorrelation's reach.
+        q = rows[~reached[rows]]
+        n_narrow += int((~bad[q, c + half]).sum())
+    assert n_narrow > 100, (n_loud, n_narrow)
+    # The rule itself, on the prepared science with the fitted kernel: a fill 50σ above the
+    # sky (as over a star) on rows 150-154 of a column is grown by the whole kernel box;
+    # the quiet rest of the column is not; quiet_fill_snr=None grows all (LSST).
+    kernel = res.psf_matching_kernel
+    c = pair.artefacts["bad_columns_science"][0]
+    img = np.asarray(prepared.image).copy()
+    img[150:155, c] += 50 * np.sqrt(np.asarray(prepared.variance)[150:155, c])
+    loud_mi = MaskedImage(
+        img,
+        np.asarray(prepared.variance),
+        np.asarray(prepared.mask),
+        xy0=prepared.xy0,
+        mask_planes=prepared.mask_planes,
+    )
+    grown = {}
+    for snr in (3.0, None):
+        out = convolve_preserving(kernel, loud_mi, (), quiet_fill_snr=snr)
+        grown[snr] = (np.asarray(out.mask) & out.mask_planes.bitmask("BAD")) != 0
+    box = np.arange(c - half, c + half + 1)
+    assert grown[3.0][np.ix_(np.arange(150 - half, 155 + half), box)].all()
+    assert not grown[3.0][150 + 2 * half : 300, c + half].any()
+    assert grown[None][half:-half][:, box].all()
     for c in pair.artefacts["bad_columns_template"]:
         assert bad[:, c].all() and intrp[:, c].all()
     assert (

@@ -170,7 +170,7 @@ def convolve_preserving(
     The bits of well-filled pixels (:func:`quiet_fills`) are restored undilated too: the
     kernel spreads their filled value, whose error is at the noise level, not the defect
     (a departure from LSST, which grows every plane by the kernel's footprint; the
-    matching kernel's 21-35 px box cost ~15 % of the S/N >= 8 transients of a realistic
+    matching kernel's 21-35 px box cost 5 of the 44 S/N >= 8 transients of a realistic
     2048² pair in convolveTemplate; docs/algorithms.md §14).  ``quiet_fill_snr=None``
     grows every bit as LSST.
     """
