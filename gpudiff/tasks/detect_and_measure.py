@@ -124,8 +124,9 @@ class DetectAndMeasureConfig:
     )
     flag_planes: tuple[str, ...] = option(
         ("BAD", "SAT", "CR", "EDGE", "NO_DATA", "SUSPECT", "INTRP"),
-        doc="Mask planes that flag a source (flag_masked) when set in its central 5x5 pixels "
-        "(those in the rest of its footprint are listed in masked_planes).",
+        doc="Mask planes that flag a source (flag_masked) when set in the 3x3 pixels around "
+        "its centroid, or for |S/N| < masked_footprint_snr anywhere in its footprint (all "
+        "found are listed in masked_planes).",
         gpudiff_only=True,
     )
     find_streaks: bool = option(
