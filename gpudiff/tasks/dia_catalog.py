@@ -360,12 +360,17 @@ def dia_catalog(
         out["masked_planes"] = names.astype(str)
         out["flag_edge"] = any_of(cat["flag_edge"])
         # A defect (or what a kernel spread from it: the planes are grown by each kernel's
-        # footprint) that reached the source's centre; for faint sources, anywhere in the
-        # footprint (``masked_footprint_snr``).  A bright transient's footprint reaches
-        # 10-20 px, and a template bad column's plane is grown by the matching kernel to
-        # ~20 px, so footprint flags on every source cost 11 of 44 S/N >= 8 injections of
-        # a realistic 2048² pair (none of them affected by the defect).
-        centre = or_bits(np.asarray(cat["mask_center"]))
+        # footprint, docs/algorithms.md §14) that reached the source's centre; for faint
+        # sources, anywhere in the footprint (``masked_footprint_snr``).  A bright
+        # transient's footprint reaches 10-20 px, and a bad column's plane is grown by the
+        # matching kernel to ~20 px where it was filled over a source, so footprint flags
+        # on every source cost 11 of 44 S/N >= 8 injections of a realistic 2048² pair
+        # (none of them affected by the defect).
+        # The centre is LSST's PixelFlags centre, the 3×3 pixels around the centroid (the
+        # detection's mask_center is 5×5): a well-filled column is left undilated by the
+        # matching kernel (docs/algorithms.md §14), and the decorrelation grows it by 1 px, so
+        # with 5×5 a transient 3 px from a template bad column was still flagged.
+        centre = or_bits(_centre_bits(mi, np.asarray(cat["x"], float), np.asarray(cat["y"], float)))
         faint = np.abs(np.asarray(out["snr"], float)) < cfg.masked_footprint_snr
         out["flag_masked"] = (np.where(faint, bits, centre) & fl_mask) != 0
         out["flag_saturated"] = any_of(cat["flag_saturated"])
@@ -392,7 +397,11 @@ def dia_catalog(
         # core) has a halo of its own: fainter records around it are its pieces.
         # Measured from the detection image as for saturated stars (DECam cutouts: the
         # clean false sources were 2–4 FWHM from such residuals).
+        # A trail's record is every peak on the trail merged: its busy annuli are the trail
+        # itself, not a residual around a star (a realistic 2048² pair lost a S/N 48
+        # transient 30 px from a trail to a 35 px "halo" so).
         bad = out["flag_multi_peak"] | out["flag_dipole"] | out["flag_cr"] | out["flag_masked"]
+        bad &= ~out["flag_streak"]
         src = bad & (np.abs(np.asarray(out["peak_significance"], float)) >= cfg.halo_residual_snr)
         if src.any():
             r0 = 2.0 * fwhm
@@ -430,6 +439,25 @@ def dia_catalog(
         }
     )
     return out
+
+
+def _centre_bits(mi, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """OR of the mask bits in the 3×3 pixels around each parent position (x, y), pixels off
+    the image skipped (LSST's PixelFlags centre box); one gather on the backend."""
+    be = mi.backend
+    h, w = mi.shape
+    ix = np.floor(x - mi.xy0[0] + 0.5).astype(np.int64)
+    iy = np.floor(y - mi.xy0[1] + 0.5).astype(np.int64)
+    d = np.arange(-1, 2)
+    xx = (ix[:, None, None] + d[None, None, :]).repeat(3, axis=1)
+    yy = (iy[:, None, None] + d[None, :, None]).repeat(3, axis=2)
+    ok = (xx >= 0) & (xx < w) & (yy >= 0) & (yy < h)
+    vals = be.asnumpy(
+        mi.mask[
+            be.asarray(np.clip(yy, 0, h - 1).ravel()), be.asarray(np.clip(xx, 0, w - 1).ravel())
+        ]
+    ).reshape(xx.shape)
+    return np.bitwise_or.reduce(np.where(ok, vals, 0).reshape(len(x), 9), axis=1)
 
 
 def _unique_footprint_npix(cat: Table) -> np.ndarray:
