@@ -366,11 +366,13 @@ def dia_catalog(
         # matching kernel to ~20 px where it was filled over a source, so footprint flags
         # on every source cost 11 of 44 S/N >= 8 injections of a realistic 2048² pair
         # (none of them affected by the defect).
-        # The centre is LSST's PixelFlags centre, the 3×3 pixels around the centroid (the
-        # detection's mask_center is 5×5): a well-filled column is left undilated by the
-        # matching kernel (docs/algorithms.md §14), and the decorrelation grows it by 1 px, so
-        # with 5×5 a transient 3 px from a template bad column was still flagged.
-        centre = or_bits(_centre_bits(mi, np.asarray(cat["x"], float), np.asarray(cat["y"], float)))
+        # The centre is the detection's 5×5 box (mask_center), not LSST's 3×3 PixelFlags
+        # centre: on the shared DECam cutouts a template cosmic-ray track, found over only
+        # 5 of its ~20 px, leaves a S/N -12 residual 2 px beyond the grown fill of the part
+        # found; with 3×3 two same-epoch pairs gained a clean false source (7 in the 20
+        # pairs, 5.3/Mpix, against 5 with 5×5), for ~2 % of the simulated transients beside
+        # defects (docs/algorithms.md §14).
+        centre = or_bits(np.asarray(cat["mask_center"]))
         faint = np.abs(np.asarray(out["snr"], float)) < cfg.masked_footprint_snr
         out["flag_masked"] = (np.where(faint, bits, centre) & fl_mask) != 0
         out["flag_saturated"] = any_of(cat["flag_saturated"])
@@ -439,25 +441,6 @@ def dia_catalog(
         }
     )
     return out
-
-
-def _centre_bits(mi, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """OR of the mask bits in the 3×3 pixels around each parent position (x, y), pixels off
-    the image skipped (LSST's PixelFlags centre box); one gather on the backend."""
-    be = mi.backend
-    h, w = mi.shape
-    ix = np.floor(x - mi.xy0[0] + 0.5).astype(np.int64)
-    iy = np.floor(y - mi.xy0[1] + 0.5).astype(np.int64)
-    d = np.arange(-1, 2)
-    xx = (ix[:, None, None] + d[None, None, :]).repeat(3, axis=1)
-    yy = (iy[:, None, None] + d[None, :, None]).repeat(3, axis=2)
-    ok = (xx >= 0) & (xx < w) & (yy >= 0) & (yy < h)
-    vals = be.asnumpy(
-        mi.mask[
-            be.asarray(np.clip(yy, 0, h - 1).ravel()), be.asarray(np.clip(xx, 0, w - 1).ravel())
-        ]
-    ).reshape(xx.shape)
-    return np.bitwise_or.reduce(np.where(ok, vals, 0).reshape(len(x), 9), axis=1)
 
 
 def _unique_footprint_npix(cat: Table) -> np.ndarray:
