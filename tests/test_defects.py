@@ -474,3 +474,50 @@ def test_well_filled_column_reach():
     inn = np.argmin(np.hypot(dx - (c + 1), dy - y_in))
     assert np.hypot(dx[out] - (c + 6), dy[out] - y_out) < 2 and dia["clean"][out], dia[out]
     assert np.hypot(dx[inn] - (c + 1), dy[inn] - y_in) < 2 and dia["flag_masked"][inn]
+
+
+def test_defects_seed_no_rays_and_ray_fills_keep_lsst_growth():
+    """A garbage bad column is as sharp as a cosmic ray: the input's ray finder must not
+    seed on it (its grown "rays" would mark the clean neighbours INTRP without BAD, which
+    the matching kernel then grows by its whole box; a realistic 2048² pair lost 4
+    transients 3-11 px from a template column so).  And only BAD fills are exempt from
+    the kernel's growth: a cosmic ray's fill keeps LSST's (a track found in part on the
+    shared DECam cutouts left a clean S/N -13 residual otherwise; docs/algorithms.md §14)."""
+    from gpudiff.image.psf import GaussianPsf
+    from gpudiff.ops.cosmic_rays import find_cosmic_rays
+
+    rng = np.random.default_rng(3)
+    n, c = 96, 40
+    img = rng.normal(0.0, 1.0, (n, n)).astype(np.float32)
+    img[:, c] = rng.uniform(1e3, 5e3, n).astype(np.float32)  # garbage
+    mi = MaskedImage(img, np.ones((n, n), np.float32), np.zeros((n, n), np.int32))
+    planes = mi.mask_planes
+    mask = np.zeros((n, n), np.int32)
+    mask[:, c] = planes.bitmask("BAD")
+    mi = MaskedImage(img, np.ones((n, n), np.float32), mask, mask_planes=planes)
+    psf = GaussianPsf(1.5)
+    seeded = np.asarray(find_cosmic_rays(mi, psf))
+    assert seeded[:, c - 1].all() and seeded[:, c + 1].all()  # what the exclusion prevents
+    cr = np.asarray(find_cosmic_rays(mi, psf, exclude_planes=("BAD", "SAT", "NO_DATA")))
+    assert not cr[:, c - 1 : c + 2].any()
+    # The prepared template of a realistic pair: its BAD columns' neighbours are not
+    # filled (no INTRP outside the columns there, away from true cosmic rays).
+    pair = realistic_raw_pair(384, science_fwhm_ratio=1.4, seed=6, trail=False)
+    task = AlardLuptonSubtractTask(AlardLuptonSubtractConfig(mode="auto"))
+    prepared = task._prepare(pair.template, pair.science).template.masked_image
+    m = np.asarray(prepared.mask)
+    intrp = (m & prepared.mask_planes.bitmask("INTRP")) != 0
+    true_cr = pair.template_result.cr_mask
+    for col in pair.artefacts["bad_columns_template"]:
+        for side in (col - 1, col + 1):
+            rows = ~np.convolve(true_cr[:, side], np.ones(5), mode="same").astype(bool)
+            assert not intrp[rows, side].any(), col
+    # Fills within the noise: a BAD one is quiet, a cosmic ray's (INTRP only) is not.
+    fill = np.zeros((n, n), np.int32)
+    fill[10:20, 10] = planes.bitmask("BAD") | planes.bitmask("INTRP")
+    fill[30:33, 50:53] = planes.bitmask("INTRP")
+    sky = rng.normal(0.0, 1.0, (n, n)).clip(-2.5, 2.5).astype(np.float32)
+    q = np.asarray(
+        quiet_fills(MaskedImage(sky, np.ones((n, n), np.float32), fill, mask_planes=planes))
+    )
+    assert q[10:20, 10].all() and not q[30:33, 50:53].any()
