@@ -124,8 +124,8 @@ class DetectAndMeasureConfig:
     )
     flag_planes: tuple[str, ...] = option(
         ("BAD", "SAT", "CR", "EDGE", "NO_DATA", "SUSPECT", "INTRP"),
-        doc="Mask planes that flag a source (flag_masked) when set in the 3x3 pixels around "
-        "its centroid, or for |S/N| < masked_footprint_snr anywhere in its footprint (all "
+        doc="Mask planes that flag a source (flag_masked) when set in the central 5x5 pixels "
+        "(mask_center), or for |S/N| < masked_footprint_snr anywhere in its footprint (all "
         "found are listed in masked_planes).",
         gpudiff_only=True,
     )
