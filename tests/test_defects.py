@@ -26,6 +26,7 @@ from gpudiff.tasks import (
     AlardLuptonSubtractTask,
 )
 from gpudiff.tasks.detect_and_measure import DetectAndMeasureScoreTask, DetectAndMeasureTask
+from gpudiff.tasks.masks import convolve_preserving, quiet_fills
 
 IQR_TO_SIGMA = 0.741301109
 
@@ -339,13 +340,18 @@ def test_sharper_science_under_convolve_template_warns(caplog):
 
 
 def test_masks_grown_and_inputs_unchanged():
-    """Every pixel the matching kernel carried a defect's value to is flagged: the BAD
-    column of the science (convolveScience) is dilated by the kernel's half-width at
-    least, and INTRP marks the interpolated pixels of both inputs in the difference."""
+    """Every pixel the matching kernel carried a defect's value to is flagged: where the
+    BAD column of the science (convolveScience) was filled over a source (not within 3σ
+    of the sky) it is dilated by the kernel's half-width at least; where it was filled
+    within the noise it keeps its bits at the column (docs/algorithms.md §14); INTRP marks
+    the interpolated pixels of both inputs in the difference."""
     pair = realistic_raw_pair(384, science_fwhm_ratio=0.75, seed=6, trail=False)
     sci, tpl = pair.science, pair.template
     before = [np.asarray(a).copy() for e in (sci, tpl) for a in (e.image, e.variance, e.mask)]
-    res = AlardLuptonSubtractTask(AlardLuptonSubtractConfig(mode="auto")).run(tpl, sci)
+    task = AlardLuptonSubtractTask(AlardLuptonSubtractConfig(mode="auto"))
+    prepared = task._prepare(tpl, sci).science.masked_image
+    quiet = np.asarray(quiet_fills(prepared))
+    res = task.run(tpl, sci)
     after = [np.asarray(a) for e in (sci, tpl) for a in (e.image, e.variance, e.mask)]
     for b, a in zip(before, after):
         np.testing.assert_array_equal(a, b)
@@ -354,12 +360,164 @@ def test_masks_grown_and_inputs_unchanged():
     bad = (np.asarray(d.mask) & d.mask_planes.bitmask("BAD")) != 0
     intrp = (np.asarray(d.mask) & d.mask_planes.bitmask("INTRP")) != 0
     half = res.psf_matching_kernel.shape[1] // 2
+    n_loud = n_narrow = 0
     for c in pair.artefacts["bad_columns_science"]:
         lo, hi = max(c - half, 0), min(c + half + 1, d.shape[1])
-        rows = slice(half, d.shape[0] - half)
-        assert bad[rows, lo:hi].all() and intrp[rows, lo:hi].all()
+        # Rows within a kernel half-height of a loud fill received its value.
+        loud = ~quiet[:, c]
+        reached = np.convolve(loud, np.ones(2 * half + 1), mode="same") > 0
+        rows = np.arange(half, d.shape[0] - half)
+        assert bad[rows, c].all() and intrp[rows, c].all()
+        r = rows[reached[rows]]
+        assert bad[np.ix_(r, np.arange(lo, hi))].all() and intrp[np.ix_(r, np.arange(lo, hi))].all()
+        n_loud += r.size
+        # Rows no loud fill reached: the band is the column ± the decorrelation's reach.
+        q = rows[~reached[rows]]
+        n_narrow += int((~bad[q, c + half]).sum())
+    assert n_narrow > 100, (n_loud, n_narrow)
+    # The rule itself, on the prepared science with the fitted kernel: a fill 50σ above the
+    # sky (as over a star) on rows 150-154 of a column is grown by the whole kernel box;
+    # the quiet rest of the column is not; quiet_fill_snr=None grows all (LSST).
+    kernel = res.psf_matching_kernel
+    c = pair.artefacts["bad_columns_science"][0]
+    img = np.asarray(prepared.image).copy()
+    img[150:155, c] += 50 * np.sqrt(np.asarray(prepared.variance)[150:155, c])
+    loud_mi = MaskedImage(
+        img,
+        np.asarray(prepared.variance),
+        np.asarray(prepared.mask),
+        xy0=prepared.xy0,
+        mask_planes=prepared.mask_planes,
+    )
+    grown = {}
+    for snr in (3.0, None):
+        out = convolve_preserving(kernel, loud_mi, (), quiet_fill_snr=snr)
+        grown[snr] = (np.asarray(out.mask) & out.mask_planes.bitmask("BAD")) != 0
+    box = np.arange(c - half, c + half + 1)
+    assert grown[3.0][np.ix_(np.arange(150 - half, 155 + half), box)].all()
+    assert not grown[3.0][150 + 2 * half : 300, c + half].any()
+    assert grown[None][half:-half][:, box].all()
     for c in pair.artefacts["bad_columns_template"]:
         assert bad[:, c].all() and intrp[:, c].all()
     assert (
         res.metadata["n_interpolated_science"] > 0 and res.metadata["n_interpolated_template"] > 0
     )
+
+
+def _with_point_sources(exp, xys, flux):
+    """``exp`` (a copy) with PSF-shaped point sources of ``flux`` added at integer parent
+    positions ``xys``; the variance gains their Poisson part (gain 1)."""
+    from gpudiff.image import Exposure
+
+    mi = exp.masked_image
+    img, var = np.asarray(mi.image).copy(), np.asarray(mi.variance).copy()
+    for x, y in xys:
+        k = np.asarray(exp.psf.kernel_image(float(x), float(y)), dtype=np.float64)
+        k = k / k.sum()
+        h = k.shape[0] // 2
+        r, c = y - mi.xy0[1], x - mi.xy0[0]
+        img[r - h : r + h + 1, c - h : c + h + 1] += (flux * k).astype(np.float32)
+        var[r - h : r + h + 1, c - h : c + h + 1] += (flux * k).astype(np.float32)
+    out = MaskedImage(img, var, np.asarray(mi.mask), xy0=mi.xy0, mask_planes=mi.mask_planes)
+    return Exposure(out, exp.psf, exp.wcs, exp.photo_calib, exp.metadata)
+
+
+def test_well_filled_column_reach():
+    """docs/algorithms.md §14: a template bad column filled within the noise is not grown by
+    the matching kernel's box (LSST: ±10 px here), only by the decorrelation filter's
+    footprint, so a transient 6 px from it is clean; one whose centre is on the column's
+    band is flagged.  Beside the column no unmasked pixel carries its ringing (< 5σ)."""
+    pair = realistic_raw_pair(384, science_fwhm_ratio=1.4, seed=6, trail=False)
+    c = pair.artefacts["bad_columns_template"][0]
+    sig = pair.artefacts["sky_sigma_science"]
+    src = np.abs(pair.science_result.sources) + np.abs(pair.template_result.sources)
+    # Two rows with no source light within 15 px of the column and 40 px apart.
+    quiet = np.flatnonzero(
+        np.array(
+            [src[max(y - 15, 0) : y + 16, c - 15 : c + 16].max() < 0.01 * sig for y in range(384)]
+        )
+    )
+    quiet = quiet[(quiet > 40) & (quiet < 344)]
+    y_out = int(quiet[0])
+    y_in = int(quiet[np.flatnonzero(quiet >= y_out + 40)[0]])
+    flux = 30.0 * sig * np.sqrt(4 * np.pi) * pair.science.psf.fwhm() / 2.3548  # S/N ≈ 30
+    sci = _with_point_sources(pair.science, [(c + 6, y_out), (c + 1, y_in)], flux)
+    res = AlardLuptonSubtractTask(AlardLuptonSubtractConfig(mode="auto")).run(pair.template, sci)
+    assert res.mode == "convolveTemplate"
+    half = res.psf_matching_kernel.shape[1] // 2
+    assert half >= 8
+    d = res.difference
+    mask = np.asarray(d.mask)
+    bad = (mask & d.mask_planes.bitmask("BAD")) != 0
+    # The quiet rows' BAD band: the column ± the decorrelation filter's reach (≤ 2 px),
+    # not ± the kernel's half-width.
+    for y in (y_out, y_in):
+        xs = c - 20 + np.flatnonzero(bad[y - d.bbox.y0, c - 20 : c + 21])
+        assert xs.min() >= c - 2 and xs.max() <= c + 2, (y, xs)
+    # No ringing outside the band: unmasked pixels within 20 px of the column, away from
+    # the two injections and from true cosmic rays (events, not ringing), stay below 5σ.
+    from scipy import ndimage
+
+    cr = ndimage.binary_dilation(
+        pair.science_result.cr_mask | pair.template_result.cr_mask, iterations=2
+    )
+    z = np.asarray(d.image) / np.sqrt(np.asarray(d.variance))
+    near = np.zeros(mask.shape, bool)
+    near[:, c - 20 : c + 21] = True
+    for y in (y_out, y_in):
+        near[y - 12 : y + 13] = False
+    free = near & (mask == 0) & (src < 0.01 * sig) & np.isfinite(z) & ~cr
+    assert free.sum() > 1000 and np.abs(z[free]).max() < 5.0
+    dia = DetectAndMeasureTask().run(d, bright_sources=res.science_sources).dia_sources
+    dx, dy = np.asarray(dia["x"], float), np.asarray(dia["y"], float)
+    out = np.argmin(np.hypot(dx - (c + 6), dy - y_out))
+    inn = np.argmin(np.hypot(dx - (c + 1), dy - y_in))
+    assert np.hypot(dx[out] - (c + 6), dy[out] - y_out) < 2 and dia["clean"][out], dia[out]
+    assert np.hypot(dx[inn] - (c + 1), dy[inn] - y_in) < 2 and dia["flag_masked"][inn]
+
+
+def test_defects_seed_no_rays_and_ray_fills_keep_lsst_growth():
+    """A garbage bad column is as sharp as a cosmic ray: the input's ray finder must not
+    seed on it (its grown "rays" would mark the clean neighbours INTRP without BAD, which
+    the matching kernel then grows by its whole box; a realistic 2048² pair lost 4
+    transients 3-11 px from a template column so).  And only BAD fills are exempt from
+    the kernel's growth: a cosmic ray's fill keeps LSST's (a track found in part on the
+    shared DECam cutouts left a clean S/N -13 residual otherwise; docs/algorithms.md §14)."""
+    from gpudiff.image.psf import GaussianPsf
+    from gpudiff.ops.cosmic_rays import find_cosmic_rays
+
+    rng = np.random.default_rng(3)
+    n, c = 96, 40
+    img = rng.normal(0.0, 1.0, (n, n)).astype(np.float32)
+    img[:, c] = rng.uniform(1e3, 5e3, n).astype(np.float32)  # garbage
+    mi = MaskedImage(img, np.ones((n, n), np.float32), np.zeros((n, n), np.int32))
+    planes = mi.mask_planes
+    mask = np.zeros((n, n), np.int32)
+    mask[:, c] = planes.bitmask("BAD")
+    mi = MaskedImage(img, np.ones((n, n), np.float32), mask, mask_planes=planes)
+    psf = GaussianPsf(1.5)
+    seeded = np.asarray(find_cosmic_rays(mi, psf))
+    assert seeded[:, c - 1].all() and seeded[:, c + 1].all()  # what the exclusion prevents
+    cr = np.asarray(find_cosmic_rays(mi, psf, exclude_planes=("BAD", "SAT", "NO_DATA")))
+    assert not cr[:, c - 1 : c + 2].any()
+    # The prepared template of a realistic pair: its BAD columns' neighbours are not
+    # filled (no INTRP outside the columns there, away from true cosmic rays).
+    pair = realistic_raw_pair(384, science_fwhm_ratio=1.4, seed=6, trail=False)
+    task = AlardLuptonSubtractTask(AlardLuptonSubtractConfig(mode="auto"))
+    prepared = task._prepare(pair.template, pair.science).template.masked_image
+    m = np.asarray(prepared.mask)
+    intrp = (m & prepared.mask_planes.bitmask("INTRP")) != 0
+    true_cr = pair.template_result.cr_mask
+    for col in pair.artefacts["bad_columns_template"]:
+        for side in (col - 1, col + 1):
+            rows = ~np.convolve(true_cr[:, side], np.ones(5), mode="same").astype(bool)
+            assert not intrp[rows, side].any(), col
+    # Fills within the noise: a BAD one is quiet, a cosmic ray's (INTRP only) is not.
+    fill = np.zeros((n, n), np.int32)
+    fill[10:20, 10] = planes.bitmask("BAD") | planes.bitmask("INTRP")
+    fill[30:33, 50:53] = planes.bitmask("INTRP")
+    sky = rng.normal(0.0, 1.0, (n, n)).clip(-2.5, 2.5).astype(np.float32)
+    q = np.asarray(
+        quiet_fills(MaskedImage(sky, np.ones((n, n), np.float32), fill, mask_planes=planes))
+    )
+    assert q[10:20, 10].all() and not q[30:33, 50:53].any()

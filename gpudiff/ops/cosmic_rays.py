@@ -22,6 +22,7 @@ def find_cosmic_rays(
     min_sigma: float = 6.0,
     cond3: float = 3.0,
     grow: int = 1,
+    exclude_planes: tuple[str, ...] = (),
     backend: Backend | str | None = None,
 ):
     """Boolean array (on the backend) of cosmic-ray pixels, grown by ``grow`` pixels.
@@ -36,6 +37,13 @@ def find_cosmic_rays(
         A CR pixel is at least this many σ (from the variance plane) above zero.
     cond3 : float
         Slack, in σ, on both the pixel and its neighbours (LSST's ``cond3_fac``).
+    grow : int
+        Grow the rays by this many pixels (4-connected).
+    exclude_planes : tuple of str
+        Pixels with any of these mask planes set (those present) never seed a ray: a
+        garbage bad column is as sharp as a ray, and growing it would mark its clean
+        neighbours too (they then lose the defect's own handling downstream).
+    backend : Backend or str, optional
     """
     be = resolve_backend(backend) if backend is not None else mi.backend
     xp = be.xp
@@ -51,6 +59,9 @@ def find_cosmic_rays(
     dirs = ((0, 1), (1, 0), (1, 1), (1, -1))
     ratios = [np.float32(peak / max(k[c + dy, c + dx], 1e-12)) for dy, dx in dirs]
     bright = img > min_sigma * sig
+    skip = mi.mask_planes.bitmask_if_present(list(exclude_planes)) if exclude_planes else 0
+    if skip:
+        bright &= (mi.mask & skip) == 0
     if not be.is_gpu:
         # On the CPU only the bright pixels (a few percent) are tested and the few rays
         # are grown in place: ~5x less time than the whole-image arrays.

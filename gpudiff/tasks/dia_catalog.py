@@ -360,11 +360,18 @@ def dia_catalog(
         out["masked_planes"] = names.astype(str)
         out["flag_edge"] = any_of(cat["flag_edge"])
         # A defect (or what a kernel spread from it: the planes are grown by each kernel's
-        # footprint) that reached the source's centre; for faint sources, anywhere in the
-        # footprint (``masked_footprint_snr``).  A bright transient's footprint reaches
-        # 10-20 px, and a template bad column's plane is grown by the matching kernel to
-        # ~20 px, so footprint flags on every source cost 11 of 44 S/N >= 8 injections of
-        # a realistic 2048² pair (none of them affected by the defect).
+        # footprint, docs/algorithms.md §14) that reached the source's centre; for faint
+        # sources, anywhere in the footprint (``masked_footprint_snr``).  A bright
+        # transient's footprint reaches 10-20 px, and a bad column's plane is grown by the
+        # matching kernel to ~20 px where it was filled over a source, so footprint flags
+        # on every source cost 11 of 44 S/N >= 8 injections of a realistic 2048² pair
+        # (none of them affected by the defect).
+        # The centre is the detection's 5×5 box (mask_center), not LSST's 3×3 PixelFlags
+        # centre: on the shared DECam cutouts a template cosmic-ray track, found over only
+        # 5 of its ~20 px, leaves a S/N -12 residual 2 px beyond the grown fill of the part
+        # found; with 3×3 two same-epoch pairs gained a clean false source (7 in the 20
+        # pairs, 5.3/Mpix, against 5 with 5×5), for ~2 % of the simulated transients beside
+        # defects (docs/algorithms.md §14).
         centre = or_bits(np.asarray(cat["mask_center"]))
         faint = np.abs(np.asarray(out["snr"], float)) < cfg.masked_footprint_snr
         out["flag_masked"] = (np.where(faint, bits, centre) & fl_mask) != 0
@@ -392,7 +399,11 @@ def dia_catalog(
         # core) has a halo of its own: fainter records around it are its pieces.
         # Measured from the detection image as for saturated stars (DECam cutouts: the
         # clean false sources were 2–4 FWHM from such residuals).
+        # A trail's record is every peak on the trail merged: its busy annuli are the trail
+        # itself, not a residual around a star (a realistic 2048² pair lost a S/N 48
+        # transient 30 px from a trail to a 35 px "halo" so).
         bad = out["flag_multi_peak"] | out["flag_dipole"] | out["flag_cr"] | out["flag_masked"]
+        bad &= ~out["flag_streak"]
         src = bad & (np.abs(np.asarray(out["peak_significance"], float)) >= cfg.halo_residual_snr)
         if src.any():
             r0 = 2.0 * fwhm

@@ -343,7 +343,16 @@ def _new_cosmic_rays(exposure: Exposure, backend: Backend) -> Any:
     """The cosmic-ray pixels of :func:`mask_cosmic_rays` not flagged CR yet (a backend
     bool array; not tested for emptiness, which callers fetch with other flags)."""
     mi = exposure.masked_image
-    cr = find_cosmic_rays(mi, exposure.psf, backend=backend)
+    # Defects already flagged are not rays: a garbage column seeded "rays" grown onto its
+    # two clean neighbours, which were then filled and marked INTRP without BAD, so the
+    # matching kernel grew them by its whole box (a realistic 2048² pair lost 4 transients
+    # 3-11 px from a template bad column so; docs/algorithms.md §14).
+    cr = find_cosmic_rays(
+        mi,
+        exposure.psf,
+        exclude_planes=("BAD", "SAT", "NO_DATA"),
+        backend=backend,
+    )
     cr_bit = mi.mask_planes.bitmask_if_present("CR")
     if cr_bit:
         # A CR plane that came with the image is kept and completed: a repair step that
