@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import ctypes
 import inspect
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,7 @@ __all__ = [
     "cpu_workers",
     "parallel_map",
     "run_concurrently",
+    "blas_threads",
 ]
 
 #: Environment variable giving the default thread setting.
@@ -199,3 +201,88 @@ def run_concurrently(*calls: Callable[[], Any], parallel: bool = True) -> list:
     """The results of the zero-argument ``calls``, run on one thread each when ``parallel``
     (at most :func:`get_num_threads` at a time)."""
     return parallel_map(lambda call: call(), calls, cpu_workers(len(calls), parallel=parallel))
+
+
+#: (set, get) symbol pairs of the OpenBLAS builds NumPy and SciPy wheels bundle (the
+#: scipy-openblas 64-bit and 32-bit interfaces) and of a system OpenBLAS.
+_OPENBLAS_SYMBOLS = (
+    ("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
+    ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
+    ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
+    ("openblas_set_num_threads", "openblas_get_num_threads"),
+)
+
+
+def _loaded_openblas() -> dict[str, tuple[Any, Any]]:
+    """The (set, get) thread functions of every OpenBLAS loaded in this process, by path.
+
+    Found in ``/proc/self/maps`` (Linux); elsewhere, or for a BLAS without these
+    functions (MKL, Accelerate), none."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {
+                parts[5].strip()
+                for parts in (line.split(None, 5) for line in f)
+                if len(parts) == 6 and "openblas" in os.path.basename(parts[5]).lower()
+            }
+    except OSError:
+        return {}
+    found = {}
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)  # already loaded: the same handle, no new copy
+        except OSError:
+            continue
+        for set_name, get_name in _OPENBLAS_SYMBOLS:
+            if hasattr(lib, set_name) and hasattr(lib, get_name):
+                setter, getter = getattr(lib, set_name), getattr(lib, get_name)
+                setter.argtypes, setter.restype = [ctypes.c_int], None
+                getter.argtypes, getter.restype = [], ctypes.c_int
+                found[path] = (setter, getter)
+                break
+    return found
+
+
+@contextlib.contextmanager
+def blas_threads(n: int) -> Iterator[None]:
+    """Context manager: OpenBLAS (NumPy's and SciPy's) uses ``n`` threads inside the block.
+
+    A process whose cores are already kept busy by gpudiff's pools and FFT workers gains
+    nothing from BLAS threads of its own: OpenBLAS's threads spin-wait between calls, and
+    on a shared machine that spinning costs CPU time other threads need (the ``gpudiff``
+    command, measured on 2 cores: about 1 CPU-s of 14 on a 2048² subtraction).  The
+    OpenBLAS libraries loaded now are set through their own API; ``OPENBLAS_NUM_THREADS``
+    covers those loaded inside the block (SciPy's, on first use) and the processes it
+    starts.  Afterwards every library gets its previous setting back (one loaded inside
+    the block: that of the environment before it, else of the libraries loaded before,
+    else one per core) and the environment variable its previous value.  Process-wide:
+    meant for a process's entry point (the command line), not for library calls.
+
+    Parameters
+    ----------
+    n : int
+        Positive number of BLAS threads.
+
+    Yields
+    ------
+    None
+    """
+    n = _check(n, "BLAS threads")
+    env = "OPENBLAS_NUM_THREADS"
+    before = {path: (s, g()) for path, (s, g) in _loaded_openblas().items()}
+    old_env = os.environ.get(env)
+    os.environ[env] = str(n)
+    for setter, _ in before.values():
+        setter(n)
+    try:
+        yield
+    finally:
+        if old_env is None:
+            os.environ.pop(env, None)
+        else:
+            os.environ[env] = old_env
+        default = next((c for _, c in before.values()), os.cpu_count() or 1)
+        if old_env is not None and old_env.strip().isdigit() and int(old_env) > 0:
+            default = int(old_env)
+        for path, (setter, _) in _loaded_openblas().items():
+            setter(before[path][1] if path in before else default)
