@@ -202,6 +202,8 @@ def console_main() -> int:
     # the arrays are freed by reference counting anyway (collections 0.26 → 0.10 s).
     gc.set_threshold(20_000, 10, 10)
     _keep_freed_memory()
-    with warnings.catch_warnings(), blas_threads(1):
+    # An OPENBLAS_NUM_THREADS of the user's own wins.
+    blas = contextlib.nullcontext() if "OPENBLAS_NUM_THREADS" in os.environ else blas_threads(1)
+    with warnings.catch_warnings(), blas:
         warnings.showwarning = _one_line_warning
         return main()
