@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import gc
 import importlib
 import logging
@@ -166,29 +165,6 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"gpudiff: warning: {message}{kind}", file=sys.stderr if file is None else file)
 
 
-def _keep_freed_memory() -> None:
-    """glibc only (elsewhere nothing): serve large arrays from the heap and keep freed
-    memory there for the next ones, instead of an ``mmap`` per array that the kernel zeroes
-    page by page on first touch and unmaps when freed.
-
-    A 2048² float64 temporary (32 MiB) is above glibc's largest mmap threshold, so each
-    one costs 8192 page faults; a subtraction makes hundreds.  Measured on a 2048² pair:
-    page faults 206k → 140k, system CPU about −1 s; the peak memory grows by ~5 %
-    (freed blocks are kept for reuse rather than returned).  For a process that runs one
-    command and exits."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl, or no libc by that name: keep its defaults
-        return
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h> parameter numbers
-    mallopt(m_mmap_max, 0)
-    mallopt(m_trim_threshold, 2**31 - 1)
-
-
 def console_main() -> int:
     """The ``gpudiff`` console script and ``python -m gpudiff``: :func:`main` with every
     warning printed as one line (``gpudiff: warning: ...``) instead of Python's
@@ -197,11 +173,10 @@ def console_main() -> int:
     # The process runs one command: its settings are ours to choose.  BLAS on one thread:
     # the command's pools and FFT workers already keep the cores busy, and OpenBLAS's
     # idle threads spin (about 1 CPU-s of 14 on a 2048² subtraction on 2 cores).  A
-    # larger first garbage-collector generation: the imports make hundreds of thousands
-    # of long-lived objects that the default threshold (700) scans again and again, and
-    # the arrays are freed by reference counting anyway (collections 0.26 → 0.10 s).
+    # larger first garbage-collector generation: the imports and the catalogs make
+    # millions of objects, none of them cyclic garbage worth 2 full collections
+    # (0.26 → 0.10 s).
     gc.set_threshold(20_000, 10, 10)
-    _keep_freed_memory()
     # An OPENBLAS_NUM_THREADS of the user's own wins.
     blas = contextlib.nullcontext() if "OPENBLAS_NUM_THREADS" in os.environ else blas_threads(1)
     with warnings.catch_warnings(), blas:
