@@ -172,10 +172,10 @@ def console_main() -> int:
     keep Python's warning machinery and their process settings."""
     # The process runs one command: its settings are ours to choose.  BLAS on one thread:
     # the command's pools and FFT workers already keep the cores busy, and OpenBLAS's
-    # idle threads spin (about 1 CPU-s of 14 on a 2048² subtraction on 2 cores).  A
-    # larger first garbage-collector generation: the imports and the catalogs make
-    # millions of objects, none of them cyclic garbage worth 2 full collections
-    # (0.26 → 0.10 s).
+    # idle threads spin (perf: 0.6–1 CPU-s of 14 on a 2048² subtraction on 2 cores, 0.05
+    # after).  A larger first garbage-collector generation: the imports make hundreds of
+    # thousands of long-lived objects that the default threshold (700) scans again and
+    # again, and arrays are freed by reference counting anyway (collections 0.26 → 0.10 s).
     gc.set_threshold(20_000, 10, 10)
     # An OPENBLAS_NUM_THREADS of the user's own wins.
     blas = contextlib.nullcontext() if "OPENBLAS_NUM_THREADS" in os.environ else blas_threads(1)
