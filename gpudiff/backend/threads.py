@@ -23,6 +23,11 @@ with ``num_threads(max(1, n // w))``, so an FFT inside a piece of a parallel map
 start another ``n`` threads.  The ``with`` setting lives in a :mod:`contextvars` variable,
 which the pools here carry into their threads, so concurrent callers (the threads of one
 Dask worker) may each use their own setting.
+
+Pieces are rarely even (the science image's detection runs beside the template's cheaper
+variance scaling): a pool thread that runs out of pieces is lent to a pool still working
+inside another piece of the same outermost pool, which then finishes on more threads than
+its share, never more at once than the outermost setting (:func:`parallel_map`).
 """
 
 from __future__ import annotations
