@@ -268,3 +268,76 @@ def test_batch_rows_default_to_one_thread(monkeypatch, tmp_path):
     bad = batch_task.run_job(job)
     assert bad["status"] == "failed" and "InvalidInputError" in bad["error"]
     assert seen == [1, 2]
+
+
+def test_freed_pool_threads_are_lent_to_a_nested_pool():
+    """Uneven pieces: when the short piece ends, its thread joins the nested map still
+    running inside the long one; never more threads at once than the outer setting, the
+    results in order, each piece still seeing its share of the setting."""
+    lock = threading.Lock()
+    state = {"now": 0, "peak": 0}
+    inner_threads, inner_settings = set(), []
+
+    def busy(hold):
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        time.sleep(hold)
+        with lock:
+            state["now"] -= 1
+
+    def inner(i):
+        busy(0.05)
+        with lock:
+            inner_threads.add(threading.get_ident())
+            inner_settings.append(th.get_num_threads())
+        return i * i
+
+    def long_piece():
+        n = th.cpu_workers(8)  # the pool's whole setting, not this piece's share of it
+        return th.parallel_map(inner, range(8), n)
+
+    def short_piece():
+        busy(0.01)
+        return "short"
+
+    with th.num_threads(2):
+        assert th.cpu_workers(8) == 2
+        got = th.run_concurrently(long_piece, short_piece)
+    assert got == [[i * i for i in range(8)], "short"]
+    assert len(inner_threads) == 2  # the short piece's thread helped
+    assert state["peak"] <= 2
+    assert set(inner_settings) == {1}
+
+
+def test_nested_pool_errors_and_sequential_fallback():
+    def inner(i):
+        if i == 3:
+            raise ValueError("piece 3")
+        return i
+
+    def long_piece():
+        return th.parallel_map(inner, range(6), th.cpu_workers(6))
+
+    with th.num_threads(2):
+        with pytest.raises(ValueError, match="piece 3"):
+            th.run_concurrently(long_piece, lambda: None)
+    # Outside any pool, one thread: plain sequential map.
+    with th.num_threads(1):
+        assert th.parallel_map(lambda i: i + 1, range(4), 4) == [1, 2, 3, 4]
+
+
+def test_blas_threads_sets_and_restores_openblas():
+    libs = th._loaded_openblas()
+    if not libs:
+        pytest.skip("no OpenBLAS with a thread API in this process")
+    before = {p: get() for p, (_, get) in libs.items()}
+    env = os.environ.get("OPENBLAS_NUM_THREADS")
+    with th.blas_threads(1):
+        assert {get() for _, get in th._loaded_openblas().values()} == {1}
+        assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+    assert {p: get() for p, (_, get) in libs.items()} == before
+    assert os.environ.get("OPENBLAS_NUM_THREADS") == env
+    with pytest.raises(InvalidInputError):
+        with th.blas_threads(0):
+            pass

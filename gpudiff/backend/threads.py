@@ -23,6 +23,11 @@ with ``num_threads(max(1, n // w))``, so an FFT inside a piece of a parallel map
 start another ``n`` threads.  The ``with`` setting lives in a :mod:`contextvars` variable,
 which the pools here carry into their threads, so concurrent callers (the threads of one
 Dask worker) may each use their own setting.
+
+Pieces are rarely even (the science image's detection runs beside the template's cheaper
+variance scaling): a pool thread that runs out of pieces is lent to a pool still working
+inside another piece of the same outermost pool, which then finishes on more threads than
+its share, never more at once than the outermost setting (:func:`parallel_map`).
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import ctypes
 import inspect
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from typing import Any, Callable, Iterable, Iterator
 
 __all__ = [
@@ -44,6 +50,7 @@ __all__ = [
     "cpu_workers",
     "parallel_map",
     "run_concurrently",
+    "blas_threads",
 ]
 
 #: Environment variable giving the default thread setting.
@@ -162,40 +169,262 @@ def accepts_threads(fn: Callable) -> Callable:
     return wrapper
 
 
+class _Budget:
+    """The threads of one tree of pools: the outermost :func:`parallel_map` that runs in
+    parallel and every pool started inside its pieces share its ``total``.
+
+    A piece runs with its share of the setting (``n // w``), fixed when it starts; when a
+    pool thread runs out of pieces its thread is free, and a pool still working inside
+    another piece (a nested map that started with its share only) takes it over as a
+    helper.  Uneven pieces (the science image's detection beside the template's cheaper
+    variance scaling) then keep every core busy to the end, never more than ``total``
+    threads at a time.
+    """
+
+    def __init__(self, total: int, free: int):
+        self.total = total
+        self._free = free
+        self._lock = threading.Lock()
+        self._hungry: list[_Pieces] = []
+
+    def take(self, pieces: "_Pieces") -> None:
+        """Give ``pieces`` the free threads it can use; keep it waiting for more."""
+        with self._lock:
+            self._hungry.append(pieces)
+            grant = min(self._free, pieces.wanted())
+            self._free -= grant
+        pieces.add_helpers(grant)
+
+    def leave(self, pieces: "_Pieces") -> None:
+        with self._lock:
+            if pieces in self._hungry:
+                self._hungry.remove(pieces)
+
+    def release(self) -> None:
+        """A thread of the tree has finished its work: to a waiting pool, else free."""
+        with self._lock:
+            target = next((p for p in self._hungry if p.wanted() > 0), None)
+            if target is None:
+                self._free += 1
+                return
+        target.add_helpers(1)
+
+
+_budget: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar(
+    "gpudiff_thread_budget", default=None
+)
+
+
+class _Pieces:
+    """The pieces of one :func:`parallel_map`, taken in order by whichever threads run
+    them: the caller, the map's own threads, and helpers lent by the tree's budget."""
+
+    def __init__(self, fn, items, share: int, limit: int, budget: _Budget):
+        self.fn, self.items, self.share, self.budget = fn, items, share, budget
+        self.limit = limit  # most threads this map may ever use
+        self.results: list[Any] = [None] * len(items)
+        self.errors: list[BaseException | None] = [None] * len(items)
+        self._next = 0
+        self._threads = 0  # threads working on the pieces now
+        self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)
+        self._contexts = [contextvars.copy_context() for _ in items]
+
+    def wanted(self) -> int:
+        """More threads this map could use now: one per piece not started yet, up to
+        ``limit`` threads in all."""
+        with self._lock:
+            return max(0, min(len(self.items) - self._next, self.limit - self._threads))
+
+    def _run_one(self, i: int) -> None:
+        def run():
+            _budget.set(self.budget)
+            with num_threads(self.share):
+                return self.fn(self.items[i])
+
+        try:
+            self.results[i] = self._contexts[i].run(run)
+        except BaseException as exc:  # noqa: BLE001  (re-raised by the caller, in order)
+            self.errors[i] = exc
+
+    def work(self) -> None:
+        """Run pieces until none is left (the calling thread is already counted)."""
+        while True:
+            with self._lock:
+                i = self._next
+                if i >= len(self.items):
+                    self._threads -= 1
+                    self._done.notify_all()
+                    return
+                self._next += 1
+            self._run_one(i)
+
+    def add_helpers(self, n: int) -> None:
+        """Start ``n`` threads on the pieces; each hands its thread back to the budget
+        when the pieces run out (or at once if none is left)."""
+        for _ in range(n):
+            with self._lock:
+                self._threads += 1
+
+            def helper():
+                try:
+                    self.work()
+                finally:
+                    self.budget.release()
+
+            threading.Thread(target=helper, name="gpudiff-pool", daemon=True).start()
+
+    def wait(self) -> list:
+        with self._lock:
+            while self._threads > 0:
+                self._done.wait()
+        for err in self.errors:
+            if err is not None:
+                raise err
+        return self.results
+
+
 def cpu_workers(n_items: int, limit: int | None = None, *, parallel: bool = True) -> int:
-    """Threads to use for ``n_items`` pieces: one per thread of :func:`get_num_threads`, at
-    most ``limit``; 1 when not ``parallel`` or with fewer than two pieces."""
+    """Threads to use for ``n_items`` pieces: one per thread of :func:`get_num_threads`
+    (inside a piece of a pool: of the pool's whole setting, whose threads become free as
+    its other pieces end), at most ``limit``; 1 when not ``parallel`` or with fewer than
+    two pieces."""
     if not parallel or n_items < 2:
         return 1
-    n = min(get_num_threads(), n_items)
+    budget = _budget.get()
+    n = min(get_num_threads() if budget is None else budget.total, n_items)
     return max(1, n if limit is None else min(n, int(limit)))
 
 
 def parallel_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> list:
     """``[fn(x) for x in items]``, on ``workers`` threads when more than one (order kept;
-    the first exception is raised).
+    the first exception is raised, once every piece has run).
 
     ``workers`` is capped by :func:`get_num_threads`, and each piece runs with the setting
-    divided between the threads, so the pieces' own FFTs and pools stay within it.
+    divided between the threads, so the pieces' own FFTs and pools stay within it.  Inside
+    a piece of another pool, ``workers`` beyond that share are taken as the other pool's
+    threads become free (see :class:`_Budget`): never more threads at once than the
+    outermost pool's setting.
     """
     items = list(items)
-    workers = min(int(workers), get_num_threads())
-    if workers <= 1 or len(items) < 2:
+    workers = min(int(workers), len(items))
+    n = get_num_threads()
+    budget = _budget.get()
+    start = min(workers, n)
+    if workers <= 1 or (start <= 1 and budget is None):
         return [fn(x) for x in items]
-    share = max(1, get_num_threads() // workers)
+    share = max(1, n // start)
+    outer = budget is None
+    if outer:
+        budget = _Budget(n, n - start)
+    pieces = _Pieces(fn, items, share, start if outer else workers, budget)
 
-    def run(x):
-        with num_threads(share):
-            return fn(x)
+    def work():
+        pieces.work()
+        if outer:  # this thread's part is done: lent to pools still working in pieces
+            budget.release()
 
-    # A Context can be entered by one thread at a time: one copy per piece, each carrying
-    # the caller's ``with num_threads`` setting into the pool thread.
-    contexts = [contextvars.copy_context() for _ in items]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda c, x: c.run(run, x), contexts, items))
+    # The caller works on the pieces too, with ``start - 1`` threads of this map's own.
+    with pieces._lock:
+        pieces._threads = start
+    for _ in range(start - 1):
+        threading.Thread(target=work, name="gpudiff-pool", daemon=True).start()
+    if not outer and workers > start:
+        budget.take(pieces)  # free threads of the tree now, and more as they come
+    try:
+        work()
+        return pieces.wait()
+    finally:
+        if not outer:
+            budget.leave(pieces)
 
 
 def run_concurrently(*calls: Callable[[], Any], parallel: bool = True) -> list:
     """The results of the zero-argument ``calls``, run on one thread each when ``parallel``
     (at most :func:`get_num_threads` at a time)."""
     return parallel_map(lambda call: call(), calls, cpu_workers(len(calls), parallel=parallel))
+
+
+#: (set, get) symbol pairs of the OpenBLAS builds NumPy and SciPy wheels bundle (the
+#: scipy-openblas 64-bit and 32-bit interfaces) and of a system OpenBLAS.
+_OPENBLAS_SYMBOLS = (
+    ("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
+    ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
+    ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
+    ("openblas_set_num_threads", "openblas_get_num_threads"),
+)
+
+
+def _loaded_openblas() -> dict[str, tuple[Any, Any]]:
+    """The (set, get) thread functions of every OpenBLAS loaded in this process, by path.
+
+    Found in ``/proc/self/maps`` (Linux); elsewhere, or for a BLAS without these
+    functions (MKL, Accelerate), none."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {
+                parts[5].strip()
+                for parts in (line.split(None, 5) for line in f)
+                if len(parts) == 6 and "openblas" in os.path.basename(parts[5]).lower()
+            }
+    except OSError:
+        return {}
+    found = {}
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)  # already loaded: the same handle, no new copy
+        except OSError:
+            continue
+        for set_name, get_name in _OPENBLAS_SYMBOLS:
+            if hasattr(lib, set_name) and hasattr(lib, get_name):
+                setter, getter = getattr(lib, set_name), getattr(lib, get_name)
+                setter.argtypes, setter.restype = [ctypes.c_int], None
+                getter.argtypes, getter.restype = [], ctypes.c_int
+                found[path] = (setter, getter)
+                break
+    return found
+
+
+@contextlib.contextmanager
+def blas_threads(n: int) -> Iterator[None]:
+    """Context manager: OpenBLAS (NumPy's and SciPy's) uses ``n`` threads inside the block.
+
+    A process whose cores are already kept busy by gpudiff's pools and FFT workers gains
+    nothing from BLAS threads of its own: OpenBLAS's threads spin-wait between calls, and
+    on a shared machine that spinning costs CPU time other threads need (the ``gpudiff``
+    command, measured on 2 cores: about 1 CPU-s of 14 on a 2048² subtraction).  The
+    OpenBLAS libraries loaded now are set through their own API; ``OPENBLAS_NUM_THREADS``
+    covers those loaded inside the block (SciPy's, on first use) and the processes it
+    starts.  Afterwards every library gets its previous setting back (one loaded inside
+    the block: that of the environment before it, else of the libraries loaded before,
+    else one per core) and the environment variable its previous value.  Process-wide:
+    meant for a process's entry point (the command line), not for library calls.
+
+    Parameters
+    ----------
+    n : int
+        Positive number of BLAS threads.
+
+    Yields
+    ------
+    None
+    """
+    n = _check(n, "BLAS threads")
+    env = "OPENBLAS_NUM_THREADS"
+    before = {path: (s, g()) for path, (s, g) in _loaded_openblas().items()}
+    old_env = os.environ.get(env)
+    os.environ[env] = str(n)
+    for setter, _ in before.values():
+        setter(n)
+    try:
+        yield
+    finally:
+        if old_env is None:
+            os.environ.pop(env, None)
+        else:
+            os.environ[env] = old_env
+        default = next((c for _, c in before.values()), os.cpu_count() or 1)
+        if old_env is not None and old_env.strip().isdigit() and int(old_env) > 0:
+            default = int(old_env)
+        for path, (setter, _) in _loaded_openblas().items():
+            setter(before[path][1] if path in before else default)

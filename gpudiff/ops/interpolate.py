@@ -51,29 +51,42 @@ def defect_pixels(mi: MaskedImage, planes: Iterable[str] = DEFAULT_INTERPOLATE_P
     return bad
 
 
-def _neighbours(xp: Any, good_flat: Any, bad_flat: Any, n_line: int):
-    """For each bad flat index, the flat indices of the nearest good pixels before and
-    after it on the same line (lines of ``n_line`` pixels), and whether each exists."""
-    n = int(good_flat.size)
-    k = xp.searchsorted(good_flat, bad_flat)
-    lo = good_flat[xp.clip(k - 1, 0, n - 1)]
-    hi = good_flat[xp.clip(k, 0, n - 1)]
-    line = bad_flat // n_line
-    has_lo = (k > 0) & (lo // n_line == line)
-    has_hi = (k < n) & (hi // n_line == line)
-    return lo, hi, has_lo, has_hi
+def _runs(xp: Any, bad_flat: Any, n_line: int):
+    """For each bad flat index (sorted; lines of ``n_line`` pixels), the flat indices of the
+    first and last pixels of its run: the maximal stretch of consecutive bad pixels of its
+    line that holds it."""
+    n = int(bad_flat.size)
+    start = xp.ones(n, dtype=bool)
+    start[1:] = (bad_flat[1:] != bad_flat[:-1] + 1) | (bad_flat[1:] % n_line == 0)
+    first = xp.flatnonzero(start)
+    run = xp.cumsum(start) - 1
+    last = xp.empty_like(first)
+    last[:-1] = first[1:] - 1
+    last[-1:] = n - 1
+    return bad_flat[first][run], bad_flat[last][run]
 
 
-def _line_fill(xp: Any, planes: list, good_flat: Any, bad_flat: Any, n_line: int):
+def _line_fill(xp: Any, at: Any, bad_flat: Any, n_line: int):
     """Linear interpolation of each plane along lines; returns (values, run length) with
-    the run length +inf where one side is missing (values then one-sided)."""
-    lo, hi, has_lo, has_hi = _neighbours(xp, good_flat, bad_flat, n_line)
+    the run length +inf where one side is missing (values then one-sided).
+
+    The nearest good pixels before and after a bad pixel on its line are the neighbours
+    of its run: found from the (few) bad pixels alone, never from the good ones.  ``at``
+    maps flat indices of this order to ``(rows, columns)`` of the planes, and back the
+    values of each plane there (float64)."""
+    first, last = _runs(xp, bad_flat, n_line)
+    lo, hi = first - 1, last + 1
+    has_lo = first % n_line != 0
+    has_hi = hi % n_line != 0
     d_lo = (bad_flat - lo).astype(np.float64)
     d_hi = (hi - bad_flat).astype(np.float64)
     both = has_lo & has_hi
     w_hi = xp.where(both, d_lo / xp.where(both, d_lo + d_hi, 1.0), xp.where(has_hi, 1.0, 0.0))
     w_lo = 1.0 - w_hi
-    vals = [p[lo] * w_lo + p[hi] * w_hi for p in planes]
+    # A missing side has weight 0; its value only has to be finite.
+    v_lo = [xp.where(has_lo, v, 0.0) for v in at(xp.where(has_lo, lo, bad_flat))]
+    v_hi = [xp.where(has_hi, v, 0.0) for v in at(xp.where(has_hi, hi, bad_flat))]
+    vals = [a * w_lo + b * w_hi for a, b in zip(v_lo, v_hi)]
     run = xp.where(both, d_lo + d_hi - 1.0, xp.inf)
     return vals, run, has_lo | has_hi
 
@@ -158,24 +171,23 @@ def interpolate_over_defects(
         return mi
     H, W = bad.shape
     good = ~bad
-    img = xp.where(good, mi.image, 0).astype(np.float64)
-    var = xp.where(good, mi.variance, 0).astype(np.float64)
 
-    # Along rows (row-major flat indices) and along columns (column-major).
+    def planes_at(r, c):
+        return [mi.image[r, c].astype(np.float64), mi.variance[r, c].astype(np.float64)]
+
+    # Along rows (row-major flat indices) and along columns (column-major); only the
+    # bad pixels and their neighbours are touched (a few thousand of millions).
     rows_bad = xp.flatnonzero(bad.ravel())
-    vals_r, run_r, _ = _line_fill(
-        xp, [img.ravel(), var.ravel()], xp.flatnonzero(good.ravel()), rows_bad, W
-    )
-    bad_t = bad.T.ravel()
-    cols_bad = xp.flatnonzero(bad_t)
-    vals_c, run_c, _ = _line_fill(
-        xp, [img.T.ravel(), var.T.ravel()], xp.flatnonzero(~bad_t), cols_bad, H
-    )
+    vals_r, run_r, _ = _line_fill(xp, lambda f: planes_at(f // W, f % W), rows_bad, W)
+    r_of_r, c_of_r = rows_bad // W, rows_bad % W
+    cm = c_of_r * H + r_of_r
+    order = xp.argsort(cm)  # column-major position → row-major position
+    vals_c, run_c, _ = _line_fill(xp, lambda f: planes_at(f % H, f // H), cm[order], H)
     # Column-major results back to the row-major order of rows_bad.
-    r_of_c, c_of_c = cols_bad % H, cols_bad // H
-    order = xp.argsort(r_of_c * W + c_of_c)
-    vals_c = [v[order] for v in vals_c]
-    run_c = run_c[order]
+    back = xp.empty_like(order)
+    back[order] = xp.arange(order.size)
+    vals_c = [v[back] for v in vals_c]
+    run_c = run_c[back]
 
     # 1/L² weights; a one-sided direction (L = inf) only counts when it is all there is.
     w_r = xp.where(xp.isfinite(run_r), 1.0 / (run_r * run_r), 0.0)
@@ -193,19 +205,17 @@ def interpolate_over_defects(
         idx = rows_bad[far]
         where[idx] = True
         where = where.reshape(H, W)
+        img = xp.where(good, mi.image, 0).astype(np.float64)
+        var = xp.where(good, mi.variance, 0).astype(np.float64)
         sm = _smoothed(be, [img, var], good, where, fwhm / 2.3548)
         for f, s in zip(fill, sm):
             f[far] = s[idx]
-    new_img = mi.image.ravel().copy()
-    new_var = mi.variance.ravel().copy()
-    new_img[rows_bad] = fill[0].astype(np.float32)
-    new_var[rows_bad] = fill[1].astype(np.float32)
-    out = MaskedImage(
-        new_img.reshape(H, W),
-        new_var.reshape(H, W),
-        mi.mask,
-        xy0=mi.xy0,
-        mask_planes=mi.mask_planes,
-        backend=be,
+    new_img = mi.image.copy()
+    new_var = mi.variance.copy()
+    new_img.ravel()[rows_bad] = fill[0].astype(np.float32)
+    new_var.ravel()[rows_bad] = fill[1].astype(np.float32)
+    # The planes are fresh arrays of the right dtypes: adopted, not copied again.
+    mask, mask_planes = mi._plane_set("INTRP", bad)
+    return MaskedImage._adopt(
+        new_img, new_var, mask, xy0=mi.xy0, mask_planes=mask_planes, backend=be
     )
-    return out.with_plane_set("INTRP", bad)

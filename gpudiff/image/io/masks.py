@@ -101,10 +101,10 @@ def read_mask(
     # Bits set in the data that no card names: kept, as BIT<n>, never dropped silently.
     for k, raw in enumerate(raws):
         named = sum(1 << fb for kk, _, fb, _ in entries if kk == k)
-        stray = raw & ~np.int64(named)
-        if not stray.any():
+        # One reduction, no temporary: the bits set anywhere, then those no card names.
+        found = int(np.bitwise_or.reduce(raw, axis=None)) & ~named
+        if not found:
             continue
-        found = int(np.bitwise_or.reduce(stray, axis=None))
         kept = []
         for fb in (b for b in range(64) if found & (1 << b)):
             want = INT32_MASK_PLANES * k + fb

@@ -17,7 +17,10 @@ import numpy as np
 from astropy.io import fits
 
 from ...errors import FitsReadError, InvalidInputError
+from ...backend import resolve_backend
 from ..exposure import Exposure
+from ..masked_image import MaskedImage
+from ..maskplanes import mask_dtype
 from ._common import (
     PHOTCAL_ERR_KEY,
     PHOTCAL_KEY,
@@ -62,17 +65,23 @@ def read(hdus: Hdus, backend) -> Exposure:
         from ..maskplanes import MaskPlanes
 
         mask, planes = np.zeros(image.shape, np.int32), MaskPlanes()
-    return Exposure.from_arrays(
-        image,
-        variance,
-        mask,
+    # The planes are fresh native copies nobody else holds: adopted as they are (the
+    # public constructor would copy each once more), the mask narrowed to its dtype first.
+    be = resolve_backend(backend)
+    mi = MaskedImage._adopt(
+        be.asarray(image),
+        be.asarray(variance),
+        be.asarray(mask.astype(mask_dtype(planes), copy=False)),
         xy0=read_xy0(img_hdu.header),
         mask_planes=planes,
+        backend=be,
+    )
+    return Exposure(
+        mi,
         psf=gpudiff_psf(hdus.hdul),
         wcs=read_wcs(path, img_hdu.header, hdus.hdul),
         photo_calib=read_photocalib(hdus.primary, img_hdu.header),
         metadata=strip(hdus.primary),
-        backend=backend,
     )
 
 
