@@ -39,7 +39,7 @@ from ..image import Box, Exposure, MaskedImage
 from ..ops.detection import detect_sources
 from ..ops.footprints import dilate_disk as _dilate_disk
 from ..ops.footprints import drop_small as _drop_small
-from .compare_warp_stacked import stacked_warp_artifacts
+from .compare_warp_stacked import stacked_warp_artifacts, variance_factor, warp_planes
 from .artifact_filter import (
     ArtifactCandidates,
     FilteredArtifacts,
@@ -279,13 +279,10 @@ class CompareWarpAssembleCoaddTask:
             return xp.zeros(mi.shape, dtype=bool)
         return (det.mask & np.int32(det.mask_planes.bitmask("DETECTED"))) != 0
 
-    def _detect(self, diff_img, diff_var, psf) -> _Footprints:
-        """Labels (H, W) of the merged ±threshold footprints of a warp − model difference."""
+    def _detect(self, snr, psf) -> _Footprints:
+        """Labels (H, W) of the merged ±threshold footprints of a warp − model difference
+        (``snr``: :attr:`~gpudiff.tasks.compare_warp_stacked.WarpPlanes.snr`)."""
         be, cfg = self.backend, self.config.detect
-        xp = be.xp
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ok = xp.isfinite(diff_img) & xp.isfinite(diff_var) & (diff_var > 0)
-            snr = xp.where(ok, diff_img / xp.sqrt(xp.where(ok, diff_var, 1.0)), 0.0)
         grow = int(cfg.n_sigma_to_grow * psf.determinant_radius() + 0.5) if psf is not None else 0
         eight = be.asarray(np.ones((3, 3), dtype=bool))
         on = None
@@ -395,37 +392,22 @@ class CompareWarpAssembleCoaddTask:
         mi = read_padded(src, model.bbox, be) if src is not None else None
         if mi is None:
             return None
-        var = mi.variance
-        if scaler is not None:
-            try:
-                var = var * np.float32(scaler.run(mi))
-            except GpudiffError as exc:
-                log.warning(
-                    "CompareWarp: ScaleVariance of %s failed (%s); variance kept", src.name, exc
-                )
-        diff_img = mi.image - model.image
-        diff_var = var + model.variance
-        planes = mi.mask_planes
-        bad = np.int32(planes.bitmask_if_present(list(cfg.bad_mask_planes)))
-        finite = xp.isfinite(diff_img)
-        counted = (finite & ((mi.mask & bad) == 0)).astype(xp.int32)
-        edge_bit = planes.bitmask_if_present("EDGE")
-        edge = (mi.mask & np.int32(edge_bit)) != 0 if edge_bit else None
-        nodata_idx = be.asnumpy(xp.flatnonzero(~finite))
-        det = self._detect(diff_img, diff_var, src.psf if src.psf is not None else model.psf)
+        wp = warp_planes(self, model, mi, variance_factor(scaler, mi), src.name)
+        counted = wp.counted.astype(xp.int32)
+        nodata_idx = be.asnumpy(xp.flatnonzero(wp.nodata))
+        det = self._detect(wp.snr, src.psf if src.psf is not None else model.psf)
         n = det.count
         if not n:
             empty = np.zeros(0, np.int64)
             return _WarpArtifacts(
-                ArtifactCandidates(empty, empty, nodata_idx), counted, edge, None, 0, 0
+                ArtifactCandidates(empty, empty, nodata_idx), counted, wp.edge, None, 0, 0
             )
         labels, n_pre = det.labels, 0
         keep = xp.ones(n + 1, dtype=bool)
         keep[0] = False
-        if cfg.do_prefilter_artifacts:
-            pre = np.int32(planes.bitmask_if_present(list(cfg.prefilter_artifacts_mask_planes)))
+        if wp.prebad is not None:
             area = xp.bincount(labels.ravel(), minlength=n + 1)
-            good = xp.bincount(labels[(mi.mask & pre) == 0], minlength=n + 1)
+            good = xp.bincount(labels[~wp.prebad], minlength=n + 1)
             keep &= good > cfg.prefilter_artifacts_ratio * xp.maximum(area, 1)
             n_pre = int(n - int(keep.sum()))
         fp = keep[labels]
@@ -433,7 +415,7 @@ class CompareWarpAssembleCoaddTask:
         cands = ArtifactCandidates(
             be.asnumpy(idx), be.asnumpy(labels.ravel()[idx]).astype(np.int64), nodata_idx
         )
-        return _WarpArtifacts(cands, counted, edge, fp, n, n_pre)
+        return _WarpArtifacts(cands, counted, wp.edge, fp, n, n_pre)
 
     def _filter(self, records: list, epoch, n_image, template_fp) -> FilteredArtifacts:
         """Pass 2 (``filterArtifacts``, :func:`~gpudiff.tasks.artifact_filter.filter_artifacts`)
