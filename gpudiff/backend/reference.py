@@ -211,6 +211,26 @@ def _quantile_sorted(xp, s, n, frac: float):
     return xp.where(n > 0, val, xp.nan)
 
 
+def _quartiles_sorted(xp, s, n):
+    """(median, q1, q3) of the columns of ``s``: :func:`_quantile_sorted` at 0.5, 0.25 and
+    0.75, the same float64 arithmetic element for element, with one gather per side for
+    all three (``s`` is C-contiguous: a flat ``take``, not ``take_along_axis``)."""
+    nm1 = xp.maximum(n - 1, 0)
+    nm1_f = nm1.astype(xp.float64)
+    idx = xp.stack([0.50 * nm1_f, 0.25 * nm1_f, 0.75 * nm1_f])  # (3, B), no host array
+    q1 = idx.astype(xp.int64)  # truncation == afw static_cast<int> (idx >= 0)
+    q2 = xp.minimum(q1 + 1, nm1[None, :])
+    w1 = (q1 + 1).astype(xp.float64) - idx
+    w2 = idx - q1.astype(xp.float64)
+    b = int(s.shape[1])
+    cols = xp.arange(b, dtype=xp.int64)[None, :]
+    flat = s.reshape(-1)
+    v1 = flat.take(q1 * b + cols).astype(xp.float64)
+    v2 = flat.take(q2 * b + cols).astype(xp.float64)
+    val = xp.where((n > 0)[None, :], w1 * v1 + w2 * v2, xp.nan)
+    return val[0], val[1], val[2]
+
+
 def _clip_band(xp, data, bad, w64, nsigma: float, niter: int, want_used: bool):
     """MEANCLIP on one band: data float32 (N, B), bad bool (N, B).  Returns float64 mean,
     variance, int32 n_used and (optionally) the bool survivor mask (N, B)."""
@@ -219,9 +239,7 @@ def _clip_band(xp, data, bad, w64, nsigma: float, niter: int, want_used: bool):
 
     # pass 0 centre and width: median and IQR of the valid samples (afw medianAndQuartiles)
     s = xp.sort(xp.where(valid, data, xp.float32(np.inf)), axis=0)
-    median = _quantile_sorted(xp, s, n, 0.50)
-    q1 = _quantile_sorted(xp, s, n, 0.25)
-    q3 = _quantile_sorted(xp, s, n, 0.75)
+    median, q1, q3 = _quartiles_sorted(xp, s, n)
     del s
     iqr = q3 - q1
     iqr_width = (nsigma * IQ_TO_STDEV) * iqr  # afw: numSigmaClip*IQ_TO_STDEV*iqrange

@@ -402,19 +402,25 @@ class CompareWarpAssembleCoaddTask:
             return _WarpArtifacts(
                 ArtifactCandidates(empty, empty, nodata_idx), counted, wp.edge, None, 0, 0
             )
-        labels, n_pre = det.labels, 0
+        # Footprints cover a small part of the warp: the prefilter and the kept pixels are
+        # found among the labelled pixels only (their flat indices, in order), not by
+        # passes over the whole image.
+        flat = det.labels.ravel()
+        on = xp.flatnonzero(flat)
+        lab = flat[on]
+        n_pre = 0
         keep = xp.ones(n + 1, dtype=bool)
         keep[0] = False
         if wp.prebad is not None:
-            area = xp.bincount(labels.ravel(), minlength=n + 1)
-            good = xp.bincount(labels[~wp.prebad], minlength=n + 1)
+            area = xp.bincount(lab, minlength=n + 1)
+            good = xp.bincount(lab[~wp.prebad.ravel()[on]], minlength=n + 1)
             keep &= good > cfg.prefilter_artifacts_ratio * xp.maximum(area, 1)
             n_pre = int(n - int(keep.sum()))
-        fp = keep[labels]
-        idx = xp.flatnonzero(fp)
-        cands = ArtifactCandidates(
-            be.asnumpy(idx), be.asnumpy(labels.ravel()[idx]).astype(np.int64), nodata_idx
-        )
+        kept = keep[lab]
+        idx, lab = on[kept], lab[kept]
+        fp = xp.zeros(det.labels.shape, dtype=bool)
+        fp.ravel()[idx] = True
+        cands = ArtifactCandidates(be.asnumpy(idx), be.asnumpy(lab).astype(np.int64), nodata_idx)
         return _WarpArtifacts(cands, counted, wp.edge, fp, n, n_pre)
 
     def _filter(self, records: list, epoch, n_image, template_fp) -> FilteredArtifacts:
