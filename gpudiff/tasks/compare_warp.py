@@ -139,6 +139,27 @@ class _WarpArtifacts:
     n_prefiltered: int
 
 
+def _drop_small_sparse(lab: np.ndarray, n: int, min_pixels: int, into: np.ndarray | None):
+    """:func:`~gpudiff.ops.footprints.drop_small` on the CPU, from the labelled pixels only.
+
+    A warp − model difference has footprints on a small part of the warp: the pixel count
+    per label and the kept pixels come from the flat indices of the labelled pixels, not
+    from a bincount and a gather over the whole image.  The kept pixels are set in
+    ``into`` (a bool (H, W) mask, modified) or in a new mask; returns (mask, kept count),
+    the same pixels as ``drop_small``.
+    """
+    flat = lab.ravel()
+    on = np.flatnonzero(flat)
+    labels = flat[on]
+    keep = np.bincount(labels, minlength=n + 1) >= min_pixels
+    keep[0] = False
+    n_kept = int(keep.sum())
+    out = np.zeros(lab.shape, dtype=bool) if into is None else into
+    if n_kept:
+        out.ravel()[on[keep[labels]]] = True
+    return out, n_kept
+
+
 class CompareWarpAssembleCoaddTask:
     """Coadd direct warps, masking what appears in only a few PSF-matched epochs (docs/algorithms.md
     §10.5).
@@ -295,9 +316,14 @@ class CompareWarpAssembleCoaddTask:
             )
             if not int(n):
                 continue
-            kept, n_kept = _drop_small(be, lab, int(n), int(cfg.min_pixels))
-            if n_kept:
-                on = kept if on is None else on | kept
+            if be.is_gpu:
+                kept, n_kept = _drop_small(be, lab, int(n), int(cfg.min_pixels))
+                if n_kept:
+                    on = kept if on is None else on | kept
+            else:  # the kept pixels are set in ``on`` when there is one
+                kept, n_kept = _drop_small_sparse(lab, int(n), int(cfg.min_pixels), on)
+                if n_kept:
+                    on = kept
         if on is None:
             return _Footprints(None, 0)
         # Growing distributes over the union, so one dilation and one labelling serve both
