@@ -9,7 +9,10 @@ are laid one under the other in one tall image, separated by empty rows at least
 as the growing radius, so that one labelling, one size cut, one dilation and one
 labelling serve every warp and polarity; a footprint cannot cross the empty rows (they
 are background for the 8-connected labelling and wider than the disk).  The candidates of
-all warps cross to the host in one transfer and are split there by warp.
+all warps cross to the host in one transfer and are split there by warp.  The warps'
+variance factors come from one batched ScaleVariance
+(:func:`~gpudiff.tasks.scale_variance_many.run_many`: two host syncs per batch, not two
+per warp), and both passes prepare a warp with the one :func:`warp_planes`.
 
 The footprints are the per-warp pass's exactly (labelling, the ``min_pixels`` cut and the
 disk dilation act on each plane alone); labels are numbered across the whole stack, which
