@@ -103,26 +103,38 @@ def warp_planes(task, model, mi, factor: float | GpudiffError | None, name: str)
     kept, as LSST's CompareWarp does when ScaleVariance fails)."""
     cfg = task.config
     xp = task.backend.xp
-    var = mi.variance
+    # In-place steps on the few whole-warp temporaries (a 4096² warp is 64 MB a plane):
+    # the same float32 operations, in the same order, as the expressions in the comments.
     if isinstance(factor, GpudiffError):
         log.warning("CompareWarp: ScaleVariance of %s failed (%s); variance kept", name, factor)
-    elif factor is not None:
+    var = mi.variance
+    if factor is not None and not isinstance(factor, GpudiffError):
         var = var * np.float32(factor)
-    planes = mi.mask_planes
-    diff_img = mi.image - model.image
     diff_var = var + model.variance
+    del var
+    planes = mi.mask_planes
+    mask = mi.mask
+    diff_img = mi.image - model.image
     finite = xp.isfinite(diff_img)
     bad = np.int32(planes.bitmask_if_present(list(cfg.bad_mask_planes)))
-    counted = finite & ((mi.mask & bad) == 0)
+    counted = (mask & bad) == 0
+    counted &= finite
     edge_bit = planes.bitmask_if_present("EDGE")
-    edge = (mi.mask & np.int32(edge_bit)) != 0 if edge_bit else None
+    edge = (mask & np.int32(edge_bit)) != 0 if edge_bit else None
     prebad = None
     if cfg.do_prefilter_artifacts:
         pre = np.int32(planes.bitmask_if_present(list(cfg.prefilter_artifacts_mask_planes)))
-        prebad = (mi.mask & pre) != 0
+        prebad = (mask & pre) != 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        ok = finite & xp.isfinite(diff_var) & (diff_var > 0)
-        snr = xp.where(ok, diff_img / xp.sqrt(xp.where(ok, diff_var, 1.0)), 0.0)
+        ok = xp.isfinite(diff_var)  # finite(diff_img) & finite(diff_var) & (diff_var > 0)
+        ok &= finite
+        ok &= diff_var > 0
+        # snr = where(ok, diff_img / sqrt(where(ok, diff_var, 1)), 0)
+        sigma = xp.where(ok, diff_var, np.float32(1.0))
+        del diff_var
+        xp.sqrt(sigma, out=sigma)
+        xp.divide(diff_img, sigma, out=sigma)
+        snr = xp.where(ok, sigma, np.float32(0.0))
     return WarpPlanes(snr, ~finite, counted, edge, prebad)
 
 
