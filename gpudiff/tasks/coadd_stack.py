@@ -497,8 +497,8 @@ def _propagated_variance(
     acc = xp.zeros(shape, dtype=xp.float64)
     # The CPU loop (a device reduces the stacked band, coadd_fused.stacked_variance): each
     # input's terms are added only where it is used, by masked in-place ufuncs, instead of
-    # adding zeros elsewhere.  The same float64 values in the same order: an added zero
-    # leaves a non-negative sum (and every (w·d)·d term is >= 0) unchanged, bit for bit.
+    # adding zeros elsewhere.  The same float64 values in the same order, bit for bit: the
+    # sums start at +0.0, so they are never -0.0, and adding +0.0 leaves any other value.
     tmp = xp.empty(shape, dtype=xp.float64)
     if cfg.calc_error_from_input_variance:
         for k, b in enumerate(bands):
