@@ -29,6 +29,18 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..errors import InvalidInputError, ShapeMismatchError
+
+# The column kernels' twins, re-exported: ``reference.clipped_columns`` and the rest keep
+# working (reference_columns looks up this module's shared checks when called).
+from .reference_columns import (
+    QUANTILE_COLUMNS_MAX_FRACTIONS,
+    clipped_bins,
+    clipped_columns,
+    quantile_columns,
+    validate_clipped_bins,
+    validate_clipped_columns,
+    validate_quantile_columns,
+)
 from .threads import cpu_workers, parallel_map
 
 __all__ = [
@@ -508,20 +520,3 @@ def mask_dilate_or(mask, footprint):
             continue
         out[r0:r1, c0:c1] |= m[r0 + dy : r1 + dy, c0 + dx : c1 + dx]
     return out
-
-
-# ----------------------------------------------------------------------------------------
-# clipped_columns, clipped_bins, quantile_columns: in reference_columns (re-exported)
-# ----------------------------------------------------------------------------------------
-
-# At the end: reference_columns uses this module's validate_clipped_stack, array_module and
-# IQ_TO_STDEV, which are defined by now.
-from .reference_columns import (  # noqa: E402
-    QUANTILE_COLUMNS_MAX_FRACTIONS,
-    clipped_bins,
-    clipped_columns,
-    quantile_columns,
-    validate_clipped_bins,
-    validate_clipped_columns,
-    validate_quantile_columns,
-)

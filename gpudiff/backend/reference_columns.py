@@ -7,7 +7,8 @@ Split from :mod:`gpudiff.backend.reference` (which re-exports every name here, s
 that module's: the same Python signature as the CUDA launcher, the kernel's arithmetic
 step for step, an array namespace taken from the inputs.  ``array_module``,
 ``validate_clipped_stack`` and ``IQ_TO_STDEV`` are looked up on the ``reference`` module
-when called, so a test's stand-in for ``reference.array_module`` reaches these twins too.
+when called (:func:`_ref`), so a test's stand-in for ``reference.array_module`` reaches
+these twins too.
 
 Kernels
 -------
@@ -27,9 +28,6 @@ import numpy as np
 
 from ..errors import InvalidInputError, ShapeMismatchError
 
-# The module, not its names: reference imports this module at its end (to re-export it),
-# so only attributes it has defined by then may be used, and only at call time.
-from . import reference as _ref
 
 __all__ = [
     "QUANTILE_COLUMNS_MAX_FRACTIONS",
@@ -40,6 +38,16 @@ __all__ = [
     "validate_clipped_columns",
     "validate_quantile_columns",
 ]
+
+
+def _ref():
+    """The :mod:`~gpudiff.backend.reference` module, looked up when called: it imports this
+    module to re-export it (an import at module level would be a circle), and a test's
+    stand-in for ``reference.array_module`` must reach these twins too."""
+    from . import reference
+
+    return reference
+
 
 # ----------------------------------------------------------------------------------------
 # clipped_columns
@@ -62,10 +70,10 @@ def validate_clipped_columns(data, good, nsigma=3.0, niter=3):
         ``good`` does not have the shape of ``data``.
     """
     # clipped_stack's parameter checks and messages, on a host dummy (no device work)
-    a = _ref.validate_clipped_stack(
+    a = _ref().validate_clipped_stack(
         np.zeros((1, 1), np.float32), np.zeros((1, 1), bool), None, nsigma, niter
     )
-    xp = _ref.array_module(data, good)
+    xp = _ref().array_module(data, good)
     if data is None or good is None:
         raise InvalidInputError("clipped_columns: data and good are required")
     if len(data.shape) != 2 or data.dtype.kind not in "fiub":
@@ -137,7 +145,7 @@ def clipped_columns(data, good, nsigma=3.0, niter=3, *, want_var=True, good_is_f
     # an empty column reads +inf at rank 0: 1·inf + 0·inf = NaN, the twin's NaN
     with np.errstate(invalid="ignore"):
         q = w_lo * v_lo + w_hi * v_hi
-    iqr_width = (nsigma * _ref.IQ_TO_STDEV) * (q[2] - q[0])
+    iqr_width = (nsigma * _ref().IQ_TO_STDEV) * (q[2] - q[0])
     # invalid samples NaN: |d| <= width is then False for them, no mask needed per pass
     x = xp.where(valid, data, xp.float32(np.nan)).astype(xp.float64)
     center, hwidth = q[1], iqr_width
@@ -278,7 +286,7 @@ def validate_quantile_columns(data, good, fractions):
     ShapeMismatchError
         ``good`` is neither (N,) nor (N, B).
     """
-    xp = _ref.array_module(data, good)
+    xp = _ref().array_module(data, good)
     if data is None or good is None or fractions is None:
         raise InvalidInputError("quantile_columns: data, good and fractions are required")
     if len(data.shape) != 2 or data.dtype.kind not in "fiub":
