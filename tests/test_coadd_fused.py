@@ -218,3 +218,41 @@ def test_stacked_artifact_pass_equals_the_per_warp_pass(per_batch, monkeypatch):
     epoch = sum(w.footprints.astype(np.int32) for w in want[:-1] if w.footprints is not None)
     np.testing.assert_array_equal(got.epoch, epoch)
     assert got.records[1].indices.size and got.records[2].indices.size
+
+
+def test_stacked_artifact_pass_with_variance_scaling_equals_the_per_warp_pass():
+    """With ScaleVariance on (the batched factors of scale_variance_many in the stacked
+    pass, ScaleVarianceTask.run per warp otherwise), on a backend taking the device paths
+    of both: the same candidates, no-data pixels and count images."""
+    from gpudiff.tasks import AssembleCoaddConfig, AssembleCoaddTask, CompareWarpAssembleCoaddTask
+    from gpudiff.tasks.coadd_warps import as_warp
+    from gpudiff.tasks.compare_warp_stacked import stacked_warp_artifacts
+    from gpudiff.tasks.scale_variance import ScaleVarianceConfig, ScaleVarianceTask
+
+    be = _stacked_numpy()
+    warps = _artifact_warps()
+    for k, w in enumerate(warps):  # variance planes off by different factors
+        w.masked_image.variance = w.variance * np.float32(0.5 + 0.4 * k)
+    matched = [as_warp(w, name=f"m{i}") for i, w in enumerate(warps)] + [None]
+    model = AssembleCoaddTask(AssembleCoaddConfig(statistic="MEDIAN")).run(matched).coadd_exposure
+    task = CompareWarpAssembleCoaddTask(backend=be)
+    scaler = ScaleVarianceTask(ScaleVarianceConfig(max_samples=1 << 20), backend=be)
+    got = stacked_warp_artifacts(task, model, scaler, matched)
+    want = [task._warp_artifacts(model, scaler, s) if s is not None else None for s in matched]
+    unscaled = stacked_warp_artifacts(task, model, None, matched)
+    assert got.records[-1] is None
+    for rec, w in zip(got.records[:-1], want[:-1]):
+        np.testing.assert_array_equal(rec.indices, w.candidates.indices)
+        np.testing.assert_array_equal(rec.no_data, w.candidates.no_data)
+        _, a = np.unique(rec.labels, return_inverse=True)
+        _, b = np.unique(w.candidates.labels, return_inverse=True)
+        np.testing.assert_array_equal(a, b)
+    assert got.n_candidates == sum(w.n_candidates for w in want[:-1]) > 4
+    np.testing.assert_array_equal(got.n_image, sum(w.counted for w in want[:-1]))
+    epoch = sum(w.footprints.astype(np.int32) for w in want[:-1] if w.footprints is not None)
+    np.testing.assert_array_equal(got.epoch, epoch)
+    # the rescaling changed what was detected (the test would not see a dropped factor)
+    assert any(
+        r.indices.size != u.indices.size or not np.array_equal(r.indices, u.indices)
+        for r, u in zip(got.records[:-1], unscaled.records[:-1])
+    )

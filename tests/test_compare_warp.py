@@ -331,3 +331,29 @@ def test_cli_coadd_makes_psf_matched_warps_and_other_methods(warp_files, tmp_pat
         coadd_files(paths["direct"], str(tmp_path / "x.fits"), psf_matched=paths["direct"][:2])
     with pytest.raises(InvalidInputError, match="method"):
         coadd_files(paths["direct"], str(tmp_path / "x.fits"), method="sum")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sparse_size_cut_equals_drop_small(seed):
+    """CompareWarp's CPU size cut (from the labelled pixels only) keeps drop_small's
+    pixels, into a new mask or added to the other polarity's."""
+    from scipy import ndimage
+
+    from gpudiff.backend import get_backend
+    from gpudiff.ops.footprints import drop_small
+    from gpudiff.tasks.compare_warp import _drop_small_sparse
+
+    rng = np.random.default_rng(seed)
+    on = ndimage.binary_dilation(rng.random((120, 90)) < 0.01, iterations=seed % 2 + 1)
+    lab, n = ndimage.label(on, structure=np.ones((3, 3), bool))
+    be = get_backend("numpy")
+    for min_pixels in (1, 4, 9, 10**6):
+        want, n_want = drop_small(be, lab, n, min_pixels)
+        got, n_got = _drop_small_sparse(lab, n, min_pixels, None)
+        assert n_got == n_want
+        np.testing.assert_array_equal(got, want)
+        other = rng.random(on.shape) < 0.05
+        into = other.copy()
+        got, n_got = _drop_small_sparse(lab, n, min_pixels, into)
+        assert got is into and n_got == n_want
+        np.testing.assert_array_equal(got, other | want)

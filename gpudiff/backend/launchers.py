@@ -1,8 +1,8 @@
 """The CuPy launchers of the hand-written CUDA kernels, registered with their NumPy twins.
 
 Each launcher has the **same Python signature** as its twin (:mod:`gpudiff.backend.reference`,
-:mod:`gpudiff.backend.stamp_moments`), takes and returns CuPy arrays, and launches the
-``extern "C"`` symbols of one ``cuda/*.cu`` file through
+:mod:`gpudiff.backend.reference_columns`, :mod:`gpudiff.backend.stamp_moments`), takes and
+returns CuPy arrays, and launches the ``extern "C"`` symbols of one ``cuda/*.cu`` file through
 :func:`gpudiff.backend.kernels.get_function` (compiled with NVRTC on first use).  Importing
 this module registers every kernel (:func:`gpudiff.backend.kernels.register_kernel`);
 ``gpudiff/backend/__init__.py`` imports it, so the registry is complete whenever any module
@@ -15,7 +15,7 @@ import logging
 
 import numpy as np
 
-from . import reference
+from . import reference, reference_columns
 from .kernels import (
     CLIPPED_STACK_VARIANTS,
     CLIPPED_STACK_MAX_N,
@@ -224,12 +224,12 @@ def _as_u8(cupy, good):
 
 def _clipped_columns_cupy(data, good, nsigma=3.0, niter=3, *, want_var=True, good_is_finite=False):
     """CuPy launcher of ``clipped_columns_f32``; same signature and semantics as
-    :func:`gpudiff.backend.reference.clipped_columns` (equal to float32 rounding: the
+    :func:`gpudiff.backend.reference_columns.clipped_columns` (equal to float32 rounding: the
     block reductions sum in another order).  Any strides: a column is read with its own."""
     import cupy
 
     d, gd = _dev(cupy, data), _dev(cupy, good)
-    _, nsigma, niter = reference.validate_clipped_columns(d, gd, nsigma, niter)
+    _, nsigma, niter = reference_columns.validate_clipped_columns(d, gd, nsigma, niter)
     if d.dtype != cupy.float32:
         d = d.astype(cupy.float32)
     g8 = _as_u8(cupy, gd)
@@ -244,7 +244,7 @@ def _clipped_columns_cupy(data, good, nsigma=3.0, niter=3, *, want_var=True, goo
 register_kernel(
     KernelSpec(
         name="clipped_columns",
-        numpy_impl=reference.clipped_columns,
+        numpy_impl=reference_columns.clipped_columns,
         cuda_launcher=_clipped_columns_cupy,
         source="clipped_columns.cu",
         symbols=("clipped_columns_f32",),
@@ -255,12 +255,12 @@ register_kernel(
 
 def _quantile_columns_cupy(data, good, fractions):
     """CuPy launcher of ``clipped_columns_f32``'s selection phases; same signature and
-    results as :func:`gpudiff.backend.reference.quantile_columns` (the order statistics are
-    exact, the interpolation the same float64 arithmetic)."""
+    results as :func:`gpudiff.backend.reference_columns.quantile_columns` (the order
+    statistics are exact, the interpolation the same float64 arithmetic)."""
     import cupy
 
     d, gd = _dev(cupy, data), _dev(cupy, good)
-    _, g2, fr = reference.validate_quantile_columns(d, gd, fractions)
+    _, g2, fr = reference_columns.validate_quantile_columns(d, gd, fractions)
     if d.dtype != cupy.float32:
         d = d.astype(cupy.float32)
     g8 = _as_u8(cupy, g2)  # a shared (N,) mask has column stride 0
@@ -289,7 +289,7 @@ def _quantile_columns_cupy(data, good, fractions):
 register_kernel(
     KernelSpec(
         name="quantile_columns",
-        numpy_impl=reference.quantile_columns,
+        numpy_impl=reference_columns.quantile_columns,
         cuda_launcher=_quantile_columns_cupy,
         source="clipped_columns.cu",
         symbols=("clipped_columns_f32",),
@@ -303,11 +303,11 @@ def _clipped_bins_cupy(
 ):
     """CuPy launcher of ``clipped_columns_f32`` in bin mode: the bins of the image read in
     place, one block per bin; same signature and results (to float32 rounding) as
-    :func:`gpudiff.backend.reference.clipped_bins`."""
+    :func:`gpudiff.backend.reference_columns.clipped_bins`."""
     import cupy
 
     im, gd = _dev(cupy, image), _dev(cupy, good)
-    _, nsigma, niter, ye, xe = reference.validate_clipped_bins(
+    _, nsigma, niter, ye, xe = reference_columns.validate_clipped_bins(
         im, gd, y_edges, x_edges, nsigma, niter
     )
     if im.dtype != cupy.float32:
@@ -334,7 +334,7 @@ def _clipped_bins_cupy(
 register_kernel(
     KernelSpec(
         name="clipped_bins",
-        numpy_impl=reference.clipped_bins,
+        numpy_impl=reference_columns.clipped_bins,
         cuda_launcher=_clipped_bins_cupy,
         source="clipped_columns.cu",
         symbols=("clipped_columns_f32",),

@@ -114,11 +114,11 @@ def warp_weight(cfg: AssembleCoaddConfig, backend: Backend, warp: Any) -> InputW
 def _weight_sample(cfg: AssembleCoaddConfig, mi) -> tuple[Any, Any]:
     """The (variance, excluded) sample of a warp that its weight is computed from."""
     bm = mi.mask_planes.bitmask_if_present(list(cfg.bad_mask_planes))
-    var, bad = mi.variance.reshape(-1), (mi.mask & np.int32(bm)).reshape(-1) != 0
+    var, mask = mi.variance.reshape(-1), mi.mask.reshape(-1)
     if cfg.max_weight_samples is not None and var.size > cfg.max_weight_samples:
         step = -(-var.size // cfg.max_weight_samples)  # regular stride: deterministic
-        var, bad = var[::step], bad[::step]
-    return var, bad
+        var, mask = var[::step], mask[::step]
+    return var, (mask & np.int32(bm)) != 0  # the bad test on the samples only
 
 
 def _weight_of(mean_var: float, any_finite: bool) -> InputWeight:

@@ -495,20 +495,29 @@ def _propagated_variance(
     shape = bands[0].image.shape
     sw = xp.zeros(shape, dtype=xp.float64)
     acc = xp.zeros(shape, dtype=xp.float64)
+    # The CPU loop (a device reduces the stacked band, coadd_fused.stacked_variance): each
+    # input's terms are added only where it is used, by masked in-place ufuncs, instead of
+    # adding zeros elsewhere.  The same float64 values in the same order, bit for bit: the
+    # sums start at +0.0, so they are never -0.0, and adding +0.0 leaves any other value.
+    tmp = xp.empty(shape, dtype=xp.float64)
     if cfg.calc_error_from_input_variance:
         for k, b in enumerate(bands):
-            wk = xp.where(used[k], w64[k], 0.0)
-            sw += wk
-            acc += wk * wk * xp.where(used[k], b.variance, 0)
+            wk = w64[k]
+            xp.add(sw, wk, out=sw, where=used[k])
+            xp.multiply(b.variance, wk * wk, out=tmp, dtype=xp.float64)  # (w·w)·σ²
+            xp.add(acc, tmp, out=acc, where=used[k])
         return acc / (sw * sw)
     sw2 = xp.zeros(shape, dtype=xp.float64)
     m64 = mean.astype(xp.float64)
+    d = xp.empty(shape, dtype=xp.float64)
     for k in range(len(bands)):
-        wk = xp.where(used[k], w64[k], 0.0)
-        d = xp.where(used[k], data[k] - m64, 0.0)
-        sw += wk
-        sw2 += wk * wk
-        acc += wk * d * d
+        wk = w64[k]
+        xp.add(sw, wk, out=sw, where=used[k])
+        xp.add(sw2, wk * wk, out=sw2, where=used[k])
+        xp.subtract(data[k], m64, out=d, dtype=xp.float64)
+        xp.multiply(d, wk, out=tmp)
+        tmp *= d  # (w·d)·d, as wk * d * d
+        xp.add(acc, tmp, out=acc, where=used[k])
     # reliability-weighted sample variance (afw VARIANCE), divided by the number used
     var = acc / sw * (sw * sw) / (sw * sw - sw2)
     return var / used.sum(axis=0)
@@ -527,27 +536,30 @@ def _band_mask(
     xp = be.xp
     shape = bands[0].image.shape
     out = xp.zeros(shape, dtype=xp.int32)
+    # OR of the excluded inputs' masks: "excluded and carrying bit b" for any input is then
+    # one test per bit after the loop (as coadd_fused.stacked_band_mask does on a device)
+    ex = xp.zeros(shape, dtype=xp.int32)
+    excl = xp.empty(shape, dtype=bool)
     and_mask, nd = np.int32(bits.and_mask), np.int32(bits.no_data)
     rej_w = [xp.zeros(shape, dtype=xp.float64) for _ in bits.thresholds]
     tot_w = xp.zeros(shape, dtype=xp.float64) if bits.thresholds else None
     zero = np.int32(0)
     for k, b in enumerate(bands):
         m = b.mask
-        out |= xp.where(used[k], m, zero)
-        excl = (m & and_mask) != 0
-        out |= xp.where(
-            excl & ((m & np.int32(bits.reject_src)) != 0), np.int32(bits.rejected), zero
-        )
-        if bits.edge:
-            out |= xp.where(
-                excl & ((m & np.int32(bits.edge)) != 0), np.int32(bits.sensor_edge), zero
-            )
-        out |= xp.where(excl & ((m & np.int32(bits.clipped)) != 0), np.int32(bits.clipped), zero)
+        xp.bitwise_or(out, m, out=out, where=used[k])
+        xp.not_equal(m & and_mask, zero, out=excl)
+        xp.bitwise_or(ex, m, out=ex, where=excl)
         if bits.thresholds:
+            # weights added where they count (adding 0.0 elsewhere changes no sum)
             covered = xp.isfinite(b.image) & ((m & nd) == 0)
-            tot_w += xp.where(covered, w64[k], 0.0)
+            xp.add(tot_w, w64[k], out=tot_w, where=covered)
             for acc, (bit, _) in zip(rej_w, bits.thresholds):
-                acc += xp.where(excl & ((m & np.int32(bit)) != 0), w64[k], 0.0)
+                hit = excl & ((m & np.int32(bit)) != 0)
+                xp.add(acc, w64[k], out=acc, where=hit)
+    out |= xp.where((ex & np.int32(bits.reject_src)) != 0, np.int32(bits.rejected), zero)
+    if bits.edge:
+        out |= xp.where((ex & np.int32(bits.edge)) != 0, np.int32(bits.sensor_edge), zero)
+    out |= xp.where((ex & np.int32(bits.clipped)) != 0, np.int32(bits.clipped), zero)
     if cfg.statistic == "MEANCLIP":  # an input dropped by the sigma clipping
         out |= xp.where((valid & ~used).any(axis=0), np.int32(bits.clipped), zero)
     for acc, (bit, t) in zip(rej_w, bits.thresholds):

@@ -39,7 +39,7 @@ from ..image import Box, Exposure, MaskedImage
 from ..ops.detection import detect_sources
 from ..ops.footprints import dilate_disk as _dilate_disk
 from ..ops.footprints import drop_small as _drop_small
-from .compare_warp_stacked import stacked_warp_artifacts
+from .compare_warp_stacked import stacked_warp_artifacts, variance_factor, warp_planes
 from .artifact_filter import (
     ArtifactCandidates,
     FilteredArtifacts,
@@ -137,6 +137,27 @@ class _WarpArtifacts:
     footprints: Any  # bool (H, W) of its kept candidates, or None without any
     n_candidates: int
     n_prefiltered: int
+
+
+def _drop_small_sparse(lab: np.ndarray, n: int, min_pixels: int, into: np.ndarray | None):
+    """:func:`~gpudiff.ops.footprints.drop_small` on the CPU, from the labelled pixels only.
+
+    A warp − model difference has footprints on a small part of the warp: the pixel count
+    per label and the kept pixels come from the flat indices of the labelled pixels, not
+    from a bincount and a gather over the whole image.  The kept pixels are set in
+    ``into`` (a bool (H, W) mask, modified) or in a new mask; returns (mask, kept count),
+    the same pixels as ``drop_small``.
+    """
+    flat = lab.ravel()
+    on = np.flatnonzero(flat)
+    labels = flat[on]
+    keep = np.bincount(labels, minlength=n + 1) >= min_pixels
+    keep[0] = False
+    n_kept = int(keep.sum())
+    out = np.zeros(lab.shape, dtype=bool) if into is None else into
+    if n_kept:
+        out.ravel()[on[keep[labels]]] = True
+    return out, n_kept
 
 
 class CompareWarpAssembleCoaddTask:
@@ -279,13 +300,10 @@ class CompareWarpAssembleCoaddTask:
             return xp.zeros(mi.shape, dtype=bool)
         return (det.mask & np.int32(det.mask_planes.bitmask("DETECTED"))) != 0
 
-    def _detect(self, diff_img, diff_var, psf) -> _Footprints:
-        """Labels (H, W) of the merged ±threshold footprints of a warp − model difference."""
+    def _detect(self, snr, psf) -> _Footprints:
+        """Labels (H, W) of the merged ±threshold footprints of a warp − model difference
+        (``snr``: :attr:`~gpudiff.tasks.compare_warp_stacked.WarpPlanes.snr`)."""
         be, cfg = self.backend, self.config.detect
-        xp = be.xp
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ok = xp.isfinite(diff_img) & xp.isfinite(diff_var) & (diff_var > 0)
-            snr = xp.where(ok, diff_img / xp.sqrt(xp.where(ok, diff_var, 1.0)), 0.0)
         grow = int(cfg.n_sigma_to_grow * psf.determinant_radius() + 0.5) if psf is not None else 0
         eight = be.asarray(np.ones((3, 3), dtype=bool))
         on = None
@@ -298,9 +316,14 @@ class CompareWarpAssembleCoaddTask:
             )
             if not int(n):
                 continue
-            kept, n_kept = _drop_small(be, lab, int(n), int(cfg.min_pixels))
-            if n_kept:
-                on = kept if on is None else on | kept
+            if be.is_gpu:
+                kept, n_kept = _drop_small(be, lab, int(n), int(cfg.min_pixels))
+                if n_kept:
+                    on = kept if on is None else on | kept
+            else:  # the kept pixels are set in ``on`` when there is one
+                kept, n_kept = _drop_small_sparse(lab, int(n), int(cfg.min_pixels), on)
+                if n_kept:
+                    on = kept
         if on is None:
             return _Footprints(None, 0)
         # Growing distributes over the union, so one dilation and one labelling serve both
@@ -395,45 +418,36 @@ class CompareWarpAssembleCoaddTask:
         mi = read_padded(src, model.bbox, be) if src is not None else None
         if mi is None:
             return None
-        var = mi.variance
-        if scaler is not None:
-            try:
-                var = var * np.float32(scaler.run(mi))
-            except GpudiffError as exc:
-                log.warning(
-                    "CompareWarp: ScaleVariance of %s failed (%s); variance kept", src.name, exc
-                )
-        diff_img = mi.image - model.image
-        diff_var = var + model.variance
-        planes = mi.mask_planes
-        bad = np.int32(planes.bitmask_if_present(list(cfg.bad_mask_planes)))
-        finite = xp.isfinite(diff_img)
-        counted = (finite & ((mi.mask & bad) == 0)).astype(xp.int32)
-        edge_bit = planes.bitmask_if_present("EDGE")
-        edge = (mi.mask & np.int32(edge_bit)) != 0 if edge_bit else None
-        nodata_idx = be.asnumpy(xp.flatnonzero(~finite))
-        det = self._detect(diff_img, diff_var, src.psf if src.psf is not None else model.psf)
+        wp = warp_planes(self, model, mi, variance_factor(scaler, mi), src.name)
+        counted = wp.counted.astype(xp.int32)
+        nodata_idx = be.asnumpy(xp.flatnonzero(wp.nodata))
+        det = self._detect(wp.snr, src.psf if src.psf is not None else model.psf)
         n = det.count
         if not n:
             empty = np.zeros(0, np.int64)
             return _WarpArtifacts(
-                ArtifactCandidates(empty, empty, nodata_idx), counted, edge, None, 0, 0
+                ArtifactCandidates(empty, empty, nodata_idx), counted, wp.edge, None, 0, 0
             )
-        labels, n_pre = det.labels, 0
+        # Footprints cover a small part of the warp: the prefilter and the kept pixels are
+        # found among the labelled pixels only (their flat indices, in order), not by
+        # passes over the whole image.
+        flat = det.labels.ravel()
+        on = xp.flatnonzero(flat)
+        lab = flat[on]
+        n_pre = 0
         keep = xp.ones(n + 1, dtype=bool)
         keep[0] = False
-        if cfg.do_prefilter_artifacts:
-            pre = np.int32(planes.bitmask_if_present(list(cfg.prefilter_artifacts_mask_planes)))
-            area = xp.bincount(labels.ravel(), minlength=n + 1)
-            good = xp.bincount(labels[(mi.mask & pre) == 0], minlength=n + 1)
+        if wp.prebad is not None:
+            area = xp.bincount(lab, minlength=n + 1)
+            good = xp.bincount(lab[~wp.prebad.ravel()[on]], minlength=n + 1)
             keep &= good > cfg.prefilter_artifacts_ratio * xp.maximum(area, 1)
             n_pre = int(n - int(keep.sum()))
-        fp = keep[labels]
-        idx = xp.flatnonzero(fp)
-        cands = ArtifactCandidates(
-            be.asnumpy(idx), be.asnumpy(labels.ravel()[idx]).astype(np.int64), nodata_idx
-        )
-        return _WarpArtifacts(cands, counted, edge, fp, n, n_pre)
+        kept = keep[lab]
+        idx, lab = on[kept], lab[kept]
+        fp = xp.zeros(det.labels.shape, dtype=bool)
+        fp.ravel()[idx] = True
+        cands = ArtifactCandidates(be.asnumpy(idx), be.asnumpy(lab).astype(np.int64), nodata_idx)
+        return _WarpArtifacts(cands, counted, wp.edge, fp, n, n_pre)
 
     def _filter(self, records: list, epoch, n_image, template_fp) -> FilteredArtifacts:
         """Pass 2 (``filterArtifacts``, :func:`~gpudiff.tasks.artifact_filter.filter_artifacts`)

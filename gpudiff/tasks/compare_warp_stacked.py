@@ -9,7 +9,10 @@ are laid one under the other in one tall image, separated by empty rows at least
 as the growing radius, so that one labelling, one size cut, one dilation and one
 labelling serve every warp and polarity; a footprint cannot cross the empty rows (they
 are background for the 8-connected labelling and wider than the disk).  The candidates of
-all warps cross to the host in one transfer and are split there by warp.
+all warps cross to the host in one transfer and are split there by warp.  The warps'
+variance factors come from one batched ScaleVariance
+(:func:`~gpudiff.tasks.scale_variance_many.run_many`: two host syncs per batch, not two
+per warp), and both passes prepare a warp with the one :func:`warp_planes`.
 
 The footprints are the per-warp pass's exactly (labelling, the ``min_pixels`` cut and the
 disk dilation act on each plane alone); labels are numbered across the whole stack, which
@@ -30,8 +33,15 @@ from ..errors import GpudiffError
 from ..ops.footprints import dilate_disk
 from .artifact_filter import ArtifactCandidates
 from .coadd_warps import read_padded
+from .scale_variance_many import run_many
 
-__all__ = ["StackedArtifacts", "stacked_warp_artifacts"]
+__all__ = [
+    "StackedArtifacts",
+    "WarpPlanes",
+    "stacked_warp_artifacts",
+    "variance_factor",
+    "warp_planes",
+]
 
 log = logging.getLogger("gpudiff.tasks.compare_warp")
 
@@ -47,6 +57,85 @@ class StackedArtifacts:
     edge_any: Any
     n_candidates: int
     n_prefiltered: int
+
+
+@dataclass(frozen=True)
+class WarpPlanes:
+    """One PSF-matched warp against the static-sky model (docs/algorithms.md §10.5 step 2):
+    what both the per-warp and the stacked pass 1 detect and count from.
+
+    Attributes
+    ----------
+    snr : float32 array (H, W)
+        (warp − model) / √(rescaled warp variance + model variance); 0 where that is not
+        finite or the variance is not positive.
+    nodata : bool array (H, W)
+        warp − model is not finite.
+    counted : bool array (H, W)
+        The warp has data there, without any of ``bad_mask_planes``.
+    edge : bool array (H, W) or None
+        The warp's ``EDGE`` plane (None: the warp has no such plane).
+    prebad : bool array (H, W) or None
+        Pixels with any of ``prefilter_artifacts_mask_planes`` (None: no prefilter).
+    """
+
+    snr: Any
+    nodata: Any
+    counted: Any
+    edge: Any
+    prebad: Any
+
+
+def variance_factor(scaler, mi) -> float | GpudiffError | None:
+    """``scaler.run(mi)``, its error if it fails, or None without a scaler (the per-warp
+    counterpart of :func:`~gpudiff.tasks.scale_variance_many.run_many`)."""
+    if scaler is None:
+        return None
+    try:
+        return scaler.run(mi)
+    except GpudiffError as exc:
+        return exc
+
+
+def warp_planes(task, model, mi, factor: float | GpudiffError | None, name: str) -> WarpPlanes:
+    """The :class:`WarpPlanes` of warp ``mi`` (on the model's box) with its variance
+    multiplied by ``factor`` (:func:`variance_factor`; an error is logged and the variance
+    kept, as LSST's CompareWarp does when ScaleVariance fails)."""
+    cfg = task.config
+    xp = task.backend.xp
+    # In-place steps on the few whole-warp temporaries (a 4096² warp is 64 MB a plane):
+    # the same float32 operations, in the same order, as the expressions in the comments.
+    if isinstance(factor, GpudiffError):
+        log.warning("CompareWarp: ScaleVariance of %s failed (%s); variance kept", name, factor)
+    var = mi.variance
+    if factor is not None and not isinstance(factor, GpudiffError):
+        var = var * np.float32(factor)
+    diff_var = var + model.variance
+    del var
+    planes = mi.mask_planes
+    mask = mi.mask
+    diff_img = mi.image - model.image
+    finite = xp.isfinite(diff_img)
+    bad = np.int32(planes.bitmask_if_present(list(cfg.bad_mask_planes)))
+    counted = (mask & bad) == 0
+    counted &= finite
+    edge_bit = planes.bitmask_if_present("EDGE")
+    edge = (mask & np.int32(edge_bit)) != 0 if edge_bit else None
+    prebad = None
+    if cfg.do_prefilter_artifacts:
+        pre = np.int32(planes.bitmask_if_present(list(cfg.prefilter_artifacts_mask_planes)))
+        prebad = (mask & pre) != 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ok = xp.isfinite(diff_var)  # finite(diff_img) & finite(diff_var) & (diff_var > 0)
+        ok &= finite
+        ok &= diff_var > 0
+        # snr = where(ok, diff_img / sqrt(where(ok, diff_var, 1)), 0)
+        sigma = xp.where(ok, diff_var, np.float32(1.0))
+        del diff_var
+        xp.sqrt(sigma, out=sigma)
+        xp.divide(diff_img, sigma, out=sigma)
+        snr = xp.where(ok, sigma, np.float32(0.0))
+    return WarpPlanes(snr, ~finite, counted, edge, prebad)
 
 
 def _grow_of(cfg, psf) -> int:
@@ -109,31 +198,17 @@ def _batch(task, model, scaler, present: list, grow: int, out: StackedArtifacts)
     snr = xp.zeros((n, H + gap, W), dtype=xp.float32)  # the tall layout, empty rows below
     prebad = xp.zeros((n, H + gap, W), dtype=bool)
     nodata = xp.empty((n, H, W), dtype=bool)
+    # every warp's variance factor at once: two host syncs per batch, not two per warp
+    factors = run_many(scaler, [mi for _, _, mi in present]) if scaler is not None else None
     for k, (_, src, mi) in enumerate(present):
-        var = mi.variance
-        if scaler is not None:
-            try:
-                var = var * np.float32(scaler.run(mi))
-            except GpudiffError as exc:
-                log.warning(
-                    "CompareWarp: ScaleVariance of %s failed (%s); variance kept", src.name, exc
-                )
-        planes = mi.mask_planes
-        diff_img = mi.image - model.image
-        diff_var = var + model.variance
-        finite = xp.isfinite(diff_img)
-        nodata[k] = ~finite
-        bad = np.int32(planes.bitmask_if_present(list(cfg.bad_mask_planes)))
-        n_image += (finite & ((mi.mask & bad) == 0)).astype(xp.int32)
-        edge_bit = planes.bitmask_if_present("EDGE")
-        if edge_bit:
-            edge_any |= (mi.mask & np.int32(edge_bit)) != 0
-        if cfg.do_prefilter_artifacts:
-            pre = np.int32(planes.bitmask_if_present(list(cfg.prefilter_artifacts_mask_planes)))
-            prebad[k, :H] = (mi.mask & pre) != 0
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ok = finite & xp.isfinite(diff_var) & (diff_var > 0)
-            snr[k, :H] = xp.where(ok, diff_img / xp.sqrt(xp.where(ok, diff_var, 1.0)), 0.0)
+        wp = warp_planes(task, model, mi, None if factors is None else factors[k], src.name)
+        snr[k, :H] = wp.snr
+        nodata[k] = wp.nodata
+        n_image += wp.counted.astype(xp.int32)
+        if wp.edge is not None:
+            edge_any |= wp.edge
+        if wp.prebad is not None:
+            prebad[k, :H] = wp.prebad
     eight = be.asarray(np.ones((3, 3), dtype=bool))
     tall = (n * (H + gap), W)
     t = float(det_cfg.threshold_value)

@@ -336,7 +336,28 @@ class ScaleVarianceTask:
         ExceedsMaxVarianceScaleError
             Both factors exceed ``config.limit``.
         """
-        f = self.compute_scale_factors(masked_image)
+        return self.select_factor(self.compute_scale_factors(masked_image))
+
+    def select_factor(self, f: ScaleVarianceFactors) -> float:
+        """The factor :meth:`run` returns for the estimates ``f`` (docs/algorithms.md §6
+        step 4): the pixel-based one, else the image-based one, within ``limit``.
+
+        Parameters
+        ----------
+        f : ScaleVarianceFactors
+            From :meth:`compute_scale_factors` (or
+            :func:`~gpudiff.tasks.scale_variance_many.compute_scale_factors_many`).
+
+        Returns
+        -------
+        float
+            1.0 with fewer than two good pixels.
+
+        Raises
+        ------
+        ExceedsMaxVarianceScaleError
+            Both factors exceed ``config.limit``.
+        """
         limit = self.config.limit
         if f.n_good < 2:
             log.warning("fewer than 2 good pixels (%d); variance scale factor set to 1.0", f.n_good)
