@@ -56,13 +56,14 @@ def _runs(xp: Any, bad_flat: Any, n_line: int):
     first and last pixels of its run: the maximal stretch of consecutive bad pixels of its
     line that holds it."""
     n = int(bad_flat.size)
+    if n == 0:
+        return bad_flat, bad_flat
     start = xp.ones(n, dtype=bool)
     start[1:] = (bad_flat[1:] != bad_flat[:-1] + 1) | (bad_flat[1:] % n_line == 0)
     first = xp.flatnonzero(start)
     run = xp.cumsum(start) - 1
-    last = xp.empty_like(first)
-    last[:-1] = first[1:] - 1
-    last[-1:] = n - 1
+    # Each run ends where the next begins; the last run at the last bad pixel.
+    last = xp.concatenate([first[1:] - 1, xp.full(1, n - 1, dtype=first.dtype)])
     return bad_flat[first][run], bad_flat[last][run]
 
 
