@@ -6,8 +6,8 @@ Every peak of one polarity is measured at once, on stacks of stamps (n, s, s) cu
 Gaussian-weighted centroid, the PSF flux, adaptive moments and extendedness, the mask bits
 in the central 5×5 and in the footprint, and the footprint's size and box.  On a device the
 work is a fixed number of launches whatever the number of sources, and the results cross to
-the host in two transfers: the centroids (the PSF model is evaluated on the host, at them)
-and, at the end, every other column at once.
+the host in one transfer at the end (the centroids too: the PSF stamps are cut and shifted
+on the device, and the PSF moments, evaluated on the host, only need them once fetched).
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ _FOOTPRINT_BITS = 31
 def _parabola(xp, c, lo, hi):
     """Vertex offset of the parabola through (−1, lo), (0, c), (1, hi), clipped to ±1."""
     den = lo - 2 * c + hi
-    return xp.clip(
-        xp.where(den < 0, 0.5 * (lo - hi) / xp.where(den < 0, den, -1.0), 0.0), -1.0, 1.0
-    )
+    neg = den < 0  # once: a launch per comparison on a device
+    return xp.clip(xp.where(neg, 0.5 * (lo - hi) / xp.where(neg, den, -1.0), 0.0), -1.0, 1.0)
 
 
 def _or_last_axis(x):
@@ -76,8 +75,9 @@ def _fetch(be: Backend, **cols) -> dict[str, np.ndarray]:
     return {k: h[i].astype(cols[k].dtype) for i, k in enumerate(names)}
 
 
-def _psf_stamps(be: Backend, psf: Psf, bbox: Box, cx, cy, dx, dy, size: int):
-    """Unit-sum PSF images at sub-pixel offsets (dx, dy) from the parent pixels (cx, cy).
+def _psf_stamps(be: Backend, psf: Psf, bbox: Box, rx, ry, dx, dy, size: int):
+    """Unit-sum PSF images at sub-pixel offsets (dx, dy) from the pixels (rx, ry) of the
+    image on ``bbox`` (array indices; host or backend arrays, as the offsets).
 
     Kernel images on a lattice (one node for a constant PSF, else 8×8 host calls, not one
     per source), bilinearly interpolated to each source on the backend (only the lattice
@@ -86,7 +86,7 @@ def _psf_stamps(be: Backend, psf: Psf, bbox: Box, cx, cy, dx, dy, size: int):
     pixel-integrated models when FWHM ≳ 2.5 px.
     """
     xp = be.xp
-    n = len(cx)
+    n = int(rx.shape[0])
     probe = [
         (bbox.x0, bbox.y0),
         (bbox.x1 - 1, bbox.y1 - 1),
@@ -103,13 +103,15 @@ def _psf_stamps(be: Backend, psf: Psf, bbox: Box, cx, cy, dx, dy, size: int):
             np.array([[psf.kernel_image(x, y, size=size) for x in xs] for y in ys])
         )  # 64 host calls
 
-        def w1(nodes, v):
-            i = np.clip(np.searchsorted(nodes, v) - 1, 0, g - 2)
-            return i, np.clip((v - nodes[i]) / (nodes[i + 1] - nodes[i]), 0.0, 1.0)
+        def w1(nodes, v, origin):
+            # On the backend: the source pixels may be device arrays (no host round trip).
+            v = be.asarray(v).astype(np.float64) + float(origin)  # parent pixels
+            nd_ = be.asarray(nodes)
+            i = xp.clip(xp.searchsorted(nd_, v) - 1, 0, g - 2)
+            return i, xp.clip((v - nd_[i]) / (nd_[i + 1] - nd_[i]), 0.0, 1.0)
 
-        (i, ty), (j, tx) = w1(ys, np.asarray(cy, float)), w1(xs, np.asarray(cx, float))
-        ty, tx = be.asarray(ty[:, None, None]), be.asarray(tx[:, None, None])
-        i, j = be.asarray(i), be.asarray(j)
+        (i, ty), (j, tx) = w1(ys, ry, bbox.y0), w1(xs, rx, bbox.x0)
+        ty, tx = ty[:, None, None], tx[:, None, None]
         K = (1 - ty) * ((1 - tx) * lat[i, j] + tx * lat[i, j + 1]) + ty * (
             (1 - tx) * lat[i + 1, j] + tx * lat[i + 1, j + 1]
         )
@@ -118,14 +120,14 @@ def _psf_stamps(be: Backend, psf: Psf, bbox: Box, cx, cy, dx, dy, size: int):
     # (circulant) Fourier shift matrices A(d)_ab = D(a − b − d), D(t) = Σ_f e^{2πi f t}/s:
     # small matrix products instead of two complex FFTs and a complex exponential per
     # pixel; the same values to rounding (~1e-16 of the peak).
-    Ay, Ax = (_shift_matrices(be, np.asarray(v, float), size) for v in (dy, dx))
+    Ay, Ax = (_shift_matrices(be, v, size) for v in (dy, dx))
     P = (Ay @ K) @ Ax.transpose(0, 2, 1)
     if P.dtype.kind == "c":
         P = P.real
     return P / P.sum(axis=(1, 2), keepdims=True)
 
 
-def _shift_matrices(be: Backend, d: np.ndarray, size: int):
+def _shift_matrices(be: Backend, d: Any, size: int):
     """(n, size, size) Fourier (periodic-sinc) shift matrices A(d)_ab = D(a − b − d) with
     D(t) = Σ_f e^{2πi f t}/size over the FFT frequencies f: applied to a signal they move
     it by d as an FFT phase ramp does.  Real for odd ``size`` (the frequencies are
@@ -134,7 +136,8 @@ def _shift_matrices(be: Backend, d: np.ndarray, size: int):
     f = np.fft.fftfreq(size)
     m = np.arange(-(size - 1), size)  # the offsets a − b
     E = be.asarray(np.exp(2j * np.pi * f[:, None] * m[None, :]) / size)  # (size, 2·size − 1)
-    D = xp.exp(-2j * np.pi * be.asarray(d)[:, None] * be.asarray(f)[None, :]) @ E
+    d = be.asarray(d).astype(np.float64, copy=False)
+    D = xp.exp(-2j * np.pi * d[:, None] * be.asarray(f)[None, :]) @ E
     if size % 2:
         D = xp.ascontiguousarray(D.real)
     a = np.arange(size)
@@ -250,10 +253,10 @@ def measure_peaks(
     dx0, dy0 = d0[:, 0], d0[:, 1]
     st = xp.where(g_st, d_st * sign, 0)
     cx, cy, ok_c = weighted_centroid(backend, st, dx0, dy0, sigma_w)
-    h = _fetch(backend, fx=xp.where(ok_c, cx, dx0) + px, fy=xp.where(ok_c, cy, dy0) + py, ok_c=ok_c)
-    fx, fy, ok_c = h["fx"], h["fy"], h["ok_c"]
+    # The centroids stay on the backend (fetched with the other columns at the end).
+    fx, fy = xp.where(ok_c, cx, dx0) + px, xp.where(ok_c, cy, dy0) + py
     # PSF flux, moments and mask bits in the PSF-sized stamp on the nearest pixel.
-    rx, ry = np.rint(fx).astype(np.int64), np.rint(fy).astype(np.int64)
+    rx, ry = xp.rint(fx).astype(np.int64), xp.rint(fy).astype(np.int64)
     hs = stamp // 2
     (d2, v2, ok_pix, m2), inside = gather_stamps_many(
         backend, [d, var, good, mask], ry, rx, hs, [0.0, 0.0, False, 0]
@@ -264,11 +267,11 @@ def measure_peaks(
         m5 = m2[:, hs - 2 : hs + 3, hs - 2 : hs + 3]
     else:
         (m5,), _ = gather_stamps_many(backend, [mask], ry, rx, 2, [0])
-    dev: dict[str, Any] = {}
+    dev: dict[str, Any] = dict(fx=fx, fy=fy, ok_c=ok_c)
     sm = adaptive_moments_batch(backend, img_st, ok_pix, sigma_w**2)
     dev.update(ixx=sm[2], iyy=sm[3], ixy=sm[4], ok_m=sm[5])
     if psf is not None:
-        P = _psf_stamps(backend, psf, bbox, rx + bbox.x0, ry + bbox.y0, fx - rx, fy - ry, stamp)
+        P = _psf_stamps(backend, psf, bbox, rx, ry, fx - rx, fy - ry, stamp)
         w = ok_pix.astype(xp.float64)
         if weighting == "inverse_variance":
             w = w / xp.where(var_st > 0, var_st, xp.inf)
@@ -306,7 +309,9 @@ def measure_peaks(
         mask_footprint=_or_in_footprints(backend, mask, lab, fy_all, fx_all, n_fp)[ids],
         npix=xp.bincount(lab, minlength=n_fp + 1)[ids],
     )
-    h = _fetch(backend, **dev)  # every remaining column in one transfer
+    h = _fetch(backend, **dev)  # every column in one transfer
+    fx, fy, ok_c = h["fx"], h["fy"], h["ok_c"]
+    rx, ry = np.rint(fx).astype(np.int64), np.rint(fy).astype(np.int64)  # as on the backend
     nan = np.full(n, np.nan)
     c: dict[str, Any] = dict(
         psf_flux=nan,
