@@ -78,6 +78,24 @@ def _as_2d(name: str, a: Any, dtype: Any, be: Backend) -> Any:
     return arr.astype(dtype, copy=True)
 
 
+def _fetch_planes(be: Backend, planes) -> tuple[np.ndarray, ...]:
+    """Host copies of device arrays in one transfer: their bytes (C order) concatenated
+    on the device, split and viewed back on the host; exact for every dtype.  (As
+    ``gpudiff.ops._host.fetch``, which this layer may not import.)"""
+    xp = be.xp
+    dev = [a if a.flags.c_contiguous else xp.ascontiguousarray(a) for a in planes]
+    flat = be.asnumpy(xp.concatenate([a.reshape(-1).view(xp.uint8) for a in dev]))
+    out, at = [], 0
+    for a in dev:
+        n, dt = int(a.nbytes), np.dtype(a.dtype)
+        piece = flat[at : at + n]
+        # A view of the transferred buffer where aligned (no host copy of a whole plane).
+        piece = piece if at % dt.itemsize == 0 else piece.copy()
+        out.append(piece.view(dt).reshape(a.shape))
+        at += n
+    return tuple(out)
+
+
 class MaskedImage:
     """An image with variance and mask planes, all on one array backend.
 
@@ -213,8 +231,20 @@ class MaskedImage:
         be = resolve_backend(backend)
         if be.name == self.backend.name:
             return self.copy()
-        host = self.backend.asnumpy
-        return self._new(host(self.image), host(self.variance), host(self.mask), backend=be)
+        planes = (self.image, self.variance, self.mask)
+        if self.backend.is_gpu and not be.is_gpu:
+            # The three planes cross in one transfer (one host sync, not three), and the
+            # host copies it makes are new arrays: held as they are, not copied again.
+            planes = _fetch_planes(self.backend, planes)
+        elif be.is_gpu and not self.backend.is_gpu:
+            # The upload is the copy (the constructor would copy each plane once more on
+            # the device: a launch each).
+            planes = tuple(be.asarray(a) for a in planes)
+        else:
+            return self._new(*(self.backend.asnumpy(a) for a in planes), backend=be)
+        return MaskedImage._adopt(
+            *planes, xy0=self.xy0, mask_planes=self.mask_planes, backend=be
+        )
 
     def to_numpy(self) -> "MaskedImage":
         """A copy on the NumPy backend."""

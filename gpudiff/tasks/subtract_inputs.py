@@ -27,7 +27,7 @@ from ..ops.cosmic_rays import find_cosmic_rays
 from ..ops.detection import detect_sources
 from ..ops._host import fetch
 from ..ops.interpolate import defect_pixels, interpolate_over_defects
-from .masks import mask_non_finite, template_coverage, update_masks
+from .masks import mask_non_finite, update_masks
 from .scale_variance import ScaleVarianceConfig, ScaleVarianceTask
 
 if TYPE_CHECKING:  # the config lives with the task, which imports this module
@@ -145,9 +145,14 @@ def prepare_inputs(
                 "silently; attach one or call gpudiff.estimate_psf"
             )
     # Non-finite pixels are no data (LSST's convention); a usable pixel must have a
-    # positive, finite variance, else every weight and S/N downstream is wrong.
-    template = mask_non_finite(template.to_backend(be))
-    science = mask_non_finite(science.to_backend(be))
+    # positive, finite variance, else every weight and S/N downstream is wrong.  Whether
+    # each image has any crosses to the host with the template coverage, in one transfer.
+    template, science = template.to_backend(be), science.to_backend(be)
+    all_finite_t, all_finite_s, n_covered = fetch(be, *_finite_and_covered(template, science))
+    if not all_finite_t:
+        template = mask_non_finite(template)
+    if not all_finite_s:
+        science = mask_non_finite(science)
     meta: dict[str, Any] = {}
     science_sources = None
     planes = cfg.interpolate_mask_planes
@@ -196,7 +201,8 @@ def prepare_inputs(
         science, s_filled = interpolate_defects(science, planes, be, bad=(s_bad, s_any))
     else:
         t_filled = s_filled = None
-    cov = template_coverage(template, science)
+    n_pix = science.masked_image.image.size
+    cov = float(int(n_covered)) / n_pix if n_pix else 0.0  # template_coverage's
     meta["template_coverage"] = cov
     if cov < cfg.required_template_fraction:
         raise NoWorkFound(
@@ -245,6 +251,29 @@ def prepare_inputs(
     for name in ("template", "science"):
         meta[f"n_interpolated_{name}"] = n_interp.get(name, 0)
     return PreparedInputs(template, science, science_sources, meta)
+
+
+def _finite_and_covered(template: Exposure, science: Exposure) -> list:
+    """Backend scalars: whether every template pixel is finite, whether every science
+    pixel is, and the science pixels covered by both (neither NO_DATA once the non-finite
+    ones are marked so: :func:`~gpudiff.tasks.masks.template_coverage` of the prepared pair,
+    counted on the inputs).
+
+    The coverage can be counted this early because nothing between here and its test
+    changes NO_DATA: :func:`~gpudiff.tasks.masks.mask_non_finite` sets it on exactly the
+    non-finite pixels, and the cosmic rays and the interpolation set other planes.
+    """
+    tmi, smi = template.masked_image, science.masked_image
+    xp = smi.backend.xp
+    fin_t, fin_s = xp.isfinite(tmi.image), xp.isfinite(smi.image)
+    (tx0, ty0), b = tmi.xy0, smi.bbox
+    sl = (slice(b.y0 - ty0, b.y1 - ty0), slice(b.x0 - tx0, b.x1 - tx0))
+    covered = fin_t[sl] & fin_s
+    for mi, part in ((tmi, sl), (smi, (slice(None), slice(None)))):
+        nd = mi.mask_planes.bitmask_if_present("NO_DATA")
+        if nd:
+            covered &= (mi.mask[part] & nd) == 0
+    return [fin_t.all(), fin_s.all(), xp.count_nonzero(covered)]
 
 
 def _fetch_with_counts(be: Backend, arrays: list, *exposures: Exposure):
