@@ -318,7 +318,8 @@ class MaskedImage:
         planes = self.mask_planes.copy()
         bit = planes.add(name)
         dtype = mask_dtype(planes)  # a plane on bit 31+ widens the mask to int64
-        mask = self.mask.astype(dtype) | (
+        # (copy=False: the OR makes the new mask; a copy first is a launch for nothing)
+        mask = self.mask.astype(dtype, copy=False) | (
             self.backend.xp.asarray(where).astype(dtype) << dtype.type(bit)
         )
         return mask, planes

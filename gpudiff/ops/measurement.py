@@ -34,6 +34,11 @@ def _parabola(xp, c, lo, hi):
     return xp.clip(xp.where(neg, 0.5 * (lo - hi) / xp.where(neg, den, -1.0), 0.0), -1.0, 1.0)
 
 
+def _signed(x, sign: int):
+    """``sign`` × ``x`` (the same values): no launch for the positive polarity."""
+    return x if sign > 0 else -x
+
+
 def _or_last_axis(x):
     """Bitwise OR along the last axis, by halving (log₂ of its length device calls)."""
     while x.shape[-1] > 1:
@@ -44,6 +49,16 @@ def _or_last_axis(x):
             y = y | x[..., 2 * h :]  # the odd last column, broadcast over the halves
         x = y
     return x[..., 0]
+
+
+def _mask_center(xp, m5):
+    """The OR of each (5, 5) stamp of mask bits, float64-exact for the transfer (the
+    column is int32: an int32 mask's OR is its own int32, row by row and then along it,
+    with no reshape copy; a wider mask keeps its low 32 bits)."""
+    if m5.dtype == np.int32:
+        return _or_last_axis(_or_last_axis(m5))
+    n = m5.shape[0]
+    return _or_last_axis(m5.reshape(n, -1).astype(xp.int64)) & 0xFFFFFFFF
 
 
 def _or_in_footprints(be: Backend, mask, lab, fy, fx, n: int):
@@ -248,10 +263,11 @@ def measure_peaks(
     # start and the fallback of the Gaussian-weighted centroid on the unsmoothed image.
     # The 3×3 flattened: 4 = centre, (3, 5) its row neighbours, (1, 7) its column ones;
     # both axes in one pass, column 0 x and column 1 y.
-    lg = xp.log(xp.maximum(s_st[:, hc - 1 : hc + 2, hc - 1 : hc + 2] * sign, 1e-30)).reshape(n, 9)
+    core = _signed(s_st[:, hc - 1 : hc + 2, hc - 1 : hc + 2], sign)
+    lg = xp.log(xp.maximum(core, 1e-30)).reshape(n, 9)
     d0 = _parabola(xp, lg[:, 4:5], lg[:, [3, 1]], lg[:, [5, 7]])
     dx0, dy0 = d0[:, 0], d0[:, 1]
-    st = xp.where(g_st, d_st * sign, 0)
+    st = xp.where(g_st, _signed(d_st, sign), 0)
     cx, cy, ok_c = weighted_centroid(backend, st, dx0, dy0, sigma_w)
     # The centroids stay on the backend (fetched with the other columns at the end).
     fx, fy = xp.where(ok_c, cx, dx0) + px, xp.where(ok_c, cy, dy0) + py
@@ -261,7 +277,7 @@ def measure_peaks(
     (d2, v2, ok_pix, m2), inside = gather_stamps_many(
         backend, [d, var, good, mask], ry, rx, hs, [0.0, 0.0, False, 0]
     )
-    img_st = xp.where(ok_pix, d2 * sign, 0)
+    img_st = xp.where(ok_pix, _signed(d2, sign), 0)
     var_st = xp.where(ok_pix, v2, 0)
     if hs >= 2:
         m5 = m2[:, hs - 2 : hs + 3, hs - 2 : hs + 3]
@@ -299,8 +315,7 @@ def measure_peaks(
         peak_y=py,
         peak_significance=snr[py, px],
         inside_all=inside.all(axis=(1, 2)),
-        # the low 32 bits of the OR (the column is int32; float64-exact in the transfer)
-        mask_center=_or_last_axis(m5.reshape(n, 25).astype(xp.int64)) & 0xFFFFFFFF,
+        mask_center=_mask_center(xp, m5),
         ids=ids,
         box0=box[0],
         box1=box[1],

@@ -214,6 +214,31 @@ class DecorrelateALKernelTask:
         except AllMaskedError:
             return float("nan")
 
+    def _variance_means(self, *mis: MaskedImage) -> list[float]:
+        """:meth:`compute_variance_mean` of images of one shape, as the columns of one
+        ``clipped_columns`` launch whose four results per image cross in one transfer
+        (the device path of :func:`~gpudiff.ops.stats.image_statistics`, per column: the
+        same pixels, the same clip; NaN where no pixel is usable)."""
+        from ..ops.selection import _clip_columns
+
+        be = self.backend
+        xp = be.xp
+        planes = list(self.config.ignore_mask_planes)
+        # image_statistics(use_variance=True)'s sample: finite variances without a plane.
+        good = [
+            ((mi.mask & mi.mask_planes.bitmask_if_present(planes)) == 0)
+            & xp.isfinite(mi.variance)
+            for mi in mis
+        ]
+        data = xp.stack([mi.variance.reshape(-1) for mi in mis])
+        ok = xp.stack([g.reshape(-1) for g in good])
+        # (N, B) views of the (B, N) stacks: each column read contiguously on a device.
+        mean, _, _, n_valid = _clip_columns(
+            be, data.T, ok.T, 3.0, 3, want_var=False, good_is_finite=True
+        )
+        m, n = fetch(be, mean, n_valid)
+        return [float(a) if int(k) > 0 else float("nan") for a, k in zip(m, n)]
+
     def _mi(self, exp: Exposure, name: str) -> MaskedImage:
         if not isinstance(exp, Exposure):
             raise InvalidInputError(f"{name} must be an Exposure, got {type(exp).__name__}")
@@ -353,12 +378,16 @@ class DecorrelateALKernelTask:
                 raise InvalidInputError(f"pre_conv_kernel must have a positive sum, got {s}")
             pre = pre / s
 
-        # two independent full-image MEANCLIPs: one CPU thread each
-        svar, tvar = run_concurrently(
-            lambda: self.compute_variance_mean(sci) if svar is None else float(svar),
-            lambda: self.compute_variance_mean(tmpl) if tvar is None else float(tvar),
-            parallel=not be.is_gpu,
-        )
+        if be.is_gpu and svar is None and tvar is None and sci.shape == tmpl.shape:
+            # On a device both MEANCLIPs run as two columns of one kernel: one host sync.
+            svar, tvar = self._variance_means(sci, tmpl)
+        else:
+            # two independent full-image MEANCLIPs: one CPU thread each
+            svar, tvar = run_concurrently(
+                lambda: self.compute_variance_mean(sci) if svar is None else float(svar),
+                lambda: self.compute_variance_mean(tmpl) if tvar is None else float(tvar),
+                parallel=not be.is_gpu,
+            )
         log.info("variance plane means: science %.5e, template %.5e", svar, tvar)
         if math.isnan(svar) or math.isnan(tvar):
             if bool(xp.isnan(sci.image).all()) or bool(xp.isnan(tmpl.image).all()):

@@ -214,8 +214,12 @@ def prepare_inputs(
         # The two images are independent: on the CPU each gets a core.
         t_det, s_det = flags
         (template, tfac, _), (science, sfac, cat) = run_concurrently(
-            lambda: scale_variance(template, cfg, be, need_catalog=False, has_detected=t_det),
-            lambda: scale_variance(science, cfg, be, need_catalog=True, has_detected=s_det),
+            lambda: scale_variance(
+                template, cfg, be, need_catalog=False, has_detected=t_det, copy=False
+            ),
+            lambda: scale_variance(
+                science, cfg, be, need_catalog=True, has_detected=s_det, copy=False
+            ),
             parallel=not be.is_gpu,
         )
         # Reused for kernel-source selection (one detection of the science, not two).
@@ -402,6 +406,8 @@ def scale_variance(
     backend: Backend,
     need_catalog: bool,
     has_detected: bool | None = None,
+    *,
+    copy: bool = True,
 ) -> tuple[Exposure, float, Table | None]:
     """ScaleVarianceTask's factor, applied to a copy of the exposure.
 
@@ -422,6 +428,9 @@ def scale_variance(
         cheap source mask (:func:`with_source_mask`) is enough.
     has_detected : bool, optional
         Whether the image has a DETECTED pixel, when the caller knows (else tested here).
+    copy : bool
+        False: the returned exposure shares the image and mask arrays with ``exp`` (for
+        callers that never modify either, as :func:`prepare_inputs`).
 
     Returns
     -------
@@ -445,7 +454,8 @@ def scale_variance(
             background="estimate",
             backend=backend,
         )
-        probe = MaskedImage(
+        # Only read (by the variance scaling): the planes as they are, no copies.
+        probe = MaskedImage._wrap(
             mi.image,
             mi.variance,
             det.mask,
@@ -455,10 +465,13 @@ def scale_variance(
         )
         catalog = det.catalog
     elif not has_detected:
-        probe = with_source_mask(mi, exp.psf)
+        probe = _source_mask_probe(mi, exp.psf)
     sv_config = ScaleVarianceConfig(max_samples=config.scale_variance_max_samples)
     factor = float(ScaleVarianceTask(sv_config, backend=backend).run(probe))
-    scaled = MaskedImage(
+    # Without a copy the image and mask are shared with ``exp`` and the scaled variance
+    # (new) is held as it is: three device copies saved, a launch each.
+    make = MaskedImage if copy else MaskedImage._adopt
+    scaled = make(
         mi.image,
         mi.variance * np.float32(factor),
         mi.mask,
@@ -490,6 +503,20 @@ def with_source_mask(mi: MaskedImage, psf) -> MaskedImage:
     -------
     MaskedImage
     """
+    return mi.with_plane_set("DETECTED", _source_pixels(mi, psf))
+
+
+def _source_mask_probe(mi: MaskedImage, psf) -> MaskedImage:
+    """:func:`with_source_mask` for statistics that only read it: the image and variance
+    are ``mi``'s own arrays (not copied, a device launch each), the mask is new."""
+    mask, planes = mi._plane_set("DETECTED", _source_pixels(mi, psf))
+    return MaskedImage._wrap(
+        mi.image, mi.variance, mask, xy0=mi.xy0, mask_planes=planes, backend=mi.backend
+    )
+
+
+def _source_pixels(mi: MaskedImage, psf) -> Any:
+    """The DETECTED pixels of :func:`with_source_mask` (a backend bool array)."""
     xp = mi.backend.xp
     finite = xp.isfinite(mi.image) & xp.isfinite(mi.variance) & (mi.variance > 0)
     if mi.backend.is_gpu:
@@ -501,5 +528,4 @@ def with_source_mask(mi: MaskedImage, psf) -> MaskedImage:
     with np.errstate(invalid="ignore", divide="ignore"):
         on = finite & (xp.abs(mi.image - med) > 5.0 * xp.sqrt(mi.variance))
     r = max(2, int(round(2 * psf.fwhm())))
-    grown = mi.backend.ndimage.maximum_filter(on.astype(np.uint8), size=2 * r + 1) > 0
-    return mi.with_plane_set("DETECTED", grown)
+    return mi.backend.ndimage.maximum_filter(on.astype(np.uint8), size=2 * r + 1) > 0
