@@ -26,7 +26,7 @@ from ..image import Box, Exposure, MaskedImage, MaskPlanes, Psf
 from .background import estimate_background
 from .convolution import correlate
 from .footprints import dilate_disk, drop_small
-from .measurement import measure_peaks
+from .measurement import _fetch_many, _measure_on_backend, _measure_on_host, measure_peaks
 
 __all__ = [
     "DetectionResult",
@@ -334,7 +334,9 @@ def detect_sources(
             return None
         fp = xp.nonzero(labels)  # footprint pixels, shared by the peaks and the measurement
         py, px = _peaks(be, snr, labels, peak_radius, fp, sign)
-        cols = measure_peaks(
+        # On a device the columns stay there: both polarities' cross in one transfer.
+        measure = _measure_on_backend if be.is_gpu else measure_peaks
+        cols = measure(
             be,
             sign,
             d,
@@ -358,6 +360,12 @@ def detect_sources(
     signs = _POLARITIES[polarity]
     # The polarities are independent: one CPU thread each.
     found = parallel_map(one_sign, signs, cpu_workers(len(signs), parallel=not be.is_gpu))
+    if be.is_gpu:
+        done = [r for r in found if r is not None]
+        hosts = iter(_fetch_many(be, [dev for _, (dev, _) in done]))
+        found = [
+            None if r is None else (r[0], _measure_on_host(next(hosts), r[1][1])) for r in found
+        ]
     parts = []
     for sign, res in zip(signs, found):
         if res is None:

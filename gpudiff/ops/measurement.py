@@ -90,6 +90,21 @@ def _fetch(be: Backend, **cols) -> dict[str, np.ndarray]:
     return {k: h[i].astype(cols[k].dtype) for i, k in enumerate(names)}
 
 
+def _fetch_many(be: Backend, cols: list[dict[str, Any]]) -> list[dict[str, np.ndarray]]:
+    """:func:`_fetch` of several sets of columns (of different lengths: the polarities of
+    a detection) in one transfer."""
+    if not be.is_gpu:
+        return [_fetch(be, **c) for c in cols]
+    from ._host import fetch
+
+    xp = be.xp
+    stacks = [xp.stack([c[k] for k in c]).astype(xp.float64, copy=False) for c in cols]
+    return [
+        {k: h[i].astype(c[k].dtype) for i, k in enumerate(c)}
+        for h, c in zip(fetch(be, *stacks), cols)
+    ]
+
+
 def _psf_stamps(be: Backend, psf: Psf, bbox: Box, rx, ry, dx, dy, size: int):
     """Unit-sum PSF images at sub-pixel offsets (dx, dy) from the pixels (rx, ry) of the
     image on ``bbox`` (array indices; host or backend arrays, as the offsets).
@@ -251,6 +266,50 @@ def measure_peaks(
         ``flag_shape``, ``flag_psf_flux``, and ``_fp`` (footprint label) and ``_box``
         (footprint x0, y0, x1, y1, inclusive) for the catalog assembly.
     """
+    dev, ctx = _measure_on_backend(
+        backend,
+        sign,
+        d,
+        var,
+        good,
+        mask,
+        snr,
+        labels,
+        n_fp,
+        py,
+        px,
+        psf,
+        bbox,
+        stamp,
+        sigma_w,
+        weighting,
+        footprint_pixels,
+    )
+    return _measure_on_host(_fetch(backend, **dev), ctx)  # every column in one transfer
+
+
+def _measure_on_backend(
+    backend: Backend,
+    sign: int,
+    d: Any,
+    var: Any,
+    good: Any,
+    mask: Any,
+    snr: Any,
+    labels: Any,
+    n_fp: int,
+    py: Any,
+    px: Any,
+    psf: Psf | None,
+    bbox: Box,
+    stamp: int,
+    sigma_w: float,
+    weighting: str,
+    footprint_pixels: tuple[Any, Any] | None = None,
+) -> tuple[dict[str, Any], tuple]:
+    """The backend half of :func:`measure_peaks` (same parameters): its columns on the
+    backend, not fetched (a caller measuring both polarities fetches them together), and
+    the context of :func:`_measure_on_host`."""
     xp, nd = backend.xp, backend.ndimage
     n = int(py.shape[0])
     # Centroid stamps (sources positive, pixels without weight zeroed) and, cropped from
@@ -324,7 +383,13 @@ def measure_peaks(
         mask_footprint=_or_in_footprints(backend, mask, lab, fy_all, fx_all, n_fp)[ids],
         npix=xp.bincount(lab, minlength=n_fp + 1)[ids],
     )
-    h = _fetch(backend, **dev)  # every column in one transfer
+    return dev, (n, sign, psf, bbox)
+
+
+def _measure_on_host(h: dict[str, np.ndarray], ctx: tuple) -> dict[str, Any]:
+    """The host half of :func:`measure_peaks`: its columns from the fetched ones of
+    :func:`_measure_on_backend` (``h``) and that function's context."""
+    n, sign, psf, bbox = ctx
     fx, fy, ok_c = h["fx"], h["fy"], h["ok_c"]
     rx, ry = np.rint(fx).astype(np.int64), np.rint(fy).astype(np.int64)  # as on the backend
     nan = np.full(n, np.nan)
