@@ -242,9 +242,7 @@ class MaskedImage:
             planes = tuple(be.asarray(a) for a in planes)
         else:
             return self._new(*(self.backend.asnumpy(a) for a in planes), backend=be)
-        return MaskedImage._adopt(
-            *planes, xy0=self.xy0, mask_planes=self.mask_planes, backend=be
-        )
+        return MaskedImage._adopt(*planes, xy0=self.xy0, mask_planes=self.mask_planes, backend=be)
 
     def to_numpy(self) -> "MaskedImage":
         """A copy on the NumPy backend."""

@@ -226,8 +226,7 @@ class DecorrelateALKernelTask:
         planes = list(self.config.ignore_mask_planes)
         # image_statistics(use_variance=True)'s sample: finite variances without a plane.
         good = [
-            ((mi.mask & mi.mask_planes.bitmask_if_present(planes)) == 0)
-            & xp.isfinite(mi.variance)
+            ((mi.mask & mi.mask_planes.bitmask_if_present(planes)) == 0) & xp.isfinite(mi.variance)
             for mi in mis
         ]
         data = xp.stack([mi.variance.reshape(-1) for mi in mis])
