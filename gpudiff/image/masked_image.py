@@ -261,7 +261,16 @@ class MaskedImage:
         """A copy with the image divided by ``divisor`` and the variance by its square
         (afw ``MaskedImage /= c``); the mask is kept."""
         d = float(divisor)
-        return self._new(self.image / np.float32(d), self.variance / np.float32(d * d), self.mask)
+        # The quotients are new arrays: held as they are (the constructor would copy them
+        # again, a device launch each); the mask is copied.
+        return MaskedImage._adopt(
+            self.image / np.float32(d),
+            self.variance / np.float32(d * d),
+            self.mask.copy(),
+            xy0=self.xy0,
+            mask_planes=self.mask_planes,
+            backend=self.backend,
+        )
 
     def subtract(self, other: "MaskedImage", background: Any = None) -> "MaskedImage":
         """self − other (− background) as afw MaskedImage arithmetic.
@@ -309,7 +318,7 @@ class MaskedImage:
         """A copy with plane ``name`` (added if undefined; an alias counts) set where ``where`` is
         True."""
         mask, planes = self._plane_set(name, where)
-        return self._new(self.image, self.variance, mask, mask_planes=planes)
+        return self._with_mask(mask, planes)
 
     def _plane_set(self, name: str, where: Any) -> tuple[Any, MaskPlanes]:
         """The (mask, mask planes) of :meth:`with_plane_set`, not wrapped (nor copied)."""
@@ -327,7 +336,19 @@ class MaskedImage:
         bm = self.mask_planes.bitmask_if_present(list(names))
         if not bm:
             return self
-        return self._new(self.image, self.variance, self.mask & ~bm)
+        return self._with_mask(self.mask & ~bm, self.mask_planes)
+
+    def _with_mask(self, mask, mask_planes: MaskPlanes) -> "MaskedImage":
+        """A copy with the new ``mask`` (an array made by the caller, held as it is: the
+        constructor would copy it again, a device launch) and ``mask_planes``."""
+        return MaskedImage._adopt(
+            self.image.copy(),
+            self.variance.copy(),
+            mask,
+            xy0=self.xy0,
+            mask_planes=mask_planes,
+            backend=self.backend,
+        )
 
     def good_pixels(self, bad_planes=("NO_DATA",)) -> Any:
         """Boolean array: finite image and variance, and none of ``bad_planes`` set."""
