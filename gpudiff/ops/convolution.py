@@ -180,7 +180,8 @@ def correlate(
 ) -> Any:
     """Correlate a 2-D image with one kernel (afw convention, zero outside the image).
 
-    ``check_finite`` as :func:`iter_correlations`.
+    ``check_finite`` as :func:`iter_correlations`.  The result (H, W) may be a view of the
+    FFT's larger work array (not C-contiguous); it is the caller's, as a new array is.
     """
     be = resolve_backend(backend)
     # Checked here, where a host kernel is still on the host (no device test).
