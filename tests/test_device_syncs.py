@@ -175,8 +175,8 @@ def test_subtraction_budget(counts):
     assert c["calls"] <= SUBTRACT_CALLS, c
 
 
-#: AlardLuptonSubtractTask.run on the 256² pair with artefacts: 41 syncs and 1,350 calls
-#: (were 48 and 1,405 before issue 16's transfers were merged: the non-finite flags with
+#: AlardLuptonSubtractTask.run on the 256² pair with artefacts: 41 syncs and 1,362 calls
+#: (were 48 and 1,446 before issue 16's transfers were merged: the non-finite flags with
 #: the coverage, the CR-centre pixels with the template stamps, the centroids with the
 #: other measured columns, both variance means in one launch).
 SUBTRACT_SYNCS = 41

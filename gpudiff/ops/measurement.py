@@ -150,28 +150,39 @@ def _psf_stamps(be: Backend, psf: Psf, bbox: Box, rx, ry, dx, dy, size: int):
     # (circulant) Fourier shift matrices A(d)_ab = D(a − b − d), D(t) = Σ_f e^{2πi f t}/s:
     # small matrix products instead of two complex FFTs and a complex exponential per
     # pixel; the same values to rounding (~1e-16 of the peak).
-    Ay, Ax = (_shift_matrices(be, v, size) for v in (dy, dx))
+    Ay, Ax = _shift_matrices(be, (dy, dx), size)
     P = (Ay @ K) @ Ax.transpose(0, 2, 1)
     if P.dtype.kind == "c":
         P = P.real
     return P / P.sum(axis=(1, 2), keepdims=True)
 
 
-def _shift_matrices(be: Backend, d: Any, size: int):
+def _shift_matrices(be: Backend, ds: tuple[Any, ...], size: int) -> list[Any]:
     """(n, size, size) Fourier (periodic-sinc) shift matrices A(d)_ab = D(a − b − d) with
-    D(t) = Σ_f e^{2πi f t}/size over the FFT frequencies f: applied to a signal they move
-    it by d as an FFT phase ramp does.  Real for odd ``size`` (the frequencies are
-    symmetric; the Nyquist term of an even size makes them complex)."""
+    D(t) = Σ_f e^{2πi f t}/size over the FFT frequencies f, one stack per offset vector d
+    of ``ds``: applied to a signal they move it by d as an FFT phase ramp does.  Real for
+    odd ``size`` (the frequencies are symmetric; the Nyquist term of an even size makes
+    them complex).  The phases of every vector are one elementwise pass (three launches,
+    not three per vector); each vector's product with the frequency table stays its own
+    (a matrix product's rounding must not depend on what else is batched with it)."""
     xp = be.xp
     f = np.fft.fftfreq(size)
     m = np.arange(-(size - 1), size)  # the offsets a − b
     E = be.asarray(np.exp(2j * np.pi * f[:, None] * m[None, :]) / size)  # (size, 2·size − 1)
-    d = be.asarray(d).astype(np.float64, copy=False)
-    D = xp.exp(-2j * np.pi * d[:, None] * be.asarray(f)[None, :]) @ E
-    if size % 2:
-        D = xp.ascontiguousarray(D.real)
+    d = [be.asarray(v).astype(np.float64, copy=False) for v in ds]
+    d_all = d[0] if len(d) == 1 else xp.concatenate(d)
+    phase = xp.exp(-2j * np.pi * d_all[:, None] * be.asarray(f)[None, :])
     a = np.arange(size)
-    return D[:, be.asarray(a[:, None] - a[None, :] + size - 1)]
+    idx = be.asarray(a[:, None] - a[None, :] + size - 1)
+    out, at = [], 0
+    for v in d:
+        n = int(v.shape[0])
+        D = phase[at : at + n] @ E
+        at += n
+        if size % 2:
+            D = xp.ascontiguousarray(D.real)
+        out.append(D[:, idx])
+    return out
 
 
 def _psf_moments(psf: Psf, x: np.ndarray, y: np.ndarray, cell: int = 128) -> tuple[np.ndarray, ...]:
@@ -350,12 +361,14 @@ def _measure_on_backend(
         w = ok_pix.astype(xp.float64)
         if weighting == "inverse_variance":
             w = w / xp.where(var_st > 0, var_st, xp.inf)
-        den = (P * P * w).sum(axis=(1, 2))
-        den_s = xp.where(den > 0, den, 1.0)
+        ppw = P * P * w  # shared: P·P·w·w·V below is ((P·P·w)·w)·V, the same roundings
+        den = ppw.sum(axis=(1, 2))
+        den_ok = den > 0
+        den_s = xp.where(den_ok, den, 1.0)
         dev.update(
             flux=(P * img_st * w).sum(axis=(1, 2)) / den_s,
-            err=xp.sqrt((P * P * w * w * var_st).sum(axis=(1, 2))) / den_s,
-            den_ok=den > 0,
+            err=xp.sqrt((ppw * w * var_st).sum(axis=(1, 2))) / den_s,
+            den_ok=den_ok,
         )
     # Footprint sizes, boxes and mask bits: reductions over the labelled pixels, per label.
     fy_all, fx_all = xp.nonzero(labels) if footprint_pixels is None else footprint_pixels

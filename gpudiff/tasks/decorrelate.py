@@ -259,27 +259,29 @@ class DecorrelateALKernelTask:
         """Σ_k |a(k)|² of :meth:`_half_mean_sq`, a backend scalar (not fetched)."""
         xp = self.backend.xp
         p = (a.real**2 + a.imag**2) if xp.iscomplexobj(a) else a * a
-        w = xp.full(p.shape[1], 2.0)
+        # The Hermitian weights, made on the host and uploaded (on a device a fill and
+        # two item writes are three launches).
+        w = np.full(p.shape[1], 2.0)
         w[0] = 1.0
         if shape[1] % 2 == 0:
             w[-1] = 1.0
-        return (p * w[None, :]).sum()
+        return (p * self.backend.asarray(w)[None, :]).sum()
 
     def _filter_plane(self, plane: Any, filt_ft: Any, shape: tuple[int, int], fill: Any) -> Any:
         """IFFT(FFT(plane)·filt_ft) cropped, with non-finite pixels filled by ``fill``
         for the transform and restored (NaN stays NaN, ±inf stays ±inf) afterwards."""
         xp = self.backend.xp
         H, W = plane.shape
-        a = plane.astype(np.float64)
-        bad = ~xp.isfinite(a)
+        # The plane in float64 (itself when it is: never modified, the fill is a new array).
+        a0 = plane.astype(np.float64, copy=False)
+        bad = ~xp.isfinite(a0)
         # On a device the fill and restore run whether or not a pixel needs them (both
         # are then identities): cheaper than the host sync of the test.
         has_bad = self.backend.is_gpu or bool(bad.any())
-        if has_bad:
-            a = xp.where(bad, fill, a)
+        a = xp.where(bad, fill, a0) if has_bad else a0
         out = self._irfft(self._rfft(a, shape) * filt_ft, shape)[:H, :W]
         if has_bad:
-            out = xp.where(bad, plane.astype(np.float64), out)
+            out = xp.where(bad, a0, out)
         return out
 
     # --- the task ----------------------------------------------------------------------
