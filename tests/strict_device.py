@@ -477,7 +477,10 @@ class Dev(NDArrayOperatorsMixin):
         if COUNTS.enabled:
             keys = key if isinstance(key, tuple) else (key,)
             _count_h2d(_host_nbytes(keys) + _host_nbytes((value,)))
-            _count_call(_nbytes(keys) + 2 * (_nbytes((value,)) or np.asarray(value).nbytes))
+            # (a device value by its own size, even an empty one: np.asarray of it would be
+            # an implicit transfer, refused)
+            vbytes = _nbytes((value,)) if isinstance(value, Dev) else np.asarray(value).nbytes
+            _count_call(_nbytes(keys) + 2 * vbytes)
             if _has_bool_index(key) and (
                 isinstance(value, (Dev, list)) or (isinstance(value, np.ndarray) and value.ndim > 0)
             ):

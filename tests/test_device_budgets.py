@@ -11,25 +11,12 @@ margin; the source-count independence is exact.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
-
-
-def _count(fn):
-    import strict_device as sd
-
-    with sd.counting():
-        with sd.stage("x"):
-            out = fn()
-        st = sd.report()["stages"].get("x", {"calls": 0, "syncs": 0})
-    return {"calls": st["calls"], "syncs": st["syncs"]}, out
+from device_harness import child_fixture
+from device_harness import count as _count
 
 
 def _child(out_path: str) -> None:
@@ -104,24 +91,7 @@ def _child(out_path: str) -> None:
     Path(out_path).write_text(json.dumps(res))
 
 
-@pytest.fixture(scope="module")
-def counts(tmp_path_factory):
-    out = tmp_path_factory.mktemp("budgets") / "counts.json"
-    env = dict(os.environ)
-    extra = [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS)] + extra)
-    env.pop("GPUDIFF_BACKEND", None)
-    code = f"import test_device_budgets as t; t._child({str(out)!r})"
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=str(ROOT),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads(out.read_text())
+counts = child_fixture("test_device_budgets")
 
 
 def test_no_device_violation(counts):

@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import device_harness
 from gpudiff.backend import get_backend
 from gpudiff.backend.reference import clipped_stack
 from gpudiff.errors import InvalidInputError
 from gpudiff.ops.stats import _clip_columns
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _awkward_stack(seed: int, n: int = 300, b: int = 40):
@@ -130,12 +129,9 @@ def _fake_device_child(out_path: str) -> None:
     cpu = get_backend("numpy")
     res: dict = {}
 
-    def count(fn):
-        with sd.counting():
-            with sd.stage("x"):
-                out = fn()
-            st = sd.report()["stages"].get("x", {"calls": 0, "syncs": 0})
-        return out, {"calls": st["calls"], "syncs": st["syncs"]}
+    def count(fn):  # (result, counts), the order the cases below unpack
+        c, out = device_harness.count(fn)
+        return out, c
 
     data, good = _awkward_stack(7, 2000, 12)
     d_dev, g_dev = be.asarray(data), be.asarray(good)
@@ -170,27 +166,9 @@ def test_deep_column_statistics_on_the_fake_device(tmp_path):
     """On a (fake) device the deep-column statistics are one registered kernel each plus a
     few calls, one sync at most, with the CPU's numbers (the clip of columns bit for bit;
     the 1-D clip and the quantiles to float32 rounding: float32 order statistics)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    out = tmp_path / "res.json"
-    env = dict(os.environ)
-    extra = [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")] + extra)
-    env.pop("GPUDIFF_BACKEND", None)
-    code = f"import test_device_stats as t; t._fake_device_child({str(out)!r})"
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=str(ROOT),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    res = device_harness.run_child(
+        "test_device_stats", "_fake_device_child", tmp_path / "res.json", 300
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    res = json.loads(out.read_text())
     assert res["violations"] == 0
     assert res["clip_columns"] == {"calls": 1, "syncs": 0} and res["clip_columns_same"]  # was 88
     cs = res["clip_sample"]

@@ -78,6 +78,24 @@ def _as_2d(name: str, a: Any, dtype: Any, be: Backend) -> Any:
     return arr.astype(dtype, copy=True)
 
 
+def _fetch_planes(be: Backend, planes) -> tuple[np.ndarray, ...]:
+    """Host copies of device arrays in one transfer: their bytes (C order) concatenated
+    on the device, split and viewed back on the host; exact for every dtype.  (As
+    ``gpudiff.ops._host.fetch``, which this layer may not import.)"""
+    xp = be.xp
+    dev = [a if a.flags.c_contiguous else xp.ascontiguousarray(a) for a in planes]
+    flat = be.asnumpy(xp.concatenate([a.reshape(-1).view(xp.uint8) for a in dev]))
+    out, at = [], 0
+    for a in dev:
+        n, dt = int(a.nbytes), np.dtype(a.dtype)
+        piece = flat[at : at + n]
+        # A view of the transferred buffer where aligned (no host copy of a whole plane).
+        piece = piece if at % dt.itemsize == 0 else piece.copy()
+        out.append(piece.view(dt).reshape(a.shape))
+        at += n
+    return tuple(out)
+
+
 class MaskedImage:
     """An image with variance and mask planes, all on one array backend.
 
@@ -213,8 +231,18 @@ class MaskedImage:
         be = resolve_backend(backend)
         if be.name == self.backend.name:
             return self.copy()
-        host = self.backend.asnumpy
-        return self._new(host(self.image), host(self.variance), host(self.mask), backend=be)
+        planes = (self.image, self.variance, self.mask)
+        if self.backend.is_gpu and not be.is_gpu:
+            # The three planes cross in one transfer (one host sync, not three), and the
+            # host copies it makes are new arrays: held as they are, not copied again.
+            planes = _fetch_planes(self.backend, planes)
+        elif be.is_gpu and not self.backend.is_gpu:
+            # The upload is the copy (the constructor would copy each plane once more on
+            # the device: a launch each).
+            planes = tuple(be.asarray(a) for a in planes)
+        else:
+            return self._new(*(self.backend.asnumpy(a) for a in planes), backend=be)
+        return MaskedImage._adopt(*planes, xy0=self.xy0, mask_planes=self.mask_planes, backend=be)
 
     def to_numpy(self) -> "MaskedImage":
         """A copy on the NumPy backend."""
@@ -233,7 +261,16 @@ class MaskedImage:
         """A copy with the image divided by ``divisor`` and the variance by its square
         (afw ``MaskedImage /= c``); the mask is kept."""
         d = float(divisor)
-        return self._new(self.image / np.float32(d), self.variance / np.float32(d * d), self.mask)
+        # The quotients are new arrays: held as they are (the constructor would copy them
+        # again, a device launch each); the mask is copied.
+        return MaskedImage._adopt(
+            self.image / np.float32(d),
+            self.variance / np.float32(d * d),
+            self.mask.copy(),
+            xy0=self.xy0,
+            mask_planes=self.mask_planes,
+            backend=self.backend,
+        )
 
     def subtract(self, other: "MaskedImage", background: Any = None) -> "MaskedImage":
         """self − other (− background) as afw MaskedImage arithmetic.
@@ -281,14 +318,15 @@ class MaskedImage:
         """A copy with plane ``name`` (added if undefined; an alias counts) set where ``where`` is
         True."""
         mask, planes = self._plane_set(name, where)
-        return self._new(self.image, self.variance, mask, mask_planes=planes)
+        return self._with_mask(mask, planes)
 
     def _plane_set(self, name: str, where: Any) -> tuple[Any, MaskPlanes]:
         """The (mask, mask planes) of :meth:`with_plane_set`, not wrapped (nor copied)."""
         planes = self.mask_planes.copy()
         bit = planes.add(name)
         dtype = mask_dtype(planes)  # a plane on bit 31+ widens the mask to int64
-        mask = self.mask.astype(dtype) | (
+        # (copy=False: the OR makes the new mask; a copy first is a launch for nothing)
+        mask = self.mask.astype(dtype, copy=False) | (
             self.backend.xp.asarray(where).astype(dtype) << dtype.type(bit)
         )
         return mask, planes
@@ -298,7 +336,19 @@ class MaskedImage:
         bm = self.mask_planes.bitmask_if_present(list(names))
         if not bm:
             return self
-        return self._new(self.image, self.variance, self.mask & ~bm)
+        return self._with_mask(self.mask & ~bm, self.mask_planes)
+
+    def _with_mask(self, mask, mask_planes: MaskPlanes) -> "MaskedImage":
+        """A copy with the new ``mask`` (an array made by the caller, held as it is: the
+        constructor would copy it again, a device launch) and ``mask_planes``."""
+        return MaskedImage._adopt(
+            self.image.copy(),
+            self.variance.copy(),
+            mask,
+            xy0=self.xy0,
+            mask_planes=mask_planes,
+            backend=self.backend,
+        )
 
     def good_pixels(self, bad_planes=("NO_DATA",)) -> Any:
         """Boolean array: finite image and variance, and none of ``bad_planes`` set."""

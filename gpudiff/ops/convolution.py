@@ -180,12 +180,15 @@ def correlate(
 ) -> Any:
     """Correlate a 2-D image with one kernel (afw convention, zero outside the image).
 
-    ``check_finite`` as :func:`iter_correlations`.
+    ``check_finite`` as :func:`iter_correlations`.  The result (H, W) may be a view of the
+    FFT's larger work array (not C-contiguous); it is the caller's, as a new array is.
     """
     be = resolve_backend(backend)
     # Checked here, where a host kernel is still on the host (no device test).
     k = _check_kernels(kernel, be, 2)
-    return be.xp.stack(list(_correlations(image, k[None], be, dtype, check_finite)))[0]
+    # The one term as it comes (a view of the FFT output's valid part): stacking it would
+    # be a copy, a device launch, for nothing.
+    return next(_correlations(image, k[None], be, dtype, check_finite))
 
 
 def dilate_mask(mask: Any, footprint: Any, backend: Backend | str | None = None) -> Any:

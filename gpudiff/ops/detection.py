@@ -26,7 +26,7 @@ from ..image import Box, Exposure, MaskedImage, MaskPlanes, Psf
 from .background import estimate_background
 from .convolution import correlate
 from .footprints import dilate_disk, drop_small
-from .measurement import measure_peaks
+from .measurement import _fetch_many, _measure_on_backend, _measure_on_host, measure_peaks
 
 __all__ = [
     "DetectionResult",
@@ -124,7 +124,7 @@ def _peaks(be: Backend, snr, labels, radius: int, footprint_pixels=None, sign: i
     Wp = W + 2 * r
     pad = xp.pad(snr, r, mode="constant", constant_values=-np.inf if sign > 0 else np.inf)
     flat = pad.reshape(-1)
-    centre = (ys + r) * Wp + (xs + r)
+    centre = ys * Wp + (xs + (r * Wp + r))  # (ys + r)·Wp + xs + r, one launch fewer
     v = flat[centre]
     offs = [dy * Wp + dx for dy in range(-r, r + 1) for dx in range(-r, r + 1) if dy or dx]
     n = int(ys.shape[0])
@@ -291,8 +291,9 @@ def detect_sources(
     det_bit, neg_bit = 1 << planes.add("DETECTED"), 1 << planes.add("DETECTED_NEGATIVE")
     good = mi.good_pixels(list(bad_planes))
     bg = _background(mi, background, be)
-    d = xp.where(good, mi.image if bg is None else mi.image - bg, 0).astype(xp.float32)
-    var = xp.where(good, mi.variance, 0).astype(xp.float32)
+    # (copy=False: the planes are float32 already; a second copy is a launch each)
+    d = xp.where(good, mi.image if bg is None else mi.image - bg, 0).astype(xp.float32, copy=False)
+    var = xp.where(good, mi.variance, 0).astype(xp.float32, copy=False)
     (x0, y0), (H, W) = mi.xy0, mi.shape
     cxp, cyp = x0 + (W - 1) / 2.0, y0 + (H - 1) / 2.0
     # Without a PSF: a σ = 1.5 px weight for centroids and moments, 13-px stamps.
@@ -304,11 +305,24 @@ def detect_sources(
         # image: a 205² WebbPSF made per-source stamps cost minutes.  PSF fluxes then
         # measure the flux inside the stamp (wings beyond 10σ are a few % for JWST).
         stamp = min(kimg.shape[0], max(25, 2 * int(math.ceil(10 * sigma_w)) + 1))
-    s, v = (correlate(d, kimg, be), correlate(var, kimg * kimg, be)) if smooth else (d, var)
+    # Both planes are finite by construction (zero where not ``good``, which requires a
+    # finite image and variance; an estimated background is finite): the correlation's
+    # finiteness test, a host sync each on a device, is left to a caller's own background.
+    user_bg = bg is not None and not isinstance(background, str)
+    s, v = (
+        (
+            correlate(d, kimg, be, check_finite=user_bg),
+            correlate(var, kimg * kimg, be, check_finite=False),
+        )
+        if smooth
+        else (d, var)
+    )
     # FFT rounding leaves ~1e-7·max residue where the variance is zero: not data.
     # (kept on the device, rounded to v's dtype as the Python float it replaces would be)
     vmin = (xp.max(v).astype(xp.float64) * 1e-6).astype(v.dtype) if v.size else 0.0
-    snr = xp.where(good & (v > vmin), s / xp.sqrt(xp.maximum(v, vmin)), 0).astype(xp.float32)
+    snr = xp.where(good & (v > vmin), s / xp.sqrt(xp.maximum(v, vmin)), 0).astype(
+        xp.float32, copy=False
+    )
     peak_radius = max(1, int(round(sigma_w)))
     mask = mi.mask & ~np.int32(det_bit | neg_bit)
 
@@ -320,7 +334,9 @@ def detect_sources(
             return None
         fp = xp.nonzero(labels)  # footprint pixels, shared by the peaks and the measurement
         py, px = _peaks(be, snr, labels, peak_radius, fp, sign)
-        cols = measure_peaks(
+        # On a device the columns stay there: both polarities' cross in one transfer.
+        measure = _measure_on_backend if be.is_gpu else measure_peaks
+        cols = measure(
             be,
             sign,
             d,
@@ -344,6 +360,12 @@ def detect_sources(
     signs = _POLARITIES[polarity]
     # The polarities are independent: one CPU thread each.
     found = parallel_map(one_sign, signs, cpu_workers(len(signs), parallel=not be.is_gpu))
+    if be.is_gpu:
+        done = [r for r in found if r is not None]
+        hosts = iter(_fetch_many(be, [dev for _, (dev, _) in done]))
+        found = [
+            None if r is None else (r[0], _measure_on_host(next(hosts), r[1][1])) for r in found
+        ]
     parts = []
     for sign, res in zip(signs, found):
         if res is None:
@@ -376,7 +398,11 @@ def detect_sources(
         }
     )
     return DetectionResult(
-        catalog=cat, mask=mask.astype(xp.int32), mask_planes=planes, significance=snr, background=bg
+        catalog=cat,
+        mask=mask.astype(xp.int32, copy=False),  # a new array already
+        mask_planes=planes,
+        significance=snr,
+        background=bg,
     )
 
 

@@ -6,8 +6,8 @@ Every peak of one polarity is measured at once, on stacks of stamps (n, s, s) cu
 Gaussian-weighted centroid, the PSF flux, adaptive moments and extendedness, the mask bits
 in the central 5×5 and in the footprint, and the footprint's size and box.  On a device the
 work is a fixed number of launches whatever the number of sources, and the results cross to
-the host in two transfers: the centroids (the PSF model is evaluated on the host, at them)
-and, at the end, every other column at once.
+the host in one transfer at the end (the centroids too: the PSF stamps are cut and shifted
+on the device, and the PSF moments, evaluated on the host, only need them once fetched).
 """
 
 from __future__ import annotations
@@ -30,9 +30,13 @@ _FOOTPRINT_BITS = 31
 def _parabola(xp, c, lo, hi):
     """Vertex offset of the parabola through (−1, lo), (0, c), (1, hi), clipped to ±1."""
     den = lo - 2 * c + hi
-    return xp.clip(
-        xp.where(den < 0, 0.5 * (lo - hi) / xp.where(den < 0, den, -1.0), 0.0), -1.0, 1.0
-    )
+    neg = den < 0  # once: a launch per comparison on a device
+    return xp.clip(xp.where(neg, 0.5 * (lo - hi) / xp.where(neg, den, -1.0), 0.0), -1.0, 1.0)
+
+
+def _signed(x, sign: int):
+    """``sign`` × ``x`` (the same values): no launch for the positive polarity."""
+    return x if sign > 0 else -x
 
 
 def _or_last_axis(x):
@@ -45,6 +49,16 @@ def _or_last_axis(x):
             y = y | x[..., 2 * h :]  # the odd last column, broadcast over the halves
         x = y
     return x[..., 0]
+
+
+def _mask_center(xp, m5):
+    """The OR of each (5, 5) stamp of mask bits, float64-exact for the transfer (the
+    column is int32: an int32 mask's OR is its own int32, row by row and then along it,
+    with no reshape copy; a wider mask keeps its low 32 bits)."""
+    if m5.dtype == np.int32:
+        return _or_last_axis(_or_last_axis(m5))
+    n = m5.shape[0]
+    return _or_last_axis(m5.reshape(n, -1).astype(xp.int64)) & 0xFFFFFFFF
 
 
 def _or_in_footprints(be: Backend, mask, lab, fy, fx, n: int):
@@ -76,8 +90,24 @@ def _fetch(be: Backend, **cols) -> dict[str, np.ndarray]:
     return {k: h[i].astype(cols[k].dtype) for i, k in enumerate(names)}
 
 
-def _psf_stamps(be: Backend, psf: Psf, bbox: Box, cx, cy, dx, dy, size: int):
-    """Unit-sum PSF images at sub-pixel offsets (dx, dy) from the parent pixels (cx, cy).
+def _fetch_many(be: Backend, cols: list[dict[str, Any]]) -> list[dict[str, np.ndarray]]:
+    """:func:`_fetch` of several sets of columns (of different lengths: the polarities of
+    a detection) in one transfer."""
+    if not be.is_gpu:
+        return [_fetch(be, **c) for c in cols]
+    from ._host import fetch
+
+    xp = be.xp
+    stacks = [xp.stack([c[k] for k in c]).astype(xp.float64, copy=False) for c in cols]
+    return [
+        {k: h[i].astype(c[k].dtype) for i, k in enumerate(c)}
+        for h, c in zip(fetch(be, *stacks), cols)
+    ]
+
+
+def _psf_stamps(be: Backend, psf: Psf, bbox: Box, rx, ry, dx, dy, size: int):
+    """Unit-sum PSF images at sub-pixel offsets (dx, dy) from the pixels (rx, ry) of the
+    image on ``bbox`` (array indices; host or backend arrays, as the offsets).
 
     Kernel images on a lattice (one node for a constant PSF, else 8×8 host calls, not one
     per source), bilinearly interpolated to each source on the backend (only the lattice
@@ -86,7 +116,7 @@ def _psf_stamps(be: Backend, psf: Psf, bbox: Box, cx, cy, dx, dy, size: int):
     pixel-integrated models when FWHM ≳ 2.5 px.
     """
     xp = be.xp
-    n = len(cx)
+    n = int(rx.shape[0])
     probe = [
         (bbox.x0, bbox.y0),
         (bbox.x1 - 1, bbox.y1 - 1),
@@ -103,13 +133,15 @@ def _psf_stamps(be: Backend, psf: Psf, bbox: Box, cx, cy, dx, dy, size: int):
             np.array([[psf.kernel_image(x, y, size=size) for x in xs] for y in ys])
         )  # 64 host calls
 
-        def w1(nodes, v):
-            i = np.clip(np.searchsorted(nodes, v) - 1, 0, g - 2)
-            return i, np.clip((v - nodes[i]) / (nodes[i + 1] - nodes[i]), 0.0, 1.0)
+        def w1(nodes, v, origin):
+            # On the backend: the source pixels may be device arrays (no host round trip).
+            v = be.asarray(v).astype(np.float64) + float(origin)  # parent pixels
+            nd_ = be.asarray(nodes)
+            i = xp.clip(xp.searchsorted(nd_, v) - 1, 0, g - 2)
+            return i, xp.clip((v - nd_[i]) / (nd_[i + 1] - nd_[i]), 0.0, 1.0)
 
-        (i, ty), (j, tx) = w1(ys, np.asarray(cy, float)), w1(xs, np.asarray(cx, float))
-        ty, tx = be.asarray(ty[:, None, None]), be.asarray(tx[:, None, None])
-        i, j = be.asarray(i), be.asarray(j)
+        (i, ty), (j, tx) = w1(ys, ry, bbox.y0), w1(xs, rx, bbox.x0)
+        ty, tx = ty[:, None, None], tx[:, None, None]
         K = (1 - ty) * ((1 - tx) * lat[i, j] + tx * lat[i, j + 1]) + ty * (
             (1 - tx) * lat[i + 1, j] + tx * lat[i + 1, j + 1]
         )
@@ -118,27 +150,39 @@ def _psf_stamps(be: Backend, psf: Psf, bbox: Box, cx, cy, dx, dy, size: int):
     # (circulant) Fourier shift matrices A(d)_ab = D(a − b − d), D(t) = Σ_f e^{2πi f t}/s:
     # small matrix products instead of two complex FFTs and a complex exponential per
     # pixel; the same values to rounding (~1e-16 of the peak).
-    Ay, Ax = (_shift_matrices(be, np.asarray(v, float), size) for v in (dy, dx))
+    Ay, Ax = _shift_matrices(be, (dy, dx), size)
     P = (Ay @ K) @ Ax.transpose(0, 2, 1)
     if P.dtype.kind == "c":
         P = P.real
     return P / P.sum(axis=(1, 2), keepdims=True)
 
 
-def _shift_matrices(be: Backend, d: np.ndarray, size: int):
+def _shift_matrices(be: Backend, ds: tuple[Any, ...], size: int) -> list[Any]:
     """(n, size, size) Fourier (periodic-sinc) shift matrices A(d)_ab = D(a − b − d) with
-    D(t) = Σ_f e^{2πi f t}/size over the FFT frequencies f: applied to a signal they move
-    it by d as an FFT phase ramp does.  Real for odd ``size`` (the frequencies are
-    symmetric; the Nyquist term of an even size makes them complex)."""
+    D(t) = Σ_f e^{2πi f t}/size over the FFT frequencies f, one stack per offset vector d
+    of ``ds``: applied to a signal they move it by d as an FFT phase ramp does.  Real for
+    odd ``size`` (the frequencies are symmetric; the Nyquist term of an even size makes
+    them complex).  The phases of every vector are one elementwise pass (three launches,
+    not three per vector); each vector's product with the frequency table stays its own
+    (a matrix product's rounding must not depend on what else is batched with it)."""
     xp = be.xp
     f = np.fft.fftfreq(size)
     m = np.arange(-(size - 1), size)  # the offsets a − b
     E = be.asarray(np.exp(2j * np.pi * f[:, None] * m[None, :]) / size)  # (size, 2·size − 1)
-    D = xp.exp(-2j * np.pi * be.asarray(d)[:, None] * be.asarray(f)[None, :]) @ E
-    if size % 2:
-        D = xp.ascontiguousarray(D.real)
+    d = [be.asarray(v).astype(np.float64, copy=False) for v in ds]
+    d_all = d[0] if len(d) == 1 else xp.concatenate(d)
+    phase = xp.exp(-2j * np.pi * d_all[:, None] * be.asarray(f)[None, :])
     a = np.arange(size)
-    return D[:, be.asarray(a[:, None] - a[None, :] + size - 1)]
+    idx = be.asarray(a[:, None] - a[None, :] + size - 1)
+    out, at = [], 0
+    for v in d:
+        n = int(v.shape[0])
+        D = phase[at : at + n] @ E
+        at += n
+        if size % 2:
+            D = xp.ascontiguousarray(D.real)
+        out.append(D[:, idx])
+    return out
 
 
 def _psf_moments(psf: Psf, x: np.ndarray, y: np.ndarray, cell: int = 128) -> tuple[np.ndarray, ...]:
@@ -233,6 +277,50 @@ def measure_peaks(
         ``flag_shape``, ``flag_psf_flux``, and ``_fp`` (footprint label) and ``_box``
         (footprint x0, y0, x1, y1, inclusive) for the catalog assembly.
     """
+    dev, ctx = _measure_on_backend(
+        backend,
+        sign,
+        d,
+        var,
+        good,
+        mask,
+        snr,
+        labels,
+        n_fp,
+        py,
+        px,
+        psf,
+        bbox,
+        stamp,
+        sigma_w,
+        weighting,
+        footprint_pixels,
+    )
+    return _measure_on_host(_fetch(backend, **dev), ctx)  # every column in one transfer
+
+
+def _measure_on_backend(
+    backend: Backend,
+    sign: int,
+    d: Any,
+    var: Any,
+    good: Any,
+    mask: Any,
+    snr: Any,
+    labels: Any,
+    n_fp: int,
+    py: Any,
+    px: Any,
+    psf: Psf | None,
+    bbox: Box,
+    stamp: int,
+    sigma_w: float,
+    weighting: str,
+    footprint_pixels: tuple[Any, Any] | None = None,
+) -> tuple[dict[str, Any], tuple]:
+    """The backend half of :func:`measure_peaks` (same parameters): its columns on the
+    backend, not fetched (a caller measuring both polarities fetches them together), and
+    the context of :func:`_measure_on_host`."""
     xp, nd = backend.xp, backend.ndimage
     n = int(py.shape[0])
     # Centroid stamps (sources positive, pixels without weight zeroed) and, cropped from
@@ -245,39 +333,42 @@ def measure_peaks(
     # start and the fallback of the Gaussian-weighted centroid on the unsmoothed image.
     # The 3×3 flattened: 4 = centre, (3, 5) its row neighbours, (1, 7) its column ones;
     # both axes in one pass, column 0 x and column 1 y.
-    lg = xp.log(xp.maximum(s_st[:, hc - 1 : hc + 2, hc - 1 : hc + 2] * sign, 1e-30)).reshape(n, 9)
+    core = _signed(s_st[:, hc - 1 : hc + 2, hc - 1 : hc + 2], sign)
+    lg = xp.log(xp.maximum(core, 1e-30)).reshape(n, 9)
     d0 = _parabola(xp, lg[:, 4:5], lg[:, [3, 1]], lg[:, [5, 7]])
     dx0, dy0 = d0[:, 0], d0[:, 1]
-    st = xp.where(g_st, d_st * sign, 0)
+    st = xp.where(g_st, _signed(d_st, sign), 0)
     cx, cy, ok_c = weighted_centroid(backend, st, dx0, dy0, sigma_w)
-    h = _fetch(backend, fx=xp.where(ok_c, cx, dx0) + px, fy=xp.where(ok_c, cy, dy0) + py, ok_c=ok_c)
-    fx, fy, ok_c = h["fx"], h["fy"], h["ok_c"]
+    # The centroids stay on the backend (fetched with the other columns at the end).
+    fx, fy = xp.where(ok_c, cx, dx0) + px, xp.where(ok_c, cy, dy0) + py
     # PSF flux, moments and mask bits in the PSF-sized stamp on the nearest pixel.
-    rx, ry = np.rint(fx).astype(np.int64), np.rint(fy).astype(np.int64)
+    rx, ry = xp.rint(fx).astype(np.int64), xp.rint(fy).astype(np.int64)
     hs = stamp // 2
     (d2, v2, ok_pix, m2), inside = gather_stamps_many(
         backend, [d, var, good, mask], ry, rx, hs, [0.0, 0.0, False, 0]
     )
-    img_st = xp.where(ok_pix, d2 * sign, 0)
+    img_st = xp.where(ok_pix, _signed(d2, sign), 0)
     var_st = xp.where(ok_pix, v2, 0)
     if hs >= 2:
         m5 = m2[:, hs - 2 : hs + 3, hs - 2 : hs + 3]
     else:
         (m5,), _ = gather_stamps_many(backend, [mask], ry, rx, 2, [0])
-    dev: dict[str, Any] = {}
+    dev: dict[str, Any] = dict(fx=fx, fy=fy, ok_c=ok_c)
     sm = adaptive_moments_batch(backend, img_st, ok_pix, sigma_w**2)
     dev.update(ixx=sm[2], iyy=sm[3], ixy=sm[4], ok_m=sm[5])
     if psf is not None:
-        P = _psf_stamps(backend, psf, bbox, rx + bbox.x0, ry + bbox.y0, fx - rx, fy - ry, stamp)
+        P = _psf_stamps(backend, psf, bbox, rx, ry, fx - rx, fy - ry, stamp)
         w = ok_pix.astype(xp.float64)
         if weighting == "inverse_variance":
             w = w / xp.where(var_st > 0, var_st, xp.inf)
-        den = (P * P * w).sum(axis=(1, 2))
-        den_s = xp.where(den > 0, den, 1.0)
+        ppw = P * P * w  # shared: P·P·w·w·V below is ((P·P·w)·w)·V, the same roundings
+        den = ppw.sum(axis=(1, 2))
+        den_ok = den > 0
+        den_s = xp.where(den_ok, den, 1.0)
         dev.update(
             flux=(P * img_st * w).sum(axis=(1, 2)) / den_s,
-            err=xp.sqrt((P * P * w * w * var_st).sum(axis=(1, 2))) / den_s,
-            den_ok=den > 0,
+            err=xp.sqrt((ppw * w * var_st).sum(axis=(1, 2))) / den_s,
+            den_ok=den_ok,
         )
     # Footprint sizes, boxes and mask bits: reductions over the labelled pixels, per label.
     fy_all, fx_all = xp.nonzero(labels) if footprint_pixels is None else footprint_pixels
@@ -296,8 +387,7 @@ def measure_peaks(
         peak_y=py,
         peak_significance=snr[py, px],
         inside_all=inside.all(axis=(1, 2)),
-        # the low 32 bits of the OR (the column is int32; float64-exact in the transfer)
-        mask_center=_or_last_axis(m5.reshape(n, 25).astype(xp.int64)) & 0xFFFFFFFF,
+        mask_center=_mask_center(xp, m5),
         ids=ids,
         box0=box[0],
         box1=box[1],
@@ -306,7 +396,15 @@ def measure_peaks(
         mask_footprint=_or_in_footprints(backend, mask, lab, fy_all, fx_all, n_fp)[ids],
         npix=xp.bincount(lab, minlength=n_fp + 1)[ids],
     )
-    h = _fetch(backend, **dev)  # every remaining column in one transfer
+    return dev, (n, sign, psf, bbox)
+
+
+def _measure_on_host(h: dict[str, np.ndarray], ctx: tuple) -> dict[str, Any]:
+    """The host half of :func:`measure_peaks`: its columns from the fetched ones of
+    :func:`_measure_on_backend` (``h``) and that function's context."""
+    n, sign, psf, bbox = ctx
+    fx, fy, ok_c = h["fx"], h["fy"], h["ok_c"]
+    rx, ry = np.rint(fx).astype(np.int64), np.rint(fy).astype(np.int64)  # as on the backend
     nan = np.full(n, np.nan)
     c: dict[str, Any] = dict(
         psf_flux=nan,

@@ -348,15 +348,26 @@ def image_statistics(
 
 def _stamp_index(be: Backend, rows: Any, cols: Any, half: int, shape: tuple[int, int]):
     """(flat index (n, s, s) into a C-ordered (H, W) image, clipped to it; inside (n, s, s))
-    of the cut-outs of side s = 2·half+1 centred on (rows, cols)."""
+    of the cut-outs of side s = 2·half+1 centred on (rows, cols).
+
+    Rows and columns are offset, clipped and compared as one (2, n, s) array (clipped to
+    H − 1 and W − 1 by one broadcast bound): six device calls for host centres, seven for
+    device ones (their stack), instead of one per axis and step.
+    """
     xp = be.xp
     H, W = shape
-    o = xp.arange(-half, half + 1, dtype=xp.int64)
-    r = be.asarray(rows).astype(xp.int64, copy=False)[:, None] + o[None, :]
-    c = be.asarray(cols).astype(xp.int64, copy=False)[:, None] + o[None, :]
-    rc, cc = xp.clip(r, 0, H - 1), xp.clip(c, 0, W - 1)
-    inside = (rc == r)[:, :, None] & (cc == c)[:, None, :]  # clipping moved it: outside
-    return (rc * W)[:, :, None] + cc[:, None, :], inside
+    o = be.asarray(np.arange(-half, half + 1, dtype=np.int64))
+    lim = be.asarray(np.array([H - 1, W - 1], dtype=np.int64)[:, None, None])
+    if be.is_gpu and not (isinstance(rows, xp.ndarray) or isinstance(cols, xp.ndarray)):
+        # Host centres are stacked on the host: one small upload, no launch.
+        rc = be.asarray(np.stack([np.asarray(rows, np.int64), np.asarray(cols, np.int64)]))
+    else:
+        rc = xp.stack([be.asarray(rows), be.asarray(cols)]).astype(xp.int64, copy=False)
+    p = rc[:, :, None] + o[None, None, :]  # (2, n, s): the stamp rows, then its columns
+    pc = xp.clip(p, 0, lim)
+    eq = pc == p  # clipping moved it: outside
+    inside = eq[0][:, :, None] & eq[1][:, None, :]
+    return (pc[0] * W)[:, :, None] + pc[1][:, None, :], inside
 
 
 def gather_stamps_many(

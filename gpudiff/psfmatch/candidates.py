@@ -480,13 +480,26 @@ def template_presence_snr(
         (the PSF centred on the nearest pixel: a presence test, not photometry); NaN
         where no pixel is usable.
     """
-    from ..ops.stats import gather_stamps_many
-
     be = template.backend
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if x.size == 0:
         return np.zeros(0)
+    dev, ctx = _presence_stamps(template, psf_image, x, y, fwhm)
+    return _presence_snr(*fetch(be, *dev), ctx)  # to the host, in one transfer
+
+
+def _presence_stamps(
+    template: MaskedImage, psf_image: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm: float
+) -> tuple[list, tuple]:
+    """The backend half of :func:`template_presence_snr` (``x`` not empty): its stamps
+    (image, variance, mask, inside) and the host context of :func:`_presence_snr`.
+
+    Split so that a caller fetches the stamps with its own arrays, in one transfer.
+    """
+    from ..ops.stats import gather_stamps_many
+
+    be = template.backend
     p = np.asarray(psf_image, dtype=np.float64)
     # The core and a background annulus beyond 2 FWHM; not the whole PSF model (WebbPSF
     # images are 205 px wide: stamps of that size made this test take seconds).
@@ -502,16 +515,22 @@ def template_presence_snr(
     cols = np.rint(x).astype(np.int64) - template.xy0[0]
     planes = [template.image, template.variance, template.mask]
     (img, var, msk), inside = gather_stamps_many(be, planes, rows, cols, half, [np.nan, np.nan, 0])
-    img, var, msk, inside = fetch(be, img, var, msk, inside)  # to the host, in one transfer
     # Defects only: LSST's inputs carry DETECTED over every source, which must count.
     bad = template.mask_planes.bitmask_if_present(["NO_DATA", "BAD", "SAT", "EDGE", "CR"])
+    return [img, var, msk, inside], (pp, half, bad, float(fwhm), x.size)
+
+
+def _presence_snr(img, var, msk, inside, ctx: tuple) -> np.ndarray:
+    """The host half of :func:`template_presence_snr`: the S/N from the fetched stamps of
+    :func:`_presence_stamps` and its context."""
+    pp, half, bad, fwhm, n = ctx
     ok = inside & ((msk & bad) == 0) & np.isfinite(img) & np.isfinite(var) & (var > 0)
     yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
     outer = (np.hypot(xx, yy) > 2 * fwhm)[None] & ok
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         # A stamp with no usable annulus pixel: background taken as 0 below.
         warnings.simplefilter("ignore", RuntimeWarning)
-        b = np.nanmedian(np.where(outer, img, np.nan).reshape(x.size, -1), axis=1)
+        b = np.nanmedian(np.where(outer, img, np.nan).reshape(n, -1), axis=1)
         b = np.where(np.isfinite(b), b, 0.0)
         w = np.where(ok, pp[None], 0.0)
         s2 = (w * w).sum(axis=(1, 2))

@@ -100,9 +100,14 @@ class SpatialFunctions:
 
     def grid_terms(self, box: Box, backend: Backend) -> list[Any]:
         """The terms on every pixel of ``box`` as (H, W) backend arrays (as
-        :meth:`on_grid`), from :meth:`grid_factors`."""
+        :meth:`on_grid`), from :meth:`grid_factors`; the constant term T₀(u)·T₀(v) = 1 as
+        the host scalar 1.0, which broadcasts to the same values (its (H, W) array of ones
+        was a launch to make and one per product with it)."""
         pu, pv = self.grid_factors(box, backend)
-        return [pu[i] * pv[j] for i, j in _term_powers(self.order)]
+        return [
+            np.float64(1.0) if (i, j) == (0, 0) else pu[i] * pv[j]
+            for i, j in _term_powers(self.order)
+        ]
 
     def matrix(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """(n_points, n_terms) host array of the terms at the points."""
@@ -209,7 +214,8 @@ class SpatialKernel:
         img, var, msk = prepare_masked_input(mi)
         pairs = [(k, k2) for i, k in enumerate(used) for k2 in used[i:]]
         # V ⊗ K(x,y)² = Σ_k Σ_l p_k p_l (V ⊗ K_k K_l); the k ≠ l pairs appear twice.
-        vweights = [(1.0 if k == k2 else 2.0) * (p[k] * p[k2]) for k, k2 in pairs]
+        # (a product by 1.0 is the same values: not launched for the diagonal pairs)
+        vweights = [p[k] * p[k2] if k == k2 else 2.0 * (p[k] * p[k2]) for k, k2 in pairs]
         vkernels = np.stack([kt[k] * kt[k2] for k, k2 in pairs])
         # Image and variance planes are independent: on the CPU one thread each.
         out_img, out_var = run_concurrently(

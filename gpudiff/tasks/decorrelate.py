@@ -214,6 +214,30 @@ class DecorrelateALKernelTask:
         except AllMaskedError:
             return float("nan")
 
+    def _variance_means(self, *mis: MaskedImage) -> list[float]:
+        """:meth:`compute_variance_mean` of images of one shape, as the columns of one
+        ``clipped_columns`` launch whose four results per image cross in one transfer
+        (the device path of :func:`~gpudiff.ops.stats.image_statistics`, per column: the
+        same pixels, the same clip; NaN where no pixel is usable)."""
+        from ..ops.selection import _clip_columns
+
+        be = self.backend
+        xp = be.xp
+        planes = list(self.config.ignore_mask_planes)
+        # image_statistics(use_variance=True)'s sample: finite variances without a plane.
+        good = [
+            ((mi.mask & mi.mask_planes.bitmask_if_present(planes)) == 0) & xp.isfinite(mi.variance)
+            for mi in mis
+        ]
+        data = xp.stack([mi.variance.reshape(-1) for mi in mis])
+        ok = xp.stack([g.reshape(-1) for g in good])
+        # (N, B) views of the (B, N) stacks: each column read contiguously on a device.
+        mean, _, _, n_valid = _clip_columns(
+            be, data.T, ok.T, 3.0, 3, want_var=False, good_is_finite=True
+        )
+        m, n = fetch(be, mean, n_valid)
+        return [float(a) if int(k) > 0 else float("nan") for a, k in zip(m, n)]
+
     def _mi(self, exp: Exposure, name: str) -> MaskedImage:
         if not isinstance(exp, Exposure):
             raise InvalidInputError(f"{name} must be an Exposure, got {type(exp).__name__}")
@@ -235,27 +259,29 @@ class DecorrelateALKernelTask:
         """Σ_k |a(k)|² of :meth:`_half_mean_sq`, a backend scalar (not fetched)."""
         xp = self.backend.xp
         p = (a.real**2 + a.imag**2) if xp.iscomplexobj(a) else a * a
-        w = xp.full(p.shape[1], 2.0)
+        # The Hermitian weights, made on the host and uploaded (on a device a fill and
+        # two item writes are three launches).
+        w = np.full(p.shape[1], 2.0)
         w[0] = 1.0
         if shape[1] % 2 == 0:
             w[-1] = 1.0
-        return (p * w[None, :]).sum()
+        return (p * self.backend.asarray(w)[None, :]).sum()
 
     def _filter_plane(self, plane: Any, filt_ft: Any, shape: tuple[int, int], fill: Any) -> Any:
         """IFFT(FFT(plane)·filt_ft) cropped, with non-finite pixels filled by ``fill``
         for the transform and restored (NaN stays NaN, ±inf stays ±inf) afterwards."""
         xp = self.backend.xp
         H, W = plane.shape
-        a = plane.astype(np.float64)
-        bad = ~xp.isfinite(a)
+        # The plane in float64 (itself when it is: never modified, the fill is a new array).
+        a0 = plane.astype(np.float64, copy=False)
+        bad = ~xp.isfinite(a0)
         # On a device the fill and restore run whether or not a pixel needs them (both
         # are then identities): cheaper than the host sync of the test.
         has_bad = self.backend.is_gpu or bool(bad.any())
-        if has_bad:
-            a = xp.where(bad, fill, a)
+        a = xp.where(bad, fill, a0) if has_bad else a0
         out = self._irfft(self._rfft(a, shape) * filt_ft, shape)[:H, :W]
         if has_bad:
-            out = xp.where(bad, plane.astype(np.float64), out)
+            out = xp.where(bad, a0, out)
         return out
 
     # --- the task ----------------------------------------------------------------------
@@ -353,12 +379,16 @@ class DecorrelateALKernelTask:
                 raise InvalidInputError(f"pre_conv_kernel must have a positive sum, got {s}")
             pre = pre / s
 
-        # two independent full-image MEANCLIPs: one CPU thread each
-        svar, tvar = run_concurrently(
-            lambda: self.compute_variance_mean(sci) if svar is None else float(svar),
-            lambda: self.compute_variance_mean(tmpl) if tvar is None else float(tvar),
-            parallel=not be.is_gpu,
-        )
+        if be.is_gpu and svar is None and tvar is None and sci.shape == tmpl.shape:
+            # On a device both MEANCLIPs run as two columns of one kernel: one host sync.
+            svar, tvar = self._variance_means(sci, tmpl)
+        else:
+            # two independent full-image MEANCLIPs: one CPU thread each
+            svar, tvar = run_concurrently(
+                lambda: self.compute_variance_mean(sci) if svar is None else float(svar),
+                lambda: self.compute_variance_mean(tmpl) if tvar is None else float(tvar),
+                parallel=not be.is_gpu,
+            )
         log.info("variance plane means: science %.5e, template %.5e", svar, tvar)
         if math.isnan(svar) or math.isnan(tvar):
             if bool(xp.isnan(sci.image).all()) or bool(xp.isnan(tmpl.image).all()):

@@ -25,7 +25,7 @@ from ..ops.background import BACKGROUND_BAD_PLANES, bin_background
 from ..ops.convolution import correlate
 from ..psfmatch.spatial import SpatialKernel
 from .decorrelate import DecorrelateALKernelConfig
-from .subtract_inputs import with_source_mask
+from .subtract_inputs import _source_mask_probe
 
 if TYPE_CHECKING:  # the config lives with the task, which imports this module
     from .subtract import AlardLuptonSubtractConfig
@@ -106,7 +106,7 @@ def residual_background(
     polynomial is weighted by the usable pixels of each bin.
     """
     xp = mi.backend.xp
-    probe = with_source_mask(mi, psf)
+    probe = _source_mask_probe(mi, psf)  # only read: no copies of the image planes
     try:
         bins = bin_background(probe, bin_size, bad_planes=BACKGROUND_BAD_PLANES)
     except AllMaskedError:

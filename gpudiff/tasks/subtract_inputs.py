@@ -27,7 +27,7 @@ from ..ops.cosmic_rays import find_cosmic_rays
 from ..ops.detection import detect_sources
 from ..ops._host import fetch
 from ..ops.interpolate import defect_pixels, interpolate_over_defects
-from .masks import mask_non_finite, template_coverage, update_masks
+from .masks import mask_non_finite, update_masks
 from .scale_variance import ScaleVarianceConfig, ScaleVarianceTask
 
 if TYPE_CHECKING:  # the config lives with the task, which imports this module
@@ -145,9 +145,14 @@ def prepare_inputs(
                 "silently; attach one or call gpudiff.estimate_psf"
             )
     # Non-finite pixels are no data (LSST's convention); a usable pixel must have a
-    # positive, finite variance, else every weight and S/N downstream is wrong.
-    template = mask_non_finite(template.to_backend(be))
-    science = mask_non_finite(science.to_backend(be))
+    # positive, finite variance, else every weight and S/N downstream is wrong.  Whether
+    # each image has any crosses to the host with the template coverage, in one transfer.
+    template, science = template.to_backend(be), science.to_backend(be)
+    all_finite_t, all_finite_s, n_covered = fetch(be, *_finite_and_covered(template, science))
+    if not all_finite_t:
+        template = mask_non_finite(template)
+    if not all_finite_s:
+        science = mask_non_finite(science)
     meta: dict[str, Any] = {}
     science_sources = None
     planes = cfg.interpolate_mask_planes
@@ -196,7 +201,8 @@ def prepare_inputs(
         science, s_filled = interpolate_defects(science, planes, be, bad=(s_bad, s_any))
     else:
         t_filled = s_filled = None
-    cov = template_coverage(template, science)
+    n_pix = science.masked_image.image.size
+    cov = float(int(n_covered)) / n_pix if n_pix else 0.0  # template_coverage's
     meta["template_coverage"] = cov
     if cov < cfg.required_template_fraction:
         raise NoWorkFound(
@@ -208,8 +214,12 @@ def prepare_inputs(
         # The two images are independent: on the CPU each gets a core.
         t_det, s_det = flags
         (template, tfac, _), (science, sfac, cat) = run_concurrently(
-            lambda: scale_variance(template, cfg, be, need_catalog=False, has_detected=t_det),
-            lambda: scale_variance(science, cfg, be, need_catalog=True, has_detected=s_det),
+            lambda: scale_variance(
+                template, cfg, be, need_catalog=False, has_detected=t_det, copy=False
+            ),
+            lambda: scale_variance(
+                science, cfg, be, need_catalog=True, has_detected=s_det, copy=False
+            ),
             parallel=not be.is_gpu,
         )
         # Reused for kernel-source selection (one detection of the science, not two).
@@ -245,6 +255,29 @@ def prepare_inputs(
     for name in ("template", "science"):
         meta[f"n_interpolated_{name}"] = n_interp.get(name, 0)
     return PreparedInputs(template, science, science_sources, meta)
+
+
+def _finite_and_covered(template: Exposure, science: Exposure) -> list:
+    """Backend scalars: whether every template pixel is finite, whether every science
+    pixel is, and the science pixels covered by both (neither NO_DATA once the non-finite
+    ones are marked so: :func:`~gpudiff.tasks.masks.template_coverage` of the prepared pair,
+    counted on the inputs).
+
+    The coverage can be counted this early because nothing between here and its test
+    changes NO_DATA: :func:`~gpudiff.tasks.masks.mask_non_finite` sets it on exactly the
+    non-finite pixels, and the cosmic rays and the interpolation set other planes.
+    """
+    tmi, smi = template.masked_image, science.masked_image
+    xp = smi.backend.xp
+    fin_t, fin_s = xp.isfinite(tmi.image), xp.isfinite(smi.image)
+    (tx0, ty0), b = tmi.xy0, smi.bbox
+    sl = (slice(b.y0 - ty0, b.y1 - ty0), slice(b.x0 - tx0, b.x1 - tx0))
+    covered = fin_t[sl] & fin_s
+    for mi, part in ((tmi, sl), (smi, (slice(None), slice(None)))):
+        nd = mi.mask_planes.bitmask_if_present("NO_DATA")
+        if nd:
+            covered &= (mi.mask[part] & nd) == 0
+    return [fin_t.all(), fin_s.all(), xp.count_nonzero(covered)]
 
 
 def _fetch_with_counts(be: Backend, arrays: list, *exposures: Exposure):
@@ -373,6 +406,8 @@ def scale_variance(
     backend: Backend,
     need_catalog: bool,
     has_detected: bool | None = None,
+    *,
+    copy: bool = True,
 ) -> tuple[Exposure, float, Table | None]:
     """ScaleVarianceTask's factor, applied to a copy of the exposure.
 
@@ -393,6 +428,9 @@ def scale_variance(
         cheap source mask (:func:`with_source_mask`) is enough.
     has_detected : bool, optional
         Whether the image has a DETECTED pixel, when the caller knows (else tested here).
+    copy : bool
+        False: the returned exposure shares the image and mask arrays with ``exp`` (for
+        callers that never modify either, as :func:`prepare_inputs`).
 
     Returns
     -------
@@ -416,7 +454,8 @@ def scale_variance(
             background="estimate",
             backend=backend,
         )
-        probe = MaskedImage(
+        # Only read (by the variance scaling): the planes as they are, no copies.
+        probe = MaskedImage._wrap(
             mi.image,
             mi.variance,
             det.mask,
@@ -426,10 +465,13 @@ def scale_variance(
         )
         catalog = det.catalog
     elif not has_detected:
-        probe = with_source_mask(mi, exp.psf)
+        probe = _source_mask_probe(mi, exp.psf)
     sv_config = ScaleVarianceConfig(max_samples=config.scale_variance_max_samples)
     factor = float(ScaleVarianceTask(sv_config, backend=backend).run(probe))
-    scaled = MaskedImage(
+    # Without a copy the image and mask are shared with ``exp`` and the scaled variance
+    # (new) is held as it is: three device copies saved, a launch each.
+    make = MaskedImage if copy else MaskedImage._adopt
+    scaled = make(
         mi.image,
         mi.variance * np.float32(factor),
         mi.mask,
@@ -461,6 +503,20 @@ def with_source_mask(mi: MaskedImage, psf) -> MaskedImage:
     -------
     MaskedImage
     """
+    return mi.with_plane_set("DETECTED", _source_pixels(mi, psf))
+
+
+def _source_mask_probe(mi: MaskedImage, psf) -> MaskedImage:
+    """:func:`with_source_mask` for statistics that only read it: the image and variance
+    are ``mi``'s own arrays (not copied, a device launch each), the mask is new."""
+    mask, planes = mi._plane_set("DETECTED", _source_pixels(mi, psf))
+    return MaskedImage._wrap(
+        mi.image, mi.variance, mask, xy0=mi.xy0, mask_planes=planes, backend=mi.backend
+    )
+
+
+def _source_pixels(mi: MaskedImage, psf) -> Any:
+    """The DETECTED pixels of :func:`with_source_mask` (a backend bool array)."""
     xp = mi.backend.xp
     finite = xp.isfinite(mi.image) & xp.isfinite(mi.variance) & (mi.variance > 0)
     if mi.backend.is_gpu:
@@ -472,5 +528,4 @@ def with_source_mask(mi: MaskedImage, psf) -> MaskedImage:
     with np.errstate(invalid="ignore", divide="ignore"):
         on = finite & (xp.abs(mi.image - med) > 5.0 * xp.sqrt(mi.variance))
     r = max(2, int(round(2 * psf.fwhm())))
-    grown = mi.backend.ndimage.maximum_filter(on.astype(np.uint8), size=2 * r + 1) > 0
-    return mi.with_plane_set("DETECTED", grown)
+    return mi.backend.ndimage.maximum_filter(on.astype(np.uint8), size=2 * r + 1) > 0

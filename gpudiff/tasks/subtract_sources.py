@@ -17,8 +17,14 @@ from astropy.table import Table
 from ..backend import Backend
 from ..errors import InsufficientKernelSourcesError, InvalidInputError
 from ..image import Box, Exposure, MaskedImage
+from ..ops._host import fetch
 from ..ops.detection import detect_sources, select_kernel_sources
-from ..psfmatch.candidates import reclassify_extended, selection_counts, template_presence_snr
+from ..psfmatch.candidates import (
+    _presence_snr,
+    _presence_stamps,
+    reclassify_extended,
+    selection_counts,
+)
 from .subtract_inputs import psf_fwhm
 
 if TYPE_CHECKING:  # the config lives with the task, which imports this module
@@ -75,10 +81,22 @@ def select_sources(
             backend=backend,
         )
         sources = det.catalog
-    table = _flag_center_planes(normalize_sources(sources), science.masked_image)
+    table = normalize_sources(sources)
+    # The pixels both pixel tests need (the CR bits around the centres, the template
+    # stamps) are gathered first and cross to the host in one transfer.
+    cr = _center_planes_gather(table, science.masked_image)
+    presence = (
+        _presence_gather(table, template, cfg)
+        if cfg.template_source_snr_min is not None and len(table)
+        else None
+    )
+    dev = ([] if cr is None else [cr[-1]]) + ([] if presence is None else presence[-1])
+    host = list(fetch(backend, *dev))
+    if cr is not None:
+        table = _center_planes_finish(table, cr, host.pop(0))
     table = reclassify_extended(table)  # PSF model vs the stars
-    if cfg.template_source_snr_min is not None and len(table):
-        table = flag_not_in_template(table, template, cfg)
+    if presence is not None:
+        table = _presence_finish(table, presence, host, cfg)
     box = science.bbox
     if cfg.restrict_kernel_edge_sources:
         box = Box(
@@ -142,17 +160,36 @@ def flag_not_in_template(
     astropy Table
         A shallow copy with the two columns added (NaN / False outside the S/N range).
     """
-    cfg = config
+    req = _presence_gather(table, template, config)
+    be = template.masked_image.backend
+    return _presence_finish(table, req, list(fetch(be, *req[-1])), config)
+
+
+def _presence_gather(table: Table, template: Exposure, cfg: AlardLuptonSubtractConfig):
+    """The rows :func:`flag_not_in_template` tests and the backend stamps of their test
+    (none when no row is in the S/N range): (rows, context, stamps)."""
     snr = np.asarray(table["snr"], dtype=np.float64)
     rows = np.flatnonzero((snr >= cfg.source_snr_min) & (snr <= cfg.source_snr_max))
-    tsnr = np.full(len(table), np.nan)
-    tsnr[rows] = template_presence_snr(
+    if rows.size == 0:
+        return rows, None, []
+    dev, ctx = _presence_stamps(
         template.masked_image,
         template.psf.kernel_image(),
         np.asarray(table["x"], dtype=np.float64)[rows],
         np.asarray(table["y"], dtype=np.float64)[rows],
         psf_fwhm(template, "template"),
     )
+    return rows, ctx, dev
+
+
+def _presence_finish(table: Table, req, host: list, cfg: AlardLuptonSubtractConfig) -> Table:
+    """:func:`flag_not_in_template`'s columns from the fetched stamps (consumed from
+    ``host``) of :func:`_presence_gather`."""
+    rows, ctx, dev = req
+    tsnr = np.full(len(table), np.nan)
+    if rows.size:
+        got = [host.pop(0) for _ in dev]
+        tsnr[rows] = _presence_snr(*got, ctx)
     table = table.copy(copy_data=False)
     table["template_snr"] = tsnr
     flag = np.zeros(len(table), dtype=bool)
@@ -181,33 +218,48 @@ def _flag_center_planes(table: Table, mi: MaskedImage) -> Table:
     (issue 14, 2048² raw pairs).  Flagged rows are dropped by the selector (every
     ``flag*`` column) and left out of the stellar locus.
     """
-    planes = {
-        c: p
-        for c, p in _CENTER_FLAG_PLANES.items()
-        if c not in table.colnames and mi.mask_planes.bitmask_if_present((p,))
-    }
-    if not planes or len(table) == 0:
+    req = _center_planes_gather(table, mi)
+    if req is None:
         return table
-    mask = mi.backend.asnumpy(mi.mask)
-    h, w = mask.shape
+    (vals,) = fetch(mi.backend, req[-1])
+    return _center_planes_finish(table, req, vals)
+
+
+def _center_planes_gather(table: Table, mi: MaskedImage):
+    """The 3×3 mask pixels around each centre (one gather of a host index: not the whole
+    mask, 67 MB at 4096², across to the host) for :func:`_flag_center_planes`:
+    (planes, inside (n, 9), backend values (n, 9)), or None when there is nothing to flag."""
+    bits = {
+        c: mi.mask_planes.bitmask_if_present((p,))
+        for c, p in _CENTER_FLAG_PLANES.items()
+        if c not in table.colnames
+    }
+    bits = {c: b for c, b in bits.items() if b}
+    if not bits or len(table) == 0:
+        return None
+    h, w = mi.shape
     with np.errstate(invalid="ignore"):
         xi = np.rint(np.asarray(table["x"], float) - mi.xy0[0])
         yi = np.rint(np.asarray(table["y"], float) - mi.xy0[1])
     ok = np.isfinite(xi) & np.isfinite(yi)
     xi = np.where(ok, xi, 0).astype(np.int64)
     yi = np.where(ok, yi, 0).astype(np.int64)
+    d = np.array([-1, 0, 1])
+    yy = (yi[:, None, None] + d[None, :, None]).repeat(3, axis=2).reshape(-1, 9)
+    xx = (xi[:, None, None] + d[None, None, :]).repeat(3, axis=1).reshape(-1, 9)
+    inside = ok[:, None] & (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+    flat = np.clip(yy, 0, h - 1) * w + np.clip(xx, 0, w - 1)
+    return bits, inside, mi.mask.reshape(-1)[mi.backend.asarray(flat)]
+
+
+def _center_planes_finish(table: Table, req, vals: np.ndarray) -> Table:
+    """:func:`_flag_center_planes`'s columns from the fetched pixels of
+    :func:`_center_planes_gather` (a pixel off the image, or a non-finite centre, is 0)."""
+    bits, inside, _ = req
+    v = np.where(inside, vals, 0)
     out = table.copy(copy_data=False)
-    for col, plane in planes.items():
-        bit = mi.mask_planes.bitmask_if_present((plane,))
-        hit = np.zeros(len(table), dtype=bool)
-        for dy in (-1, 0, 1):
-            for dx in (-1, 0, 1):
-                yy, xx = yi + dy, xi + dx
-                inside = ok & (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
-                v = np.zeros(len(table), dtype=mask.dtype)
-                v[inside] = mask[yy[inside], xx[inside]]
-                hit |= (v & bit) != 0
-        out[col] = hit
+    for col, bit in bits.items():
+        out[col] = ((v & bit) != 0).any(axis=1)
     return out
 
 
