@@ -310,6 +310,40 @@ def test_freed_pool_threads_are_lent_to_a_nested_pool():
     assert set(inner_settings) == {1}
 
 
+def test_nested_pools_never_exceed_the_outer_setting():
+    """Each outer thread owns its share of the setting (here 8 // 2 = 4), which the pools
+    nested in its pieces use; freed shares are lent, and a lent thread runs its pieces
+    single-threaded.  At no time do more leaves run than the outer setting (the budget
+    once counted one thread per outer piece and let 14 of 8 run), and when the short
+    piece ends its share helps the long piece's pool."""
+    lock = threading.Lock()
+    state = {"now": 0, "peak": 0}
+
+    def leaf(x):
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        time.sleep(0.02)
+        with lock:
+            state["now"] -= 1
+        return x
+
+    def piece(k):
+        n_leaves = 4 if k == 0 else 48
+        return sum(th.parallel_map(leaf, range(n_leaves), th.cpu_workers(n_leaves)))
+
+    with th.num_threads(8):
+        t0 = time.perf_counter()
+        got = th.parallel_map(piece, range(2), th.cpu_workers(2))
+        wall = time.perf_counter() - t0
+    assert got == [sum(range(4)), sum(range(48))]
+    assert state["peak"] <= 8, state
+    # 48 leaves of 20 ms on the long piece's 4 threads alone take >= 240 ms; with the short
+    # piece's share lent it reaches 8 threads (>= 120 ms + start-up).
+    assert state["peak"] > 4, state
+    assert wall < 0.9
+
+
 def test_nested_pool_errors_and_sequential_fallback():
     def inner(i):
         if i == 3:

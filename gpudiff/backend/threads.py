@@ -200,14 +200,16 @@ class _Budget:
             if pieces in self._hungry:
                 self._hungry.remove(pieces)
 
-    def release(self) -> None:
-        """A thread of the tree has finished its work: to a waiting pool, else free."""
-        with self._lock:
-            target = next((p for p in self._hungry if p.wanted() > 0), None)
-            if target is None:
-                self._free += 1
-                return
-        target.add_helpers(1)
+    def release(self, k: int = 1) -> None:
+        """``k`` threads of the tree have finished their work: each to a waiting pool, else
+        free."""
+        for _ in range(k):
+            with self._lock:
+                target = next((p for p in self._hungry if p.wanted() > 0), None)
+                if target is None:
+                    self._free += 1
+                    continue
+            target.add_helpers(1)
 
 
 _budget: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar(
@@ -236,10 +238,14 @@ class _Pieces:
         with self._lock:
             return max(0, min(len(self.items) - self._next, self.limit - self._threads))
 
-    def _run_one(self, i: int) -> None:
+    def _run_one(self, i: int, lent: bool = False) -> None:
+        # A lent helper is one thread of the budget: its piece runs single-threaded, so a
+        # pool nested in it cannot start threads the budget never counted.
+        share = 1 if lent else self.share
+
         def run():
             _budget.set(self.budget)
-            with num_threads(self.share):
+            with num_threads(share):
                 return self.fn(self.items[i])
 
         try:
@@ -247,7 +253,7 @@ class _Pieces:
         except BaseException as exc:  # noqa: BLE001  (re-raised by the caller, in order)
             self.errors[i] = exc
 
-    def work(self) -> None:
+    def work(self, lent: bool = False) -> None:
         """Run pieces until none is left (the calling thread is already counted)."""
         while True:
             with self._lock:
@@ -257,7 +263,18 @@ class _Pieces:
                     self._done.notify_all()
                     return
                 self._next += 1
-            self._run_one(i)
+            self._run_one(i, lent)
+
+    def _start(self, target) -> None:
+        """Start a thread on ``target`` (already counted in ``_threads``); uncount it if
+        the thread cannot start, so :meth:`wait` does not wait for it for ever."""
+        try:
+            threading.Thread(target=target, name="gpudiff-pool", daemon=True).start()
+        except BaseException:
+            with self._lock:
+                self._threads -= 1
+                self._done.notify_all()
+            raise
 
     def add_helpers(self, n: int) -> None:
         """Start ``n`` threads on the pieces; each hands its thread back to the budget
@@ -268,11 +285,11 @@ class _Pieces:
 
             def helper():
                 try:
-                    self.work()
+                    self.work(lent=True)
                 finally:
                     self.budget.release()
 
-            threading.Thread(target=helper, name="gpudiff-pool", daemon=True).start()
+            self._start(helper)
 
     def wait(self) -> list:
         with self._lock:
@@ -316,19 +333,21 @@ def parallel_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -
     share = max(1, n // start)
     outer = budget is None
     if outer:
-        budget = _Budget(n, n - start)
+        # Each outer thread owns its share: the pools nested in its pieces start up to
+        # ``share`` threads the budget does not count again.
+        budget = _Budget(n, n - start * share)
     pieces = _Pieces(fn, items, share, start if outer else workers, budget)
 
     def work():
         pieces.work()
-        if outer:  # this thread's part is done: lent to pools still working in pieces
-            budget.release()
+        if outer:  # this thread's part is done: its share lent to pools still working
+            budget.release(share)
 
     # The caller works on the pieces too, with ``start - 1`` threads of this map's own.
     with pieces._lock:
         pieces._threads = start
     for _ in range(start - 1):
-        threading.Thread(target=work, name="gpudiff-pool", daemon=True).start()
+        pieces._start(work)
     if not outer and workers > start:
         budget.take(pieces)  # free threads of the tree now, and more as they come
     try:
