@@ -2,7 +2,7 @@
 // without a sort: the binned background (a 128² bin is a column of 16384 samples) and the
 // whole-image clip (one column of H·W samples).  docs/algorithms.md §0.5.
 //
-// NumPy twin: gpudiff.backend.reference.clipped_columns (the same semantics; its sums run
+// NumPy twin: gpudiff.backend.reference_columns.clipped_columns (the same semantics; its sums run
 // in sample order, these in a fixed block-reduction order, so the float64 sums may differ
 // in the last bits and the float32 results by an ulp at most in practice).  Loaded by
 // gpudiff.backend.launchers with cupy.RawModule (NVRTC) and compiled standalone by CI with
@@ -33,7 +33,7 @@
 //               0·∞ = NaN), exactly the twin's arithmetic.  A pass i > 0 uses the previous
 //               pass's mean and nsigma·sqrt(var) (the IQR width when n <= 1).
 // Select-only launches (phases 0-3, `fracs` and `out_q` given: the registered
-// ``quantile_columns``, twin gpudiff.backend.reference.quantile_columns) find up to three
+// ``quantile_columns``, twin gpudiff.backend.reference_columns.quantile_columns) find up to three
 // caller-given fractions per column instead of the quartiles and write numpy's linear
 // percentiles (float64 from the exact float32 order statistics).
 // A phase's partial results (histograms, counts, partial sums) go to global memory; the

@@ -176,7 +176,7 @@ def _clip_columns(
     """afw MEANCLIP / VARIANCECLIP of every column of a deep (N, B) stack, unit weights.
 
     The registered kernel ``clipped_columns`` (docs/algorithms.md §0.5): on the CPU its
-    NumPy twin, :func:`gpudiff.backend.reference.clipped_columns`, the same numbers as the
+    NumPy twin, :func:`gpudiff.backend.reference_columns.clipped_columns`, the same numbers as the
     registered ``clipped_stack`` on ``(data, ~good)`` bit for bit; on a device one CUDA
     launch for every column (one block per column; a sort-free radix select of the
     quartiles, then the clipping passes with block reductions in float64), equal to the

@@ -88,7 +88,18 @@ class WarpPlanes:
 
 def variance_factor(scaler, mi) -> float | GpudiffError | None:
     """``scaler.run(mi)``, its error if it fails, or None without a scaler (the per-warp
-    counterpart of :func:`~gpudiff.tasks.scale_variance_many.run_many`)."""
+    counterpart of :func:`~gpudiff.tasks.scale_variance_many.run_many`).
+
+    Parameters
+    ----------
+    scaler : ScaleVarianceTask or None
+    mi : MaskedImage
+        The warp.
+
+    Returns
+    -------
+    float, GpudiffError or None
+    """
     if scaler is None:
         return None
     try:
@@ -100,7 +111,25 @@ def variance_factor(scaler, mi) -> float | GpudiffError | None:
 def warp_planes(task, model, mi, factor: float | GpudiffError | None, name: str) -> WarpPlanes:
     """The :class:`WarpPlanes` of warp ``mi`` (on the model's box) with its variance
     multiplied by ``factor`` (:func:`variance_factor`; an error is logged and the variance
-    kept, as LSST's CompareWarp does when ScaleVariance fails)."""
+    kept, as LSST's CompareWarp does when ScaleVariance fails).
+
+    Parameters
+    ----------
+    task : CompareWarpAssembleCoaddTask
+        Its config (bad, prefilter planes) and backend.
+    model : MaskedImage
+        The static model, on the warp's box.
+    mi : MaskedImage
+        The warp.
+    factor : float, GpudiffError or None
+        From :func:`variance_factor` or :func:`~gpudiff.tasks.scale_variance_many.run_many`.
+    name : str
+        The warp's name in log messages.
+
+    Returns
+    -------
+    WarpPlanes
+    """
     cfg = task.config
     xp = task.backend.xp
     # In-place steps on the few whole-warp temporaries (a 4096² warp is 64 MB a plane):

@@ -96,6 +96,11 @@ def run_many(
 ) -> list[float | GpudiffError]:
     """:meth:`ScaleVarianceTask.run` of every image, from :func:`compute_scale_factors_many`.
 
+    Parameters
+    ----------
+    task : ScaleVarianceTask
+    masked_images : sequence of MaskedImage or Exposure
+
     Returns
     -------
     list
@@ -117,7 +122,8 @@ def _stacked_bitmask(xp, mis: list, planes: Sequence[str]) -> Any:
     bms = [mi.mask_planes.bitmask_if_present(list(planes)) for mi in mis]
     if len(set(bms)) == 1:
         return bms[0]
-    return xp.asarray(np.asarray(bms, dtype=mis[0].mask.dtype))[:, None, None]
+    # int64 holds every plane bit of any image (an int32 mask with bit 31 would overflow).
+    return xp.asarray(np.asarray(bms, dtype=np.int64))[:, None, None]
 
 
 def _batch(task: ScaleVarianceTask, mis: list, order: str) -> list[ScaleVarianceFactors]:
