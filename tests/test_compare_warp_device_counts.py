@@ -10,13 +10,12 @@ subprocess: installing it patches gpudiff's backend factory for good.  The warps
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
+from device_harness import run_child
+
+ROOT = Path(__file__).resolve().parents[1]
 
 #: CompareWarp's host syncs on the fake device, whatever the number of warps (27 on these
 #: warps when set: the static model's stack, the template detection, the artifact pass,
@@ -59,22 +58,7 @@ def _child(out_path: str) -> None:
 
 
 def test_compare_warp_syncs_do_not_grow_with_the_warps(tmp_path):
-    out = tmp_path / "counts.json"
-    env = dict(os.environ)
-    extra = [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS)] + extra)
-    env.pop("GPUDIFF_BACKEND", None)
-    code = f"import test_compare_warp_device_counts as t; t._child({str(out)!r})"
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=str(ROOT),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    res = json.loads(out.read_text())
+    res = run_child("test_compare_warp_device_counts", "_child", tmp_path / "counts.json")
     assert res["violations"] == 0
     few, many = res["4"], res["12"]
     assert few["candidates"] > 0 and many["candidates"] > 0  # the artifact pass ran

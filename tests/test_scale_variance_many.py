@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from device_harness import run_child
 
 import numpy as np
 import pytest
@@ -30,9 +29,6 @@ from gpudiff.tasks.scale_variance import (
     ScaleVarianceTask,
 )
 from gpudiff.tasks.scale_variance_many import compute_scale_factors_many, run_many
-
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
 
 
 class _StackedNumpy(Backend):
@@ -189,22 +185,7 @@ BATCH_SYNCS = 2
 
 
 def test_batched_factors_cost_two_host_syncs_on_a_device(tmp_path):
-    out = tmp_path / "counts.json"
-    env = dict(os.environ)
-    extra = [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS)] + extra)
-    env.pop("GPUDIFF_BACKEND", None)
-    code = f"import test_scale_variance_many as t; t._child({str(out)!r})"
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=str(ROOT),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    res = json.loads(out.read_text())
+    res = run_child("test_scale_variance_many", "_child", tmp_path / "counts.json")
     assert res["violations"] == 0
     assert res["many"]["syncs"] == BATCH_SYNCS
     assert res["each"]["syncs"] == 2 * 5  # two per image: what the batch saves
