@@ -23,6 +23,7 @@ def find_cosmic_rays(
     cond3: float = 3.0,
     grow: int = 1,
     exclude_planes: tuple[str, ...] = (),
+    subtract_sky: bool = False,
     backend: Backend | str | None = None,
 ):
     """Boolean array (on the backend) of cosmic-ray pixels, grown by ``grow`` pixels.
@@ -30,7 +31,8 @@ def find_cosmic_rays(
     Parameters
     ----------
     mi : MaskedImage
-        Background-free image (a difference image, or sky-subtracted).
+        Background-free image (a difference image, or sky-subtracted), unless
+        ``subtract_sky``.
     psf : Psf
         The image's PSF; its central kernel image sets the sharpest allowed profile.
     min_sigma : float
@@ -43,11 +45,28 @@ def find_cosmic_rays(
         Pixels with any of these mask planes set (those present) never seed a ray: a
         garbage bad column is as sharp as a ray, and growing it would mark its clean
         neighbours too (they then lose the defect's own handling downstream).
+    subtract_sky : bool
+        Subtract the image's sky level first: the median of its finite, unmasked pixels
+        (every 4th row and column).  The tests compare a pixel with ``ratio`` times its
+        neighbours, so a sky level left in scales the required excess with it (a sky of
+        1000 at σ = 32 hid every ray below ~26σ) and makes every pixel a candidate (on
+        the CPU the sparse test then reads the whole image: 5.5 CPU-s at 4096²).
     backend : Backend or str, optional
     """
     be = resolve_backend(backend) if backend is not None else mi.backend
     xp = be.xp
-    img = xp.where(xp.isfinite(mi.image), mi.image, 0).astype(np.float32, copy=False)
+    finite = xp.isfinite(mi.image)
+    img = xp.where(finite, mi.image, 0).astype(np.float32, copy=False)
+    if subtract_sky:
+        sub = (slice(None, None, 4), slice(None, None, 4))
+        good = finite[sub] & (mi.mask[sub] == 0)
+        if be.is_gpu:
+            # No boolean compaction (a host sync): a NaN-median; NaN (no good pixel) → 0.
+            sky = xp.nanmedian(xp.where(good, img[sub], xp.float32(np.nan)))
+            sky = xp.where(xp.isnan(sky), xp.float32(0), sky)
+        else:
+            sky = np.median(img[sub][good]) if good.any() else 0.0
+        img = img - xp.asarray(sky, dtype=np.float32)
     sig = xp.sqrt(
         xp.where(xp.isfinite(mi.variance) & (mi.variance > 0), mi.variance, np.inf)
     ).astype(np.float32, copy=False)

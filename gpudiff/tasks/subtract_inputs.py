@@ -384,6 +384,8 @@ def _new_cosmic_rays(exposure: Exposure, backend: Backend) -> Any:
         mi,
         exposure.psf,
         exclude_planes=("BAD", "SAT", "NO_DATA"),
+        # The inputs may carry their sky (plain FITS images): the ray tests need it gone.
+        subtract_sky=True,
         backend=backend,
     )
     cr_bit = mi.mask_planes.bitmask_if_present("CR")
