@@ -521,3 +521,25 @@ def test_defects_seed_no_rays_and_ray_fills_keep_lsst_growth():
         quiet_fills(MaskedImage(sky, np.ones((n, n), np.float32), fill, mask_planes=planes))
     )
     assert q[10:20, 10].all() and not q[30:33, 50:53].any()
+
+
+def test_input_ray_finder_ignores_the_sky_level():
+    """The inputs may carry their sky (a plain FITS image): the ray tests compare a pixel
+    with ``ratio`` times its neighbours, so the sky must go first.  On a sky of 1000
+    (σ = 32) 15σ single-pixel rays are all found with ``subtract_sky`` and no other pixel;
+    without it some are missed (the sky raises the excess a ray needs)."""
+    from gpudiff.image.psf import GaussianPsf
+    from gpudiff.ops.cosmic_rays import find_cosmic_rays
+
+    rng = np.random.default_rng(11)
+    n, sig = 512, 32.0
+    img = (1000.0 + rng.normal(0.0, sig, (n, n))).astype(np.float32)
+    ys, xs = rng.integers(8, n - 8, 60), rng.integers(8, n - 8, 60)
+    img[ys, xs] += 15 * sig
+    var = np.full((n, n), sig * sig, np.float32)
+    mi = MaskedImage(img, var, np.zeros((n, n), np.int32))
+    psf = GaussianPsf(1.2)
+    found = np.asarray(find_cosmic_rays(mi, psf, grow=0, subtract_sky=True))
+    assert found[ys, xs].all() and found.sum() == len(set(zip(ys.tolist(), xs.tolist())))
+    blind = np.asarray(find_cosmic_rays(mi, psf, grow=0))
+    assert blind[ys, xs].sum() < found[ys, xs].sum()
