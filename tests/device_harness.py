@@ -9,6 +9,7 @@ writes a JSON file, and runs it with :func:`run_child` (or a module-scoped fixtu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -64,3 +65,19 @@ def child_fixture(module: str, function: str = "_child", timeout: float = 600):
         return run_child(module, function, out, timeout)
 
     return counts
+
+
+def numpy_claiming_device():
+    """The NumPy backend (its name dispatches the kernels to their NumPy twins) with
+    ``is_gpu`` True: device code paths checked bit for bit against the host paths without
+    a GPU.  gpudiff is imported here, not with this module, which the device-count
+    children import before they install the strict fake."""
+    from gpudiff.backend import Backend, get_backend
+
+    class NumpyClaimingDevice(Backend):
+        @property
+        def is_gpu(self) -> bool:
+            return True
+
+    be = get_backend("numpy")
+    return NumpyClaimingDevice(**{f.name: getattr(be, f.name) for f in dataclasses.fields(be)})

@@ -15,25 +15,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from gpudiff.backend import Backend, get_backend
+from device_harness import numpy_claiming_device
+
+from gpudiff.backend import get_backend
 from gpudiff.image import MaskPlanes
 from gpudiff.tasks import AssembleCoaddConfig
 from gpudiff.tasks.coadd_fused import or_reduce, packed_input_map
 from gpudiff.tasks.coadd_stack import CoaddBits, WarpBand, stack_band
-
-
-class _StackedNumpy(Backend):
-    """The NumPy backend (its name dispatches the kernels to their NumPy twins), claiming to
-    be a device so that stack_band takes its stacked form."""
-
-    @property
-    def is_gpu(self) -> bool:
-        return True
-
-
-def _stacked_numpy() -> Backend:
-    be = get_backend("numpy")
-    return _StackedNumpy(**{f.name: getattr(be, f.name) for f in dataclasses.fields(be)})
 
 
 def _bands(n, shape=(23, 31), seed=0):
@@ -92,7 +80,7 @@ def test_stacked_band_equals_the_per_warp_loop(statistic, online, calc_err):
     planes, bands = _bands(n)
     w = np.random.default_rng(5).uniform(0.5, 2.0, n).astype(np.float32)
     loop = stack_band(get_backend("numpy"), cfg, CoaddBits(planes.copy(), cfg), bands, w)
-    fused = stack_band(_stacked_numpy(), cfg, CoaddBits(planes.copy(), cfg), bands, w)
+    fused = stack_band(numpy_claiming_device(), cfg, CoaddBits(planes.copy(), cfg), bands, w)
     for f in dataclasses.fields(loop):
         np.testing.assert_array_equal(getattr(fused, f.name), getattr(loop, f.name), f.name)
     # the test exercises what it claims: propagated bits, clipping and empty pixels occur
@@ -135,7 +123,7 @@ def test_batched_warp_weights_equal_the_one_warp_weights():
         warps.append(Exposure.from_arrays(img, var, mask, mask_planes=planes.copy()))
     cfg = AssembleCoaddConfig(max_weight_samples=1000)  # the 40 x 50 warps are sampled
     one = [warp_weight(cfg, get_backend("numpy"), s) for s in warp_sources(warps)]
-    batched = weigh_inputs(cfg, _stacked_numpy(), warps)
+    batched = weigh_inputs(cfg, numpy_claiming_device(), warps)
     np.testing.assert_allclose(batched.weights, [w.weight for w in one], rtol=1e-6)
     assert batched.weights[3] == 0 and one[3].reason == "every pixel is NaN"
     assert batched.skipped == {"input 3": "every pixel is NaN"}
@@ -229,7 +217,7 @@ def test_stacked_artifact_pass_with_variance_scaling_equals_the_per_warp_pass():
     from gpudiff.tasks.compare_warp_stacked import stacked_warp_artifacts
     from gpudiff.tasks.scale_variance import ScaleVarianceConfig, ScaleVarianceTask
 
-    be = _stacked_numpy()
+    be = numpy_claiming_device()
     warps = _artifact_warps()
     for k, w in enumerate(warps):  # variance planes off by different factors
         w.masked_image.variance = w.variance * np.float32(0.5 + 0.4 * k)

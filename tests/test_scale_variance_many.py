@@ -15,12 +15,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-from device_harness import run_child
+from device_harness import numpy_claiming_device, run_child
 
 import numpy as np
 import pytest
 
-from gpudiff.backend import Backend, get_backend
 from gpudiff.errors import ExceedsMaxVarianceScaleError
 from gpudiff.image import MaskedImage, MaskPlanes
 from gpudiff.tasks.scale_variance import (
@@ -29,20 +28,6 @@ from gpudiff.tasks.scale_variance import (
     ScaleVarianceTask,
 )
 from gpudiff.tasks.scale_variance_many import compute_scale_factors_many, run_many
-
-
-class _StackedNumpy(Backend):
-    """The NumPy backend (kernels dispatch to their NumPy twins by its name), claiming to be
-    a device so that both forms take their device paths."""
-
-    @property
-    def is_gpu(self) -> bool:
-        return True
-
-
-def _stacked_numpy() -> Backend:
-    be = get_backend("numpy")
-    return _StackedNumpy(**{f.name: getattr(be, f.name) for f in dataclasses.fields(be)})
 
 
 def _images(shape=(96, 80), seed=0, backend="numpy"):
@@ -93,7 +78,7 @@ def _config(max_samples=None):
 @pytest.mark.parametrize("max_samples", [None, 2048])
 @pytest.mark.parametrize("algorithm", ["AKIMA_SPLINE", "LINEAR"])
 def test_batched_factors_equal_the_per_image_device_path(max_samples, algorithm):
-    be = _stacked_numpy()
+    be = numpy_claiming_device()
     cfg = dataclasses.replace(
         _config(max_samples),
         background=ScaleVarianceBackgroundConfig(bin_size=16, algorithm=algorithm),
@@ -116,7 +101,7 @@ def test_batched_factors_match_the_cpu_path_to_float32_rounding():
     """The CPU per-image path selects the quartiles of the float64 values; the device
     kernels those of their float32 roundings: the factors agree to ~1e-6."""
     task_cpu = ScaleVarianceTask(_config(), backend="numpy")
-    be = _stacked_numpy()
+    be = numpy_claiming_device()
     got = compute_scale_factors_many(ScaleVarianceTask(_config(), backend=be), _images(backend=be))
     want = [task_cpu.compute_scale_factors(mi) for mi in _images()]
     for g, w in zip(got[:4], want[:4]):
@@ -133,7 +118,7 @@ def test_batched_factors_match_the_cpu_path_to_float32_rounding():
 
 
 def test_run_many_returns_the_factor_or_the_error_of_each_image():
-    be = _stacked_numpy()
+    be = numpy_claiming_device()
     task = ScaleVarianceTask(_config(), backend=be)
     images = _images(backend=be)
     # a variance plane 100x too small: both factors far above the limit

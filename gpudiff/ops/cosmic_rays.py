@@ -11,6 +11,7 @@ import numpy as np
 
 from ..backend import Backend, resolve_backend
 from ..image import MaskedImage, Psf
+from .stats import sky_level
 
 __all__ = ["find_cosmic_rays"]
 
@@ -58,14 +59,9 @@ def find_cosmic_rays(
     finite = xp.isfinite(mi.image)
     img = xp.where(finite, mi.image, 0).astype(np.float32, copy=False)
     if subtract_sky:
-        sub = (slice(None, None, 4), slice(None, None, 4))
-        good = finite[sub] & (mi.mask[sub] == 0)
-        if be.is_gpu:
-            # No boolean compaction (a host sync): a NaN-median; NaN (no good pixel) → 0.
-            sky = xp.nanmedian(xp.where(good, img[sub], xp.float32(np.nan)))
-            sky = xp.where(xp.isnan(sky), xp.float32(0), sky)
-        else:
-            sky = np.median(img[sub][good]) if good.any() else 0.0
+        sky = sky_level(mi)
+        # No usable pixel (NaN): nothing to subtract.
+        sky = xp.where(xp.isnan(sky), xp.float32(0), sky) if be.is_gpu else np.nan_to_num(sky)
         img = img - xp.asarray(sky, dtype=np.float32)
     sig = xp.sqrt(
         xp.where(xp.isfinite(mi.variance) & (mi.variance > 0), mi.variance, np.inf)

@@ -57,6 +57,7 @@ __all__ = [
     "gather_stamps_many",
     "image_statistics",
     "robust_sigma",
+    "sky_level",
     "weighted_centroid",
 ]
 
@@ -212,6 +213,31 @@ def _clip_sample(be: Backend, v, excl, nsigma: float, niter: int, *, _select=Non
     if nv == 0:
         m = s2 = float("nan")
     return m, s2, int(nu), int(nv)
+
+
+def sky_level(mi: MaskedImage, step: int = 4) -> Any:
+    """The median of the finite pixels with no mask bit, on every ``step``-th row and
+    column: an image's sky level (a level, not a map).
+
+    Parameters
+    ----------
+    mi : MaskedImage
+    step : int
+        Subsampling of rows and columns.
+
+    Returns
+    -------
+    float or 0-d backend array
+        A float on the CPU; on a device a 0-d array from a NaN-median (no emptiness test
+        and no boolean compaction, each a host sync).  NaN when no pixel qualifies.
+    """
+    xp = mi.backend.xp
+    sub = (slice(None, None, step), slice(None, None, step))
+    img = mi.image[sub]
+    good = (mi.mask[sub] == 0) & xp.isfinite(img)
+    if mi.backend.is_gpu:
+        return xp.nanmedian(xp.where(good, img, xp.float32(np.nan)))
+    return float(np.median(img[good])) if good.any() else float("nan")
 
 
 def robust_sigma(values: Any, *, bad: Any = None, backend: Backend | str | None = None) -> float:

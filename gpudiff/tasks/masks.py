@@ -10,6 +10,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..image import Exposure, MaskedImage
+from ..ops.stats import sky_level
 from ..psfmatch.spatial import SpatialKernel
 
 __all__ = [
@@ -157,23 +158,24 @@ def quiet_fills(mi: MaskedImage, snr: float = QUIET_FILL_SNR) -> Any:
     loud = mi.mask_planes.bitmask_if_present(["NO_DATA", "SAT", "SAT_TEMPLATE"])
     if loud:
         filled &= (mi.mask & loud) == 0
-    sub = (slice(None, None, 4), slice(None, None, 4))
-    good = (mi.mask[sub] == 0) & xp.isfinite(mi.image[sub])
+    sky = sky_level(mi)
+    lim = snr * snr
     if mi.backend.is_gpu:
-        # No emptiness tests and no boolean indexing (each a host sync): the median of the
-        # good pixels as a NaN-median; with none it is NaN and no fill passes the test.
-        sky = xp.nanmedian(xp.where(good, mi.image[sub], xp.float32(np.nan)))
-    else:
-        if not filled.any():
-            return filled
-        if not good.any():
-            return np.zeros(mi.shape, dtype=bool)
-        sky = np.median(mi.image[sub][good])
-    var = mi.variance
-    ok = xp.isfinite(var) & (var > 0) & xp.isfinite(mi.image)
-    dev = xp.where(ok, mi.image, xp.float32(0)) - sky
-    var0 = xp.where(ok, var, xp.float32(0))
-    quiet = filled & ok & (dev * dev <= (snr * snr) * var0)
+        # Whole-image arithmetic, no emptiness test (a host sync); a NaN sky (no usable
+        # pixel) passes no fill.
+        img, var = mi.image, mi.variance
+        ok = xp.isfinite(var) & (var > 0) & xp.isfinite(img)
+        dev = xp.where(ok, img, xp.float32(0)) - sky
+        return filled & ok & (dev * dev <= lim * xp.where(ok, var, xp.float32(0)))
+    # On the CPU only the filled pixels (a few columns) are tested.
+    quiet = np.zeros(mi.shape, dtype=bool)
+    if not filled.any() or not np.isfinite(sky):
+        return quiet
+    rows, cols = np.nonzero(filled)
+    img, var = mi.image[rows, cols], mi.variance[rows, cols]
+    ok = np.isfinite(var) & (var > 0) & np.isfinite(img)
+    dev = np.where(ok, img, np.float32(0)) - sky
+    quiet[rows, cols] = ok & (dev * dev <= lim * np.where(ok, var, np.float32(0)))
     return quiet
 
 

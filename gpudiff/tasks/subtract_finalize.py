@@ -188,20 +188,13 @@ def no_data_nan(mi: MaskedImage) -> MaskedImage:
     if not nd:
         return mi
     bad = (mi.mask & nd) != 0
-    if mi.backend.is_gpu:
-        # No emptiness test (a host sync): without a NO_DATA pixel the two fills are
-        # identities.  Fresh image and variance planes; the mask is the input's, unchanged.
-        return MaskedImage._adopt(
-            xp.where(bad, xp.float32(np.nan), mi.image),
-            xp.where(bad, xp.float32(np.inf), mi.variance),
-            mi.mask,
-            xy0=mi.xy0,
-            mask_planes=mi.mask_planes,
-            backend=mi.backend,
-        )
-    if not bool(bad.any()):
+    if not mi.backend.is_gpu and not bool(bad.any()):
         return mi
-    return MaskedImage(
+    # On a device no emptiness test (a host sync): without a NO_DATA pixel the two fills
+    # are identities.  Fresh image and variance planes there; the mask is the input's,
+    # unchanged (the constructor's copies are skipped).
+    make = MaskedImage._adopt if mi.backend.is_gpu else MaskedImage
+    return make(
         xp.where(bad, xp.float32(np.nan), mi.image),
         xp.where(bad, xp.float32(np.inf), mi.variance),
         mi.mask,
