@@ -16,7 +16,7 @@ import logging
 import numpy as np
 import pytest
 
-from gpudiff.image import MaskedImage
+from gpudiff.image import Box, MaskedImage
 from gpudiff.ops.interpolate import interpolate_over_defects
 from gpudiff.sim import realistic_raw_pair
 from gpudiff.tasks import (
@@ -476,13 +476,14 @@ def test_well_filled_column_reach():
     assert np.hypot(dx[inn] - (c + 1), dy[inn] - y_in) < 2 and dia["flag_masked"][inn]
 
 
-def test_defects_seed_no_rays_and_ray_fills_keep_lsst_growth():
+def test_defects_seed_no_rays_and_ray_fills_are_not_quiet():
     """A garbage bad column is as sharp as a cosmic ray: the input's ray finder must not
     seed on it (its grown "rays" would mark the clean neighbours INTRP without BAD, which
     the matching kernel then grows by its whole box; a realistic 2048² pair lost 4
-    transients 3-11 px from a template column so).  And only BAD fills are exempt from
-    the kernel's growth: a cosmic ray's fill keeps LSST's (a track found in part on the
-    shared DECam cutouts left a clean S/N -13 residual otherwise; docs/algorithms.md §14)."""
+    transients 3-11 px from a template column so).  And only BAD fills are quiet (kept
+    at their pixels): a cosmic ray's fill is grown by the kernel's core (a track found in
+    part on the shared DECam cutouts left a clean S/N -13 residual when its fill was not
+    grown at all; docs/algorithms.md §14)."""
     from gpudiff.image.psf import GaussianPsf
     from gpudiff.ops.cosmic_rays import find_cosmic_rays
 
@@ -521,6 +522,62 @@ def test_defects_seed_no_rays_and_ray_fills_keep_lsst_growth():
         quiet_fills(MaskedImage(sky, np.ones((n, n), np.float32), fill, mask_planes=planes))
     )
     assert q[10:20, 10].all() and not q[30:33, 50:53].any()
+
+
+def test_ray_fills_grow_by_the_kernel_core():
+    """docs/algorithms.md §14: a filled cosmic ray (INTRP and CR) is grown by the matching
+    kernel's core (|K| ≥ 1 % of its peak), not by its whole box (LSST; ``cr_fill_core=None``
+    restores it), while an unfilled defect (BAD, garbage left in) keeps the box.  The
+    core is where a part of the track the finder missed is spread to: a 6σ pixel
+    beside the fill lands outside the grown mask at < 0.1σ in the convolved image."""
+    from gpudiff.psfmatch.basis import KernelBasis
+    from gpudiff.psfmatch.spatial import SpatialFunctions, SpatialKernel
+    from gpudiff.tasks.masks import cosmic_ray_fills, kernel_core
+
+    n, half = 128, 10
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
+    gauss = np.exp(-0.5 * (xx**2 + yy**2) / 1.2**2)
+    gauss /= gauss.sum()
+    box = Box(0, 0, n, n)
+    kernel = SpatialKernel(
+        KernelBasis(gauss[None], "alard-lupton"),
+        np.array([[1.0]]),
+        SpatialFunctions("polynomial", 0, box),
+    )
+    core = kernel_core(kernel)
+    # The 1 % level of a σ = 1.2 px Gaussian lies at r = 1.2·√(2 ln 100) = 3.64 px.
+    r_core = np.hypot(xx, yy)[core].max()
+    assert 3.0 <= r_core <= 3.65 and core.sum() < 0.15 * core.size
+    rng = np.random.default_rng(5)
+    img = rng.normal(0.0, 1.0, (n, n)).astype(np.float32)
+    mi0 = MaskedImage(img, np.ones((n, n), np.float32), np.zeros((n, n), np.int32))
+    planes = mi0.mask_planes
+    mask = np.zeros((n, n), np.int32)
+    ray = (slice(40, 41), slice(30, 38))  # a filled 8-px track
+    mask[ray] = planes.bitmask("CR") | planes.bitmask("INTRP")
+    mask[90, 90] = planes.bitmask("BAD")  # garbage left in: LSST's growth
+    img[90, 90] = 1e4
+    img[40, 38] = 6.0  # the next pixel of the track, missed by the finder
+    mi = MaskedImage(img, np.ones((n, n), np.float32), mask, mask_planes=planes)
+    assert np.asarray(cosmic_ray_fills(mi)).sum() == 8
+    cr_bit = planes.bitmask("CR")
+    grown = {}
+    for frac in (0.01, None):
+        out = convolve_preserving(kernel, mi, (), cr_fill_core=frac)
+        grown[frac] = (np.asarray(out.mask) & cr_bit) != 0
+        bad = (np.asarray(out.mask) & planes.bitmask("BAD")) != 0
+        assert bad[90 - half : 91 + half, 90 - half : 91 + half].all()  # box, both ways
+    from scipy import ndimage
+
+    dist = ndimage.distance_transform_edt((mask & cr_bit) == 0)
+    assert grown[0.01][dist <= 3.0].all() and not grown[0.01][dist > 3.7].any()
+    assert grown[None][30:51, 20:48].all()  # the whole 21² box around the track
+    # What the missed pixel leaves beyond the grown core: below 0.3σ (noise-free check).
+    missed = np.zeros((n, n), np.float32)
+    missed[40, 38] = 6.0
+    spread = kernel.convolve(MaskedImage(missed, np.ones((n, n), np.float32)))
+    out = np.asarray(spread.image)[half:-half, half:-half]  # edges are NaN (afw)
+    assert np.abs(out[~grown[0.01][half:-half, half:-half]]).max() < 0.1
 
 
 def test_input_ray_finder_ignores_the_sky_level():

@@ -409,6 +409,24 @@ def test_mask_dilate_or_matches_bruteforce(rng, fpshape):
     )
 
 
+@pytest.mark.parametrize("fpshape", [(1, 1), (5, 5), (4, 6), (9, 9)])
+def test_sparse_mask_dilate_or_matches_bruteforce(rng, fpshape):
+    """A sparse host mask (set pixels × taps < a quarter of the image) takes the scatter
+    path: the same bits as the brute-force OR, edges and the sign bit included."""
+    mask = np.zeros((80, 93), np.int32)
+    idx = rng.random(mask.shape) < 0.002
+    idx[0, 0] = idx[79, 92] = idx[40, 0] = True  # corners and an edge
+    mask[idx] = (1 << rng.integers(0, 31, size=idx.sum())).astype(np.int32)
+    mask[0, 0] |= np.int32(-(2**31))
+    fp = rng.random(fpshape) < 0.6
+    fp[(fpshape[0] - 1) // 2, (fpshape[1] - 1) // 2] = True
+    assert np.count_nonzero(mask) * fp.sum() < mask.size // 4
+    got = R.mask_dilate_or(mask, fp)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, brute_dilate(mask, fp))
+    np.testing.assert_array_equal(R.mask_dilate_or(mask.view(np.uint32), fp), got)
+
+
 def test_mask_dilate_or_correlation_convention():
     mask = np.zeros((5, 5), np.int32)
     mask[2, 2] = 4

@@ -10,6 +10,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..image import Exposure, MaskedImage
+from ..ops.convolution import dilate_mask, kernel_centre
 from ..ops.stats import sky_level
 from ..psfmatch.spatial import SpatialKernel
 
@@ -19,7 +20,10 @@ __all__ = [
     "convolve_preserving",
     "mask_non_finite",
     "quiet_fills",
+    "cosmic_ray_fills",
+    "kernel_core",
     "QUIET_FILL_SNR",
+    "CR_FILL_CORE",
 ]
 
 #: A filled (INTRP) pixel whose value lies within this many σ (its variance plane) of the
@@ -30,6 +34,14 @@ __all__ = [
 #: (peak ≲ 0.1 of its sum) spreads at most ~0.2σ of it to any other pixel.  Sky pixels pass
 #: the test unless their fill noise is a 4.2σ event.
 QUIET_FILL_SNR = 3.0
+
+#: A filled cosmic ray (INTRP and CR, no detector defect) is grown by the kernel's *core*:
+#: its pixels where |K| is at least this fraction of the peak (at the four corners and the
+#: centre of the kernel's region), not by the whole box (docs/algorithms.md §14, "Mask
+#: growth of filled cosmic rays").  What a fill can leave is the part of a track the finder
+#: missed, a few σ per pixel next to the found part; the kernel spreads a pixel of a σ
+#: beyond the core by less than a σ/100.
+CR_FILL_CORE = 0.01
 
 
 def template_coverage(template: Exposure, science: Exposure) -> float:
@@ -139,34 +151,29 @@ def quiet_fills(mi: MaskedImage, snr: float = QUIET_FILL_SNR) -> Any:
     """
     xp = mi.backend.xp
     intrp = mi.mask_planes.bitmask_if_present("INTRP")
-    if not intrp:
-        return xp.zeros(mi.shape, dtype=bool)
-    filled = (mi.mask & intrp) != 0
     # Only a detector defect's fill (BAD: clean-edged columns and pixels) is exempt.  A
     # cosmic ray's fill is quiet at its core, but the finder may have found only part of
     # the ray: the rest of a track, left unmasked, is spread by the kernel into a PSF-like
-    # residual that only the grown plane covers.  On the shared DECam cutouts a template
-    # track at (238, 82) of OBS18e, found over 5-8 of its ~20 px, gave a clean S/N -13
-    # source in three same-epoch pairs when its fill was left ungrown (a test for "nothing
-    # of the ray left within 2 px above 3.5σ" still missed its 3σ middle section).
+    # residual that only the grown plane covers (by the kernel's core:
+    # :func:`cosmic_ray_fills`).  On the shared DECam cutouts a template track at (238, 82)
+    # of OBS18e, found over 5-8 of its ~20 px, gave a clean S/N -13 source in three
+    # same-epoch pairs when its fill was left ungrown (a test for "nothing of the ray left
+    # within 2 px above 3.5σ" still missed its 3σ middle section).
     bad = mi.mask_planes.bitmask_if_present("BAD")
-    if not bad:
+    if not intrp or not bad:
         return xp.zeros(mi.shape, dtype=bool)
-    filled &= (mi.mask & bad) != 0
     # Saturated cores (bleed trails, wings above the fill) and no-data gaps are never
-    # "quiet".
+    # "quiet".  INTRP and BAD set, none of these: one test (two device calls).
     loud = mi.mask_planes.bitmask_if_present(["NO_DATA", "SAT", "SAT_TEMPLATE"])
-    if loud:
-        filled &= (mi.mask & loud) == 0
+    filled = (mi.mask & (intrp | bad | loud)) == (intrp | bad)
     sky = sky_level(mi)
     lim = snr * snr
     if mi.backend.is_gpu:
         # Whole-image arithmetic, no emptiness test (a host sync); a NaN sky (no usable
-        # pixel) passes no fill.
-        img, var = mi.image, mi.variance
-        ok = xp.isfinite(var) & (var > 0) & xp.isfinite(img)
-        dev = xp.where(ok, img, xp.float32(0)) - sky
-        return filled & ok & (dev * dev <= lim * xp.where(ok, var, xp.float32(0)))
+        # pixel) passes no fill.  A non-finite value or variance fails a comparison.
+        var = mi.variance
+        dev = mi.image - sky
+        return filled & (dev * dev <= lim * var) & (var > 0) & (var < xp.float32(np.inf))
     # On the CPU only the filled pixels (a few columns) are tested.
     quiet = np.zeros(mi.shape, dtype=bool)
     if not filled.any() or not np.isfinite(sky):
@@ -179,12 +186,44 @@ def quiet_fills(mi: MaskedImage, snr: float = QUIET_FILL_SNR) -> Any:
     return quiet
 
 
+def cosmic_ray_fills(mi: MaskedImage) -> Any:
+    """Boolean array: the filled cosmic-ray pixels of ``mi`` (INTRP and CR set; none of
+    BAD, SAT, SAT_TEMPLATE, NO_DATA, which keep their own growth or are quiet fills).
+
+    All False (on ``mi``'s backend) when the image has no INTRP or CR plane.
+    """
+    xp = mi.backend.xp
+    if not {"INTRP", "CR"} <= set(mi.mask_planes):
+        return xp.zeros(mi.shape, dtype=bool)
+    need = mi.mask_planes.bitmask_if_present(["INTRP", "CR"])
+    other = mi.mask_planes.bitmask_if_present(["BAD", "SAT", "SAT_TEMPLATE", "NO_DATA"])
+    # One test for all the planes (two device calls): the quiet fills need BAD, so the
+    # two sets never overlap.
+    return (mi.mask & (need | other)) == need
+
+
+def kernel_core(kernel: SpatialKernel, fraction: float = CR_FILL_CORE) -> np.ndarray:
+    """Footprint (bool, the kernel's shape) where |K(x, y)| ≥ ``fraction`` × its peak at
+    any of the corners or the centre of the kernel's region; always holds the centre."""
+    r = kernel.functions.region
+    xs = (r.x0, r.x1 - 1, 0.5 * (r.x0 + r.x1 - 1))
+    ys = (r.y0, r.y1 - 1, 0.5 * (r.y0 + r.y1 - 1))
+    core = np.zeros(kernel.shape, dtype=bool)
+    for x, y in [(xs[0], ys[0]), (xs[1], ys[0]), (xs[0], ys[1]), (xs[1], ys[1]), (xs[2], ys[2])]:
+        k = np.abs(kernel.kernel_image(x, y))
+        core |= k >= fraction * k.max()
+    cy, cx = kernel_centre(kernel.shape)
+    core[cy, cx] = True
+    return core
+
+
 def convolve_preserving(
     kernel: SpatialKernel,
     mi: MaskedImage,
     preserve: Iterable[str],
     *,
     quiet_fill_snr: float | None = QUIET_FILL_SNR,
+    cr_fill_core: float | None = CR_FILL_CORE,
     **kwargs,
 ) -> MaskedImage:
     """Convolve with ``doCopyEdge=True``, keeping ``preserve`` planes undilated (docs/algorithms.md
@@ -196,28 +235,43 @@ def convolve_preserving(
     matching kernel's 21-35 px box cost 5 of the 44 S/N >= 8 transients of a realistic
     2048² pair in convolveTemplate; docs/algorithms.md §14).  ``quiet_fill_snr=None``
     grows every bit as LSST.
+
+    Filled cosmic rays (:func:`cosmic_ray_fills`) are grown by the kernel's core
+    (:func:`kernel_core`, |K| ≥ ``cr_fill_core`` × its peak), not by its whole box: with
+    the box, the science's rays in convolveScience flagged 7 of the 175 S/N ≥ 8
+    transients of a realistic 2048² pair, with the core 4 (docs/algorithms.md §14).
+    ``cr_fill_core=None`` grows them as LSST.
     """
     quiet = quiet_fills(mi, quiet_fill_snr) if quiet_fill_snr is not None else None
     if quiet is not None and not mi.backend.is_gpu and not quiet.any():
         quiet = None  # on a device the masks are combined unconditionally (no host sync)
+    rays = cosmic_ray_fills(mi) if cr_fill_core is not None else None
+    if rays is not None and not mi.backend.is_gpu and not rays.any():
+        rays = None
+    xp = mi.backend.xp
+    zero = mi.mask.dtype.type(0)
+    exempt = quiet if rays is None else (rays if quiet is None else quiet | rays)
     src = mi
-    if quiet is not None:
-        xp = mi.backend.xp
+    if exempt is not None:
         src = MaskedImage(
             mi.image,
             mi.variance,
-            xp.where(quiet, mi.mask.dtype.type(0), mi.mask),
+            xp.where(exempt, zero, mi.mask),
             xy0=mi.xy0,
             mask_planes=mi.mask_planes,
             backend=mi.backend,
         )
     out = kernel.convolve(src, do_copy_edge=True, **kwargs)
     bm = mi.mask_planes.bitmask_if_present(list(preserve))
-    if not bm and quiet is None:
+    if not bm and exempt is None:
         return out
     mask = (out.mask & ~bm) | (mi.mask & bm) if bm else out.mask
     if quiet is not None:
-        mask = mask | xp.where(quiet, mi.mask, mi.mask.dtype.type(0))
+        mask = mask | xp.where(quiet, mi.mask, zero)
+    if rays is not None:
+        # The core holds its centre: the rays keep their own bits too.
+        core = kernel_core(kernel, cr_fill_core)
+        mask = mask | dilate_mask(xp.where(rays, mi.mask, zero), core, mi.backend)
     return MaskedImage(
         out.image, out.variance, mask, xy0=out.xy0, mask_planes=out.mask_planes, backend=out.backend
     )
