@@ -83,6 +83,46 @@ def test_trail_is_one_streak_feature(brightness):
         assert hit.sum() == 1 and bool(cat["clean"][hit][0])
 
 
+def test_transients_beside_a_trail_are_records_of_their_own():
+    """Point transients whose footprints touch a bright trail's (centres beyond the
+    masked band, their light joined to the trail's at 5σ) are records of their own, clean,
+    with their fluxes, not one record of the brightest; the trail stays one feature (a
+    realistic 2048² pair lost a S/N 10 transient 6 px from a trail's line to a record
+    350 px away on the trail's footprint, docs/algorithms.md §14)."""
+    trail = Trail(x=200.0, y=230.0, angle=33.0, brightness=3.0, width=1.5)
+    th = math.radians(trail.angle)
+
+    def beside(x_along, perp):
+        return x_along, trail.y + (x_along - trail.x) * math.tan(th) + perp / math.cos(th)
+
+    # (x, y, flux): S/N ≈ flux / (√(4π) σ_PSF) ≈ 66 and 130, 9 px either side.
+    spots = [(*beside(330.0, 9.0), 400.0), (*beside(150.0, -9.0), 800.0)]
+    exp = _difference([trail], seed=4)
+    mi = exp.masked_image
+    img = np.asarray(mi.image).copy()
+    yy, xx = np.mgrid[0:N, 0:N]
+    for x, y, f in spots:
+        assert abs(abs(_perp(x, y, trail)) - 9.0) < 1e-9
+        g = np.exp(-0.5 * ((xx - x) ** 2 + (yy - y) ** 2) / PSF_SIGMA**2)
+        img += (f * g / (2 * np.pi * PSF_SIGMA**2)).astype(np.float32)
+    exp = Exposure(MaskedImage(img, np.asarray(mi.variance)), exp.psf)
+    res = DetectAndMeasureTask().run(exp)
+    assert len(res.streaks) == 1
+    assert res.streaks[0].half_width < 9.0 - 2 * PSF_SIGMA  # centres off the band
+    # Their light touches the trail's at the detection threshold: one footprint (the case).
+    det = detect_sources(exp, threshold=5.0, polarity="both", background=None)
+    fid = np.asarray(det.catalog["footprint_id"])
+    on = set(fid[np.abs(_perp(det.catalog["x"], det.catalog["y"], trail)) < 3].tolist())
+    for x, y, _ in spots:
+        assert fid[np.argmin(np.hypot(det.catalog["x"] - x, det.catalog["y"] - y))] in on
+    cat = res.dia_sources
+    for x, y, f in spots:
+        hit = np.hypot(cat["x"] - x, cat["y"] - y) < 1.5
+        assert hit.sum() == 1 and bool(cat["clean"][hit][0]), cat[hit]
+        assert cat["psf_flux"][hit][0] == pytest.approx(f, rel=0.1)
+    assert np.asarray(cat["flag_streak"]).sum() == 1
+
+
 def test_streak_mask_plane_and_parent_frame():
     trail = Trail(x=1200.0, y=2300.0, angle=100.0, brightness=2.0, width=1.5)
     exp = _difference([trail], seed=2, xy0=(1000, 2000))

@@ -74,6 +74,15 @@ class PreconvolveResult:
     science_sources: object = None
 
 
+def decorrelation_reach(correction_kernel: np.ndarray, fraction: float = 0.01) -> int:
+    """Half-width (pixels, Chebyshev) of the decorrelation filter where
+    |c| ≥ ``fraction`` × its peak: how far it carries a pixel's value."""
+    a = np.abs(np.asarray(correction_kernel, dtype=np.float64))
+    ys, xs = np.nonzero(a >= fraction * a.max())
+    cy, cx = (a.shape[0] - 1) // 2, (a.shape[1] - 1) // 2
+    return int(max(np.abs(ys - cy).max(), np.abs(xs - cx).max()))
+
+
 def preconvolution_kernel(exposure: Exposure) -> np.ndarray:
     """P̃: the PSF at its average position, unit sum, **reflected** (docs/algorithms.md §4.3 step
     2), so that afw "convolution" (a correlation) with it is a convolution with the PSF."""
@@ -170,15 +179,20 @@ class AlardLuptonPreconvolveSubtractTask(AlardLuptonSubtractTask):
             out = dec.corrected_exposure.masked_image
         else:
             out = score
-        # EDGE outside the region where the matched filter saw the whole PSF (step 10),
-        # grown by the matching kernel's half-width: the decorrelation filter's tails carry
-        # the copied (unfiltered) edge a few pixels inwards, where it made false 5σ
-        # detections (measured: all false detections of a 1024² test lay 16–17 px from the
-        # border with a 16-px PSF half-width).  A departure from LSST's PSF-half-width frame.
+        # EDGE outside the region where the matched filter saw the whole PSF (step 10) and
+        # the matched template its whole kernel (both copy their unconvolved edge), grown
+        # by the decorrelation filter's reach (its pixels at ≥ 1 % of its peak): the filter
+        # carries the copied edge that far inwards, where it made false 5σ detections
+        # (measured: all false detections of a 1024² test lay 16–17 px from the border
+        # with a 16-px PSF half-width).  A departure from LSST's PSF-half-width frame.  The
+        # frame was the PSF's *plus* the kernel's half-width (35–40 px on a realistic
+        # 2048² pair, ~7 % of the image): 5 of its S/N ≥ 8 injections lay in it.
         xp = be.xp
         edge = out.mask_planes.bitmask("EDGE")
         frame = xp.ones(out.shape, dtype=bool)
-        w = half + kernel.shape[0] // 2
+        w = max(half, kernel.shape[0] // 2) + (
+            decorrelation_reach(dec.correction_kernel) if cfg.do_decorrelation else 0
+        )
         frame[w : out.shape[0] - w, w : out.shape[1] - w] = False
         out = MaskedImage(
             out.image,
@@ -191,6 +205,7 @@ class AlardLuptonPreconvolveSubtractTask(AlardLuptonSubtractTask):
         score_exp = Exposure(out, science.psf, science.wcs, science.photo_calib, science.metadata)
         meta.update(
             mode="convolveTemplate",
+            score_edge_width=int(w),
             kernel_sum=kernel.kernel_sum(),
             n_kernel_sources=len(sel),
             n_candidates_used=fit.n_used,
