@@ -5,7 +5,7 @@ import pytest
 
 import gpudiff.ops._clip_host as clip_host
 from gpudiff.backend.reference import clipped_stack
-from gpudiff.ops._clip_host import clip_columns_host
+from gpudiff.ops._clip_host import clip_columns_host, clip_tiled_bins_host
 
 
 def _stack(rng, n, b):
@@ -50,3 +50,20 @@ def test_strided_view_and_default_blocks():
     got = clip_columns_host(stack, good, 2.5, 3)
     for w, g in zip(want, got):
         assert np.array_equal(g.view(np.int32), w.view(np.int32))
+
+
+@pytest.mark.parametrize("ny, nx, h, w", [(4, 4, 64, 64), (3, 5, 40, 24), (1, 1, 30, 30)])
+def test_tiled_bins_are_the_stack(ny, nx, h, w, monkeypatch):
+    monkeypatch.setattr(clip_host, "_BLOCK_ELEMENTS", 2048)
+    rng = np.random.default_rng(11)
+    img = rng.normal(5.0, 1.0, (ny * h, nx * w)).astype(np.float32)
+    img[rng.random(img.shape) < 0.01] += 40.0
+    img[rng.random(img.shape) < 0.003] = np.nan
+    good = rng.random(img.shape) > 0.1
+    good[:h, :w] = False  # an empty bin
+    stack = img.reshape(ny, h, nx, w).transpose(1, 3, 0, 2).reshape(h * w, ny * nx)
+    ok = good.reshape(ny, h, nx, w).transpose(1, 3, 0, 2).reshape(h * w, ny * nx)
+    want = clipped_stack(stack, ~ok, None, 3.0, 3)
+    got = clip_tiled_bins_host(img, good, ny, nx, 3.0, 3)
+    for wnt, g in zip(want, got):
+        assert np.array_equal(g.view(np.int32), wnt.view(np.int32))
