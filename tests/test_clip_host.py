@@ -52,6 +52,19 @@ def test_strided_view_and_default_blocks():
         assert np.array_equal(g.view(np.int32), w.view(np.int32))
 
 
+@pytest.mark.parametrize("shape", [(140_000, 1), (100_000, 2)])
+def test_one_or_two_deep_columns(shape):
+    # deeper than a block with the default size: the carried sums of one or two columns
+    # are still the twin's (NumPy's axis-0 sum is sequential for a single column too)
+    rng = np.random.default_rng(2)
+    data = rng.normal(3.0, 1.0, shape).astype(np.float32)
+    good = rng.random(shape) > 0.1
+    want = clipped_stack(data, ~good, None, 3.0, 3)
+    got = clip_columns_host(data, good, 3.0, 3)
+    for w, g in zip(want, got):
+        assert np.array_equal(g.view(np.int32), w.view(np.int32))
+
+
 @pytest.mark.parametrize("ny, nx, h, w", [(4, 4, 64, 64), (3, 5, 40, 24), (1, 1, 30, 30)])
 def test_tiled_bins_are_the_stack(ny, nx, h, w, monkeypatch):
     monkeypatch.setattr(clip_host, "_BLOCK_ELEMENTS", 2048)
