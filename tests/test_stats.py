@@ -394,3 +394,24 @@ def test_batched_radix_quantiles_match_percentile(rng):
         exact = [np.sort(np.asarray(samples[r], np.float32)[keep])[k] for r, k in zip(rows, ranks)]
         np.testing.assert_array_equal(sel, exact)
     assert np.isnan(_quantiles(be, [a], np.zeros(n, bool), [(0.5,)])).all()
+
+
+def test_compacted_host_quantiles_equal_masked(rng):
+    """``_quantiles`` of host samples already compacted (``valid`` None, selected in place)
+    gives the bits of the masked whole-array call, empty samples NaN as there."""
+    from gpudiff.backend import get_backend
+    from gpudiff.errors import InvalidInputError
+    from gpudiff.ops.stats import _quantiles
+
+    be = get_backend("numpy")
+    n = 20_000
+    a = rng.normal(0, 1, n)
+    b = rng.integers(-3, 4, n).astype(np.float64)  # heavy ties
+    keep = rng.random(n) > 0.3
+    fr = [(0.25, 0.75), (0.0, 0.5, 1.0)]
+    want = _quantiles(be, [a, b], keep, fr)
+    got = _quantiles(be, [a[keep], b[keep]], None, fr)
+    np.testing.assert_array_equal(got, want)
+    assert np.isnan(_quantiles(be, [a[:0]], None, [(0.5,)])).all()
+    with pytest.raises(InvalidInputError):
+        _quantiles(be, [a[keep], b], None, fr)

@@ -26,6 +26,7 @@ from ..backend import kernels as _kernels
 from ..backend.kernels import clipped_stack
 from ..errors import AllMaskedError, InvalidInputError, NonFiniteDataError, ShapeMismatchError
 from ..image import Exposure, MaskedImage
+from ._clip_host import clip_columns_host, clip_tiled_bins_host
 from .bin_interp import _MIN_NODES, _akima_slopes, _axis_order, _hermite_matrices, _interp_matrix
 
 __all__ = [
@@ -208,15 +209,27 @@ def bin_background(
                 .reshape(hmax * wmax, ny * nx)
             )
 
-        if rval.all() and cval.all():  # bins of equal size tile the image: no gather
-            data, ok_st = to_stack(mi.image), to_stack(good)
+        tiled = bool(rval.all() and cval.all())  # bins of equal size tile the image
+        if tiled and be.xp is np:
+            # clipped_stack's bits, blocked over all bins at once (its 8-bin bands made
+            # every sum an 8-wide loop), the stacks made from the image's bin rows
+            # (bin_background 0.37 -> 0.13 CPU-s per 2048² image)
+            mean, _, n_used = clip_tiled_bins_host(mi.image, good, ny, nx, nsigma, niter)
+            n_valid = good.reshape(ny, hmax, nx, wmax).sum(axis=(1, 3)).reshape(-1)
         else:
-            r_d, c_d = be.asarray(ridx), be.asarray(cidx)
-            data = to_stack(mi.image[r_d][:, c_d])
-            pad_ok = be.asarray(rval[:, None] & cval[None, :])  # False on smaller bins' padding
-            ok_st = to_stack(good[r_d][:, c_d] & pad_ok)
-        mean, _, n_used = clipped_stack(data, ~ok_st, None, nsigma, niter, backend=be)
-        raw, n_valid = be.asnumpy(mean).astype(np.float64), be.asnumpy(ok_st.sum(axis=0))
+            if tiled:  # no gather
+                data, ok_st = to_stack(mi.image), to_stack(good)
+            else:
+                r_d, c_d = be.asarray(ridx), be.asarray(cidx)
+                data = to_stack(mi.image[r_d][:, c_d])
+                pad_ok = be.asarray(rval[:, None] & cval[None, :])  # smaller bins' padding
+                ok_st = to_stack(good[r_d][:, c_d] & pad_ok)
+            if be.xp is np:
+                mean, _, n_used = clip_columns_host(data, ok_st, nsigma, niter)
+            else:
+                mean, _, n_used = clipped_stack(data, ~ok_st, None, nsigma, niter, backend=be)
+            n_valid = ok_st.sum(axis=0)
+        raw, n_valid = be.asnumpy(mean).astype(np.float64), be.asnumpy(n_valid)
         n_used = be.asnumpy(n_used)
     raw, n_used, n_valid = raw.reshape(ny, nx), n_used.reshape(ny, nx), n_valid.reshape(ny, nx)
     area = np.diff(ye)[:, None] * np.diff(xe)[None, :]

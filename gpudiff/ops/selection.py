@@ -70,11 +70,16 @@ def _order_statistics(be: Backend, v, valid, n, ranks):
     xp = be.xp
     if be.is_gpu:
         return _radix_select(xp, v, valid, ranks)
-    good = v[valid]  # the CPU knows n: np.partition is a linear-time selection
     r = be.asnumpy(ranks)
+    kth = sorted(set(int(k) for k in r))
+    if valid is None:  # a compacted host sample of _quantiles's own: selected in place
+        if v.size == 0:
+            return np.zeros(r.shape, dtype=np.float64)
+        v.partition(kth)
+        return v[r].astype(np.float64)
+    good = v[valid]  # the CPU knows n: np.partition is a linear-time selection
     if good.size == 0:
         return xp.zeros(r.shape, dtype=xp.float64)
-    kth = sorted(set(int(k) for k in r))
     return xp.partition(good, kth)[r].astype(xp.float64)
 
 
@@ -116,9 +121,21 @@ def _quantiles(be: Backend, samples, valid, fractions):
     kernel launch (at most three fractions each; else one batched radix select of about
     25 launches), exact order statistics of the float32 values, so the result is within
     float32 rounding of the float64 percentile.  An empty sample gives NaN.
+
+    ``valid`` None (host only): every ``samples[i]`` is a 1-d NumPy array of the usable
+    values alone (``v[valid]``, all of one length), which the selection reorders in place:
+    a caller that compacts its planes once saves the whole-image temporaries and copies.
     """
     xp = be.xp
-    valid = valid.reshape(-1)
+    if valid is None:
+        if be.is_gpu:
+            raise InvalidInputError("_quantiles: compacted samples (valid None) are host-only")
+        sizes = {int(v.size) for v in samples}
+        if len(sizes) > 1:
+            raise InvalidInputError("_quantiles: compacted samples must have one length")
+        n_host = sizes.pop() if sizes else 0
+    else:
+        valid = valid.reshape(-1)
     samples = [v.reshape(-1) for v in samples]
     if len(fractions) != len(samples):
         raise InvalidInputError("_quantiles: one tuple of fractions per sample")
@@ -137,7 +154,7 @@ def _quantiles(be: Backend, samples, valid, fractions):
         ri = np.concatenate([np.full(f.size, i, dtype=np.int64) for i, f in enumerate(fr_list)])
         ci = np.concatenate([np.arange(f.size, dtype=np.int64) for f in fr_list])
         return q[be.asarray(ri), be.asarray(ci)]
-    n = valid.sum().astype(xp.int64)
+    n = np.int64(n_host) if valid is None else valid.sum().astype(xp.int64)
     fr_h = np.concatenate([np.asarray(f, dtype=np.float64).reshape(-1) for f in fractions])
     rows_h = np.concatenate([np.full(len(f), i, dtype=np.int64) for i, f in enumerate(fractions)])
     fr = be.asarray(fr_h)

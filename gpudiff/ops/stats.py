@@ -184,17 +184,29 @@ def _clip_sample(be: Backend, v, excl, nsigma: float, niter: int, *, _select=Non
     # Device calls are the cost here (the sample is one pass of bandwidth): the scalar
     # updates use IEEE rules instead of masks — no survivor gives 0/0 = NaN, one survivor
     # (d² − d²)·(1/0) = NaN, as the twin's masks do.
+    # On the host the passes write into buffers made once: the same values (so the same
+    # sums) without four fresh whole-sample temporaries per pass, each paged in anew.
+    bufs = (np.empty_like(x), np.empty_like(x), np.empty(x.shape, dtype=bool)) if xp is np else None
     with np.errstate(all="ignore"):
         for it in range(niter):
             if it > 0:
                 center = mean
                 hwidth = xp.where(many, nsigma * xp.sqrt(var), iqr_width)
-            d = x - center
-            sel = xp.abs(d) <= hwidth  # False for a NaN sample, centre or width, as afw
-            t = xp.where(sel, d, 0.0)
-            # t·t = d·d on the survivors; elsewhere a zero, whose sign cannot matter (a
-            # sample with a survivor has a +0 or nonzero term)
-            sumw, sumx, sumx2 = sel.sum(dtype=xp.float64), t.sum(), (t * t).sum()
+            if bufs is not None:
+                d, t, sel = bufs
+                np.subtract(x, center, out=d)
+                np.less_equal(np.abs(d, out=t), hwidth, out=sel)
+                t.fill(0.0)
+                np.copyto(t, d, where=sel)
+                sumw, sumx = sel.sum(dtype=np.float64), t.sum()
+                sumx2 = np.multiply(t, t, out=d).sum()
+            else:
+                d = x - center
+                sel = xp.abs(d) <= hwidth  # False for a NaN sample, centre or width, as afw
+                t = xp.where(sel, d, 0.0)
+                # t·t = d·d on the survivors; elsewhere a zero, whose sign cannot matter
+                # (a sample with a survivor has a +0 or nonzero term)
+                sumw, sumx, sumx2 = sel.sum(dtype=xp.float64), t.sum(), (t * t).sum()
             mean_d = sumx / sumw
             w2 = sumw * sumw
             var = (sumx2 / sumw - mean_d * mean_d) * (w2 / (w2 - sumw))

@@ -53,6 +53,9 @@ __all__ = ["DecorrelateALKernelConfig", "DecorrelateALKernelTask", "Decorrelatio
 
 log = logging.getLogger("gpudiff.tasks.decorrelate")
 
+#: float64 values per row block of the host variance-plane sum (256 KiB).
+_ROW_BLOCK = 1 << 15
+
 #: ip_diffim ``DecorrelateALKernelConfig.ignoreMaskPlanes`` default.
 DECORRELATION_IGNORE_MASK_PLANES: tuple[str, ...] = (
     "INTRP",
@@ -475,9 +478,11 @@ class DecorrelateALKernelTask:
             new_var = self._propagate(plane1, cnft, var_mean, shape) + self._propagate(
                 plane2, crft, target_mean, shape
             )
+        elif not be.is_gpu:
+            new_var = self._weighted_sum_host(plane1, w1, plane2, w2, ksum, template_matched)
         else:
             new_var = plane1.astype(np.float64) * w1 + plane2.astype(np.float64) * w2
-        if not template_matched:
+        if not template_matched and be.is_gpu:
             # The subtraction divided the difference by kSum; LSST scales the whole plane
             # (template term included) by 1/kSum², and so do we.
             new_var = new_var / (ksum * ksum)
@@ -487,7 +492,7 @@ class DecorrelateALKernelTask:
         # it is new (not the input's own).
         out_mi = MaskedImage._adopt(
             new_img.astype(np.float32),
-            new_var.astype(np.float32),
+            new_var.astype(np.float32, copy=False),  # float32 already on the host
             mask if mask is not diff.mask else mask.copy(),
             xy0=diff.xy0,
             mask_planes=diff.mask_planes,
@@ -539,7 +544,28 @@ class DecorrelateALKernelTask:
         """The centred (2·half+1)² cut-out of IFFT(corr), on the backend (not fetched)."""
         xp = self.backend.xp
         h = min(half, shape[0] // 2 - 1, shape[1] // 2 - 1)
-        return xp.roll(self._irfft(corr, shape), (h, h), axis=(0, 1))[: 2 * h + 1, : 2 * h + 1]
+        full = self._irfft(corr, shape)
+        if not self.backend.is_gpu:
+            # The rolled array's first rows and columns, gathered (the same values) instead
+            # of rolling the whole plane first (a copy of it).
+            k = np.arange(-h, h + 1)
+            return full[np.ix_(k % shape[0], k % shape[1])]
+        return xp.roll(full, (h, h), axis=(0, 1))[: 2 * h + 1, : 2 * h + 1]
+
+    @staticmethod
+    def _weighted_sum_host(p1: Any, w1: float, p2: Any, w2: float, ksum: float, tm: bool) -> Any:
+        """float32 ``p1·w1 + p2·w2`` (in float64; then ``/ kSum²`` unless ``tm``), row block
+        by row block: per pixel the operations of the whole-plane expression (the same
+        bits), without its five whole-plane float64 temporaries."""
+        H, W = p1.shape
+        out = np.empty((H, W), dtype=np.float32)
+        step = max(1, _ROW_BLOCK // max(W, 1))
+        k2 = ksum * ksum
+        for r0 in range(0, H, step):
+            r = slice(r0, r0 + step)
+            v = p1[r].astype(np.float64) * w1 + p2[r].astype(np.float64) * w2
+            out[r] = v if tm else v / k2
+        return out
 
     @staticmethod
     def compute_corrected_diffim_psf(
