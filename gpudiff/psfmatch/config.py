@@ -68,6 +68,13 @@ class PsfMatchConfig:
     fit_for_background: bool = option(
         False, doc="Fit a differential background together with the kernel."
     )
+    #: A departure from LSST (docs/algorithms.md §14): the subtraction tasks turn it on.
+    spatial_order_by_cross_validation: bool = option(
+        False,
+        doc="Lower the spatial kernel order when a lower order predicts held-out kernel "
+        "candidates better (5-fold cross-validation on their normal equations).",
+        gpudiff_only=True,
+    )
     size_cell_x: int = option(
         128, doc="Width in pixels of the spatial cells that spread kernel candidates.", min=32
     )

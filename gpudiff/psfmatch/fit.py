@@ -33,6 +33,7 @@ from .solve import (
     residual_sums,
     solve_symmetric_fetch,
 )
+from .spatial_order import cross_validated_order, reduced_kernel
 from .spatial import SpatialFunctions, SpatialKernel
 
 __all__ = [
@@ -479,6 +480,26 @@ def _fit_orders(
     return config
 
 
+def _cross_validated(stage, which, cands, config, region, kernel, M, b):
+    """The fitted kernel, or one of a lower spatial order that predicts held-out
+    candidates better (:mod:`gpudiff.psfmatch.spatial_order`); with the config used.
+    ``M``, ``b``: the candidates' normal equations on the host."""
+    E, _, _ = spatial_expansion(stage.basis, cands.x[which], cands.y[which], config, region)
+    M, b = np.asarray(M, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    nb = stage.basis.n_bases
+    order, scores = cross_validated_order(E, M, b, stage.basis.constant_first_term, nb, config)
+    if order == config.spatial_kernel_order:
+        return kernel, config
+    log.info(
+        "spatial kernel order %d -> %d by cross-validation (held-out chi2 by order: %s)",
+        config.spatial_kernel_order,
+        order,
+        ", ".join(f"{o}: {v:.6g}" for o, v in scores.items()),
+    )
+    kernel = reduced_kernel(E, M, b, kernel, config, order, region)
+    return kernel, config.with_overrides(spatial_kernel_order=order)
+
+
 def fit_spatial_kernel(
     cands: KernelCandidates,
     basis: KernelBasis,
@@ -542,7 +563,26 @@ def fit_spatial_kernel(
     cands.status[which] = GOOD
     used = np.zeros(n, dtype=bool)
     used[which] = True
-    ratio, ratio_err = kernel_star_flux_ratio(be, cands, which)
+    if config.spatial_order_by_cross_validation and config.spatial_kernel_order > 0:
+        # The candidates' normal equations (n × p × p, a few hundred kB) cross to the host
+        # with the flux-ratio sums: one transfer.
+        # (M is symmetric: its upper triangle only, in one gather.)
+        r = be.xp.asarray(stage.rows(which))
+        p = stage.fit.M.shape[-1]
+        iu = np.triu_indices(p)
+        flat = be.xp.asarray(iu[0] * p + iu[1])
+        ratio, ratio_err, (tri, b) = kernel_star_flux_ratio(
+            be,
+            cands,
+            which,
+            also=(stage.fit.M.reshape(-1, p * p)[r[:, None], flat[None, :]], stage.fit.b[r]),
+        )
+        M = np.zeros((len(which), p, p))
+        M[:, iu[0], iu[1]] = tri
+        M[:, iu[1], iu[0]] = tri
+        kernel, config = _cross_validated(stage, which, cands, config, region, kernel, M, b)
+    else:
+        ratio, ratio_err = kernel_star_flux_ratio(be, cands, which)
     ksum_ok = check_kernel_sum(kernel, cands, which, ratio, ratio_err)
     log.info(
         "kernel fit: %d candidates used, %d rejected, %d spatial iterations, kernel sum %.5g",

@@ -37,9 +37,12 @@ _MAD_TO_SIGMA = 1.4826
 
 
 def kernel_star_flux_ratio(
-    backend: Backend, cands: KernelCandidates, which: np.ndarray
-) -> tuple[float, float]:
+    backend: Backend, cands: KernelCandidates, which: np.ndarray, also: tuple = ()
+) -> tuple:
     """Aperture-flux ratio reference/convolved of the candidates ``which``, and its error.
+
+    With ``also`` (backend arrays), their host copies come back as a third item, fetched
+    in the same transfer (one host sync for both).
 
     The aperture is a circle of radius ``_APERTURE_FRACTION`` × kernel_size (the kernel
     spans ≥ 6 FWHM of the matched PSF, so ≥ 3 FWHM: the flux of both PSFs; a larger
@@ -49,7 +52,8 @@ def kernel_star_flux_ratio(
     both images (the check is then not made).
     """
     if which.size == 0:
-        return float("nan"), float("nan")
+        nan = (float("nan"), float("nan"))
+        return nan + (tuple(fetch(backend, *also)),) if also else nan
     S = int(cands.science.shape[-1])  # ModelPsfMatch stamps are PSF-sized, not 2k+1
     o = np.arange(S)
     edge = np.minimum(o, S - 1 - o)
@@ -72,7 +76,13 @@ def kernel_star_flux_ratio(
     for st, vst in ((cands.science, cands.science_var), (cands.template, cands.template_var)):
         sky = xp.median(pixels(st, ring_i), axis=1)
         dev += [(pixels(st, ap_i) - sky[:, None]).sum(axis=1), pixels(vst, ap_i).sum(axis=1)]
-    fr, vr, fc, vc = fetch(backend, *dev)
+    fr, vr, fc, vc, *extra = fetch(backend, *dev, *also)
+    ratio = _ratio(fr, vr, fc, vc)
+    return ratio + (tuple(extra),) if also else ratio
+
+
+def _ratio(fr, vr, fc, vc) -> tuple[float, float]:
+    """The median ratio and its error from the candidates' aperture sums (host)."""
     # Only stars whose aperture flux is measured to S/N ≥ 20 in both images: fainter
     # candidates (a deep field's S/N-10 compact sources) measure the ratio to no better than
     # ±10 % each.  The median of the per-star ratios, so that one variable star or one

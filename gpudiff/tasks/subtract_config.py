@@ -19,7 +19,13 @@ _MODES = ("convolveTemplate", "convolveScience", "auto")
 
 def _default_make_kernel() -> PsfMatchConfig:
     # AlardLuptonSubtractTask.setDefaults (docs/algorithms.md §1.1 "Important").
-    return PsfMatchConfig(fit_for_background=True, spatial_kernel_order=1, spatial_bg_order=2)
+    # Plus the cross-validated spatial order (a departure: docs/algorithms.md §14).
+    return PsfMatchConfig(
+        fit_for_background=True,
+        spatial_kernel_order=1,
+        spatial_bg_order=2,
+        spatial_order_by_cross_validation=True,
+    )
 
 
 @dataclass(frozen=True)
