@@ -453,3 +453,38 @@ def test_corrected_diffim_psf_helper(backend):
     flat = np.ones((40, 21))  # corr ≡ 1 on the rfft half-plane of a 40 × 40 grid: the identity
     out = DecorrelateALKernelTask.compute_corrected_diffim_psf(flat, psf, (40, 40), backend=backend)
     np.testing.assert_allclose(out, psf, atol=1e-12)
+
+
+def test_grown_planes_skip_bad_fills_not_ray_fills(backend):
+    """``grow_mask_planes`` dilate the defect planes by the filter's footprint (a gpudiff
+    departure: LSST leaves the mask alone); with ``grow_skip_bad_fills`` a filled detector
+    defect (BAD and INTRP) keeps its bits at its pixels, while a cosmic ray's fill (INTRP
+    and CR) and an unfilled BAD pixel are still grown (docs/algorithms.md §14)."""
+    sci, tmpl = _fake(backend, 0.04, 0.08, n=96, n_src=5)
+    diff = _template_matched(sci, tmpl)
+    mi = diff.masked_image
+    planes = mi.mask_planes
+    bad, intrp, cr = (planes.bitmask(p) for p in ("BAD", "INTRP", "CR"))
+    m = np.zeros(mi.shape, np.int32)
+    m[:, 30] = bad | intrp  # a filled bad column
+    m[60:63, 70] = cr | intrp  # a filled cosmic ray
+    m[20, 80] = bad  # a bad pixel left as it is
+    d = Exposure(
+        MaskedImage(mi.image, mi.variance, backend.asarray(m), xy0=mi.xy0, mask_planes=planes),
+        diff.psf,
+    )
+    grown = {}
+    for skip in (False, True):
+        cfg = DecorrelateALKernelConfig(
+            grow_mask_planes=("BAD", "INTRP", "CR"),
+            grow_skip_bad_fills=skip,
+            grow_mask_threshold=1e-3,
+        )
+        out = DecorrelateALKernelTask(cfg, backend=backend).run(sci, tmpl, d, KERNEL)
+        grown[skip] = _np(out.corrected_exposure.mask, backend).astype(np.int64)
+    for skip, g in grown.items():
+        assert (g[:, 30] & bad).all()  # the column keeps its bits either way
+        # The ray and the lone bad pixel are grown (their neighbours flagged) either way.
+        assert (g[61, 69] & cr) and (g[61, 71] & cr) and (g[20, 79] & bad) and (g[20, 81] & bad)
+    assert (grown[False][:, 29] & bad).all() and (grown[False][:, 31] & bad).all()
+    assert not (grown[True][:, 29] & bad).any() and not (grown[True][:, 31] & bad).any()

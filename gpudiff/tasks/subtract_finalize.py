@@ -264,4 +264,4 @@ def decorrelation_config(config: AlardLuptonSubtractConfig) -> DecorrelateALKern
         )
         if p != "EDGE"
     )
-    return DecorrelateALKernelConfig(grow_mask_planes=planes)
+    return DecorrelateALKernelConfig(grow_mask_planes=planes, grow_skip_bad_fills=True)
