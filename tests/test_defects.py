@@ -621,3 +621,41 @@ def test_input_ray_finder_ignores_the_sky_level():
     assert found[ys, xs].all() and found.sum() == len(set(zip(ys.tolist(), xs.tolist())))
     blind = np.asarray(find_cosmic_rays(mi, psf, grow=0))
     assert blind[ys, xs].sum() < found[ys, xs].sum()
+
+
+def test_input_ray_finder_finds_faint_rays_and_no_stars():
+    """The inputs' finder seeds rays at 5σ (``INPUT_CR_MIN_SIGMA``, not LSST's 6σ).  The
+    sharpness test (pixel − 3σ > ratio × (mean of opposite neighbours + 3σ)) passes a
+    5-6σ pixel only where its neighbours scatter low, as they do for some faint rays:
+    such a 5.6σ hit with neighbours at −1.5σ is found at 5σ and missed at 6σ.  Neither
+    the noise nor PSF stars (FWHM 2.74 px, peaks 10-160σ) are flagged."""
+    from scipy import ndimage
+
+    from gpudiff.image import Exposure
+    from gpudiff.image.psf import GaussianPsf
+    from gpudiff.ops.cosmic_rays import find_cosmic_rays
+    from gpudiff.tasks.subtract_inputs import INPUT_CR_MIN_SIGMA, _new_cosmic_rays
+
+    rng = np.random.default_rng(8)
+    n = 256
+    s_psf = 2.74 / 2.3548  # the sharper realistic pair's science PSF
+    img = rng.normal(0.0, 1.0, (n, n)).clip(-3.5, 3.5)
+    yy, xx = np.mgrid[0:n, 0:n]
+    stars = [(40 + 35 * i, 60 + 30 * (i % 5), 10.0 * 2.0 ** (i % 5)) for i in range(6)]
+    for x, y, peak in stars:
+        img += peak * np.exp(-0.5 * ((xx - x) ** 2 + (yy - y) ** 2) / s_psf**2)
+    hits = [(200, 30 + 40 * k) for k in range(5)]
+    for x, y in hits:
+        img[y - 1 : y + 2, x - 1 : x + 2] = -1.5
+        img[y, x] = 5.6
+    mi = MaskedImage(img.astype(np.float32), np.ones((n, n), np.float32))
+    exp = Exposure(mi, GaussianPsf(s_psf))
+    cr = np.asarray(_new_cosmic_rays(exp, mi.backend))
+    at6 = np.asarray(find_cosmic_rays(mi, exp.psf, min_sigma=6.0, subtract_sky=True))
+    assert INPUT_CR_MIN_SIGMA == 5.0
+    for x, y in hits:
+        assert cr[y, x] and not at6[y, x], (x, y)
+    for x, y, _ in stars:
+        assert not cr[y - 4 : y + 5, x - 4 : x + 5].any(), (x, y)
+    _, n_found = ndimage.label(cr)
+    assert n_found == len(hits)
