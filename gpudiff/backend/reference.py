@@ -292,20 +292,29 @@ def _clip_band(xp, data, bad, w64, nsigma: float, niter: int, want_used: bool):
         sumx = t.sum(axis=0)
         t *= d  # (w*d)*d
         sumx2 = t.sum(axis=0)
-        okw = sumw > 0
-        sumw_s = xp.where(okw, sumw, 1.0)
-        mean_d = xp.where(okw, sumx / sumw_s, xp.nan)
-        s2 = sumw * sumw
-        denom = s2 - sumw2
-        okv = okw & (denom > 0)
-        var = xp.where(
-            okv,
-            (sumx2 / sumw_s - mean_d * mean_d) * (s2 / xp.where(okv, denom, 1.0)),
-            xp.nan,
-        )
-        mean = mean_d + center
+        mean, var = weighted_mean_var(xp, sumw, sumw2, sumx, sumx2, center)
     n_used = sel.sum(axis=0).astype(xp.int32)
     return mean, var, n_used, (sel if want_used else None)
+
+
+def weighted_mean_var(xp, sumw, sumw2, sumx, sumx2, center):
+    """afw's weighted mean and unbiased variance of the offsets d = x − ``center`` from
+    their sums Σw, Σw², Σw·d, Σw·d² (NaN where no weight; the variance NaN where
+    (Σw)² − Σw² is not positive): (mean, var), the mean with ``center`` added back.
+    Shared by :func:`clipped_stack` and its blocked host version
+    (:mod:`gpudiff.ops._clip_host`), which must agree bit for bit."""
+    okw = sumw > 0
+    sumw_s = xp.where(okw, sumw, 1.0)
+    mean_d = xp.where(okw, sumx / sumw_s, xp.nan)
+    s2 = sumw * sumw
+    denom = s2 - sumw2
+    okv = okw & (denom > 0)
+    var = xp.where(
+        okv,
+        (sumx2 / sumw_s - mean_d * mean_d) * (s2 / xp.where(okv, denom, 1.0)),
+        xp.nan,
+    )
+    return mean_d + center, var
 
 
 def clipped_stack(data, bad, weights=None, nsigma=3.0, niter=3, *, return_used=False):

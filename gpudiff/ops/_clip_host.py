@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend.reference import IQ_TO_STDEV
+from ..backend.reference import IQ_TO_STDEV, weighted_mean_var
 
 __all__ = ["clip_columns_host", "clip_tiled_bins_host"]
 
@@ -172,17 +172,6 @@ def _clip(x32: np.ndarray, valid: np.ndarray, s: np.ndarray, nsigma: float, nite
                 sumx = _column_sum(t, r, sumx)
                 np.multiply(t[1 : r + 1], dk, out=t2[1 : r + 1])  # (w·d)·d
                 sumx2 = _column_sum(t2, r, sumx2)
-            sumw = used.astype(np.float64)
-            okw = sumw > 0
-            sumw_s = np.where(okw, sumw, 1.0)
-            mean_d = np.where(okw, sumx / sumw_s, np.nan)
-            s2 = sumw * sumw
-            denom = s2 - sumw
-            okv = okw & (denom > 0)
-            var = np.where(
-                okv,
-                (sumx2 / sumw_s - mean_d * mean_d) * (s2 / np.where(okv, denom, 1.0)),
-                np.nan,
-            )
-            mean = mean_d + center
+            sumw = used.astype(np.float64)  # unit weights: Σw² = Σw
+            mean, var = weighted_mean_var(np, sumw, sumw, sumx, sumx2, center)
     return mean.astype(np.float32), var.astype(np.float32), used.astype(np.int32)

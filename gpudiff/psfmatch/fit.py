@@ -33,7 +33,11 @@ from .solve import (
     residual_sums,
     solve_symmetric_fetch,
 )
-from .spatial_order import cross_validated_order, reduced_kernel
+from .spatial_order import (
+    choose_spatial_order,
+    packed_normal_equations,
+    unpack_normal_equations,
+)
 from .spatial import SpatialFunctions, SpatialKernel
 
 __all__ = [
@@ -480,26 +484,6 @@ def _fit_orders(
     return config
 
 
-def _cross_validated(stage, which, cands, config, region, kernel, M, b):
-    """The fitted kernel, or one of a lower spatial order that predicts held-out
-    candidates better (:mod:`gpudiff.psfmatch.spatial_order`); with the config used.
-    ``M``, ``b``: the candidates' normal equations on the host."""
-    E, _, _ = spatial_expansion(stage.basis, cands.x[which], cands.y[which], config, region)
-    M, b = np.asarray(M, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    nb = stage.basis.n_bases
-    order, scores = cross_validated_order(E, M, b, stage.basis.constant_first_term, nb, config)
-    if order == config.spatial_kernel_order:
-        return kernel, config
-    log.info(
-        "spatial kernel order %d -> %d by cross-validation (held-out chi2 by order: %s)",
-        config.spatial_kernel_order,
-        order,
-        ", ".join(f"{o}: {v:.6g}" for o, v in scores.items()),
-    )
-    kernel = reduced_kernel(E, M, b, kernel, config, order, region)
-    return kernel, config.with_overrides(spatial_kernel_order=order)
-
-
 def fit_spatial_kernel(
     cands: KernelCandidates,
     basis: KernelBasis,
@@ -564,23 +548,16 @@ def fit_spatial_kernel(
     used = np.zeros(n, dtype=bool)
     used[which] = True
     if config.spatial_order_by_cross_validation and config.spatial_kernel_order > 0:
-        # The candidates' normal equations (n × p × p, a few hundred kB) cross to the host
-        # with the flux-ratio sums: one transfer.
-        # (M is symmetric: its upper triangle only, in one gather.)
-        r = be.xp.asarray(stage.rows(which))
-        p = stage.fit.M.shape[-1]
-        iu = np.triu_indices(p)
-        flat = be.xp.asarray(iu[0] * p + iu[1])
+        # The candidates' normal equations cross to the host with the flux-ratio sums
+        # (one transfer).
+        rows = stage.rows(which)
         ratio, ratio_err, (tri, b) = kernel_star_flux_ratio(
-            be,
-            cands,
-            which,
-            also=(stage.fit.M.reshape(-1, p * p)[r[:, None], flat[None, :]], stage.fit.b[r]),
+            be, cands, which, also=packed_normal_equations(be, stage.fit.M, stage.fit.b, rows)
         )
-        M = np.zeros((len(which), p, p))
-        M[:, iu[0], iu[1]] = tri
-        M[:, iu[1], iu[0]] = tri
-        kernel, config = _cross_validated(stage, which, cands, config, region, kernel, M, b)
+        E, _, _ = spatial_expansion(stage.basis, cands.x[which], cands.y[which], config, region)
+        kernel, config = choose_spatial_order(
+            E, unpack_normal_equations(tri, stage.fit.M.shape[-1]), b, kernel, config, region
+        )
     else:
         ratio, ratio_err = kernel_star_flux_ratio(be, cands, which)
     ksum_ok = check_kernel_sum(kernel, cands, which, ratio, ratio_err)

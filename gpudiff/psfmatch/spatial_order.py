@@ -13,15 +13,72 @@ the one whose kernel, fitted without them, predicts their stamps best.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 
+from ..backend import Backend
 from ..image import Box
 from .config import PsfMatchConfig
 from .spatial import SpatialFunctions, SpatialKernel, _term_powers
 
-__all__ = ["cross_validated_order", "reduced_kernel"]
+__all__ = [
+    "choose_spatial_order",
+    "cross_validated_order",
+    "packed_normal_equations",
+    "reduced_kernel",
+    "unpack_normal_equations",
+]
+
+
+log = logging.getLogger("gpudiff.psfmatch")
+
+
+def packed_normal_equations(be: Backend, M: Any, b: Any, rows: np.ndarray) -> tuple[Any, Any]:
+    """The normal equations of the candidates at ``rows`` for the host, on the backend
+    (not fetched): M's upper triangles (it is symmetric; one gather) and b."""
+    p = M.shape[-1]
+    iu = np.triu_indices(p)
+    r = be.xp.asarray(rows)
+    flat = be.xp.asarray(iu[0] * p + iu[1])
+    return M.reshape(-1, p * p)[r[:, None], flat[None, :]], b[r]
+
+
+def unpack_normal_equations(tri: np.ndarray, p: int) -> np.ndarray:
+    """Host (n, p, p) float64 matrices from :func:`packed_normal_equations`' triangles."""
+    tri = np.asarray(tri, dtype=np.float64)
+    iu = np.triu_indices(p)
+    M = np.zeros((tri.shape[0], p, p))
+    M[:, iu[0], iu[1]] = tri
+    M[:, iu[1], iu[0]] = tri
+    return M
+
+
+def choose_spatial_order(
+    E: np.ndarray,
+    M: np.ndarray,
+    b: np.ndarray,
+    kernel: SpatialKernel,
+    config: PsfMatchConfig,
+    region: Box,
+) -> tuple[SpatialKernel, PsfMatchConfig]:
+    """``kernel`` and ``config``, or, when a lower spatial order predicts held-out
+    candidates better (:func:`cross_validated_order`), the kernel refitted at that order
+    and the config that says so (logged).  ``E``, ``M``, ``b``: host arrays."""
+    b = np.asarray(b, dtype=np.float64)
+    basis = kernel.basis
+    order, scores = cross_validated_order(E, M, b, basis.constant_first_term, basis.n_bases, config)
+    if order == config.spatial_kernel_order:
+        return kernel, config
+    log.info(
+        "spatial kernel order %d -> %d by cross-validation (held-out chi2 by order: %s)",
+        config.spatial_kernel_order,
+        order,
+        ", ".join(f"{o}: {v:.6g}" for o, v in scores.items()),
+    )
+    kernel = reduced_kernel(E, M, b, kernel, config, order, region)
+    return kernel, config.with_overrides(spatial_kernel_order=order)
 
 
 def _columns(nb: int, const_first: bool, k_order: int, order: int, n_bg: int) -> np.ndarray:

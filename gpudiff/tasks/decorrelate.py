@@ -48,6 +48,7 @@ from ..image import Exposure, MaskedImage
 from ..image.psf import Psf
 from ..ops._host import fetch
 from ..ops.stats import image_statistics
+from .masks import bad_fills
 
 __all__ = ["DecorrelateALKernelConfig", "DecorrelateALKernelTask", "DecorrelationResult"]
 
@@ -545,12 +546,7 @@ class DecorrelateALKernelTask:
             # injections 3 px from bad columns on a realistic 2048² pair whenever those taps
             # crossed the 1 % threshold (docs/algorithms.md §14).  A cosmic ray's fill is
             # still grown: the finder may have missed the rest of its track.
-            fill = diff.mask_planes.bitmask_if_present(["BAD", "INTRP"])
-            other = diff.mask_planes.bitmask_if_present(["CR", "SAT", "SAT_TEMPLATE", "NO_DATA"])
-            if fill:
-                xp = self.backend.xp
-                bad_fill = (diff.mask & (fill | other)) == fill
-                seed = xp.where(bad_fill, seed.dtype.type(0), seed)
+            seed = self.backend.xp.where(bad_fills(diff), seed.dtype.type(0), seed)
         return diff.mask | dilate_mask(seed, fp, self.backend)
 
     def _propagate(self, plane: Any, filt_ft: Any, fill: float, shape: tuple[int, int]) -> Any:

@@ -21,6 +21,7 @@ __all__ = [
     "mask_non_finite",
     "quiet_fills",
     "cosmic_ray_fills",
+    "bad_fills",
     "kernel_core",
     "QUIET_FILL_SNR",
     "CR_FILL_CORE",
@@ -199,6 +200,17 @@ def cosmic_ray_fills(mi: MaskedImage) -> Any:
     other = mi.mask_planes.bitmask_if_present(["BAD", "SAT", "SAT_TEMPLATE", "NO_DATA"])
     # One test for all the planes (two device calls): the quiet fills need BAD, so the
     # two sets never overlap.
+    return (mi.mask & (need | other)) == need
+
+
+def bad_fills(mi: MaskedImage) -> Any:
+    """Boolean array: the filled detector defects of ``mi`` (BAD and INTRP set; none of CR,
+    SAT, SAT_TEMPLATE, NO_DATA).  All False when the image has no BAD or INTRP plane."""
+    xp = mi.backend.xp
+    if not {"BAD", "INTRP"} <= set(mi.mask_planes):
+        return xp.zeros(mi.shape, dtype=bool)
+    need = mi.mask_planes.bitmask_if_present(["BAD", "INTRP"])
+    other = mi.mask_planes.bitmask_if_present(["CR", "SAT", "SAT_TEMPLATE", "NO_DATA"])
     return (mi.mask & (need | other)) == need
 
 
