@@ -159,3 +159,31 @@ def test_mask_of_finds_aliases_and_wide_masks_are_int64(backend):
         backend=backend,
     )
     assert int(backend.asnumpy(c.mask)[0, 0]) == 1 << 31
+
+
+def test_on_box_copies_the_overlap_and_marks_the_rest_no_data():
+    """A template on a partly overlapping box becomes one on the science box: its pixels
+    where the boxes meet, NO_DATA (NaN, infinite variance) elsewhere; the input unchanged."""
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(30, 40)).astype(np.float32)
+    planes = MaskPlanes()
+    planes.add("BAD")
+    mask = np.zeros((30, 40), np.int32)
+    mask[5, 6] = planes.bitmask("BAD")
+    mi = MaskedImage(img, np.full_like(img, 2.0), mask, xy0=(10, 20), mask_planes=planes)
+    before = (mi.image.copy(), mi.variance.copy(), mi.mask.copy())
+    out = mi.on_box(Box(0, 25, 45, 60))
+    assert out.bbox == Box(0, 25, 45, 60)
+    nd = out.mask_planes.bitmask("NO_DATA")
+    inside = np.zeros(out.shape, bool)
+    inside[0:25, 10:45] = True  # rows 25..49, columns 10..44 of the parent frame
+    np.testing.assert_array_equal(out.image[inside], img[5:30, 0:35].ravel())
+    assert (out.variance[inside] == 2.0).all()
+    assert ((out.mask[inside] & nd) == 0).all()
+    assert out.mask[0, 16] & out.mask_planes.bitmask("BAD")  # (x 16, y 25) was BAD
+    assert ((out.mask[~inside] & nd) != 0).all()
+    assert np.isnan(out.image[~inside]).all() and np.isinf(out.variance[~inside]).all()
+    for a, b in zip(before, (mi.image, mi.variance, mi.mask)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(InvalidInputError):
+        mi.on_box(Box(100, 100, 110, 110))

@@ -239,18 +239,62 @@ def test_error_existing_output(pair_files, tmp_path, capsys):
     assert read_exposure(out).shape == (512, 512)
 
 
-def test_error_template_not_covering_without_wcs(pair_files, tmp_path, capsys):
-    """A template smaller than the science image and no WCS to warp with."""
-    pair, *_ = pair_files
+def _no_wcs_files(pair, tmp_path, box, shift=(0, 0)):
+    """The science image and the part of the template inside ``box``, both without a WCS;
+    the template's xy0 moved by ``shift`` (its pixels not)."""
     sci = Exposure(pair.science.masked_image, psf=pair.science.psf, wcs=None)
-    small = pair.template.masked_image.subimage(Box(0, 0, 400, 400))
+    small = pair.template.masked_image.subimage(box)
+    small.xy0 = (small.xy0[0] + shift[0], small.xy0[1] + shift[1])
     tmpl = Exposure(small, psf=pair.template.psf, wcs=None)
     sci_p, tmpl_p = tmp_path / "sci_nowcs.fits", tmp_path / "tmpl_nowcs.fits"
     sci.write(sci_p)
     tmpl.write(tmpl_p)
+    return sci_p, tmpl_p
+
+
+def test_template_partly_covering_without_wcs_is_no_data_where_it_misses(
+    pair_files, tmp_path, capsys
+):
+    """A template on a box that covers 78 % of the science, no WCS to warp with: as LSST's
+    template retrieval, it is taken on the science box in their common pixel frame, NO_DATA
+    where it does not reach (said in a warning); the covered part subtracts to the noise."""
+    pair, *_ = pair_files
+    sci_p, tmpl_p = _no_wcs_files(pair, tmp_path, Box(0, 0, 512, 400))
+    out = tmp_path / "d.fits"
+    rc, outtxt, err = _run(capsys, sci_p, tmpl_p, "-o", out, "--no-detect")
+    assert rc == 0, err
+    assert "covers 78.1 % of the science grid" in outtxt + err
+    diff = read_exposure(out)
+    assert diff.shape == (512, 512)
+    no_data = (np.asarray(diff.mask) & diff.mask_planes.bitmask("NO_DATA")) != 0
+    # Every row the template misses is NO_DATA (the kernel's reach widens it, never less).
+    assert no_data[400:].all()
+    assert not no_data[50:350, 50:460].any()
+    # The covered part: source-free pixels at the noise of the variance plane (robust σ
+    # within 10 %: 512 × 300 pixels of mostly sky; stars' residuals are few).
+    z = (np.asarray(diff.image) / np.sqrt(np.asarray(diff.variance)))[50:350, 50:460]
+    q1, q3 = np.percentile(z[np.isfinite(z)], [25, 75])
+    assert 0.741 * (q3 - q1) == pytest.approx(1.0, abs=0.1)
+
+
+def test_misregistered_frames_without_wcs_are_an_error(pair_files, tmp_path, capsys):
+    """The template's xy0 says (+15, +15) px where its pixels say 0 (the shared ip_diffim
+    fixture's template has such an xy0): the content check names the offset, no output."""
+    pair, *_ = pair_files
+    sci_p, tmpl_p = _no_wcs_files(pair, tmp_path, Box(0, 0, 512, 512), shift=(15, 15))
     rc, _, err = _run(capsys, sci_p, tmpl_p, "-o", tmp_path / "d.fits")
     line = _one_line_error(rc, err)
-    assert "WCS" in line
+    assert "(+15, +15) px" in line and "xy0" in line
+    assert not (tmp_path / "d.fits").exists()
+
+
+def test_error_template_not_overlapping_without_wcs(pair_files, tmp_path, capsys):
+    """A template whose box misses the science box entirely, no WCS: an error."""
+    pair, *_ = pair_files
+    sci_p, tmpl_p = _no_wcs_files(pair, tmp_path, Box(0, 0, 512, 512), shift=(600, 0))
+    rc, _, err = _run(capsys, sci_p, tmpl_p, "-o", tmp_path / "d.fits")
+    line = _one_line_error(rc, err)
+    assert "does not overlap" in line and "WCS" in line
     assert not (tmp_path / "d.fits").exists()
 
 

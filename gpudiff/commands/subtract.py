@@ -69,6 +69,11 @@ def ensure_psf(exposure, path: str, log=print):
     return resolve_psf(exposure, path, log=lambda m: log("  " + m))[0]
 
 
+def _box_str(box) -> str:
+    """``[x0:x1, y0:y1]`` in parent pixels, for messages."""
+    return f"[{box.x0}:{box.x1}, {box.y0}:{box.y1}]"
+
+
 def _header(res, backend, timings: dict) -> dict:
     m = res.metadata
     cards = {
@@ -213,6 +218,7 @@ def subtract_files(
         the output is written either way).
     """
     from ..image.inputs import input_cards, read_with_inputs
+    from ..ops.register import content_offset
     from ..ops.warp import warp_exposure, wcs_equal
     from ..tasks import (
         AlardLuptonPreconvolveSubtractTask,
@@ -264,15 +270,49 @@ def subtract_files(
         and not wcs_equal(tmpl_exp.wcs, sci_exp.bbox, sci_exp.wcs, sci_exp.bbox)
     ):
         if tmpl_exp.wcs is None or sci_exp.wcs is None:
-            raise InvalidInputError(
-                f"template {template} does not cover the science grid and one of "
-                "the two files has no WCS to warp with"
+            # No WCS to warp with: the two files share one parent pixel frame (their xy0),
+            # as afw cutouts of one exposure do.  As LSST's template retrieval, the science
+            # pixels the template does not cover become NO_DATA in it (and so in the
+            # difference); no overlap at all is an error.
+            over = tmpl_exp.bbox.intersection(sci_exp.bbox)
+            if over is None:
+                raise InvalidInputError(
+                    f"template {template} (box {_box_str(tmpl_exp.bbox)}) does not overlap "
+                    f"the science grid (box {_box_str(sci_exp.bbox)}) and one of the two "
+                    "files has no WCS to warp with"
+                )
+            # Boxes that differ are where a frame goes wrong (an xy0 lost or misread):
+            # the content must agree with the frame before the template is placed in it.
+            off = content_offset(sci_exp.masked_image, tmpl_exp.masked_image)
+            if not off.registered:
+                raise InvalidInputError(
+                    f"template {template} (box {_box_str(tmpl_exp.bbox)}) and science "
+                    f"(box {_box_str(sci_exp.bbox)}) have no WCS, and in their common pixel "
+                    f"frame the template's content lies ({off.dx:+d}, {off.dy:+d}) px from "
+                    "the science's (cross-correlation peak at "
+                    f"{off.peak_sigma:.0f} sigma; {100 * off.zero_fraction:.0f} % of it at "
+                    "zero shift): their xy0 disagree with what they show. Fix the files' "
+                    "xy0 (LTV1/2 or CRVAL1A/2A cards) or give both a WCS"
+                )
+            covered = over.width * over.height / (sci_exp.bbox.width * sci_exp.bbox.height)
+            log(
+                f"  warning: template {template} (box {_box_str(tmpl_exp.bbox)}) covers "
+                f"{100 * covered:.1f} % of the science grid (box {_box_str(sci_exp.bbox)}) "
+                "and one of the two files has no WCS: taken on the science box in their "
+                "common pixel frame, NO_DATA where it does not reach"
             )
-        t = time.perf_counter()
-        tmpl_exp = warp_exposure(
-            tmpl_exp, sci_exp.wcs, sci_exp.bbox, name="template", dest_name="science", backend=be
-        )
-        timings["warp"] = time.perf_counter() - t
+            tmpl_exp = tmpl_exp.on_box(sci_exp.bbox)
+        else:
+            t = time.perf_counter()
+            tmpl_exp = warp_exposure(
+                tmpl_exp,
+                sci_exp.wcs,
+                sci_exp.bbox,
+                name="template",
+                dest_name="science",
+                backend=be,
+            )
+            timings["warp"] = time.perf_counter() - t
     config = task_config(overrides, mode, preconvolve)
     src_table = None
     if sources:

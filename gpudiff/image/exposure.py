@@ -162,6 +162,11 @@ class Exposure:
         """A copy of the part of this exposure inside ``box`` (parent coordinates)."""
         return self._with(self.masked_image.subimage(box))
 
+    def on_box(self, box: Box) -> "Exposure":
+        """This exposure on ``box``: its pixels where the boxes overlap, NO_DATA elsewhere
+        (see :meth:`MaskedImage.on_box`)."""
+        return self._with(self.masked_image.on_box(box))
+
     # --- I/O ---------------------------------------------------------------------------
     # The FITS layer (gpudiff.image.io) builds on this module, never the reverse: it
     # registers its functions in _IO when imported, and gpudiff.image imports it.

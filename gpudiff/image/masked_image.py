@@ -256,6 +256,34 @@ class MaskedImage:
         sl = (slice(box.y0 - y0, box.y1 - y0), slice(box.x0 - x0, box.x1 - x0))
         return self._new(self.image[sl], self.variance[sl], self.mask[sl], xy0=(box.x0, box.y0))
 
+    def on_box(self, box: Box) -> "MaskedImage":
+        """A copy of this image on ``box`` (parent coordinates): its pixels where the two
+        boxes overlap, NO_DATA (NaN image, infinite variance) elsewhere.
+
+        As LSST's template retrieval leaves the science pixels no template covers: a
+        template given on a partly overlapping box of the same pixel frame becomes one on
+        the science box.  The boxes must overlap.
+        """
+        over = self.bbox.intersection(box)
+        if over is None:
+            raise InvalidInputError(f"box {box} does not overlap the image box {self.bbox}")
+        xp = self.backend.xp
+        planes = self.mask_planes.copy()
+        no_data = 1 << planes.add("NO_DATA")
+        mdtype = mask_dtype(planes)
+        img = xp.full(box.shape, np.nan, dtype=np.float32)
+        var = xp.full(box.shape, np.inf, dtype=np.float32)
+        msk = xp.full(box.shape, no_data, dtype=mdtype)
+        dst = (slice(over.y0 - box.y0, over.y1 - box.y0), slice(over.x0 - box.x0, over.x1 - box.x0))
+        x0, y0 = self.xy0
+        src = (slice(over.y0 - y0, over.y1 - y0), slice(over.x0 - x0, over.x1 - x0))
+        img[dst] = self.image[src]
+        var[dst] = self.variance[src]
+        msk[dst] = self.mask[src].astype(mdtype, copy=False)
+        return MaskedImage._wrap(
+            img, var, msk, xy0=(box.x0, box.y0), mask_planes=planes, backend=self.backend
+        )
+
     # --- arithmetic -------------------------------------------------------------------
     def divided_by(self, divisor: float) -> "MaskedImage":
         """A copy with the image divided by ``divisor`` and the variance by its square
