@@ -147,13 +147,17 @@ def measure_pair(
         # As the command line: the science sources flag bright-star halo residuals.
         dia = (
             DetectAndMeasureScoreTask()
-            .run(diff, score, bright_sources=res.science_sources)
+            .run(diff, score, bright_sources=res.science_sources, science=sci)
             .dia_sources
         )
     else:
         res = AlardLuptonSubtractTask(AlardLuptonSubtractConfig(mode=mode, **cfg_kw)).run(tpl, sci)
         diff = res.difference
-        dia = DetectAndMeasureTask().run(diff, bright_sources=res.science_sources).dia_sources
+        dia = (
+            DetectAndMeasureTask()
+            .run(diff, bright_sources=res.science_sources, science=sci)
+            .dia_sources
+        )
     img, var, mask = (np.asarray(diff.image), np.asarray(diff.variance), np.asarray(diff.mask))
     z = img / np.sqrt(var)
     # Source-free sky: no source light above 1 % of the sky σ in either noiseless model (the

@@ -84,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
     )
     config = AlardLuptonSubtractConfig(mode="auto", make_kernel=kernel)
     res = AlardLuptonSubtractTask(config, backend=be).run(pair.template, pair.science)
-    dm = DetectAndMeasureTask(backend=be).run(res.difference)
+    dm = DetectAndMeasureTask(backend=be).run(
+        res.difference, bright_sources=res.science_sources, science=pair.science
+    )
     diff_exp = dm.subtracted_measured_exposure.to_backend("numpy")
     diff_path = out / "difference.fits"
     diff_exp.write(diff_path, overwrite=True)

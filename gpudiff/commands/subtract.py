@@ -341,13 +341,18 @@ def subtract_files(
         if preconvolve:  # detected on the score, measured on the plain difference (as LSST)
             dia = (
                 DetectAndMeasureScoreTask(backend=be)
-                .run(res.difference, result_exp, bright_sources=res.science_sources)
+                .run(
+                    res.difference,
+                    result_exp,
+                    bright_sources=res.science_sources,
+                    science=sci_exp,
+                )
                 .dia_sources
             )
         else:
             # The science sources flag residuals inside bright stars' halos (issue 14).
             dm = DetectAndMeasureTask(backend=be).run(
-                result_exp, bright_sources=res.science_sources
+                result_exp, bright_sources=res.science_sources, science=sci_exp
             )
             result_exp, dia = dm.subtracted_measured_exposure, dm.dia_sources
         timings["detect"] = time.perf_counter() - t

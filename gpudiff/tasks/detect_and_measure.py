@@ -31,6 +31,7 @@ from ..configfield import option, validate_config
 from ..errors import InvalidInputError
 from ..image import Exposure, MaskedImage
 from ..ops.cosmic_rays import find_cosmic_rays
+from ..ops.sharpness import line_sharpness
 from ..ops.detection import detect_sources
 from ..ops.photometry import forced_psf_flux
 from ..ops.selection import _quantiles
@@ -236,6 +237,30 @@ class DetectAndMeasureConfig:
         gpudiff_only=True,
     )
 
+    #: A cosmic ray too faint for the per-pixel test (a track of 3–7σ pixels) that the
+    #: inputs' finder left in the science image: convolveScience smooths it into a
+    #: PSF-sized blob in the difference, but on the science image it is still one pixel
+    #: wide (gpudiff.ops.sharpness).  Measured on the sharper realistic 2048² pair
+    #: (docs/algorithms.md §14): transients give T ≤ 2.9 below S/N 20 and ≤ 4.7 above, and
+    #: a line excess L/P − ρ ≤ 0.21 below S/N 20 and ≤ 0.05 above; the cosmic-ray records
+    #: T up to 10.7 with excess 0.15–0.63.  Both thresholds together flag 3 of the 6 clean
+    #: false records on cosmic rays and no transient.
+    sharp_line_sigma: float | None = option(
+        3.5,
+        doc="A positive record is flagged flag_cr when the science image (given to run) "
+        "holds more light along a 1-px line through it than its PSF predicts by this many "
+        "sigma (and by sharp_line_excess); None: off, as LSST.",
+        gpudiff_only=True,
+    )
+    sharp_line_excess: float = option(
+        0.25,
+        doc="With sharp_line_sigma: the line-to-PSF filter ratio L/P must exceed the PSF's "
+        "own (rho) by this much too (a bright star's PSF-model error raises the "
+        "significance, not the ratio).",
+        min=0.0,
+        gpudiff_only=True,
+    )
+
     def __post_init__(self):
         # Every rule is a single-field one (the field options).
         validate_config(self)
@@ -321,7 +346,10 @@ class DetectAndMeasureTask:
         )
 
     def run(
-        self, difference: Exposure, bright_sources: Table | None = None
+        self,
+        difference: Exposure,
+        bright_sources: Table | None = None,
+        science: Exposure | None = None,
     ) -> DetectAndMeasureResult:
         """Detect on ``difference`` and measure there.
 
@@ -333,12 +361,15 @@ class DetectAndMeasureTask:
             Stars of the science or template (parent ``x``, ``y`` and ``psf_flux`` or
             ``flux`` in the difference's units) whose halos flag DIA sources, in addition
             to the saturated footprints of the difference's SAT planes.
+        science : Exposure, optional
+            The science exposure (with its PSF, on the difference's pixel frame): faint
+            cosmic-ray tracks left in it flag their records (``sharp_line_sigma``).
         """
         if difference.psf is None:
             raise InvalidInputError("the difference exposure has no PSF to detect and measure with")
         diff = self._mark_cosmic_rays(self._clean(difference), difference.psf)
         det = self._detect(diff, difference.psf)
-        return self._finish(difference, diff, det, diff, bright_sources)
+        return self._finish(difference, diff, det, diff, bright_sources, science)
 
     def _finish(
         self,
@@ -347,6 +378,7 @@ class DetectAndMeasureTask:
         det,
         det_image: MaskedImage,
         bright_sources=None,
+        science: Exposure | None = None,
     ) -> DetectAndMeasureResult:
         cfg = self.config
         psf = difference.psf
@@ -394,6 +426,8 @@ class DetectAndMeasureTask:
         )
         halos = bright_star_halos(measured, bright_sources, cfg, significance=det.significance)
         out = dia_catalog(det, measured, streaks, halos, cfg)
+        if science is not None and cfg.sharp_line_sigma is not None and len(out):
+            _flag_science_lines(out, science, cfg, self.backend)
         return DetectAndMeasureResult(
             dia_sources=out,
             subtracted_measured_exposure=measured,
@@ -417,9 +451,11 @@ class DetectAndMeasureScoreTask(DetectAndMeasureTask):
         difference: Exposure,
         score: Exposure | None = None,  # type: ignore[override]
         bright_sources: Table | None = None,
+        science: Exposure | None = None,
     ) -> DetectAndMeasureResult:
         """Detect on ``score`` and measure on ``difference`` (a plain, non-preconvolved
-        difference of the same pair; not the score itself)."""
+        difference of the same pair; not the score itself); ``bright_sources`` and
+        ``science`` as :meth:`DetectAndMeasureTask.run`."""
         if score is None:
             raise InvalidInputError("DetectAndMeasureScoreTask needs the score image")
         if score is difference:
@@ -476,7 +512,7 @@ class DetectAndMeasureScoreTask(DetectAndMeasureTask):
             # 5).
             _mask_bits_on_difference(det.catalog, m, pos, neg, planes, diff)
         det.mask, det.mask_planes = m, planes
-        return self._finish(difference, diff, det, sc_mi, bright_sources)
+        return self._finish(difference, diff, det, sc_mi, bright_sources, science)
 
 
 def detection_noise_excess(det, backend: Backend | str | None = None) -> float:
@@ -510,6 +546,29 @@ def detection_noise_excess(det, backend: Backend | str | None = None) -> float:
     q = _quantiles(be, [sub.astype(xp.float32)], ok, [(0.25, 0.75)])
     q1, q3, n = be.asnumpy(xp.concatenate([q, xp.count_nonzero(ok).reshape(1).astype(q.dtype)]))
     return 0.7413 * float(q3 - q1) if n >= 100 else float("nan")
+
+
+def _flag_science_lines(out: Table, science: Exposure, cfg, backend) -> None:
+    """``flag_cr`` on positive records whose science-image light is a 1-px line (a faint
+    cosmic-ray track the inputs' finder missed); ``clean`` follows.  In place."""
+    if science.psf is None:
+        raise InvalidInputError("the science exposure given for the line test has no PSF")
+    pos = (np.asarray(out["polarity"]) > 0) & ~np.asarray(out["flag_streak"], bool)
+    if not pos.any():
+        return
+    t, ratio, rho = line_sharpness(
+        science.masked_image,
+        science.psf,
+        np.asarray(out["x"], float)[pos],
+        np.asarray(out["y"], float)[pos],
+        backend=backend,
+    )
+    sharp = np.zeros(len(out), bool)
+    sharp[pos] = (t >= cfg.sharp_line_sigma) & (ratio - rho >= cfg.sharp_line_excess)
+    if sharp.any():
+        out["flag_cr"] = np.asarray(out["flag_cr"], bool) | sharp
+        out["clean"] = np.asarray(out["clean"], bool) & ~sharp
+    out.meta["n_sharp_line"] = int(sharp.sum())
 
 
 def _measure_on_difference(cat: Table, diff: MaskedImage, psf, backend) -> None:

@@ -297,7 +297,11 @@ _DESCRIPTIONS = {
         "central 5x5 (see masked_planes for the whole footprint)",
     ),
     "flag_saturated": ("", "SAT in the footprint or central 5x5"),
-    "flag_cr": ("", "a cosmic ray (CR plane found on the difference) at the centre"),
+    "flag_cr": (
+        "",
+        "a cosmic ray at the centre (CR plane found on the difference, or a 1-px line of "
+        "light in the science image)",
+    ),
     "flag_dipole": ("", "an opposite-polarity record within dipole_separation_fwhm x FWHM"),
     "flag_streak": ("", "on a linear trail (satellite): all its peaks merged into this record"),
     "flag_bright_star": (
