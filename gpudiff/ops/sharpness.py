@@ -124,8 +124,10 @@ def line_sharpness(
         for ox in range(-s, s + 1):
             offs.append((half + oy, half + ox))
             wins.append(
-                (z[:, half + oy - hp : half + oy + hp + 1, half + ox - hp : half + ox + hp + 1] * pd)
-                .sum(axis=(1, 2))
+                (
+                    z[:, half + oy - hp : half + oy + hp + 1, half + ox - hp : half + ox + hp + 1]
+                    * pd
+                ).sum(axis=(1, 2))
             )
     Ps = xp.stack(wins, axis=1)  # (n, centres)
     k = xp.argmax(Ps, axis=1)
