@@ -238,7 +238,11 @@ def subtraction(be, size: int, stars_per_mpx: float, seed: int) -> dict:
         with sd.stage("subtract"):
             res = AlardLuptonSubtractTask(AlardLuptonSubtractConfig(), backend=be).run(tmpl, sci)
         with sd.stage("dia"):
-            dm = DetectAndMeasureTask(backend=be).run(res.difference)
+            # As the command line: the science sources flag bright stars' halos and
+            # the science image its faint cosmic-ray tracks.
+            dm = DetectAndMeasureTask(backend=be).run(
+                res.difference, bright_sources=res.science_sources, science=sci
+            )
         with sd.stage("download"):
             dm.subtracted_measured_exposure.to_backend("numpy")
         rep = sd.report()

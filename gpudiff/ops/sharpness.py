@@ -112,36 +112,32 @@ def line_sharpness(
     sig = xp.sqrt(xp.nanmedian(xp.where(good, sv, xp.nan).reshape(n, -1), axis=1))
     z = xp.where(good, (si - sky[:, None, None]) / sig[:, None, None], 0.0)
     z = xp.where(xp.isfinite(z), z, 0.0)
-    pd = be.asarray(p)
-    rd = be.asarray(rho)
-    den = xp.sqrt(1.0 - rd * rd)
+    # Every centre's PSF window and every direction's line taps are gathers of flat
+    # indices into the stamps (a handful of device calls for all sources, not one per
+    # centre, direction and tap).
+    S = 2 * half + 1
+    zf = z.reshape(n, S * S)
+    s = int(search)
+    offs = [(oy, ox) for oy in range(-s, s + 1) for ox in range(-s, s + 1)]
+    centres = np.array([(half + oy) * S + (half + ox) for oy, ox in offs], dtype=np.int64)
+    dy, dx = np.mgrid[-hp : hp + 1, -hp : hp + 1]
+    window = centres[:, None] + (dy * S + dx).ravel()[None, :]  # (centres, sp²)
+    lines = np.array(
+        [[a * S + b for a, b in _line_taps(length, *d)] for d in _DIRECTIONS], dtype=np.int64
+    )  # (directions, length)
+    pd = be.asarray(p.reshape(n, 1, sp * sp))
+    Ps = (zf[:, be.asarray(window)] * pd).sum(axis=2)  # (n, centres)
     # The centre: where the PSF filter peaks (the light's position).  Lines through an
     # off-peak centre would pass beside a point source's peak while its P drops: the
     # comparison is made at one centre.
-    s = int(search)
-    wins, offs = [], []
-    for oy in range(-s, s + 1):  # centres, not sources
-        for ox in range(-s, s + 1):
-            offs.append((half + oy, half + ox))
-            wins.append(
-                (
-                    z[:, half + oy - hp : half + oy + hp + 1, half + ox - hp : half + ox + hp + 1]
-                    * pd
-                ).sum(axis=(1, 2))
-            )
-    Ps = xp.stack(wins, axis=1)  # (n, centres)
     k = xp.argmax(Ps, axis=1)
     best_p = xp.take_along_axis(Ps, k[:, None], axis=1)[:, 0]
-    cr_ = be.asarray(np.array([o[0] for o in offs]))[k]
-    cc_ = be.asarray(np.array([o[1] for o in offs]))[k]
-    idx = be.asarray(np.arange(n))
-    best_t = xp.full(n, -np.inf)
-    best_l = xp.full(n, -np.inf)
-    for j, (dy, dx) in enumerate(_DIRECTIONS):
-        taps = _line_taps(length, dy, dx)
-        L = sum(z[idx, cr_ + a, cc_ + b] for a, b in taps) / np.sqrt(len(taps))
-        best_t = xp.maximum(best_t, (L - rd[:, j] * best_p) / den[:, j])
-        best_l = xp.maximum(best_l, L)
+    taps = be.asarray(centres)[k][:, None] + be.asarray(lines.ravel())[None, :]
+    L = xp.take_along_axis(zf, taps, axis=1).reshape(n, len(_DIRECTIONS), -1).sum(axis=2)
+    L = L / np.sqrt(lines.shape[1])
+    rd = be.asarray(rho)
+    best_t = ((L - rd * best_p[:, None]) / xp.sqrt(1.0 - rd * rd)).max(axis=1)
+    best_l = L.max(axis=1)
     ratio = best_l / xp.where(best_p > 0, best_p, xp.nan)
     t, ratio = (np.asarray(v) for v in be.asnumpy(xp.stack([best_t, ratio])))
     return t, ratio, rho.max(axis=1)

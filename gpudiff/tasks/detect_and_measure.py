@@ -19,6 +19,7 @@ the DIA source catalog is measured on the difference.  After detection:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from ..ops.detection import detect_sources
 from ..ops.photometry import forced_psf_flux
 from ..ops.selection import _quantiles
 from ..ops.streaks import find_streaks
-from .dia_catalog import DIA_FLAGS, bright_star_halos, dia_catalog
+from .dia_catalog import DIA_FLAGS, bright_star_halos, busy_pixels, dia_catalog
 
 __all__ = [
     "DetectAndMeasureConfig",
@@ -424,8 +425,13 @@ class DetectAndMeasureTask:
             difference.photo_calib,
             difference.metadata,
         )
-        halos = bright_star_halos(measured, bright_sources, cfg, significance=det.significance)
-        out = dia_catalog(det, measured, streaks, halos, cfg)
+        # The busy-pixel map the halos' measured extents read crosses to the host once,
+        # when first needed.
+        busy = functools.cache(lambda: busy_pixels(det.significance, cfg, self.backend))
+        halos = bright_star_halos(
+            measured, bright_sources, cfg, significance=det.significance, busy=busy
+        )
+        out = dia_catalog(det, measured, streaks, halos, cfg, busy=busy)
         if science is not None and cfg.sharp_line_sigma is not None and len(out):
             _flag_science_lines(out, science, cfg, self.backend)
         return DetectAndMeasureResult(

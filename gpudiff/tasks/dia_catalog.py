@@ -50,6 +50,7 @@ def bright_star_halos(
     bright_sources: Table | None,
     config: DetectAndMeasureConfig | None = None,
     significance=None,
+    busy=None,
 ) -> np.ndarray:
     """Halo discs (n, 4) of bright stars: parent x, y, radius (pixels) and the star's flux
     (inf for a saturated footprint).
@@ -62,7 +63,8 @@ def bright_star_halos(
     ``halo_max_factor`` × the model radius) in which more than ``halo_annulus_fraction``
     of the pixels have |S/N| ≥ ``halo_annulus_snr``, plus a FWHM.  The model radius
     assumes a residual fraction; the measured one sees the actual residual, whose wings
-    depend on how well the kernel matched them.
+    depend on how well the kernel matched them.  ``busy``: :func:`busy_pixels` of the
+    significance when the caller has it (or a zero-argument callable that makes it once).
     """
     if config is None:
         # Imported here: detect_and_measure imports this module at its top.
@@ -77,15 +79,32 @@ def bright_star_halos(
     sat = mi.mask_planes.bitmask_if_present(list(_SAT_PLANES))
     if sat:
         on = (mi.mask & sat) != 0
-        if bool(on.any()):
+        # On a device the emptiness test would be a host sync of its own: an empty mask
+        # labels to no footprint, and the sums below are then empty.
+        if be.is_gpu or bool(on.any()):
             nd, xp = be.ndimage, be.xp
             labels, n = nd.label(on, structure=be.asarray(np.ones((3, 3), dtype=bool)))
             n = int(n)
-            ys, xs = xp.nonzero(labels)
-            lab = labels[ys, xs]
-            cnt = be.asnumpy(xp.bincount(lab, minlength=n + 1))[1:].astype(np.float64)
-            sx = be.asnumpy(xp.bincount(lab, weights=xs.astype(xp.float64), minlength=n + 1))[1:]
-            sy = be.asnumpy(xp.bincount(lab, weights=ys.astype(xp.float64), minlength=n + 1))[1:]
+            # Pixel counts and coordinate sums of the footprints cross in one transfer.
+            # On a device they run over the whole label image (a nonzero would be a host
+            # sync: its size depends on the data); on the host over the labelled pixels.
+            if be.is_gpu:
+                lab = labels.ravel()
+                H, W = labels.shape
+                cols = xp.tile(xp.arange(W, dtype=xp.float64), H)
+                rows = xp.repeat(xp.arange(H, dtype=xp.float64), W)
+            else:
+                ys, xs = np.nonzero(labels)
+                lab, cols, rows = labels[ys, xs], xs.astype(np.float64), ys.astype(np.float64)
+            cnt, sx, sy = be.asnumpy(
+                xp.stack(
+                    [
+                        xp.bincount(lab, minlength=n + 1).astype(xp.float64),
+                        xp.bincount(lab, weights=cols, minlength=n + 1),
+                        xp.bincount(lab, weights=rows, minlength=n + 1),
+                    ]
+                )
+            )[:, 1:]
             r = cfg.halo_sat_factor * np.sqrt(cnt / np.pi) + fwhm
             # A saturated star's flux is unknown: its halo flags every record (inf).
             discs.append(np.c_[sx / cnt + mi.xy0[0], sy / cnt + mi.xy0[1], r, np.full(n, np.inf)])
@@ -98,8 +117,12 @@ def bright_star_halos(
             )
         f = np.abs(np.asarray(bright_sources[fcol], dtype=np.float64))
         ok = np.isfinite(f) & (f > 0)
+        # The sky noise: the median variance of the source-free pixels on every 4th row
+        # and column (the variance plane is smooth; 1/16 of the bytes cross to the host,
+        # 1 MB rather than 17 at 2048²).
         good = mi.good_pixels(("NO_DATA", "EDGE", "BAD", "SAT", "DETECTED", "DETECTED_NEGATIVE"))
-        v = be.asnumpy(mi.variance[good]) if bool(good.any()) else np.ones(1)
+        v = be.asnumpy(be.xp.where(good[::4, ::4], mi.variance[::4, ::4], np.nan)).ravel()
+        v = v[np.isfinite(v)]
         sky = math.sqrt(float(np.median(v))) if v.size else 1.0
         beta = cfg.halo_beta
         alpha = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
@@ -119,15 +142,28 @@ def bright_star_halos(
         return np.zeros((0, 4))
     discs = np.concatenate(discs)
     if significance is not None and len(discs):
+        busy = busy_pixels(significance, cfg, be) if busy is None else busy
+        busy = busy() if callable(busy) else busy
         discs[:, 2] = np.maximum(
-            discs[:, 2],
-            _measured_halo_radius(be.asnumpy(significance), discs, mi.xy0, cfg, gap=fwhm) + fwhm,
+            discs[:, 2], _measured_halo_radius(busy, discs, mi.xy0, cfg, gap=fwhm) + fwhm
         )
     return discs
 
 
+def busy_pixels(significance, cfg, backend) -> np.ndarray:
+    """Host boolean map of |significance| ≥ ``halo_annulus_snr`` (the pixels a residual's
+    measured extent counts).  On a device it crosses bit-packed: 1/32 of the float32
+    significance's bytes (0.5 MB rather than 17 at 2048²)."""
+    xp = backend.xp
+    on = xp.abs(significance) >= cfg.halo_annulus_snr
+    if not backend.is_gpu:
+        return np.asarray(on)
+    bits = np.unpackbits(backend.asnumpy(xp.packbits(on.ravel())))
+    return bits[: on.size].reshape(on.shape).astype(bool)
+
+
 def _measured_halo_radius(
-    sig: np.ndarray, discs: np.ndarray, xy0, cfg, gap: float = 4.0
+    busy: np.ndarray, discs: np.ndarray, xy0, cfg, gap: float = 4.0
 ) -> np.ndarray:
     """Per disc, the outermost radius of the star's significantly non-noise annuli (see
     :func:`bright_star_halos`); 0 when none is.  Host work on one cutout per star.
@@ -137,7 +173,7 @@ def _measured_halo_radius(
     (another star's residual, a masked column, a trail) is not this star's halo: counting
     the outermost busy annulus anywhere grew saturated stars' halos from ~65 px to
     ~270 px on a 2048² realistic pair and flagged 35 of 254 S/N >= 8 injections."""
-    H, W = sig.shape
+    H, W = busy.shape
     out = np.zeros(len(discs))
     for i, (x, y, r0) in enumerate(discs[:, :3]):  # stars, not pixels: a few per image
         rmax = int(math.ceil(cfg.halo_max_factor * r0))
@@ -146,13 +182,11 @@ def _measured_halo_radius(
         ya, yb = max(0, int(cy) - rmax), min(H, int(cy) + rmax + 1)
         if xa >= xb or ya >= yb:
             continue
-        cut = np.abs(sig[ya:yb, xa:xb])
+        cut = busy[ya:yb, xa:xb]
         yy, xx = np.mgrid[ya:yb, xa:xb]
         r = np.hypot(xx - cx, yy - cy).astype(np.int64).ravel()
         n = np.bincount(r, minlength=rmax + 1)[: rmax + 1]
-        hit = np.bincount(r, weights=(cut >= cfg.halo_annulus_snr).ravel(), minlength=rmax + 1)[
-            : rmax + 1
-        ]
+        hit = np.bincount(r, weights=cut.ravel(), minlength=rmax + 1)[: rmax + 1]
         frac = np.where(n > 0, hit / np.maximum(n, 1), 0.0)
         # Noise alone puts ~1 % of pixels above 2.5σ: annuli at 10 % are the star's.
         reach, last = float(r0), 0.0
@@ -335,9 +369,11 @@ def dia_catalog(
     streaks: StreakResult | None,
     halos: np.ndarray,
     cfg: DetectAndMeasureConfig,
+    busy=None,
 ) -> Table:
     """The DIA catalog from a detection: peaks merged per trail and per footprint, flags,
-    sky positions, units and descriptions (see the module docstring)."""
+    sky positions, units and descriptions (see the module docstring).  ``busy``: as
+    :func:`bright_star_halos`."""
     cat = det.catalog
     mi = measured.masked_image
     x0, y0 = mi.xy0
@@ -451,7 +487,15 @@ def dia_catalog(
             d[:, 2] = np.maximum(
                 r0,
                 _measured_halo_radius(
-                    mi.backend.asnumpy(det.significance), d, mi.xy0, cfg, gap=fwhm
+                    busy()
+                    if callable(busy)
+                    else busy
+                    if busy is not None
+                    else busy_pixels(det.significance, cfg, mi.backend),
+                    d,
+                    mi.xy0,
+                    cfg,
+                    gap=fwhm,
                 )
                 + fwhm,
             )
