@@ -17,7 +17,12 @@ What CuPy refuses, and the fake with it:
   device array, and ``xp.*`` / ``fft.*`` / ``ndimage.*`` / ``linalg.*`` functions
   (CuPy: ``TypeError: Unsupported type <class 'numpy.ndarray'>``);
 * a non-scalar NumPy array assigned into a *basic* slice of a device array
-  (CuPy: ``ValueError: non-scalar numpy.ndarray cannot be used for fill``).
+  (CuPy: ``ValueError: non-scalar numpy.ndarray cannot be used for fill``);
+* NumPy-only call forms: ``where=`` (or ``order=``, ``subok=``, ``signature=``) in a ufunc
+  call, ``where=`` / ``initial=`` in a reduction (``sum``, ``max`` ...), ``reduce`` /
+  ``accumulate`` of ufuncs other than add and multiply, ``at`` of ufuncs without a CuPy
+  scatter op (``cupy/_core/_kernel.pyx``: ``TypeError: Wrong arguments`` or
+  ``NotImplementedError``), and ``xp.searchsorted`` with a non-device ``v`` (CuPy 13).
 
 What CuPy accepts, and the fake with it: ``xp.asarray`` / ``xp.array`` of host data;
 Python and NumPy *scalars* mixed with device arrays; NumPy arrays or lists as indices into
@@ -311,6 +316,57 @@ _HOST_OK_METHODS = frozenset({"take", "put", "compress"})
 #: Methods returning host values, not device arrays.
 _HOST_RESULT_METHODS = frozenset({"tolist", "item", "get"})
 
+#: Keyword arguments of NumPy's ufunc call that CuPy's refuses (``cupy/_core/_kernel.pyx``
+#: ``ufunc.__call__`` takes ``out``, ``dtype``, ``casting`` and a private ``_where``;
+#: anything else is ``TypeError: Wrong arguments``): ``np.add(a, b, out=a, where=m)``
+#: runs on NumPy only.
+_REFUSED_UFUNC_KW = ("where", "order", "subok", "signature")
+#: Reductions whose CuPy versions take (axis, dtype, out, keepdims) only: no ``where=``, no
+#: ``initial=`` (``cupy.sum``, ``cupy.amax``, ``cupy.ndarray.max`` ...).
+_REDUCTIONS = frozenset(
+    {"sum", "prod", "max", "min", "amax", "amin", "mean", "all", "any", "nansum", "nanprod"}
+    | {"nanmax", "nanmin", "nanmean", "var", "std", "nanvar", "nanstd", "ptp"}
+)
+_REFUSED_REDUCTION_KW = ("where", "initial")
+#: ufunc methods CuPy implements, per method the ufuncs that have them
+#: (``cupy/_core/_kernel.pyx``: ``reduce``/``accumulate`` only for add and multiply,
+#: ``reduceat`` for add, ``at`` for the ufuncs with a scatter op; NotImplementedError else).
+_UFUNC_METHODS = {
+    "reduce": frozenset({"add", "multiply"}),
+    "accumulate": frozenset({"add", "multiply"}),
+    "reduceat": frozenset({"add"}),
+    "at": frozenset(
+        {"add", "subtract", "maximum", "minimum", "bitwise_and", "bitwise_or", "bitwise_xor"}
+    ),
+}
+
+
+def _check_ufunc(ufunc, method: str, kwargs: dict, where: str) -> None:
+    """Refuse what CuPy's ufuncs refuse (see :data:`_REFUSED_UFUNC_KW`, :data:`_UFUNC_METHODS`)."""
+    if not isinstance(ufunc, np.ufunc) or ufunc.__name__ == "matmul":  # CuPy: a gufunc
+        return
+    if method != "__call__":
+        if method in _UFUNC_METHODS and ufunc.__name__ not in _UFUNC_METHODS[method]:
+            _fail(f"{where}: CuPy has no {ufunc.__name__}.{method} (NotImplementedError)")
+        return
+    for k in _REFUSED_UFUNC_KW:
+        if k in kwargs:
+            _fail(f"{where}() got keyword {k!r}, which CuPy's ufuncs do not take")
+
+
+def _check_searchsorted_v(v, where: str) -> None:
+    """CuPy 13 (gpudiff's oldest) raises NotImplementedError unless ``v`` is a
+    cupy.ndarray (``cupy/_sorting/search.py``); CuPy 14+ also takes Python scalars."""
+    if not isinstance(v, Dev):
+        _fail(f"{where}(): v must be a device array for CuPy, got {type(v).__name__}")
+
+
+def _check_reduction(name: str, kwargs: dict, where: str) -> None:
+    if name in _REDUCTIONS:
+        for k in _REFUSED_REDUCTION_KW:
+            if k in kwargs:
+                _fail(f"{where}() got keyword {k!r}, which CuPy's {name} does not take")
+
 
 #: Functions that allocate or make views: no kernel on a real device.
 _FREE_FUNCS = frozenset(
@@ -417,6 +473,7 @@ class Dev(NDArrayOperatorsMixin):
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         where = f"ufunc {ufunc.__name__}"
+        _check_ufunc(ufunc, method, kwargs, where)
         ins = [_unwrap(x, False, where) for x in inputs]
         if "out" in kwargs:
             kwargs["out"] = tuple(_unwrap(o, False, where + " out=") for o in kwargs["out"])
@@ -426,6 +483,7 @@ class Dev(NDArrayOperatorsMixin):
 
     def __array_function__(self, func, types, args, kwargs):
         where = f"np.{func.__name__}"
+        _check_reduction(func.__name__, kwargs, where)
         args = _unwrap(args, False, where)
         kwargs = {k: _unwrap(v, False, where) for k, v in kwargs.items()}
         r = func(*args, **kwargs)
@@ -536,6 +594,9 @@ class Dev(NDArrayOperatorsMixin):
         a = self._a
 
         def method(*args, **kwargs):
+            _check_reduction(name, kwargs, f".{name}")
+            if name == "searchsorted":
+                _check_searchsorted_v(args[0] if args else kwargs.get("v"), ".searchsorted")
             args = _unwrap(args, host_ok, f".{name}()")
             kwargs = {k: _unwrap(v, host_ok, f".{name}()") for k, v in kwargs.items()}
             r = attr(*args, **kwargs)
@@ -576,11 +637,21 @@ class _Func:
         self, f, where: str, host_kw: tuple[str, ...] = (), refuse_kw: tuple[str, ...] = ()
     ):
         self.f, self.where, self.host_kw, self.refuse_kw = f, where, host_kw, refuse_kw
+        self.ufunc = None  # the ufunc of a ufunc method (xp.add.reduce ...)
 
     def __call__(self, *args, **kwargs):
         for k in self.refuse_kw:
             if k in kwargs:
                 _fail(f"{self.where}() got keyword {k!r}, which CuPy's does not take")
+        name = self.where.rsplit(".", 1)[-1]
+        if isinstance(self.f, np.ufunc):
+            _check_ufunc(self.f, "__call__", kwargs, self.where)
+        elif self.ufunc is not None:
+            _check_ufunc(self.ufunc, name, kwargs, self.where)
+        else:
+            _check_reduction(name, kwargs, self.where)
+        if name == "searchsorted" and self.where.startswith("xp."):
+            _check_searchsorted_v(args[1] if len(args) > 1 else kwargs.get("v"), self.where)
         args = _unwrap(args, False, self.where)
         kwargs = {k: _unwrap(v, k in self.host_kw, self.where) for k, v in kwargs.items()}
         r = self.f(*args, **kwargs)
@@ -589,7 +660,12 @@ class _Func:
 
     def __getattr__(self, name):  # ufunc.reduce, ufunc.outer ...
         a = getattr(self.f, name)
-        return _Func(a, f"{self.where}.{name}") if callable(a) else a
+        if not callable(a):
+            return a
+        fn = _Func(a, f"{self.where}.{name}")
+        if isinstance(self.f, np.ufunc):
+            fn.ufunc = self.f
+        return fn
 
 
 def _to_device(a, dtype=None, copy=True, **kwargs):

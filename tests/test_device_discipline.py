@@ -369,6 +369,17 @@ def _self_check(be):
         "binary_dilation(structure=host)": lambda: be.ndimage.binary_dilation(
             dev > 2, structure=np.ones((3, 3))
         ),
+        # CuPy's ufuncs take out/dtype/casting only, its reductions no where=/initial=,
+        # and only some ufuncs have reduce/accumulate/at (cupy/_core/_kernel.pyx)
+        "xp.add(..., where=)": lambda: xp.add(dev, 1.0, out=dev, where=dev > 2),
+        "ufunc(device, where=)": lambda: np.add(dev, dev, where=dev > 2),
+        "device.sum(where=)": lambda: dev.sum(where=dev > 2),
+        "xp.max(initial=)": lambda: xp.max(dev, initial=0.0),
+        "xp.maximum.reduce": lambda: xp.maximum.reduce(dev),
+        "np.bitwise_or.reduce(device)": lambda: np.bitwise_or.reduce(dev > 2),
+        "xp.logical_or.at": lambda: xp.logical_or.at(dev > 2, be.asarray(np.array([0])), True),
+        # CuPy 13: v must be a cupy.ndarray (cupy/_sorting/search.py)
+        "xp.searchsorted(device, scalar)": lambda: xp.searchsorted(dev[0], 1.5),
     }
     accepted = {
         "device[host index]": lambda: dev[np.array([1, 0])],
@@ -377,6 +388,10 @@ def _self_check(be):
         "xp.asarray(host)": lambda: xp.asarray(host),
         "label(structure=host)": lambda: be.ndimage.label(dev > 2, structure=np.ones((3, 3))),
         "float(device reduction)": lambda: float(dev.sum()),
+        "xp.add(..., out=, dtype=)": lambda: xp.add(dev, 1.0, out=dev, dtype=np.float64),
+        "xp.add.reduce": lambda: xp.add.reduce(dev, axis=0),
+        "xp.add.at": lambda: xp.add.at(dev[0], be.asarray(np.array([0, 0])), 1.0),
+        "xp.searchsorted(device, device)": lambda: xp.searchsorted(dev[0], dev[1]),
     }
     wrong = []
     for what, f in refused.items():

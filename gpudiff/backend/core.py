@@ -124,6 +124,28 @@ class Backend:
             return self._from_device(a)
         return np.asarray(a)
 
+    def bincount(self, x: Any, minlength: int, weights: Any = None) -> Any:
+        """``xp.bincount(x, weights, minlength)`` for labels known to lie in
+        ``[0, minlength)``, without a host sync on a device.
+
+        ``cupy.bincount`` syncs twice per call (a negativity test and ``int(x.max())`` to
+        size its output: ``cupy/_statistics/histogram.py``, "This function may
+        synchronize the device"); the output size is known here, so a device adds into a
+        zeroed table instead (``add.at``: a scatter-add, no sync).  Integer counts
+        (int64), or float64 sums of ``weights``, as ``numpy.bincount``.  On the CPU it is
+        ``numpy.bincount`` itself.
+        """
+        xp = self.xp
+        if not self.is_gpu:
+            return xp.bincount(x, weights=weights, minlength=minlength)
+        if weights is None:
+            out = xp.zeros(int(minlength), dtype=xp.int64)
+            xp.add.at(out, x, 1)
+        else:
+            out = xp.zeros(int(minlength), dtype=xp.float64)
+            xp.add.at(out, x, weights)
+        return out
+
     def synchronize(self) -> None:
         """Wait for all queued device work (a no-op on the CPU).  Time after this."""
         self._sync()

@@ -45,7 +45,7 @@ def drop_small(backend: Backend, labels: Any, n: int, min_pixels: int, *, count:
     n_kept : int or None
         Number of kept footprints; None when ``count`` is False.
     """
-    keep = backend.xp.bincount(labels.ravel(), minlength=n + 1) >= min_pixels
+    keep = backend.bincount(labels.ravel(), n + 1) >= min_pixels
     keep[0] = False
     return keep[labels], (int(keep.sum()) if count else None)
 

@@ -75,7 +75,7 @@ def _or_in_footprints(be: Backend, mask, lab, fy, fx, n: int):
     hit = (mv[:, None] & (1 << bits)[None, :]) != 0  # (pixels, bits)
     dump = (n + 1) * _FOOTPRINT_BITS  # pairs whose bit is clear land past the table
     key = xp.where(hit, lab[:, None] * _FOOTPRINT_BITS + bits[None, :], dump)  # int64
-    cnt = xp.bincount(key.ravel(), minlength=dump + 1)[:dump].reshape(n + 1, _FOOTPRINT_BITS)
+    cnt = be.bincount(key.ravel(), dump + 1)[:dump].reshape(n + 1, _FOOTPRINT_BITS)
     return ((cnt > 0) << bits[None, :]).sum(axis=1)
 
 
@@ -394,7 +394,7 @@ def _measure_on_backend(
         box2=box[2],
         box3=box[3],
         mask_footprint=_or_in_footprints(backend, mask, lab, fy_all, fx_all, n_fp)[ids],
-        npix=xp.bincount(lab, minlength=n_fp + 1)[ids],
+        npix=backend.bincount(lab, n_fp + 1)[ids],
     )
     return dev, (n, sign, psf, bbox)
 

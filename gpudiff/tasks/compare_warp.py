@@ -438,8 +438,8 @@ class CompareWarpAssembleCoaddTask:
         keep = xp.ones(n + 1, dtype=bool)
         keep[0] = False
         if wp.prebad is not None:
-            area = xp.bincount(lab, minlength=n + 1)
-            good = xp.bincount(lab[~wp.prebad.ravel()[on]], minlength=n + 1)
+            area = be.bincount(lab, n + 1)
+            good = be.bincount(lab[~wp.prebad.ravel()[on]], n + 1)
             keep &= good > cfg.prefilter_artifacts_ratio * xp.maximum(area, 1)
             n_pre = int(n - int(keep.sum()))
         kept = keep[lab]

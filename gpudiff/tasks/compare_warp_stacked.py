@@ -245,7 +245,7 @@ def _batch(task, model, scaler, present: list, grow: int, out: StackedArtifacts)
     # per polarity, footprints with fewer than min_pixels dropped before growing
     above = xp.concatenate([snr >= t, snr <= -t]) if both else snr >= t
     lab, nlab = be.ndimage.label(above.reshape(-1, W), structure=eight)
-    keep = xp.bincount(lab.ravel(), minlength=int(nlab) + 1) >= int(det_cfg.min_pixels)
+    keep = be.bincount(lab.ravel(), int(nlab) + 1) >= int(det_cfg.min_pixels)
     keep[0] = False
     on = keep[lab].reshape(above.shape)
     on = on[:n] | on[n:] if both else on
@@ -261,8 +261,8 @@ def _batch(task, model, scaler, present: list, grow: int, out: StackedArtifacts)
     keep[0] = False
     if cfg.do_prefilter_artifacts:
         flat = labels.ravel()
-        area = xp.bincount(flat, minlength=nfp + 1)
-        good = xp.bincount(flat, weights=(~prebad).ravel(), minlength=nfp + 1)
+        area = be.bincount(flat, nfp + 1)
+        good = be.bincount(flat, nfp + 1, weights=(~prebad).ravel())
         keep &= good > cfg.prefilter_artifacts_ratio * xp.maximum(area, 1)
     fp = keep[labels[:, :H]]
     epoch += fp.sum(axis=0, dtype=xp.int32)
