@@ -451,6 +451,11 @@ def _count_func(name: str, args, kwargs, r):
         _count_sync("where(cond) (data-dependent size)", 8)
     elif name in _SYNC_FUNCS:
         _count_sync(f"{name} (data-dependent size / host result)", 8)
+    elif name == "bincount":
+        # cupy.bincount tests for negative labels and sizes its output by int(x.max()):
+        # two host syncs (cupy/_statistics/histogram.py); Backend.bincount has none.
+        _count_sync("bincount (negativity test, output size)", 8)
+        _count_sync("bincount (negativity test, output size)", 8)
     _count_call(_host_nbytes(args, tuple(kwargs.values()), r))
 
 

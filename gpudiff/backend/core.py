@@ -135,20 +135,26 @@ class Backend:
         (int64), or float64 sums of ``weights``, as ``numpy.bincount``.  On the CPU it is
         ``numpy.bincount`` itself.
         """
-        xp = self.xp
-        if not self.is_gpu:
-            return xp.bincount(x, weights=weights, minlength=minlength)
-        if weights is None:
-            out = xp.zeros(int(minlength), dtype=xp.int64)
-            xp.add.at(out, x, 1)
-        else:
-            out = xp.zeros(int(minlength), dtype=xp.float64)
-            xp.add.at(out, x, weights)
-        return out
+        return bincount(self.xp, x, minlength, weights)
 
     def synchronize(self) -> None:
         """Wait for all queued device work (a no-op on the CPU).  Time after this."""
         self._sync()
+
+
+def bincount(xp: Any, x: Any, minlength: int, weights: Any = None) -> Any:
+    """:meth:`Backend.bincount` for code that holds the array namespace ``xp`` only:
+    ``numpy.bincount`` when ``xp`` is NumPy, else a scatter-add into a zeroed table of
+    ``minlength`` bins (no host sync; every label must lie in ``[0, minlength)``)."""
+    if xp is np:
+        return np.bincount(x, weights=weights, minlength=minlength)
+    if weights is None:
+        out = xp.zeros(int(minlength), dtype=xp.int64)
+        xp.add.at(out, x, 1)
+    else:
+        out = xp.zeros(int(minlength), dtype=xp.float64)
+        xp.add.at(out, x, weights)
+    return out
 
 
 def _numpy_backend() -> Backend:

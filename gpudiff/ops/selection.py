@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import Backend
+from ..backend.core import bincount as _bincount
 
 # Through its module, so that a test's fake device (which swaps the registry's launchers
 # for counted NumPy twins) reaches it.
@@ -51,14 +52,14 @@ def _radix_select(xp, v, valid, ranks):
     hi = (keys >> 16).astype(xp.int64)
     # cumulative counts behind a leading 0: c0[b] is the count below high bin b
     c0 = xp.zeros((1 << 16) + 1, dtype=xp.int64)
-    xp.cumsum(xp.bincount(hi, minlength=1 << 16), out=c0[1:])
+    xp.cumsum(_bincount(xp, hi, 1 << 16), out=c0[1:])
     b = xp.searchsorted(c0[1:], ranks, side="right")  # first bin whose count > rank
     nr = int(ranks.shape[0])
     members = hi[None, :] == b[:, None]  # (ranks, N)
     slot = (keys & xp.uint32(0xFFFF))[None, :] + xp.arange(0, nr << 16, 1 << 16, dtype=xp.int64)[
         :, None
     ]
-    h2 = xp.bincount(slot.ravel(), weights=members.ravel().astype(xp.float64), minlength=nr << 16)
+    h2 = _bincount(xp, slot.ravel(), nr << 16, members.ravel().astype(xp.float64))
     c2 = xp.cumsum(h2.reshape(nr, 1 << 16), axis=1)
     # first low bin whose cumulative count exceeds the rank within its high bin
     lo = (c2 <= (ranks - c0[b])[:, None]).sum(axis=1)
@@ -95,7 +96,7 @@ def _radix_select_rows(xp, V, valid, rows, ranks):
         :, None
     ]  # uint32 + int64: int64
     c0 = xp.zeros((k << 16) + 1, dtype=xp.int64)  # a leading 0, as in _radix_select
-    xp.cumsum(xp.bincount(hi.ravel(), minlength=k << 16), out=c0[1:])
+    xp.cumsum(_bincount(xp, hi.ravel(), k << 16), out=c0[1:])
     g = ranks + rows * N  # ranks in the row-major concatenation
     b = xp.searchsorted(c0[1:], g, side="right")
     r_in = g - c0[b]  # rank inside its high bin
@@ -104,7 +105,7 @@ def _radix_select_rows(xp, V, valid, rows, ranks):
     ks = keys[rows]  # (nr, N): each rank's own row
     members = ((ks >> 16) == b[:, None]).ravel().astype(xp.float64)
     slot = (ks & xp.uint32(0xFFFF)) + xp.arange(0, nr << 16, 1 << 16, dtype=xp.int64)[:, None]
-    h2 = xp.bincount(slot.ravel(), weights=members, minlength=nr << 16)
+    h2 = _bincount(xp, slot.ravel(), nr << 16, members)
     c2 = xp.cumsum(h2.reshape(nr, 1 << 16), axis=1)
     lo = (c2 <= r_in[:, None]).sum(axis=1)
     return _keys_to_float(xp, ((b << 16) | lo).astype(xp.uint32)).astype(xp.float64)

@@ -32,6 +32,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..backend import Backend, resolve_backend
+from ..backend.core import bincount as _bincount
 from ..errors import InvalidInputError
 from ..image import MaskedImage
 from ._host import fetch
@@ -148,7 +149,7 @@ def _hough(be: Backend, xs, ys, thetas, n_rho: int, rho_min: float, weights=None
             if weights is None
             else xp.broadcast_to(weights[i : i + step, None], r.shape).ravel()
         )
-        acc += xp.bincount((r + t_idx).ravel(), weights=w, minlength=nt * n_rho)
+        acc += _bincount(xp, (r + t_idx).ravel(), nt * n_rho, w)
     return acc.reshape(nt, n_rho)
 
 

@@ -85,23 +85,16 @@ def bright_star_halos(
             nd, xp = be.ndimage, be.xp
             labels, n = nd.label(on, structure=be.asarray(np.ones((3, 3), dtype=bool)))
             n = int(n)
-            # Pixel counts and coordinate sums of the footprints cross in one transfer.
-            # On a device they run over the whole label image (a nonzero would be a host
-            # sync: its size depends on the data); on the host over the labelled pixels.
-            if be.is_gpu:
-                lab = labels.ravel()
-                H, W = labels.shape
-                cols = xp.tile(xp.arange(W, dtype=xp.float64), H)
-                rows = xp.repeat(xp.arange(H, dtype=xp.float64), W)
-            else:
-                ys, xs = np.nonzero(labels)
-                lab, cols, rows = labels[ys, xs], xs.astype(np.float64), ys.astype(np.float64)
+            # Pixel counts and coordinate sums of the footprints cross in one transfer
+            # (Backend.bincount: no host sync of its own on a device).
+            ys, xs = xp.nonzero(labels)
+            lab = labels[ys, xs]
             cnt, sx, sy = be.asnumpy(
                 xp.stack(
                     [
-                        xp.bincount(lab, minlength=n + 1).astype(xp.float64),
-                        xp.bincount(lab, weights=cols, minlength=n + 1),
-                        xp.bincount(lab, weights=rows, minlength=n + 1),
+                        be.bincount(lab, n + 1).astype(xp.float64),
+                        be.bincount(lab, n + 1, xs.astype(xp.float64)),
+                        be.bincount(lab, n + 1, ys.astype(xp.float64)),
                     ]
                 )
             )[:, 1:]
