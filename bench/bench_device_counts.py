@@ -241,7 +241,7 @@ def subtraction(be, size: int, stars_per_mpx: float, seed: int) -> dict:
             # As the command line: the science sources flag bright stars' halos and
             # the science image its faint cosmic-ray tracks.
             dm = DetectAndMeasureTask(backend=be).run(
-                res.difference, bright_sources=res.science_sources, science=sci
+                res.difference, bright_sources=res.science_sources, science=sci, template=tmpl
             )
         with sd.stage("download"):
             dm.subtracted_measured_exposure.to_backend("numpy")

@@ -147,7 +147,7 @@ def measure_pair(
         # As the command line: the science sources flag bright-star halo residuals.
         dia = (
             DetectAndMeasureScoreTask()
-            .run(diff, score, bright_sources=res.science_sources, science=sci)
+            .run(diff, score, bright_sources=res.science_sources, science=sci, template=tpl)
             .dia_sources
         )
     else:
@@ -155,7 +155,7 @@ def measure_pair(
         diff = res.difference
         dia = (
             DetectAndMeasureTask()
-            .run(diff, bright_sources=res.science_sources, science=sci)
+            .run(diff, bright_sources=res.science_sources, science=sci, template=tpl)
             .dia_sources
         )
     img, var, mask = (np.asarray(diff.image), np.asarray(diff.variance), np.asarray(diff.mask))
@@ -663,3 +663,54 @@ def test_input_ray_finder_finds_faint_rays_and_no_stars():
         assert not cr[y - 4 : y + 5, x - 4 : x + 5].any(), (x, y)
     _, n_found = ndimage.label(cr)
     assert n_found == len(hits)
+
+
+def test_template_ray_fills_keep_their_cr_mark_and_tracks_are_found_whole():
+    """The template's cosmic rays, found and filled by the task, keep CR beside INTRP
+    through update_masks (which clears the template's CR plane, as LSST's): the matching
+    kernel then grows them by its core (``cosmic_ray_fills``), not its whole box — a
+    template ray 19 px from a S/N 38 transient of the broader realistic 2048² pair had
+    flagged it INTRP.  The inputs' finder extends a ray along its track
+    (``INPUT_CR_EXTEND_SIGMA``, LSST's ``cond3_fac2``): a track of 5σ pixels off one 40σ
+    hit is found whole, where the per-pixel test alone finds the hit."""
+    from gpudiff.backend import resolve_backend
+    from gpudiff.image import Exposure
+    from gpudiff.image.psf import GaussianPsf
+    from gpudiff.tasks import AlardLuptonSubtractConfig
+    from gpudiff.tasks.masks import cosmic_ray_fills
+    from gpudiff.tasks.subtract_inputs import prepare_inputs
+
+    rng = np.random.default_rng(3)
+    n = 200
+    psf = GaussianPsf(fwhm=3.0)
+    yy, xx = np.mgrid[0:n, 0:n]
+    sky = np.zeros((n, n))
+    for x, y, f in zip(
+        rng.uniform(20, 180, 60), rng.uniform(20, 180, 60), rng.uniform(2e2, 5e3, 60)
+    ):
+        sky += (
+            f
+            * np.exp(-0.5 * ((xx - x) ** 2 + (yy - y) ** 2) / (3.0 / 2.3548) ** 2)
+            / (2 * np.pi * (3.0 / 2.3548) ** 2)
+        )
+    t_img = sky + rng.normal(0, 1, (n, n))
+    s_img = sky + rng.normal(0, 1, (n, n))
+    t_img[100, 60] += 40.0  # a hit, then a faint track of 5σ pixels along the diagonal
+    track = [(100 + k, 60 + k) for k in range(1, 7)]
+    for r, c in track:
+        t_img[r, c] += 5.0
+    t_img[150, 150] += 40.0  # a single-pixel ray
+    ones = np.ones((n, n), np.float32)
+    tmpl = Exposure(MaskedImage(t_img.astype(np.float32), ones), psf)
+    sci = Exposure(MaskedImage(s_img.astype(np.float32), ones), psf)
+    prep = prepare_inputs(tmpl, sci, AlardLuptonSubtractConfig(), resolve_backend("numpy"))
+    t = prep.template.masked_image
+    fills = np.asarray(cosmic_ray_fills(t))
+    assert fills[150, 150] and fills[100, 60]
+    found = sum(bool(fills[r, c]) for r, c in track)
+    assert found == len(track), found
+    # ... and nothing far from the rays (no star is a ray).
+    far = np.ones((n, n), bool)
+    far[95:112, 55:72] = False
+    far[146:155, 146:155] = False
+    assert not fills[far].any()

@@ -85,7 +85,10 @@ def run(args: argparse.Namespace) -> int:
     config = AlardLuptonSubtractConfig(mode="auto", make_kernel=kernel)
     res = AlardLuptonSubtractTask(config, backend=be).run(pair.template, pair.science)
     dm = DetectAndMeasureTask(backend=be).run(
-        res.difference, bright_sources=res.science_sources, science=pair.science
+        res.difference,
+        bright_sources=res.science_sources,
+        science=pair.science,
+        template=pair.template,
     )
     diff_exp = dm.subtracted_measured_exposure.to_backend("numpy")
     diff_path = out / "difference.fits"

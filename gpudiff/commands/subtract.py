@@ -346,13 +346,17 @@ def subtract_files(
                     result_exp,
                     bright_sources=res.science_sources,
                     science=sci_exp,
+                    template=tmpl_exp,
                 )
                 .dia_sources
             )
         else:
             # The science sources flag residuals inside bright stars' halos (issue 14).
             dm = DetectAndMeasureTask(backend=be).run(
-                result_exp, bright_sources=res.science_sources, science=sci_exp
+                result_exp,
+                bright_sources=res.science_sources,
+                science=sci_exp,
+                template=tmpl_exp,
             )
             result_exp, dia = dm.subtracted_measured_exposure, dm.dia_sources
         timings["detect"] = time.perf_counter() - t

@@ -148,6 +148,12 @@ class DetectAndMeasureConfig:
         inclusive_min=False,
         gpudiff_only=True,
     )
+    deblend_separation_fwhm: float | None = option(
+        3.0,
+        doc="Peaks of one footprint (no trail through it) farther apart than this x FWHM, "
+        "single linkage, are separate records; None: one record per footprint.",
+        gpudiff_only=True,
+    )
     multi_peak_separation_fwhm: float = option(
         1.0,
         doc="Peaks of one footprint further apart than this x FWHM set flag_multi_peak.",
@@ -351,6 +357,7 @@ class DetectAndMeasureTask:
         difference: Exposure,
         bright_sources: Table | None = None,
         science: Exposure | None = None,
+        template: Exposure | None = None,
     ) -> DetectAndMeasureResult:
         """Detect on ``difference`` and measure there.
 
@@ -362,15 +369,16 @@ class DetectAndMeasureTask:
             Stars of the science or template (parent ``x``, ``y`` and ``psf_flux`` or
             ``flux`` in the difference's units) whose halos flag DIA sources, in addition
             to the saturated footprints of the difference's SAT planes.
-        science : Exposure, optional
-            The science exposure (with its PSF, on the difference's pixel frame): faint
-            cosmic-ray tracks left in it flag their records (``sharp_line_sigma``).
+        science, template : Exposure, optional
+            The science exposure and the template (each with its PSF, on the difference's
+            pixel frame): faint cosmic-ray tracks left in them flag their records, positive
+            ones by the science, negative ones by the template (``sharp_line_sigma``).
         """
         if difference.psf is None:
             raise InvalidInputError("the difference exposure has no PSF to detect and measure with")
         diff = self._mark_cosmic_rays(self._clean(difference), difference.psf)
         det = self._detect(diff, difference.psf)
-        return self._finish(difference, diff, det, diff, bright_sources, science)
+        return self._finish(difference, diff, det, diff, bright_sources, science, template)
 
     def _finish(
         self,
@@ -380,6 +388,7 @@ class DetectAndMeasureTask:
         det_image: MaskedImage,
         bright_sources=None,
         science: Exposure | None = None,
+        template: Exposure | None = None,
     ) -> DetectAndMeasureResult:
         cfg = self.config
         psf = difference.psf
@@ -432,8 +441,10 @@ class DetectAndMeasureTask:
             measured, bright_sources, cfg, significance=det.significance, busy=busy
         )
         out = dia_catalog(det, measured, streaks, halos, cfg, busy=busy)
-        if science is not None and cfg.sharp_line_sigma is not None and len(out):
-            _flag_science_lines(out, science, cfg, self.backend)
+        if cfg.sharp_line_sigma is not None and len(out):
+            for image, polarity in ((science, 1), (template, -1)):
+                if image is not None:
+                    _flag_lines(out, image, polarity, cfg, self.backend)
         return DetectAndMeasureResult(
             dia_sources=out,
             subtracted_measured_exposure=measured,
@@ -458,10 +469,11 @@ class DetectAndMeasureScoreTask(DetectAndMeasureTask):
         score: Exposure | None = None,  # type: ignore[override]
         bright_sources: Table | None = None,
         science: Exposure | None = None,
+        template: Exposure | None = None,
     ) -> DetectAndMeasureResult:
         """Detect on ``score`` and measure on ``difference`` (a plain, non-preconvolved
-        difference of the same pair; not the score itself); ``bright_sources`` and
-        ``science`` as :meth:`DetectAndMeasureTask.run`."""
+        difference of the same pair; not the score itself); ``bright_sources``,
+        ``science`` and ``template`` as :meth:`DetectAndMeasureTask.run`."""
         if score is None:
             raise InvalidInputError("DetectAndMeasureScoreTask needs the score image")
         if score is difference:
@@ -518,7 +530,7 @@ class DetectAndMeasureScoreTask(DetectAndMeasureTask):
             # 5).
             _mask_bits_on_difference(det.catalog, m, pos, neg, planes, diff)
         det.mask, det.mask_planes = m, planes
-        return self._finish(difference, diff, det, sc_mi, bright_sources, science)
+        return self._finish(difference, diff, det, sc_mi, bright_sources, science, template)
 
 
 def detection_noise_excess(det, backend: Backend | str | None = None) -> float:
@@ -554,27 +566,30 @@ def detection_noise_excess(det, backend: Backend | str | None = None) -> float:
     return 0.7413 * float(q3 - q1) if n >= 100 else float("nan")
 
 
-def _flag_science_lines(out: Table, science: Exposure, cfg, backend) -> None:
-    """``flag_cr`` on positive records whose science-image light is a 1-px line (a faint
-    cosmic-ray track the inputs' finder missed); ``clean`` follows.  In place."""
-    if science.psf is None:
-        raise InvalidInputError("the science exposure given for the line test has no PSF")
-    pos = (np.asarray(out["polarity"]) > 0) & ~np.asarray(out["flag_streak"], bool)
-    if not pos.any():
+def _flag_lines(out: Table, image: Exposure, polarity: int, cfg, backend) -> None:
+    """``flag_cr`` on the records of ``polarity`` (+1: the science's, -1: the template's)
+    whose light in ``image`` is a 1-px line (a faint cosmic-ray track the inputs' finder
+    missed); ``clean`` follows.  In place."""
+    if image.psf is None:
+        raise InvalidInputError("an exposure given for the line test has no PSF")
+    sel = (np.asarray(out["polarity"]) == polarity) & ~np.asarray(out["flag_streak"], bool)
+    key = "n_sharp_line" if polarity > 0 else "n_sharp_line_template"
+    out.meta[key] = 0
+    if not sel.any():
         return
     t, ratio, rho = line_sharpness(
-        science.masked_image,
-        science.psf,
-        np.asarray(out["x"], float)[pos],
-        np.asarray(out["y"], float)[pos],
+        image.masked_image,
+        image.psf,
+        np.asarray(out["x"], float)[sel],
+        np.asarray(out["y"], float)[sel],
         backend=backend,
     )
     sharp = np.zeros(len(out), bool)
-    sharp[pos] = (t >= cfg.sharp_line_sigma) & (ratio - rho >= cfg.sharp_line_excess)
+    sharp[sel] = (t >= cfg.sharp_line_sigma) & (ratio - rho >= cfg.sharp_line_excess)
     if sharp.any():
         out["flag_cr"] = np.asarray(out["flag_cr"], bool) | sharp
         out["clean"] = np.asarray(out["clean"], bool) & ~sharp
-    out.meta["n_sharp_line"] = int(sharp.sum())
+    out.meta[key] = int(sharp.sum())
 
 
 def _measure_on_difference(cat: Table, diff: MaskedImage, psf, backend) -> None:

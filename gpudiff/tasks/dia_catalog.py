@@ -212,7 +212,9 @@ def _in_discs(x: np.ndarray, y: np.ndarray, discs: np.ndarray, own=None) -> np.n
     return out
 
 
-def _groups(cat: Table, streak_id: np.ndarray, link: float, streaks=()) -> np.ndarray:
+def _groups(
+    cat: Table, streak_id: np.ndarray, link: float, streaks=(), deblend: float | None = None
+) -> np.ndarray:
     """Group key per peak: its streak (all peaks on one trail) or else its footprint.
 
     A footprint a trail runs through holds, besides the trail's peaks, whatever touches
@@ -225,20 +227,27 @@ def _groups(cat: Table, streak_id: np.ndarray, link: float, streaks=()) -> np.nd
     """
     fid = np.asarray(cat["footprint_id"], dtype=np.int64)
     key = np.where(streak_id > 0, -streak_id, fid)
-    off = (streak_id == 0) & np.isin(fid, fid[streak_id > 0])
+    touched = np.isin(fid, fid[streak_id > 0])
+    off = (streak_id == 0) & touched
     x, y = np.asarray(cat["x"], float), np.asarray(cat["y"], float)
     for st in streaks:
         ux, uy = math.cos(math.radians(st.angle)), math.sin(math.radians(st.angle))
         off &= np.abs((x - st.x0) * uy - (y - st.y0) * ux) > st.half_width
-    if not off.any():
+    # Deblending: the peaks of a footprint no trail touches are grouped within
+    # ``deblend`` pixels, single linkage (two transients 3.5 FWHM apart are two records).
+    far_apart = (streak_id == 0) & ~touched if deblend is not None else np.zeros_like(off)
+    if not (off.any() or far_apart.any()):
         return key
-    idx = np.flatnonzero(off)
+    idx = np.flatnonzero(off | far_apart)
+    radius = np.where(off[idx], link, deblend if deblend is not None else link)
     x, y = x[idx], y[idx]
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
     from scipy.spatial import cKDTree
 
-    pairs = cKDTree(np.c_[x, y]).query_pairs(link, output_type="ndarray")
+    pairs = cKDTree(np.c_[x, y]).query_pairs(max(link, deblend or 0.0), output_type="ndarray")
+    dd = np.hypot(x[pairs[:, 0]] - x[pairs[:, 1]], y[pairs[:, 0]] - y[pairs[:, 1]])
+    pairs = pairs[dd <= radius[pairs[:, 0]]]
     pairs = pairs[fid[idx][pairs[:, 0]] == fid[idx][pairs[:, 1]]]
     n = idx.size
     graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
@@ -247,11 +256,13 @@ def _groups(cat: Table, streak_id: np.ndarray, link: float, streaks=()) -> np.nd
     return key
 
 
-def _merge_groups(cat: Table, streak_id: np.ndarray, sep: float, link: float, streaks=()):
+def _merge_groups(
+    cat: Table, streak_id: np.ndarray, sep: float, link: float, streaks=(), deblend=None
+):
     """One record per group: (index of each group's brightest peak, group size, multi-peak
     flag (peaks farther than ``sep`` from the brightest), group's OR of a boolean).  See
     :func:`_groups` for ``link`` and ``streaks``."""
-    key = _groups(cat, streak_id, link, streaks)
+    key = _groups(cat, streak_id, link, streaks, deblend)
     # The catalog is sorted by decreasing |peak_significance|: a group's first row is its
     # brightest peak.
     _, first, inv, count = np.unique(
@@ -388,6 +399,7 @@ def dia_catalog(
             cfg.multi_peak_separation_fwhm * fwhm,
             3.0 * fwhm,
             streaks.streaks if streaks is not None else (),
+            None if cfg.deblend_separation_fwhm is None else cfg.deblend_separation_fwhm * fwhm,
         )
         if n
         else (np.zeros(0, np.int64),) * 3 + (None,) * 4
