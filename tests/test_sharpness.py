@@ -121,3 +121,20 @@ def test_dia_task_flags_the_track_given_the_science_image():
     assert given.meta["n_sharp_line"] == 1
     off = DetectAndMeasureTask(DetectAndMeasureConfig(sharp_line_sigma=None))
     assert off.run(exp, science=exp).dia_sources["clean"][j_tr]
+
+
+def test_positions_without_usable_pixels_are_never_flagged():
+    """A record on NO_DATA or off the image has no light to test: T is 0 (no warning)."""
+    import warnings
+
+    from gpudiff.image import MaskPlanes
+
+    img = np.random.default_rng(0).normal(size=(50, 50)).astype(np.float32)
+    planes = MaskPlanes()
+    m = np.zeros((50, 50), np.int32)
+    m[:, :20] = 1 << planes.add("NO_DATA")
+    mi = MaskedImage(img, np.ones_like(img), m, mask_planes=planes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t, ratio, rho = line_sharpness(mi, GaussianPsf(fwhm=2.5), [5, -10], [5, 10])
+    assert np.all(t == 0) and np.isnan(ratio).all()

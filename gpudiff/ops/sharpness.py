@@ -21,6 +21,7 @@ threshold as well as a significance one).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -108,8 +109,12 @@ def line_sharpness(
     si = si.astype(np.float64)
     # Each stamp's sky: its median over good pixels (NaN elsewhere); its noise: the
     # variance plane's median there (the science noise is near white and smooth).
-    sky = xp.nanmedian(xp.where(good, si, xp.nan).reshape(n, -1), axis=1)
-    sig = xp.sqrt(xp.nanmedian(xp.where(good, sv, xp.nan).reshape(n, -1), axis=1))
+    with warnings.catch_warnings():
+        # A stamp with no usable pixel (NO_DATA, off the image) has a NaN median: its z
+        # is zero below, and its T and ratio NaN (never flagged).
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sky = xp.nanmedian(xp.where(good, si, xp.nan).reshape(n, -1), axis=1)
+        sig = xp.sqrt(xp.nanmedian(xp.where(good, sv, xp.nan).reshape(n, -1), axis=1))
     z = xp.where(good, (si - sky[:, None, None]) / sig[:, None, None], 0.0)
     z = xp.where(xp.isfinite(z), z, 0.0)
     # Every centre's PSF window and every direction's line taps are gathers of flat
