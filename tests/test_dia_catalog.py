@@ -312,8 +312,9 @@ def test_two_transients_in_one_footprint_are_two_records():
     share one detection footprint; they are two clean records, each with its own flux
     within 10 % (the other's Gaussian wing at 3.2 FWHM is < 1e-6 of a peak), where one
     merged record flagged multi-peak lost both (2 S/N ~40 injections 3.5 FWHM apart on
-    the broader realistic 2048² pair, where the sky between them joined the footprints).  A pair 1.5 FWHM apart stays one record, flagged multi-peak (LSST's
-    deblender would split it; gpudiff does not fit blends)."""
+    the broader realistic 2048² pair, where the sky between them joined the footprints).
+    A pair 1.5 FWHM apart stays one record, flagged multi-peak (LSST's deblender would
+    split it; gpudiff does not fit blends)."""
     fwhm = 1.7 * 2.3548
     F = 100 * SIGMA * np.sqrt(4 * np.pi) * 1.7  # S/N 100 for a Gaussian PSF of σ 1.7
     sep = 3.2 * fwhm
