@@ -98,11 +98,16 @@ def find_cosmic_rays(
                 (mi.mask & skip) != 0 if skip else None, int(extend_passes),
             )  # fmt: skip
         return _grow_sparse(img.shape, rows, cols, int(grow))
-    cr = _sharp_dense(xp, img, sig, bright, dirs, ratios, cond3)
-    if extend_sigma is not None:
-        # Every pixel that may join a track, tested once; the tracks then grow into them
-        # by a fixed number of masked 8-connected dilations (no emptiness test: a sync).
-        can = _sharp_dense(xp, img, sig, img > extend_sigma * sig, dirs, ratios, extend_cond3)
+    if extend_sigma is None:
+        cr = _sharp_dense(xp, img, sig, bright, dirs, ratios, cond3)
+    else:
+        # Every pixel that may join a track, tested once (sharing the seed test's
+        # neighbour sums); the tracks then grow into them by a fixed number of masked
+        # 8-connected dilations (no emptiness test: a sync).
+        cr, can = _sharp_dense(
+            xp, img, sig, bright, dirs, ratios, cond3,
+            also=(img > extend_sigma * sig, extend_cond3),
+        )  # fmt: skip
         if skip:
             can &= (mi.mask & skip) == 0
         cr = be.ndimage.binary_dilation(
@@ -124,8 +129,11 @@ def find_cosmic_rays(
 # on the bright pixels (img > min_sigma·σ): the same bits either way.
 
 
-def _sharp_dense(xp, img, sig, bright, dirs, ratios, cond3: float):
-    """The test on every pixel, the four directions stacked: ~25 device launches."""
+def _sharp_dense(xp, img, sig, bright, dirs, ratios, cond3: float, also=None):
+    """The test on every pixel, the four directions stacked: ~25 device launches.
+
+    ``also``: (bright, cond3) of a second test of the same image (the track extension's
+    looser one), sharing the neighbour sums; then both masks are returned."""
     H, W = img.shape
     pad = xp.pad(img, 1, mode="edge")
     spad = xp.pad(sig, 1, mode="edge")
@@ -138,12 +146,16 @@ def _sharp_dense(xp, img, sig, bright, dirs, ratios, cond3: float):
             ]
         )
 
-    hi = img - cond3 * sig
-    nb = 0.5 * (shifted(pad, 1) + shifted(pad, -1)) + cond3 * 0.5 * (
-        shifted(spad, 1) + shifted(spad, -1)
-    )
+    mean_nb = 0.5 * (shifted(pad, 1) + shifted(pad, -1))
+    mean_snb = 0.5 * (shifted(spad, 1) + shifted(spad, -1))
     ratio = xp.asarray(np.asarray(ratios, dtype=np.float32))[:, None, None]
-    return bright & (hi[None] > ratio * nb).any(axis=0)
+
+    def test(b, c3):
+        # The float32 expression of the sparse test: (img − c3·σ) > ratio·(mean + c3·σ̄).
+        return b & ((img - c3 * sig)[None] > ratio * (mean_nb + c3 * mean_snb)).any(axis=0)
+
+    first = test(bright, cond3)
+    return first if also is None else (first, test(*also))
 
 
 def _sharp_sparse(img, sig, bright, dirs, ratios, cond3: float):

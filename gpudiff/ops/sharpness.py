@@ -30,7 +30,10 @@ from ..backend import Backend, resolve_backend
 from ..image import MaskedImage, Psf
 from .stats import gather_stamps_many
 
-__all__ = ["line_sharpness"]
+__all__ = ["line_sharpness", "line_sharpness_many"]
+
+#: Planes whose pixels count as no light.
+_BAD_PLANES = ("NO_DATA", "BAD", "SAT", "EDGE", "CR", "INTRP")
 
 #: Directions of the line filters (dy, dx): rows, columns, both diagonals.
 _DIRECTIONS = ((0, 1), (1, 0), (1, 1), (1, -1))
@@ -49,7 +52,7 @@ def line_sharpness(
     *,
     length: int = 5,
     search: int = 1,
-    bad_planes=("NO_DATA", "BAD", "SAT", "EDGE", "CR", "INTRP"),
+    bad_planes=_BAD_PLANES,
     backend: Backend | str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Line-versus-PSF sharpness of an image at given positions.
@@ -77,46 +80,73 @@ def line_sharpness(
         The largest significance ``T`` of line over point-source light, the largest
         ``L/P`` (with ``P`` at its largest over the centres), and the PSF's ρ.
     """
-    be = resolve_backend(backend) if backend is not None else mi.backend
+    return line_sharpness_many(
+        [(mi, psf, x, y)], length=length, search=search, bad_planes=bad_planes, backend=backend
+    )[0]
+
+
+def line_sharpness_many(
+    jobs,
+    *,
+    length: int = 5,
+    search: int = 1,
+    bad_planes=_BAD_PLANES,
+    backend: Backend | str | None = None,
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """:func:`line_sharpness` of several images at once (the science at the positive DIA
+    records, the template at the negative ones): each image's stamps are cut on its own,
+    the filters run on all of them together and the results cross to the host in one
+    transfer.
+
+    Parameters
+    ----------
+    jobs : sequence of (MaskedImage, Psf, x, y)
+    length, search, bad_planes, backend
+        As :func:`line_sharpness`.
+
+    Returns
+    -------
+    list of (t, ratio, rho)
+        One per job, as :func:`line_sharpness` returns.
+    """
+    jobs = [
+        (
+            mi,
+            psf,
+            np.atleast_1d(np.asarray(x, np.float64)),
+            np.atleast_1d(np.asarray(y, np.float64)),
+        )
+        for mi, psf, x, y in jobs
+    ]
+    counts = [x.size for _, _, x, _ in jobs]
+    out = [(np.zeros(0), np.zeros(0), np.zeros(0)) for _ in jobs]
+    live = [j for j, c in enumerate(counts) if c]
+    if not live:
+        return out
+    be = resolve_backend(backend) if backend is not None else jobs[live[0]][0].backend
     xp = be.xp
-    x = np.atleast_1d(np.asarray(x, dtype=np.float64))
-    y = np.atleast_1d(np.asarray(y, dtype=np.float64))
-    n = x.size
-    if n == 0:
-        return np.zeros(0), np.zeros(0), np.zeros(0)
     length = int(length) | 1
-    fwhm = float(psf.fwhm())
-    hp = max(int(np.ceil(1.5 * fwhm)), length // 2, 2)
+    # One filter size for all: the broadest PSF's (1.5 FWHM, at least the line's half).
+    hp = max([int(np.ceil(1.5 * float(jobs[j][1].fwhm()))) for j in live] + [length // 2, 2])
     sp = 2 * hp + 1
     half = hp + int(search)
-    xi, yi = np.floor(x + 0.5).astype(np.int64), np.floor(y + 0.5).astype(np.int64)
-    # The PSF centred on the pixel (a filter, not a fit: the search covers the sub-pixel
-    # offset), unit norm.
-    p = np.stack([psf.compute_image(float(a), float(b), size=sp) for a, b in zip(xi, yi)])
-    p = p / np.sqrt((p * p).sum(axis=(1, 2), keepdims=True))
+    zs, ps = [], []
+    for j in live:
+        mi, psf, x, y = jobs[j]
+        xi, yi = np.floor(x + 0.5).astype(np.int64), np.floor(y + 0.5).astype(np.int64)
+        # The PSF centred on the pixel (a filter, not a fit: the search covers the
+        # sub-pixel offset), unit norm.
+        p = np.stack([psf.compute_image(float(a), float(b), size=sp) for a, b in zip(xi, yi)])
+        ps.append(p / np.sqrt((p * p).sum(axis=(1, 2), keepdims=True)))
+        zs.append(_z_stamps(be, mi, yi - mi.xy0[1], xi - mi.xy0[0], half, bad_planes))
+    p = np.concatenate(ps)
+    n = p.shape[0]
+    z = zs[0] if len(zs) == 1 else xp.concatenate(zs)
     rho = np.zeros((n, len(_DIRECTIONS)))
     for j, (dy, dx) in enumerate(_DIRECTIONS):
         taps = _line_taps(length, dy, dx)
         rho[:, j] = sum(p[:, hp + a, hp + b] for a, b in taps) / np.sqrt(len(taps))
     rho = np.clip(rho, 0.0, 0.99)
-    img = mi.image if mi.backend.name == be.name else be.asarray(mi.backend.asnumpy(mi.image))
-    var = mi.variance if mi.backend.name == be.name else be.asarray(mi.backend.asnumpy(mi.variance))
-    msk = mi.mask if mi.backend.name == be.name else be.asarray(mi.backend.asnumpy(mi.mask))
-    rows, cols = yi - mi.xy0[1], xi - mi.xy0[0]
-    (si, sv, sm), inside = gather_stamps_many(be, (img, var, msk), rows, cols, half, (0, 0, 0))
-    bm = mi.mask_planes.bitmask_if_present(list(bad_planes))
-    good = inside & ((sm & bm) == 0) & xp.isfinite(si) & xp.isfinite(sv) & (sv > 0)
-    si = si.astype(np.float64)
-    # Each stamp's sky: its median over good pixels (NaN elsewhere); its noise: the
-    # variance plane's median there (the science noise is near white and smooth).
-    with warnings.catch_warnings():
-        # A stamp with no usable pixel (NO_DATA, off the image) has a NaN median: its z
-        # is zero below, and its T and ratio NaN (never flagged).
-        warnings.simplefilter("ignore", RuntimeWarning)
-        sky = xp.nanmedian(xp.where(good, si, xp.nan).reshape(n, -1), axis=1)
-        sig = xp.sqrt(xp.nanmedian(xp.where(good, sv, xp.nan).reshape(n, -1), axis=1))
-    z = xp.where(good, (si - sky[:, None, None]) / sig[:, None, None], 0.0)
-    z = xp.where(xp.isfinite(z), z, 0.0)
     # Every centre's PSF window and every direction's line taps are gathers of flat
     # indices into the stamps (a handful of device calls for all sources, not one per
     # centre, direction and tap).
@@ -145,4 +175,34 @@ def line_sharpness(
     best_l = L.max(axis=1)
     ratio = best_l / xp.where(best_p > 0, best_p, xp.nan)
     t, ratio = (np.asarray(v) for v in be.asnumpy(xp.stack([best_t, ratio])))
-    return t, ratio, rho.max(axis=1)
+    rho = rho.max(axis=1)
+    start = 0
+    for j in live:
+        sl = slice(start, start + counts[j])
+        out[j] = (t[sl], ratio[sl], rho[sl])
+        start += counts[j]
+    return out
+
+
+def _z_stamps(be: Backend, mi: MaskedImage, rows, cols, half: int, bad_planes):
+    """Stamps (n, 2·half+1, 2·half+1) of ``mi`` in units of its noise, each stamp's sky
+    (median of its usable pixels) removed; unusable pixels zero."""
+    xp = be.xp
+    n = rows.size
+    img = mi.image if mi.backend.name == be.name else be.asarray(mi.backend.asnumpy(mi.image))
+    var = mi.variance if mi.backend.name == be.name else be.asarray(mi.backend.asnumpy(mi.variance))
+    msk = mi.mask if mi.backend.name == be.name else be.asarray(mi.backend.asnumpy(mi.mask))
+    (si, sv, sm), inside = gather_stamps_many(be, (img, var, msk), rows, cols, half, (0, 0, 0))
+    bm = mi.mask_planes.bitmask_if_present(list(bad_planes))
+    good = inside & ((sm & bm) == 0) & xp.isfinite(si) & xp.isfinite(sv) & (sv > 0)
+    si = si.astype(np.float64)
+    # Each stamp's sky: its median over good pixels (NaN elsewhere); its noise: the
+    # variance plane's median there (the science noise is near white and smooth).
+    with warnings.catch_warnings():
+        # A stamp with no usable pixel (NO_DATA, off the image) has a NaN median: its z
+        # is zero below, and its T and ratio NaN (never flagged).
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sky = xp.nanmedian(xp.where(good, si, xp.nan).reshape(n, -1), axis=1)
+        sig = xp.sqrt(xp.nanmedian(xp.where(good, sv, xp.nan).reshape(n, -1), axis=1))
+    z = xp.where(good, (si - sky[:, None, None]) / sig[:, None, None], 0.0)
+    return xp.where(xp.isfinite(z), z, 0.0)

@@ -32,7 +32,7 @@ from ..configfield import option, validate_config
 from ..errors import InvalidInputError
 from ..image import Exposure, MaskedImage
 from ..ops.cosmic_rays import find_cosmic_rays
-from ..ops.sharpness import line_sharpness
+from ..ops.sharpness import line_sharpness_many
 from ..ops.detection import detect_sources
 from ..ops.photometry import forced_psf_flux
 from ..ops.selection import _quantiles
@@ -442,9 +442,7 @@ class DetectAndMeasureTask:
         )
         out = dia_catalog(det, measured, streaks, halos, cfg, busy=busy)
         if cfg.sharp_line_sigma is not None and len(out):
-            for image, polarity in ((science, 1), (template, -1)):
-                if image is not None:
-                    _flag_lines(out, image, polarity, cfg, self.backend)
+            _flag_lines(out, ((science, 1), (template, -1)), cfg, self.backend)
         return DetectAndMeasureResult(
             dia_sources=out,
             subtracted_measured_exposure=measured,
@@ -566,30 +564,35 @@ def detection_noise_excess(det, backend: Backend | str | None = None) -> float:
     return 0.7413 * float(q3 - q1) if n >= 100 else float("nan")
 
 
-def _flag_lines(out: Table, image: Exposure, polarity: int, cfg, backend) -> None:
-    """``flag_cr`` on the records of ``polarity`` (+1: the science's, -1: the template's)
-    whose light in ``image`` is a 1-px line (a faint cosmic-ray track the inputs' finder
-    missed); ``clean`` follows.  In place."""
-    if image.psf is None:
-        raise InvalidInputError("an exposure given for the line test has no PSF")
-    sel = (np.asarray(out["polarity"]) == polarity) & ~np.asarray(out["flag_streak"], bool)
-    key = "n_sharp_line" if polarity > 0 else "n_sharp_line_template"
-    out.meta[key] = 0
-    if not sel.any():
+def _flag_lines(out: Table, images, cfg, backend) -> None:
+    """``flag_cr`` on the records whose light in the image of their polarity (+1: the
+    science's, -1: the template's; ``images`` is ((exposure or None, polarity), ...)) is
+    a 1-px line (a faint cosmic-ray track the inputs' finder missed); ``clean`` follows.
+    Every image is tested in one pass (one transfer).  In place."""
+    jobs, sels = [], []
+    pol = np.asarray(out["polarity"])
+    on_streak = np.asarray(out["flag_streak"], bool)
+    for image, polarity in images:
+        out.meta["n_sharp_line" if polarity > 0 else "n_sharp_line_template"] = 0
+        if image is None:
+            continue
+        if image.psf is None:
+            raise InvalidInputError("an exposure given for the line test has no PSF")
+        sel = (pol == polarity) & ~on_streak
+        if sel.any():
+            x, y = np.asarray(out["x"], float)[sel], np.asarray(out["y"], float)[sel]
+            jobs.append((image.masked_image, image.psf, x, y))
+            sels.append((sel, polarity))
+    if not jobs:
         return
-    t, ratio, rho = line_sharpness(
-        image.masked_image,
-        image.psf,
-        np.asarray(out["x"], float)[sel],
-        np.asarray(out["y"], float)[sel],
-        backend=backend,
-    )
     sharp = np.zeros(len(out), bool)
-    sharp[sel] = (t >= cfg.sharp_line_sigma) & (ratio - rho >= cfg.sharp_line_excess)
+    for (sel, polarity), (t, ratio, rho) in zip(sels, line_sharpness_many(jobs, backend=backend)):
+        hit = (t >= cfg.sharp_line_sigma) & (ratio - rho >= cfg.sharp_line_excess)
+        sharp[sel] = hit
+        out.meta["n_sharp_line" if polarity > 0 else "n_sharp_line_template"] = int(hit.sum())
     if sharp.any():
         out["flag_cr"] = np.asarray(out["flag_cr"], bool) | sharp
         out["clean"] = np.asarray(out["clean"], bool) & ~sharp
-    out.meta[key] = int(sharp.sum())
 
 
 def _measure_on_difference(cat: Table, diff: MaskedImage, psf, backend) -> None:
