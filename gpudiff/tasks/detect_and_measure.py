@@ -19,7 +19,6 @@ the DIA source catalog is measured on the difference.  After detection:
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from ..ops.detection import detect_sources
 from ..ops.photometry import forced_psf_flux
 from ..ops.selection import _quantiles
 from ..ops.streaks import find_streaks
-from .dia_catalog import DIA_FLAGS, bright_star_halos, busy_pixels, dia_catalog
+from .dia_catalog import DIA_FLAGS, BusyMap, bright_star_halos, dia_catalog
 
 __all__ = [
     "DetectAndMeasureConfig",
@@ -435,8 +434,8 @@ class DetectAndMeasureTask:
             difference.metadata,
         )
         # The busy-pixel map the halos' measured extents read crosses to the host once,
-        # when first needed.
-        busy = functools.cache(lambda: busy_pixels(det.significance, cfg, self.backend))
+        # with the halos' own arrays.
+        busy = BusyMap(det.significance, cfg, self.backend)
         halos = bright_star_halos(
             measured, bright_sources, cfg, significance=det.significance, busy=busy
         )

@@ -20,6 +20,7 @@ from astropy.table import Table
 
 from ..errors import InvalidInputError
 from ..image import Exposure
+from ..ops._host import fetch
 from ..ops.streaks import StreakResult
 
 if TYPE_CHECKING:  # the config lives with the task, which imports this module
@@ -45,12 +46,48 @@ DIA_FLAGS = (
 _SAT_PLANES = ("SAT", "SATURATED", "SAT_TEMPLATE", "SATURATED_TEMPLATE")
 
 
+class BusyMap:
+    """The host boolean map of |significance| ≥ ``halo_annulus_snr`` (the pixels a
+    residual's measured extent counts), made once.
+
+    On a device it crosses bit-packed (1/32 of the float32 significance's bytes: 0.5 MB
+    rather than 17 at 2048²), in the transfer of whoever asks first: :func:`bright_star_halos`
+    fetches it with its own arrays (no host sync of its own)."""
+
+    def __init__(self, significance, cfg, backend):
+        self._sig, self._cfg, self._be = significance, cfg, backend
+        self._host = None
+
+    @property
+    def fetched(self) -> bool:
+        return self._host is not None
+
+    def device_part(self):
+        """What crosses to the host: the packed bits (device) or the map itself (CPU)."""
+        xp = self._be.xp
+        on = xp.abs(self._sig) >= self._cfg.halo_annulus_snr
+        return xp.packbits(on.ravel()) if self._be.is_gpu else on
+
+    def accept(self, host) -> None:
+        """Take the host copy of :meth:`device_part`."""
+        if self._be.is_gpu:
+            shape = self._sig.shape
+            bits = np.unpackbits(np.asarray(host))[: shape[0] * shape[1]]
+            host = bits.reshape(shape).astype(bool)
+        self._host = np.asarray(host)
+
+    def get(self) -> np.ndarray:
+        if self._host is None:
+            self.accept(self._be.asnumpy(self.device_part()))
+        return self._host
+
+
 def bright_star_halos(
     exposure: Exposure,
     bright_sources: Table | None,
     config: DetectAndMeasureConfig | None = None,
     significance=None,
-    busy=None,
+    busy: BusyMap | None = None,
 ) -> np.ndarray:
     """Halo discs (n, 4) of bright stars: parent x, y, radius (pixels) and the star's flux
     (inf for a saturated footprint).
@@ -63,8 +100,8 @@ def bright_star_halos(
     ``halo_max_factor`` × the model radius) in which more than ``halo_annulus_fraction``
     of the pixels have |S/N| ≥ ``halo_annulus_snr``, plus a FWHM.  The model radius
     assumes a residual fraction; the measured one sees the actual residual, whose wings
-    depend on how well the kernel matched them.  ``busy``: :func:`busy_pixels` of the
-    significance when the caller has it (or a zero-argument callable that makes it once).
+    depend on how well the kernel matched them.  ``busy``: the :class:`BusyMap` of the
+    significance when the caller shares one.
     """
     if config is None:
         # Imported here: detect_and_measure imports this module at its top.
@@ -73,48 +110,61 @@ def bright_star_halos(
         config = DetectAndMeasureConfig()
     cfg = config
     mi = exposure.masked_image
-    be = mi.backend
+    be, xp = mi.backend, mi.backend.xp
     fwhm = float(exposure.psf.fwhm())
-    discs = []
+    if significance is not None and busy is None:
+        busy = BusyMap(significance, cfg, be)
+    # What crosses to the host goes in one transfer: the saturated footprints' sums, the
+    # sky-variance sample and the busy-pixel map.
+    dev: dict = {}
     sat = mi.mask_planes.bitmask_if_present(list(_SAT_PLANES))
+    n_sat = 0
     if sat:
         on = (mi.mask & sat) != 0
         # On a device the emptiness test would be a host sync of its own: an empty mask
         # labels to no footprint, and the sums below are then empty.
         if be.is_gpu or bool(on.any()):
-            nd, xp = be.ndimage, be.xp
-            labels, n = nd.label(on, structure=be.asarray(np.ones((3, 3), dtype=bool)))
-            n = int(n)
-            # Pixel counts and coordinate sums of the footprints cross in one transfer
-            # (Backend.bincount: no host sync of its own on a device).
+            labels, n = be.ndimage.label(on, structure=be.asarray(np.ones((3, 3), dtype=bool)))
+            n_sat = int(n)
+            # Pixel counts and coordinate sums of the footprints (Backend.bincount: no
+            # host sync of its own on a device).
             ys, xs = xp.nonzero(labels)
             lab = labels[ys, xs]
-            cnt, sx, sy = be.asnumpy(
-                xp.stack(
-                    [
-                        be.bincount(lab, n + 1).astype(xp.float64),
-                        be.bincount(lab, n + 1, xs.astype(xp.float64)),
-                        be.bincount(lab, n + 1, ys.astype(xp.float64)),
-                    ]
-                )
-            )[:, 1:]
-            r = cfg.halo_sat_factor * np.sqrt(cnt / np.pi) + fwhm
-            # A saturated star's flux is unknown: its halo flags every record (inf).
-            discs.append(np.c_[sx / cnt + mi.xy0[0], sy / cnt + mi.xy0[1], r, np.full(n, np.inf)])
-    if bright_sources is not None and len(bright_sources):
+            dev["sums"] = xp.stack(
+                [
+                    be.bincount(lab, n_sat + 1).astype(xp.float64),
+                    be.bincount(lab, n_sat + 1, xs.astype(xp.float64)),
+                    be.bincount(lab, n_sat + 1, ys.astype(xp.float64)),
+                ]
+            )
+    use_bright = bright_sources is not None and len(bright_sources) > 0
+    if use_bright:
         fcol = next((c for c in ("psf_flux", "flux") if c in bright_sources.colnames), None)
         if fcol is None or not {"x", "y"} <= set(bright_sources.colnames):
             raise InvalidInputError(
                 "bright_sources needs x, y and psf_flux (or flux) columns, got "
                 f"{bright_sources.colnames}"
             )
-        f = np.abs(np.asarray(bright_sources[fcol], dtype=np.float64))
-        ok = np.isfinite(f) & (f > 0)
         # The sky noise: the median variance of the source-free pixels on every 4th row
         # and column (the variance plane is smooth; 1/16 of the bytes cross to the host,
         # 1 MB rather than 17 at 2048²).
         good = mi.good_pixels(("NO_DATA", "EDGE", "BAD", "SAT", "DETECTED", "DETECTED_NEGATIVE"))
-        v = be.asnumpy(be.xp.where(good[::4, ::4], mi.variance[::4, ::4], np.nan)).ravel()
+        dev["v"] = xp.where(good[::4, ::4], mi.variance[::4, ::4], np.nan)
+    if busy is not None and not busy.fetched and dev:
+        dev["busy"] = busy.device_part()
+    host = dict(zip(dev, fetch(be, *dev.values())))
+    if "busy" in host:
+        busy.accept(host["busy"])
+    discs = []
+    if "sums" in host:
+        cnt, sx, sy = np.asarray(host["sums"])[:, 1:]
+        r = cfg.halo_sat_factor * np.sqrt(cnt / np.pi) + fwhm
+        # A saturated star's flux is unknown: its halo flags every record (inf).
+        discs.append(np.c_[sx / cnt + mi.xy0[0], sy / cnt + mi.xy0[1], r, np.full(n_sat, np.inf)])
+    if use_bright:
+        f = np.abs(np.asarray(bright_sources[fcol], dtype=np.float64))
+        ok = np.isfinite(f) & (f > 0)
+        v = np.asarray(host["v"]).ravel()
         v = v[np.isfinite(v)]
         sky = math.sqrt(float(np.median(v))) if v.size else 1.0
         beta = cfg.halo_beta
@@ -134,25 +184,11 @@ def bright_star_halos(
     if not discs:
         return np.zeros((0, 4))
     discs = np.concatenate(discs)
-    if significance is not None and len(discs):
-        busy = busy_pixels(significance, cfg, be) if busy is None else busy
-        busy = busy() if callable(busy) else busy
+    if busy is not None and len(discs):
         discs[:, 2] = np.maximum(
-            discs[:, 2], _measured_halo_radius(busy, discs, mi.xy0, cfg, gap=fwhm) + fwhm
+            discs[:, 2], _measured_halo_radius(busy.get(), discs, mi.xy0, cfg, gap=fwhm) + fwhm
         )
     return discs
-
-
-def busy_pixels(significance, cfg, backend) -> np.ndarray:
-    """Host boolean map of |significance| ≥ ``halo_annulus_snr`` (the pixels a residual's
-    measured extent counts).  On a device it crosses bit-packed: 1/32 of the float32
-    significance's bytes (0.5 MB rather than 17 at 2048²)."""
-    xp = backend.xp
-    on = xp.abs(significance) >= cfg.halo_annulus_snr
-    if not backend.is_gpu:
-        return np.asarray(on)
-    bits = np.unpackbits(backend.asnumpy(xp.packbits(on.ravel())))
-    return bits[: on.size].reshape(on.shape).astype(bool)
 
 
 def _measured_halo_radius(
@@ -492,11 +528,7 @@ def dia_catalog(
             d[:, 2] = np.maximum(
                 r0,
                 _measured_halo_radius(
-                    busy()
-                    if callable(busy)
-                    else busy
-                    if busy is not None
-                    else busy_pixels(det.significance, cfg, mi.backend),
+                    (busy or BusyMap(det.significance, cfg, mi.backend)).get(),
                     d,
                     mi.xy0,
                     cfg,
