@@ -194,14 +194,21 @@ class _Stage:
     def stats_device(self, coeffs: Any, rows: np.ndarray):
         """The backend sums behind :meth:`stats` (:func:`residual_sums`; not fetched)."""
         be = self.be
-        r = be.xp.asarray(rows)
+        if len(rows) == len(self.idx) and np.array_equal(rows, np.arange(len(rows))):
+            # Every candidate in order (the single-kernel fits): the arrays themselves, not
+            # a gathered copy (the design matrices are ~120 MB at 1000 candidates; the
+            # copy and its page faults were ~0.4 s of a 2048² subtraction on the CPU).
+            take = lambda a: a  # noqa: E731
+        else:
+            r = be.xp.asarray(rows)
+            take = lambda a: a[r]  # noqa: E731
         return residual_sums(
             be,
-            self.C[r],
+            take(self.C),
             coeffs,
-            self.sci[r],
-            self.sci_var[r],
-            self.tmpl_var[r],
+            take(self.sci),
+            take(self.sci_var),
+            take(self.tmpl_var),
             self.kernels,
             self.core,
         )
