@@ -3,6 +3,11 @@
 import importlib as _importlib
 from importlib.util import find_spec as _find_spec
 
+# A function named as its module: imported now, so that the name is the function even
+# after something imports the submodule (the import system then binds the package
+# attribute to the module, and __getattr__ is not asked).
+from .match_background_pair import match_background_pair
+
 #: Public names imported on first use (PEP 562): name → submodule holding it.  A command
 #: imports only the tasks it runs (``gpudiff subtract`` no longer pays for the coadd and
 #: background-matching modules at start-up).
@@ -18,7 +23,6 @@ _LAZY = {
     "ReferenceChoice": "tract_background",
     "BackgroundMatchPairConfig": "match_background_pair",
     "BackgroundMatchPairResult": "match_background_pair",
-    "match_background_pair": "match_background_pair",
     "AssembleCoaddConfig": "assemble_coadd",
     "AssembleCoaddResult": "assemble_coadd",
     "AssembleCoaddTask": "assemble_coadd",
