@@ -33,6 +33,7 @@ Target (2 CPU cores, NumPy): a 4096² pair end to end in ≤ 5 s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -47,6 +48,7 @@ except ImportError:  # running from a source checkout without installation
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpudiff.backend import available_backends, get_backend
+from gpudiff.backend.threads import blas_threads
 from gpudiff.image import read_exposure
 from gpudiff.sim import simulate_pair
 from gpudiff.tasks import AlardLuptonSubtractConfig, AlardLuptonSubtractTask, DetectAndMeasureTask
@@ -171,6 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         help="stars per million pixels (default 480: ~2000 on 2048², ~8000 on 4096²)",
     )
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--blas-threads",
+        type=int,
+        default=1,
+        help="OpenBLAS threads during the runs (default 1, as `gpudiff subtract` sets them: "
+        "its pools and FFT workers already keep the cores busy; 0 = leave OpenBLAS's own)",
+    )
     args = ap.parse_args(argv)
     if args.repeat < 1 or min(args.sizes) < 256:
         ap.error("need --repeat >= 1 and sizes >= 256")
@@ -180,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     results: dict = {}
-    with tempfile.TemporaryDirectory(prefix="gpudiff_bench_subtract_") as tmp:
+    # What the command runs under (gpudiff.cli.console_main): one BLAS thread (OpenBLAS's
+    # spin-waiting threads cost the kernel fit ~1.5 s of 2048² on two busy cores).
+    blas = blas_threads(args.blas_threads) if args.blas_threads > 0 else contextlib.nullcontext()
+    with blas, tempfile.TemporaryDirectory(prefix="gpudiff_bench_subtract_") as tmp:
         folder = Path(tmp)
         for size in args.sizes:
             sci, tmpl, desc = make_files(size, args.stars_per_mpx, args.seed, folder)

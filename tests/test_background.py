@@ -133,3 +133,27 @@ def test_bin_geometry_and_small_images(backend):
     np.testing.assert_allclose(backend.asnumpy(estimate_background(mi, 1000)), 7.0, atol=1e-6)
     with pytest.raises(InvalidInputError):
         bin_background(mi, 0)
+
+
+@pytest.mark.parametrize("extrapolate", ["flat", "linear", "quadratic"])
+def test_cubic_weights_equal_scipy_not_a_knot(extrapolate):
+    """The cubic weights (built without scipy.interpolate, to spare the command its import)
+    are scipy's not-a-knot CubicSpline of the identity, continued by its end Taylor terms."""
+    from scipy.interpolate import CubicSpline
+
+    from gpudiff.ops.bin_interp import _interp_matrix
+
+    rng = np.random.default_rng(3)
+    for n in range(3, 24):
+        for c in (np.arange(n) * 128.0 + 63.5, np.cumsum(rng.uniform(20.0, 200.0, n))):
+            x = np.linspace(c[0] - 150.0, c[-1] + 150.0, 501)
+            spl = CubicSpline(c, np.eye(n), axis=0)
+            ref = spl(np.clip(x, c[0], c[-1]))
+            if extrapolate != "flat":
+                for end, out in ((c[0], x < c[0]), (c[-1], x > c[-1])):
+                    dx = (x[out] - end)[:, None]
+                    ref[out] += dx * spl(end, 1)[None, :]
+                    if extrapolate == "quadratic":
+                        ref[out] += 0.5 * dx * dx * spl(end, 2)[None, :]
+            w = _interp_matrix(c, x, "cubic", extrapolate)
+            np.testing.assert_allclose(w, ref, rtol=0, atol=1e-12 * np.abs(ref).max())

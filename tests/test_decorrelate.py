@@ -488,3 +488,27 @@ def test_grown_planes_skip_bad_fills_not_ray_fills(backend):
         assert (g[61, 69] & cr) and (g[61, 71] & cr) and (g[20, 79] & bad) and (g[20, 81] & bad)
     assert (grown[False][:, 29] & bad).all() and (grown[False][:, 31] & bad).all()
     assert not (grown[True][:, 29] & bad).any() and not (grown[True][:, 31] & bad).any()
+
+
+@pytest.mark.parametrize("shape", [(2068, 2068), (1058, 1060), (530, 514)])
+def test_host_kernel_rfft_and_cutout_equal_whole_plane_transforms(shape):
+    """The CPU shortcuts (the kernel's rows only; the cut-out's rows only) give the bits of
+    rfft2 of the wrapped kernel and of the cropped whole irfft2."""
+    import scipy.fft as sfft
+
+    from gpudiff.tasks.decorrelate import _wrap_kernel
+
+    task = DecorrelateALKernelTask(backend="numpy")
+    fkw = task.backend.fft_kwargs
+    rng = np.random.default_rng(7)
+    for kh, kw in ((21, 21), (35, 33), (4, 6)):
+        k = rng.normal(size=(kh, kw))
+        ref = sfft.rfft2(_wrap_kernel(np, k, shape), s=shape, **fkw)
+        kft = task._kernel_rfft(k, shape)
+        assert np.array_equal(kft, ref)
+        corr = np.sqrt(1.0 / (0.3 + kft.real**2 + kft.imag**2))
+        for half in (kh, 10):
+            h = min(half, shape[0] // 2 - 1, shape[1] // 2 - 1)
+            j = np.arange(-h, h + 1)
+            whole = sfft.irfft2(corr, s=shape, **fkw)[np.ix_(j % shape[0], j % shape[1])]
+            assert np.array_equal(task._cutout(corr, shape, half), whole)

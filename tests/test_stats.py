@@ -415,3 +415,29 @@ def test_compacted_host_quantiles_equal_masked(rng):
     assert np.isnan(_quantiles(be, [a[:0]], None, [(0.5,)])).all()
     with pytest.raises(InvalidInputError):
         _quantiles(be, [a[keep], b], None, fr)
+
+
+def test_host_gather_stamps_many_equals_the_flat_index_gather():
+    """The CPU path (sliding-window rows for stamps inside, the flat index at the edges)
+    gives the values, dtypes and ``inside`` of the flat-index gather everywhere."""
+    from gpudiff.backend import get_backend
+    from gpudiff.ops.stats import _stamp_index, gather_stamps_many
+
+    be = get_backend("numpy")
+    rng = np.random.default_rng(1)
+    for H, W, half in ((64, 80, 3), (30, 25, 10), (15, 40, 10), (7, 7, 5), (200, 150, 12)):
+        ims = [
+            rng.normal(size=(H, W)).astype(np.float32),
+            rng.random((H, W)) > 0.5,
+            rng.integers(0, 99, (H, W)).astype(np.int32),
+            np.asfortranarray(rng.normal(size=(H, W))),
+        ]
+        fills = [np.nan, True, 7, -1.0]
+        rows, cols = rng.integers(-5, H + 5, 300), rng.integers(-5, W + 5, 300)
+        got, inside = gather_stamps_many(be, ims, rows, cols, half, fills)
+        flat, ref_inside = _stamp_index(be, rows, cols, half, (H, W))
+        assert np.array_equal(inside, ref_inside)
+        for g, im, f in zip(got, ims, fills):
+            ref = np.where(ref_inside, im.reshape(-1)[flat], np.asarray(f, dtype=im.dtype))
+            assert g.dtype == ref.dtype and g.shape == ref.shape
+            assert np.array_equal(g, ref, equal_nan=g.dtype.kind == "f")

@@ -189,8 +189,6 @@ def _psf_moments(psf: Psf, x: np.ndarray, y: np.ndarray, cell: int = 128) -> tup
     """PSF moments (Ixx, Iyy, Ixy) at each source, bilinearly interpolated from a lattice
     of ``cell``-px spacing: the PSF varies slowly, and per-source adaptive moments of PSF
     stamps cost more than the rest of the measurement together."""
-    from scipy.interpolate import RegularGridInterpolator
-
     x, y = np.asarray(x, float), np.asarray(y, float)
     if x.size == 0:
         return np.zeros(0), np.zeros(0), np.zeros(0)
@@ -209,6 +207,10 @@ def _psf_moments(psf: Psf, x: np.ndarray, y: np.ndarray, cell: int = 128) -> tup
         iy = np.clip(np.searchsorted(gy, y), 0, gy.size - 1)
         out = mom[iy, ix]
     else:
+        # Imported here: scipy.interpolate costs ~0.2-0.4 CPU-s, which a constant PSF
+        # (one measurement above) need not pay.
+        from scipy.interpolate import RegularGridInterpolator
+
         out = RegularGridInterpolator((gy, gx), mom, bounds_error=False, fill_value=None)(
             np.stack([y, x], 1)
         )

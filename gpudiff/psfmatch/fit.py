@@ -193,18 +193,36 @@ class _Stage:
 
     def stats_device(self, coeffs: Any, rows: np.ndarray):
         """The backend sums behind :meth:`stats` (:func:`residual_sums`; not fetched)."""
-        be = self.be
-        r = be.xp.asarray(rows)
-        return residual_sums(
-            be,
-            self.C[r],
-            coeffs,
-            self.sci[r],
-            self.sci_var[r],
-            self.tmpl_var[r],
-            self.kernels,
-            self.core,
+        be, xp = self.be, self.be.xp
+        n = len(self.idx)
+        if len(rows) == n and np.array_equal(rows, np.arange(n)):
+            # Every candidate in order (the single-kernel fits): the arrays themselves.
+            return residual_sums(
+                be, self.C, coeffs, self.sci, self.sci_var, self.tmpl_var, self.kernels, self.core
+            )
+        r = xp.asarray(rows)
+        if 2 * len(rows) < n:
+            return residual_sums(
+                be,
+                self.C[r],
+                coeffs,
+                self.sci[r],
+                self.sci_var[r],
+                self.tmpl_var[r],
+                self.kernels,
+                self.core,
+            )
+        # Most candidates (the spatial solutions): the sums of every candidate, with zero
+        # coefficients for the others, then the rows asked for.  Per candidate the same
+        # operations (a batched product, per-stamp FFTs, row sums: the same bits) without
+        # gathered copies of the design matrices (~120 MB at 1000 candidates, whose page
+        # faults cost ~0.1-0.4 s of a 2048² subtraction on the CPU).
+        full = xp.zeros((n,) + tuple(coeffs.shape[1:]), dtype=coeffs.dtype)
+        full[r] = coeffs
+        sums = residual_sums(
+            be, self.C, full, self.sci, self.sci_var, self.tmpl_var, self.kernels, self.core
         )
+        return tuple(s[r] for s in sums)
 
 
 def _clip_single(

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..backend import Backend
+from ..backend.threads import cpu_workers, parallel_map
 from ..ops._host import fetch
 from ..ops.convolution import kernel_centre
 
@@ -159,7 +160,8 @@ def _separable_design(be: Backend, template: Any, basis: Any, fit_for_background
     chunk = _SEP_CHUNK_GPU if be.is_gpu else _SEP_CHUNK
 
     C = xp.empty((n, Gy * Gx, nc_out), dtype=np.float64)
-    for start in range(0, n, chunk):
+
+    def one_chunk(start: int) -> None:
         t = be.asarray(template[start : start + chunk], dtype=np.float64)
         m = t.shape[0]
         # (1) row-wise correlations: X[i, y, f·Gx + c] = Σ_u T[i, y, c + u] fx_f[u]
@@ -170,6 +172,11 @@ def _separable_design(be: Backend, template: Any, basis: Any, fit_for_background
             R[:, r0:r1] = xp.matmul(tyf, X[:, :, f * Gx : (f + 1) * Gx]).reshape(m, r1 - r0, Gy, Gx)
         # (3) renormalization map: C[i, p, j] = Σ_r R[i, r, p] A[r, j]
         xp.matmul(xp.swapaxes(R.reshape(m, n_raw, Gy * Gx), 1, 2), a_dev, out=C[start : start + m])
+
+    # Chunks write their own rows of C: on the CPU one thread per core (the products
+    # release the GIL; the same bits as one after the other).
+    starts = range(0, n, chunk)
+    parallel_map(one_chunk, starts, cpu_workers(len(starts), parallel=not be.is_gpu))
     if fit_for_background:
         C[:, :, nb] = 1.0
     return C

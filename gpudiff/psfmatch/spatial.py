@@ -36,6 +36,21 @@ def _term_powers(order: int) -> list[tuple[int, int]]:
     return [(d - j, j) for d in range(order + 1) for j in range(d + 1)]
 
 
+def _grid_term(pu: list[Any], pv: list[Any], i: int, j: int) -> Any:
+    """T_i(u)·T_j(v) of :meth:`SpatialFunctions.grid_terms`, without a product by T₀ = 1."""
+    if i == 0 and j == 0:
+        return np.float64(1.0)
+    if j == 0:
+        return pu[i]
+    if i == 0:
+        return pv[j]
+    return pu[i] * pv[j]
+
+
+#: float64 values per row block of the host background model (256 KiB).
+_ROW_BLOCK = 1 << 15
+
+
 @dataclass(frozen=True)
 class SpatialFunctions:
     """Spatial basis functions p_k(x, y) of a given order over a region.
@@ -102,12 +117,12 @@ class SpatialFunctions:
         """The terms on every pixel of ``box`` as (H, W) backend arrays (as
         :meth:`on_grid`), from :meth:`grid_factors`; the constant term T₀(u)·T₀(v) = 1 as
         the host scalar 1.0, which broadcasts to the same values (its (H, W) array of ones
-        was a launch to make and one per product with it)."""
+        was a launch to make and one per product with it).  A term of one coordinate only
+        (T_i(u)·T₀(v) or T₀(u)·T_j(v)) is its (1, W) or (H, 1) factor, which broadcasts to
+        the same values (the product with T₀ = 1 is exact): no (H, W) float64 array, a
+        32 MiB page-faulted allocation per term at 2048² on the CPU."""
         pu, pv = self.grid_factors(box, backend)
-        return [
-            np.float64(1.0) if (i, j) == (0, 0) else pu[i] * pv[j]
-            for i, j in _term_powers(self.order)
-        ]
+        return [_grid_term(pu, pv, i, j) for i, j in _term_powers(self.order)]
 
     def matrix(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """(n_points, n_terms) host array of the terms at the points."""
@@ -181,11 +196,28 @@ class SpatialKernel:
         xp = backend.xp
         if self.background_coefficients is None:
             return xp.zeros(box.shape, dtype=np.float32)
-        terms = self.background_functions.grid_terms(box, backend)
-        out = xp.zeros(box.shape, dtype=np.float64)
-        for c, t in zip(self.background_coefficients, terms):
-            out += float(c) * t
-        return out.astype(np.float32)
+        fb = self.background_functions
+        if backend.is_gpu:
+            terms = fb.grid_terms(box, backend)
+            out = xp.zeros(box.shape, dtype=np.float64)
+            for c, t in zip(self.background_coefficients, terms):
+                out += float(c) * t
+            return out.astype(np.float32)
+        # Row blocks: per pixel the same products and sum from 0 in the same term order
+        # (the same bits), with cache-sized float64 temporaries instead of whole-image
+        # ones per term.
+        pu, pv = fb.grid_factors(box, backend)
+        powers = _term_powers(fb.order)
+        H, W = box.shape
+        out = np.empty((H, W), dtype=np.float32)
+        step = max(1, _ROW_BLOCK // max(W, 1))
+        for r0 in range(0, H, step):
+            pvb = [a[r0 : r0 + step] for a in pv]
+            acc = np.zeros((pvb[0].shape[0], W), dtype=np.float64)
+            for c, (i, j) in zip(self.background_coefficients, powers):
+                acc += float(c) * _grid_term(pu, pvb, i, j)
+            out[r0 : r0 + step] = acc
+        return out
 
     def convolve(
         self, mi: MaskedImage, *, do_normalize: bool = False, do_copy_edge: bool = False

@@ -1,52 +1,80 @@
 """The LSST-named tasks: dataclass configs in, dataclass results out; no file I/O."""
 
-from .assemble_coadd import (
-    AssembleCoaddConfig,
-    AssembleCoaddResult,
-    AssembleCoaddTask,
-    unpack_input_map,
-)
-from .coadd_warps import ExposureWarp, FitsWarp, as_warp
-from .compare_warp import (
-    ArtifactDetectionConfig,
-    CompareWarpAssembleCoaddConfig,
-    CompareWarpAssembleCoaddResult,
-    CompareWarpAssembleCoaddTask,
-)
-from .match_background_pair import (
-    BackgroundMatchPairConfig,
-    BackgroundMatchPairResult,
-    match_background_pair,
-)
-from .match_backgrounds import (
-    MatchBackgroundsConfig,
-    MatchBackgroundsResult,
-    MatchBackgroundsTask,
-    WarpBackground,
-)
-from .tract_background import (
-    ChooseReferenceVisitConfig,
-    ChooseReferenceVisitTask,
-    ReferenceChoice,
-    TractBackground,
-    TractBackgroundConfig,
-)
-from .decorrelate import DecorrelateALKernelConfig, DecorrelateALKernelTask, DecorrelationResult
-from .detect_and_measure import (
-    DetectAndMeasureConfig,
-    DetectAndMeasureResult,
-    DetectAndMeasureScoreTask,
-    DetectAndMeasureTask,
-)
-from .image_psf_match import ImagePsfMatchConfig, ImagePsfMatchResult, ImagePsfMatchTask
-from .model_psf_match import ModelPsfMatchConfig, ModelPsfMatchResult, ModelPsfMatchTask
-from .preconvolve import (
-    AlardLuptonPreconvolveSubtractConfig,
-    AlardLuptonPreconvolveSubtractTask,
-    PreconvolveResult,
-)
-from .scale_variance import ScaleVarianceConfig, ScaleVarianceFactors, ScaleVarianceTask
-from .subtract import AlardLuptonSubtractConfig, AlardLuptonSubtractTask, SubtractionResult
+import importlib as _importlib
+from importlib.util import find_spec as _find_spec
+
+# A function named as its module: imported now, so that the name is the function even
+# after something imports the submodule (the import system then binds the package
+# attribute to the module, and __getattr__ is not asked).
+from .match_background_pair import match_background_pair
+
+#: Public names imported on first use (PEP 562): name → submodule holding it.  A command
+#: imports only the tasks it runs (``gpudiff subtract`` no longer pays for the coadd and
+#: background-matching modules at start-up).
+_LAZY = {
+    "MatchBackgroundsConfig": "match_backgrounds",
+    "MatchBackgroundsResult": "match_backgrounds",
+    "MatchBackgroundsTask": "match_backgrounds",
+    "WarpBackground": "match_backgrounds",
+    "TractBackgroundConfig": "tract_background",
+    "TractBackground": "tract_background",
+    "ChooseReferenceVisitConfig": "tract_background",
+    "ChooseReferenceVisitTask": "tract_background",
+    "ReferenceChoice": "tract_background",
+    "BackgroundMatchPairConfig": "match_background_pair",
+    "BackgroundMatchPairResult": "match_background_pair",
+    "AssembleCoaddConfig": "assemble_coadd",
+    "AssembleCoaddResult": "assemble_coadd",
+    "AssembleCoaddTask": "assemble_coadd",
+    "unpack_input_map": "assemble_coadd",
+    "ExposureWarp": "coadd_warps",
+    "FitsWarp": "coadd_warps",
+    "as_warp": "coadd_warps",
+    "ArtifactDetectionConfig": "compare_warp",
+    "CompareWarpAssembleCoaddConfig": "compare_warp",
+    "CompareWarpAssembleCoaddResult": "compare_warp",
+    "CompareWarpAssembleCoaddTask": "compare_warp",
+    "AlardLuptonPreconvolveSubtractConfig": "preconvolve",
+    "AlardLuptonPreconvolveSubtractTask": "preconvolve",
+    "AlardLuptonSubtractConfig": "subtract",
+    "AlardLuptonSubtractTask": "subtract",
+    "DecorrelateALKernelConfig": "decorrelate",
+    "DecorrelateALKernelTask": "decorrelate",
+    "DecorrelationResult": "decorrelate",
+    "DetectAndMeasureConfig": "detect_and_measure",
+    "DetectAndMeasureResult": "detect_and_measure",
+    "DetectAndMeasureScoreTask": "detect_and_measure",
+    "DetectAndMeasureTask": "detect_and_measure",
+    "ImagePsfMatchConfig": "image_psf_match",
+    "ImagePsfMatchResult": "image_psf_match",
+    "ImagePsfMatchTask": "image_psf_match",
+    "ModelPsfMatchConfig": "model_psf_match",
+    "ModelPsfMatchResult": "model_psf_match",
+    "ModelPsfMatchTask": "model_psf_match",
+    "PreconvolveResult": "preconvolve",
+    "ScaleVarianceConfig": "scale_variance",
+    "ScaleVarianceFactors": "scale_variance",
+    "ScaleVarianceTask": "scale_variance",
+    "SubtractionResult": "subtract",
+}
+
+
+def __getattr__(name: str):
+    """The public names of :data:`_LAZY` (and the submodules, as attributes), imported once
+    and then cached in the namespace."""
+    if name in _LAZY:
+        value = getattr(_importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    elif not name.startswith("_") and _find_spec(f"{__name__}.{name}"):
+        value = _importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "MatchBackgroundsConfig",

@@ -262,6 +262,22 @@ class DecorrelateALKernelTask:
     def _irfft(self, a: Any, shape: tuple[int, int]) -> Any:
         return self.backend.fft.irfft2(a, s=shape, **self.backend.fft_kwargs)
 
+    def _kernel_rfft(self, k: np.ndarray, shape: tuple[int, int]) -> Any:
+        """rfft2 of the host kernel ``k`` zero-padded to ``shape`` with its centre on [0, 0]
+        (:func:`_wrap_kernel`).  On the CPU only the kernel's rows are transformed along x,
+        then every column (the 1-D transforms rfft2 runs, in its order: the same bits,
+        tested), not the ~N zero rows: ~2.3x less work at 2048² (more where ``shape`` has
+        a large prime factor, as LSST's N1 + N2 - 1 often does)."""
+        be = self.backend
+        if be.is_gpu:
+            return self._rfft(_wrap_kernel(be.xp, be.asarray(k), shape), shape)
+        (n0, n1), (kh, kw) = shape, k.shape
+        rows = np.zeros((kh, n1))
+        rows[:, (np.arange(kw) - kw // 2) % n1] = k
+        full = np.zeros((n0, n1 // 2 + 1), dtype=np.complex128)
+        full[(np.arange(kh) - kh // 2) % n0] = be.fft.rfft(rows, axis=1, **be.fft_kwargs)
+        return be.fft.fft(full, axis=0, overwrite_x=True, **be.fft_kwargs)
+
     def _half_mean_sq(self, a: Any, shape: tuple[int, int]) -> float:
         """mean_k |a(k)|² over the full N_y·N_x spectrum, from the rfft half of a Hermitian
         spectrum: interior columns stand for two frequencies, columns 0 and N_x/2 for one."""
@@ -444,14 +460,14 @@ class DecorrelateALKernelTask:
         shape = common_shape(*shapes, diff.shape)
 
         # Frequency-space filters in float64: |κ̂|² and the ratio can span many decades.
-        kft = self._rfft(_wrap_kernel(xp, be.asarray(kappa), shape), shape)
+        kft = self._kernel_rfft(kappa, shape)
         k2 = kft.real**2 + kft.imag**2
         num = var_mean + target_mean * ksum * ksum
         if pre is None:
             corr = xp.sqrt(num / (var_mean + target_mean * k2))
             cnft = corr
         else:
-            pft = self._rfft(_wrap_kernel(xp, be.asarray(pre), shape), shape)
+            pft = self._kernel_rfft(pre, shape)
             p2 = pft.real**2 + pft.imag**2
             tiny = np.finfo(np.float64).tiny * 1000.0
             p2 = xp.where(p2 < tiny, tiny, p2)
@@ -470,7 +486,8 @@ class DecorrelateALKernelTask:
             n_fin = finite.sum()
             fill = xp.where(n_fin > 0, xp.where(finite, img, 0.0).sum() / xp.maximum(n_fin, 1), 0.0)
         else:
-            fill = float(xp.mean(img[finite])) if bool(finite.any()) else 0.0
+            # Only filled pixels use it: no compaction of the plane when every pixel is finite.
+            fill = float(xp.mean(img[finite])) if bool(finite.any()) and not finite.all() else 0.0
         new_img = self._filter_plane(img, corr, shape, fill)
 
         # The filter's cut-out and the two variance weights cross to the host together.
@@ -561,13 +578,22 @@ class DecorrelateALKernelTask:
     def _cutout(self, corr: Any, shape: tuple[int, int], half: int) -> Any:
         """The centred (2·half+1)² cut-out of IFFT(corr), on the backend (not fetched)."""
         xp = self.backend.xp
+        be = self.backend
         h = min(half, shape[0] // 2 - 1, shape[1] // 2 - 1)
-        full = self._irfft(corr, shape)
-        if not self.backend.is_gpu:
-            # The rolled array's first rows and columns, gathered (the same values) instead
-            # of rolling the whole plane first (a copy of it).
+        if not be.is_gpu:
+            # irfft2's own steps, but the x transforms (and the scaling) only on the 2h + 1
+            # rows of the cut-out: the inverse transform down every column of the complex
+            # spectrum, unscaled; then along x on those rows, unscaled; then the 1/(N0 N1)
+            # pocketfft applies last, as it computes it.  The same bits as cropping the
+            # whole irfft2 (tested), ~3x less work at 2048².
             k = np.arange(-h, h + 1)
-            return full[np.ix_(k % shape[0], k % shape[1])]
+            fkw = be.fft_kwargs
+            cols = be.fft.ifft(
+                corr.astype(np.complex128), axis=0, norm="forward", overwrite_x=True, **fkw
+            )
+            rows = be.fft.irfft(cols[k % shape[0]], n=shape[1], axis=1, norm="forward", **fkw)
+            return rows[:, k % shape[1]] * np.float64(1 / np.longdouble(shape[0] * shape[1]))
+        full = self._irfft(corr, shape)
         return xp.roll(full, (h, h), axis=(0, 1))[: 2 * h + 1, : 2 * h + 1]
 
     @staticmethod
