@@ -36,7 +36,8 @@ from ..ops.detection import detect_sources
 from ..ops.photometry import forced_psf_flux
 from ..ops.selection import _quantiles
 from ..ops.streaks import find_streaks
-from .dia_catalog import DIA_FLAGS, BusyMap, bright_star_halos, dia_catalog
+from .dia_catalog import DIA_FLAGS, dia_catalog
+from .halos import BusyMap, bright_star_halos
 
 __all__ = [
     "DetectAndMeasureConfig",
