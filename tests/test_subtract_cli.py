@@ -277,24 +277,20 @@ def test_template_partly_covering_without_wcs_is_no_data_where_it_misses(
     assert 0.741 * (q3 - q1) == pytest.approx(1.0, abs=0.1)
 
 
-def test_misregistered_frames_without_wcs_are_an_error(pair_files, tmp_path, capsys):
-    """The template's xy0 says (+15, +15) px where its pixels say 0 (the shared ip_diffim
-    fixture's template has such an xy0): the content check names the offset, no output."""
+@pytest.mark.parametrize(
+    "shift, needs",
+    [((15, 15), ("(+15, +15) px", "xy0")), ((600, 0), ("does not overlap", "WCS"))],
+    ids=["misregistered", "disjoint"],
+)
+def test_template_frame_errors_without_wcs(pair_files, tmp_path, capsys, shift, needs):
+    """No WCS, and the template's xy0 moved (its pixels not): by (+15, +15) px the content
+    check names the offset (the shared ip_diffim fixture's template has such an xy0); by
+    600 px the boxes do not overlap.  Either is an error, and nothing is written."""
     pair, *_ = pair_files
-    sci_p, tmpl_p = _no_wcs_files(pair, tmp_path, Box(0, 0, 512, 512), shift=(15, 15))
+    sci_p, tmpl_p = _no_wcs_files(pair, tmp_path, Box(0, 0, 512, 512), shift=shift)
     rc, _, err = _run(capsys, sci_p, tmpl_p, "-o", tmp_path / "d.fits")
     line = _one_line_error(rc, err)
-    assert "(+15, +15) px" in line and "xy0" in line
-    assert not (tmp_path / "d.fits").exists()
-
-
-def test_error_template_not_overlapping_without_wcs(pair_files, tmp_path, capsys):
-    """A template whose box misses the science box entirely, no WCS: an error."""
-    pair, *_ = pair_files
-    sci_p, tmpl_p = _no_wcs_files(pair, tmp_path, Box(0, 0, 512, 512), shift=(600, 0))
-    rc, _, err = _run(capsys, sci_p, tmpl_p, "-o", tmp_path / "d.fits")
-    line = _one_line_error(rc, err)
-    assert "does not overlap" in line and "WCS" in line
+    assert all(n in line for n in needs), line
     assert not (tmp_path / "d.fits").exists()
 
 
