@@ -5,7 +5,7 @@ known truth; the tasks on :func:`gpudiff.sim.realistic_raw_pair` pairs, which ca
 garbage-valued bad columns, saturated Moffat-wing stars, a satellite trail, a residual
 sky plane of 0.3σ, masked and unmasked cosmic rays and a NO_DATA strip.  The measurement
 helpers (:func:`measure_pair`) are shared with the 2048² evidence script
-(``/work/scratch/issue14_defects_eval.py``), whose numbers are in the report.
+(``bench/evidence_dia.py``), whose numbers are in the report.
 """
 
 from __future__ import annotations
