@@ -136,7 +136,11 @@ def line_sharpness_many(
         xi, yi = np.floor(x + 0.5).astype(np.int64), np.floor(y + 0.5).astype(np.int64)
         # The PSF centred on the pixel (a filter, not a fit: the search covers the
         # sub-pixel offset), unit norm.
-        p = np.stack([psf.compute_image(float(a), float(b), size=sp) for a, b in zip(xi, yi)])
+        if getattr(psf, "spatially_constant", False):  # one image everywhere
+            p0 = psf.compute_image(float(xi[0]), float(yi[0]), size=sp)
+            p = np.broadcast_to(p0, (xi.size,) + p0.shape)
+        else:
+            p = np.stack([psf.compute_image(float(a), float(b), size=sp) for a, b in zip(xi, yi)])
         ps.append(p / np.sqrt((p * p).sum(axis=(1, 2), keepdims=True)))
         zs.append(_z_stamps(be, mi, yi - mi.xy0[1], xi - mi.xy0[0], half, bad_planes))
     p = np.concatenate(ps)

@@ -31,12 +31,11 @@ from ..configfield import option, validate_config
 from ..errors import InvalidInputError
 from ..image import Exposure, MaskedImage
 from ..ops.cosmic_rays import find_cosmic_rays
-from ..ops.sharpness import line_sharpness_many
 from ..ops.detection import detect_sources
 from ..ops.photometry import forced_psf_flux
 from ..ops.selection import _quantiles
 from ..ops.streaks import find_streaks
-from .dia_catalog import DIA_FLAGS, dia_catalog
+from .dia_catalog import DIA_FLAGS, dia_catalog, flag_line_sources
 from .halos import BusyMap, bright_star_halos
 
 __all__ = [
@@ -254,9 +253,10 @@ class DetectAndMeasureConfig:
     #: false records on cosmic rays and no transient.
     sharp_line_sigma: float | None = option(
         3.5,
-        doc="A positive record is flagged flag_cr when the science image (given to run) "
-        "holds more light along a 1-px line through it than its PSF predicts by this many "
-        "sigma (and by sharp_line_excess); None: off, as LSST.",
+        doc="A record is flagged flag_cr when the science image (positive records) or the "
+        "template (negative ones), given to run, holds more light along a 1-px line through "
+        "it than its PSF predicts by this many sigma (and by sharp_line_excess); None: off, "
+        "as LSST.",
         gpudiff_only=True,
     )
     sharp_line_excess: float = option(
@@ -442,7 +442,7 @@ class DetectAndMeasureTask:
         )
         out = dia_catalog(det, measured, streaks, halos, cfg, busy=busy)
         if cfg.sharp_line_sigma is not None and len(out):
-            _flag_lines(out, ((science, 1), (template, -1)), cfg, self.backend)
+            flag_line_sources(out, ((science, 1), (template, -1)), cfg, self.backend)
         return DetectAndMeasureResult(
             dia_sources=out,
             subtracted_measured_exposure=measured,
@@ -562,37 +562,6 @@ def detection_noise_excess(det, backend: Backend | str | None = None) -> float:
     q = _quantiles(be, [sub.astype(xp.float32)], ok, [(0.25, 0.75)])
     q1, q3, n = be.asnumpy(xp.concatenate([q, xp.count_nonzero(ok).reshape(1).astype(q.dtype)]))
     return 0.7413 * float(q3 - q1) if n >= 100 else float("nan")
-
-
-def _flag_lines(out: Table, images, cfg, backend) -> None:
-    """``flag_cr`` on the records whose light in the image of their polarity (+1: the
-    science's, -1: the template's; ``images`` is ((exposure or None, polarity), ...)) is
-    a 1-px line (a faint cosmic-ray track the inputs' finder missed); ``clean`` follows.
-    Every image is tested in one pass (one transfer).  In place."""
-    jobs, sels = [], []
-    pol = np.asarray(out["polarity"])
-    on_streak = np.asarray(out["flag_streak"], bool)
-    for image, polarity in images:
-        out.meta["n_sharp_line" if polarity > 0 else "n_sharp_line_template"] = 0
-        if image is None:
-            continue
-        if image.psf is None:
-            raise InvalidInputError("an exposure given for the line test has no PSF")
-        sel = (pol == polarity) & ~on_streak
-        if sel.any():
-            x, y = np.asarray(out["x"], float)[sel], np.asarray(out["y"], float)[sel]
-            jobs.append((image.masked_image, image.psf, x, y))
-            sels.append((sel, polarity))
-    if not jobs:
-        return
-    sharp = np.zeros(len(out), bool)
-    for (sel, polarity), (t, ratio, rho) in zip(sels, line_sharpness_many(jobs, backend=backend)):
-        hit = (t >= cfg.sharp_line_sigma) & (ratio - rho >= cfg.sharp_line_excess)
-        sharp[sel] = hit
-        out.meta["n_sharp_line" if polarity > 0 else "n_sharp_line_template"] = int(hit.sum())
-    if sharp.any():
-        out["flag_cr"] = np.asarray(out["flag_cr"], bool) | sharp
-        out["clean"] = np.asarray(out["clean"], bool) & ~sharp
 
 
 def _measure_on_difference(cat: Table, diff: MaskedImage, psf, backend) -> None:

@@ -4,7 +4,8 @@
 into the catalog :class:`~gpudiff.tasks.detect_and_measure.DetectAndMeasureTask` returns:
 the peaks of one trail and of one footprint merged into one record, the flags of
 :data:`DIA_FLAGS` set, sky positions, units and descriptions.  The bright-star halos that
-set ``flag_bright_star`` are :mod:`gpudiff.tasks.halos`'.
+set ``flag_bright_star`` are :mod:`gpudiff.tasks.halos`'; :func:`flag_line_sources` flags
+the records whose light in the science image or the template is a cosmic-ray track.
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ import numpy as np
 from astropy import units as u
 from astropy.table import Table
 
+from ..errors import InvalidInputError
 from ..image import Exposure
+from ..ops.sharpness import line_sharpness_many
 from ..ops.streaks import StreakResult
 from .halos import BusyMap, _in_discs, _measured_halo_radius
 
 if TYPE_CHECKING:  # the config lives with the task, which imports this module
     from .detect_and_measure import DetectAndMeasureConfig
 
-__all__ = ["DIA_FLAGS", "dia_catalog"]
+__all__ = ["DIA_FLAGS", "dia_catalog", "flag_line_sources"]
 
 #: Boolean flag columns of the DIA catalog; ``clean`` is the NOR of them.
 DIA_FLAGS = (
@@ -396,3 +399,34 @@ def _faint_chains(x: np.ndarray, y: np.ndarray, snr: np.ndarray, snr_max: float,
         near[np.arange(near.shape[0]), np.arange(i, i + near.shape[0])] = False  # itself
         out[faint[sl]] = near.any(axis=1)
     return out
+
+
+def flag_line_sources(out: Table, images, cfg, backend) -> None:
+    """``flag_cr`` on the records whose light in the image of their polarity (+1: the
+    science's, -1: the template's; ``images`` is ((exposure or None, polarity), ...)) is
+    a 1-px line (a faint cosmic-ray track the inputs' finder missed); ``clean`` follows.
+    Every image is tested in one pass (one transfer).  In place."""
+    jobs, sels = [], []
+    pol = np.asarray(out["polarity"])
+    on_streak = np.asarray(out["flag_streak"], bool)
+    for image, polarity in images:
+        out.meta["n_sharp_line" if polarity > 0 else "n_sharp_line_template"] = 0
+        if image is None:
+            continue
+        if image.psf is None:
+            raise InvalidInputError("an exposure given for the line test has no PSF")
+        sel = (pol == polarity) & ~on_streak
+        if sel.any():
+            x, y = np.asarray(out["x"], float)[sel], np.asarray(out["y"], float)[sel]
+            jobs.append((image.masked_image, image.psf, x, y))
+            sels.append((sel, polarity))
+    if not jobs:
+        return
+    sharp = np.zeros(len(out), bool)
+    for (sel, polarity), (t, ratio, rho) in zip(sels, line_sharpness_many(jobs, backend=backend)):
+        hit = (t >= cfg.sharp_line_sigma) & (ratio - rho >= cfg.sharp_line_excess)
+        sharp[sel] = hit
+        out.meta["n_sharp_line" if polarity > 0 else "n_sharp_line_template"] = int(hit.sum())
+    if sharp.any():
+        out["flag_cr"] = np.asarray(out["flag_cr"], bool) | sharp
+        out["clean"] = np.asarray(out["clean"], bool) & ~sharp

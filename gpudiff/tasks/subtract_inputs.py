@@ -388,9 +388,9 @@ def mask_cosmic_rays(exposure: Exposure, backend: Backend) -> Exposure:
 INPUT_CR_MIN_SIGMA = 5.0
 #: The inputs' rays are extended along their tracks to neighbours this many σ above zero
 #: that pass the sharpness test with LSST's ``cond3_fac2`` slack (see
-#: :func:`~gpudiff.ops.cosmic_rays.find_cosmic_rays`): a template track on the shared
-#: DECam cutouts (OBS18e, (237, 81)) found over 5–8 of its ~20 px left a S/N −13 residual
-#: beyond its fill.
+#: :func:`~gpudiff.ops.cosmic_rays.find_cosmic_rays`): a track seeded by one bright pixel
+#: was found over that pixel only, and what the fill left became a false source (one of
+#: the two clean records of the 20 same-epoch DECam pairs went so).
 INPUT_CR_EXTEND_SIGMA = 3.0
 
 
