@@ -26,6 +26,7 @@ from ..image import Box, Exposure, MaskedImage, MaskPlanes, Psf
 from .background import estimate_background
 from .convolution import correlate
 from .footprints import dilate_disk, drop_small
+from .detection_canvas import detect_both_on_canvas
 from .measurement import _fetch_many, _measure_on_backend, _measure_on_host, measure_peaks
 
 __all__ = [
@@ -83,9 +84,11 @@ class DetectionResult:
     background: Any = None
 
 
-def _label(be: Backend, on, min_pixels: int, grow: int):
+def _label(be: Backend, on, min_pixels: int, grow: int, gap_columns=None):
     """Connected (8-neighbour) footprints of ``on`` with at least ``min_pixels`` pixels,
-    grown by a disk of radius ``grow`` (touching grown footprints merge); (labels, n)."""
+    grown by a disk of radius ``grow`` (touching grown footprints merge); (labels, n).
+    ``gap_columns`` (a, b): columns a..b−1 are off the image (a canvas's gap,
+    :mod:`gpudiff.ops.detection_canvas`): growth does not reach into them."""
     nd = be.ndimage
     eight = be.asarray(np.ones((3, 3), dtype=bool))
     labels, n = nd.label(on, structure=eight)
@@ -96,7 +99,10 @@ def _label(be: Backend, on, min_pixels: int, grow: int):
         if grow <= 0:
             labels, n = nd.label(on, structure=eight)
     if int(n) and grow > 0:
-        labels, n = nd.label(dilate_disk(be, on, grow), structure=eight)
+        grown = dilate_disk(be, on, grow)
+        if gap_columns is not None:
+            grown[:, gap_columns[0] : gap_columns[1]] = False
+        labels, n = nd.label(grown, structure=eight)
     return labels, int(n)
 
 
@@ -326,46 +332,34 @@ def detect_sources(
     peak_radius = max(1, int(round(sigma_w)))
     mask = mi.mask & ~np.int32(det_bit | neg_bit)
 
-    def one_sign(sign: int):
-        # snr <= -threshold is -snr >= threshold: no negated copy of the image
-        on = snr >= threshold if sign > 0 else snr <= -threshold
-        labels, n_fp = _label(be, on, int(min_pixels), int(footprint_grow))
-        if n_fp == 0:
-            return None
-        fp = xp.nonzero(labels)  # footprint pixels, shared by the peaks and the measurement
-        py, px = _peaks(be, snr, labels, peak_radius, fp, sign)
-        # On a device the columns stay there: both polarities' cross in one transfer.
-        measure = _measure_on_backend if be.is_gpu else measure_peaks
-        cols = measure(
+    signs = _POLARITIES[polarity]
+    if be.is_gpu and len(signs) == 2:
+        # Both polarities as the halves of one canvas: half the launches and syncs.
+        found = detect_both_on_canvas(
             be,
-            sign,
+            _label,
+            _peaks,
+            snr,
             d,
             var,
             good,
             mi.mask,
-            snr,
-            labels,
-            n_fp,
-            py,
-            px,
+            threshold,
+            int(min_pixels),
+            int(footprint_grow),
+            peak_radius,
             psf,
             mi.bbox,
             stamp,
             sigma_w,
             psf_flux_weighting,
-            footprint_pixels=fp,
         )
-        return labels, cols
-
-    signs = _POLARITIES[polarity]
-    # The polarities are independent: one CPU thread each.
-    found = parallel_map(one_sign, signs, cpu_workers(len(signs), parallel=not be.is_gpu))
-    if be.is_gpu:
-        done = [r for r in found if r is not None]
-        hosts = iter(_fetch_many(be, [dev for _, (dev, _) in done]))
-        found = [
-            None if r is None else (r[0], _measure_on_host(next(hosts), r[1][1])) for r in found
-        ]
+        found = [None if r is None else (r[1], r[2]) for r in found]
+    else:
+        found = _each_sign(
+            be, signs, snr, d, var, good, mi, threshold, min_pixels, footprint_grow,
+            peak_radius, psf, stamp, sigma_w, psf_flux_weighting,
+        )  # fmt: skip
     parts = []
     for sign, res in zip(signs, found):
         if res is None:
@@ -443,6 +437,56 @@ _COLUMNS = (
     "is_extended",
     "isolated",
 )
+
+
+def _each_sign(
+    be, signs, snr, d, var, good, mi, threshold, min_pixels, footprint_grow, peak_radius,
+    psf, stamp, sigma_w, psf_flux_weighting,
+):  # fmt: skip
+    """The polarities of :func:`detect_sources` one by one (one CPU thread each; on a
+    device, single polarities): per polarity None or (labels, host columns)."""
+    xp = be.xp
+
+    def one_sign(sign: int):
+        # snr <= -threshold is -snr >= threshold: no negated copy of the image
+        on = snr >= threshold if sign > 0 else snr <= -threshold
+        labels, n_fp = _label(be, on, int(min_pixels), int(footprint_grow))
+        if n_fp == 0:
+            return None
+        fp = xp.nonzero(labels)  # footprint pixels, shared by the peaks and the measurement
+        py, px = _peaks(be, snr, labels, peak_radius, fp, sign)
+        # On a device the columns stay there and cross in one transfer below.
+        measure = _measure_on_backend if be.is_gpu else measure_peaks
+        cols = measure(
+            be,
+            sign,
+            d,
+            var,
+            good,
+            mi.mask,
+            snr,
+            labels,
+            n_fp,
+            py,
+            px,
+            psf,
+            mi.bbox,
+            stamp,
+            sigma_w,
+            psf_flux_weighting,
+            footprint_pixels=fp,
+        )
+        return labels, cols
+
+    # The polarities are independent: one CPU thread each.
+    found = parallel_map(one_sign, signs, cpu_workers(len(signs), parallel=not be.is_gpu))
+    if be.is_gpu:
+        done = [r for r in found if r is not None]
+        hosts = iter(_fetch_many(be, [dev for _, (dev, _) in done]))
+        found = [
+            None if r is None else (r[0], _measure_on_host(next(hosts), r[1][1])) for r in found
+        ]
+    return found
 
 
 def _assemble(

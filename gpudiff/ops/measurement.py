@@ -162,26 +162,28 @@ def _shift_matrices(be: Backend, ds: tuple[Any, ...], size: int) -> list[Any]:
     D(t) = Σ_f e^{2πi f t}/size over the FFT frequencies f, one stack per offset vector d
     of ``ds``: applied to a signal they move it by d as an FFT phase ramp does.  Real for
     odd ``size`` (the frequencies are symmetric; the Nyquist term of an even size makes
-    them complex).  The phases of every vector are one elementwise pass (three launches,
-    not three per vector); each vector's product with the frequency table stays its own
-    (a matrix product's rounding must not depend on what else is batched with it)."""
+    them complex).  Every vector's phases and products are one pass each: the product
+    with the frequency table is a stacked (n, 1, size) @ (size, 2·size − 1) product, one
+    row per offset, whose rounding does not depend on what else is in the batch (a 2-D
+    matrix product's rows do: BLAS blocks them by the row count, measured 3e-16 apart),
+    so the sources of both polarities, or of any batch, are measured alike."""
     xp = be.xp
     f = np.fft.fftfreq(size)
     m = np.arange(-(size - 1), size)  # the offsets a − b
     E = be.asarray(np.exp(2j * np.pi * f[:, None] * m[None, :]) / size)  # (size, 2·size − 1)
     d = [be.asarray(v).astype(np.float64, copy=False) for v in ds]
     d_all = d[0] if len(d) == 1 else xp.concatenate(d)
-    phase = xp.exp(-2j * np.pi * d_all[:, None] * be.asarray(f)[None, :])
+    phase = xp.exp(-2j * np.pi * d_all[:, None, None] * be.asarray(f)[None, None, :])
+    D = (phase @ E)[:, 0]
+    if size % 2:
+        D = xp.ascontiguousarray(D.real)
     a = np.arange(size)
-    idx = be.asarray(a[:, None] - a[None, :] + size - 1)
+    D = D[:, be.asarray(a[:, None] - a[None, :] + size - 1)]
     out, at = [], 0
     for v in d:
         n = int(v.shape[0])
-        D = phase[at : at + n] @ E
+        out.append(D[at : at + n])  # views
         at += n
-        if size % 2:
-            D = xp.ascontiguousarray(D.real)
-        out.append(D[:, idx])
     return out
 
 
@@ -319,10 +321,13 @@ def _measure_on_backend(
     sigma_w: float,
     weighting: str,
     footprint_pixels: tuple[Any, Any] | None = None,
+    fold: tuple[int, int] | None = None,
 ) -> tuple[dict[str, Any], tuple]:
     """The backend half of :func:`measure_peaks` (same parameters): its columns on the
     backend, not fetched (a caller measuring both polarities fetches them together), and
-    the context of :func:`_measure_on_host`."""
+    the context of :func:`_measure_on_host`.  ``fold`` (W, off): the images are a canvas
+    of both polarities whose columns ≥ off are the image's columns − off
+    (:mod:`gpudiff.ops.detection_canvas`); ``x`` is then in the image's columns."""
     xp, nd = backend.xp, backend.ndimage
     n = int(py.shape[0])
     # Centroid stamps (sources positive, pixels without weight zeroed) and, cropped from
@@ -342,9 +347,15 @@ def _measure_on_backend(
     st = xp.where(g_st, _signed(d_st, sign), 0)
     cx, cy, ok_c = weighted_centroid(backend, st, dx0, dy0, sigma_w)
     # The centroids stay on the backend (fetched with the other columns at the end).
-    fx, fy = xp.where(ok_c, cx, dx0) + px, xp.where(ok_c, cy, dy0) + py
+    # On a canvas (``fold``), in the image's columns: the right half's sources are
+    # shifted back before the centroid is added, as the per-polarity measurement adds it
+    # (x + off − off is not x in floating point).
+    shift = None if fold is None else xp.where(px >= fold[1], fold[1], 0)
+    fx = xp.where(ok_c, cx, dx0) + (px if shift is None else px - shift)
+    fy = xp.where(ok_c, cy, dy0) + py
     # PSF flux, moments and mask bits in the PSF-sized stamp on the nearest pixel.
-    rx, ry = xp.rint(fx).astype(np.int64), xp.rint(fy).astype(np.int64)
+    rx_img, ry = xp.rint(fx).astype(np.int64), xp.rint(fy).astype(np.int64)
+    rx = rx_img if shift is None else rx_img + shift  # the canvas column
     hs = stamp // 2
     (d2, v2, ok_pix, m2), inside = gather_stamps_many(
         backend, [d, var, good, mask], ry, rx, hs, [0.0, 0.0, False, 0]
@@ -359,7 +370,7 @@ def _measure_on_backend(
     sm = adaptive_moments_batch(backend, img_st, ok_pix, sigma_w**2)
     dev.update(ixx=sm[2], iyy=sm[3], ixy=sm[4], ok_m=sm[5])
     if psf is not None:
-        P = _psf_stamps(backend, psf, bbox, rx, ry, fx - rx, fy - ry, stamp)
+        P = _psf_stamps(backend, psf, bbox, rx_img, ry, fx - rx_img, fy - ry, stamp)
         w = ok_pix.astype(xp.float64)
         if weighting == "inverse_variance":
             w = w / xp.where(var_st > 0, var_st, xp.inf)
