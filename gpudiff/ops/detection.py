@@ -4,9 +4,11 @@
 K²), a per-pixel S/N threshold, connected footprints (:mod:`gpudiff.ops.footprints`) and
 their peaks, then batched measurement of every peak (:mod:`gpudiff.ops.measurement`:
 Gaussian-weighted centroid, PSF flux, adaptive moments and extendedness, mask flags) and
-isolation.  :func:`select_kernel_sources` is the pure table
-filter of docs/algorithms.md §4.2 choosing PSF-matching kernel sources.  Image work runs on the
-image's backend; per-source work on stacks of stamps (n, s, s), never in a loop over sources.
+isolation.  :func:`select_kernel_sources` (:mod:`gpudiff.ops.kernel_sources`, re-exported
+here) is the pure table filter of docs/algorithms.md §4.2 choosing PSF-matching kernel
+sources.  Image work runs on the image's backend; per-source work on stacks of stamps
+(n, s, s), never in a loop over sources; on a device both polarities run as one canvas
+(:mod:`gpudiff.ops.detection_canvas`).
 """
 
 from __future__ import annotations
@@ -17,16 +19,16 @@ from typing import Any, Iterable
 
 import numpy as np
 from astropy.table import Table
-from scipy.spatial import cKDTree
 
 from ..backend import Backend, resolve_backend
 from ..backend.threads import cpu_workers, parallel_map
 from ..errors import InvalidInputError, PsfError
-from ..image import Box, Exposure, MaskedImage, MaskPlanes, Psf
+from ..image import Exposure, MaskedImage, MaskPlanes, Psf
 from .background import estimate_background
 from .convolution import correlate
 from .footprints import dilate_disk, drop_small
 from .detection_canvas import detect_both_on_canvas
+from .kernel_sources import KERNEL_EXCLUDE_FLAGS, _isolated, select_kernel_sources
 from .measurement import _fetch_many, _measure_on_backend, _measure_on_host, measure_peaks
 
 __all__ = [
@@ -39,17 +41,6 @@ __all__ = [
 
 #: Mask planes that make a source ``flag_masked`` when set in its footprint or central 5×5.
 FLAG_PLANES: tuple[str, ...] = ("BAD", "SAT", "NO_DATA", "CR", "EDGE", "SUSPECT")
-
-#: Catalog flags that disqualify a kernel source (docs/algorithms.md §4.2: away from edges and
-#: masks).
-KERNEL_EXCLUDE_FLAGS = (
-    "flag_edge",
-    "flag_masked",
-    "flag_saturated",
-    "flag_negative",
-    "flag_centroid",
-    "flag_psf_flux",
-)
 
 _POLARITIES = {"positive": (1,), "negative": (-1,), "both": (1, -1)}
 
@@ -153,19 +144,6 @@ def _peaks(be: Backend, snr, labels, radius: int, footprint_pixels=None, sign: i
     # its first pixel (as numpy.unique(..., return_index=True) over nonzero(plab) finds).
     first = nd.minimum(ys * W + xs, plab[ys, xs], xp.arange(1, npk + 1))
     return first // W, first % W
-
-
-def _isolated(x, y, bright, radius: float, fraction: float) -> np.ndarray:
-    """No other source within ``radius`` whose brightness is ≥ ``fraction`` of this one's."""
-    iso = np.ones(x.size, dtype=bool)
-    if x.size < 2 or radius <= 0:
-        return iso
-    pairs = cKDTree(np.c_[x, y]).query_pairs(radius, output_type="ndarray")
-    if pairs.size:
-        i, j = pairs[:, 0], pairs[:, 1]
-        iso[i[bright[j] >= fraction * bright[i]]] = False
-        iso[j[bright[i] >= fraction * bright[j]]] = False
-    return iso
 
 
 def _background(mi: MaskedImage, background, be: Backend):
@@ -549,93 +527,3 @@ def _assemble(
     )
     c["isolated"] = _isolated(c["x"], c["y"], bright, float(iso_radius), float(iso_fraction))
     return Table({k: c[k] for k in _COLUMNS})
-
-
-def select_kernel_sources(
-    catalog: Table,
-    image_box: Box,
-    *,
-    snr_min: float = 10.0,
-    snr_max: float = 500.0,
-    max_sources: int | None = None,
-    edge_buffer: int = 0,
-    isolation_radius: float | None = None,
-    isolation_fraction: float = 0.1,
-    require_isolated: bool = True,
-    require_unresolved: bool = True,
-    exclude_flags: Iterable[str] = KERNEL_EXCLUDE_FLAGS,
-) -> Table:
-    """PSF-matching kernel sources from a detection catalog (docs/algorithms.md §4.2
-    ``_sourceSelector``).
-
-    Keeps sources with snr_min ≤ psf_flux/psf_flux_err ≤ snr_max, isolated, unresolved,
-    whose (2·edge_buffer+1)² box around the centroid pixel lies in ``image_box`` and with
-    none of ``exclude_flags``; highest S/N first (spec: the top ``maxKernelSources`` by
-    psfInstFlux/psfInstFluxErr), at most ``max_sources``.
-
-    Parameters
-    ----------
-    catalog : astropy.table.Table
-        From :func:`detect_sources` (parent coordinates).  Not modified.
-    image_box : Box
-        Where the stamps must fit (parent coordinates), e.g. the science bbox.
-    snr_min, snr_max : float
-        S/N band (LSST ScienceSourceSelector: 10 and 500).
-    max_sources : int, optional
-        At most this many (LSST ``maxKernelSources`` = 1000); None or < 0: all.
-    edge_buffer : int
-        Half-width of the box that must fit (LSST: the kernel size).
-    isolation_radius, isolation_fraction : float, optional
-        Recompute isolation over the whole catalog (a neighbour within the radius with
-        |psf_flux| ≥ fraction × the source's spoils it); default: the ``isolated`` column.
-    require_isolated, require_unresolved : bool
-        LSST ``doIsolated`` / ``doUnresolved`` (the fallback selector drops isolation).
-    exclude_flags : iterable of str
-        Boolean columns that reject a source when True.
-
-    Returns
-    -------
-    astropy.table.Table
-        The selected rows.  Pixel checks of the stamps (no ``excludeMaskPlanes`` bit in
-        either image) need the masks and belong to the candidate builder.
-    """
-    if not isinstance(catalog, Table):
-        raise InvalidInputError(f"catalog must be an astropy Table, got {type(catalog).__name__}")
-    if missing := [
-        c
-        for c in ("x", "y", "psf_flux", "psf_flux_err", *exclude_flags)
-        if c not in catalog.colnames
-    ]:
-        raise InvalidInputError(f"select_kernel_sources: catalog lacks column(s) {missing}")
-    x, y = np.asarray(catalog["x"], float), np.asarray(catalog["y"], float)
-    flux, err = np.asarray(catalog["psf_flux"], float), np.asarray(catalog["psf_flux_err"], float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        snr = flux / err
-        keep = np.isfinite(snr) & (snr >= snr_min) & (snr <= snr_max)
-    for f in exclude_flags:
-        keep &= ~np.asarray(catalog[f], dtype=bool)
-    if require_unresolved and "is_extended" in catalog.colnames:
-        keep &= ~np.asarray(catalog["is_extended"], dtype=bool)
-    if require_isolated:
-        if isolation_radius is not None:
-            keep &= _isolated(
-                x,
-                y,
-                np.nan_to_num(np.abs(flux)),
-                float(isolation_radius),
-                float(isolation_fraction),
-            )
-        elif "isolated" in catalog.colnames:
-            keep &= np.asarray(catalog["isolated"], dtype=bool)
-    eb, rx, ry = int(edge_buffer), np.rint(x), np.rint(y)
-    keep &= (
-        (rx - eb >= image_box.x0)
-        & (rx + eb <= image_box.x1 - 1)
-        & (ry - eb >= image_box.y0)
-        & (ry + eb <= image_box.y1 - 1)
-    )
-    idx = np.nonzero(keep)[0]
-    idx = idx[np.argsort(-snr[idx], kind="stable")]
-    if max_sources is not None and max_sources >= 0:
-        idx = idx[: int(max_sources)]
-    return catalog[idx]

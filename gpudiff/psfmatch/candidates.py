@@ -283,7 +283,7 @@ def selection_counts(
 ) -> dict[str, int]:
     """How many rows of a kernel-source table each selection test removes.
 
-    The tests of :func:`gpudiff.ops.detection.select_kernel_sources`, applied in its order
+    The tests of :func:`gpudiff.ops.kernel_sources.select_kernel_sources`, applied in its order
     and each row counted at the first test it fails, so the counts add up to the rows
     dropped: flags/masks, S/N band, resolved (extended), not isolated, stamp not inside
     ``box`` (edge).  For error messages: a selection that leaves too few sources says
