@@ -50,6 +50,7 @@ KEYS = (
     "flux_ratio_median",
     "pull_std",
     "kernel_sum",
+    "star_chi2_ratio",
 )
 
 

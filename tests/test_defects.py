@@ -133,6 +133,42 @@ def _defect_distance(pair):
     return np.broadcast_to(d[None, :], pair.science.shape)
 
 
+def _star_chi2_ratio(pair, z, defect, free, fwhm: float) -> float:
+    """Median over bright non-variable, unsaturated stars (science S/N ≥ 50, peak below
+    half the saturation level) of the mean z² of the unmasked pixels within 2 FWHM, over
+    the source-free sky's mean z² (issue 14: ≤ 1.05).  Stars with a defect on > 20 % of
+    those pixels or a transient within 4 FWHM are skipped."""
+    t, a = pair.truth, pair.artefacts
+    sig = a["science_fwhm"] / 2.3548
+    f = np.asarray(t["flux_science"], float)
+    snr = f / (a["sky_sigma_science"] * np.sqrt(4 * np.pi) * sig)  # Gaussian PSF S/N
+    peak = f / (2 * np.pi * sig * sig)
+    sel = (
+        np.asarray(t["is_star"], bool)
+        & ~np.asarray(t["is_transient"], bool)
+        & (snr >= 50)
+        & (peak < 0.5 * a["saturation"])
+    )
+    H, W = z.shape
+    r = int(round(2 * fwhm))
+    tr = pair.transients
+    tx, ty = np.asarray(tr["x"], float), np.asarray(tr["y"], float)
+    chis = []
+    for x, y in zip(np.asarray(t["x"], float)[sel], np.asarray(t["y"], float)[sel]):
+        xi, yi = int(round(x)), int(round(y))
+        if not (r <= xi < W - r and r <= yi < H - r):
+            continue
+        if tx.size and np.min(np.hypot(tx - x, ty - y)) < 2 * r:
+            continue
+        zz = z[yi - r : yi + r + 1, xi - r : xi + r + 1]
+        ok = ~defect[yi - r : yi + r + 1, xi - r : xi + r + 1] & np.isfinite(zz)
+        if ok.sum() > 0.8 * ok.size:
+            chis.append(float(np.mean(zz[ok] ** 2)))
+    if len(chis) < 10:
+        return float("nan")
+    return float(np.median(chis) / np.mean(z[free] ** 2))
+
+
 def measure_pair(
     pair, task: str = "subtract", mode: str = "auto", match_radius: float = 3.0, **cfg_kw
 ) -> dict:
@@ -183,6 +219,12 @@ def measure_pair(
         fs = (src < 0.01 * s_sig) & (np.asarray(score.mask) == 0) & np.isfinite(zs) & ~cr
         q1, med, q3 = np.percentile(zs[fs], [25, 50, 75])
         out.update(score_std=IQR_TO_SIGMA * (q3 - q1), score_median=med)
+    defect_bits = diff.mask_planes.bitmask_if_present(
+        ["BAD", "SAT", "CR", "EDGE", "NO_DATA", "INTRP", "SUSPECT", "STREAK"]
+    )
+    out["star_chi2_ratio"] = _star_chi2_ratio(
+        pair, z, (mask & defect_bits) != 0, free, float(diff.psf.fwhm())
+    )
     near = (_defect_distance(pair) <= 20) & (mask == 0) & np.isfinite(z) & ~cr
     out["stripe_max"] = float(np.abs(z[near]).max()) if near.any() else 0.0
     out["stripe_n"] = int(near.sum())
@@ -303,6 +345,10 @@ def test_difference_sky_stripes_and_background(ratio):
     # source-free pixel is below 5σ (≈1e5 pixels of N(0, 1) reach ~4.5σ; the garbage
     # spread by the kernel gave ±15σ before interpolation).
     assert m["stripe_free_max"] < 5.0, m
+    # Bright non-variable stars subtract to the noise: the median χ² per pixel within 2 FWHM
+    # over the sky's ≤ 1.05 (issue 14's target; measured 0.999 and 0.974 on these pairs,
+    # the median of ~50-pixel means of χ² sits ~1 % below their mean).
+    assert m["star_chi2_ratio"] <= 1.05, m
     # DIA sources that are clean but match no injected change: issue 14's target is ≤ 2
     # per Mpix (measured 0 and 1.9 on these pairs; ~120 per Mpix before this work).
     assert m["false_clean_per_mpix"] <= 2.0, m
