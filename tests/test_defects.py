@@ -598,9 +598,9 @@ def test_defects_seed_no_rays_and_ray_fills_are_not_quiet():
 def test_ray_fills_grow_by_the_kernel_core():
     """docs/algorithms.md §14: a filled cosmic ray (INTRP and CR) is grown by the matching
     kernel's core (|K| ≥ ``CR_FILL_CORE`` = 5 % of its peak), not by its whole box (LSST;
-    ``cr_fill_core=None`` restores it), while an unfilled defect (BAD, garbage left in) keeps the box.  The
-    core is where a part of the track the finder missed is spread to: a 6σ pixel
-    beside the fill lands outside the grown mask at < 0.1σ in the convolved image."""
+    ``cr_fill_core=None`` restores it), while an unfilled defect (BAD, garbage left in)
+    keeps the box.  The core is where a part of the track the finder missed is spread to:
+    a 6σ pixel beside the fill peaks inside the grown mask and leaves < 0.2σ outside it."""
     from gpudiff.psfmatch.basis import KernelBasis
     from gpudiff.psfmatch.spatial import SpatialFunctions, SpatialKernel
     from gpudiff.tasks.masks import CR_FILL_CORE, cosmic_ray_fills, kernel_core
