@@ -174,6 +174,37 @@ def test_well_matched_saturated_star_keeps_a_nearby_transient_clean():
     assert hit.sum() == 1 and bool(old["flag_bright_star"][hit][0])
 
 
+def test_a_record_does_not_make_its_own_halo():
+    """docs/algorithms.md §14: a compact source just beyond a star's model halo makes the
+    annuli it crosses busy, and the measured extent then grows to reach it; with its own
+    light left out (``own_halo_records``) it is outside, while a genuinely busy halo (a
+    speckled residual out to 44 px) keeps flagging it, and a record inside the model
+    radius is never exempt.  On realistic 2048² pairs (convolveTemplate, seeds 7 and 3)
+    this gave back one S/N >= 8 injection each, no false source added."""
+    from gpudiff.tasks.halos import _one_halo_radius, own_halo_records
+
+    cfg = DetectAndMeasureConfig()
+    H = W = 200
+    yy, xx = np.mgrid[0:H, 0:W]
+    sx, sy, r0, fwhm = 100.0, 6.0, 30.0, 4.0  # near the bottom edge: half annuli, as real
+    r_star = np.hypot(xx - sx, yy - sy)
+    core = r_star < r0 - 2  # the star's residual, inside its model halo
+    src = (100.0, 40.0)  # 34 px out, just beyond the model radius
+    blob = np.hypot(xx - src[0], yy - src[1]) <= 7  # its own |S/N| >= 2.5 pixels
+    rng = np.random.default_rng(3)
+    speckle = (r_star >= r0) & (r_star < 44) & (rng.random((H, W)) < 0.3)
+    inner = (100.0 + 20.0, 6.0 + 15.0)  # 25 px out: inside the model radius
+    x, y = np.array([src[0], inner[0]]), np.array([src[1], inner[1]])
+    own_r = np.array([10.0, 5.0])
+    for busy, exempt in ((core | blob, True), (core | blob | speckle, False)):
+        disc = np.array([[sx, sy, 0.0, np.inf, r0]])
+        disc[0, 2] = max(r0, _one_halo_radius(busy, sx, sy, r0, (0, 0), cfg, fwhm) + fwhm)
+        # The source's own light widened the halo to reach it (so the test can fail).
+        assert disc[0, 2] > 34.0
+        got = own_halo_records(x, y, own_r, np.ones(2, bool), disc, busy, (0, 0), cfg, fwhm)
+        assert got.tolist() == [exempt, False]
+
+
 def test_bright_catalog_star_halo():
     """An unsaturated bright star's residual wings: clean without the star catalog, flagged
     with it (bright_sources)."""

@@ -21,7 +21,7 @@ from ..errors import InvalidInputError
 from ..image import Exposure
 from ..ops.sharpness import line_sharpness_many
 from ..ops.streaks import StreakResult
-from .halos import BusyMap, _in_discs, _measured_halo_radius
+from .halos import BusyMap, _in_discs, _measured_halo_radius, own_halo_records
 
 if TYPE_CHECKING:  # the config lives with the task, which imports this module
     from .detect_and_measure import DetectAndMeasureConfig
@@ -300,6 +300,8 @@ def dia_catalog(
     out["flag_bright_star"] = _in_discs(
         x, y, halos, np.abs(np.asarray(out["psf_flux"], float)) / cfg.halo_own_flux_fraction
     )
+    if busy is None and det.significance is not None:
+        busy = BusyMap(det.significance, cfg, mi.backend)  # fetched at most once, if asked
     out["flag_multi_peak"] = far & (np.asarray(out["streak_id"]) == 0) if m else np.zeros(0, bool)
     if m:
         out["flag_multi_peak"] |= _faint_chains(
@@ -322,7 +324,7 @@ def dia_catalog(
             d[:, 2] = np.maximum(
                 r0,
                 _measured_halo_radius(
-                    (busy or BusyMap(det.significance, cfg, mi.backend)).get(),
+                    busy.get(),
                     d,
                     mi.xy0,
                     cfg,
@@ -332,6 +334,21 @@ def dia_catalog(
             )
             inside = _in_discs(x, y, d)
             out["flag_bright_star"] |= inside & ~src
+            # Model radius 2 FWHM (the 5th column, as the stars' discs).
+            halos = np.concatenate(
+                [halos.reshape(-1, 5), np.c_[d, np.full(len(d), np.inf), np.full(len(d), r0)]]
+            )
+    if m and busy is not None and out["flag_bright_star"].any():
+        # A record does not make its own halo: its light, out to where its significance
+        # profile (a point source's: the PSF filtered by itself, σ = √2 σ_PSF) falls
+        # below the busy threshold, plus a FWHM, is left out of the measured extents.
+        sig_psf = fwhm / 2.3548
+        ratio = np.abs(np.asarray(out["peak_significance"], float)) / cfg.halo_annulus_snr
+        own_r = 2.0 * sig_psf * np.sqrt(np.log(np.maximum(ratio, 1.0))) + fwhm
+        own = own_halo_records(
+            x, y, own_r, out["flag_bright_star"], halos, busy.get(), mi.xy0, cfg, fwhm
+        )
+        out["flag_bright_star"] &= ~own
     out["flag_psf_flux"] = (
         any_of(cat["flag_psf_flux"]) if m else np.zeros(0, bool)
     ) | ~np.isfinite(np.asarray(out["psf_flux"], float))

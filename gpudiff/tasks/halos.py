@@ -73,8 +73,8 @@ def bright_star_halos(
     significance=None,
     busy: BusyMap | None = None,
 ) -> np.ndarray:
-    """Halo discs (n, 4) of bright stars: parent x, y, radius (pixels) and the star's flux
-    (inf for a saturated footprint).
+    """Halo discs (n, 5) of bright stars: parent x, y, radius (pixels), the star's flux
+    (inf for a saturated footprint) and the model radius (before the measured extent).
 
     From the saturated footprints of the exposure's SAT planes (radius
     ``halo_sat_factor`` × √(area/π) + FWHM) and from ``bright_sources`` (Moffat wing
@@ -144,7 +144,9 @@ def bright_star_halos(
         cnt, sx, sy = np.asarray(host["sums"])[:, 1:]
         r = cfg.halo_sat_factor * np.sqrt(cnt / np.pi) + fwhm
         # A saturated star's flux is unknown: its halo flags every record (inf).
-        discs.append(np.c_[sx / cnt + mi.xy0[0], sy / cnt + mi.xy0[1], r, np.full(n_sat, np.inf)])
+        discs.append(
+            np.c_[sx / cnt + mi.xy0[0], sy / cnt + mi.xy0[1], r, np.full(n_sat, np.inf), r]
+        )
     if use_bright:
         f = np.abs(np.asarray(bright_sources[fcol], dtype=np.float64))
         ok = np.isfinite(f) & (f > 0)
@@ -164,9 +166,9 @@ def bright_star_halos(
         big = r > fwhm  # a halo inside the PSF core is the star itself, not a halo
         x = np.asarray(bright_sources["x"], float)[ok][big]
         y = np.asarray(bright_sources["y"], float)[ok][big]
-        discs.append(np.c_[x, y, r[big], f[ok][big]])
+        discs.append(np.c_[x, y, r[big], f[ok][big], r[big]])
     if not discs:
-        return np.zeros((0, 4))
+        return np.zeros((0, 5))
     discs = np.concatenate(discs)
     if busy is not None and len(discs):
         discs[:, 2] = np.maximum(
@@ -186,28 +188,74 @@ def _measured_halo_radius(
     (another star's residual, a masked column, a trail) is not this star's halo: counting
     the outermost busy annulus anywhere grew saturated stars' halos from ~65 px to
     ~270 px on a 2048² realistic pair and flagged 35 of 254 S/N >= 8 injections."""
-    H, W = busy.shape
     out = np.zeros(len(discs))
     for i, (x, y, r0) in enumerate(discs[:, :3]):  # stars, not pixels: a few per image
-        rmax = int(math.ceil(cfg.halo_max_factor * r0))
-        cx, cy = x - xy0[0], y - xy0[1]
-        xa, xb = max(0, int(cx) - rmax), min(W, int(cx) + rmax + 1)
-        ya, yb = max(0, int(cy) - rmax), min(H, int(cy) + rmax + 1)
-        if xa >= xb or ya >= yb:
-            continue
-        cut = busy[ya:yb, xa:xb]
-        yy, xx = np.mgrid[ya:yb, xa:xb]
-        r = np.hypot(xx - cx, yy - cy).astype(np.int64).ravel()
-        n = np.bincount(r, minlength=rmax + 1)[: rmax + 1]
-        hit = np.bincount(r, weights=cut.ravel(), minlength=rmax + 1)[: rmax + 1]
-        frac = np.where(n > 0, hit / np.maximum(n, 1), 0.0)
-        # Noise alone puts ~1 % of pixels above 2.5σ: annuli at 10 % are the star's.
-        reach, last = float(r0), 0.0
-        for b in np.flatnonzero(frac > cfg.halo_annulus_fraction):
-            if b > reach + gap:
-                break
-            reach, last = max(reach, float(b)), float(b)
-        out[i] = last
+        out[i] = _one_halo_radius(busy, x, y, r0, xy0, cfg, gap)
+    return out
+
+
+def _one_halo_radius(busy, x, y, r0, xy0, cfg, gap, clear=None) -> float:
+    """:func:`_measured_halo_radius` of one star at parent (x, y) with model radius
+    ``r0``; ``clear`` = (x, y, radius): busy pixels within that disc do not count."""
+    H, W = busy.shape
+    rmax = int(math.ceil(cfg.halo_max_factor * r0))
+    cx, cy = x - xy0[0], y - xy0[1]
+    xa, xb = max(0, int(cx) - rmax), min(W, int(cx) + rmax + 1)
+    ya, yb = max(0, int(cy) - rmax), min(H, int(cy) + rmax + 1)
+    if xa >= xb or ya >= yb:
+        return 0.0
+    cut = busy[ya:yb, xa:xb]
+    yy, xx = np.mgrid[ya:yb, xa:xb]
+    if clear is not None:
+        qx, qy, qr = clear[0] - xy0[0], clear[1] - xy0[1], clear[2]
+        cut = cut & ((xx - qx) ** 2 + (yy - qy) ** 2 > qr * qr)
+    r = np.hypot(xx - cx, yy - cy).astype(np.int64).ravel()
+    n = np.bincount(r, minlength=rmax + 1)[: rmax + 1]
+    hit = np.bincount(r, weights=cut.ravel(), minlength=rmax + 1)[: rmax + 1]
+    frac = np.where(n > 0, hit / np.maximum(n, 1), 0.0)
+    # Noise alone puts ~1 % of pixels above 2.5σ: annuli at 10 % are the star's.
+    reach, last = float(r0), 0.0
+    for b in np.flatnonzero(frac > cfg.halo_annulus_fraction):
+        if b > reach + gap:
+            break
+        reach, last = max(reach, float(b)), float(b)
+    return last
+
+
+def own_halo_records(
+    x: np.ndarray,
+    y: np.ndarray,
+    own_radius: np.ndarray,
+    flagged: np.ndarray,
+    discs: np.ndarray,
+    busy: np.ndarray,
+    xy0,
+    cfg,
+    fwhm: float,
+) -> np.ndarray:
+    """The ``flagged`` records (parent x, y) that lie in a star's halo only because their
+    own light widened it: outside every containing disc's model radius, and outside its
+    measured extent once the busy pixels within ``own_radius`` of the record are left out.
+
+    A compact source beside a bright star makes the annuli it crosses busy; the measured
+    extent then grows to reach it when it lies within a gap of the model radius.  A S/N
+    27 injection 42 px from a saturated star of a realistic 2048² pair (convolveTemplate;
+    model radius 36 px) pushed the measured radius to 52 px and was flagged by it
+    (docs/algorithms.md §14).  Host work on a few records and stars.
+    """
+    out = np.zeros(x.size, dtype=bool)
+    if not len(discs) or discs.shape[1] < 5:
+        return out
+    for i in np.flatnonzero(flagged):
+        d = np.hypot(discs[:, 0] - x[i], discs[:, 1] - y[i])
+        inside = np.flatnonzero(d <= discs[:, 2])
+        if not inside.size or np.any(d[inside] <= discs[inside, 4]):
+            continue  # not in a halo, or within a star's model halo
+        clear = (x[i], y[i], float(own_radius[i]))
+        out[i] = all(
+            d[k] > _one_halo_radius(busy, *discs[k, :2], discs[k, 4], xy0, cfg, fwhm, clear) + fwhm
+            for k in inside
+        )
     return out
 
 
