@@ -736,6 +736,43 @@ def test_makeFakeKernelSet_spatial_recovery(backend):
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", ["chebyshev1", "polynomial"])
+@pytest.mark.parametrize("order", [1, 3])
+def test_spatial_variance_by_product_terms(backend, rng, kind, order):
+    """The variance V ⊗ K(x, y)² is made from one correlation per term of the product
+    space (order 2s: 6 for s = 1, 28 for s = 3, against 6 and 55 pairs p_k p_l; Chebyshev
+    products expanded by T_i T_j = (T_{i+j} + T_{|i−j|})/2), and still equals Σ K²·V
+    evaluated pixel by pixel (float32, relative to the largest value)."""
+    be = backend
+    H, W, kw = 24, 30, 5
+    x0, y0 = 40, 7
+    var = rng.uniform(50.0, 150.0, (H, W)).astype(np.float32)
+    mi = MaskedImage(np.zeros((H, W), np.float32), var, xy0=(x0, y0), backend=be)
+    basis = KernelBasis(make_delta_function_basis(kw, kw)[::3], "delta-function")
+    region = Box(x0, y0, x0 + W, y0 + H)
+    fn = SpatialFunctions(kind, order, region)
+    coef = rng.normal(0.0, 0.3, (basis.n_bases, fn.n_terms))
+    if kind == "polynomial":  # monomials grow with x, y: keep K's variation moderate
+        deg = np.array([d for d in range(order + 1) for _ in range(d + 1)])
+        coef = coef / float(max(H, W) + max(x0, y0)) ** deg
+    coef[:, 0] += 1.0
+    sk = SpatialKernel(basis, coef, fn)
+    kt = sk.term_kernels()
+    used = list(range(len(kt)))
+    vk, _ = sk._variance_terms(kt, used, [()] * len(kt), region, be)
+    n_pairs = len(kt) * (len(kt) + 1) // 2
+    assert len(vk) == (2 * order + 1) * (2 * order + 2) // 2 <= n_pairs
+    got = be.asnumpy(sk.convolve(mi).variance)
+    c = kw // 2
+    ref = np.empty((H - 2 * c, W - 2 * c))
+    for r in range(c, H - c):
+        for col in range(c, W - c):
+            k = sk.kernel_image(x0 + col, y0 + r)
+            ref[r - c, col - c] = (k * k * var[r - c : r + c + 1, col - c : col + c + 1]).sum()
+    inner = got[c : H - c, c : W - c]
+    np.testing.assert_allclose(inner, ref, rtol=0, atol=4e-6 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("do_normalize", [False, True])
 def test_spatial_convolve_matches_per_pixel_reference(backend, rng, do_normalize):
     """SpatialKernel.convolve (Σ_k p_k·(I ⊗ K_k), Σ_kl p_k p_l·(V ⊗ K_k K_l)) equals afw's

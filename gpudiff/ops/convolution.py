@@ -312,7 +312,10 @@ def varying_correlate(
     ----------
     image : 2-D array (finite)
     term_kernels : array, shape (n_terms, kh, kw)
-    term_weights : sequence of n_terms arrays broadcastable to the image, or scalars
+    term_weights : sequence of n_terms weights
+        Each an array broadcastable to the image, a scalar, or a tuple of such factors
+        whose product is the weight (e.g. a (1, W) row and an (H, 1) column: applied one
+        after the other, no (H, W) weight array is made).
     check_finite : bool
         As :func:`iter_correlations`.
     """
@@ -323,11 +326,20 @@ def varying_correlate(
         raise InvalidInputError(f"{ks.shape[0]} term kernels but {len(term_weights)} weight images")
     out = None
     for w, conv in zip(term_weights, _correlations(image, ks, be, np.float32, check_finite)):
-        w = np.float32(w) if np.isscalar(w) else xp.asarray(w, dtype=np.float32)
+        factors = w if isinstance(w, tuple) else (w,)
+        factors = [
+            np.float32(f) if np.isscalar(f) else xp.asarray(f, dtype=np.float32) for f in factors
+        ] or [np.float32(1.0)]
         if out is None:
-            out = conv * w  # a new contiguous array
-        else:
-            out += conv * w
+            out = conv * factors[0]  # a new contiguous array
+            for f in factors[1:]:
+                out *= f
+            continue
+        # ``conv`` is a view of a temporary FFT output: scaled in place, factor by factor
+        # (no (H, W) temporary per term).
+        for f in factors:
+            conv *= f
+        out += conv
     return out
 
 

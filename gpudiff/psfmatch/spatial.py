@@ -47,6 +47,21 @@ def _grid_term(pu: list[Any], pv: list[Any], i: int, j: int) -> Any:
     return pu[i] * pv[j]
 
 
+def _term_factors(pu: list[Any], pv: list[Any], i: int, j: int) -> Any:
+    """T_i(u)·T_j(v) as a tuple of its non-constant float32 factors ((1, W) and/or
+    (H, 1); empty for the constant term), the weight form of
+    :func:`~gpudiff.ops.convolution.varying_correlate`."""
+    return tuple(f.astype(np.float32) for f, d in ((pu[i], i), (pv[j], j)) if d != 0)
+
+
+def _weight(factors: tuple) -> Any:
+    """The product of :func:`_term_factors` (1 for the constant term)."""
+    out = np.float32(1.0)
+    for f in factors:
+        out = out * f
+    return out
+
+
 #: float64 values per row block of the host background model (256 KiB).
 _ROW_BLOCK = 1 << 15
 
@@ -219,6 +234,43 @@ class SpatialKernel:
             out[r0 : r0 + step] = acc
         return out
 
+    def _variance_terms(self, kt, used, p, box: Box, be) -> tuple[np.ndarray, list]:
+        """Kernels and weights of V ⊗ K(x, y)² = Σ_k Σ_l p_k p_l (V ⊗ K_k K_l), the pairs
+        collected by the spatial term their product p_k p_l is.
+
+        The products of two terms of order s span the terms of order 2s: for order 2, 15
+        correlations instead of the 21 pairs (order 3: 28 instead of 55).  A product of
+        monomials is one monomial; of Chebyshev polynomials, T_i T_j = (T_{i+j} + T_{|i−j|})/2
+        in each coordinate.  Exact up to the rounding of the sums (float64 kernels)."""
+        if len(used) == 1 and len(p) == 1:  # a constant kernel: V ⊗ K²
+            k = used[0]
+            return (kt[k] * kt[k])[None], [p[k]]
+        fn = self.functions
+        powers = _term_powers(fn.order)
+        cheb = fn.kind == "chebyshev1"
+
+        def expand(i, j):
+            if not cheb or i == 0 or j == 0:
+                return {i + j: 1.0}
+            return {i + j: 0.5, abs(i - j): 0.5} if i != j else {2 * i: 0.5, 0: 0.5}
+
+        acc: dict[tuple[int, int], np.ndarray] = {}
+        for a, k in enumerate(used):
+            for k2 in used[a:]:
+                (i, j), (i2, j2) = powers[k], powers[k2]
+                kk = kt[k] * kt[k2] * (1.0 if k == k2 else 2.0)
+                for A, cu in expand(i, i2).items():
+                    for B, cv in expand(j, j2).items():
+                        if (A, B) in acc:
+                            acc[(A, B)] = acc[(A, B)] + (cu * cv) * kk
+                        else:
+                            acc[(A, B)] = (cu * cv) * kk
+        order = max(A + B for A, B in acc)
+        pu, pv = SpatialFunctions(fn.kind, order, fn.region).grid_factors(box, be)
+        keys = sorted(acc, key=lambda t: (t[0] + t[1], -t[0]))
+        weights = [_term_factors(pu, pv, A, B) for A, B in keys]
+        return np.stack([acc[t] for t in keys]), weights
+
     def convolve(
         self, mi: MaskedImage, *, do_normalize: bool = False, do_copy_edge: bool = False
     ) -> MaskedImage:
@@ -238,26 +290,42 @@ class SpatialKernel:
         nk = kt.shape[0]
         used = [k for k in range(nk) if np.any(kt[k] != 0)] or [0]
         if nk > 1:
-            # Broadcastable (1, W) / (H, 1) / (H, W) float32 terms: no full-size float64
-            # temporaries; Chebyshev terms lie in [−1, 1], so float32 loses nothing.
-            p = [t.astype(np.float32) for t in self.functions.grid_terms(mi.bbox, be)]
+            # Each term's weight as its float32 (1, W) and (H, 1) factors, applied one after
+            # the other (no (H, W) weight: at 4096² each was a 128 MiB float64 product and
+            # a cast, 0.75 s for the 21 of an order-2 kernel); Chebyshev terms lie in
+            # [−1, 1], so float32 loses nothing.
+            pu, pv = self.functions.grid_factors(mi.bbox, be)
+            p = [_term_factors(pu, pv, i, j) for i, j in _term_powers(self.functions.order)]
         else:
-            p = [np.float32(1.0)]
+            p = [()]  # the constant term: no factor
         img, var, msk = prepare_masked_input(mi)
-        pairs = [(k, k2) for i, k in enumerate(used) for k2 in used[i:]]
-        # V ⊗ K(x,y)² = Σ_k Σ_l p_k p_l (V ⊗ K_k K_l); the k ≠ l pairs appear twice.
-        # (a product by 1.0 is the same values: not launched for the diagonal pairs)
-        vweights = [p[k] * p[k2] if k == k2 else 2.0 * (p[k] * p[k2]) for k, k2 in pairs]
-        vkernels = np.stack([kt[k] * kt[k2] for k, k2 in pairs])
-        # Image and variance planes are independent: on the CPU one thread each.
-        out_img, out_var = run_concurrently(
-            # Zero-filled by prepare_masked_input: finite by construction.
-            lambda: varying_correlate(img, kt[used], [p[k] for k in used], be, check_finite=False),
-            lambda: varying_correlate(var, vkernels, vweights, be, check_finite=False),
+        vkernels, vweights = self._variance_terms(kt, used, p, mi.bbox, be)
+        # Image and variance planes are independent: on the CPU each of two threads gets
+        # about half of the FFT correlations (one forward transform each, then one inverse
+        # per term): the image's terms and the first variance terms on one, the other
+        # variance terms on the other.  (Order 2: 6 image and 15 variance terms; with the
+        # planes on one thread each, the variance thread's 16 transforms set the time.)
+        n_img, n_var = len(used), len(vkernels)
+        split = 0 if be.is_gpu else max(0, min(n_var - 1, (n_var - n_img - 1) // 2))
+
+        def image_part():
+            out = varying_correlate(img, kt[used], [p[k] for k in used], be, check_finite=False)
+            if not split:
+                return out, None
+            return out, varying_correlate(
+                var, vkernels[:split], vweights[:split], be, check_finite=False
+            )
+
+        (out_img, part), rest = run_concurrently(
+            image_part,
+            lambda: varying_correlate(
+                var, vkernels[split:], vweights[split:], be, check_finite=False
+            ),
             parallel=not be.is_gpu,
         )
+        out_var = rest if part is None else rest + part
         if do_normalize:
-            ksum = sum(p[k] * np.float32(kt[k].sum()) for k in used)
+            ksum = sum(_weight(p[k]) * np.float32(kt[k].sum()) for k in used)
             out_img = out_img / ksum
             out_var = out_var / (ksum * ksum)
         out_img = xp.asarray(out_img, dtype=np.float32)
