@@ -252,7 +252,7 @@ class SpatialKernel:
         def expand(i, j):
             if not cheb or i == 0 or j == 0:
                 return {i + j: 1.0}
-            return {i + j: 0.5, abs(i - j): 0.5} if i != j else {2 * i: 0.5, 0: 0.5}
+            return {i + j: 0.5, abs(i - j): 0.5}  # distinct keys: i, j ≥ 1
 
         acc: dict[tuple[int, int], np.ndarray] = {}
         for a, k in enumerate(used):
@@ -261,10 +261,7 @@ class SpatialKernel:
                 kk = kt[k] * kt[k2] * (1.0 if k == k2 else 2.0)
                 for A, cu in expand(i, i2).items():
                     for B, cv in expand(j, j2).items():
-                        if (A, B) in acc:
-                            acc[(A, B)] = acc[(A, B)] + (cu * cv) * kk
-                        else:
-                            acc[(A, B)] = (cu * cv) * kk
+                        acc[(A, B)] = acc.get((A, B), 0.0) + (cu * cv) * kk
         order = max(A + B for A, B in acc)
         pu, pv = SpatialFunctions(fn.kind, order, fn.region).grid_factors(box, be)
         keys = sorted(acc, key=lambda t: (t[0] + t[1], -t[0]))
